@@ -1,0 +1,17 @@
+"""llmm: Gaussian K-direction LoRA (MeMoTune / Llmm) over LoftQ-quantized backbones, as a PEFT LoRA variant."""
+
+from llmm.config import LlmmConfig
+from llmm.layer import LlmmVariant, sample_factor
+from llmm.model import export_mean_adapter, get_llmm_model, llmm_layers, load_llmm_model, noise_mode
+
+__all__ = [
+    "LlmmConfig",
+    "LlmmVariant",
+    "export_mean_adapter",
+    "get_llmm_model",
+    "llmm_layers",
+    "load_llmm_model",
+    "noise_mode",
+    "sample_factor",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,78 @@
+"""`LlmmConfig`: a `peft.LoraConfig` with the Gaussian K-direction fields (K, llmmscale, eval noise, gradient rule).
+
+LoftQ is requested the PEFT way (``init_lora_weights="loftq"``, ``loftq_config=LoftQConfig(loftq_bits,
+loftq_iter)``) and runs llmm's own quantizers on CPU or CUDA; ``loftq_method`` picks the quantizer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+from peft import LoraConfig
+
+from llmm.quant import ALLOWED_BITS, ALLOWED_METHODS
+
+EVAL_NOISE_MODES = ("mean", "sample")
+
+
+@dataclass
+class LlmmConfig(LoraConfig):
+    k: int = field(default=2, metadata={"help": "K, the number of directions per factor (0 = plain LoRA/LoftQ)."})
+    scale: float = field(
+        default=400.0, metadata={"help": "llmmscale s > 0; the noise std along each direction is 1/sqrt(s)."}
+    )
+    eval_noise: str = field(
+        default="mean",
+        metadata={"help": "In eval mode: 'mean' (eps = 0, deterministic, mergeable) or 'sample' (a fresh draw)."},
+    )
+    scaled_gradient: bool = field(
+        default=True,
+        metadata={"help": "Paper's rule dZ[k] = eps_k dL/dF (True) or the plain pathwise gradient (False)."},
+    )
+    loftq_method: str = field(default="nf", metadata={"help": "LoftQ quantizer: 'nf' (normal float) or 'uniform'."})
+    loftq_block_size: int = field(default=64, metadata={"help": "Block size of the normal-float quantizer."})
+    loftq_compensate_scaling: bool = field(
+        default=True,
+        metadata={
+            "help": "Divide the LoftQ factors by g = lora_alpha / r so W_q + g B A ~ W. False reproduces the "
+            "reference, which wrote B A uncompensated."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 0:
+            raise ValueError(f"k (K, the number of directions) must be an integer >= 0, got {self.k!r}")
+        if not self.scale > 0:
+            raise ValueError(f"scale (llmmscale) must be > 0, got {self.scale!r}")
+        if self.eval_noise not in EVAL_NOISE_MODES:
+            raise ValueError(f"eval_noise must be one of {EVAL_NOISE_MODES}, got {self.eval_noise!r}")
+        if self.loftq_method not in ALLOWED_METHODS:
+            raise ValueError(f"loftq_method must be one of {ALLOWED_METHODS}, got {self.loftq_method!r}")
+        if self.init_lora_weights == "loftq":
+            bits = self.loftq_config.get("loftq_bits")
+            if bits not in ALLOWED_BITS:
+                raise ValueError(f"loftq_bits must be one of {ALLOWED_BITS}, got {bits!r}")
+        if not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"r (LoRA rank) must be an integer >= 1, got {self.r!r}")
+        from llmm.layer import CUSTOM_MODULES
+
+        self._register_custom_module(CUSTOM_MODULES)
+
+    @classmethod
+    def from_pretrained(cls, adapter_dir: str, **kwargs) -> "LlmmConfig":
+        """Read ``adapter_config.json`` of an llmm adapter directory (local)."""
+        path = os.path.join(adapter_dir, "adapter_config.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"no adapter_config.json in {adapter_dir!r}: pass a directory written by "
+                                    "save_pretrained of an llmm model")
+        with open(path) as handle:
+            saved = json.load(handle)
+        if "k" not in saved or "scale" not in saved:
+            raise ValueError(f"{adapter_dir!r} holds a plain LoRA adapter (no 'k'/'scale' in adapter_config.json); "
+                             "load it with peft.PeftModel.from_pretrained")
+        names = {f.name for f in dataclasses.fields(cls) if f.init}
+        return cls(**{key: value for key, value in {**saved, **kwargs}.items() if key in names})

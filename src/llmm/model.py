@@ -1,0 +1,173 @@
+"""Wrap a model with Llmm adapters, load one back exactly, export the mean adapter, switch the noise mode.
+
+    model = get_llmm_model(base, LlmmConfig(r=16, lora_alpha=16, target_modules=["q_proj", "v_proj"], k=2))
+    model.save_pretrained("out/adapter")                       # M and Z, plus the llmm fields of the config
+    model = load_llmm_model(base, "out/adapter")               # every M and Z restored, K checked
+    export_mean_adapter(model, "out/mean")                     # a plain PEFT LoRA adapter (A = M_A, B = M_B)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import tempfile
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import check_target_module_exists
+from safetensors.torch import load_file, save_file
+
+from llmm.config import EVAL_NOISE_MODES, LlmmConfig
+from llmm.layer import CUSTOM_MODULES, LlmmVariant
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+DIRECTION_KEYS = LlmmVariant.direction_names
+
+
+def _check_targets(model: torch.nn.Module, config: LlmmConfig) -> None:
+    """Fail before wrapping if a targeted module is not a supported linear layer or is narrower than r."""
+    if config.target_modules is None:
+        return  # PEFT picks the architecture's defaults; llmm_layers() checks the result after wrapping
+    allowed = tuple(CUSTOM_MODULES)
+    for name, module in model.named_modules():
+        if not name or not check_target_module_exists(config, name):
+            continue
+        if not isinstance(module, allowed):
+            raise ValueError(
+                f"target module {name!r} is a {type(module).__name__}; Llmm adapts only "
+                f"{', '.join(cls.__module__ + '.' + cls.__name__ for cls in allowed)}: drop it from target_modules"
+            )
+        width = min(module.in_features, module.out_features)
+        rank = config.rank_pattern.get(name.split(".")[-1], config.r) if config.rank_pattern else config.r
+        if rank > width:
+            raise ValueError(f"LoRA rank {rank} is larger than target module {name!r} allows "
+                             f"(min(in, out) = {width}); use r <= {width}")
+
+
+def llmm_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """All adapted layers; raises if any adapted layer is not an Llmm layer (no silent plain-LoRA fallback)."""
+    layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
+    plain = [type(m).__name__ for m in layers if not hasattr(m, "llmm_settings")]
+    if plain:
+        raise ValueError(f"adapted layers without Llmm factors: {sorted(set(plain))}; target only linear layers")
+    return layers
+
+
+def get_llmm_model(model: torch.nn.Module, config: LlmmConfig, adapter_name: str = "default") -> PeftModel:
+    """Wrap ``model`` with Llmm adapters (in place, like peft.get_peft_model); LoftQ runs here if requested."""
+    if not isinstance(config, LlmmConfig):
+        raise TypeError(f"get_llmm_model needs an LlmmConfig, got {type(config).__name__}")
+    _check_targets(model, config)
+    peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    if not llmm_layers(peft_model):
+        raise ValueError(f"no module matched target_modules={config.target_modules!r}")
+    return peft_model
+
+
+def _adapter_file(adapter_dir: str) -> str:
+    path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {adapter_dir!r}: pass a directory written by save_pretrained")
+    return path
+
+
+def load_llmm_model(
+    base_model: torch.nn.Module, adapter_dir: str, is_trainable: bool = False, k: int | None = None, **overrides
+) -> PeftModel:
+    """Load an Llmm adapter onto ``base_model``, restoring every M and Z exactly.
+
+    ``k``: the K the caller expects (an adapter with another K is an error). ``overrides`` set config fields
+    that do not change shapes (``eval_noise``, ``scale``, ``scaled_gradient``, ``lora_dropout``).
+    """
+    if not os.path.isdir(adapter_dir):
+        raise FileNotFoundError(f"adapter directory {adapter_dir!r} does not exist")
+    config = LlmmConfig.from_pretrained(adapter_dir)
+    if k is not None and k != config.k:
+        raise ValueError(f"the adapter in {adapter_dir!r} has K={config.k} but K={k} was asked for: "
+                         f"set K={config.k} or train a new adapter")
+    shape_fields = {"r", "k", "target_modules", "rank_pattern", "lora_bias", "modules_to_save"}
+    for name, value in overrides.items():
+        if name in shape_fields or not hasattr(config, name):
+            raise ValueError(f"cannot override {name!r} when loading an adapter; allowed: eval_noise, scale, "
+                             "scaled_gradient, lora_dropout")
+        setattr(config, name, value)
+    config = dataclasses.replace(config, init_lora_weights=False, loftq_config={}, inference_mode=not is_trainable)
+    saved = load_file(_adapter_file(adapter_dir))
+
+    model = get_peft_model(base_model, config)
+    llmm_layers(model)
+    expected = get_peft_model_state_dict(model)
+    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"adapter {adapter_dir!r} does not match the model: missing {missing[:4]}, "
+                         f"unexpected {unexpected[:4]} (different targets, K or architecture?)")
+    for key, tensor in expected.items():
+        if saved[key].shape != tensor.shape:
+            what = "K" if key.endswith(DIRECTION_KEYS) and saved[key].shape[1:] == tensor.shape[1:] else "shape"
+            raise ValueError(f"adapter {adapter_dir!r}: {key} has {what} {tuple(saved[key].shape)}, the model "
+                             f"expects {tuple(tensor.shape)} (config K={config.k}, r={config.r})")
+    set_peft_model_state_dict(model, saved)
+    if not is_trainable:
+        model.eval()
+    return model
+
+
+def _replace_dir(tmp_dir: str, out_dir: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
+    if os.path.isdir(out_dir):
+        os.rmdir(out_dir)  # only an empty directory is replaced
+    os.replace(tmp_dir, out_dir)
+
+
+def check_new_dir(out_dir: str, overwrite: bool = False) -> None:
+    """Refuse an existing non-empty output directory unless ``overwrite``."""
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise FileExistsError(f"output directory {out_dir!r} exists and is not empty: choose another or pass "
+                              "overwrite=True / --overwrite")
+
+
+def export_mean_adapter(
+    peft_model: PeftModel, out_dir: str, adapter_name: str = "default", overwrite: bool = False
+) -> str:
+    """Write the mean adapter (A = M_A, B = M_B) as a plain PEFT LoRA adapter, atomically; returns ``out_dir``."""
+    check_new_dir(out_dir, overwrite)
+    config = peft_model.peft_config[adapter_name]
+    lora_fields = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
+    plain = {name: getattr(config, name) for name in lora_fields if name != "runtime_config"}
+    plain.update(init_lora_weights=True, loftq_config={}, inference_mode=True)
+    lora_config = LoraConfig(**plain)
+    state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
+    state = {key: value.detach().contiguous().cpu() for key, value in state.items() if not key.endswith(DIRECTION_KEYS)}
+
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp_dir = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+        lora_config.save_pretrained(tmp_dir)
+        save_file(state, os.path.join(tmp_dir, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        if os.path.isdir(out_dir) and overwrite:
+            shutil.rmtree(out_dir)
+        _replace_dir(tmp_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return out_dir
+
+
+@contextlib.contextmanager
+def noise_mode(model: torch.nn.Module, mode: str):
+    """Temporarily set every Llmm layer's eval-mode noise to ``"mean"`` or ``"sample"``."""
+    if mode not in EVAL_NOISE_MODES:
+        raise ValueError(f"noise mode must be one of {EVAL_NOISE_MODES}, got {mode!r}")
+    settings = [s for layer in llmm_layers(model) for s in layer.llmm_settings.values()]
+    previous = [s["eval_noise"] for s in settings]
+    for s in settings:
+        s["eval_noise"] = mode
+    try:
+        yield model
+    finally:
+        for s, mode_before in zip(settings, previous):
+            s["eval_noise"] = mode_before

@@ -1,0 +1,135 @@
+"""The Gaussian factor and the Llmm layer: sampling, covariance, gradients, equivalence with plain LoRA."""
+
+import math
+
+import pytest
+import torch
+from conftest import DEBERTA_TARGETS, LLAMA_TARGETS, tiny_deberta, tiny_llama
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+
+from llmm import LlmmConfig, get_llmm_model, llmm_layers, noise_mode, sample_factor
+
+
+def randomize(model, means=True, directions=True, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if (means and (".lora_A." in name or ".lora_B." in name)) or (directions and "lora_llmm_" in name):
+            param.data = torch.randn(param.shape, generator=generator) * 0.2
+
+
+@pytest.mark.parametrize("family", ["llama", "deberta"])
+def test_mean_mode_equals_plain_lora(family):
+    build, targets = (tiny_llama, LLAMA_TARGETS) if family == "llama" else (tiny_deberta, DEBERTA_TARGETS)
+    extra = {"modules_to_save": ["classifier", "pooler"]} if family == "deberta" else {}
+    llmm_model = get_llmm_model(build(), LlmmConfig(r=4, lora_alpha=8, target_modules=targets, k=2, **extra))
+    randomize(llmm_model)
+    plain = get_peft_model(build(), LoraConfig(r=4, lora_alpha=8, target_modules=targets, **extra))
+    state = {k: v for k, v in get_peft_model_state_dict(llmm_model).items() if "lora_llmm_" not in k}
+    set_peft_model_state_dict(plain, state)
+    llmm_model.eval(), plain.eval()
+    inputs = torch.randint(0, 128, (3, 12))
+    with torch.no_grad():
+        expected = plain(inputs).logits
+        got = llmm_model(inputs).logits
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_train_mode_samples_and_zero_directions_give_the_mean():
+    model = get_llmm_model(tiny_llama(), LlmmConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, k=3))
+    randomize(model, directions=False)
+    inputs = torch.randint(0, 128, (2, 8))
+    model.eval()
+    mean_out = model(inputs).logits
+    model.train()
+    torch.testing.assert_close(model(inputs).logits, mean_out, rtol=0, atol=0)  # Z = 0: the sample is the mean
+    randomize(model, means=False)
+    first, second = model(inputs).logits, model(inputs).logits
+    assert (first - second).abs().max() > 1e-3
+    torch.manual_seed(7)
+    again = model(inputs).logits
+    torch.manual_seed(7)
+    torch.testing.assert_close(model(inputs).logits, again, rtol=0, atol=0)  # seedable
+    model.eval()
+    torch.testing.assert_close(model(inputs).logits, mean_out, rtol=0, atol=0)  # eval_noise="mean"
+    with noise_mode(model, "sample"):
+        assert (model(inputs).logits - mean_out).abs().max() > 1e-3
+
+
+def test_empirical_covariance_matches_directions():
+    torch.manual_seed(0)
+    k, scale, n = 3, 4.0, 40000
+    mean, directions = torch.randn(2, 3, dtype=torch.float64), torch.randn(k, 2, 3, dtype=torch.float64)
+    eps = torch.randn(n, k, dtype=torch.float64)
+    samples = torch.stack([sample_factor(mean, directions, e, scale).reshape(-1) for e in eps])
+    flat = directions.reshape(k, -1)
+    torch.testing.assert_close(samples.mean(0), mean.reshape(-1), atol=0.03, rtol=0)
+    torch.testing.assert_close(torch.cov(samples.T), flat.T @ flat / scale, atol=0.05, rtol=0.05)
+
+
+def test_layer_draws_one_eps_per_factor_per_forward():
+    model = get_llmm_model(tiny_llama(), LlmmConfig(r=4, lora_alpha=8, target_modules=["q_proj"], k=2))
+    randomize(model)
+    model.train()
+    layer = llmm_layers(model)[0]
+    torch.manual_seed(3)
+    factor_A, factor_B = layer.lora_variant["default"].factors(layer, "default")
+    torch.manual_seed(3)
+    eps = torch.randn(2, 2)
+    scale = layer.llmm_settings["default"]["scale"]
+    expected_A = layer.lora_A["default"].weight + torch.einsum("k,kij->ij", eps[0] / math.sqrt(scale),
+                                                               layer.lora_llmm_A["default"])
+    expected_B = layer.lora_B["default"].weight + torch.einsum("k,kij->ij", eps[1] / math.sqrt(scale),
+                                                               layer.lora_llmm_B["default"])
+    torch.testing.assert_close(factor_A, expected_A)
+    torch.testing.assert_close(factor_B, expected_B)
+
+
+@pytest.mark.parametrize("scaled", [True, False])
+def test_sample_factor_gradients(scaled):
+    torch.manual_seed(0)
+    scale = 400.0
+    mean = torch.randn(4, 5, requires_grad=True)
+    directions = torch.randn(2, 4, 5, requires_grad=True)
+    eps = torch.randn(2)
+    weight = torch.randn(4, 5)
+    (sample_factor(mean, directions, eps, scale, scaled_gradient=scaled) * weight).sum().backward()
+    mean_ref, directions_ref = mean.detach().clone().requires_grad_(), directions.detach().clone().requires_grad_()
+    plain = mean_ref + torch.einsum("k,kij->ij", eps / math.sqrt(scale), directions_ref)
+    (plain * weight).sum().backward()
+    torch.testing.assert_close(mean.grad, mean_ref.grad)  # dM = g
+    factor = math.sqrt(scale) if scaled else 1.0  # scaled: dZ[k] = eps_k g; plain: eps_k g / sqrt(s)
+    torch.testing.assert_close(directions.grad, directions_ref.grad * factor)
+    torch.testing.assert_close(directions.grad[1], eps[1] * weight / (1.0 if scaled else math.sqrt(scale)))
+
+
+def test_gradcheck_plain_pathwise():
+    torch.manual_seed(0)
+    mean = torch.randn(3, 2, dtype=torch.float64, requires_grad=True)
+    directions = torch.randn(2, 3, 2, dtype=torch.float64, requires_grad=True)
+    eps = torch.randn(2, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda m, z: sample_factor(m, z, eps, 9.0, scaled_gradient=False),
+                                    (mean, directions))
+
+
+def test_merge_equals_mean_and_unmerge_restores():
+    model = get_llmm_model(tiny_llama(), LlmmConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, k=2))
+    randomize(model)
+    model.eval()
+    inputs = torch.randint(0, 128, (2, 8))
+    expected = model(inputs).logits
+    weight_before = llmm_layers(model)[0].get_base_layer().weight.clone()
+    model.merge_adapter()
+    torch.testing.assert_close(model(inputs).logits, expected, atol=1e-5, rtol=1e-5)
+    model.unmerge_adapter()
+    torch.testing.assert_close(llmm_layers(model)[0].get_base_layer().weight, weight_before, atol=1e-6, rtol=0)
+    torch.testing.assert_close(model(inputs).logits, expected, atol=1e-6, rtol=0)
+
+
+def test_k_zero_is_plain_lora_even_in_train_mode():
+    model = get_llmm_model(tiny_llama(), LlmmConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, k=0))
+    randomize(model)
+    inputs = torch.randint(0, 128, (2, 8))
+    model.train()
+    torch.testing.assert_close(model(inputs).logits, model(inputs).logits, rtol=0, atol=0)
+    assert all(p.numel() == 0 for n, p in model.named_parameters() if "lora_llmm_" in n)
