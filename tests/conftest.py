@@ -8,10 +8,10 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 DEBERTA_TARGETS = ["query_proj", "key_proj", "value_proj", "dense"]
 
 
-def tiny_llama(seed: int = 0, vocab_size: int = 128) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, vocab_size: int = 128, initializer_range: float = 0.02) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        initializer_range=initializer_range, vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
     )
     return LlamaForCausalLM(config).eval()

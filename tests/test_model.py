@@ -1,0 +1,168 @@
+"""Save / load round trips, mean-adapter export to plain PEFT, bitsandbytes 4-bit bases, learning, bad input."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import LLAMA_TARGETS, tiny_llama
+from peft import LoftQConfig
+from safetensors.torch import load_file
+from test_layer import randomize
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+from llmm import LlmmConfig, export_mean_adapter, get_llmm_model, llmm_layers, load_llmm_model, noise_mode
+
+CONFIG = dict(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS)
+
+
+def trained_adapter(tmp_path, k=2):
+    model = get_llmm_model(tiny_llama(), LlmmConfig(k=k, **CONFIG))
+    randomize(model)
+    model.save_pretrained(tmp_path / "adapter")
+    return model, tmp_path / "adapter"
+
+
+def test_round_trip_restores_means_and_directions_exactly(tmp_path):
+    model, adapter_dir = trained_adapter(tmp_path)
+    loaded = load_llmm_model(tiny_llama(), str(adapter_dir))
+    original = dict(model.named_parameters())
+    restored = dict(loaded.named_parameters())
+    names = [n for n in original if "lora_" in n]
+    assert any("lora_llmm_" in n for n in names)
+    for name in names:
+        assert torch.equal(original[name], restored[name]), name
+    inputs = torch.randint(0, 128, (2, 9))
+    model.eval()
+    torch.testing.assert_close(loaded(inputs).logits, model(inputs).logits, rtol=0, atol=0)
+    with noise_mode(model, "sample"), noise_mode(loaded, "sample"):
+        torch.manual_seed(5)
+        expected = model(inputs).logits
+        torch.manual_seed(5)
+        torch.testing.assert_close(loaded(inputs).logits, expected, rtol=0, atol=0)
+    assert not any(p.requires_grad for p in loaded.parameters())
+    trainable = load_llmm_model(tiny_llama(), str(adapter_dir), is_trainable=True)
+    assert all(p.requires_grad for n, p in trainable.named_parameters() if "lora_" in n)
+
+
+def test_mismatched_k_is_an_error(tmp_path):
+    _, adapter_dir = trained_adapter(tmp_path, k=2)
+    with pytest.raises(ValueError, match="K=2 but K=3"):
+        load_llmm_model(tiny_llama(), str(adapter_dir), k=3)
+    config_path = adapter_dir / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["k"] = 3  # the directions on disk still have K = 2
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"has K \(2, "):
+        load_llmm_model(tiny_llama(), str(adapter_dir))
+
+
+def test_plain_lora_or_missing_adapter_is_an_error(tmp_path):
+    model, adapter_dir = trained_adapter(tmp_path)
+    export_mean_adapter(model, str(tmp_path / "mean"))
+    with pytest.raises(ValueError, match="plain LoRA adapter"):
+        load_llmm_model(tiny_llama(), str(tmp_path / "mean"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_llmm_model(tiny_llama(), str(tmp_path / "nowhere"))
+    with pytest.raises(FileExistsError, match="not empty"):
+        export_mean_adapter(model, str(tmp_path / "mean"))
+
+
+PLAIN_PEFT_SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    base_dir, adapter_dir, inputs_path, out_path = sys.argv[1:]
+    inputs = torch.load(inputs_path)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), adapter_dir).eval()
+    with torch.no_grad():
+        adapted = model(inputs).logits
+        merged = model.merge_and_unload()(inputs).logits
+    assert "llmm" not in sys.modules
+    torch.save({"adapted": adapted, "merged": merged}, out_path)
+""")
+
+
+def test_export_mean_adapter_loads_in_plain_peft(tmp_path):
+    model, _ = trained_adapter(tmp_path)
+    tiny_llama().save_pretrained(tmp_path / "base")
+    export_mean_adapter(model, str(tmp_path / "mean"))
+    assert not any("lora_llmm" in k for k in load_file(tmp_path / "mean" / "adapter_model.safetensors"))
+    inputs = torch.randint(0, 128, (2, 10))
+    torch.save(inputs, tmp_path / "inputs.pt")
+    script = tmp_path / "plain.py"
+    script.write_text(PLAIN_PEFT_SCRIPT)
+    subprocess.run([sys.executable, str(script), str(tmp_path / "base"), str(tmp_path / "mean"),
+                    str(tmp_path / "inputs.pt"), str(tmp_path / "out.pt")], check=True, cwd=tmp_path)
+    result = torch.load(tmp_path / "out.pt")
+    model.eval()
+    with torch.no_grad():
+        expected = model(inputs).logits
+    torch.testing.assert_close(result["adapted"], expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(result["merged"], expected, rtol=1e-5, atol=1e-5)
+
+
+def load_4bit(path):
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_compute_dtype=torch.float32, bnb_4bit_use_double_quant=False)
+    return AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, device_map="cpu",
+                                                dtype=torch.float32)
+
+
+def test_bitsandbytes_4bit_base_trains_saves_and_reloads(tmp_path):
+    tiny_llama().save_pretrained(tmp_path / "base")
+    model = get_llmm_model(load_4bit(tmp_path / "base"), LlmmConfig(k=2, **CONFIG))
+    assert type(llmm_layers(model)[0]).__name__ == "LlmmLinear4bit"
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    inputs = torch.randint(0, 128, (4, 12))
+    model.train()
+    for _ in range(3):
+        model(inputs, labels=inputs).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert any(p.abs().max() > 0 for n, p in model.named_parameters() if "lora_llmm_" in n)
+    model.save_pretrained(tmp_path / "adapter")
+    model.eval()
+    loaded = load_llmm_model(load_4bit(tmp_path / "base"), str(tmp_path / "adapter"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(inputs).logits, model(inputs).logits, rtol=0, atol=0)
+
+
+def test_learning_lowers_loss_and_moves_directions():
+    torch.manual_seed(0)
+    # A frozen random network with weights large enough to matter; the adapters learn to continue a few progressions.
+    model = get_llmm_model(tiny_llama(vocab_size=32, initializer_range=0.2), LlmmConfig(k=2, scale=100.0, **CONFIG))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    inputs = (torch.arange(16) * 3 + torch.arange(4)[:, None] * 7) % 32
+    model.train()
+    losses = []
+    for _ in range(40):
+        loss = model(inputs, labels=inputs).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.2 * losses[0]
+    assert min(p.abs().max().item() for n, p in model.named_parameters() if "lora_llmm_" in n) > 1e-3
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(k=-1), "k .* >= 0, got -1"),
+    (dict(scale=0.0), "scale .* > 0, got 0.0"),
+    (dict(eval_noise="mc"), "eval_noise must be one of"),
+    (dict(loftq_method="int"), "loftq_method must be one of"),
+    (dict(init_lora_weights="loftq", loftq_config=LoftQConfig(loftq_bits=3)), r"loftq_bits must be one of \(2, 4, 8\), got 3"),
+])
+def test_bad_config_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LlmmConfig(**{**CONFIG, **kwargs})
+
+
+def test_bad_targets():
+    with pytest.raises(ValueError, match="larger than target module"):
+        get_llmm_model(tiny_llama(), LlmmConfig(r=100, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="is a Embedding; Llmm adapts only"):
+        get_llmm_model(tiny_llama(), LlmmConfig(r=4, target_modules=["embed_tokens"]))
