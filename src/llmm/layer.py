@@ -155,23 +155,30 @@ class _LlmmLayerMixin:
                 "model first (bash _init.sh / python -m scripts.quantize_model), then load that backbone in "
                 "4-bit and its llmm_init adapter with llmm.load_llmm_model."
             )
-        loftq = config.loftq_config
-        q_weight, factor_A, factor_B = loftq_init(
-            base.weight,
-            bits=loftq["loftq_bits"],
-            rank=self.r[adapter_name],
-            num_iter=loftq["loftq_iter"],
-            method=config.loftq_method,
-            block_size=config.loftq_block_size,
-        )
-        if config.loftq_compensate_scaling:
-            # W ~ Q + g B A: split 1/g evenly over both factors (the reference wrote B A with no 1/g).
-            root = math.sqrt(self.scaling[adapter_name])
-            factor_A, factor_B = factor_A / root, factor_B / root
+        q_weight, factor_A, factor_B = loftq_factors(base.weight, self.r[adapter_name], self.scaling[adapter_name],
+                                                     config)
         lora_A, lora_B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
         lora_A.data = factor_A.to(lora_A.dtype).to(lora_A.device)
         lora_B.data = factor_B.to(lora_B.dtype).to(lora_B.device)
         base.weight.data = q_weight.to(base.weight.dtype).to(base.weight.device)
+
+
+@torch.no_grad()
+def loftq_factors(weight: torch.Tensor, rank: int, scaling: float, config, absmax_dtype=None):
+    """LoftQ for one weight as the layer stores it: (Q, M_A, M_B) with W ~ Q + scaling * M_B M_A.
+
+    With ``config.loftq_compensate_scaling`` (default) the 1/scaling is split evenly over both factors; without
+    it the factors are written as LoftQ returns them (the reference's behaviour: W ~ Q + B A only at scaling 1).
+    """
+    loftq = config.loftq_config
+    q_weight, factor_A, factor_B = loftq_init(
+        weight, bits=loftq["loftq_bits"], rank=rank, num_iter=loftq["loftq_iter"], method=config.loftq_method,
+        block_size=config.loftq_block_size, absmax_dtype=absmax_dtype,
+    )
+    if config.loftq_compensate_scaling:
+        root = math.sqrt(scaling)
+        factor_A, factor_B = factor_A / root, factor_B / root
+    return q_weight, factor_A, factor_B
 
 
 class LlmmLinear(_LlmmLayerMixin, LoraLinear):

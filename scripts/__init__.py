@@ -1,0 +1,1 @@
+"""Entry points, one per job: run from the repository root as `python -m scripts.<name> --help`."""

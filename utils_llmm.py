@@ -1,0 +1,208 @@
+"""Helpers the entry points in scripts/ share: hyperparameter tables, settings resolution, run directories, I/O.
+
+A table in configs/ is YAML with ``keys`` (the columns that select a row), ``defaults`` (values every row
+inherits) and ``rows`` (one experiment each, naming its ``source``). Precedence: defaults, then the row, then
+command-line flags that were given. The paper's names K and llmmscale map to LlmmConfig's ``k`` and ``scale``
+in ``llmm_config`` and nowhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent
+CONFIGS = REPO_ROOT / "configs"
+logger = logging.getLogger("llmm")
+
+
+def setup_logging() -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    with open(path) as handle:
+        return yaml.safe_load(handle)
+
+
+def table_rows(table: dict) -> list[dict]:
+    """Rows with the defaults filled in; raises if two rows share the same key columns."""
+    keys, seen, rows = table["keys"], set(), []
+    for row in table["rows"]:
+        missing = [k for k in keys if k not in row]
+        if missing:
+            raise ValueError(f"table row {row} lacks key column(s) {missing}")
+        key = tuple(row[k] for k in keys)
+        if key in seen:
+            raise ValueError(f"duplicate table row for {dict(zip(keys, key))}")
+        seen.add(key)
+        rows.append({**table.get("defaults", {}), **row})
+    return rows
+
+
+def select_row(table: dict, **selection) -> dict:
+    """The one row whose key columns equal ``selection``; a missing row lists the rows that exist."""
+    keys = table["keys"]
+    unknown = set(selection) - set(keys)
+    if unknown:
+        raise ValueError(f"unknown table key(s) {sorted(unknown)}; this table is keyed by {keys}")
+    for row in table_rows(table):
+        if all(row[k] == v for k, v in selection.items()):
+            return row
+    existing = sorted({tuple(row[k] for k in keys) for row in table_rows(table)}, key=str)
+    raise ValueError(f"no row for {selection} in the table; rows ({', '.join(keys)}): {existing}")
+
+
+def add_setting_flags(parser: argparse.ArgumentParser, table: dict) -> None:
+    """One ``--name`` flag per setting of the table (default None: the table decides)."""
+    names = dict.fromkeys([*table.get("defaults", {}), *(k for row in table["rows"] for k in row)])
+    for name in names:
+        if name in table["keys"] or any(a.dest == name for a in parser._actions):
+            continue
+        sample = table.get("defaults", {}).get(name, next(row[name] for row in table["rows"] if name in row))
+        kind = {bool: _parse_bool, int: int, float: float}.get(type(sample), str)
+        parser.add_argument(f"--{name}", type=kind, default=None, help=f"override the table's {name}")
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def resolve_settings(table: dict, args: argparse.Namespace) -> dict:
+    """Table row selected by the key flags, then every flag that was given on the command line."""
+    selection = {k: getattr(args, k) for k in table["keys"]}
+    settings = select_row(table, **selection)
+    settings.update({k: v for k, v in vars(args).items() if v is not None})
+    return settings
+
+
+def llmm_config(settings: dict, target_modules: list[str], **extra):
+    """LlmmConfig from resolved settings; the one place K -> k and llmmscale -> scale."""
+    from peft import LoftQConfig
+
+    from llmm import LlmmConfig
+
+    init = settings.get("init", "loftq")
+    loftq = {}
+    if init == "loftq":
+        loftq = dict(init_lora_weights="loftq",
+                     loftq_config=LoftQConfig(loftq_bits=settings["bits"], loftq_iter=settings["loftq_iter"]),
+                     loftq_method=settings["quant"], loftq_compensate_scaling=settings.get("compensate_scaling", True))
+    return LlmmConfig(
+        r=settings["rank"], lora_alpha=settings["lora_alpha"], lora_dropout=settings.get("lora_dropout", 0.0),
+        target_modules=target_modules, k=settings["K"], scale=settings["llmmscale"],
+        eval_noise=settings.get("eval_noise", "mean"), scaled_gradient=settings.get("scaled_gradient", True),
+        **loftq, **extra,
+    )
+
+
+def default_targets(model_config, explicit: list[str] | None = None) -> list[str]:
+    """Target modules: an explicit list wins, else the row for ``model_type`` in configs/targets.yaml."""
+    if explicit:
+        return list(explicit)
+    table = read_yaml(CONFIGS / "targets.yaml")
+    model_type = getattr(model_config, "model_type", None)
+    if model_type not in table:
+        raise ValueError(f"no default target modules for model_type {model_type!r} in configs/targets.yaml "
+                         f"(known: {sorted(table)}); pass --target_modules")
+    return list(table[model_type])
+
+
+def prepare_output_dir(path: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
+    """Create ``path``; an existing non-empty directory is an error unless overwriting or resuming."""
+    path = Path(path)
+    if path.is_dir() and any(path.iterdir()) and not (overwrite or resume):
+        raise FileExistsError(f"output directory {str(path)!r} exists and is not empty: choose another, or pass "
+                              "--overwrite (replace) / --resume_from_checkpoint (continue)")
+    if path.is_dir() and overwrite:
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_json(path: str | Path, payload) -> None:
+    """Write JSON atomically (temporary file + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(payload, handle, indent=2, default=str)
+    os.replace(tmp, path)
+
+
+def check_file(path: str | Path, what: str) -> None:
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+
+
+def require_cuda_for(option: str, device: str | None = None) -> None:
+    """CUDA-only options fail early on a machine without CUDA."""
+    if not torch.cuda.is_available() and (device is None or device.startswith("cuda")):
+        raise ValueError(f"{option} needs CUDA, and torch.cuda.is_available() is False: drop the option")
+
+
+def versions() -> dict:
+    import bitsandbytes
+    import peft
+    import transformers
+
+    import llmm
+
+    return {"llmm": llmm.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__}
+
+
+def run_main(main) -> None:
+    """Run an entry point; expected bad-input errors become one clear line and exit code 2."""
+    setup_logging()
+    try:
+        main()
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def plot_curves(path: str | Path, panels: dict[str, dict[str, tuple[list, list]]], xlabel: str) -> None:
+    """Save a PNG with one panel per entry of ``panels`` ({panel title: {line label: (xs, ys)}})."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for axis, (title, lines) in zip(axes[0], panels.items()):
+        for label, (xs, ys) in lines.items():
+            axis.plot(xs, ys, marker="o" if len(xs) < 30 else None, label=label)
+        axis.set_title(title)
+        axis.set_xlabel(xlabel)
+        axis.grid(alpha=0.3)
+        if len(lines) > 1:
+            axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
