@@ -79,7 +79,8 @@ def add_setting_flags(parser: argparse.ArgumentParser, table: dict) -> None:
     for name in names:
         if name in table["keys"] or any(a.dest == name for a in parser._actions):
             continue
-        sample = table.get("defaults", {}).get(name, next(row[name] for row in table["rows"] if name in row))
+        defaults = table.get("defaults", {})
+        sample = defaults[name] if name in defaults else next(row[name] for row in table["rows"] if name in row)
         kind = {bool: _parse_bool, int: int, float: float}.get(type(sample), str)
         parser.add_argument(f"--{name}", type=kind, default=None, help=f"override the table's {name}")
 
@@ -206,3 +207,16 @@ def plot_curves(path: str | Path, panels: dict[str, dict[str, tuple[list, list]]
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def load_pretrained(loader, name_or_path: str, **kwargs):
+    """``loader.from_pretrained`` for a hub id or a local directory, with a clear error when neither loads."""
+    looks_local = name_or_path.startswith(("/", "./", "../", "~")) or os.path.sep in name_or_path.strip("/").split(
+        "/", 1)[-1]
+    if looks_local and not Path(name_or_path).expanduser().exists():
+        raise FileNotFoundError(f"model path {name_or_path!r} does not exist: pass a local directory or a hub id")
+    try:
+        return loader.from_pretrained(name_or_path, **kwargs)
+    except OSError as error:
+        raise FileNotFoundError(f"could not load {name_or_path!r} as a local directory or from the hub "
+                                f"({str(error).splitlines()[0]})") from error

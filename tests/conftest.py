@@ -1,9 +1,12 @@
 """Shared fixtures: tiny models built in memory from a config, no network."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import DebertaV2Config, DebertaV2ForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEBERTA_TARGETS = ["query_proj", "key_proj", "value_proj", "dense"]
 
@@ -25,6 +28,20 @@ def tiny_deberta(seed: int = 0, num_labels: int = 3) -> DebertaV2ForSequenceClas
         pooler_hidden_size=64,
     )
     return DebertaV2ForSequenceClassification(config).eval()
+
+
+def tiny_tokenizer(texts=("the quick brown fox jumps over the lazy dog",), vocab_size: int = 128):
+    """An offline word-level tokenizer over ``texts`` (ids < vocab_size), with pad/unk/bos/eos tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<s>", "</s>"]
+    words = sorted({w for text in texts for w in text.lower().split()})[: vocab_size - len(specials)]
+    vocab = {token: i for i, token in enumerate(specials + words)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+                                   bos_token="<s>", eos_token="</s>")
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,164 @@
+"""LoftQ-quantize a model's target linear layers and save a backbone + Llmm init adapter directory.
+
+    python -m scripts.quantize_model --preset llama-2-7b-gsm8k            # a row of configs/quantize.yaml
+    python -m scripts.quantize_model --model ./my-model --rank 16 --bits 2 --quant uniform --task_type seq_cls
+
+Writes SAVE_DIR/<model-name>-<bits>bit-<rank>rank/:
+  - the backbone (each target weight replaced by its quantized value Q, ``dtype`` safetensors), config, tokenizer;
+    with nf at 4 bits, loading it with bitsandbytes NF4 (blocksize 64, no double quant) reproduces Q exactly;
+  - llmm_init/: the Llmm adapter with the LoftQ means M_A, M_B and zero directions (K of them);
+  - quantize_report.json: per layer ||W - Q|| / ||W|| and ||W - Q - g B A|| / ||W||, settings, versions, wall time.
+LoftQ runs layer by layer on ``--device`` (a 7B model in bfloat16 fits in 24 GiB of host memory). The directory is
+written under a temporary name and renamed on success, so an interrupted run leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+import utils_llmm as U
+from llmm import get_llmm_model
+from llmm.layer import loftq_factors
+from llmm.quant import check_quant_args
+
+TABLE = U.CONFIGS / "quantize.yaml"
+LOADERS = {"causal_lm": AutoModelForCausalLM, "seq_cls": AutoModelForSequenceClassification}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_args(argv=None) -> dict:
+    table = U.read_yaml(TABLE)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default=None, help="a row of configs/quantize.yaml (else its defaults)")
+    parser.add_argument("--target_modules", nargs="+", default=None, help="explicit targets (else by model_type)")
+    parser.add_argument("--num_labels", type=int, default=None, help="classifier size for --task_type seq_cls")
+    parser.add_argument("--reference_scaling", action="store_true",
+                        help="write the LoftQ factors without 1/g compensation, as the reference did")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    U.add_setting_flags(parser, table)
+    args = parser.parse_args(argv)
+    settings = U.select_row(table, preset=args.preset) if args.preset else dict(table["defaults"])
+    settings.update({k: v for k, v in vars(args).items() if v is not None})
+    for name in ("model", "rank"):
+        if name not in settings:
+            raise ValueError(f"--{name} is required without --preset (presets: configs/quantize.yaml)")
+    check_quant_args(settings["bits"], settings["quant"], settings["block_size"])
+    if settings["rank"] < 1 or settings["K"] < 0 or settings["loftq_iter"] < 1:
+        raise ValueError(f"need rank >= 1, K >= 0 and loftq_iter >= 1; got rank={settings['rank']}, "
+                         f"K={settings['K']}, loftq_iter={settings['loftq_iter']}")
+    for name, allowed in (("task_type", LOADERS), ("dtype", DTYPES), ("device", ("cpu", "cuda"))):
+        if settings[name] not in allowed:
+            raise ValueError(f"{name} must be one of {list(allowed)}, got {settings[name]!r}")
+    if settings["device"] == "cuda":
+        U.require_cuda_for("--device cuda")
+    return settings
+
+
+def output_dir(settings: dict) -> Path:
+    name = Path(settings["model"].rstrip("/")).name
+    return Path(settings["save_dir"]) / f"{name}-{settings['bits']}bit-{settings['rank']}rank"
+
+
+def target_linears(model: torch.nn.Module, targets: list[str], rank: int) -> dict[str, torch.nn.Linear]:
+    """Target name -> nn.Linear, checked before any work: every target matches, is linear and wider than r."""
+    found = {name: module for name, module in model.named_modules() if name.split(".")[-1] in targets}
+    unmatched = sorted(set(targets) - {name.split(".")[-1] for name in found})
+    if unmatched:
+        raise ValueError(f"target module(s) {unmatched} match no module of this model: check --target_modules")
+    for name, module in found.items():
+        if type(module) is not torch.nn.Linear:
+            raise ValueError(f"target {name!r} is a {type(module).__name__}, not a torch.nn.Linear")
+        if rank > min(module.weight.shape):
+            raise ValueError(f"rank {rank} exceeds min(shape) = {min(module.weight.shape)} of {name!r}")
+    return found
+
+
+def quantize(model: torch.nn.Module, settings: dict, targets: list[str]) -> tuple:
+    """Replace each target weight by Q in place; return the Llmm config, the means and the per-layer report."""
+    config = U.llmm_config({**settings, "init": "loftq",
+                            "compensate_scaling": not settings.get("reference_scaling", False)},
+                           targets, loftq_block_size=settings["block_size"])
+    dtype = DTYPES[settings["dtype"]]
+    absmax_dtype = dtype if dtype != torch.float32 else None  # 16-bit copies of Q then re-quantize losslessly
+    scaling = config.lora_alpha / config.r
+    means, report = {}, {}
+    for name, module in tqdm(target_linears(model, targets, config.r).items(), desc="LoftQ", unit="layer"):
+        weight = module.weight.detach().to(settings["device"], torch.float32)
+        q, factor_A, factor_B = loftq_factors(weight, config.r, scaling, config, absmax_dtype=absmax_dtype)
+        module.weight.data = q.to(dtype).to(module.weight.device)
+        means[name] = (factor_A.cpu(), factor_B.cpu())
+        stored_q = module.weight.detach().float().to(weight.device)
+        norm = torch.linalg.norm(weight)
+        report[name] = {
+            "shape": list(weight.shape),
+            "rel_error_q": (torch.linalg.norm(weight - stored_q) / norm).item(),
+            "rel_error_loftq": (torch.linalg.norm(weight - stored_q - scaling * factor_B @ factor_A) / norm).item(),
+        }
+    return config, means, report
+
+
+def save(model, config, means: dict, report: dict, settings: dict, tmp_dir: Path, final_dir: Path, started: float):
+    init_config = dataclasses.replace(config, init_lora_weights=False, loftq_config={})
+    peft_model = get_llmm_model(model, init_config)
+    with torch.no_grad():
+        for name, module in peft_model.base_model.model.named_modules():
+            if name in means:
+                module.lora_A["default"].weight.copy_(means[name][0])
+                module.lora_B["default"].weight.copy_(means[name][1])
+    # Record the LoftQ settings that produced the means, and the backbone they belong to.
+    peft_model.peft_config["default"] = dataclasses.replace(config, base_model_name_or_path=str(final_dir))
+    peft_model.save_pretrained(tmp_dir / "llmm_init")
+    peft_model.unload().to(DTYPES[settings["dtype"]]).save_pretrained(tmp_dir)
+    try:
+        U.load_pretrained(AutoTokenizer, settings["model"]).save_pretrained(tmp_dir)
+    except (OSError, ValueError, FileNotFoundError) as error:
+        U.logger.warning("no tokenizer saved (%s)", str(error).splitlines()[0])
+    errors = [layer["rel_error_loftq"] for layer in report.values()]
+    U.write_json(tmp_dir / "quantize_report.json", {
+        "settings": settings, "versions": U.versions(), "wall_time_s": time.time() - started,
+        "mean_rel_error_q": sum(layer["rel_error_q"] for layer in report.values()) / len(report),
+        "mean_rel_error_loftq": sum(errors) / len(errors), "layers": report,
+    })
+
+
+def main(argv=None) -> Path:
+    started = time.time()
+    settings = parse_args(argv)
+    final_dir = output_dir(settings)
+    if final_dir.exists() and any(final_dir.iterdir()) and not settings.get("overwrite"):
+        raise FileExistsError(f"output directory {str(final_dir)!r} exists and is not empty: pass --overwrite "
+                              "or another --save_dir")
+    model_config = U.load_pretrained(AutoConfig, settings["model"])
+    targets = U.default_targets(model_config, settings.get("target_modules"))
+    extra = {"num_labels": settings["num_labels"]} if settings.get("num_labels") else {}
+    # The checkpoint's own dtype, so LoftQ sees the original weights; the backbone is saved in settings["dtype"].
+    model = U.load_pretrained(LOADERS[settings["task_type"]], settings["model"], dtype="auto", **extra)
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", dir=final_dir.parent))
+    try:
+        config, means, report = quantize(model, settings, targets)
+        save(model, config, means, report, settings, tmp_dir, final_dir, started)
+        if final_dir.exists():
+            shutil.rmtree(final_dir)
+        tmp_dir.rename(final_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    U.logger.info("wrote %s (mean relative error: Q %.4f, Q + gBA %.4f)", final_dir,
+                  sum(r["rel_error_q"] for r in report.values()) / len(report),
+                  sum(r["rel_error_loftq"] for r in report.values()) / len(report))
+    return final_dir
+
+
+if __name__ == "__main__":
+    U.run_main(lambda: main(sys.argv[1:]))

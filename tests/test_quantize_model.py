@@ -1,0 +1,110 @@
+"""scripts.quantize_model (bash _init.sh): LoftQ model directories for a causal LM and an encoder."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import REPO_ROOT, tiny_deberta, tiny_llama, tiny_tokenizer
+from safetensors.torch import load_file
+from test_model import load_4bit
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from llmm import llmm_layers, load_llmm_model
+from scripts import quantize_model
+
+LLAMA_ARGS = ["--task_type", "causal_lm", "--rank", "8", "--K", "2", "--loftq_iter", "2", "--lora_alpha", "16"]
+
+
+@pytest.fixture
+def llama_dir(tmp_path):
+    tiny_llama(initializer_range=0.1).save_pretrained(tmp_path / "tiny-llama")
+    tiny_tokenizer().save_pretrained(tmp_path / "tiny-llama")
+    return tmp_path / "tiny-llama"
+
+
+def test_llama_nf4_directory(llama_dir, tmp_path):
+    out = quantize_model.main(["--model", str(llama_dir), "--save_dir", str(tmp_path / "q"), "--bits", "4",
+                               "--dtype", "bfloat16", *LLAMA_ARGS])
+    assert out.name == "tiny-llama-4bit-8rank"
+    assert (out / "tokenizer.json").is_file() and (out / "llmm_init" / "adapter_config.json").is_file()
+    saved = load_file(out / "model.safetensors")
+    q_proj = saved["model.layers.0.self_attn.q_proj.weight"]
+    assert q_proj.dtype == torch.bfloat16
+    # Reloading the 16-bit backbone through bitsandbytes NF4 reproduces Q exactly.
+    quantized = load_4bit(out)
+    from bitsandbytes.functional import dequantize_4bit
+    for name in ["self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj"]:
+        layer = quantized.get_submodule(f"model.layers.1.{name}")
+        dequantized = dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(torch.bfloat16)
+        assert torch.equal(dequantized, saved[f"model.layers.1.{name}.weight"]), name
+    # The report's numbers match recomputed ones.
+    report = json.loads((out / "quantize_report.json").read_text())
+    original = load_file(llama_dir / "model.safetensors")
+    adapter = load_file(out / "llmm_init" / "adapter_model.safetensors")
+    key = "model.layers.0.self_attn.q_proj"
+    weight, q = original[f"{key}.weight"].float(), q_proj.float()
+    lora_A, lora_B = (adapter[f"base_model.model.{key}.lora_{f}.weight"] for f in "AB")
+    layer = report["layers"][key]
+    assert layer["rel_error_q"] == pytest.approx((torch.linalg.norm(weight - q) / torch.linalg.norm(weight)).item(),
+                                                 rel=1e-4)
+    recomputed = torch.linalg.norm(weight - q - 2.0 * lora_B @ lora_A) / torch.linalg.norm(weight)
+    assert layer["rel_error_loftq"] == pytest.approx(recomputed.item(), rel=1e-4)
+    assert layer["rel_error_loftq"] < layer["rel_error_q"]
+    assert report["settings"]["bits"] == 4 and report["wall_time_s"] > 0
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        return (model(inputs).logits if not hasattr(model, "peft_config") else model(inputs).logits).float()
+
+
+def test_init_adapter_brings_backbone_closer_to_original(llama_dir, tmp_path):
+    out = quantize_model.main(["--model", str(llama_dir), "--save_dir", str(tmp_path / "q"), "--bits", "2",
+                               "--dtype", "float32", *LLAMA_ARGS])
+    inputs = torch.randint(0, 128, (2, 12))
+    original = logits(AutoModelForCausalLM.from_pretrained(llama_dir), inputs)
+    backbone = logits(AutoModelForCausalLM.from_pretrained(out), inputs)
+    adapted_model = load_llmm_model(AutoModelForCausalLM.from_pretrained(out), str(out / "llmm_init"),
+                                    is_trainable=True, k=2)
+    assert all(layer.lora_llmm_A["default"].shape[0] == 2 for layer in llmm_layers(adapted_model))
+    adapted_model.eval()
+    adapted = logits(adapted_model, inputs)
+    assert torch.linalg.norm(adapted - original) < 0.9 * torch.linalg.norm(backbone - original)
+
+
+def test_deberta_uniform_directory(tmp_path):
+    tiny_deberta(num_labels=2).save_pretrained(tmp_path / "tiny-deberta")
+    out = quantize_model.main(["--model", str(tmp_path / "tiny-deberta"), "--save_dir", str(tmp_path / "q"),
+                               "--task_type", "seq_cls", "--quant", "uniform", "--bits", "2", "--rank", "4",
+                               "--K", "1", "--lora_alpha", "4", "--dtype", "float32", "--loftq_iter", "1"])
+    model = load_llmm_model(AutoModelForSequenceClassification.from_pretrained(out), str(out / "llmm_init"))
+    weight = model.base_model.model.deberta.encoder.layer[0].attention.self.query_proj.get_base_layer().weight
+    assert len(torch.unique(weight)) <= 4  # uniform 2-bit: at most 4 levels per tensor
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--model", "/nonexistent/model"], "does not exist"),
+    (["--bits", "3"], r"bits must be one of \(2, 4, 8\), got 3"),
+    (["--rank", "0"], "need rank >= 1"),
+    (["--target_modules", "q_proj", "nope_proj"], r"\['nope_proj'\] match no module"),
+    (["--preset", "no-such-preset"], "no row for"),
+])
+def test_bad_inputs_fail_early_and_leave_nothing(llama_dir, tmp_path, args, message):
+    base = ["--model", str(llama_dir), "--save_dir", str(tmp_path / "q"), *LLAMA_ARGS]
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        quantize_model.main(base + args)
+    assert not (tmp_path / "q").exists() or not any((tmp_path / "q").iterdir())
+
+
+def test_existing_output_dir_is_refused_by_the_cli(llama_dir, tmp_path):
+    existing = tmp_path / "q" / "tiny-llama-4bit-8rank"
+    existing.mkdir(parents=True)
+    (existing / "keep.txt").write_text("precious")
+    result = subprocess.run([sys.executable, "-m", "scripts.quantize_model", "--model", str(llama_dir),
+                             "--save_dir", str(tmp_path / "q"), *LLAMA_ARGS], cwd=REPO_ROOT,
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: output directory")
+    assert (existing / "keep.txt").read_text() == "precious" and len(list(existing.iterdir())) == 1
