@@ -1,6 +1,10 @@
 """Shared fixtures: tiny models built in memory from a config, no network."""
 
+import os
 from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub; set before transformers loads
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest
 import torch
@@ -14,8 +18,8 @@ DEBERTA_TARGETS = ["query_proj", "key_proj", "value_proj", "dense"]
 def tiny_llama(seed: int = 0, vocab_size: int = 128, initializer_range: float = 0.02) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        initializer_range=initializer_range, vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, initializer_range=initializer_range,
     )
     return LlamaForCausalLM(config).eval()
 
