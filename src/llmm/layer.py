@@ -104,9 +104,10 @@ class LlmmVariant(LoraVariant):
         settings = module.llmm_settings[adapter_name]
         mean_A = module.lora_A[adapter_name].weight
         mean_B = module.lora_B[adapter_name].weight
-        sampling = module.training or settings["eval_noise"] == "sample"
-        if settings["k"] == 0 or not sampling:
+        if not (module.training or settings["eval_noise"] == "sample"):
             return mean_A, mean_B
+        # K = 0 goes through the same path (the sum is empty), so every trainable parameter takes part in the
+        # graph, as DDP requires.
         directions_A = module.lora_llmm_A[adapter_name]
         directions_B = module.lora_llmm_B[adapter_name]
         # Drawn on the layer's device from torch's generator: seedable, and no host synchronisation.
