@@ -166,3 +166,24 @@ def test_bad_targets():
         get_llmm_model(tiny_llama(), LlmmConfig(r=100, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="is a Embedding; Llmm adapts only"):
         get_llmm_model(tiny_llama(), LlmmConfig(r=4, target_modules=["embed_tokens"]))
+
+
+def test_adapter_writes_are_atomic(tmp_path, monkeypatch):
+    from llmm import save_llmm_adapter
+
+    model, _ = trained_adapter(tmp_path)
+    target = tmp_path / "final"
+    save_llmm_adapter(model, str(target))
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    def crash(directory, **kwargs):
+        (tmp_path / "partial").mkdir(exist_ok=True)
+        open(f"{directory}/adapter_model.safetensors", "wb").write(b"half")
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(model, "save_pretrained", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_llmm_adapter(model, str(target), overwrite=True)
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".final")] == []
+    load_llmm_model(tiny_llama(), str(target))

@@ -2,7 +2,14 @@
 
 from llmm.config import LlmmConfig
 from llmm.layer import LlmmVariant, sample_factor
-from llmm.model import export_mean_adapter, get_llmm_model, llmm_layers, load_llmm_model, noise_mode
+from llmm.model import (
+    export_mean_adapter,
+    get_llmm_model,
+    llmm_layers,
+    load_llmm_model,
+    noise_mode,
+    save_llmm_adapter,
+)
 
 __all__ = [
     "LlmmConfig",
@@ -12,6 +19,7 @@ __all__ = [
     "llmm_layers",
     "load_llmm_model",
     "noise_mode",
+    "save_llmm_adapter",
     "sample_factor",
 ]
 __version__ = "0.1.0"

@@ -115,13 +115,6 @@ def load_llmm_model(
     return model
 
 
-def _replace_dir(tmp_dir: str, out_dir: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(out_dir)), exist_ok=True)
-    if os.path.isdir(out_dir):
-        os.rmdir(out_dir)  # only an empty directory is replaced
-    os.replace(tmp_dir, out_dir)
-
-
 def check_new_dir(out_dir: str, overwrite: bool = False) -> None:
     """Refuse an existing non-empty output directory unless ``overwrite``."""
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
@@ -129,11 +122,37 @@ def check_new_dir(out_dir: str, overwrite: bool = False) -> None:
                               "overwrite=True / --overwrite")
 
 
+@contextlib.contextmanager
+def atomic_dir(out_dir: str, overwrite: bool = False):
+    """Yield a temporary sibling directory that replaces ``out_dir`` only once the block succeeds.
+
+    A crash mid-write leaves ``out_dir`` as it was (and no half-written adapter that loads).
+    """
+    check_new_dir(out_dir, overwrite)
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.", dir=parent)
+    try:
+        yield tmp_dir
+        if os.path.isdir(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp_dir, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+
+
+def save_llmm_adapter(peft_model: PeftModel, out_dir: str, overwrite: bool = False) -> str:
+    """``peft_model.save_pretrained(out_dir)`` (M, Z and the llmm config), written atomically."""
+    with atomic_dir(out_dir, overwrite) as tmp_dir:
+        peft_model.save_pretrained(tmp_dir)
+    return out_dir
+
+
 def export_mean_adapter(
     peft_model: PeftModel, out_dir: str, adapter_name: str = "default", overwrite: bool = False
 ) -> str:
     """Write the mean adapter (A = M_A, B = M_B) as a plain PEFT LoRA adapter, atomically; returns ``out_dir``."""
-    check_new_dir(out_dir, overwrite)
     config = peft_model.peft_config[adapter_name]
     lora_fields = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
     plain = {name: getattr(config, name) for name in lora_fields if name != "runtime_config"}
@@ -141,19 +160,9 @@ def export_mean_adapter(
     lora_config = LoraConfig(**plain)
     state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
     state = {key: value.detach().contiguous().cpu() for key, value in state.items() if not key.endswith(DIRECTION_KEYS)}
-
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp_dir = tempfile.mkdtemp(prefix=".export-", dir=parent)
-    try:
+    with atomic_dir(out_dir, overwrite) as tmp_dir:
         lora_config.save_pretrained(tmp_dir)
         save_file(state, os.path.join(tmp_dir, ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        if os.path.isdir(out_dir) and overwrite:
-            shutil.rmtree(out_dir)
-        _replace_dir(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
     return out_dir
 
 
