@@ -152,7 +152,14 @@ def write_json(path: str | Path, payload) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(fd, "w") as handle:
         json.dump(payload, handle, indent=2, default=str)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it the permissions open() would
     os.replace(tmp, path)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def check_file(path: str | Path, what: str) -> None:

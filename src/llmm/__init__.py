@@ -10,6 +10,7 @@ from llmm.model import (
     noise_mode,
     save_llmm_adapter,
 )
+from llmm.predict import mc_predict
 
 __all__ = [
     "LlmmConfig",
@@ -18,6 +19,7 @@ __all__ = [
     "get_llmm_model",
     "llmm_layers",
     "load_llmm_model",
+    "mc_predict",
     "noise_mode",
     "save_llmm_adapter",
     "sample_factor",

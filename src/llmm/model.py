@@ -132,6 +132,9 @@ def atomic_dir(out_dir: str, overwrite: bool = False):
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.", dir=parent)
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp_dir, 0o777 & ~mask)  # mkdtemp makes it private; give it the permissions mkdir would
     try:
         yield tmp_dir
         if os.path.isdir(out_dir):

@@ -1,0 +1,293 @@
+"""Fine-tune an encoder on one GLUE task with Llmm adapters over a LoftQ-quantized backbone, or a baseline.
+
+    python -m scripts.train_glue --task cola --quant nf --rank 32                     # configs/glue.yaml row, 2-bit
+    python -m scripts.train_glue --task mrpc --quant uniform --rank 16 --bits 4 --method loftq
+    python -m scripts.train_glue --task stsb --quant nf --rank 16 --data_dir glue_data/STS-B --max_steps 2
+    torchrun --nproc_per_node 2 -m scripts.train_glue --task cola --quant nf --rank 32   # or: accelerate launch -m
+
+Every hyperparameter comes from the row of configs/glue.yaml selected by (task, quant, rank); the flag of the same
+name overrides it (--help lists them). --method picks what is trained, always through the llmm package:
+
+    llmm   LoftQ-quantized encoder, LoftQ init, K directions from the row      (MeMoTune / Llmm)
+    loftq  LoftQ-quantized encoder, LoftQ init, K = 0                          (LoftQ)
+    qlora  encoder fake-quantized with the same quantizer, standard LoRA init, K = 0   (QLoRA-style)
+    lora   full-precision encoder, standard LoRA init, K = 0                   (LoRA)
+
+The classifier head and pooler train in full precision (PEFT modules_to_save). Dev evaluation every epoch with
+--eval_noise mean (eps = 0), sample (one draw per batch, the reference's behaviour) or mc (the average of
+--mc_samples sampled networks, llmm.predict.mc_predict). Writes to --output_dir (default
+runs/glue/<method>-<quant><bits>-r<rank>/<task>/seed<seed>): settings.json, results.json (dev metrics and training
+loss per epoch, best and last epoch; NLL/Brier/ECE for classification), adapter/ (M and Z, for
+llmm.load_llmm_model), mean_adapter/ (a plain PEFT LoRA adapter) and curves.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import check_target_module_exists
+from scipy.special import softmax
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+import llmm
+from llmm.glue import TASKS, GlueTask, get_task, load_glue, task_metrics, tokenize
+from llmm.metrics import calibration_metrics
+from llmm.predict import mc_predict, mc_regress
+from llmm.quant import ALLOWED_METHODS, fake_quantize
+from utils_llmm import (
+    CONFIGS,
+    add_setting_flags,
+    default_targets,
+    llmm_config,
+    load_pretrained,
+    logger,
+    plot_curves,
+    prepare_output_dir,
+    read_yaml,
+    resolve_settings,
+    run_main,
+    seed_everything,
+    versions,
+    write_json,
+)
+
+TABLE = CONFIGS / "glue.yaml"
+METHODS = ("llmm", "loftq", "qlora", "lora")
+EVAL_NOISE = ("mean", "sample", "mc")
+
+
+def build_parser(table: dict) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument("--task", required=True, help=f"GLUE task: {', '.join(TASKS)}")
+    parser.add_argument("--quant", required=True, choices=ALLOWED_METHODS, help="quantizer (table key)")
+    parser.add_argument("--rank", type=int, required=True, help="LoRA rank r (table key)")
+    parser.add_argument("--method", choices=METHODS, default=None, help="what to train (default: the table's)")
+    parser.add_argument("--model", default=None, help="hub id or local directory (default: the table's)")
+    parser.add_argument("--data_dir", default=None, help="GLUE task folder with train.tsv and dev.tsv (e.g. "
+                        "glue_data/CoLA); default: the hub")
+    parser.add_argument("--train_file", default=None, help="local .tsv/.csv/.json/.jsonl training file")
+    parser.add_argument("--validation_file", nargs="+", default=None,
+                        help="local dev file(s); MNLI: matched then mismatched")
+    parser.add_argument("--output_dir", default=None, help="run directory (must be new or empty)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--eval_noise", choices=EVAL_NOISE, default=None, help="evaluation noise (default: table)")
+    parser.add_argument("--mc_samples", type=int, default=None, help="networks averaged with --eval_noise mc")
+    parser.add_argument("--quantize_embeddings", action=argparse.BooleanOptionalAction, default=None,
+                        help="also fake-quantize the input word embeddings")
+    parser.add_argument("--target_modules", nargs="+", default=None, help="default: configs/targets.yaml")
+    parser.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps (smoke "
+                        "runs); overrides epochs")
+    add_setting_flags(parser, table)
+    return parser
+
+
+def resolve(argv: list[str] | None) -> tuple[GlueTask, dict]:
+    """Task and settings: table defaults < row < flags, then what --method implies; bad values fail here."""
+    table = read_yaml(TABLE)
+    args = build_parser(table).parse_args(argv)
+    task = get_task(args.task)
+    settings = resolve_settings(table, args)
+    method = settings["method"]
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method != "llmm":
+        if args.K not in (None, 0):
+            raise ValueError(f"--method {method} trains no directions (K = 0); use --method llmm for K = {args.K}")
+        settings["K"] = 0
+    settings["init"] = "loftq" if method in ("llmm", "loftq") else "lora"
+    if method == "lora" and settings["quantize_embeddings"]:
+        raise ValueError("--method lora keeps the backbone in full precision: drop --quantize_embeddings")
+    settings["backbone"] = "full-precision" if method == "lora" else f"{settings['quant']} {settings['bits']}-bit"
+    if settings["eval_noise"] not in EVAL_NOISE:
+        raise ValueError(f"eval_noise must be one of {EVAL_NOISE}, got {settings['eval_noise']!r}")
+    checks = {"mc_samples": settings["mc_samples"] >= 1, "epochs": settings["epochs"] > 0,
+              "learning_rate": settings["learning_rate"] > 0, "batch_size": settings["batch_size"] >= 1,
+              "grad_accum": settings["grad_accum"] >= 1, "warmup_ratio": 0 <= settings["warmup_ratio"] < 1,
+              "max_steps": settings.get("max_steps") is None or settings["max_steps"] >= 1}
+    for name, ok in checks.items():
+        if not ok:
+            raise ValueError(f"{name} = {settings.get(name)!r} is out of range (see configs/glue.yaml)")
+    return task, settings
+
+
+def load_model(settings: dict, task: GlueTask):
+    """Tokenizer and AutoModelForSequenceClassification (fresh head) from a hub id or a local directory."""
+    labels = {} if task.is_regression else {"id2label": dict(enumerate(task.label_names)),
+                                            "label2id": {n: i for i, n in enumerate(task.label_names)}}
+    tokenizer = load_pretrained(AutoTokenizer, settings["model"])
+    model = load_pretrained(AutoModelForSequenceClassification, settings["model"], num_labels=task.num_labels,
+                            **labels)
+    return tokenizer, model
+
+
+def wrap_model(model, settings: dict):
+    """Quantize as --method says and wrap with Llmm adapters; the head modules stay full precision and trainable."""
+    heads = [name for name, child in model.named_children()
+             if name != model.base_model_prefix and any(True for _ in child.parameters())]
+    targets = default_targets(model.config, settings.get("target_modules"))
+    layer_settings = {**settings, "eval_noise": "sample" if settings["eval_noise"] == "sample" else "mean"}
+    config = llmm_config(layer_settings, targets, modules_to_save=list(heads), task_type="SEQ_CLS")
+    bits, quant = settings["bits"], settings["quant"]
+    with torch.no_grad():
+        if settings["method"] == "qlora":  # same quantizer as LoftQ, but no low-rank compensation
+            for name, module in model.named_modules():
+                if isinstance(module, torch.nn.Linear) and check_target_module_exists(config, name):
+                    module.weight.copy_(fake_quantize(module.weight, bits, quant, config.loftq_block_size))
+        if settings["quantize_embeddings"]:
+            weight = model.get_input_embeddings().weight
+            weight.copy_(fake_quantize(weight, bits, quant, config.loftq_block_size))
+    settings.update(target_modules=targets, modules_to_save=heads)
+    return llmm.get_llmm_model(model, config)
+
+
+class GlueTrainer(Trainer):
+    """The HF Trainer; with ``mc_samples`` set, evaluation averages that many sampled networks per batch."""
+
+    def __init__(self, *args, mc_samples: int | None = None, regression: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.mc_samples, self.regression = mc_samples, regression
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if not self.mc_samples:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        labels = inputs["labels"]
+        if self.regression:
+            outputs = mc_regress(model, inputs, self.mc_samples)
+            loss = F.mse_loss(outputs.squeeze(-1), labels.float())
+        else:  # log of the averaged distribution: softmax in compute_metrics gives it back exactly
+            outputs = mc_predict(model, inputs, self.mc_samples).clamp_min(1e-12).log()
+            loss = F.nll_loss(outputs, labels)
+        return loss.detach(), None if prediction_loss_only else outputs, labels
+
+
+def metrics_function(task: GlueTask):
+    def compute(prediction) -> dict:
+        outputs, labels = prediction.predictions, prediction.label_ids
+        if task.is_regression:
+            return task_metrics(task, outputs.reshape(-1), labels)
+        probs = softmax(outputs.astype("float64"), axis=-1)
+        return {**task_metrics(task, probs.argmax(axis=-1), labels), **calibration_metrics(probs, labels)}
+
+    return compute
+
+
+class ResultsRecorder(TrainerCallback):
+    """Training loss and dev metrics per epoch; rewrites results.json (atomically) after every evaluation."""
+
+    SKIP = ("_runtime", "_samples_per_second", "_steps_per_second")
+
+    def __init__(self, out_dir: Path, task: GlueTask, header: dict):
+        self.out_dir, self.task, self.header, self.epochs = out_dir, task, header, []
+
+    def _entry(self, state) -> dict:
+        epoch = round(state.epoch or 0.0, 4)
+        if not self.epochs or self.epochs[-1]["epoch"] != epoch:
+            self.epochs.append({"epoch": epoch, "step": state.global_step, "train_loss": None, "dev": {}})
+        return self.epochs[-1]
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self._entry(state)["train_loss"] = logs["loss"]
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        splits = sorted(self.task.dev_splits, key=len, reverse=True)  # longest first: prefixes may overlap
+        split = next(s for s in splits if any(key.startswith(f"eval_{s}_") for key in metrics))
+        prefix = f"eval_{split}_"
+        self._entry(state)["dev"][split] = {key[len(prefix):]: value for key, value in metrics.items()
+                                            if key.startswith(prefix) and not key.endswith(self.SKIP)}
+        if state.is_world_process_zero:
+            self.write(complete=False)
+
+    def _main_value(self, entry: dict):
+        return entry["dev"].get(self.task.dev_splits[0], {}).get(self.task.main_metric)
+
+    def write(self, complete: bool) -> dict:
+        scored = [e for e in self.epochs if self._main_value(e) is not None]
+        results = {**self.header, "main_metric": self.task.main_metric, "main_split": self.task.dev_splits[0],
+                   "epochs": self.epochs, "best": max(scored, key=self._main_value, default=None),
+                   "last": self.epochs[-1] if self.epochs else None, "complete": complete}
+        write_json(self.out_dir / "results.json", results)
+        return results
+
+    def plot(self) -> None:
+        def line(key_of):
+            points = [(e["epoch"], key_of(e)) for e in self.epochs if key_of(e) is not None]
+            return [p[0] for p in points], [p[1] for p in points]
+
+        metric = self.task.main_metric
+        dev = {split: line(lambda e, s=split: e["dev"].get(s, {}).get(metric)) for split in self.task.dev_splits}
+        panels = {f"dev {metric}": dev, "training loss": {"train": line(lambda e: e["train_loss"])}}
+        plot_curves(self.out_dir / "curves.png", panels, xlabel="epoch")
+
+
+def save_adapters(model, out_dir: Path) -> None:
+    """adapter/ (M and Z) and mean_adapter/ (plain PEFT LoRA), each written atomically."""
+    llmm.save_llmm_adapter(model, str(out_dir / "adapter"))
+    llmm.export_mean_adapter(model, str(out_dir / "mean_adapter"))
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    task, settings = resolve(argv)
+    raw = load_glue(task, settings.get("data_dir"), settings.get("train_file"), settings.get("validation_file"))
+    tag = f"{settings['method']}-{settings['quant']}{settings['bits']}-r{settings['rank']}"
+    out = Path(settings.get("output_dir") or Path("runs/glue") / tag / task.name / f"seed{settings['seed']}")
+    settings["output_dir"] = str(out)
+    training_args = TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=settings["batch_size"],
+        gradient_accumulation_steps=settings["grad_accum"], per_device_eval_batch_size=settings["eval_batch_size"],
+        learning_rate=settings["learning_rate"], weight_decay=settings["weight_decay"],
+        num_train_epochs=settings["epochs"], max_steps=settings.get("max_steps") or -1,
+        lr_scheduler_type=settings["lr_scheduler"], warmup_steps=settings["warmup_ratio"],  # < 1: a ratio
+        max_grad_norm=settings["max_grad_norm"], seed=settings["seed"], eval_strategy="epoch",
+        logging_strategy="epoch", save_strategy="no", report_to="none",
+        use_cpu=not torch.cuda.is_available(),  # also what makes torchrun on CPU use DDP (gloo)
+        average_tokens_across_devices=False,  # else DDP multiplies the (per-example mean) loss by the world size
+    )
+    main_process = training_args.process_index == 0
+    if main_process:
+        prepare_output_dir(out, overwrite=settings["overwrite"])
+
+    seed_everything(settings["seed"])
+    tokenizer, model = load_model(settings, task)
+    model = wrap_model(model.to(training_args.device), settings)  # LoftQ runs on the training device
+    data = tokenize(raw, task, tokenizer, settings["max_length"])
+    if main_process:
+        write_json(out / "settings.json", {**settings, "versions": versions()})
+
+    header = {key: settings[key] for key in ("task", "method", "backbone", "quant", "bits", "rank", "K", "llmmscale",
+                                             "learning_rate", "seed", "eval_noise")}
+    if settings["eval_noise"] == "mc":
+        header["mc_samples"] = settings["mc_samples"]
+    recorder = ResultsRecorder(out, task, header)
+    trainer = GlueTrainer(
+        model=model, args=training_args, train_dataset=data["train"],
+        eval_dataset={split: data[split] for split in task.dev_splits}, processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=metrics_function(task),
+        callbacks=[recorder], regression=task.is_regression,
+        mc_samples=settings["mc_samples"] if settings["eval_noise"] == "mc" else None,
+    )
+    trainer.train()
+    if not trainer.is_world_process_zero():
+        return None
+    save_adapters(trainer.model, out)
+    results = recorder.write(complete=True)
+    recorder.plot()
+    best = results["best"]
+    logger.info("%s %s: best %s %s at epoch %s; outputs in %s", task.name, settings["method"], task.main_metric,
+                best and best["dev"][task.dev_splits[0]][task.main_metric], best and best["epoch"], out)
+    return results
+
+
+if __name__ == "__main__":
+    run_main(main)

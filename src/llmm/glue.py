@@ -1,0 +1,338 @@
+"""GLUE for sequence classification: the task registry, data (hub or local files), tokenization and metrics.
+
+    task = get_task("mrpc")                                    # text columns, labels, metrics, dev splits
+    raw = load_glue(task, data_dir="glue_data/MRPC")           # the GLUE TSVs as distributed
+    raw = load_glue(task, train_file="train.jsonl", validation_files=["dev.jsonl"])   # CSV / JSON / JSONL
+    raw = load_glue(task)                                      # the hub: datasets.load_dataset("nyu-mll/glue", "mrpc")
+    data = tokenize(raw, task, tokenizer, max_length=128)
+    scores = task_metrics(task, predictions, labels)           # e.g. {"accuracy": .., "f1": ..}
+
+``raw`` is a ``datasets.DatasetDict`` with ``train`` and the task's dev splits (``validation``; MNLI:
+``validation_matched`` and ``validation_mismatched``), each holding the text columns and ``label`` (int64 class
+ids, or float32 for STS-B). Local files use the hub's column names (CSV/JSON/JSONL), or the GLUE distribution's
+own TSV layout (headerless CoLA, MRPC's ``Quality``/``#1 String``, MNLI's ``gold_label``, ...). Labels may be class
+ids or label names (``entailment``); anything else fails early, naming the file, row and what is allowed.
+
+Metrics (SPEC §3): CoLA Matthews correlation; STS-B Pearson and Spearman; MRPC and QQP accuracy and F1; the
+others accuracy. The first metric of a task is its main one (it picks the best epoch). scikit-learn / scipy only.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+GLUE_HUB_ID = "nyu-mll/glue"
+LOCAL_FORMATS = (".tsv", ".csv", ".json", ".jsonl")
+
+
+@dataclass(frozen=True)
+class GlueTask:
+    """One GLUE task. ``label_names`` is empty for regression (STS-B)."""
+
+    name: str
+    text_columns: tuple[str, ...]
+    label_names: tuple[str, ...]
+    metrics: tuple[str, ...]  # the first is the main metric
+    glue_dir: str  # the task's folder in the GLUE distribution (glue_data/<glue_dir>)
+    tsv_columns: dict = field(default_factory=dict)  # our column -> the TSV's header name, or index if headerless
+    tsv_header: bool = True
+    dev_files: dict = field(default_factory=lambda: {"validation": "dev.tsv"})  # dev split -> TSV file name
+
+    @property
+    def is_regression(self) -> bool:
+        return not self.label_names
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names) or 1
+
+    @property
+    def dev_splits(self) -> tuple[str, ...]:
+        return tuple(self.dev_files)
+
+    @property
+    def main_metric(self) -> str:
+        return self.metrics[0]
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (*self.text_columns, "label")
+
+
+def _pair(first: str, second: str) -> dict:
+    return {first: first, second: second, "label": "label"}
+
+
+# Label order = the hub's ClassLabel order, so class ids mean the same in every source.
+TASKS: dict[str, GlueTask] = {
+    task.name: task
+    for task in (
+        GlueTask("cola", ("sentence",), ("unacceptable", "acceptable"), ("matthews_correlation",), "CoLA",
+                 tsv_columns={"sentence": 3, "label": 1}, tsv_header=False),
+        GlueTask("sst2", ("sentence",), ("negative", "positive"), ("accuracy",), "SST-2",
+                 tsv_columns={"sentence": "sentence", "label": "label"}),
+        GlueTask("mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), ("accuracy", "f1"), "MRPC",
+                 tsv_columns={"sentence1": "#1 String", "sentence2": "#2 String", "label": "Quality"}),
+        GlueTask("stsb", ("sentence1", "sentence2"), (), ("pearson", "spearmanr"), "STS-B",
+                 tsv_columns={"sentence1": "sentence1", "sentence2": "sentence2", "label": "score"}),
+        GlueTask("qqp", ("question1", "question2"), ("not_duplicate", "duplicate"), ("accuracy", "f1"), "QQP",
+                 tsv_columns={"question1": "question1", "question2": "question2", "label": "is_duplicate"}),
+        GlueTask("mnli", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), ("accuracy",), "MNLI",
+                 tsv_columns={"premise": "sentence1", "hypothesis": "sentence2", "label": "gold_label"},
+                 dev_files={"validation_matched": "dev_matched.tsv", "validation_mismatched": "dev_mismatched.tsv"}),
+        GlueTask("qnli", ("question", "sentence"), ("entailment", "not_entailment"), ("accuracy",), "QNLI",
+                 tsv_columns=_pair("question", "sentence")),
+        GlueTask("rte", ("sentence1", "sentence2"), ("entailment", "not_entailment"), ("accuracy",), "RTE",
+                 tsv_columns=_pair("sentence1", "sentence2")),
+        GlueTask("wnli", ("sentence1", "sentence2"), ("not_entailment", "entailment"), ("accuracy",), "WNLI",
+                 tsv_columns=_pair("sentence1", "sentence2")),
+    )
+}
+
+
+def get_task(name: str) -> GlueTask:
+    if name not in TASKS:
+        raise ValueError(f"unknown GLUE task {name!r}; choose one of {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+
+
+def load_glue(task: GlueTask, data_dir: str | None = None, train_file: str | None = None,
+              validation_files: list[str] | None = None):
+    """``DatasetDict`` with ``train`` and the task's dev splits, from local files or the hub (when none is given)."""
+    from datasets import DatasetDict
+
+    if data_dir and (train_file or validation_files):
+        raise ValueError("pass either --data_dir (a GLUE task folder) or --train_file/--validation_file, not both")
+    if bool(train_file) != bool(validation_files):
+        raise ValueError("pass both --train_file and --validation_file (or --data_dir, or neither for the hub)")
+    if data_dir:
+        files = _glue_dir_files(task, data_dir)
+    elif train_file:
+        if len(validation_files) > len(task.dev_splits):
+            raise ValueError(f"{task.name} has {len(task.dev_splits)} dev split(s) {list(task.dev_splits)}, got "
+                             f"{len(validation_files)} --validation_file paths")
+        files = {"train": train_file, **dict(zip(task.dev_splits, validation_files))}
+    else:
+        return _load_hub(task)
+    return DatasetDict({split: _load_file(task, path) for split, path in files.items()})
+
+
+def _glue_dir_files(task: GlueTask, data_dir: str) -> dict[str, Path]:
+    """train.tsv and the dev TSVs in ``data_dir`` or in ``data_dir/<GLUE folder>`` (e.g. glue_data/CoLA)."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data directory {data_dir!r} does not exist")
+    folder = root if (root / "train.tsv").is_file() else root / task.glue_dir
+    files = {"train": folder / "train.tsv", **{split: folder / name for split, name in task.dev_files.items()}}
+    for path in files.values():
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"no {path.name} in {str(root)!r} (nor in {str(root / task.glue_dir)!r}): --data_dir takes a GLUE "
+                f"task folder holding train.tsv and {', '.join(task.dev_files.values())}; for CSV/JSON files use "
+                "--train_file/--validation_file")
+    return files
+
+
+def _load_hub(task: GlueTask):
+    from datasets import DatasetDict, load_dataset
+
+    try:
+        raw = load_dataset(GLUE_HUB_ID, task.name)
+    except Exception as error:  # offline, unknown revision, ...: say what to do instead, keep the cause chained
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise ValueError(f"cannot load {GLUE_HUB_ID}/{task.name} from the hub ({type(error).__name__}: {first_line}); "
+                         "pass --data_dir or --train_file/--validation_file for local files") from error
+    splits = ("train", *task.dev_splits)
+    out = DatasetDict({split: raw[split].select_columns(list(task.columns)) for split in splits})
+    return out
+
+
+def _load_file(task: GlueTask, path: str | Path):
+    from datasets import Dataset, Features, Value
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    suffix = path.suffix.lower()
+    if suffix not in LOCAL_FORMATS:
+        raise ValueError(f"data file {str(path)!r}: unsupported format {suffix!r}; use one of {LOCAL_FORMATS}")
+    columns = _read_tsv(task, path) if suffix == ".tsv" else _read_records(task, path)
+    if not columns["label"]:
+        raise ValueError(f"data file {str(path)!r} holds no examples")
+    columns["label"] = _convert_labels(task, columns["label"], path)
+    label_type = Value("float32") if task.is_regression else Value("int64")
+    features = Features({**{c: Value("string") for c in task.text_columns}, "label": label_type})
+    return Dataset.from_dict(columns, features=features)
+
+
+def _read_tsv(task: GlueTask, path: Path) -> dict[str, list]:
+    """A GLUE TSV as distributed (no quoting); a TSV whose header has the hub's column names works too."""
+    with open(path, encoding="utf-8-sig") as handle:  # MRPC's files start with a byte-order mark
+        lines = [line.rstrip("\n").rstrip("\r") for line in handle]
+    lines = [line for line in lines if line.strip()]
+    first = lines[0].split("\t") if lines else []
+    if all(c in first for c in task.columns):  # header with the hub's names
+        header, index = True, {c: first.index(c) for c in task.columns}
+    elif task.tsv_header:
+        missing = [name for name in task.tsv_columns.values() if name not in first]
+        if missing:
+            raise ValueError(f"data file {str(path)!r} has no column(s) {missing} (header: {first}); a {task.name} TSV "
+                             f"needs the GLUE header {list(task.tsv_columns.values())} or {list(task.columns)}")
+        header, index = True, {c: first.index(name) for c, name in task.tsv_columns.items()}
+    else:
+        header, index = False, dict(task.tsv_columns)
+    width = max(index.values()) + 1
+    columns, skipped = {c: [] for c in task.columns}, []
+    for number, line in enumerate(lines[1:] if header else lines, start=2 if header else 1):
+        fields = line.split("\t")
+        if len(fields) < width:
+            skipped.append(number)
+            continue
+        for column, position in index.items():
+            columns[column].append(fields[position])
+    if skipped:
+        if len(skipped) > max(2, len(lines) // 100):
+            raise ValueError(f"data file {str(path)!r}: {len(skipped)} lines have fewer than {width} tab-separated "
+                             f"fields (first: line {skipped[0]}); is it a {task.name} GLUE TSV?")
+        logger.warning("%s: skipped %d malformed line(s) (first: line %d)", path, len(skipped), skipped[0])
+    return columns
+
+
+def _read_records(task: GlueTask, path: Path) -> dict[str, list]:
+    """CSV with a header, a JSON list of objects, or JSON lines; columns named as on the hub."""
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            records = list(csv.DictReader(handle))
+    else:
+        records = _read_json(path)
+    columns = {c: [] for c in task.columns}
+    for number, record in enumerate(records, start=1):
+        if not isinstance(record, dict):
+            raise ValueError(f"data file {str(path)!r}: record {number} is a {type(record).__name__}, not an object")
+        missing = [c for c in task.columns if c not in record]
+        if missing:
+            raise ValueError(f"data file {str(path)!r} has no column(s) {missing} (record {number} has "
+                             f"{sorted(record)}); {task.name} needs {list(task.columns)}")
+        for column in task.columns:
+            columns[column].append(record[column])
+    for column in task.text_columns:
+        bad = next((i for i, v in enumerate(columns[column], start=1) if not isinstance(v, str)), None)
+        if bad is not None:
+            raise ValueError(f"data file {str(path)!r}: text column {column!r} of record {bad} is "
+                             f"{columns[column][bad - 1]!r}, not a string")
+    return columns
+
+
+def _read_json(path: Path) -> list:
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(text)
+            if isinstance(data, dict) and isinstance(data.get("data"), list):
+                data = data["data"]
+            if isinstance(data, list):
+                return data
+        except json.JSONDecodeError:
+            pass  # not one JSON document: read it as JSON lines
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise ValueError(f"data file {str(path)!r}, line {number}: not valid JSON ({error.msg}); write one "
+                                 "object per line") from None
+    return records
+
+
+def _convert_labels(task: GlueTask, values: list, path: Path) -> list:
+    """Class ids (ints, integral floats, digit strings or label names) or, for regression, numbers."""
+    converted = []
+    for row, value in enumerate(values, start=1):
+        if task.is_regression:
+            number = _as_number(value)
+            if number is None:
+                raise ValueError(f"data file {str(path)!r}: label {value!r} in row {row} is not a number; "
+                                 f"{task.name} is a regression task (scores such as 3.8)")
+            converted.append(number)
+            continue
+        label = _as_class_id(value, task.label_names)
+        if label is None:
+            raise ValueError(f"data file {str(path)!r}: label {value!r} in row {row} is not a {task.name} label; use "
+                             f"integers 0..{task.num_labels - 1} or one of {list(task.label_names)}")
+        converted.append(label)
+    return converted
+
+
+def _as_number(value) -> float | None:
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _as_class_id(value, names: tuple[str, ...]) -> int | None:
+    if isinstance(value, str) and value.strip() in names:
+        return names.index(value.strip())
+    number = _as_number(value)
+    if number is None or not number.is_integer() or not 0 <= number < len(names):
+        return None
+    return int(number)
+
+
+def tokenize(raw, task: GlueTask, tokenizer, max_length: int):
+    """Token ids (truncated to ``max_length``; padding is left to the collator) and ``labels``, per split."""
+    if max_length < 8:
+        raise ValueError(f"max_length must be >= 8 tokens, got {max_length}")
+
+    def encode(batch):
+        encoded = tokenizer(*(batch[c] for c in task.text_columns), truncation=True, max_length=max_length)
+        encoded["labels"] = batch["label"]
+        return encoded
+
+    return raw.__class__({split: data.map(encode, batched=True, remove_columns=data.column_names,
+                                          desc=f"tokenizing {task.name} {split}")
+                          for split, data in raw.items()})
+
+
+# -------------------------------------------------------------------------------------------------------- metrics
+
+
+def task_metrics(task: GlueTask, predictions, labels) -> dict[str, float | None]:
+    """The task's metrics: ``predictions`` are class ids (classification) or scores (STS-B). NaN becomes None."""
+    from scipy.stats import ConstantInputWarning, pearsonr, spearmanr
+    from sklearn.metrics import accuracy_score, f1_score, matthews_corrcoef
+
+    predictions, labels = np.asarray(predictions).reshape(-1), np.asarray(labels).reshape(-1)
+    if predictions.shape != labels.shape:
+        raise ValueError(f"{predictions.size} predictions for {labels.size} labels")
+    functions = {
+        "accuracy": lambda: accuracy_score(labels, predictions),
+        "f1": lambda: f1_score(labels, predictions),
+        "matthews_correlation": lambda: matthews_corrcoef(labels, predictions),
+        "pearson": lambda: pearsonr(predictions, labels)[0],
+        "spearmanr": lambda: spearmanr(predictions, labels)[0],
+    }
+    scores = {}
+    for name in task.metrics:
+        with warnings.catch_warnings():  # a constant input makes a correlation undefined: reported as None
+            warnings.simplefilter("ignore", ConstantInputWarning)
+            value = float(functions[name]())
+        scores[name] = value if math.isfinite(value) else None
+    return scores

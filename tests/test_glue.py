@@ -1,0 +1,312 @@
+"""GLUE: task registry, local data, metrics, the config table, and scripts/train_glue.py + glue_table.py end to end.
+
+The end-to-end runs train a tiny DeBERTa-v2 (saved to a temporary directory with an offline word-level
+tokenizer built over the fixture text) for two steps on the fixture files in tests/data/glue.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_deberta
+from safetensors import safe_open
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerFast
+
+from llmm import llmm_layers, load_llmm_model
+from llmm.glue import TASKS, get_task, load_glue, task_metrics
+from llmm.quant import ALLOWED_METHODS
+from scripts import glue_table, train_glue
+from utils_llmm import llmm_config, read_yaml, table_rows
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / "tests" / "data" / "glue"
+
+# SPEC §3: (quant, rank, task) -> (lr, llmmscale, K), the seed's twelve rows.
+SEED_ROWS = {
+    ("nf", 32, "cola"): (5e-5, 600, 1), ("nf", 32, "mrpc"): (1e-4, 600, 1), ("nf", 32, "stsb"): (1e-4, 700, 1),
+    ("nf", 16, "cola"): (1e-4, 1000, 1), ("nf", 16, "mrpc"): (1e-4, 500, 1), ("nf", 16, "stsb"): (1e-4, 700, 1),
+    ("uniform", 32, "cola"): (1e-4, 4000, 1), ("uniform", 32, "mrpc"): (1e-4, 100, 1),
+    ("uniform", 32, "stsb"): (5e-5, 300, 1), ("uniform", 16, "cola"): (1e-4, 1000, 2),
+    ("uniform", 16, "mrpc"): (1e-4, 700, 1), ("uniform", 16, "stsb"): (5e-5, 300, 1),
+}
+
+
+def save_tiny_model(path: Path) -> str:
+    """A 2-layer DeBERTa-v2 encoder (no head, like the hub checkpoint) and a word-level tokenizer, offline."""
+    texts = [line for file in sorted(DATA.rglob("*.tsv")) for line in file.read_text().splitlines()]
+    tokenizer = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokenizer.train_from_iterator(texts, trainers.WordLevelTrainer(vocab_size=128, special_tokens=specials))
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                            sep_token="[SEP]", mask_token="[MASK]").save_pretrained(path)
+    tiny_deberta(0, 2).deberta.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_deberta"))
+
+
+SMOKE = ["--max_steps", "2", "--batch_size", "4", "--grad_accum", "1", "--eval_batch_size", "8"]
+
+# name -> flags; each trains for two steps on the fixture data.
+RUNS = {
+    "cola-llmm-mc": ["--task", "cola", "--quant", "nf", "--rank", "16", "--bits", "4", "--eval_noise", "mc",
+                     "--mc_samples", "2"],
+    "mrpc-qlora": ["--task", "mrpc", "--quant", "uniform", "--rank", "16", "--method", "qlora",
+                   "--quantize_embeddings"],
+    "stsb-llmm-mc": ["--task", "stsb", "--quant", "uniform", "--rank", "16", "--eval_noise", "mc", "--mc_samples", "2"],
+    "cola-lora": ["--task", "cola", "--quant", "nf", "--rank", "16", "--method", "lora"],
+    "mrpc-loftq": ["--task", "mrpc", "--quant", "nf", "--rank", "16", "--method", "loftq", "--eval_noise", "sample"],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(model_dir, tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("glue_runs")
+    for name, flags in RUNS.items():
+        train_glue.main([*flags, *SMOKE, "--model", model_dir, "--data_dir", str(DATA),
+                         "--output_dir", str(root / name)])
+    return root
+
+
+# ------------------------------------------------------------------------------------------------------ metrics
+
+
+def test_metrics_agree_with_hand_computed_values():
+    labels, predictions = [1, 1, 0, 0], [1, 0, 0, 0]  # TP 1, FN 1, TN 2, FP 0
+    assert task_metrics(get_task("cola"), predictions, labels) == pytest.approx(
+        {"matthews_correlation": 2 / 12**0.5})  # (TP TN - FP FN) / sqrt((TP+FP)(TP+FN)(TN+FP)(TN+FN))
+    assert task_metrics(get_task("mrpc"), predictions, labels) == pytest.approx({"accuracy": 0.75, "f1": 2 / 3})
+    assert task_metrics(get_task("qqp"), predictions, labels) == pytest.approx({"accuracy": 0.75, "f1": 2 / 3})
+    assert task_metrics(get_task("mnli"), [0, 1, 2, 2], [0, 1, 2, 0]) == {"accuracy": 0.75}
+    # x - mean = (-1.5, -.5, .5, 1.5), y - mean = (-1.75, -.75, .25, 2.25): r = 6.5 / sqrt(5 * 8.75)
+    scores = task_metrics(get_task("stsb"), [1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 5.0])
+    assert scores == pytest.approx({"pearson": 6.5 / (5 * 8.75) ** 0.5, "spearmanr": 1.0})
+    assert task_metrics(get_task("stsb"), [2.0, 2.0, 2.0], [1.0, 2.0, 3.0])["pearson"] is None  # undefined -> None
+
+
+def test_task_registry():
+    assert list(TASKS) == ["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"]
+    assert get_task("stsb").is_regression and get_task("stsb").num_labels == 1
+    assert get_task("mnli").dev_splits == ("validation_matched", "validation_mismatched")
+    with pytest.raises(ValueError, match="unknown GLUE task 'glue'; choose one of cola, sst2"):
+        get_task("glue")
+
+
+# ----------------------------------------------------------------------------------------------------- the table
+
+
+def test_every_table_row_parses():
+    table = read_yaml(REPO / "configs" / "glue.yaml")
+    rows = table_rows(table)  # raises on duplicate keys
+    assert table["keys"] == ["task", "quant", "rank"]
+    assert {(r["task"], r["quant"], r["rank"]) for r in rows} == {
+        (t, q, r) for t in TASKS for q in ALLOWED_METHODS for r in (16, 32)}
+    for row in rows:
+        assert row["source"] and row["lora_alpha"] == row["rank"] and row["bits"] == 2
+        assert isinstance(row["learning_rate"], float) and 0 < row["learning_rate"] <= 1e-3, row
+        assert isinstance(row["llmmscale"], float) and isinstance(row["K"], int) and isinstance(row["epochs"], int)
+        for bits in (2, 4):
+            config = llmm_config({**row, "bits": bits, "init": "loftq"}, ["query_proj"])
+            assert config.k == row["K"] and config.scale == row["llmmscale"] and config.r == row["rank"]
+        paper = SEED_ROWS.get((row["quant"], row["rank"], row["task"]))
+        assert (row["source"] == "MeMoTune paper") == (paper is not None)
+        if paper:
+            assert (row["learning_rate"], row["llmmscale"], row["K"], row["epochs"]) == (*paper, 60)
+        else:
+            assert row["source"].startswith("LoftQ defaults (not from the paper)")
+    defaults = table["defaults"]
+    assert (defaults["batch_size"], defaults["grad_accum"], defaults["max_length"], defaults["loftq_iter"]) == (
+        16, 2, 128, 5)
+    assert "python -m scripts.train_glue" in (REPO / "configs" / "glue.yaml").read_text().split("keys:")[0]
+
+
+def test_settings_precedence_and_method():
+    _, settings = train_glue.resolve(["--task", "cola", "--quant", "uniform", "--rank", "16", "--bits", "4",
+                                      "--learning_rate", "3e-4"])
+    assert (settings["bits"], settings["learning_rate"], settings["K"], settings["llmmscale"]) == (4, 3e-4, 2, 1000.0)
+    assert settings["epochs"] == 60 and settings["source"] == "MeMoTune paper" and settings["init"] == "loftq"
+    _, baseline = train_glue.resolve(["--task", "rte", "--quant", "nf", "--rank", "32", "--method", "qlora"])
+    assert (baseline["K"], baseline["init"], baseline["epochs"], baseline["learning_rate"]) == (0, "lora", 20, 5e-5)
+    with pytest.raises(ValueError, match="use --method llmm"):
+        train_glue.resolve(["--task", "rte", "--quant", "nf", "--rank", "32", "--method", "loftq", "--K", "2"])
+    with pytest.raises(ValueError, match="no row for"):
+        train_glue.resolve(["--task", "rte", "--quant", "nf", "--rank", "8"])
+    with pytest.raises(SystemExit):  # unknown flags are argparse errors
+        train_glue.resolve(["--task", "rte", "--quant", "nf", "--rank", "32", "--lr", "1e-4"])
+
+
+# ------------------------------------------------------------------------------------------------------ the data
+
+
+def test_glue_tsv_fixtures_load():
+    cola = load_glue(get_task("cola"), data_dir=str(DATA))  # finds DATA/CoLA, the GLUE folder name
+    assert cola["train"].column_names == ["sentence", "label"] and len(cola["train"]) == 8
+    assert cola["validation"]["label"] == [1, 0, 1, 0]
+    mrpc = load_glue(get_task("mrpc"), data_dir=str(DATA / "MRPC"))  # header with a byte-order mark
+    assert mrpc["validation"].column_names == ["sentence1", "sentence2", "label"]
+    assert mrpc["train"][0]["sentence1"].startswith("The company") and mrpc["train"]["label"][:2] == [1, 0]
+    stsb = load_glue(get_task("stsb"), data_dir=str(DATA))
+    assert stsb["train"].features["label"].dtype == "float32"
+    assert stsb["validation"]["label"] == pytest.approx([5.0, 0.2, 3.4, 1.0])
+
+
+def test_csv_json_jsonl_with_label_names(tmp_path):
+    rows = [{"premise": "a man sleeps", "hypothesis": "a man rests", "label": "entailment"},
+            {"premise": "a man sleeps", "hypothesis": "a man runs", "label": 2}]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "matched.json").write_text(json.dumps(rows))
+    (tmp_path / "mismatched.csv").write_text("premise,hypothesis,label\nx y,y x,neutral\n")
+    raw = load_glue(get_task("mnli"), train_file=str(tmp_path / "train.jsonl"),
+                    validation_files=[str(tmp_path / "matched.json"), str(tmp_path / "mismatched.csv")])
+    assert sorted(raw) == ["train", "validation_matched", "validation_mismatched"]
+    assert raw["train"]["label"] == [0, 2] and raw["validation_mismatched"]["label"] == [1]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("sentence1,sentence2,label\na,b,high\n", "label 'high' in row 1 is not a number"),
+    ("sentence1,label\na,3.0\n", r"no column\(s\) \['sentence2'\]"),
+])
+def test_bad_stsb_files(tmp_path, content, message):
+    path = str(tmp_path / "train.csv")
+    (tmp_path / "train.csv").write_text(content)
+    with pytest.raises(ValueError, match=message):
+        load_glue(get_task("stsb"), train_file=path, validation_files=[path])
+
+
+def test_bad_classification_files(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"sentence": "a", "label": 0}\n{"sentence": "b", "label": 0.5}\n')
+    bad = str(tmp_path / "bad.jsonl")
+    with pytest.raises(ValueError, match=r"label 0.5 in row 2 is not a cola label; use integers 0..1 or one of"):
+        load_glue(get_task("cola"), train_file=bad, validation_files=[bad])
+    (tmp_path / "broken.jsonl").write_text('{"sentence": "a", "label": 0}\n{"sentence": "b", \n')
+    with pytest.raises(ValueError, match="line 2: not valid JSON"):
+        load_glue(get_task("cola"), train_file=str(tmp_path / "broken.jsonl"),
+                  validation_files=[str(tmp_path / "broken.jsonl")])
+    with pytest.raises(FileNotFoundError, match="no dev_matched.tsv"):
+        load_glue(get_task("mnli"), data_dir=str(DATA / "MRPC"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_glue(get_task("cola"), train_file=str(tmp_path / "nope.tsv"), validation_files=[str(tmp_path / "x.tsv")])
+
+
+def test_script_fails_before_loading_the_model(tmp_path):
+    """Bad data fails before the model is touched (the model path does not even exist)."""
+    (tmp_path / "train.csv").write_text("sentence,label\ngood,maybe\n")
+    common = ["--quant", "nf", "--rank", "16", "--model", str(tmp_path / "no_model"),
+              "--output_dir", str(tmp_path / "o")]
+    with pytest.raises(ValueError, match="label 'maybe' in row 1 is not a sst2 label"):
+        train_glue.main(["--task", "sst2", *common, "--train_file", str(tmp_path / "train.csv"),
+                         "--validation_file", str(tmp_path / "train.csv")])
+    with pytest.raises(FileNotFoundError, match="data file .*missing.tsv' does not exist"):
+        train_glue.main(["--task", "sst2", *common, "--train_file", str(tmp_path / "missing.tsv"),
+                         "--validation_file", str(tmp_path / "train.csv")])
+    with pytest.raises(FileNotFoundError, match="model path .*no_model' does not exist"):
+        train_glue.main(["--task", "cola", *common, "--data_dir", str(DATA)])
+    assert not (tmp_path / "o" / "settings.json").exists()
+
+
+def test_cli_errors_are_one_line_with_exit_code_2(tmp_path):
+    """Through the real entry point: run_main turns the error into one 'error: ...' line and exit code 2."""
+    base = [sys.executable, "-m", "scripts.train_glue", "--quant", "nf", "--data_dir", str(DATA)]
+    cases = {
+        "error: unknown GLUE task 'colaa'; choose one of cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli":
+            [*base, "--task", "colaa", "--rank", "16"],
+        "error: no row for {'task': 'cola', 'quant': 'nf', 'rank': 8} in the table; rows (task, quant, rank): ":
+            [*base, "--task", "cola", "--rank", "8"],
+    }
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = {expected: subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True) for expected, cmd in cases.items()}
+    for expected, proc in procs.items():
+        _, stderr = proc.communicate(timeout=120)
+        assert proc.returncode == 2, stderr
+        errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and errors[0].startswith(expected) and stderr.rstrip().endswith(errors[0])
+
+
+# ---------------------------------------------------------------------------------------------- end to end, CPU
+
+
+def test_methods_quantize_and_wrap_as_documented(model_dir):
+    """lora keeps the encoder, qlora fake-quantizes targets (<= 4 levels at uniform 2-bit), loftq/llmm run LoftQ."""
+    task = get_task("mrpc")
+    original = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+    query = "deberta.encoder.layer.0.attention.self.query_proj"
+    for method in ("lora", "qlora", "loftq", "llmm"):
+        _, settings = train_glue.resolve(["--task", "mrpc", "--quant", "uniform", "--rank", "16", "--method", method,
+                                          "--model", model_dir])
+        _, model = train_glue.load_model(settings, task)
+        model = train_glue.wrap_model(model, settings)
+        base = model.get_submodule("base_model.model." + query).get_base_layer().weight
+        levels = base.unique().numel()
+        assert levels == (original.get_submodule(query).weight.unique().numel() if method == "lora" else 4), method
+        assert all(s["k"] == (1 if method == "llmm" else 0) for layer in llmm_layers(model)
+                   for s in layer.llmm_settings.values())
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        for head in ("pooler", "classifier"):  # full precision, trained as a whole (PEFT modules_to_save)
+            assert any(n.startswith(f"base_model.model.{head}.modules_to_save.") for n in trainable), head
+        assert not any("pooler" in n and "lora_" in n for n in trainable), "the pooler is not adapted"
+        assert not any(n.endswith("query_proj.base_layer.weight") for n in trainable)
+
+
+def test_train_glue_end_to_end(runs, model_dir):
+    for name in RUNS:
+        out = runs / name
+        assert {p.name for p in out.iterdir()} >= {"settings.json", "results.json", "adapter", "mean_adapter",
+                                                  "curves.png"}, name
+        settings = json.loads((out / "settings.json").read_text())
+        results = json.loads((out / "results.json").read_text())
+        assert results["complete"] and results["epochs"] and settings["versions"]["torch"]
+        task = get_task(settings["task"])
+        last = results["last"]
+        assert last["train_loss"] is not None and results["best"] is not None
+        dev = last["dev"][task.dev_splits[0]]
+        assert set(task.metrics) <= set(dev)
+        assert ({"nll", "brier", "ece"} <= set(dev)) != task.is_regression, name
+        mean_config = json.loads((out / "mean_adapter" / "adapter_config.json").read_text())
+        assert "k" not in mean_config and mean_config["r"] == 16
+        with safe_open(str(out / "mean_adapter" / "adapter_model.safetensors"), "pt") as weights:
+            assert not any("lora_llmm" in key for key in weights.keys())
+    settings = json.loads((runs / "cola-llmm-mc" / "settings.json").read_text())
+    assert (settings["bits"], settings["K"], settings["llmmscale"], settings["eval_noise"]) == (4, 1, 1000.0, "mc")
+    assert json.loads((runs / "mrpc-qlora" / "settings.json").read_text())["K"] == 0
+    # the Llmm adapter reloads exactly, K checked
+    base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+    model = load_llmm_model(base, str(runs / "cola-llmm-mc" / "adapter"), k=1)
+    assert len(llmm_layers(model)) == 2 * 6
+
+
+def test_refuses_a_used_output_dir(runs, model_dir):
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        train_glue.main([*RUNS["cola-lora"], *SMOKE, "--model", model_dir, "--data_dir", str(DATA),
+                         "--output_dir", str(runs / "cola-lora")])
+
+
+def test_glue_table_gathers_runs(runs, tmp_path, capsys):
+    incomplete = tmp_path / "incomplete" / "results.json"
+    incomplete.parent.mkdir()
+    incomplete.write_text(json.dumps({"task": "cola", "complete": False}))
+    text = glue_table.main([str(runs), str(incomplete.parent), "--output", str(tmp_path / "table.md")])
+    lines = text.splitlines()
+    assert lines[0] == "| Method | MRPC Acc/F1 | CoLA Mcc | STS-B P/S |"
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in lines[2:]}
+    assert list(rows) == ["lora full-precision r16", "qlora uniform 2-bit r16", "loftq nf 2-bit r16",
+                          "llmm nf 4-bit r16", "llmm uniform 2-bit r16"]
+    results = json.loads((runs / "cola-llmm-mc" / "results.json").read_text())
+    mcc = 100 * results["best"]["dev"]["validation"]["matthews_correlation"]
+    assert rows["llmm nf 4-bit r16"].split(" | ")[2] == f"{mcc:.1f}"
+    assert (tmp_path / "table.md").read_text() == text
+    assert "skipped (incomplete)" in capsys.readouterr().err
