@@ -113,7 +113,8 @@ def resolve(argv: list[str] | None) -> tuple[GlueTask, dict]:
     checks = {"mc_samples": settings["mc_samples"] >= 1, "epochs": settings["epochs"] > 0,
               "learning_rate": settings["learning_rate"] > 0, "batch_size": settings["batch_size"] >= 1,
               "grad_accum": settings["grad_accum"] >= 1, "warmup_ratio": 0 <= settings["warmup_ratio"] < 1,
-              "max_steps": settings.get("max_steps") is None or settings["max_steps"] >= 1}
+              "max_steps": settings.get("max_steps") is None or settings["max_steps"] >= 1,
+              "eval_steps": settings["eval_steps"] >= 0}
     for name, ok in checks.items():
         if not ok:
             raise ValueError(f"{name} = {settings.get(name)!r} is out of range (see configs/glue.yaml)")
@@ -134,6 +135,8 @@ def wrap_model(model, settings: dict):
     """Quantize as --method says and wrap with Llmm adapters; the head modules stay full precision and trainable."""
     heads = [name for name, child in model.named_children()
              if name != model.base_model_prefix and any(True for _ in child.parameters())]
+    if "pooler" not in heads and getattr(model.base_model, "pooler", None) is not None:
+        heads.append("pooler")  # BERT-style encoders keep their pooler inside the backbone
     targets = default_targets(model.config, settings.get("target_modules"))
     layer_settings = {**settings, "eval_noise": "sample" if settings["eval_noise"] == "sample" else "mean"}
     config = llmm_config(layer_settings, targets, modules_to_save=list(heads), task_type="SEQ_CLS")
@@ -249,8 +252,10 @@ def main(argv: list[str] | None = None) -> dict | None:
         learning_rate=settings["learning_rate"], weight_decay=settings["weight_decay"],
         num_train_epochs=settings["epochs"], max_steps=settings.get("max_steps") or -1,
         lr_scheduler_type=settings["lr_scheduler"], warmup_steps=settings["warmup_ratio"],  # < 1: a ratio
-        max_grad_norm=settings["max_grad_norm"], seed=settings["seed"], eval_strategy="epoch",
-        logging_strategy="epoch", save_strategy="no", report_to="none",
+        max_grad_norm=settings["max_grad_norm"], seed=settings["seed"],
+        eval_strategy="steps" if settings["eval_steps"] else "epoch", eval_steps=settings["eval_steps"] or None,
+        logging_strategy="steps" if settings["eval_steps"] else "epoch", logging_steps=settings["eval_steps"] or 500,
+        save_strategy="no", report_to="none",
         use_cpu=not torch.cuda.is_available(),  # also what makes torchrun on CPU use DDP (gloo)
         average_tokens_across_devices=False,  # else DDP multiplies the (per-example mean) loss by the world size
     )

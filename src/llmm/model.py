@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 
+import bitsandbytes as bnb
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
@@ -56,11 +57,25 @@ def llmm_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     return layers
 
 
+def keep_cpu_4bit_trainable(model: torch.nn.Module) -> None:
+    """Keep bitsandbytes' CPU Linear4bit layers trainable after an evaluation.
+
+    bitsandbytes 0.50 repacks a CPU Linear4bit for inference at its first no-grad forward in eval mode; from then
+    on backward skips the input gradient through that layer (its packed gemv has no autograd kernel), silently
+    zeroing the gradient of every adapter below it. Training evaluates in between, so keep the plain layout.
+    This sets an attribute on the model's own layer objects; CUDA layers never take that path.
+    """
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
 def get_llmm_model(model: torch.nn.Module, config: LlmmConfig, adapter_name: str = "default") -> PeftModel:
     """Wrap ``model`` with Llmm adapters (in place, like peft.get_peft_model); LoftQ runs here if requested."""
     if not isinstance(config, LlmmConfig):
         raise TypeError(f"get_llmm_model needs an LlmmConfig, got {type(config).__name__}")
     _check_targets(model, config)
+    keep_cpu_4bit_trainable(model)
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     if not llmm_layers(peft_model):
         raise ValueError(f"no module matched target_modules={config.target_modules!r}")
@@ -97,6 +112,7 @@ def load_llmm_model(
     config = dataclasses.replace(config, init_lora_weights=False, loftq_config={}, inference_mode=not is_trainable)
     saved = load_file(_adapter_file(adapter_dir))
 
+    keep_cpu_4bit_trainable(base_model)  # also keeps CPU outputs identical between training and loaded models
     model = get_peft_model(base_model, config)
     llmm_layers(model)
     expected = get_peft_model_state_dict(model)

@@ -1,0 +1,326 @@
+"""Shared setup of the causal-LM entry points (train_nlg, train_gsm8k, test_gsm8k): flags, backbone, adapter, Trainer.
+
+Not run directly. A training script supplies its table and an ``encode(tokenizer, settings, record)`` function:
+
+    settings = parse_settings(parser, table, argv)      # table row + flags, method/init resolved and checked
+    train(settings, task, encode)                       # HF Trainer; writes adapter/, mean_adapter/, results, plot
+
+Methods (SPEC §3 baselines): llmm (K from the table), loftq (K = 0), qlora (standard LoRA init, K = 0). The model is
+an _init.sh directory (LoftQ backbone + llmm_init/ with the means) or a plain checkpoint with --init lora / loftq
+(LoftQ in-process needs full-precision weights, so not with --load_in_4bit true).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import PartialState
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file
+from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DataCollatorForSeq2Seq, Trainer,
+                          TrainingArguments)
+
+import utils_llmm as U
+from llmm import LlmmConfig, export_mean_adapter, get_llmm_model, load_llmm_model
+from llmm.model import keep_cpu_4bit_trainable
+from llmm.layer import LlmmVariant
+from llmm.prompts import load_records
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+METHODS = ("llmm", "loftq", "qlora")
+INIT_SUBDIR = "llmm_init"
+
+
+# --- settings ------------------------------------------------------------------------------------------------------
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """Flags every causal-LM script takes (typed here; add_setting_flags adds the table's others)."""
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
+    parser.add_argument("--model_name_or_path", default=None,
+                        help="an _init.sh directory, or a hub id / local checkpoint (default: the row's model)")
+    parser.add_argument("--data", default=None, help="hub id, dataset directory or .json/.jsonl file "
+                                                     "(default: the row's dataset)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="override the table's dtype")
+
+
+def add_training_flags(parser: argparse.ArgumentParser) -> None:
+    add_model_flags(parser)
+    parser.add_argument("--method", choices=METHODS, default=None, help="override the table's method")
+    parser.add_argument("--init", choices=("loftq", "lora"), default=None,
+                        help="adapter init for a plain checkpoint (an _init.sh directory brings LoftQ means)")
+    parser.add_argument("--eval_data", default=None, help="a .json/.jsonl held-out file (else the row's eval_split)")
+    parser.add_argument("--target_modules", nargs="+", default=None, help="else configs/targets.yaml by model_type")
+    parser.add_argument("--max_train_samples", type=int, default=None, help="first N training examples (debug)")
+    parser.add_argument("--max_eval_samples", type=int, default=None, help="first N held-out examples (debug)")
+
+
+def init_adapter_dir(model_name_or_path: str) -> Path | None:
+    """The llmm_init/ of an _init.sh directory, or None for a plain checkpoint."""
+    path = Path(model_name_or_path) / INIT_SUBDIR
+    return path if path.is_dir() else None
+
+
+def parse_settings(parser: argparse.ArgumentParser, table: dict, argv=None) -> dict:
+    """Table row, then flags; the baselines' K and init fixed; inconsistent choices fail before any loading."""
+    U.add_setting_flags(parser, table)
+    args = parser.parse_args(argv)
+    settings = U.resolve_settings(table, args)
+    method = settings["method"]
+    if method != "llmm":
+        if args.K not in (None, 0):
+            raise ValueError(f"--method {method} trains plain LoRA factors (K = 0); drop --K or use --method llmm")
+        settings["K"] = 0
+        fixed_init = {"qlora": "lora", "loftq": "loftq"}[method]
+        if args.init not in (None, fixed_init):
+            raise ValueError(f"--method {method} means --init {fixed_init}; drop --init {args.init}")
+        settings["init"] = fixed_init
+    if args.model_name_or_path is None:
+        key = "base_model" if method == "qlora" else "init_dir"
+        settings["model_name_or_path"] = settings[key]
+        if key == "init_dir" and not Path(settings[key]).is_dir():
+            raise FileNotFoundError(f"the row's init_dir {settings[key]!r} does not exist: create it with bash "
+                                    "_init.sh (configs/quantize.yaml) or pass --model_name_or_path")
+    init_dir = init_adapter_dir(settings["model_name_or_path"])
+    if init_dir is not None and method == "qlora":
+        raise ValueError(f"--method qlora needs the original checkpoint (the row's base_model), not the _init.sh "
+                         f"directory {settings['model_name_or_path']!r}: its backbone is LoftQ's Q = quant(W - gBA)")
+    if init_dir is not None and args.init == "lora":
+        raise ValueError("an _init.sh directory brings LoftQ means; for --init lora pass the original checkpoint")
+    if init_dir is None and settings["init"] == "loftq" and settings["load_in_4bit"]:
+        raise ValueError("LoftQ init needs the full-precision weights, not a 4-bit backbone: pass an _init.sh "
+                         "directory (bash _init.sh PRESET), or --load_in_4bit false, or --init lora")
+    if init_dir is not None:
+        check_init_adapter(init_dir, settings)
+    settings["init_source"] = str(init_dir) if init_dir else f"{settings['init']} (in-process)"
+    if not 0 <= settings["warmup_ratio"] < 1:
+        raise ValueError(f"warmup_ratio must be in [0, 1), got {settings['warmup_ratio']}")
+    if settings["eval_split"] == "heldout" and settings["eval_size"] < 1:
+        raise ValueError(f"eval_size must be >= 1 for eval_split heldout, got {settings['eval_size']}")
+    if settings["dtype"] not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {settings['dtype']!r}")
+    return settings
+
+
+def make_output_dir(path: str | Path, overwrite: bool) -> Path:
+    """Create the run directory on the main process (others wait); refuses a non-empty one unless overwriting."""
+    state = PartialState()
+    if state.is_main_process:
+        U.prepare_output_dir(path, overwrite=overwrite)
+    state.wait_for_everyone()
+    return Path(path)
+
+
+# --- model ---------------------------------------------------------------------------------------------------------
+
+def load_backbone(settings: dict):
+    """(model, tokenizer): bitsandbytes NF4 on this process's device, or ``dtype`` weights on CPU (the Trainer or
+    the caller moves them). No token is added: a missing pad token becomes unk (or eos), so embeddings keep size."""
+    dtype = DTYPES[settings["dtype"]]
+    kwargs = {"dtype": dtype}
+    if settings["load_in_4bit"]:
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=False)
+        kwargs["device_map"] = {"": PartialState().device}
+    model = U.load_pretrained(AutoModelForCausalLM, settings["model_name_or_path"], **kwargs)
+    tokenizer = U.load_pretrained(AutoTokenizer, settings["model_name_or_path"])
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return model, tokenizer
+
+
+def check_init_adapter(init_dir: Path, settings: dict) -> LlmmConfig:
+    """The init adapter's config; its rank and lora_alpha must be the settings' (the LoftQ means depend on both)."""
+    saved = LlmmConfig.from_pretrained(str(init_dir))
+    for name, key in (("r", "rank"), ("lora_alpha", "lora_alpha")):
+        if getattr(saved, name) != settings[key]:
+            raise ValueError(f"{init_dir} holds LoftQ means for {name}={getattr(saved, name)} but the settings say "
+                             f"{key}={settings[key]}: use the _init.sh directory made with that {key}")
+    return saved
+
+
+def load_init_adapter(model, init_dir: Path, settings: dict, **overrides):
+    """The LoftQ means of an _init.sh llmm_init/ adapter, trainable, with the settings' K. The init's directions are
+    zero, so another K (0 for the loftq baseline) starts from exactly the same model."""
+    saved = check_init_adapter(init_dir, settings)
+    if saved.k == settings["K"]:
+        return load_llmm_model(model, str(init_dir), is_trainable=True, k=settings["K"], **overrides)
+    weights = load_file(init_dir / "adapter_model.safetensors")
+    directions = LlmmVariant.direction_names
+    if any(t.abs().max() > 0 for key, t in weights.items() if key.endswith(directions) and t.numel()):
+        raise ValueError(f"{init_dir} has non-zero directions (a trained adapter, not an init): its K={saved.k} "
+                         f"cannot change; set K={saved.k}")
+    config = dataclasses.replace(saved, k=settings["K"], init_lora_weights=False, loftq_config={},
+                                 inference_mode=False, **overrides)
+    peft_model = get_llmm_model(model, config)
+    expected = get_peft_model_state_dict(peft_model)
+    means = {key for key in expected if not key.endswith(directions)}
+    if means != {key for key in weights if not key.endswith(directions)}:
+        raise ValueError(f"{init_dir} does not match this model's target modules (different architecture?)")
+    state = {key: weights[key] if key in means else torch.zeros_like(value) for key, value in expected.items()}
+    set_peft_model_state_dict(peft_model, state)
+    return peft_model
+
+
+def attach_adapter(model, settings: dict):
+    """An Llmm adapter per the settings: from an _init.sh directory's means, or LoRA / in-process LoftQ init."""
+    overrides = dict(scale=float(settings["llmmscale"]), scaled_gradient=settings["scaled_gradient"],
+                     lora_dropout=settings["lora_dropout"], eval_noise=settings["eval_noise"])
+    init_dir = init_adapter_dir(settings["model_name_or_path"])
+    if init_dir is not None:
+        peft_model = load_init_adapter(model, init_dir, settings, **overrides)
+    else:
+        targets = U.default_targets(model.config, settings.get("target_modules"))
+        peft_model = get_llmm_model(model, U.llmm_config(settings, targets))
+    for parameter in peft_model.parameters():
+        if parameter.numel() == 0:  # K = 0: the (0, ...) direction tensors have nothing to train
+            parameter.requires_grad_(False)
+    return peft_model
+
+
+def in_process_loftq(settings: dict) -> bool:
+    """True when LoftQ quantizes a plain checkpoint here: the backbone Q then exists only in this run."""
+    return settings["init"] == "loftq" and init_adapter_dir(settings["model_name_or_path"]) is None
+
+
+# --- data ----------------------------------------------------------------------------------------------------------
+
+def as_dataset(records: list[dict]):
+    """datasets.Dataset of JSON records; a field some records lack is None there (from_list keeps only the
+    first record's fields)."""
+    import datasets
+
+    fields = dict.fromkeys(field for record in records for field in record)
+    return datasets.Dataset.from_dict({field: [record.get(field) for record in records] for field in fields})
+
+
+def train_eval_records(settings: dict, task: str):
+    """(train, held-out, where the held-out set comes from) as datasets.Dataset."""
+    import datasets
+
+    source = settings.get("data") or settings["dataset"]
+    splits = {name: split if isinstance(split, datasets.Dataset) else as_dataset(split)
+              for name, split in load_records(source, task, settings.get("dataset_config")).items()}
+    if "train" not in splits:
+        raise ValueError(f"{source} has no 'train' split (splits: {sorted(splits)})")
+    train = splits["train"]
+    eval_split = settings["eval_split"]
+    if settings.get("eval_data"):
+        held_out = as_dataset(load_records(settings["eval_data"], task)["train"])
+        where = settings["eval_data"]
+    elif eval_split == "heldout":
+        if settings["eval_size"] >= len(train):
+            raise ValueError(f"eval_size {settings['eval_size']} leaves no training data ({len(train)} records)")
+        parts = train.train_test_split(test_size=settings["eval_size"], shuffle=True, seed=settings["data_seed"])
+        train, held_out = parts["train"], parts["test"]
+        where = f"{settings['eval_size']} records held out of train (seed {settings['data_seed']})"
+    elif eval_split in splits:
+        held_out, where = splits[eval_split], f"{source} [{eval_split}]"
+    else:
+        raise ValueError(f"{source} has no {eval_split!r} split (splits: {sorted(splits)}): pass --eval_data FILE "
+                         "or --eval_split heldout")
+    if settings.get("max_train_samples"):
+        train = train.select(range(min(settings["max_train_samples"], len(train))))
+    if settings.get("max_eval_samples"):
+        held_out = held_out.select(range(min(settings["max_eval_samples"], len(held_out))))
+    return train, held_out, where
+
+
+# --- training ------------------------------------------------------------------------------------------------------
+
+def training_arguments(settings: dict, output_dir: Path) -> TrainingArguments:
+    optim = settings["optim"]
+    if optim.startswith("paged_") and not torch.cuda.is_available():
+        U.logger.warning("%s needs CUDA: using adamw_torch on this machine", optim)
+        optim = "adamw_torch"
+    settings["optim_used"] = optim
+    checkpointing = settings["gradient_checkpointing"]
+    return TrainingArguments(
+        output_dir=str(output_dir / "checkpoints"), max_steps=settings["max_steps"],
+        per_device_train_batch_size=settings["per_device_train_batch_size"],
+        per_device_eval_batch_size=settings["per_device_eval_batch_size"],
+        gradient_accumulation_steps=settings["gradient_accumulation_steps"],
+        learning_rate=settings["learning_rate"], lr_scheduler_type=settings["lr_scheduler_type"],
+        warmup_steps=settings["warmup_ratio"],  # a float < 1 is a fraction of max_steps
+        weight_decay=settings["weight_decay"], optim=optim, max_grad_norm=settings["max_grad_norm"],
+        eval_strategy="steps", eval_steps=settings["eval_steps"], eval_on_start=True, prediction_loss_only=True,
+        logging_steps=settings["logging_steps"], logging_first_step=True,
+        save_strategy="steps", save_steps=settings["save_steps"], save_total_limit=settings["save_total_limit"],
+        seed=settings["seed"], data_seed=settings["data_seed"],
+        bf16=settings["dtype"] == "bfloat16", fp16=settings["dtype"] == "float16",
+        gradient_checkpointing=checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+        remove_unused_columns=False, label_names=["labels"], report_to="none",
+    )
+
+
+def curves(history: list[dict]) -> dict:
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    held_out = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    lines = {"train": train, "held-out": held_out}
+    as_xy = {name: ([s for s, _ in points], [v for _, v in points]) for name, points in lines.items() if points}
+    perplexity = {name: (xs, [math.exp(min(v, 50)) for v in ys]) for name, (xs, ys) in as_xy.items()}
+    return {"loss": as_xy, "perplexity": perplexity}
+
+
+def train(settings: dict, task: str, encode) -> dict:
+    """Fine-tune with the HF Trainer and write the run directory; returns the results (also in results.json).
+
+    ``encode(tokenizer, settings, record) -> {"input_ids", "attention_mask", "labels"}``.
+    """
+    started = time.time()
+    output_dir = make_output_dir(settings["output_dir"], settings.get("overwrite", False))
+    U.seed_everything(settings["seed"])
+    train_set, held_out, where = train_eval_records(settings, task)
+    model, tokenizer = load_backbone(settings)
+    model.config.use_cache = False
+    keep_cpu_4bit_trainable(model)
+    peft_model = attach_adapter(model, settings)
+    peft_model.print_trainable_parameters()
+    tokenizer.padding_side = "right"
+    columns = train_set.column_names
+    train_set = train_set.map(lambda r: encode(tokenizer, settings, r), remove_columns=columns, desc="tokenize")
+    held_out = held_out.map(lambda r: encode(tokenizer, settings, r), remove_columns=held_out.column_names,
+                            desc="tokenize")
+    arguments = training_arguments(settings, output_dir)
+    trainer = Trainer(model=peft_model, args=arguments, train_dataset=train_set, eval_dataset=held_out,
+                      data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
+                      processing_class=tokenizer)
+    if trainer.is_world_process_zero():
+        U.write_json(output_dir / "settings.json", {**settings, "versions": U.versions()})
+    outcome = trainer.train()
+    history = trainer.state.log_history
+    last_eval = next((h for h in reversed(history) if "eval_loss" in h), None)
+    if last_eval is None or last_eval["step"] != trainer.state.global_step:
+        trainer.evaluate()
+        last_eval = history[-1]
+    first_eval = next(h for h in history if "eval_loss" in h)
+    results = {
+        "task": task, "method": settings["method"], "K": settings["K"], "model": settings["model_name_or_path"],
+        "eval_loss": last_eval["eval_loss"], "eval_perplexity": math.exp(last_eval["eval_loss"]),
+        "eval_loss_at_start": first_eval["eval_loss"], "eval_perplexity_at_start": math.exp(first_eval["eval_loss"]),
+        "held_out": where, "n_train": len(train_set), "n_held_out": len(held_out),
+        "train_loss": outcome.training_loss, "global_step": trainer.state.global_step,
+        "wall_time_s": time.time() - started, "history": history,
+    }
+    if trainer.is_world_process_zero():
+        # The adapter names its backbone; in-process LoftQ changed the backbone to Q, so Q is saved beside it.
+        backbone = output_dir / "backbone" if in_process_loftq(settings) else settings["model_name_or_path"]
+        peft_model.peft_config["default"].base_model_name_or_path = str(backbone)
+        peft_model.save_pretrained(output_dir / "adapter")
+        export_mean_adapter(peft_model, str(output_dir / "mean_adapter"))
+        if in_process_loftq(settings):
+            peft_model.unload().save_pretrained(backbone)
+            tokenizer.save_pretrained(backbone)
+        U.write_json(output_dir / "settings.json", {**settings, "versions": U.versions()})
+        U.write_json(output_dir / "results.json", results)
+        U.plot_curves(output_dir / "curves.png", curves(history), xlabel="optimizer step")
+        U.logger.info("held-out loss %.4f, perplexity %.2f -> %s", results["eval_loss"], results["eval_perplexity"],
+                      output_dir)
+    return results

@@ -1,0 +1,42 @@
+"""Fine-tune a (4-bit) Llama-2 with Llmm adapters on GSM8K (LoftQ's prompt and target format, loss on the target).
+
+    python -m scripts.train_gsm8k --model llama-2-7b --rank 64 --output_dir runs/gsm8k-llama-2-7b
+    python -m scripts.train_gsm8k --model llama-2-7b --rank 64 --method loftq --output_dir runs/gsm8k-loftq
+    python -m scripts.train_gsm8k --model llama-2-7b --rank 64 --model_name_or_path ./tiny --data gsm8k.jsonl \
+        --eval_split heldout --eval_size 2 --load_in_4bit false --dtype float32 --max_steps 2 --output_dir /tmp/run
+
+Settings: configs/gsm8k.yaml (row = model, rank), any of them overridable by a flag. Source = question +
+"\\nAnswer the above question. First think step by step and then answer the final number.\\n"; target = the worked
+answer with "####" -> "The final answer is: "; at most max_length tokens (src/llmm/prompts.py).
+Writes OUTPUT_DIR/{adapter/, mean_adapter/, results.json, settings.json, curves.png} (and backbone/, the
+quantized Q, when --init loftq ran LoftQ in-process); evaluate with test_gsm8k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import utils_llmm as U
+from llmm.prompts import encode_joint, gsm8k_pair
+from scripts.causal_lm import add_training_flags, parse_settings, train
+
+TABLE = U.CONFIGS / "gsm8k.yaml"
+
+
+def encode(tokenizer, settings: dict, record: dict) -> dict:
+    return encode_joint(tokenizer, *gsm8k_pair(record), max_length=settings["max_length"])
+
+
+def main(argv=None) -> dict:
+    table = U.read_yaml(TABLE)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("--model", required=True, help="the row's model key, e.g. llama-2-7b (configs/gsm8k.yaml)")
+    parser.add_argument("--rank", required=True, type=int, help="the row's LoRA rank (configs/gsm8k.yaml)")
+    add_training_flags(parser)
+    settings = parse_settings(parser, table, argv)
+    return train(settings, "gsm8k", encode)
+
+
+if __name__ == "__main__":
+    U.run_main(lambda: main(sys.argv[1:]))

@@ -1,0 +1,44 @@
+"""Fine-tune a (4-bit) causal LM with Llmm adapters on Alpaca or HH-RLHF; held-out loss and perplexity.
+
+    python -m scripts.train_nlg --task alpaca --model llama-2-7b --rank 16 --output_dir runs/alpaca-llama-2-7b
+    python -m scripts.train_nlg --task hh-rlhf --model llama-2-7b --rank 16 --method qlora --output_dir ...
+    python -m scripts.train_nlg --task alpaca --model llama-2-7b --rank 16 --model_name_or_path ./tiny \
+        --data my_alpaca.jsonl --load_in_4bit false --dtype float32 --max_steps 2 --output_dir /tmp/run
+
+Settings: configs/nlg.yaml (row = task, model, rank), any of them overridable by a flag. Alpaca: the instruction
+prompt, loss on the response only (source_max_len, target_max_len), held out: a seeded slice of train.
+HH-RLHF: the chosen transcript, no prompt part, held out: the official test split (src/llmm/prompts.py).
+Writes OUTPUT_DIR/{adapter/, mean_adapter/, results.json, settings.json, curves.png} (and backbone/, the
+quantized Q, when --init loftq ran LoftQ in-process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import utils_llmm as U
+from llmm.prompts import PAIRS, encode_source_target
+from scripts.causal_lm import add_training_flags, parse_settings, train
+
+TABLE = U.CONFIGS / "nlg.yaml"
+
+
+def encode(tokenizer, settings: dict, record: dict) -> dict:
+    source, target = PAIRS[settings["task"]](record)
+    return encode_source_target(tokenizer, source, target, settings["source_max_len"], settings["target_max_len"])
+
+
+def main(argv=None) -> dict:
+    table = U.read_yaml(TABLE)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("--task", required=True, choices=sorted({row["task"] for row in table["rows"]}))
+    parser.add_argument("--model", required=True, help="the row's model key, e.g. llama-2-7b (configs/nlg.yaml)")
+    parser.add_argument("--rank", required=True, type=int, help="the row's LoRA rank (configs/nlg.yaml)")
+    add_training_flags(parser)
+    settings = parse_settings(parser, table, argv)
+    return train(settings, settings["task"], encode)
+
+
+if __name__ == "__main__":
+    U.run_main(lambda: main(sys.argv[1:]))

@@ -1,0 +1,217 @@
+"""Prompts, loss-masked tokenization, data loading and GSM8K answer scoring for the causal-LM tasks.
+
+The one place for the task formats of SPEC §3 (scripts/train_nlg.py, train_gsm8k.py and test_gsm8k.py import it):
+
+- Alpaca: the standard instruction / input / response prompt (QLoRA's version, which the reference used: it
+  ends in "### Response: "); loss on the response only; source <= 384 and target <= 128 tokens.
+- HH-RLHF: no prompt part; the ``chosen`` transcript is the target (loss on it, up to the target length).
+- GSM8K: source = question + GSM8K_INSTRUCTION; target = the worked answer with "####" rewritten as
+  ANSWER_PREFIX; source and target are tokenized together (LoftQ's recipe), at most 512 tokens, loss on the target.
+  Test: the number after "The final answer is", else the last number; exact numeric match with the gold number.
+
+    records = load_records("tests/data/gsm8k.jsonl", "gsm8k")          # or a hub id: load_records("openai/gsm8k", ...)
+    example = encode_joint(tokenizer, *gsm8k_pair(records["train"][0]), max_length=512)
+    extract_answer("... The final answer is: 1,234")                      # 1234.0
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+from pathlib import Path
+
+IGNORE_INDEX = -100
+
+ALPACA_PROMPT_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response: "
+)
+ALPACA_PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response: "
+)
+GSM8K_INSTRUCTION = "\nAnswer the above question. First think step by step and then answer the final number.\n"
+ANSWER_PREFIX = "The final answer is: "
+
+# Fields each task's records must have (Alpaca's "input" is optional: empty means the no-input prompt).
+REQUIRED_FIELDS = {"alpaca": ("instruction", "output"), "hh-rlhf": ("chosen",), "gsm8k": ("question", "answer")}
+
+
+# --- prompts -----------------------------------------------------------------------------------------------------
+
+def alpaca_pair(record: dict) -> tuple[str, str]:
+    """(source, target): the Alpaca prompt, with or without input, and the response."""
+    template = ALPACA_PROMPT_INPUT if record.get("input") else ALPACA_PROMPT_NO_INPUT
+    return template.format(instruction=record["instruction"], input=record.get("input", "")), record["output"]
+
+
+def hh_rlhf_pair(record: dict) -> tuple[str, str]:
+    """(source, target) = ("", the chosen transcript): no prompt part, the loss covers the transcript."""
+    return "", record["chosen"]
+
+
+def gsm8k_source(question: str) -> str:
+    return f"{question}{GSM8K_INSTRUCTION}"
+
+
+def gsm8k_pair(record: dict) -> tuple[str, str]:
+    """(source, target): question + instruction, and the worked answer with "####" -> "The final answer is: "."""
+    return gsm8k_source(record["question"]), record["answer"].replace("####", ANSWER_PREFIX)
+
+
+PAIRS = {"alpaca": alpaca_pair, "hh-rlhf": hh_rlhf_pair, "gsm8k": gsm8k_pair}
+
+
+# --- tokenization with loss masking --------------------------------------------------------------------------------
+
+def _ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+
+def _bos(tokenizer) -> list[int]:
+    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+
+
+def _eos(tokenizer) -> list[int]:
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos token: training targets end in one; set tokenizer.eos_token")
+    return [tokenizer.eos_token_id]
+
+
+def encode_prompt(tokenizer, source: str) -> list[int]:
+    """The ids a generation prompt starts from: bos + source (as in training)."""
+    return _bos(tokenizer) + _ids(tokenizer, source)
+
+
+def encode_source_target(tokenizer, source: str, target: str, source_max_len: int, target_max_len: int) -> dict:
+    """QLoRA's recipe (Alpaca, HH-RLHF): bos + source and target + eos tokenized apart, each truncated to its
+    maximum, concatenated; labels are IGNORE_INDEX on the source part."""
+    source_ids = encode_prompt(tokenizer, source)[:source_max_len]
+    target_ids = (_ids(tokenizer, target) + _eos(tokenizer))[:target_max_len]
+    return {"input_ids": source_ids + target_ids, "attention_mask": [1] * (len(source_ids) + len(target_ids)),
+            "labels": [IGNORE_INDEX] * len(source_ids) + target_ids}
+
+
+def encode_joint(tokenizer, source: str, target: str, max_length: int) -> dict:
+    """LoftQ's GSM8K recipe: bos + (source + target) + eos tokenized as one text, truncated to ``max_length``;
+    labels are IGNORE_INDEX on the first len(bos + source) tokens (exact unless a token spans the boundary)."""
+    input_ids = (encode_prompt(tokenizer, source + target) + _eos(tokenizer))[:max_length]
+    n_source = min(len(encode_prompt(tokenizer, source)), len(input_ids))
+    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids),
+            "labels": [IGNORE_INDEX] * n_source + input_ids[n_source:]}
+
+
+# --- data ----------------------------------------------------------------------------------------------------------
+
+def read_json_records(path: str | Path) -> list[dict]:
+    """Records of a local .jsonl (one object per line) or .json (a list of objects) file, with line-exact errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
+    if path.suffix == ".json":
+        try:
+            records = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: not valid JSON ({error}); expected a list of objects") from None
+        if not isinstance(records, list):
+            raise ValueError(f"{path}: expected a JSON list of objects, got {type(records).__name__}")
+    else:
+        records = []
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}, line {number}: malformed JSON ({error.msg}); fix or remove the "
+                                     "line (JSONL: one object per line)") from None
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}: record {index + 1} is a {type(record).__name__}, expected a JSON object")
+    return records
+
+
+def check_fields(records, task: str, where: str) -> None:
+    """Every record has the task's required fields (``records``: a list of dicts or a datasets.Dataset)."""
+    required = REQUIRED_FIELDS[task]
+    columns = getattr(records, "column_names", None)
+    if columns is not None:  # a datasets.Dataset: check its columns once
+        missing = [f for f in required if f not in columns]
+        if missing:
+            raise ValueError(f"{where}: no field(s) {missing} (columns: {columns}); {task} records need {required}")
+        return
+    for index, record in enumerate(records):
+        missing = [f for f in required if f not in record]
+        if missing:
+            raise ValueError(f"{where}: record {index + 1} lacks field(s) {missing}; {task} records need "
+                             f"{list(required)}")
+
+
+def load_records(source: str, task: str, config_name: str | None = None) -> dict:
+    """{split name: records} from a local .json/.jsonl file (one split, "train") or a local dataset directory /
+    hub id (``datasets.load_dataset``; its own splits). Checks the task's required fields."""
+    if task not in REQUIRED_FIELDS:
+        raise ValueError(f"unknown task {task!r}; known: {sorted(REQUIRED_FIELDS)}")
+    if source.endswith((".json", ".jsonl")):
+        records = read_json_records(source)
+        check_fields(records, task, source)
+        return {"train": records}
+    if Path(source).is_file():
+        raise ValueError(f"data file {source!r}: local files must be .json or .jsonl (or pass a dataset directory)")
+    import datasets
+
+    splits = dict(datasets.load_dataset(source, config_name))
+    for name, split in splits.items():
+        check_fields(split, task, f"{source} [{name}]")
+    return splits
+
+
+# --- GSM8K answers -------------------------------------------------------------------------------------------------
+
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
+_NUMBER = re.compile(r"(?:(?<![\d.])-)?\d+(?:\.\d+)?")
+_FINAL = re.compile(r"the final answer is", re.IGNORECASE)
+
+
+def _numbers(text: str) -> list[float]:
+    return [float(match) for match in _NUMBER.findall(_THOUSANDS.sub("", text))]
+
+
+def extract_answer(text: str) -> float | None:
+    """The first number after "The final answer is", else the last number in ``text``; None if there is none.
+    Thousands separators are dropped ("1,234" -> 1234); "-3" and "2.5" parse; "5-3" reads as 5 and 3."""
+    final = _FINAL.search(text)
+    after = _numbers(text[final.end():]) if final else []
+    if after:
+        return after[0]
+    numbers = _numbers(text)
+    return numbers[-1] if numbers else None
+
+
+def gold_answer(answer: str) -> float | None:
+    """The gold number after the last "####" of a GSM8K answer; None if it has no "####" number."""
+    if "####" not in answer:
+        return None
+    numbers = _numbers(answer.rsplit("####", 1)[1])
+    return numbers[0] if numbers else None
+
+
+def is_correct(prediction: float | None, gold: float | None) -> bool:
+    """Exact numeric match (1234 == 1234.0); no number never matches."""
+    return prediction is not None and gold is not None and math.isclose(prediction, gold, rel_tol=0, abs_tol=1e-9)
+
+
+def accuracy(predictions: list, golds: list) -> float:
+    if len(predictions) != len(golds) or not golds:
+        raise ValueError(f"accuracy needs equally many predictions and golds (> 0), got {len(predictions)} and "
+                         f"{len(golds)}")
+    return sum(is_correct(p, g) for p, g in zip(predictions, golds)) / len(golds)
+
+
+def majority_vote(answers: list) -> float | None:
+    """The most frequent extracted answer (ties: the one seen first); None when no sample gave a number."""
+    counts = Counter(a for a in answers if a is not None)
+    return max(counts, key=lambda a: (counts[a], -answers.index(a))) if counts else None

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# GSM8K test accuracy of the adapters train_gsm8k.sh wrote (SPEC §3): generate up to 256 new tokens, take the number
+# after "The final answer is" (else the last number), exact match with the gold number after "####".
+#   Models:   each run's adapter/ names its backbone (the _init.sh directory, or the base model for qlora).
+#   Hardware: one GPU per run; 1x A100 80GB as in the reference (7B NF4 generation at batch 16 fits 24 GB).
+#             LAUNCH="accelerate launch --num_processes N" splits the questions over N GPUs.
+#   Numbers:  decoding settings are in configs/gsm8k_test.yaml (greedy; reference = T 0.1, top-k 40, top-p 0.95,
+#             seed 42); this script only loops over runs, decodings and modes.
+#   Output:   <run>/test-<decoding>-<mode>/ (predictions.jsonl, results.json with the accuracy).
+#
+# Override with environment variables; extra arguments go to every evaluation:
+#   DECODINGS="greedy reference" MODES="mean sample mc" bash test_gsm8k.sh
+#   RUNS="runs/gsm8k/llama-2-7b-r64-llmm" bash test_gsm8k.sh --max_samples 50      # smoke test
+# An evaluation whose results.json exists is skipped.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+RUNS=${RUNS:-$(ls -d runs/gsm8k/*/ 2>/dev/null || true)}
+DECODINGS=${DECODINGS:-greedy}
+MODES=${MODES:-mean}
+LAUNCH=${LAUNCH:-python}
+
+if [[ -z $RUNS ]]; then echo "no runs under runs/gsm8k/: run train_gsm8k.sh first, or set RUNS" >&2; exit 2; fi
+for run in $RUNS; do
+  for decoding in $DECODINGS; do
+    for mode in $MODES; do
+      out="${run%/}/test-$decoding-$mode"
+      if [[ -f $out/results.json ]]; then echo "skip $out (done)"; continue; fi
+      $LAUNCH -m scripts.test_gsm8k --adapter "${run%/}/adapter" --decoding "$decoding" --mode "$mode" \
+        --output_dir "$out" --overwrite "$@"
+    done
+  done
+done

@@ -1,0 +1,301 @@
+"""scripts.train_nlg / train_gsm8k / test_gsm8k end to end on CPU: a tiny Llama with an in-process tokenizer,
+16/32-bit and bitsandbytes 4-bit backbones, the three methods, mean-adapter generation, and bad input."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import LLAMA_TARGETS, REPO_ROOT, tiny_llama
+from peft import PeftModel
+from safetensors.torch import load_file
+from test_prompts import byte_level_tokenizer
+from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+from llmm import LlmmConfig, get_llmm_model, llmm_layers, load_llmm_model
+from llmm.prompts import encode_prompt, gsm8k_source
+from scripts import quantize_model, test_gsm8k, train_gsm8k, train_nlg
+from llmm.model import keep_cpu_4bit_trainable
+from scripts.causal_lm import load_backbone
+
+DATA = REPO_ROOT / "tests" / "data"
+FAST = ["--max_steps", "2", "--logging_steps", "1"]
+FP32 = ["--load_in_4bit", "false", "--dtype", "float32"]
+NF4 = ["--load_in_4bit", "true", "--dtype", "float32"]  # NF4 weights, float32 compute
+GENERATE = ["--data", str(DATA / "gsm8k.jsonl"), "--max_new_tokens", "8"]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A tiny Llama (hidden 128, so the tables' ranks 16 and 64 fit) and its _init.sh directories for both ranks."""
+    root = tmp_path_factory.mktemp("models")
+    tokenizer = byte_level_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(root / "tiny-llama")
+    tokenizer.save_pretrained(root / "tiny-llama")
+    dirs = {"base": root / "tiny-llama"}
+    for rank in (16, 64):
+        dirs[rank] = quantize_model.main([
+            "--model", str(root / "tiny-llama"), "--save_dir", str(root / "quantized"), "--rank", str(rank),
+            "--bits", "4", "--K", "2", "--loftq_iter", "1", "--lora_alpha", "16", "--dtype", "float32"])
+    return dirs
+
+
+def read(path):
+    return json.loads(path.read_text())
+
+
+def directions(adapter_dir):
+    return {k: v for k, v in load_file(adapter_dir / "adapter_model.safetensors").items() if "lora_llmm_" in k}
+
+
+def check_run(out, task, k):
+    """The run directory is complete and consistent."""
+    for name in ("adapter/adapter_model.safetensors", "mean_adapter/adapter_model.safetensors", "curves.png"):
+        assert (out / name).is_file(), name
+    results, settings = read(out / "results.json"), read(out / "settings.json")
+    assert results["task"] == task and results["K"] == k == settings["K"] and results["global_step"] == 2
+    assert math.isfinite(results["eval_loss"]) and results["eval_perplexity"] == pytest.approx(
+        math.exp(results["eval_loss"]))
+    assert results["eval_loss_at_start"] != results["eval_loss"]  # the adapter moved
+    assert settings["optim_used"] == ("paged_adamw_32bit" if torch.cuda.is_available() else "adamw_torch")
+    assert LlmmConfig.from_pretrained(str(out / "adapter")).k == k
+    assert not any("lora_llmm_" in key for key in load_file(out / "mean_adapter" / "adapter_model.safetensors"))
+    return results, settings
+
+
+# --- training ------------------------------------------------------------------------------------------------------
+
+def test_train_nlg_alpaca_from_init_dir_16bit(models, tmp_path):
+    out = tmp_path / "run"
+    train_nlg.main(["--task", "alpaca", "--model", "llama-2-7b", "--rank", "16", "--model_name_or_path",
+                    str(models[16]), "--data", str(DATA / "alpaca.jsonl"), "--eval_size", "2", "--output_dir",
+                    str(out), *FP32, *FAST])
+    results, settings = check_run(out, "alpaca", k=2)
+    # The table row decides what no flag overrides: the effective learning rate, llmmscale, schedule.
+    assert settings["learning_rate"] == 1e-4 and settings["llmmscale"] == 400 and settings["warmup_ratio"] == 0.5
+    assert results["n_train"] == 4 and results["n_held_out"] == 2 and "held out of train" in results["held_out"]
+    assert any(t.abs().max() > 0 for t in directions(out / "adapter").values())  # Z grew from zero
+    history = [h for h in results["history"] if "learning_rate" in h and "loss" in h]
+    assert [h["learning_rate"] for h in history] == pytest.approx([0.0, 1e-4])  # 50% linear warm-up, then peak
+
+
+def test_train_nlg_hh_rlhf_4bit_loftq_baseline(models, tmp_path):
+    out, dataset = tmp_path / "run", tmp_path / "hh-rlhf"  # a dataset directory with the hub's two splits
+    dataset.mkdir()
+    lines = (DATA / "hh_rlhf.jsonl").read_text().splitlines(keepends=True)
+    (dataset / "train.jsonl").write_text("".join(lines[:3]))
+    (dataset / "test.jsonl").write_text("".join(lines[3:]))
+    train_nlg.main(["--task", "hh-rlhf", "--model", "llama-2-7b", "--rank", "16", "--method", "loftq",
+                    "--model_name_or_path", str(models[16]), "--data", str(dataset), "--output_dir", str(out),
+                    *NF4, *FAST])
+    results, settings = check_run(out, "hh-rlhf", k=0)  # K = 0 from a K = 2 init directory: zero directions
+    assert settings["method"] == "loftq" and results["held_out"] == f"{dataset} [test]"  # the official test split
+    assert results["n_train"] == 3 and results["n_held_out"] == 2
+    assert all(t.numel() == 0 for t in directions(out / "adapter").values())
+
+
+def test_cpu_4bit_gradients_survive_an_evaluation(models):
+    """After keep_cpu_4bit_trainable, an eval forward does not break backward through NF4 layers (bitsandbytes
+    would repack the weights for inference): adapter gradients equal those over the same Q in float32."""
+    settings = {"model_name_or_path": str(models[16]), "dtype": "float32"}
+    inputs = torch.randint(4, 300, (2, 12))
+    grads = []
+    for load_in_4bit in (True, False):
+        model, _ = load_backbone({**settings, "load_in_4bit": load_in_4bit})
+        keep_cpu_4bit_trainable(model)
+        model = load_llmm_model(model, str(models[16] / "llmm_init"), is_trainable=True, lora_dropout=0.0)
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=inputs)
+        model.train()
+        model(input_ids=inputs, labels=inputs).loss.backward()
+        grads.append(model.get_parameter("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight")
+                     .grad)
+    assert grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+# --- GSM8K: train, then test ---------------------------------------------------------------------------------------
+
+def plain_peft_generations(backbone, mean_adapter, load_in_4bit, max_new_tokens=8):
+    """Greedy generations of the fixture questions with the exported mean adapter loaded by plain PEFT."""
+    model, tokenizer = load_backbone({"model_name_or_path": str(backbone), "dtype": "float32",
+                                      "load_in_4bit": load_in_4bit})
+    keep_cpu_4bit_trainable(model)  # the same CPU 4-bit kernel as llmm's models (bnb's packed one rounds to bf16)
+    model = PeftModel.from_pretrained(model, str(mean_adapter)).eval()
+    tokenizer.padding_side = "left"
+    questions = [json.loads(line)["question"] for line in (DATA / "gsm8k.jsonl").read_text().splitlines()]
+    batch = tokenizer.pad({"input_ids": [encode_prompt(tokenizer, gsm8k_source(q)) for q in questions]},
+                          return_tensors="pt")
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=tokenizer.eos_token_id)
+    with torch.no_grad():
+        output = model.generate(**batch, generation_config=config)
+    return tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def check_predictions(out, n=6):
+    predictions = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    results = read(out / "results.json")
+    assert len(predictions) == results["n"] == n
+    assert {"question", "generated", "extracted", "gold", "correct"} <= set(predictions[0])
+    assert [p["gold"] for p in predictions] == [72, 10, 5000, -5, 1, 2.25][:n]
+    assert all(p["correct"] == (p["extracted"] == p["gold"]) for p in predictions)
+    assert results["accuracy"] == sum(p["correct"] for p in predictions) / n
+    return predictions, results
+
+
+def test_gsm8k_in_process_loftq_16bit_then_test_all_modes(models, tmp_path):
+    run = tmp_path / "run"
+    train_gsm8k.main(["--model", "llama-2-7b", "--rank", "64", "--model_name_or_path", str(models["base"]),
+                      "--init", "loftq", "--loftq_iter", "1", "--data", str(DATA / "gsm8k.jsonl"),
+                      "--eval_split", "heldout", "--eval_size", "2", "--output_dir", str(run), *FP32, *FAST])
+    check_run(run, "gsm8k", k=2)
+    # In-process LoftQ replaced the backbone by Q: it is saved beside the adapter, which names it.
+    assert LlmmConfig.from_pretrained(str(run / "adapter")).base_model_name_or_path == str(run / "backbone")
+    assert (run / "backbone" / "model.safetensors").is_file()
+
+    test_gsm8k.main(["--adapter", str(run / "adapter"), "--output_dir", str(tmp_path / "mean"), *GENERATE, *FP32])
+    predictions, results = check_predictions(tmp_path / "mean")
+    assert results["model"] == str(run / "backbone") and results["mode"] == "mean"
+    # Mean mode (merged into the 32-bit backbone) generates what plain PEFT does with the exported mean adapter.
+    assert [p["generated"] for p in predictions] == plain_peft_generations(run / "backbone", run / "mean_adapter",
+                                                                           load_in_4bit=False)
+
+    test_gsm8k.main(["--adapter", str(run / "adapter"), "--output_dir", str(tmp_path / "mc"), "--mode", "mc",
+                     "--mc_samples", "3", "--max_samples", "2", "--decoding", "reference", *GENERATE, *FP32])
+    predictions, results = check_predictions(tmp_path / "mc", n=2)
+    assert all(len(p["votes"]) == len(p["generated"]) == 3 for p in predictions)
+    assert results["settings"]["temperature"] == 0.1 and results["settings"]["top_k"] == 40
+
+    test_gsm8k.main(["--adapter", str(run / "adapter"), "--output_dir", str(tmp_path / "sample"), "--mode",
+                     "sample", "--max_samples", "2", "--K", "2", *GENERATE, *FP32])
+    check_predictions(tmp_path / "sample", n=2)
+
+
+def test_gsm8k_4bit_from_init_dir_then_test_mean_mode(models, tmp_path):
+    run = tmp_path / "run"
+    train_gsm8k.main(["--model", "llama-2-7b", "--rank", "64", "--model_name_or_path", str(models[64]),
+                      "--data", str(DATA / "gsm8k.jsonl"), "--eval_split", "heldout", "--eval_size", "2",
+                      "--output_dir", str(run), *NF4, *FAST])
+    _, settings = check_run(run, "gsm8k", k=2)
+    assert settings["load_in_4bit"] is True and settings["method"] == "llmm"
+    test_gsm8k.main(["--adapter", str(run / "adapter"), "--output_dir", str(tmp_path / "test"), *GENERATE, *NF4])
+    predictions, _ = check_predictions(tmp_path / "test")
+    # Over NF4 the adapter stays unmerged (merging would re-quantize); still the same as plain PEFT.
+    assert [p["generated"] for p in predictions] == plain_peft_generations(models[64], run / "mean_adapter",
+                                                                           load_in_4bit=True)
+
+
+def test_gsm8k_qlora_baseline_4bit(models, tmp_path):
+    run = tmp_path / "run"
+    train_gsm8k.main(["--model", "llama-2-7b", "--rank", "64", "--method", "qlora", "--model_name_or_path",
+                      str(models["base"]), "--data", str(DATA / "gsm8k.jsonl"), "--eval_data",
+                      str(DATA / "gsm8k.jsonl"), "--output_dir", str(run), *NF4, *FAST])
+    results, settings = check_run(run, "gsm8k", k=0)
+    assert results["held_out"] == str(DATA / "gsm8k.jsonl") and results["n_held_out"] == 6
+    assert settings["init"] == "lora" and settings["init_source"] == "lora (in-process)"
+    assert not (run / "backbone").exists()  # the original checkpoint stays the backbone
+    assert LlmmConfig.from_pretrained(str(run / "adapter")).base_model_name_or_path == str(models["base"])
+
+
+def test_mc_networks_are_fixed_draws_and_the_means_come_back():
+    model = get_llmm_model(tiny_llama(), LlmmConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, k=2))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.normal_()
+    model.eval()
+    layer, inputs = llmm_layers(model)[0], torch.randint(0, 128, (1, 8))
+    mean = layer.lora_A["default"].weight.detach().clone()
+    with torch.no_grad():
+        at_mean = model(inputs).logits
+        with test_gsm8k.sampled_network(model, seed=3):
+            first, again = model(inputs).logits, model(inputs).logits
+            draw = layer.lora_A["default"].weight.detach() - mean
+        with test_gsm8k.sampled_network(model, seed=3):
+            same_seed = model(inputs).logits
+        with test_gsm8k.sampled_network(model, seed=4):
+            other_seed = model(inputs).logits
+        restored = model(inputs).logits
+    assert torch.equal(first, again) and torch.equal(first, same_seed)  # one network per draw, seeded
+    assert not torch.allclose(first, other_seed) and not torch.allclose(first, at_mean)
+    assert torch.equal(restored, at_mean)
+    # The draw is sum_k eps_k / sqrt(s) Z[k]: in the span of the K directions, with O(1) coefficients eps_k.
+    directions = layer.lora_llmm_A["default"].detach().flatten(1).T  # (numel, K)
+    eps = torch.linalg.lstsq(directions, draw.flatten()[:, None]).solution.flatten() * 400 ** 0.5
+    torch.testing.assert_close(directions @ eps / 400 ** 0.5, draw.flatten(), rtol=1e-4, atol=1e-5)
+    assert 1e-3 < eps.abs().max() < 6
+
+
+# --- bad input -----------------------------------------------------------------------------------------------------
+
+def test_bad_training_input_fails_before_loading(models, tmp_path):
+    nlg = ["--task", "alpaca", "--model", "llama-2-7b", "--rank", "16", "--data", str(DATA / "alpaca.jsonl"),
+           "--output_dir", str(tmp_path / "run"), *FAST]
+    with pytest.raises(ValueError, match="--method qlora needs the original checkpoint"):
+        train_nlg.main([*nlg, "--method", "qlora", "--model_name_or_path", str(models[16])])
+    with pytest.raises(ValueError, match="LoftQ init needs the full-precision weights"):
+        train_nlg.main([*nlg, "--model_name_or_path", str(models["base"]), *NF4])
+    with pytest.raises(ValueError, match="trains plain LoRA factors"):
+        train_nlg.main([*nlg, "--method", "loftq", "--K", "2", "--model_name_or_path", str(models[16])])
+    with pytest.raises(FileNotFoundError, match="create it with bash _init.sh"):
+        train_nlg.main(nlg)  # the row's init_dir (quantized/...) does not exist here
+    with pytest.raises(ValueError, match="holds LoftQ means for r=16 but the settings say rank=64"):
+        train_gsm8k.main(["--model", "llama-2-7b", "--rank", "64", "--model_name_or_path", str(models[16]),
+                          "--data", str(DATA / "gsm8k.jsonl"), "--output_dir", str(tmp_path / "r"), *FP32, *FAST])
+    with pytest.raises(ValueError, match="no 'test' split"):
+        train_nlg.main(["--task", "hh-rlhf", "--model", "llama-2-7b", "--rank", "16", "--model_name_or_path",
+                        str(models[16]), "--data", str(DATA / "hh_rlhf.jsonl"), "--output_dir",
+                        str(tmp_path / "hh"), *FP32, *FAST])
+    no_answer = tmp_path / "no_answer.jsonl"
+    no_answer.write_text('{"question": "How many?"}\n')
+    with pytest.raises(ValueError, match=r"lacks field\(s\) \['answer'\]"):
+        train_gsm8k.main(["--model", "llama-2-7b", "--rank", "64", "--model_name_or_path", str(models[64]),
+                          "--data", str(no_answer), "--output_dir", str(tmp_path / "g"), *FP32, *FAST])
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "results.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="exists and is not empty"):
+        train_nlg.main([*nlg, "--model_name_or_path", str(models[16]), "--output_dir", str(tmp_path / "full")])
+
+
+def test_bad_test_input_fails_before_loading(models, tmp_path):
+    adapter = models[64] / "llmm_init"  # an Llmm adapter with K = 2
+    base = ["--output_dir", str(tmp_path / "out"), "--model_name_or_path", str(models[64]), *GENERATE, *FP32]
+    with pytest.raises(FileNotFoundError, match="adapter directory .* does not exist"):
+        test_gsm8k.main(["--adapter", str(tmp_path / "missing"), *base])
+    with pytest.raises(ValueError, match="has K=2 but --K 3 was given"):
+        test_gsm8k.main(["--adapter", str(adapter), "--K", "3", *base])
+    no_answer = tmp_path / "no_answer.jsonl"
+    no_answer.write_text('{"question": "How many?"}\n')
+    with pytest.raises(ValueError, match=r"lacks field\(s\) \['answer'\]"):
+        test_gsm8k.main(["--adapter", str(adapter), *base, "--data", str(no_answer)])
+    with pytest.raises(ValueError, match="only applies to sampling"):
+        test_gsm8k.main(["--adapter", str(adapter), "--temperature", "0.5", *base])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "predictions.jsonl").write_text("")
+    with pytest.raises(FileExistsError, match="exists and is not empty"):
+        test_gsm8k.main(["--adapter", str(adapter), *base])
+
+
+@pytest.mark.parametrize("script, argv, message", [
+    ("test_gsm8k", ["--adapter", "no/such/adapter", "--output_dir", "{tmp}/out"],
+     "error: adapter directory 'no/such/adapter' does not exist"),
+    ("train_nlg", ["--task", "alpaca", "--model", "llama-2-7b", "--rank", "16", "--method", "qlora",
+                   "--model_name_or_path", "{tmp}", "--output_dir", "{tmp}"], "error: output directory"),
+])
+def test_command_line_errors_exit_2_with_one_line(tmp_path, script, argv, message):
+    (tmp_path / "something").write_text("")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    done = subprocess.run([sys.executable, "-m", f"scripts.{script}", *argv], cwd=REPO_ROOT, capture_output=True,
+                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), done.stderr[-2000:]
