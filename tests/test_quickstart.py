@@ -1,0 +1,38 @@
+"""The quick start's driver in smoke mode: a tiny BERT stands in for MiniLM, a tiny folder tree for BBC News."""
+
+import json
+
+import torch
+from conftest import tiny_tokenizer
+from transformers import BertConfig, BertForSequenceClassification
+
+from scripts import quickstart
+
+CLASSES = ["business", "entertainment", "politics", "sports", "tech"]
+
+
+def test_quickstart_smoke(tmp_path):
+    corpus = tmp_path / "corpus"
+    texts = []
+    for name in CLASSES:
+        (corpus / name).mkdir(parents=True)
+        for i in range(10):
+            text = f"{name} news item {i} about {name}"
+            (corpus / name / f"{i:03d}.txt").write_text(text)
+            texts.append(text)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
+                                                     num_attention_heads=4, intermediate_size=128))
+    model.save_pretrained(tmp_path / "tiny-bert")
+    tiny_tokenizer(texts).save_pretrained(tmp_path / "tiny-bert")
+    out = tmp_path / "quickstart"
+    results = quickstart.main(["--model", str(tmp_path / "tiny-bert"), "--corpus_dir", str(corpus), "--methods",
+                               "llmm", "--seeds", "0", "--max_steps", "2", "--output_dir", str(out)])
+    assert set(results["runs"]["llmm"][0]) == {"accuracy", "f1_macro", "nll", "ece"}
+    assert 0 <= results["runs"]["llmm"][0]["accuracy"] <= 1
+    assert "| llmm |" in (out / "table.md").read_text()
+    assert (out / "curves.png").stat().st_size > 0
+    assert json.loads((out / "results.json").read_text())["summary"]["llmm"]["accuracy"]
+    run = json.loads((out / "llmm-seed0" / "results.json").read_text())
+    assert run["K"] == 2 and run["bits"] == 2 and run["complete"]
+    assert (out / "llmm-seed0" / "mean_adapter" / "adapter_config.json").is_file()
