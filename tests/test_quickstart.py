@@ -22,7 +22,8 @@ def test_quickstart_smoke(tmp_path):
             texts.append(text)
     torch.manual_seed(0)
     model = BertForSequenceClassification(BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2,
-                                                     num_attention_heads=4, intermediate_size=128))
+                                                     num_attention_heads=4, intermediate_size=128,
+                                                     num_labels=len(CLASSES)))
     model.save_pretrained(tmp_path / "tiny-bert")
     tiny_tokenizer(texts).save_pretrained(tmp_path / "tiny-bert")
     out = tmp_path / "quickstart"
