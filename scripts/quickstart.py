@@ -103,8 +103,8 @@ def main(argv=None) -> dict:
                         "--train_file", str(data / "train.csv"),
                         "--validation_file", str(data / "dev.csv"), str(data / "test.csv"),
                         "--output_dir", str(out / f"{method}-seed{seed}")]
-            if settings.get("max_steps"):
-                argv_run += ["--max_steps", str(settings["max_steps"])]
+            if settings.get("max_steps"):  # a shorter run still evaluates (and logs) once, at its last step
+                argv_run += ["--max_steps", str(settings["max_steps"]), "--eval_steps", str(settings["max_steps"])]
             runs[method][seed] = train_glue.main(argv_run)
     summary, table = summarize(runs)
     wall = time.time() - started
