@@ -18,7 +18,7 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerFast
 
 from llmm import llmm_layers, load_llmm_model
-from llmm.glue import TASKS, get_task, load_glue, task_metrics
+from llmm.glue import LOCAL_ONLY_TASKS, TASKS, get_task, load_glue, task_metrics
 from llmm.quant import ALLOWED_METHODS
 from scripts import glue_table, train_glue
 from utils_llmm import llmm_config, read_yaml, table_rows
@@ -99,7 +99,8 @@ def test_metrics_agree_with_hand_computed_values():
 
 
 def test_task_registry():
-    assert list(TASKS) == ["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli"]
+    assert list(TASKS) == ["cola", "sst2", "mrpc", "stsb", "qqp", "mnli", "qnli", "rte", "wnli", "bbcnews"]
+    assert LOCAL_ONLY_TASKS == ("bbcnews",)  # the quick start's task, not GLUE
     assert get_task("stsb").is_regression and get_task("stsb").num_labels == 1
     assert get_task("mnli").dev_splits == ("validation_matched", "validation_mismatched")
     with pytest.raises(ValueError, match="unknown GLUE task 'glue'; choose one of cola, sst2"):
@@ -111,10 +112,12 @@ def test_task_registry():
 
 def test_every_table_row_parses():
     table = read_yaml(REPO / "configs" / "glue.yaml")
-    rows = table_rows(table)  # raises on duplicate keys
+    all_rows = table_rows(table)  # raises on duplicate keys
     assert table["keys"] == ["task", "quant", "rank"]
+    rows = [r for r in all_rows if r["task"] not in LOCAL_ONLY_TASKS]
     assert {(r["task"], r["quant"], r["rank"]) for r in rows} == {
-        (t, q, r) for t in TASKS for q in ALLOWED_METHODS for r in (16, 32)}
+        (t, q, r) for t in TASKS if t not in LOCAL_ONLY_TASKS for q in ALLOWED_METHODS for r in (16, 32)}
+    assert [(r["task"], r["quant"], r["rank"]) for r in all_rows if r not in rows] == [("bbcnews", "nf", 16)]
     for row in rows:
         assert row["source"] and row["lora_alpha"] == row["rank"] and row["bits"] == 2
         assert isinstance(row["learning_rate"], float) and 0 < row["learning_rate"] <= 1e-3, row
@@ -193,7 +196,7 @@ def test_bad_classification_files(tmp_path):
     with pytest.raises(ValueError, match=r"label 0.5 in row 2 is not a cola label; use integers 0..1 or one of"):
         load_glue(get_task("cola"), train_file=bad, validation_files=[bad])
     (tmp_path / "broken.jsonl").write_text('{"sentence": "a", "label": 0}\n{"sentence": "b", \n')
-    with pytest.raises(ValueError, match="line 2: not valid JSON"):
+    with pytest.raises(ValueError, match="line 2: malformed JSON"):
         load_glue(get_task("cola"), train_file=str(tmp_path / "broken.jsonl"),
                   validation_files=[str(tmp_path / "broken.jsonl")])
     with pytest.raises(FileNotFoundError, match="no dev_matched.tsv"):

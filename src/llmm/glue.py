@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from llmm.records import read_json_records
+
 logger = logging.getLogger(__name__)
 
 GLUE_HUB_ID = "nyu-mll/glue"
@@ -226,11 +228,9 @@ def _read_records(task: GlueTask, path: Path) -> dict[str, list]:
         with open(path, newline="", encoding="utf-8-sig") as handle:
             records = list(csv.DictReader(handle))
     else:
-        records = _read_json(path)
+        records = read_json_records(path)
     columns = {c: [] for c in task.columns}
     for number, record in enumerate(records, start=1):
-        if not isinstance(record, dict):
-            raise ValueError(f"data file {str(path)!r}: record {number} is a {type(record).__name__}, not an object")
         missing = [c for c in task.columns if c not in record]
         if missing:
             raise ValueError(f"data file {str(path)!r} has no column(s) {missing} (record {number} has "
@@ -243,28 +243,6 @@ def _read_records(task: GlueTask, path: Path) -> dict[str, list]:
             raise ValueError(f"data file {str(path)!r}: text column {column!r} of record {bad} is "
                              f"{columns[column][bad - 1]!r}, not a string")
     return columns
-
-
-def _read_json(path: Path) -> list:
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-            if isinstance(data, dict) and isinstance(data.get("data"), list):
-                data = data["data"]
-            if isinstance(data, list):
-                return data
-        except json.JSONDecodeError:
-            pass  # not one JSON document: read it as JSON lines
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"data file {str(path)!r}, line {number}: not valid JSON ({error.msg}); write one "
-                                 "object per line") from None
-    return records
 
 
 def _convert_labels(task: GlueTask, values: list, path: Path) -> list:

@@ -16,11 +16,12 @@ The one place for the task formats of SPEC §3 (scripts/train_nlg.py, train_gsm8
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter
 from pathlib import Path
+
+from llmm.records import read_json_records
 
 IGNORE_INDEX = -100
 
@@ -106,33 +107,6 @@ def encode_joint(tokenizer, source: str, target: str, max_length: int) -> dict:
 
 
 # --- data ----------------------------------------------------------------------------------------------------------
-
-def read_json_records(path: str | Path) -> list[dict]:
-    """Records of a local .jsonl (one object per line) or .json (a list of objects) file, with line-exact errors."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"data file {str(path)!r} does not exist")
-    if path.suffix == ".json":
-        try:
-            records = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not valid JSON ({error}); expected a list of objects") from None
-        if not isinstance(records, list):
-            raise ValueError(f"{path}: expected a JSON list of objects, got {type(records).__name__}")
-    else:
-        records = []
-        for number, line in enumerate(path.read_text().splitlines(), start=1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}, line {number}: malformed JSON ({error.msg}); fix or remove the "
-                                     "line (JSONL: one object per line)") from None
-    for index, record in enumerate(records):
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}: record {index + 1} is a {type(record).__name__}, expected a JSON object")
-    return records
-
 
 def check_fields(records, task: str, where: str) -> None:
     """Every record has the task's required fields (``records``: a list of dicts or a datasets.Dataset)."""
