@@ -1,0 +1,34 @@
+"""Every file in configs/ parses; every table has unique keys and rows that name their source."""
+
+import pytest
+import yaml
+from conftest import REPO_ROOT
+
+from utils_llmm import select_row, table_rows
+
+CONFIG_FILES = sorted((REPO_ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: p.name)
+def test_config_file_parses(path):
+    data = yaml.safe_load(path.read_text())
+    assert isinstance(data, dict) and data
+    if "rows" not in data:
+        return
+    rows = table_rows(data)  # raises on a duplicate key
+    assert rows and all(row.get("source") for row in rows), "every row names its source"
+    first = rows[0]
+    assert select_row(data, **{k: first[k] for k in data["keys"]}) == first
+    with pytest.raises(ValueError, match="no row for"):
+        select_row(data, **{k: "no-such-value" for k in data["keys"]})
+
+
+def test_duplicate_rows_are_rejected():
+    table = {"keys": ["task"], "rows": [{"task": "a", "source": "x"}, {"task": "a", "source": "y"}]}
+    with pytest.raises(ValueError, match="duplicate table row"):
+        table_rows(table)
+
+
+def test_target_table_covers_the_tested_architectures():
+    targets = yaml.safe_load((REPO_ROOT / "configs" / "targets.yaml").read_text())
+    assert {"llama", "deberta-v2", "bert"} <= set(targets)
