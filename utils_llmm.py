@@ -1,9 +1,13 @@
-"""Helpers the entry points in scripts/ share: hyperparameter tables, settings resolution, run directories, I/O.
+"""Helpers the entry points in scripts/ share: hyperparameter tables, settings resolution, run directories, I/O,
+and the training pieces (resume, one noise stream per process, stop on a non-finite loss).
 
 A table in configs/ is YAML with ``keys`` (the columns that select a row), ``defaults`` (values every row
 inherits) and ``rows`` (one experiment each, naming its ``source``). Precedence: defaults, then the row, then
 command-line flags that were given. The paper's names K and llmmscale map to LlmmConfig's ``k`` and ``scale``
 in ``llmm_config`` and nowhere else.
+
+Exit codes of the entry points (``run_main``): 2 = bad input (one ``error: ...`` line naming the problem and the
+fix, before anything is written), 3 = training diverged (a non-finite loss; the last good checkpoint is kept).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from accelerate import PartialState
+from transformers import Trainer, TrainerCallback
 
 REPO_ROOT = Path(__file__).resolve().parent
 CONFIGS = REPO_ROOT / "configs"
@@ -121,6 +127,28 @@ def llmm_config(settings: dict, target_modules: list[str], **extra):
     )
 
 
+def check_adapter_settings(settings: dict) -> None:
+    """K, llmmscale, rank, lora_alpha, bits and quant in range, checked before anything is loaded or written
+    (LlmmConfig checks them too, but only once the model is in memory)."""
+    from llmm.quant import ALLOWED_BITS, ALLOWED_METHODS
+
+    def integer(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    rules = {
+        "K": (lambda v: integer(v) and v >= 0, "an integer >= 0 (directions per factor; 0 = plain LoRA/LoftQ)"),
+        "llmmscale": (lambda v: v > 0, "> 0 (the noise std is 1/sqrt(llmmscale))"),
+        "rank": (lambda v: integer(v) and v >= 1, "an integer >= 1"),
+        "lora_alpha": (lambda v: v > 0, "> 0"),
+        "bits": (lambda v: v in ALLOWED_BITS, f"one of {ALLOWED_BITS}"),
+        "quant": (lambda v: v in ALLOWED_METHODS, f"one of {ALLOWED_METHODS}"),
+    }
+    for name, (ok, rule) in rules.items():
+        if name in settings and not ok(settings[name]):
+            raise ValueError(f"{name} = {settings[name]!r} is out of range: it must be {rule}; fix --{name} or the "
+                             "table row")
+
+
 def default_targets(model_config, explicit: list[str] | None = None) -> list[str]:
     """Target modules: an explicit list wins, else the row for ``model_type`` in configs/targets.yaml."""
     if explicit:
@@ -133,27 +161,53 @@ def default_targets(model_config, explicit: list[str] | None = None) -> list[str
     return list(table[model_type])
 
 
-def prepare_output_dir(path: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
-    """Create ``path``; an existing non-empty directory is an error unless overwriting or resuming."""
+def check_output_dir(path: str | Path, overwrite: bool = False, resume: bool = False) -> None:
+    """An existing non-empty ``path`` is an error unless overwriting or resuming (nothing is written here)."""
     path = Path(path)
+    if path.is_file():
+        raise FileExistsError(f"output directory {str(path)!r} is a file: choose another --output_dir")
     if path.is_dir() and any(path.iterdir()) and not (overwrite or resume):
         raise FileExistsError(f"output directory {str(path)!r} exists and is not empty: choose another, or pass "
                               "--overwrite (replace) / --resume_from_checkpoint (continue)")
-    if path.is_dir() and overwrite:
+
+
+def prepare_output_dir(path: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
+    """Create ``path``; an existing non-empty directory is an error unless overwriting or resuming."""
+    path = Path(path)
+    check_output_dir(path, overwrite, resume)
+    if path.is_dir() and overwrite and not resume:
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
 
-def write_json(path: str | Path, payload) -> None:
-    """Write JSON atomically (temporary file + rename)."""
+def make_output_dir(path: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
+    """``prepare_output_dir`` on the main process only, the others waiting for it (torchrun / accelerate launch)."""
+    state = PartialState()
+    if state.is_main_process:
+        prepare_output_dir(path, overwrite, resume)
+    state.wait_for_everyone()
+    return Path(path)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """Write a text file atomically (temporary file + rename): a crash leaves the old file or none, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2, default=str)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it the permissions open() would
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it the permissions open() would
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, payload) -> None:
+    """Write JSON atomically (temporary file + rename)."""
+    write_text(path, json.dumps(payload, indent=2, default=str))
 
 
 def _umask() -> int:
@@ -185,14 +239,14 @@ def versions() -> dict:
 
 
 def run_main(main) -> None:
-    """Run an entry point; expected bad-input errors become one clear line and exit code 2."""
+    """Run an entry point; bad input (exit code 2) and a diverged training (exit code 3) become one clear line."""
     setup_logging()
     try:
         main()
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, TrainingDiverged) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(3 if isinstance(error, TrainingDiverged) else 2) from None
 
 
 def plot_curves(path: str | Path, panels: dict[str, dict[str, tuple[list, list]]], xlabel: str) -> None:
@@ -216,14 +270,139 @@ def plot_curves(path: str | Path, panels: dict[str, dict[str, tuple[list, list]]
     plt.close(figure)
 
 
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".txt", ".parquet")
+
+
+def looks_local(name_or_path: str) -> bool:
+    """True for a local path (absolute, ./ ../ ~, a data file's suffix, or more than one /), False for a hub id
+    like ``org/name``."""
+    return (name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.endswith(DATA_SUFFIXES)
+            or os.path.sep in name_or_path.strip("/").split("/", 1)[-1])
+
+
+def check_model_path(name_or_path: str) -> None:
+    """A model given as a local path (not a hub id like ``org/name``) must exist."""
+    if looks_local(name_or_path) and not Path(name_or_path).expanduser().exists():
+        raise FileNotFoundError(f"model path {name_or_path!r} does not exist: pass a local directory or a hub id")
+
+
+def check_data_paths(**flags) -> None:
+    """Each given data flag (``data_dir="glue_data/CoLA"``, ...; lists allowed) that names a local path must exist."""
+    for flag, values in flags.items():
+        for value in values if isinstance(values, (list, tuple)) else [values]:
+            if value and looks_local(value) and not Path(value).expanduser().exists():
+                raise FileNotFoundError(f"--{flag} {value!r} does not exist: pass an existing file or directory")
+
+
 def load_pretrained(loader, name_or_path: str, **kwargs):
     """``loader.from_pretrained`` for a hub id or a local directory, with a clear error when neither loads."""
-    looks_local = name_or_path.startswith(("/", "./", "../", "~")) or os.path.sep in name_or_path.strip("/").split(
-        "/", 1)[-1]
-    if looks_local and not Path(name_or_path).expanduser().exists():
-        raise FileNotFoundError(f"model path {name_or_path!r} does not exist: pass a local directory or a hub id")
+    check_model_path(name_or_path)
     try:
         return loader.from_pretrained(name_or_path, **kwargs)
     except OSError as error:
         raise FileNotFoundError(f"could not load {name_or_path!r} as a local directory or from the hub "
                                 f"({str(error).splitlines()[0]})") from error
+
+
+# --- training: resume, one noise stream per process, divergence ----------------------------------------------------
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def add_resume_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resume_from_checkpoint", nargs="?", const="latest", default=None, metavar="PATH",
+                        help="continue an interrupted run: a checkpoint-N directory, or no value / 'latest' for the "
+                             "newest complete one in the output directory (the adapter's M and Z, optimizer, "
+                             "scheduler and RNG states are restored)")
+
+
+def complete_checkpoints(folder: str | Path) -> list[Path]:
+    """The checkpoint-N directories in ``folder`` that were written to the end, oldest first.
+
+    The Trainer writes trainer_state.json last, so a checkpoint cut short by a crash lacks it and is skipped.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [path for path in folder.glob(f"{CHECKPOINT_PREFIX}*")
+             if path.name[len(CHECKPOINT_PREFIX):].isdigit() and (path / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda path: int(path.name[len(CHECKPOINT_PREFIX):]))
+
+
+def find_checkpoint(value: str | None, folder: str | Path) -> str | None:
+    """The checkpoint ``--resume_from_checkpoint`` names: None, a checkpoint directory, or 'latest' (the newest
+    complete checkpoint-N in ``folder``, the run's checkpoint directory)."""
+    if value is None:
+        return None
+    if value == "latest":
+        done = complete_checkpoints(folder)
+        if not done:
+            raise FileNotFoundError(f"no complete checkpoint-N in {str(folder)!r} to resume from: drop "
+                                    "--resume_from_checkpoint to start afresh, or pass a checkpoint directory")
+        return str(done[-1])
+    if not (Path(value) / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"{value!r} is not a complete checkpoint (no trainer_state.json): pass a "
+                                "checkpoint-N directory of the run, or 'latest'")
+    return value
+
+
+def check_checkpoint(checkpoint: str, settings: dict) -> None:
+    """The checkpoint's adapter has the settings' K and rank (else its M and Z cannot be restored)."""
+    from llmm import LlmmConfig
+
+    saved = LlmmConfig.from_pretrained(checkpoint)
+    if (saved.k, saved.r) != (settings["K"], settings["rank"]):
+        raise ValueError(f"checkpoint {checkpoint!r} holds an adapter with K={saved.k}, rank={saved.r} but the "
+                         f"settings say K={settings['K']}, rank={settings['rank']}: resume with the run's settings "
+                         "(its settings.json)")
+
+
+class TrainingDiverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+class PerProcessNoise(TrainerCallback):
+    """Each process draws its own Llmm noise: torch is re-seeded with ``seed + process_index`` as training starts.
+
+    The noise eps comes from torch's global generator. Under DDP every process would otherwise start from the
+    same seed and draw the same eps at every step, so the averaged gradient would hold one sample of
+    E_eps[grad loss] instead of one per process; independent draws (like independent dropout masks) make the
+    processes' gradients independent samples, lowering the variance of the step at no cost. On resume the
+    Trainer then restores each process's own generator state (rng_state_<rank>.pth), after this callback.
+    """
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        torch.manual_seed(args.seed + args.process_index)
+        logger.info("process %d draws its noise from seed %d", args.process_index, args.seed + args.process_index)
+
+
+class LlmmTrainer(Trainer):
+    """The HF Trainer for Llmm models: one noise stream per process, and a stop at the first non-finite loss.
+
+    Resuming needs nothing more: for a PeftModel the Trainer loads a checkpoint with
+    ``model.load_adapter(checkpoint, "default", is_trainable=True)``; the adapter "default" already exists, so
+    PEFT keeps its LlmmConfig (the layers stay Llmm layers) and ``set_peft_model_state_dict`` restores every M and
+    Z; the optimizer, scheduler and RNG states come from the same checkpoint (tests/test_resume.py checks that a
+    resumed run reproduces the uninterrupted run's losses bit for bit).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_callback(PerProcessNoise())
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """One forward/backward; a NaN or infinite loss stops training before the optimizer applies it, so no
+        checkpoint with a broken adapter is written and the last good one is kept. The check adds no stall: the
+        Trainer already waits for every step's loss (``logging_nan_inf_filter``)."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss):
+            message = self.divergence_message(loss.item())
+            self.callback_handler.on_train_end(self.args, self.state, self.control)  # training ends: close the bars
+            raise TrainingDiverged(message)
+        return loss
+
+    def divergence_message(self, loss: float) -> str:
+        done = complete_checkpoints(self.args.output_dir)
+        kept = f"the last good checkpoint is {str(done[-1])!r}" if done else "no checkpoint was written yet"
+        return (f"training loss is {loss} at step {self.state.global_step + 1}; stopped, {kept}: lower "
+                "--learning_rate or clip gradients (--max_grad_norm), then start again or --resume_from_checkpoint")

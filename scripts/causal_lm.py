@@ -5,6 +5,10 @@ Not run directly. A training script supplies its table and an ``encode(tokenizer
     settings = parse_settings(parser, table, argv)      # table row + flags, method/init resolved and checked
     train(settings, task, encode)                       # HF Trainer; writes adapter/, mean_adapter/, results, plot
 
+Checkpoints (every save_steps steps, the newest save_total_limit kept) go to OUTPUT_DIR/checkpoints/checkpoint-N;
+--resume_from_checkpoint continues from one (no value: the newest). Under torchrun / accelerate launch each
+process trains on its share of every batch with its own noise; only the main process writes.
+
 Methods (SPEC §3 baselines): llmm (K from the table), loftq (K = 0), qlora (standard LoRA init, K = 0). The model is
 an _init.sh directory (LoftQ backbone + llmm_init/ with the means) or a plain checkpoint with --init lora / loftq
 (LoftQ in-process needs full-precision weights, so not with --load_in_4bit true).
@@ -22,12 +26,12 @@ import torch
 from accelerate import PartialState
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
-from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DataCollatorForSeq2Seq, Trainer,
+from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DataCollatorForSeq2Seq,
                           TrainingArguments)
 
 import utils_llmm as U
-from llmm import LlmmConfig, export_mean_adapter, get_llmm_model, load_llmm_model
-from llmm.model import keep_cpu_4bit_trainable
+from llmm import LlmmConfig, export_mean_adapter, get_llmm_model, load_llmm_model, save_llmm_adapter
+from llmm.model import atomic_dir, keep_cpu_4bit_trainable
 from llmm.layer import LlmmVariant
 from llmm.prompts import load_records
 
@@ -58,6 +62,7 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target_modules", nargs="+", default=None, help="else configs/targets.yaml by model_type")
     parser.add_argument("--max_train_samples", type=int, default=None, help="first N training examples (debug)")
     parser.add_argument("--max_eval_samples", type=int, default=None, help="first N held-out examples (debug)")
+    U.add_resume_flag(parser)
 
 
 def init_adapter_dir(model_name_or_path: str) -> Path | None:
@@ -80,12 +85,15 @@ def parse_settings(parser: argparse.ArgumentParser, table: dict, argv=None) -> d
         if args.init not in (None, fixed_init):
             raise ValueError(f"--method {method} means --init {fixed_init}; drop --init {args.init}")
         settings["init"] = fixed_init
+    U.check_adapter_settings(settings)
+    U.check_data_paths(data=settings.get("data"), eval_data=settings.get("eval_data"))
     if args.model_name_or_path is None:
         key = "base_model" if method == "qlora" else "init_dir"
         settings["model_name_or_path"] = settings[key]
         if key == "init_dir" and not Path(settings[key]).is_dir():
             raise FileNotFoundError(f"the row's init_dir {settings[key]!r} does not exist: create it with bash "
                                     "_init.sh (configs/quantize.yaml) or pass --model_name_or_path")
+    U.check_model_path(settings["model_name_or_path"])
     init_dir = init_adapter_dir(settings["model_name_or_path"])
     if init_dir is not None and method == "qlora":
         raise ValueError(f"--method qlora needs the original checkpoint (the row's base_model), not the _init.sh "
@@ -105,15 +113,6 @@ def parse_settings(parser: argparse.ArgumentParser, table: dict, argv=None) -> d
     if settings["dtype"] not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {settings['dtype']!r}")
     return settings
-
-
-def make_output_dir(path: str | Path, overwrite: bool) -> Path:
-    """Create the run directory on the main process (others wait); refuses a non-empty one unless overwriting."""
-    state = PartialState()
-    if state.is_main_process:
-        U.prepare_output_dir(path, overwrite=overwrite)
-    state.wait_for_everyone()
-    return Path(path)
 
 
 # --- model ---------------------------------------------------------------------------------------------------------
@@ -234,7 +233,7 @@ def train_eval_records(settings: dict, task: str):
 
 # --- training ------------------------------------------------------------------------------------------------------
 
-def training_arguments(settings: dict, output_dir: Path) -> TrainingArguments:
+def training_arguments(settings: dict, output_dir: Path, resume: bool = False) -> TrainingArguments:
     optim = settings["optim"]
     if optim.startswith("paged_") and not torch.cuda.is_available():
         U.logger.warning("%s needs CUDA: using adamw_torch on this machine", optim)
@@ -249,7 +248,7 @@ def training_arguments(settings: dict, output_dir: Path) -> TrainingArguments:
         learning_rate=settings["learning_rate"], lr_scheduler_type=settings["lr_scheduler_type"],
         warmup_steps=settings["warmup_ratio"],  # a float < 1 is a fraction of max_steps
         weight_decay=settings["weight_decay"], optim=optim, max_grad_norm=settings["max_grad_norm"],
-        eval_strategy="steps", eval_steps=settings["eval_steps"], eval_on_start=True, prediction_loss_only=True,
+        eval_strategy="steps", eval_steps=settings["eval_steps"], eval_on_start=not resume, prediction_loss_only=True,
         logging_steps=settings["logging_steps"], logging_first_step=True,
         save_strategy="steps", save_steps=settings["save_steps"], save_total_limit=settings["save_total_limit"],
         seed=settings["seed"], data_seed=settings["data_seed"],
@@ -257,6 +256,8 @@ def training_arguments(settings: dict, output_dir: Path) -> TrainingArguments:
         gradient_checkpointing=checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
         remove_unused_columns=False, label_names=["labels"], report_to="none",
+        use_cpu=not torch.cuda.is_available(),  # also what makes torchrun on CPU use DDP (gloo)
+        ddp_find_unused_parameters=False,  # every trainable tensor is in the graph (K = 0: none are trainable)
     )
 
 
@@ -272,10 +273,16 @@ def curves(history: list[dict]) -> dict:
 def train(settings: dict, task: str, encode) -> dict:
     """Fine-tune with the HF Trainer and write the run directory; returns the results (also in results.json).
 
-    ``encode(tokenizer, settings, record) -> {"input_ids", "attention_mask", "labels"}``.
+    ``encode(tokenizer, settings, record) -> {"input_ids", "attention_mask", "labels"}``. The data, the settings
+    and the output directory are checked, and the model loaded, before anything is written.
     """
     started = time.time()
-    output_dir = make_output_dir(settings["output_dir"], settings.get("overwrite", False))
+    output_dir = Path(settings["output_dir"])
+    checkpoint = U.find_checkpoint(settings.get("resume_from_checkpoint"), output_dir / "checkpoints")
+    if checkpoint:
+        U.check_checkpoint(checkpoint, settings)
+    U.check_output_dir(output_dir, settings.get("overwrite", False), resume=checkpoint is not None)
+    arguments = training_arguments(settings, output_dir, resume=checkpoint is not None)
     U.seed_everything(settings["seed"])
     train_set, held_out, where = train_eval_records(settings, task)
     model, tokenizer = load_backbone(settings)
@@ -288,13 +295,13 @@ def train(settings: dict, task: str, encode) -> dict:
     train_set = train_set.map(lambda r: encode(tokenizer, settings, r), remove_columns=columns, desc="tokenize")
     held_out = held_out.map(lambda r: encode(tokenizer, settings, r), remove_columns=held_out.column_names,
                             desc="tokenize")
-    arguments = training_arguments(settings, output_dir)
-    trainer = Trainer(model=peft_model, args=arguments, train_dataset=train_set, eval_dataset=held_out,
-                      data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
-                      processing_class=tokenizer)
+    U.make_output_dir(output_dir, settings.get("overwrite", False), resume=checkpoint is not None)
+    trainer = U.LlmmTrainer(model=peft_model, args=arguments, train_dataset=train_set, eval_dataset=held_out,
+                            data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
+                            processing_class=tokenizer)
     if trainer.is_world_process_zero():
-        U.write_json(output_dir / "settings.json", {**settings, "versions": U.versions()})
-    outcome = trainer.train()
+        U.write_json(output_dir / "settings.json", {**settings, "resumed_from": checkpoint, "versions": U.versions()})
+    outcome = trainer.train(resume_from_checkpoint=checkpoint)
     history = trainer.state.log_history
     last_eval = next((h for h in reversed(history) if "eval_loss" in h), None)
     if last_eval is None or last_eval["step"] != trainer.state.global_step:
@@ -306,21 +313,26 @@ def train(settings: dict, task: str, encode) -> dict:
         "eval_loss": last_eval["eval_loss"], "eval_perplexity": math.exp(last_eval["eval_loss"]),
         "eval_loss_at_start": first_eval["eval_loss"], "eval_perplexity_at_start": math.exp(first_eval["eval_loss"]),
         "held_out": where, "n_train": len(train_set), "n_held_out": len(held_out),
-        "train_loss": outcome.training_loss, "global_step": trainer.state.global_step,
+        "train_loss": outcome.training_loss, "global_step": trainer.state.global_step, "resumed_from": checkpoint,
         "wall_time_s": time.time() - started, "history": history,
     }
     if trainer.is_world_process_zero():
-        # The adapter names its backbone; in-process LoftQ changed the backbone to Q, so Q is saved beside it.
-        backbone = output_dir / "backbone" if in_process_loftq(settings) else settings["model_name_or_path"]
-        peft_model.peft_config["default"].base_model_name_or_path = str(backbone)
-        peft_model.save_pretrained(output_dir / "adapter")
-        export_mean_adapter(peft_model, str(output_dir / "mean_adapter"))
-        if in_process_loftq(settings):
-            peft_model.unload().save_pretrained(backbone)
-            tokenizer.save_pretrained(backbone)
-        U.write_json(output_dir / "settings.json", {**settings, "versions": U.versions()})
+        save_run(peft_model, tokenizer, settings, output_dir)
         U.write_json(output_dir / "results.json", results)
         U.plot_curves(output_dir / "curves.png", curves(history), xlabel="optimizer step")
         U.logger.info("held-out loss %.4f, perplexity %.2f -> %s", results["eval_loss"], results["eval_perplexity"],
                       output_dir)
     return results
+
+
+def save_run(peft_model, tokenizer, settings: dict, output_dir: Path) -> None:
+    """adapter/ (M and Z), mean_adapter/ and, after in-process LoftQ, backbone/ (the quantized Q the adapter
+    names), each written atomically."""
+    backbone = output_dir / "backbone" if in_process_loftq(settings) else settings["model_name_or_path"]
+    peft_model.peft_config["default"].base_model_name_or_path = str(backbone)
+    save_llmm_adapter(peft_model, str(output_dir / "adapter"), overwrite=True)
+    export_mean_adapter(peft_model, str(output_dir / "mean_adapter"), overwrite=True)
+    if in_process_loftq(settings):
+        with atomic_dir(str(backbone), overwrite=True) as tmp_dir:
+            peft_model.unload().save_pretrained(tmp_dir)
+            tokenizer.save_pretrained(tmp_dir)

@@ -20,7 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from llmm.glue import TASKS, get_task
-from utils_llmm import run_main
+from utils_llmm import run_main, write_text
 
 COLUMN_ORDER = ("mnli", "qnli", "rte", "sst2", "mrpc", "cola", "qqp", "stsb", "wnli")  # LoftQ's table order
 METHOD_ORDER = ("lora", "qlora", "loftq", "llmm")
@@ -57,9 +57,15 @@ def gather(paths: list[str], which: str) -> tuple[dict, list[str]]:
         raise FileNotFoundError(f"no results.json below {paths}: train with scripts/train_glue.py first")
     table, skipped = defaultdict(lambda: defaultdict(list)), []
     for file in files:
-        results = json.loads(file.read_text())
-        if results.get("task") not in TASKS:
-            raise ValueError(f"{str(file)!r} is not a GLUE results.json (task {results.get('task')!r})")
+        try:
+            results = json.loads(file.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{str(file)!r} is not valid JSON ({error}): delete it or re-run the training that "
+                             "writes it") from None
+        if not isinstance(results, dict) or results.get("task") not in TASKS:
+            task = results.get("task") if isinstance(results, dict) else None
+            raise ValueError(f"{str(file)!r} is not a GLUE results.json (task {task!r}): pass GLUE run directories "
+                             "(written by scripts/train_glue.py)")
         scores = cell_scores(results, which) if results.get("complete") else None
         if scores is None:
             skipped.append(str(file))
@@ -90,10 +96,11 @@ def main(argv: list[str] | None = None) -> str:
     for file in skipped:
         print(f"skipped (incomplete): {file}", file=sys.stderr)
     if not table:
-        raise ValueError(f"none of the {len(skipped)} results.json files is complete")
+        raise ValueError(f"none of the {len(skipped)} results.json files is complete: let the runs finish (or "
+                         "continue them with --resume_from_checkpoint)")
     text = markdown(table)
     if args.output:
-        Path(args.output).write_text(text)
+        write_text(args.output, text)
     print(text, end="")
     return text
 

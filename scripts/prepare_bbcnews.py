@@ -32,7 +32,8 @@ def default_corpus_dir() -> Path:
 def read_corpus(corpus_dir: Path) -> tuple[list[str], list[tuple[str, int]], int]:
     """(class names, deduplicated (text, label) pairs, number of documents dropped as duplicates)."""
     if not corpus_dir.is_dir():
-        raise FileNotFoundError(f"corpus directory {str(corpus_dir)!r} does not exist")
+        raise FileNotFoundError(f"corpus directory {str(corpus_dir)!r} does not exist: pass --corpus_dir (one "
+                                "sub-folder of .txt files per class)")
     classes = sorted(p.name for p in corpus_dir.iterdir() if p.is_dir())
     if len(classes) < 2:
         raise ValueError(f"{str(corpus_dir)!r} needs one sub-folder per class, found {classes}")
@@ -88,7 +89,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dev_fraction", type=float, default=0.1)
     parser.add_argument("--test_fraction", type=float, default=0.2)
+    parser.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty --out_dir")
     args = parser.parse_args(argv)
+    if not (0 < args.dev_fraction and 0 < args.test_fraction and args.dev_fraction + args.test_fraction < 1):
+        raise ValueError(f"dev_fraction {args.dev_fraction} and test_fraction {args.test_fraction}: pass fractions "
+                         "in (0, 1) that sum to less than 1")
+    U.check_output_dir(args.out_dir, overwrite=args.overwrite)
     report = prepare(Path(args.out_dir), Path(args.corpus_dir) if args.corpus_dir else None, args.seed,
                      args.dev_fraction, args.test_fraction)
     U.logger.info("BBC News: %s", report)

@@ -143,6 +143,7 @@ def main(argv=None) -> Path:
     extra = {"num_labels": settings["num_labels"]} if settings.get("num_labels") else {}
     # The checkpoint's own dtype, so LoftQ sees the original weights; the backbone is saved in settings["dtype"].
     model = U.load_pretrained(LOADERS[settings["task_type"]], settings["model"], dtype="auto", **extra)
+    target_linears(model, targets, settings["rank"])  # bad targets or rank fail before anything is written
     final_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", dir=final_dir.parent))
     try:

@@ -30,7 +30,7 @@ import utils_llmm as U
 from llmm import LlmmConfig, llmm_layers, load_llmm_model, sample_factor
 from llmm.prompts import (accuracy, encode_prompt, extract_answer, gold_answer, gsm8k_source, is_correct,
                           load_records, majority_vote)
-from scripts.causal_lm import add_model_flags, load_backbone, make_output_dir
+from scripts.causal_lm import add_model_flags, load_backbone
 
 TABLE = U.CONFIGS / "gsm8k_test.yaml"
 MODES = ("mean", "sample", "mc")
@@ -49,6 +49,7 @@ def parse_settings(argv=None) -> dict:
     U.add_setting_flags(parser, table)
     args = parser.parse_args(argv)
     settings = U.resolve_settings(table, args)
+    U.check_data_paths(data=settings.get("data"))
     given = [name for name in SAMPLING if getattr(args, name) is not None]
     if given and not settings["do_sample"]:
         raise ValueError(f"--{given[0]} only applies to sampling: add --decoding reference (or --do_sample true)")
@@ -65,7 +66,8 @@ def check_adapter(settings: dict) -> LlmmConfig:
                                 "train_gsm8k.py run")
     config = LlmmConfig.from_pretrained(adapter)
     if settings.get("K") is not None and settings["K"] != config.k:
-        raise ValueError(f"the adapter in {adapter!r} has K={config.k} but --K {settings['K']} was given")
+        raise ValueError(f"the adapter in {adapter!r} has K={config.k} but --K {settings['K']} was given: drop --K "
+                         f"or pass --K {config.k}")
     if settings.get("model_name_or_path") is None:
         if not config.base_model_name_or_path:
             raise ValueError(f"{adapter!r} does not name its backbone: pass --model_name_or_path")
@@ -191,11 +193,9 @@ def main(argv=None) -> dict:
         "model": settings["model_name_or_path"], "wall_time_s": time.time() - started,
         "settings": settings, "versions": U.versions(),
     }
-    make_output_dir(output_dir, settings["overwrite"])
+    U.make_output_dir(output_dir, settings["overwrite"])
     if state.is_main_process:
-        with open(output_dir / "predictions.jsonl", "w") as handle:
-            for prediction in predictions:
-                handle.write(json.dumps(prediction) + "\n")
+        U.write_text(output_dir / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
         U.write_json(output_dir / "results.json", results)
         U.logger.info("GSM8K accuracy %.2f%% (%d / %d) -> %s", 100 * results["accuracy"], results["n_correct"],
                       results["n"], output_dir)

@@ -4,6 +4,7 @@
     python -m scripts.train_glue --task mrpc --quant uniform --rank 16 --bits 4 --method loftq
     python -m scripts.train_glue --task stsb --quant nf --rank 16 --data_dir glue_data/STS-B --max_steps 2
     torchrun --nproc_per_node 2 -m scripts.train_glue --task cola --quant nf --rank 32   # or: accelerate launch -m
+    python -m scripts.train_glue --task cola --quant nf --rank 32 --resume_from_checkpoint   # continue a stopped run
 
 Every hyperparameter comes from the row of configs/glue.yaml selected by (task, quant, rank); the flag of the same
 name overrides it (--help lists them). --method picks what is trained, always through the llmm package:
@@ -18,7 +19,8 @@ The classifier head and pooler train in full precision (PEFT modules_to_save). D
 --mc_samples sampled networks, llmm.predict.mc_predict). Writes to --output_dir (default
 runs/glue/<method>-<quant><bits>-r<rank>/<task>/seed<seed>): settings.json, results.json (dev metrics and training
 loss per epoch, best and last epoch; NLL/Brier/ECE for classification), adapter/ (M and Z, for
-llmm.load_llmm_model), mean_adapter/ (a plain PEFT LoRA adapter) and curves.png.
+llmm.load_llmm_model), mean_adapter/ (a plain PEFT LoRA adapter) and curves.png, and checkpoint-N/ (every
+save_steps steps, or every epoch; the newest save_total_limit kept) for --resume_from_checkpoint.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import check_target_module_exists
@@ -34,7 +37,6 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
-    Trainer,
     TrainerCallback,
     TrainingArguments,
 )
@@ -46,13 +48,20 @@ from llmm.predict import mc_predict, mc_regress
 from llmm.quant import ALLOWED_METHODS, fake_quantize
 from utils_llmm import (
     CONFIGS,
+    LlmmTrainer,
+    add_resume_flag,
     add_setting_flags,
+    check_adapter_settings,
+    check_checkpoint,
+    check_data_paths,
+    check_output_dir,
     default_targets,
+    find_checkpoint,
     llmm_config,
     load_pretrained,
     logger,
+    make_output_dir,
     plot_curves,
-    prepare_output_dir,
     read_yaml,
     resolve_settings,
     run_main,
@@ -64,6 +73,7 @@ from utils_llmm import (
 TABLE = CONFIGS / "glue.yaml"
 METHODS = ("llmm", "loftq", "qlora", "lora")
 EVAL_NOISE = ("mean", "sample", "mc")
+NAN = float("nan")
 
 
 def build_parser(table: dict) -> argparse.ArgumentParser:
@@ -87,6 +97,7 @@ def build_parser(table: dict) -> argparse.ArgumentParser:
     parser.add_argument("--target_modules", nargs="+", default=None, help="default: configs/targets.yaml")
     parser.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps (smoke "
                         "runs); overrides epochs")
+    add_resume_flag(parser)
     add_setting_flags(parser, table)
     return parser
 
@@ -108,13 +119,17 @@ def resolve(argv: list[str] | None) -> tuple[GlueTask, dict]:
     if method == "lora" and settings["quantize_embeddings"]:
         raise ValueError("--method lora keeps the backbone in full precision: drop --quantize_embeddings")
     settings["backbone"] = "full-precision" if method == "lora" else f"{settings['quant']} {settings['bits']}-bit"
+    check_adapter_settings(settings)
+    check_data_paths(data_dir=settings.get("data_dir"), train_file=settings.get("train_file"),
+                     validation_file=settings.get("validation_file"))
     if settings["eval_noise"] not in EVAL_NOISE:
         raise ValueError(f"eval_noise must be one of {EVAL_NOISE}, got {settings['eval_noise']!r}")
     checks = {"mc_samples": settings["mc_samples"] >= 1, "epochs": settings["epochs"] > 0,
               "learning_rate": settings["learning_rate"] > 0, "batch_size": settings["batch_size"] >= 1,
               "grad_accum": settings["grad_accum"] >= 1, "warmup_ratio": 0 <= settings["warmup_ratio"] < 1,
               "max_steps": settings.get("max_steps") is None or settings["max_steps"] >= 1,
-              "eval_steps": settings["eval_steps"] >= 0}
+              "eval_steps": settings["eval_steps"] >= 0, "save_steps": settings["save_steps"] >= 0,
+              "save_total_limit": settings["save_total_limit"] >= 1}
     for name, ok in checks.items():
         if not ok:
             raise ValueError(f"{name} = {settings.get(name)!r} is out of range (see configs/glue.yaml)")
@@ -153,8 +168,8 @@ def wrap_model(model, settings: dict):
     return llmm.get_llmm_model(model, config)
 
 
-class GlueTrainer(Trainer):
-    """The HF Trainer; with ``mc_samples`` set, evaluation averages that many sampled networks per batch."""
+class GlueTrainer(LlmmTrainer):
+    """The Llmm Trainer; with ``mc_samples`` set, evaluation averages that many sampled networks per batch."""
 
     def __init__(self, *args, mc_samples: int | None = None, regression: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
@@ -180,46 +195,55 @@ def metrics_function(task: GlueTask):
         if task.is_regression:
             return task_metrics(task, outputs.reshape(-1), labels)
         probs = softmax(outputs.astype("float64"), axis=-1)
+        if not np.isfinite(probs).all():  # a diverged model: NaN scores here, the training step stops the run
+            return {**task_metrics(task, probs.argmax(axis=-1), labels), "nll": NAN, "brier": NAN, "ece": NAN}
         return {**task_metrics(task, probs.argmax(axis=-1), labels), **calibration_metrics(probs, labels)}
 
     return compute
 
 
 class ResultsRecorder(TrainerCallback):
-    """Training loss and dev metrics per epoch; rewrites results.json (atomically) after every evaluation."""
+    """Training loss and dev metrics per epoch, read from the Trainer's log history (which a resumed run restores
+    from its checkpoint); rewrites results.json (atomically) after every evaluation."""
 
     SKIP = ("_runtime", "_samples_per_second", "_steps_per_second")
 
     def __init__(self, out_dir: Path, task: GlueTask, header: dict):
         self.out_dir, self.task, self.header, self.epochs = out_dir, task, header, []
 
-    def _entry(self, state) -> dict:
-        epoch = round(state.epoch or 0.0, 4)
-        if not self.epochs or self.epochs[-1]["epoch"] != epoch:
-            self.epochs.append({"epoch": epoch, "step": state.global_step, "train_loss": None, "dev": {}})
-        return self.epochs[-1]
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
-            self._entry(state)["train_loss"] = logs["loss"]
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+    def read(self, log_history: list[dict]) -> list[dict]:
+        """One entry per logged epoch (or step): {epoch, step, train_loss, dev: {split: {metric: value}}}."""
         splits = sorted(self.task.dev_splits, key=len, reverse=True)  # longest first: prefixes may overlap
-        split = next(s for s in splits if any(key.startswith(f"eval_{s}_") for key in metrics))
-        prefix = f"eval_{split}_"
-        self._entry(state)["dev"][split] = {key[len(prefix):]: value for key, value in metrics.items()
-                                            if key.startswith(prefix) and not key.endswith(self.SKIP)}
+        epochs = {}
+        for log in log_history:
+            dev = {}
+            for key, value in log.items():
+                split = next((s for s in splits if key.startswith(f"eval_{s}_")), None)
+                if split and not key.endswith(self.SKIP):
+                    dev.setdefault(split, {})[key[len(f"eval_{split}_"):]] = value
+            if "loss" not in log and not dev:
+                continue
+            epoch = round(log.get("epoch") or 0.0, 4)
+            entry = epochs.setdefault(epoch, {"epoch": epoch, "step": log["step"], "train_loss": None, "dev": {}})
+            entry["train_loss"] = log.get("loss", entry["train_loss"])
+            for split, metrics in dev.items():
+                entry["dev"].setdefault(split, {}).update(metrics)
+        self.epochs = list(epochs.values())
+        return self.epochs
+
+    def on_evaluate(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            self.write(complete=False)
+            self.write(state.log_history, complete=False)
 
     def _main_value(self, entry: dict):
         return entry["dev"].get(self.task.dev_splits[0], {}).get(self.task.main_metric)
 
-    def write(self, complete: bool) -> dict:
-        scored = [e for e in self.epochs if self._main_value(e) is not None]
+    def write(self, log_history: list[dict], complete: bool) -> dict:
+        epochs = self.read(log_history)
+        scored = [e for e in epochs if self._main_value(e) is not None]
         results = {**self.header, "main_metric": self.task.main_metric, "main_split": self.task.dev_splits[0],
-                   "epochs": self.epochs, "best": max(scored, key=self._main_value, default=None),
-                   "last": self.epochs[-1] if self.epochs else None, "complete": complete}
+                   "epochs": epochs, "best": max(scored, key=self._main_value, default=None),
+                   "last": epochs[-1] if epochs else None, "complete": complete}
         write_json(self.out_dir / "results.json", results)
         return results
 
@@ -235,9 +259,30 @@ class ResultsRecorder(TrainerCallback):
 
 
 def save_adapters(model, out_dir: Path) -> None:
-    """adapter/ (M and Z) and mean_adapter/ (plain PEFT LoRA), each written atomically."""
-    llmm.save_llmm_adapter(model, str(out_dir / "adapter"))
-    llmm.export_mean_adapter(model, str(out_dir / "mean_adapter"))
+    """adapter/ (M and Z) and mean_adapter/ (plain PEFT LoRA), each written atomically (replacing those of an
+    earlier attempt of this run)."""
+    llmm.save_llmm_adapter(model, str(out_dir / "adapter"), overwrite=True)
+    llmm.export_mean_adapter(model, str(out_dir / "mean_adapter"), overwrite=True)
+
+
+def training_arguments(settings: dict, out: Path) -> TrainingArguments:
+    """TrainingArguments from the settings; checkpoints every save_steps optimizer steps (0: every epoch)."""
+    every = "steps" if settings["eval_steps"] else "epoch"
+    return TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=settings["batch_size"],
+        gradient_accumulation_steps=settings["grad_accum"], per_device_eval_batch_size=settings["eval_batch_size"],
+        learning_rate=settings["learning_rate"], weight_decay=settings["weight_decay"],
+        num_train_epochs=settings["epochs"], max_steps=settings.get("max_steps") or -1,
+        lr_scheduler_type=settings["lr_scheduler"], warmup_steps=settings["warmup_ratio"],  # < 1: a ratio
+        max_grad_norm=settings["max_grad_norm"], seed=settings["seed"],
+        eval_strategy=every, eval_steps=settings["eval_steps"] or None,
+        logging_strategy=every, logging_steps=settings["eval_steps"] or 500,
+        save_strategy="steps" if settings["save_steps"] else "epoch", save_steps=settings["save_steps"] or 500,
+        save_total_limit=settings["save_total_limit"], report_to="none",
+        use_cpu=not torch.cuda.is_available(),  # also what makes torchrun on CPU use DDP (gloo)
+        average_tokens_across_devices=False,  # else DDP multiplies the (per-example mean) loss by the world size
+        ddp_find_unused_parameters=False,  # every trainable tensor is in the graph, K = 0 included
+    )
 
 
 def main(argv: list[str] | None = None) -> dict | None:
@@ -246,29 +291,19 @@ def main(argv: list[str] | None = None) -> dict | None:
     tag = f"{settings['method']}-{settings['quant']}{settings['bits']}-r{settings['rank']}"
     out = Path(settings.get("output_dir") or Path("runs/glue") / tag / task.name / f"seed{settings['seed']}")
     settings["output_dir"] = str(out)
-    training_args = TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=settings["batch_size"],
-        gradient_accumulation_steps=settings["grad_accum"], per_device_eval_batch_size=settings["eval_batch_size"],
-        learning_rate=settings["learning_rate"], weight_decay=settings["weight_decay"],
-        num_train_epochs=settings["epochs"], max_steps=settings.get("max_steps") or -1,
-        lr_scheduler_type=settings["lr_scheduler"], warmup_steps=settings["warmup_ratio"],  # < 1: a ratio
-        max_grad_norm=settings["max_grad_norm"], seed=settings["seed"],
-        eval_strategy="steps" if settings["eval_steps"] else "epoch", eval_steps=settings["eval_steps"] or None,
-        logging_strategy="steps" if settings["eval_steps"] else "epoch", logging_steps=settings["eval_steps"] or 500,
-        save_strategy="no", report_to="none",
-        use_cpu=not torch.cuda.is_available(),  # also what makes torchrun on CPU use DDP (gloo)
-        average_tokens_across_devices=False,  # else DDP multiplies the (per-example mean) loss by the world size
-    )
-    main_process = training_args.process_index == 0
-    if main_process:
-        prepare_output_dir(out, overwrite=settings["overwrite"])
+    checkpoint = find_checkpoint(settings.get("resume_from_checkpoint"), out)
+    if checkpoint:
+        check_checkpoint(checkpoint, settings)
+    check_output_dir(out, settings["overwrite"], resume=checkpoint is not None)
+    training_args = training_arguments(settings, out)
 
     seed_everything(settings["seed"])
     tokenizer, model = load_model(settings, task)
     model = wrap_model(model.to(training_args.device), settings)  # LoftQ runs on the training device
     data = tokenize(raw, task, tokenizer, settings["max_length"])
-    if main_process:
-        write_json(out / "settings.json", {**settings, "versions": versions()})
+    make_output_dir(out, settings["overwrite"], resume=checkpoint is not None)  # only now: everything loaded
+    if training_args.process_index == 0:
+        write_json(out / "settings.json", {**settings, "resumed_from": checkpoint, "versions": versions()})
 
     header = {key: settings[key] for key in ("task", "method", "backbone", "quant", "bits", "rank", "K", "llmmscale",
                                              "learning_rate", "seed", "eval_noise")}
@@ -282,11 +317,11 @@ def main(argv: list[str] | None = None) -> dict | None:
         callbacks=[recorder], regression=task.is_regression,
         mc_samples=settings["mc_samples"] if settings["eval_noise"] == "mc" else None,
     )
-    trainer.train()
+    trainer.train(resume_from_checkpoint=checkpoint)
     if not trainer.is_world_process_zero():
         return None
     save_adapters(trainer.model, out)
-    results = recorder.write(complete=True)
+    results = recorder.write(trainer.state.log_history, complete=True)
     recorder.plot()
     best = results["best"]
     logger.info("%s %s: best %s %s at epoch %s; outputs in %s", task.name, settings["method"], task.main_metric,

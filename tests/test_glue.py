@@ -213,12 +213,12 @@ def test_script_fails_before_loading_the_model(tmp_path):
     with pytest.raises(ValueError, match="label 'maybe' in row 1 is not a sst2 label"):
         train_glue.main(["--task", "sst2", *common, "--train_file", str(tmp_path / "train.csv"),
                          "--validation_file", str(tmp_path / "train.csv")])
-    with pytest.raises(FileNotFoundError, match="data file .*missing.tsv' does not exist"):
+    with pytest.raises(FileNotFoundError, match="--train_file .*missing.tsv' does not exist"):
         train_glue.main(["--task", "sst2", *common, "--train_file", str(tmp_path / "missing.tsv"),
                          "--validation_file", str(tmp_path / "train.csv")])
     with pytest.raises(FileNotFoundError, match="model path .*no_model' does not exist"):
         train_glue.main(["--task", "cola", *common, "--data_dir", str(DATA)])
-    assert not (tmp_path / "o" / "settings.json").exists()
+    assert not (tmp_path / "o").exists()  # nothing is written before the model is loaded
 
 
 def test_cli_errors_are_one_line_with_exit_code_2(tmp_path):

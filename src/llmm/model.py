@@ -119,12 +119,14 @@ def load_llmm_model(
     missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
     if missing or unexpected:
         raise ValueError(f"adapter {adapter_dir!r} does not match the model: missing {missing[:4]}, "
-                         f"unexpected {unexpected[:4]} (different targets, K or architecture?)")
+                         f"unexpected {unexpected[:4]} (different targets, K or architecture?): load it onto the "
+                         "backbone it was trained on")
     for key, tensor in expected.items():
         if saved[key].shape != tensor.shape:
             what = "K" if key.endswith(DIRECTION_KEYS) and saved[key].shape[1:] == tensor.shape[1:] else "shape"
             raise ValueError(f"adapter {adapter_dir!r}: {key} has {what} {tuple(saved[key].shape)}, the model "
-                             f"expects {tuple(tensor.shape)} (config K={config.k}, r={config.r})")
+                             f"expects {tuple(tensor.shape)} (config K={config.k}, r={config.r}): load it onto the "
+                             "backbone it was trained on")
     set_peft_model_state_dict(model, saved)
     if not is_trainable:
         model.eval()

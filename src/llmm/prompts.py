@@ -109,7 +109,7 @@ def encode_joint(tokenizer, source: str, target: str, max_length: int) -> dict:
 # --- data ----------------------------------------------------------------------------------------------------------
 
 def check_fields(records, task: str, where: str) -> None:
-    """Every record has the task's required fields (``records``: a list of dicts or a datasets.Dataset)."""
+    """Every record has the task's required fields, as text (``records``: a list of dicts or a datasets.Dataset)."""
     required = REQUIRED_FIELDS[task]
     columns = getattr(records, "column_names", None)
     if columns is not None:  # a datasets.Dataset: check its columns once
@@ -122,6 +122,10 @@ def check_fields(records, task: str, where: str) -> None:
         if missing:
             raise ValueError(f"{where}: record {index + 1} lacks field(s) {missing}; {task} records need "
                              f"{list(required)}")
+        wrong = [f for f in required if not isinstance(record[f], str)]
+        if wrong:
+            raise ValueError(f"{where}: record {index + 1}'s {wrong[0]!r} is a {type(record[wrong[0]]).__name__}, "
+                             "not text: write it as a JSON string")
 
 
 def load_records(source: str, task: str, config_name: str | None = None) -> dict:

@@ -1,0 +1,269 @@
+"""Bad input across every entry point: a table of (script, arguments, problem, fix).
+
+Each case runs the script's ``main(argv)`` the way its command line does (``utils_llmm.run_main``), in-process to
+keep CI time down, and asserts: a non-zero exit, exactly one ``error:`` line, last on stderr, naming the problem
+and the fix, and not a single file or directory under the test's world created, changed or removed. A few cases
+run as real subprocesses, through ``python -m scripts.X``.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import LLAMA_TARGETS, REPO_ROOT, tiny_llama
+from test_glue import DATA as GLUE_DATA
+from test_glue import save_tiny_model
+from test_resume import save_tiny_llama
+from transformers import AutoModelForCausalLM
+
+import utils_llmm as U
+from llmm import LlmmConfig, get_llmm_model
+from scripts import (glue_table, prepare_bbcnews, quantize_model, test_gsm8k, train_glue, train_gsm8k,
+                     train_nlg)
+
+SCRIPTS = {module.__name__.split(".")[-1]: module for module in
+           (train_glue, train_nlg, train_gsm8k, test_gsm8k, quantize_model, glue_table, prepare_bbcnews)}
+DATA = REPO_ROOT / "tests" / "data"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Everything the cases read: tiny models, an init directory, adapters, data files good and bad, used output
+    directories. The cases must leave all of it exactly as it is."""
+    w = tmp_path_factory.mktemp("world")
+    save_tiny_model(w / "deberta")
+    save_tiny_llama(w / "llama")
+    quantize_model.main(["--model", str(w / "llama"), "--save_dir", str(w / "quantized"), "--rank", "16", "--bits",
+                         "4", "--K", "2", "--loftq_iter", "1", "--lora_alpha", "16", "--dtype", "float32"])
+    shutil.copytree(GLUE_DATA, w / "glue")
+    for name in ("gsm8k.jsonl", "alpaca.jsonl"):
+        shutil.copy(DATA / name, w / name)
+    files = {
+        "broken.jsonl": '{"sentence": "a", "label": 0}\n{"sentence": "b", \n',
+        "sst2_bad_label.csv": "sentence,label\ngood,maybe\n",
+        "gsm8k_broken.jsonl": '{"question": "q", "answer": "#### 1"}\n{"question": \n',
+        "gsm8k_no_gold.jsonl": '{"question": "How many?", "answer": "three"}\n',
+        "gsm8k_no_answer.jsonl": '{"question": "How many?"}\n',
+        "gsm8k_number_answer.jsonl": '{"question": "How many?", "answer": "#### 3"}\n{"question": "q", "answer": 3}\n',
+        "data.txt": "not json\n",
+        "used/keep.txt": "precious",
+        "used_checkpoints/checkpoints/notes.txt": "no checkpoint here",
+        "results_broken/results.json": "{not json",
+        "results_other/results.json": json.dumps({"task": "gsm8k", "complete": True}),
+        "results_incomplete/results.json": json.dumps({"task": "cola", "complete": False}),
+        "corpus_one_class/business/001.txt": "a story",
+        "bbc_out/train.csv": "sentence,label\n",
+        "glue_run/checkpoint-1/trainer_state.json": "{}",
+        "gsm8k_run/checkpoints/checkpoint-1/trainer_state.json": "{}",
+    }
+    for name, text in files.items():
+        (w / name).parent.mkdir(parents=True, exist_ok=True)
+        (w / name).write_text(text)
+    (w / "empty").mkdir()
+    # checkpoints of runs with another K / rank than the table rows the cases select
+    LlmmConfig(r=16, lora_alpha=16, k=2, target_modules=["query_proj"]).save_pretrained(w / "glue_run/checkpoint-1")
+    LlmmConfig(r=16, lora_alpha=16, k=2, target_modules=LLAMA_TARGETS).save_pretrained(
+        w / "gsm8k_run/checkpoints/checkpoint-1")
+    # an Llmm adapter (K = 2, r = 8) for the tiny Llama, and one made for another (narrower) backbone
+    for name, model in (("adapter_k2", AutoModelForCausalLM.from_pretrained(w / "llama")),
+                        ("adapter_other", tiny_llama(vocab_size=384))):
+        peft_model = get_llmm_model(model, LlmmConfig(r=8, lora_alpha=16, k=2, target_modules=LLAMA_TARGETS))
+        peft_model.peft_config["default"].base_model_name_or_path = str(w / "llama")
+        peft_model.save_pretrained(w / name)
+    return w
+
+
+def snapshot(root: Path) -> dict:
+    """Every path below ``root`` with its modification time and size (directories: None)."""
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, p.stat().st_size) if p.is_file() else None
+            for p in sorted(root.rglob("*"))}
+
+
+GLUE = ["--quant", "nf", "--rank", "16", "--model", "{w}/deberta", "--output_dir", "{w}/new", "--max_steps", "1"]
+COLA = ["--task", "cola", *GLUE, "--data_dir", "{w}/glue"]
+LM = ["--model_name_or_path", "{w}/llama", "--load_in_4bit", "false", "--dtype", "float32", "--max_steps", "1",
+      "--output_dir", "{w}/new"]
+GSM8K = ["--model", "llama-2-7b", "--rank", "64", *LM, "--init", "lora", "--data", "{w}/gsm8k.jsonl",
+         "--eval_split", "heldout", "--eval_size", "2"]
+NLG = ["--task", "alpaca", "--model", "llama-2-7b", "--rank", "16", *LM, "--init", "lora", "--data",
+       "{w}/alpaca.jsonl", "--eval_size", "2"]
+TEST = ["--adapter", "{w}/adapter_k2", "--data", "{w}/gsm8k.jsonl", "--load_in_4bit", "false", "--dtype",
+        "float32", "--max_new_tokens", "2", "--output_dir", "{w}/new"]
+QUANTIZE = ["--model", "{w}/llama", "--save_dir", "{w}/new", "--rank", "8", "--bits", "4", "--loftq_iter", "1",
+            "--dtype", "float32"]
+
+# (id, script, arguments, the problem (a regex), the fix (a regex)); {w} is the world directory.
+CASES = [
+    # --- train_glue
+    ("glue-no-model", "train_glue", [*COLA, "--model", "{w}/nope"], r"model path .*nope' does not exist",
+     "pass a local directory or a hub id"),
+    ("glue-no-data-dir", "train_glue", [*COLA, "--data_dir", "{w}/nope"], r"--data_dir .*nope' does not exist",
+     r"pass an existing file or directory"),
+    ("glue-malformed-jsonl", "train_glue", ["--task", "cola", *GLUE, "--train_file", "{w}/broken.jsonl",
+                                            "--validation_file", "{w}/broken.jsonl"], r"line 2.*JSON", r"fix|write"),
+    ("glue-wrong-label", "train_glue", ["--task", "sst2", *GLUE, "--train_file", "{w}/sst2_bad_label.csv",
+                                        "--validation_file", "{w}/sst2_bad_label.csv"],
+     r"label 'maybe' in row 1 is not a sst2 label", r"use integers"),
+    ("glue-unknown-task", "train_glue", ["--task", "colaa", *GLUE], r"unknown GLUE task 'colaa'", r"choose one of"),
+    ("glue-unknown-row", "train_glue", [*COLA, "--rank", "8"], r"no row for .*'rank': 8",
+     r"rows \(task, quant, rank\)"),
+    ("glue-K", "train_glue", [*COLA, "--K", "-1"], r"K = -1 is out of range", r"integer >= 0.*fix --K"),
+    ("glue-llmmscale", "train_glue", [*COLA, "--llmmscale", "0"], r"llmmscale = 0.0 is out of range",
+     r"fix --llmmscale"),
+    ("glue-bits", "train_glue", [*COLA, "--bits", "3"], r"bits = 3 is out of range", r"one of \(2, 4, 8\)"),
+    ("glue-mc-samples", "train_glue", [*COLA, "--mc_samples", "0"], r"mc_samples = 0 is out of range",
+     r"configs/glue.yaml"),
+    ("glue-output-exists", "train_glue", [*COLA, "--output_dir", "{w}/used"], r"exists and is not empty",
+     r"--overwrite.*--resume_from_checkpoint"),
+    ("glue-resume-nothing", "train_glue", [*COLA, "--output_dir", "{w}/used", "--resume_from_checkpoint"],
+     r"no complete checkpoint-N in .*used'", r"drop --resume_from_checkpoint"),
+    ("glue-resume-other-K", "train_glue", [*COLA, "--output_dir", "{w}/glue_run", "--resume_from_checkpoint"],
+     r"adapter with K=2, rank=16 but the settings say K=1", r"resume with the run's settings"),
+    ("glue-unknown-flag", "train_glue", [*COLA, "--lr", "1e-4"], r"unrecognized arguments: --lr", r"--lr"),
+    # --- train_gsm8k (scripts/causal_lm.py)
+    ("gsm8k-no-model", "train_gsm8k", [*GSM8K, "--model_name_or_path", "{w}/nope"],
+     r"model path .*nope' does not exist", r"pass a local directory"),
+    ("gsm8k-no-data", "train_gsm8k", [*GSM8K, "--data", "{w}/nope.jsonl"], r"--data .*nope.jsonl' does not exist",
+     r"pass an existing file"),
+    ("gsm8k-data-format", "train_gsm8k", [*GSM8K, "--data", "{w}/data.txt"], r"data.txt.*must be \.json or \.jsonl",
+     r"pass a dataset directory"),
+    ("gsm8k-malformed-jsonl", "train_gsm8k", [*GSM8K, "--data", "{w}/gsm8k_broken.jsonl"], r"line 2: malformed JSON",
+     r"fix or remove the line"),
+    ("gsm8k-missing-field", "train_gsm8k", [*GSM8K, "--data", "{w}/gsm8k_no_answer.jsonl"],
+     r"record 1 lacks field\(s\) \['answer'\]", r"records need"),
+    ("gsm8k-wrong-type", "train_gsm8k", [*GSM8K, "--data", "{w}/gsm8k_number_answer.jsonl"],
+     r"record 2's 'answer' is a int, not text", r"write it as a JSON string"),
+    ("gsm8k-unknown-row", "train_gsm8k", [*GSM8K, "--rank", "8"], r"no row for .*'rank': 8", r"rows \(model, rank\)"),
+    ("gsm8k-K", "train_gsm8k", [*GSM8K, "--K", "-2"], r"K = -2 is out of range", r"fix --K"),
+    ("gsm8k-llmmscale", "train_gsm8k", [*GSM8K, "--llmmscale", "-1"], r"llmmscale = -1 is out of range",
+     r"fix --llmmscale"),
+    ("gsm8k-bits", "train_gsm8k", [*GSM8K, "--init", "loftq", "--bits", "5"], r"bits = 5 is out of range",
+     r"one of \(2, 4, 8\)"),
+    ("gsm8k-init-rank", "train_gsm8k", [*GSM8K, "--init", "loftq", "--model_name_or_path",
+                                        "{w}/quantized/llama-4bit-16rank"],
+     r"LoftQ means for r=16 but the settings say rank=64", r"use the _init.sh directory made with that rank"),
+    ("gsm8k-output-exists", "train_gsm8k", [*GSM8K, "--output_dir", "{w}/used"], r"exists and is not empty",
+     r"--overwrite"),
+    ("gsm8k-resume-nothing", "train_gsm8k", [*GSM8K, "--output_dir", "{w}/used_checkpoints",
+                                             "--resume_from_checkpoint", "latest"],
+     r"no complete checkpoint-N in .*used_checkpoints/checkpoints'", r"drop --resume_from_checkpoint"),
+    ("gsm8k-resume-other-rank", "train_gsm8k", [*GSM8K, "--output_dir", "{w}/gsm8k_run", "--resume_from_checkpoint"],
+     r"K=2, rank=16 but the settings say K=2, rank=64", r"resume with the run's settings"),
+    ("gsm8k-resume-not-a-checkpoint", "train_gsm8k", [*GSM8K, "--resume_from_checkpoint", "{w}/empty"],
+     r"empty' is not a complete checkpoint", r"pass a checkpoint-N directory"),
+    # --- train_nlg
+    ("nlg-unknown-task", "train_nlg", [*NLG, "--task", "dolly"], r"argument --task: invalid choice: 'dolly'",
+     r"choose from"),
+    ("nlg-records-of-another-task", "train_nlg", [*NLG, "--task", "hh-rlhf", "--data", "{w}/alpaca.jsonl"],
+     r"lacks field\(s\) \['chosen'\]", r"records need"),
+    ("nlg-method-K", "train_nlg", [*NLG, "--method", "loftq", "--K", "2"], r"--method loftq trains plain LoRA factors",
+     r"drop --K or use --method llmm"),
+    ("nlg-qlora-init-dir", "train_nlg", [*NLG, "--method", "qlora", "--init", "lora", "--model_name_or_path",
+                                        "{w}/quantized/llama-4bit-16rank"],
+     r"--method qlora", r"drop --init|original checkpoint"),
+    ("nlg-4bit-loftq", "train_nlg", [*NLG, "--init", "loftq", "--load_in_4bit", "true"],
+     r"LoftQ init needs the full-precision weights", r"--load_in_4bit false"),
+    # --- test_gsm8k
+    ("test-no-adapter", "test_gsm8k", [*TEST, "--adapter", "{w}/nope"], r"adapter directory .*nope' does not exist",
+     r"pass the adapter/ folder"),
+    ("test-plain-dir-adapter", "test_gsm8k", [*TEST, "--adapter", "{w}/llama"], r"no adapter_config.json",
+     r"pass a directory written by save_pretrained"),
+    ("test-other-K", "test_gsm8k", [*TEST, "--K", "3"], r"has K=2 but --K 3 was given", r"drop --K or pass --K 2"),
+    ("test-other-backbone", "test_gsm8k", [*TEST, "--adapter", "{w}/adapter_other", "--model_name_or_path",
+                                           "{w}/llama"], r"the model expects", r"backbone it was trained"),
+    ("test-no-model", "test_gsm8k", [*TEST, "--model_name_or_path", "{w}/nope"], r"model path .*nope' does not exist",
+     r"pass a local directory"),
+    ("test-malformed-jsonl", "test_gsm8k", [*TEST, "--data", "{w}/gsm8k_broken.jsonl"], r"line 2: malformed JSON",
+     r"fix or remove"),
+    ("test-no-gold", "test_gsm8k", [*TEST, "--data", "{w}/gsm8k_no_gold.jsonl"],
+     r"record 1's answer has no '#### <number>' gold answer", r"add|####"),
+    ("test-wrong-type", "test_gsm8k", [*TEST, "--data", "{w}/gsm8k_number_answer.jsonl"],
+     r"record 2's 'answer' is a int, not text", r"write it as a JSON string"),
+    ("test-unknown-decoding", "test_gsm8k", [*TEST, "--decoding", "beam"], r"invalid choice: 'beam'", r"choose from"),
+    ("test-sampling-option", "test_gsm8k", [*TEST, "--temperature", "0.5"], r"--temperature only applies to sampling",
+     r"add --decoding reference"),
+    ("test-output-exists", "test_gsm8k", [*TEST, "--output_dir", "{w}/used"], r"exists and is not empty",
+     r"pass --overwrite"),
+    # --- quantize_model
+    ("quantize-no-model", "quantize_model", [*QUANTIZE, "--model", "{w}/nope"], r"model path .*nope' does not exist",
+     r"pass a local directory"),
+    ("quantize-bits", "quantize_model", [*QUANTIZE, "--bits", "3"], r"bits must be one of \(2, 4, 8\), got 3",
+     r"bits must be one of"),
+    ("quantize-rank", "quantize_model", [*QUANTIZE, "--rank", "0"], r"rank=0", r"need rank >= 1"),
+    ("quantize-K", "quantize_model", [*QUANTIZE, "--K", "-1"], r"K=-1", r"need .*K >= 0"),
+    ("quantize-rank-too-wide", "quantize_model", [*QUANTIZE, "--rank", "512"], r"rank 512 exceeds", r"min\(shape\)"),
+    ("quantize-cuda", "quantize_model", [*QUANTIZE, "--device", "cuda"], r"--device cuda needs CUDA",
+     r"drop the option"),
+    ("quantize-unknown-preset", "quantize_model", [*QUANTIZE, "--preset", "llama-1b"], r"no row for",
+     r"rows \(preset\)"),
+    ("quantize-output-exists", "quantize_model", [*QUANTIZE, "--save_dir", "{w}/quantized", "--rank", "16"],
+     r"exists and is not empty", r"pass --overwrite or another --save_dir"),
+    # --- glue_table
+    ("table-no-path", "glue_table", ["{w}/nope"], r"nope' does not exist", r"pass run directories"),
+    ("table-no-results", "glue_table", ["{w}/empty"], r"no results.json below", r"train with scripts/train_glue.py"),
+    ("table-malformed-results", "glue_table", ["{w}/results_broken"], r"results_broken/results.json.* not valid JSON",
+     r"delete it or re-run"),
+    ("table-other-task", "glue_table", ["{w}/results_other"], r"is not a GLUE results.json \(task 'gsm8k'\)",
+     r"pass GLUE run directories"),
+    ("table-incomplete", "glue_table", ["{w}/results_incomplete", "--output", "{w}/used/keep.txt"],
+     r"none of the 1 results.json files is complete", r"continue them with --resume_from_checkpoint"),
+    ("table-which", "glue_table", ["{w}/results_incomplete", "--which", "first"], r"invalid choice: 'first'",
+     r"choose from"),
+    # --- prepare_bbcnews
+    ("bbc-no-corpus", "prepare_bbcnews", ["--out_dir", "{w}/new", "--corpus_dir", "{w}/nope"],
+     r"corpus directory .*nope' does not exist", r"pass --corpus_dir"),
+    ("bbc-one-class", "prepare_bbcnews", ["--out_dir", "{w}/new", "--corpus_dir", "{w}/corpus_one_class"],
+     r"needs one sub-folder per class", r"found \['business'\]"),
+    ("bbc-output-exists", "prepare_bbcnews", ["--out_dir", "{w}/bbc_out", "--corpus_dir", "{w}/corpus_one_class"],
+     r"exists and is not empty", r"--overwrite"),
+    ("bbc-fraction", "prepare_bbcnews", ["--out_dir", "{w}/new", "--corpus_dir", "{w}/corpus_one_class",
+                                         "--dev_fraction", "0.9"], r"dev_fraction 0.9 and test_fraction 0.2",
+     r"fractions in \(0, 1\) that sum to less than 1"),
+]
+
+
+def run_cli(script: str, argv: list[str], capsys) -> tuple[int, str]:
+    """(exit code, stderr) of ``python -m scripts.<script> argv``, run in-process."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        U.run_main(lambda: SCRIPTS[script].main(argv))
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def check_one_error_line(stderr: str, problem: str, fix: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if "error:" in line]
+    assert errors and errors == [lines[-1]], stderr[-2000:]  # one error line, the last thing on stderr
+    assert re.search(problem, errors[0]), errors[0]
+    assert re.search(fix, errors[0]), errors[0]
+    return errors[0]
+
+
+@pytest.mark.parametrize("script, argv, problem, fix", [case[1:] for case in CASES], ids=[case[0] for case in CASES])
+def test_bad_input(world, capsys, script, argv, problem, fix):
+    before = snapshot(world)
+    code, stderr = run_cli(script, [a.replace("{w}", str(world)) for a in argv], capsys)
+    assert code == 2
+    check_one_error_line(stderr, problem, fix)
+    assert snapshot(world) == before  # nothing created, changed or removed
+
+
+def test_real_command_lines(world):
+    """Through ``python -m`` (the scripts' __main__ wiring), several at once to save time."""
+    cases = [case for case in CASES if case[0] in ("gsm8k-K", "table-malformed-results", "bbc-output-exists")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    before = snapshot(world)
+    runs = [(case, subprocess.Popen([sys.executable, "-m", f"scripts.{case[1]}",
+                                     *[a.replace("{w}", str(world)) for a in case[2]]],
+                                    cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+            for case in cases]
+    for (name, _, _, problem, fix), run in runs:
+        _, stderr = run.communicate(timeout=120)
+        assert run.returncode == 2, (name, stderr[-2000:])
+        check_one_error_line(stderr, problem, fix)
+    assert snapshot(world) == before

@@ -1,0 +1,63 @@
+"""Several processes: scripts/train_glue.py and scripts/train_gsm8k.py under `torchrun --nproc_per_node 2` on CPU
+(DDP over gloo) on tiny models; each process draws its own noise and only the main process writes."""
+
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import torch
+from test_glue import DATA as GLUE_DATA
+from test_glue import model_dir  # noqa: F401  (the tiny DeBERTa fixture)
+from test_resume import llama_dir  # noqa: F401  (the tiny Llama fixture)
+
+import utils_llmm as U
+from conftest import REPO_ROOT
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+
+
+def test_each_process_draws_its_own_noise():
+    """PerProcessNoise seeds torch with seed + process index: the processes' eps differ, a process's are seeded."""
+    def draws(process_index):
+        U.PerProcessNoise().on_train_begin(SimpleNamespace(seed=17, process_index=process_index), None, None)
+        return torch.randn(4)
+
+    assert not torch.equal(draws(0), draws(1))
+    assert torch.equal(draws(1), draws(1))
+
+
+def test_torchrun_two_processes_write_one_adapter(model_dir, llama_dir, tmp_path):  # noqa: F811
+    glue, gsm8k = tmp_path / "glue", tmp_path / "gsm8k"
+    commands = {
+        glue: [*TORCHRUN, "-m", "scripts.train_glue", "--task", "cola", "--quant", "nf", "--rank", "16", "--bits",
+               "4", "--model", model_dir, "--data_dir", str(GLUE_DATA), "--max_steps", "2", "--batch_size", "2",
+               "--grad_accum", "1", "--eval_batch_size", "4", "--output_dir", str(glue)],
+        gsm8k: [*TORCHRUN, "-m", "scripts.train_gsm8k", "--model", "llama-2-7b", "--rank", "64",
+                "--model_name_or_path", str(llama_dir), "--init", "loftq", "--loftq_iter", "1", "--data",
+                str(REPO_ROOT / "tests" / "data" / "gsm8k.jsonl"), "--eval_split", "heldout", "--eval_size", "2",
+                "--load_in_4bit", "false", "--dtype", "float32", "--max_steps", "2", "--logging_steps", "1",
+                "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1", "--output_dir",
+                str(gsm8k)],
+    }
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    runs = {out: subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True) for out, command in commands.items()}  # both at once: CI time
+    logs = {out: run.communicate(timeout=300)[0] for out, run in runs.items()}
+    for out, run in runs.items():
+        assert run.returncode == 0, logs[out][-3000:]
+        seed = json.loads((out / "settings.json").read_text())["seed"]
+        for rank in (0, 1):
+            assert f"process {rank} draws its noise from seed {seed + rank}" in logs[out]
+        names = {path.name for path in out.iterdir()}
+        assert not any(name.startswith(".") for name in names), names  # no temporary directory left behind
+        assert {"adapter", "mean_adapter", "results.json", "settings.json"} <= names
+        for adapter in ("adapter", "mean_adapter"):
+            assert {p.name for p in (out / adapter).iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
+        checkpoint = next((out / "checkpoints").glob("checkpoint-*") if out == gsm8k else out.glob("checkpoint-*"))
+        assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in checkpoint.iterdir()}  # one per process
+    assert json.loads((glue / "results.json").read_text())["complete"]
+    assert json.loads((gsm8k / "results.json").read_text())["global_step"] == 2
+    assert sorted(p.name for p in gsm8k.iterdir() if p.is_dir()) == ["adapter", "backbone", "checkpoints",
+                                                                    "mean_adapter"]

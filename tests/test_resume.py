@@ -1,0 +1,177 @@
+"""Resume and divergence, for scripts/train_glue.py and scripts/train_gsm8k.py (scripts/causal_lm.py) on CPU.
+
+A run killed at step N and resumed from its newest checkpoint must reproduce the uninterrupted run exactly: the
+checkpoint holds the adapter's M and Z, the optimizer, the scheduler and the RNG state (the noise eps comes from
+torch's global generator). A non-finite loss stops training with one line (exit code 3) and keeps the last good
+checkpoint.
+"""
+
+import json
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_glue import DATA as GLUE_DATA
+from test_glue import model_dir  # noqa: F401  (the tiny DeBERTa fixture)
+from test_prompts import byte_level_tokenizer
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import utils_llmm as U
+from conftest import REPO_ROOT
+from scripts import train_glue, train_gsm8k
+
+GSM8K_DATA = REPO_ROOT / "tests" / "data" / "gsm8k.jsonl"
+
+
+class Killed(Exception):
+    """Stands for the process being killed in the middle of a step."""
+
+
+def kill_at_step(monkeypatch, step: int) -> None:
+    """Make the next training run die as optimizer step ``step`` begins (after the checkpoints before it)."""
+    original = U.LlmmTrainer.training_step
+
+    def training_step(self, *args, **kwargs):
+        if self.state.global_step + 1 == step:
+            raise Killed(step)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(U.LlmmTrainer, "training_step", training_step)
+
+
+def run_until_killed(monkeypatch, main, argv, step):
+    with monkeypatch.context() as patch:
+        kill_at_step(patch, step)
+        with pytest.raises(Killed):
+            main(argv)
+
+
+def same_tensors(dir_a, dir_b):
+    a, b = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (dir_a, dir_b))
+    assert a.keys() == b.keys() and any("lora_llmm_" in key for key in a)
+    return all(torch.equal(a[key], b[key]) for key in a)
+
+
+def save_tiny_llama(path):
+    """A tiny Llama (hidden 128: the GSM8K table's rank 64 fits) with an offline byte-level tokenizer."""
+    tokenizer = byte_level_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def glue_argv(model_dir, out, *extra):
+    return ["--task", "cola", "--quant", "nf", "--rank", "16", "--bits", "4", "--K", "2", "--model", model_dir,
+            "--data_dir", str(GLUE_DATA), "--batch_size", "4", "--grad_accum", "1", "--eval_batch_size", "8",
+            "--eval_steps", "1", "--save_steps", "1", "--learning_rate", "1e-3", "--llmmscale", "4",
+            "--output_dir", str(out), *extra]
+
+
+def gsm8k_argv(llama_dir, out, *extra):
+    """llmm with standard LoRA init over an NF4 backbone; 2 micro-batches per step, 2 steps per epoch."""
+    return ["--model", "llama-2-7b", "--rank", "64", "--model_name_or_path", str(llama_dir), "--init", "lora",
+            "--data", str(GSM8K_DATA), "--eval_split", "heldout", "--eval_size", "2", "--load_in_4bit", "true",
+            "--dtype", "float32", "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "2",
+            "--logging_steps", "1", "--eval_steps", "2", "--save_steps", "1", "--learning_rate", "1e-3",
+            "--llmmscale", "4", "--lora_dropout", "0.0", "--output_dir", str(out), *extra]
+
+
+# --- resume --------------------------------------------------------------------------------------------------------
+
+def test_glue_resume_mid_epoch_reproduces_the_uninterrupted_run(model_dir, tmp_path, monkeypatch):  # noqa: F811
+    """8 training rows, batch 4: 2 steps per epoch. Killed at step 4, resumed from checkpoint-3 (mid-epoch)."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    train_glue.main(glue_argv(model_dir, full, "--max_steps", "5"))
+    run_until_killed(monkeypatch, train_glue.main, glue_argv(model_dir, resumed, "--max_steps", "5"), step=4)
+    assert [p.name for p in sorted(resumed.glob("checkpoint-*"))] == ["checkpoint-3"]  # save_total_limit 1
+    assert not json.loads((resumed / "results.json").read_text())["complete"]
+    with pytest.raises(FileExistsError, match="--resume_from_checkpoint"):  # no silent restart into a used dir
+        train_glue.main(glue_argv(model_dir, resumed, "--max_steps", "5"))
+    train_glue.main(glue_argv(model_dir, resumed, "--max_steps", "5", "--resume_from_checkpoint"))
+
+    results = [json.loads((run / "results.json").read_text()) for run in (full, resumed)]
+    assert all(r["complete"] for r in results)
+    losses = [[(e["step"], e["train_loss"]) for e in r["epochs"]] for r in results]
+    assert [step for step, _ in losses[0]] == [1, 2, 3, 4, 5]
+    assert losses[0] == losses[1]  # bit-identical per-step training losses, steps 1-3 restored from the checkpoint
+    assert [e["dev"] for e in results[0]["epochs"]] == [e["dev"] for e in results[1]["epochs"]]
+    assert same_tensors(full, resumed)  # M and Z (and the classifier head) end up identical
+    assert json.loads((resumed / "settings.json").read_text())["resumed_from"] == str(resumed / "checkpoint-3")
+
+
+def test_gsm8k_resume_at_an_epoch_boundary_with_accumulation(llama_dir, tmp_path, monkeypatch):
+    """4 training records, batch 1 x 2 accumulated: 2 steps per epoch. Killed at step 3, resumed from checkpoint-2."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    train_gsm8k.main(gsm8k_argv(llama_dir, full, "--max_steps", "4"))
+    run_until_killed(monkeypatch, train_gsm8k.main, gsm8k_argv(llama_dir, resumed, "--max_steps", "4"), step=3)
+    checkpoint = resumed / "checkpoints" / "checkpoint-2"
+    assert checkpoint.is_dir() and not (resumed / "adapter").exists()
+    train_gsm8k.main(gsm8k_argv(llama_dir, resumed, "--max_steps", "4", "--resume_from_checkpoint", str(checkpoint)))
+
+    results = [json.loads((run / "results.json").read_text()) for run in (full, resumed)]
+    losses = [[(h["step"], h["loss"]) for h in r["history"] if "loss" in h] for r in results]
+    assert [step for step, _ in losses[0]] == [1, 2, 3, 4]
+    assert losses[0] == losses[1]
+    assert results[0]["eval_loss"] == results[1]["eval_loss"] and results[1]["resumed_from"] == str(checkpoint)
+    assert same_tensors(full, resumed)
+
+
+def test_latest_checkpoint_skips_incomplete_ones(tmp_path):
+    for step, complete in ((2, True), (3, True), (10, False), (20, True)):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        if complete:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-20" / "trainer_state.json").unlink()  # cut short by a crash
+    (tmp_path / "checkpoint-best").mkdir()
+    assert [p.name for p in U.complete_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
+    assert U.find_checkpoint("latest", tmp_path) == str(tmp_path / "checkpoint-3")  # by step number, complete
+    assert U.find_checkpoint(None, tmp_path) is None
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        U.find_checkpoint(str(tmp_path / "checkpoint-10"), tmp_path)
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint-N in"):
+        U.find_checkpoint("latest", tmp_path / "nowhere")
+
+
+# --- divergence ----------------------------------------------------------------------------------------------------
+
+def diverge(main, argv, capsys) -> str:
+    """Run an entry point as the command line does; returns its one error line (exit code 3)."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        U.run_main(lambda: main(argv))
+    assert exit_info.value.code == 3
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines and [line for line in lines if line.startswith("error:")] == [lines[-1]]
+    return lines[-1]
+
+
+def test_glue_nan_loss_stops_and_keeps_the_last_good_checkpoint(model_dir, tmp_path, capsys):  # noqa: F811
+    """A learning rate of 1e30 makes step 2's forward overflow: the run stops there, before the optimizer step."""
+    out = tmp_path / "run"
+    line = diverge(train_glue.main, glue_argv(model_dir, out, "--max_steps", "4", "--learning_rate", "1e30"), capsys)
+    assert line.startswith("error: training loss is nan at step 2; stopped, the last good checkpoint is ")
+    assert str(out / "checkpoint-1") in line and "--learning_rate" in line and "--resume_from_checkpoint" in line
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-1"]
+    assert all(t.isfinite().all() for t in load_file(out / "checkpoint-1" / "adapter_model.safetensors").values())
+    assert not (out / "adapter").exists() and not json.loads((out / "results.json").read_text())["complete"]
+
+
+def test_gsm8k_nan_loss_stops_with_one_line(llama_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    line = diverge(train_gsm8k.main, gsm8k_argv(llama_dir, out, "--max_steps", "4", "--learning_rate", "1e30",
+                                                "--max_grad_norm", "0"), capsys)
+    step = int(re.search(r"^error: training loss is (?:nan|inf|-inf) at step (\d+); stopped", line).group(1))
+    assert step >= 2 and f"the last good checkpoint is '{out}/checkpoints/checkpoint-{step - 1}'" in line
+    assert [p.name for p in (out / "checkpoints").glob("checkpoint-*")] == [f"checkpoint-{step - 1}"]
+    assert not (out / "adapter").exists() and not (out / "results.json").exists()
