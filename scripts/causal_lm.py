@@ -30,6 +30,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfi
                           TrainingArguments)
 
 import utils_llmm as U
+from scripts import training
 from llmm import LlmmConfig, export_mean_adapter, get_llmm_model, load_llmm_model, save_llmm_adapter
 from llmm.model import atomic_dir, keep_cpu_4bit_trainable
 from llmm.layer import LlmmVariant
@@ -62,7 +63,7 @@ def add_training_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target_modules", nargs="+", default=None, help="else configs/targets.yaml by model_type")
     parser.add_argument("--max_train_samples", type=int, default=None, help="first N training examples (debug)")
     parser.add_argument("--max_eval_samples", type=int, default=None, help="first N held-out examples (debug)")
-    U.add_resume_flag(parser)
+    training.add_resume_flag(parser)
 
 
 def init_adapter_dir(model_name_or_path: str) -> Path | None:
@@ -278,9 +279,9 @@ def train(settings: dict, task: str, encode) -> dict:
     """
     started = time.time()
     output_dir = Path(settings["output_dir"])
-    checkpoint = U.find_checkpoint(settings.get("resume_from_checkpoint"), output_dir / "checkpoints")
+    checkpoint = training.find_checkpoint(settings.get("resume_from_checkpoint"), output_dir / "checkpoints")
     if checkpoint:
-        U.check_checkpoint(checkpoint, settings)
+        training.check_checkpoint(checkpoint, settings)
     U.check_output_dir(output_dir, settings.get("overwrite", False), resume=checkpoint is not None)
     arguments = training_arguments(settings, output_dir, resume=checkpoint is not None)
     U.seed_everything(settings["seed"])
@@ -296,7 +297,7 @@ def train(settings: dict, task: str, encode) -> dict:
     held_out = held_out.map(lambda r: encode(tokenizer, settings, r), remove_columns=held_out.column_names,
                             desc="tokenize")
     U.make_output_dir(output_dir, settings.get("overwrite", False), resume=checkpoint is not None)
-    trainer = U.LlmmTrainer(model=peft_model, args=arguments, train_dataset=train_set, eval_dataset=held_out,
+    trainer = training.LlmmTrainer(model=peft_model, args=arguments, train_dataset=train_set, eval_dataset=held_out,
                             data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
                             processing_class=tokenizer)
     if trainer.is_world_process_zero():

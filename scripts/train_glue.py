@@ -46,17 +46,14 @@ from llmm.glue import TASKS, GlueTask, get_task, load_glue, task_metrics, tokeni
 from llmm.metrics import calibration_metrics
 from llmm.predict import mc_predict, mc_regress
 from llmm.quant import ALLOWED_METHODS, fake_quantize
+from scripts.training import LlmmTrainer, add_resume_flag, check_checkpoint, find_checkpoint
 from utils_llmm import (
     CONFIGS,
-    LlmmTrainer,
-    add_resume_flag,
     add_setting_flags,
     check_adapter_settings,
-    check_checkpoint,
     check_data_paths,
     check_output_dir,
     default_targets,
-    find_checkpoint,
     llmm_config,
     load_pretrained,
     logger,

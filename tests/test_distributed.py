@@ -13,6 +13,7 @@ from test_glue import model_dir  # noqa: F401  (the tiny DeBERTa fixture)
 from test_resume import llama_dir  # noqa: F401  (the tiny Llama fixture)
 
 import utils_llmm as U
+from scripts import training
 from conftest import REPO_ROOT
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -21,7 +22,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--np
 def test_each_process_draws_its_own_noise():
     """PerProcessNoise seeds torch with seed + process index: the processes' eps differ, a process's are seeded."""
     def draws(process_index):
-        U.PerProcessNoise().on_train_begin(SimpleNamespace(seed=17, process_index=process_index), None, None)
+        training.PerProcessNoise().on_train_begin(SimpleNamespace(seed=17, process_index=process_index), None, None)
         return torch.randn(4)
 
     assert not torch.equal(draws(0), draws(1))

@@ -18,6 +18,7 @@ from test_prompts import byte_level_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import utils_llmm as U
+from scripts import training
 from conftest import REPO_ROOT
 from scripts import train_glue, train_gsm8k
 
@@ -30,14 +31,14 @@ class Killed(Exception):
 
 def kill_at_step(monkeypatch, step: int) -> None:
     """Make the next training run die as optimizer step ``step`` begins (after the checkpoints before it)."""
-    original = U.LlmmTrainer.training_step
+    original = training.LlmmTrainer.training_step
 
     def training_step(self, *args, **kwargs):
         if self.state.global_step + 1 == step:
             raise Killed(step)
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(U.LlmmTrainer, "training_step", training_step)
+    monkeypatch.setattr(training.LlmmTrainer, "training_step", training_step)
 
 
 def run_until_killed(monkeypatch, main, argv, step):
@@ -134,13 +135,13 @@ def test_latest_checkpoint_skips_incomplete_ones(tmp_path):
             (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
     (tmp_path / "checkpoint-20" / "trainer_state.json").unlink()  # cut short by a crash
     (tmp_path / "checkpoint-best").mkdir()
-    assert [p.name for p in U.complete_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
-    assert U.find_checkpoint("latest", tmp_path) == str(tmp_path / "checkpoint-3")  # by step number, complete
-    assert U.find_checkpoint(None, tmp_path) is None
+    assert [p.name for p in training.complete_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
+    assert training.find_checkpoint("latest", tmp_path) == str(tmp_path / "checkpoint-3")  # by step number, complete
+    assert training.find_checkpoint(None, tmp_path) is None
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
-        U.find_checkpoint(str(tmp_path / "checkpoint-10"), tmp_path)
+        training.find_checkpoint(str(tmp_path / "checkpoint-10"), tmp_path)
     with pytest.raises(FileNotFoundError, match="no complete checkpoint-N in"):
-        U.find_checkpoint("latest", tmp_path / "nowhere")
+        training.find_checkpoint("latest", tmp_path / "nowhere")
 
 
 # --- divergence ----------------------------------------------------------------------------------------------------

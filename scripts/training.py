@@ -1,0 +1,109 @@
+"""Training pieces shared by scripts.train_glue and scripts.causal_lm: resume, one noise stream per process, and a
+stop at the first non-finite loss (``LlmmTrainer``, an HF Trainer subclass)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+from utils_llmm import TrainingDiverged, logger
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def add_resume_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resume_from_checkpoint", nargs="?", const="latest", default=None, metavar="PATH",
+                        help="continue an interrupted run: a checkpoint-N directory, or no value / 'latest' for the "
+                             "newest complete one in the output directory (the adapter's M and Z, optimizer, "
+                             "scheduler and RNG states are restored)")
+
+
+def complete_checkpoints(folder: str | Path) -> list[Path]:
+    """The checkpoint-N directories in ``folder`` that were written to the end, oldest first.
+
+    The Trainer writes trainer_state.json last, so a checkpoint cut short by a crash lacks it and is skipped.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [path for path in folder.glob(f"{CHECKPOINT_PREFIX}*")
+             if path.name[len(CHECKPOINT_PREFIX):].isdigit() and (path / "trainer_state.json").is_file()]
+    return sorted(found, key=lambda path: int(path.name[len(CHECKPOINT_PREFIX):]))
+
+
+def find_checkpoint(value: str | None, folder: str | Path) -> str | None:
+    """The checkpoint ``--resume_from_checkpoint`` names: None, a checkpoint directory, or 'latest' (the newest
+    complete checkpoint-N in ``folder``, the run's checkpoint directory)."""
+    if value is None:
+        return None
+    if value == "latest":
+        done = complete_checkpoints(folder)
+        if not done:
+            raise FileNotFoundError(f"no complete checkpoint-N in {str(folder)!r} to resume from: drop "
+                                    "--resume_from_checkpoint to start afresh, or pass a checkpoint directory")
+        return str(done[-1])
+    if not (Path(value) / "trainer_state.json").is_file():
+        raise FileNotFoundError(f"{value!r} is not a complete checkpoint (no trainer_state.json): pass a "
+                                "checkpoint-N directory of the run, or 'latest'")
+    return value
+
+
+def check_checkpoint(checkpoint: str, settings: dict) -> None:
+    """The checkpoint's adapter has the settings' K and rank (else its M and Z cannot be restored)."""
+    from llmm import LlmmConfig
+
+    saved = LlmmConfig.from_pretrained(checkpoint)
+    if (saved.k, saved.r) != (settings["K"], settings["rank"]):
+        raise ValueError(f"checkpoint {checkpoint!r} holds an adapter with K={saved.k}, rank={saved.r} but the "
+                         f"settings say K={settings['K']}, rank={settings['rank']}: resume with the run's settings "
+                         "(its settings.json)")
+
+
+class PerProcessNoise(TrainerCallback):
+    """Each process draws its own Llmm noise: torch is re-seeded with ``seed + process_index`` as training starts.
+
+    The noise eps comes from torch's global generator. Under DDP every process would otherwise start from the
+    same seed and draw the same eps at every step, so the averaged gradient would hold one sample of
+    E_eps[grad loss] instead of one per process; independent draws (like independent dropout masks) make the
+    processes' gradients independent samples, lowering the variance of the step at no cost. On resume the
+    Trainer then restores each process's own generator state (rng_state_<rank>.pth), after this callback.
+    """
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        torch.manual_seed(args.seed + args.process_index)
+        logger.info("process %d draws its noise from seed %d", args.process_index, args.seed + args.process_index)
+
+
+class LlmmTrainer(Trainer):
+    """The HF Trainer for Llmm models: one noise stream per process, and a stop at the first non-finite loss.
+
+    Resuming needs nothing more: for a PeftModel the Trainer loads a checkpoint with
+    ``model.load_adapter(checkpoint, "default", is_trainable=True)``; the adapter "default" already exists, so
+    PEFT keeps its LlmmConfig (the layers stay Llmm layers) and ``set_peft_model_state_dict`` restores every M and
+    Z; the optimizer, scheduler and RNG states come from the same checkpoint (tests/test_resume.py checks that a
+    resumed run reproduces the uninterrupted run's losses bit for bit).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_callback(PerProcessNoise())
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """One forward/backward; a NaN or infinite loss stops training before the optimizer applies it, so no
+        checkpoint with a broken adapter is written and the last good one is kept. The check adds no stall: the
+        Trainer already waits for every step's loss (``logging_nan_inf_filter``)."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss):
+            message = self.divergence_message(loss.item())
+            self.callback_handler.on_train_end(self.args, self.state, self.control)  # training ends: close the bars
+            raise TrainingDiverged(message)
+        return loss
+
+    def divergence_message(self, loss: float) -> str:
+        done = complete_checkpoints(self.args.output_dir)
+        kept = f"the last good checkpoint is {str(done[-1])!r}" if done else "no checkpoint was written yet"
+        return (f"training loss is {loss} at step {self.state.global_step + 1}; stopped, {kept}: lower "
+                "--learning_rate or clip gradients (--max_grad_norm), then start again or --resume_from_checkpoint")
