@@ -12,7 +12,7 @@
 #   DATA_DIR=glue_data bash train_glue_llmm.sh                 # local GLUE TSVs (glue_data/CoLA/train.tsv, ...)
 #   LAUNCH="torchrun --nproc_per_node 2" bash train_glue_llmm.sh   # or LAUNCH="accelerate launch"
 #   bash train_glue_llmm.sh --eval_noise mc --mc_samples 10    # Monte-Carlo dev evaluation, calibration metrics
-# A run whose results.json is complete is skipped; an incomplete one is restarted from scratch.
+# A run whose results.json is complete is skipped; an interrupted one resumes from its newest checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -33,8 +33,10 @@ for task in $TASKS; do
           echo "done already: $run"
           continue
         fi
+        start=(--overwrite)  # a run with checkpoints continues from its newest one
+        if compgen -G "$run/checkpoint-*" > /dev/null; then start=(--resume_from_checkpoint); fi
         $LAUNCH -m scripts.train_glue --task "$task" --quant "$quant" --rank "$rank" --seed "$seed" \
-          --method "$METHOD" --output_dir "$run" --overwrite \
+          --method "$METHOD" --output_dir "$run" "${start[@]}" \
           ${BITS:+--bits "$BITS"} ${MODEL:+--model "$MODEL"} ${DATA_DIR:+--data_dir "$DATA_DIR"} "$@"
       done
     done

@@ -12,7 +12,7 @@
 #   MODELS=llama-2-7b METHODS="llmm loftq qlora" bash train_gsm8k.sh       # with the baselines
 #   SEEDS="17 18 19" bash train_gsm8k.sh                                     # SEEDS unset: the table's seed
 #   LAUNCH="accelerate launch" bash train_gsm8k.sh --max_steps 10            # smoke run
-# A run whose results.json exists is skipped; an incomplete one is restarted from scratch.
+# A run whose results.json exists is skipped; an interrupted one resumes from its newest checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -28,8 +28,10 @@ for model in $MODELS; do
       seed_args=(); name="$model-r$RANK-$method"
       if [[ $seed != table ]]; then seed_args=(--seed "$seed"); name="$name-seed$seed"; fi
       if [[ -f $OUT/$name/results.json ]]; then echo "skip $OUT/$name (done)"; continue; fi
+      start=(--overwrite)  # a run with checkpoints continues from its newest one
+      if compgen -G "$OUT/$name/checkpoints/checkpoint-*" > /dev/null; then start=(--resume_from_checkpoint); fi
       $LAUNCH -m scripts.train_gsm8k --model "$model" --rank "$RANK" --method "$method" "${seed_args[@]}" \
-        --output_dir "$OUT/$name" --overwrite "$@"
+        --output_dir "$OUT/$name" "${start[@]}" "$@"
     done
   done
 done

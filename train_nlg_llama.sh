@@ -13,7 +13,7 @@
 #   TASKS=alpaca MODELS=llama-2-7b bash train_nlg_llama.sh
 #   METHODS="llmm loftq qlora" SEEDS="42 43" bash train_nlg_llama.sh      # baselines; SEEDS unset: the table's seed
 #   LAUNCH="accelerate launch" bash train_nlg_llama.sh --llmmscale 700    # the reference's later scale
-# A run whose results.json exists is skipped; an incomplete one is restarted from scratch.
+# A run whose results.json exists is skipped; an interrupted one resumes from its newest checkpoint.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -31,8 +31,10 @@ for task in $TASKS; do
         seed_args=(); name="$task-$model-r$RANK-$method"
         if [[ $seed != table ]]; then seed_args=(--seed "$seed"); name="$name-seed$seed"; fi
         if [[ -f $OUT/$name/results.json ]]; then echo "skip $OUT/$name (done)"; continue; fi
+        start=(--overwrite)  # a run with checkpoints continues from its newest one
+        if compgen -G "$OUT/$name/checkpoints/checkpoint-*" > /dev/null; then start=(--resume_from_checkpoint); fi
         $LAUNCH -m scripts.train_nlg --task "$task" --model "$model" --rank "$RANK" --method "$method" \
-          "${seed_args[@]}" --output_dir "$OUT/$name" --overwrite "$@"
+          "${seed_args[@]}" --output_dir "$OUT/$name" "${start[@]}" "$@"
       done
     done
   done
