@@ -18,7 +18,7 @@ import pytest
 from conftest import LLAMA_TARGETS, REPO_ROOT, tiny_llama
 from test_glue import DATA as GLUE_DATA
 from test_glue import save_tiny_model
-from test_resume import save_tiny_llama
+from test_llama_scripts import save_tiny_llama
 from transformers import AutoModelForCausalLM
 
 import utils_llmm as U

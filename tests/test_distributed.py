@@ -12,7 +12,6 @@ from test_glue import DATA as GLUE_DATA
 from test_glue import model_dir  # noqa: F401  (the tiny DeBERTa fixture)
 from test_resume import llama_dir  # noqa: F401  (the tiny Llama fixture)
 
-import utils_llmm as U
 from scripts import training
 from conftest import REPO_ROOT
 

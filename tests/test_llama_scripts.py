@@ -28,18 +28,24 @@ NF4 = ["--load_in_4bit", "true", "--dtype", "float32"]  # NF4 weights, float32 c
 GENERATE = ["--data", str(DATA / "gsm8k.jsonl"), "--max_new_tokens", "8"]
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """A tiny Llama (hidden 128, so the tables' ranks 16 and 64 fit) and its _init.sh directories for both ranks."""
-    root = tmp_path_factory.mktemp("models")
+def save_tiny_llama(path):
+    """A tiny Llama (hidden 128: the GSM8K table's rank 64 fits) with an offline byte-level tokenizer."""
     tokenizer = byte_level_tokenizer()
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                          pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(root / "tiny-llama")
-    tokenizer.save_pretrained(root / "tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A tiny Llama (hidden 128, so the tables' ranks 16 and 64 fit) and its _init.sh directories for both ranks."""
+    root = tmp_path_factory.mktemp("models")
+    save_tiny_llama(root / "tiny-llama")
     dirs = {"base": root / "tiny-llama"}
     for rank in (16, 64):
         dirs[rank] = quantize_model.main([

@@ -1,7 +1,6 @@
 """Save / load round trips, mean-adapter export to plain PEFT, bitsandbytes 4-bit bases, learning, bad input."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap

@@ -14,8 +14,7 @@ import torch
 from safetensors.torch import load_file
 from test_glue import DATA as GLUE_DATA
 from test_glue import model_dir  # noqa: F401  (the tiny DeBERTa fixture)
-from test_prompts import byte_level_tokenizer
-from transformers import LlamaConfig, LlamaForCausalLM
+from test_llama_scripts import save_tiny_llama
 
 import utils_llmm as U
 from scripts import training
@@ -52,19 +51,6 @@ def same_tensors(dir_a, dir_b):
     a, b = (load_file(d / "adapter" / "adapter_model.safetensors") for d in (dir_a, dir_b))
     assert a.keys() == b.keys() and any("lora_llmm_" in key for key in a)
     return all(torch.equal(a[key], b[key]) for key in a)
-
-
-def save_tiny_llama(path):
-    """A tiny Llama (hidden 128: the GSM8K table's rank 64 fits) with an offline byte-level tokenizer."""
-    tokenizer = byte_level_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")

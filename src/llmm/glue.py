@@ -20,7 +20,6 @@ others accuracy. The first metric of a task is its main one (it picks the best e
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
 import warnings
