@@ -24,6 +24,7 @@ from scripts.causal_lm import load_backbone
 DATA = REPO_ROOT / "tests" / "data"
 FAST = ["--max_steps", "2", "--logging_steps", "1"]
 FP32 = ["--load_in_4bit", "false", "--dtype", "float32"]
+BF16 = ["--load_in_4bit", "false", "--dtype", "bfloat16"]
 NF4 = ["--load_in_4bit", "true", "--dtype", "float32"]  # NF4 weights, float32 compute
 GENERATE = ["--data", str(DATA / "gsm8k.jsonl"), "--max_new_tokens", "8"]
 
@@ -83,8 +84,9 @@ def test_train_nlg_alpaca_from_init_dir_16bit(models, tmp_path):
     out = tmp_path / "run"
     train_nlg.main(["--task", "alpaca", "--model", "llama-2-7b", "--rank", "16", "--model_name_or_path",
                     str(models[16]), "--data", str(DATA / "alpaca.jsonl"), "--eval_size", "2", "--output_dir",
-                    str(out), *FP32, *FAST])
+                    str(out), *BF16, *FAST])
     results, settings = check_run(out, "alpaca", k=2)
+    assert settings["dtype"] == "bfloat16"
     # The table row decides what no flag overrides: the effective learning rate, llmmscale, schedule.
     assert settings["learning_rate"] == 1e-4 and settings["llmmscale"] == 400 and settings["warmup_ratio"] == 0.5
     assert results["n_train"] == 4 and results["n_held_out"] == 2 and "held out of train" in results["held_out"]
