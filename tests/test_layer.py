@@ -133,3 +133,21 @@ def test_k_zero_is_plain_lora_even_in_train_mode():
     model.train()
     torch.testing.assert_close(model(inputs).logits, model(inputs).logits, rtol=0, atol=0)
     assert all(p.numel() == 0 for n, p in model.named_parameters() if "lora_llmm_" in n)
+
+
+def test_gradient_checkpointing_recomputes_the_same_sample():
+    """Checkpointing re-runs the forward in backward; torch restores the RNG state, so eps is drawn identically."""
+    grads = []
+    for checkpointing in (False, True):
+        model = get_llmm_model(tiny_llama(), LlmmConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, k=2))
+        randomize(model)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        inputs = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+        torch.manual_seed(11)
+        model(inputs, labels=inputs).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if "lora_llmm_" in n})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6)
