@@ -271,6 +271,11 @@ def curves(history: list[dict]) -> dict:
     return {"loss": as_xy, "perplexity": perplexity}
 
 
+def perplexity(loss: float) -> float:
+    """exp(loss), inf instead of an OverflowError for a (finite) loss above ~709."""
+    return math.exp(loss) if loss < 700 else math.inf
+
+
 def train(settings: dict, task: str, encode) -> dict:
     """Fine-tune with the HF Trainer and write the run directory; returns the results (also in results.json).
 
@@ -311,8 +316,8 @@ def train(settings: dict, task: str, encode) -> dict:
     first_eval = next(h for h in history if "eval_loss" in h)
     results = {
         "task": task, "method": settings["method"], "K": settings["K"], "model": settings["model_name_or_path"],
-        "eval_loss": last_eval["eval_loss"], "eval_perplexity": math.exp(last_eval["eval_loss"]),
-        "eval_loss_at_start": first_eval["eval_loss"], "eval_perplexity_at_start": math.exp(first_eval["eval_loss"]),
+        "eval_loss": last_eval["eval_loss"], "eval_perplexity": perplexity(last_eval["eval_loss"]),
+        "eval_loss_at_start": first_eval["eval_loss"], "eval_perplexity_at_start": perplexity(first_eval["eval_loss"]),
         "held_out": where, "n_train": len(train_set), "n_held_out": len(held_out),
         "train_loss": outcome.training_loss, "global_step": trainer.state.global_step, "resumed_from": checkpoint,
         "wall_time_s": time.time() - started, "history": history,

@@ -186,3 +186,8 @@ def test_adapter_writes_are_atomic(tmp_path, monkeypatch):
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".final")] == []
     load_llmm_model(tiny_llama(), str(target))
+
+
+def test_other_lora_variants_are_refused():
+    with pytest.raises(ValueError, match="cannot combine with other LoRA variants \\(use_dora\\)"):
+        LlmmConfig(use_dora=True, **CONFIG)

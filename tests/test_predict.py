@@ -112,3 +112,12 @@ def test_calibration_rejects_logits_and_bad_labels():
         nll(np.array([[2.0, -1.0]]), np.array([0]))
     with pytest.raises(ValueError, match="class ids"):
         brier(np.array([[0.5, 0.5]]), np.array([2]))
+
+
+def test_ece_bins_are_right_closed_at_exact_edges():
+    from llmm.metrics import ece
+
+    # Confidence 0.4 lies exactly on the edge 6/15: it belongs to bin (5/15, 6/15], with the 0.35 example,
+    # so the bin's accuracy (1/2) is compared with its mean confidence 0.375: ECE = |0.5 - 0.375| = 0.125.
+    probs = np.array([[0.4, 0.3, 0.3], [0.35, 0.33, 0.32]])
+    assert ece(probs, np.array([0, 1])) == pytest.approx(0.125)

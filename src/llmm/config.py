@@ -56,6 +56,12 @@ class LlmmConfig(LoraConfig):
             bits = self.loftq_config.get("loftq_bits")
             if bits not in ALLOWED_BITS:
                 raise ValueError(f"loftq_bits must be one of {ALLOWED_BITS}, got {bits!r}")
+        other_variants = [name for name in ("use_dora", "use_bdlora", "arrow_config", "velora_config",
+                                            "monteclora_config", "kasa_config", "alora_invocation_tokens")
+                          if getattr(self, name, None)]
+        if other_variants:
+            raise ValueError(f"LlmmConfig cannot combine with other LoRA variants ({', '.join(other_variants)}): "
+                             "unset them; the Llmm layer replaces PEFT's variant for every adapted layer")
         if not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"r (LoRA rank) must be an integer >= 1, got {self.r!r}")
         from llmm.layer import CUSTOM_MODULES

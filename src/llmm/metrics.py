@@ -46,7 +46,8 @@ def ece(probs, labels, n_bins: int = ECE_BINS) -> float:
     probs, labels = _check(probs, labels)
     confidence, correct = probs.max(axis=1), (probs.argmax(axis=1) == labels)
     # Bin b holds confidences in (b/n_bins, (b+1)/n_bins]; a confidence of exactly 0 cannot occur (max >= 1/C).
-    bins = np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)[1:-1]  # exact edges: ceil(c * n) misbins c = b / n by rounding
+    bins = np.digitize(confidence, edges, right=True)
     total = 0.0
     for b in np.unique(bins):
         members = bins == b

@@ -67,6 +67,9 @@ def keep_cpu_4bit_trainable(model: torch.nn.Module) -> None:
     """
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
+            if not hasattr(module, "support_avx512bf16_for_cpu"):
+                raise RuntimeError("this bitsandbytes version has no Linear4bit.support_avx512bf16_for_cpu: check "
+                                   "that CPU 4-bit training still gets gradients, then update keep_cpu_4bit_trainable")
             module.support_avx512bf16_for_cpu = False
 
 
