@@ -160,6 +160,22 @@ def default_targets(model_config, explicit: list[str] | None = None) -> list[str
     return list(table[model_type])
 
 
+def head_modules(model) -> list[str]:
+    """The task head's modules (classifier, pooler), which stay full precision: neither quantized nor adapted.
+
+    Top-level children beside the backbone that hold parameters, plus a pooler kept inside the backbone (BERT)."""
+    heads = [name for name, child in model.named_children()
+             if name != model.base_model_prefix and any(True for _ in child.parameters())]
+    if "pooler" not in heads and getattr(model.base_model, "pooler", None) is not None:
+        heads.append("pooler")
+    return heads
+
+
+def inside(name: str, modules: list[str]) -> bool:
+    """Whether the module path ``name`` lies in (or is) one of ``modules`` (matched by path component)."""
+    return any(part in modules for part in name.split("."))
+
+
 def check_output_dir(path: str | Path, overwrite: bool = False, resume: bool = False) -> None:
     """An existing non-empty ``path`` is an error unless overwriting or resuming (nothing is written here)."""
     path = Path(path)

@@ -69,9 +69,18 @@ def output_dir(settings: dict) -> Path:
     return Path(settings["save_dir"]) / f"{name}-{settings['bits']}bit-{settings['rank']}rank"
 
 
+def head_linears(model: torch.nn.Module, targets: list[str]) -> list[str]:
+    """Target-named linears inside the task head (e.g. DeBERTa's pooler.dense): left in full precision."""
+    heads = U.head_modules(model)
+    return [name for name, _ in model.named_modules() if name.split(".")[-1] in targets and U.inside(name, heads)]
+
+
 def target_linears(model: torch.nn.Module, targets: list[str], rank: int) -> dict[str, torch.nn.Linear]:
-    """Target name -> nn.Linear, checked before any work: every target matches, is linear and wider than r."""
-    found = {name: module for name, module in model.named_modules() if name.split(".")[-1] in targets}
+    """Target name -> nn.Linear, checked before any work: every target matches, is linear and wider than r.
+    The task head (classifier, pooler) is never quantized."""
+    skip = set(head_linears(model, targets))
+    found = {name: module for name, module in model.named_modules()
+             if name.split(".")[-1] in targets and name not in skip}
     unmatched = sorted(set(targets) - {name.split(".")[-1] for name in found})
     if unmatched:
         raise ValueError(f"target module(s) {unmatched} match no module of this model: check --target_modules")
@@ -87,7 +96,8 @@ def quantize(model: torch.nn.Module, settings: dict, targets: list[str]) -> tupl
     """Replace each target weight by Q in place; return the Llmm config, the means and the per-layer report."""
     config = U.llmm_config({**settings, "init": "loftq",
                             "compensate_scaling": not settings.get("reference_scaling", False)},
-                           targets, loftq_block_size=settings["block_size"])
+                           targets, loftq_block_size=settings["block_size"],
+                           exclude_modules=head_linears(model, targets) or None)
     dtype = DTYPES[settings["dtype"]]
     absmax_dtype = dtype if dtype != torch.float32 else None  # 16-bit copies of Q then re-quantize losslessly
     scaling = config.lora_alpha / config.r
@@ -107,7 +117,8 @@ def quantize(model: torch.nn.Module, settings: dict, targets: list[str]) -> tupl
     return config, means, report
 
 
-def save(model, config, means: dict, report: dict, settings: dict, tmp_dir: Path, final_dir: Path, started: float):
+def save(model, tokenizer, config, means: dict, report: dict, settings: dict, tmp_dir: Path, final_dir: Path,
+         started: float):
     init_config = dataclasses.replace(config, init_lora_weights=False, loftq_config={})
     peft_model = get_llmm_model(model, init_config)
     with torch.no_grad():
@@ -119,10 +130,7 @@ def save(model, config, means: dict, report: dict, settings: dict, tmp_dir: Path
     peft_model.peft_config["default"] = dataclasses.replace(config, base_model_name_or_path=str(final_dir))
     peft_model.save_pretrained(tmp_dir / "llmm_init")
     peft_model.unload().to(DTYPES[settings["dtype"]]).save_pretrained(tmp_dir)
-    try:
-        U.load_pretrained(AutoTokenizer, settings["model"]).save_pretrained(tmp_dir)
-    except (OSError, ValueError, FileNotFoundError) as error:
-        U.logger.warning("no tokenizer saved (%s)", str(error).splitlines()[0])
+    tokenizer.save_pretrained(tmp_dir)
     errors = [layer["rel_error_loftq"] for layer in report.values()]
     U.write_json(tmp_dir / "quantize_report.json", {
         "settings": settings, "versions": U.versions(), "wall_time_s": time.time() - started,
@@ -139,6 +147,7 @@ def main(argv=None) -> Path:
         raise FileExistsError(f"output directory {str(final_dir)!r} exists and is not empty: pass --overwrite "
                               "or another --save_dir")
     model_config = U.load_pretrained(AutoConfig, settings["model"])
+    tokenizer = U.load_pretrained(AutoTokenizer, settings["model"])  # before hours of LoftQ: the directory needs it
     targets = U.default_targets(model_config, settings.get("target_modules"))
     extra = {"num_labels": settings["num_labels"]} if settings.get("num_labels") else {}
     # The checkpoint's own dtype, so LoftQ sees the original weights; the backbone is saved in settings["dtype"].
@@ -148,7 +157,7 @@ def main(argv=None) -> Path:
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", dir=final_dir.parent))
     try:
         config, means, report = quantize(model, settings, targets)
-        save(model, config, means, report, settings, tmp_dir, final_dir, started)
+        save(model, tokenizer, config, means, report, settings, tmp_dir, final_dir, started)
         if final_dir.exists():
             shutil.rmtree(final_dir)
         tmp_dir.rename(final_dir)

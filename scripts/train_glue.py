@@ -54,6 +54,7 @@ from utils_llmm import (
     check_data_paths,
     check_output_dir,
     default_targets,
+    head_modules,
     llmm_config,
     load_pretrained,
     logger,
@@ -145,10 +146,7 @@ def load_model(settings: dict, task: GlueTask):
 
 def wrap_model(model, settings: dict):
     """Quantize as --method says and wrap with Llmm adapters; the head modules stay full precision and trainable."""
-    heads = [name for name, child in model.named_children()
-             if name != model.base_model_prefix and any(True for _ in child.parameters())]
-    if "pooler" not in heads and getattr(model.base_model, "pooler", None) is not None:
-        heads.append("pooler")  # BERT-style encoders keep their pooler inside the backbone
+    heads = head_modules(model)
     targets = default_targets(model.config, settings.get("target_modules"))
     layer_settings = {**settings, "eval_noise": "sample" if settings["eval_noise"] == "sample" else "mean"}
     config = llmm_config(layer_settings, targets, modules_to_save=list(heads), task_type="SEQ_CLS")

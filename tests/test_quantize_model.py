@@ -75,13 +75,20 @@ def test_init_adapter_brings_backbone_closer_to_original(llama_dir, tmp_path):
 
 
 def test_deberta_uniform_directory(tmp_path):
-    tiny_deberta(num_labels=2).save_pretrained(tmp_path / "tiny-deberta")
+    original = tiny_deberta(num_labels=2)
+    original.save_pretrained(tmp_path / "tiny-deberta")
+    tiny_tokenizer().save_pretrained(tmp_path / "tiny-deberta")
     out = quantize_model.main(["--model", str(tmp_path / "tiny-deberta"), "--save_dir", str(tmp_path / "q"),
                                "--task_type", "seq_cls", "--quant", "uniform", "--bits", "2", "--rank", "4",
                                "--K", "1", "--lora_alpha", "4", "--dtype", "float32", "--loftq_iter", "1"])
     model = load_llmm_model(AutoModelForSequenceClassification.from_pretrained(out), str(out / "llmm_init"))
     weight = model.base_model.model.deberta.encoder.layer[0].attention.self.query_proj.get_base_layer().weight
     assert len(torch.unique(weight)) <= 4  # uniform 2-bit: at most 4 levels per tensor
+    # The task head stays full precision and has no adapter (pooler.dense matches the target name "dense").
+    pooler = model.base_model.model.pooler.dense
+    assert type(pooler) is torch.nn.Linear and torch.equal(pooler.weight, original.pooler.dense.weight)
+    report = json.loads((out / "quantize_report.json").read_text())
+    assert not any("pooler" in name or "classifier" in name for name in report["layers"])
 
 
 @pytest.mark.parametrize("args,message", [
