@@ -51,9 +51,15 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def table_rows(table: dict) -> list[dict]:
-    """Rows with the defaults filled in; raises if two rows share the same key columns."""
+    """Rows with the defaults filled in; raises on a setting the table does not declare (in ``keys``, ``defaults``
+    or ``columns``, the settings only rows give) and if two rows share the same key columns."""
     keys, seen, rows = table["keys"], set(), []
+    allowed = {*keys, *table.get("defaults", {}), *table.get("columns", []), "source"}
     for row in table["rows"]:
+        unknown = sorted(set(row) - allowed)
+        if unknown:
+            raise ValueError(f"table row {dict((k, row.get(k)) for k in keys)} has unknown setting(s) {unknown}: "
+                             "fix the name, or declare the column under 'columns' (row-only) or 'defaults'")
         missing = [k for k in keys if k not in row]
         if missing:
             raise ValueError(f"table row {row} lacks key column(s) {missing}")

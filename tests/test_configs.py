@@ -32,3 +32,12 @@ def test_duplicate_rows_are_rejected():
 def test_target_table_covers_the_tested_architectures():
     targets = yaml.safe_load((REPO_ROOT / "configs" / "targets.yaml").read_text())
     assert {"llama", "deberta-v2", "bert"} <= set(targets)
+
+
+def test_unknown_settings_in_a_row_are_rejected():
+    table = {"keys": ["task"], "defaults": {"learning_rate": 1e-4}, "columns": ["K"],
+             "rows": [{"task": "a", "K": 1, "learnig_rate": 3e-4, "source": "x"}]}
+    with pytest.raises(ValueError, match=r"unknown setting\(s\) \['learnig_rate'\]"):
+        table_rows(table)
+    table["rows"][0]["learning_rate"] = table["rows"][0].pop("learnig_rate")
+    assert table_rows(table)[0]["learning_rate"] == 3e-4
