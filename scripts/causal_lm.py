@@ -24,16 +24,13 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
-from safetensors.torch import load_file
 from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DataCollatorForSeq2Seq,
                           TrainingArguments)
 
 import utils_llmm as U
 from scripts import training
 from llmm import LlmmConfig, export_mean_adapter, get_llmm_model, load_llmm_model, save_llmm_adapter
-from llmm.model import atomic_dir, keep_cpu_4bit_trainable
-from llmm.layer import LlmmVariant
+from llmm.model import atomic_dir, init_from_adapter, keep_cpu_4bit_trainable
 from llmm.prompts import load_records
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -151,21 +148,7 @@ def load_init_adapter(model, init_dir: Path, settings: dict, **overrides):
     saved = check_init_adapter(init_dir, settings)
     if saved.k == settings["K"]:
         return load_llmm_model(model, str(init_dir), is_trainable=True, k=settings["K"], **overrides)
-    weights = load_file(init_dir / "adapter_model.safetensors")
-    directions = LlmmVariant.direction_names
-    if any(t.abs().max() > 0 for key, t in weights.items() if key.endswith(directions) and t.numel()):
-        raise ValueError(f"{init_dir} has non-zero directions (a trained adapter, not an init): its K={saved.k} "
-                         f"cannot change; set K={saved.k}")
-    config = dataclasses.replace(saved, k=settings["K"], init_lora_weights=False, loftq_config={},
-                                 inference_mode=False, **overrides)
-    peft_model = get_llmm_model(model, config)
-    expected = get_peft_model_state_dict(peft_model)
-    means = {key for key in expected if not key.endswith(directions)}
-    if means != {key for key in weights if not key.endswith(directions)}:
-        raise ValueError(f"{init_dir} does not match this model's target modules (different architecture?)")
-    state = {key: weights[key] if key in means else torch.zeros_like(value) for key, value in expected.items()}
-    set_peft_model_state_dict(peft_model, state)
-    return peft_model
+    return init_from_adapter(model, str(init_dir), dataclasses.replace(saved, k=settings["K"], **overrides))
 
 
 def attach_adapter(model, settings: dict):

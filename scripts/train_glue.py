@@ -26,6 +26,7 @@ save_steps steps, or every epoch; the newest save_total_limit kept) for --resume
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +118,7 @@ def resolve(argv: list[str] | None) -> tuple[GlueTask, dict]:
     if method == "lora" and settings["quantize_embeddings"]:
         raise ValueError("--method lora keeps the backbone in full precision: drop --quantize_embeddings")
     settings["backbone"] = "full-precision" if method == "lora" else f"{settings['quant']} {settings['bits']}-bit"
+    check_init_dir(settings)
     check_adapter_settings(settings)
     check_data_paths(data_dir=settings.get("data_dir"), train_file=settings.get("train_file"),
                      validation_file=settings.get("validation_file"))
@@ -134,21 +136,41 @@ def resolve(argv: list[str] | None) -> tuple[GlueTask, dict]:
     return task, settings
 
 
+def check_init_dir(settings: dict) -> None:
+    """An _init.sh directory (backbone with Q + llmm_init/) is used as it is: its quantization must be the row's."""
+    model_dir = Path(settings["model"]).expanduser()
+    if not (model_dir / "llmm_init").is_dir():
+        return
+    if settings["method"] in ("lora", "qlora"):
+        raise ValueError(f"{str(model_dir)!r} is an _init.sh LoftQ directory: --method {settings['method']} needs "
+                         "the original checkpoint as --model")
+    made = json.loads((model_dir / "quantize_report.json").read_text())["settings"]
+    for name in ("quant", "bits", "rank", "lora_alpha"):
+        if made[name] != settings[name]:
+            raise ValueError(f"{str(model_dir)!r} was quantized with {name}={made[name]!r} but the settings say "
+                             f"{settings[name]!r}: pass --{name} {made[name]} or quantize again with _init.sh")
+    settings["init_dir"] = str(model_dir / "llmm_init")
+    settings["backbone"] += " (LoftQ directory)"
+
+
 def load_model(settings: dict, task: GlueTask):
     """Tokenizer and AutoModelForSequenceClassification (fresh head) from a hub id or a local directory."""
     labels = {} if task.is_regression else {"id2label": dict(enumerate(task.label_names)),
                                             "label2id": {n: i for i, n in enumerate(task.label_names)}}
     tokenizer = load_pretrained(AutoTokenizer, settings["model"])
     model = load_pretrained(AutoModelForSequenceClassification, settings["model"], num_labels=task.num_labels,
-                            **labels)
+                            ignore_mismatched_sizes=True, **labels)  # a fresh head when the saved one differs
     return tokenizer, model
 
 
 def wrap_model(model, settings: dict):
-    """Quantize as --method says and wrap with Llmm adapters; the head modules stay full precision and trainable."""
+    """Quantize as --method says and wrap with Llmm adapters; the head modules stay full precision and trainable.
+    From an _init.sh directory the backbone already holds Q: the adapters start from its LoftQ means."""
     heads = head_modules(model)
     targets = default_targets(model.config, settings.get("target_modules"))
     layer_settings = {**settings, "eval_noise": "sample" if settings["eval_noise"] == "sample" else "mean"}
+    if settings.get("init_dir"):
+        layer_settings["init"] = "lora"  # the means come from the directory's llmm_init/, not a new LoftQ
     config = llmm_config(layer_settings, targets, modules_to_save=list(heads), task_type="SEQ_CLS")
     bits, quant = settings["bits"], settings["quant"]
     with torch.no_grad():
@@ -156,11 +178,18 @@ def wrap_model(model, settings: dict):
             for name, module in model.named_modules():
                 if isinstance(module, torch.nn.Linear) and check_target_module_exists(config, name):
                     module.weight.copy_(fake_quantize(module.weight, bits, quant, config.loftq_block_size))
-        if settings["quantize_embeddings"]:
-            weight = model.get_input_embeddings().weight
-            weight.copy_(fake_quantize(weight, bits, quant, config.loftq_block_size))
+    quantize_embeddings(model, settings, config.loftq_block_size)
     settings.update(target_modules=targets, modules_to_save=heads)
+    if settings.get("init_dir"):
+        return llmm.init_from_adapter(model, settings["init_dir"], config)
     return llmm.get_llmm_model(model, config)
+
+
+@torch.no_grad()
+def quantize_embeddings(model, settings: dict, block_size: int) -> None:
+    if settings["quantize_embeddings"]:
+        weight = model.get_input_embeddings().weight
+        weight.copy_(fake_quantize(weight, settings["bits"], settings["quant"], block_size))
 
 
 class GlueTrainer(LlmmTrainer):

@@ -140,7 +140,7 @@ CASES = [
      r"record 2's 'answer' is a int, not text", r"write it as a JSON string"),
     ("gsm8k-unknown-row", "train_gsm8k", [*GSM8K, "--rank", "8"], r"no row for .*'rank': 8", r"rows \(model, rank\)"),
     ("gsm8k-K", "train_gsm8k", [*GSM8K, "--K", "-2"], r"K = -2 is out of range", r"fix --K"),
-    ("gsm8k-llmmscale", "train_gsm8k", [*GSM8K, "--llmmscale", "-1"], r"llmmscale = -1 is out of range",
+    ("gsm8k-llmmscale", "train_gsm8k", [*GSM8K, "--llmmscale", "-1"], r"llmmscale = -1(\.0)? is out of range",
      r"fix --llmmscale"),
     ("gsm8k-bits", "train_gsm8k", [*GSM8K, "--init", "loftq", "--bits", "5"], r"bits = 5 is out of range",
      r"one of \(2, 4, 8\)"),

@@ -313,3 +313,32 @@ def test_glue_table_gathers_runs(runs, tmp_path, capsys):
     assert rows["llmm nf 4-bit r16"].split(" | ")[2] == f"{mcc:.1f}"
     assert (tmp_path / "table.md").read_text() == text
     assert "skipped (incomplete)" in capsys.readouterr().err
+
+
+def test_train_glue_from_an_init_directory(model_dir, tmp_path):
+    """An _init.sh directory is used as it is: Q stays, the adapters start from its LoftQ means, the head is fresh."""
+    from safetensors.torch import load_file
+
+    from scripts import quantize_model
+
+    init = quantize_model.main(["--model", model_dir, "--save_dir", str(tmp_path / "q"), "--task_type", "seq_cls",
+                                "--quant", "nf", "--bits", "2", "--rank", "16", "--lora_alpha", "16", "--K", "1",
+                                "--loftq_iter", "1", "--dtype", "float32"])
+    backbone = load_file(init / "model.safetensors")
+    means = load_file(init / "llmm_init" / "adapter_model.safetensors")
+    _, model = train_glue.load_model({"model": str(init)}, get_task("cola"))
+    _, settings = train_glue.resolve(["--task", "cola", "--quant", "nf", "--rank", "16", "--model", str(init),
+                                      "--data_dir", str(DATA / "CoLA")])
+    assert settings["init_dir"] == str(init / "llmm_init")
+    wrapped = train_glue.wrap_model(model, settings)
+    key = "deberta.encoder.layer.0.attention.self.query_proj"
+    layer = wrapped.base_model.model.get_submodule(key)
+    assert torch.equal(layer.get_base_layer().weight, backbone[f"{key}.weight"])  # not quantized a second time
+    assert torch.equal(layer.lora_A["default"].weight, means[f"base_model.model.{key}.lora_A.weight"])
+    assert layer.lora_llmm_A["default"].shape[0] == settings["K"] == 1
+    for method in ("qlora", "lora"):
+        with pytest.raises(ValueError, match=f"LoftQ directory: --method {method} needs the original checkpoint"):
+            train_glue.resolve(["--task", "cola", "--quant", "nf", "--rank", "16", "--model", str(init),
+                                "--method", method])
+    with pytest.raises(ValueError, match="quantized with bits=2 but the settings say 4"):
+        train_glue.resolve(["--task", "cola", "--quant", "nf", "--rank", "16", "--model", str(init), "--bits", "4"])

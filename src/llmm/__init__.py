@@ -5,6 +5,7 @@ from llmm.layer import LlmmVariant, sample_factor
 from llmm.model import (
     export_mean_adapter,
     get_llmm_model,
+    init_from_adapter,
     llmm_layers,
     load_llmm_model,
     noise_mode,
@@ -17,6 +18,7 @@ __all__ = [
     "LlmmVariant",
     "export_mean_adapter",
     "get_llmm_model",
+    "init_from_adapter",
     "llmm_layers",
     "load_llmm_model",
     "mc_predict",

@@ -136,6 +136,34 @@ def load_llmm_model(
     return model
 
 
+def init_from_adapter(model: torch.nn.Module, init_dir: str, config: LlmmConfig) -> PeftModel:
+    """Wrap ``model`` with ``config`` and start from the LoftQ means of an init adapter (``_init.sh``'s llmm_init/).
+
+    The init's r and lora_alpha must be ``config``'s (the LoftQ means depend on both) and its directions must be
+    zero (an init, not a trained adapter), so any K, 0 for the LoftQ baseline, starts from exactly the same model.
+    Everything else ``config`` adds (directions, modules_to_save heads) starts as it would in get_llmm_model.
+    """
+    saved = LlmmConfig.from_pretrained(init_dir)
+    if (saved.r, saved.lora_alpha) != (config.r, config.lora_alpha):
+        raise ValueError(f"{init_dir!r} holds LoftQ means for r={saved.r}, lora_alpha={saved.lora_alpha} but the "
+                         f"config has r={config.r}, lora_alpha={config.lora_alpha}: use an _init.sh directory made "
+                         "with the same rank and lora_alpha")
+    weights = load_file(_adapter_file(init_dir))
+    if any(t.numel() and t.abs().max() > 0 for key, t in weights.items() if key.endswith(DIRECTION_KEYS)):
+        raise ValueError(f"{init_dir!r} has non-zero directions (a trained adapter, not an init): load it with "
+                         "load_llmm_model instead")
+    config = dataclasses.replace(config, init_lora_weights=False, loftq_config={}, inference_mode=False)
+    peft_model = get_llmm_model(model, config)
+    state = get_peft_model_state_dict(peft_model)
+    means = {key for key in state if key.split(".")[-2] in ("lora_A", "lora_B")}
+    saved_means = {key for key in weights if key.split(".")[-2] in ("lora_A", "lora_B")}
+    if means != saved_means:
+        raise ValueError(f"{init_dir!r} does not match this model's target modules: missing "
+                         f"{sorted(means - saved_means)[:3]}, unexpected {sorted(saved_means - means)[:3]}")
+    set_peft_model_state_dict(peft_model, {**state, **{key: weights[key] for key in means}})
+    return peft_model
+
+
 def check_new_dir(out_dir: str, overwrite: bool = False) -> None:
     """Refuse an existing non-empty output directory unless ``overwrite``."""
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
