@@ -151,3 +151,20 @@ def test_gradient_checkpointing_recomputes_the_same_sample():
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6)
+
+
+def test_scaled_gradient_setting_reaches_the_layer():
+    """Under the same seed, the layer's Z gradient with scaled_gradient=True is sqrt(s) times the plain one."""
+    grads = {}
+    for scaled in (True, False):
+        config = LlmmConfig(r=4, lora_alpha=8, target_modules=["q_proj"], k=2, scale=16.0, scaled_gradient=scaled)
+        model = get_llmm_model(tiny_llama(), config)
+        randomize(model)
+        model.train()
+        inputs = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+        torch.manual_seed(5)
+        model(inputs, labels=inputs).loss.backward()
+        grads[scaled] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    for name, grad in grads[True].items():
+        factor = math.sqrt(16.0) if "lora_llmm_" in name else 1.0
+        torch.testing.assert_close(grad, grads[False][name] * factor, rtol=1e-5, atol=1e-7)
