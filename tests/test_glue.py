@@ -355,6 +355,15 @@ def test_train_glue_from_an_init_directory(model_dir, tmp_path):
     assert torch.equal(layer.get_base_layer().weight, backbone[f"{key}.weight"])  # not quantized a second time
     assert torch.equal(layer.lora_A["default"].weight, means[f"base_model.model.{key}.lora_A.weight"])
     assert layer.lora_llmm_A["default"].shape[0] == settings["K"] == 1
+    # _init.sh quantizes an encoder's embedding tables too (quantize_embeddings auto = on for seq_cls), with pairs
+    report = json.loads((init / "quantize_report.json").read_text())
+    assert report["settings"]["quantize_embeddings"] is True
+    for table in ("deberta.embeddings.word_embeddings", "deberta.encoder.rel_embeddings"):
+        assert report["layers"][table]["rel_error_loftq"] < report["layers"][table]["rel_error_q"]
+        embedding = wrapped.base_model.model.get_submodule(table)
+        assert torch.equal(embedding.get_base_layer().weight, backbone[f"{table}.weight"])
+        assert torch.equal(embedding.lora_embedding_A["default"],
+                           means[f"base_model.model.{table}.lora_embedding_A"])
     for method in ("qlora", "lora"):
         with pytest.raises(ValueError, match=f"LoftQ directory: --method {method} needs the original checkpoint"):
             train_glue.resolve(["--task", "cola", "--quant", "nf", "--rank", "16", "--model", str(init),

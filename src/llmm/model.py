@@ -86,6 +86,9 @@ def get_llmm_model(model: torch.nn.Module, config: LlmmConfig, adapter_name: str
     keep_cpu_4bit_trainable(model)
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     if not llmm_layers(peft_model):
+        if any(isinstance(m, LlmmEmbedding) for m in peft_model.modules()):
+            raise ValueError(f"target_modules={config.target_modules!r} adapts only embedding tables, with plain "
+                             "pairs: add linear layers, or set gaussian_embeddings=True")
         raise ValueError(f"no module matched target_modules={config.target_modules!r}")
     return peft_model
 
