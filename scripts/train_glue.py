@@ -18,15 +18,16 @@ Embeddings (--quantize_embeddings, on by default: the protocol behind the paper'
 of configs/embedding_targets.yaml (DeBERTa: word_embeddings, rel_embeddings) are quantized like the linear layers,
 each with its own trainable low-rank pair (llmm.embedding): LoftQ-initialised for llmm / loftq, standard PEFT init
 over the plainly quantized table for qlora; lora leaves them alone. The pairs are plain (the reference's) unless
---gaussian_embeddings true. The classifier head and pooler train in full precision (PEFT modules_to_save). Dev evaluation every epoch with
---eval_noise mean (eps = 0), sample (one draw per batch, the reference's behaviour) or mc (the average of
---mc_samples sampled networks, llmm.predict.mc_predict). Writes to --output_dir (default
-runs/glue/<method>-<quant><bits>-r<rank>/<task>/seed<seed>): settings.json, results.json (dev metrics and training
-loss per epoch, best (MRPC, QQP: by F1) and last epoch; NLL/Brier/ECE for classification), predictions.json (the
-final mean network's dev outputs), adapter/ (M and Z, for llmm.load_llmm_model), mean_adapter/ (a plain PEFT LoRA
-adapter), backbone/ (after in-process quantization: the quantized encoder both adapters name as their base) and
-curves.png, and checkpoint-N/ (every save_steps steps, or every epoch; the newest save_total_limit kept) for
---resume_from_checkpoint. Re-score a saved run with python -m scripts.eval_glue.
+--gaussian_embeddings true. The classifier head and pooler train in full precision (PEFT modules_to_save).
+
+Dev evaluation every epoch with --eval_noise mean (eps = 0), sample (one draw per batch, the reference's behaviour)
+or mc (the average of --mc_samples sampled networks, llmm.predict.mc_predict). Writes to --output_dir (default
+runs/glue/<method>-<quant><bits>-r<rank>[-fpemb]/<task>/seed<seed>): settings.json, results.json (dev metrics and
+training loss per epoch, best (MRPC, QQP: by F1) and last epoch; NLL/Brier/ECE for classification),
+predictions.json (the final mean network's dev outputs), adapter/ (M and Z, for llmm.load_llmm_model),
+mean_adapter/ (a plain PEFT LoRA adapter), backbone/ (after in-process quantization: the quantized encoder both
+adapters name as their base) and curves.png, and checkpoint-N/ (every save_steps steps, or every epoch; the newest
+save_total_limit kept) for --resume_from_checkpoint. Re-score a saved run with python -m scripts.eval_glue.
 """
 
 from __future__ import annotations
@@ -345,6 +346,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     task, settings = resolve(argv)
     raw = load_glue(task, settings.get("data_dir"), settings.get("train_file"), settings.get("validation_file"))
     tag = f"{settings['method']}-{settings['quant']}{settings['bits']}-r{settings['rank']}"
+    tag += "" if settings["quantize_embeddings"] or settings["method"] == "lora" else "-fpemb"
     out = Path(settings.get("output_dir") or Path("runs/glue") / tag / task.name / f"seed{settings['seed']}")
     settings["output_dir"] = str(out)
     checkpoint = find_checkpoint(settings.get("resume_from_checkpoint"), out)
