@@ -497,7 +497,8 @@ for run, features, batch_size in json.load(open(sys.argv[1])):
     with torch.no_grad():
         outputs = [model(**collate(features[i:i + batch_size])).logits.float()
                    for i in range(0, len(features), batch_size)]
-    results[run] = torch.cat(outputs).tolist()
+    outputs = torch.cat(outputs)
+    results[run] = (outputs.squeeze(-1) if outputs.shape[-1] == 1 else outputs).tolist()  # STS-B: scores
 assert not any(name == "llmm" or name.startswith(("llmm.", "scripts")) for name in sys.modules)
 print(json.dumps(results))
 """
@@ -506,9 +507,9 @@ print(json.dumps(results))
 def test_saved_runs_reload_exactly(runs, tmp_path):
     """adapter/ (llmm, through scripts.eval_glue) and mean_adapter/ (plain PEFT in a process that never imports
     llmm) reproduce the run's final dev predictions bit for bit, on the backbone the run saved (LoftQ: llmm 4-bit;
-    QLoRA: uniform 2-bit; both with quantized embedding tables and their pairs)."""
+    QLoRA: uniform 2-bit; STS-B: Gaussian embedding pairs; all with quantized embedding tables and their pairs)."""
     jobs, expected = [], {}
-    for name in ("cola-llmm-mc", "mrpc-qlora"):
+    for name in ("cola-llmm-mc", "mrpc-qlora", "stsb-llmm-mc"):
         run = runs / name
         final = json.loads((run / "predictions.json").read_text())["validation"]
         record = eval_glue.main([str(run)])
