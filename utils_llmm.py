@@ -173,7 +173,7 @@ def default_embedding_targets(model_config) -> list[str]:
     model_type = getattr(model_config, "model_type", None)
     if model_type not in table:
         raise ValueError(f"no embedding tables for model_type {model_type!r} in configs/embedding_targets.yaml "
-                         f"(known: {sorted(table)}): add a row, or pass --no-quantize_embeddings")
+                         f"(known: {sorted(table)}): add a row, or turn quantize_embeddings off")
     return list(table[model_type])
 
 

@@ -142,5 +142,5 @@ def embedding_targets(model: nn.Module, names: list[str]) -> dict[str, nn.Embedd
              if path.split(".")[-1] in names and isinstance(module, nn.Embedding)}
     if not found:
         raise ValueError(f"no embedding table named {names} in this model: fix the model_type's row of "
-                         "configs/embedding_targets.yaml, or pass --no-quantize_embeddings")
+                         "configs/embedding_targets.yaml, or turn quantize_embeddings off")
     return found
