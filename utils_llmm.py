@@ -166,6 +166,17 @@ def default_targets(model_config, explicit: list[str] | None = None) -> list[str
     return list(table[model_type])
 
 
+def default_embedding_targets(model_config) -> list[str]:
+    """The embedding tables the GLUE protocol quantizes and adapts: the row for ``model_type`` in
+    configs/embedding_targets.yaml."""
+    table = read_yaml(CONFIGS / "embedding_targets.yaml")
+    model_type = getattr(model_config, "model_type", None)
+    if model_type not in table:
+        raise ValueError(f"no embedding tables for model_type {model_type!r} in configs/embedding_targets.yaml "
+                         f"(known: {sorted(table)}): add a row, or turn quantize_embeddings off")
+    return list(table[model_type])
+
+
 def head_modules(model) -> list[str]:
     """The task head's modules (classifier, pooler), which stay full precision: neither quantized nor adapted.
 

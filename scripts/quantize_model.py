@@ -5,6 +5,8 @@
 
 Writes SAVE_DIR/<model-name>-<bits>bit-<rank>rank/:
   - the backbone (each target weight replaced by its quantized value Q, ``dtype`` safetensors), config, tokenizer;
+    with --quantize_embeddings (auto: on for --task_type seq_cls, the GLUE protocol) also the embedding tables of
+    configs/embedding_targets.yaml, each with its LoftQ pair in llmm_init/ (llmm.embedding);
     with nf at 4 bits, loading it with bitsandbytes NF4 (blocksize 64, no double quant) reproduces Q exactly;
   - llmm_init/: the Llmm adapter with the LoftQ means M_A, M_B and zero directions (K of them);
   - quantize_report.json: per layer ||W - Q|| / ||W|| and ||W - Q - g B A|| / ||W||, settings, versions, wall time.
@@ -28,6 +30,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 import utils_llmm as U
 from llmm import get_llmm_model
+from llmm.embedding import LlmmEmbedding, embedding_targets
 from llmm.layer import loftq_factors
 from llmm.quant import check_quant_args
 
@@ -56,6 +59,10 @@ def parse_args(argv=None) -> dict:
     if settings["rank"] < 1 or settings["K"] < 0 or settings["loftq_iter"] < 1:
         raise ValueError(f"need rank >= 1, K >= 0 and loftq_iter >= 1; got rank={settings['rank']}, "
                          f"K={settings['K']}, loftq_iter={settings['loftq_iter']}")
+    embeddings = {"auto": settings["task_type"] == "seq_cls", "true": True, "false": False}
+    if str(settings["quantize_embeddings"]).lower() not in embeddings:
+        raise ValueError(f"quantize_embeddings must be auto, true or false, got {settings['quantize_embeddings']!r}")
+    settings["quantize_embeddings"] = embeddings[str(settings["quantize_embeddings"]).lower()]
     for name, allowed in (("task_type", LOADERS), ("dtype", DTYPES), ("device", ("cpu", "cuda"))):
         if settings[name] not in allowed:
             raise ValueError(f"{name} must be one of {list(allowed)}, got {settings[name]!r}")
@@ -94,6 +101,10 @@ def target_linears(model: torch.nn.Module, targets: list[str], rank: int) -> dic
 
 def quantize(model: torch.nn.Module, settings: dict, targets: list[str]) -> tuple:
     """Replace each target weight by Q in place; return the Llmm config, the means and the per-layer report."""
+    modules = target_linears(model, targets, settings["rank"])
+    if settings["quantize_embeddings"]:
+        modules.update(embedding_targets(model, U.default_embedding_targets(model.config)))
+        targets = targets + sorted({name.split(".")[-1] for name in modules} - set(targets))
     config = U.llmm_config({**settings, "init": "loftq",
                             "compensate_scaling": not settings.get("reference_scaling", False)},
                            targets, loftq_block_size=settings["block_size"],
@@ -102,7 +113,7 @@ def quantize(model: torch.nn.Module, settings: dict, targets: list[str]) -> tupl
     absmax_dtype = dtype if dtype != torch.float32 else None  # 16-bit copies of Q then re-quantize losslessly
     scaling = config.lora_alpha / config.r
     means, report = {}, {}
-    for name, module in tqdm(target_linears(model, targets, config.r).items(), desc="LoftQ", unit="layer"):
+    for name, module in tqdm(modules.items(), desc="LoftQ", unit="layer"):
         weight = module.weight.detach().to(settings["device"], torch.float32)
         q, factor_A, factor_B = loftq_factors(weight, config.r, scaling, config, absmax_dtype=absmax_dtype)
         module.weight.data = q.to(dtype).to(module.weight.device)
@@ -123,7 +134,10 @@ def save(model, tokenizer, config, means: dict, report: dict, settings: dict, tm
     peft_model = get_llmm_model(model, init_config)
     with torch.no_grad():
         for name, module in peft_model.base_model.model.named_modules():
-            if name in means:
+            if name in means and isinstance(module, LlmmEmbedding):  # PEFT's layout: A = M_B^T, B = M_A^T
+                module.lora_embedding_A["default"].copy_(means[name][1].T)
+                module.lora_embedding_B["default"].copy_(means[name][0].T)
+            elif name in means:
                 module.lora_A["default"].weight.copy_(means[name][0])
                 module.lora_B["default"].weight.copy_(means[name][1])
     # Record the LoftQ settings that produced the means, and the backbone they belong to.

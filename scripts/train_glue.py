@@ -14,26 +14,33 @@ name overrides it (--help lists them). --method picks what is trained, always th
     qlora  encoder fake-quantized with the same quantizer, standard LoRA init, K = 0   (QLoRA-style)
     lora   full-precision encoder, standard LoRA init, K = 0                   (LoRA)
 
-The classifier head and pooler train in full precision (PEFT modules_to_save). Dev evaluation every epoch with
---eval_noise mean (eps = 0), sample (one draw per batch, the reference's behaviour) or mc (the average of
---mc_samples sampled networks, llmm.predict.mc_predict). Writes to --output_dir (default
-runs/glue/<method>-<quant><bits>-r<rank>/<task>/seed<seed>): settings.json, results.json (dev metrics and training
-loss per epoch, best and last epoch; NLL/Brier/ECE for classification), adapter/ (M and Z, for
-llmm.load_llmm_model), mean_adapter/ (a plain PEFT LoRA adapter) and curves.png, and checkpoint-N/ (every
-save_steps steps, or every epoch; the newest save_total_limit kept) for --resume_from_checkpoint.
+Embeddings (--quantize_embeddings, on by default: the protocol behind the paper's and LoftQ's numbers): the tables
+of configs/embedding_targets.yaml (DeBERTa: word_embeddings, rel_embeddings) are quantized like the linear layers,
+each with its own trainable low-rank pair (llmm.embedding): LoftQ-initialised for llmm / loftq, standard PEFT init
+over the plainly quantized table for qlora; lora leaves them alone. The pairs are plain (the reference's) unless
+--gaussian_embeddings true. The classifier head and pooler train in full precision (PEFT modules_to_save).
+
+Dev evaluation every epoch with --eval_noise mean (eps = 0), sample (one draw per batch, the reference's behaviour)
+or mc (the average of --mc_samples sampled networks, llmm.predict.mc_predict). Writes to --output_dir (default
+runs/glue/<method>-<quant><bits>-r<rank>[-fpemb]/<task>/seed<seed>): settings.json, results.json (dev metrics and
+training loss per epoch, best (MRPC, QQP: by F1) and last epoch; NLL/Brier/ECE for classification),
+predictions.json (the final mean network's dev outputs), adapter/ (M and Z, for llmm.load_llmm_model),
+mean_adapter/ (a plain PEFT LoRA adapter), backbone/ (after in-process quantization: the quantized encoder both
+adapters name as their base) and curves.png, and checkpoint-N/ (every save_steps steps, or every epoch; the newest
+save_total_limit kept) for --resume_from_checkpoint. Re-score a saved run with python -m scripts.eval_glue.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import check_target_module_exists
-from scipy.special import softmax
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -43,8 +50,9 @@ from transformers import (
 )
 
 import llmm
-from llmm.glue import TASKS, GlueTask, get_task, load_glue, task_metrics, tokenize
-from llmm.metrics import calibration_metrics
+from llmm.embedding import embedding_targets
+from llmm.glue import TASKS, GlueTask, get_task, load_glue, predict, score, tokenize
+from llmm.model import atomic_dir
 from llmm.predict import mc_predict, mc_regress
 from llmm.quant import ALLOWED_METHODS, fake_quantize
 from scripts.training import LlmmTrainer, add_resume_flag, check_checkpoint, find_checkpoint
@@ -54,6 +62,7 @@ from utils_llmm import (
     check_adapter_settings,
     check_data_paths,
     check_output_dir,
+    default_embedding_targets,
     default_targets,
     head_modules,
     llmm_config,
@@ -72,7 +81,6 @@ from utils_llmm import (
 TABLE = CONFIGS / "glue.yaml"
 METHODS = ("llmm", "loftq", "qlora", "lora")
 EVAL_NOISE = ("mean", "sample", "mc")
-NAN = float("nan")
 
 
 def build_parser(table: dict) -> argparse.ArgumentParser:
@@ -92,7 +100,8 @@ def build_parser(table: dict) -> argparse.ArgumentParser:
     parser.add_argument("--eval_noise", choices=EVAL_NOISE, default=None, help="evaluation noise (default: table)")
     parser.add_argument("--mc_samples", type=int, default=None, help="networks averaged with --eval_noise mc")
     parser.add_argument("--quantize_embeddings", action=argparse.BooleanOptionalAction, default=None,
-                        help="also fake-quantize the input word embeddings")
+                        help="quantize the embedding tables too, each with its own trainable low-rank pair (default: "
+                        "the table's, on: the paper's protocol); --no-quantize_embeddings keeps them full precision")
     parser.add_argument("--target_modules", nargs="+", default=None, help="default: configs/targets.yaml")
     parser.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps (smoke "
                         "runs); overrides epochs")
@@ -115,9 +124,15 @@ def resolve(argv: list[str] | None) -> tuple[GlueTask, dict]:
             raise ValueError(f"--method {method} trains no directions (K = 0); use --method llmm for K = {args.K}")
         settings["K"] = 0
     settings["init"] = "loftq" if method in ("llmm", "loftq") else "lora"
-    if method == "lora" and settings["quantize_embeddings"]:
-        raise ValueError("--method lora keeps the backbone in full precision: drop --quantize_embeddings")
+    if method == "lora":
+        if args.quantize_embeddings:
+            raise ValueError("--method lora keeps the backbone in full precision: drop --quantize_embeddings")
+        settings["quantize_embeddings"] = False
+    if settings["gaussian_embeddings"] and (method != "llmm" or not settings["quantize_embeddings"]):
+        raise ValueError("--gaussian_embeddings true needs --method llmm (K > 0) with --quantize_embeddings")
     settings["backbone"] = "full-precision" if method == "lora" else f"{settings['quant']} {settings['bits']}-bit"
+    if method != "lora" and not settings["quantize_embeddings"]:
+        settings["backbone"] += " (fp embeddings)"
     check_init_dir(settings)
     check_adapter_settings(settings)
     check_data_paths(data_dir=settings.get("data_dir"), train_file=settings.get("train_file"),
@@ -145,7 +160,8 @@ def check_init_dir(settings: dict) -> None:
         raise ValueError(f"{str(model_dir)!r} is an _init.sh LoftQ directory: --method {settings['method']} needs "
                          "the original checkpoint as --model")
     made = json.loads((model_dir / "quantize_report.json").read_text())["settings"]
-    for name in ("quant", "bits", "rank", "lora_alpha"):
+    made.setdefault("quantize_embeddings", False)  # directories made before embeddings were quantized
+    for name in ("quant", "bits", "rank", "lora_alpha", "quantize_embeddings"):
         if made[name] != settings[name]:
             raise ValueError(f"{str(model_dir)!r} was quantized with {name}={made[name]!r} but the settings say "
                              f"{settings[name]!r}: pass --{name} {made[name]} or quantize again with _init.sh")
@@ -168,28 +184,25 @@ def wrap_model(model, settings: dict):
     From an _init.sh directory the backbone already holds Q: the adapters start from its LoftQ means."""
     heads = head_modules(model)
     targets = default_targets(model.config, settings.get("target_modules"))
+    if settings["quantize_embeddings"]:
+        tables = embedding_targets(model, default_embedding_targets(model.config))
+        targets += sorted({path.split(".")[-1] for path in tables})
     layer_settings = {**settings, "eval_noise": "sample" if settings["eval_noise"] == "sample" else "mean"}
     if settings.get("init_dir"):
         layer_settings["init"] = "lora"  # the means come from the directory's llmm_init/, not a new LoftQ
-    config = llmm_config(layer_settings, targets, modules_to_save=list(heads), task_type="SEQ_CLS")
+    config = llmm_config(layer_settings, targets, modules_to_save=list(heads), task_type="SEQ_CLS",
+                         gaussian_embeddings=settings["gaussian_embeddings"])
     bits, quant = settings["bits"], settings["quant"]
     with torch.no_grad():
         if settings["method"] == "qlora":  # same quantizer as LoftQ, but no low-rank compensation
             for name, module in model.named_modules():
-                if isinstance(module, torch.nn.Linear) and check_target_module_exists(config, name):
+                if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) and check_target_module_exists(config,
+                                                                                                           name):
                     module.weight.copy_(fake_quantize(module.weight, bits, quant, config.loftq_block_size))
-    quantize_embeddings(model, settings, config.loftq_block_size)
     settings.update(target_modules=targets, modules_to_save=heads)
     if settings.get("init_dir"):
         return llmm.init_from_adapter(model, settings["init_dir"], config)
     return llmm.get_llmm_model(model, config)
-
-
-@torch.no_grad()
-def quantize_embeddings(model, settings: dict, block_size: int) -> None:
-    if settings["quantize_embeddings"]:
-        weight = model.get_input_embeddings().weight
-        weight.copy_(fake_quantize(weight, settings["bits"], settings["quant"], block_size))
 
 
 class GlueTrainer(LlmmTrainer):
@@ -214,14 +227,8 @@ class GlueTrainer(LlmmTrainer):
 
 
 def metrics_function(task: GlueTask):
-    def compute(prediction) -> dict:
-        outputs, labels = prediction.predictions, prediction.label_ids
-        if task.is_regression:
-            return task_metrics(task, outputs.reshape(-1), labels)
-        probs = softmax(outputs.astype("float64"), axis=-1)
-        if not np.isfinite(probs).all():  # a diverged model: NaN scores here, the training step stops the run
-            return {**task_metrics(task, probs.argmax(axis=-1), labels), "nll": NAN, "brier": NAN, "ece": NAN}
-        return {**task_metrics(task, probs.argmax(axis=-1), labels), **calibration_metrics(probs, labels)}
+    def compute(prediction) -> dict:  # a diverged model scores NaN here; the training step stops the run
+        return score(task, prediction.predictions, prediction.label_ids)
 
     return compute
 
@@ -282,11 +289,37 @@ class ResultsRecorder(TrainerCallback):
         plot_curves(self.out_dir / "curves.png", panels, xlabel="epoch")
 
 
-def save_adapters(model, out_dir: Path) -> None:
-    """adapter/ (M and Z) and mean_adapter/ (plain PEFT LoRA), each written atomically (replacing those of an
-    earlier attempt of this run)."""
-    llmm.save_llmm_adapter(model, str(out_dir / "adapter"), overwrite=True)
-    llmm.export_mean_adapter(model, str(out_dir / "mean_adapter"), overwrite=True)
+def quantized_here(settings: dict) -> bool:
+    """True when this run quantized the backbone (LoftQ or QLoRA from a plain checkpoint): Q exists only here."""
+    return settings["method"] != "lora" and not settings.get("init_dir")
+
+
+def predictions_record(task: GlueTask, model, data, collator, settings: dict, mode: str = "mean") -> dict:
+    """{split: {metrics, outputs, labels}} of the model on the task's dev splits (the format scripts.eval_glue
+    writes); outputs are logits (mc: log of the averaged probabilities) or STS-B scores."""
+    record = {}
+    for split in task.dev_splits:
+        outputs = predict(model, data[split], collator, settings["eval_batch_size"], mode, settings["mc_samples"])
+        labels = np.asarray(data[split]["labels"])
+        record[split] = {"metrics": score(task, outputs, labels), "outputs": outputs.tolist(),
+                         "labels": labels.tolist()}
+    return record
+
+
+def save_run(model, tokenizer, settings: dict, out_dir: Path) -> None:
+    """adapter/ (M and Z), mean_adapter/ (plain PEFT LoRA) and, after in-process quantization, backbone/ (the Q
+    both adapters name as base_model_name_or_path), each written atomically (replacing an earlier attempt's).
+    The backbone is written last: unloading the adapters is what gives it back."""
+    backbone = (out_dir / "backbone").resolve() if quantized_here(settings) else settings["model"]
+    model.peft_config["default"].base_model_name_or_path = str(backbone)
+    with warnings.catch_warnings():  # PEFT looks for the base's config.json, which backbone/ gets just after
+        warnings.filterwarnings("ignore", message="Could not find a config file in")
+        llmm.save_llmm_adapter(model, str(out_dir / "adapter"), overwrite=True)
+        llmm.export_mean_adapter(model, str(out_dir / "mean_adapter"), overwrite=True)
+    if quantized_here(settings):
+        with atomic_dir(str(backbone), overwrite=True) as tmp_dir:
+            model.unload().save_pretrained(tmp_dir)
+            tokenizer.save_pretrained(tmp_dir)
 
 
 def training_arguments(settings: dict, out: Path) -> TrainingArguments:
@@ -313,6 +346,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     task, settings = resolve(argv)
     raw = load_glue(task, settings.get("data_dir"), settings.get("train_file"), settings.get("validation_file"))
     tag = f"{settings['method']}-{settings['quant']}{settings['bits']}-r{settings['rank']}"
+    tag += "" if settings["quantize_embeddings"] or settings["method"] == "lora" else "-fpemb"
     out = Path(settings.get("output_dir") or Path("runs/glue") / tag / task.name / f"seed{settings['seed']}")
     settings["output_dir"] = str(out)
     checkpoint = find_checkpoint(settings.get("resume_from_checkpoint"), out)
@@ -344,9 +378,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     trainer.train(resume_from_checkpoint=checkpoint)
     if not trainer.is_world_process_zero():
         return None
-    save_adapters(trainer.model, out)
-    results = recorder.write(trainer.state.log_history, complete=True)
+    collator = DataCollatorWithPadding(tokenizer)
+    write_json(out / "predictions.json", predictions_record(task, trainer.model, data, collator, settings))
     recorder.plot()
+    save_run(trainer.model, tokenizer, settings, out)
+    results = recorder.write(trainer.state.log_history, complete=True)  # complete only once everything is saved
     best = results["best"]
     logger.info("%s %s: best %s %s at epoch %s; outputs in %s", task.name, settings["method"], task.main_metric,
                 best and best["dev"][task.dev_splits[0]][task.main_metric], best and best["epoch"], out)

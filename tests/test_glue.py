@@ -1,7 +1,9 @@
-"""GLUE: task registry, local data, metrics, the config table, and scripts/train_glue.py + glue_table.py end to end.
+"""GLUE: task registry, local data, metrics, the config table, embedding adapters (llmm.embedding), and
+scripts/train_glue.py + eval_glue.py + glue_table.py end to end.
 
 The end-to-end runs train a tiny DeBERTa-v2 (saved to a temporary directory with an offline word-level
-tokenizer built over the fixture text) for two steps on the fixture files in tests/data/glue.
+tokenizer built over the fixture text) for two steps on the fixture files in tests/data/glue; with the default
+protocol its word, position and relative-position embedding tables are quantized with their own pairs.
 """
 
 import json
@@ -12,15 +14,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_deberta
+from conftest import DEBERTA_TARGETS, tiny_deberta
 from safetensors import safe_open
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerFast
 
-from llmm import llmm_layers, load_llmm_model
-from llmm.glue import LOCAL_ONLY_TASKS, TASKS, get_task, load_glue, task_metrics
-from llmm.quant import ALLOWED_METHODS
-from scripts import glue_table, train_glue
+from llmm import LlmmConfig, get_llmm_model, llmm_layers, load_llmm_model, noise_mode
+from llmm.embedding import LlmmEmbedding
+from llmm.glue import LOCAL_ONLY_TASKS, TASKS, get_task, load_glue, task_metrics, tokenize
+from llmm.quant import ALLOWED_METHODS, fake_quantize
+from scripts import eval_glue, glue_table, train_glue
 from utils_llmm import llmm_config, read_yaml, table_rows
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,9 +67,9 @@ SMOKE = ["--max_steps", "2", "--batch_size", "4", "--grad_accum", "1", "--eval_b
 RUNS = {
     "cola-llmm-mc": ["--task", "cola", "--quant", "nf", "--rank", "16", "--bits", "4", "--eval_noise", "mc",
                      "--mc_samples", "2"],
-    "mrpc-qlora": ["--task", "mrpc", "--quant", "uniform", "--rank", "16", "--method", "qlora",
-                   "--quantize_embeddings"],
-    "stsb-llmm-mc": ["--task", "stsb", "--quant", "uniform", "--rank", "16", "--eval_noise", "mc", "--mc_samples", "2"],
+    "mrpc-qlora": ["--task", "mrpc", "--quant", "uniform", "--rank", "16", "--method", "qlora"],
+    "stsb-llmm-mc": ["--task", "stsb", "--quant", "uniform", "--rank", "16", "--eval_noise", "mc", "--mc_samples", "2",
+                     "--gaussian_embeddings", "true"],
     "cola-lora": ["--task", "cola", "--quant", "nf", "--rank", "16", "--method", "lora"],
     "mrpc-loftq": ["--task", "mrpc", "--quant", "nf", "--rank", "16", "--method", "loftq", "--eval_noise", "sample"],
 }
@@ -263,6 +266,16 @@ def test_methods_quantize_and_wrap_as_documented(model_dir):
             assert any(n.startswith(f"base_model.model.{head}.modules_to_save.") for n in trainable), head
         assert not any("pooler" in n and "lora_" in n for n in trainable), "the pooler is not adapted"
         assert not any(n.endswith("query_proj.base_layer.weight") for n in trainable)
+        # embeddings: lora leaves them alone; the others quantize every table and give it a pair (qlora: A = 0)
+        for table in ("embeddings.word_embeddings", "embeddings.position_embeddings", "encoder.rel_embeddings"):
+            layer = model.get_submodule("base_model.model.deberta." + table)
+            original_table = original.get_submodule("deberta." + table).weight
+            if method == "lora":
+                assert type(layer) is torch.nn.Embedding and torch.equal(layer.weight, original_table)
+                continue
+            assert isinstance(layer, LlmmEmbedding) and layer.get_base_layer().weight.unique().numel() <= 4, method
+            assert (layer.lora_embedding_A["default"].abs().sum() == 0) == (method == "qlora"), method
+            assert layer.lora_embedding_A["default"].requires_grad and not layer.get_base_layer().weight.requires_grad
 
 
 def test_train_glue_end_to_end(runs, model_dir):
@@ -286,10 +299,16 @@ def test_train_glue_end_to_end(runs, model_dir):
     settings = json.loads((runs / "cola-llmm-mc" / "settings.json").read_text())
     assert (settings["bits"], settings["K"], settings["llmmscale"], settings["eval_noise"]) == (4, 1, 1000.0, "mc")
     assert json.loads((runs / "mrpc-qlora" / "settings.json").read_text())["K"] == 0
-    # the Llmm adapter reloads exactly, K checked
-    base = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
+    # the Llmm adapter reloads onto the run's own quantized backbone, K checked; lora names the original model
+    adapter = json.loads((runs / "cola-llmm-mc" / "adapter" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str((runs / "cola-llmm-mc" / "backbone").resolve())
+    base = AutoModelForSequenceClassification.from_pretrained(adapter["base_model_name_or_path"])
     model = load_llmm_model(base, str(runs / "cola-llmm-mc" / "adapter"), k=1)
-    assert len(llmm_layers(model)) == 2 * 6
+    assert len(llmm_layers(model)) == 2 * 6  # the plain embedding pairs are not Llmm layers
+    assert {type(m).__name__ for m in model.modules()} >= {"LlmmEmbedding"}
+    lora = json.loads((runs / "cola-lora" / "adapter" / "adapter_config.json").read_text())
+    assert lora["base_model_name_or_path"] == model_dir and not (runs / "cola-lora" / "backbone").exists()
+    assert not any("embeddings" in t for t in lora["target_modules"])  # 16-bit LoRA leaves the embeddings alone
 
 
 def test_refuses_a_used_output_dir(runs, model_dir):
@@ -336,9 +355,207 @@ def test_train_glue_from_an_init_directory(model_dir, tmp_path):
     assert torch.equal(layer.get_base_layer().weight, backbone[f"{key}.weight"])  # not quantized a second time
     assert torch.equal(layer.lora_A["default"].weight, means[f"base_model.model.{key}.lora_A.weight"])
     assert layer.lora_llmm_A["default"].shape[0] == settings["K"] == 1
+    # _init.sh quantizes an encoder's embedding tables too (quantize_embeddings auto = on for seq_cls), with pairs
+    report = json.loads((init / "quantize_report.json").read_text())
+    assert report["settings"]["quantize_embeddings"] is True
+    for table in ("deberta.embeddings.word_embeddings", "deberta.encoder.rel_embeddings"):
+        assert report["layers"][table]["rel_error_loftq"] < report["layers"][table]["rel_error_q"]
+        embedding = wrapped.base_model.model.get_submodule(table)
+        assert torch.equal(embedding.get_base_layer().weight, backbone[f"{table}.weight"])
+        assert torch.equal(embedding.lora_embedding_A["default"],
+                           means[f"base_model.model.{table}.lora_embedding_A"])
     for method in ("qlora", "lora"):
         with pytest.raises(ValueError, match=f"LoftQ directory: --method {method} needs the original checkpoint"):
             train_glue.resolve(["--task", "cola", "--quant", "nf", "--rank", "16", "--model", str(init),
                                 "--method", method])
     with pytest.raises(ValueError, match="quantized with bits=2 but the settings say 4"):
         train_glue.resolve(["--task", "cola", "--quant", "nf", "--rank", "16", "--model", str(init), "--bits", "4"])
+
+
+# ------------------------------------------------------------------------------------------ embedding adapters
+
+
+TABLES = ["word_embeddings", "position_embeddings", "rel_embeddings"]
+
+
+def embedding_model(quant: str = "nf", gaussian: bool = False, k: int = 1):
+    """A tiny DeBERTa with LoftQ (2 bits, r = 8) on its linear layers and embedding tables; the original tables."""
+    from peft import LoftQConfig
+
+    model = tiny_deberta(0, 2)
+    originals = {name: module.weight.detach().clone() for name, module in model.named_modules()
+                 if isinstance(module, torch.nn.Embedding) and name.split(".")[-1] in TABLES}
+    config = LlmmConfig(r=8, lora_alpha=8, target_modules=DEBERTA_TARGETS + TABLES, k=k, loftq_method=quant,
+                        init_lora_weights="loftq", loftq_config=LoftQConfig(loftq_bits=2, loftq_iter=3),
+                        gaussian_embeddings=gaussian, modules_to_save=["classifier", "pooler"])
+    return get_llmm_model(model, config), originals
+
+
+@pytest.mark.parametrize("quant", ALLOWED_METHODS)
+def test_embedding_loftq_lowers_the_reconstruction_error(quant):
+    """||W - (Q + g (BA)^T)|| < ||W - quant(W)|| for every table; the table the model reads is Q + g (BA)^T."""
+    model, originals = embedding_model(quant)
+    for name, original in originals.items():
+        layer = model.base_model.model.get_submodule(name)
+        assert isinstance(layer, LlmmEmbedding)
+        plain = (original - fake_quantize(original, 2, quant)).norm()
+        loftq = (original - layer.weight).norm()
+        assert loftq < 0.9 * plain, (name, loftq.item(), plain.item())
+        delta = (layer.lora_embedding_B["default"] @ layer.lora_embedding_A["default"]).T
+        assert torch.allclose(layer.weight, layer.get_base_layer().weight + delta * layer.scaling["default"])
+
+
+def test_embedding_pairs_train_including_the_table_deberta_reads_directly():
+    """One AdamW step: every table's pair (word / position: looked up; rel_embeddings: read as .weight) gets a
+    gradient and moves; the quantized tables stay frozen. Gaussian pairs also train their directions."""
+    for gaussian in (False, True):
+        model, _ = embedding_model(gaussian=gaussian)
+        model.train()
+        pairs = {n: p for n, p in model.named_parameters() if "lora_embedding" in n or (".lora_llmm_" in n and any(
+            t in n for t in TABLES))}
+        assert len(pairs) == (12 if gaussian else 6) and all(p.requires_grad for p in pairs.values())
+        before = {n: p.detach().clone() for n, p in pairs.items()}
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(2):  # the first step moves B (A's gradient is not zero either: LoftQ init)
+            ids = torch.randint(5, 128, (4, 12), generator=generator)
+            loss = model(input_ids=ids, labels=torch.tensor([0, 1, 0, 1])).loss
+            loss.backward()
+            for name, parameter in pairs.items():
+                assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+            optimizer.step()
+            optimizer.zero_grad()
+        assert all(not torch.equal(before[n], p) for n, p in pairs.items())
+        embeddings = [m for m in model.modules() if isinstance(m, LlmmEmbedding)]
+        assert len(embeddings) == 3 and not any(p.requires_grad for m in embeddings
+                                                for p in m.get_base_layer().parameters())
+        # Llmm layers: 12 linear layers, plus the three tables when their pairs are Gaussian
+        assert len(llmm_layers(model)) == 12 + 3 * gaussian
+        with noise_mode(model, "mean"):
+            model.eval()
+            ids = torch.randint(5, 128, (2, 12), generator=generator)
+            assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_a_plain_peft_embedding_adapter_is_still_refused():
+    """Only llmm's embedding layer may be plain; any other LoRA layer without Llmm factors is an error."""
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_deberta(0, 2), LoraConfig(r=4, target_modules=["word_embeddings"]))
+    with pytest.raises(ValueError, match=r"adapted layers without Llmm factors: \['Embedding'\]"):
+        llmm_layers(model)
+
+
+def test_bert_tables_are_word_and_position_embeddings():
+    """BERT (the quick start's MiniLM): word and position tables quantized with pairs, the token-type table not."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    bert = BertForSequenceClassification(BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=64,
+                                                    max_position_embeddings=64, num_labels=3))
+    settings = {"rank": 4, "lora_alpha": 4, "K": 1, "llmmscale": 400.0, "bits": 2, "quant": "nf", "loftq_iter": 1,
+                "method": "llmm", "init": "loftq", "quantize_embeddings": True, "gaussian_embeddings": False,
+                "eval_noise": "mean"}
+    model = train_glue.wrap_model(bert, settings)
+    wrapped = {name.split(".")[-1] for name, m in model.named_modules() if isinstance(m, LlmmEmbedding)}
+    assert wrapped == {"word_embeddings", "position_embeddings"}
+    assert type(model.base_model.model.bert.embeddings.token_type_embeddings) is torch.nn.Embedding
+
+
+def test_settings_for_embeddings():
+    _, llmm_row = train_glue.resolve(["--task", "cola", "--quant", "nf", "--rank", "32"])
+    assert llmm_row["quantize_embeddings"] and not llmm_row["gaussian_embeddings"]  # the paper's protocol
+    assert llmm_row["backbone"] == "nf 2-bit"
+    _, lora = train_glue.resolve(["--task", "cola", "--quant", "nf", "--rank", "32", "--method", "lora"])
+    assert not lora["quantize_embeddings"]
+    _, off = train_glue.resolve(["--task", "cola", "--quant", "nf", "--rank", "32", "--no-quantize_embeddings"])
+    assert off["backbone"] == "nf 2-bit (fp embeddings)"
+    with pytest.raises(ValueError, match="keeps the backbone in full precision"):
+        train_glue.resolve(["--task", "cola", "--quant", "nf", "--rank", "32", "--method", "lora",
+                            "--quantize_embeddings"])
+    with pytest.raises(ValueError, match="--gaussian_embeddings true needs --method llmm"):
+        train_glue.resolve(["--task", "cola", "--quant", "nf", "--rank", "32", "--method", "loftq",
+                            "--gaussian_embeddings", "true"])
+
+
+# --------------------------------------------------------------------------------------- runs that reload exactly
+
+PLAIN_PEFT = """
+import json, sys
+import torch
+from peft import PeftModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+
+results = {}
+for run, features, batch_size in json.load(open(sys.argv[1])):
+    base = json.load(open(f"{run}/mean_adapter/adapter_config.json"))["base_model_name_or_path"]
+    model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(base), f"{run}/mean_adapter")
+    model.eval()
+    model.base_model.model.deberta.encoder.rel_embeddings.merge()  # DeBERTa reads this table's weight directly
+    collate = DataCollatorWithPadding(AutoTokenizer.from_pretrained(base))
+    with torch.no_grad():
+        outputs = [model(**collate(features[i:i + batch_size])).logits.float()
+                   for i in range(0, len(features), batch_size)]
+    outputs = torch.cat(outputs)
+    results[run] = (outputs.squeeze(-1) if outputs.shape[-1] == 1 else outputs).tolist()  # STS-B: scores
+assert not any(name == "llmm" or name.startswith(("llmm.", "scripts")) for name in sys.modules)
+print(json.dumps(results))
+"""
+
+
+def test_saved_runs_reload_exactly(runs, tmp_path):
+    """adapter/ (llmm, through scripts.eval_glue) and mean_adapter/ (plain PEFT in a process that never imports
+    llmm) reproduce the run's final dev predictions bit for bit, on the backbone the run saved (LoftQ: llmm 4-bit;
+    QLoRA: uniform 2-bit; STS-B: Gaussian embedding pairs; all with quantized embedding tables and their pairs)."""
+    jobs, expected = [], {}
+    for name in ("cola-llmm-mc", "mrpc-qlora", "stsb-llmm-mc"):
+        run = runs / name
+        final = json.loads((run / "predictions.json").read_text())["validation"]
+        record = eval_glue.main([str(run)])
+        assert record["splits"]["validation"]["outputs"] == final["outputs"], name
+        assert record["splits"]["validation"]["metrics"] == final["metrics"], name
+        assert json.loads((run / "eval" / "mean.json").read_text())["mode"] == "mean"
+        settings = json.loads((run / "settings.json").read_text())
+        task = get_task(settings["task"])
+        tokenizer, _ = eval_glue.load_run(run, settings)
+        features = tokenize(load_glue(task, data_dir=str(DATA)), task, tokenizer, settings["max_length"])
+        jobs.append([str(run), [{k: v for k, v in row.items() if k != "labels"} for row in features["validation"]],
+                     settings["eval_batch_size"]])
+        expected[str(run)] = final["outputs"]
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    done = subprocess.run([sys.executable, "-c", PLAIN_PEFT, str(tmp_path / "jobs.json")], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ""})
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == expected
+
+
+def test_eval_glue_modes_and_files(runs, tmp_path):
+    run = runs / "stsb-llmm-mc"  # regression, Gaussian embedding pairs
+    mc = eval_glue.main([str(run), "--mode", "mc", "--mc_samples", "2", "--output", str(tmp_path / "mc.json")])
+    assert mc["mc_samples"] == 2 and set(mc["splits"]["validation"]["metrics"]) == {"pearson", "spearmanr"}
+    cola = runs / "cola-llmm-mc"
+    dev = str(DATA / "CoLA" / "dev.tsv")
+    sample = eval_glue.main([str(cola), "--mode", "sample", "--file", dev, "--output", str(tmp_path / "s.json")])
+    entry = sample["splits"]["dev"]
+    assert entry["file"] == dev and len(entry["outputs"]) == 4 and {"nll", "ece"} <= set(entry["metrics"])
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        eval_glue.main([str(cola), "--mode", "sample", "--file", dev, "--output", str(tmp_path / "s.json")])
+    with pytest.raises(FileNotFoundError, match="is not a finished scripts.train_glue run"):
+        eval_glue.main([str(tmp_path)])
+
+
+# ------------------------------------------------------------------------------------------- best epoch by F1
+
+
+def test_mrpc_and_qqp_select_the_best_epoch_on_f1(tmp_path):
+    """LoftQ's and the reference's run_glue.py: MRPC and QQP pick the epoch with the best F1, not accuracy."""
+    assert (get_task("mrpc").main_metric, get_task("qqp").main_metric) == ("f1", "f1")
+    assert get_task("cola").main_metric == "matthews_correlation" and get_task("rte").main_metric == "accuracy"
+    for task in ("mrpc", "qqp"):
+        history = [{"epoch": 1.0, "step": 10, "eval_validation_accuracy": 0.80, "eval_validation_f1": 0.84},
+                   {"epoch": 2.0, "step": 20, "eval_validation_accuracy": 0.78, "eval_validation_f1": 0.86},
+                   {"epoch": 3.0, "step": 30, "eval_validation_accuracy": 0.79, "eval_validation_f1": 0.85}]
+        recorder = train_glue.ResultsRecorder(tmp_path, get_task(task), {"task": task})
+        results = recorder.write(history, complete=True)
+        assert results["main_metric"] == "f1" and results["best"]["epoch"] == 2.0 and results["last"]["epoch"] == 3.0

@@ -7,7 +7,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import LLAMA_TARGETS, tiny_llama
+from conftest import LLAMA_TARGETS, tiny_deberta, tiny_llama
 from peft import LoftQConfig
 from safetensors.torch import load_file
 from test_layer import randomize
@@ -163,7 +163,9 @@ def test_bad_config_values(kwargs, message):
 def test_bad_targets():
     with pytest.raises(ValueError, match="larger than target module"):
         get_llmm_model(tiny_llama(), LlmmConfig(r=100, target_modules=["q_proj"]))
-    with pytest.raises(ValueError, match="is a Embedding; Llmm adapts only"):
+    with pytest.raises(ValueError, match="is a LayerNorm; Llmm adapts only"):
+        get_llmm_model(tiny_deberta(), LlmmConfig(r=4, target_modules=["LayerNorm"]))
+    with pytest.raises(ValueError, match="adapts only embedding tables, with plain pairs"):  # llmm.embedding
         get_llmm_model(tiny_llama(), LlmmConfig(r=4, target_modules=["embed_tokens"]))
 
 

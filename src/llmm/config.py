@@ -32,6 +32,11 @@ class LlmmConfig(LoraConfig):
         default=True,
         metadata={"help": "Paper's rule dZ[k] = eps_k dL/dF (True) or the plain pathwise gradient (False)."},
     )
+    gaussian_embeddings: bool = field(
+        default=False,
+        metadata={"help": "Targeted embedding tables get Gaussian K-direction pairs like the linear layers (True), "
+                  "or plain low-rank pairs, the reference's GLUE protocol (False; see llmm.embedding)."},
+    )
     loftq_method: str = field(default="nf", metadata={"help": "LoftQ quantizer: 'nf' (normal float) or 'uniform'."})
     loftq_block_size: int = field(default=64, metadata={"help": "Block size of the normal-float quantizer."})
     loftq_compensate_scaling: bool = field(
@@ -64,9 +69,10 @@ class LlmmConfig(LoraConfig):
                              "unset them; the Llmm layer replaces PEFT's variant for every adapted layer")
         if not isinstance(self.r, int) or self.r < 1:
             raise ValueError(f"r (LoRA rank) must be an integer >= 1, got {self.r!r}")
+        from llmm.embedding import EMBEDDING_MODULES
         from llmm.layer import CUSTOM_MODULES
 
-        self._register_custom_module(CUSTOM_MODULES)
+        self._register_custom_module({**CUSTOM_MODULES, **EMBEDDING_MODULES})
 
     @classmethod
     def from_pretrained(cls, adapter_dir: str, **kwargs) -> "LlmmConfig":

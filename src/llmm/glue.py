@@ -6,6 +6,8 @@
     raw = load_glue(task)                                      # the hub: datasets.load_dataset("nyu-mll/glue", "mrpc")
     data = tokenize(raw, task, tokenizer, max_length=128)
     scores = task_metrics(task, predictions, labels)           # e.g. {"accuracy": .., "f1": ..}
+    outputs = predict(model, data["validation"], collator, batch_size=64, mode="mean")   # logits, or MC probs
+    scores = score(task, outputs, labels)                      # task metrics + NLL / Brier / ECE
 
 ``raw`` is a ``datasets.DatasetDict`` with ``train`` and the task's dev splits (``validation``; MNLI:
 ``validation_matched`` and ``validation_mismatched``), each holding the text columns and ``label`` (int64 class
@@ -14,7 +16,8 @@ own TSV layout (headerless CoLA, MRPC's ``Quality``/``#1 String``, MNLI's ``gold
 ids or label names (``entailment``); anything else fails early, naming the file, row and what is allowed.
 
 Metrics (SPEC §3): CoLA Matthews correlation; STS-B Pearson and Spearman; MRPC and QQP accuracy and F1; the
-others accuracy. The first metric of a task is its main one (it picks the best epoch). scikit-learn / scipy only.
+others accuracy. The main metric picks the best epoch: the first one, except F1 for MRPC and QQP (as LoftQ's and the
+reference's run_glue.py select). scikit-learn / scipy only.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class GlueTask:
     tsv_columns: dict = field(default_factory=dict)  # our column -> the TSV's header name, or index if headerless
     tsv_header: bool = True
     dev_files: dict = field(default_factory=lambda: {"validation": "dev.tsv"})  # dev split -> TSV file name
+    select_by: str = ""  # the metric that picks the best epoch; empty: the first of ``metrics``
 
     @property
     def is_regression(self) -> bool:
@@ -63,7 +67,7 @@ class GlueTask:
 
     @property
     def main_metric(self) -> str:
-        return self.metrics[0]
+        return self.select_by or self.metrics[0]
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -83,11 +87,12 @@ TASKS: dict[str, GlueTask] = {
         GlueTask("sst2", ("sentence",), ("negative", "positive"), ("accuracy",), "SST-2",
                  tsv_columns={"sentence": "sentence", "label": "label"}),
         GlueTask("mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), ("accuracy", "f1"), "MRPC",
-                 tsv_columns={"sentence1": "#1 String", "sentence2": "#2 String", "label": "Quality"}),
+                 tsv_columns={"sentence1": "#1 String", "sentence2": "#2 String", "label": "Quality"}, select_by="f1"),
         GlueTask("stsb", ("sentence1", "sentence2"), (), ("pearson", "spearmanr"), "STS-B",
                  tsv_columns={"sentence1": "sentence1", "sentence2": "sentence2", "label": "score"}),
         GlueTask("qqp", ("question1", "question2"), ("not_duplicate", "duplicate"), ("accuracy", "f1"), "QQP",
-                 tsv_columns={"question1": "question1", "question2": "question2", "label": "is_duplicate"}),
+                 tsv_columns={"question1": "question1", "question2": "question2", "label": "is_duplicate"},
+                 select_by="f1"),
         GlueTask("mnli", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), ("accuracy",), "MNLI",
                  tsv_columns={"premise": "sentence1", "hypothesis": "sentence2", "label": "gold_label"},
                  dev_files={"validation_matched": "dev_matched.tsv", "validation_mismatched": "dev_mismatched.tsv"}),
@@ -168,6 +173,11 @@ def _load_hub(task: GlueTask):
     splits = ("train", *task.dev_splits)
     out = DatasetDict({split: raw[split].select_columns(list(task.columns)) for split in splits})
     return out
+
+
+def load_file(task: GlueTask, path: str | Path):
+    """One local file (TSV as distributed, CSV, JSON, JSONL) as a ``Dataset`` with the text columns and ``label``."""
+    return _load_file(task, path)
 
 
 def _load_file(task: GlueTask, path: str | Path):
@@ -323,3 +333,56 @@ def task_metrics(task: GlueTask, predictions, labels) -> dict[str, float | None]
             value = float(functions[name]())
         scores[name] = value if math.isfinite(value) else None
     return scores
+
+
+def score(task: GlueTask, outputs, labels) -> dict:
+    """Task metrics of ``outputs`` (logits, or log-probabilities of an MC average; scores for STS-B) and, for
+    classification, NLL / Brier / ECE of their softmax. A non-finite output makes the calibration metrics NaN."""
+    from scipy.special import softmax
+
+    from llmm.metrics import calibration_metrics
+
+    outputs, labels = np.asarray(outputs), np.asarray(labels)
+    if task.is_regression:
+        return task_metrics(task, outputs.reshape(-1), labels)
+    probs = softmax(outputs.astype("float64"), axis=-1)
+    if not np.isfinite(probs).all():  # a diverged model
+        nan = float("nan")
+        return {**task_metrics(task, probs.argmax(axis=-1), labels), "nll": nan, "brier": nan, "ece": nan}
+    return {**task_metrics(task, probs.argmax(axis=-1), labels), **calibration_metrics(probs, labels)}
+
+
+def predict(model, dataset, collator, batch_size: int, mode: str = "mean", mc_samples: int = 10) -> np.ndarray:
+    """The model's outputs on a tokenized split, batch by batch in order (eval mode, no gradient).
+
+    ``mode``: "mean" (eps = 0), "sample" (one noise draw per batch, the reference's evaluation) or "mc" (the log of
+    the average of ``mc_samples`` sampled networks' softmax; for regression the average output). Classification:
+    (n, classes) float32; regression: (n,)."""
+    import torch
+
+    from llmm.model import noise_mode
+    from llmm.predict import mc_predict, mc_regress
+
+    if mode not in ("mean", "sample", "mc"):
+        raise ValueError(f"mode must be mean, sample or mc, got {mode!r}")
+    regression = getattr(model.config, "num_labels", None) == 1
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    outputs = []
+    try:
+        for start in range(0, len(dataset), batch_size):
+            rows = dataset[start:start + batch_size]
+            batch = collator([{key: rows[key][i] for key in rows} for i in range(len(rows["input_ids"]))])
+            inputs = {key: value.to(device) for key, value in batch.items() if key not in ("labels", "label")}
+            with torch.no_grad():
+                if mode == "mc":
+                    out = (mc_regress(model, inputs, mc_samples) if regression
+                           else mc_predict(model, inputs, mc_samples).clamp_min(1e-12).log())
+                else:
+                    with noise_mode(model, mode):
+                        out = model(**inputs).logits.float()
+            outputs.append(out.squeeze(-1) if regression else out)
+    finally:
+        model.train(was_training)
+    return torch.cat(outputs).cpu().numpy()

@@ -22,6 +22,7 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from safetensors.torch import load_file, save_file
 
 from llmm.config import EVAL_NOISE_MODES, LlmmConfig
+from llmm.embedding import EMBEDDING_MODULES, LlmmEmbedding
 from llmm.layer import CUSTOM_MODULES, LlmmVariant
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -29,10 +30,10 @@ DIRECTION_KEYS = LlmmVariant.direction_names
 
 
 def _check_targets(model: torch.nn.Module, config: LlmmConfig) -> None:
-    """Fail before wrapping if a targeted module is not a supported linear layer or is narrower than r."""
+    """Fail before wrapping if a targeted module is not a supported linear / embedding layer or is narrower than r."""
     if config.target_modules is None:
         return  # PEFT picks the architecture's defaults; llmm_layers() checks the result after wrapping
-    allowed = tuple(CUSTOM_MODULES)
+    allowed = (*CUSTOM_MODULES, *EMBEDDING_MODULES)
     for name, module in model.named_modules():
         if not name or not check_target_module_exists(config, name):
             continue
@@ -41,7 +42,8 @@ def _check_targets(model: torch.nn.Module, config: LlmmConfig) -> None:
                 f"target module {name!r} is a {type(module).__name__}; Llmm adapts only "
                 f"{', '.join(cls.__module__ + '.' + cls.__name__ for cls in allowed)}: drop it from target_modules"
             )
-        width = min(module.in_features, module.out_features)
+        width = (min(module.weight.shape) if isinstance(module, torch.nn.Embedding)
+                 else min(module.in_features, module.out_features))
         rank = config.rank_pattern.get(name.split(".")[-1], config.r) if config.rank_pattern else config.r
         if rank > width:
             raise ValueError(f"LoRA rank {rank} is larger than target module {name!r} allows "
@@ -49,12 +51,15 @@ def _check_targets(model: torch.nn.Module, config: LlmmConfig) -> None:
 
 
 def llmm_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """All adapted layers; raises if any adapted layer is not an Llmm layer (no silent plain-LoRA fallback)."""
+    """The adapted layers with Gaussian factors; raises if any other adapted layer is not an Llmm layer (no silent
+    plain-LoRA fallback). The one exception: plain pairs on embedding tables (``gaussian_embeddings=False``, the
+    reference's GLUE protocol), which are not returned."""
     layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
-    plain = [type(m).__name__ for m in layers if not hasattr(m, "llmm_settings")]
+    plain = [type(m).__name__ for m in layers if not hasattr(m, "llmm_settings") and not isinstance(m, LlmmEmbedding)]
     if plain:
-        raise ValueError(f"adapted layers without Llmm factors: {sorted(set(plain))}; target only linear layers")
-    return layers
+        raise ValueError(f"adapted layers without Llmm factors: {sorted(set(plain))}; target only linear layers "
+                         "and embedding tables")
+    return [module for module in layers if hasattr(module, "llmm_settings")]
 
 
 def keep_cpu_4bit_trainable(model: torch.nn.Module) -> None:
@@ -81,6 +86,9 @@ def get_llmm_model(model: torch.nn.Module, config: LlmmConfig, adapter_name: str
     keep_cpu_4bit_trainable(model)
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     if not llmm_layers(peft_model):
+        if any(isinstance(m, LlmmEmbedding) for m in peft_model.modules()):
+            raise ValueError(f"target_modules={config.target_modules!r} adapts only embedding tables, with plain "
+                             "pairs: add linear layers, or set gaussian_embeddings=True")
         raise ValueError(f"no module matched target_modules={config.target_modules!r}")
     return peft_model
 
@@ -155,13 +163,18 @@ def init_from_adapter(model: torch.nn.Module, init_dir: str, config: LlmmConfig)
     config = dataclasses.replace(config, init_lora_weights=False, loftq_config={}, inference_mode=False)
     peft_model = get_llmm_model(model, config)
     state = get_peft_model_state_dict(peft_model)
-    means = {key for key in state if key.split(".")[-2] in ("lora_A", "lora_B")}
-    saved_means = {key for key in weights if key.split(".")[-2] in ("lora_A", "lora_B")}
+    means, saved_means = {key for key in state if _is_mean(key)}, {key for key in weights if _is_mean(key)}
     if means != saved_means:
         raise ValueError(f"{init_dir!r} does not match this model's target modules: missing "
                          f"{sorted(means - saved_means)[:3]}, unexpected {sorted(saved_means - means)[:3]}")
     set_peft_model_state_dict(peft_model, {**state, **{key: weights[key] for key in means}})
     return peft_model
+
+
+def _is_mean(key: str) -> bool:
+    """A state-dict key of a factor mean: a linear layer's lora_A/B weight or an embedding's lora_embedding_A/B."""
+    parts = key.split(".")
+    return parts[-2] in ("lora_A", "lora_B") or parts[-1] in ("lora_embedding_A", "lora_embedding_B")
 
 
 def check_new_dir(out_dir: str, overwrite: bool = False) -> None:

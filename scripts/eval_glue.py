@@ -1,0 +1,120 @@
+"""Re-score a saved GLUE run (scripts.train_glue's output directory) on its dev splits or on labelled files.
+
+    python -m scripts.eval_glue runs/glue/llmm-nf2-r32/cola/seed0                        # dev splits, mean network
+    python -m scripts.eval_glue RUN --mode mc --mc_samples 10 --seed 1                    # Monte-Carlo average
+    python -m scripts.eval_glue RUN --mode sample --file data/test.tsv --output test.json # one noise draw per batch
+
+The run's adapter/ (M and Z) is loaded with llmm.load_llmm_model onto the backbone its adapter_config.json names
+(the run's own backbone/ after in-process quantization, so the network is exactly the one trained), with the run's
+tokenizer, max_length and eval batch size. ``--mode``: mean (eps = 0, deterministic: reproduces the run's
+predictions.json), sample (a fresh draw per batch, the reference's evaluation) or mc (the average of --mc_samples
+sampled networks; calibration metrics of the averaged distribution). Files (--file, one or more) are local
+.tsv/.csv/.json/.jsonl with labels, read as scripts.train_glue reads them; without --file the run's dev splits.
+Writes JSON (default RUN/eval/<mode>.json): per split the metrics (NLL/Brier/ECE for classification), outputs
+(logits; mc: log of the averaged probabilities; STS-B: scores) and labels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import DatasetDict
+from transformers import DataCollatorWithPadding
+
+import llmm
+from llmm.glue import get_task, load_file, load_glue, predict, score, tokenize
+from scripts.train_glue import EVAL_NOISE, load_model
+from utils_llmm import check_data_paths, logger, run_main, seed_everything, write_json
+
+MODES = EVAL_NOISE
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument("run_dir", help="a scripts.train_glue output directory (settings.json, adapter/)")
+    parser.add_argument("--mode", choices=MODES, default="mean", help="mean | sample | mc (default: mean)")
+    parser.add_argument("--mc_samples", type=int, default=None, help="networks averaged in mc mode (default: run's)")
+    parser.add_argument("--seed", type=int, default=None, help="seed of the noise draws (default: the run's)")
+    parser.add_argument("--file", nargs="+", default=None, help="labelled .tsv/.csv/.json/.jsonl file(s) to score "
+                        "instead of the run's dev splits")
+    parser.add_argument("--batch_size", type=int, default=None, help="default: the run's eval_batch_size")
+    parser.add_argument("--output", default=None, help="JSON file (default: RUN_DIR/eval/<mode>.json)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    return parser.parse_args(argv)
+
+
+def check(args: argparse.Namespace) -> tuple[Path, dict, Path]:
+    """The run directory, its settings and the output path; bad input fails here, before anything is loaded."""
+    run = Path(args.run_dir)
+    if not (run / "settings.json").is_file() or not (run / "adapter" / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{str(run)!r} is not a finished scripts.train_glue run (it needs settings.json and "
+                                "adapter/): pass a run's output directory")
+    settings = json.loads((run / "settings.json").read_text())
+    for name in ("mc_samples", "batch_size", "seed"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "seed" else 1):
+            raise ValueError(f"--{name} {value} is out of range: it must be >= {0 if name == 'seed' else 1}")
+    check_data_paths(file=args.file)
+    stems = [Path(path).stem for path in args.file or []]
+    if len(set(stems)) != len(stems):
+        raise ValueError(f"--file names two files with the same stem ({stems}): the output keys splits by file stem")
+    output = Path(args.output) if args.output else run / "eval" / f"{args.mode}.json"
+    if output.exists() and not args.overwrite:
+        raise FileExistsError(f"{str(output)!r} exists: pass --overwrite to replace it, or another --output")
+    return run, settings, output
+
+
+def load_run(run: Path, settings: dict):
+    """(tokenizer, model in eval mode) of a saved run: its adapter on the backbone the adapter names."""
+    base = json.loads((run / "adapter" / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{str(run / 'adapter')!r} names no base model: it was not written by scripts.train_glue")
+    tokenizer, model = load_model({"model": base}, get_task(settings["task"]))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return tokenizer, llmm.load_llmm_model(model.to(device), str(run / "adapter"))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    run, settings, output = check(args)
+    task = get_task(settings["task"])
+    if args.file:
+        raw = {Path(path).stem: load_file(task, path) for path in args.file}
+        files = dict(zip(raw, args.file))
+    else:
+        loaded = load_glue(task, settings.get("data_dir"), settings.get("train_file"), settings.get("validation_file"))
+        raw, files = {split: loaded[split] for split in task.dev_splits}, {}
+    seed = settings["seed"] if args.seed is None else args.seed
+    mc_samples = args.mc_samples or settings["mc_samples"]
+    seed_everything(seed)
+    started = time.time()
+    tokenizer, model = load_run(run, settings)
+    data = tokenize(DatasetDict(raw), task, tokenizer, settings["max_length"])
+    collator = DataCollatorWithPadding(tokenizer)
+    batch_size = args.batch_size or settings["eval_batch_size"]
+    splits = {}
+    for split in raw:
+        outputs = predict(model, data[split], collator, batch_size, args.mode, mc_samples)
+        labels = np.asarray(data[split]["labels"])
+        splits[split] = {**({"file": files[split]} if split in files else {}),
+                         "metrics": score(task, outputs, labels), "outputs": outputs.tolist(),
+                         "labels": labels.tolist()}
+    record = {"run_dir": str(run), "task": task.name, "mode": args.mode, "seed": seed,
+              **({"mc_samples": mc_samples} if args.mode == "mc" else {}), "batch_size": batch_size,
+              "base_model": model.peft_config["default"].base_model_name_or_path,
+              "wall_time_s": time.time() - started, "splits": splits}
+    write_json(output, record)
+    for split, entry in splits.items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in entry["metrics"].items() if isinstance(v, float))
+        logger.info("%s %s (%s): %s", task.name, split, args.mode, shown)
+    logger.info("wrote %s", output)
+    return record
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,146 @@
+"""Adapters on embedding tables: a (LoftQ-)quantized ``nn.Embedding`` plus a trainable low-rank pair.
+
+This is the GLUE protocol of the reference and of LoftQ (``--quant_embedding``): each embedding table W
+(num_embeddings x dim) is replaced by Q plus a rank-r pair initialised from LoftQ's factors, and the pair trains.
+The layer is PEFT's LoRA ``Embedding`` (registered for ``nn.Embedding`` through PEFT's custom-module seam by
+``LlmmConfig``), with PEFT's layout: ``lora_embedding_A`` (r x num_embeddings), ``lora_embedding_B`` (dim x r),
+scaling g = lora_alpha / r::
+
+    out    = Q[x] + g * A^T[x] B^T         a looked-up row (the model calls the layer: word / position embeddings)
+    weight = Q + g * (B A)^T                the whole table (the model reads ``.weight``: DeBERTa's rel_embeddings)
+
+PEFT's own ``Embedding.weight`` is the base table Q: a model that reads the table instead of calling the layer
+(DeBERTa's ``encoder.rel_embeddings``) silently never sees the adapter (so did the reference: its pair on the
+relative embeddings was created, initialised and never used). Here ``weight`` is the adapted table, so the
+correction and its gradient reach such a model too. With plain PEFT (a mean adapter loaded without llmm), merge
+that one layer (``layer.merge()``) to get the same table, bit for bit.
+
+LoftQ (``init_lora_weights="loftq"``) runs llmm's quantizer on W in its own layout (the reference's):
+(Q, M_A, M_B) = ``loftq_factors(W)`` with W ~ Q + g M_B M_A, so A = M_B^T and B = M_A^T.
+
+The pair is plain by default (the reference's). With ``LlmmConfig(gaussian_embeddings=True)`` each factor is a
+Gaussian with K directions, exactly as in the linear layers (``llmm.layer``): in train mode (or eval with
+``eval_noise="sample"``) a forward uses F~ = M + sum_k eps_k / sqrt(s) Z[k]; the mean adapter is again A = M_A.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft.tuners.lora.layer import Embedding as LoraEmbedding
+from peft.tuners.lora.layer import LoraVariant
+from torch import nn
+
+from llmm.layer import loftq_factors, sample_factor
+
+
+def embedding_factors(module: "LlmmEmbedding", adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) in PEFT's embedding layout that this forward uses: sampled (Gaussian pair in train mode or with
+    eval_noise="sample") or the means."""
+    mean_A, mean_B = module.lora_embedding_A[adapter_name], module.lora_embedding_B[adapter_name]
+    settings = getattr(module, "llmm_settings", {}).get(adapter_name)
+    if settings is None or not (module.training or settings["eval_noise"] == "sample"):
+        return mean_A, mean_B
+    # The model's noise source once it has one (llmm.seed_noise), else torch's generator as the linear layers use.
+    noise = module.__dict__.get("llmm_noise")
+    if noise is not None:
+        eps = noise.eps(module, adapter_name, settings["k"], mean_A.device)
+    else:
+        eps = torch.randn(2, settings["k"], device=mean_A.device, dtype=torch.float32)
+    scale, scaled = settings["scale"], settings["scaled_gradient"]
+    return (sample_factor(mean_A, module.lora_llmm_A[adapter_name], eps[0], scale, scaled),
+            sample_factor(mean_B, module.lora_llmm_B[adapter_name], eps[1], scale, scaled))
+
+
+class LlmmEmbeddingVariant(LoraVariant):
+    """Gaussian K-direction factors on an embedding pair (``gaussian_embeddings=True``)."""
+
+    direction_names = ("lora_llmm_A", "lora_llmm_B")
+
+    @staticmethod
+    def init(module: "LlmmEmbedding", adapter_name: str, config=None, **kwargs) -> None:
+        if not hasattr(module, "lora_llmm_A"):
+            module.adapter_layer_names = module.adapter_layer_names[:] + LlmmEmbeddingVariant.direction_names
+            module.lora_llmm_A = nn.ParameterDict()
+            module.lora_llmm_B = nn.ParameterDict()
+            module.llmm_settings = {}
+        weight_A, weight_B = module.lora_embedding_A[adapter_name], module.lora_embedding_B[adapter_name]
+        module.lora_llmm_A[adapter_name] = nn.Parameter(weight_A.new_zeros(config.k, *weight_A.shape))  # Z = 0
+        module.lora_llmm_B[adapter_name] = nn.Parameter(weight_B.new_zeros(config.k, *weight_B.shape))
+        module.llmm_settings[adapter_name] = {"k": config.k, "scale": config.scale, "eval_noise": config.eval_noise,
+                                              "scaled_gradient": config.scaled_gradient}
+
+    @staticmethod
+    def forward(module: "LlmmEmbedding", active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs):
+        factor_A, factor_B = embedding_factors(module, active_adapter)
+        update = (module._embed(x, factor_A.T) @ factor_B.T) * module.scaling[active_adapter]
+        embed_scale = module._get_embed_scale()
+        if embed_scale is not None:
+            update = update * embed_scale.to(update.dtype)
+        return result + update
+
+    # Merging uses the means (E[B~ A~] = M_B M_A): PEFT's delta weight.
+    @staticmethod
+    def merge_safe(module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        return orig_weight + module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def merge_unsafe(module, active_adapter: str, orig_weight: torch.Tensor) -> None:
+        orig_weight.data += module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def unmerge(module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        return orig_weight - module.get_delta_weight(active_adapter).to(orig_weight.dtype)
+
+
+class LlmmEmbedding(LoraEmbedding):
+    """PEFT's LoRA Embedding with llmm's LoftQ init, an optional Gaussian pair, and ``weight`` = the adapted table."""
+
+    def resolve_lora_variant(self, *, config, **kwargs):
+        return LlmmEmbeddingVariant() if getattr(config, "gaussian_embeddings", False) else None
+
+    def update_layer(self, adapter_name: str, r: int, lora_alpha: int, config, **kwargs) -> None:
+        self._init_config = config  # PEFT's Embedding calls loftq_init(adapter_name) without the config
+        try:
+            super().update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
+        finally:
+            del self._init_config
+
+    @torch.no_grad()
+    def loftq_init(self, adapter_name: str) -> None:
+        base = self.get_base_layer()
+        q_weight, factor_A, factor_B = loftq_factors(base.weight, self.r[adapter_name], self.scaling[adapter_name],
+                                                     self._init_config)
+        table_A, table_B = self.lora_embedding_A[adapter_name], self.lora_embedding_B[adapter_name]
+        table_A.data = factor_B.T.contiguous().to(table_A.dtype).to(table_A.device)
+        table_B.data = factor_A.T.contiguous().to(table_B.dtype).to(table_B.device)
+        base.weight.data = q_weight.to(base.weight.dtype).to(base.weight.device)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The table the model sees: Q plus the active adapters' low-rank tables (Q alone when disabled or merged)."""
+        table = self.get_base_layer().weight
+        if self.disable_adapters or self.merged:
+            return table
+        for adapter in self.active_adapters:
+            if adapter not in self.lora_embedding_A:
+                continue
+            if adapter in getattr(self, "llmm_settings", {}):
+                factor_A, factor_B = embedding_factors(self, adapter)
+                table = table + (factor_B @ factor_A).T * self.scaling[adapter]
+            else:  # the very sum PEFT's merge writes, so a merged plain-PEFT table is bitwise the same
+                table = table + self.get_delta_weight(adapter).to(table.dtype)
+        return table
+
+
+EMBEDDING_MODULES: dict[type[nn.Module], type[nn.Module]] = {nn.Embedding: LlmmEmbedding}
+
+
+def embedding_targets(model: nn.Module, names: list[str]) -> dict[str, nn.Embedding]:
+    """Module path -> nn.Embedding for every module whose last name is in ``names`` (absent names are skipped:
+    DeBERTaV3 has no absolute position table); an error if none is an embedding table."""
+    found = {path: module for path, module in model.named_modules()
+             if path.split(".")[-1] in names and isinstance(module, nn.Embedding)}
+    if not found:
+        raise ValueError(f"no embedding table named {names} in this model: fix the model_type's row of "
+                         "configs/embedding_targets.yaml, or turn quantize_embeddings off")
+    return found
