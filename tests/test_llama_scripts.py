@@ -137,7 +137,6 @@ def plain_peft_generations(backbone, mean_adapter, load_in_4bit, max_new_tokens=
     """Greedy generations of the fixture questions with the exported mean adapter loaded by plain PEFT."""
     model, tokenizer = load_backbone({"model_name_or_path": str(backbone), "dtype": "float32",
                                       "load_in_4bit": load_in_4bit})
-    keep_cpu_4bit_trainable(model)  # the same CPU 4-bit kernel as llmm's models (bnb's packed one rounds to bf16)
     model = PeftModel.from_pretrained(model, str(mean_adapter)).eval()
     tokenizer.padding_side = "left"
     questions = [json.loads(line)["question"] for line in (DATA / "gsm8k.jsonl").read_text().splitlines()]
