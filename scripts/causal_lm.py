@@ -297,8 +297,8 @@ def training_arguments(settings: dict, output_dir: Path, resume: bool = False) -
         save_strategy="steps", save_steps=settings["save_steps"], save_total_limit=settings["save_total_limit"],
         seed=settings["seed"], data_seed=settings["data_seed"],
         bf16=settings["dtype"] == "bfloat16", fp16=settings["dtype"] == "float16",
-        gradient_checkpointing=checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+        activation_checkpointing=checkpointing,  # transformers' new name for gradient_checkpointing
+        activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
         remove_unused_columns=False, label_names=["labels"], report_to="none",
         use_cpu=not torch.cuda.is_available(),  # also what makes torchrun on CPU use DDP (gloo)
         ddp_find_unused_parameters=False,  # every trainable tensor is in the graph (K = 0: none are trainable)
