@@ -48,7 +48,7 @@ class _FreshHeadReport(logging.Filter):
             key.split(".")[0] in (FRESH_HEAD if status == "MISSING" else PRETRAINING_HEAD)
             and status in ("MISSING", "UNEXPECTED") for key, status in rows)
         if expected:
-            record.msg, record.args = f"classifier head initialised fresh ({', '.join(missing)})", ()
+            record.msg, record.args = f"classifier head initialised fresh ({', '.join(sorted(missing))})", ()
             record.levelno, record.levelname = logging.INFO, "INFO"
         return True
 

@@ -439,3 +439,4 @@ def test_command_line_errors_exit_2_with_one_line(tmp_path, script, argv, messag
                           text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), done.stderr[-2000:]
+    assert "kernels-community" not in done.stderr  # library noise is filtered (scripts/quiet.py)
