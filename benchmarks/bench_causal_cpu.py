@@ -6,7 +6,7 @@
    model (hidden 512, 4 layers, random weights), batch 4 x 128 tokens, AdamW: (a) the float32 backbone, float32
    compute; (b) the NF4 backbone, bfloat16 compute, norms/embeddings/lm_head in float32 (PEFT's
    prepare_model_for_kbit_training), float32 adapters under bf16 autocast — what the tables run. Also the eval
-   forward (mean adapter) of both, bitsandbytes' default evaluation kernel on (b).
+   forward (mean adapter) of both, on the plain NF4 path that training uses.
 2. How close bitsandbytes' two CPU NF4 paths are to the float32 product over the dequantized weights, for
    bfloat16 and float32 compute: the plain path (dequantize, then matmul; what training uses) and the packed
    AVX512-BF16 kernel (what a model loaded for evaluation uses, in llmm, plain PEFT and lm-eval alike).

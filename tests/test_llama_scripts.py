@@ -148,7 +148,7 @@ def plain_peft_generations(backbone, mean_adapter, load_in_4bit, max_new_tokens=
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
                               eos_token_id=tokenizer.eos_token_id)
     with torch.no_grad():
-        output = model.generate(**batch, generation_config=config)
+        output = model.generate(**batch.to(model.device), generation_config=config)
     return tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
