@@ -47,7 +47,8 @@ def models(path: Path):
 
 def step_times(runs: dict, rounds: int = 6) -> dict:
     inputs = torch.randint(0, 4096, (4, 128))
-    optimizers = {n: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for n, m in runs.items()}
+    optimizers = {name: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+                  for name, model in runs.items()}
     autocast = {"fp32": False, "nf4_bf16": True}
     train, evaluate = {n: [] for n in runs}, {n: [] for n in runs}
     for round_ in range(rounds + 1):

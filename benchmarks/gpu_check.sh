@@ -9,12 +9,14 @@
 # (gpu_tests.txt, core_cuda.json, models_cuda.json) — copy the figures into benchmarks/README.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'error: no CUDA device: run this on a GPU machine')" || exit 2
+python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'error: no CUDA device: use a GPU machine')" \
+  || exit 2
 if ! python -c "import bitsandbytes, peft" 2>/dev/null; then
-  python -m pip install --no-index --find-links "${WHEELS:?error: bitsandbytes/peft missing: set WHEELS=<folder with their wheels>}" \
-    bitsandbytes==0.50.2 peft==0.21.2 || exit 2
+  wheels=${WHEELS:?error: bitsandbytes/peft missing: set WHEELS=<folder with their wheels>}
+  python -m pip install --no-index --find-links "$wheels" bitsandbytes==0.50.2 peft==0.21.2 || exit 2
 fi
-export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+export TOKENIZERS_PARALLELISM=false
 mkdir -p benchmarks/results
 status=0
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee benchmarks/results/gpu_device.txt

@@ -2,7 +2,7 @@
 
 Not run directly. A training script supplies its table and an ``encode(tokenizer, settings, record)`` function:
 
-    settings = parse_settings(parser, table, argv)      # table row + flags, method/init resolved and checked
+    settings = parse_settings(parser, table, argv)      # table defaults or the row --model names, + flags
     train(settings, task, encode)                       # HF Trainer; writes adapter/, mean_adapter/, results, plot
 
 Checkpoints (every save_steps steps, the newest save_total_limit kept) go to OUTPUT_DIR/checkpoints/checkpoint-N;
@@ -11,7 +11,8 @@ process trains on its share of every batch with its own noise; only the main pro
 
 Methods (SPEC §3 baselines): llmm (K from the table), loftq (K = 0), qlora (standard LoRA init, K = 0). The model is
 an _init.sh directory (LoftQ backbone + llmm_init/ with the means) or a plain checkpoint with --init lora / loftq
-(LoftQ in-process needs full-precision weights, so not with --load_in_4bit true).
+(LoftQ in-process needs full-precision weights, so not with --load_in_4bit true; it runs on the training device).
+4-bit training first calls PEFT's prepare_model_for_kbit_training, as the reference did (``prepare_kbit_training``).
 """
 
 from __future__ import annotations

@@ -60,5 +60,6 @@ def install() -> None:
         logger = logging.getLogger(name)
         if not any(type(f) is type(flt) for f in logger.filters):
             logger.addFilter(flt)
-    warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing\w*` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing\w*` is deprecated",
+                            category=FutureWarning)
     warnings.filterwarnings("ignore", message=r"Could not find a config file in .* the vocabulary was not modified")

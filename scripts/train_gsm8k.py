@@ -2,13 +2,13 @@
 
     python -m scripts.train_gsm8k --model llama-2-7b --rank 64 --output_dir runs/gsm8k-llama-2-7b
     python -m scripts.train_gsm8k --model llama-2-7b --rank 64 --method loftq --output_dir runs/gsm8k-loftq
-    python -m scripts.train_gsm8k --model_name_or_path ./my-llama --rank 16 --data gsm8k.jsonl \
-        --eval_split heldout --eval_size 2 --max_steps 2 --output_dir /tmp/run      # any model: defaults + flags
+    python -m scripts.train_gsm8k --model_name_or_path quantized/my-llama-4bit-16rank --rank 16 \
+        --data my_gsm8k/ --output_dir runs/mine          # any model (bash _init.sh --model ...), defaults + flags
 
 Settings: configs/gsm8k.yaml: its defaults, or the row --model names (its checkpoints; --rank picks among a
-model's rows), then any flag. Source = question +
-"\\nAnswer the above question. First think step by step and then answer the final number.\\n"; target = the worked
-answer with "####" -> "The final answer is: "; at most max_length tokens (src/llmm/prompts.py).
+model's rows), then any flag. Source = question + "\\nAnswer the above question. First think step by step and
+then answer the final number.\\n"; target = the worked answer with "####" -> "The final answer is: "; at most
+max_length tokens (src/llmm/prompts.py).
 Writes OUTPUT_DIR/{adapter/, mean_adapter/, results.json, settings.json, curves.png} (and backbone/, the
 quantized Q, when --init loftq ran LoftQ in-process); evaluate with test_gsm8k.
 """

@@ -2,12 +2,12 @@
 
     python -m scripts.train_nlg --task alpaca --model llama-2-7b --rank 16 --output_dir runs/alpaca-llama-2-7b
     python -m scripts.train_nlg --task hh-rlhf --model llama-2-7b --rank 16 --method qlora --output_dir ...
-    python -m scripts.train_nlg --task alpaca --model_name_or_path ./my-llama --rank 8 --data my_alpaca.jsonl \
-        --eval_size 100 --max_steps 2 --output_dir /tmp/run                       # any model: defaults + flags
+    python -m scripts.train_nlg --task alpaca --model_name_or_path quantized/my-llama-4bit-8rank --rank 8 \
+        --data my_alpaca.jsonl --eval_size 100 --output_dir runs/mine   # any model (bash _init.sh --model ...)
 
 Settings: configs/nlg.yaml: its defaults (with the task's dataset and eval_split), or the row --model names (its
-checkpoints), then any flag. Alpaca: the instruction
-prompt, loss on the response only (source_max_len, target_max_len), held out: a seeded slice of train.
+checkpoints), then any flag. Alpaca: the instruction prompt, loss on the response only (source_max_len,
+target_max_len), held out: a seeded slice of train.
 HH-RLHF: the chosen transcript, no prompt part, held out: the official test split (src/llmm/prompts.py).
 Writes OUTPUT_DIR/{adapter/, mean_adapter/, results.json, settings.json, curves.png} (and backbone/, the
 quantized Q, when --init loftq ran LoftQ in-process).

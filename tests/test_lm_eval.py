@@ -87,7 +87,8 @@ def test_lm_eval_generations_equal_test_gsm8k(tmp_path):
     test_gsm8k.main(["--adapter", str(tmp_path / "adapter"), "--model_name_or_path", str(base_dir), "--data",
                      str(data), "--max_new_tokens", "8", "--load_in_4bit", "false", "--dtype", "float32",
                      "--output_dir", str(tmp_path / "test")])
-    ours = [json.loads(line)["generated"] for line in (tmp_path / "test" / "predictions.jsonl").read_text().splitlines()]
+    predictions = (tmp_path / "test" / "predictions.jsonl").read_text().splitlines()
+    ours = [json.loads(line)["generated"] for line in predictions]
 
     (tmp_path / "tasks").mkdir()
     instruction = json.dumps(GSM8K_INSTRUCTION)[1:-1]  # escaped for a double-quoted YAML string
