@@ -104,7 +104,8 @@ def scope_dataset_config(settings: dict, args: argparse.Namespace) -> None:
         settings["dataset_config"] = None
 
 
-def parse_settings(parser: argparse.ArgumentParser, table: dict, argv=None, task_columns: tuple[str, ...] = ()) -> dict:
+def parse_settings(parser: argparse.ArgumentParser, table: dict, argv=None,
+                   task_columns: tuple[str, ...] = ()) -> dict:
     """Table defaults or a named row, then flags; the baselines' K and init fixed; inconsistent choices fail before
     any loading."""
     U.add_setting_flags(parser, table)
