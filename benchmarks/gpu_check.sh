@@ -9,7 +9,7 @@
 # (gpu_tests.txt, core_cuda.json, models_cuda.json) — copy the figures into benchmarks/README.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'error: no CUDA device: use a GPU machine')" \
+python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'error: no CUDA device here')" \
   || exit 2
 if ! python -c "import bitsandbytes, peft" 2>/dev/null; then
   wheels=${WHEELS:?error: bitsandbytes/peft missing: set WHEELS=<folder with their wheels>}
