@@ -73,12 +73,14 @@ def init_adapter_dir(model_name_or_path: str) -> Path | None:
 
 def table_settings(table: dict, args: argparse.Namespace, task_columns: tuple[str, ...] = ()) -> dict:
     """The table's defaults, or the row the user names with --model (its other key flags, e.g. --rank, complete
-    the name when the model has several rows), then every flag given. Without --model any --model_name_or_path
-    and any --rank run from the defaults; ``task_columns`` (e.g. the dataset) then come from the rows of the
-    given --task, which must agree on them."""
+    the name when the model has several rows; in a table without a model key, any key flag names a row), then
+    every flag given. Without --model any --model_name_or_path and any --rank run from the defaults;
+    ``task_columns`` (e.g. the dataset) then come from the rows of the given --task, which must agree on them."""
     given = {key: getattr(args, key) for key in table["keys"] if getattr(args, key, None) is not None}
     rows = U.table_rows(table)
-    if given.get("model") is not None:
+    # A table keyed by model names its rows with --model; a table without a model key, with any key flag.
+    names_a_row = given.get("model") is not None if "model" in table["keys"] else bool(given)
+    if names_a_row:
         named = [row for row in rows if all(row[key] == value for key, value in given.items())]
         if len(named) != 1:
             existing = sorted({tuple(row[key] for key in table["keys"]) for row in rows}, key=str)

@@ -374,6 +374,8 @@ def test_table_defaults_or_a_named_row():
     assert resolve(model="n", rank=64, learning_rate=2e-4)["learning_rate"] == 2e-4  # flags win over the row
     with pytest.raises(ValueError, match="2 rows for"):
         resolve(model="n")
+    by_task = {"keys": ["task"], "defaults": {"rank": 8}, "rows": [{"task": "a", "rank": 4, "source": "x"}]}
+    assert table_settings(by_task, argparse.Namespace(task="a", rank=None))["rank"] == 4  # no model key: named
 
 
 # --- bad input -----------------------------------------------------------------------------------------------------
