@@ -88,7 +88,7 @@ def add_setting_flags(parser: argparse.ArgumentParser, table: dict) -> None:
     """One ``--name`` flag per setting of the table (default None: the table decides)."""
     names = dict.fromkeys([*table.get("defaults", {}), *(k for row in table["rows"] for k in row)])
     for name in names:
-        if name in table["keys"] or any(a.dest == name for a in parser._actions):
+        if name in table["keys"] or name == "source" or any(a.dest == name for a in parser._actions):
             continue
         defaults = table.get("defaults", {})
         sample = defaults[name] if name in defaults else next(row[name] for row in table["rows"] if name in row)

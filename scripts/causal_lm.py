@@ -2,7 +2,7 @@
 
 Not run directly. A training script supplies its table and an ``encode(tokenizer, settings, record)`` function:
 
-    settings = parse_settings(parser, table, argv)      # table row + flags, method/init resolved and checked
+    settings = parse_settings(parser, table, argv)      # table defaults or the row --model names, + flags
     train(settings, task, encode)                       # HF Trainer; writes adapter/, mean_adapter/, results, plot
 
 Checkpoints (every save_steps steps, the newest save_total_limit kept) go to OUTPUT_DIR/checkpoints/checkpoint-N;
@@ -11,7 +11,8 @@ process trains on its share of every batch with its own noise; only the main pro
 
 Methods (SPEC §3 baselines): llmm (K from the table), loftq (K = 0), qlora (standard LoRA init, K = 0). The model is
 an _init.sh directory (LoftQ backbone + llmm_init/ with the means) or a plain checkpoint with --init lora / loftq
-(LoftQ in-process needs full-precision weights, so not with --load_in_4bit true).
+(LoftQ in-process needs full-precision weights, so not with --load_in_4bit true; it runs on the training device).
+4-bit training first calls PEFT's prepare_model_for_kbit_training, as the reference did (``prepare_kbit_training``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 from accelerate import PartialState
+from peft import prepare_model_for_kbit_training
 from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DataCollatorForSeq2Seq,
                           TrainingArguments)
 
@@ -69,11 +71,51 @@ def init_adapter_dir(model_name_or_path: str) -> Path | None:
     return path if path.is_dir() else None
 
 
-def parse_settings(parser: argparse.ArgumentParser, table: dict, argv=None) -> dict:
-    """Table row, then flags; the baselines' K and init fixed; inconsistent choices fail before any loading."""
+def table_settings(table: dict, args: argparse.Namespace, task_columns: tuple[str, ...] = ()) -> dict:
+    """The table's defaults, or the row the user names with --model (its other key flags, e.g. --rank, complete
+    the name when the model has several rows; in a table without a model key, any key flag names a row), then
+    every flag given. Without --model any --model_name_or_path and any --rank run from the defaults;
+    ``task_columns`` (e.g. the dataset) then come from the rows of the given --task, which must agree on them."""
+    given = {key: getattr(args, key) for key in table["keys"] if getattr(args, key, None) is not None}
+    rows = U.table_rows(table)
+    # A table keyed by model names its rows with --model; a table without a model key, with any key flag.
+    names_a_row = given.get("model") is not None if "model" in table["keys"] else bool(given)
+    if names_a_row:
+        named = [row for row in rows if all(row[key] == value for key, value in given.items())]
+        if len(named) != 1:
+            existing = sorted({tuple(row[key] for key in table["keys"]) for row in rows}, key=str)
+            problem = "no row" if not named else f"{len(named)} rows"
+            raise ValueError(f"{problem} for {given} in the table; rows ({', '.join(table['keys'])}): {existing}. "
+                             "Name one, or drop --model to run from the table's defaults plus flags")
+        settings = {**named[0], "table_row": {key: named[0][key] for key in table["keys"]}}
+    else:
+        settings = {**table.get("defaults", {}), "table_row": None}
+        for column in task_columns:
+            values = {row[column] for row in rows if row.get("task") == given.get("task") and column in row}
+            if len(values) == 1:
+                settings[column] = values.pop()
+    settings.update({key: value for key, value in vars(args).items() if value is not None})
+    return settings
+
+
+def scope_dataset_config(settings: dict, args: argparse.Namespace) -> None:
+    """The table's dataset_config belongs to the table's dataset (``main`` of the hub's gsm8k): another --data
+    (a local directory or file, another hub id) gets none unless --dataset_config is given."""
+    data = settings.get("data")
+    if data and data != settings.get("dataset") and getattr(args, "dataset_config", None) is None:
+        settings["dataset_config"] = None
+
+
+def parse_settings(parser: argparse.ArgumentParser, table: dict, argv=None,
+                   task_columns: tuple[str, ...] = ()) -> dict:
+    """Table defaults or a named row, then flags; the baselines' K and init fixed; inconsistent choices fail before
+    any loading."""
     U.add_setting_flags(parser, table)
     args = parser.parse_args(argv)
-    settings = U.resolve_settings(table, args)
+    settings = table_settings(table, args, task_columns)
+    scope_dataset_config(settings, args)
+    if not (settings.get("data") or settings.get("dataset")):
+        raise ValueError("no dataset: pass --data (a hub id, dataset directory or .json/.jsonl file)")
     method = settings["method"]
     if method != "llmm":
         if args.K not in (None, 0):
@@ -87,6 +129,9 @@ def parse_settings(parser: argparse.ArgumentParser, table: dict, argv=None) -> d
     U.check_data_paths(data=settings.get("data"), eval_data=settings.get("eval_data"))
     if args.model_name_or_path is None:
         key = "base_model" if method == "qlora" else "init_dir"
+        if key not in settings:
+            raise ValueError("no model: pass --model_name_or_path (an _init.sh directory, a hub id or a local "
+                             "checkpoint), or --model to use a table row's")
         settings["model_name_or_path"] = settings[key]
         if key == "init_dir" and not Path(settings[key]).is_dir():
             raise FileNotFoundError(f"the row's init_dir {settings[key]!r} does not exist: create it with bash "
@@ -167,6 +212,23 @@ def attach_adapter(model, settings: dict):
     return peft_model
 
 
+def prepare_for_training(model, settings: dict):
+    """The backbone as the adapters are attached to it. Over 4 bits with ``prepare_kbit_training`` (the
+    reference's choice), PEFT's prepare_model_for_kbit_training: every 16-bit parameter left (norms, embeddings,
+    lm_head) in float32, the base frozen. Before in-process LoftQ the model moves to the training device, so LoftQ's
+    SVDs run there (a 7B model takes hours on CPU, minutes on a GPU)."""
+    model.config.use_cache = False
+    if settings["load_in_4bit"] and settings.get("prepare_kbit_training", True):  # tables without it: on
+        checkpointing = settings["gradient_checkpointing"]
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None)
+    if in_process_loftq(settings):
+        model = model.to(PartialState().device)
+    keep_cpu_4bit_trainable(model)
+    return model
+
+
 def in_process_loftq(settings: dict) -> bool:
     """True when LoftQ quantizes a plain checkpoint here: the backbone Q then exists only in this run."""
     return settings["init"] == "loftq" and init_adapter_dir(settings["model_name_or_path"]) is None
@@ -199,7 +261,9 @@ def train_eval_records(settings: dict, task: str):
         where = settings["eval_data"]
     elif eval_split == "heldout":
         if settings["eval_size"] >= len(train):
-            raise ValueError(f"eval_size {settings['eval_size']} leaves no training data ({len(train)} records)")
+            raise ValueError(f"eval_size {settings['eval_size']} leaves no training data ({len(train)} records): "
+                             "pass a smaller --eval_size, --eval_split test (a dataset with a test split) or "
+                             "--eval_data FILE")
         parts = train.train_test_split(test_size=settings["eval_size"], shuffle=True, seed=settings["data_seed"])
         train, held_out = parts["train"], parts["test"]
         where = f"{settings['eval_size']} records held out of train (seed {settings['data_seed']})"
@@ -237,8 +301,8 @@ def training_arguments(settings: dict, output_dir: Path, resume: bool = False) -
         save_strategy="steps", save_steps=settings["save_steps"], save_total_limit=settings["save_total_limit"],
         seed=settings["seed"], data_seed=settings["data_seed"],
         bf16=settings["dtype"] == "bfloat16", fp16=settings["dtype"] == "float16",
-        gradient_checkpointing=checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+        activation_checkpointing=checkpointing,  # transformers' new name for gradient_checkpointing
+        activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
         remove_unused_columns=False, label_names=["labels"], report_to="none",
         use_cpu=not torch.cuda.is_available(),  # also what makes torchrun on CPU use DDP (gloo)
         ddp_find_unused_parameters=False,  # every trainable tensor is in the graph (K = 0: none are trainable)
@@ -275,8 +339,7 @@ def train(settings: dict, task: str, encode) -> dict:
     U.seed_everything(settings["seed"])
     train_set, held_out, where = train_eval_records(settings, task)
     model, tokenizer = load_backbone(settings)
-    model.config.use_cache = False
-    keep_cpu_4bit_trainable(model)
+    model = prepare_for_training(model, settings)
     peft_model = attach_adapter(model, settings)
     peft_model.print_trainable_parameters()
     tokenizer.padding_side = "right"

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Offline quick start: all-MiniLM-L6-v2 on BBC News (both shipped in PyPI packages), 2-bit, four methods side by
 # side (16-bit LoRA, QLoRA-style, LoftQ, Llmm); prints a markdown table and writes runs/quickstart/.
-# Hardware: CPU, about 10 minutes on 2 cores. Settings: configs/quickstart.yaml and the bbcnews row of
-# configs/glue.yaml. Extra flags go to python -m scripts.quickstart (--seeds 0 --methods llmm --overwrite ...).
+# Hardware: CPU, about 5 minutes on 2 cores (4 to 6 measured). Settings: configs/quickstart.yaml and the bbcnews
+# row of configs/glue.yaml. Extra flags go to python -m scripts.quickstart (--seeds 0 --methods llmm --overwrite ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1

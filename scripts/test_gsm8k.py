@@ -30,7 +30,7 @@ import utils_llmm as U
 from llmm import LlmmConfig, llmm_layers, load_llmm_model, sample_factor
 from llmm.prompts import (accuracy, encode_prompt, extract_answer, gold_answer, gsm8k_source, is_correct,
                           load_records, majority_vote)
-from scripts.causal_lm import add_model_flags, load_backbone
+from scripts.causal_lm import add_model_flags, load_backbone, scope_dataset_config
 
 TABLE = U.CONFIGS / "gsm8k_test.yaml"
 MODES = ("mean", "sample", "mc")
@@ -49,6 +49,7 @@ def parse_settings(argv=None) -> dict:
     U.add_setting_flags(parser, table)
     args = parser.parse_args(argv)
     settings = U.resolve_settings(table, args)
+    scope_dataset_config(settings, args)
     U.check_data_paths(data=settings.get("data"))
     given = [name for name in SAMPLING if getattr(args, name) is not None]
     if given and not settings["do_sample"]:

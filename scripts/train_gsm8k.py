@@ -2,12 +2,13 @@
 
     python -m scripts.train_gsm8k --model llama-2-7b --rank 64 --output_dir runs/gsm8k-llama-2-7b
     python -m scripts.train_gsm8k --model llama-2-7b --rank 64 --method loftq --output_dir runs/gsm8k-loftq
-    python -m scripts.train_gsm8k --model llama-2-7b --rank 64 --model_name_or_path ./tiny --data gsm8k.jsonl \
-        --eval_split heldout --eval_size 2 --load_in_4bit false --dtype float32 --max_steps 2 --output_dir /tmp/run
+    python -m scripts.train_gsm8k --model_name_or_path quantized/my-llama-4bit-16rank --rank 16 \
+        --data my_gsm8k/ --output_dir runs/mine          # any model (bash _init.sh --model ...), defaults + flags
 
-Settings: configs/gsm8k.yaml (row = model, rank), any of them overridable by a flag. Source = question +
-"\\nAnswer the above question. First think step by step and then answer the final number.\\n"; target = the worked
-answer with "####" -> "The final answer is: "; at most max_length tokens (src/llmm/prompts.py).
+Settings: configs/gsm8k.yaml: its defaults, or the row --model names (its checkpoints; --rank picks among a
+model's rows), then any flag. Source = question + "\\nAnswer the above question. First think step by step and
+then answer the final number.\\n"; target = the worked answer with "####" -> "The final answer is: "; at most
+max_length tokens (src/llmm/prompts.py).
 Writes OUTPUT_DIR/{adapter/, mean_adapter/, results.json, settings.json, curves.png} (and backbone/, the
 quantized Q, when --init loftq ran LoftQ in-process); evaluate with test_gsm8k.
 """
@@ -31,8 +32,9 @@ def encode(tokenizer, settings: dict, record: dict) -> dict:
 def main(argv=None) -> dict:
     table = U.read_yaml(TABLE)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    parser.add_argument("--model", required=True, help="the row's model key, e.g. llama-2-7b (configs/gsm8k.yaml)")
-    parser.add_argument("--rank", required=True, type=int, help="the row's LoRA rank (configs/gsm8k.yaml)")
+    parser.add_argument("--model", default=None, help="use the table row of this model, e.g. llama-2-7b (its "
+                                                      "base_model, init_dir; configs/gsm8k.yaml); else the defaults")
+    parser.add_argument("--rank", type=int, default=None, help="LoRA rank (default: the row's, else the table's)")
     add_training_flags(parser)
     settings = parse_settings(parser, table, argv)
     return train(settings, "gsm8k", encode)

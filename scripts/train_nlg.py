@@ -2,11 +2,12 @@
 
     python -m scripts.train_nlg --task alpaca --model llama-2-7b --rank 16 --output_dir runs/alpaca-llama-2-7b
     python -m scripts.train_nlg --task hh-rlhf --model llama-2-7b --rank 16 --method qlora --output_dir ...
-    python -m scripts.train_nlg --task alpaca --model llama-2-7b --rank 16 --model_name_or_path ./tiny \
-        --data my_alpaca.jsonl --load_in_4bit false --dtype float32 --max_steps 2 --output_dir /tmp/run
+    python -m scripts.train_nlg --task alpaca --model_name_or_path quantized/my-llama-4bit-8rank --rank 8 \
+        --data my_alpaca.jsonl --eval_size 100 --output_dir runs/mine   # any model (bash _init.sh --model ...)
 
-Settings: configs/nlg.yaml (row = task, model, rank), any of them overridable by a flag. Alpaca: the instruction
-prompt, loss on the response only (source_max_len, target_max_len), held out: a seeded slice of train.
+Settings: configs/nlg.yaml: its defaults (with the task's dataset and eval_split), or the row --model names (its
+checkpoints), then any flag. Alpaca: the instruction prompt, loss on the response only (source_max_len,
+target_max_len), held out: a seeded slice of train.
 HH-RLHF: the chosen transcript, no prompt part, held out: the official test split (src/llmm/prompts.py).
 Writes OUTPUT_DIR/{adapter/, mean_adapter/, results.json, settings.json, curves.png} (and backbone/, the
 quantized Q, when --init loftq ran LoftQ in-process).
@@ -33,10 +34,11 @@ def main(argv=None) -> dict:
     table = U.read_yaml(TABLE)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--task", required=True, choices=sorted({row["task"] for row in table["rows"]}))
-    parser.add_argument("--model", required=True, help="the row's model key, e.g. llama-2-7b (configs/nlg.yaml)")
-    parser.add_argument("--rank", required=True, type=int, help="the row's LoRA rank (configs/nlg.yaml)")
+    parser.add_argument("--model", default=None, help="use the table row of this model, e.g. llama-2-7b (its "
+                                                      "base_model, init_dir; configs/nlg.yaml); else the defaults")
+    parser.add_argument("--rank", type=int, default=None, help="LoRA rank (default: the row's, else the table's)")
     add_training_flags(parser)
-    settings = parse_settings(parser, table, argv)
+    settings = parse_settings(parser, table, argv, task_columns=("dataset", "eval_split"))
     return train(settings, settings["task"], encode)
 
 

@@ -1,12 +1,15 @@
 """scripts.train_nlg / train_gsm8k / test_gsm8k end to end on CPU: a tiny Llama with an in-process tokenizer,
 16/32-bit and bitsandbytes 4-bit backbones, the three methods, mean-adapter generation, and bad input."""
 
+import argparse
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
+import bitsandbytes as bnb
 import pytest
 import torch
 from conftest import LLAMA_TARGETS, REPO_ROOT, tiny_llama
@@ -19,7 +22,7 @@ from llmm import LlmmConfig, get_llmm_model, llmm_layers, load_llmm_model
 from llmm.prompts import encode_prompt, gsm8k_source
 from scripts import quantize_model, test_gsm8k, train_gsm8k, train_nlg
 from llmm.model import keep_cpu_4bit_trainable
-from scripts.causal_lm import load_backbone
+from scripts.causal_lm import attach_adapter, load_backbone, prepare_for_training, table_settings
 
 DATA = REPO_ROOT / "tests" / "data"
 FAST = ["--max_steps", "2", "--logging_steps", "1"]
@@ -133,11 +136,10 @@ def test_cpu_4bit_gradients_survive_an_evaluation(models):
 
 # --- GSM8K: train, then test ---------------------------------------------------------------------------------------
 
-def plain_peft_generations(backbone, mean_adapter, load_in_4bit, max_new_tokens=8):
+def plain_peft_generations(backbone, mean_adapter, load_in_4bit, max_new_tokens=8, dtype="float32"):
     """Greedy generations of the fixture questions with the exported mean adapter loaded by plain PEFT."""
-    model, tokenizer = load_backbone({"model_name_or_path": str(backbone), "dtype": "float32",
+    model, tokenizer = load_backbone({"model_name_or_path": str(backbone), "dtype": dtype,
                                       "load_in_4bit": load_in_4bit})
-    keep_cpu_4bit_trainable(model)  # the same CPU 4-bit kernel as llmm's models (bnb's packed one rounds to bf16)
     model = PeftModel.from_pretrained(model, str(mean_adapter)).eval()
     tokenizer.padding_side = "left"
     questions = [json.loads(line)["question"] for line in (DATA / "gsm8k.jsonl").read_text().splitlines()]
@@ -146,7 +148,7 @@ def plain_peft_generations(backbone, mean_adapter, load_in_4bit, max_new_tokens=
     config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
                               eos_token_id=tokenizer.eos_token_id)
     with torch.no_grad():
-        output = model.generate(**batch, generation_config=config)
+        output = model.generate(**batch.to(model.device), generation_config=config)
     return tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
@@ -244,6 +246,138 @@ def test_mc_networks_are_fixed_draws_and_the_means_come_back():
     assert 1e-3 < eps.abs().max() < 6
 
 
+# --- the paper's precision: NF4 backbone, bfloat16 compute, float32 adapters under bf16 autocast ---------------------
+
+NF4_BF16 = ["--load_in_4bit", "true", "--dtype", "bfloat16"]
+
+
+@pytest.fixture(scope="module")
+def bf16_init_dir(models, tmp_path_factory):
+    """bash _init.sh as the paper's runs use it: LoftQ NF4 (rank 64), the backbone Q saved in bfloat16."""
+    return quantize_model.main([
+        "--model", str(models["base"]), "--save_dir", str(tmp_path_factory.mktemp("bf16")), "--rank", "64",
+        "--bits", "4", "--K", "2", "--loftq_iter", "1", "--lora_alpha", "16", "--dtype", "bfloat16"])
+
+
+def test_paper_configuration_nf4_bf16_train_resume_export_generate(bf16_init_dir, tmp_path):
+    settings = {"model_name_or_path": str(bf16_init_dir), "load_in_4bit": True, "dtype": "bfloat16",
+                "prepare_kbit_training": True, "gradient_checkpointing": False, "init": "loftq", "K": 2,
+                "rank": 64, "lora_alpha": 16, "llmmscale": 400.0, "scaled_gradient": True, "lora_dropout": 0.1,
+                "eval_noise": "mean"}
+    model, _ = load_backbone(settings)
+    model = attach_adapter(prepare_for_training(model, settings), settings)
+    dtypes = {name: p.dtype for name, p in model.named_parameters() if p.dtype.is_floating_point}
+    # The reference's prepare_model_for_kbit_training: norms, embeddings and lm_head in float32; adapters float32.
+    assert all(dtype == torch.float32 for dtype in dtypes.values()), {n: d for n, d in dtypes.items()
+                                                                      if d != torch.float32}
+    assert any("lora_llmm_A" in name for name in dtypes) and any("norm" in name for name in dtypes)
+    del model
+
+    run = tmp_path / "run"
+    argv = ["--model_name_or_path", str(bf16_init_dir), "--data", str(DATA / "gsm8k.jsonl"), "--eval_split",
+            "heldout", "--eval_size", "2", "--output_dir", str(run), "--save_steps", "1", "--logging_steps", "1",
+            *NF4_BF16]
+    train_gsm8k.main([*argv, "--max_steps", "1"])
+    results = train_gsm8k.main([*argv, "--max_steps", "2", "--resume_from_checkpoint"])
+    assert results["global_step"] == 2 and results["resumed_from"].endswith("checkpoint-1")
+    assert math.isfinite(results["eval_loss"]) and results["eval_loss"] != results["eval_loss_at_start"]
+    saved = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert all(t.dtype == torch.float32 for t in saved.values()) and any(
+        t.abs().max() > 0 for k, t in saved.items() if "lora_llmm_" in k)  # fp32 M and Z; Z grew
+
+    test_gsm8k.main(["--adapter", str(run / "adapter"), "--output_dir", str(tmp_path / "mean"), *GENERATE, *NF4_BF16])
+    predictions, _ = check_predictions(tmp_path / "mean")
+    # Whichever tool evaluates the exported mean adapter (plain PEFT, lm-eval), the generations are the same.
+    assert [p["generated"] for p in predictions] == plain_peft_generations(
+        bf16_init_dir, run / "mean_adapter", load_in_4bit=True, dtype="bfloat16")
+    for mode in ("sample", "mc"):
+        test_gsm8k.main(["--adapter", str(run / "adapter"), "--output_dir", str(tmp_path / mode), "--mode", mode,
+                         "--mc_samples", "2", "--max_samples", "2", *GENERATE, *NF4_BF16])
+        predictions, _ = check_predictions(tmp_path / mode, n=2)
+        assert all(len(p["votes"]) == 2 for p in predictions) if mode == "mc" else True
+
+    # Mean mode over NF4 in bf16 does PEFT's own LoRA arithmetic: identical logits, bit for bit.
+    inputs = torch.randint(4, 250, (2, 16))
+    logits = []
+    for load in (lambda base: load_llmm_model(base, str(run / "adapter")),
+                 lambda base: PeftModel.from_pretrained(base, str(run / "mean_adapter"))):
+        backbone, _ = load_backbone({**settings, "model_name_or_path": str(bf16_init_dir)})
+        with torch.no_grad():
+            logits.append(load(backbone).eval()(input_ids=inputs).logits)
+    assert logits[0].dtype == torch.bfloat16 and torch.equal(logits[0], logits[1])
+
+
+def test_in_process_loftq_bf16_backbone_requantizes_to_the_same_nf4(models, tmp_path):
+    """In-process LoftQ over a bfloat16 backbone saves Q with a bf16 absmax: test_gsm8k's NF4 load of backbone/
+    (bitsandbytes re-quantizes it) holds exactly Q again."""
+    run = tmp_path / "run"
+    train_gsm8k.main(["--rank", "16", "--model_name_or_path", str(models["base"]), "--init", "loftq",
+                      "--loftq_iter", "1", "--data", str(DATA / "gsm8k.jsonl"), "--eval_split", "heldout",
+                      "--eval_size", "2", "--output_dir", str(run), "--max_steps", "1", *BF16])
+    saved = load_file(run / "backbone" / "model.safetensors")
+    model, _ = load_backbone({"model_name_or_path": str(run / "backbone"), "load_in_4bit": True,
+                              "dtype": "bfloat16"})
+    checked = 0
+    for name, module in model.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            q = saved[f"{name}.weight"]
+            dequantized = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+            assert q.dtype == torch.bfloat16 and torch.equal(dequantized.to(q.dtype), q), name
+            checked += 1
+    assert checked == 2 * 7
+
+
+# --- any model, any rank, any data -----------------------------------------------------------------------------------
+
+def test_any_model_and_rank_run_from_the_defaults_with_a_dataset_directory(models, tmp_path, capsys):
+    dataset = tmp_path / "gsm8k"  # a local dataset directory with train and test splits; no 'main' config
+    dataset.mkdir()
+    lines = (DATA / "gsm8k.jsonl").read_text().splitlines(keepends=True)
+    (dataset / "train.jsonl").write_text("".join(lines[:4]))
+    (dataset / "test.jsonl").write_text("".join(lines[4:]))
+    run = tmp_path / "run"
+    results = train_gsm8k.main(["--model_name_or_path", str(models["base"]), "--rank", "8", "--init", "lora",
+                                "--data", str(dataset), "--output_dir", str(run), *FP32, *FAST])
+    settings = read(run / "settings.json")
+    assert settings["rank"] == 8 and settings["table_row"] is None and settings["dataset_config"] is None
+    assert results["held_out"] == f"{dataset} [test]" and results["n_held_out"] == 2
+    assert LlmmConfig.from_pretrained(str(run / "adapter")).r == 8
+    test_gsm8k.main(["--adapter", str(run / "adapter"), "--data", str(dataset), "--output_dir", str(tmp_path / "t"),
+                     "--max_new_tokens", "4", *FP32])
+    assert read(tmp_path / "t" / "results.json")["n"] == 2
+
+    with pytest.raises(ValueError, match=r"no row for \{'model': 'llama-2-7b', 'rank': 16\}.*drop --model"):
+        train_gsm8k.main(["--model", "llama-2-7b", "--rank", "16", "--output_dir", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match="--eval_size, --eval_split test .* --eval_data"):
+        train_gsm8k.main(["--model_name_or_path", str(models["base"]), "--init", "lora", "--data",
+                          str(DATA / "gsm8k.jsonl"), "--eval_split", "heldout", "--output_dir", str(tmp_path / "y"),
+                          *FP32, *FAST])
+    with pytest.raises(SystemExit):
+        train_nlg.main(["--help"])
+    assert re.search(r"--source\b", capsys.readouterr().out) is None  # the row's provenance is no flag
+
+
+def test_table_defaults_or_a_named_row():
+    table = {"keys": ["task", "model", "rank"], "columns": ["base_model", "dataset"],
+             "defaults": {"rank": 16, "learning_rate": 1e-4},
+             "rows": [{"task": "a", "model": "m", "rank": 16, "base_model": "org/m", "dataset": "d/a", "source": "x"},
+                      {"task": "a", "model": "n", "rank": 16, "base_model": "org/n", "dataset": "d/a", "source": "x"},
+                      {"task": "a", "model": "n", "rank": 64, "base_model": "org/n", "dataset": "d/a", "source": "x"}]}
+
+    def resolve(**flags):
+        args = argparse.Namespace(**{"task": "a", "model": None, "rank": None, "learning_rate": None, **flags})
+        return table_settings(table, args, task_columns=("dataset",))
+
+    plain = resolve(rank=8)
+    assert plain["rank"] == 8 and plain["dataset"] == "d/a" and "base_model" not in plain and plain["table_row"] is None
+    assert resolve(model="m")["base_model"] == "org/m"  # the model's only row
+    assert resolve(model="n", rank=64, learning_rate=2e-4)["learning_rate"] == 2e-4  # flags win over the row
+    with pytest.raises(ValueError, match="2 rows for"):
+        resolve(model="n")
+    by_task = {"keys": ["task"], "defaults": {"rank": 8}, "rows": [{"task": "a", "rank": 4, "source": "x"}]}
+    assert table_settings(by_task, argparse.Namespace(task="a", rank=None))["rank"] == 4  # no model key: named
+
+
 # --- bad input -----------------------------------------------------------------------------------------------------
 
 def test_bad_training_input_fails_before_loading(models, tmp_path):
@@ -307,3 +441,4 @@ def test_command_line_errors_exit_2_with_one_line(tmp_path, script, argv, messag
                           text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), done.stderr[-2000:]
+    assert "kernels-community" not in done.stderr  # library noise is filtered (scripts/quiet.py)

@@ -125,7 +125,9 @@ def test_bitsandbytes_4bit_base_trains_saves_and_reloads(tmp_path):
     assert any(p.abs().max() > 0 for n, p in model.named_parameters() if "lora_llmm_" in n)
     model.save_pretrained(tmp_path / "adapter")
     model.eval()
-    loaded = load_llmm_model(load_4bit(tmp_path / "base"), str(tmp_path / "adapter"))
+    # Loaded for more training: the same (plain) CPU 4-bit path as the trained model, so the same logits exactly.
+    # (Loaded for evaluation it keeps bitsandbytes' default kernel, as plain PEFT does: test_llama_scripts.)
+    loaded = load_llmm_model(load_4bit(tmp_path / "base"), str(tmp_path / "adapter"), is_trainable=True).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(inputs).logits, model(inputs).logits, rtol=0, atol=0)
 

@@ -148,6 +148,10 @@ GENERATIONS = [
     ("the final answer is 42", 42.0, 42.0),                                  # lower case, no colon
     ("3 + 4 = 7. The final answer is: seven", 7.0, 7.0),                     # no number after the phrase
     ("5-3=2", 2.0, 2.0),                                                     # a minus between digits: not negative
+    ("The final answer is:  - 1", -1.0, -1.0),                               # a minus, then spaces: still a sign
+    ("It drops by - 4 degrees.", -4.0, -4.0),                                # the same without the phrase
+    ("He has 20 - 12 = 8, then 8 - 3", 3.0, 3.0),                            # spaced subtraction: not negative
+    ("The final answer is: (2 + 1) - 1 = 2", 2.0, 2.0),                      # after ")": a subtraction
     ("Answers: 3,4 and 5", 5.0, 5.0),                                        # "3,4" is a list, not 34
     ("I do not know.", None, 4.0),                                           # no number at all
     ("", None, 1.0),

@@ -69,6 +69,9 @@ def sample_factor(
     return _SampleFactor.apply(mean, directions, eps.detach(), float(scale), bool(scaled_gradient))
 
 
+BNB_LAYERS = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+
+
 class LlmmVariant(LoraVariant):
     """PEFT LoRA variant: adds the K directions per factor and samples the factors in forward."""
 
@@ -122,8 +125,12 @@ class LlmmVariant(LoraVariant):
     def forward(module: LoraLinear, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs):
         factor_A, factor_B = LlmmVariant.factors(module, active_adapter)
         dropout = module.lora_dropout[active_adapter]
-        update = F.linear(F.linear(dropout(x), factor_A), factor_B)
-        return result + update * module.scaling[active_adapter]
+        update = F.linear(F.linear(dropout(x), factor_A), factor_B) * module.scaling[active_adapter]
+        if isinstance(module.get_base_layer(), BNB_LAYERS):
+            # PEFT's bitsandbytes LoRA layers add the update in the result's dtype (bfloat16 over an NF4 base with
+            # bf16 compute): the same rounding, so the mean adapter gives plain PEFT's logits bit for bit.
+            update = update.to(result.dtype)
+        return result + update
 
     # Merging uses the mean: E[B~ A~] = M_B M_A, PEFT's own delta weight of the means.
     @staticmethod
@@ -156,8 +163,10 @@ class _LlmmLayerMixin:
                 "model first (bash _init.sh / python -m scripts.quantize_model), then load that backbone in "
                 "4-bit and its llmm_init adapter with llmm.load_llmm_model."
             )
+        # A 16-bit weight stores Q in 16 bits: a 16-bit absmax makes that copy re-quantize to the same NF4 values.
+        absmax_dtype = base.weight.dtype if base.weight.dtype in (torch.bfloat16, torch.float16) else None
         q_weight, factor_A, factor_B = loftq_factors(base.weight, self.r[adapter_name], self.scaling[adapter_name],
-                                                     config)
+                                                     config, absmax_dtype=absmax_dtype)
         lora_A, lora_B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
         lora_A.data = factor_A.to(lora_A.dtype).to(lora_A.device)
         lora_B.data = factor_B.to(lora_B.dtype).to(lora_B.device)

@@ -63,12 +63,14 @@ def llmm_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def keep_cpu_4bit_trainable(model: torch.nn.Module) -> None:
-    """Keep bitsandbytes' CPU Linear4bit layers trainable after an evaluation.
+    """Keep bitsandbytes' CPU Linear4bit layers trainable after an evaluation (for training only).
 
     bitsandbytes 0.50 repacks a CPU Linear4bit for inference at its first no-grad forward in eval mode; from then
     on backward skips the input gradient through that layer (its packed gemv has no autograd kernel), silently
     zeroing the gradient of every adapter below it. Training evaluates in between, so keep the plain layout.
-    This sets an attribute on the model's own layer objects; CUDA layers never take that path.
+    Models loaded for evaluation keep bitsandbytes' default (the packed bf16 kernel on CPUs with AVX512-BF16), as
+    plain PEFT and lm-eval do, so every tool computes the same numbers. This sets an attribute on the model's
+    own layer objects; CUDA layers never take that path.
     """
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
@@ -123,7 +125,8 @@ def load_llmm_model(
     config = dataclasses.replace(config, init_lora_weights=False, loftq_config={}, inference_mode=not is_trainable)
     saved = load_file(_adapter_file(adapter_dir))
 
-    keep_cpu_4bit_trainable(base_model)  # also keeps CPU outputs identical between training and loaded models
+    if is_trainable:
+        keep_cpu_4bit_trainable(base_model)
     model = get_peft_model(base_model, config)
     llmm_layers(model)
     expected = get_peft_model_state_dict(model)

@@ -150,17 +150,25 @@ def load_records(source: str, task: str, config_name: str | None = None) -> dict
 # --- GSM8K answers -------------------------------------------------------------------------------------------------
 
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
-_NUMBER = re.compile(r"(?:(?<![\d.])-)?\d+(?:\.\d+)?")
+_NUMBER = re.compile(r"(?<![\d.])(-\s*)?(\d+(?:\.\d+)?)")
 _FINAL = re.compile(r"the final answer is", re.IGNORECASE)
 
 
 def _numbers(text: str) -> list[float]:
-    return [float(match) for match in _NUMBER.findall(_THOUSANDS.sub("", text))]
+    """The numbers in ``text``. A minus sign, even followed by spaces ("is:  - 1"), makes a number negative unless
+    it is a subtraction: a digit or ")" before it ("5-3", "3 - 8", "(2 + 1) - 1")."""
+    text = _THOUSANDS.sub("", text)
+    numbers = []
+    for match in _NUMBER.finditer(text):
+        before = text[: match.start()].rstrip()
+        negative = match.group(1) is not None and not (before and (before[-1].isdigit() or before[-1] == ")"))
+        numbers.append(-float(match.group(2)) if negative else float(match.group(2)))
+    return numbers
 
 
 def extract_answer(text: str) -> float | None:
     """The first number after "The final answer is", else the last number in ``text``; None if there is none.
-    Thousands separators are dropped ("1,234" -> 1234); "-3" and "2.5" parse; "5-3" reads as 5 and 3."""
+    Thousands separators are dropped ("1,234" -> 1234); "-3", "- 3" and "2.5" parse; "5-3" reads as 5 and 3."""
     final = _FINAL.search(text)
     after = _numbers(text[final.end():]) if final else []
     if after:

@@ -1,0 +1,65 @@
+"""Library messages a user of the entry points cannot act on, filtered out; every other warning still shows.
+
+Installed by scripts/__init__.py, so before any library loads (bitsandbytes logs at import time):
+
+- bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community": the optional ``kernels`` package is
+  absent, so bitsandbytes uses its own CPU kernel (the same numbers); nothing is wrong.
+- transformers' FutureWarning that ``gradient_checkpointing`` is renamed ``activation_checkpointing`` (the
+  entry points' settings keep the name researchers know).
+- transformers' LOAD REPORT when its only entries are a task head the checkpoint does not have (MISSING
+  classifier / pooler / score) and the checkpoint's pretraining head that the task model does not use (UNEXPECTED
+  cls / lm_predictions / mask_predictions / lm_head): replaced by one line, "classifier head initialised fresh".
+  A report with anything else (a missing backbone weight, a size mismatch) is printed as it is.
+- PEFT's "Could not find a config file in ... - will assume that the vocabulary was not modified": said offline
+  when an adapter's base path is a directory written in the same run; the vocabulary is never modified here.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+
+FRESH_HEAD = ("classifier", "pooler", "score")
+PRETRAINING_HEAD = ("cls", "lm_predictions", "mask_predictions", "lm_head")
+_ROW = re.compile(r"^(\S+)\s*\|\s*([A-Z]+)\s*\|", re.MULTILINE)  # "key | STATUS |" (not the header)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, start: str):
+        super().__init__()
+        self.start = start
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.start)
+
+
+class _FreshHeadReport(logging.Filter):
+    """A LOAD REPORT of only a fresh head (and an unused pretraining head) becomes one INFO line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = _ANSI.sub("", str(record.msg))
+        if "LOAD REPORT" not in text:
+            return True
+        rows = _ROW.findall(text)
+        missing = [key for key, status in rows if status == "MISSING"]
+        expected = missing and all(
+            key.split(".")[0] in (FRESH_HEAD if status == "MISSING" else PRETRAINING_HEAD)
+            and status in ("MISSING", "UNEXPECTED") for key, status in rows)
+        if expected:
+            record.msg, record.args = f"classifier head initialised fresh ({', '.join(sorted(missing))})", ()
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+def install() -> None:
+    """Add the filters (idempotent)."""
+    for name, flt in (("bitsandbytes.backends.cpu.ops", _DropMessage("Failed to load CPU gemm_4bit_forward")),
+                      ("transformers.modeling_utils", _FreshHeadReport())):
+        logger = logging.getLogger(name)
+        if not any(type(f) is type(flt) for f in logger.filters):
+            logger.addFilter(flt)
+    warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing\w*` is deprecated",
+                            category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"Could not find a config file in .* the vocabulary was not modified")
