@@ -49,6 +49,7 @@ def parse_settings(argv=None) -> dict:
     U.add_setting_flags(parser, table)
     args = parser.parse_args(argv)
     settings = U.resolve_settings(table, args)
+    U.check_settings(settings)
     U.check_data_paths(data=settings.get("data"))
     given = [name for name in SAMPLING if getattr(args, name) is not None]
     if given and not settings["do_sample"]:
@@ -72,6 +73,8 @@ def check_adapter(settings: dict) -> LlmmConfig:
         if not config.base_model_name_or_path:
             raise ValueError(f"{adapter!r} does not name its backbone: pass --model_name_or_path")
         settings["model_name_or_path"] = config.base_model_name_or_path
+    U.check_safetensors(adapter)
+    U.check_model_path(settings["model_name_or_path"])
     return config
 
 
@@ -174,9 +177,7 @@ def main(argv=None) -> dict:
     started = time.time()
     settings = parse_settings(argv)
     output_dir = Path(settings["output_dir"])
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not settings["overwrite"]:
-        raise FileExistsError(f"output directory {str(output_dir)!r} exists and is not empty: choose another or "
-                              "pass --overwrite")
+    U.check_output_dir(output_dir, settings["overwrite"])
     check_adapter(settings)
     records = load_test_records(settings)
     model, tokenizer = load_model(settings)
