@@ -199,6 +199,8 @@ def check_output_dir(path: str | Path, overwrite: bool = False, resume: bool = F
 def prepare_output_dir(path: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
     """Lock ``path`` for the rest of this process, check it again (check_output_dir), replace it if overwriting,
     and create it with the run marker (which makes it recognisably llmm's for a later --overwrite)."""
+    if str(path).strip() == "":
+        raise ValueError("--output_dir is the empty string: pass a directory name")
     path = Path(path)
     check_output_dir(path, overwrite, resume)
     outdirs.acquire(path)  # held until the process ends (run_main gives it back)

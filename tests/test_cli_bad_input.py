@@ -58,8 +58,8 @@ def world(tmp_path_factory):
         "results_incomplete/results.json": json.dumps({"task": "cola", "complete": False}),
         "corpus_one_class/business/001.txt": "a story",
         "bbc_out/train.csv": "sentence,label\n",
-        "glue_run/checkpoint-1/trainer_state.json": "{}",
-        "gsm8k_run/checkpoints/checkpoint-1/trainer_state.json": "{}",
+        "glue_run/checkpoint-1/trainer_state.json": '{"global_step": 1}',
+        "gsm8k_run/checkpoints/checkpoint-1/trainer_state.json": '{"global_step": 1}',
     }
     for name, text in files.items():
         (w / name).parent.mkdir(parents=True, exist_ok=True)
@@ -117,7 +117,7 @@ CASES = [
      r"fix --llmmscale"),
     ("glue-bits", "train_glue", [*COLA, "--bits", "3"], r"bits = 3 is out of range", r"one of \(2, 4, 8\)"),
     ("glue-mc-samples", "train_glue", [*COLA, "--mc_samples", "0"], r"mc_samples = 0 is out of range",
-     r"configs/glue.yaml"),
+     r"fix --mc_samples"),
     ("glue-output-exists", "train_glue", [*COLA, "--output_dir", "{w}/used"], r"exists and is not empty",
      r"--overwrite.*--resume_from_checkpoint"),
     ("glue-resume-nothing", "train_glue", [*COLA, "--output_dir", "{w}/used", "--resume_from_checkpoint"],
