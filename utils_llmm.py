@@ -149,6 +149,15 @@ def check_settings(settings: dict) -> None:
 check_adapter_settings = check_settings  # the name the entry points use
 
 
+def check_init_targets(init_dir: str | Path, init_targets, given: list[str] | None) -> None:
+    """An _init.sh directory fixes the adapted modules (its LoftQ means); a --target_modules that differs is an
+    error, not silently ignored."""
+    if given and set(given) != set(init_targets or ()):
+        raise ValueError(f"--target_modules {sorted(given)} differ from the targets of the _init.sh adapter "
+                         f"{str(init_dir)!r} ({sorted(init_targets or ())}): drop --target_modules (the directory "
+                         "decides), or make a directory with those targets (_init.sh --target_modules ...)")
+
+
 def default_targets(model_config, explicit: list[str] | None = None) -> list[str]:
     """Target modules: an explicit list wins, else the row for ``model_type`` in configs/targets.yaml."""
     if explicit:

@@ -53,6 +53,8 @@ from utils_llmm import (
     add_setting_flags,
     check_adapter_settings,
     check_data_paths,
+    check_init_targets,
+    check_model_path,
     check_output_dir,
     default_targets,
     head_modules,
@@ -118,6 +120,7 @@ def resolve(argv: list[str] | None) -> tuple[GlueTask, dict]:
     if method == "lora" and settings["quantize_embeddings"]:
         raise ValueError("--method lora keeps the backbone in full precision: drop --quantize_embeddings")
     settings["backbone"] = "full-precision" if method == "lora" else f"{settings['quant']} {settings['bits']}-bit"
+    check_model_path(settings["model"])
     check_init_dir(settings)
     check_adapter_settings(settings)
     check_data_paths(data_dir=settings.get("data_dir"), train_file=settings.get("train_file"),
@@ -150,6 +153,8 @@ def check_init_dir(settings: dict) -> None:
             raise ValueError(f"{str(model_dir)!r} was quantized with {name}={made[name]!r} but the settings say "
                              f"{settings[name]!r}: pass --{name} {made[name]} or quantize again with _init.sh")
     settings["init_dir"] = str(model_dir / "llmm_init")
+    check_init_targets(settings["init_dir"], llmm.LlmmConfig.from_pretrained(settings["init_dir"]).target_modules,
+                       settings.get("target_modules"))
     settings["backbone"] += " (LoftQ directory)"
 
 

@@ -133,7 +133,7 @@ def test_no_entry_point_removes_the_working_directory(stand, models, capsys, ent
     main, argv = ENTRY_POINTS[entry]
     before = tree(stand)
     code, line = cli(main, [*argv(models, out), "--overwrite"], capsys)
-    assert code == 2 and re.search(r"empty string|current directory", line), line
+    assert code == 2 and re.search(r"empty string|output_dir = ''|current directory", line), line
     assert tree(stand) == before
 
 

@@ -74,6 +74,8 @@ SETTING_RULES = {
     "temperature": (lambda v: _number(v) and v > 0, "a finite number > 0"),
     "top_k": (lambda v: _integer(v, 0), "an integer >= 0"),
     "top_p": (_in(0, 1, closed_high=True), "a number in [0, 1]"),
+    "output_dir": (lambda v: isinstance(v, str) and v.strip() != "", "a directory name, not empty"),
+    "save_dir": (lambda v: isinstance(v, str) and v.strip() != "", "a directory name, not empty"),
 }
 CONFIG_SETTINGS = {"k": "K", "scale": "llmmscale", "r": "rank", "lora_alpha": "lora_alpha",
                    "lora_dropout": "lora_dropout"}
