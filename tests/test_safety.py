@@ -296,6 +296,22 @@ def test_huge_learning_rate_without_clipping_leaves_only_finite_checkpoints(llam
     assert training.checkpoint_is_finite(checkpoints[0])
 
 
+def test_under_ddp_every_process_stops_at_the_same_step(llama_dir, tmp_path):  # noqa: F811
+    """torchrun with 2 processes: the flags are all-reduced, so both stop before the same optimizer step (no hang)."""
+    out = tmp_path / "run"
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "scripts.train_gsm8k",
+                          *gsm8k_argv(llama_dir, out, "--max_steps", "4", "--learning_rate", "1e6",
+                                      "--max_grad_norm", "0", "--gradient_accumulation_steps", "1")],
+                         cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    lines = [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("error: ")]
+    assert run.returncode != 0 and len(lines) == 2, (run.stdout + run.stderr)[-3000:]
+    steps = {re.search(r"at step (\d+)", line).group(1) for line in lines}
+    assert len(steps) == 1 and all("stopped" in line for line in lines)
+    assert all(training.checkpoint_is_finite(c) for c in (out / "checkpoints").glob("checkpoint-*"))
+    assert not (out / "adapter").exists()
+
+
 def test_only_a_finite_checkpoint_is_named_good(tmp_path):
     for step, value in ((1, 1.0), (2, float("nan"))):
         folder = tmp_path / f"checkpoint-{step}"
@@ -345,6 +361,26 @@ def test_resuming_with_another_number_of_processes_is_refused(llama_dir, tmp_pat
     code, line = cli(train_gsm8k.main, gsm8k_argv(llama_dir, tmp_path / "run", "--max_steps", "4",
                                                   "--resume_from_checkpoint"), capsys)
     assert code == 2 and "was written by 2 process(es), this run has 1: resume with 2" in line
+
+
+@pytest.mark.parametrize("fault, message", [
+    ("nan", "holds non-finite \\(NaN or inf\\) weights or optimizer state: resume from an earlier checkpoint"),
+    ("truncated", "adapter_model.safetensors' is truncated or corrupt"),
+])
+def test_a_broken_checkpoint_is_refused(tmp_path, fault, message):
+    checkpoint = tmp_path / "checkpoint-1"
+    model = get_llmm_model(tiny_llama(), LlmmConfig(r=4, lora_alpha=8, k=2, target_modules=["q_proj"]))
+    model.save_pretrained(checkpoint)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 1, "max_steps": 4}))
+    torch.save({}, checkpoint / "rng_state.pth")
+    training.check_checkpoint(str(checkpoint), {"K": 2, "rank": 4})  # intact: accepted
+    weights = checkpoint / "adapter_model.safetensors"
+    if fault == "nan":
+        save_file({key: torch.full_like(t, float("nan")) for key, t in load_file(weights).items()}, weights)
+    else:
+        weights.write_bytes(weights.read_bytes()[:-8])
+    with pytest.raises(ValueError, match=message):
+        training.check_checkpoint(str(checkpoint), {"K": 2, "rank": 4})
 
 
 # --- run_main: environment faults become one line -----------------------------------------------------------------
