@@ -54,7 +54,6 @@ from utils_llmm import (
     check_adapter_settings,
     check_data_paths,
     check_init_targets,
-    check_model_path,
     check_output_dir,
     default_targets,
     head_modules,
@@ -120,7 +119,6 @@ def resolve(argv: list[str] | None) -> tuple[GlueTask, dict]:
     if method == "lora" and settings["quantize_embeddings"]:
         raise ValueError("--method lora keeps the backbone in full precision: drop --quantize_embeddings")
     settings["backbone"] = "full-precision" if method == "lora" else f"{settings['quant']} {settings['bits']}-bit"
-    check_model_path(settings["model"])
     check_init_dir(settings)
     check_adapter_settings(settings)
     check_data_paths(data_dir=settings.get("data_dir"), train_file=settings.get("train_file"),
