@@ -296,10 +296,22 @@ OS_FIXES = {
 }
 
 
+def disk_full(error: BaseException) -> bool:
+    """A write that failed for lack of space: an OSError ENOSPC, or torch.save's / safetensors' wrapped form."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(error)
+    return any(sign in text for sign in ("No space left on device", "StorageFull", "code: 28,",
+                                         "PytorchStreamWriter failed writing file"))
+
+
 def error_line(error: BaseException) -> str:
     """The one line that run_main prints for ``error``: the problem, the file, the fix."""
     from safetensors import SafetensorError
 
+    if disk_full(error):
+        where = f"{error.filename!r}: " if isinstance(error, OSError) and error.filename else ""
+        return f"{where}{OS_FIXES[errno.ENOSPC]} ({' '.join(str(error).split())[:200]})"
     if isinstance(error, OSError) and error.errno in OS_FIXES:
         where = f"{error.filename!r}" if error.filename else "a file"
         detail = error.strerror if error.strerror and error.strerror != os.strerror(error.errno) else ""
@@ -327,9 +339,10 @@ def run_main(main) -> None:
     setup_logging()
     try:
         main()
-    except (ValueError, OSError, SafetensorError, TrainingDiverged) as error:
-        if debug:
-            raise
+    except (ValueError, OSError, SafetensorError, TrainingDiverged, RuntimeError) as error:
+        if debug or (isinstance(error, RuntimeError) and not isinstance(error, TrainingDiverged)
+                     and not disk_full(error)):
+            raise  # a RuntimeError other than a full disk is a bug: show the traceback
         print(f"error: {error_line(error)}", file=sys.stderr)
         raise SystemExit(3 if isinstance(error, TrainingDiverged) else 2) from None
     finally:

@@ -137,6 +137,28 @@ def test_no_entry_point_removes_the_working_directory(stand, models, capsys, ent
     assert tree(stand) == before
 
 
+@pytest.mark.parametrize("path", ["", ".", ".."])
+def test_the_python_api_never_replaces_protected_directories(stand, path):
+    from llmm import export_mean_adapter
+
+    model = get_llmm_model(tiny_llama(), LlmmConfig(r=4, lora_alpha=8, k=1, target_modules=["q_proj"]))
+    before = tree(stand)
+    for save in (save_llmm_adapter, export_mean_adapter):
+        with pytest.raises((FileExistsError, ValueError), match="empty string|current directory or one above it"):
+            save(model, path, overwrite=True)
+    assert tree(stand) == before
+
+
+def test_every_table_row_is_inside_the_declared_ranges():
+    """The schema and configs/ agree: no table row is rejected by the checks every CLI runs."""
+    for table_file in sorted((REPO_ROOT / "configs").glob("*.yaml")):
+        table = U.read_yaml(table_file)
+        if "rows" not in table:
+            continue
+        for row in U.table_rows(table):
+            U.check_settings(row)
+
+
 # --- locks, rename-or-fail, orphans ---------------------------------------------------------------------------------
 
 def test_a_second_process_gets_one_line_while_the_first_holds_the_run(llama_dir, tmp_path, capsys):  # noqa: F811
@@ -351,6 +373,19 @@ def test_a_run_killed_during_export_resumes_without_an_extra_step(llama_dir, tmp
         json.loads((full / "results.json").read_text())["eval_loss"]
 
 
+def test_a_glue_run_killed_during_export_resumes_without_an_extra_step(model_dir, tmp_path, monkeypatch):  # noqa: F811
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    train_glue.main(glue_argv(model_dir, full, "--max_steps", "2"))
+    with monkeypatch.context() as patch:
+        patch.setattr(train_glue, "save_adapters", lambda *a, **k: (_ for _ in ()).throw(Killed()))
+        with pytest.raises(Killed):
+            train_glue.main(glue_argv(model_dir, killed, "--max_steps", "2"))
+    results = train_glue.main(glue_argv(model_dir, killed, "--max_steps", "2", "--resume_from_checkpoint"))
+    assert results["complete"] and results["last"]["step"] == 2
+    a, b = (load_file(run / "adapter" / "adapter_model.safetensors") for run in (full, killed))
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
 def test_resuming_with_another_number_of_processes_is_refused(llama_dir, tmp_path, capsys):  # noqa: F811
     checkpoint = tmp_path / "run" / "checkpoints" / "checkpoint-1"
     LlmmConfig(r=64, lora_alpha=16, k=2, target_modules=LLAMA_TARGETS).save_pretrained(checkpoint)
@@ -403,6 +438,19 @@ def test_run_main_turns_environment_faults_into_one_line(capsys, error, expected
     assert exit_info.value.code == 2 and len(lines) == 1 and re.search(expected, lines[0]), lines
 
 
+def test_a_full_disk_inside_torch_save_is_one_line_and_other_runtime_errors_are_not_hidden(capsys):
+    def main():
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file "
+                           "data/3: file write failed")
+
+    with pytest.raises(SystemExit) as exit_info:
+        U.run_main(main)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(lines) == 1 and "no space left on device: free space" in lines[0]
+    with pytest.raises(RuntimeError, match="a bug"):
+        U.run_main(lambda: (_ for _ in ()).throw(RuntimeError("a bug")))
+
+
 def test_debug_shows_the_traceback(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["x", "--debug"])
     with pytest.raises(OSError, match="No space"):
@@ -420,23 +468,20 @@ def test_permission_denied_output_parent_is_one_line(tmp_path, capsys, llama_dir
 
 # --- drivers resolve relative paths where the user stands ---------------------------------------------------------
 
-def test_init_sh_resolves_relative_paths_where_the_user_stands(llama_dir, tmp_path):  # noqa: F811
+def test_drivers_resolve_relative_paths_where_the_user_stands(llama_dir, tmp_path):  # noqa: F811
+    """_init.sh writes ./q/ from ./tiny, and test_gsm8k.sh reads RUNS=run, in the user's directory (both at once)."""
     import shutil
 
     shutil.copytree(llama_dir, tmp_path / "tiny")
-    run = subprocess.run(["bash", str(REPO_ROOT / "_init.sh"), "--model", "./tiny", "--save_dir", "q", "--rank", "8",
-                          "--bits", "4", "--loftq_iter", "1", "--dtype", "float32"],
-                         cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert (tmp_path / "q" / "tiny-4bit-8rank" / "llmm_init" / "adapter_config.json").is_file()
-
-
-def test_test_gsm8k_sh_resolves_runs_where_the_user_stands(tmp_path):
     (tmp_path / "run" / "adapter").mkdir(parents=True)
     (tmp_path / "run" / "adapter" / "adapter_config.json").write_text("{broken")
-    run = subprocess.run(["bash", str(REPO_ROOT / "test_gsm8k.sh")], cwd=tmp_path, env={**ENV, "RUNS": "run"},
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 2
-    assert run.stderr.strip().splitlines()[-1].startswith("error: 'run/adapter/adapter_config.json' is not valid JSON")
-
-
+    init = subprocess.Popen(["bash", str(REPO_ROOT / "_init.sh"), "--model", "./tiny", "--save_dir", "q", "--rank",
+                             "8", "--bits", "4", "--loftq_iter", "1", "--dtype", "float32"],
+                            cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    test = subprocess.Popen(["bash", str(REPO_ROOT / "test_gsm8k.sh")], cwd=tmp_path, env={**ENV, "RUNS": "run"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    init_err, test_err = init.communicate(timeout=300)[1], test.communicate(timeout=300)[1]
+    assert init.returncode == 0, init_err[-2000:]
+    assert (tmp_path / "q" / "tiny-4bit-8rank" / "llmm_init" / "adapter_config.json").is_file()
+    assert test.returncode == 2
+    assert test_err.strip().splitlines()[-1].startswith("error: 'run/adapter/adapter_config.json' is not valid JSON")
