@@ -6,8 +6,10 @@ inherits) and ``rows`` (one experiment each, naming its ``source``). Precedence:
 command-line flags that were given. The paper's names K and llmmscale map to LlmmConfig's ``k`` and ``scale``
 in ``llmm_config`` and nowhere else.
 
-Exit codes of the entry points (``run_main``): 2 = bad input (one ``error: ...`` line naming the problem and the
-fix, before anything is written), 3 = training diverged (a non-finite loss; the last good checkpoint is kept).
+Exit codes of the entry points (``run_main``): 2 = bad input or an environment fault (one ``error: ...`` line naming
+the problem, the file and the fix; bad input is found before anything is written), 3 = training diverged (a
+non-finite loss or gradient; the last good checkpoint is kept). Output directories are locked, replaced only when
+they are recognisably llmm's, and published atomically (llmm.outdirs).
 """
 
 from __future__ import annotations
@@ -280,7 +282,8 @@ def versions() -> dict:
 
 
 class TrainingDiverged(RuntimeError):
-    """The training loss became NaN or infinite (scripts.training.LlmmTrainer raises it; exit code 3)."""
+    """The training loss, gradients or parameters became NaN or infinite (scripts.training.LlmmTrainer raises it;
+    exit code 3)."""
 
 
 OS_FIXES = {

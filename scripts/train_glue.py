@@ -316,8 +316,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     task, settings = resolve(argv)
     raw = load_glue(task, settings.get("data_dir"), settings.get("train_file"), settings.get("validation_file"))
     tag = f"{settings['method']}-{settings['quant']}{settings['bits']}-r{settings['rank']}"
-    default = Path("runs/glue") / tag / task.name / f"seed{settings['seed']}"
-    out = default if settings.get("output_dir") is None else Path(settings["output_dir"])  # "" = ".": refused
+    out = Path(settings.get("output_dir") or Path("runs/glue") / tag / task.name / f"seed{settings['seed']}")
     settings["output_dir"] = str(out)
     checkpoint = find_checkpoint(settings.get("resume_from_checkpoint"), out)
     if checkpoint:

@@ -15,6 +15,7 @@ gone) and names any other leftover it does not recognise.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import errno
 import fcntl
@@ -103,16 +104,21 @@ def release(path: str | Path) -> None:
         return
     entry[1] -= 1
     if entry[1] == 0:
-        del _held[key]
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(key)
-        os.close(entry[0])  # unlink before unlock: a waiter that locks the old file sees it is gone and retries
+        _let_go(key)
 
 
+def _let_go(key: str) -> None:
+    fd, _ = _held.pop(key)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(key)
+    os.close(fd)  # unlink before unlock: a waiter that locks the old file sees it is gone and retries
+
+
+@atexit.register
 def release_all() -> None:
+    """Give back every lock this process holds (run_main calls it at the end; also at interpreter exit)."""
     for key in list(_held):
-        _held[key][1] = 1
-        release(Path(key).parent / Path(key).name[1:-len(".lock")])
+        _let_go(key)
 
 
 @contextlib.contextmanager
