@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_glue import DATA as GLUE_DATA
 from test_glue import model_dir  # noqa: F401  (the tiny DeBERTa fixture)
 from test_resume import glue_argv, gsm8k_argv, llama_dir  # noqa: F401  (the tiny Llama fixture)
 
@@ -101,6 +100,19 @@ def test_overwrite_refuses_a_git_repository_and_foreign_directories(tmp_path):
     U.prepare_output_dir(ours, overwrite=True)  # an llmm run directory is replaced
     assert sorted(p.name for p in ours.iterdir()) == [RUN_MARKER]
     U.prepare_output_dir(ours, overwrite=True)  # and again: the marker makes it llmm's even before settings.json
+
+
+def test_what_counts_as_llmm_s(tmp_path):
+    run, plain = tmp_path / "run", tmp_path / "plain"
+    for folder in (run / "backbone", plain / "backbone"):
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text("{}")
+    (run / RUN_MARKER).touch()
+    assert outdirs.recognisably_ours(run / "backbone")  # inside a marked run directory (in-process LoftQ's Q)
+    assert not outdirs.recognisably_ours(plain / "backbone")  # a model directory of someone else's
+    assert outdirs.recognisably_ours(tmp_path / "run") and outdirs.recognisably_ours(tmp_path / "empty") is False
+    (tmp_path / "empty").mkdir()
+    assert outdirs.recognisably_ours(tmp_path / "empty")  # nothing to lose
 
 
 ENTRY_POINTS = {  # every entry point that takes an output directory, with arguments that reach its check
