@@ -7,7 +7,8 @@
 #   SAVE_DIR=/data/quantized DEVICE=cuda bash _init.sh deberta-v3-base-2bit-32 --bits 4
 #   bash _init.sh --model ./my-llama --rank 16 --bits 2       # no preset: the table's defaults plus flags
 set -euo pipefail
-cd "$(dirname "$0")"
+# Paths you give (and the defaults below) are relative to where you stand; the code comes from this checkout.
+export PYTHONPATH="$(cd "$(dirname "$0")" && pwd)${PYTHONPATH:+:$PYTHONPATH}"
 args=()
 if [[ $# -gt 0 && $1 != --* ]]; then args+=(--preset "$1"); shift; fi
 if [[ -n ${SAVE_DIR:-} ]]; then args+=(--save_dir "$SAVE_DIR"); fi

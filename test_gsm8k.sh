@@ -13,7 +13,8 @@
 #   RUNS="runs/gsm8k/llama-2-7b-r64-llmm" bash test_gsm8k.sh --max_samples 50      # smoke test
 # An evaluation whose results.json exists is skipped.
 set -euo pipefail
-cd "$(dirname "$0")"
+# Paths you give (and the defaults below) are relative to where you stand; the code comes from this checkout.
+export PYTHONPATH="$(cd "$(dirname "$0")" && pwd)${PYTHONPATH:+:$PYTHONPATH}"
 
 RUNS=${RUNS:-$(ls -d runs/gsm8k/*/ 2>/dev/null || true)}
 DECODINGS=${DECODINGS:-greedy}

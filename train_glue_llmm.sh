@@ -21,7 +21,8 @@
 #   bash train_glue_llmm.sh --eval_noise mc --mc_samples 10    # Monte-Carlo dev evaluation, calibration metrics
 # A run whose results.json is complete is skipped; an interrupted one resumes from its newest checkpoint.
 set -euo pipefail
-cd "$(dirname "$0")"
+# Paths you give (and the defaults below) are relative to where you stand; the code comes from this checkout.
+export PYTHONPATH="$(cd "$(dirname "$0")" && pwd)${PYTHONPATH:+:$PYTHONPATH}"
 
 TASKS=${TASKS:-"cola mrpc stsb"}
 QUANTS=${QUANTS:-"nf uniform"}

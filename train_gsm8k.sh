@@ -14,7 +14,8 @@
 #   LAUNCH="accelerate launch" bash train_gsm8k.sh --max_steps 10            # smoke run
 # A run whose results.json exists is skipped; an interrupted one resumes from its newest checkpoint.
 set -euo pipefail
-cd "$(dirname "$0")"
+# Paths you give (and the defaults below) are relative to where you stand; the code comes from this checkout.
+export PYTHONPATH="$(cd "$(dirname "$0")" && pwd)${PYTHONPATH:+:$PYTHONPATH}"
 
 MODELS=${MODELS:-"llama-2-7b llama-2-13b"}
 RANK=${RANK:-64}

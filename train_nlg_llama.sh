@@ -15,7 +15,8 @@
 #   LAUNCH="accelerate launch" bash train_nlg_llama.sh --llmmscale 700    # the reference's later scale
 # A run whose results.json exists is skipped; an interrupted one resumes from its newest checkpoint.
 set -euo pipefail
-cd "$(dirname "$0")"
+# Paths you give (and the defaults below) are relative to where you stand; the code comes from this checkout.
+export PYTHONPATH="$(cd "$(dirname "$0")" && pwd)${PYTHONPATH:+:$PYTHONPATH}"
 
 TASKS=${TASKS:-"alpaca hh-rlhf"}
 MODELS=${MODELS:-"llama-7b llama-2-7b llama-2-13b"}

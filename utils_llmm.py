@@ -6,18 +6,20 @@ inherits) and ``rows`` (one experiment each, naming its ``source``). Precedence:
 command-line flags that were given. The paper's names K and llmmscale map to LlmmConfig's ``k`` and ``scale``
 in ``llmm_config`` and nowhere else.
 
-Exit codes of the entry points (``run_main``): 2 = bad input (one ``error: ...`` line naming the problem and the
-fix, before anything is written), 3 = training diverged (a non-finite loss; the last good checkpoint is kept).
+Exit codes of the entry points (``run_main``): 2 = bad input or an environment fault (one ``error: ...`` line naming
+the problem, the file and the fix; bad input is found before anything is written), 3 = training diverged (a
+non-finite loss or gradient; the last good checkpoint is kept). Output directories are locked, replaced only when
+they are recognisably llmm's, and published atomically (llmm.outdirs).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
 import random
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -26,6 +28,8 @@ import numpy as np
 import torch
 import yaml
 from accelerate import PartialState
+
+from llmm import outdirs
 
 REPO_ROOT = Path(__file__).resolve().parent
 CONFIGS = REPO_ROOT / "configs"
@@ -132,26 +136,28 @@ def llmm_config(settings: dict, target_modules: list[str], **extra):
     )
 
 
-def check_adapter_settings(settings: dict) -> None:
-    """K, llmmscale, rank, lora_alpha, bits and quant in range, checked before anything is loaded or written
-    (LlmmConfig checks them too, but only once the model is in memory)."""
-    from llmm.quant import ALLOWED_BITS, ALLOWED_METHODS
+def check_settings(settings: dict) -> None:
+    """Every setting with a declared range (llmm.config.SETTING_RULES, the schema LlmmConfig uses too) is in it;
+    checked before any model or data is loaded and before anything is written. None means "not set"."""
+    from llmm.config import setting_error
 
-    def integer(value) -> bool:
-        return isinstance(value, int) and not isinstance(value, bool)
+    for name, value in settings.items():
+        rule = None if value is None else setting_error(name, value)
+        if rule:
+            raise ValueError(f"{name} = {value!r} is out of range: it must be {rule}; fix --{name} or the table row "
+                             "in configs/")
 
-    rules = {
-        "K": (lambda v: integer(v) and v >= 0, "an integer >= 0 (directions per factor; 0 = plain LoRA/LoftQ)"),
-        "llmmscale": (lambda v: v > 0, "> 0 (the noise std is 1/sqrt(llmmscale))"),
-        "rank": (lambda v: integer(v) and v >= 1, "an integer >= 1"),
-        "lora_alpha": (lambda v: v > 0, "> 0"),
-        "bits": (lambda v: v in ALLOWED_BITS, f"one of {ALLOWED_BITS}"),
-        "quant": (lambda v: v in ALLOWED_METHODS, f"one of {ALLOWED_METHODS}"),
-    }
-    for name, (ok, rule) in rules.items():
-        if name in settings and not ok(settings[name]):
-            raise ValueError(f"{name} = {settings[name]!r} is out of range: it must be {rule}; fix --{name} or the "
-                             "table row")
+
+check_adapter_settings = check_settings  # the name the entry points use
+
+
+def check_init_targets(init_dir: str | Path, init_targets, given: list[str] | None) -> None:
+    """An _init.sh directory fixes the adapted modules (its LoftQ means); a --target_modules that differs is an
+    error, not silently ignored."""
+    if given and set(given) != set(init_targets or ()):
+        raise ValueError(f"--target_modules {sorted(given)} differ from the targets of the _init.sh adapter "
+                         f"{str(init_dir)!r} ({sorted(init_targets or ())}): drop --target_modules (the directory "
+                         "decides), or make a directory with those targets (_init.sh --target_modules ...)")
 
 
 def default_targets(model_config, explicit: list[str] | None = None) -> list[str]:
@@ -194,27 +200,43 @@ def inside(name: str, modules: list[str]) -> bool:
 
 
 def check_output_dir(path: str | Path, overwrite: bool = False, resume: bool = False) -> None:
-    """An existing non-empty ``path`` is an error unless overwriting or resuming (nothing is written here)."""
-    path = Path(path)
-    if path.is_file():
-        raise FileExistsError(f"output directory {str(path)!r} is a file: choose another --output_dir")
-    if path.is_dir() and any(path.iterdir()) and not (overwrite or resume):
+    """``path`` may become this run's directory (nothing is written here): not a file, not in use by another
+    process; if it exists and is not empty, only with ``resume`` (continue it) or ``overwrite`` (replace it, and only
+    if it is recognisably an llmm directory that is not ``.``, a parent of it, a repository, $HOME or /)."""
+    path = Path(path) if str(path).strip() else None
+    if path is None:
+        raise ValueError("--output_dir is the empty string: pass a directory name")
+    if resume:
+        if path.exists() and not path.is_dir():
+            raise FileExistsError(f"output directory {str(path)!r} is a file: choose another --output_dir")
+        if outdirs.locked_by_other(path):
+            raise outdirs.DirectoryLocked(f"{str(path)!r} is in use by another process: wait for it to finish")
+        return
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(f"output directory {str(path)!r} exists and is not empty: choose another, or pass "
                               "--overwrite (replace) / --resume_from_checkpoint (continue)")
+    outdirs.check_new_dir(path, overwrite)
 
 
 def prepare_output_dir(path: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
-    """Create ``path``; an existing non-empty directory is an error unless overwriting or resuming."""
+    """Lock ``path`` for the rest of this process, check it again (check_output_dir), replace it if overwriting,
+    and create it with the run marker (which makes it recognisably llmm's for a later --overwrite)."""
+    if str(path).strip() == "":
+        raise ValueError("--output_dir is the empty string: pass a directory name")
     path = Path(path)
     check_output_dir(path, overwrite, resume)
-    if path.is_dir() and overwrite and not resume:
-        shutil.rmtree(path)
+    outdirs.acquire(path)  # held until the process ends (run_main gives it back)
+    check_output_dir(path, overwrite, resume)  # again, now that no other process can change it
+    if path.is_dir() and any(path.iterdir()) and overwrite and not resume:
+        outdirs.remove_run_dir(path)
     path.mkdir(parents=True, exist_ok=True)
+    (path / outdirs.RUN_MARKER).touch()
     return path
 
 
 def make_output_dir(path: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
-    """``prepare_output_dir`` on the main process only, the others waiting for it (torchrun / accelerate launch)."""
+    """``prepare_output_dir`` on the main process only, the others waiting for it (torchrun / accelerate launch);
+    the main process holds the directory's lock."""
     state = PartialState()
     if state.is_main_process:
         prepare_output_dir(path, overwrite, resume)
@@ -271,18 +293,74 @@ def versions() -> dict:
 
 
 class TrainingDiverged(RuntimeError):
-    """The training loss became NaN or infinite (scripts.training.LlmmTrainer raises it; exit code 3)."""
+    """The training loss, gradients or parameters became NaN or infinite (scripts.training.LlmmTrainer raises it;
+    exit code 3)."""
+
+
+OS_FIXES = {
+    errno.EACCES: "permission denied: check its permissions or choose another path",
+    errno.EPERM: "operation not permitted: check its permissions or choose another path",
+    errno.EROFS: "read-only file system: choose a writable directory",
+    errno.ENOSPC: "no space left on device: free space or write elsewhere, then run again (with "
+                  "--resume_from_checkpoint for a training run: complete checkpoints are kept)",
+    errno.EDQUOT: "disk quota exceeded: free space or write elsewhere, then run again (with --resume_from_checkpoint "
+                  "for a training run)",
+    errno.EISDIR: "is a directory: pass a file",
+    errno.ENOTDIR: "a part of the path is a file, not a directory: fix the path",
+}
+
+
+def disk_full(error: BaseException) -> bool:
+    """A write that failed for lack of space: an OSError ENOSPC, or torch.save's / safetensors' wrapped form."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(error)
+    return any(sign in text for sign in ("No space left on device", "StorageFull", "code: 28,",
+                                         "PytorchStreamWriter failed writing file"))
+
+
+def error_line(error: BaseException) -> str:
+    """The one line that run_main prints for ``error``: the problem, the file, the fix."""
+    from safetensors import SafetensorError
+
+    if disk_full(error):
+        where = f"{error.filename!r}: " if isinstance(error, OSError) and error.filename else ""
+        return f"{where}{OS_FIXES[errno.ENOSPC]} ({' '.join(str(error).split())[:200]})"
+    if isinstance(error, OSError) and error.errno in OS_FIXES:
+        where = f"{error.filename!r}" if error.filename else "a file"
+        detail = error.strerror if error.strerror and error.strerror != os.strerror(error.errno) else ""
+        return f"{where}: {OS_FIXES[error.errno]}" + (f" ({detail})" if detail else "")
+    if isinstance(error, SafetensorError):
+        return (f"a .safetensors file could not be read ({error}): it is truncated or corrupt; write it again "
+                "(re-run the command that made it) or re-download it")
+    if isinstance(error, UnicodeDecodeError):
+        return f"a file is not UTF-8 text ({error}): convert it to UTF-8"
+    if isinstance(error, json.JSONDecodeError):
+        return f"a JSON file is malformed ({error}): fix it or write it again"
+    message = str(error).strip()
+    return message.splitlines()[0] if message else type(error).__name__
 
 
 def run_main(main) -> None:
-    """Run an entry point; bad input (exit code 2) and a diverged training (exit code 3) become one clear line."""
+    """Run an entry point; bad input and environment faults (exit code 2) and a diverged training (exit code 3)
+    become one ``error:`` line and no traceback (``--debug`` on the command line shows the traceback instead).
+    Locks on output directories are given back at the end."""
+    from safetensors import SafetensorError
+
+    debug = "--debug" in sys.argv[1:]
+    if debug:
+        sys.argv.remove("--debug")
     setup_logging()
     try:
         main()
-    except (ValueError, FileNotFoundError, FileExistsError, TrainingDiverged) as error:
-        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        print(f"error: {message}", file=sys.stderr)
+    except (ValueError, OSError, SafetensorError, TrainingDiverged, RuntimeError) as error:
+        if debug or (isinstance(error, RuntimeError) and not isinstance(error, TrainingDiverged)
+                     and not disk_full(error)):
+            raise  # a RuntimeError other than a full disk is a bug: show the traceback
+        print(f"error: {error_line(error)}", file=sys.stderr)
         raise SystemExit(3 if isinstance(error, TrainingDiverged) else 2) from None
+    finally:
+        outdirs.release_all()
 
 
 def plot_curves(path: str | Path, panels: dict[str, dict[str, tuple[list, list]]], xlabel: str) -> None:
@@ -316,25 +394,94 @@ def looks_local(name_or_path: str) -> bool:
             or os.path.sep in name_or_path.strip("/").split("/", 1)[-1])
 
 
-def check_model_path(name_or_path: str) -> None:
-    """A model given as a local path (not a hub id like ``org/name``) must exist."""
-    if looks_local(name_or_path) and not Path(name_or_path).expanduser().exists():
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spm.model", "vocab.txt", "vocab.json")
+TEXT_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".txt")
+
+
+def check_model_path(name_or_path: str, tokenizer: bool = True) -> None:
+    """A model given as a local path (not a hub id like ``org/name``) must be a readable directory with
+    config.json, a tokenizer (if ``tokenizer``) and complete .safetensors files (headers checked, which catches a
+    truncated file). Nothing is loaded."""
+    path = Path(name_or_path).expanduser()
+    if not looks_local(name_or_path) and not path.exists():
+        return  # a hub id
+    if not path.exists():
         raise FileNotFoundError(f"model path {name_or_path!r} does not exist: pass a local directory or a hub id")
+    if not path.is_dir():
+        raise ValueError(f"model path {name_or_path!r} is a file: pass the directory that holds config.json")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise PermissionError(f"model directory {name_or_path!r} is not readable: check its permissions")
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model directory {name_or_path!r} has no config.json: pass a directory written by "
+                         "save_pretrained (or an _init.sh directory)")
+    if tokenizer and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(f"model directory {name_or_path!r} has no tokenizer (none of {', '.join(TOKENIZER_FILES)}): "
+                         "save one into it with tokenizer.save_pretrained, or pass a directory that has one")
+    check_safetensors(path)
+
+
+def check_safetensors(folder: str | Path) -> None:
+    """Every .safetensors file in ``folder`` opens (its header matches its size): a truncated or corrupt file is
+    an error naming it."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except SafetensorError as error:
+            raise ValueError(f"{str(file)!r} is truncated or corrupt ({error}): write it again (re-run the command "
+                             "that made it) or copy / download it again") from error
+
+
+def check_text_file(path: str | Path) -> None:
+    """A local data file is UTF-8 text with something in it (read in chunks; nothing is kept)."""
+    import codecs
+
+    decoder, empty, offset = codecs.getincrementaldecoder("utf-8")(), True, 0
+    with open(path, "rb") as handle:
+        while True:
+            chunk = handle.read(1 << 20)
+            try:
+                text = decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as error:
+                raise ValueError(f"data file {str(path)!r} is not UTF-8 text (byte {error.object[error.start]:#04x} "
+                                 f"near offset {offset + error.start}): convert it to UTF-8, e.g. with iconv -t "
+                                 "UTF-8") from None
+            empty = empty and not text.strip()
+            offset += len(chunk)
+            if not chunk:
+                break
+    if empty:
+        raise ValueError(f"data file {str(path)!r} is empty: pass a file with at least one record")
 
 
 def check_data_paths(**flags) -> None:
-    """Each given data flag (``data_dir="glue_data/CoLA"``, ...; lists allowed) that names a local path must exist."""
+    """Each given data flag (``data_dir="glue_data/CoLA"``, ...; lists allowed) that names a local path must exist;
+    its text files (a directory's too) must be non-empty UTF-8."""
     for flag, values in flags.items():
         for value in values if isinstance(values, (list, tuple)) else [values]:
-            if value and looks_local(value) and not Path(value).expanduser().exists():
+            if not value or not looks_local(value) and not Path(value).expanduser().exists():
+                continue
+            path = Path(value).expanduser()
+            if not path.exists():
                 raise FileNotFoundError(f"--{flag} {value!r} does not exist: pass an existing file or directory")
+            files = [path] if path.is_file() else [p for p in sorted(path.iterdir()) if p.is_file()]
+            for file in files:
+                if file.suffix in TEXT_SUFFIXES:
+                    check_text_file(file)
 
 
 def load_pretrained(loader, name_or_path: str, **kwargs):
     """``loader.from_pretrained`` for a hub id or a local directory, with a clear error when neither loads."""
-    check_model_path(name_or_path)
+    from safetensors import SafetensorError
+
+    check_model_path(name_or_path, tokenizer=loader.__name__ == "AutoTokenizer")
     try:
         return loader.from_pretrained(name_or_path, **kwargs)
-    except OSError as error:
-        raise FileNotFoundError(f"could not load {name_or_path!r} as a local directory or from the hub "
-                                f"({str(error).splitlines()[0]})") from error
+    except (OSError, SafetensorError) as error:
+        if isinstance(error, OSError) and error.errno is not None:
+            raise  # permission denied, full disk...: run_main names the file and the fix
+        detail = " ".join(str(error).split())[:300]
+        raise FileNotFoundError(f"could not load {name_or_path!r} with {loader.__name__} as a local directory or "
+                                f"from the hub: {detail}") from error

@@ -180,6 +180,7 @@ def load_backbone(settings: dict):
 def check_init_adapter(init_dir: Path, settings: dict) -> LlmmConfig:
     """The init adapter's config; its rank and lora_alpha must be the settings' (the LoftQ means depend on both)."""
     saved = LlmmConfig.from_pretrained(str(init_dir))
+    U.check_init_targets(init_dir, saved.target_modules, settings.get("target_modules"))
     for name, key in (("r", "rank"), ("lora_alpha", "lora_alpha")):
         if getattr(saved, name) != settings[key]:
             raise ValueError(f"{init_dir} holds LoftQ means for {name}={getattr(saved, name)} but the settings say "

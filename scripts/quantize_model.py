@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,6 +30,7 @@ import utils_llmm as U
 from llmm import get_llmm_model
 from llmm.embedding import LlmmEmbedding, embedding_targets
 from llmm.layer import loftq_factors
+from llmm.outdirs import atomic_dir, check_new_dir
 from llmm.quant import check_quant_args
 
 TABLE = U.CONFIGS / "quantize.yaml"
@@ -63,6 +62,7 @@ def parse_args(argv=None) -> dict:
     if str(settings["quantize_embeddings"]).lower() not in embeddings:
         raise ValueError(f"quantize_embeddings must be auto, true or false, got {settings['quantize_embeddings']!r}")
     settings["quantize_embeddings"] = embeddings[str(settings["quantize_embeddings"]).lower()]
+    U.check_settings(settings)
     for name, allowed in (("task_type", LOADERS), ("dtype", DTYPES), ("device", ("cpu", "cuda"))):
         if settings[name] not in allowed:
             raise ValueError(f"{name} must be one of {list(allowed)}, got {settings[name]!r}")
@@ -160,6 +160,7 @@ def main(argv=None) -> Path:
     if final_dir.exists() and any(final_dir.iterdir()) and not settings.get("overwrite"):
         raise FileExistsError(f"output directory {str(final_dir)!r} exists and is not empty: pass --overwrite "
                               "or another --save_dir")
+    check_new_dir(final_dir, settings.get("overwrite", False))  # a file, locked, or not llmm's to replace
     model_config = U.load_pretrained(AutoConfig, settings["model"])
     tokenizer = U.load_pretrained(AutoTokenizer, settings["model"])  # before hours of LoftQ: the directory needs it
     targets = U.default_targets(model_config, settings.get("target_modules"))
@@ -167,17 +168,10 @@ def main(argv=None) -> Path:
     # The checkpoint's own dtype, so LoftQ sees the original weights; the backbone is saved in settings["dtype"].
     model = U.load_pretrained(LOADERS[settings["task_type"]], settings["model"], dtype="auto", **extra)
     target_linears(model, targets, settings["rank"])  # bad targets or rank fail before anything is written
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{final_dir.name}.", dir=final_dir.parent))
-    try:
+    # Locked for the whole run, written under a temporary name, published by rename-or-fail (llmm.outdirs).
+    with atomic_dir(final_dir, overwrite=settings.get("overwrite", False)) as tmp_dir:
         config, means, report = quantize(model, settings, targets)
-        save(model, tokenizer, config, means, report, settings, tmp_dir, final_dir, started)
-        if final_dir.exists():
-            shutil.rmtree(final_dir)
-        tmp_dir.rename(final_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
+        save(model, tokenizer, config, means, report, settings, Path(tmp_dir), final_dir, started)
     U.logger.info("wrote %s (mean relative error: Q %.4f, Q + gBA %.4f)", final_dir,
                   sum(r["rel_error_q"] for r in report.values()) / len(report),
                   sum(r["rel_error_loftq"] for r in report.values()) / len(report))

@@ -86,6 +86,9 @@ def plot(runs: dict[str, dict[int, dict]], path: Path) -> None:
 def main(argv=None) -> dict:
     started = time.time()
     settings = parse_args(argv)
+    model = settings.get("model") or default_model()
+    U.check_model_path(model)  # before anything is written
+    U.check_data_paths(corpus_dir=settings.get("corpus_dir"))
     out = U.prepare_output_dir(settings["output_dir"], overwrite=settings.get("overwrite", False))
     data = out / "data"
     report = prepare_bbcnews.prepare(data, Path(settings["corpus_dir"]) if settings.get("corpus_dir") else None,
@@ -93,7 +96,6 @@ def main(argv=None) -> dict:
     expected = list(get_task("bbcnews").label_names)
     if report["classes"] != expected:
         raise ValueError(f"the corpus has classes {report['classes']}, the bbcnews task expects {expected}")
-    model = settings.get("model") or default_model()
     runs: dict[str, dict[int, dict]] = {method: {} for method in settings["methods"]}
     for seed in settings["seeds"]:
         for method in settings["methods"]:

@@ -4,6 +4,6 @@
 # Hardware: CPU, about 5 minutes on 2 cores (4 to 6 measured). Settings: configs/quickstart.yaml and the bbcnews
 # row of configs/glue.yaml. Extra flags go to python -m scripts.quickstart (--seeds 0 --methods llmm --overwrite ...).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+export PYTHONPATH="$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}"  # output lands where you stand
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 exec python -m scripts.quickstart "$@"

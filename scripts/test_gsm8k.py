@@ -50,6 +50,7 @@ def parse_settings(argv=None) -> dict:
     args = parser.parse_args(argv)
     settings = U.resolve_settings(table, args)
     scope_dataset_config(settings, args)
+    U.check_settings(settings)
     U.check_data_paths(data=settings.get("data"))
     given = [name for name in SAMPLING if getattr(args, name) is not None]
     if given and not settings["do_sample"]:
@@ -73,6 +74,8 @@ def check_adapter(settings: dict) -> LlmmConfig:
         if not config.base_model_name_or_path:
             raise ValueError(f"{adapter!r} does not name its backbone: pass --model_name_or_path")
         settings["model_name_or_path"] = config.base_model_name_or_path
+    U.check_safetensors(adapter)
+    U.check_model_path(settings["model_name_or_path"])
     return config
 
 
@@ -175,9 +178,7 @@ def main(argv=None) -> dict:
     started = time.time()
     settings = parse_settings(argv)
     output_dir = Path(settings["output_dir"])
-    if output_dir.is_dir() and any(output_dir.iterdir()) and not settings["overwrite"]:
-        raise FileExistsError(f"output directory {str(output_dir)!r} exists and is not empty: choose another or "
-                              "pass --overwrite")
+    U.check_output_dir(output_dir, settings["overwrite"])
     check_adapter(settings)
     records = load_test_records(settings)
     model, tokenizer = load_model(settings)

@@ -61,6 +61,7 @@ from utils_llmm import (
     add_setting_flags,
     check_adapter_settings,
     check_data_paths,
+    check_init_targets,
     check_output_dir,
     default_embedding_targets,
     default_targets,
@@ -166,6 +167,8 @@ def check_init_dir(settings: dict) -> None:
             raise ValueError(f"{str(model_dir)!r} was quantized with {name}={made[name]!r} but the settings say "
                              f"{settings[name]!r}: pass --{name} {made[name]} or quantize again with _init.sh")
     settings["init_dir"] = str(model_dir / "llmm_init")
+    check_init_targets(settings["init_dir"], llmm.LlmmConfig.from_pretrained(settings["init_dir"]).target_modules,
+                       settings.get("target_modules"))
     settings["backbone"] += " (LoftQ directory)"
 
 

@@ -1,13 +1,22 @@
 """Training pieces shared by scripts.train_glue and scripts.causal_lm: resume, one noise stream per process, and a
-stop at the first non-finite loss (``LlmmTrainer``, an HF Trainer subclass)."""
+stop at the first non-finite loss or gradient (``LlmmTrainer``, an HF Trainer subclass).
+
+Guarantees (tests/test_safety.py, tests/test_resume.py): a step whose loss or gradients are not finite is never
+applied, and parameters that an update made non-finite are never checkpointed (the run stops first, exit code 3);
+a checkpoint is named "the last good checkpoint" only after its tensors were read back finite. Resuming takes only a
+checkpoint whose trainer_state.json parses, refuses one written by another number of processes, and a checkpoint
+already at max_steps is not trained further (the run only evaluates and exports).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainerState
+from transformers.trainer_utils import TrainOutput
 
 from utils_llmm import TrainingDiverged, logger
 
@@ -21,17 +30,67 @@ def add_resume_flag(parser: argparse.ArgumentParser) -> None:
                              "scheduler and RNG states are restored)")
 
 
+def trainer_state(checkpoint: str | Path) -> dict | None:
+    """The checkpoint's trainer_state.json, or None if it is missing, empty, truncated or not the Trainer's."""
+    try:
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) and isinstance(state.get("global_step"), int) else None
+
+
 def complete_checkpoints(folder: str | Path) -> list[Path]:
     """The checkpoint-N directories in ``folder`` that were written to the end, oldest first.
 
-    The Trainer writes trainer_state.json last, so a checkpoint cut short by a crash lacks it and is skipped.
+    The Trainer writes trainer_state.json last, so a checkpoint cut short by a crash lacks it, or holds a truncated
+    one (a full disk), and is skipped.
     """
     folder = Path(folder)
     if not folder.is_dir():
         return []
     found = [path for path in folder.glob(f"{CHECKPOINT_PREFIX}*")
-             if path.name[len(CHECKPOINT_PREFIX):].isdigit() and (path / "trainer_state.json").is_file()]
+             if path.name[len(CHECKPOINT_PREFIX):].isdigit() and trainer_state(path) is not None]
     return sorted(found, key=lambda path: int(path.name[len(CHECKPOINT_PREFIX):]))
+
+
+def checkpoint_world_size(checkpoint: str | Path) -> int | None:
+    """How many processes wrote the checkpoint: the Trainer saves rng_state.pth for one, rng_state_<rank>.pth each
+    for several (None: no RNG state saved)."""
+    checkpoint = Path(checkpoint)
+    ranks = list(checkpoint.glob("rng_state_*.pth"))
+    if ranks:
+        return len(ranks)
+    return 1 if (checkpoint / "rng_state.pth").is_file() else None
+
+
+def checkpoint_is_finite(checkpoint: str | Path) -> bool:
+    """Every tensor of the checkpoint's weights (*.safetensors) and optimizer state (optimizer.pt) is finite."""
+    from safetensors.torch import load_file
+
+    try:
+        for file in Path(checkpoint).glob("*.safetensors"):
+            if not all(torch.isfinite(t).all() for t in load_file(file).values() if t.is_floating_point()):
+                return False
+        optimizer = Path(checkpoint) / "optimizer.pt"
+        if optimizer.is_file():
+            tensors = []
+
+            def collect(value):
+                if isinstance(value, torch.Tensor):
+                    tensors.append(value)
+                elif isinstance(value, dict):
+                    for item in value.values():
+                        collect(item)
+                elif isinstance(value, (list, tuple)):
+                    for item in value:
+                        collect(item)
+
+            collect(torch.load(optimizer, map_location="cpu", weights_only=True))
+            if not all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()):
+                return False
+    except Exception:  # unreadable or truncated: not good either
+        return False
+    return True
 
 
 def find_checkpoint(value: str | None, folder: str | Path) -> str | None:
@@ -45,17 +104,31 @@ def find_checkpoint(value: str | None, folder: str | Path) -> str | None:
             raise FileNotFoundError(f"no complete checkpoint-N in {str(folder)!r} to resume from: drop "
                                     "--resume_from_checkpoint to start afresh, or pass a checkpoint directory")
         return str(done[-1])
-    if not (Path(value) / "trainer_state.json").is_file():
-        raise FileNotFoundError(f"{value!r} is not a complete checkpoint (no trainer_state.json): pass a "
-                                "checkpoint-N directory of the run, or 'latest'")
+    if trainer_state(value) is None:
+        raise FileNotFoundError(f"{value!r} is not a complete checkpoint (no readable trainer_state.json): pass a "
+                                "checkpoint-N directory of the run, or 'latest' (the newest complete one)")
     return value
 
 
 def check_checkpoint(checkpoint: str, settings: dict) -> None:
-    """The checkpoint's adapter has the settings' K and rank (else its M and Z cannot be restored)."""
+    """The checkpoint's adapter has the settings' K and rank (else its M and Z cannot be restored), was written by
+    as many processes as this run has (each restores its own RNG state and data shard), and is complete and
+    finite."""
+    from accelerate import PartialState
+
     from llmm import LlmmConfig
+    from utils_llmm import check_safetensors
 
     saved = LlmmConfig.from_pretrained(checkpoint)
+    written_by, processes = checkpoint_world_size(checkpoint), PartialState().num_processes
+    if written_by is not None and written_by != processes:
+        raise ValueError(f"checkpoint {checkpoint!r} was written by {written_by} process(es), this run has "
+                         f"{processes}: resume with {written_by} (e.g. torchrun --nproc_per_node {written_by}); "
+                         "each process restores its own noise stream and data shard")
+    check_safetensors(checkpoint)
+    if not checkpoint_is_finite(checkpoint):
+        raise ValueError(f"checkpoint {checkpoint!r} holds non-finite (NaN or inf) weights or optimizer state: "
+                         "resume from an earlier checkpoint-N")
     if (saved.k, saved.r) != (settings["K"], settings["rank"]):
         raise ValueError(f"checkpoint {checkpoint!r} holds an adapter with K={saved.k}, rank={saved.r} but the "
                          f"settings say K={settings['K']}, rank={settings['rank']}: resume with the run's settings "
@@ -77,8 +150,23 @@ class PerProcessNoise(TrainerCallback):
         logger.info("process %d draws its noise from seed %d", args.process_index, args.seed + args.process_index)
 
 
+class FiniteGuard(TrainerCallback):
+    """Stops training before an optimizer step whose loss or gradients are not finite, and after a step that made
+    a trainable parameter non-finite (before any checkpoint of it: the Trainer saves after on_step_end)."""
+
+    def __init__(self, trainer: "LlmmTrainer"):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.trainer.stop_if_step_not_finite(model)
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self.trainer.stop_if_parameters_not_finite(model)
+
+
 class LlmmTrainer(Trainer):
-    """The HF Trainer for Llmm models: one noise stream per process, and a stop at the first non-finite loss.
+    """The HF Trainer for Llmm models: one noise stream per process, a stop at the first non-finite loss or
+    gradient, and no training past max_steps on resume.
 
     Resuming needs nothing more: for a PeftModel the Trainer loads a checkpoint with
     ``model.load_adapter(checkpoint, "default", is_trainable=True)``; the adapter "default" already exists, so
@@ -90,20 +178,63 @@ class LlmmTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.add_callback(PerProcessNoise())
+        self.add_callback(FiniteGuard(self))
+        self.nonfinite_loss = None  # the first non-finite micro-batch loss of the current optimizer step
+
+    def train(self, resume_from_checkpoint=None, **kwargs):
+        """``Trainer.train``; a checkpoint already at max_steps is loaded, not trained further (the Trainer would
+        take one more step)."""
+        state = trainer_state(resume_from_checkpoint) if resume_from_checkpoint else None
+        if state and 0 < state.get("max_steps", 0) <= state["global_step"]:
+            logger.info("%s is at max_steps (%d): no more training, only evaluation and export",
+                        resume_from_checkpoint, state["global_step"])
+            self.model.load_adapter(resume_from_checkpoint, adapter_name="default", is_trainable=True)
+            self.state = TrainerState.load_from_json(str(Path(resume_from_checkpoint) / "trainer_state.json"))
+            losses = [log["loss"] for log in self.state.log_history if "loss" in log]
+            return TrainOutput(self.state.global_step, sum(losses) / len(losses) if losses else 0.0, {})
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """One forward/backward; a NaN or infinite loss stops training before the optimizer applies it, so no
-        checkpoint with a broken adapter is written and the last good one is kept. The check adds no stall: the
-        Trainer already waits for every step's loss (``logging_nan_inf_filter``)."""
+        """One forward/backward; a NaN or infinite loss is remembered and stops training before the optimizer
+        step (FiniteGuard). The check adds no stall: the Trainer already waits for every step's loss
+        (``logging_nan_inf_filter``)."""
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss):
-            message = self.divergence_message(loss.item())
-            self.callback_handler.on_train_end(self.args, self.state, self.control)  # training ends: close the bars
-            raise TrainingDiverged(message)
+        if not torch.isfinite(loss) and self.nonfinite_loss is None:
+            self.nonfinite_loss = loss.item()
         return loss
 
-    def divergence_message(self, loss: float) -> str:
-        done = complete_checkpoints(self.args.output_dir)
-        kept = f"the last good checkpoint is {str(done[-1])!r}" if done else "no checkpoint was written yet"
-        return (f"training loss is {loss} at step {self.state.global_step + 1}; stopped, {kept}: lower "
-                "--learning_rate or clip gradients (--max_grad_norm), then start again or --resume_from_checkpoint")
+    def stop_if_step_not_finite(self, model) -> None:
+        """Raise TrainingDiverged, on every process alike, if this step's loss or gradients are not finite. Under
+        fp16 mixed precision the grad scaler already skips steps with inf gradients: only the loss is checked."""
+        grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+        check_grads = grads and self.accelerator.scaler is None
+        grads_bad = check_grads and not torch.stack([torch.isfinite(g).all() for g in grads]).all()
+        flags = torch.tensor([self.nonfinite_loss is not None, bool(grads_bad)], dtype=torch.float32,
+                             device=self.args.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        loss, self.nonfinite_loss = self.nonfinite_loss, None
+        if flags[0]:
+            self.stop(f"training loss is {loss if loss is not None else 'not finite (on another process)'} at step "
+                      f"{self.state.global_step + 1}")
+        if flags[1]:
+            self.stop(f"gradients are not finite (NaN or inf) at step {self.state.global_step + 1}, the update was "
+                      "not applied")
+
+    def stop_if_parameters_not_finite(self, model) -> None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        if params and not torch.stack([torch.isfinite(p).all() for p in params]).all():
+            self.stop(f"the update of step {self.state.global_step + 1} made the adapter's parameters non-finite "
+                      "(not checkpointed)")
+
+    def stop(self, what: str) -> None:
+        self.callback_handler.on_train_end(self.args, self.state, self.control)  # training ends: close the bars
+        raise TrainingDiverged(self.divergence_message(what))
+
+    def divergence_message(self, what: str) -> str:
+        """The newest complete checkpoint whose tensors read back finite is named the last good one."""
+        good = next((path for path in reversed(complete_checkpoints(self.args.output_dir))
+                     if checkpoint_is_finite(path)), None)
+        kept = f"the last good checkpoint is {str(good)!r}" if good else "no good checkpoint was written yet"
+        return (f"{what}; stopped, {kept}: lower --learning_rate or clip gradients (--max_grad_norm), then start "
+                "again or --resume_from_checkpoint")

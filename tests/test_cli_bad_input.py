@@ -23,11 +23,12 @@ from transformers import AutoModelForCausalLM
 
 import utils_llmm as U
 from llmm import LlmmConfig, get_llmm_model
-from scripts import (glue_table, prepare_bbcnews, quantize_model, test_gsm8k, train_glue, train_gsm8k,
+from scripts import (glue_table, prepare_bbcnews, quantize_model, quickstart, test_gsm8k, train_glue, train_gsm8k,
                      train_nlg)
 
 SCRIPTS = {module.__name__.split(".")[-1]: module for module in
-           (train_glue, train_nlg, train_gsm8k, test_gsm8k, quantize_model, glue_table, prepare_bbcnews)}
+           (train_glue, train_nlg, train_gsm8k, test_gsm8k, quantize_model, glue_table, prepare_bbcnews, quickstart)}
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 DATA = REPO_ROOT / "tests" / "data"
 
 
@@ -58,13 +59,24 @@ def world(tmp_path_factory):
         "results_incomplete/results.json": json.dumps({"task": "cola", "complete": False}),
         "corpus_one_class/business/001.txt": "a story",
         "bbc_out/train.csv": "sentence,label\n",
-        "glue_run/checkpoint-1/trainer_state.json": "{}",
-        "gsm8k_run/checkpoints/checkpoint-1/trainer_state.json": "{}",
+        "glue_run/checkpoint-1/trainer_state.json": '{"global_step": 1}',
+        "gsm8k_run/checkpoints/checkpoint-1/trainer_state.json": '{"global_step": 1}',
     }
     for name, text in files.items():
         (w / name).parent.mkdir(parents=True, exist_ok=True)
         (w / name).write_text(text)
     (w / "empty").mkdir()
+    (w / "gsm8k_latin1.jsonl").write_bytes('{"question": "Caf\u00e9?", "answer": "#### 1"}\n'.encode("latin-1"))
+    (w / "sst2_latin1.csv").write_bytes("sentence,label\ncaf\u00e9 cr\u00e8me,1\n".encode("latin-1"))
+    (w / "gsm8k_empty.jsonl").write_text("")
+    (w / "empty.csv").write_text("\n")
+    # a model directory without its tokenizer, one with a truncated model.safetensors
+    shutil.copytree(w / "llama", w / "llama_no_tokenizer", ignore=shutil.ignore_patterns(*TOKENIZER_FILES))
+    shutil.copytree(w / "deberta", w / "deberta_no_tokenizer",
+                    ignore=shutil.ignore_patterns(*TOKENIZER_FILES, "spm.model", "tokenizer*"))
+    shutil.copytree(w / "llama", w / "llama_truncated")
+    weights = w / "llama_truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     # checkpoints of runs with another K / rank than the table rows the cases select
     LlmmConfig(r=16, lora_alpha=16, k=2, target_modules=["query_proj"]).save_pretrained(w / "glue_run/checkpoint-1")
     LlmmConfig(r=16, lora_alpha=16, k=2, target_modules=LLAMA_TARGETS).save_pretrained(
@@ -75,6 +87,14 @@ def world(tmp_path_factory):
         peft_model = get_llmm_model(model, LlmmConfig(r=8, lora_alpha=16, k=2, target_modules=LLAMA_TARGETS))
         peft_model.peft_config["default"].base_model_name_or_path = str(w / "llama")
         peft_model.save_pretrained(w / name)
+    shutil.copytree(w / "adapter_k2", w / "adapter_bad_config")
+    (w / "adapter_bad_config" / "adapter_config.json").write_text('{"k": 2, "r": ')
+    shutil.copytree(w / "adapter_k2", w / "adapter_truncated")
+    weights = w / "adapter_truncated" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    garbage = w / "gsm8k_garbage" / "checkpoints" / "checkpoint-1"
+    shutil.copytree(w / "adapter_bad_config", garbage)
+    (garbage / "trainer_state.json").write_text('{"global_step": 1}')
     return w
 
 
@@ -97,6 +117,10 @@ TEST = ["--adapter", "{w}/adapter_k2", "--data", "{w}/gsm8k.jsonl", "--load_in_4
 QUANTIZE = ["--model", "{w}/llama", "--save_dir", "{w}/new", "--rank", "8", "--bits", "4", "--loftq_iter", "1",
             "--dtype", "float32"]
 
+NLG_INIT = ["--task", "alpaca", "--model", "llama-2-7b", "--rank", "16", "--model_name_or_path",
+            "{w}/quantized/llama-4bit-16rank", "--load_in_4bit", "false", "--dtype", "float32", "--data",
+            "{w}/alpaca.jsonl", "--eval_size", "2", "--output_dir", "{w}/new"]
+
 # (id, script, arguments, the problem (a regex), the fix (a regex)); {w} is the world directory.
 CASES = [
     # --- train_glue
@@ -117,7 +141,7 @@ CASES = [
      r"fix --llmmscale"),
     ("glue-bits", "train_glue", [*COLA, "--bits", "3"], r"bits = 3 is out of range", r"one of \(2, 4, 8\)"),
     ("glue-mc-samples", "train_glue", [*COLA, "--mc_samples", "0"], r"mc_samples = 0 is out of range",
-     r"configs/glue.yaml"),
+     r"fix --mc_samples"),
     ("glue-output-exists", "train_glue", [*COLA, "--output_dir", "{w}/used"], r"exists and is not empty",
      r"--overwrite.*--resume_from_checkpoint"),
     ("glue-resume-nothing", "train_glue", [*COLA, "--output_dir", "{w}/used", "--resume_from_checkpoint"],
@@ -125,7 +149,65 @@ CASES = [
     ("glue-resume-other-K", "train_glue", [*COLA, "--output_dir", "{w}/glue_run", "--resume_from_checkpoint"],
      r"adapter with K=2, rank=16 but the settings say K=1", r"resume with the run's settings"),
     ("glue-unknown-flag", "train_glue", [*COLA, "--lr", "1e-4"], r"unrecognized arguments: --lr", r"--lr"),
+    ("glue-lora-alpha-0", "train_glue", [*COLA, "--lora_alpha", "0"], r"lora_alpha = 0 is out of range",
+     r"a finite number > 0; fix --lora_alpha"),
+    ("glue-llmmscale-inf", "train_glue", [*COLA, "--llmmscale", "inf"], r"llmmscale = inf is out of range",
+     r"finite number > 0.*fix --llmmscale"),
+    ("glue-max-steps-0", "train_glue", [*COLA, "--max_steps", "0"], r"max_steps = 0 is out of range",
+     r"integer >= 1; fix --max_steps"),
+    ("glue-negative-lr", "train_glue", [*COLA, "--learning_rate=-1e-4"], r"learning_rate = -0.0001 is out of range",
+     r"fix --learning_rate"),
+    ("glue-nan-lr", "train_glue", [*COLA, "--learning_rate", "nan"], r"learning_rate = nan is out of range",
+     r"finite number > 0"),
+    ("glue-batch-0", "train_glue", [*COLA, "--batch_size", "0"], r"batch_size = 0 is out of range", r"fix --batch_size"),
+    ("glue-grad-accum-0", "train_glue", [*COLA, "--grad_accum", "0"], r"grad_accum = 0 is out of range",
+     r"fix --grad_accum"),
+    ("glue-max-length-0", "train_glue", [*COLA, "--max_length", "0"], r"max_length = 0 is out of range",
+     r"fix --max_length"),
+    ("glue-lora-dropout", "train_glue", [*COLA, "--lora_dropout", "1.5"], r"lora_dropout = 1.5 is out of range",
+     r"in \[0, 1\)"),
+    ("glue-non-utf8", "train_glue", ["--task", "sst2", *GLUE, "--train_file", "{w}/sst2_latin1.csv",
+                                     "--validation_file", "{w}/sst2_latin1.csv"],
+     r"sst2_latin1.csv' is not UTF-8 text \(byte 0xe9", r"convert it to UTF-8"),
+    ("glue-empty-train-file", "train_glue", ["--task", "sst2", *GLUE, "--train_file", "{w}/empty.csv",
+                                             "--validation_file", "{w}/empty.csv"], r"empty.csv' is empty",
+     r"pass a file with at least one record"),
+    ("glue-output-is-a-file", "train_glue", [*COLA, "--output_dir", "{w}/used/keep.txt"], r"keep.txt' is a file",
+     r"choose another"),
+    ("glue-no-tokenizer", "train_glue", [*COLA, "--model", "{w}/deberta_no_tokenizer"],
+     r"deberta_no_tokenizer' has no tokenizer", r"tokenizer.save_pretrained"),
     # --- train_gsm8k (scripts/causal_lm.py)
+    ("gsm8k-lora-alpha-0", "train_gsm8k", [*GSM8K, "--lora_alpha", "0"], r"lora_alpha = 0 is out of range",
+     r"fix --lora_alpha"),
+    ("gsm8k-llmmscale-inf", "train_gsm8k", [*GSM8K, "--llmmscale", "inf"], r"llmmscale = inf is out of range",
+     r"fix --llmmscale"),
+    ("gsm8k-max-steps-0", "train_gsm8k", [*GSM8K, "--max_steps", "0"], r"max_steps = 0 is out of range",
+     r"fix --max_steps"),
+    ("gsm8k-negative-lr", "train_gsm8k", [*GSM8K, "--learning_rate", "-1"], r"learning_rate = -1.0 is out of range",
+     r"fix --learning_rate"),
+    ("gsm8k-grad-accum-0", "train_gsm8k", [*GSM8K, "--gradient_accumulation_steps", "0"],
+     r"gradient_accumulation_steps = 0 is out of range", r"fix --gradient_accumulation_steps"),
+    ("gsm8k-max-length-0", "train_gsm8k", [*GSM8K, "--max_length", "0"], r"max_length = 0 is out of range",
+     r"fix --max_length"),
+    ("gsm8k-batch-0", "train_gsm8k", [*GSM8K, "--per_device_train_batch_size", "0"],
+     r"per_device_train_batch_size = 0 is out of range", r"fix --per_device_train_batch_size"),
+    ("gsm8k-no-tokenizer", "train_gsm8k", [*GSM8K, "--model_name_or_path", "{w}/llama_no_tokenizer"],
+     r"llama_no_tokenizer' has no tokenizer \(none of tokenizer.json", r"save one into it"),
+    ("gsm8k-truncated-model", "train_gsm8k", [*GSM8K, "--model_name_or_path", "{w}/llama_truncated"],
+     r"llama_truncated/model.safetensors' is truncated or corrupt", r"write it again"),
+    ("gsm8k-non-utf8", "train_gsm8k", [*GSM8K, "--data", "{w}/gsm8k_latin1.jsonl"],
+     r"gsm8k_latin1.jsonl' is not UTF-8 text", r"convert it to UTF-8"),
+    ("gsm8k-empty-data", "train_gsm8k", [*GSM8K, "--data", "{w}/gsm8k_empty.jsonl"], r"gsm8k_empty.jsonl' is empty",
+     r"at least one record"),
+    ("gsm8k-garbage-checkpoint", "train_gsm8k", [*GSM8K, "--output_dir", "{w}/gsm8k_garbage",
+                                                 "--resume_from_checkpoint"],
+     r"checkpoint-1/adapter_config.json' is not valid JSON", r"write the adapter again"),
+    ("gsm8k-output-empty-string", "train_gsm8k", [*GSM8K, "--output_dir", ""], r"output_dir = '' is out of range",
+     r"a directory name, not empty; fix --output_dir"),
+    ("gsm8k-output-is-a-file", "train_gsm8k", [*GSM8K, "--output_dir", "{w}/used/keep.txt/run"],
+     r"keep.txt' \(above output directory .*\) is a file", r"choose another directory"),
+    ("nlg-init-dir-other-targets", "train_nlg", [*NLG_INIT, "--target_modules", "q_proj"],
+     r"--target_modules \['q_proj'\] differ from the targets of .*llmm_init", r"drop --target_modules"),
     ("gsm8k-no-model", "train_gsm8k", [*GSM8K, "--model_name_or_path", "{w}/nope"],
      r"model path .*nope' does not exist", r"pass a local directory"),
     ("gsm8k-no-data", "train_gsm8k", [*GSM8K, "--data", "{w}/nope.jsonl"], r"--data .*nope.jsonl' does not exist",
@@ -189,7 +271,36 @@ CASES = [
      r"add --decoding reference"),
     ("test-output-exists", "test_gsm8k", [*TEST, "--output_dir", "{w}/used"], r"exists and is not empty",
      r"pass --overwrite"),
+    ("test-batch-0", "test_gsm8k", [*TEST, "--batch_size", "0"], r"batch_size = 0 is out of range",
+     r"fix --batch_size"),
+    ("test-mc-samples-0", "test_gsm8k", [*TEST, "--mode", "mc", "--mc_samples", "0"],
+     r"mc_samples = 0 is out of range", r"fix --mc_samples"),
+    ("test-max-new-tokens-0", "test_gsm8k", [*TEST, "--max_new_tokens", "0"], r"max_new_tokens = 0 is out of range",
+     r"fix --max_new_tokens"),
+    ("test-corrupt-adapter-config", "test_gsm8k", [*TEST, "--adapter", "{w}/adapter_bad_config"],
+     r"adapter_bad_config/adapter_config.json' is not valid JSON", r"write the adapter again"),
+    ("test-truncated-adapter", "test_gsm8k", [*TEST, "--adapter", "{w}/adapter_truncated"],
+     r"adapter_truncated/adapter_model.safetensors' is truncated or corrupt", r"write it again"),
+    ("test-no-tokenizer", "test_gsm8k", [*TEST, "--model_name_or_path", "{w}/llama_no_tokenizer"],
+     r"has no tokenizer", r"save one into it"),
+    ("test-empty-data", "test_gsm8k", [*TEST, "--data", "{w}/gsm8k_empty.jsonl"], r"gsm8k_empty.jsonl' is empty",
+     r"at least one record"),
+    ("test-non-utf8", "test_gsm8k", [*TEST, "--data", "{w}/gsm8k_latin1.jsonl"], r"is not UTF-8 text",
+     r"convert it to UTF-8"),
     # --- quantize_model
+    ("quantize-lora-alpha-0", "quantize_model", [*QUANTIZE, "--lora_alpha", "0"], r"lora_alpha = 0 is out of range",
+     r"fix --lora_alpha"),
+    ("quantize-llmmscale-inf", "quantize_model", [*QUANTIZE, "--llmmscale", "inf"], r"llmmscale = inf is out of range",
+     r"fix --llmmscale"),
+    ("quantize-save-dir-is-a-file", "quantize_model", [*QUANTIZE, "--save_dir", "{w}/used/keep.txt"],
+     r"keep.txt' \(above output directory .*\) is a file", r"choose another directory"),
+    ("quantize-no-tokenizer", "quantize_model", [*QUANTIZE, "--model", "{w}/llama_no_tokenizer"],
+     r"has no tokenizer", r"save one into it"),
+    # --- quickstart
+    ("quickstart-no-model", "quickstart", ["--model", "{w}/nope", "--output_dir", "{w}/new"],
+     r"model path .*nope' does not exist", r"pass a local directory"),
+    ("quickstart-no-corpus", "quickstart", ["--model", "{w}/deberta", "--corpus_dir", "{w}/nope", "--output_dir",
+                                            "{w}/new"], r"--corpus_dir .*nope' does not exist", r"pass an existing"),
     ("quantize-no-model", "quantize_model", [*QUANTIZE, "--model", "{w}/nope"], r"model path .*nope' does not exist",
      r"pass a local directory"),
     ("quantize-bits", "quantize_model", [*QUANTIZE, "--bits", "3"], r"bits must be one of \(2, 4, 8\), got 3",

@@ -151,8 +151,14 @@ def test_learning_lowers_loss_and_moves_directions():
 
 
 @pytest.mark.parametrize("kwargs,message", [
-    (dict(k=-1), "k .* >= 0, got -1"),
-    (dict(scale=0.0), "scale .* > 0, got 0.0"),
+    (dict(k=-1), r"k \(K\) must be an integer >= 0.*got -1"),
+    (dict(scale=0.0), r"scale \(llmmscale\) must be a finite number > 0.*got 0.0"),
+    (dict(scale=float("inf")), r"scale \(llmmscale\) must be a finite number > 0.*got inf"),
+    (dict(scale="400"), r"scale \(llmmscale\) must be a finite number > 0.*got '400'"),
+    (dict(lora_alpha=0), r"lora_alpha \(lora_alpha\) must be a finite number > 0.*got 0"),
+    (dict(lora_alpha=float("nan")), r"lora_alpha .* must be a finite number > 0.*got nan"),
+    (dict(lora_dropout=1.5), r"lora_dropout .* must be a number in \[0, 1\), got 1.5"),
+    (dict(r=0), r"r \(rank\) must be an integer >= 1, got 0"),
     (dict(eval_noise="mc"), "eval_noise must be one of"),
     (dict(loftq_method="int"), "loftq_method must be one of"),
     (dict(init_lora_weights="loftq", loftq_config=LoftQConfig(loftq_bits=3)), r"loftq_bits must be one of \(2, 4, 8\), got 3"),

@@ -115,11 +115,16 @@ def test_gsm8k_resume_at_an_epoch_boundary_with_accumulation(llama_dir, tmp_path
 
 
 def test_latest_checkpoint_skips_incomplete_ones(tmp_path):
-    for step, complete in ((2, True), (3, True), (10, False), (20, True)):
+    states = {2: '{"global_step": 2}', 3: '{"global_step": 3}', 10: None, 11: "", 12: '{"global_step": 1',
+              13: "{}", 20: '{"global_step": 20}'}  # None: cut short by a crash; 11, 12: a full disk
+    for step, state in states.items():
         (tmp_path / f"checkpoint-{step}").mkdir()
-        if complete:
-            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+        if state is not None:
+            (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
     (tmp_path / "checkpoint-20" / "trainer_state.json").unlink()  # cut short by a crash
+    for step in (11, 12, 13):
+        with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+            training.find_checkpoint(str(tmp_path / f"checkpoint-{step}"), tmp_path)
     (tmp_path / "checkpoint-best").mkdir()
     assert [p.name for p in training.complete_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
     assert training.find_checkpoint("latest", tmp_path) == str(tmp_path / "checkpoint-3")  # by step number, complete

@@ -11,19 +11,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import shutil
-import tempfile
 
 import bitsandbytes as bnb
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import check_target_module_exists
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from llmm.config import EVAL_NOISE_MODES, LlmmConfig
 from llmm.embedding import EMBEDDING_MODULES, LlmmEmbedding
 from llmm.layer import CUSTOM_MODULES, LlmmVariant
+from llmm.outdirs import atomic_dir, check_new_dir  # noqa: F401  (check_new_dir: part of this API)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 DIRECTION_KEYS = LlmmVariant.direction_names
@@ -102,6 +102,15 @@ def _adapter_file(adapter_dir: str) -> str:
     return path
 
 
+def _load_adapter_weights(adapter_dir: str) -> dict[str, torch.Tensor]:
+    path = _adapter_file(adapter_dir)
+    try:
+        return load_file(path)
+    except SafetensorError as error:
+        raise ValueError(f"{path!r} is truncated or corrupt ({error}): save the adapter again or restore the "
+                         "file") from None
+
+
 def load_llmm_model(
     base_model: torch.nn.Module, adapter_dir: str, is_trainable: bool = False, k: int | None = None, **overrides
 ) -> PeftModel:
@@ -123,7 +132,7 @@ def load_llmm_model(
                              "scaled_gradient, lora_dropout")
         setattr(config, name, value)
     config = dataclasses.replace(config, init_lora_weights=False, loftq_config={}, inference_mode=not is_trainable)
-    saved = load_file(_adapter_file(adapter_dir))
+    saved = _load_adapter_weights(adapter_dir)
 
     if is_trainable:
         keep_cpu_4bit_trainable(base_model)
@@ -159,7 +168,7 @@ def init_from_adapter(model: torch.nn.Module, init_dir: str, config: LlmmConfig)
         raise ValueError(f"{init_dir!r} holds LoftQ means for r={saved.r}, lora_alpha={saved.lora_alpha} but the "
                          f"config has r={config.r}, lora_alpha={config.lora_alpha}: use an _init.sh directory made "
                          "with the same rank and lora_alpha")
-    weights = load_file(_adapter_file(init_dir))
+    weights = _load_adapter_weights(init_dir)
     if any(t.numel() and t.abs().max() > 0 for key, t in weights.items() if key.endswith(DIRECTION_KEYS)):
         raise ValueError(f"{init_dir!r} has non-zero directions (a trained adapter, not an init): load it with "
                          "load_llmm_model instead")
@@ -179,35 +188,6 @@ def _is_mean(key: str) -> bool:
     parts = key.split(".")
     return parts[-2] in ("lora_A", "lora_B") or parts[-1] in ("lora_embedding_A", "lora_embedding_B")
 
-
-def check_new_dir(out_dir: str, overwrite: bool = False) -> None:
-    """Refuse an existing non-empty output directory unless ``overwrite``."""
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise FileExistsError(f"output directory {out_dir!r} exists and is not empty: choose another or pass "
-                              "overwrite=True / --overwrite")
-
-
-@contextlib.contextmanager
-def atomic_dir(out_dir: str, overwrite: bool = False):
-    """Yield a temporary sibling directory that replaces ``out_dir`` only once the block succeeds.
-
-    A crash mid-write leaves ``out_dir`` as it was (and no half-written adapter that loads).
-    """
-    check_new_dir(out_dir, overwrite)
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp_dir = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.", dir=parent)
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp_dir, 0o777 & ~mask)  # mkdtemp makes it private; give it the permissions mkdir would
-    try:
-        yield tmp_dir
-        if os.path.isdir(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp_dir, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
 
 
 def save_llmm_adapter(peft_model: PeftModel, out_dir: str, overwrite: bool = False) -> str:

@@ -1,0 +1,276 @@
+"""Output directories that lose nothing: exclusive locks, guarded removal, atomic publish, orphan clean-up.
+
+    with dir_lock("runs/x"):                       # one writer per directory; another process gets DirectoryLocked
+        ...
+    remove_run_dir("runs/x")                       # only a directory recognisably written by llmm, never ".", $HOME...
+    with atomic_dir("runs/x/adapter") as tmp:      # write into tmp; published by rename-or-fail on success
+        model.save_pretrained(tmp)
+
+A lock is ``fcntl.flock`` on a hidden sibling file ``.<name>.lock``: the kernel releases it when its process dies
+(even by kill -9), so a stale lock file never blocks anyone. It is re-entrant within a process (the scripts and the
+library take it at several levels). Temporary directories are hidden siblings ``.<name>.<random>`` holding a
+``.llmm-partial`` marker; a later writer to the same place removes those (it holds the lock, so their writer is
+gone) and names any other leftover it does not recognise.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger("llmm")
+
+RUN_MARKER = ".llmm-run"  # written first into every run directory the scripts create
+PARTIAL_MARKER = ".llmm-partial"  # inside a temporary directory until it is published
+# Files that make a directory recognisably llmm's: the marker, or what the scripts / save_pretrained write.
+RUN_FILES = (RUN_MARKER, "settings.json", "results.json", "quantize_report.json", "adapter_config.json",
+             "predictions.jsonl", "prepare_report.json")
+
+_held: dict[str, list] = {}  # lock path -> [file descriptor, depth]
+
+
+class DirectoryLocked(FileExistsError):
+    """Another process holds the directory's lock."""
+
+
+def _lock_path(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    return path.parent / f".{path.name}.lock"
+
+
+def _check_nonempty_name(path) -> Path:
+    if str(path).strip() == "":
+        raise ValueError("the output directory is the empty string: pass a directory name")
+    return Path(path)
+
+
+def locked_by_other(path: str | Path) -> bool:
+    """Whether another process holds ``path``'s lock (creates nothing)."""
+    lock = _lock_path(Path(path))
+    if str(lock) in _held or not lock.is_file():
+        return False
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def acquire(path: str | Path) -> None:
+    """Take ``path``'s exclusive lock for this process (re-entrant); DirectoryLocked if another process holds it."""
+    lock = _lock_path(_check_nonempty_name(path))
+    key = str(lock)
+    if key in _held:
+        _held[key][1] += 1
+        return
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DirectoryLocked(f"{str(path)!r} is in use by another process (it holds {str(lock)!r}): wait for "
+                                  "it to finish, or choose another directory") from None
+        try:  # the holder before us may have unlinked the file after we opened it: lock the file that is there
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:
+            _held[key] = [fd, 1]
+            return
+        os.close(fd)
+
+
+def release(path: str | Path) -> None:
+    """Give back one level of ``path``'s lock; the last one removes the lock file and unlocks."""
+    key = str(_lock_path(Path(path)))
+    entry = _held.get(key)
+    if entry is None:
+        return
+    entry[1] -= 1
+    if entry[1] == 0:
+        _let_go(key)
+
+
+def _let_go(key: str) -> None:
+    fd, _ = _held.pop(key)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(key)
+    os.close(fd)  # unlink before unlock: a waiter that locks the old file sees it is gone and retries
+
+
+@atexit.register
+def release_all() -> None:
+    """Give back every lock this process holds (run_main calls it at the end; also at interpreter exit)."""
+    for key in list(_held):
+        _let_go(key)
+
+
+@contextlib.contextmanager
+def dir_lock(path: str | Path):
+    acquire(path)
+    try:
+        yield Path(path)
+    finally:
+        release(path)
+
+
+def protected_reason(path: str | Path) -> str | None:
+    """Why ``path`` must never be removed (the current directory or one above it, $HOME, /, a git repository or one
+    above it), or None."""
+    target = Path(os.path.realpath(_check_nonempty_name(path)))
+    cwd = Path(os.path.realpath(os.getcwd()))
+    if target == Path(target.anchor):
+        return "it is the file system root"
+    if target == Path(os.path.realpath(Path.home())):
+        return "it is your home directory"
+    if target == cwd or target in cwd.parents:
+        return "it is the current directory or one above it"
+    if (target / ".git").exists():
+        return "it is a git repository"
+    here = Path(os.path.realpath(__file__))
+    if target in here.parents:
+        return "it holds the llmm code"
+    return None
+
+
+def recognisably_ours(path: str | Path) -> bool:
+    """An empty directory, one holding a file llmm writes into every run / save directory (RUN_FILES), or one
+    directly inside a run directory (marked RUN_MARKER)."""
+    path = Path(os.path.abspath(path))
+    return path.is_dir() and (not any(path.iterdir()) or any((path / name).exists() for name in RUN_FILES)
+                              or (path.parent / RUN_MARKER).is_file())
+
+
+def check_removable(path: str | Path, flag: str = "--overwrite") -> None:
+    """Raise unless ``path`` may be replaced: an llmm run / save directory that is not protected."""
+    reason = protected_reason(path)
+    if reason is None and not recognisably_ours(path):
+        reason = f"it holds none of {', '.join(RUN_FILES)}, so it is not a directory llmm wrote"
+    if reason:
+        raise FileExistsError(f"refusing to replace {str(path)!r} ({flag}): {reason}; choose another output "
+                              "directory (or remove it yourself)")
+
+
+def remove_run_dir(path: str | Path, flag: str = "--overwrite") -> None:
+    """Remove an llmm run / save directory (checked with check_removable first)."""
+    check_removable(path, flag)
+    shutil.rmtree(path)
+
+
+def make_temp_dir(out_dir: Path) -> Path:
+    """A hidden sibling ``.<name>.<random>`` of ``out_dir`` with the PARTIAL_MARKER, permissions as mkdir gives."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes it private
+    (tmp / PARTIAL_MARKER).touch()
+    return tmp
+
+
+def clean_orphans(out_dir: str | Path) -> list[Path]:
+    """Remove the temporary siblings ``.<name>.*`` of ``out_dir`` that a killed writer left (marked PARTIAL_MARKER);
+    log any other hidden sibling of that pattern. Call it holding ``out_dir``'s lock. Returns what was removed."""
+    out_dir = Path(os.path.abspath(out_dir))
+    removed = []
+    if not out_dir.parent.is_dir():
+        return removed
+    for path in out_dir.parent.glob(f".{out_dir.name}.*"):
+        if not path.is_dir() or path.is_symlink():
+            continue
+        if (path / PARTIAL_MARKER).is_file():
+            shutil.rmtree(path, ignore_errors=True)
+            logger.warning("removed %s, the temporary directory of an interrupted write", path)
+            removed.append(path)
+        else:
+            logger.warning("found %s beside %s, left by an interrupted write? Not recognisably llmm's, so kept: "
+                           "remove it yourself if it is not needed", path, out_dir)
+    return removed
+
+
+def check_new_dir(out_dir: str | Path, overwrite: bool = False) -> None:
+    """``out_dir`` may be written: not a file, not locked by another process, empty / absent unless ``overwrite``,
+    and, if overwritten, an llmm directory that is not protected. Creates nothing."""
+    out_dir = _check_nonempty_name(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"output directory {str(out_dir)!r} is a file: choose another directory")
+    for parent in out_dir.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise FileExistsError(f"{str(parent)!r} (above output directory {str(out_dir)!r}) is a file: "
+                                      "choose another directory")
+            if not out_dir.exists() and not os.access(parent, os.W_OK | os.X_OK):
+                raise PermissionError(f"cannot create output directory {str(out_dir)!r}: {str(parent)!r} is not "
+                                      "writable; choose another directory")
+            break
+    if locked_by_other(out_dir):
+        raise DirectoryLocked(f"{str(out_dir)!r} is in use by another process: wait for it to finish, or choose "
+                              "another directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"output directory {str(out_dir)!r} exists and is not empty: choose another or "
+                                  "pass overwrite=True / --overwrite")
+        check_removable(out_dir)
+
+
+def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
+    """Rename ``tmp`` to ``out_dir``, failing rather than replacing a non-empty directory unless ``overwrite``.
+    An old ``out_dir`` is first renamed aside (and marked as temporary), so a crash never leaves neither."""
+    (tmp / PARTIAL_MARKER).unlink()
+    aside = None
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{str(out_dir)!r} appeared while this was written (another writer?): it is "
+                                  f"kept as it is; the new files are lost. Choose another directory")
+        check_removable(out_dir)
+        aside = make_temp_dir(out_dir)  # marked: clean_orphans removes it if we die before the end
+        os.rename(out_dir, aside / "old")
+    try:
+        os.rename(tmp, out_dir)  # replaces only an empty directory; never a non-empty one
+    except OSError as error:
+        if aside is not None:
+            os.rename(aside / "old", out_dir)
+            shutil.rmtree(aside, ignore_errors=True)
+        if error.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise FileExistsError(f"{str(out_dir)!r} appeared while this was written (another writer?): it is "
+                                  "kept as it is. Choose another directory") from error
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | Path, overwrite: bool = False):
+    """Yield a temporary sibling directory that becomes ``out_dir`` only once the block succeeds.
+
+    ``out_dir`` is locked for the block, checked (check_new_dir) before and again at the end, and published by
+    rename-or-fail: a crash mid-write leaves ``out_dir`` as it was, and no half-written directory that loads.
+    Temporary directories of earlier interrupted writes to ``out_dir`` are removed first.
+    """
+    out_dir = Path(os.path.abspath(_check_nonempty_name(out_dir)))
+    check_new_dir(out_dir, overwrite)
+    with dir_lock(out_dir):
+        check_new_dir(out_dir, overwrite)
+        clean_orphans(out_dir)
+        tmp = make_temp_dir(out_dir)
+        try:
+            yield str(tmp)
+            _publish(tmp, out_dir, overwrite)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
