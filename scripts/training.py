@@ -185,7 +185,9 @@ class LlmmTrainer(Trainer):
         """``Trainer.train``; a checkpoint already at max_steps is loaded, not trained further (the Trainer would
         take one more step)."""
         state = trainer_state(resume_from_checkpoint) if resume_from_checkpoint else None
-        if state and 0 < state.get("max_steps", 0) <= state["global_step"]:
+        # This run's max_steps decides (a longer run continues); epoch-based runs keep the checkpoint's count.
+        max_steps = self.args.max_steps if self.args.max_steps > 0 else (state or {}).get("max_steps", 0)
+        if state and 0 < max_steps <= state["global_step"]:
             logger.info("%s is at max_steps (%d): no more training, only evaluation and export",
                         resume_from_checkpoint, state["global_step"])
             self.model.load_adapter(resume_from_checkpoint, adapter_name="default", is_trainable=True)
