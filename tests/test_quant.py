@@ -15,6 +15,7 @@ from test_model import load_4bit
 
 from llmm import LlmmConfig, get_llmm_model
 from llmm.quant import fake_quantize, loftq_init, truncated_svd
+from utils_llmm import read_yaml
 
 DEFAULTS = LlmmConfig()  # the truncated SVD's default settings, which the tables repeat
 SVD_DEFAULTS = dict(svd_oversampling=DEFAULTS.loftq_svd_oversampling, svd_iters=DEFAULTS.loftq_svd_iters)
@@ -213,3 +214,10 @@ def test_init_directory_with_the_truncated_svd_reloads_in_nf4_exactly(tmp_path):
     layers = report["layers"].values()
     assert all(layer["svd"] == "truncated" and layer["loftq_time_s"] > 0 for layer in layers)
     assert all(layer["rel_error_loftq"] < layer["rel_error_q"] for layer in layers)
+
+
+@pytest.mark.parametrize("table", ["quantize", "glue", "gsm8k", "nlg"])
+def test_tables_repeat_the_config_defaults_of_the_svd(table):
+    defaults = read_yaml(REPO_ROOT / "configs" / f"{table}.yaml")["defaults"]
+    for name in ("loftq_svd", "loftq_svd_oversampling", "loftq_svd_iters"):
+        assert defaults[name] == getattr(DEFAULTS, name), (table, name)

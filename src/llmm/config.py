@@ -41,10 +41,12 @@ class LlmmConfig(LoraConfig):
                   "iteration; seconds per 4096 x 4096 weight) or 'exact' (full SVD, as the reference)."},
     )
     loftq_svd_oversampling: int = field(
-        default=16, metadata={"help": "Truncated SVD: extra columns beyond r in the range finder (>= 0)."}
+        default=0,
+        metadata={"help": "Truncated SVD: columns beyond r in each Krylov block (>= 0; the iterations' blocks "
+                  "already oversample)."},
     )
     loftq_svd_iters: int = field(
-        default=2, metadata={"help": "Truncated SVD: power (subspace) iterations per LoftQ iteration (>= 0)."}
+        default=4, metadata={"help": "Truncated SVD: power (block Krylov) steps per LoftQ iteration (>= 0)."}
     )
     loftq_compensate_scaling: bool = field(
         default=True,

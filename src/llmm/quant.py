@@ -154,8 +154,8 @@ def loftq_init(
     block_size: int = 64,
     absmax_dtype: torch.dtype | None = None,
     svd: str = "truncated",
-    svd_oversampling: int = 16,
-    svd_iters: int = 2,
+    svd_oversampling: int = 0,
+    svd_iters: int = 4,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LoftQ: returns ``(q_weight, lora_A, lora_B)`` (float32, on ``weight``'s device) with W ~ Q + B @ A.
 
