@@ -4,10 +4,14 @@
   (x * (1 / absmax)) and the rounding (nearest code, via the midpoints) are bitsandbytes' NF4, so the result
   equals ``dequantize_4bit(quantize_4bit(w, blocksize=64, quant_type="nf4"))`` element for element. At 2 and 8
   bits the code book is LoftQ's asymmetric normal map (2^bits values).
-- ``method="uniform"``: clip to mean +- 2 std of the tensor, then 2^bits evenly spaced levels (LoftQ's GLUE).
-- ``loftq_init(w, bits, rank)``: T alternating steps Q <- quant(W - B A); (B, A) <- best rank-r fit of W - Q.
+- ``method="uniform"``: clip to mean +- 2 std of the tensor, then 2^bits evenly spaced levels from the min to the
+  max of the clipped tensor (LoftQ's GLUE quantizer, its formula exactly).
+- ``loftq_init(w, bits, rank)``: T alternating steps Q <- quant(W - B A); (B, A) <- best rank-r fit of W - Q, by
+  the exact SVD or by ``truncated_svd`` (randomized block Krylov, warm-started from the previous step).
 
-Both are vectorised (torch.bucketize over sorted code midpoints): memory is O(weight), never weight x levels.
+All of it is vectorised and stays on the weight's device (no host copy, no ``.item()``): memory is a few times the
+weight, never weight x levels (torch.bucketize over sorted code midpoints) and never a full SVD's factors when
+truncated.
 """
 
 from __future__ import annotations
