@@ -169,7 +169,7 @@ def main() -> None:
     one_thread = estimate["truncated_cpu_s_min"]
     where = "1 CPU thread" if args.device == "cpu" else results["device"]
     print(f"Llama-2-7B, rank {RANK}, NF4, {ITERATIONS} iterations, truncated SVD: ~{one_thread:.0f} min on {where}"
-          + (f", ~{one_thread / 16:.1f} min on 16 threads (16 layers at a time, one thread each: not measured)"
+          + (f", ~{one_thread / 16:.1f} min on 16 threads (1-thread time / 16, perfect scaling: not measured)"
              if args.device == "cpu" else "")
           + f"; exact SVD: ~{estimate['exact_cpu_s_min']:.0f} min")
     for name, rows in weights.items():
