@@ -15,9 +15,9 @@ The exact LoftQ runs where its comparison is needed and affordable: every weight
 the 4096 x 11008 shape class is compared at a quarter of the size and timed at full size (truncated only: the exact
 SVD there would take over 5 min a run on one thread; its time is scaled from 4096 x 4096's by 11008 / 4096, as
 LAPACK's cost grows as m^2 n). Times: wall clock and the process's CPU time (on one thread the CPU time is what an
-idle machine's wall clock would be; the machine here is shared). Thread scaling: the
-same truncated LoftQ on 1 and on 2 threads per shape (up to 4096 x 4096). The Llama-2-7B estimate sums the per-shape times over its
-32 layers x (4 of 4096 x 4096 + 3 of 4096 x 11008). Writes benchmarks/results/loftq_<device>.json.
+idle machine's wall clock would be; the machine here is shared). Thread scaling: the same truncated LoftQ on 1
+and on 2 threads per shape (up to 4096 x 4096). The Llama-2-7B estimate sums the per-shape times over its 32 layers
+x (4 of 4096 x 4096 + 3 of 4096 x 11008). Writes benchmarks/results/loftq_<device>.json.
 """
 
 from __future__ import annotations
@@ -157,7 +157,8 @@ def main() -> None:
     down_exact = {key: square["exact"][key] * 11008 / 4096 for key in ("wall_s", "cpu_s")}
     estimate = {f"truncated_{key}_min": llama_2_7b_estimate(square["truncated"], down["truncated"], key)
                 for key in ("wall_s", "cpu_s")}
-    estimate |= {f"exact_{key}_min": llama_2_7b_estimate(square["exact"], down_exact, key) for key in ("wall_s", "cpu_s")}
+    estimate |= {f"exact_{key}_min": llama_2_7b_estimate(square["exact"], down_exact, key)
+                 for key in ("wall_s", "cpu_s")}
     results["llama_2_7b_nf4_estimate"] = estimate
     if args.device == "cpu":
         results["threads"] = thread_scaling({
@@ -166,16 +167,18 @@ def main() -> None:
         })
     path = Path(__file__).parent / "results" / f"loftq_{args.device}.json"
     U.write_json(path, results)
-    one_thread = estimate["truncated_cpu_s_min"]
+    key = "cpu_s" if args.device == "cpu" else "wall_s"  # one CPU thread: CPU time; a GPU: wall time
+    minutes = estimate[f"truncated_{key}_min"]
     where = "1 CPU thread" if args.device == "cpu" else results["device"]
-    print(f"Llama-2-7B, rank {RANK}, NF4, {ITERATIONS} iterations, truncated SVD: ~{one_thread:.0f} min on {where}"
-          + (f", ~{one_thread / 16:.1f} min on 16 threads (1-thread time / 16, perfect scaling: not measured)"
+    print(f"Llama-2-7B, rank {RANK}, NF4, {ITERATIONS} iterations, truncated SVD: ~{minutes:.0f} min on {where}"
+          + (f", ~{minutes / 16:.1f} min on 16 threads (1-thread time / 16, perfect scaling: not measured)"
              if args.device == "cpu" else "")
-          + f"; exact SVD: ~{estimate['exact_cpu_s_min']:.0f} min")
+          + f"; exact SVD: ~{estimate[f'exact_{key}_min']:.0f} min")
     for name, rows in weights.items():
         for bits, row in rows.items():
             exact = row.get("exact")
-            print(f"{name:16s} {bits} {'x'.join(map(str, row['shape'])):>10s}  truncated {row['truncated']['wall_s']:6.1f} s"
+            shape = "x".join(map(str, row["shape"]))
+            print(f"{name:16s} {bits} {shape:>10s}  truncated {row['truncated']['wall_s']:6.1f} s"
                   f" (cpu {row['truncated']['cpu_s']:6.1f} s)"
                   + (f"  exact {exact['wall_s']:6.1f} s  ratio {row['ratio']:.5f} (target <= {row['ratio_target']})"
                      if exact else ""))
