@@ -144,7 +144,7 @@ def truncated_svd(
     # SVD of the k x n projection C = K^T M through C^T = Q_c R_c: C = svd(R_c^T) Q_c^T (a k x k SVD).
     factor, triangle = torch.linalg.qr((basis.T @ matrix).T)
     small_u, singular, small_vh = torch.linalg.svd(triangle.T)
-    vh = small_vh[: max(rank, width)] @ factor.T
+    vh = small_vh[:width] @ factor.T
     return basis @ small_u[:, :rank], singular[:rank], vh[:rank], vh[:width].T
 
 
@@ -165,8 +165,8 @@ def loftq_init(
 
     Each step: Q <- fake_quantize(W - B A); then B = U_r sqrt(S_r), A = sqrt(S_r) V_r^T from the top-r SVD of
     W - Q: ``svd="exact"`` (torch.linalg.svd, all min(m, n) triplets) or ``"truncated"`` (``truncated_svd``,
-    warm-started from the previous step's right basis, which W - Q barely moves between steps; the first step
-    starts from a fixed-seed Gaussian block, so the result is deterministic and the global RNG is untouched).
+    started from the previous step's right basis; the first step from a fixed-seed Gaussian block, so the result
+    is deterministic and the global RNG is untouched).
     """
     check_quant_args(bits, method, block_size)
     check_svd_args(svd, svd_oversampling, svd_iters)
