@@ -127,7 +127,9 @@ def llmm_config(settings: dict, target_modules: list[str], **extra):
     if init == "loftq":
         loftq = dict(init_lora_weights="loftq",
                      loftq_config=LoftQConfig(loftq_bits=settings["bits"], loftq_iter=settings["loftq_iter"]),
-                     loftq_method=settings["quant"], loftq_compensate_scaling=settings.get("compensate_scaling", True))
+                     loftq_method=settings["quant"], loftq_compensate_scaling=settings.get("compensate_scaling", True),
+                     **{name: settings[name] for name in ("loftq_svd", "loftq_svd_oversampling", "loftq_svd_iters")
+                        if name in settings})  # the tables use LlmmConfig's names for these
     return LlmmConfig(
         r=settings["rank"], lora_alpha=settings["lora_alpha"], lora_dropout=settings.get("lora_dropout", 0.0),
         target_modules=target_modules, k=settings["K"], scale=settings["llmmscale"],

@@ -9,7 +9,8 @@ Writes SAVE_DIR/<model-name>-<bits>bit-<rank>rank/:
     configs/embedding_targets.yaml, each with its LoftQ pair in llmm_init/ (llmm.embedding);
     with nf at 4 bits, loading it with bitsandbytes NF4 (blocksize 64, no double quant) reproduces Q exactly;
   - llmm_init/: the Llmm adapter with the LoftQ means M_A, M_B and zero directions (K of them);
-  - quantize_report.json: per layer ||W - Q|| / ||W|| and ||W - Q - g B A|| / ||W||, settings, versions, wall time.
+  - quantize_report.json: per layer ||W - Q|| / ||W||, ||W - Q - g B A|| / ||W||, the SVD method and LoftQ's time;
+    settings, versions, wall time.
 LoftQ runs layer by layer on ``--device`` (a 7B model in bfloat16 fits in 24 GiB of host memory). The directory is
 written under a temporary name and renamed on success, so an interrupted run leaves nothing half-written.
 """
@@ -31,7 +32,7 @@ from llmm import get_llmm_model
 from llmm.embedding import LlmmEmbedding, embedding_targets
 from llmm.layer import loftq_factors
 from llmm.outdirs import atomic_dir, check_new_dir
-from llmm.quant import check_quant_args
+from llmm.quant import check_quant_args, check_svd_args
 
 TABLE = U.CONFIGS / "quantize.yaml"
 LOADERS = {"causal_lm": AutoModelForCausalLM, "seq_cls": AutoModelForSequenceClassification}
@@ -55,6 +56,7 @@ def parse_args(argv=None) -> dict:
         if name not in settings:
             raise ValueError(f"--{name} is required without --preset (presets: configs/quantize.yaml)")
     check_quant_args(settings["bits"], settings["quant"], settings["block_size"])
+    check_svd_args(settings["loftq_svd"], settings["loftq_svd_oversampling"], settings["loftq_svd_iters"])
     if settings["rank"] < 1 or settings["K"] < 0 or settings["loftq_iter"] < 1:
         raise ValueError(f"need rank >= 1, K >= 0 and loftq_iter >= 1; got rank={settings['rank']}, "
                          f"K={settings['K']}, loftq_iter={settings['loftq_iter']}")
@@ -115,13 +117,17 @@ def quantize(model: torch.nn.Module, settings: dict, targets: list[str]) -> tupl
     means, report = {}, {}
     for name, module in tqdm(modules.items(), desc="LoftQ", unit="layer"):
         weight = module.weight.detach().to(settings["device"], torch.float32)
+        started = time.perf_counter()
         q, factor_A, factor_B = loftq_factors(weight, config.r, scaling, config, absmax_dtype=absmax_dtype)
+        if weight.is_cuda:
+            torch.cuda.synchronize(weight.device)
+        seconds = time.perf_counter() - started
         module.weight.data = q.to(dtype).to(module.weight.device)
         means[name] = (factor_A.cpu(), factor_B.cpu())
         stored_q = module.weight.detach().float().to(weight.device)
         norm = torch.linalg.norm(weight)
         report[name] = {
-            "shape": list(weight.shape),
+            "shape": list(weight.shape), "svd": config.loftq_svd, "loftq_time_s": seconds,
             "rel_error_q": (torch.linalg.norm(weight - stored_q) / norm).item(),
             "rel_error_loftq": (torch.linalg.norm(weight - stored_q - scaling * factor_B @ factor_A) / norm).item(),
         }

@@ -1,12 +1,22 @@
-"""Quantizers and LoftQ: NF4 equals bitsandbytes, level counts, error ordering, LoftQ improvement, compensation."""
+"""Quantizers and LoftQ: NF4 equals bitsandbytes, the uniform quantizer equals the reference's formula, level
+counts, error ordering, LoftQ improvement, compensation, the truncated SVD against the exact one, bad settings."""
+
+import json
 
 import pytest
 import torch
 from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+from conftest import REPO_ROOT, tiny_llama, tiny_tokenizer
 from peft import LoftQConfig
+from safetensors.torch import load_file
+from test_model import load_4bit
 
 from llmm import LlmmConfig, get_llmm_model
-from llmm.quant import fake_quantize, loftq_init
+from llmm.quant import fake_quantize, loftq_init, truncated_svd
+from utils_llmm import read_yaml, run_main
+
+DEFAULTS = LlmmConfig()  # the truncated SVD's default settings, which the tables repeat
+SVD_DEFAULTS = dict(svd_oversampling=DEFAULTS.loftq_svd_oversampling, svd_iters=DEFAULTS.loftq_svd_iters)
 
 
 def test_nf4_equals_bitsandbytes():
@@ -76,3 +86,138 @@ def test_scaling_compensation_reproduces_weight_better():
     assert torch.linalg.norm(original - compensated) < 0.8 * torch.linalg.norm(original - reference)
     _, equal_at_alpha_r = _effective_weight(False, alpha=8)
     torch.testing.assert_close(compensated, equal_at_alpha_r, atol=1e-5, rtol=1e-5)
+
+
+def reference_uniform(weight, bits):
+    """LoftQ's glue/utils_qaunt.py (weight_quant_fn + quant_uniform), transcribed operation for operation."""
+    mean, std = weight.mean(), weight.std()
+    low_clip, high_clip = mean - 2 * std, mean + 2 * std
+    clipped = torch.where(weight < high_clip, weight, high_clip)
+    clipped = torch.where(clipped > low_clip, clipped, low_clip)
+    alpha, beta = clipped.max() - clipped.min(), clipped.min()
+    normalized = (clipped - beta) / (alpha + 1e-8)
+    steps = 2**bits - 1
+    return torch.round(normalized * steps).div(steps) * (alpha + 1e-8) + beta
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_uniform_matches_the_reference_on_a_skewed_tensor(bits):
+    torch.manual_seed(0)
+    skewed = torch.distributions.Exponential(torch.tensor(30.0)).sample((64, 96))  # no value below mean - 2 std
+    mean, std = skewed.mean(), skewed.std()
+    assert skewed.min() > mean - 2 * std and skewed.max() > mean + 2 * std
+    quantized = fake_quantize(skewed, bits, "uniform")
+    torch.testing.assert_close(quantized, reference_uniform(skewed, bits), rtol=0, atol=1e-7)
+    levels = torch.unique(quantized)
+    # Levels span [min, max] of the clipped tensor: the low end is the data's minimum, not mean - 2 std.
+    assert len(levels) <= 2**bits
+    torch.testing.assert_close(levels.min(), skewed.min(), rtol=0, atol=1e-7)
+    torch.testing.assert_close(levels.max(), mean + 2 * std, rtol=0, atol=1e-7)
+    constant = torch.full((8, 8), 0.25)
+    assert torch.equal(fake_quantize(constant, bits, "uniform"), constant)
+
+
+def structured_weight(rows, cols, seed=0):
+    """A weight with a decaying spectrum and a few outlier entries, like trained linear layers."""
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.randn(rows, cols, generator=generator) @ torch.diag(torch.linspace(1.0, 0.05, cols))
+    outliers = torch.rand(rows, cols, generator=generator) < 0.002
+    return (base + 8 * base.abs().max() * outliers * torch.randn(rows, cols, generator=generator)) * 0.02
+
+
+def relative_residual(weight, q, lora_A, lora_B):
+    return (torch.linalg.norm(weight - q - lora_B @ lora_A) / torch.linalg.norm(weight)).item()
+
+
+@pytest.mark.parametrize("shape,rank", [((192, 192), 8), ((128, 320), 8), ((320, 128), 12), ((48, 160), 44)],
+                         ids=["square", "wide", "tall", "rank-near-min"])
+@pytest.mark.parametrize("bits,allowed_ratio", [(2, 1.005), (4, 1.001)])
+def test_truncated_svd_keeps_the_exact_residual(shape, rank, bits, allowed_ratio):
+    weight = structured_weight(*shape)
+    exact = relative_residual(weight, *loftq_init(weight, bits, rank, 5, svd="exact"))
+    q, lora_A, lora_B = loftq_init(weight, bits, rank, 5, svd="truncated", **SVD_DEFAULTS)
+    assert lora_A.shape == (rank, shape[1]) and lora_B.shape == (shape[0], rank)
+    assert relative_residual(weight, q, lora_A, lora_B) <= allowed_ratio * exact
+
+
+def test_truncated_svd_finds_the_top_triplets():
+    weight = structured_weight(200, 300)
+    u, s, vh, basis = truncated_svd(weight, 10, 8, 3, generator=torch.Generator().manual_seed(0))
+    exact = torch.linalg.svdvals(weight)
+    torch.testing.assert_close(s, exact[:10], rtol=1e-3, atol=0)
+    torch.testing.assert_close(u.T @ u, torch.eye(10), atol=1e-5, rtol=0)
+    torch.testing.assert_close(vh @ vh.T, torch.eye(10), atol=1e-5, rtol=0)
+    assert basis.shape == (300, 18)
+    # Warm-started from its own basis, one more call lands on the same triplets.
+    _, again, _, _ = truncated_svd(weight, 10, 8, 1, start=basis)
+    torch.testing.assert_close(again, exact[:10], rtol=1e-4, atol=0)
+
+
+def test_truncated_loftq_is_deterministic_and_leaves_the_global_rng_alone():
+    weight = structured_weight(96, 160)
+    state = torch.random.get_rng_state()
+    first = loftq_init(weight, 2, 8, 3, svd="truncated", **SVD_DEFAULTS)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    second = loftq_init(weight, 2, 8, 3, svd="truncated", **SVD_DEFAULTS)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.parametrize("settings,message", [
+    (dict(svd="fast"), r"loftq_svd must be one of \('exact', 'truncated'\), got 'fast'"),
+    (dict(svd_oversampling=-1), "loftq_svd_oversampling must be an integer >= 0, got -1"),
+    (dict(svd_iters=-2), "loftq_svd_iters must be an integer >= 0, got -2"),
+    (dict(rank=33), r"LoRA rank must be in \[1, 32\] for a weight of shape \(32, 48\), got 33"),
+])
+def test_bad_svd_settings_are_one_clear_error(settings, message):
+    arguments = dict(bits=2, rank=4, svd="truncated", **SVD_DEFAULTS) | settings
+    with pytest.raises(ValueError, match=message):
+        loftq_init(torch.randn(32, 48), **arguments)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("loftq_svd", "randomized", "loftq_svd must be one of"),
+    ("loftq_svd_oversampling", -1, "loftq_svd_oversampling must be an integer >= 0"),
+    ("loftq_svd_iters", 1.5, "loftq_svd_iters must be an integer >= 0"),
+])
+def test_bad_svd_settings_in_the_config(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        LlmmConfig(r=4, target_modules=["q_proj"], **{field: value})
+
+
+def test_bad_svd_setting_is_an_error_line_of_the_cli(tmp_path, capsys):
+    from scripts import quantize_model
+
+    argv = ["--model", str(tmp_path / "m"), "--rank", "8", "--save_dir", str(tmp_path / "q"), "--loftq_svd_iters", "-1"]
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(lambda: quantize_model.main(argv))  # what `python -m scripts.quantize_model` runs
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: loftq_svd_iters must be an integer >= 0, got -1"
+    assert not (tmp_path / "q").exists()
+
+
+def test_init_directory_with_the_truncated_svd_reloads_in_nf4_exactly(tmp_path):
+    from scripts import quantize_model
+
+    tiny_llama(initializer_range=0.1).save_pretrained(tmp_path / "tiny-llama")
+    tiny_tokenizer().save_pretrained(tmp_path / "tiny-llama")
+    out = quantize_model.main(["--model", str(tmp_path / "tiny-llama"), "--save_dir", str(tmp_path / "q"),
+                               "--bits", "4", "--rank", "4", "--loftq_iter", "2", "--dtype", "bfloat16",
+                               "--loftq_svd", "truncated"])
+    saved = load_file(out / "model.safetensors")
+    quantized = load_4bit(out)
+    for name in ["self_attn.q_proj", "self_attn.k_proj", "mlp.up_proj"]:
+        layer = quantized.get_submodule(f"model.layers.0.{name}")
+        dequantized = dequantize_4bit(layer.weight.data, layer.weight.quant_state).to(torch.bfloat16)
+        assert torch.equal(dequantized, saved[f"model.layers.0.{name}.weight"]), name
+    report = json.loads((out / "quantize_report.json").read_text())
+    assert report["settings"]["loftq_svd"] == "truncated"
+    layers = report["layers"].values()
+    assert all(layer["svd"] == "truncated" and layer["loftq_time_s"] > 0 for layer in layers)
+    assert all(layer["rel_error_loftq"] < layer["rel_error_q"] for layer in layers)
+
+
+@pytest.mark.parametrize("table", ["quantize", "glue", "gsm8k", "nlg"])
+def test_tables_repeat_the_config_defaults_of_the_svd(table):
+    defaults = read_yaml(REPO_ROOT / "configs" / f"{table}.yaml")["defaults"]
+    for name in ("loftq_svd", "loftq_svd_oversampling", "loftq_svd_iters"):
+        assert defaults[name] == getattr(DEFAULTS, name), (table, name)

@@ -1,7 +1,8 @@
 """`LlmmConfig`: a `peft.LoraConfig` with the Gaussian K-direction fields (K, llmmscale, eval noise, gradient rule).
 
 LoftQ is requested the PEFT way (``init_lora_weights="loftq"``, ``loftq_config=LoftQConfig(loftq_bits,
-loftq_iter)``) and runs llmm's own quantizers on CPU or CUDA; ``loftq_method`` picks the quantizer.
+loftq_iter)``) and runs llmm's own quantizers on CPU or CUDA; ``loftq_method`` picks the quantizer and
+``loftq_svd`` (with its oversampling and power iterations) the rank-r step.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass, field
 
 from peft import LoraConfig
 
-from llmm.quant import ALLOWED_BITS, ALLOWED_METHODS
+from llmm.quant import ALLOWED_BITS, ALLOWED_METHODS, check_svd_args
 
 EVAL_NOISE_MODES = ("mean", "sample")
 
@@ -108,6 +109,19 @@ class LlmmConfig(LoraConfig):
     )
     loftq_method: str = field(default="nf", metadata={"help": "LoftQ quantizer: 'nf' (normal float) or 'uniform'."})
     loftq_block_size: int = field(default=64, metadata={"help": "Block size of the normal-float quantizer."})
+    loftq_svd: str = field(
+        default="truncated",
+        metadata={"help": "LoftQ's rank-r step: 'truncated' (randomized range finder, warm-started from the previous "
+                  "iteration; seconds per 4096 x 4096 weight) or 'exact' (full SVD, as the reference)."},
+    )
+    loftq_svd_oversampling: int = field(
+        default=0,
+        metadata={"help": "Truncated SVD: columns beyond r in each Krylov block (>= 0; the iterations' blocks "
+                  "already oversample)."},
+    )
+    loftq_svd_iters: int = field(
+        default=4, metadata={"help": "Truncated SVD: power (block Krylov) steps per LoftQ iteration (>= 0)."}
+    )
     loftq_compensate_scaling: bool = field(
         default=True,
         metadata={
@@ -126,6 +140,7 @@ class LlmmConfig(LoraConfig):
             raise ValueError(f"eval_noise must be one of {EVAL_NOISE_MODES}, got {self.eval_noise!r}")
         if self.loftq_method not in ALLOWED_METHODS:
             raise ValueError(f"loftq_method must be one of {ALLOWED_METHODS}, got {self.loftq_method!r}")
+        check_svd_args(self.loftq_svd, self.loftq_svd_oversampling, self.loftq_svd_iters)
         if self.init_lora_weights == "loftq":
             bits = self.loftq_config.get("loftq_bits")
             if bits not in ALLOWED_BITS:

@@ -183,7 +183,8 @@ def loftq_factors(weight: torch.Tensor, rank: int, scaling: float, config, absma
     loftq = config.loftq_config
     q_weight, factor_A, factor_B = loftq_init(
         weight, bits=loftq["loftq_bits"], rank=rank, num_iter=loftq["loftq_iter"], method=config.loftq_method,
-        block_size=config.loftq_block_size, absmax_dtype=absmax_dtype,
+        block_size=config.loftq_block_size, absmax_dtype=absmax_dtype, svd=config.loftq_svd,
+        svd_oversampling=config.loftq_svd_oversampling, svd_iters=config.loftq_svd_iters,
     )
     if config.loftq_compensate_scaling:
         root = math.sqrt(scaling)
