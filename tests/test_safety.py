@@ -389,7 +389,7 @@ def test_a_glue_run_killed_during_export_resumes_without_an_extra_step(model_dir
     full, killed = tmp_path / "full", tmp_path / "killed"
     train_glue.main(glue_argv(model_dir, full, "--max_steps", "2"))
     with monkeypatch.context() as patch:
-        patch.setattr(train_glue, "save_adapters", lambda *a, **k: (_ for _ in ()).throw(Killed()))
+        patch.setattr(train_glue, "save_run", lambda *a, **k: (_ for _ in ()).throw(Killed()))
         with pytest.raises(Killed):
             train_glue.main(glue_argv(model_dir, killed, "--max_steps", "2"))
     results = train_glue.main(glue_argv(model_dir, killed, "--max_steps", "2", "--resume_from_checkpoint"))
