@@ -7,7 +7,7 @@
 #   Output:   $OUT/<method>-<quant>[<BITS>]-r<rank>/<task>/seed<seed>/ per run, then $OUT/table.md.
 #
 # Override with environment variables; extra arguments go to every run:
-#   TASKS="cola mrpc stsb" QUANTS="nf uniform" RANKS="16 32" SEEDS="0 1 2" METHOD=llmm BITS=4 bash train_glue_llmm.sh
+#   TASKS="cola mrpc stsb" QUANTS="nf uniform" RANKS="16 32" SEEDS="0 1 2 3" METHOD=llmm BITS=4 bash train_glue_llmm.sh
 #   METHOD=loftq bash train_glue_llmm.sh                      # baselines: lora | qlora | loftq
 #   DATA_DIR=glue_data bash train_glue_llmm.sh                 # local GLUE TSVs (glue_data/CoLA/train.tsv, ...)
 #   LAUNCH="torchrun --nproc_per_node 2" bash train_glue_llmm.sh   # or LAUNCH="accelerate launch"
@@ -19,7 +19,7 @@ cd "$(dirname "$0")"
 TASKS=${TASKS:-"cola mrpc stsb"}
 QUANTS=${QUANTS:-"nf uniform"}
 RANKS=${RANKS:-"16 32"}
-SEEDS=${SEEDS:-"0 1 2"}
+SEEDS=${SEEDS:-"0 1 2 3"}
 METHOD=${METHOD:-llmm}
 OUT=${OUT:-runs/glue}
 LAUNCH=${LAUNCH:-python}

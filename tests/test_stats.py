@@ -92,3 +92,29 @@ def test_labels_show_only_the_settings_that_separate_rows():
     assert stats.distinguishing_fields(cells, glue_table.LABEL_FIELDS) == ["method", "backbone", "rank", "K"]
     assert stats.find_baseline(CELL, [LOFTQ, {**LOFTQ, "rank": 16}], "loftq") == LOFTQ
     assert stats.find_baseline({**CELL, "eval_noise": "mc"}, [LOFTQ], "loftq") is None
+
+
+def write_lm_run(root, name, cell, seed, **values):
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({"seed": seed, "cell": cell, **values}))
+
+
+def test_lm_table_pairs_gsm8k_accuracy_and_loss_with_loftq(tmp_path):
+    from scripts import lm_table
+
+    trained = {"task": "gsm8k", "model": "llama-2-7b", "rank": 64, "learning_rate": 3e-4}
+    llmm = {**trained, "method": "llmm", "K": 2, "model_name_or_path": "q/llama", "test_mode": "mean"}
+    loftq = {**llmm, "method": "loftq", "K": 0}
+    for seed in range(3):
+        write_lm_run(tmp_path, f"llmm-{seed}", llmm, seed, accuracy=0.30 + 0.01 * seed)
+        write_lm_run(tmp_path, f"loftq-{seed}", loftq, seed, accuracy=0.29 + 0.01 * seed)
+        write_lm_run(tmp_path, f"mc-{seed}", {**llmm, "test_mode": "mc"}, seed, accuracy=0.5)
+        write_lm_run(tmp_path, f"train-{seed}", {**loftq, "task": "alpaca"}, seed, eval_loss=1.0 + seed,
+                     eval_perplexity=2.0)
+    text = lm_table.main([str(tmp_path)])
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in text.splitlines()
+            if line.startswith("| ") and "---" not in line and not line.startswith("| Method")}
+    assert rows["llmm llama-2-7b 64 (test_mode=mean)"] == ["3", "31.00", "31.00 ± 1.00", "+1.00 [+1.00, +1.00] (n=3) |"]
+    assert rows["llmm llama-2-7b 64 (test_mode=mc)"][-1] == "- |"  # no loftq run evaluated in mc mode
+    assert "alpaca, held-out loss" in text and "| loftq llama-2-7b 64 | 3 | 2.000 | 2.000 ± 1.000 | - |" in text

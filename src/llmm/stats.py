@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from pathlib import Path
 
 import numpy as np
 
@@ -37,12 +38,29 @@ NOT_CELL = frozenset({
 })
 # Settings a method implies: a method and its baseline may differ in these (and only these) to be paired.
 METHOD_FIELDS = ("method", "K", "llmmscale", "scaled_gradient", "init", "backbone", "init_source", "init_dir",
-                 "model_name_or_path")
+                 "model_name_or_path", "test_model_name_or_path")
+
+# Settings a row label names first when rows must be told apart (then the rest, alphabetically).
+PREFERRED_LABELS = ("K", "bits", "quant", "eval_noise", "mc_samples", "test_mode", "test_decoding",
+                    "test_mc_samples")
 
 
 def cell_of(settings: dict) -> dict:
     """The cell of a run: its resolved settings without the seed and without what does not change its numbers."""
     return {key: value for key, value in sorted(settings.items()) if key not in NOT_CELL}
+
+
+def test_cell(run_dir, test_settings: dict) -> tuple[int | None, dict]:
+    """(training seed, cell) of an evaluation of a trained run: the run's cell (its results.json, else its
+    settings.json) plus the evaluation's settings as ``test_<name>`` (the generation seed included)."""
+    run_dir = Path(run_dir)
+    results = run_dir / "results.json"
+    trained = json.loads(results.read_text()) if results.is_file() else {}
+    if "cell" not in trained:
+        settings = json.loads((run_dir / "settings.json").read_text()) if (run_dir / "settings.json").is_file() else {}
+        trained = {"seed": settings.get("seed"), "cell": cell_of(settings)}
+    test = {f"test_{key}": value for key, value in cell_of(test_settings).items() if key != "K"}  # K: a check
+    return trained.get("seed"), {**trained["cell"], **test, "test_seed": test_settings.get("seed")}
 
 
 def cell_key(cell: dict) -> str:
@@ -104,7 +122,8 @@ def distinguishing_fields(cells: list[dict], shown: tuple[str, ...]) -> list[str
     """The settings, beyond ``shown``, a row label needs so that no two of ``cells`` share a label: a field is
     added only where the label so far does not already determine it."""
     fields, labels = list(shown), [tuple(c.get(f) for f in shown) for c in cells]
-    for field in sorted({key for c in cells for key in c} - set(shown)):
+    others = {key for c in cells for key in c} - set(shown)
+    for field in [f for f in PREFERRED_LABELS if f in others] + sorted(others - set(PREFERRED_LABELS)):
         values: dict[tuple, set] = {}
         for label, c in zip(labels, cells):
             values.setdefault(label, set()).add(json.dumps(c.get(field), sort_keys=True, default=str))
@@ -123,11 +142,12 @@ def find_baseline(cell: dict, cells: list[dict], baseline_method: str) -> dict |
     return matches[0] if len(matches) == 1 else None
 
 
-def format_summary(summary: dict, digits: int = 1) -> str:
-    """'60.5 (60.3 ± 0.8, n=4)': median, then mean ± sd and the number of seeds."""
+def format_summary(summary: dict, digits: int = 1, show_n: bool = True) -> str:
+    """'60.5 (60.3 ± 0.8, n=4)': median, then mean ± sd and (``show_n``) the number of seeds."""
+    n = f", n={summary['n']}" if show_n else ""
     if summary["n"] == 1:
-        return f"{summary['median']:.{digits}f} (n=1)"
-    return f"{summary['median']:.{digits}f} ({summary['mean']:.{digits}f} ± {summary['sd']:.{digits}f}, n={summary['n']})"
+        return f"{summary['median']:.{digits}f}" + (" (n=1)" if show_n else "")
+    return f"{summary['median']:.{digits}f} ({summary['mean']:.{digits}f} ± {summary['sd']:.{digits}f}{n})"
 
 
 def format_difference(difference: dict | None, digits: int = 1) -> str:
