@@ -96,6 +96,10 @@ def test_glue_resume_mid_epoch_reproduces_the_uninterrupted_run(model_dir, tmp_p
     assert [e["dev"] for e in results[0]["epochs"]] == [e["dev"] for e in results[1]["epochs"]]
     assert same_tensors(full, resumed)  # M and Z (and the classifier head) end up identical
     assert json.loads((resumed / "settings.json").read_text())["resumed_from"] == str(resumed / "checkpoint-3")
+    newest = training.complete_checkpoints(resumed)[-1]
+    (newest / "llmm_noise_rng_0.pt").unlink()  # without the noise state the run cannot continue exactly
+    with pytest.raises(FileNotFoundError, match="has no llmm_noise_rng_0.pt"):
+        training.check_checkpoint(str(newest), {"K": 2, "rank": 16})
 
 
 def test_gsm8k_resume_at_an_epoch_boundary_with_accumulation(llama_dir, tmp_path, monkeypatch):
