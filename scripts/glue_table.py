@@ -85,10 +85,11 @@ def gather(paths: list[str], which: str) -> tuple[list[dict], list[str]]:
 def build(records: list[dict], baseline: str) -> list[dict]:
     """One entry per cell: label, task, per-metric summaries over seeds and paired differences vs ``baseline``."""
     groups = stats.group_by_cell(records)
+    # Label settings that separate cells of one task; the same for every task, so a row lines up across columns.
+    fields = stats.distinguishing_fields([g["cell"] for g in groups.values()], ("task", *LABEL_FIELDS))
     entries = []
     for task in {g["cell"]["task"] for g in groups.values()}:
         cells = [g for g in groups.values() if g["cell"]["task"] == task]
-        fields = stats.distinguishing_fields([g["cell"] for g in cells], LABEL_FIELDS)
         for group in cells:
             cell = group["cell"]
             seeds = sorted(group["runs"])
@@ -108,7 +109,7 @@ def build(records: list[dict], baseline: str) -> list[dict]:
 
 def label(cell: dict, fields: list[str]) -> str:
     text = f"{cell['method']} {cell['backbone']} r{cell['rank']}"
-    extra = [f"{name}={cell.get(name)}" for name in fields if name not in LABEL_FIELDS]
+    extra = [f"{name}={cell.get(name)}" for name in fields if name not in ("task", *LABEL_FIELDS)]
     return text + (f" ({', '.join(extra)})" if extra else "")
 
 

@@ -68,8 +68,12 @@ def test_runs_that_differ_in_a_setting_are_never_pooled(tmp_path):
     """A mean-evaluated and an mc-evaluated run of the same seed are two rows with n=1, not one cell with n=2."""
     write_run(tmp_path, "mean", CELL, 0, 50.0)
     write_run(tmp_path, "mc", {**CELL, "eval_noise": "mc"}, 0, 60.0)
+    write_run(tmp_path, "rte", {**CELL, "task": "rte", "learning_rate": 1e-4}, 0, 60.0)  # its own lr: no label
+    (tmp_path / "rte" / "results.json").write_text((tmp_path / "rte" / "results.json").read_text().replace(
+        "matthews_correlation", "accuracy"))
     rows = stat_rows(glue_table.main([str(tmp_path), "--no_reference"]))
-    assert set(rows) == {("llmm nf 2-bit r32 (eval_noise=mean)", "cola"), ("llmm nf 2-bit r32 (eval_noise=mc)", "cola")}
+    assert set(rows) == {("llmm nf 2-bit r32 (eval_noise=mean)", "cola"), ("llmm nf 2-bit r32 (eval_noise=mc)", "cola"),
+                         ("llmm nf 2-bit r32 (eval_noise=mean)", "rte")}
     assert all(values[0] == "1" for values in rows.values())
     write_run(tmp_path, "mean-again", CELL, 0, 51.0)  # the same cell and seed twice: not two seeds
     with pytest.raises(ValueError, match="two runs of one cell with seed 0: they cannot be pooled"):
