@@ -61,13 +61,13 @@ def check_checkpoint(checkpoint: str, settings: dict) -> None:
     from llmm import LlmmConfig
 
     saved = LlmmConfig.from_pretrained(checkpoint)
-    if not (Path(checkpoint) / NOISE_STATE.format(0)).is_file():
-        raise FileNotFoundError(f"{checkpoint!r} has no {NOISE_STATE.format(0)} (the Llmm noise generator's state), so "
-                                "the run cannot continue exactly: resume from another checkpoint-N of the run")
     if (saved.k, saved.r) != (settings["K"], settings["rank"]):
         raise ValueError(f"checkpoint {checkpoint!r} holds an adapter with K={saved.k}, rank={saved.r} but the "
                          f"settings say K={settings['K']}, rank={settings['rank']}: resume with the run's settings "
                          "(its settings.json)")
+    if not (Path(checkpoint) / NOISE_STATE.format(0)).is_file():
+        raise FileNotFoundError(f"{checkpoint!r} has no {NOISE_STATE.format(0)} (the Llmm noise generator's state), so "
+                                "the run cannot continue exactly: resume from another checkpoint-N of the run")
 
 
 class PerProcessNoise(TrainerCallback):
