@@ -32,3 +32,4 @@ for run in $RUNS; do
     done
   done
 done
+python -m scripts.lm_table $RUNS   # seed table: accuracy per cell, paired differences vs loftq

@@ -6,11 +6,12 @@
 #   Hardware: one GPU per run; 1x A100 80GB as in the reference (7B NF4 + rank 64 at batch 2 x 512 tokens needs
 #             roughly 20 GB, 13B roughly 30 GB). CPU works only for smoke runs.
 #   Numbers:  every hyperparameter is in configs/gsm8k.yaml; this script only loops over its keys, methods, seeds.
-#   Output:   $OUT/<model>-r<rank>-<method>[-seed<seed>]/ (adapter/, mean_adapter/, results.json, curves.png).
+#   Output:   $OUT/<model>-r<rank>-<method>-seed<seed>/ (adapter/, mean_adapter/, results.json, curves.png); the
+#             seed table (median, mean ± sd, paired differences vs loftq): bash test_gsm8k.sh, or python -m scripts.lm_table.
 #
 # Override with environment variables; extra arguments go to every run:
 #   MODELS=llama-2-7b METHODS="llmm loftq qlora" bash train_gsm8k.sh       # with the baselines
-#   SEEDS="17 18 19" bash train_gsm8k.sh                                     # SEEDS unset: the table's seed
+#   SEEDS="0 1 2 3 4" bash train_gsm8k.sh       # default "0 1 2 3" (4 seeds, as LoftQ's medians); SEEDS=table: the row's seed
 #   LAUNCH="accelerate launch" bash train_gsm8k.sh --max_steps 10            # smoke run
 # A run whose results.json exists is skipped; an interrupted one resumes from its newest checkpoint.
 set -euo pipefail
@@ -22,10 +23,11 @@ RANK=${RANK:-64}
 METHODS=${METHODS:-llmm}
 OUT=${OUT:-runs/gsm8k}
 LAUNCH=${LAUNCH:-python}
+SEEDS=${SEEDS:-"0 1 2 3"}
 
 for model in $MODELS; do
   for method in $METHODS; do
-    for seed in ${SEEDS:-table}; do
+    for seed in $SEEDS; do
       seed_args=(); name="$model-r$RANK-$method"
       if [[ $seed != table ]]; then seed_args=(--seed "$seed"); name="$name-seed$seed"; fi
       if [[ -f $OUT/$name/results.json ]]; then echo "skip $OUT/$name (done)"; continue; fi

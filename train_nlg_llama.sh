@@ -7,11 +7,12 @@
 #             batch 2 x 512 tokens also fits a 40 GB card; 7B fits 24 GB). CPU works only for smoke runs.
 #   Numbers:  every hyperparameter is in configs/nlg.yaml (lr 1e-4 = the reference's effective rate, 30000 steps);
 #             this script only loops over its keys, methods and seeds.
-#   Output:   $OUT/<task>-<model>-r<rank>-<method>[-seed<seed>]/ (adapter/, mean_adapter/, results.json, curves.png).
+#   Output:   $OUT/<task>-<model>-r<rank>-<method>-seed<seed>/ (adapter/, mean_adapter/, results.json, curves.png),
+#             then $OUT/table.md (python -m scripts.lm_table: median, mean ± sd, paired differences vs loftq).
 #
 # Override with environment variables; extra arguments go to every run:
 #   TASKS=alpaca MODELS=llama-2-7b bash train_nlg_llama.sh
-#   METHODS="llmm loftq qlora" SEEDS="42 43" bash train_nlg_llama.sh      # baselines; SEEDS unset: the table's seed
+#   METHODS="llmm loftq qlora" SEEDS="0 1" bash train_nlg_llama.sh   # baselines; SEEDS default "0 1 2 3", table: the row's
 #   LAUNCH="accelerate launch" bash train_nlg_llama.sh --llmmscale 700    # the reference's later scale
 # A run whose results.json exists is skipped; an interrupted one resumes from its newest checkpoint.
 set -euo pipefail
@@ -24,11 +25,12 @@ RANK=${RANK:-16}
 METHODS=${METHODS:-llmm}
 OUT=${OUT:-runs/nlg}
 LAUNCH=${LAUNCH:-python}
+SEEDS=${SEEDS:-"0 1 2 3"}
 
 for task in $TASKS; do
   for model in $MODELS; do
     for method in $METHODS; do
-      for seed in ${SEEDS:-table}; do
+      for seed in $SEEDS; do
         seed_args=(); name="$task-$model-r$RANK-$method"
         if [[ $seed != table ]]; then seed_args=(--seed "$seed"); name="$name-seed$seed"; fi
         if [[ -f $OUT/$name/results.json ]]; then echo "skip $OUT/$name (done)"; continue; fi
@@ -40,3 +42,4 @@ for task in $TASKS; do
     done
   done
 done
+python -m scripts.lm_table "$OUT" --output "$OUT/table.md"

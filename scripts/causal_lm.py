@@ -32,6 +32,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfi
 import utils_llmm as U
 from scripts import training
 from llmm import LlmmConfig, export_mean_adapter, get_llmm_model, load_llmm_model, save_llmm_adapter
+from llmm import stats
 from llmm.model import atomic_dir, init_from_adapter, keep_cpu_4bit_trainable
 from llmm.prompts import load_records
 
@@ -368,6 +369,7 @@ def train(settings: dict, task: str, encode) -> dict:
         "held_out": where, "n_train": len(train_set), "n_held_out": len(held_out),
         "train_loss": outcome.training_loss, "global_step": trainer.state.global_step, "resumed_from": checkpoint,
         "wall_time_s": time.time() - started, "history": history,
+        "seed": settings["seed"], "cell": {**stats.cell_of(settings), "task": task},  # what tables pool seeds by
     }
     if trainer.is_world_process_zero():
         save_run(peft_model, tokenizer, settings, output_dir)

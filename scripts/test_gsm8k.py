@@ -28,6 +28,7 @@ from transformers import GenerationConfig, set_seed
 
 import utils_llmm as U
 from llmm import LlmmConfig, llmm_layers, load_llmm_model, sample_factor
+from llmm import stats
 from llmm.prompts import (accuracy, encode_prompt, extract_answer, gold_answer, gsm8k_source, is_correct,
                           load_records, majority_vote)
 from scripts.causal_lm import add_model_flags, load_backbone, scope_dataset_config
@@ -195,6 +196,7 @@ def main(argv=None) -> dict:
         "model": settings["model_name_or_path"], "wall_time_s": time.time() - started,
         "settings": settings, "versions": U.versions(),
     }
+    results["seed"], results["cell"] = stats.test_cell(Path(settings["adapter"]).parent, settings)  # for tables
     U.make_output_dir(output_dir, settings["overwrite"])
     if state.is_main_process:
         U.write_text(output_dir / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))

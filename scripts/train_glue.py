@@ -50,6 +50,7 @@ from transformers import (
 )
 
 import llmm
+from llmm import stats
 from llmm.embedding import embedding_targets
 from llmm.glue import TASKS, GlueTask, get_task, load_glue, predict, score, tokenize
 from llmm.model import atomic_dir
@@ -370,6 +371,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                                              "learning_rate", "seed", "eval_noise")}
     if settings["eval_noise"] == "mc":
         header["mc_samples"] = settings["mc_samples"]
+    header["cell"] = stats.cell_of(settings)  # every setting but the seed: what tables pool seeds by
     recorder = ResultsRecorder(out, task, header)
     trainer = GlueTrainer(
         model=model, args=training_args, train_dataset=data["train"],

@@ -1,5 +1,5 @@
-"""Training pieces shared by scripts.train_glue and scripts.causal_lm: resume, one noise stream per process, and a
-stop at the first non-finite loss or gradient (``LlmmTrainer``, an HF Trainer subclass).
+"""Training pieces shared by scripts.train_glue and scripts.causal_lm: resume, one noise stream per process (saved
+in every checkpoint), and a stop at the first non-finite loss or gradient (``LlmmTrainer``, an HF Trainer subclass).
 
 Guarantees (tests/test_safety.py, tests/test_resume.py): a step whose loss or gradients are not finite is never
 applied, and parameters that an update made non-finite are never checkpointed (the run stops first, exit code 3);
@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainerState
-from transformers.trainer_utils import TrainOutput
+from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
+from llmm import noise_source
 from utils_llmm import TrainingDiverged, logger
 
 CHECKPOINT_PREFIX = "checkpoint-"
+NOISE_STATE = "llmm_noise_rng_{}.pt"  # one per process, beside the Trainer's rng_state_<process>.pth
 
 
 def add_resume_flag(parser: argparse.ArgumentParser) -> None:
@@ -113,7 +116,7 @@ def find_checkpoint(value: str | None, folder: str | Path) -> str | None:
 def check_checkpoint(checkpoint: str, settings: dict) -> None:
     """The checkpoint's adapter has the settings' K and rank (else its M and Z cannot be restored), was written by
     as many processes as this run has (each restores its own RNG state and data shard), and is complete and
-    finite."""
+    finite; the noise generator's state is there."""
     from accelerate import PartialState
 
     from llmm import LlmmConfig
@@ -133,21 +136,47 @@ def check_checkpoint(checkpoint: str, settings: dict) -> None:
         raise ValueError(f"checkpoint {checkpoint!r} holds an adapter with K={saved.k}, rank={saved.r} but the "
                          f"settings say K={settings['K']}, rank={settings['rank']}: resume with the run's settings "
                          "(its settings.json)")
+    if not (Path(checkpoint) / NOISE_STATE.format(0)).is_file():
+        raise FileNotFoundError(f"{checkpoint!r} has no {NOISE_STATE.format(0)} (the Llmm noise generator's state), so "
+                                "the run cannot continue exactly: resume from another checkpoint-N of the run")
 
 
 class PerProcessNoise(TrainerCallback):
-    """Each process draws its own Llmm noise: torch is re-seeded with ``seed + process_index`` as training starts.
+    """Seeds each process's noise as training starts, and carries the Llmm noise generator through checkpoints.
 
-    The noise eps comes from torch's global generator. Under DDP every process would otherwise start from the
-    same seed and draw the same eps at every step, so the averaged gradient would hold one sample of
-    E_eps[grad loss] instead of one per process; independent draws (like independent dropout masks) make the
-    processes' gradients independent samples, lowering the variance of the step at no cost. On resume the
-    Trainer then restores each process's own generator state (rng_state_<rank>.pth), after this callback.
+    The Llmm noise eps comes from the model's own generator (``llmm.noise_source``), seeded with (seed, process
+    index): it consumes no number of torch's global stream, so runs of different methods with one seed share data
+    order and dropout masks exactly. Torch's global generator (dropout) is re-seeded with ``seed + process_index``.
+    Under DDP independent draws per process make the processes' gradients independent samples of
+    E_eps[grad loss] (a shared seed would repeat one sample N times). Each checkpoint gets the generator's state
+    beside the Trainer's rng_state files (``llmm_noise_rng_<process>.pt``); on resume it is restored from there.
     """
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def __init__(self):
+        self.resume_from: str | None = None  # set by LlmmTrainer.train
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
         torch.manual_seed(args.seed + args.process_index)
-        logger.info("process %d draws its noise from seed %d", args.process_index, args.seed + args.process_index)
+        source = noise_source(model)
+        if self.resume_from is None:
+            source.seed(args.seed, args.process_index)
+            logger.info("process %d draws its noise from seed (%d, %d), dropout from seed %d", args.process_index,
+                        args.seed, args.process_index, args.seed + args.process_index)
+            return
+        path = Path(self.resume_from) / NOISE_STATE.format(args.process_index)
+        if not path.is_file():
+            raise FileNotFoundError(f"{str(path)!r} is missing, so the Llmm noise cannot continue where it stopped: "
+                                    "resume from another checkpoint-N of the run, with the run's number of processes")
+        source.load_state_dict(torch.load(path, weights_only=True))
+        logger.info("process %d continues its noise from %s", args.process_index, path)
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        folder = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / NOISE_STATE.format(args.process_index)
+        temporary = path.with_name(f".{path.name}.tmp")
+        torch.save(noise_source(model).state_dict(), temporary)
+        os.replace(temporary, path)
 
 
 class FiniteGuard(TrainerCallback):
@@ -177,13 +206,17 @@ class LlmmTrainer(Trainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.add_callback(PerProcessNoise())
+        self.noise_callback = PerProcessNoise()
+        self.add_callback(self.noise_callback)
         self.add_callback(FiniteGuard(self))
         self.nonfinite_loss = None  # the first non-finite micro-batch loss of the current optimizer step
 
     def train(self, resume_from_checkpoint=None, **kwargs):
-        """``Trainer.train``; a checkpoint already at max_steps is loaded, not trained further (the Trainer would
-        take one more step)."""
+        """``Trainer.train``; tells the noise callback which checkpoint (if any) to restore the noise from, and a
+        checkpoint already at max_steps is loaded, not trained further (the Trainer would take one more step)."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+        self.noise_callback.resume_from = resume_from_checkpoint or None
         state = trainer_state(resume_from_checkpoint) if resume_from_checkpoint else None
         # This run's max_steps decides (a longer run continues); epoch-based runs keep the checkpoint's count.
         max_steps = self.args.max_steps if self.args.max_steps > 0 else (state or {}).get("max_steps", 0)

@@ -8,24 +8,31 @@ import sys
 from types import SimpleNamespace
 
 import torch
+from conftest import DEBERTA_TARGETS, tiny_deberta
 from test_glue import DATA as GLUE_DATA
 from test_glue import model_dir  # noqa: F401  (the tiny DeBERTa fixture)
 from test_resume import llama_dir  # noqa: F401  (the tiny Llama fixture)
 
-from scripts import training
 from conftest import REPO_ROOT
+from llmm import LlmmConfig, get_llmm_model, noise_source
+from scripts import training
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
 def test_each_process_draws_its_own_noise():
-    """PerProcessNoise seeds torch with seed + process index: the processes' eps differ, a process's are seeded."""
-    def draws(process_index):
-        training.PerProcessNoise().on_train_begin(SimpleNamespace(seed=17, process_index=process_index), None, None)
-        return torch.randn(4)
+    """PerProcessNoise seeds the model's noise generator with (seed, process index): the processes' eps differ, a
+    process's are seeded; torch's global generator (dropout) gets seed + process index."""
+    model = get_llmm_model(tiny_deberta(0), LlmmConfig(r=4, lora_alpha=4, target_modules=DEBERTA_TARGETS, k=2))
 
-    assert not torch.equal(draws(0), draws(1))
-    assert torch.equal(draws(1), draws(1))
+    def draws(process_index):
+        args = SimpleNamespace(seed=17, process_index=process_index)
+        training.PerProcessNoise().on_train_begin(args, None, None, model=model)
+        return torch.randn(4, generator=noise_source(model).generator(torch.device("cpu"))), torch.randn(4)
+
+    (noise_0, dropout_0), (noise_1, dropout_1) = draws(0), draws(1)
+    assert not torch.equal(noise_0, noise_1) and not torch.equal(dropout_0, dropout_1)
+    assert all(torch.equal(a, b) for a, b in zip(draws(1), (noise_1, dropout_1)))
 
 
 def test_torchrun_two_processes_write_one_adapter(model_dir, llama_dir, tmp_path):  # noqa: F811
@@ -49,14 +56,15 @@ def test_torchrun_two_processes_write_one_adapter(model_dir, llama_dir, tmp_path
         assert run.returncode == 0, logs[out][-3000:]
         seed = json.loads((out / "settings.json").read_text())["seed"]
         for rank in (0, 1):
-            assert f"process {rank} draws its noise from seed {seed + rank}" in logs[out]
+            assert f"process {rank} draws its noise from seed ({seed}, {rank}), dropout from seed {seed + rank}" in logs[out]
         names = {path.name for path in out.iterdir()}
         assert not any(name.startswith(".") and name != ".llmm-run" for name in names), names  # no temporary dir
         assert {"adapter", "mean_adapter", "results.json", "settings.json"} <= names
         for adapter in ("adapter", "mean_adapter"):
             assert {p.name for p in (out / adapter).iterdir()} >= {"adapter_config.json", "adapter_model.safetensors"}
         checkpoint = next((out / "checkpoints").glob("checkpoint-*") if out == gsm8k else out.glob("checkpoint-*"))
-        assert {"rng_state_0.pth", "rng_state_1.pth"} <= {p.name for p in checkpoint.iterdir()}  # one per process
+        assert {"rng_state_0.pth", "rng_state_1.pth", "llmm_noise_rng_0.pt", "llmm_noise_rng_1.pt"} <= {
+            p.name for p in checkpoint.iterdir()}  # one per process
     assert json.loads((glue / "results.json").read_text())["complete"]
     assert json.loads((gsm8k / "results.json").read_text())["global_step"] == 2
     assert sorted(p.name for p in gsm8k.iterdir() if p.is_dir()) == ["adapter", "backbone", "checkpoints",

@@ -322,14 +322,17 @@ def test_glue_table_gathers_runs(runs, tmp_path, capsys):
     incomplete.parent.mkdir()
     incomplete.write_text(json.dumps({"task": "cola", "complete": False}))
     text = glue_table.main([str(runs), str(incomplete.parent), "--output", str(tmp_path / "table.md")])
-    lines = text.splitlines()
-    assert lines[0] == "| Method | MRPC Acc/F1 | CoLA Mcc | STS-B P/S |"
-    rows = {line.split(" | ")[0].lstrip("| "): line for line in lines[2:]}
+    lines = text.split("Seed statistics")[0].splitlines()
+    assert lines[2] == "| Method | MRPC Acc/F1 | CoLA Mcc | STS-B P/S |"
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in lines[4:] if line.startswith("| ")}
     assert list(rows) == ["lora full-precision r16", "qlora uniform 2-bit r16", "loftq nf 2-bit r16",
-                          "llmm nf 4-bit r16", "llmm uniform 2-bit r16"]
+                          "llmm nf 4-bit r16", "llmm uniform 2-bit r16",
+                          "loftq nf 2-bit r16, published (LoftQ paper, Table 1 (NF2))",
+                          "loftq uniform 2-bit r16, published (LoftQ paper, Table 2 (uniform))"]
     results = json.loads((runs / "cola-llmm-mc" / "results.json").read_text())
+    assert results["seed"] == 0 and results["cell"]["eval_noise"] == "mc" and "seed" not in results["cell"]
     mcc = 100 * results["best"]["dev"]["validation"]["matthews_correlation"]
-    assert rows["llmm nf 4-bit r16"].split(" | ")[2] == f"{mcc:.1f}"
+    assert rows["llmm nf 4-bit r16"].split(" | ")[2] == f"{mcc:.1f} (n=1)"
     assert (tmp_path / "table.md").read_text() == text
     assert "skipped (incomplete)" in capsys.readouterr().err
 

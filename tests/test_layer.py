@@ -7,7 +7,7 @@ import torch
 from conftest import DEBERTA_TARGETS, LLAMA_TARGETS, tiny_deberta, tiny_llama
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-from llmm import LlmmConfig, get_llmm_model, llmm_layers, noise_mode, sample_factor
+from llmm import LlmmConfig, get_llmm_model, llmm_layers, noise_mode, noise_source, sample_factor, seed_noise
 
 
 def randomize(model, means=True, directions=True, seed=1):
@@ -46,9 +46,9 @@ def test_train_mode_samples_and_zero_directions_give_the_mean():
     randomize(model, means=False)
     first, second = model(inputs).logits, model(inputs).logits
     assert (first - second).abs().max() > 1e-3
-    torch.manual_seed(7)
+    seed_noise(model, 7)
     again = model(inputs).logits
-    torch.manual_seed(7)
+    seed_noise(model, 7)
     torch.testing.assert_close(model(inputs).logits, again, rtol=0, atol=0)  # seedable
     model.eval()
     torch.testing.assert_close(model(inputs).logits, mean_out, rtol=0, atol=0)  # eval_noise="mean"
@@ -72,10 +72,14 @@ def test_layer_draws_one_eps_per_factor_per_forward():
     randomize(model)
     model.train()
     layer = llmm_layers(model)[0]
-    torch.manual_seed(3)
+    seed_noise(model, 3)
+    eps = torch.randn(2, 2, generator=noise_source(model).generator(torch.device("cpu")))
+    seed_noise(model, 3)
     factor_A, factor_B = layer.lora_variant["default"].factors(layer, "default")
-    torch.manual_seed(3)
-    eps = torch.randn(2, 2)
+    again = layer.lora_variant["default"].factors(layer, "default")
+    torch.testing.assert_close(again[0], factor_A, rtol=0, atol=0)  # one draw per model forward
+    noise_source(model).new_forward()
+    assert not torch.equal(layer.lora_variant["default"].factors(layer, "default")[0], factor_A)
     scale = layer.llmm_settings["default"]["scale"]
     expected_A = layer.lora_A["default"].weight + torch.einsum("k,kij->ij", eps[0] / math.sqrt(scale),
                                                                layer.lora_llmm_A["default"])
@@ -136,8 +140,9 @@ def test_k_zero_is_plain_lora_even_in_train_mode():
 
 
 def test_gradient_checkpointing_recomputes_the_same_sample():
-    """Checkpointing re-runs the forward in backward; torch restores the RNG state, so eps is drawn identically."""
-    grads = []
+    """Checkpointing re-runs the forward in backward; torch restores only its own RNG states, so the layers reuse
+    the eps of their forward (not a second draw from the noise generator): the gradients are the same."""
+    grads, states = [], []
     for checkpointing in (False, True):
         model = get_llmm_model(tiny_llama(), LlmmConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, k=2))
         randomize(model)
@@ -145,9 +150,11 @@ def test_gradient_checkpointing_recomputes_the_same_sample():
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         inputs = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
-        torch.manual_seed(11)
+        seed_noise(model, 11)
         model(inputs, labels=inputs).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if "lora_llmm_" in n})
+        states.append(noise_source(model).generator(torch.device("cpu")).get_state())
+    assert torch.equal(states[0], states[1])  # the re-run drew nothing: the next step's noise is the same too
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6)
@@ -162,7 +169,7 @@ def test_scaled_gradient_setting_reaches_the_layer():
         randomize(model)
         model.train()
         inputs = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
-        torch.manual_seed(5)
+        seed_noise(model, 5)
         model(inputs, labels=inputs).loss.backward()
         grads[scaled] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     for name, grad in grads[True].items():

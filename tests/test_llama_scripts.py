@@ -20,7 +20,7 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from llmm import LlmmConfig, get_llmm_model, llmm_layers, load_llmm_model
 from llmm.prompts import encode_prompt, gsm8k_source
-from scripts import quantize_model, test_gsm8k, train_gsm8k, train_nlg
+from scripts import lm_table, quantize_model, test_gsm8k, train_gsm8k, train_nlg
 from llmm.model import keep_cpu_4bit_trainable
 from scripts.causal_lm import attach_adapter, load_backbone, prepare_for_training, table_settings
 
@@ -72,6 +72,7 @@ def check_run(out, task, k):
         assert (out / name).is_file(), name
     results, settings = read(out / "results.json"), read(out / "settings.json")
     assert results["task"] == task and results["K"] == k == settings["K"] and results["global_step"] == 2
+    assert results["seed"] == settings["seed"] and results["cell"]["K"] == k and "seed" not in results["cell"]
     assert math.isfinite(results["eval_loss"]) and results["eval_perplexity"] == pytest.approx(
         math.exp(results["eval_loss"]))
     assert results["eval_loss_at_start"] != results["eval_loss"]  # the adapter moved
@@ -189,6 +190,10 @@ def test_gsm8k_in_process_loftq_16bit_then_test_all_modes(models, tmp_path):
     test_gsm8k.main(["--adapter", str(run / "adapter"), "--output_dir", str(tmp_path / "sample"), "--mode",
                      "sample", "--max_samples", "2", "--K", "2", *GENERATE, *FP32])
     check_predictions(tmp_path / "sample", n=2)
+    # The three evaluations of one trained run are three cells (test mode, decoding, ...), never pooled as seeds.
+    text = lm_table.main([str(tmp_path / name) for name in ("mean", "mc", "sample")])
+    rows = [line for line in text.splitlines() if line.startswith("| llmm llama-2-7b 64")]
+    assert len(rows) == 3 and all(" | 1 | " in row for row in rows) and "test_mode=mc" in text
 
 
 def test_gsm8k_4bit_from_init_dir_then_test_mean_mode(models, tmp_path):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import DEBERTA_TARGETS, tiny_deberta
 
-from llmm import LlmmConfig, get_llmm_model, llmm_layers, noise_mode
+from llmm import LlmmConfig, get_llmm_model, llmm_layers, noise_mode, seed_noise
 from llmm.metrics import brier, calibration_metrics, ece, nll
 from llmm.predict import mc_predict, mc_regress
 
@@ -38,9 +38,9 @@ def forward_probs(model, batch):
 
 def test_one_sample_equals_one_sample_forward(batch):
     model = llmm_deberta()
-    torch.manual_seed(7)
+    seed_noise(model, 7)
     probs = mc_predict(model, batch, 1)
-    torch.manual_seed(7)
+    seed_noise(model, 7)
     with torch.no_grad(), noise_mode(model, "sample"):
         expected = forward_probs(model, batch)
     assert torch.equal(probs, expected)
@@ -51,9 +51,9 @@ def test_one_sample_equals_one_sample_forward(batch):
 
 def test_n_samples_average_n_sampled_networks(batch):
     model = llmm_deberta()
-    torch.manual_seed(3)
+    seed_noise(model, 3)
     probs = mc_predict(model, batch, 4)
-    torch.manual_seed(3)
+    seed_noise(model, 3)
     with torch.no_grad(), noise_mode(model, "sample"):
         draws = torch.stack([forward_probs(model, batch) for _ in range(4)])
     torch.testing.assert_close(probs, draws.mean(0), rtol=0, atol=1e-6)

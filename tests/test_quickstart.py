@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 from conftest import tiny_tokenizer
 from transformers import BertConfig, BertForSequenceClassification
@@ -28,12 +29,19 @@ def test_quickstart_smoke(tmp_path):
     tiny_tokenizer(texts).save_pretrained(tmp_path / "tiny-bert")
     out = tmp_path / "quickstart"
     results = quickstart.main(["--model", str(tmp_path / "tiny-bert"), "--corpus_dir", str(corpus), "--methods",
-                               "llmm", "--seeds", "0", "--max_steps", "2", "--output_dir", str(out)])
+                               "loftq", "llmm", "--seeds", "2", "--max_steps", "2", "--output_dir", str(out)])
     assert set(results["runs"]["llmm"][0]) == {"accuracy", "f1_macro", "nll", "ece"}
     assert 0 <= results["runs"]["llmm"][0]["accuracy"] <= 1
-    assert "| llmm |" in (out / "table.md").read_text()
+    assert results["settings"]["comparisons"] == [["llmm", "loftq"]]  # loftq - qlora needs qlora runs
+    nll = {m: [results["runs"][m][s]["nll"] for s in (0, 1)] for m in ("llmm", "loftq")}
+    paired = results["summary"]["paired"]["llmm - loftq"]["nll"]
+    assert paired["n"] == 2 and paired["seeds"] == [0, 1]
+    assert paired["mean"] == pytest.approx((nll["llmm"][0] - nll["loftq"][0] + nll["llmm"][1] - nll["loftq"][1]) / 2)
+    assert paired["low"] <= paired["mean"] <= paired["high"]
+    assert results["summary"]["methods"]["llmm"]["nll"]["median"] == pytest.approx(sum(nll["llmm"]) / 2)
+    table = (out / "table.md").read_text()
+    assert "| llmm |" in table and "| llmm - loftq |" in table
     assert (out / "curves.png").stat().st_size > 0
-    assert json.loads((out / "results.json").read_text())["summary"]["llmm"]["accuracy"]
     run = json.loads((out / "llmm-seed0" / "results.json").read_text())
-    assert run["K"] == 2 and run["bits"] == 2 and run["complete"]
+    assert run["K"] == 2 and run["bits"] == 2 and run["complete"] and run["seed"] == 0
     assert (out / "llmm-seed0" / "mean_adapter" / "adapter_config.json").is_file()

@@ -1,9 +1,9 @@
 """Resume and divergence, for scripts/train_glue.py and scripts/train_gsm8k.py (scripts/causal_lm.py) on CPU.
 
 A run killed at step N and resumed from its newest checkpoint must reproduce the uninterrupted run exactly: the
-checkpoint holds the adapter's M and Z, the optimizer, the scheduler and the RNG state (the noise eps comes from
-torch's global generator). A non-finite loss stops training with one line (exit code 3) and keeps the last good
-checkpoint.
+checkpoint holds the adapter's M and Z, the optimizer, the scheduler, torch's RNG states and the Llmm noise
+generator's state (llmm_noise_rng_<process>.pt). A non-finite loss stops training with one line (exit code 3) and
+keeps the last good checkpoint.
 """
 
 import json
@@ -82,6 +82,7 @@ def test_glue_resume_mid_epoch_reproduces_the_uninterrupted_run(model_dir, tmp_p
     train_glue.main(glue_argv(model_dir, full, "--max_steps", "5"))
     run_until_killed(monkeypatch, train_glue.main, glue_argv(model_dir, resumed, "--max_steps", "5"), step=4)
     assert [p.name for p in sorted(resumed.glob("checkpoint-*"))] == ["checkpoint-3"]  # save_total_limit 1
+    assert (resumed / "checkpoint-3" / "llmm_noise_rng_0.pt").is_file()  # the noise generator's state
     assert not json.loads((resumed / "results.json").read_text())["complete"]
     with pytest.raises(FileExistsError, match="--resume_from_checkpoint"):  # no silent restart into a used dir
         train_glue.main(glue_argv(model_dir, resumed, "--max_steps", "5"))
@@ -95,6 +96,10 @@ def test_glue_resume_mid_epoch_reproduces_the_uninterrupted_run(model_dir, tmp_p
     assert [e["dev"] for e in results[0]["epochs"]] == [e["dev"] for e in results[1]["epochs"]]
     assert same_tensors(full, resumed)  # M and Z (and the classifier head) end up identical
     assert json.loads((resumed / "settings.json").read_text())["resumed_from"] == str(resumed / "checkpoint-3")
+    newest = training.complete_checkpoints(resumed)[-1]
+    (newest / "llmm_noise_rng_0.pt").unlink()  # without the noise state the run cannot continue exactly
+    with pytest.raises(FileNotFoundError, match="has no llmm_noise_rng_0.pt"):
+        training.check_checkpoint(str(newest), {"K": 2, "rank": 16})
 
 
 def test_gsm8k_resume_at_an_epoch_boundary_with_accumulation(llama_dir, tmp_path, monkeypatch):

@@ -9,7 +9,9 @@ from llmm.model import (
     llmm_layers,
     load_llmm_model,
     noise_mode,
+    noise_source,
     save_llmm_adapter,
+    seed_noise,
 )
 from llmm.predict import mc_predict
 
@@ -23,7 +25,9 @@ __all__ = [
     "load_llmm_model",
     "mc_predict",
     "noise_mode",
+    "noise_source",
     "save_llmm_adapter",
     "sample_factor",
+    "seed_noise",
 ]
 __version__ = "0.1.0"

@@ -40,12 +40,11 @@ def embedding_factors(module: "LlmmEmbedding", adapter_name: str) -> tuple[torch
     settings = getattr(module, "llmm_settings", {}).get(adapter_name)
     if settings is None or not (module.training or settings["eval_noise"] == "sample"):
         return mean_A, mean_B
-    # The model's noise source once it has one (llmm.seed_noise), else torch's generator as the linear layers use.
-    noise = module.__dict__.get("llmm_noise")
-    if noise is not None:
-        eps = noise.eps(module, adapter_name, settings["k"], mean_A.device)
-    else:
-        eps = torch.randn(2, settings["k"], device=mean_A.device, dtype=torch.float32)
+    noise = module.__dict__.get("llmm_noise")  # the model's noise source, as for the linear layers
+    if noise is None:
+        raise RuntimeError("this Llmm embedding has no noise generator: build the model with llmm.get_llmm_model / "
+                           "llmm.load_llmm_model, or give it one with llmm.seed_noise(model, seed)")
+    eps = noise.eps(module, adapter_name, settings["k"], mean_A.device)
     scale, scaled = settings["scale"], settings["scaled_gradient"]
     return (sample_factor(mean_A, module.lora_llmm_A[adapter_name], eps[0], scale, scaled),
             sample_factor(mean_B, module.lora_llmm_B[adapter_name], eps[1], scale, scaled))

@@ -16,13 +16,19 @@ gradient; ``scaled_gradient=False`` gives the plain pathwise gradient eps_k / sq
 In eval mode the layer uses the mean (eps = 0) when ``eval_noise="mean"``; ``"sample"`` keeps sampling, as the
 reference did. Because eps_A and eps_B are independent with zero mean, E[B~ A~] = M_B M_A: merging writes
 W_q + g M_B M_A, which is exactly PEFT's LoRA merge of the means.
+
+The noise eps comes from the model's own ``NoiseSource`` (one torch.Generator per device), never from torch's
+global generator: a K > 0 run then consumes exactly the global random numbers a K = 0 run does, so runs of
+different methods with the same seed share data order and dropout masks (common random numbers).
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 
 import bitsandbytes as bnb
+import numpy as np
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora import bnb as peft_bnb
@@ -72,6 +78,64 @@ def sample_factor(
 BNB_LAYERS = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
 
 
+class NoiseSource:
+    """The Llmm noise of one model: a torch.Generator per device, seeded from (seed, process index, device).
+
+    Every Llmm layer of the model points to it (``layer.llmm_noise``); ``llmm.seed_noise(model, seed)`` re-seeds
+    it and ``state_dict`` / ``load_state_dict`` carry it through checkpoints. A forward pre-hook on the wrapped
+    backbone calls ``new_forward`` at every model forward (so at every decoded token in generation); a layer draws
+    its eps (2 x K: A and B) at its first call within a model forward and reuses it if called again within the same
+    forward. That reuse is what keeps gradient checkpointing exact: checkpointing re-runs the layers in backward
+    and restores only torch's own RNG states, not this generator, so the re-run finds the eps of its forward.
+    (Hence, with gradient checkpointing, backward a forward before the model's next forward, as every training
+    loop does.) Drawing is a device kernel: no host synchronisation.
+    """
+
+    def __init__(self, seed: int, process_index: int = 0):
+        self.forward_id = 0
+        self.seed(seed, process_index)
+
+    def seed(self, seed: int, process_index: int = 0) -> None:
+        """Restart every device's stream from (seed, process_index)."""
+        for name, value in (("seed", seed), ("process_index", process_index)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"noise {name} must be an integer >= 0, got {value!r}")
+        self.entropy = (seed, process_index)
+        self.generators: dict[str, torch.Generator] = {}
+        self.forward_id += 1  # draws cached before the re-seed are not reused
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        if key not in self.generators:
+            words = np.random.SeedSequence([*self.entropy, zlib.crc32(key.encode())]).generate_state(2, np.uint32)
+            seed = int(words[0]) << 32 | int(words[1])
+            self.generators[key] = torch.Generator(device=device).manual_seed(seed)
+        return self.generators[key]
+
+    def new_forward(self, *_) -> None:
+        """A model forward begins: the layers draw fresh eps (signature of a forward pre-hook)."""
+        self.forward_id += 1
+
+    def eps(self, layer: nn.Module, adapter_name: str, k: int, device: torch.device) -> torch.Tensor:
+        """(2, K) standard normal draws for ``layer``'s factors A and B in the current model forward."""
+        cache = layer.__dict__.setdefault("_llmm_eps", {})
+        cached = cache.get(adapter_name)
+        if cached is not None and cached[0] == self.forward_id and cached[1].device == device:
+            return cached[1]
+        eps = torch.randn(2, k, device=device, dtype=torch.float32, generator=self.generator(device))
+        cache[adapter_name] = (self.forward_id, eps)
+        return eps
+
+    def state_dict(self) -> dict:
+        return {"entropy": list(self.entropy),
+                "generators": {key: g.get_state() for key, g in self.generators.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed(*state["entropy"])
+        for key, generator_state in state["generators"].items():
+            self.generator(torch.device(key)).set_state(generator_state)
+
+
 class LlmmVariant(LoraVariant):
     """PEFT LoRA variant: adds the K directions per factor and samples the factors in forward."""
 
@@ -113,8 +177,11 @@ class LlmmVariant(LoraVariant):
         # graph, as DDP requires.
         directions_A = module.lora_llmm_A[adapter_name]
         directions_B = module.lora_llmm_B[adapter_name]
-        # Drawn on the layer's device from torch's generator: seedable, and no host synchronisation.
-        eps = torch.randn(2, settings["k"], device=mean_A.device, dtype=torch.float32)
+        noise = module.__dict__.get("llmm_noise")
+        if noise is None:
+            raise RuntimeError("this Llmm layer has no noise generator: build the model with llmm.get_llmm_model / "
+                               "llmm.load_llmm_model, or give it one with llmm.seed_noise(model, seed)")
+        eps = noise.eps(module, adapter_name, settings["k"], mean_A.device)
         scale, scaled = settings["scale"], settings["scaled_gradient"]
         return (
             sample_factor(mean_A, directions_A, eps[0], scale, scaled),

@@ -4,6 +4,7 @@
     model.save_pretrained("out/adapter")                       # M and Z, plus the llmm fields of the config
     model = load_llmm_model(base, "out/adapter")               # every M and Z restored, K checked
     export_mean_adapter(model, "out/mean")                     # a plain PEFT LoRA adapter (A = M_A, B = M_B)
+    seed_noise(model, seed=0)                                  # restart the model's own noise generator
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from llmm.config import EVAL_NOISE_MODES, LlmmConfig
 from llmm.embedding import EMBEDDING_MODULES, LlmmEmbedding
-from llmm.layer import CUSTOM_MODULES, LlmmVariant
+from llmm.layer import CUSTOM_MODULES, LlmmVariant, NoiseSource
 from llmm.outdirs import atomic_dir, check_new_dir  # noqa: F401  (check_new_dir: part of this API)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -80,6 +81,39 @@ def keep_cpu_4bit_trainable(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def noise_source(model: torch.nn.Module) -> NoiseSource:
+    """The generator the model's Llmm layers draw their noise from (one per model, see ``llmm.layer.NoiseSource``)."""
+    sources = {id(layer.__dict__.get("llmm_noise")): layer.__dict__.get("llmm_noise") for layer in llmm_layers(model)}
+    if len(sources) != 1 or None in sources.values():
+        raise ValueError("the model's Llmm layers do not share one noise generator: call llmm.seed_noise(model, seed)")
+    return next(iter(sources.values()))
+
+
+def seed_noise(model: torch.nn.Module, seed: int | None = None, process_index: int = 0) -> NoiseSource:
+    """Seed the model's Llmm noise generator with (``seed``, ``process_index``), creating it if the model has none.
+
+    The noise never touches torch's global generator, so seeding torch does not seed it: call this (the training
+    scripts do, with the run's seed and the process index). ``get_llmm_model`` / ``load_llmm_model`` give a new
+    model a generator seeded from ``torch.initial_seed()`` (the last ``torch.manual_seed``), so a script that seeds
+    torch before building the model is repeatable as it is. ``seed=None``: ``torch.initial_seed()``.
+    """
+    seed = torch.initial_seed() if seed is None else seed
+    layers = llmm_layers(model)
+    if not layers:
+        raise ValueError("seed_noise needs a model with Llmm layers (llmm.get_llmm_model / llmm.load_llmm_model)")
+    current = {id(layer.__dict__.get("llmm_noise")) for layer in layers}
+    if len(current) == 1 and layers[0].__dict__.get("llmm_noise") is not None:
+        source = layers[0].llmm_noise
+        source.seed(seed, process_index)
+        return source
+    source = NoiseSource(seed, process_index)
+    for layer in layers:
+        layer.llmm_noise = source
+    root = model.get_base_model() if isinstance(model, PeftModel) else model
+    root.register_forward_pre_hook(source.new_forward)  # every model forward (every decoded token) draws anew
+    return source
+
+
 def get_llmm_model(model: torch.nn.Module, config: LlmmConfig, adapter_name: str = "default") -> PeftModel:
     """Wrap ``model`` with Llmm adapters (in place, like peft.get_peft_model); LoftQ runs here if requested."""
     if not isinstance(config, LlmmConfig):
@@ -92,6 +126,7 @@ def get_llmm_model(model: torch.nn.Module, config: LlmmConfig, adapter_name: str
             raise ValueError(f"target_modules={config.target_modules!r} adapts only embedding tables, with plain "
                              "pairs: add linear layers, or set gaussian_embeddings=True")
         raise ValueError(f"no module matched target_modules={config.target_modules!r}")
+    seed_noise(peft_model)
     return peft_model
 
 
@@ -151,6 +186,7 @@ def load_llmm_model(
                              f"expects {tuple(tensor.shape)} (config K={config.k}, r={config.r}): load it onto the "
                              "backbone it was trained on")
     set_peft_model_state_dict(model, saved)
+    seed_noise(model)
     if not is_trainable:
         model.eval()
     return model

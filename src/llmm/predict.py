@@ -6,7 +6,8 @@
 Each of the N forward passes is one network: the model is put in eval mode (dropout off) and every Llmm layer
 samples its factors (``noise_mode(model, "sample")``), so each pass draws one eps per factor per layer, shared by
 the whole batch. The result is p(y | x) ~= 1/N sum_n softmax(f(x; A~_n, B~_n)). With Z = 0 (or K = 0) every pass
-equals the mean network. Draws come from torch's generator on the model's device: seed it for repeatability.
+equals the mean network. Draws come from the model's own noise generator on its device (not torch's global one):
+``llmm.seed_noise(model, seed)`` for repeatability.
 ``mc_regress`` averages the raw outputs instead (regression heads, e.g. STS-B).
 """
 

@@ -1,0 +1,124 @@
+"""Seed statistics (llmm.stats) and the GLUE table on hand-made results with known medians and paired differences."""
+
+import json
+
+import numpy as np
+import pytest
+
+from llmm import stats
+from scripts import glue_table
+
+CELL = {"task": "cola", "method": "llmm", "backbone": "nf 2-bit", "quant": "nf", "bits": 2, "rank": 32, "K": 1,
+        "llmmscale": 600.0, "init": "loftq", "learning_rate": 5e-5, "eval_noise": "mean", "mc_samples": 10}
+LOFTQ = {**CELL, "method": "loftq", "K": 0}
+
+
+def write_run(root, name, cell, seed, mcc):
+    folder = root / name
+    folder.mkdir(parents=True)
+    entry = {"dev": {"validation": {"matthews_correlation": mcc / 100}}}
+    (folder / "results.json").write_text(json.dumps({"task": cell["task"], "complete": True, "seed": seed,
+                                                     "cell": cell, "best": entry, "last": entry}))
+
+
+def stat_rows(text):
+    """{(label, task): [n, median, mean ± sd, difference]} from the seed-statistics table."""
+    lines = text.split("Seed statistics")[1].splitlines()
+    rows = [line.strip("| ").split(" | ") for line in lines if line.startswith("| ") and "---" not in line]
+    return {(r[0], r[1]): r[3:] for r in rows[1:]}
+
+
+def test_summary_and_bootstrap_against_numpy():
+    assert stats.summarize([60.0, 61.0, 70.0, 59.0]) == pytest.approx(
+        {"n": 4, "median": 60.5, "mean": 62.5, "sd": float(np.std([60, 61, 70, 59], ddof=1))})
+    method = {0: 61.0, 1: 58.0, 2: 64.5, 3: 60.0, 7: 1.0}
+    baseline = {0: 60.0, 1: 59.0, 2: 60.5, 3: 57.0, 9: 1.0}
+    got = stats.paired_difference(method, baseline)
+    differences = np.array([1.0, -1.0, 4.0, 3.0])  # seeds 0-3: the seeds both have
+    rng = np.random.default_rng(stats.BOOTSTRAP_SEED)
+    means = differences[rng.integers(0, 4, size=(stats.N_RESAMPLES, 4))].mean(axis=1)
+    assert got["seeds"] == [0, 1, 2, 3] and got["n"] == 4 and got["mean"] == pytest.approx(1.75)
+    assert (got["low"], got["high"]) == pytest.approx(tuple(np.percentile(means, [2.5, 97.5])))
+    assert -1.0 <= got["low"] < 1.75 < got["high"] <= 4.0
+    constant = stats.paired_difference({s: 50.0 + s for s in range(4)}, {s: 48.0 + s for s in range(4)})
+    assert (constant["mean"], constant["low"], constant["high"]) == pytest.approx((2.0, 2.0, 2.0))
+    assert stats.paired_difference({0: 1.0}, {1: 1.0}) is None
+    assert stats.format_difference(constant) == "+2.0 [+2.0, +2.0] (n=4)"
+
+
+def test_glue_table_medians_paired_interval_and_reference_row(tmp_path, capsys):
+    llmm_scores, loftq_scores = [50.0, 52.0, 49.0, 58.0], [48.0, 50.0, 47.0, 56.0]  # llmm = loftq + 2 on every seed
+    for seed, (a, b) in enumerate(zip(llmm_scores, loftq_scores)):
+        write_run(tmp_path, f"llmm-{seed}", CELL, seed, a)
+        write_run(tmp_path, f"loftq-{seed}", LOFTQ, seed, b)
+    write_run(tmp_path, "loftq-9", LOFTQ, 9, 10.0)  # a seed llmm lacks: in loftq's statistics, not in the pairing
+    text = glue_table.main([str(tmp_path)])
+    median_rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1].rstrip(" |")
+                   for line in text.split("Seed statistics")[0].splitlines() if line.startswith("| ")}
+    assert median_rows["llmm nf 2-bit r32"] == "51.0 (n=4)"  # median of 49, 50, 52, 58
+    assert median_rows["loftq nf 2-bit r32"] == "48.0 (n=5)"
+    assert median_rows["loftq nf 2-bit r32, published (LoftQ paper, Table 1 (NF2))"] == "47.5"
+    rows = stat_rows(text)
+    sd = np.std(llmm_scores, ddof=1)
+    assert rows[("llmm nf 2-bit r32", "cola")] == ["4", "51.0", f"52.2 ± {sd:.1f}", "+2.0 [+2.0, +2.0] (n=4)"]
+    assert rows[("loftq nf 2-bit r32", "cola")][3] == "-"
+
+
+def test_runs_that_differ_in_a_setting_are_never_pooled(tmp_path):
+    """A mean-evaluated and an mc-evaluated run of the same seed are two rows with n=1, not one cell with n=2."""
+    write_run(tmp_path, "mean", CELL, 0, 50.0)
+    write_run(tmp_path, "mc", {**CELL, "eval_noise": "mc"}, 0, 60.0)
+    write_run(tmp_path, "rte", {**CELL, "task": "rte", "learning_rate": 1e-4}, 0, 60.0)  # its own lr: no label
+    (tmp_path / "rte" / "results.json").write_text((tmp_path / "rte" / "results.json").read_text().replace(
+        "matthews_correlation", "accuracy"))
+    rows = stat_rows(glue_table.main([str(tmp_path), "--no_reference"]))
+    assert set(rows) == {("llmm nf 2-bit r32 (eval_noise=mean)", "cola"), ("llmm nf 2-bit r32 (eval_noise=mc)", "cola"),
+                         ("llmm nf 2-bit r32 (eval_noise=mean)", "rte")}
+    assert all(values[0] == "1" for values in rows.values())
+    write_run(tmp_path, "mean-again", CELL, 0, 51.0)  # the same cell and seed twice: not two seeds
+    with pytest.raises(ValueError, match="two runs of one cell with seed 0: they cannot be pooled"):
+        glue_table.main([str(tmp_path)])
+
+
+def test_a_results_file_without_its_cell_is_refused(tmp_path):
+    write_run(tmp_path, "new", CELL, 0, 50.0)
+    old = tmp_path / "old" / "results.json"
+    old.parent.mkdir()
+    old.write_text(json.dumps({"task": "cola", "complete": True, "method": "llmm", "seed": 0,
+                               "best": {"dev": {"validation": {"matthews_correlation": 0.5}}}}))
+    with pytest.raises(ValueError, match="has no 'cell'/'seed' record"):
+        glue_table.main([str(tmp_path)])
+
+
+def test_labels_show_only_the_settings_that_separate_rows():
+    cells = [{**CELL, "learning_rate": 5e-5}, {**CELL, "quant": "uniform", "backbone": "uniform 2-bit",
+                                                 "learning_rate": 1e-4}, {**CELL, "K": 2}]
+    assert stats.distinguishing_fields(cells, glue_table.LABEL_FIELDS) == ["method", "backbone", "rank", "K"]
+    assert stats.find_baseline(CELL, [LOFTQ, {**LOFTQ, "rank": 16}], "loftq") == LOFTQ
+    assert stats.find_baseline({**CELL, "eval_noise": "mc"}, [LOFTQ], "loftq") is None
+
+
+def write_lm_run(root, name, cell, seed, **values):
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps({"seed": seed, "cell": cell, **values}))
+
+
+def test_lm_table_pairs_gsm8k_accuracy_and_loss_with_loftq(tmp_path):
+    from scripts import lm_table
+
+    trained = {"task": "gsm8k", "model": "llama-2-7b", "rank": 64, "learning_rate": 3e-4}
+    llmm = {**trained, "method": "llmm", "K": 2, "model_name_or_path": "q/llama", "test_mode": "mean"}
+    loftq = {**llmm, "method": "loftq", "K": 0}
+    for seed in range(3):
+        write_lm_run(tmp_path, f"llmm-{seed}", llmm, seed, accuracy=0.30 + 0.01 * seed)
+        write_lm_run(tmp_path, f"loftq-{seed}", loftq, seed, accuracy=0.29 + 0.01 * seed)
+        write_lm_run(tmp_path, f"mc-{seed}", {**llmm, "test_mode": "mc"}, seed, accuracy=0.5)
+        write_lm_run(tmp_path, f"train-{seed}", {**loftq, "task": "alpaca"}, seed, eval_loss=1.0 + seed,
+                     eval_perplexity=2.0)
+    text = lm_table.main([str(tmp_path)])
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in text.splitlines()
+            if line.startswith("| ") and "---" not in line and not line.startswith("| Method")}
+    assert rows["llmm llama-2-7b 64 (test_mode=mean)"] == ["3", "31.00", "31.00 ± 1.00", "+1.00 [+1.00, +1.00] (n=3) |"]
+    assert rows["llmm llama-2-7b 64 (test_mode=mc)"][-1] == "- |"  # no loftq run evaluated in mc mode
+    assert "alpaca, held-out loss" in text and "| loftq llama-2-7b 64 | 3 | 2.000 | 2.000 ± 1.000 | - |" in text
