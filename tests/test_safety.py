@@ -21,7 +21,7 @@ from test_resume import glue_argv, gsm8k_argv, llama_dir  # noqa: F401  (the tin
 
 import utils_llmm as U
 from conftest import LLAMA_TARGETS, REPO_ROOT, tiny_llama
-from llmm import LlmmConfig, get_llmm_model, outdirs, save_llmm_adapter
+from llmm import LlmmConfig, get_llmm_model, noise_source, outdirs, save_llmm_adapter
 from llmm.outdirs import PARTIAL_MARKER, RUN_MARKER, atomic_dir
 from scripts import quantize_model, quickstart, test_gsm8k, train_glue, train_gsm8k, train_nlg, training
 
@@ -420,6 +420,7 @@ def test_a_broken_checkpoint_is_refused(tmp_path, fault, message):
     model.save_pretrained(checkpoint)
     (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 1, "max_steps": 4}))
     torch.save({}, checkpoint / "rng_state.pth")
+    torch.save(noise_source(model).state_dict(), checkpoint / training.NOISE_STATE.format(0))
     training.check_checkpoint(str(checkpoint), {"K": 2, "rank": 4})  # intact: accepted
     weights = checkpoint / "adapter_model.safetensors"
     if fault == "nan":
