@@ -137,9 +137,10 @@ def task_records(settings: dict, table: dict, task: str, split: str) -> tuple[li
     return load_mcq(row["dataset"], row.get("dataset_config"), name), f"{row['dataset']} [{name}]"
 
 
-def load_all(settings: dict, table: dict) -> tuple[list[dict], dict[str, tuple[list[dict], str]]]:
-    """Training records and {eval set: (records, where)}: the task's test split first, then the OOD sets."""
-    train, _ = task_records(settings, table, settings["task"], "train")
+def load_all(settings: dict, table: dict, train: bool = True) -> tuple[list[dict], dict[str, tuple[list[dict], str]]]:
+    """Training records (none with ``train=False``) and {eval set: (records, where)}: the task's test split
+    first, then the OOD sets."""
+    train = task_records(settings, table, settings["task"], "train")[0] if train else []
     sets = {settings["task"]: task_records(settings, table, settings["task"], "test")}
     for name in settings["ood"]:
         sets[Path(name).stem if name.endswith((".json", ".jsonl")) else name] = task_records(settings, table, name,
