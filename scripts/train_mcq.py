@@ -60,6 +60,8 @@ def add_flags(parser: argparse.ArgumentParser, table: dict) -> None:
 
 def check_settings(settings: dict, table: dict, args) -> dict:
     method = settings["method"]
+    if isinstance(settings["eval_modes"], dict):  # the table's modes per method
+        settings["eval_modes"] = settings["eval_modes"][method]
     if method != "llmm":
         if args.K not in (None, 0):
             raise ValueError(f"--method {method} trains plain LoRA factors (K = 0); drop --K or use --method llmm")
