@@ -316,3 +316,22 @@ def test_bad_input_is_one_error_line_and_writes_nothing(tiny_dir, tmp_path, caps
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1 and problem in errors[0], errors
     assert not out.exists()
+
+
+def test_bbcnews_articles_become_five_choice_questions(tmp_path):
+    from scripts import prepare_mcq_bbcnews
+
+    corpus = tmp_path / "corpus"
+    topics = ["tech", "sports", "politics", "business", "entertainment"]
+    for topic in topics:
+        (corpus / topic).mkdir(parents=True)
+        for i in range(10):
+            (corpus / topic / f"{i}.txt").write_text(f"{topic} article number {i} " + "word " * 30)
+    report = prepare_mcq_bbcnews.main(["--out_dir", str(tmp_path / "out"), "--corpus_dir", str(corpus),
+                                       "--article_words", "5", "--seed", "0", "--max_train", "7", "--max_test", "4"])
+    assert report["sizes"] == {"train": 7, "test": 4}
+    test = load_mcq(str(tmp_path / "out" / "test.jsonl"))
+    assert all(r["choices"] == sorted(topics) for r in test)
+    for record in test:  # the answer is the article's own topic, and only article_words words are kept
+        words = record["question"].split("? ", 1)[1].split()
+        assert len(words) == 5 and words[0] == record["choices"][record["answer"]]
