@@ -18,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 import utils_llmm as U
 from llmm import load_llmm_model

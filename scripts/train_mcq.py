@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+import datasets
 import torch
 from accelerate import PartialState
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
@@ -170,6 +171,17 @@ def load_backbone(settings: dict):
     return model, tokenizer
 
 
+def check_tied_head(model, settings: dict) -> None:
+    """In-process LoftQ replaces each target's weight by its quantized Q; an LM head tied to the input embeddings
+    would quantize those too, so that combination is refused."""
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is model.get_input_embeddings().weight
+    name = next((n for n, m in model.named_modules() if m is head), None)
+    if causal_lm.in_process_loftq(settings) and tied and name in (settings.get("target_modules") or []):
+        raise ValueError(f"in-process LoftQ over {name!r}, which shares its weight with the input embeddings, would "
+                         f"quantize the embeddings too: drop {name} from --target_modules or use --init lora")
+
+
 class LetterTrainer(training.LlmmTrainer):
     """The Llmm Trainer with the answer-letter loss (llmm.tasks.calibration.letter_loss)."""
 
@@ -210,8 +222,8 @@ def evaluate_sets(peft_model, tokenizer, letter_ids, eval_sets: dict, settings: 
                   method: str) -> list[dict]:
     """Every eval set in every mode: one entry per (set, mode) with its defining settings; a reliability PNG per
     set (modes side by side) when ``output_dir`` is given."""
-    head = C.LetterHead(peft_model, letter_ids).to(next(peft_model.parameters()).device)
     device = next(peft_model.parameters()).device
+    head = C.LetterHead(peft_model, letter_ids).to(device)
     entries = []
     for index, (name, (records, where)) in enumerate(eval_sets.items()):
         encoded = [encode_question(tokenizer, r, settings["max_length"]) for r in records]
@@ -249,12 +261,11 @@ def main(argv=None) -> dict:
     model, tokenizer = load_backbone(settings)
     model.config.use_cache = False
     keep_cpu_4bit_trainable(model)
+    check_tied_head(model, settings)
     peft_model = causal_lm.attach_adapter(model, settings)
     peft_model.print_trainable_parameters()
     n_letters = max(len(r["choices"]) for records, _ in [(train_records, ""), *eval_sets.values()] for r in records)
     letter_ids = letter_token_ids(tokenizer, n_letters)
-    import datasets
-
     encode = functools.partial(encode_question, tokenizer, max_length=settings["max_length"])
     train_set = datasets.Dataset.from_list([encode(r) for r in train_records])
     held_out = datasets.Dataset.from_list([encode(r) for r in eval_sets[settings["task"]][0]])

@@ -4,7 +4,6 @@ and an end-to-end train + evaluate + ensemble + table run."""
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -335,3 +334,18 @@ def test_bbcnews_articles_become_five_choice_questions(tmp_path):
     for record in test:  # the answer is the article's own topic, and only article_words words are kept
         words = record["question"].split("? ", 1)[1].split()
         assert len(words) == 5 and words[0] == record["choices"][record["answer"]]
+
+
+def test_loftq_refuses_an_lm_head_tied_to_the_embeddings(tokenizer, tmp_path, capsys):
+    from scripts import train_mcq
+
+    model = tiny_causal_lm(tokenizer)
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.save_pretrained(tmp_path / "tied")
+    tokenizer.save_pretrained(tmp_path / "tied")
+    argv = train_argv(tmp_path / "tied", tmp_path / "run", "--init", "loftq", "--bits", "4", "--loftq_iter", "1")
+    with pytest.raises(SystemExit) as exit_info:
+        U.run_main(lambda: train_mcq.main(argv))
+    assert exit_info.value.code == 2 and "would quantize the embeddings too" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
