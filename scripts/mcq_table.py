@@ -7,7 +7,8 @@ A row is one way of predicting: "llmm int8 K2 mc N=10", "map loftq-nf4 K0 mean",
 "ensemble int8 K0 M=3" (scripts.test_mcq over M runs). A column is the training task (its test split) or an OOD
 pair "obqa->arc_c". A cell is the mean over the runs (seeds) sharing row and column: accuracy and ECE in percent,
 NLL and Brier as they are; with several seeds "mean ±sd (n=3)" (plain sample standard deviation). The published
-BLoB / MAP rows (configs/mcq_published.yaml) come first, marked as published. A last table gives the learned
+BLoB / MAP rows (configs/mcq_published.yaml) come first, marked as published, in the tables where they have a
+figure for a shown column. A last table gives the learned
 distribution's width at the end of training (median over layers of ||Z|| / sqrt(s) / ||M||, factors A / B).
 Two results for the same row, column and seed are an error (pass the run directories you mean).
 """
@@ -107,8 +108,8 @@ def markdown(cells: dict, widths: dict, published: dict) -> str:
     for metric, (title, scale) in METRICS.items():
         out += [f"### {title}", "", "| Method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
         for reference in published.get("references", []):
-            if metric in reference:
-                figures = dict(zip(published["tasks"], reference[metric]))
+            figures = dict(zip(published["tasks"], reference.get(metric, [])))
+            if any(c in figures for c in columns):  # a reference row only where it has a figure to compare
                 out.append(f"| {reference['label']} | "
                            + " | ".join(str(figures[c]) if c in figures else "-" for c in columns) + " |")
         for row in rows:
