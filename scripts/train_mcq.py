@@ -82,6 +82,9 @@ def check_settings(settings: dict, table: dict, args) -> dict:
     init_dir = causal_lm.init_adapter_dir(settings["model_name_or_path"])
     if init_dir is not None:
         causal_lm.check_init_adapter(init_dir, settings)
+        if settings["load_in_8bit"]:
+            raise ValueError("an _init.sh directory holds LoftQ's NF values Q, which 8-bit loading would re-quantize: "
+                             "pass --load_in_8bit false (and --load_in_4bit true for bitsandbytes NF4)")
         settings["init"] = "loftq"
     elif settings["init"] == "loftq" and (settings["load_in_8bit"] or settings["load_in_4bit"]):
         raise ValueError("in-process LoftQ needs the full-precision weights: pass --load_in_8bit false "
