@@ -57,3 +57,18 @@ def ece(probs, labels, n_bins: int = ECE_BINS) -> float:
 
 def calibration_metrics(probs, labels, n_bins: int = ECE_BINS) -> dict[str, float]:
     return {"nll": nll(probs, labels), "brier": brier(probs, labels), "ece": ece(probs, labels, n_bins)}
+
+
+def reliability_bins(probs, labels, n_bins: int = ECE_BINS) -> dict[str, list]:
+    """The reliability diagram's bins, as ``ece`` forms them: per bin the count, mean confidence and accuracy
+    (None for an empty bin); sum_b count_b / n * |accuracy_b - confidence_b| is the ECE."""
+    probs, labels = _check(probs, labels)
+    confidence, correct = probs.max(axis=1), (probs.argmax(axis=1) == labels)
+    bins = np.digitize(confidence, np.linspace(0.0, 1.0, n_bins + 1)[1:-1], right=True)
+    count, mean_confidence, accuracy = [], [], []
+    for b in range(n_bins):
+        members = bins == b
+        count.append(int(members.sum()))
+        mean_confidence.append(float(confidence[members].mean()) if members.any() else None)
+        accuracy.append(float(correct[members].mean()) if members.any() else None)
+    return {"count": count, "confidence": mean_confidence, "accuracy": accuracy}

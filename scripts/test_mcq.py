@@ -1,0 +1,150 @@
+"""Evaluate trained multiple-choice runs again, or as a deep ensemble: accuracy, ECE, NLL, Brier per mode.
+
+    python -m scripts.test_mcq --runs runs/mcq/obqa-llmm-int8-s1 --eval_modes mean mc --mc_samples 20 --output_dir OUT
+    python -m scripts.test_mcq --runs runs/mcq/obqa-map-int8-s{1,2,3} --output_dir runs/mcq/obqa-ensemble-int8
+
+One run: its adapter in every --eval_modes mode (default: the run's). Several runs: the deep ensemble, the
+average of the members' mean-mode answer distributions (M = the number of runs; they must share task, backbone,
+model and max_length). The eval sets are the run's task test split and its OOD sets (--ood, --test_data and
+--max_eval_samples override the run's). Settings come from each run's settings.json (configs/mcq.yaml resolved).
+Writes OUTPUT_DIR/results.json and reliability-<set>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+import utils_llmm as U
+from llmm import load_llmm_model
+from llmm.tasks import calibration as C
+from llmm.tasks.mcq import encode_question, letter_token_ids
+from scripts import causal_lm
+from scripts.train_mcq import TABLE, evaluate_sets, load_all, load_backbone
+
+SHARED = ("task", "method", "backbone", "model_name_or_path", "max_length", "dtype", "load_in_8bit", "load_in_4bit")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser.add_argument("--runs", nargs="+", required=True, help="run directories of scripts.train_mcq")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
+    parser.add_argument("--eval_modes", nargs="+", choices=C.MODES, default=None, help="one run: modes to evaluate")
+    parser.add_argument("--mc_samples", type=int, default=None, help="N for mc / dropout (default: the run's)")
+    parser.add_argument("--ood", nargs="*", default=None, help="OOD sets: task rows or .json/.jsonl files")
+    parser.add_argument("--test_data", default=None, help="a .json/.jsonl in-distribution test file")
+    parser.add_argument("--max_eval_samples", type=int, default=None, help="first N questions per set (debug)")
+    parser.add_argument("--per_device_eval_batch_size", type=int, default=None)
+    return parser.parse_args(argv)
+
+
+def run_settings(run: str) -> dict:
+    path = Path(run) / "settings.json"
+    if not path.is_file() or not (Path(run) / "adapter").is_dir():
+        raise FileNotFoundError(f"{run!r} is not a finished train_mcq run (no settings.json / adapter/): pass the "
+                                "run's output directory")
+    return json.loads(path.read_text())
+
+
+def member_settings(args) -> list[dict]:
+    members = [run_settings(run) for run in args.runs]
+    for settings, run in zip(members[1:], args.runs[1:]):
+        differ = [key for key in SHARED if settings.get(key) != members[0].get(key)]
+        if differ:
+            raise ValueError(f"ensemble members must share {differ}: {args.runs[0]!r} and {run!r} differ")
+    overrides = {"eval_modes": args.eval_modes, "mc_samples": args.mc_samples, "ood": args.ood,
+                 "test_data": args.test_data, "max_eval_samples": args.max_eval_samples,
+                 "per_device_eval_batch_size": args.per_device_eval_batch_size}
+    for settings, run in zip(members, args.runs):
+        settings.update({key: value for key, value in overrides.items() if value is not None})
+        settings["run"] = run
+        if args.max_eval_samples is None:
+            settings["max_eval_samples"] = None  # the run's debug cap applies to its own evaluation only
+        if causal_lm.in_process_loftq(settings):  # the quantized backbone the run wrote beside its adapter
+            settings["model_name_or_path"] = str(Path(run) / "backbone")
+    if len(members) > 1 and args.eval_modes:
+        raise ValueError("--eval_modes applies to one run; several runs are evaluated as a deep ensemble")
+    C.check_n_samples(members[0]["mc_samples"])
+    return members
+
+
+def load_member(settings: dict):
+    """(peft model, tokenizer) of one run: its backbone and adapter (M and Z), in eval mode."""
+    model, tokenizer = load_backbone(settings)
+    model = load_llmm_model(model, str(Path(settings["run"]) / "adapter"), k=settings["K"])
+    if not (settings["load_in_8bit"] or settings["load_in_4bit"]):
+        model = model.to(next(model.parameters()).device)
+    return model.eval(), tokenizer
+
+
+def ensemble(members: list[dict], eval_sets: dict, output_dir: Path) -> list[dict]:
+    """The deep ensemble over every eval set: members loaded one at a time, distributions averaged."""
+    first = members[0]
+    state = {}
+
+    def heads():
+        for settings in members:
+            model, tokenizer = load_member(settings)
+            letters = letter_token_ids(tokenizer, max(len(r["choices"]) for rs, _ in eval_sets.values() for r in rs))
+            device = next(model.parameters()).device
+            state["batches"] = {
+                name: C.batches([encode_question(tokenizer, r, first["max_length"]) for r in records],
+                                first["per_device_eval_batch_size"], tokenizer.pad_token_id, device)
+                for name, (records, _) in eval_sets.items()}
+            yield C.LetterHead(model, letters).to(device)
+            del model
+
+    sums, labels = {}, {}
+    started = time.time()
+    for head in heads():
+        for name, batch_list in state["batches"].items():
+            probs, labels[name] = C.predict(head, batch_list, "mean")
+            sums[name] = sums.get(name, 0) + probs
+    entries, seeds = [], [settings["seed"] for settings in members]
+    for index, (name, (_, where)) in enumerate(eval_sets.items()):
+        report = C.evaluate(sums[name] / len(members), labels[name])
+        entries.append({"eval_set": name, "shift": "in-distribution" if index == 0 else "ood", "where": where,
+                        "mode": "ensemble", "N": len(members), "method": "ensemble", "seed": seeds,
+                        "K": first["K"], "backbone": first["backbone"], **report})
+        U.logger.info("%s ensemble (M=%d): accuracy %.4f, ECE %.4f, NLL %.4f, Brier %.4f", name, len(members),
+                      report["accuracy"], report["ece"], report["nll"], report["brier"])
+        C.plot_reliability(output_dir / f"reliability-{name}.png", {f"{name} ensemble M={len(members)}": report})
+    for entry in entries:
+        entry["wall_time_s"] = time.time() - started
+    return entries
+
+
+def main(argv=None) -> dict:
+    started = time.time()
+    args = parse_args(argv)
+    members = member_settings(args)
+    output_dir = Path(args.output_dir)
+    U.check_output_dir(output_dir, args.overwrite)
+    table = U.read_yaml(TABLE)
+    first = members[0]
+    _, eval_sets = load_all(first, table, train=False)
+    U.prepare_output_dir(output_dir, args.overwrite)
+    if len(members) == 1:
+        model, tokenizer = load_member(first)
+        letters = letter_token_ids(tokenizer, max(len(r["choices"]) for rs, _ in eval_sets.values() for r in rs))
+        evaluations = evaluate_sets(model, tokenizer, letters, eval_sets, first, output_dir, first["method"])
+        method, seed = first["method"], first["seed"]
+    else:
+        evaluations = ensemble(members, eval_sets, output_dir)
+        method, seed = "ensemble", [m["seed"] for m in members]
+    results = {"task": first["task"], "method": method, "seed": seed, "K": first["K"], "backbone": first["backbone"],
+               "llmmscale": first["llmmscale"], "rank": first["rank"], "model": first["model_name_or_path"],
+               "runs": args.runs, "members": len(members), "evaluations": evaluations,
+               "wall_time_s": time.time() - started, "versions": U.versions(), "complete": True}
+    U.write_json(output_dir / "results.json", results)
+    U.logger.info("results -> %s", output_dir / "results.json")
+    return results
+
+
+if __name__ == "__main__":
+    U.run_main(lambda: main(sys.argv[1:]))

@@ -1,0 +1,309 @@
+"""Fine-tune a causal LM on a multiple-choice task (BLoB's calibration protocol), then measure its calibration.
+
+    python -m scripts.train_mcq --task obqa --method llmm --seed 1 --output_dir runs/mcq/obqa-llmm-int8-s1
+    python -m scripts.train_mcq --task obqa --method map --seed 1 --output_dir runs/mcq/obqa-map-int8-s1
+    python -m scripts.train_mcq --task obqa --method map --init loftq --load_in_8bit false --bits 4 ...  # LoftQ NF4
+    python -m scripts.train_mcq --task obqa --method mcdropout --eval_modes mean dropout ...
+    python -m scripts.train_mcq --task arc_e --model_name_or_path ./tiny --train_data arc.jsonl \
+        --test_data arc.jsonl --max_steps 2 --load_in_8bit false --dtype float32 --output_dir /tmp/run
+
+Settings: configs/mcq.yaml (row = task), any of them overridable by a flag. Training: the HF Trainer of the
+causal-LM scripts (scripts/causal_lm.py, scripts/training.py); the loss is the cross-entropy of the answer
+letter under the next-token distribution restricted to the question's letters (llmm.tasks). After training the
+in-distribution test split and the row's OOD sets are evaluated in every --eval_modes mode (mean, sample, mc with
+mc_samples networks, dropout), reporting accuracy, ECE (15 bins), NLL and Brier. The width of the learned
+Gaussian (||Z|| / sqrt(s) / ||M|| per factor and layer, llmm.width) is recorded every logging_steps.
+Writes OUTPUT_DIR/{adapter/, mean_adapter/, results.json, settings.json, curves.png, reliability-<set>.png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import torch
+from accelerate import PartialState
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+
+import utils_llmm as U
+from llmm.model import keep_cpu_4bit_trainable
+from llmm.tasks import calibration as C
+from llmm.tasks.mcq import encode_question, letter_token_ids, load_mcq
+from llmm.width import distribution_width, width_summary
+from scripts import causal_lm, training
+
+TABLE = U.CONFIGS / "mcq.yaml"
+METHODS = ("llmm", "map", "mcdropout")
+SAMPLED_MODES = ("mc", "dropout")  # modes that average mc_samples passes
+
+
+# --- settings ------------------------------------------------------------------------------------------------------
+
+def add_flags(parser: argparse.ArgumentParser, table: dict) -> None:
+    parser.add_argument("--task", required=True, choices=[row["task"] for row in table["rows"]])
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
+    parser.add_argument("--method", choices=METHODS, default=None, help="override the table's method")
+    parser.add_argument("--init", choices=("lora", "loftq"), default=None, help="override the table's init")
+    parser.add_argument("--target_modules", nargs="+", default=None, help="override the table's target modules")
+    parser.add_argument("--eval_modes", nargs="+", choices=C.MODES, default=None, help="override the table's")
+    parser.add_argument("--ood", nargs="*", default=None,
+                        help="OOD sets to evaluate: task rows or .json/.jsonl files (default: the row's ood)")
+    parser.add_argument("--max_train_samples", type=int, default=None, help="first N training questions (debug)")
+    parser.add_argument("--max_eval_samples", type=int, default=None, help="first N questions per test set (debug)")
+    training.add_resume_flag(parser)
+    U.add_setting_flags(parser, table)
+
+
+def check_settings(settings: dict, table: dict, args) -> dict:
+    method = settings["method"]
+    if isinstance(settings["eval_modes"], dict):  # the table's modes per method
+        settings["eval_modes"] = settings["eval_modes"][method]
+    if method != "llmm":
+        if args.K not in (None, 0):
+            raise ValueError(f"--method {method} trains plain LoRA factors (K = 0); drop --K or use --method llmm")
+        settings["K"] = 0
+    if method == "mcdropout":
+        if args.lora_dropout is not None:
+            raise ValueError("--method mcdropout takes its dropout from mc_dropout; drop --lora_dropout")
+        settings["lora_dropout"] = settings["mc_dropout"]
+    if "dropout" in settings["eval_modes"] and not settings["lora_dropout"] > 0:
+        raise ValueError("eval mode 'dropout' needs dropout in the adapters: use --method mcdropout")
+    unknown = [m for m in settings["eval_modes"] if m not in C.MODES]
+    if unknown:
+        raise ValueError(f"unknown eval mode(s) {unknown} in the table; known: {C.MODES}")
+    C.check_n_samples(settings["mc_samples"])
+    if settings["load_in_8bit"] and settings["load_in_4bit"]:
+        raise ValueError("load_in_8bit and load_in_4bit are both true: choose one backbone precision")
+    init_dir = causal_lm.init_adapter_dir(settings["model_name_or_path"])
+    if init_dir is not None:
+        causal_lm.check_init_adapter(init_dir, settings)
+        if settings["load_in_8bit"]:
+            raise ValueError("an _init.sh directory holds LoftQ's NF values Q, which 8-bit loading would re-quantize: "
+                             "pass --load_in_8bit false (and --load_in_4bit true for bitsandbytes NF4)")
+        settings["init"] = "loftq"
+    elif settings["init"] == "loftq" and (settings["load_in_8bit"] or settings["load_in_4bit"]):
+        raise ValueError("in-process LoftQ needs the full-precision weights: pass --load_in_8bit false "
+                         "--load_in_4bit false (LoftQ then fake-quantizes them at --bits), or an _init.sh directory")
+    if settings["dtype"] not in causal_lm.DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(causal_lm.DTYPES)}, got {settings['dtype']!r}")
+    if not 0 <= settings["warmup_ratio"] < 1:
+        raise ValueError(f"warmup_ratio must be in [0, 1), got {settings['warmup_ratio']}")
+    if not settings.get("train_data") and not settings.get("train_split"):
+        raise ValueError(f"task {settings['task']!r} is an evaluation-only set (no train split): train on another "
+                         "task and list it under --ood, or pass --train_data FILE")
+    rows = {row["task"]: row for row in U.table_rows(table)}
+    for name in settings["ood"]:
+        if name not in rows and not name.endswith((".json", ".jsonl")):
+            raise ValueError(f"OOD set {name!r} is neither a task row ({sorted(rows)}) nor a .json/.jsonl file")
+    U.check_adapter_settings(settings)
+    U.check_data_paths(train_data=settings.get("train_data"), test_data=settings.get("test_data"),
+                       ood=[n for n in settings["ood"] if n.endswith((".json", ".jsonl"))])
+    U.check_model_path(settings["model_name_or_path"])
+    settings["backbone"] = backbone_name(settings)
+    return settings
+
+
+def parse_settings(argv=None) -> dict:
+    table = U.read_yaml(TABLE)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    add_flags(parser, table)
+    args = parser.parse_args(argv)
+    return check_settings(U.resolve_settings(table, args), table, args)
+
+
+def backbone_name(settings: dict) -> str:
+    """What the adapters sit on: int8 (LLM.int8), nf4 (bitsandbytes), nf4/nf2 LoftQ, or the 16/32-bit weights."""
+    if settings["load_in_8bit"]:
+        return "int8"
+    if settings["init"] == "loftq":
+        return f"loftq-{settings['quant']}{settings['bits']}"
+    if settings["load_in_4bit"]:
+        return "nf4"
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[settings["dtype"]]
+
+
+# --- data ----------------------------------------------------------------------------------------------------------
+
+def task_records(settings: dict, table: dict, task: str, split: str) -> tuple[list[dict], str]:
+    """(normalised records, where from) of one split ("train" / "test") of a task row, or of a local file."""
+    if task.endswith((".json", ".jsonl")):
+        return load_mcq(task), task
+    row = settings if task == settings["task"] else U.select_row(table, task=task)
+    local = row.get(f"{split}_data")
+    if local:
+        return load_mcq(local), local
+    name = row[f"{split}_split"]
+    if not name:
+        raise ValueError(f"task {task!r} has no {split} split")
+    return load_mcq(row["dataset"], row.get("dataset_config"), name), f"{row['dataset']} [{name}]"
+
+
+def load_all(settings: dict, table: dict, train: bool = True) -> tuple[list[dict], dict[str, tuple[list[dict], str]]]:
+    """Training records (none with ``train=False``) and {eval set: (records, where)}: the task's test split
+    first, then the OOD sets."""
+    train = task_records(settings, table, settings["task"], "train")[0] if train else []
+    sets = {settings["task"]: task_records(settings, table, settings["task"], "test")}
+    for name in settings["ood"]:
+        sets[Path(name).stem if name.endswith((".json", ".jsonl")) else name] = task_records(settings, table, name,
+                                                                                           "test")
+    limit = settings.get("max_eval_samples")
+    sets = {name: (records[:limit] if limit else records, where) for name, (records, where) in sets.items()}
+    if settings.get("max_train_samples"):
+        train = train[:settings["max_train_samples"]]
+    return train, sets
+
+
+# --- model ---------------------------------------------------------------------------------------------------------
+
+def load_backbone(settings: dict):
+    """causal_lm.load_backbone, plus bitsandbytes LLM.int8 (BLoB's 8-bit backbone) on this process's device."""
+    if not settings["load_in_8bit"]:
+        return causal_lm.load_backbone(settings)
+    model = U.load_pretrained(AutoModelForCausalLM, settings["model_name_or_path"],
+                              dtype=causal_lm.DTYPES[settings["dtype"]],
+                              quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+                              device_map={"": PartialState().device})
+    tokenizer = U.load_pretrained(AutoTokenizer, settings["model_name_or_path"])
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    return model, tokenizer
+
+
+def check_tied_head(model, settings: dict) -> None:
+    """In-process LoftQ replaces each target's weight by its quantized Q; an LM head tied to the input embeddings
+    would quantize those too, so that combination is refused."""
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is model.get_input_embeddings().weight
+    name = next((n for n, m in model.named_modules() if m is head), None)
+    if causal_lm.in_process_loftq(settings) and tied and name in (settings.get("target_modules") or []):
+        raise ValueError(f"in-process LoftQ over {name!r}, which shares its weight with the input embeddings, would "
+                         f"quantize the embeddings too: drop {name} from --target_modules or use --init lora")
+
+
+class LetterTrainer(training.LlmmTrainer):
+    """The Llmm Trainer with the answer-letter loss (llmm.tasks.calibration.letter_loss)."""
+
+    def __init__(self, *args, letter_ids: list[int], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.letter_ids = torch.tensor(letter_ids)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        logits = C.letter_logits(model, inputs["input_ids"], inputs["attention_mask"], inputs["n_choices"],
+                                 self.letter_ids)
+        loss = torch.nn.functional.cross_entropy(logits, inputs["labels"].to(logits.device))
+        return (loss, {"logits": logits}) if return_outputs else loss
+
+
+class WidthCallback(TrainerCallback):
+    """Records the learned distribution's width (llmm.width) at the start and at every logging step."""
+
+    def __init__(self):
+        self.history = []
+
+    def record(self, state, model):
+        self.history.append({"step": state.global_step, **width_summary(distribution_width(model))})
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.record(state, model)
+
+    def on_log(self, args, state, control, model=None, **kwargs):
+        self.record_new(state, model)
+
+    def record_new(self, state, model):
+        if not self.history or self.history[-1]["step"] != state.global_step:
+            self.record(state, model)
+
+
+# --- evaluation ----------------------------------------------------------------------------------------------------
+
+def evaluate_sets(peft_model, tokenizer, letter_ids, eval_sets: dict, settings: dict, output_dir: Path | None,
+                  method: str) -> list[dict]:
+    """Every eval set in every mode: one entry per (set, mode) with its defining settings; a reliability PNG per
+    set (modes side by side) when ``output_dir`` is given."""
+    device = next(peft_model.parameters()).device
+    head = C.LetterHead(peft_model, letter_ids).to(device)
+    entries = []
+    for index, (name, (records, where)) in enumerate(eval_sets.items()):
+        encoded = [encode_question(tokenizer, r, settings["max_length"]) for r in records]
+        batches = C.batches(encoded, settings["per_device_eval_batch_size"], tokenizer.pad_token_id, device)
+        reports = {}
+        for mode in settings["eval_modes"]:
+            n_samples = settings["mc_samples"] if mode in SAMPLED_MODES else 1
+            torch.manual_seed(settings["seed"])  # the same noise draws for every set and rerun
+            started = time.time()
+            probs, labels = C.predict(head, batches, mode, n_samples)
+            report = C.evaluate(probs, labels)
+            reports[f"{name} {mode}" + (f" N={n_samples}" if mode in SAMPLED_MODES else "")] = report
+            entries.append({"eval_set": name, "shift": "in-distribution" if index == 0 else "ood", "where": where,
+                            "mode": mode, "N": n_samples, "method": method, "seed": settings["seed"],
+                            "K": settings["K"], "backbone": settings["backbone"], "wall_time_s": time.time() - started,
+                            **report})
+            U.logger.info("%s %s (N=%d): accuracy %.4f, ECE %.4f, NLL %.4f, Brier %.4f", name, mode, n_samples,
+                          report["accuracy"], report["ece"], report["nll"], report["brier"])
+        if output_dir is not None:
+            C.plot_reliability(output_dir / f"reliability-{name}.png", reports)
+    return entries
+
+
+def main(argv=None) -> dict:
+    started = time.time()
+    table = U.read_yaml(TABLE)
+    settings = parse_settings(argv)
+    output_dir = Path(settings["output_dir"])
+    checkpoint = training.find_checkpoint(settings.get("resume_from_checkpoint"), output_dir / "checkpoints")
+    if checkpoint:
+        training.check_checkpoint(checkpoint, settings)
+    U.check_output_dir(output_dir, settings["overwrite"], resume=checkpoint is not None)
+    train_records, eval_sets = load_all(settings, table)
+    U.seed_everything(settings["seed"])
+    model, tokenizer = load_backbone(settings)
+    model.config.use_cache = False
+    keep_cpu_4bit_trainable(model)
+    check_tied_head(model, settings)
+    peft_model = causal_lm.attach_adapter(model, settings)
+    peft_model.print_trainable_parameters()
+    n_letters = max(len(r["choices"]) for records, _ in [(train_records, ""), *eval_sets.values()] for r in records)
+    letter_ids = letter_token_ids(tokenizer, n_letters)
+    encode = functools.partial(encode_question, tokenizer, max_length=settings["max_length"])
+    train_set = datasets.Dataset.from_list([encode(r) for r in train_records])
+    held_out = datasets.Dataset.from_list([encode(r) for r in eval_sets[settings["task"]][0]])
+    arguments = causal_lm.training_arguments(settings, output_dir, resume=checkpoint is not None)
+    U.make_output_dir(output_dir, settings["overwrite"], resume=checkpoint is not None)
+    width = WidthCallback()
+    trainer = LetterTrainer(model=peft_model, args=arguments, train_dataset=train_set, eval_dataset=held_out,
+                            data_collator=functools.partial(C.collate, pad_token_id=tokenizer.pad_token_id),
+                            processing_class=tokenizer, callbacks=[width], letter_ids=letter_ids)
+    if trainer.is_world_process_zero():
+        U.write_json(output_dir / "settings.json", {**settings, "resumed_from": checkpoint, "versions": U.versions()})
+    outcome = trainer.train(resume_from_checkpoint=checkpoint)
+    width.record_new(trainer.state, peft_model)
+    if not trainer.is_world_process_zero():
+        return {}
+    evaluations = evaluate_sets(peft_model, tokenizer, letter_ids, eval_sets, settings, output_dir,
+                                settings["method"])
+    history = trainer.state.log_history
+    results = {
+        "task": settings["task"], "method": settings["method"], "seed": settings["seed"], "K": settings["K"],
+        "llmmscale": settings["llmmscale"], "rank": settings["rank"], "backbone": settings["backbone"],
+        "bits": settings["bits"] if settings["init"] == "loftq" else None, "init": settings["init"],
+        "model": settings["model_name_or_path"], "eval_modes": settings["eval_modes"],
+        "mc_samples": settings["mc_samples"], "n_train": len(train_set), "train_loss": outcome.training_loss,
+        "global_step": trainer.state.global_step, "evaluations": evaluations,
+        "width": {"definition": "||Z||_F / (sqrt(llmmscale) ||M||_F) per factor and layer (llmm.width)",
+                  "history": width.history, "final_per_layer": distribution_width(peft_model)},
+        "history": history, "resumed_from": checkpoint, "wall_time_s": time.time() - started, "complete": True,
+    }
+    causal_lm.save_run(peft_model, tokenizer, settings, output_dir)
+    U.write_json(output_dir / "results.json", results)
+    U.plot_curves(output_dir / "curves.png", causal_lm.curves(history), xlabel="optimizer step")
+    U.logger.info("results -> %s", output_dir / "results.json")
+    return results
+
+
+if __name__ == "__main__":
+    U.run_main(lambda: main(sys.argv[1:]))

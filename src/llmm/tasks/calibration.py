@@ -1,0 +1,170 @@
+"""Answer distributions of a causal LM over the letters of multiple-choice questions, and their calibration.
+
+    head = LetterHead(peft_model, letter_ids)                 # logits of " A", " B", ... at each question's cue
+    probs, labels = predict(head, batches, mode="mc", n_samples=10)
+    report = evaluate(probs, labels)                          # accuracy, ECE (15 bins), NLL, Brier
+
+Modes (one predictive distribution p(letter | question) per question, over its own choices only):
+
+- ``mean``: the mean network (eps = 0; for K = 0 the plain LoRA adapter).
+- ``sample``: one fresh noise draw per batch (the reference's noisy evaluation).
+- ``mc``: the average of the softmax of N sampled networks, ``llmm.mc_predict`` (one draw per network per batch).
+- ``dropout``: MC-dropout, the average over N forward passes with every dropout layer on (noise at its mean).
+- ``ensemble`` (``predict_ensemble``): the average of the mean-mode distributions of M adapters.
+
+The head reads the logits at each row's last attended token (batches are right-padded) through the model's
+``logits_to_keep`` argument, so only a few positions reach the (possibly adapted) LM head.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from torch import nn
+
+from llmm.metrics import ECE_BINS, calibration_metrics, reliability_bins
+from llmm.model import llmm_layers, noise_mode
+from llmm.predict import mc_predict
+
+MODES = ("mean", "sample", "mc", "dropout")
+
+
+def letter_logits(model, input_ids, attention_mask, n_choices, letter_ids: torch.Tensor) -> torch.Tensor:
+    """(batch, len(letter_ids)) float32 logits of the letters at each row's last token; -inf past its choices."""
+    last = attention_mask.sum(dim=1) - 1
+    positions = torch.unique(last)  # sorted; a few distinct positions, not the whole sequence
+    output = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=positions)
+    rows = output.logits[torch.arange(len(last), device=last.device), torch.searchsorted(positions, last)]
+    logits = rows[:, letter_ids.to(rows.device)].float()
+    beyond = torch.arange(len(letter_ids), device=logits.device)[None, :] >= n_choices.to(logits.device)[:, None]
+    return logits.masked_fill(beyond, float("-inf"))
+
+
+class LetterHead(nn.Module):
+    """A causal LM seen as a classifier over answer letters (``llmm.mc_predict`` and dropout sampling use it)."""
+
+    def __init__(self, model: nn.Module, letter_ids: list[int]):
+        super().__init__()
+        self.model = model
+        self.register_buffer("letter_ids", torch.tensor(letter_ids), persistent=False)
+
+    def forward(self, input_ids, attention_mask, n_choices):
+        return SimpleNamespace(logits=letter_logits(self.model, input_ids, attention_mask, n_choices, self.letter_ids))
+
+
+def collate(features: list[dict], pad_token_id: int) -> dict:
+    """Right-padded tensors of encoded questions (``llmm.tasks.mcq.encode_question``)."""
+    width = max(len(f["input_ids"]) for f in features)
+    pad = [width - len(f["input_ids"]) for f in features]
+    return {
+        "input_ids": torch.tensor([f["input_ids"] + [pad_token_id] * p for f, p in zip(features, pad)]),
+        "attention_mask": torch.tensor([f["attention_mask"] + [0] * p for f, p in zip(features, pad)]),
+        "labels": torch.tensor([f["labels"] for f in features]),
+        "n_choices": torch.tensor([f["n_choices"] for f in features]),
+    }
+
+
+def batches(encoded: list[dict], batch_size: int, pad_token_id: int, device) -> list[dict]:
+    return [{k: v.to(device) for k, v in collate(encoded[i:i + batch_size], pad_token_id).items()}
+            for i in range(0, len(encoded), batch_size)]
+
+
+@contextlib.contextmanager
+def dropout_active(model: nn.Module):
+    """Eval mode with every dropout layer switched on (MC-dropout); the model's modes are restored after."""
+    was_training = model.training
+    dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+    if not any(m.p > 0 for m in dropouts):
+        raise ValueError("MC-dropout needs dropout: the model has no dropout layer with p > 0 (train the "
+                         "mcdropout method, which sets lora_dropout)")
+    model.eval()
+    for module in dropouts:
+        module.train()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def check_n_samples(n_samples) -> int:
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+        raise ValueError(f"the number of samples N must be an integer >= 1, got {n_samples!r}")
+    return n_samples
+
+
+@torch.no_grad()
+def predict(head: LetterHead, batches: list[dict], mode: str, n_samples: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(probs (n, letters), labels (n,)): one predictive distribution per question in the given mode."""
+    if mode not in MODES:
+        raise ValueError(f"unknown evaluation mode {mode!r}; known: {MODES}")
+    check_n_samples(n_samples)
+    llmm_layers(head)  # every adapted layer is an Llmm layer (else the noise modes would silently do nothing)
+    probs, labels = [], []
+    for batch in batches:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        if mode == "mc":
+            p = mc_predict(head, batch, n_samples)
+        elif mode == "sample":
+            p = mc_predict(head, batch, 1)
+        elif mode == "dropout":
+            with dropout_active(head), noise_mode(head, "mean"):
+                p = torch.stack([head(**inputs).logits.softmax(-1) for _ in range(n_samples)]).mean(0)
+        else:
+            head.eval()
+            with noise_mode(head, "mean"):
+                p = head(**inputs).logits.softmax(-1)
+        probs.append(p.float().cpu())
+        labels.append(batch["labels"].cpu())
+    return torch.cat(probs).numpy().astype(np.float64), torch.cat(labels).numpy()
+
+
+def predict_ensemble(heads, batches: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """The deep ensemble: the average of the members' mean-mode distributions (an iterable of heads, so members
+    can be loaded one at a time)."""
+    total, labels, members = None, None, 0
+    for head in heads:
+        probs, labels = predict(head, batches, "mean")
+        total = probs if total is None else total + probs
+        members += 1
+    if members == 0:
+        raise ValueError("an ensemble needs at least one member (M >= 1)")
+    return total / members, labels
+
+
+def evaluate(probs: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS) -> dict:
+    """Accuracy, ECE, NLL and Brier of the distributions, with the reliability diagram's bins."""
+    scores = calibration_metrics(probs, labels, n_bins)
+    return {"accuracy": float((probs.argmax(axis=1) == labels).mean()), **scores, "n": int(len(labels)),
+            "reliability": reliability_bins(probs, labels, n_bins)}
+
+
+def plot_reliability(path, reports: dict[str, dict]) -> None:
+    """One reliability diagram per report ({title: evaluate(...)}): accuracy vs confidence per bin, the
+    diagonal, and each bin's share of the questions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(reports), figsize=(3.6 * len(reports), 3.6), squeeze=False)
+    for axis, (title, report) in zip(axes[0], reports.items()):
+        bins = report["reliability"]
+        width = 1.0 / len(bins["count"])
+        lefts = np.arange(len(bins["count"])) * width
+        accuracy = [a if a is not None else 0.0 for a in bins["accuracy"]]
+        axis.bar(lefts, accuracy, width=width, align="edge", edgecolor="black", alpha=0.7, label="accuracy")
+        axis.plot([0, 1], [0, 1], "--", color="gray")
+        share = np.asarray(bins["count"]) / max(1, sum(bins["count"]))
+        axis.bar(lefts, share, width=width, align="edge", color="red", alpha=0.25, label="share")
+        axis.set_title(f"{title}\nacc {report['accuracy']:.3f}  ECE {report['ece']:.3f}", fontsize=9)
+        axis.set_xlabel("confidence")
+        axis.set_xlim(0, 1)
+        axis.set_ylim(0, 1)
+    axes[0][0].set_ylabel("accuracy")
+    axes[0][0].legend(fontsize=7, loc="upper left")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -1,0 +1,351 @@
+"""Multiple-choice calibration (llmm.tasks, llmm.width, scripts.train_mcq / test_mcq / mcq_table) on a tiny Llama:
+the formats, the letter distribution, the metrics against hand-computed values, the modes' invariants, bad input,
+and an end-to-end train + evaluate + ensemble + table run."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import REPO_ROOT
+from test_prompts import byte_level_tokenizer
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import utils_llmm as U
+from llmm import LlmmConfig, get_llmm_model
+from llmm.tasks import calibration as C
+from llmm.tasks.mcq import LETTERS, encode_question, format_prompt, letter_token_ids, load_mcq, normalise
+from llmm.width import distribution_width, width_summary
+
+DATA = REPO_ROOT / "tests" / "data" / "mcq"
+FORMATS = ("winogrande", "arc", "obqa", "boolq", "mmlu")
+
+
+def make_tokenizer():
+    texts = [format_prompt(r) for name in FORMATS for r in load_mcq(str(DATA / f"{name}.jsonl"))]
+    return byte_level_tokenizer(texts + [f"Answer: {letter}" for letter in LETTERS] * 20, vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+def tiny_causal_lm(tokenizer, seed=0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config).eval()
+
+
+def llmm_model(tokenizer, k=2, dropout=0.0, directions=0.0):
+    config = LlmmConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"], k=k, scale=4.0,
+                        lora_dropout=dropout)
+    model = get_llmm_model(tiny_causal_lm(tokenizer), config)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                parameter.normal_(0, 0.3)
+        for name, parameter in model.named_parameters():  # after the means: the same means for any directions
+            if "lora_llmm" in name:
+                parameter.normal_(0, directions) if directions else parameter.zero_()
+    return model.eval()
+
+
+def question_batches(tokenizer, names=("arc", "winogrande", "boolq"), batch_size=3):
+    records = [r for name in names for r in load_mcq(str(DATA / f"{name}.jsonl"))]
+    encoded = [encode_question(tokenizer, r, max_length=300) for r in records]
+    return C.batches(encoded, batch_size, tokenizer.pad_token_id, "cpu"), records
+
+
+# --- formats -------------------------------------------------------------------------------------------------------
+
+def test_each_format_normalises_to_question_choices_answer():
+    wino, arc, obqa, boolq, mmlu = (load_mcq(str(DATA / f"{name}.jsonl")) for name in FORMATS)
+    assert wino[0] == {"question": wino[0]["question"], "choices": ["Sarah", "Maria"], "answer": 0}
+    assert wino[3]["answer"] == 1 and "_" in wino[3]["question"]
+    assert [len(r["choices"]) for r in arc] == [4, 3, 5, 4]
+    assert arc[1] == {"question": "Which object is a conductor of electricity?",
+                      "choices": ["rubber band", "copper wire", "wooden spoon"], "answer": 1}  # numeric labels "1".."3"
+    assert arc[2]["choices"][arc[2]["answer"]] == "gram"
+    assert obqa[0]["question"] == "The sun is responsible for" and obqa[0]["answer"] == 3
+    assert [r["answer"] for r in boolq] == [1, 0, 1] and boolq[0]["choices"] == ["no", "yes"]
+    assert boolq[0]["question"].startswith("The Sun is the star") and boolq[0]["question"].endswith("is the sun a star")
+    assert mmlu[1]["choices"][mmlu[1]["answer"]] == "newton"
+    assert normalise({"question": "q", "passage": "p", "label": 0})["answer"] == 0  # super_glue's BoolQ
+
+
+def test_prompt_lists_lettered_choices_and_ends_in_the_cue():
+    prompt = format_prompt({"question": "Which?", "choices": ["x", "y", "z"], "answer": 2})
+    assert "Question: Which?\nChoices:\nA) x\nB) y\nC) z\n" in prompt and prompt.endswith("Answer:")
+
+
+@pytest.mark.parametrize("record, problem", [
+    ({"question": "q", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "E"},
+     r"answer key 'E' is not among the choice labels \['A', 'B'\]"),
+    ({"question": "q", "choices": {"text": [], "label": []}, "answerKey": "A"}, "has no choices"),
+    ({"question": "q", "choices": [], "answer": 0}, "has no choices"),
+    ({"question": "q"}, "has no choices"),
+    ({"question": "q", "choices": ["a", "b"], "answer": 2}, "answer 2 is not among the 2 choices"),
+    ({"sentence": "s _", "option1": "a", "option2": "b", "answer": "3"}, "not among the options"),
+    ({"question": "q", "passage": "p", "answer": "maybe"}, "not a yes/no value"),
+    ({"text": "t"}, "not a multiple-choice record"),
+])
+def test_bad_records_are_one_clear_error(record, problem):
+    with pytest.raises(ValueError, match=problem):
+        normalise(record)
+
+
+def test_bad_files_name_the_file_and_record():
+    with pytest.raises(ValueError, match=r"bad_answer_key.jsonl, record 1: answer key 'E' is not among"):
+        load_mcq(str(DATA / "bad_answer_key.jsonl"))
+    with pytest.raises(ValueError, match=r"no_choices.jsonl, record 1: the question has no choices"):
+        load_mcq(str(DATA / "no_choices.jsonl"))
+
+
+def test_letters_are_single_tokens_after_the_cue_and_long_prompts_keep_their_end(tokenizer):
+    ids = letter_token_ids(tokenizer, 5)
+    assert len(set(ids)) == 5
+    for letter, token in zip("ABCDE", ids):
+        assert tokenizer(f"Answer: {letter}", add_special_tokens=False)["input_ids"][-1] == token
+    record = {"question": "word " * 400, "choices": ["a", "b"], "answer": 1}
+    encoded = encode_question(tokenizer, record, max_length=40)
+    assert len(encoded["input_ids"]) == 40 and encoded["input_ids"][0] == tokenizer.bos_token_id
+    assert tokenizer.decode(encoded["input_ids"][1:]).endswith("A) a\nB) b\nAnswer:")
+    assert (encoded["labels"], encoded["n_choices"]) == (1, 2)
+
+
+# --- the letter distribution -----------------------------------------------------------------------------------------
+
+def test_letter_distribution_sums_to_one_over_each_questions_choices(tokenizer):
+    model = llmm_model(tokenizer)
+    batches, records = question_batches(tokenizer)
+    head = C.LetterHead(model, letter_token_ids(tokenizer, 5))
+    probs, labels = C.predict(head, batches, "mean")
+    n_choices = np.array([len(r["choices"]) for r in records])
+    assert probs.shape == (len(records), 5) and set(n_choices) == {2, 3, 4, 5}
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-6)
+    for row, n in zip(probs, n_choices):
+        assert (row[:n] > 0).all() and (row[n:] == 0).all()
+    assert list(labels) == [r["answer"] for r in records]
+
+
+def test_padded_batch_reads_each_questions_own_last_token(tokenizer):
+    """The batched, right-padded head equals an unpadded forward per question, softmax over its letters."""
+    model = llmm_model(tokenizer)
+    batches, records = question_batches(tokenizer, batch_size=4)
+    letters = letter_token_ids(tokenizer, 5)
+    probs, _ = C.predict(C.LetterHead(model, letters), batches, "mean")
+    for row, record in zip(probs, records):
+        ids = torch.tensor([encode_question(tokenizer, record, 300)["input_ids"]])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, -1, letters[:len(record["choices"])]]
+        np.testing.assert_allclose(row[:len(record["choices"])], logits.softmax(-1).numpy(), atol=1e-5)
+
+
+# --- metrics ---------------------------------------------------------------------------------------------------------
+
+def test_accuracy_ece_nll_brier_equal_hand_computed_values():
+    probs = np.array([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.2, 0.8]])
+    labels = np.array([0, 1, 1, 1])
+    report = C.evaluate(probs, labels)
+    assert report["accuracy"] == pytest.approx(0.75)
+    assert report["nll"] == pytest.approx(-(math.log(0.9) + math.log(0.4) + math.log(0.7) + math.log(0.8)) / 4)
+    assert report["brier"] == pytest.approx((0.02 + 0.72 + 0.18 + 0.08) / 4)
+    # four singleton bins of 15: |1 - .9|, |0 - .6|, |1 - .7|, |1 - .8|
+    assert report["ece"] == pytest.approx((0.1 + 0.6 + 0.3 + 0.2) / 4)
+    bins = report["reliability"]
+    assert sum(bins["count"]) == 4 and [i for i, c in enumerate(bins["count"]) if c] == [8, 10, 11, 13]
+    gap = sum(c / 4 * abs(a - f) for c, a, f in zip(bins["count"], bins["accuracy"], bins["confidence"]) if c)
+    assert gap == pytest.approx(report["ece"])
+
+
+# --- modes -----------------------------------------------------------------------------------------------------------
+
+def test_mc_with_zero_directions_equals_mean_and_differs_with_noise(tokenizer):
+    batches, _ = question_batches(tokenizer)
+    letters = letter_token_ids(tokenizer, 5)
+    head = C.LetterHead(llmm_model(tokenizer, directions=0.0), letters)
+    mean, _ = C.predict(head, batches, "mean")
+    torch.manual_seed(0)
+    np.testing.assert_allclose(C.predict(head, batches, "mc", 3)[0], mean, atol=1e-6)
+    np.testing.assert_allclose(C.predict(head, batches, "sample")[0], mean, atol=1e-6)
+    noisy = C.LetterHead(llmm_model(tokenizer, directions=2.0), letters)
+    noisy_mean, _ = C.predict(noisy, batches, "mean")
+    np.testing.assert_allclose(noisy_mean, mean, atol=1e-6)  # same means
+    torch.manual_seed(0)
+    mc = C.predict(noisy, batches, "mc", 4)[0]
+    assert np.abs(mc - mean).max() > 1e-3
+    np.testing.assert_allclose(mc.sum(axis=1), 1.0, atol=1e-6)
+
+
+def test_ensemble_of_one_equals_its_member_and_of_two_their_average(tokenizer):
+    batches, _ = question_batches(tokenizer)
+    letters = letter_token_ids(tokenizer, 5)
+    first = C.LetterHead(llmm_model(tokenizer, k=0), letters)
+    second = C.LetterHead(get_llmm_model(tiny_causal_lm(tokenizer, seed=3), LlmmConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], k=0)).eval(), letters)
+    member, labels = C.predict(first, batches, "mean")
+    alone, alone_labels = C.predict_ensemble([first], batches)
+    np.testing.assert_array_equal(alone, member)
+    np.testing.assert_array_equal(alone_labels, labels)
+    pair, _ = C.predict_ensemble([first, second], batches)
+    np.testing.assert_allclose(pair, (member + C.predict(second, batches, "mean")[0]) / 2, atol=1e-7)
+    with pytest.raises(ValueError, match="at least one member"):
+        C.predict_ensemble([], batches)
+
+
+def test_mc_dropout_samples_only_with_dropout(tokenizer):
+    batches, _ = question_batches(tokenizer)
+    letters = letter_token_ids(tokenizer, 5)
+    head = C.LetterHead(llmm_model(tokenizer, k=0, dropout=0.5), letters)
+    mean, _ = C.predict(head, batches, "mean")
+    torch.manual_seed(0)
+    dropout, _ = C.predict(head, batches, "dropout", 3)
+    assert np.abs(dropout - mean).max() > 1e-3 and not head.training
+    np.testing.assert_array_equal(C.predict(head, batches, "mean")[0], mean)  # dropout is off again
+    with pytest.raises(ValueError, match="MC-dropout needs dropout"):
+        C.predict(C.LetterHead(llmm_model(tokenizer, k=0), letters), batches, "dropout", 2)
+
+
+@pytest.mark.parametrize("n", [0, -1, 1.5, True])
+def test_n_below_one_is_an_error(tokenizer, n):
+    batches, _ = question_batches(tokenizer, names=("boolq",))
+    head = C.LetterHead(llmm_model(tokenizer), letter_token_ids(tokenizer, 2))
+    with pytest.raises(ValueError, match="N must be an integer >= 1"):
+        C.predict(head, batches, "mc", n)
+
+
+def test_width_is_noise_norm_over_mean_norm(tokenizer):
+    model = llmm_model(tokenizer, directions=0.0)
+    widths = distribution_width(model)
+    assert len(widths) == 5 and all(w == {"A": 0.0, "B": 0.0} for w in widths.values())  # Z = 0: a point
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.lora_llmm_A["default"].fill_(1.0)
+    expected = layer.lora_llmm_A["default"].norm().item() / (2.0 * layer.lora_A["default"].weight.norm().item())
+    assert distribution_width(model)["base_model.model.model.layers.0.self_attn.q_proj"]["A"] == pytest.approx(
+        expected)  # sqrt(scale) = 2
+    assert width_summary(distribution_width(model))["A"]["max"] == pytest.approx(expected)
+
+
+# --- scripts end to end ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("mcq") / "tiny-llama"
+    tiny_causal_lm(tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def train_argv(model_dir, out, *extra):
+    return ["--task", "arc_e", "--model_name_or_path", str(model_dir), "--train_data", str(DATA / "arc.jsonl"),
+            "--test_data", str(DATA / "arc.jsonl"), "--load_in_8bit", "false", "--dtype", "float32",
+            "--max_steps", "2", "--logging_steps", "1", "--eval_steps", "2", "--mc_samples", "2",
+            "--output_dir", str(out), *extra]
+
+
+def test_train_evaluate_ensemble_and_table_end_to_end(tiny_dir, tmp_path, capsys):
+    from scripts import mcq_table, test_mcq, train_mcq
+
+    ood = ["--ood", str(DATA / "obqa.jsonl"), str(DATA / "winogrande.jsonl"), str(DATA / "boolq.jsonl")]
+    llmm = train_mcq.main(train_argv(tiny_dir, tmp_path / "llmm", *ood, "--eval_modes", "mean", "mc"))
+    assert (llmm["method"], llmm["K"], llmm["backbone"], llmm["global_step"]) == ("llmm", 2, "fp32", 2)
+    entries = {(e["eval_set"], e["mode"]): e for e in llmm["evaluations"]}
+    assert set(entries) == {(s, m) for s in ("arc_e", "obqa", "winogrande", "boolq") for m in ("mean", "mc")}
+    assert entries[("arc_e", "mc")]["N"] == 2 and entries[("arc_e", "mean")]["shift"] == "in-distribution"
+    assert entries[("boolq", "mean")]["shift"] == "ood" and entries[("boolq", "mean")]["n"] == 3
+    for entry in entries.values():
+        assert 0 <= entry["ece"] <= 1 and entry["nll"] > 0 and 0 <= entry["brier"] <= 2
+    history = llmm["width"]["history"]
+    assert history[0]["step"] == 0 and history[0]["A"]["max"] == 0.0 and history[-1]["step"] == 2
+    assert history[-1]["B"]["max"] > 0  # the directions moved off zero
+    out = tmp_path / "llmm"
+    for name in ("adapter/adapter_config.json", "mean_adapter/adapter_config.json", "curves.png", "settings.json",
+                 "reliability-arc_e.png", "reliability-boolq.png"):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["complete"] and saved["seed"] == 1 and saved["evaluations"][0]["K"] == 2
+    assert json.loads((out / "settings.json").read_text())["learning_rate"] == 1e-4  # the table's, not a default
+
+    for seed in ("1", "2"):
+        train_mcq.main(train_argv(tiny_dir, tmp_path / f"map-s{seed}", "--method", "map", "--seed", seed,
+                                  "--eval_modes", "mean"))
+    one = test_mcq.main(["--runs", str(tmp_path / "map-s1"), "--output_dir", str(tmp_path / "again")])
+    first = json.loads((tmp_path / "map-s1" / "results.json").read_text())["evaluations"][0]
+    assert one["evaluations"][0]["nll"] == pytest.approx(first["nll"], abs=1e-6)  # reloaded adapter, same answers
+    pair = test_mcq.main(["--runs", str(tmp_path / "map-s1"), str(tmp_path / "map-s2"),
+                          "--output_dir", str(tmp_path / "ensemble")])
+    assert pair["method"] == "ensemble" and pair["evaluations"][0]["N"] == 2 and pair["seed"] == [1, 2]
+
+    capsys.readouterr()
+    runs = [str(tmp_path / name) for name in ("llmm", "map-s1", "map-s2", "ensemble")]
+    text = mcq_table.main([*runs, "--output", str(tmp_path / "table.md")])
+    assert "| llmm fp32 K2 mean |" in text and "| ensemble fp32 K0 M=2 |" in text and "arc_e->boolq" in text
+    assert "BLoB (published, Llama-2-7B)" in text and "(n=2)" in text
+    assert (tmp_path / "table.md").read_text() == text
+    with pytest.raises(ValueError, match="two results for 'map fp32 K0 mean'"):
+        mcq_table.main([str(tmp_path)])  # map-s1 and its re-evaluation
+
+
+@pytest.mark.parametrize("extra, problem", [
+    (["--mc_samples", "0"], "N must be an integer >= 1"),
+    (["--train_data", str(DATA / "bad_answer_key.jsonl")], "answer key 'E' is not among the choice labels"),
+    (["--train_data", str(DATA / "no_choices.jsonl")], "the question has no choices"),
+    (["--method", "map", "--K", "2"], "--method map trains plain LoRA factors"),
+    (["--eval_modes", "dropout"], "eval mode 'dropout' needs dropout"),
+    (["--ood", "nowhere"], "OOD set 'nowhere' is neither a task row"),
+])
+def test_bad_input_is_one_error_line_and_writes_nothing(tiny_dir, tmp_path, capsys, extra, problem):
+    from scripts import train_mcq
+
+    out = tmp_path / "run"
+    argv = train_argv(tiny_dir, out)
+    argv = [a for i, a in enumerate(argv) if not (argv[i - 1] == "--train_data" and "--train_data" in extra)
+            and not (a == "--train_data" and "--train_data" in extra)] + extra
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        U.run_main(lambda: train_mcq.main(argv))
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and problem in errors[0], errors
+    assert not out.exists()
+
+
+def test_bbcnews_articles_become_five_choice_questions(tmp_path):
+    from scripts import prepare_mcq_bbcnews
+
+    corpus = tmp_path / "corpus"
+    topics = ["tech", "sports", "politics", "business", "entertainment"]
+    for topic in topics:
+        (corpus / topic).mkdir(parents=True)
+        for i in range(10):
+            (corpus / topic / f"{i}.txt").write_text(f"{topic} article number {i} " + "word " * 30)
+    report = prepare_mcq_bbcnews.main(["--out_dir", str(tmp_path / "out"), "--corpus_dir", str(corpus),
+                                       "--article_words", "5", "--seed", "0", "--max_train", "7", "--max_test", "4"])
+    assert report["sizes"] == {"train": 7, "test": 4}
+    test = load_mcq(str(tmp_path / "out" / "test.jsonl"))
+    assert all(r["choices"] == sorted(topics) for r in test)
+    for record in test:  # the answer is the article's own topic, and only article_words words are kept
+        words = record["question"].split("? ", 1)[1].split()
+        assert len(words) == 5 and words[0] == record["choices"][record["answer"]]
+
+
+def test_loftq_refuses_an_lm_head_tied_to_the_embeddings(tokenizer, tmp_path, capsys):
+    from scripts import train_mcq
+
+    model = tiny_causal_lm(tokenizer)
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.save_pretrained(tmp_path / "tied")
+    tokenizer.save_pretrained(tmp_path / "tied")
+    argv = train_argv(tmp_path / "tied", tmp_path / "run", "--init", "loftq", "--bits", "4", "--loftq_iter", "1")
+    with pytest.raises(SystemExit) as exit_info:
+        U.run_main(lambda: train_mcq.main(argv))
+    assert exit_info.value.code == 2 and "would quantize the embeddings too" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Uncertainty you can measure: BLoB's multiple-choice calibration protocol (configs/mcq.yaml) with Llmm and its
+# baselines, then the comparison table.
+#   Model:    meta-llama/Llama-2-7b-hf (the rows' model_name_or_path; MODEL=<hub id | local dir> overrides)
+#   Hardware: one GPU per run (7B backbone in 8-bit, batch 4 x 300 tokens, rank 8); CPU only for smoke runs.
+#   Numbers:  every hyperparameter is in configs/mcq.yaml; this script only loops over tasks, methods, backbones
+#             and seeds.
+#   Output:   $OUT/<task>/<method>-<backbone>/seed<seed>/ per run (train + in-distribution and OOD evaluation),
+#             $OUT/<task>/ensemble-<backbone>/ (the deep ensemble of the map runs), then $OUT/table.md.
+#
+# Override with environment variables; extra arguments go to every training run:
+#   TASKS="obqa boolq" METHODS="map llmm" SEEDS="1 2 3" BACKBONES="int8 nf4 nf2" bash train_mcq.sh
+#   backbones: int8 (BLoB's bitsandbytes 8-bit) | nf4 / nf2 (LoftQ in-process, 16-bit storage) | bf16
+#   LAUNCH="accelerate launch" bash train_mcq.sh;  bash train_mcq.sh --max_steps 10   (a smoke run)
+# A run whose results.json is complete is skipped; an interrupted one resumes from its newest checkpoint.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+TASKS=${TASKS:-"winogrande_s arc_c arc_e winogrande_m obqa boolq"}
+METHODS=${METHODS:-"map mcdropout llmm"}
+BACKBONES=${BACKBONES:-"int8"}
+SEEDS=${SEEDS:-"1 2 3"}
+OUT=${OUT:-runs/mcq}
+LAUNCH=${LAUNCH:-python}
+
+backbone_flags() {  # the backbone's name -> the table's settings that select it
+  case "$1" in
+    int8) echo "--load_in_8bit true" ;;
+    nf4) echo "--load_in_8bit false --init loftq --quant nf --bits 4" ;;
+    nf2) echo "--load_in_8bit false --init loftq --quant nf --bits 2" ;;
+    bf16) echo "--load_in_8bit false --init lora --dtype bfloat16" ;;
+    *) echo "error: unknown backbone '$1' (int8 | nf4 | nf2 | bf16)" >&2; exit 2 ;;
+  esac
+}
+
+for task in $TASKS; do
+  for backbone in $BACKBONES; do
+    flags=$(backbone_flags "$backbone")
+    for method in $METHODS; do
+      for seed in $SEEDS; do
+        run="$OUT/$task/$method-$backbone/seed$seed"
+        if grep -qs '"complete": true' "$run/results.json"; then
+          echo "done already: $run"
+          continue
+        fi
+        start=(--overwrite)  # a run with checkpoints continues from its newest one
+        if compgen -G "$run/checkpoints/checkpoint-*" > /dev/null; then start=(--resume_from_checkpoint); fi
+        # shellcheck disable=SC2086
+        $LAUNCH -m scripts.train_mcq --task "$task" --method "$method" --seed "$seed" --data_seed "$seed" $flags \
+          --output_dir "$run" "${start[@]}" ${MODEL:+--model_name_or_path "$MODEL"} "$@"
+      done
+    done
+    members=()
+    for seed in $SEEDS; do members+=("$OUT/$task/map-$backbone/seed$seed"); done
+    if [[ " $METHODS " == *" map "* && ${#members[@]} -gt 1 ]]; then
+      python -m scripts.test_mcq --runs "${members[@]}" --output_dir "$OUT/$task/ensemble-$backbone" --overwrite
+    fi
+  done
+done
+python -m scripts.mcq_table "$OUT" --output "$OUT/table.md"
