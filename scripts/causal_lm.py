@@ -34,7 +34,7 @@ from scripts import training
 from llmm import LlmmConfig, export_mean_adapter, get_llmm_model, load_llmm_model, save_llmm_adapter
 from llmm import stats
 from llmm.model import atomic_dir, init_from_adapter, keep_cpu_4bit_trainable
-from llmm.prompts import load_records
+from llmm.tasks.prompts import load_records
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 METHODS = ("llmm", "loftq", "qlora")

@@ -27,7 +27,7 @@ from datasets import DatasetDict
 from transformers import DataCollatorWithPadding
 
 import llmm
-from llmm.glue import get_task, load_file, load_glue, predict, score, tokenize
+from llmm.tasks.glue import get_task, load_file, load_glue, predict, score, tokenize
 from scripts.train_glue import EVAL_NOISE, load_model
 from utils_llmm import check_data_paths, logger, run_main, seed_everything, write_json
 

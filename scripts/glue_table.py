@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from llmm import stats
-from llmm.glue import TASKS, get_task
+from llmm.tasks.glue import TASKS, get_task
 from utils_llmm import CONFIGS, read_yaml, run_main, table_rows, write_text
 
 COLUMN_ORDER = ("mnli", "qnli", "rte", "sst2", "mrpc", "cola", "qqp", "stsb", "wnli")  # LoftQ's table order

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import utils_llmm as U
 from llmm import stats
-from llmm.glue import get_task
+from llmm.tasks.glue import get_task
 from scripts import prepare_bbcnews, train_glue
 
 TABLE = U.CONFIGS / "quickstart.yaml"

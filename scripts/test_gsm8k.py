@@ -29,7 +29,7 @@ from transformers import GenerationConfig, set_seed
 import utils_llmm as U
 from llmm import LlmmConfig, llmm_layers, load_llmm_model, sample_factor
 from llmm import stats
-from llmm.prompts import (accuracy, encode_prompt, extract_answer, gold_answer, gsm8k_source, is_correct,
+from llmm.tasks.prompts import (accuracy, encode_prompt, extract_answer, gold_answer, gsm8k_source, is_correct,
                           load_records, majority_vote)
 from scripts.causal_lm import add_model_flags, load_backbone, scope_dataset_config
 

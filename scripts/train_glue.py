@@ -52,7 +52,7 @@ from transformers import (
 import llmm
 from llmm import stats
 from llmm.embedding import embedding_targets
-from llmm.glue import TASKS, GlueTask, get_task, load_glue, predict, score, tokenize
+from llmm.tasks.glue import TASKS, GlueTask, get_task, load_glue, predict, score, tokenize
 from llmm.model import atomic_dir
 from llmm.predict import mc_predict, mc_regress
 from llmm.quant import ALLOWED_METHODS, fake_quantize

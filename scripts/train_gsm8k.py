@@ -8,7 +8,7 @@
 Settings: configs/gsm8k.yaml: its defaults, or the row --model names (its checkpoints; --rank picks among a
 model's rows), then any flag. Source = question + "\\nAnswer the above question. First think step by step and
 then answer the final number.\\n"; target = the worked answer with "####" -> "The final answer is: "; at most
-max_length tokens (src/llmm/prompts.py).
+max_length tokens (src/llmm/tasks/prompts.py).
 Writes OUTPUT_DIR/{adapter/, mean_adapter/, results.json, settings.json, curves.png} (and backbone/, the
 quantized Q, when --init loftq ran LoftQ in-process); evaluate with test_gsm8k.
 """
@@ -19,7 +19,7 @@ import argparse
 import sys
 
 import utils_llmm as U
-from llmm.prompts import encode_joint, gsm8k_pair
+from llmm.tasks.prompts import encode_joint, gsm8k_pair
 from scripts.causal_lm import add_training_flags, parse_settings, train
 
 TABLE = U.CONFIGS / "gsm8k.yaml"

@@ -8,7 +8,7 @@
 Settings: configs/nlg.yaml: its defaults (with the task's dataset and eval_split), or the row --model names (its
 checkpoints), then any flag. Alpaca: the instruction prompt, loss on the response only (source_max_len,
 target_max_len), held out: a seeded slice of train.
-HH-RLHF: the chosen transcript, no prompt part, held out: the official test split (src/llmm/prompts.py).
+HH-RLHF: the chosen transcript, no prompt part, held out: the official test split (src/llmm/tasks/prompts.py).
 Writes OUTPUT_DIR/{adapter/, mean_adapter/, results.json, settings.json, curves.png} (and backbone/, the
 quantized Q, when --init loftq ran LoftQ in-process).
 """
@@ -19,7 +19,7 @@ import argparse
 import sys
 
 import utils_llmm as U
-from llmm.prompts import PAIRS, encode_source_target
+from llmm.tasks.prompts import PAIRS, encode_source_target
 from scripts.causal_lm import add_training_flags, parse_settings, train
 
 TABLE = U.CONFIGS / "nlg.yaml"

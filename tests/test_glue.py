@@ -21,7 +21,7 @@ from transformers import AutoModelForSequenceClassification, PreTrainedTokenizer
 
 from llmm import LlmmConfig, get_llmm_model, llmm_layers, load_llmm_model, noise_mode
 from llmm.embedding import LlmmEmbedding
-from llmm.glue import LOCAL_ONLY_TASKS, TASKS, get_task, load_glue, task_metrics, tokenize
+from llmm.tasks.glue import LOCAL_ONLY_TASKS, TASKS, get_task, load_glue, task_metrics, tokenize
 from llmm.quant import ALLOWED_METHODS, fake_quantize
 from scripts import eval_glue, glue_table, train_glue
 from utils_llmm import llmm_config, read_yaml, table_rows

@@ -19,7 +19,7 @@ from test_prompts import byte_level_tokenizer
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from llmm import LlmmConfig, get_llmm_model, llmm_layers, load_llmm_model
-from llmm.prompts import encode_prompt, gsm8k_source
+from llmm.tasks.prompts import encode_prompt, gsm8k_source
 from scripts import lm_table, quantize_model, test_gsm8k, train_gsm8k, train_nlg
 from llmm.model import keep_cpu_4bit_trainable
 from scripts.causal_lm import attach_adapter, load_backbone, prepare_for_training, table_settings

@@ -74,7 +74,7 @@ def test_lm_eval_generations_equal_test_gsm8k(tmp_path):
     from test_llama_scripts import save_tiny_llama
 
     from llmm import save_llmm_adapter
-    from llmm.prompts import GSM8K_INSTRUCTION
+    from llmm.tasks.prompts import GSM8K_INSTRUCTION
     from scripts import test_gsm8k
 
     base_dir = save_tiny_llama(tmp_path / "base")

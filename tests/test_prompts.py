@@ -1,12 +1,12 @@
-"""llmm.prompts: task formats, loss masking, data loading errors, GSM8K answer extraction and accuracy."""
+"""llmm.tasks.prompts: task formats, loss masking, data loading errors, GSM8K answer extraction and accuracy."""
 
 import json
 
 import pytest
 from conftest import REPO_ROOT
 
-from llmm import prompts
-from llmm.prompts import IGNORE_INDEX, encode_joint, encode_prompt, encode_source_target, extract_answer
+from llmm.tasks import prompts
+from llmm.tasks.prompts import IGNORE_INDEX, encode_joint, encode_prompt, encode_source_target, extract_answer
 
 DATA = REPO_ROOT / "tests" / "data"
 
