@@ -2,8 +2,8 @@
 # LoftQ-quantize a model: SAVE_DIR/<name>-<bits>bit-<rank>rank/ = backbone with Q, llmm_init/, quantize_report.json.
 # Presets (model, bits, rank, K, ...): configs/quantize.yaml. Any setting can be overridden by a flag.
 # Hardware: runs layer by layer; a 7B model in bfloat16 needs ~16 GiB of host memory. LoftQ's rank-r step is a
-# truncated SVD (loftq_svd: truncated in the table; --loftq_svd exact for the reference's full SVD, ~20x slower on
-# CPU): Llama-2-7B (rank 64, NF4, 5 iterations) takes ~37 min on ONE CPU thread (benchmarks/README.md); DEVICE=cuda
+# truncated SVD (loftq_svd: truncated in the table; --loftq_svd exact for the reference's full SVD, ~30x slower on
+# CPU): Llama-2-7B (rank 64, NF4, 5 iterations) takes ~22 min on ONE CPU thread (benchmarks/README.md); DEVICE=cuda
 # runs it on the GPU.
 # Threads: this script runs LoftQ on one CPU thread unless OMP_NUM_THREADS is set. On your own machine with idle
 # cores, set OMP_NUM_THREADS to their number; on a shared or busy machine keep 1 (there, 2 threads were 6x to 80x

@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_loftq                  # CPU, 1 thread (about 15 min, most of it the exact SVDs)
     python -m benchmarks.bench_loftq --device cuda    # the same on a GPU
+    python -m benchmarks.bench_loftq --exact_from benchmarks/results/loftq_cpu.json   # truncated rows only (minutes)
 
 Rank 64, 5 LoftQ iterations, NF4 and NF2; the truncated SVD with the library's defaults (LlmmConfig). The residual is
 ||W - Q - B A|| / ||W||; "ratio" is truncated / exact (targets: <= 1.001 at NF4, <= 1.005 at NF2). Weights:
@@ -18,14 +19,19 @@ LAPACK's cost grows as m^2 n). Times: wall clock and the process's CPU time (on 
 idle machine's wall clock would be; the machine here is shared). Thread scaling: the same truncated LoftQ on 1
 and on 2 threads per shape (up to 4096 x 4096). The Llama-2-7B estimate sums the per-shape times over its 32 layers
 x (4 of 4096 x 4096 + 3 of 4096 x 11008). Writes benchmarks/results/loftq_<device>.json.
+--exact_from FILE re-measures only the truncated side and takes the exact rows (residual, times) from an earlier
+results file of the same device, for a change that leaves the exact path's results alone; each reused row says so
+("reused_from": that file's date), and the file records it under "exact_from".
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -86,12 +92,16 @@ def timed_loftq(weight: torch.Tensor, bits: int, svd: str, device: str) -> dict:
     return {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "rel_residual": residual}
 
 
-def compare(name: str, weight: torch.Tensor, bits_list, device: str, exact_bits) -> dict:
+def compare(name: str, weight: torch.Tensor, bits_list, exact_bits, device: str, earlier: dict | None) -> dict:
+    """Truncated (and, for ``exact_bits``, exact) LoftQ of one weight; exact rows from ``earlier`` when given."""
     rows = {}
     for bits in bits_list:
         row = {"shape": list(weight.shape), "bits": bits, "truncated": timed_loftq(weight, bits, "truncated", device)}
         if bits in exact_bits:
-            row["exact"] = timed_loftq(weight, bits, "exact", device)
+            if earlier is None:
+                row["exact"] = timed_loftq(weight, bits, "exact", device)
+            else:
+                row["exact"] = earlier["weights"][name][f"nf{bits}"]["exact"] | {"reused_from": earlier["date"]}
             row["ratio"] = row["truncated"]["rel_residual"] / row["exact"]["rel_residual"]
             row["ratio_target"] = TARGETS[bits]
             row["speedup_wall"] = row["exact"]["wall_s"] / row["truncated"]["wall_s"]
@@ -127,28 +137,40 @@ def llama_2_7b_estimate(square: dict, mlp: dict, key: str) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--exact_from", type=Path, default=None,
+                        help="an earlier results JSON of this device: take its exact rows instead of re-running them")
     args = parser.parse_args()
-    U.setup_logging()
     if args.device == "cuda":
         U.require_cuda_for("--device cuda")
+    device = (torch.cuda.get_device_name() if args.device == "cuda"
+              else f"CPU {platform.machine()}, 1 thread ({os.cpu_count()}-core shared VM)")
+    earlier = None
+    if args.exact_from is not None:
+        earlier = json.loads(args.exact_from.read_text()) if args.exact_from.is_file() else {}
+        if earlier.get("device") != device or "weights" not in earlier:
+            print(f"error: --exact_from {args.exact_from} is not an earlier bench_loftq results file of this "
+                  f"device ({device}); run without --exact_from to measure the exact rows", file=sys.stderr)
+            raise SystemExit(2)
+    U.setup_logging()
     torch.set_num_threads(1)
     defaults = LlmmConfig()
+    common = {"device": args.device, "earlier": earlier}
     llama = llama_layer_weights()
     quarter = llama_layer_weights(1024, 2752)
     results = {
-        "device": (torch.cuda.get_device_name() if args.device == "cuda"
-                   else f"CPU {platform.machine()}, 1 thread ({os.cpu_count()}-core shared VM)"),
+        "device": device,
         "date": time.strftime("%Y-%m-%d"), "versions": U.versions(),
         "settings": {"rank": RANK, "loftq_iter": ITERATIONS, "loftq_svd_oversampling": defaults.loftq_svd_oversampling,
                      "loftq_svd_iters": defaults.loftq_svd_iters},
+        "exact_from": None if earlier is None else {"file": str(args.exact_from), "date": earlier["date"]},
         "weights": {
-            "minilm": compare("minilm", minilm_weight(), (4, 2), args.device, exact_bits=(4, 2)),
-            "outliers": compare("outliers", outlier_weight(), (4, 2), args.device, exact_bits=(4, 2)),
-            "llama_q_proj": compare("llama_q_proj", llama["q_proj"], (4, 2), args.device, exact_bits=(4, 2)),
-            "llama_down_proj": compare("llama_down_proj", llama["down_proj"], (4, 2), args.device, exact_bits=()),
-            "llama_gate_proj": compare("llama_gate_proj", llama["gate_proj"], (4,), args.device, exact_bits=()),
-            "llama_down_proj_quarter": compare("llama_down_proj_quarter", quarter["down_proj"], (4, 2), args.device,
-                                               exact_bits=(4, 2)),
+            "minilm": compare("minilm", minilm_weight(), (4, 2), exact_bits=(4, 2), **common),
+            "outliers": compare("outliers", outlier_weight(), (4, 2), exact_bits=(4, 2), **common),
+            "llama_q_proj": compare("llama_q_proj", llama["q_proj"], (4, 2), exact_bits=(4, 2), **common),
+            "llama_down_proj": compare("llama_down_proj", llama["down_proj"], (4, 2), exact_bits=(), **common),
+            "llama_gate_proj": compare("llama_gate_proj", llama["gate_proj"], (4,), exact_bits=(), **common),
+            "llama_down_proj_quarter": compare("llama_down_proj_quarter", quarter["down_proj"], (4, 2),
+                                               exact_bits=(4, 2), **common),
         },
     }
     weights = results["weights"]

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from test_model import load_4bit
 
 from llmm import LlmmConfig, get_llmm_model
-from llmm.quant import fake_quantize, loftq_init, truncated_svd
+from llmm.quant import (_normal_float, _normal_float_scratch, fake_quantize, loftq_init, normal_float_code,
+                        truncated_svd)
 from utils_llmm import read_yaml, run_main
 
 DEFAULTS = LlmmConfig()  # the truncated SVD's default settings, which the tables repeat
@@ -25,6 +26,35 @@ def test_nf4_equals_bitsandbytes():
         weight = torch.randn(shape) * 0.02
         packed, state = quantize_4bit(weight, blocksize=64, quant_type="nf4")
         assert torch.equal(fake_quantize(weight, 4, "nf", 64), dequantize_4bit(packed, state))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_nf_lookup_rounds_like_the_midpoints(bits):
+    # The table lookup must give code[number of midpoints < x] for every x (bitsandbytes' rule, a tie going down):
+    # on random blocks, on each midpoint, code value and their float neighbours, beyond +-1 (a bfloat16-rounded
+    # absmax), on a padded weight and through the buffers LoftQ's loop reuses.
+    code = normal_float_code(bits)
+    midpoints = (code[:-1] + code[1:]) / 2
+    points = torch.cat([midpoints, code, torch.tensor([0.0, -0.0, 1.0, -1.0])])
+    up, down = torch.nextafter(points, torch.tensor(2.0)), torch.nextafter(points, torch.tensor(-2.0))
+    points = torch.cat([points, up, down])
+    rows = -(-points.numel() // 63)
+    edges = torch.cat([torch.nn.functional.pad(points, (0, rows * 63 - points.numel())).view(rows, 63),
+                       torch.ones(rows, 1)], dim=1)  # absmax 1: each block's scaled values are the points
+    torch.manual_seed(0)
+    for weight, absmax_dtype in [(torch.randn(96, 128), None), (torch.randn(96, 128), torch.bfloat16),
+                                 (edges, None), (edges * 3.7, None), (edges, torch.bfloat16),
+                                 (torch.randn(37, 29), None)]:
+        flat = weight.reshape(-1)
+        blocks = torch.nn.functional.pad(flat, (0, -flat.numel() % 64)).view(-1, 64)
+        absmax = blocks.abs().amax(1, keepdim=True)
+        absmax = absmax if absmax_dtype is None else absmax.to(absmax_dtype).float()
+        scaled = (blocks * (1.0 / absmax)).clamp(-1, 1)
+        expected = (code[torch.bucketize(scaled, midpoints)] * absmax).view(-1)[: flat.numel()].view(weight.shape)
+        assert torch.equal(fake_quantize(weight, bits, "nf", absmax_dtype=absmax_dtype), expected)
+        out = torch.empty_like(weight)
+        _normal_float(weight, bits, 64, absmax_dtype, out=out, scratch=_normal_float_scratch(weight))
+        assert torch.equal(out, expected)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])

@@ -120,7 +120,7 @@ class LlmmConfig(LoraConfig):
                   "already oversample)."},
     )
     loftq_svd_iters: int = field(
-        default=4, metadata={"help": "Truncated SVD: power (block Krylov) steps per LoftQ iteration (>= 0)."}
+        default=6, metadata={"help": "Truncated SVD: power (block Krylov) steps per LoftQ iteration (>= 0)."}
     )
     loftq_compensate_scaling: bool = field(
         default=True,

@@ -16,8 +16,10 @@ truncated.
 
 from __future__ import annotations
 
+import sys
 from functools import cache
 
+import numpy as np
 import torch
 from scipy.stats import norm
 
@@ -51,9 +53,51 @@ def normal_float_code(bits: int) -> torch.Tensor:
     return code / code.max()
 
 
-def _normal_float(weight: torch.Tensor, bits: int, block_size: int, absmax_dtype: torch.dtype | None):
-    code = normal_float_code(bits).to(weight.device)
-    midpoints = (code[:-1] + code[1:]) / 2
+@cache
+def _rounding_tables(bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest-code lookup keyed by a float32's top 16 bits (sign, exponent, 7 mantissa bits: 65536 cells).
+
+    The nearest code of x is code[number of midpoints < x] (bitsandbytes' rounding, a tie going down). A cell is
+    an interval of floats; where it holds no midpoint every x in it has the same code, where it holds one (never
+    more: checked), x's code is the lower or the next one depending on x > that midpoint. Returns ``threshold``
+    (65536: the midpoint in the cell, else +inf) and ``values`` (131072: the cell's code below the threshold,
+    then the one above), so that code(x) = values[cell + 65536 * (x > threshold[cell])], exactly.
+    """
+    if sys.byteorder != "little":
+        raise RuntimeError("the normal-float lookup reads a float's high half as the second 16-bit word")
+    code = normal_float_code(bits).double()
+    midpoints = ((normal_float_code(bits)[:-1] + normal_float_code(bits)[1:]) / 2).double()
+    cells = np.arange(2**16, dtype=np.uint32) << 16
+    first, last = cells.view(np.float32), (cells | 0xFFFF).view(np.float32)
+    with np.errstate(invalid="ignore"):
+        low, high = torch.from_numpy(np.fmin(first, last)).double(), torch.from_numpy(np.fmax(first, last)).double()
+    finite = torch.isfinite(low) & torch.isfinite(high)
+    below = torch.searchsorted(midpoints, low)  # midpoints < every x of the cell
+    upto = torch.searchsorted(midpoints, high, right=True)  # midpoints <= the cell's largest x
+    positive = torch.from_numpy((first >= 0) | np.isnan(first))  # infinities and NaNs: the extreme codes
+    below = torch.where(finite, below, torch.where(positive, len(midpoints), 0))
+    inside = torch.where(finite, upto - below, 0)
+    if int(inside.max()) > 1:
+        raise RuntimeError(f"two {bits}-bit code midpoints share a 16-bit cell; the lookup needs a finer key")
+    threshold = torch.where(inside == 1, midpoints[below.clamp(max=len(midpoints) - 1)], torch.inf).float()
+    values = torch.cat([code[below], code[(below + inside).clamp(max=len(code) - 1)]]).float()
+    return threshold.to(device), values.to(device)
+
+
+def _normal_float_scratch(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Weight-sized temporaries of ``_normal_float`` (cell keys, gathered thresholds, comparisons), for reuse."""
+    size, device = weight.numel(), weight.device
+    return (torch.empty(size, dtype=torch.int32, device=device), torch.empty(size, device=device),
+            torch.empty(size, dtype=torch.bool, device=device))
+
+
+def _normal_float(weight: torch.Tensor, bits: int, block_size: int, absmax_dtype: torch.dtype | None,
+                  out: torch.Tensor | None = None, scratch: tuple[torch.Tensor, ...] | None = None):
+    """Blockwise NF fake-quantization. ``out`` (float32, weight's shape, not ``weight``) receives the result and
+    ``scratch`` (``_normal_float_scratch``) holds the temporaries, so that a loop (LoftQ's) allocates nothing per
+    call: on a CPU a fresh weight-sized tensor costs about as much as a pass over it (its pages are mapped and
+    zeroed on first touch); together a third of the quantizer's time at 4096 x 4096."""
+    threshold, values = _rounding_tables(bits, weight.device)
     flat = weight.reshape(-1).float()
     pad = (-flat.numel()) % block_size
     blocks = (torch.nn.functional.pad(flat, (0, pad)) if pad else flat).view(-1, block_size)
@@ -62,11 +106,21 @@ def _normal_float(weight: torch.Tensor, bits: int, block_size: int, absmax_dtype
     if absmax_dtype is not None:
         # Round the block scale to the storage dtype, so that a 16-bit copy of Q re-quantizes losslessly.
         absmax = absmax.to(absmax_dtype).float()
-    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))).clamp_(-1, 1)
-    nearest = torch.bucketize(scaled, midpoints, out_int32=True)
-    del scaled
-    dequantized = code.index_select(0, nearest.view(-1)).view_as(blocks).mul_(absmax)
-    return dequantized.view(-1)[: flat.numel()].view(weight.shape)
+    inverse = 1.0 / absmax.clamp(min=1e-38)  # bitsandbytes' scaling, x * (1 / absmax), bit for bit
+    reuse = not pad  # the buffers are weight-sized: a padded weight (numel not a multiple of the block) allocates
+    scaled = (torch.mul(blocks, inverse, out=out.view(-1, block_size)) if out is not None and reuse
+              else blocks * inverse).view(-1)
+    cell_buffer, threshold_buffer, above_buffer = scratch if scratch is not None and reuse else (None, None, None)
+    # Nearest code by table lookup (``_rounding_tables``): a few memory-bound passes instead of a binary search
+    # per element (torch.bucketize over the midpoints was 4x slower on a CPU thread); no clamp needed, as every
+    # float has a cell and |x| > 1 rounds to the extreme code, as the clamped value did.
+    high_half = scaled.view(torch.uint16)[1::2]  # the float's high half (little-endian)
+    cell = high_half.to(torch.int32) if cell_buffer is None else cell_buffer.copy_(high_half)
+    above = torch.gt(scaled, torch.index_select(threshold, 0, cell, out=threshold_buffer), out=above_buffer)
+    key = cell.add_(above, alpha=threshold.numel())
+    dequantized = torch.index_select(values, 0, key, out=scaled).view_as(blocks).mul_(absmax)  # scaled is spent
+    result = dequantized.view(-1)[: flat.numel()].view(weight.shape)
+    return out.copy_(result) if out is not None and pad else result
 
 
 def _uniform(weight: torch.Tensor, bits: int):
@@ -119,12 +173,13 @@ def truncated_svd(
     A block of l = rank + oversampling columns (``start``, n x l, e.g. the previous call's right basis: a warm
     start; else Gaussian) spans Y_0 = M start; each of ``iterations`` power steps adds Y_i = (M M^T) Y_{i-1},
     orthogonalised against the earlier blocks. Keeping every block (not only the last one, as plain subspace
-    iteration does) is what makes this accurate on the nearly flat spectra of quantization residuals (Musco &
-    Musco, NeurIPS 2015). The exact SVD of the small projection K^T M (K = orthonormal basis of all blocks, at
-    most l (iterations + 1) columns) gives the triplets (Rayleigh-Ritz). Cost: 2 iterations + 2 products of M
-    with a thin block. Where K would span min(m, n) columns anyway, the full SVD is the cheaper way to the same
-    (exact) answer and is used. Returns ``(U_r, S_r, Vh_r, right_basis)``, ``right_basis`` (n x l) being the
-    top-l right singular vectors found, to warm-start the next call.
+    iteration does) is what makes this accurate on the nearly flat spectra of quantization residuals (Musco & Musco,
+    NeurIPS 2015). The exact SVD of the small projection K^T M (K = orthonormal basis of all blocks, at most l
+    (iterations + 1) columns) gives the triplets (Rayleigh-Ritz); its rows B_i^T M are the products the power steps
+    compute anyway, kept. Cost: 2 iterations + 2 products of M with an l-column block. Where K would span min(m, n)
+    columns anyway, the full SVD is the cheaper way to the same (exact) answer and is used. Returns ``(U_r, S_r,
+    Vh_r, right_basis)``, ``right_basis`` (n x l) being the top-l right singular vectors found, to warm-start the
+    next call.
     """
     rows, cols = matrix.shape
     width = rank + oversampling
@@ -134,15 +189,23 @@ def truncated_svd(
     if start is None:
         start = torch.randn(cols, width, generator=generator, device=matrix.device, dtype=matrix.dtype)
     blocks = [torch.linalg.qr(matrix @ start).Q]
-    for _ in range(iterations):
-        block = matrix @ (blocks[-1].T @ matrix).T  # (B^T M)^T: M^T B without a strided pass over M
+    projections = []  # B_i^T M for every block: the rows of K^T M, each computed once
+    for _ in range(iterations + 1):
+        projections.append(blocks[-1].T @ matrix)
+        if len(blocks) == iterations + 1:
+            break
+        block = matrix @ projections[-1].T  # M (B^T M)^T = M M^T B, without a strided pass over M
         earlier = torch.cat(blocks, dim=1)
         for _ in range(2):  # block Gram-Schmidt, twice ("twice is enough")
             block = block - earlier @ (earlier.T @ block)
-        blocks.append(torch.linalg.qr(block).Q)
-    basis = torch.linalg.qr(torch.cat(blocks, dim=1)).Q  # orthonormal even if a block lost rank
+        block = torch.linalg.qr(block).Q
+        # Once more against the earlier blocks, then QR: where the block lost rank, QR's filler columns are
+        # orthonormal among themselves but not to the earlier blocks; K must be orthonormal for K^T M = C.
+        block = torch.linalg.qr(block - earlier @ (earlier.T @ block)).Q
+        blocks.append(block)
+    basis = torch.cat(blocks, dim=1)
     # SVD of the k x n projection C = K^T M through C^T = Q_c R_c: C = svd(R_c^T) Q_c^T (a k x k SVD).
-    factor, triangle = torch.linalg.qr((basis.T @ matrix).T)
+    factor, triangle = torch.linalg.qr(torch.cat(projections).T)
     small_u, singular, small_vh = torch.linalg.svd(triangle.T)
     vh = small_vh[:width] @ factor.T
     return basis @ small_u[:, :rank], singular[:rank], vh[:rank], vh[:width].T
@@ -159,7 +222,7 @@ def loftq_init(
     absmax_dtype: torch.dtype | None = None,
     svd: str = "truncated",
     svd_oversampling: int = 0,
-    svd_iters: int = 4,
+    svd_iters: int = 6,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LoftQ: returns ``(q_weight, lora_A, lora_B)`` (float32, on ``weight``'s device) with W ~ Q + B @ A.
 
@@ -180,11 +243,17 @@ def loftq_init(
     w = weight.float()
     generator = torch.Generator(device=w.device).manual_seed(0)
     lora_A = lora_B = right_basis = None
+    # Weight-sized buffers allocated once for the loop: ``work`` holds W - B A, then (once quantized) W - Q.
+    work = torch.empty_like(w)
+    q_weight = torch.empty_like(w) if method == "nf" else None
+    scratch = _normal_float_scratch(w) if method == "nf" else None
     for _ in range(num_iter):
-        target = w if lora_A is None else torch.addmm(w, lora_B, lora_A, alpha=-1)  # W - B A
-        q_weight = fake_quantize(target, bits, method, block_size, absmax_dtype)
-        del target
-        residual = torch.sub(w, q_weight)
+        target = w if lora_A is None else torch.addmm(w, lora_B, lora_A, alpha=-1, out=work)  # W - B A
+        if method == "nf":
+            _normal_float(target, bits, block_size, absmax_dtype, out=q_weight, scratch=scratch)
+        else:
+            q_weight = _uniform(target, bits)
+        residual = torch.sub(w, q_weight, out=work)
         if svd == "exact":
             u, s, vh = torch.linalg.svd(residual, full_matrices=False)
             u, s, vh = u[:, :rank], s[:rank], vh[:rank]
