@@ -281,15 +281,17 @@ def test_train_evaluate_ensemble_and_table_end_to_end(tiny_dir, tmp_path, capsys
     assert one["evaluations"][0]["nll"] == pytest.approx(first["nll"], abs=1e-6)  # reloaded adapter, same answers
     pair = test_mcq.main(["--runs", str(tmp_path / "map-s1"), str(tmp_path / "map-s2"),
                           "--output_dir", str(tmp_path / "ensemble")])
-    assert pair["method"] == "ensemble" and pair["evaluations"][0]["N"] == 2 and pair["seed"] == [1, 2]
+    assert pair["method"] == "ensemble" and pair["evaluations"][0]["N"] == 2 and pair["seed"] == "1+2"
+    assert one["evaluations"][0]["cell"] == first["cell"] and first["cell"]["eval_mode"] == "mean"  # same cell
 
     capsys.readouterr()
     runs = [str(tmp_path / name) for name in ("llmm", "map-s1", "map-s2", "ensemble")]
     text = mcq_table.main([*runs, "--output", str(tmp_path / "table.md")])
     assert "| llmm fp32 K2 mean |" in text and "| ensemble fp32 K0 M=2 |" in text and "arc_e->boolq" in text
-    assert "BLoB (published, Llama-2-7B)" in text and "(n=2)" in text
+    assert "BLoB (published, Llama-2-7B)" in text and "n=2)" in text
+    assert "| llmm fp32 K2 mc N=2 | arc_e | " in text.split("Paired difference vs map")[1]  # seed 1 vs map seed 1
     assert (tmp_path / "table.md").read_text() == text
-    with pytest.raises(ValueError, match="two results for 'map fp32 K0 mean'"):
+    with pytest.raises(ValueError, match="two runs of one cell with seed 1: they cannot be pooled"):
         mcq_table.main([str(tmp_path)])  # map-s1 and its re-evaluation
 
 
@@ -349,3 +351,90 @@ def test_loftq_refuses_an_lm_head_tied_to_the_embeddings(tokenizer, tmp_path, ca
         U.run_main(lambda: train_mcq.main(argv))
     assert exit_info.value.code == 2 and "would quantize the embeddings too" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+# --- the table's seed statistics on hand-made results ------------------------------------------------------------------
+
+RUN_CELL = {"task": "obqa", "method": "llmm", "backbone": "int8", "K": 2, "llmmscale": 400.0, "scaled_gradient": True,
+            "lora_dropout": 0.0, "rank": 8, "learning_rate": 1e-4, "max_steps": 5000}
+MAP_CELL = {**RUN_CELL, "method": "map", "K": 0}
+
+
+def write_mcq_run(root, name, run_cell, seed, evaluations, width=None):
+    """A results.json as train_mcq writes it; ``evaluations``: {(eval set, mode, N): accuracy}, ECE = 1 - accuracy,
+    NLL = 2 x ECE, Brier = ECE / 2 (so every metric's paired difference is known)."""
+    from scripts import train_mcq
+
+    entries = []
+    for (eval_set, mode, n), accuracy in evaluations.items():
+        entry = {"eval_set": eval_set, "where": f"{eval_set}.jsonl", "mode": mode, "N": n, "seed": seed,
+                 "accuracy": accuracy, "ece": 1 - accuracy, "nll": 2 * (1 - accuracy), "brier": (1 - accuracy) / 2}
+        entries.append({**entry, "cell": train_mcq.evaluation_cell(run_cell, entry)})
+    folder = root / name
+    folder.mkdir(parents=True)
+    results = {"task": run_cell["task"], "seed": seed, "cell": run_cell, "complete": True, "evaluations": entries}
+    if width is not None:
+        results["width"] = {"history": [{"step": 0}, {"step": 10, "A": {"median": width}, "B": {"median": width}}]}
+    (folder / "results.json").write_text(json.dumps(results))
+
+
+def table_rows(text, heading):
+    """The rows (lists of cells, header left out) of the markdown table under ``heading``."""
+    block = text.split(heading, 1)[1].split("\n\n", 2)[1]
+    rows = [line.strip("| ").split(" | ") for line in block.splitlines()[2:]]
+    return rows
+
+
+def test_table_seed_statistics_and_paired_differences_against_map(tmp_path):
+    from scripts import mcq_table
+
+    map_accuracy = {1: 0.60, 2: 0.70, 3: 0.65, 4: 0.50}  # seed 4: map only, in its statistics, not in the pairing
+    for seed, accuracy in map_accuracy.items():
+        write_mcq_run(tmp_path, f"map-{seed}", MAP_CELL, seed, {("obqa", "mean", 1): accuracy,
+                                                                ("arc_c", "mean", 1): accuracy - 0.2})
+    for seed in (1, 2, 3):  # mean mode: map + 0.02 on every seed; mc: map + 0.01 * seed
+        write_mcq_run(tmp_path, f"llmm-{seed}", RUN_CELL, seed,
+                      {("obqa", "mean", 1): map_accuracy[seed] + 0.02, ("obqa", "mc", 10): map_accuracy[seed]
+                       + 0.01 * seed, ("arc_c", "mean", 1): map_accuracy[seed] - 0.2}, width=0.1 * seed)
+    text = mcq_table.main([str(tmp_path), "--published", str(REPO_ROOT / "configs" / "mcq_published.yaml")])
+    accuracy = {r[0]: r[1:] for r in table_rows(text, "### Accuracy")}
+    sd = np.std([62, 72, 67], ddof=1)
+    assert accuracy["llmm int8 K2 mean"][0] == f"67.0 (67.0 ± {sd:.1f}, n=3)"  # columns: obqa, obqa->arc_c
+    assert accuracy["map int8 K0 mean"][0] == f"62.5 (61.2 ± {np.std([60, 70, 65, 50], ddof=1):.1f}, n=4)"
+    assert accuracy["llmm int8 K2 mc N=10"] == [f"68.0 (67.0 ± {np.std([61, 72, 68], ddof=1):.1f}, n=3)", "-"]
+    paired = {(r[0], r[1]): r[2:] for r in table_rows(text, "### Paired difference vs map")}
+    assert paired[("llmm int8 K2 mean", "obqa")] == ["+2.0 [+2.0, +2.0] (n=3)", "-2.0 [-2.0, -2.0] (n=3)",
+                                                     "-0.040 [-0.040, -0.040] (n=3)", "-0.010 [-0.010, -0.010] (n=3)"]
+    assert paired[("llmm int8 K2 mean", "obqa->arc_c")][0] == "+0.0 [+0.0, +0.0] (n=3)"
+    mc = paired[("llmm int8 K2 mc N=10", "obqa")][0]  # differences 1, 2, 3 points against map's mean mode
+    assert mc.startswith("+2.0 [") and mc.endswith("(n=3)") and set(paired) == {
+        ("llmm int8 K2 mean", "obqa"), ("llmm int8 K2 mean", "obqa->arc_c"), ("llmm int8 K2 mc N=10", "obqa")}
+    widths = {r[0]: r[1:] for r in table_rows(text, "### Width")}
+    assert widths["llmm int8 K2"] == [f"0.200 (0.200 ± 0.100, n=3) / 0.200 (0.200 ± 0.100, n=3)"]
+
+
+def test_table_never_pools_different_settings_and_pairs_only_the_same_backbone(tmp_path):
+    from scripts import mcq_table
+
+    write_mcq_run(tmp_path, "llmm-lr1", RUN_CELL, 1, {("obqa", "mean", 1): 0.6})
+    write_mcq_run(tmp_path, "llmm-lr2", {**RUN_CELL, "learning_rate": 2e-4}, 1, {("obqa", "mean", 1): 0.8})
+    write_mcq_run(tmp_path, "map-nf4", {**MAP_CELL, "backbone": "nf4"}, 1, {("obqa", "mean", 1): 0.5})
+    text = mcq_table.main([str(tmp_path)])
+    accuracy = {r[0]: r[1:] for r in table_rows(text, "### Accuracy")}
+    assert accuracy["llmm int8 K2 mean (learning_rate=0.0001)"] == ["60.0 (n=1)"]  # two rows, n=1 each: not pooled
+    assert accuracy["llmm int8 K2 mean (learning_rate=0.0002)"] == ["80.0 (n=1)"]
+    assert "No row has a map run of the same task, backbone and settings" in text  # map is on nf4, not int8
+    write_mcq_run(tmp_path, "llmm-lr1-again", RUN_CELL, 1, {("obqa", "mean", 1): 0.61})
+    with pytest.raises(ValueError, match="two runs of one cell with seed 1: they cannot be pooled"):
+        mcq_table.main([str(tmp_path)])
+
+
+def test_table_refuses_results_without_cell_and_seed(tmp_path):
+    from scripts import mcq_table
+
+    old = tmp_path / "old" / "results.json"
+    old.parent.mkdir()
+    old.write_text(json.dumps({"task": "obqa", "complete": True, "evaluations": [
+        {"eval_set": "obqa", "mode": "mean", "N": 1, "accuracy": 0.5, "ece": 0.1, "nll": 1.0, "brier": 0.5}]}))
+    with pytest.raises(ValueError, match="has no 'cell'/'seed' record"):
+        mcq_table.main([str(tmp_path)])
