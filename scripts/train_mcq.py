@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 import utils_llmm as U
 from llmm import stats
-from llmm.model import keep_cpu_4bit_trainable
+from llmm.model import keep_cpu_4bit_trainable, seed_noise
 from llmm.tasks import calibration as C
 from llmm.tasks.mcq import encode_question, letter_token_ids, load_mcq
 from llmm.width import distribution_width, width_summary
@@ -249,7 +249,8 @@ def evaluate_sets(peft_model, tokenizer, letter_ids, eval_sets: dict, settings: 
         reports = {}
         for mode in settings["eval_modes"]:
             n_samples = settings["mc_samples"] if mode in SAMPLED_MODES else 1
-            torch.manual_seed(settings["seed"])  # the same noise draws for every set and rerun
+            torch.manual_seed(settings["seed"])  # the same draws for every set and rerun: dropout masks,
+            seed_noise(peft_model, settings["seed"])  # and the Llmm noise (the model's own generator)
             started = time.time()
             probs, labels = C.predict(head, batches, mode, n_samples)
             report = C.evaluate(probs, labels)

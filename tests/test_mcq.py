@@ -254,7 +254,8 @@ def test_train_evaluate_ensemble_and_table_end_to_end(tiny_dir, tmp_path, capsys
     from scripts import mcq_table, test_mcq, train_mcq
 
     ood = ["--ood", str(DATA / "obqa.jsonl"), str(DATA / "winogrande.jsonl"), str(DATA / "boolq.jsonl")]
-    llmm = train_mcq.main(train_argv(tiny_dir, tmp_path / "llmm", *ood, "--eval_modes", "mean", "mc"))
+    llmm = train_mcq.main(train_argv(tiny_dir, tmp_path / "llmm", *ood, "--eval_modes", "mean", "mc",
+                                     "--save_steps", "2"))
     assert (llmm["method"], llmm["K"], llmm["backbone"], llmm["global_step"]) == ("llmm", 2, "fp32", 2)
     entries = {(e["eval_set"], e["mode"]): e for e in llmm["evaluations"]}
     assert set(entries) == {(s, m) for s in ("arc_e", "obqa", "winogrande", "boolq") for m in ("mean", "mc")}
@@ -272,6 +273,14 @@ def test_train_evaluate_ensemble_and_table_end_to_end(tiny_dir, tmp_path, capsys
     saved = json.loads((out / "results.json").read_text())
     assert saved["complete"] and saved["seed"] == 1 and saved["evaluations"][0]["K"] == 2
     assert json.loads((out / "settings.json").read_text())["learning_rate"] == 1e-4  # the table's, not a default
+    checkpoint = out / "checkpoints" / "checkpoint-2"  # the head is adapted, but its frozen weight is not copied
+    assert not any("base_layer" in key for key in safetensors_keys(checkpoint))
+    resumed = train_mcq.main(train_argv(tiny_dir, out, *ood, "--eval_modes", "mean", "mc", "--save_steps", "2",
+                                        "--resume_from_checkpoint", str(checkpoint)))  # at max_steps: reload, evaluate
+    assert [(e["cell"], e["nll"], e["ece"]) for e in resumed["evaluations"]] == [
+        (e["cell"], e["nll"], e["ece"]) for e in llmm["evaluations"]]
+    again = test_mcq.main(["--runs", str(out), "--output_dir", str(tmp_path / "llmm-again")])  # mc: same draws
+    assert [(e["cell"], e["nll"]) for e in again["evaluations"]] == [(e["cell"], e["nll"]) for e in llmm["evaluations"]]
 
     for seed in ("1", "2"):
         train_mcq.main(train_argv(tiny_dir, tmp_path / f"map-s{seed}", "--method", "map", "--seed", seed,
@@ -438,3 +447,70 @@ def test_table_refuses_results_without_cell_and_seed(tmp_path):
         {"eval_set": "obqa", "mode": "mean", "N": 1, "accuracy": 0.5, "ece": 0.1, "nll": 1.0, "brier": 0.5}]}))
     with pytest.raises(ValueError, match="has no 'cell'/'seed' record"):
         mcq_table.main([str(tmp_path)])
+
+
+# --- adapters of the LM head: saved without the frozen head, reloaded exactly ------------------------------------------
+
+MEAN_ADAPTER_IN_PLAIN_PEFT = """
+import sys, numpy, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+base, adapter, ids, out = sys.argv[1:]
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
+with torch.no_grad():
+    numpy.save(out, model(torch.from_numpy(numpy.load(ids))).logits.numpy())
+assert not any(name == "llmm" or name.startswith("llmm.") for name in sys.modules)
+"""
+
+
+def safetensors_keys(folder):
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
+        return set(f.keys())
+
+
+def test_lm_head_adapter_leaves_out_the_frozen_head_and_reloads_exactly(tokenizer, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from llmm import export_mean_adapter, load_llmm_model, noise_mode, seed_noise
+    from llmm.model import frozen_embedding_bases, save_llmm_adapter
+
+    model = llmm_model(tokenizer, directions=0.3)  # q/v and lm_head, over tiny_causal_lm(seed 0)
+    head_bytes = model.base_model.model.lm_head.base_layer.weight.numel() * 4
+    assert frozen_embedding_bases(model) == ["base_model.model.lm_head.base_layer.weight"]
+    save_llmm_adapter(model, str(tmp_path / "adapter"))
+    export_mean_adapter(model, str(tmp_path / "mean"))
+    model.save_pretrained(tmp_path / "peft-default")  # PEFT's "auto": the head's frozen weight goes with it
+    assert any("lm_head.base_layer" in key for key in safetensors_keys(tmp_path / "peft-default"))
+    for name in ("adapter", "mean"):
+        keys = safetensors_keys(tmp_path / name)
+        assert any("lm_head.lora_A" in key for key in keys) and not any("base_layer" in key for key in keys), name
+        assert (tmp_path / name / "adapter_model.safetensors").stat().st_size < head_bytes, name
+
+    batches, _ = question_batches(tokenizer)
+    letters = letter_token_ids(tokenizer, 5)
+
+    def distributions(peft_model):
+        head = C.LetterHead(peft_model, letters)
+        seed_noise(peft_model, 0)
+        return C.predict(head, batches, "mean")[0], C.predict(head, batches, "mc", 3)[0]
+
+    expected = distributions(model)
+    assert np.abs(expected[1] - expected[0]).max() > 1e-3  # the directions matter, so mc checks Z too
+    for name in ("adapter", "peft-default"):  # the new format and adapters saved before it
+        got = distributions(load_llmm_model(tiny_causal_lm(tokenizer), str(tmp_path / name), k=2))
+        for want, have in zip(expected, got):
+            np.testing.assert_array_equal(have, want)
+
+    tiny_causal_lm(tokenizer).save_pretrained(tmp_path / "base")
+    ids = batches[0]["input_ids"][:, :8].numpy()
+    np.save(tmp_path / "ids.npy", ids)
+    env = {**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-c", MEAN_ADAPTER_IN_PLAIN_PEFT, str(tmp_path / "base"), str(tmp_path / "mean"),
+                    str(tmp_path / "ids.npy"), str(tmp_path / "logits.npy")], check=True, env=env, cwd=tmp_path)
+    with torch.no_grad(), noise_mode(model, "mean"):
+        want = model(torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), want, atol=1e-5)
