@@ -14,6 +14,8 @@ in-distribution test split and the row's OOD sets are evaluated in every --eval_
 mc_samples networks, dropout), reporting accuracy, ECE (15 bins), NLL and Brier. The width of the learned
 Gaussian (||Z|| / sqrt(s) / ||M|| per factor and layer, llmm.width) is recorded every logging_steps.
 Writes OUTPUT_DIR/{adapter/, mean_adapter/, results.json, settings.json, curves.png, reliability-<set>.png}.
+Each evaluation in results.json records its seed and cell (the run's settings but the seed, plus the eval set, mode
+and N: what scripts.mcq_table pools seeds by). An adapted LM head's frozen weight is not saved (llmm.model).
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ def add_flags(parser: argparse.ArgumentParser, table: dict) -> None:
                         help="OOD sets to evaluate: task rows or .json/.jsonl files (default: the row's ood)")
     parser.add_argument("--max_train_samples", type=int, default=None, help="first N training questions (debug)")
     parser.add_argument("--max_eval_samples", type=int, default=None, help="first N questions per test set (debug)")
+    parser.add_argument("--data_seed", type=int, default=None,
+                        help="seed of the data order (default: the table's null, i.e. the --seed)")
     training.add_resume_flag(parser)
     U.add_setting_flags(parser, table)
 

@@ -297,7 +297,9 @@ def test_train_evaluate_ensemble_and_table_end_to_end(tiny_dir, tmp_path, capsys
     runs = [str(tmp_path / name) for name in ("llmm", "map-s1", "map-s2", "ensemble")]
     text = mcq_table.main([*runs, "--output", str(tmp_path / "table.md")])
     assert "| llmm fp32 K2 mean |" in text and "| ensemble fp32 K0 M=2 |" in text and "arc_e->boolq" in text
-    assert "BLoB (published, Llama-2-7B)" in text and "n=2)" in text
+    assert "BLoB (published, Llama-2-7B)" in text and "| map fp32 K0 mean | " in text
+    map_accuracy = next(line for line in text.splitlines() if line.startswith("| map fp32 K0 mean | "))
+    assert map_accuracy.split(" | ")[1].endswith(", n=2)")  # seeds 1 and 2 (own data orders) pooled in one cell
     assert "| llmm fp32 K2 mc N=2 | arc_e | " in text.split("Paired difference vs map")[1]  # seed 1 vs map seed 1
     assert (tmp_path / "table.md").read_text() == text
     with pytest.raises(ValueError, match="two runs of one cell with seed 1: they cannot be pooled"):
@@ -483,7 +485,8 @@ def test_lm_head_adapter_leaves_out_the_frozen_head_and_reloads_exactly(tokenize
     assert frozen_embedding_bases(model) == ["base_model.model.lm_head.base_layer.weight"]
     save_llmm_adapter(model, str(tmp_path / "adapter"))
     export_mean_adapter(model, str(tmp_path / "mean"))
-    model.save_pretrained(tmp_path / "peft-default")  # PEFT's "auto": the head's frozen weight goes with it
+    with pytest.warns(UserWarning, match="save_embedding_layers"):  # PEFT's "auto": the frozen head goes with it
+        model.save_pretrained(tmp_path / "peft-default")
     assert any("lm_head.base_layer" in key for key in safetensors_keys(tmp_path / "peft-default"))
     for name in ("adapter", "mean"):
         keys = safetensors_keys(tmp_path / name)
