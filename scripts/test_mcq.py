@@ -5,7 +5,7 @@
 
 One run: its adapter in every --eval_modes mode (default: the run's). Several runs: the deep ensemble, the
 average of the members' mean-mode answer distributions (M = the number of runs; they must share every setting but
-the seed). The eval sets are the run's task test split and its OOD sets (--ood, --test_data and
+the seed and data_seed). The eval sets are the run's task test split and its OOD sets (--ood, --test_data and
 --max_eval_samples override the run's). Settings come from each run's settings.json (configs/mcq.yaml resolved).
 Writes OUTPUT_DIR/results.json and reliability-<set>.png; each evaluation records its seed (an ensemble's: its
 members' seeds, "1+2+3") and its cell (the run's settings plus the set, mode and N) for scripts.mcq_table.
@@ -64,7 +64,7 @@ def member_settings(args) -> list[dict]:
         if causal_lm.in_process_loftq(settings):  # the quantized backbone the run wrote beside its adapter
             settings["model_name_or_path"] = str(Path(run) / "backbone")
     for settings, run in zip(members[1:], args.runs[1:]):
-        differ = sorted(key for key in {*settings["cell"], *members[0]["cell"]}
+        differ = sorted(key for key in {*settings["cell"], *members[0]["cell"]} - {"data_seed"}  # a seed too
                         if settings["cell"].get(key) != members[0]["cell"].get(key))
         if differ:
             raise ValueError(f"ensemble members must share every setting but the seed: {args.runs[0]!r} and {run!r} "
@@ -113,7 +113,9 @@ def ensemble(members: list[dict], eval_sets: dict, output_dir: Path) -> list[dic
             probs, labels[name] = C.predict(head, batch_list, "mean")
             sums[name] = sums.get(name, 0) + probs
     entries, seeds = [], ensemble_seed(members)
-    cell = {**first["cell"], "method": "ensemble", "member_method": first["method"]}
+    data_seeds = sorted({settings["cell"].get("data_seed") for settings in members}, key=str)
+    cell = {**first["cell"], "method": "ensemble", "member_method": first["method"],
+            "data_seed": data_seeds[0] if len(data_seeds) == 1 else "+".join(map(str, data_seeds))}
     for index, (name, (_, where)) in enumerate(eval_sets.items()):
         report = C.evaluate(sums[name] / len(members), labels[name])
         entries.append({"eval_set": name, "shift": "in-distribution" if index == 0 else "ood", "where": where,

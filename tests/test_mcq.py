@@ -291,6 +291,9 @@ def test_train_evaluate_ensemble_and_table_end_to_end(tiny_dir, tmp_path, capsys
     pair = test_mcq.main(["--runs", str(tmp_path / "map-s1"), str(tmp_path / "map-s2"),
                           "--output_dir", str(tmp_path / "ensemble")])
     assert pair["method"] == "ensemble" and pair["evaluations"][0]["N"] == 2 and pair["seed"] == "1+2"
+    with pytest.raises(ValueError, match=r"must share every setting but the seed: .* differ in \['K', 'method'"):
+        test_mcq.main(["--runs", str(tmp_path / "map-s1"), str(out), "--output_dir", str(tmp_path / "mixed")])
+    assert not (tmp_path / "mixed").exists()
     assert one["evaluations"][0]["cell"] == first["cell"] and first["cell"]["eval_mode"] == "mean"  # same cell
 
     capsys.readouterr()
