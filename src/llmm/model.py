@@ -233,7 +233,8 @@ def frozen_embedding_bases(peft_model: PeftModel) -> list[str] | None:
 
     PEFT's ``save_embedding_layers="auto"`` saves those base weights with every adapter once such a layer is
     targeted (a full LM head: ~113 MB for a 135M model, GBs for 7B); frozen, they equal the backbone's that the
-    adapter is loaded onto, so a saved adapter leaves them out. A trained (or resized) table is kept.
+    adapter is loaded onto, so a saved adapter leaves them out. A trained table is kept; a vocabulary resized
+    before adapting is not detected: save such a model with ``save_pretrained(save_embedding_layers=True)``.
     """
     tables = {id(t) for t in (peft_model.get_input_embeddings(), peft_model.get_output_embeddings())
               if isinstance(t, BaseTunerLayer)}
