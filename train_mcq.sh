@@ -46,7 +46,7 @@ for task in $TASKS; do
         start=(--overwrite)  # a run with checkpoints continues from its newest one
         if compgen -G "$run/checkpoints/checkpoint-*" > /dev/null; then start=(--resume_from_checkpoint); fi
         # shellcheck disable=SC2086
-        $LAUNCH -m scripts.train_mcq --task "$task" --method "$method" --seed "$seed" --data_seed "$seed" $flags \
+        $LAUNCH -m scripts.train_mcq --task "$task" --method "$method" --seed "$seed" $flags \
           --output_dir "$run" "${start[@]}" ${MODEL:+--model_name_or_path "$MODEL"} "$@"
       done
     done

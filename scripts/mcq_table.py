@@ -1,45 +1,62 @@
-"""Gather multiple-choice calibration runs into BLoB-style tables: accuracy, ECE, NLL, Brier, and the width.
+"""Gather multiple-choice calibration runs into BLoB-style tables with seed statistics and paired differences.
 
     python -m scripts.mcq_table runs/mcq                              # every results.json below runs/mcq
-    python -m scripts.mcq_table runs/mcq --output runs/mcq/table.md
+    python -m scripts.mcq_table runs/mcq --baseline map --output runs/mcq/table.md
 
 A row is one way of predicting: "llmm int8 K2 mc N=10", "map loftq-nf4 K0 mean", "mcdropout int8 K0 dropout N=10",
 "ensemble int8 K0 M=3" (scripts.test_mcq over M runs). A column is the training task (its test split) or an OOD
-pair "obqa->arc_c". A cell is the mean over the runs (seeds) sharing row and column: accuracy and ECE in percent,
-NLL and Brier as they are; with several seeds "mean ±sd (n=3)" (plain sample standard deviation). The published
-BLoB / MAP rows (configs/mcq_published.yaml) come first, marked as published, in the tables where they have a
-figure for a shown column. A last table gives the learned
-distribution's width at the end of training (median over layers of ||Z|| / sqrt(s) / ||M||, factors A / B).
-Two results for the same row, column and seed are an error (pass the run directories you mean).
+pair "obqa->arc_c". Prints, in this order:
+
+1. One table per metric (accuracy and ECE in percent, NLL and Brier as they are): per row and column the median
+   over seeds, then mean ± sd and n (llmm.stats), e.g. "72.4 (72.1 ± 0.9, n=3)". The published BLoB / MAP rows
+   (configs/mcq_published.yaml) come first, marked as published, where they have a figure for a shown column.
+2. Paired differences: every row with a --baseline run (default map: MAP LoRA in mean mode) of the same task,
+   backbone and settings, on the seeds both have: the mean of (row - baseline) per seed with its 95 % bootstrap
+   interval, per metric (for ECE, NLL and Brier a negative difference favours the row).
+3. The learned distribution's width at the end of training (median over layers of ||Z|| / sqrt(s) / ||M||,
+   factors A / B), median over seeds.
+
+Evaluations are pooled as seeds only when the ``cell`` each records (every setting of the run but the seed, plus
+the eval set, mode and N) is equal; evaluations that differ in anything else are separate rows, labelled by the
+settings that tell them apart. Two evaluations of one cell with one seed (a run and its re-evaluation) are an
+error: pass the run directories you mean. Incomplete runs are left out (and listed on stderr).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import utils_llmm as U
+from llmm import stats
 
 PUBLISHED = U.CONFIGS / "mcq_published.yaml"
 TASK_ORDER = ("winogrande_s", "arc_c", "arc_e", "winogrande_m", "obqa", "boolq")
 METHOD_ORDER = ("map", "mcdropout", "ensemble", "llmm")
 METRICS = {"accuracy": ("Accuracy (%, higher is better)", 100), "ece": ("ECE (%, 15 bins, lower is better)", 100),
            "nll": ("NLL (lower is better)", 1), "brier": ("Brier (lower is better)", 1)}
+SAMPLED_MODES = ("mc", "dropout")
+# Always in a row's label (or its column); other settings are named only where they tell rows apart.
+SHOWN = ("task", "eval_set", "eval_where", "method", "member_method", "backbone", "K", "eval_mode", "eval_samples")
+# What a method and its baseline may differ in to be paired: the method and what it implies, and the mode it is
+# evaluated in (the baseline in its mean mode). Everything else, the backbone included, must be equal.
+PAIRING_FREE = ("method", "K", "llmmscale", "scaled_gradient", "lora_dropout", "eval_mode", "eval_samples")
 
 
-def row_label(entry: dict) -> str:
-    if entry["mode"] == "ensemble":
-        return f"ensemble {entry['backbone']} K{entry['K']} M={entry['N']}"
-    label = f"{entry['method']} {entry['backbone']} K{entry['K']} {entry['mode']}"
-    return label + (f" N={entry['N']}" if entry["mode"] in ("mc", "dropout") else "")
+def row_label(cell: dict, extra: list[str]) -> str:
+    if cell["method"] == "ensemble":
+        text = f"ensemble {cell['backbone']} K{cell['K']} M={cell['eval_samples']}"
+    else:
+        text = f"{cell['method']} {cell['backbone']} K{cell['K']} {cell['eval_mode']}"
+        text += f" N={cell['eval_samples']}" if cell["eval_mode"] in SAMPLED_MODES else ""
+    named = [f"{name}={cell.get(name)}" for name in extra]
+    return text + (f" ({', '.join(named)})" if named else "")
 
 
-def column(task: str, entry: dict) -> str:
-    return task if entry["shift"] == "in-distribution" else f"{task}->{entry['eval_set']}"
+def column(cell: dict) -> str:
+    return cell["task"] if cell["eval_set"] == cell["task"] else f"{cell['task']}->{cell['eval_set']}"
 
 
 def result_files(paths: list[str]) -> list[Path]:
@@ -53,9 +70,10 @@ def result_files(paths: list[str]) -> list[Path]:
     return files
 
 
-def gather(paths: list[str]) -> tuple[dict, dict, list[str]]:
-    """({(row, column): {seed: entry}}, {(method backbone K, task): [final width summaries]}, skipped files)."""
-    cells, widths, skipped, origin = defaultdict(dict), defaultdict(list), [], {}
+def gather(paths: list[str]) -> tuple[list[dict], list[dict], list[str]]:
+    """(one record per evaluation {path, seed, cell, metrics}, one per trained run with a width history
+    {path, seed, cell, final}, the incomplete files skipped)."""
+    records, widths, skipped = [], [], []
     for file in result_files(paths):
         try:
             results = json.loads(file.read_text())
@@ -68,85 +86,142 @@ def gather(paths: list[str]) -> tuple[dict, dict, list[str]]:
             skipped.append(str(file))
             continue
         for entry in results["evaluations"]:
-            key, seed = (row_label(entry), column(results["task"], entry)), json.dumps(entry["seed"])
-            if seed in cells[key]:
-                raise ValueError(f"two results for {key[0]!r} on {key[1]!r}, seed {seed}: {origin[key, seed]} and "
-                                 f"{file}; pass only one of them")
-            cells[key][seed], origin[key, seed] = entry, str(file)
+            records.append({"path": f"{file} ({entry['eval_set']} {entry['mode']})", "seed": entry.get("seed"),
+                            "cell": entry.get("cell"),
+                            "metrics": {name: entry[name] * scale for name, (_, scale) in METRICS.items()}})
         history = results.get("width", {}).get("history")
         if history:
-            widths[(f"{results['method']} {results['backbone']} K{results['K']}", results["task"])].append(history[-1])
-    return cells, widths, skipped
+            widths.append({"path": str(file), "seed": results.get("seed"), "cell": results.get("cell"),
+                           "final": history[-1]})
+    return records, widths, skipped
 
 
-def format_cell(values: list[float], scale: float) -> str:
-    values = [v * scale for v in values]
-    digits = 1 if scale == 100 else 3
-    text = f"{statistics.fmean(values):.{digits}f}"
-    if len(values) > 1:
-        text += f" ±{statistics.stdev(values):.{digits}f} (n={len(values)})"
-    return text
+def find_baseline(cell: dict, cells: list[dict], baseline: str) -> dict | None:
+    """The ``baseline`` cell (mean mode) equal to ``cell`` in everything but what PAIRING_FREE names."""
+    def rest(c):
+        return stats.cell_key({k: v for k, v in c.items() if k not in PAIRING_FREE})
+
+    matches = [c for c in cells if c["method"] == baseline and c["eval_mode"] == "mean" and rest(c) == rest(cell)]
+    return matches[0] if len(matches) == 1 else None
 
 
-def ordered_columns(cells: dict) -> list[str]:
-    columns = {key[1] for key in cells}
+def build(records: list[dict], baseline: str) -> list[dict]:
+    """One entry per cell: row label, column, per-metric summaries over seeds, paired differences vs ``baseline``."""
+    groups = stats.group_by_cell(records)
+    cells = [g["cell"] for g in groups.values()]
+    extra = [f for f in stats.distinguishing_fields(cells, SHOWN) if f not in SHOWN]
+    entries = []
+    for group in groups.values():
+        cell, runs = group["cell"], group["runs"]
+        base = None if cell["method"] in (baseline, "ensemble") else find_baseline(cell, cells, baseline)
+        base_runs = groups[stats.cell_key(base)]["runs"] if base else None
+        entries.append({
+            "row": row_label(cell, extra), "column": column(cell), "method": cell["method"],
+            "summaries": {m: stats.summarize([r["metrics"][m] for r in runs.values()]) for m in METRICS},
+            "differences": {m: stats.paired_difference({s: r["metrics"][m] for s, r in runs.items()},
+                                                       {s: r["metrics"][m] for s, r in base_runs.items()})
+                            for m in METRICS} if base_runs else None})
+    return entries
 
-    def rank(name: str):
-        task, _, target = name.partition("->")
-        return (TASK_ORDER.index(task) if task in TASK_ORDER else len(TASK_ORDER), task, target != "", target)
-    return sorted(columns, key=rank)
+
+def task_rank(task: str) -> tuple:
+    return (TASK_ORDER.index(task) if task in TASK_ORDER else len(TASK_ORDER), task)
 
 
-def ordered_rows(cells: dict) -> list[str]:
-    rows = {key[0] for key in cells}
-    return sorted(rows, key=lambda r: (METHOD_ORDER.index(r.split()[0]) if r.split()[0] in METHOD_ORDER else 99, r))
+def column_rank(name: str) -> tuple:
+    task, _, target = name.partition("->")
+    return (*task_rank(task), target != "", target)
 
 
-def markdown(cells: dict, widths: dict, published: dict) -> str:
-    columns, rows = ordered_columns(cells), ordered_rows(cells)
+def row_rank(row: str) -> tuple:
+    method = row.split()[0]
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else 99, row)
+
+
+def digits(metric: str) -> int:
+    return 1 if METRICS[metric][1] == 100 else 3
+
+
+def metric_tables(entries: list[dict], published: dict) -> list[str]:
+    columns = sorted({e["column"] for e in entries}, key=column_rank)
+    rows = sorted({e["row"] for e in entries}, key=row_rank)
+    by_key = {(e["row"], e["column"]): e for e in entries}
     out = []
-    for metric, (title, scale) in METRICS.items():
-        out += [f"### {title}", "", "| Method | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for metric, (title, _) in METRICS.items():
+        out += [f"### {title}: median (mean ± sd, n seeds)", "", "| Method | " + " | ".join(columns) + " |",
+                "|---" * (len(columns) + 1) + "|"]
         for reference in published.get("references", []):
             figures = dict(zip(published["tasks"], reference.get(metric, [])))
             if any(c in figures for c in columns):  # a reference row only where it has a figure to compare
                 out.append(f"| {reference['label']} | "
                            + " | ".join(str(figures[c]) if c in figures else "-" for c in columns) + " |")
         for row in rows:
-            texts = [format_cell([e[metric] for e in cells[(row, c)].values()], scale) if (row, c) in cells else "-"
-                     for c in columns]
+            texts = [stats.format_summary(by_key[row, c]["summaries"][metric], digits(metric)) if (row, c) in by_key
+                     else "-" for c in columns]
             out.append(f"| {row} | " + " | ".join(texts) + " |")
         out.append("")
-    if widths:
-        tasks = sorted({task for _, task in widths}, key=lambda t: (TASK_ORDER.index(t) if t in TASK_ORDER else 99, t))
-        out += ["### Width of the learned distribution at the end of training "
-                "(median over layers of ||Z|| / sqrt(s) / ||M||, A / B)", "",
-                "| Run | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
-        for run in sorted({run for run, _ in widths}):
-            texts = []
-            for task in tasks:
-                finals = widths.get((run, task))
-                texts.append("-" if not finals else " / ".join(
-                    format_cell([f[factor]["median"] for f in finals if f.get(factor)], 1)
-                    if any(f.get(factor) for f in finals) else "-" for factor in ("A", "B")))
-            out.append(f"| {run} | " + " | ".join(texts) + " |")
-        out.append("")
-    return "\n".join(out)
+    return out
+
+
+def paired_table(entries: list[dict], baseline: str) -> list[str]:
+    paired = sorted((e for e in entries if e["differences"]), key=lambda e: (row_rank(e["row"]),
+                                                                             column_rank(e["column"])))
+    if not paired:
+        return [f"No row has a {baseline} run of the same task, backbone and settings to be paired with.", ""]
+    out = [f"### Paired difference vs {baseline} (mean mode, same task, backbone, settings and seeds): "
+           "mean [95 % bootstrap interval] (n seeds)", "",
+           "| Method | Column | " + " | ".join(f"Δ {name}" for name in ("accuracy", "ECE", "NLL", "Brier")) + " |",
+           "|---" * (len(METRICS) + 2) + "|"]
+    for entry in paired:
+        texts = [stats.format_difference(entry["differences"][m], digits(m)) for m in METRICS]
+        out.append(f"| {entry['row']} | {entry['column']} | " + " | ".join(texts) + " |")
+    return out + [""]
+
+
+def width_table(widths: list[dict]) -> list[str]:
+    if not widths:
+        return []
+    groups = stats.group_by_cell(widths)
+    cells = [g["cell"] for g in groups.values()]
+    extra = [f for f in stats.distinguishing_fields(cells, ("task", "method", "backbone", "K"))
+             if f not in ("task", "method", "backbone", "K")]
+    tasks = sorted({c["task"] for c in cells}, key=task_rank)
+    texts: dict[str, dict[str, str]] = {}
+    for group in groups.values():
+        cell, finals = group["cell"], list(group["runs"].values())
+        label = f"{cell['method']} {cell['backbone']} K{cell['K']}"
+        label += f" ({', '.join(f'{name}={cell.get(name)}' for name in extra)})" if extra else ""
+        texts.setdefault(label, {})[cell["task"]] = " / ".join(
+            stats.format_summary(stats.summarize([r["final"][factor]["median"] for r in finals]), 3)
+            if all(r["final"].get(factor) for r in finals) else "-" for factor in ("A", "B"))
+    out = ["### Width of the learned distribution at the end of training "
+           "(median over layers of ||Z|| / sqrt(s) / ||M||, A / B; median (mean ± sd, n seeds))", "",
+           "| Run | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for label in sorted(texts, key=row_rank):
+        out.append(f"| {label} | " + " | ".join(texts[label].get(task, "-") for task in tasks) + " |")
+    return out + [""]
+
+
+def markdown(records: list[dict], widths: list[dict], published: dict, baseline: str) -> str:
+    entries = build(records, baseline)
+    return "\n".join(metric_tables(entries, published) + paired_table(entries, baseline) + width_table(widths))
 
 
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("paths", nargs="+", help="run directories (searched recursively) or results.json files")
+    parser.add_argument("--baseline", default="map", help="method the others are paired with (mean mode, same "
+                        "task, backbone and settings, same seeds)")
     parser.add_argument("--published", default=str(PUBLISHED), help="reference rows (YAML)")
     parser.add_argument("--output", default=None, help="also write the tables to this file")
     args = parser.parse_args(argv)
     published = U.read_yaml(args.published)
-    cells, widths, skipped = gather(args.paths)
+    records, widths, skipped = gather(args.paths)
     for file in skipped:
         print(f"skipped (incomplete): {file}", file=sys.stderr)
-    if not cells:
+    if not records:
         raise ValueError(f"none of the {len(skipped)} results.json files is complete: let the runs finish")
-    text = markdown(cells, widths, published)
+    text = markdown(records, widths, published, args.baseline)
     if args.output:
         U.write_text(args.output, text)
     print(text, end="")

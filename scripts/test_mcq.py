@@ -4,10 +4,11 @@
     python -m scripts.test_mcq --runs runs/mcq/obqa-map-int8-s{1,2,3} --output_dir runs/mcq/obqa-ensemble-int8
 
 One run: its adapter in every --eval_modes mode (default: the run's). Several runs: the deep ensemble, the
-average of the members' mean-mode answer distributions (M = the number of runs; they must share task, backbone,
-model and max_length). The eval sets are the run's task test split and its OOD sets (--ood, --test_data and
+average of the members' mean-mode answer distributions (M = the number of runs; they must share every setting but
+the seed and data_seed). The eval sets are the run's task test split and its OOD sets (--ood, --test_data and
 --max_eval_samples override the run's). Settings come from each run's settings.json (configs/mcq.yaml resolved).
-Writes OUTPUT_DIR/results.json and reliability-<set>.png.
+Writes OUTPUT_DIR/results.json and reliability-<set>.png; each evaluation records its seed (an ensemble's: its
+members' seeds, "1+2+3") and its cell (the run's settings plus the set, mode and N) for scripts.mcq_table.
 """
 
 from __future__ import annotations
@@ -24,9 +25,7 @@ from llmm import load_llmm_model
 from llmm.tasks import calibration as C
 from llmm.tasks.mcq import encode_question, letter_token_ids
 from scripts import causal_lm
-from scripts.train_mcq import TABLE, evaluate_sets, load_all, load_backbone
-
-SHARED = ("task", "method", "backbone", "model_name_or_path", "max_length", "dtype", "load_in_8bit", "load_in_4bit")
+from scripts.train_mcq import TABLE, evaluate_sets, evaluation_cell, load_all, load_backbone, run_cell
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -53,10 +52,6 @@ def run_settings(run: str) -> dict:
 
 def member_settings(args) -> list[dict]:
     members = [run_settings(run) for run in args.runs]
-    for settings, run in zip(members[1:], args.runs[1:]):
-        differ = [key for key in SHARED if settings.get(key) != members[0].get(key)]
-        if differ:
-            raise ValueError(f"ensemble members must share {differ}: {args.runs[0]!r} and {run!r} differ")
     overrides = {"eval_modes": args.eval_modes, "mc_samples": args.mc_samples, "ood": args.ood,
                  "test_data": args.test_data, "max_eval_samples": args.max_eval_samples,
                  "per_device_eval_batch_size": args.per_device_eval_batch_size}
@@ -64,9 +59,16 @@ def member_settings(args) -> list[dict]:
         settings.update({key: value for key, value in overrides.items() if value is not None})
         settings["run"] = run
         if args.max_eval_samples is None:
-            settings["max_eval_samples"] = None  # the run's debug cap applies to its own evaluation only
+            settings.pop("max_eval_samples", None)  # the run's debug cap applies to its own evaluation only
+        settings["cell"] = run_cell(settings)  # before the backbone path below: the run's cell, as trained
         if causal_lm.in_process_loftq(settings):  # the quantized backbone the run wrote beside its adapter
             settings["model_name_or_path"] = str(Path(run) / "backbone")
+    for settings, run in zip(members[1:], args.runs[1:]):
+        differ = sorted(key for key in {*settings["cell"], *members[0]["cell"]} - {"data_seed"}  # a seed too
+                        if settings["cell"].get(key) != members[0]["cell"].get(key))
+        if differ:
+            raise ValueError(f"ensemble members must share every setting but the seed: {args.runs[0]!r} and {run!r} "
+                             f"differ in {differ}")
     if len(members) > 1 and args.eval_modes:
         raise ValueError("--eval_modes applies to one run; several runs are evaluated as a deep ensemble")
     C.check_n_samples(members[0]["mc_samples"])
@@ -80,6 +82,11 @@ def load_member(settings: dict):
     if not (settings["load_in_8bit"] or settings["load_in_4bit"]):
         model = model.to(next(model.parameters()).device)
     return model.eval(), tokenizer
+
+
+def ensemble_seed(members: list[dict]) -> str:
+    """An ensemble's seed for the tables: its members' seeds, "1+2+3" (one value; pairs with no single-seed run)."""
+    return "+".join(str(seed) for seed in sorted(settings["seed"] for settings in members))
 
 
 def ensemble(members: list[dict], eval_sets: dict, output_dir: Path) -> list[dict]:
@@ -105,12 +112,16 @@ def ensemble(members: list[dict], eval_sets: dict, output_dir: Path) -> list[dic
         for name, batch_list in state["batches"].items():
             probs, labels[name] = C.predict(head, batch_list, "mean")
             sums[name] = sums.get(name, 0) + probs
-    entries, seeds = [], [settings["seed"] for settings in members]
+    entries, seeds = [], ensemble_seed(members)
+    data_seeds = sorted({settings["cell"].get("data_seed") for settings in members}, key=str)
+    cell = {**first["cell"], "method": "ensemble", "member_method": first["method"],
+            "data_seed": data_seeds[0] if len(data_seeds) == 1 else "+".join(map(str, data_seeds))}
     for index, (name, (_, where)) in enumerate(eval_sets.items()):
         report = C.evaluate(sums[name] / len(members), labels[name])
         entries.append({"eval_set": name, "shift": "in-distribution" if index == 0 else "ood", "where": where,
                         "mode": "ensemble", "N": len(members), "method": "ensemble", "seed": seeds,
                         "K": first["K"], "backbone": first["backbone"], **report})
+        entries[-1]["cell"] = evaluation_cell(cell, entries[-1])
         U.logger.info("%s ensemble (M=%d): accuracy %.4f, ECE %.4f, NLL %.4f, Brier %.4f", name, len(members),
                       report["accuracy"], report["ece"], report["nll"], report["brier"])
         C.plot_reliability(output_dir / f"reliability-{name}.png", {f"{name} ensemble M={len(members)}": report})
@@ -132,12 +143,14 @@ def main(argv=None) -> dict:
     if len(members) == 1:
         model, tokenizer = load_member(first)
         letters = letter_token_ids(tokenizer, max(len(r["choices"]) for rs, _ in eval_sets.values() for r in rs))
-        evaluations = evaluate_sets(model, tokenizer, letters, eval_sets, first, output_dir, first["method"])
+        evaluations = evaluate_sets(model, tokenizer, letters, eval_sets, first, output_dir, first["method"],
+                                    first["cell"])
         method, seed = first["method"], first["seed"]
     else:
         evaluations = ensemble(members, eval_sets, output_dir)
-        method, seed = "ensemble", [m["seed"] for m in members]
-    results = {"task": first["task"], "method": method, "seed": seed, "K": first["K"], "backbone": first["backbone"],
+        method, seed = "ensemble", ensemble_seed(members)
+    results = {"task": first["task"], "method": method, "seed": seed, "member_seeds": [m["seed"] for m in members],
+               "K": first["K"], "backbone": first["backbone"],
                "llmmscale": first["llmmscale"], "rank": first["rank"], "model": first["model_name_or_path"],
                "runs": args.runs, "members": len(members), "evaluations": evaluations,
                "wall_time_s": time.time() - started, "versions": U.versions(), "complete": True}

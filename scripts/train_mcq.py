@@ -14,6 +14,8 @@ in-distribution test split and the row's OOD sets are evaluated in every --eval_
 mc_samples networks, dropout), reporting accuracy, ECE (15 bins), NLL and Brier. The width of the learned
 Gaussian (||Z|| / sqrt(s) / ||M|| per factor and layer, llmm.width) is recorded every logging_steps.
 Writes OUTPUT_DIR/{adapter/, mean_adapter/, results.json, settings.json, curves.png, reliability-<set>.png}.
+Each evaluation in results.json records its seed and cell (the run's settings but the seed, plus the eval set, mode
+and N: what scripts.mcq_table pools seeds by). An adapted LM head's frozen weight is not saved (llmm.model).
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ from accelerate import PartialState
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
 
 import utils_llmm as U
-from llmm.model import keep_cpu_4bit_trainable
+from llmm import stats
+from llmm.model import keep_cpu_4bit_trainable, seed_noise
 from llmm.tasks import calibration as C
 from llmm.tasks.mcq import encode_question, letter_token_ids, load_mcq
 from llmm.width import distribution_width, width_summary
@@ -39,6 +42,8 @@ from scripts import causal_lm, training
 TABLE = U.CONFIGS / "mcq.yaml"
 METHODS = ("llmm", "map", "mcdropout")
 SAMPLED_MODES = ("mc", "dropout")  # modes that average mc_samples passes
+# Evaluation plumbing, replaced in each evaluation's cell by the set, mode and number of samples it used.
+EVALUATION_ONLY = ("eval_modes", "ood", "mc_samples", "run", "cell")
 
 
 # --- settings ------------------------------------------------------------------------------------------------------
@@ -55,6 +60,8 @@ def add_flags(parser: argparse.ArgumentParser, table: dict) -> None:
                         help="OOD sets to evaluate: task rows or .json/.jsonl files (default: the row's ood)")
     parser.add_argument("--max_train_samples", type=int, default=None, help="first N training questions (debug)")
     parser.add_argument("--max_eval_samples", type=int, default=None, help="first N questions per test set (debug)")
+    parser.add_argument("--data_seed", type=int, default=None,
+                        help="seed of the data order (default: the table's null, i.e. the --seed)")
     training.add_resume_flag(parser)
     U.add_setting_flags(parser, table)
 
@@ -221,10 +228,22 @@ class WidthCallback(TrainerCallback):
 
 # --- evaluation ----------------------------------------------------------------------------------------------------
 
+def run_cell(settings: dict) -> dict:
+    """The settings that define a trained run and how its sets are read (llmm.stats.cell_of), without the
+    evaluation plumbing that each evaluation's own cell states (set, mode, N)."""
+    return {key: value for key, value in stats.cell_of(settings).items() if key not in EVALUATION_ONLY}
+
+
+def evaluation_cell(cell: dict, entry: dict) -> dict:
+    """The cell of one evaluation (what tables pool seeds by): the run's cell plus the set, the mode and N."""
+    return {**cell, "eval_set": entry["eval_set"], "eval_where": entry["where"], "eval_mode": entry["mode"],
+            "eval_samples": entry["N"]}
+
+
 def evaluate_sets(peft_model, tokenizer, letter_ids, eval_sets: dict, settings: dict, output_dir: Path | None,
-                  method: str) -> list[dict]:
-    """Every eval set in every mode: one entry per (set, mode) with its defining settings; a reliability PNG per
-    set (modes side by side) when ``output_dir`` is given."""
+                  method: str, cell: dict) -> list[dict]:
+    """Every eval set in every mode: one entry per (set, mode) with its seed and cell (``cell``, the run's, plus
+    the set, mode and N); a reliability PNG per set (modes side by side) when ``output_dir`` is given."""
     device = next(peft_model.parameters()).device
     head = C.LetterHead(peft_model, letter_ids).to(device)
     entries = []
@@ -234,7 +253,8 @@ def evaluate_sets(peft_model, tokenizer, letter_ids, eval_sets: dict, settings: 
         reports = {}
         for mode in settings["eval_modes"]:
             n_samples = settings["mc_samples"] if mode in SAMPLED_MODES else 1
-            torch.manual_seed(settings["seed"])  # the same noise draws for every set and rerun
+            torch.manual_seed(settings["seed"])  # the same draws for every set and rerun: dropout masks,
+            seed_noise(peft_model, settings["seed"])  # and the Llmm noise (the model's own generator)
             started = time.time()
             probs, labels = C.predict(head, batches, mode, n_samples)
             report = C.evaluate(probs, labels)
@@ -243,6 +263,7 @@ def evaluate_sets(peft_model, tokenizer, letter_ids, eval_sets: dict, settings: 
                             "mode": mode, "N": n_samples, "method": method, "seed": settings["seed"],
                             "K": settings["K"], "backbone": settings["backbone"], "wall_time_s": time.time() - started,
                             **report})
+            entries[-1]["cell"] = evaluation_cell(cell, entries[-1])
             U.logger.info("%s %s (N=%d): accuracy %.4f, ECE %.4f, NLL %.4f, Brier %.4f", name, mode, n_samples,
                           report["accuracy"], report["ece"], report["nll"], report["brier"])
         if output_dir is not None:
@@ -285,10 +306,11 @@ def main(argv=None) -> dict:
     if not trainer.is_world_process_zero():
         return {}
     evaluations = evaluate_sets(peft_model, tokenizer, letter_ids, eval_sets, settings, output_dir,
-                                settings["method"])
+                                settings["method"], run_cell(settings))
     history = trainer.state.log_history
     results = {
-        "task": settings["task"], "method": settings["method"], "seed": settings["seed"], "K": settings["K"],
+        "task": settings["task"], "method": settings["method"], "seed": settings["seed"],
+        "cell": run_cell(settings), "K": settings["K"],
         "llmmscale": settings["llmmscale"], "rank": settings["rank"], "backbone": settings["backbone"],
         "bits": settings["bits"] if settings["init"] == "loftq" else None, "init": settings["init"],
         "model": settings["model_name_or_path"], "eval_modes": settings["eval_modes"],

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from transformers import Trainer, TrainerCallback, TrainerState
 from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
 from llmm import noise_source
+from llmm.model import frozen_embedding_bases
 from utils_llmm import TrainingDiverged, logger
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -228,6 +230,18 @@ class LlmmTrainer(Trainer):
             losses = [log["loss"] for log in self.state.log_history if "loss" in log]
             return TrainOutput(self.state.global_step, sum(losses) / len(losses) if losses else 0.0, {})
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _save(self, output_dir=None, state_dict=None):
+        """``Trainer._save``, whose ``save_pretrained`` call takes no ``save_embedding_layers``: the state dict it
+        is handed leaves out the frozen base weights of adapted embedding / LM-head layers, so a checkpoint does
+        not copy the backbone's head (llmm.model.frozen_embedding_bases; resuming loads the adapter onto it)."""
+        frozen = frozen_embedding_bases(self.model) if state_dict is None and hasattr(self.model, "peft_config") \
+            else None
+        if frozen:
+            state_dict = {key: value for key, value in self.model.state_dict().items() if key not in frozen}
+        with warnings.catch_warnings():  # PEFT's "auto" announces saving them; with this state dict it does not
+            warnings.filterwarnings("ignore", message="Setting `save_embedding_layers` to `True`")
+            super()._save(output_dir, state_dict)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """One forward/backward; a NaN or infinite loss is remembered and stops training before the optimizer

@@ -254,7 +254,8 @@ def test_train_evaluate_ensemble_and_table_end_to_end(tiny_dir, tmp_path, capsys
     from scripts import mcq_table, test_mcq, train_mcq
 
     ood = ["--ood", str(DATA / "obqa.jsonl"), str(DATA / "winogrande.jsonl"), str(DATA / "boolq.jsonl")]
-    llmm = train_mcq.main(train_argv(tiny_dir, tmp_path / "llmm", *ood, "--eval_modes", "mean", "mc"))
+    llmm = train_mcq.main(train_argv(tiny_dir, tmp_path / "llmm", *ood, "--eval_modes", "mean", "mc",
+                                     "--save_steps", "2"))
     assert (llmm["method"], llmm["K"], llmm["backbone"], llmm["global_step"]) == ("llmm", 2, "fp32", 2)
     entries = {(e["eval_set"], e["mode"]): e for e in llmm["evaluations"]}
     assert set(entries) == {(s, m) for s in ("arc_e", "obqa", "winogrande", "boolq") for m in ("mean", "mc")}
@@ -272,6 +273,14 @@ def test_train_evaluate_ensemble_and_table_end_to_end(tiny_dir, tmp_path, capsys
     saved = json.loads((out / "results.json").read_text())
     assert saved["complete"] and saved["seed"] == 1 and saved["evaluations"][0]["K"] == 2
     assert json.loads((out / "settings.json").read_text())["learning_rate"] == 1e-4  # the table's, not a default
+    checkpoint = out / "checkpoints" / "checkpoint-2"  # the head is adapted, but its frozen weight is not copied
+    assert not any("base_layer" in key for key in safetensors_keys(checkpoint))
+    resumed = train_mcq.main(train_argv(tiny_dir, out, *ood, "--eval_modes", "mean", "mc", "--save_steps", "2",
+                                        "--resume_from_checkpoint", str(checkpoint)))  # at max_steps: reload, evaluate
+    assert [(e["cell"], e["nll"], e["ece"]) for e in resumed["evaluations"]] == [
+        (e["cell"], e["nll"], e["ece"]) for e in llmm["evaluations"]]
+    again = test_mcq.main(["--runs", str(out), "--output_dir", str(tmp_path / "llmm-again")])  # mc: same draws
+    assert [(e["cell"], e["nll"]) for e in again["evaluations"]] == [(e["cell"], e["nll"]) for e in llmm["evaluations"]]
 
     for seed in ("1", "2"):
         train_mcq.main(train_argv(tiny_dir, tmp_path / f"map-s{seed}", "--method", "map", "--seed", seed,
@@ -281,15 +290,22 @@ def test_train_evaluate_ensemble_and_table_end_to_end(tiny_dir, tmp_path, capsys
     assert one["evaluations"][0]["nll"] == pytest.approx(first["nll"], abs=1e-6)  # reloaded adapter, same answers
     pair = test_mcq.main(["--runs", str(tmp_path / "map-s1"), str(tmp_path / "map-s2"),
                           "--output_dir", str(tmp_path / "ensemble")])
-    assert pair["method"] == "ensemble" and pair["evaluations"][0]["N"] == 2 and pair["seed"] == [1, 2]
+    assert pair["method"] == "ensemble" and pair["evaluations"][0]["N"] == 2 and pair["seed"] == "1+2"
+    with pytest.raises(ValueError, match=r"must share every setting but the seed: .* differ in \['K', 'method'"):
+        test_mcq.main(["--runs", str(tmp_path / "map-s1"), str(out), "--output_dir", str(tmp_path / "mixed")])
+    assert not (tmp_path / "mixed").exists()
+    assert one["evaluations"][0]["cell"] == first["cell"] and first["cell"]["eval_mode"] == "mean"  # same cell
 
     capsys.readouterr()
     runs = [str(tmp_path / name) for name in ("llmm", "map-s1", "map-s2", "ensemble")]
     text = mcq_table.main([*runs, "--output", str(tmp_path / "table.md")])
     assert "| llmm fp32 K2 mean |" in text and "| ensemble fp32 K0 M=2 |" in text and "arc_e->boolq" in text
-    assert "BLoB (published, Llama-2-7B)" in text and "(n=2)" in text
+    assert "BLoB (published, Llama-2-7B)" in text and "| map fp32 K0 mean | " in text
+    map_accuracy = next(line for line in text.splitlines() if line.startswith("| map fp32 K0 mean | "))
+    assert map_accuracy.split(" | ")[1].endswith(", n=2)")  # seeds 1 and 2 (own data orders) pooled in one cell
+    assert "| llmm fp32 K2 mc N=2 | arc_e | " in text.split("Paired difference vs map")[1]  # seed 1 vs map seed 1
     assert (tmp_path / "table.md").read_text() == text
-    with pytest.raises(ValueError, match="two results for 'map fp32 K0 mean'"):
+    with pytest.raises(ValueError, match="two runs of one cell with seed 1: they cannot be pooled"):
         mcq_table.main([str(tmp_path)])  # map-s1 and its re-evaluation
 
 
@@ -349,3 +365,158 @@ def test_loftq_refuses_an_lm_head_tied_to_the_embeddings(tokenizer, tmp_path, ca
         U.run_main(lambda: train_mcq.main(argv))
     assert exit_info.value.code == 2 and "would quantize the embeddings too" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+# --- the table's seed statistics on hand-made results ------------------------------------------------------------------
+
+RUN_CELL = {"task": "obqa", "method": "llmm", "backbone": "int8", "K": 2, "llmmscale": 400.0, "scaled_gradient": True,
+            "lora_dropout": 0.0, "rank": 8, "learning_rate": 1e-4, "max_steps": 5000}
+MAP_CELL = {**RUN_CELL, "method": "map", "K": 0}
+
+
+def write_mcq_run(root, name, run_cell, seed, evaluations, width=None):
+    """A results.json as train_mcq writes it; ``evaluations``: {(eval set, mode, N): accuracy}, ECE = 1 - accuracy,
+    NLL = 2 x ECE, Brier = ECE / 2 (so every metric's paired difference is known)."""
+    from scripts import train_mcq
+
+    entries = []
+    for (eval_set, mode, n), accuracy in evaluations.items():
+        entry = {"eval_set": eval_set, "where": f"{eval_set}.jsonl", "mode": mode, "N": n, "seed": seed,
+                 "accuracy": accuracy, "ece": 1 - accuracy, "nll": 2 * (1 - accuracy), "brier": (1 - accuracy) / 2}
+        entries.append({**entry, "cell": train_mcq.evaluation_cell(run_cell, entry)})
+    folder = root / name
+    folder.mkdir(parents=True)
+    results = {"task": run_cell["task"], "seed": seed, "cell": run_cell, "complete": True, "evaluations": entries}
+    if width is not None:
+        results["width"] = {"history": [{"step": 0}, {"step": 10, "A": {"median": width}, "B": {"median": width}}]}
+    (folder / "results.json").write_text(json.dumps(results))
+
+
+def table_rows(text, heading):
+    """The rows (lists of cells, header left out) of the markdown table under ``heading``."""
+    block = text.split(heading, 1)[1].split("\n\n", 2)[1]
+    rows = [line.strip("| ").split(" | ") for line in block.splitlines()[2:]]
+    return rows
+
+
+def test_table_seed_statistics_and_paired_differences_against_map(tmp_path):
+    from scripts import mcq_table
+
+    map_accuracy = {1: 0.60, 2: 0.70, 3: 0.65, 4: 0.50}  # seed 4: map only, in its statistics, not in the pairing
+    for seed, accuracy in map_accuracy.items():
+        write_mcq_run(tmp_path, f"map-{seed}", MAP_CELL, seed, {("obqa", "mean", 1): accuracy,
+                                                                ("arc_c", "mean", 1): accuracy - 0.2})
+    for seed in (1, 2, 3):  # mean mode: map + 0.02 on every seed; mc: map + 0.01 * seed
+        write_mcq_run(tmp_path, f"llmm-{seed}", RUN_CELL, seed,
+                      {("obqa", "mean", 1): map_accuracy[seed] + 0.02, ("obqa", "mc", 10): map_accuracy[seed]
+                       + 0.01 * seed, ("arc_c", "mean", 1): map_accuracy[seed] - 0.2}, width=0.1 * seed)
+    text = mcq_table.main([str(tmp_path), "--published", str(REPO_ROOT / "configs" / "mcq_published.yaml")])
+    accuracy = {r[0]: r[1:] for r in table_rows(text, "### Accuracy")}
+    sd = np.std([62, 72, 67], ddof=1)
+    assert accuracy["llmm int8 K2 mean"][0] == f"67.0 (67.0 ± {sd:.1f}, n=3)"  # columns: obqa, obqa->arc_c
+    assert accuracy["map int8 K0 mean"][0] == f"62.5 (61.2 ± {np.std([60, 70, 65, 50], ddof=1):.1f}, n=4)"
+    assert accuracy["llmm int8 K2 mc N=10"] == [f"68.0 (67.0 ± {np.std([61, 72, 68], ddof=1):.1f}, n=3)", "-"]
+    paired = {(r[0], r[1]): r[2:] for r in table_rows(text, "### Paired difference vs map")}
+    assert paired[("llmm int8 K2 mean", "obqa")] == ["+2.0 [+2.0, +2.0] (n=3)", "-2.0 [-2.0, -2.0] (n=3)",
+                                                     "-0.040 [-0.040, -0.040] (n=3)", "-0.010 [-0.010, -0.010] (n=3)"]
+    assert paired[("llmm int8 K2 mean", "obqa->arc_c")][0] == "+0.0 [+0.0, +0.0] (n=3)"
+    mc = paired[("llmm int8 K2 mc N=10", "obqa")][0]  # differences 1, 2, 3 points against map's mean mode
+    assert mc.startswith("+2.0 [") and mc.endswith("(n=3)") and set(paired) == {
+        ("llmm int8 K2 mean", "obqa"), ("llmm int8 K2 mean", "obqa->arc_c"), ("llmm int8 K2 mc N=10", "obqa")}
+    widths = {r[0]: r[1:] for r in table_rows(text, "### Width")}
+    assert widths["llmm int8 K2"] == [f"0.200 (0.200 ± 0.100, n=3) / 0.200 (0.200 ± 0.100, n=3)"]
+
+
+def test_table_never_pools_different_settings_and_pairs_only_the_same_backbone(tmp_path):
+    from scripts import mcq_table
+
+    write_mcq_run(tmp_path, "llmm-lr1", RUN_CELL, 1, {("obqa", "mean", 1): 0.6})
+    write_mcq_run(tmp_path, "llmm-lr2", {**RUN_CELL, "learning_rate": 2e-4}, 1, {("obqa", "mean", 1): 0.8})
+    write_mcq_run(tmp_path, "map-nf4", {**MAP_CELL, "backbone": "nf4"}, 1, {("obqa", "mean", 1): 0.5})
+    text = mcq_table.main([str(tmp_path)])
+    accuracy = {r[0]: r[1:] for r in table_rows(text, "### Accuracy")}
+    assert accuracy["llmm int8 K2 mean (learning_rate=0.0001)"] == ["60.0 (n=1)"]  # two rows, n=1 each: not pooled
+    assert accuracy["llmm int8 K2 mean (learning_rate=0.0002)"] == ["80.0 (n=1)"]
+    assert "No row has a map run of the same task, backbone and settings" in text  # map is on nf4, not int8
+    write_mcq_run(tmp_path, "llmm-lr1-again", RUN_CELL, 1, {("obqa", "mean", 1): 0.61})
+    with pytest.raises(ValueError, match="two runs of one cell with seed 1: they cannot be pooled"):
+        mcq_table.main([str(tmp_path)])
+
+
+def test_table_refuses_results_without_cell_and_seed(tmp_path):
+    from scripts import mcq_table
+
+    old = tmp_path / "old" / "results.json"
+    old.parent.mkdir()
+    old.write_text(json.dumps({"task": "obqa", "complete": True, "evaluations": [
+        {"eval_set": "obqa", "mode": "mean", "N": 1, "accuracy": 0.5, "ece": 0.1, "nll": 1.0, "brier": 0.5}]}))
+    with pytest.raises(ValueError, match="has no 'cell'/'seed' record"):
+        mcq_table.main([str(tmp_path)])
+
+
+# --- adapters of the LM head: saved without the frozen head, reloaded exactly ------------------------------------------
+
+MEAN_ADAPTER_IN_PLAIN_PEFT = """
+import sys, numpy, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+base, adapter, ids, out = sys.argv[1:]
+model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), adapter).eval()
+with torch.no_grad():
+    numpy.save(out, model(torch.from_numpy(numpy.load(ids))).logits.numpy())
+assert not any(name == "llmm" or name.startswith("llmm.") for name in sys.modules)
+"""
+
+
+def safetensors_keys(folder):
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
+        return set(f.keys())
+
+
+def test_lm_head_adapter_leaves_out_the_frozen_head_and_reloads_exactly(tokenizer, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from llmm import export_mean_adapter, load_llmm_model, noise_mode, seed_noise
+    from llmm.model import frozen_embedding_bases, save_llmm_adapter
+
+    model = llmm_model(tokenizer, directions=0.3)  # q/v and lm_head, over tiny_causal_lm(seed 0)
+    head_bytes = model.base_model.model.lm_head.base_layer.weight.numel() * 4
+    assert frozen_embedding_bases(model) == ["base_model.model.lm_head.base_layer.weight"]
+    save_llmm_adapter(model, str(tmp_path / "adapter"))
+    export_mean_adapter(model, str(tmp_path / "mean"))
+    with pytest.warns(UserWarning, match="save_embedding_layers"):  # PEFT's "auto": the frozen head goes with it
+        model.save_pretrained(tmp_path / "peft-default")
+    assert any("lm_head.base_layer" in key for key in safetensors_keys(tmp_path / "peft-default"))
+    for name in ("adapter", "mean"):
+        keys = safetensors_keys(tmp_path / name)
+        assert any("lm_head.lora_A" in key for key in keys) and not any("base_layer" in key for key in keys), name
+        assert (tmp_path / name / "adapter_model.safetensors").stat().st_size < head_bytes, name
+
+    batches, _ = question_batches(tokenizer)
+    letters = letter_token_ids(tokenizer, 5)
+
+    def distributions(peft_model):
+        head = C.LetterHead(peft_model, letters)
+        seed_noise(peft_model, 0)
+        return C.predict(head, batches, "mean")[0], C.predict(head, batches, "mc", 3)[0]
+
+    expected = distributions(model)
+    assert np.abs(expected[1] - expected[0]).max() > 1e-3  # the directions matter, so mc checks Z too
+    for name in ("adapter", "peft-default"):  # the new format and adapters saved before it
+        got = distributions(load_llmm_model(tiny_causal_lm(tokenizer), str(tmp_path / name), k=2))
+        for want, have in zip(expected, got):
+            np.testing.assert_array_equal(have, want)
+
+    tiny_causal_lm(tokenizer).save_pretrained(tmp_path / "base")
+    ids = batches[0]["input_ids"][:, :8].numpy()
+    np.save(tmp_path / "ids.npy", ids)
+    env = {**os.environ, "PYTHONPATH": "", "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, "-c", MEAN_ADAPTER_IN_PLAIN_PEFT, str(tmp_path / "base"), str(tmp_path / "mean"),
+                    str(tmp_path / "ids.npy"), str(tmp_path / "logits.npy")], check=True, env=env, cwd=tmp_path)
+    with torch.no_grad(), noise_mode(model, "mean"):
+        want = model(torch.from_numpy(ids)).logits.numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), want, atol=1e-5)

@@ -17,7 +17,7 @@ import bitsandbytes as bnb
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
-from peft.tuners.tuners_utils import check_target_module_exists
+from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -173,14 +173,16 @@ def load_llmm_model(
         keep_cpu_4bit_trainable(base_model)
     model = get_peft_model(base_model, config)
     llmm_layers(model)
-    expected = get_peft_model_state_dict(model)
-    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    expected = get_peft_model_state_dict(model, save_embedding_layers=False)
+    # Adapters saved with PEFT's default also hold the frozen embedding / LM-head base weights: accepted, not needed.
+    allowed = get_peft_model_state_dict(model, save_embedding_layers=True)
+    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(allowed))
     if missing or unexpected:
         raise ValueError(f"adapter {adapter_dir!r} does not match the model: missing {missing[:4]}, "
                          f"unexpected {unexpected[:4]} (different targets, K or architecture?): load it onto the "
                          "backbone it was trained on")
-    for key, tensor in expected.items():
-        if saved[key].shape != tensor.shape:
+    for key, tensor in allowed.items():
+        if key in saved and saved[key].shape != tensor.shape:
             what = "K" if key.endswith(DIRECTION_KEYS) and saved[key].shape[1:] == tensor.shape[1:] else "shape"
             raise ValueError(f"adapter {adapter_dir!r}: {key} has {what} {tuple(saved[key].shape)}, the model "
                              f"expects {tuple(tensor.shape)} (config K={config.k}, r={config.r}): load it onto the "
@@ -226,10 +228,28 @@ def _is_mean(key: str) -> bool:
 
 
 
+def frozen_embedding_bases(peft_model: PeftModel) -> list[str] | None:
+    """State-dict keys of the base weights of adapted input-embedding / LM-head layers if all are frozen, else None.
+
+    PEFT's ``save_embedding_layers="auto"`` saves those base weights with every adapter once such a layer is
+    targeted (a full LM head: ~113 MB for a 135M model, GBs for 7B); frozen, they equal the backbone's that the
+    adapter is loaded onto, so a saved adapter leaves them out. A trained table is kept; a vocabulary resized
+    before adapting is not detected: save such a model with ``save_pretrained(save_embedding_layers=True)``.
+    """
+    tables = {id(t) for t in (peft_model.get_input_embeddings(), peft_model.get_output_embeddings())
+              if isinstance(t, BaseTunerLayer)}
+    layers = {name: module for name, module in peft_model.named_modules() if id(module) in tables}
+    if any(module.get_base_layer().weight.requires_grad for module in layers.values()):
+        return None
+    return [f"{name}.base_layer.weight" for name in layers]
+
+
 def save_llmm_adapter(peft_model: PeftModel, out_dir: str, overwrite: bool = False) -> str:
-    """``peft_model.save_pretrained(out_dir)`` (M, Z and the llmm config), written atomically."""
+    """``peft_model.save_pretrained(out_dir)`` (M, Z and the llmm config, without frozen embedding / LM-head base
+    weights: ``frozen_embedding_bases``), written atomically."""
+    frozen = frozen_embedding_bases(peft_model)
     with atomic_dir(out_dir, overwrite) as tmp_dir:
-        peft_model.save_pretrained(tmp_dir)
+        peft_model.save_pretrained(tmp_dir, **({"save_embedding_layers": False} if frozen else {}))
     return out_dir
 
 
@@ -242,7 +262,9 @@ def export_mean_adapter(
     plain = {name: getattr(config, name) for name in lora_fields if name != "runtime_config"}
     plain.update(init_lora_weights=True, loftq_config={}, inference_mode=True)
     lora_config = LoraConfig(**plain)
-    state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
+    frozen = frozen_embedding_bases(peft_model)
+    state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name,
+                                      **({"save_embedding_layers": False} if frozen else {}))
     state = {key: value.detach().contiguous().cpu() for key, value in state.items() if not key.endswith(DIRECTION_KEYS)}
     with atomic_dir(out_dir, overwrite) as tmp_dir:
         lora_config.save_pretrained(tmp_dir)
