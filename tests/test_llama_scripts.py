@@ -251,6 +251,33 @@ def test_mc_networks_are_fixed_draws_and_the_means_come_back():
     assert 1e-3 < eps.abs().max() < 6
 
 
+def test_sample_mode_noise_follows_the_seed_flag(monkeypatch):
+    """--mode sample: the Llmm noise comes from the model's own generator, seeded by --seed (and the process), not
+    by whatever seeded torch before the model was loaded."""
+    model = get_llmm_model(tiny_llama(), LlmmConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, k=2,
+                                                    eval_noise="sample"))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.normal_()
+    model.eval()
+    inputs = torch.randint(0, 128, (1, 8))
+
+    def generate(model, tokenizer, prompts, settings):  # one noisy forward stands for the generation
+        with torch.no_grad():
+            return [repr(model(inputs).logits.sum().item())] * len(prompts)
+
+    monkeypatch.setattr(test_gsm8k, "generate", generate)
+    records = [{"question": "one plus two", "answer": "3 #### 3"}]
+    tokenizer = byte_level_tokenizer()
+
+    def generated(seed):
+        torch.manual_seed(1234 + seed)  # torch's generator must not decide the noise
+        return test_gsm8k.predict(model, tokenizer, records, {"mode": "sample", "seed": seed})[0]["generated"]
+
+    assert generated(0) == generated(0) != generated(1)
+
+
 # --- the paper's precision: NF4 backbone, bfloat16 compute, float32 adapters under bf16 autocast ---------------------
 
 NF4_BF16 = ["--load_in_4bit", "true", "--dtype", "bfloat16"]
