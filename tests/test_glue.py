@@ -352,6 +352,10 @@ def test_train_glue_from_an_init_directory(model_dir, tmp_path):
     _, settings = train_glue.resolve(["--task", "cola", "--quant", "nf", "--rank", "16", "--model", str(init),
                                       "--data_dir", str(DATA / "CoLA")])
     assert settings["init_dir"] == str(init / "llmm_init")
+    assert settings["loftq_iter"] == 1 and settings["loftq_svd"] == "truncated"  # the directory's, not the table's 5
+    with pytest.raises(ValueError, match=r"quantized with loftq_iter=1 but --loftq_iter 5 was given: drop"):
+        train_glue.resolve(["--task", "cola", "--quant", "nf", "--rank", "16", "--model", str(init), "--loftq_iter",
+                            "5"])
     wrapped = train_glue.wrap_model(model, settings)
     key = "deberta.encoder.layer.0.attention.self.query_proj"
     layer = wrapped.base_model.model.get_submodule(key)

@@ -203,6 +203,10 @@ def test_gsm8k_4bit_from_init_dir_then_test_mean_mode(models, tmp_path):
                       "--output_dir", str(run), *NF4, *FAST])
     _, settings = check_run(run, "gsm8k", k=2)
     assert settings["load_in_4bit"] is True and settings["method"] == "llmm"
+    assert settings["loftq_iter"] == 1  # the _init.sh directory's LoftQ settings, not the table's (5)
+    with pytest.raises(ValueError, match=r"quantized with loftq_iter=1 but --loftq_iter 5 was given"):
+        train_gsm8k.main(["--model", "llama-2-7b", "--rank", "64", "--model_name_or_path", str(models[64]),
+                          "--data", str(DATA / "gsm8k.jsonl"), "--loftq_iter", "5", "--output_dir", str(tmp_path / "x")])
     test_gsm8k.main(["--adapter", str(run / "adapter"), "--output_dir", str(tmp_path / "test"), *GENERATE, *NF4])
     predictions, _ = check_predictions(tmp_path / "test")
     # Over NF4 the adapter stays unmerged (merging would re-quantize); still the same as plain PEFT.
