@@ -550,6 +550,11 @@ def test_eval_glue_modes_and_files(runs, tmp_path):
         eval_glue.main([str(cola), "--mode", "sample", "--file", dev, "--output", str(tmp_path / "s.json")])
     with pytest.raises(FileNotFoundError, match="is not a finished scripts.train_glue run"):
         eval_glue.main([str(tmp_path)])
+    for flags, message in ((["--mode", "sample", "--mc_samples", "3"], "--mc_samples only applies to --mode mc"),
+                           (["--seed", "1"], "the mean network has none")):  # no silently ignored flag
+        with pytest.raises(ValueError, match=message):
+            eval_glue.main([str(cola), *flags, "--output", str(tmp_path / "x.json")])
+    assert not (tmp_path / "x.json").exists()
 
 
 # ------------------------------------------------------------------------------------------- best epoch by F1
