@@ -132,7 +132,8 @@ def resolve(argv: list[str] | None) -> tuple[GlueTask, dict]:
         if args.quantize_embeddings:
             raise ValueError("--method lora keeps the backbone in full precision: drop --quantize_embeddings")
         settings["quantize_embeddings"] = False
-    if settings["gaussian_embeddings"] and (method != "llmm" or not settings["quantize_embeddings"]):
+    if settings["gaussian_embeddings"] and (method != "llmm" or settings["K"] == 0
+                                            or not settings["quantize_embeddings"]):
         raise ValueError("--gaussian_embeddings true needs --method llmm (K > 0) with --quantize_embeddings")
     settings["backbone"] = "full-precision" if method == "lora" else f"{settings['quant']} {settings['bits']}-bit"
     if method != "lora" and not settings["quantize_embeddings"]:

@@ -484,6 +484,9 @@ def test_settings_for_embeddings():
     with pytest.raises(ValueError, match="--gaussian_embeddings true needs --method llmm"):
         train_glue.resolve(["--task", "cola", "--quant", "nf", "--rank", "32", "--method", "loftq",
                             "--gaussian_embeddings", "true"])
+    with pytest.raises(ValueError, match="--gaussian_embeddings true needs --method llmm"):  # K = 0: no directions
+        train_glue.resolve(["--task", "cola", "--quant", "nf", "--rank", "32", "--K", "0",
+                            "--gaussian_embeddings", "true"])
 
 
 # --------------------------------------------------------------------------------------- runs that reload exactly
