@@ -162,6 +162,30 @@ def check_init_targets(init_dir: str | Path, init_targets, given: list[str] | No
                          "decides), or make a directory with those targets (_init.sh --target_modules ...)")
 
 
+INIT_DIR_LOFTQ = ("quant", "bits", "loftq_iter", "loftq_svd", "loftq_svd_oversampling", "loftq_svd_iters",
+                  "compensate_scaling")
+
+
+def adopt_init_dir_settings(model_dir: str | Path, settings: dict, given: set[str]) -> None:
+    """An _init.sh directory fixes how its backbone was quantized: its LoftQ settings (quantize_report.json) replace
+    the table's in ``settings`` (so settings.json and the results' cell say what was run), and a flag in ``given``
+    that asks for another value is an error, not silently ignored. A directory without a report is left alone."""
+    report = Path(model_dir) / "quantize_report.json"
+    if not report.is_file():
+        return
+    made = dict(json.loads(report.read_text(encoding="utf-8")).get("settings", {}))
+    made.setdefault("loftq_svd", "exact")  # directories made before the truncated SVD existed
+    made["compensate_scaling"] = not made.get("reference_scaling", False)
+    for name in INIT_DIR_LOFTQ:
+        if name not in made or name not in settings:
+            continue
+        if name in given and settings[name] != made[name]:
+            raise ValueError(f"{str(model_dir)!r} was quantized with {name}={made[name]!r} but --{name} "
+                             f"{settings[name]!r} was given: drop --{name} (the directory decides), or quantize "
+                             "again with _init.sh")
+        settings[name] = made[name]
+
+
 def default_targets(model_config, explicit: list[str] | None = None) -> list[str]:
     """Target modules: an explicit list wins, else the row for ``model_type`` in configs/targets.yaml."""
     if explicit:

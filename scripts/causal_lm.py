@@ -149,6 +149,8 @@ def parse_settings(parser: argparse.ArgumentParser, table: dict, argv=None,
                          "directory (bash _init.sh PRESET), or --load_in_4bit false, or --init lora")
     if init_dir is not None:
         check_init_adapter(init_dir, settings)
+        U.adopt_init_dir_settings(settings["model_name_or_path"], settings,
+                                  {name for name in U.INIT_DIR_LOFTQ if getattr(args, name, None) is not None})
     settings["init_source"] = str(init_dir) if init_dir else f"{settings['init']} (in-process)"
     if not 0 <= settings["warmup_ratio"] < 1:
         raise ValueError(f"warmup_ratio must be in [0, 1), got {settings['warmup_ratio']}")

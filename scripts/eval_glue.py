@@ -59,6 +59,11 @@ def check(args: argparse.Namespace) -> tuple[Path, dict, Path]:
         value = getattr(args, name)
         if value is not None and value < (0 if name == "seed" else 1):
             raise ValueError(f"--{name} {value} is out of range: it must be >= {0 if name == 'seed' else 1}")
+    if args.mc_samples is not None and args.mode != "mc":
+        raise ValueError(f"--mc_samples only applies to --mode mc (this is --mode {args.mode}): drop it or add "
+                         "--mode mc")
+    if args.seed is not None and args.mode == "mean":
+        raise ValueError("--seed seeds the noise draws of --mode sample / mc; the mean network has none: drop it")
     check_data_paths(file=args.file)
     stems = [Path(path).stem for path in args.file or []]
     if len(set(stems)) != len(stems):

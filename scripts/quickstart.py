@@ -54,8 +54,7 @@ def parse_args(argv) -> dict:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     args = parser.parse_args(argv)
     settings = {**settings, **{k: v for k, v in vars(args).items() if v is not None}}
-    if settings["seeds"] < 1:
-        raise ValueError(f"--seeds must be >= 1 (the number of seeds), got {settings['seeds']}")
+    U.check_settings(settings)  # --seeds, --max_steps and the table's numbers, before anything is written
     settings["comparisons"] = [pair for pair in settings["comparisons"] if set(pair) <= set(settings["methods"])]
     return settings
 
@@ -125,7 +124,7 @@ def main(argv=None) -> dict:
                         "--train_file", str(data / "train.csv"),
                         "--validation_file", str(data / "dev.csv"), str(data / "test.csv"),
                         "--output_dir", str(out / f"{method}-seed{seed}")]
-            if settings.get("max_steps"):  # a shorter run still evaluates (and logs) once, at its last step
+            if settings.get("max_steps") is not None:  # a shorter run still evaluates (and logs) once, at its last step
                 argv_run += ["--max_steps", str(settings["max_steps"]), "--eval_steps", str(settings["max_steps"])]
             runs[method][seed] = train_glue.main(argv_run)
     summary, table = summarize(runs, settings["comparisons"])

@@ -6,7 +6,8 @@
 
 The backbone is --model_name_or_path, else the one the adapter was trained on (adapter_config.json). Modes:
 mean (default) uses the mean adapter (merged into a 16/32-bit backbone; unmerged over NF4, where merging would
-re-quantize W_q + g M_B M_A); sample draws fresh noise at every forward, i.e. every decoded token (the reference);
+re-quantize W_q + g M_B M_A); sample draws fresh noise at every forward, i.e. every decoded token (the reference;
+the noise generator is seeded with (--seed, process index));
 mc draws mc_samples networks (one noise draw each for the whole test set) and takes the majority answer.
 Left padding, KV cache; several processes (accelerate launch) split the questions. Settings: configs/gsm8k_test.yaml.
 Writes OUTPUT_DIR/predictions.jsonl (question, generated, extracted, gold, correct) and results.json (accuracy).
@@ -27,7 +28,7 @@ from accelerate.utils import gather_object
 from transformers import GenerationConfig, set_seed
 
 import utils_llmm as U
-from llmm import LlmmConfig, llmm_layers, load_llmm_model, sample_factor
+from llmm import LlmmConfig, llmm_layers, load_llmm_model, sample_factor, seed_noise
 from llmm import stats
 from llmm.tasks.prompts import (accuracy, encode_prompt, extract_answer, gold_answer, gsm8k_source, is_correct,
                           load_records, majority_vote)
@@ -153,7 +154,9 @@ def predict(model, tokenizer, records: list[dict], settings: dict) -> list[dict]
     """One prediction per record (this process's share), in the asked mode."""
     prompts = [encode_prompt(tokenizer, gsm8k_source(record["question"])) for record in records]
     if settings["mode"] != "mc":
-        set_seed(settings["seed"])
+        set_seed(settings["seed"])  # the decoding's sampling (torch's generator)
+        if settings["mode"] == "sample":  # the Llmm noise has its own generator, which set_seed does not touch
+            seed_noise(model, settings["seed"], PartialState().process_index)
         texts = generate(model, tokenizer, prompts, settings)
         samples = [[text] for text in texts]
     else:

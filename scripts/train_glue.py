@@ -59,7 +59,9 @@ from llmm.quant import ALLOWED_METHODS, fake_quantize
 from scripts.training import LlmmTrainer, add_resume_flag, check_checkpoint, find_checkpoint
 from utils_llmm import (
     CONFIGS,
+    INIT_DIR_LOFTQ,
     add_setting_flags,
+    adopt_init_dir_settings,
     check_adapter_settings,
     check_data_paths,
     check_init_targets,
@@ -130,12 +132,13 @@ def resolve(argv: list[str] | None) -> tuple[GlueTask, dict]:
         if args.quantize_embeddings:
             raise ValueError("--method lora keeps the backbone in full precision: drop --quantize_embeddings")
         settings["quantize_embeddings"] = False
-    if settings["gaussian_embeddings"] and (method != "llmm" or not settings["quantize_embeddings"]):
+    if settings["gaussian_embeddings"] and (method != "llmm" or settings["K"] == 0
+                                            or not settings["quantize_embeddings"]):
         raise ValueError("--gaussian_embeddings true needs --method llmm (K > 0) with --quantize_embeddings")
     settings["backbone"] = "full-precision" if method == "lora" else f"{settings['quant']} {settings['bits']}-bit"
     if method != "lora" and not settings["quantize_embeddings"]:
         settings["backbone"] += " (fp embeddings)"
-    check_init_dir(settings)
+    check_init_dir(settings, given={name for name in INIT_DIR_LOFTQ if getattr(args, name, None) is not None})
     check_adapter_settings(settings)
     check_data_paths(data_dir=settings.get("data_dir"), train_file=settings.get("train_file"),
                      validation_file=settings.get("validation_file"))
@@ -153,8 +156,9 @@ def resolve(argv: list[str] | None) -> tuple[GlueTask, dict]:
     return task, settings
 
 
-def check_init_dir(settings: dict) -> None:
-    """An _init.sh directory (backbone with Q + llmm_init/) is used as it is: its quantization must be the row's."""
+def check_init_dir(settings: dict, given: set[str] = frozenset()) -> None:
+    """An _init.sh directory (backbone with Q + llmm_init/) is used as it is: its quantization must be the row's;
+    its other LoftQ settings (iterations, SVD) replace the table's, and a flag in ``given`` that differs is an error."""
     model_dir = Path(settings["model"]).expanduser()
     if not (model_dir / "llmm_init").is_dir():
         return
@@ -167,6 +171,7 @@ def check_init_dir(settings: dict) -> None:
         if made[name] != settings[name]:
             raise ValueError(f"{str(model_dir)!r} was quantized with {name}={made[name]!r} but the settings say "
                              f"{settings[name]!r}: pass --{name} {made[name]} or quantize again with _init.sh")
+    adopt_init_dir_settings(model_dir, settings, given)
     settings["init_dir"] = str(model_dir / "llmm_init")
     check_init_targets(settings["init_dir"], llmm.LlmmConfig.from_pretrained(settings["init_dir"]).target_modules,
                        settings.get("target_modules"))

@@ -115,8 +115,25 @@ def find_checkpoint(value: str | None, folder: str | Path) -> str | None:
     return value
 
 
+def checkpoint_adapter_settings(checkpoint: str, saved, settings: dict) -> dict:
+    """The settings (of those this run has) that the checkpoint's adapter fixes besides K and rank: lora_alpha,
+    llmmscale, and GLUE's embedding protocol (quantize_embeddings: whether it holds embedding pairs;
+    gaussian_embeddings). A resumed run with other values would load M and Z into another model."""
+    from safetensors import safe_open
+
+    fixed = {}
+    weights = Path(checkpoint) / "adapter_model.safetensors"
+    if "quantize_embeddings" in settings and weights.is_file():
+        with safe_open(str(weights), "pt") as handle:
+            fixed["quantize_embeddings"] = any("lora_embedding_A" in key for key in handle.keys())
+    fixed.update(gaussian_embeddings=getattr(saved, "gaussian_embeddings", False), lora_alpha=saved.lora_alpha,
+                 llmmscale=saved.scale)
+    return {name: value for name, value in fixed.items() if name in settings}
+
+
 def check_checkpoint(checkpoint: str, settings: dict) -> None:
-    """The checkpoint's adapter has the settings' K and rank (else its M and Z cannot be restored), was written by
+    """The checkpoint's adapter has the settings' K and rank (else its M and Z cannot be restored), lora_alpha,
+    llmmscale and embedding protocol (checkpoint_adapter_settings), was written by
     as many processes as this run has (each restores its own RNG state and data shard), and is complete and
     finite; the noise generator's state is there."""
     from accelerate import PartialState
@@ -138,6 +155,11 @@ def check_checkpoint(checkpoint: str, settings: dict) -> None:
         raise ValueError(f"checkpoint {checkpoint!r} holds an adapter with K={saved.k}, rank={saved.r} but the "
                          f"settings say K={settings['K']}, rank={settings['rank']}: resume with the run's settings "
                          "(its settings.json)")
+    for name, value in checkpoint_adapter_settings(checkpoint, saved, settings).items():
+        if value != settings[name]:
+            raise ValueError(f"checkpoint {checkpoint!r} was trained with {name}={value!r} but the settings say "
+                             f"{settings[name]!r}: resume with the run's settings (its settings.json)"
+                             + ("" if isinstance(value, bool) else f", e.g. --{name} {value}"))
     if not (Path(checkpoint) / NOISE_STATE.format(0)).is_file():
         raise FileNotFoundError(f"{checkpoint!r} has no {NOISE_STATE.format(0)} (the Llmm noise generator's state), so "
                                 "the run cannot continue exactly: resume from another checkpoint-N of the run")

@@ -41,3 +41,29 @@ def test_unknown_settings_in_a_row_are_rejected():
         table_rows(table)
     table["rows"][0]["learning_rate"] = table["rows"][0].pop("learnig_rate")
     assert table_rows(table)[0]["learning_rate"] == 3e-4
+
+
+PUBLISHED = {"glue_reference.yaml", "mcq_published.yaml"}  # published figures, not settings
+
+
+@pytest.mark.parametrize("path", sorted(p for p in (REPO_ROOT / "configs").glob("*.yaml") if p.name not in PUBLISHED),
+                         ids=lambda p: p.name)
+def test_every_setting_of_a_table_has_a_declared_range_and_is_in_it(path):
+    """Every numeric setting (and LoftQ's SVD method) a table holds is checked up front by llmm.config.SETTING_RULES,
+    and the table's own values pass it."""
+    from llmm.config import SETTING_RULES, setting_error
+
+    def settings(node):
+        if isinstance(node, dict):
+            for name, value in node.items():
+                if isinstance(value, (dict, list)):
+                    yield from settings(value)
+                elif (isinstance(value, (int, float)) and not isinstance(value, bool)) or name == "loftq_svd":
+                    yield name, value
+        elif isinstance(node, list):
+            for item in node:
+                yield from settings(item)
+
+    found = list(settings(yaml.safe_load(path.read_text())))
+    assert [name for name, _ in found if name not in SETTING_RULES] == []
+    assert [(name, value) for name, value in found if setting_error(name, value)] == []

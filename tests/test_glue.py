@@ -352,6 +352,10 @@ def test_train_glue_from_an_init_directory(model_dir, tmp_path):
     _, settings = train_glue.resolve(["--task", "cola", "--quant", "nf", "--rank", "16", "--model", str(init),
                                       "--data_dir", str(DATA / "CoLA")])
     assert settings["init_dir"] == str(init / "llmm_init")
+    assert settings["loftq_iter"] == 1 and settings["loftq_svd"] == "truncated"  # the directory's, not the table's 5
+    with pytest.raises(ValueError, match=r"quantized with loftq_iter=1 but --loftq_iter 5 was given: drop"):
+        train_glue.resolve(["--task", "cola", "--quant", "nf", "--rank", "16", "--model", str(init), "--loftq_iter",
+                            "5"])
     wrapped = train_glue.wrap_model(model, settings)
     key = "deberta.encoder.layer.0.attention.self.query_proj"
     layer = wrapped.base_model.model.get_submodule(key)
@@ -480,6 +484,9 @@ def test_settings_for_embeddings():
     with pytest.raises(ValueError, match="--gaussian_embeddings true needs --method llmm"):
         train_glue.resolve(["--task", "cola", "--quant", "nf", "--rank", "32", "--method", "loftq",
                             "--gaussian_embeddings", "true"])
+    with pytest.raises(ValueError, match="--gaussian_embeddings true needs --method llmm"):  # K = 0: no directions
+        train_glue.resolve(["--task", "cola", "--quant", "nf", "--rank", "32", "--K", "0",
+                            "--gaussian_embeddings", "true"])
 
 
 # --------------------------------------------------------------------------------------- runs that reload exactly
@@ -546,6 +553,11 @@ def test_eval_glue_modes_and_files(runs, tmp_path):
         eval_glue.main([str(cola), "--mode", "sample", "--file", dev, "--output", str(tmp_path / "s.json")])
     with pytest.raises(FileNotFoundError, match="is not a finished scripts.train_glue run"):
         eval_glue.main([str(tmp_path)])
+    for flags, message in ((["--mode", "sample", "--mc_samples", "3"], "--mc_samples only applies to --mode mc"),
+                           (["--seed", "1"], "the mean network has none")):  # no silently ignored flag
+        with pytest.raises(ValueError, match=message):
+            eval_glue.main([str(cola), *flags, "--output", str(tmp_path / "x.json")])
+    assert not (tmp_path / "x.json").exists()
 
 
 # ------------------------------------------------------------------------------------------- best epoch by F1

@@ -203,6 +203,10 @@ def test_gsm8k_4bit_from_init_dir_then_test_mean_mode(models, tmp_path):
                       "--output_dir", str(run), *NF4, *FAST])
     _, settings = check_run(run, "gsm8k", k=2)
     assert settings["load_in_4bit"] is True and settings["method"] == "llmm"
+    assert settings["loftq_iter"] == 1  # the _init.sh directory's LoftQ settings, not the table's (5)
+    with pytest.raises(ValueError, match=r"quantized with loftq_iter=1 but --loftq_iter 5 was given"):
+        train_gsm8k.main(["--model", "llama-2-7b", "--rank", "64", "--model_name_or_path", str(models[64]),
+                          "--data", str(DATA / "gsm8k.jsonl"), "--loftq_iter", "5", "--output_dir", str(tmp_path / "x")])
     test_gsm8k.main(["--adapter", str(run / "adapter"), "--output_dir", str(tmp_path / "test"), *GENERATE, *NF4])
     predictions, _ = check_predictions(tmp_path / "test")
     # Over NF4 the adapter stays unmerged (merging would re-quantize); still the same as plain PEFT.
@@ -249,6 +253,33 @@ def test_mc_networks_are_fixed_draws_and_the_means_come_back():
     eps = torch.linalg.lstsq(directions, draw.flatten()[:, None]).solution.flatten() * 400 ** 0.5
     torch.testing.assert_close(directions @ eps / 400 ** 0.5, draw.flatten(), rtol=1e-4, atol=1e-5)
     assert 1e-3 < eps.abs().max() < 6
+
+
+def test_sample_mode_noise_follows_the_seed_flag(monkeypatch):
+    """--mode sample: the Llmm noise comes from the model's own generator, seeded by --seed (and the process), not
+    by whatever seeded torch before the model was loaded."""
+    model = get_llmm_model(tiny_llama(), LlmmConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, k=2,
+                                                    eval_noise="sample"))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.normal_()
+    model.eval()
+    inputs = torch.randint(0, 128, (1, 8))
+
+    def generate(model, tokenizer, prompts, settings):  # one noisy forward stands for the generation
+        with torch.no_grad():
+            return [repr(model(inputs).logits.sum().item())] * len(prompts)
+
+    monkeypatch.setattr(test_gsm8k, "generate", generate)
+    records = [{"question": "one plus two", "answer": "3 #### 3"}]
+    tokenizer = byte_level_tokenizer()
+
+    def generated(seed):
+        torch.manual_seed(1234 + seed)  # torch's generator must not decide the noise
+        return test_gsm8k.predict(model, tokenizer, records, {"mode": "sample", "seed": seed})[0]["generated"]
+
+    assert generated(0) == generated(0) != generated(1)
 
 
 # --- the paper's precision: NF4 backbone, bfloat16 compute, float32 adapters under bf16 autocast ---------------------

@@ -77,16 +77,25 @@ def gsm8k_argv(llama_dir, out, *extra):
 # --- resume --------------------------------------------------------------------------------------------------------
 
 def test_glue_resume_mid_epoch_reproduces_the_uninterrupted_run(model_dir, tmp_path, monkeypatch):  # noqa: F811
-    """8 training rows, batch 4: 2 steps per epoch. Killed at step 4, resumed from checkpoint-3 (mid-epoch)."""
+    """8 training rows, batch 4: 2 steps per epoch. Killed at step 4, resumed from checkpoint-3 (mid-epoch).
+    Embeddings quantized with Gaussian pairs: their M, Z and noise are restored too."""
     full, resumed = tmp_path / "full", tmp_path / "resumed"
-    train_glue.main(glue_argv(model_dir, full, "--max_steps", "5"))
-    run_until_killed(monkeypatch, train_glue.main, glue_argv(model_dir, resumed, "--max_steps", "5"), step=4)
+    train_glue.main(glue_argv(model_dir, full, "--max_steps", "5", "--gaussian_embeddings", "true"))
+    run_until_killed(monkeypatch, train_glue.main, glue_argv(model_dir, resumed, "--max_steps", "5",
+                                                             "--gaussian_embeddings", "true"), step=4)
     assert [p.name for p in sorted(resumed.glob("checkpoint-*"))] == ["checkpoint-3"]  # save_total_limit 1
     assert (resumed / "checkpoint-3" / "llmm_noise_rng_0.pt").is_file()  # the noise generator's state
     assert not json.loads((resumed / "results.json").read_text())["complete"]
     with pytest.raises(FileExistsError, match="--resume_from_checkpoint"):  # no silent restart into a used dir
         train_glue.main(glue_argv(model_dir, resumed, "--max_steps", "5"))
-    train_glue.main(glue_argv(model_dir, resumed, "--max_steps", "5", "--resume_from_checkpoint"))
+    for other, message in ((["--gaussian_embeddings", "false"], "gaussian_embeddings=True"),
+                           (["--no-quantize_embeddings"], "quantize_embeddings=True"),
+                           (["--gaussian_embeddings", "true", "--llmmscale", "5"], "llmmscale=4.0")):
+        with pytest.raises(ValueError, match=message):  # another model than the checkpoint's: refused up front
+            train_glue.main(glue_argv(model_dir, resumed, "--max_steps", "5", *other, "--resume_from_checkpoint"))
+    assert json.loads((resumed / "settings.json").read_text())["resumed_from"] is None  # not rewritten
+    train_glue.main(glue_argv(model_dir, resumed, "--max_steps", "5", "--gaussian_embeddings", "true",
+                              "--resume_from_checkpoint"))
 
     results = [json.loads((run / "results.json").read_text()) for run in (full, resumed)]
     assert all(r["complete"] for r in results)
@@ -95,6 +104,7 @@ def test_glue_resume_mid_epoch_reproduces_the_uninterrupted_run(model_dir, tmp_p
     assert losses[0] == losses[1]  # bit-identical per-step training losses, steps 1-3 restored from the checkpoint
     assert [e["dev"] for e in results[0]["epochs"]] == [e["dev"] for e in results[1]["epochs"]]
     assert same_tensors(full, resumed)  # M and Z (and the classifier head) end up identical
+    assert any("lora_embedding_A" in key for key in load_file(full / "adapter" / "adapter_model.safetensors"))
     assert json.loads((resumed / "settings.json").read_text())["resumed_from"] == str(resumed / "checkpoint-3")
     newest = training.complete_checkpoints(resumed)[-1]
     (newest / "llmm_noise_rng_0.pt").unlink()  # without the noise state the run cannot continue exactly

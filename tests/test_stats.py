@@ -96,6 +96,10 @@ def test_labels_show_only_the_settings_that_separate_rows():
     assert stats.distinguishing_fields(cells, glue_table.LABEL_FIELDS) == ["method", "backbone", "rank", "K"]
     assert stats.find_baseline(CELL, [LOFTQ, {**LOFTQ, "rank": 16}], "loftq") == LOFTQ
     assert stats.find_baseline({**CELL, "eval_noise": "mc"}, [LOFTQ], "loftq") is None
+    # Gaussian embedding pairs exist only for llmm (loftq's are plain): such a run is still paired with loftq
+    gaussian = {**CELL, "quantize_embeddings": True, "gaussian_embeddings": True}
+    plain = {**LOFTQ, "quantize_embeddings": True, "gaussian_embeddings": False}
+    assert stats.find_baseline(gaussian, [plain, {**plain, "quantize_embeddings": False}], "loftq") == plain
 
 
 def write_lm_run(root, name, cell, seed, **values):

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from peft import LoraConfig
 
-from llmm.quant import ALLOWED_BITS, ALLOWED_METHODS, check_svd_args
+from llmm.quant import ALLOWED_BITS, ALLOWED_METHODS, ALLOWED_SVD, check_svd_args
 
 EVAL_NOISE_MODES = ("mean", "sample")
 
@@ -43,6 +43,9 @@ SETTING_RULES = {
     "bits": (lambda v: v in ALLOWED_BITS, f"one of {ALLOWED_BITS}"),
     "quant": (lambda v: v in ALLOWED_METHODS, f"one of {ALLOWED_METHODS}"),
     "loftq_iter": (lambda v: _integer(v, 1), "an integer >= 1"),
+    "loftq_svd": (lambda v: v in ALLOWED_SVD, f"one of {ALLOWED_SVD}"),
+    "loftq_svd_oversampling": (lambda v: _integer(v, 0), "an integer >= 0 (columns beyond the rank)"),
+    "loftq_svd_iters": (lambda v: _integer(v, 0), "an integer >= 0 (power steps)"),
     "block_size": (lambda v: _integer(v, 1), "an integer >= 1"),
     "learning_rate": (lambda v: _number(v) and v > 0, "a finite number > 0"),
     "weight_decay": (lambda v: _number(v) and v >= 0, "a finite number >= 0"),
@@ -71,6 +74,10 @@ SETTING_RULES = {
     "max_samples": (lambda v: _integer(v, 1), "an integer >= 1"),
     "num_labels": (lambda v: _integer(v, 1), "an integer >= 1"),
     "seed": (lambda v: _integer(v, 0), "an integer >= 0"),
+    "seeds": (lambda v: _integer(v, 1), "an integer >= 1 (the number of seeds)"),
+    "dev_fraction": (lambda v: _number(v) and 0 < v < 1, "a number in (0, 1)"),
+    "test_fraction": (lambda v: _number(v) and 0 < v < 1, "a number in (0, 1)"),
+    "mc_dropout": (_in(0, 1), "a number in [0, 1)"),
     "data_seed": (lambda v: _integer(v, 0), "an integer >= 0"),
     "temperature": (lambda v: _number(v) and v > 0, "a finite number > 0"),
     "top_k": (lambda v: _integer(v, 0), "an integer >= 0"),

@@ -37,8 +37,8 @@ NOT_CELL = frozenset({
     "eval_batch_size", "per_device_eval_batch_size", "source", "versions", "logging_steps", "adapter", "optim_used",
 })
 # Settings a method implies: a method and its baseline may differ in these (and only these) to be paired.
-METHOD_FIELDS = ("method", "K", "llmmscale", "scaled_gradient", "init", "backbone", "init_source", "init_dir",
-                 "model_name_or_path", "test_model_name_or_path")
+METHOD_FIELDS = ("method", "K", "llmmscale", "scaled_gradient", "gaussian_embeddings", "init", "backbone",
+                 "init_source", "init_dir", "model_name_or_path", "test_model_name_or_path")
 
 # Settings a row label names first when rows must be told apart (then the rest, alphabetically).
 PREFERRED_LABELS = ("K", "bits", "quant", "eval_noise", "mc_samples", "test_mode", "test_decoding",
