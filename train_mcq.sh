@@ -14,7 +14,7 @@
 #   LAUNCH="accelerate launch" bash train_mcq.sh;  bash train_mcq.sh --max_steps 10   (a smoke run)
 # A run whose results.json is complete is skipped; an interrupted one resumes from its newest checkpoint.
 set -euo pipefail
-cd "$(dirname "$0")"
+export PYTHONPATH="$(cd "$(dirname "$0")" && pwd)${PYTHONPATH:+:$PYTHONPATH}"  # relative paths stay the user's
 
 TASKS=${TASKS:-"winogrande_s arc_c arc_e winogrande_m obqa boolq"}
 METHODS=${METHODS:-"map mcdropout llmm"}

@@ -89,6 +89,8 @@ def check_settings(settings: dict, table: dict, args) -> dict:
     init_dir = causal_lm.init_adapter_dir(settings["model_name_or_path"])
     if init_dir is not None:
         causal_lm.check_init_adapter(init_dir, settings)
+        U.adopt_init_dir_settings(settings["model_name_or_path"], settings,
+                                  {name for name in U.INIT_DIR_LOFTQ if getattr(args, name, None) is not None})
         if settings["load_in_8bit"]:
             raise ValueError("an _init.sh directory holds LoftQ's NF values Q, which 8-bit loading would re-quantize: "
                              "pass --load_in_8bit false (and --load_in_4bit true for bitsandbytes NF4)")
