@@ -186,27 +186,26 @@ def adopt_init_dir_settings(model_dir: str | Path, settings: dict, given: set[st
         settings[name] = made[name]
 
 
+def model_type_row(file: str, model_config, fix: str) -> list[str]:
+    """The row of ``configs/<file>`` for the checkpoint's ``model_type``; a missing row names ``fix``."""
+    table = read_yaml(CONFIGS / file)
+    model_type = getattr(model_config, "model_type", None)
+    if model_type not in table:
+        raise ValueError(f"no row for model_type {model_type!r} in configs/{file} (known: {sorted(table)}): {fix}")
+    return list(table[model_type])
+
+
 def default_targets(model_config, explicit: list[str] | None = None) -> list[str]:
     """Target modules: an explicit list wins, else the row for ``model_type`` in configs/targets.yaml."""
     if explicit:
         return list(explicit)
-    table = read_yaml(CONFIGS / "targets.yaml")
-    model_type = getattr(model_config, "model_type", None)
-    if model_type not in table:
-        raise ValueError(f"no default target modules for model_type {model_type!r} in configs/targets.yaml "
-                         f"(known: {sorted(table)}); pass --target_modules")
-    return list(table[model_type])
+    return model_type_row("targets.yaml", model_config, "pass --target_modules")
 
 
 def default_embedding_targets(model_config) -> list[str]:
     """The embedding tables the GLUE protocol quantizes and adapts: the row for ``model_type`` in
     configs/embedding_targets.yaml."""
-    table = read_yaml(CONFIGS / "embedding_targets.yaml")
-    model_type = getattr(model_config, "model_type", None)
-    if model_type not in table:
-        raise ValueError(f"no embedding tables for model_type {model_type!r} in configs/embedding_targets.yaml "
-                         f"(known: {sorted(table)}): add a row, or turn quantize_embeddings off")
-    return list(table[model_type])
+    return model_type_row("embedding_targets.yaml", model_config, "add a row, or turn quantize_embeddings off")
 
 
 def head_modules(model) -> list[str]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from llmm import stats
 from llmm.tasks.glue import TASKS, get_task
@@ -55,13 +54,7 @@ def metric_names(task_name: str) -> list[str]:
 
 def gather(paths: list[str], which: str) -> tuple[list[dict], list[str]]:
     """One record per complete run ({path, task, seed, cell, scores}) and the incomplete runs that were skipped."""
-    files = []
-    for path in map(Path, paths):
-        if not path.exists():
-            raise FileNotFoundError(f"{str(path)!r} does not exist: pass run directories or results.json files")
-        files += [path] if path.is_file() else sorted(path.rglob("results.json"))
-    if not files:
-        raise FileNotFoundError(f"no results.json below {paths}: train with scripts/train_glue.py first")
+    files = stats.result_files(paths, "scripts/train_glue.py")
     records, skipped = [], []
     for file in files:
         try:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from llmm import stats
 from utils_llmm import run_main, write_text
@@ -32,11 +31,7 @@ METRICS = {"accuracy": ("GSM8K test accuracy (%)", 100.0), "eval_loss": ("held-o
 
 def read_records(paths: list[str]) -> list[dict]:
     """One record per (results.json, metric): {path, task, metric, seed, cell, value}."""
-    files = []
-    for path in map(Path, paths):
-        if not path.exists():
-            raise FileNotFoundError(f"{str(path)!r} does not exist: pass run directories or results.json files")
-        files += [path] if path.is_file() else sorted(path.rglob("results.json"))
+    files = stats.result_files(paths, "scripts.train_gsm8k / scripts.train_nlg / scripts.test_gsm8k")
     records = []
     for file in files:
         try:

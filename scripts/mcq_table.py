@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import utils_llmm as U
 from llmm import stats
@@ -59,22 +58,11 @@ def column(cell: dict) -> str:
     return cell["task"] if cell["eval_set"] == cell["task"] else f"{cell['task']}->{cell['eval_set']}"
 
 
-def result_files(paths: list[str]) -> list[Path]:
-    files = []
-    for path in map(Path, paths):
-        if not path.exists():
-            raise FileNotFoundError(f"{str(path)!r} does not exist: pass run directories or results.json files")
-        files += [path] if path.is_file() else sorted(path.rglob("results.json"))
-    if not files:
-        raise FileNotFoundError(f"no results.json below {paths}: train with scripts/train_mcq.py first")
-    return files
-
-
 def gather(paths: list[str]) -> tuple[list[dict], list[dict], list[str]]:
     """(one record per evaluation {path, seed, cell, metrics}, one per trained run with a width history
     {path, seed, cell, final}, the incomplete files skipped)."""
     records, widths, skipped = [], [], []
-    for file in result_files(paths):
+    for file in stats.result_files(paths, "scripts/train_mcq.py"):
         try:
             results = json.loads(file.read_text())
         except json.JSONDecodeError as error:

@@ -45,6 +45,19 @@ PREFERRED_LABELS = ("K", "bits", "quant", "eval_noise", "mc_samples", "test_mode
                     "test_mc_samples")
 
 
+def result_files(paths: list[str], made_by: str) -> list[Path]:
+    """The results.json files the table paths name (files, or directories searched recursively); ``made_by`` names
+    the script whose runs write them, for the error when there are none."""
+    files = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise FileNotFoundError(f"{str(path)!r} does not exist: pass run directories or results.json files")
+        files += [path] if path.is_file() else sorted(path.rglob("results.json"))
+    if not files:
+        raise FileNotFoundError(f"no results.json below {paths}: train with {made_by} first")
+    return files
+
+
 def cell_of(settings: dict) -> dict:
     """The cell of a run: its resolved settings without the seed and without what does not change its numbers."""
     return {key: value for key, value in sorted(settings.items()) if key not in NOT_CELL}
