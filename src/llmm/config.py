@@ -109,6 +109,16 @@ class LlmmConfig(LoraConfig):
         default=True,
         metadata={"help": "Paper's rule dZ[k] = eps_k dL/dF (True) or the plain pathwise gradient (False)."},
     )
+    noise_per_example: bool = field(
+        default=False,
+        metadata={"help": "One eps per example (leading batch dimension) instead of one per forward shared by the "
+                  "batch (False, the paper); computed as K + 1 LoRA paths per layer (llmm.layer)."},
+    )
+    noise_width: float = field(
+        default=1.0,
+        metadata={"help": "Noise-width multiplier m >= 0: F~ = M + m sum_k eps_k Z[k] / sqrt(s) (1 = the paper, 0 = the "
+                  "mean network); usually chosen after training on validation data (llmm.width)."},
+    )
     gaussian_embeddings: bool = field(
         default=False,
         metadata={"help": "Targeted embedding tables get Gaussian K-direction pairs like the linear layers (True), "
@@ -143,6 +153,10 @@ class LlmmConfig(LoraConfig):
             if rule:
                 raise ValueError(f"LlmmConfig {name} ({setting}) must be {rule}, got {getattr(self, name)!r}")
         super().__post_init__()
+        if not isinstance(self.noise_per_example, bool):
+            raise ValueError(f"noise_per_example must be true or false, got {self.noise_per_example!r}")
+        if not (_number(self.noise_width) and self.noise_width >= 0):
+            raise ValueError(f"noise_width must be a finite number >= 0 (1 = the paper), got {self.noise_width!r}")
         if self.eval_noise not in EVAL_NOISE_MODES:
             raise ValueError(f"eval_noise must be one of {EVAL_NOISE_MODES}, got {self.eval_noise!r}")
         if self.loftq_method not in ALLOWED_METHODS:
