@@ -116,8 +116,8 @@ class LlmmConfig(LoraConfig):
     )
     noise_width: float = field(
         default=1.0,
-        metadata={"help": "Noise-width multiplier m >= 0: F~ = M + m sum_k eps_k Z[k] / sqrt(s) (1 = the paper, 0 = the "
-                  "mean network); usually chosen after training on validation data (llmm.width)."},
+        metadata={"help": "Noise-width multiplier m >= 0: F~ = M + m sum_k eps_k Z[k] / sqrt(s) (1 = the paper, "
+                  "0 = the mean network); usually chosen after training on validation data (llmm.width)."},
     )
     gaussian_embeddings: bool = field(
         default=False,
