@@ -361,7 +361,7 @@ def test_train_glue_from_an_init_directory(model_dir, tmp_path):
     layer = wrapped.base_model.model.get_submodule(key)
     assert torch.equal(layer.get_base_layer().weight, backbone[f"{key}.weight"])  # not quantized a second time
     assert torch.equal(layer.lora_A["default"].weight, means[f"base_model.model.{key}.lora_A.weight"])
-    assert layer.lora_llmm_A["default"].shape[0] == settings["K"] == 1
+    assert layer.lora_llmm_A["default"].weight.shape[0] == settings["K"] == 1
     # _init.sh quantizes an encoder's embedding tables too (quantize_embeddings auto = on for seq_cls), with pairs
     report = json.loads((init / "quantize_report.json").read_text())
     assert report["settings"]["quantize_embeddings"] is True

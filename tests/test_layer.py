@@ -82,9 +82,9 @@ def test_layer_draws_one_eps_per_factor_per_forward():
     assert not torch.equal(layer.lora_variant["default"].factors(layer, "default")[0], factor_A)
     scale = layer.llmm_settings["default"]["scale"]
     expected_A = layer.lora_A["default"].weight + torch.einsum("k,kij->ij", eps[0] / math.sqrt(scale),
-                                                               layer.lora_llmm_A["default"])
+                                                               layer.lora_llmm_A["default"].weight)
     expected_B = layer.lora_B["default"].weight + torch.einsum("k,kij->ij", eps[1] / math.sqrt(scale),
-                                                               layer.lora_llmm_B["default"])
+                                                               layer.lora_llmm_B["default"].weight)
     torch.testing.assert_close(factor_A, expected_A)
     torch.testing.assert_close(factor_B, expected_B)
 

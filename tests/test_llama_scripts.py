@@ -249,7 +249,7 @@ def test_mc_networks_are_fixed_draws_and_the_means_come_back():
     assert not torch.allclose(first, other_seed) and not torch.allclose(first, at_mean)
     assert torch.equal(restored, at_mean)
     # The draw is sum_k eps_k / sqrt(s) Z[k]: in the span of the K directions, with O(1) coefficients eps_k.
-    directions = layer.lora_llmm_A["default"].detach().flatten(1).T  # (numel, K)
+    directions = layer.lora_llmm_A["default"].weight.detach().flatten(1).T  # (numel, K)
     eps = torch.linalg.lstsq(directions, draw.flatten()[:, None]).solution.flatten() * 400 ** 0.5
     torch.testing.assert_close(directions @ eps / 400 ** 0.5, draw.flatten(), rtol=1e-4, atol=1e-5)
     assert 1e-3 < eps.abs().max() < 6

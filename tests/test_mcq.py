@@ -226,8 +226,8 @@ def test_width_is_noise_norm_over_mean_norm(tokenizer):
     assert len(widths) == 5 and all(w == {"A": 0.0, "B": 0.0} for w in widths.values())  # Z = 0: a point
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     with torch.no_grad():
-        layer.lora_llmm_A["default"].fill_(1.0)
-    expected = layer.lora_llmm_A["default"].norm().item() / (2.0 * layer.lora_A["default"].weight.norm().item())
+        layer.lora_llmm_A["default"].weight.fill_(1.0)
+    expected = layer.lora_llmm_A["default"].weight.norm().item() / (2.0 * layer.lora_A["default"].weight.norm().item())
     assert distribution_width(model)["base_model.model.model.layers.0.self_attn.q_proj"]["A"] == pytest.approx(
         expected)  # sqrt(scale) = 2
     assert width_summary(distribution_width(model))["A"]["max"] == pytest.approx(expected)

@@ -68,7 +68,7 @@ def test_init_adapter_brings_backbone_closer_to_original(llama_dir, tmp_path):
     backbone = logits(AutoModelForCausalLM.from_pretrained(out), inputs)
     adapted_model = load_llmm_model(AutoModelForCausalLM.from_pretrained(out), str(out / "llmm_init"),
                                     is_trainable=True, k=2)
-    assert all(layer.lora_llmm_A["default"].shape[0] == 2 for layer in llmm_layers(adapted_model))
+    assert all(layer.lora_llmm_A["default"].weight.shape[0] == 2 for layer in llmm_layers(adapted_model))
     adapted_model.eval()
     adapted = logits(adapted_model, inputs)
     assert torch.linalg.norm(adapted - original) < 0.9 * torch.linalg.norm(backbone - original)

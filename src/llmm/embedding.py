@@ -27,68 +27,34 @@ from __future__ import annotations
 
 import torch
 from peft.tuners.lora.layer import Embedding as LoraEmbedding
-from peft.tuners.lora.layer import LoraVariant
 from torch import nn
 
-from llmm.layer import loftq_factors, sample_factor
+from llmm.layer import LlmmVariant, loftq_factors
 
 
-def embedding_factors(module: "LlmmEmbedding", adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) in PEFT's embedding layout that this forward uses: sampled (Gaussian pair in train mode or with
-    eval_noise="sample") or the means."""
-    mean_A, mean_B = module.lora_embedding_A[adapter_name], module.lora_embedding_B[adapter_name]
-    settings = getattr(module, "llmm_settings", {}).get(adapter_name)
-    if settings is None or not (module.training or settings["eval_noise"] == "sample"):
-        return mean_A, mean_B
-    noise = module.__dict__.get("llmm_noise")  # the model's noise source, as for the linear layers
-    if noise is None:
-        raise RuntimeError("this Llmm embedding has no noise generator: build the model with llmm.get_llmm_model / "
-                           "llmm.load_llmm_model, or give it one with llmm.seed_noise(model, seed)")
-    eps = noise.eps(module, adapter_name, settings["k"], mean_A.device)
-    scale, scaled = settings["scale"], settings["scaled_gradient"]
-    return (sample_factor(mean_A, module.lora_llmm_A[adapter_name], eps[0], scale, scaled),
-            sample_factor(mean_B, module.lora_llmm_B[adapter_name], eps[1], scale, scaled))
-
-
-class LlmmEmbeddingVariant(LoraVariant):
-    """Gaussian K-direction factors on an embedding pair (``gaussian_embeddings=True``)."""
-
-    direction_names = ("lora_llmm_A", "lora_llmm_B")
+class LlmmEmbeddingVariant(LlmmVariant):
+    """Gaussian K-direction factors on an embedding pair (``gaussian_embeddings=True``): the linear variant with
+    PEFT's embedding layout (means in ``lora_embedding_A`` / ``lora_embedding_B``, the first step a lookup of A^T,
+    no dropout, the model's embedding scale on the update)."""
 
     @staticmethod
-    def init(module: "LlmmEmbedding", adapter_name: str, config=None, **kwargs) -> None:
-        if not hasattr(module, "lora_llmm_A"):
-            module.adapter_layer_names = module.adapter_layer_names[:] + LlmmEmbeddingVariant.direction_names
-            module.lora_llmm_A = nn.ParameterDict()
-            module.lora_llmm_B = nn.ParameterDict()
-            module.llmm_settings = {}
-        weight_A, weight_B = module.lora_embedding_A[adapter_name], module.lora_embedding_B[adapter_name]
-        module.lora_llmm_A[adapter_name] = nn.Parameter(weight_A.new_zeros(config.k, *weight_A.shape))  # Z = 0
-        module.lora_llmm_B[adapter_name] = nn.Parameter(weight_B.new_zeros(config.k, *weight_B.shape))
-        module.llmm_settings[adapter_name] = {"k": config.k, "scale": config.scale, "eval_noise": config.eval_noise,
-                                              "scaled_gradient": config.scaled_gradient}
+    def means(module, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        return module.lora_embedding_A[adapter_name], module.lora_embedding_B[adapter_name]
 
     @staticmethod
-    def forward(module: "LlmmEmbedding", active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs):
-        factor_A, factor_B = embedding_factors(module, active_adapter)
-        update = (module._embed(x, factor_A.T) @ factor_B.T) * module.scaling[active_adapter]
+    def project(module, adapter_name: str, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return module._embed(x, weight.T)
+
+    @staticmethod
+    def lora_path(module, adapter_name: str, x: torch.Tensor, factor_A, factor_B) -> torch.Tensor:
+        return (module._embed(x, factor_A.T) @ factor_B.T) * module.scaling[adapter_name]
+
+    @staticmethod
+    def finish(module, adapter_name: str, result: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         embed_scale = module._get_embed_scale()
         if embed_scale is not None:
             update = update * embed_scale.to(update.dtype)
         return result + update
-
-    # Merging uses the means (E[B~ A~] = M_B M_A): PEFT's delta weight.
-    @staticmethod
-    def merge_safe(module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
-        return orig_weight + module.get_delta_weight(active_adapter).to(orig_weight.dtype)
-
-    @staticmethod
-    def merge_unsafe(module, active_adapter: str, orig_weight: torch.Tensor) -> None:
-        orig_weight.data += module.get_delta_weight(active_adapter).to(orig_weight.dtype)
-
-    @staticmethod
-    def unmerge(module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
-        return orig_weight - module.get_delta_weight(active_adapter).to(orig_weight.dtype)
 
 
 class LlmmEmbedding(LoraEmbedding):
@@ -124,7 +90,7 @@ class LlmmEmbedding(LoraEmbedding):
             if adapter not in self.lora_embedding_A:
                 continue
             if adapter in getattr(self, "llmm_settings", {}):
-                factor_A, factor_B = embedding_factors(self, adapter)
+                factor_A, factor_B = LlmmEmbeddingVariant.factors(self, adapter)
                 table = table + (factor_B @ factor_A).T * self.scaling[adapter]
             else:  # the very sum PEFT's merge writes, so a merged plain-PEFT table is bitwise the same
                 table = table + self.get_delta_weight(adapter).to(table.dtype)

@@ -25,10 +25,8 @@ different methods with the same seed share data order and dropout masks (common 
 from __future__ import annotations
 
 import math
-import zlib
 
 import bitsandbytes as bnb
-import numpy as np
 import torch
 import torch.nn.functional as F
 from peft.tuners.lora import bnb as peft_bnb
@@ -36,6 +34,7 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraVariant
 from torch import nn
 
+from llmm.noise import NoiseSource  # noqa: F401  (re-exported: llmm.layer.NoiseSource)
 from llmm.quant import loftq_init
 
 
@@ -57,14 +56,29 @@ class _SampleFactor(torch.autograd.Function):
         return grad_sample, grad_directions, None, None, None
 
 
+class _ScaleGradient(torch.autograd.Function):
+    """Identity forward; backward multiplies the gradient by a constant (the scaled-gradient rule, row-wise path)."""
+
+    @staticmethod
+    def forward(ctx, tensor, factor):
+        ctx.factor = factor
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
 def sample_factor(
-    mean: torch.Tensor, directions: torch.Tensor, eps: torch.Tensor, scale: float, scaled_gradient: bool = True
+    mean: torch.Tensor, directions, eps: torch.Tensor, scale: float, scaled_gradient: bool = True
 ) -> torch.Tensor:
     """One Gaussian factor sample F~ = M + sum_k eps_k / sqrt(scale) * directions[k].
 
     Backward: dM = g and dZ[k] = eps_k * g (``scaled_gradient=True``) or eps_k * g / sqrt(scale) (plain pathwise).
-    ``directions`` has shape (K, *mean.shape) and ``eps`` shape (K,); no gradient flows to ``eps``.
+    ``directions`` (a tensor, or the ``FactorDirections`` module holding it) has shape (K, *mean.shape) and ``eps``
+    shape (K,); no gradient flows to ``eps``.
     """
+    directions = directions.weight if isinstance(directions, FactorDirections) else directions
     if directions.shape[1:] != mean.shape or eps.shape != directions.shape[:1]:
         raise ValueError(
             f"sample_factor needs directions of shape (K, *mean.shape) and eps of shape (K,); got mean "
@@ -75,144 +89,195 @@ def sample_factor(
     return _SampleFactor.apply(mean, directions, eps.detach(), float(scale), bool(scaled_gradient))
 
 
-BNB_LAYERS = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
+def effective_scale(settings: dict) -> float:
+    """The s of the noise actually drawn: s / m^2 for the noise-width multiplier m (m = 1: s itself, bit for bit;
+    m = 0: infinite, the mean network)."""
+    width = settings.get("width", 1.0)
+    return settings["scale"] if width == 1.0 else (settings["scale"] / width**2 if width > 0 else math.inf)
 
 
-class NoiseSource:
-    """The Llmm noise of one model: a torch.Generator per device, seeded from (seed, process index, device).
+def rowwise_sample_path(project, x: torch.Tensor, mean_A, mean_B, directions_A, directions_B, eps: torch.Tensor,
+                        scale: float, scaled_gradient: bool) -> torch.Tensor:
+    """B~_b (A~_b x_b) for every row b with its own eps[:, b] (eps of shape (2, rows, K)), at the cost of K + 1
+    LoRA paths: the products Z[k] x are computed once for the whole batch and mixed per row.
 
-    Every Llmm layer of the model points to it (``layer.llmm_noise``); ``llmm.seed_noise(model, seed)`` re-seeds
-    it and ``state_dict`` / ``load_state_dict`` carry it through checkpoints. A forward pre-hook on the wrapped
-    backbone calls ``new_forward`` at every model forward (so at every decoded token in generation); a layer draws
-    its eps (2 x K: A and B) at its first call within a model forward and reuses it if called again within the same
-    forward. That reuse is what keeps gradient checkpointing exact: checkpointing re-runs the layers in backward
-    and restores only torch's own RNG states, not this generator, so the re-run finds the eps of its forward.
-    (Hence, with gradient checkpointing, backward a forward before the model's next forward, as every training
-    loop does.) Drawing is a device kernel: no host synchronisation.
+    ``project(x, W)`` is the layer's first step (a linear layer: W dropout(x); an embedding: a lookup of W^T).
+    With w = eps / sqrt(s): h_b = M_A x_b + sum_k w_A[b,k] Z_A[k] x_b and out_b = M_B h_b + sum_k w_B[b,k] Z_B[k] h_b.
+    Autograd of this formula gives the plain pathwise gradient dZ[k] = sum_b w[b,k] dL_b/dF~_b; the scaled rule
+    (dZ[k] = sum_b eps[b,k] dL_b/dF~_b) multiplies it by sqrt(s).
+    """
+    k, rank, d_out = directions_A.shape[0], mean_A.shape[0], mean_B.shape[0]
+    if scaled_gradient and math.isfinite(scale):
+        directions_A = _ScaleGradient.apply(directions_A, math.sqrt(scale))
+        directions_B = _ScaleGradient.apply(directions_B, math.sqrt(scale))
+    weights = (eps / math.sqrt(scale)).to(directions_A.dtype)  # (2, rows, K)
+    hidden = project(x, torch.cat([mean_A, directions_A.reshape(k * rank, -1)]))  # (rows, ..., (K+1) r)
+    shape = (x.shape[0], *[1] * (hidden.dim() - 2), k, 1)
+    hidden = hidden[..., :rank] + (hidden[..., rank:].unflatten(-1, (k, rank)) * weights[0].view(shape)).sum(-2)
+    out = F.linear(hidden, torch.cat([mean_B, directions_B.reshape(k * d_out, rank)]))
+    return out[..., :d_out] + (out[..., d_out:].unflatten(-1, (k, d_out)) * weights[1].view(shape)).sum(-2)
+
+
+class FactorDirections(nn.Module):
+    """The K directions Z of one factor as a leaf module's ``.weight`` (K, *factor shape).
+
+    A module rather than a bare parameter so that FSDP1's PEFT wrap policy (leaf modules with a trainable
+    ``.weight``) and FSDP2 shard the directions with the means, as PEFT did for DoRA's magnitude vector.
     """
 
-    def __init__(self, seed: int, process_index: int = 0):
-        self.forward_id = 0
-        self.seed(seed, process_index)
+    def __init__(self, directions: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(directions)
 
-    def seed(self, seed: int, process_index: int = 0) -> None:
-        """Restart every device's stream from (seed, process_index)."""
-        for name, value in (("seed", seed), ("process_index", process_index)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"noise {name} must be an integer >= 0, got {value!r}")
-        self.entropy = (seed, process_index)
-        self.generators: dict[str, torch.Generator] = {}
-        self.forward_id += 1  # draws cached before the re-seed are not reused
-
-    def generator(self, device: torch.device) -> torch.Generator:
-        key = str(device)
-        if key not in self.generators:
-            words = np.random.SeedSequence([*self.entropy, zlib.crc32(key.encode())]).generate_state(2, np.uint32)
-            seed = int(words[0]) << 32 | int(words[1])
-            self.generators[key] = torch.Generator(device=device).manual_seed(seed)
-        return self.generators[key]
-
-    def new_forward(self, *_) -> None:
-        """A model forward begins: the layers draw fresh eps (signature of a forward pre-hook)."""
-        self.forward_id += 1
-
-    def eps(self, layer: nn.Module, adapter_name: str, k: int, device: torch.device) -> torch.Tensor:
-        """(2, K) standard normal draws for ``layer``'s factors A and B in the current model forward."""
-        cache = layer.__dict__.setdefault("_llmm_eps", {})
-        cached = cache.get(adapter_name)
-        if cached is not None and cached[0] == self.forward_id and cached[1].device == device:
-            return cached[1]
-        eps = torch.randn(2, k, device=device, dtype=torch.float32, generator=self.generator(device))
-        cache[adapter_name] = (self.forward_id, eps)
-        return eps
-
-    def state_dict(self) -> dict:
-        return {"entropy": list(self.entropy),
-                "generators": {key: g.get_state() for key, g in self.generators.items()}}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.seed(*state["entropy"])
-        for key, generator_state in state["generators"].items():
-            self.generator(torch.device(key)).set_state(generator_state)
+    def extra_repr(self) -> str:
+        return f"K={self.weight.shape[0]}, factor={tuple(self.weight.shape[1:])}"
 
 
 class LlmmVariant(LoraVariant):
-    """PEFT LoRA variant: adds the K directions per factor and samples the factors in forward."""
+    """PEFT LoRA variant: adds the K directions per factor and samples the factors in forward.
+
+    Layer types differ only in where the means live (``means``), the first step of the LoRA path (``project``),
+    the shared-sample path (``lora_path``) and the last touch on the update (``finish``); the embedding variant
+    (``llmm.embedding``) overrides those four.
+    """
 
     direction_names = ("lora_llmm_A", "lora_llmm_B")
 
     def supports_lora_conversion(self) -> bool:
         return True  # the mean adapter is a plain LoRA adapter
 
+    # ---------------------------------------------------------------------------------------- layout hooks
     @staticmethod
-    def init(module: LoraLinear, adapter_name: str, config=None, **kwargs) -> None:
-        if config.lora_bias:
-            raise ValueError("LlmmConfig does not support lora_bias=True: the Gaussian factors have no bias term")
-        if not hasattr(module, "lora_llmm_A"):
-            module.adapter_layer_names = module.adapter_layer_names[:] + LlmmVariant.direction_names
-            module.lora_llmm_A = nn.ParameterDict()
-            module.lora_llmm_B = nn.ParameterDict()
-            module.llmm_settings = {}
-        weight_A = module.lora_A[adapter_name].weight
-        weight_B = module.lora_B[adapter_name].weight
-        # Z = 0: step 0 equals plain LoRA / LoftQ; Z grows from its first (scaled) gradient.
-        module.lora_llmm_A[adapter_name] = nn.Parameter(weight_A.new_zeros(config.k, *weight_A.shape))
-        module.lora_llmm_B[adapter_name] = nn.Parameter(weight_B.new_zeros(config.k, *weight_B.shape))
-        module.llmm_settings[adapter_name] = {
-            "k": config.k,
-            "scale": config.scale,
-            "eval_noise": config.eval_noise,
-            "scaled_gradient": config.scaled_gradient,
-        }
+    def means(module, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(M_A (r x d_in), M_B (d_out x r))."""
+        return module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight
 
     @staticmethod
-    def factors(module: LoraLinear, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (A~, B~) this forward uses: a fresh sample in train mode or with eval_noise="sample", else the means."""
-        settings = module.llmm_settings[adapter_name]
-        mean_A = module.lora_A[adapter_name].weight
-        mean_B = module.lora_B[adapter_name].weight
-        if not (module.training or settings["eval_noise"] == "sample"):
-            return mean_A, mean_B
-        # K = 0 goes through the same path (the sum is empty), so every trainable parameter takes part in the
-        # graph, as DDP requires.
-        directions_A = module.lora_llmm_A[adapter_name]
-        directions_B = module.lora_llmm_B[adapter_name]
-        noise = module.__dict__.get("llmm_noise")
-        if noise is None:
-            raise RuntimeError("this Llmm layer has no noise generator: build the model with llmm.get_llmm_model / "
-                               "llmm.load_llmm_model, or give it one with llmm.seed_noise(model, seed)")
-        eps = noise.eps(module, adapter_name, settings["k"], mean_A.device)
-        scale, scaled = settings["scale"], settings["scaled_gradient"]
-        return (
-            sample_factor(mean_A, directions_A, eps[0], scale, scaled),
-            sample_factor(mean_B, directions_B, eps[1], scale, scaled),
-        )
+    def project(module, adapter_name: str, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The first step of the LoRA path with an (rows x d_in) weight: weight . dropout(x)."""
+        return F.linear(module.lora_dropout[adapter_name](x), weight)
 
     @staticmethod
-    def forward(module: LoraLinear, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs):
-        factor_A, factor_B = LlmmVariant.factors(module, active_adapter)
-        dropout = module.lora_dropout[active_adapter]
-        update = F.linear(F.linear(dropout(x), factor_A), factor_B) * module.scaling[active_adapter]
+    def lora_path(module, adapter_name: str, x: torch.Tensor, factor_A, factor_B) -> torch.Tensor:
+        """g B (A dropout(x)) for one (A, B) shared by the batch."""
+        update = F.linear(F.linear(module.lora_dropout[adapter_name](x), factor_A), factor_B)
+        return update * module.scaling[adapter_name]
+
+    @staticmethod
+    def finish(module, adapter_name: str, result: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         if isinstance(module.get_base_layer(), BNB_LAYERS):
             # PEFT's bitsandbytes LoRA layers add the update in the result's dtype (bfloat16 over an NF4 base with
             # bf16 compute): the same rounding, so the mean adapter gives plain PEFT's logits bit for bit.
             update = update.to(result.dtype)
         return result + update
 
+    # ---------------------------------------------------------------------------------------- the method
+    @classmethod
+    def init(cls, module, adapter_name: str, config=None, **kwargs) -> None:
+        if config.lora_bias:
+            raise ValueError("LlmmConfig does not support lora_bias=True: the Gaussian factors have no bias term")
+        if not hasattr(module, "lora_llmm_A"):
+            module.adapter_layer_names = module.adapter_layer_names[:] + cls.direction_names
+            module.lora_llmm_A = nn.ModuleDict()
+            module.lora_llmm_B = nn.ModuleDict()
+            module.llmm_settings = {}
+        mean_A, mean_B = cls.means(module, adapter_name)
+        # Z = 0: step 0 equals plain LoRA / LoftQ; Z grows from its first (scaled) gradient.
+        module.lora_llmm_A[adapter_name] = FactorDirections(mean_A.new_zeros(config.k, *mean_A.shape))
+        module.lora_llmm_B[adapter_name] = FactorDirections(mean_B.new_zeros(config.k, *mean_B.shape))
+        module.llmm_settings[adapter_name] = {
+            "k": config.k,
+            "scale": config.scale,
+            "eval_noise": config.eval_noise,
+            "scaled_gradient": config.scaled_gradient,
+            "per_example": getattr(config, "noise_per_example", False),
+            "width": getattr(config, "noise_width", 1.0),
+        }
+
+    @staticmethod
+    def directions(module, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Z_A, Z_B), each (K, *factor shape)."""
+        return module.lora_llmm_A[adapter_name].weight, module.lora_llmm_B[adapter_name].weight
+
+    @staticmethod
+    def sampling(module, adapter_name: str) -> bool:
+        """Whether this forward samples: train mode, or eval with eval_noise="sample"."""
+        return module.training or module.llmm_settings[adapter_name]["eval_noise"] == "sample"
+
+    @staticmethod
+    def draw(module, adapter_name: str, rows: int, device: torch.device, per_example: bool | None = None):
+        """This forward's eps: (2, K) shared by the batch, or (2, rows, K) per example / per Monte-Carlo network
+        (``per_example``: the layer's setting unless given)."""
+        noise = module.__dict__.get("llmm_noise")
+        if noise is None:
+            raise RuntimeError("this Llmm layer has no noise generator: build the model with llmm.get_llmm_model / "
+                               "llmm.load_llmm_model, or give it one with llmm.seed_noise(model, seed)")
+        settings = module.llmm_settings[adapter_name]
+        per_example = settings["per_example"] if per_example is None else per_example
+        return noise.eps(module, adapter_name, settings["k"], device, rows, per_example)
+
+    @classmethod
+    def factors(cls, module, adapter_name: str, eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (A~, B~) shared by the batch: a fresh sample in train mode or with eval_noise="sample", else the means.
+
+        K = 0 goes through the same path (the sum is empty), so every trainable parameter takes part in the graph,
+        as DDP requires.
+        """
+        mean_A, mean_B = cls.means(module, adapter_name)
+        if not cls.sampling(module, adapter_name):
+            return mean_A, mean_B
+        settings = module.llmm_settings[adapter_name]
+        if eps is None:  # a caller outside forward (a table read whole): one draw shared by the batch
+            noise = module.__dict__.get("llmm_noise")
+            if noise is not None and noise.streams is not None:
+                raise ValueError("batched Monte-Carlo networks need every Llmm layer to be called on the batch, but "
+                                 "this one is read whole (e.g. DeBERTa's relative-position table): use batched=False")
+            eps = cls.draw(module, adapter_name, 1, mean_A.device, per_example=False)
+        directions_A, directions_B = cls.directions(module, adapter_name)
+        scale, scaled = effective_scale(settings), settings["scaled_gradient"]
+        return (sample_factor(mean_A, directions_A, eps[0], scale, scaled),
+                sample_factor(mean_B, directions_B, eps[1], scale, scaled))
+
+    @classmethod
+    def forward(cls, module, active_adapter: str, x: torch.Tensor, result: torch.Tensor, **kwargs):
+        eps = None
+        if cls.sampling(module, active_adapter):
+            eps = cls.draw(module, active_adapter, x.shape[0], x.device)
+        if eps is None or eps.dim() == 2:
+            update = cls.lora_path(module, active_adapter, x, *cls.factors(module, active_adapter, eps))
+        else:
+            settings = module.llmm_settings[active_adapter]
+            update = rowwise_sample_path(
+                lambda inputs, weight: cls.project(module, active_adapter, inputs, weight), x,
+                *cls.means(module, active_adapter), *cls.directions(module, active_adapter), eps,
+                effective_scale(settings), settings["scaled_gradient"]) * module.scaling[active_adapter]
+        return cls.finish(module, active_adapter, result, update)
+
     # Merging uses the mean: E[B~ A~] = M_B M_A, PEFT's own delta weight of the means.
     @staticmethod
-    def merge_safe(module: LoraLinear, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+    def merge_safe(module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
         delta = module.get_delta_weight(active_adapter)
         return orig_weight + delta.to(orig_weight.dtype).to(orig_weight.device)
 
     @staticmethod
-    def merge_unsafe(module: LoraLinear, active_adapter: str, orig_weight: torch.Tensor) -> None:
+    def merge_unsafe(module, active_adapter: str, orig_weight: torch.Tensor) -> None:
         orig_weight.data += module.get_delta_weight(active_adapter).to(orig_weight.dtype)
 
     @staticmethod
-    def unmerge(module: LoraLinear, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+    def unmerge(module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
         delta = module.get_delta_weight(active_adapter)
         return orig_weight - delta.to(orig_weight.dtype).to(orig_weight.device)
+
+
+def factor_entropy(directions: torch.Tensor, scale: float, floor: float) -> torch.Tensor:
+    """0.5 logdet(Z Z^T / s + floor I): the entropy (up to a constant) of one factor's Gaussian within the span of
+    its K directions, Z Z^T the K x K Gram matrix of the flattened directions; finite at Z = 0 (K log(floor) / 2)."""
+    flat = directions.reshape(directions.shape[0], -1).float()
+    gram = flat @ flat.T / scale + floor * torch.eye(flat.shape[0], device=flat.device)
+    return 0.5 * torch.linalg.slogdet(gram)[1]
+
+
+BNB_LAYERS = (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
 
 
 class _LlmmLayerMixin:

@@ -5,6 +5,12 @@
     model = load_llmm_model(base, "out/adapter")               # every M and Z restored, K checked
     export_mean_adapter(model, "out/mean")                     # a plain PEFT LoRA adapter (A = M_A, B = M_B)
     seed_noise(model, seed=0)                                  # restart the model's own noise generator
+    with noise_width(model, 2.0): ...                          # evaluate with the noise m = 2 times as wide
+    loss = loss - entropy_weight(step, lam, warmup) * entropy(model)   # the optional entropy term
+
+Saved adapters hold the directions under ``<layer>.lora_llmm_A.weight`` (the ``FactorDirections`` submodule's
+weight); adapters written before that (``<layer>.lora_llmm_A``) load unchanged: ``load_llmm_model`` and
+``init_from_adapter`` rename their keys (``convert_legacy_directions``).
 """
 
 from __future__ import annotations
@@ -23,11 +29,23 @@ from safetensors.torch import load_file, save_file
 
 from llmm.config import EVAL_NOISE_MODES, LlmmConfig
 from llmm.embedding import EMBEDDING_MODULES, LlmmEmbedding
-from llmm.layer import CUSTOM_MODULES, LlmmVariant, NoiseSource
+from llmm.layer import CUSTOM_MODULES, LlmmVariant, factor_entropy
+from llmm.noise import NoiseSource
 from llmm.outdirs import atomic_dir, check_new_dir  # noqa: F401  (check_new_dir: part of this API)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 DIRECTION_KEYS = LlmmVariant.direction_names
+
+
+def is_direction_key(key: str) -> bool:
+    """A state-dict key of K directions: ``<layer>.lora_llmm_A.weight`` (today) or ``<layer>.lora_llmm_A`` (before)."""
+    return any(part in DIRECTION_KEYS for part in key.split(".")[-2:])
+
+
+def convert_legacy_directions(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename the direction keys of an adapter saved before the directions became submodules (``.lora_llmm_A`` ->
+    ``.lora_llmm_A.weight``); other keys pass unchanged."""
+    return {f"{key}.weight" if key.endswith(DIRECTION_KEYS) else key: value for key, value in state.items()}
 
 
 def _check_targets(model: torch.nn.Module, config: LlmmConfig) -> None:
@@ -152,7 +170,8 @@ def load_llmm_model(
     """Load an Llmm adapter onto ``base_model``, restoring every M and Z exactly.
 
     ``k``: the K the caller expects (an adapter with another K is an error). ``overrides`` set config fields
-    that do not change shapes (``eval_noise``, ``scale``, ``scaled_gradient``, ``lora_dropout``).
+    that do not change shapes (``eval_noise``, ``scale``, ``scaled_gradient``, ``lora_dropout``, ``noise_per_example``,
+    ``noise_width``).
     """
     if not os.path.isdir(adapter_dir):
         raise FileNotFoundError(f"adapter directory {adapter_dir!r} does not exist")
@@ -164,10 +183,10 @@ def load_llmm_model(
     for name, value in overrides.items():
         if name in shape_fields or not hasattr(config, name):
             raise ValueError(f"cannot override {name!r} when loading an adapter; allowed: eval_noise, scale, "
-                             "scaled_gradient, lora_dropout")
+                             "scaled_gradient, lora_dropout, noise_per_example, noise_width")
         setattr(config, name, value)
     config = dataclasses.replace(config, init_lora_weights=False, loftq_config={}, inference_mode=not is_trainable)
-    saved = _load_adapter_weights(adapter_dir)
+    saved = convert_legacy_directions(_load_adapter_weights(adapter_dir))
 
     if is_trainable:
         keep_cpu_4bit_trainable(base_model)
@@ -183,7 +202,7 @@ def load_llmm_model(
                          "backbone it was trained on")
     for key, tensor in allowed.items():
         if key in saved and saved[key].shape != tensor.shape:
-            what = "K" if key.endswith(DIRECTION_KEYS) and saved[key].shape[1:] == tensor.shape[1:] else "shape"
+            what = "K" if is_direction_key(key) and saved[key].shape[1:] == tensor.shape[1:] else "shape"
             raise ValueError(f"adapter {adapter_dir!r}: {key} has {what} {tuple(saved[key].shape)}, the model "
                              f"expects {tuple(tensor.shape)} (config K={config.k}, r={config.r}): load it onto the "
                              "backbone it was trained on")
@@ -206,8 +225,8 @@ def init_from_adapter(model: torch.nn.Module, init_dir: str, config: LlmmConfig)
         raise ValueError(f"{init_dir!r} holds LoftQ means for r={saved.r}, lora_alpha={saved.lora_alpha} but the "
                          f"config has r={config.r}, lora_alpha={config.lora_alpha}: use an _init.sh directory made "
                          "with the same rank and lora_alpha")
-    weights = _load_adapter_weights(init_dir)
-    if any(t.numel() and t.abs().max() > 0 for key, t in weights.items() if key.endswith(DIRECTION_KEYS)):
+    weights = convert_legacy_directions(_load_adapter_weights(init_dir))
+    if any(t.numel() and t.abs().max() > 0 for key, t in weights.items() if is_direction_key(key)):
         raise ValueError(f"{init_dir!r} has non-zero directions (a trained adapter, not an init): load it with "
                          "load_llmm_model instead")
     config = dataclasses.replace(config, init_lora_weights=False, loftq_config={}, inference_mode=False)
@@ -265,7 +284,7 @@ def export_mean_adapter(
     frozen = frozen_embedding_bases(peft_model)
     state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name,
                                       **({"save_embedding_layers": False} if frozen else {}))
-    state = {key: value.detach().contiguous().cpu() for key, value in state.items() if not key.endswith(DIRECTION_KEYS)}
+    state = {key: value.detach().contiguous().cpu() for key, value in state.items() if not is_direction_key(key)}
     with atomic_dir(out_dir, overwrite) as tmp_dir:
         lora_config.save_pretrained(tmp_dir)
         save_file(state, os.path.join(tmp_dir, ADAPTER_WEIGHTS), metadata={"format": "pt"})
@@ -286,3 +305,53 @@ def noise_mode(model: torch.nn.Module, mode: str):
     finally:
         for s, mode_before in zip(settings, previous):
             s["eval_noise"] = mode_before
+
+
+@contextlib.contextmanager
+def noise_width(model: torch.nn.Module, multiplier: float):
+    """Temporarily draw every Llmm factor's noise ``multiplier`` times as wide: F~ = M + m sum_k eps_k Z[k] / sqrt(s).
+
+    m = 1 is the paper (bit for bit), m = 0 the mean network; it acts wherever the layers sample (eval with
+    ``noise_mode(model, "sample")``, Monte-Carlo prediction, training). Choose m on validation data with
+    ``llmm.width.choose_noise_width``; the value in use is each layer's ``llmm_settings[adapter]["width"]``.
+    """
+    if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or not 0 <= multiplier < float("inf"):
+        raise ValueError(f"the noise width multiplier must be a finite number >= 0, got {multiplier!r}")
+    settings = [s for layer in llmm_layers(model) for s in layer.llmm_settings.values()]
+    previous = [s["width"] for s in settings]
+    for s in settings:
+        s["width"] = float(multiplier)
+    try:
+        yield model
+    finally:
+        for s, width_before in zip(settings, previous):
+            s["width"] = width_before
+
+
+def entropy(model: torch.nn.Module, floor: float = 1e-6) -> torch.Tensor:
+    """The optional entropy term: sum over Llmm layers, adapters and factors of 0.5 logdet(Z Z^T / s + floor I).
+
+    Z Z^T is the K x K Gram matrix of a factor's flattened directions: the Gaussian's entropy within the span of its
+    directions, up to a constant; ``floor`` > 0 keeps it finite at Z = 0 (where its gradient is 0). The training
+    objective with it is ``loss - lambda * entropy(model)`` (``entropy_weight`` for lambda's warm-up); lambda = 0
+    is the paper. A differentiable float32 scalar on the directions' device.
+    """
+    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 < floor < float("inf"):
+        raise ValueError(f"the entropy floor must be a finite number > 0, got {floor!r}")
+    terms = [factor_entropy(directions, layer.llmm_settings[name]["scale"], floor)
+             for layer in llmm_layers(model) for name in layer.llmm_settings
+             for directions in LlmmVariant.directions(layer, name) if directions.shape[0] > 0]
+    if not terms:
+        return torch.zeros(())
+    return torch.stack([term.to(terms[0].device) for term in terms]).sum()
+
+
+def entropy_weight(step: int, weight: float, warmup_steps: int) -> float:
+    """lambda at optimizer step ``step``: linear warm-up from 0 to ``weight`` over ``warmup_steps`` (0: no warm-up),
+    as BLoB schedules its KL weight."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
+        raise ValueError(f"the entropy weight must be a finite number >= 0, got {weight!r}")
+    for name, value in (("step", step), ("warmup_steps", warmup_steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"entropy_weight's {name} must be an integer >= 0, got {value!r}")
+    return float(weight) if warmup_steps == 0 else float(weight) * min(1.0, step / warmup_steps)

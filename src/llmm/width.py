@@ -36,7 +36,7 @@ def distribution_width(model: torch.nn.Module, adapter_name: str = "default") ->
         widths[name] = {}
         for factor in FACTORS:
             mean = getattr(module, f"lora_{factor}")[adapter_name].weight.float().norm().item()
-            noise = getattr(module, f"lora_llmm_{factor}")[adapter_name].float().norm().item() / math.sqrt(scale)
+            noise = getattr(module, f"lora_llmm_{factor}")[adapter_name].weight.float().norm().item() / math.sqrt(scale)
             widths[name][factor] = noise / mean if mean > 0 else None
     return widths
 

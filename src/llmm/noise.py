@@ -1,0 +1,154 @@
+"""The Llmm noise: where every eps comes from (one generator per device per model, and Monte-Carlo network streams).
+
+A model's Llmm layers share one ``NoiseSource`` (``layer.llmm_noise``). It never touches torch's global generator,
+so a K > 0 run consumes exactly the global random numbers a K = 0 run does: runs of different methods with the same
+seed share data order and dropout masks (common random numbers).
+
+A layer asks for its eps once per model forward (``eps``); the answer has one of two shapes:
+
+- ``(2, K)``: one draw per factor (A and B) shared by the whole batch (the paper; ``noise_per_example=False``);
+- ``(2, rows, K)``: one draw per example (leading batch dimension), with ``noise_per_example=True``, or while
+  ``networks(streams)`` is active: Monte-Carlo evaluation of N networks in one forward over the batch repeated N
+  times (rows = N x batch, copy n = rows n*batch ... (n+1)*batch - 1), each copy drawing from its own stream n.
+  One network's draws are the same whether it runs alone (N = 1) or batched with others.
+
+``mc_streams(seed, n)`` derives the N networks' generators with ``numpy.random.SeedSequence(seed).spawn(n)``: the
+networks of different seeds are independent streams (seed 1 and seed 2 share no network), and drawing them never
+advances the training generators.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import zlib
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def _torch_seed(sequence: np.random.SeedSequence) -> int:
+    words = sequence.generate_state(2, np.uint32)
+    return int(words[0]) << 32 | int(words[1])
+
+
+class NoiseStreams:
+    """N independent Monte-Carlo network streams: network n's torch generator per device, from its SeedSequence."""
+
+    def __init__(self, children: list[np.random.SeedSequence]):
+        self.children = children
+        self.generators: dict[str, list[torch.Generator]] = {}
+
+    def __len__(self) -> int:
+        return len(self.children)
+
+    def subset(self, index: int) -> "NoiseStreams":
+        """Network ``index`` alone (its stream continues where it stands: the same draws as within the batch)."""
+        single = NoiseStreams([self.children[index]])
+        single.generators = {key: [gens[index]] for key, gens in self.generators.items()}
+        return single
+
+    def for_device(self, device: torch.device) -> list[torch.Generator]:
+        key = str(device)
+        if key not in self.generators:
+            self.generators[key] = [
+                torch.Generator(device=device).manual_seed(_torch_seed(np.random.SeedSequence(
+                    child.entropy, spawn_key=(*child.spawn_key, zlib.crc32(key.encode())))))
+                for child in self.children]
+        return self.generators[key]
+
+
+def mc_streams(seed: int, n_networks: int) -> NoiseStreams:
+    """The generators of N Monte-Carlo networks: ``numpy.random.SeedSequence(seed).spawn(n_networks)``."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"the Monte-Carlo seed must be an integer >= 0, got {seed!r}")
+    if isinstance(n_networks, bool) or not isinstance(n_networks, int) or n_networks < 1:
+        raise ValueError(f"n_samples must be an integer >= 1, got {n_networks!r}")
+    return NoiseStreams(np.random.SeedSequence(seed).spawn(n_networks))
+
+
+class NoiseSource:
+    """The Llmm noise of one model: a torch.Generator per device, seeded from (seed, process index, device).
+
+    Every Llmm layer of the model points to it (``layer.llmm_noise``); ``llmm.seed_noise(model, seed)`` re-seeds
+    it and ``state_dict`` / ``load_state_dict`` carry it through checkpoints. A forward pre-hook on the wrapped
+    backbone calls ``new_forward`` at every model forward (so at every decoded token in generation); a layer draws
+    its eps (A and B) at its first call within a model forward and reuses it if called again within the same
+    forward. That reuse is what keeps gradient checkpointing exact: checkpointing re-runs the layers in backward
+    and restores only torch's own RNG states, not this generator, so the re-run finds the eps of its forward.
+    (Hence, with gradient checkpointing, backward a forward before the model's next forward, as every training
+    loop does.) Drawing is a device kernel: no host synchronisation.
+    """
+
+    def __init__(self, seed: int, process_index: int = 0):
+        self.forward_id = 0
+        self.streams: NoiseStreams | None = None
+        self.seed(seed, process_index)
+
+    def seed(self, seed: int, process_index: int = 0) -> None:
+        """Restart every device's stream from (seed, process_index)."""
+        for name, value in (("seed", seed), ("process_index", process_index)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"noise {name} must be an integer >= 0, got {value!r}")
+        self.entropy = (seed, process_index)
+        self.generators: dict[str, torch.Generator] = {}
+        self.forward_id += 1  # draws cached before the re-seed are not reused
+
+    def generator(self, device: torch.device) -> torch.Generator:
+        key = str(device)
+        if key not in self.generators:
+            sequence = np.random.SeedSequence([*self.entropy, zlib.crc32(key.encode())])
+            self.generators[key] = torch.Generator(device=device).manual_seed(_torch_seed(sequence))
+        return self.generators[key]
+
+    def new_forward(self, *_) -> None:
+        """A model forward begins: the layers draw fresh eps (signature of a forward pre-hook)."""
+        self.forward_id += 1
+
+    @contextlib.contextmanager
+    def networks(self, streams: NoiseStreams):
+        """Within: every draw comes from ``streams`` (network n for batch copy n); the training generators rest."""
+        previous, self.streams = self.streams, streams
+        self.forward_id += 1
+        try:
+            yield self
+        finally:
+            self.streams = previous
+            self.forward_id += 1
+
+    def eps(self, layer: nn.Module, adapter_name: str, k: int, device: torch.device, rows: int,
+            per_example: bool = False) -> torch.Tensor:
+        """Standard normal draws for ``layer``'s factors A and B in the current model forward (``rows``: the batch).
+
+        (2, K), shared by the batch (the paper), unless ``per_example`` or Monte-Carlo networks are active: then
+        (2, rows, K), one draw per example, or per batch copy of the active networks.
+        """
+        streams = self.streams
+        key = (self.forward_id, rows if per_example or streams is not None else None, str(device))
+        cache = layer.__dict__.setdefault("_llmm_eps", {})
+        cached = cache.get(adapter_name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        if streams is None:
+            shape = (2, rows, k) if per_example else (2, k)
+            eps = torch.randn(*shape, device=device, dtype=torch.float32, generator=self.generator(device))
+        else:
+            if rows % len(streams):
+                raise ValueError(f"{len(streams)} Monte-Carlo networks need a batch of a multiple of {len(streams)} "
+                                 f"rows (the batch repeated once per network), got {rows}")
+            copy_rows = rows // len(streams)
+            draws = [torch.randn(2, copy_rows if per_example else 1, k, device=device, dtype=torch.float32,
+                                 generator=generator).expand(2, copy_rows, k)
+                     for generator in streams.for_device(device)]
+            eps = torch.cat(draws, dim=1)
+        cache[adapter_name] = (key, eps)
+        return eps
+
+    def state_dict(self) -> dict:
+        return {"entropy": list(self.entropy),
+                "generators": {key: g.get_state() for key, g in self.generators.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed(*state["entropy"])
+        for key, generator_state in state["generators"].items():
+            self.generator(torch.device(key)).set_state(generator_state)
