@@ -272,8 +272,9 @@ class LlmmVariant(LoraVariant):
 def factor_entropy(directions: torch.Tensor, scale: float, floor: float) -> torch.Tensor:
     """0.5 logdet(Z Z^T / s + floor I): the entropy (up to a constant) of one factor's Gaussian within the span of
     its K directions, Z Z^T the K x K Gram matrix of the flattened directions; finite at Z = 0 (K log(floor) / 2)."""
-    flat = directions.reshape(directions.shape[0], -1).float()
-    gram = flat @ flat.T / scale + floor * torch.eye(flat.shape[0], device=flat.device)
+    flat = directions.reshape(directions.shape[0], -1)
+    flat = flat.to(torch.promote_types(flat.dtype, torch.float32))  # float32 at least (bf16 directions)
+    gram = flat @ flat.T / scale + floor * torch.eye(flat.shape[0], device=flat.device, dtype=flat.dtype)
     return 0.5 * torch.linalg.slogdet(gram)[1]
 
 

@@ -1,14 +1,26 @@
 """Monte-Carlo prediction with an Llmm model: average the predictive distributions of N sampled networks.
 
-    probs = mc_predict(model, batch, n_samples=10)        # (batch, classes); rows sum to 1
+    probs = mc_predict(model, batch, n_samples=10)                       # (batch, classes); rows sum to 1
+    probs = mc_predict(model, batch, 10, seed=0, batched=True)           # N networks in one forward
     scores = llmm.metrics.calibration_metrics(probs.numpy(), labels)
 
-Each of the N forward passes is one network: the model is put in eval mode (dropout off) and every Llmm layer
-samples its factors (``noise_mode(model, "sample")``), so each pass draws one eps per factor per layer, shared by
-the whole batch. The result is p(y | x) ~= 1/N sum_n softmax(f(x; A~_n, B~_n)). With Z = 0 (or K = 0) every pass
-equals the mean network. Draws come from the model's own noise generator on its device (not torch's global one):
-``llmm.seed_noise(model, seed)`` for repeatability.
-``mc_regress`` averages the raw outputs instead (regression heads, e.g. STS-B).
+Each network is one noise draw per factor per layer, shared by the whole batch (per example with
+``noise_per_example``), in eval mode (dropout off, every Llmm layer sampling: ``noise_mode(model, "sample")``).
+The result is p(y | x) ~= 1/N sum_n softmax(f(x; A~_n, B~_n)); with Z = 0 (or K = 0) every network is the mean
+network. The noise-width multiplier in force (``llmm.noise_width``) applies to every network.
+
+Where the networks' noise comes from:
+
+- ``seed=None`` (sequential only): the model's own generator (``llmm.seed_noise(model, seed)``), network after
+  network, as in training.
+- ``seed`` given: network n draws from its own stream, ``numpy.random.SeedSequence(seed).spawn(N)[n]``
+  (``llmm.noise.mc_streams``): the networks of two seeds are independent (seed 1 and seed 2 share none), and the
+  model's training generator is left untouched. ``batched=True`` runs the N networks in one forward over the batch
+  repeated N times (copy n draws from stream n, at the cost of K + 1 LoRA paths per layer); it equals the
+  sequential run with the same seed (``batched=False``) network for network.
+
+``mc_regress`` averages the raw outputs instead (regression heads, e.g. STS-B); ``mc_letter_probs`` is the
+multiple-choice family's answer-letter distribution (``llmm.tasks.calibration.LetterHead``).
 """
 
 from __future__ import annotations
@@ -17,37 +29,73 @@ from collections.abc import Mapping
 
 import torch
 
-from llmm.model import llmm_layers, noise_mode
+from llmm.model import llmm_layers, noise_mode, noise_source
+from llmm.noise import mc_streams
 
 LABEL_KEYS = ("labels", "label")
 
 
+def _repeat(inputs: dict, n: int) -> dict:
+    """The batch repeated n times along its leading dimension (copy n = rows n*batch ... (n+1)*batch - 1)."""
+    sizes = {value.shape[0] for value in inputs.values() if torch.is_tensor(value) and value.dim() > 0}
+    if len(sizes) != 1:
+        raise ValueError(f"batched Monte-Carlo needs every input tensor to lead with the batch size, got sizes {sizes}")
+    return {key: value.repeat(n, *[1] * (value.dim() - 1)) if torch.is_tensor(value) and value.dim() > 0 else value
+            for key, value in inputs.items()}
+
+
+def _logits(output) -> torch.Tensor:
+    return (output.logits if hasattr(output, "logits") else output[0]).float()
+
+
 @torch.no_grad()
-def sampled_outputs(model: torch.nn.Module, batch: Mapping, n_samples: int) -> torch.Tensor:
-    """(n_samples, *output shape): the model's logits under n_samples independent noise draws, in eval mode."""
+def sampled_outputs(model: torch.nn.Module, batch: Mapping, n_samples: int, seed: int | None = None,
+                    batched: bool = False) -> torch.Tensor:
+    """(n_samples, *output shape): the model's logits under n_samples sampled networks, in eval mode."""
     if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
         raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
     if not llmm_layers(model):
         raise ValueError("mc_predict needs a model with Llmm layers (llmm.get_llmm_model / llmm.load_llmm_model)")
+    if batched and seed is None:
+        raise ValueError("batched Monte-Carlo draws each network from its own stream: pass seed=<an integer >= 0>")
     inputs = {key: value for key, value in batch.items() if key not in LABEL_KEYS}
+    streams = None if seed is None else mc_streams(seed, n_samples)
     was_training = model.training
     model.eval()
     try:
         with noise_mode(model, "sample"):
-            outputs = []
-            for _ in range(n_samples):
-                output = model(**inputs)
-                outputs.append((output.logits if hasattr(output, "logits") else output[0]).float())
+            if streams is None:
+                outputs = [_logits(model(**inputs)) for _ in range(n_samples)]
+            elif batched:
+                with noise_source(model).networks(streams):
+                    outputs = list(_logits(model(**_repeat(inputs, n_samples))).chunk(n_samples))
+            else:
+                outputs = []
+                for network in range(n_samples):
+                    with noise_source(model).networks(streams.subset(network)):
+                        outputs.append(_logits(model(**inputs)))
     finally:
         model.train(was_training)
     return torch.stack(outputs)
 
 
-def mc_predict(model: torch.nn.Module, batch: Mapping, n_samples: int) -> torch.Tensor:
+def mc_predict(model: torch.nn.Module, batch: Mapping, n_samples: int, seed: int | None = None,
+               batched: bool = False) -> torch.Tensor:
     """The mean of the N sampled networks' softmax distributions, (batch, classes), float32."""
-    return sampled_outputs(model, batch, n_samples).softmax(dim=-1).mean(dim=0)
+    return sampled_outputs(model, batch, n_samples, seed, batched).softmax(dim=-1).mean(dim=0)
 
 
-def mc_regress(model: torch.nn.Module, batch: Mapping, n_samples: int) -> torch.Tensor:
+def mc_regress(model: torch.nn.Module, batch: Mapping, n_samples: int, seed: int | None = None,
+               batched: bool = False) -> torch.Tensor:
     """The mean of the N sampled networks' outputs (regression heads), float32."""
-    return sampled_outputs(model, batch, n_samples).mean(dim=0)
+    return sampled_outputs(model, batch, n_samples, seed, batched).mean(dim=0)
+
+
+def mc_letter_probs(model: torch.nn.Module, batch: Mapping, letter_ids: list[int], n_samples: int,
+                    seed: int | None = None, batched: bool = False) -> torch.Tensor:
+    """A causal LM's Monte-Carlo answer-letter distribution, (batch, letters): ``batch`` holds ``input_ids``,
+    ``attention_mask`` (right-padded) and ``n_choices`` (letters past a question's choices get probability 0)."""
+    from llmm.tasks.calibration import LetterHead  # the task module imports this one
+
+    head = model if isinstance(model, LetterHead) else LetterHead(model, letter_ids)
+    return mc_predict(head, batch, n_samples, seed, batched)

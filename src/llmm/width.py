@@ -10,6 +10,9 @@ E||noise||^2 = ||Z||_F^2 / s, so
 
     per_layer = distribution_width(model)       # {"<module>": {"A": 0.004, "B": 0.01}}
     summary = width_summary(per_layer)          # {"A": {"median": .., "max": .., "mean": ..}, "B": {...}}
+
+After training, the width can be set by a multiplier m chosen on validation data (``choose_noise_width``, TFB's
+rule or the NLL-minimising m) and applied with ``llmm.noise_width(model, m)``.
 """
 
 from __future__ import annotations
@@ -49,3 +52,72 @@ def width_summary(per_layer: dict[str, dict]) -> dict[str, dict]:
         summary[factor] = ({"median": statistics.median(values), "mean": statistics.fmean(values),
                             "max": max(values), "layers": len(values)} if values else None)
     return summary
+
+
+# ------------------------------------------------------------------------- choosing the width on validation data
+TFB_TOLERANCE = 0.003  # TFB's threshold: 0.3 % relative NLL change
+WIDTH_GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
+
+
+def choose_noise_width(nll, tolerance: float = TFB_TOLERANCE, grid=WIDTH_GRID, refine_steps: int = 4) -> dict:
+    """Choose the noise-width multiplier m (``llmm.noise_width``) from ``nll(m)``, the validation NLL of the
+    Monte-Carlo prediction with noise m times as wide (after training, M and Z fixed). Two rules:
+
+    - ``tfb``: TFB's (Training-Free Bayesianization): the largest m whose relative NLL change against the mean
+      network, (nll(m) - nll(0)) / nll(0), is at most ``tolerance`` (0.3 %; a decrease always qualifies);
+    - ``nll_min``: the m that minimises nll(m) (m = 0, the mean network, included).
+
+    Passes: nll(0), one per grid value (geometric, ascending), then ``refine_steps`` bisection steps between the
+    largest qualifying grid value and the next one (``tfb``) and ``refine_steps`` golden-section steps around the
+    best grid value (``nll_min``): at most 1 + len(grid) + 2 * refine_steps + 1 evaluations (memoised). The search
+    assumes the change grows with m beyond the first failing grid value (it stops there for ``tfb``).
+    Returns {"tfb": m, "nll_min": m, "tolerance": .., "evaluations": [[m, nll], ...] in m order}.
+    """
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < math.inf:
+        raise ValueError(f"the width tolerance must be a finite number >= 0, got {tolerance!r}")
+    grid = sorted(float(m) for m in grid)
+    if not grid or grid[0] <= 0 or not all(math.isfinite(m) for m in grid):
+        raise ValueError(f"the width grid must hold finite numbers > 0, got {grid!r}")
+    if isinstance(refine_steps, bool) or not isinstance(refine_steps, int) or refine_steps < 0:
+        raise ValueError(f"refine_steps must be an integer >= 0, got {refine_steps!r}")
+    seen: dict[float, float] = {}
+
+    def value(m: float) -> float:
+        if m not in seen:
+            seen[m] = float(nll(m))
+            if not math.isfinite(seen[m]):
+                raise ValueError(f"the validation NLL at width {m} is {seen[m]}: check the model and data")
+        return seen[m]
+
+    base = value(0.0)
+
+    def within(m: float) -> bool:
+        return (value(m) - base) <= tolerance * abs(base)
+
+    low, high = 0.0, None  # tfb: low qualifies, high does not
+    for m in grid:
+        if within(m):
+            low = m
+        else:
+            high = m
+            break
+    if high is not None:
+        for _ in range(refine_steps):
+            middle = (low + high) / 2
+            low, high = (middle, high) if within(middle) else (low, middle)
+    points = [0.0, *grid]
+    best = min(points, key=lambda m: (value(m), m))
+    index = points.index(best)
+    left, right = points[max(index - 1, 0)], points[min(index + 1, len(points) - 1)]
+    golden = (math.sqrt(5) - 1) / 2
+    a, b = right - golden * (right - left), left + golden * (right - left)
+    for _ in range(refine_steps if right > left else 0):
+        if value(a) <= value(b):
+            right, b = b, a
+            a = right - golden * (right - left)
+        else:
+            left, a = a, b
+            b = left + golden * (right - left)
+    nll_min = min(seen, key=lambda m: (seen[m], m))
+    return {"tfb": low, "nll_min": nll_min, "tolerance": float(tolerance),
+            "evaluations": [[m, seen[m]] for m in sorted(seen)]}
