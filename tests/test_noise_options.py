@@ -143,6 +143,35 @@ def test_batched_networks_equal_sequential_networks(batch, per_example):
     assert all(torch.equal(before["generators"][k], after["generators"][k]) for k in before["generators"])
 
 
+def test_batched_networks_with_gaussian_embeddings():
+    from test_storage import legacy_model  # q_proj, v_proj and a Gaussian pair on embed_tokens
+
+    model = legacy_model()
+    inputs = {"input_ids": torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))}
+    sequential = sampled_outputs(model, inputs, 3, seed=1)
+    assert torch.equal(sampled_outputs(model, inputs, 3, seed=1, batched=True), sequential)
+    assert not torch.allclose(sequential[0], sequential[1], atol=1e-4)
+
+
+def test_grouped_samples_gradients_match_separate_samples():
+    """G samples at once (eps (G, K)): each equals its own single sample, and dM, dZ are the sums of theirs."""
+    from llmm import sample_factor
+
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    directions = torch.randn(2, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    eps = torch.randn(5, 2, generator=g, dtype=torch.float64)
+    weight = torch.randn(5, 3, 4, generator=g, dtype=torch.float64)
+    for scaled in (True, False):
+        grouped = sample_factor(mean, directions, eps, 9.0, scaled)
+        got = torch.autograd.grad((grouped * weight).sum(), [mean, directions])
+        separate = torch.stack([sample_factor(mean, directions, e, 9.0, scaled) for e in eps])
+        expected = torch.autograd.grad((separate * weight).sum(), [mean, directions])
+        torch.testing.assert_close(grouped, separate)
+        for mine, theirs in zip(got, expected):
+            torch.testing.assert_close(mine, theirs)
+
+
 def test_networks_of_different_seeds_never_overlap(batch):
     model = deberta()
     one, two = (sampled_outputs(model, batch, 3, seed=s, batched=True) for s in (1, 2))

@@ -17,9 +17,27 @@ In eval mode the layer uses the mean (eps = 0) when ``eval_noise="mean"``; ``"sa
 reference did. Because eps_A and eps_B are independent with zero mean, E[B~ A~] = M_B M_A: merging writes
 W_q + g M_B M_A, which is exactly PEFT's LoRA merge of the means.
 
-The noise eps comes from the model's own ``NoiseSource`` (one torch.Generator per device), never from torch's
-global generator: a K > 0 run then consumes exactly the global random numbers a K = 0 run does, so runs of
-different methods with the same seed share data order and dropout masks (common random numbers).
+The noise eps comes from the model's own ``NoiseSource`` (``llmm.noise``: one torch.Generator per device), never
+from torch's global generator: a K > 0 run then consumes exactly the global random numbers a K = 0 run does, so runs
+of different methods with the same seed share data order and dropout masks (common random numbers).
+
+The directions are stored as ``FactorDirections`` submodules (``lora_llmm_A[adapter].weight``), leaf modules with a
+``.weight``, so that FSDP (PEFT's wrap policy, FSDP2) shards them with the means.
+
+Options beyond the paper (each off by default, the paper bit for bit):
+
+- Per-example noise (``noise_per_example=True``): one eps per example b (leading batch dimension), so the objective
+  is (1/B) sum_b E_eps_b[loss_b(F~_b)] with B independent networks per step instead of one. Computed with the
+  directions' products once per layer (``rowwise_sample_path``: K + 1 LoRA paths, not one adapter per example);
+  the scaled gradient becomes dZ[k] = sum_b eps_bk dL_b/dF~_b. The same row-wise path evaluates N Monte-Carlo
+  networks in one forward over the batch repeated N times (``llmm.predict``, ``batched=True``).
+- Noise-width multiplier m (``noise_width``, ``llmm.noise_width(model, m)``): F~ = M + m sum_k eps_k Z[k] / sqrt(s),
+  i.e. the noise of scale s / m^2 (m = 1 the paper, m = 0 the mean network); chosen after training on validation
+  data (``llmm.width.choose_noise_width``: TFB's tolerance rule or the NLL minimiser).
+- Entropy term (``factor_entropy``, ``llmm.entropy``): the training loss becomes loss - lambda * H with
+  H = sum over layers and factors of 0.5 logdet(Z Z^T / s + floor I), the Gaussian's entropy within the span of its
+  K directions up to a constant; it rewards directions that are large and linearly independent, against their
+  shrinking under the data term alone. lambda = 0 is the paper; ``llmm.entropy_weight`` warms lambda up.
 """
 
 from __future__ import annotations
@@ -39,18 +57,29 @@ from llmm.quant import loftq_init
 
 
 class _SampleFactor(torch.autograd.Function):
-    """F~ = M + (eps / sqrt(s)) . Z with the paper's scaled-gradient backward (or the plain pathwise one)."""
+    """F~ = M + (eps / sqrt(s)) . Z with the paper's scaled-gradient backward (or the plain pathwise one).
+
+    eps of shape (K,) gives one sample; eps of shape (G, K) gives G samples (G, *M.shape), one per group of rows
+    (Monte-Carlo networks in one forward), summed elementwise so that a group's sample is the same bits whatever G.
+    """
 
     @staticmethod
     def forward(ctx, mean, directions, eps, scale, scaled_gradient):
         noise_weights = eps / math.sqrt(scale)
         ctx.save_for_backward(eps if scaled_gradient else noise_weights)
-        return mean + torch.tensordot(noise_weights.to(directions.dtype), directions, dims=1)
+        if eps.dim() == 1:
+            return mean + torch.tensordot(noise_weights.to(directions.dtype), directions, dims=1)
+        weights = noise_weights.to(directions.dtype).view(*eps.shape, *[1] * mean.dim())
+        return mean + (weights * directions).sum(1)
 
     @staticmethod
     def backward(ctx, grad_sample):
         (weights,) = ctx.saved_tensors
         grad_directions = None
+        if weights.dim() == 2:  # G samples: dM = sum_g g_g, dZ[k] = sum_g w_gk g_g
+            if ctx.needs_input_grad[1]:
+                grad_directions = torch.tensordot(weights.T.to(grad_sample.dtype), grad_sample, dims=1)
+            return grad_sample.sum(0), grad_directions, None, None, None
         if ctx.needs_input_grad[1]:
             grad_directions = weights.to(grad_sample.dtype).view(-1, *[1] * grad_sample.dim()) * grad_sample
         return grad_sample, grad_directions, None, None, None
@@ -76,12 +105,12 @@ def sample_factor(
 
     Backward: dM = g and dZ[k] = eps_k * g (``scaled_gradient=True``) or eps_k * g / sqrt(scale) (plain pathwise).
     ``directions`` (a tensor, or the ``FactorDirections`` module holding it) has shape (K, *mean.shape) and ``eps``
-    shape (K,); no gradient flows to ``eps``.
+    shape (K,), or (G, K) for G samples at once (G, *mean.shape); no gradient flows to ``eps``.
     """
     directions = directions.weight if isinstance(directions, FactorDirections) else directions
-    if directions.shape[1:] != mean.shape or eps.shape != directions.shape[:1]:
+    if directions.shape[1:] != mean.shape or eps.shape[-1:] != directions.shape[:1] or eps.dim() > 2:
         raise ValueError(
-            f"sample_factor needs directions of shape (K, *mean.shape) and eps of shape (K,); got mean "
+            f"sample_factor needs directions of shape (K, *mean.shape) and eps of shape (K,) or (G, K); got mean "
             f"{tuple(mean.shape)}, directions {tuple(directions.shape)}, eps {tuple(eps.shape)}"
         )
     if scale <= 0:
@@ -116,6 +145,18 @@ def rowwise_sample_path(project, x: torch.Tensor, mean_A, mean_B, directions_A, 
     hidden = hidden[..., :rank] + (hidden[..., rank:].unflatten(-1, (k, rank)) * weights[0].view(shape)).sum(-2)
     out = F.linear(hidden, torch.cat([mean_B, directions_B.reshape(k * d_out, rank)]))
     return out[..., :d_out] + (out[..., d_out:].unflatten(-1, (k, d_out)) * weights[1].view(shape)).sum(-2)
+
+
+def grouped_sample_path(project_groups, x: torch.Tensor, factors_A: torch.Tensor, factors_B: torch.Tensor):
+    """B~_g (A~_g x) for G groups of consecutive rows (Monte-Carlo network g on batch copy g), each with its own
+    sampled factors (factors_A: (G, r, d_in), factors_B: (G, d_out, r)): the FLOPs of one LoRA path.
+
+    ``project_groups(x_groups, factors_A)`` is the layer's first step on (G, rows / G, ...) inputs.
+    """
+    groups = factors_A.shape[0]
+    hidden = project_groups(x.unflatten(0, (groups, x.shape[0] // groups)), factors_A)  # (G, rows / G, ..., r)
+    out = hidden.flatten(1, -2) @ factors_B.transpose(-1, -2)
+    return out.reshape(x.shape[0], *hidden.shape[2:-1], -1)  # (rows, ..., d_out)
 
 
 class FactorDirections(nn.Module):
@@ -156,6 +197,12 @@ class LlmmVariant(LoraVariant):
     def project(module, adapter_name: str, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The first step of the LoRA path with an (rows x d_in) weight: weight . dropout(x)."""
         return F.linear(module.lora_dropout[adapter_name](x), weight)
+
+    @staticmethod
+    def project_groups(module, adapter_name: str, x: torch.Tensor, factors_A: torch.Tensor) -> torch.Tensor:
+        """The first step per group of rows: x (G, rows / G, ..., d_in), factors_A (G, r, d_in)."""
+        hidden = module.lora_dropout[adapter_name](x)
+        return (hidden.flatten(1, -2) @ factors_A.transpose(-1, -2)).reshape(*x.shape[:-1], -1)
 
     @staticmethod
     def lora_path(module, adapter_name: str, x: torch.Tensor, factor_A, factor_B) -> torch.Tensor:
@@ -218,7 +265,8 @@ class LlmmVariant(LoraVariant):
 
     @classmethod
     def factors(cls, module, adapter_name: str, eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (A~, B~) shared by the batch: a fresh sample in train mode or with eval_noise="sample", else the means.
+        """The (A~, B~) this forward uses: a fresh sample in train mode or with eval_noise="sample", else the means
+        (with ``eps`` of shape (2, G, K): G pairs, (G, *factor shape), one per group of rows).
 
         K = 0 goes through the same path (the sum is empty), so every trainable parameter takes part in the graph,
         as DDP requires.
@@ -229,10 +277,11 @@ class LlmmVariant(LoraVariant):
         settings = module.llmm_settings[adapter_name]
         if eps is None:  # a caller outside forward (a table read whole): one draw shared by the batch
             noise = module.__dict__.get("llmm_noise")
-            if noise is not None and noise.streams is not None:
+            if noise is not None and noise.streams is not None and len(noise.streams) > 1:
                 raise ValueError("batched Monte-Carlo networks need every Llmm layer to be called on the batch, but "
                                  "this one is read whole (e.g. DeBERTa's relative-position table): use batched=False")
             eps = cls.draw(module, adapter_name, 1, mean_A.device, per_example=False)
+            eps = eps[:, 0] if eps.dim() == 3 else eps  # one Monte-Carlo network: its (2, 1, K) draw
         directions_A, directions_B = cls.directions(module, adapter_name)
         scale, scaled = effective_scale(settings), settings["scaled_gradient"]
         return (sample_factor(mean_A, directions_A, eps[0], scale, scaled),
@@ -243,10 +292,14 @@ class LlmmVariant(LoraVariant):
         eps = None
         if cls.sampling(module, active_adapter):
             eps = cls.draw(module, active_adapter, x.shape[0], x.device)
+        settings = module.llmm_settings[active_adapter]
         if eps is None or eps.dim() == 2:
             update = cls.lora_path(module, active_adapter, x, *cls.factors(module, active_adapter, eps))
+        elif not settings["per_example"]:  # Monte-Carlo networks: one (A~, B~) per batch copy
+            update = grouped_sample_path(
+                lambda inputs, factors: cls.project_groups(module, active_adapter, inputs, factors), x,
+                *cls.factors(module, active_adapter, eps)) * module.scaling[active_adapter]
         else:
-            settings = module.llmm_settings[active_adapter]
             update = rowwise_sample_path(
                 lambda inputs, weight: cls.project(module, active_adapter, inputs, weight), x,
                 *cls.means(module, active_adapter), *cls.directions(module, active_adapter), eps,

@@ -7,10 +7,11 @@ seed share data order and dropout masks (common random numbers).
 A layer asks for its eps once per model forward (``eps``); the answer has one of two shapes:
 
 - ``(2, K)``: one draw per factor (A and B) shared by the whole batch (the paper; ``noise_per_example=False``);
-- ``(2, rows, K)``: one draw per example (leading batch dimension), with ``noise_per_example=True``, or while
-  ``networks(streams)`` is active: Monte-Carlo evaluation of N networks in one forward over the batch repeated N
-  times (rows = N x batch, copy n = rows n*batch ... (n+1)*batch - 1), each copy drawing from its own stream n.
-  One network's draws are the same whether it runs alone (N = 1) or batched with others.
+- ``(2, rows, K)``: one draw per example (leading batch dimension), with ``noise_per_example=True``;
+- ``(2, N, K)`` while ``networks(streams)`` is active: Monte-Carlo evaluation of N networks in one forward over the
+  batch repeated N times (rows = N x batch, copy n = rows n*batch ... (n+1)*batch - 1), copy n drawing from its own
+  stream n (with ``noise_per_example``: (2, rows, K), copy n's rows from stream n). One network's draws are the
+  same whether it runs alone (N = 1) or batched with others.
 
 ``mc_streams(seed, n)`` derives the N networks' generators with ``numpy.random.SeedSequence(seed).spawn(n)``: the
 networks of different seeds are independent streams (seed 1 and seed 2 share no network), and drawing them never
@@ -120,8 +121,8 @@ class NoiseSource:
             per_example: bool = False) -> torch.Tensor:
         """Standard normal draws for ``layer``'s factors A and B in the current model forward (``rows``: the batch).
 
-        (2, K), shared by the batch (the paper), unless ``per_example`` or Monte-Carlo networks are active: then
-        (2, rows, K), one draw per example, or per batch copy of the active networks.
+        (2, K), shared by the batch (the paper); (2, rows, K), one draw per example (``per_example``); while
+        Monte-Carlo networks are active, (2, N, K), one draw per network (per example: (2, rows, K)).
         """
         streams = self.streams
         key = (self.forward_id, rows if per_example or streams is not None else None, str(device))
@@ -136,11 +137,9 @@ class NoiseSource:
             if rows % len(streams):
                 raise ValueError(f"{len(streams)} Monte-Carlo networks need a batch of a multiple of {len(streams)} "
                                  f"rows (the batch repeated once per network), got {rows}")
-            copy_rows = rows // len(streams)
-            draws = [torch.randn(2, copy_rows if per_example else 1, k, device=device, dtype=torch.float32,
-                                 generator=generator).expand(2, copy_rows, k)
-                     for generator in streams.for_device(device)]
-            eps = torch.cat(draws, dim=1)
+            eps = torch.cat([torch.randn(2, rows // len(streams) if per_example else 1, k, device=device,
+                                         dtype=torch.float32, generator=generator)
+                             for generator in streams.for_device(device)], dim=1)
         cache[adapter_name] = (key, eps)
         return eps
 
