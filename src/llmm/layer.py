@@ -55,6 +55,13 @@ from torch import nn
 from llmm.noise import NoiseSource  # noqa: F401  (re-exported: llmm.layer.NoiseSource)
 from llmm.quant import loftq_init
 
+try:  # modules FSDP manages: FSDP1 wrappers (PEFT's wrap policy) and FSDP2 (fully_shard) modules
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    SHARDED_MODULES: tuple[type, ...] = (FullyShardedDataParallel, FSDPModule)
+except ImportError:  # a torch built without distributed support
+    SHARDED_MODULES = ()
+
 
 class _SampleFactor(torch.autograd.Function):
     """F~ = M + (eps / sqrt(s)) . Z with the paper's scaled-gradient backward (or the plain pathwise one).
@@ -163,12 +170,17 @@ class FactorDirections(nn.Module):
     """The K directions Z of one factor as a leaf module's ``.weight`` (K, *factor shape).
 
     A module rather than a bare parameter so that FSDP1's PEFT wrap policy (leaf modules with a trainable
-    ``.weight``) and FSDP2 shard the directions with the means, as PEFT did for DoRA's magnitude vector.
+    ``.weight``) and FSDP2 shard the directions with the means, as PEFT did for DoRA's magnitude vector. A module
+    FSDP wraps on its own holds its full weight only within its forward: the layer then calls it (``forward``
+    returns a copy of Z, the gradient flows back through FSDP's hooks); otherwise it reads ``.weight``.
     """
 
     def __init__(self, directions: torch.Tensor):
         super().__init__()
         self.weight = nn.Parameter(directions)
+
+    def forward(self) -> torch.Tensor:
+        return self.weight.clone()
 
     def extra_repr(self) -> str:
         return f"K={self.weight.shape[0]}, factor={tuple(self.weight.shape[1:])}"
@@ -190,8 +202,11 @@ class LlmmVariant(LoraVariant):
     # ---------------------------------------------------------------------------------------- layout hooks
     @staticmethod
     def means(module, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(M_A (r x d_in), M_B (d_out x r))."""
-        return module.lora_A[adapter_name].weight, module.lora_B[adapter_name].weight
+        """(M_A (r x d_in), M_B (d_out x r)); read through a call where FSDP wraps the LoRA linears (DoRA's way)."""
+        lora_A, lora_B = module.lora_A[adapter_name], module.lora_B[adapter_name]
+        if isinstance(lora_A, SHARDED_MODULES) or isinstance(lora_B, SHARDED_MODULES):
+            return _weight_by_call(lora_A), _weight_by_call(lora_B)
+        return lora_A.weight, lora_B.weight
 
     @staticmethod
     def project(module, adapter_name: str, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -244,7 +259,8 @@ class LlmmVariant(LoraVariant):
     @staticmethod
     def directions(module, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(Z_A, Z_B), each (K, *factor shape)."""
-        return module.lora_llmm_A[adapter_name].weight, module.lora_llmm_B[adapter_name].weight
+        holders = module.lora_llmm_A[adapter_name], module.lora_llmm_B[adapter_name]
+        return tuple(holder() if isinstance(holder, SHARDED_MODULES) else holder.weight for holder in holders)
 
     @staticmethod
     def sampling(module, adapter_name: str) -> bool:
@@ -320,6 +336,12 @@ class LlmmVariant(LoraVariant):
     def unmerge(module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
         delta = module.get_delta_weight(active_adapter)
         return orig_weight - delta.to(orig_weight.dtype).to(orig_weight.device)
+
+
+def _weight_by_call(linear: nn.Module) -> torch.Tensor:
+    """W of a linear layer (out x in) that FSDP wraps on its own, through its forward: (I W^T)^T = W, bit for bit."""
+    eye = torch.eye(linear.in_features, device=linear.weight.device, dtype=linear.weight.dtype)
+    return linear(eye).T
 
 
 def factor_entropy(directions: torch.Tensor, scale: float, floor: float) -> torch.Tensor:
