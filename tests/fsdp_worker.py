@@ -59,7 +59,8 @@ def main(mode: str, dtype: str) -> None:
         dist.all_reduce(loss)
     sharded = [type(p).__name__ for n, p in model.named_parameters() if "lora_llmm_" in n] if mode == "fsdp2" else []
     if rank == 0:
-        print("RESULT " + json.dumps({"losses": [loss.item() / world for loss in losses], "types": sorted(set(sharded))}))
+        result = {"losses": [loss.item() / world for loss in losses], "types": sorted(set(sharded))}
+        print("RESULT " + json.dumps(result))
     dist.destroy_process_group()
 
 

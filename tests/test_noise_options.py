@@ -129,7 +129,8 @@ def test_batched_networks_equal_sequential_networks(batch, per_example):
     (1e-5 relative; measured 6e-8 absolute): its attention kernels round differently at another batch size."""
     model = llama(noise_per_example=per_example)
     inputs = {"input_ids": batch["input_ids"]}
-    assert torch.equal(sampled_outputs(model, inputs, 3, seed=5, batched=True), sampled_outputs(model, inputs, 3, seed=5))
+    batched = sampled_outputs(model, inputs, 3, seed=5, batched=True)
+    assert torch.equal(batched, sampled_outputs(model, inputs, 3, seed=5))
     model = deberta(noise_per_example=per_example)
     before = noise_source(model).state_dict()
     sequential = sampled_outputs(model, batch, 4, seed=3, batched=False)

@@ -36,6 +36,15 @@ def test_legacy_adapter_loads_with_identical_predictions():
             assert torch.equal(model.base_model.model.get_parameter(path), tensor), key
 
 
+def test_legacy_adapter_through_peft_load_adapter():
+    """A Trainer resume restores the adapter with PEFT's load_adapter: old keys load there too (pre-hook)."""
+    model = get_llmm_model(tiny_llama(), LlmmConfig(r=4, lora_alpha=8, k=2, gaussian_embeddings=True,
+                                                   target_modules=["q_proj", "v_proj", "embed_tokens"]))
+    model.load_adapter(str(LEGACY), "default", is_trainable=True)
+    for (name, p), (_, q) in zip(legacy_model().named_parameters(), model.named_parameters()):
+        assert torch.equal(p, q), name
+
+
 def test_new_layout_round_trip_and_resume_start(tmp_path):
     model = legacy_model()
     model.save_pretrained(tmp_path / "new")

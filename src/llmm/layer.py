@@ -243,6 +243,7 @@ class LlmmVariant(LoraVariant):
             module.lora_llmm_A = nn.ModuleDict()
             module.lora_llmm_B = nn.ModuleDict()
             module.llmm_settings = {}
+            module.register_load_state_dict_pre_hook(_legacy_direction_keys)
         mean_A, mean_B = cls.means(module, adapter_name)
         # Z = 0: step 0 equals plain LoRA / LoftQ; Z grows from its first (scaled) gradient.
         module.lora_llmm_A[adapter_name] = FactorDirections(mean_A.new_zeros(config.k, *mean_A.shape))
@@ -336,6 +337,21 @@ class LlmmVariant(LoraVariant):
     def unmerge(module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
         delta = module.get_delta_weight(active_adapter)
         return orig_weight - delta.to(orig_weight.dtype).to(orig_weight.device)
+
+
+def _legacy_direction_keys(module, state_dict, prefix, *args) -> None:
+    """Load-state-dict pre-hook: directions saved before they became ``FactorDirections`` modules load into
+    ``<layer>.lora_llmm_A.<adapter>.weight`` by every path (``load_llmm_model``, PEFT's ``load_adapter``, a Trainer
+    resume). The old key is ``<layer>.lora_llmm_A.<adapter>``, or ``<layer>.lora_llmm_A`` as PEFT passes a file's
+    key it does not know; that one goes to the adapter whose means the same state dict loads."""
+    means = ("lora_A.{}.weight", "lora_embedding_A.{}")
+    loading = [adapter for adapter in getattr(module, "llmm_settings", {})
+               if any(prefix + key.format(adapter) in state_dict for key in means)]
+    for name in LlmmVariant.direction_names:
+        for adapter in getattr(module, name, {}):
+            for old in (f"{prefix}{name}.{adapter}", *([f"{prefix}{name}"] if loading == [adapter] else [])):
+                if old in state_dict and f"{prefix}{name}.{adapter}.weight" not in state_dict:
+                    state_dict[f"{prefix}{name}.{adapter}.weight"] = state_dict.pop(old)
 
 
 def _weight_by_call(linear: nn.Module) -> torch.Tensor:
