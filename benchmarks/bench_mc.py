@@ -4,6 +4,7 @@ training step with per-example noise (``noise_per_example``) against the paper's
 
     python -m benchmarks.bench_mc                   # 1 thread, CPU; writes benchmarks/results/mc_cpu.json
     python -m benchmarks.bench_mc --quick           # smaller shapes, for a smoke run
+    python -m benchmarks.bench_mc --device cuda     # on a GPU (writes mc_cuda.json), where batching should pay
 
 A Llama of hidden size 512, 2 layers, vocab 4096 (--quick: 128, vocab 512), all seven linear projections adapted
 (rank 8, K = 2), a batch of 8 questions x 64 tokens read as five answer letters (``LetterHead``, as in
@@ -44,7 +45,7 @@ def build(quick: bool, per_example: bool = False) -> torch.nn.Module:
     return model
 
 
-def timed(functions: dict, repeats: int) -> dict:
+def timed(functions: dict, repeats: int, device: torch.device) -> dict:
     """Median seconds per function; the functions run interleaved, round after round (a shared machine's load
     then weighs on all of them alike), after one warm-up round."""
     times = {name: [] for name in functions}
@@ -52,6 +53,8 @@ def timed(functions: dict, repeats: int) -> dict:
         for name, function in functions.items():
             start = time.perf_counter()
             function()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
             if round_index:
                 times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
@@ -62,13 +65,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--samples", type=int, default=10)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    model = build(args.quick).eval()
+    device = torch.device(args.device)
+    model = build(args.quick).to(device).eval()
     vocab = model.config.vocab_size
-    head = LetterHead(model, LETTERS)  # the multiple-choice family's classifier over answer letters
+    head = LetterHead(model, LETTERS).to(device)  # the multiple-choice family's classifier over answer letters
     batch = {"input_ids": torch.randint(0, vocab, (8, 64), generator=torch.Generator().manual_seed(0)),
              "attention_mask": torch.ones(8, 64, dtype=torch.long), "n_choices": torch.full((8,), len(LETTERS))}
+    batch = {key: value.to(device) for key, value in batch.items()}
     n = args.samples
 
     def mean():
@@ -80,21 +86,22 @@ def main(argv=None) -> dict:
         "sequential_own_generator": lambda: mc_predict(head, batch, n),
         "sequential": lambda: mc_predict(head, batch, n, seed=0),
         "batched": lambda: mc_predict(head, batch, n, seed=0, batched=True),
-    }, args.repeats)
-    trained = {per_example: build(args.quick, per_example).train() for per_example in (False, True)}
+    }, args.repeats, device)
+    trained = {per_example: build(args.quick, per_example).to(device).train() for per_example in (False, True)}
 
     def train_step(per_example: bool):
         trained[per_example].zero_grad()
         trained[per_example](input_ids=batch["input_ids"], labels=batch["input_ids"]).loss.backward()
 
-    step = timed({"per_forward": lambda: train_step(False), "per_example": lambda: train_step(True)}, args.repeats)
+    step = timed({"per_forward": lambda: train_step(False), "per_example": lambda: train_step(True)},
+                 args.repeats, device)
     result = {
         "what": f"test time of N = {n} Monte-Carlo networks over answer letters, sequential (the model's own "
                 "generator, as today; SeedSequence streams) vs batched, relative to the mean network; training step "
                 "with per-example vs per-forward noise",
         "shape": {"hidden": model.config.hidden_size, "layers": 2, "vocab": vocab, "batch": 8, "tokens": 64,
                   "rank": 8, "K": 2, "targets": TARGETS},
-        "threads": 1, "repeats": args.repeats, "device": "cpu", "platform": platform.processor() or platform.machine(),
+        "threads": 1, "repeats": args.repeats, "device": args.device, "platform": platform.processor() or platform.machine(),
         "torch": torch.__version__,
         "seconds": seconds,
         "ratio_to_mean_network": {key: value / seconds["mean_network"] for key, value in seconds.items()},
@@ -102,7 +109,7 @@ def main(argv=None) -> dict:
         "per_example_step_ratio": step["per_example"] / step["per_forward"],
     }
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / ("mc_cpu_quick.json" if args.quick else "mc_cpu.json")
+    path = RESULTS / f"mc_{device.type}{'_quick' if args.quick else ''}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return result
