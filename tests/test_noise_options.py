@@ -296,3 +296,21 @@ def test_entropy_weight_zero_changes_nothing_and_warms_up():
     assert entropy_weight(50, 0.1, 10) == 0.1 and entropy_weight(3, 0.1, 0) == 0.1
     with pytest.raises(ValueError, match="weight"):
         entropy_weight(1, -1.0, 10)
+
+
+def test_options_travel_with_the_adapter(tmp_path):
+    """noise_per_example and noise_width are adapter settings: saved, and overridable when loading."""
+    from llmm import load_llmm_model
+
+    model = llama(noise_per_example=True, noise_width=0.5)
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = load_llmm_model(tiny_llama(), str(tmp_path / "adapter"))
+    assert all(s["per_example"] and s["width"] == 0.5 for layer in llmm_layers(loaded)
+               for s in layer.llmm_settings.values())
+    loaded = load_llmm_model(tiny_llama(), str(tmp_path / "adapter"), noise_width=2.0, noise_per_example=False)
+    assert all(not s["per_example"] and s["width"] == 2.0 for layer in llmm_layers(loaded)
+               for s in layer.llmm_settings.values())
+    with pytest.raises(ValueError, match="noise_width"):
+        LlmmConfig(r=4, target_modules=["q_proj"], noise_width=-1.0)
+    with pytest.raises(ValueError, match="noise_per_example"):
+        LlmmConfig(r=4, target_modules=["q_proj"], noise_per_example="yes")

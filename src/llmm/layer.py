@@ -189,9 +189,13 @@ class FactorDirections(nn.Module):
 class LlmmVariant(LoraVariant):
     """PEFT LoRA variant: adds the K directions per factor and samples the factors in forward.
 
-    Layer types differ only in where the means live (``means``), the first step of the LoRA path (``project``),
-    the shared-sample path (``lora_path``) and the last touch on the update (``finish``); the embedding variant
-    (``llmm.embedding``) overrides those four.
+    Layer types differ only in where the means live (``means``), the first step of the LoRA path (``project``,
+    and ``project_groups`` for Monte-Carlo networks), the shared-sample path (``lora_path``) and the last touch on
+    the update (``finish``); the embedding variant (``llmm.embedding``) overrides those five.
+
+    A forward takes one of three paths, by the shape of its eps: (2, K) one (A~, B~) for the batch (``lora_path``,
+    the paper); (2, rows, K) per example (``rowwise_sample_path``); (2, N, K) one pair per batch copy of N
+    Monte-Carlo networks (``grouped_sample_path``).
     """
 
     direction_names = ("lora_llmm_A", "lora_llmm_B")
