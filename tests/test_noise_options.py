@@ -314,3 +314,14 @@ def test_options_travel_with_the_adapter(tmp_path):
         LlmmConfig(r=4, target_modules=["q_proj"], noise_width=-1.0)
     with pytest.raises(ValueError, match="noise_per_example"):
         LlmmConfig(r=4, target_modules=["q_proj"], noise_per_example="yes")
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_per_example_and_batched_paths_with_few_directions(batch, k):
+    """K = 0 (plain LoRA through the same paths: every parameter in the graph) and K = 1."""
+    model = llama(k=k, noise_per_example=True).train()
+    inputs = torch.randint(0, 128, (2, 6))
+    model(inputs, labels=inputs).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+    probs = mc_predict(model, {"input_ids": inputs}, 2, seed=0, batched=True)
+    torch.testing.assert_close(probs, mc_predict(model, {"input_ids": inputs}, 2, seed=0), rtol=1e-5, atol=1e-6)

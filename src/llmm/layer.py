@@ -147,7 +147,7 @@ def rowwise_sample_path(project, x: torch.Tensor, mean_A, mean_B, directions_A, 
         directions_A = _ScaleGradient.apply(directions_A, math.sqrt(scale))
         directions_B = _ScaleGradient.apply(directions_B, math.sqrt(scale))
     weights = (eps / math.sqrt(scale)).to(directions_A.dtype)  # (2, rows, K)
-    hidden = project(x, torch.cat([mean_A, directions_A.reshape(k * rank, -1)]))  # (rows, ..., (K+1) r)
+    hidden = project(x, torch.cat([mean_A, directions_A.reshape(k * rank, *mean_A.shape[1:])]))  # (rows, .., (K+1) r)
     shape = (x.shape[0], *[1] * (hidden.dim() - 2), k, 1)
     hidden = hidden[..., :rank] + (hidden[..., rank:].unflatten(-1, (k, rank)) * weights[0].view(shape)).sum(-2)
     out = F.linear(hidden, torch.cat([mean_B, directions_B.reshape(k * d_out, rank)]))
