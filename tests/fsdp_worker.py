@@ -1,6 +1,6 @@
 """One sharded training step of a tiny Llmm Llama per process (run by tests/test_fsdp.py under torch.distributed.run):
-``fsdp1`` (FullyShardedDataParallel with PEFT's wrap policy, flat parameters) or ``fsdp2`` (fully_shard per decoder
-layer). Both processes draw the same noise, so the two-process step equals one process on the global batch."""
+``fsdp1`` (FullyShardedDataParallel with PEFT's wrap policy, flat parameters), ``fsdp2`` (fully_shard per decoder
+layer) or ``fsdp2_policy`` (fully_shard also on every module PEFT's policy picks: the LoRA linears and directions). Both processes draw the same noise, so the two-process step equals one process on the global batch."""
 
 import json
 import sys
@@ -48,16 +48,23 @@ def main(mode: str, dtype: str) -> None:
         wrapped = FullyShardedDataParallel(model, auto_wrap_policy=fsdp_auto_wrap_policy(model), use_orig_params=False,
                                            device_id=torch.device("cpu"))
     else:
+        from peft.utils.other import fsdp_auto_wrap_policy
         from torch.distributed.fsdp import fully_shard
 
+        policy = fsdp_auto_wrap_policy(model)
+        units = [m for m in model.modules() if mode == "fsdp2_policy" and m is not model
+                 and policy(module=m, recurse=False, nonwrapped_numel=0)]  # as accelerate applies FSDP2 with it
+        for unit in reversed(units):  # innermost first
+            fully_shard(unit)
         for layer in model.base_model.model.model.layers:
-            fully_shard(layer)
+            if layer not in units:
+                fully_shard(layer)
         wrapped = fully_shard(model)
     rows = GLOBAL_BATCH.shape[0] // world
     losses = two_steps(model, wrapped, GLOBAL_BATCH[rank * rows:(rank + 1) * rows])
     for loss in losses:
         dist.all_reduce(loss)
-    sharded = [type(p).__name__ for n, p in model.named_parameters() if "lora_llmm_" in n] if mode == "fsdp2" else []
+    sharded = [type(p).__name__ for n, p in model.named_parameters() if "lora_llmm_" in n] if mode != "fsdp1" else []
     if rank == 0:
         result = {"losses": [loss.item() / world for loss in losses], "types": sorted(set(sharded))}
         print("RESULT " + json.dumps(result))
