@@ -73,10 +73,11 @@ def gather(paths: list[str]) -> tuple[list[dict], list[dict], list[str]]:
         if not results.get("complete"):
             skipped.append(str(file))
             continue
-        for entry in results["evaluations"]:
+        for entry in stats.check_entries(results["evaluations"], str(file)):
             records.append({"path": f"{file} ({entry['eval_set']} {entry['mode']})", "seed": entry.get("seed"),
                             "cell": entry.get("cell"),
-                            "metrics": {name: entry[name] * scale for name, (_, scale) in METRICS.items()}})
+                            "metrics": {name: stats.metric_value(entry.get(name), str(file), name) * scale
+                                        for name, (_, scale) in METRICS.items()}})
         history = results.get("width", {}).get("history")
         if history:
             widths.append({"path": str(file), "seed": results.get("seed"), "cell": results.get("cell"),

@@ -141,6 +141,28 @@ def evaluate(probs: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS) -> d
             "reliability": reliability_bins(probs, labels, n_bins)}
 
 
+def question_records(probs: np.ndarray, labels: np.ndarray, n_choices, ids) -> list[dict]:
+    """What a run saves per evaluated question, so its metrics can be recomputed and paired question by question:
+    ``[{"id": str, "label": int, "probs": [p over the question's own choices]}, ...]`` (one list per mode)."""
+    probs, labels, n_choices, ids = np.asarray(probs), np.asarray(labels), list(n_choices), list(ids)
+    if not len(probs) == len(labels) == len(n_choices) == len(ids):
+        raise ValueError(f"{len(probs)} distributions, {len(labels)} labels, {len(n_choices)} choice counts and "
+                         f"{len(ids)} ids: one of each per question")
+    return [{"id": str(ident), "label": int(label), "probs": [float(p) for p in row[:n]]}
+            for row, label, n, ident in zip(probs, labels, n_choices, ids)]
+
+
+def evaluate_questions(records: list[dict], n_bins: int = ECE_BINS) -> dict:
+    """``evaluate`` recomputed from saved ``question_records`` (the distributions padded with zeros)."""
+    if not records:
+        raise ValueError("no questions to evaluate")
+    width = max(len(r["probs"]) for r in records)
+    probs = np.zeros((len(records), width))
+    for row, record in zip(probs, records):
+        row[:len(record["probs"])] = record["probs"]
+    return evaluate(probs, np.array([r["label"] for r in records]), n_bins)
+
+
 def plot_reliability(path, reports: dict[str, dict]) -> None:
     """One reliability diagram per report ({title: evaluate(...)}): accuracy vs confidence per bin, the
     diagonal, and each bin's share of the questions."""
