@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from llmm import stats
+from llmm import outdirs, stats
 from utils_llmm import run_main, write_text
 
 METHOD_ORDER = ("lora", "qlora", "loftq", "llmm")
@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> str:
                         "same seeds)")
     parser.add_argument("--output", default=None, help="also write the tables to this file")
     args = parser.parse_args(argv)
+    if args.output:  # never a directory, never over a file of the runs it reads
+        outdirs.check_output_file(args.output), outdirs.check_outputs_apart({"--output": args.output}, {"paths": args.paths}, files=("--output",))
     text = table(read_records(args.paths), args.baseline)
     if args.output:
         write_text(args.output, text)

@@ -29,7 +29,7 @@ import json
 import sys
 
 import utils_llmm as U
-from llmm import stats
+from llmm import outdirs, stats
 
 PUBLISHED = U.CONFIGS / "mcq_published.yaml"
 TASK_ORDER = ("winogrande_s", "arc_c", "arc_e", "winogrande_m", "obqa", "boolq")
@@ -204,6 +204,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--published", default=str(PUBLISHED), help="reference rows (YAML)")
     parser.add_argument("--output", default=None, help="also write the tables to this file")
     args = parser.parse_args(argv)
+    if args.output:  # never a directory, never over a file of the runs it reads
+        outdirs.check_output_file(args.output), outdirs.check_outputs_apart({"--output": args.output}, {"paths": args.paths}, files=("--output",))
     published = U.read_yaml(args.published)
     records, widths, skipped = gather(args.paths)
     for file in skipped:

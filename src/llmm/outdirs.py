@@ -344,14 +344,16 @@ def _paths(value) -> list:
             and str(v).strip()]
 
 
-def _in_run_dir(file: Path, top: Path) -> bool:
-    """Whether ``file`` lies in a directory, from ``top`` down to its own, that llmm wrote a run into."""
-    for folder in [file.parent, *file.parent.parents]:
-        if any((folder / name).exists() for name in RUN_FILES):
-            return True
-        if folder == top:
-            return False
-    return False
+# Files of an input directory the commands read: a single output file may never take one of these names there.
+READ_FILES = RUN_FILES + ("config.json", "model*.safetensors", "adapter_model.safetensors", "tokenizer*",
+                          "trainer_state.json", "predictions.json", "*.jsonl")
+
+
+def _clobbers_input(file: Path) -> bool:
+    """Whether an output ``file`` inside an input directory would replace what is read there: a file of a name
+    llmm reads (READ_FILES: results.json, settings.json, data files, ...), or any file in a saved model / adapter."""
+    return _llmm_name(file.name, READ_FILES) or any((file.parent / name).is_file()
+                                                      for name in ("config.json", "adapter_config.json"))
 
 
 def check_outputs_apart(outputs: dict, inputs: dict, files: tuple[str, ...] = ()) -> None:
@@ -360,8 +362,8 @@ def check_outputs_apart(outputs: dict, inputs: dict, files: tuple[str, ...] = ()
     ``outputs`` and ``inputs`` map a flag ("--output_dir", "--runs") to a path or a list of paths (None and hub ids
     that are no local path are skipped: nothing local can be lost). Paths are compared resolved (``~``, relative
     paths, symbolic links). The outputs named in ``files`` are single files (a table's ``--output``): such a file
-    may lie inside an input directory (``runs/mcq/table.md`` beside the runs it gathers), except inside a run
-    directory there or when it is an input file itself. Call it before anything is written."""
+    may lie inside an input directory (``runs/mcq/table.md`` beside the runs it gathers, ``RUN/eval/mean.json``)
+    unless it would replace a file read there (``_clobbers_input``). Call it before anything is written."""
     for out_flag, out_value in outputs.items():
         for out_path in _paths(out_value):
             out = _resolved(out_path)
@@ -374,7 +376,7 @@ def check_outputs_apart(outputs: dict, inputs: dict, files: tuple[str, ...] = ()
                         relation = "is"
                     elif out in source.parents:
                         relation = "contains"
-                    elif source in out.parents and (out_flag not in files or _in_run_dir(out, source)):
+                    elif source in out.parents and (out_flag not in files or _clobbers_input(out)):
                         relation = "lies inside"
                     else:
                         continue
