@@ -139,9 +139,9 @@ def test_nf4_on_cpu_every_batch_of_an_evaluation_uses_the_same_kernel(tokenizer,
     np.testing.assert_array_equal(forward, reordered)
 
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "the training scripts' in-run evaluation uses the kernel plain "
-                   "PEFT uses on the evaluation machine: evaluate a reloaded model (as test_mcq does), or lift "
-                   "keep_cpu_4bit_trainable for the evaluation and undo bitsandbytes' repacking after it")
+@pytest.mark.xfail(strict=True, reason=WIRED + "train_mcq / causal_lm evaluate inside "
+                   "llmm.tasks.calibration.cpu_4bit_as_plain_peft(model) (the Trainer's evaluate and evaluate_sets), "
+                   "so a training run's evaluations use the kernel plain PEFT uses")
 def test_nf4_after_keep_cpu_4bit_trainable_evaluates_as_plain_peft(tokenizer, tmp_path):  # noqa: F811
     from test_mcq import question_batches
 
@@ -152,6 +152,28 @@ def test_nf4_after_keep_cpu_4bit_trainable_evaluates_as_plain_peft(tokenizer, tm
     training_side, model = nf4_letter_head(tokenizer, tmp_path)
     keep_cpu_4bit_trainable(model)
     np.testing.assert_array_equal(C.predict(plain, batches, "mean")[0], C.predict(training_side, batches, "mean")[0])
+
+
+def test_cpu_4bit_as_plain_peft_evaluates_as_a_reloaded_model_and_restores_training_exactly(tokenizer, tmp_path):  # noqa: F811,E501
+    from test_mcq import question_batches
+
+    import bitsandbytes as bnb
+    from llmm.model import keep_cpu_4bit_trainable
+
+    batches, _ = question_batches(tokenizer, batch_size=4)
+    plain, _ = nf4_letter_head(tokenizer, tmp_path)
+    expected = C.predict(plain, batches, "mean")[0]
+    head, model = nf4_letter_head(tokenizer, tmp_path)
+    keep_cpu_4bit_trainable(model)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    before = [(m.weight.data.clone(), m.weight.quant_state.absmax.clone()) for m in layers]
+    training_side = C.predict(head, batches, "mean")[0]
+    with C.cpu_4bit_as_plain_peft(model):
+        np.testing.assert_array_equal(C.predict(head, batches, "mean")[0], expected)  # every batch, the first too
+    for m, (data, absmax) in zip(layers, before):
+        assert not m.support_avx512bf16_for_cpu and not getattr(m.weight.quant_state, "packing_format_for_cpu", 0)
+        assert torch.equal(m.weight.data, data) and torch.equal(m.weight.quant_state.absmax, absmax)
+    np.testing.assert_array_equal(C.predict(head, batches, "mean")[0], training_side)  # training's kernel again
 
 
 # --- resume refuses what would change the run --------------------------------------------------------------------
