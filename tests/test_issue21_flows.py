@@ -155,9 +155,9 @@ def test_nf4_after_keep_cpu_4bit_trainable_evaluates_as_plain_peft(tokenizer, tm
 
 
 def test_cpu_4bit_as_plain_peft_evaluates_as_a_reloaded_model_and_restores_training_exactly(tokenizer, tmp_path):  # noqa: F811,E501
+    import bitsandbytes as bnb
     from test_mcq import question_batches
 
-    import bitsandbytes as bnb
     from llmm.model import keep_cpu_4bit_trainable
 
     batches, _ = question_batches(tokenizer, batch_size=4)
@@ -238,8 +238,9 @@ def test_in_process_loftq_with_a_relative_output_dir_records_a_path_valid_anywhe
 def test_gsm8k_mc_networks_of_two_seeds_share_none(tmp_path, monkeypatch):
     from scripts import test_gsm8k
 
-    from llmm import LlmmConfig, get_llmm_model, save_llmm_adapter
     from transformers import AutoModelForCausalLM
+
+    from llmm import LlmmConfig, get_llmm_model, save_llmm_adapter
 
     save_tiny_llama(tmp_path / "base")
     model = get_llmm_model(AutoModelForCausalLM.from_pretrained(tmp_path / "base"),

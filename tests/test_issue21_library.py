@@ -4,7 +4,6 @@ records that recompute a run's metrics."""
 
 import json
 import math
-import os
 import re
 
 import numpy as np
