@@ -2,7 +2,8 @@
 
     with dir_lock("runs/x"):                       # one writer per directory; another process gets DirectoryLocked
         ...
-    remove_run_dir("runs/x")                       # only a directory recognisably written by llmm, never ".", $HOME...
+    remove_run_dir("runs/x")                       # only a directory llmm wrote and holding nothing else (foreign_entries
+                                                   # names a user's files); never ".", $HOME, a symbolic link...
     check_outputs_apart({"--output_dir": out}, {"--runs": runs})  # no output is, holds or lies inside an input
     with atomic_dir("runs/x/adapter") as tmp:      # write into tmp; published by rename-or-fail on success
         model.save_pretrained(tmp)
