@@ -71,6 +71,7 @@ def check(args: argparse.Namespace) -> tuple[Path, dict, Path]:
     output = Path(args.output) if args.output else run / "eval" / f"{args.mode}.json"
     if output.exists() and not args.overwrite:
         raise FileExistsError(f"{str(output)!r} exists: pass --overwrite to replace it, or another --output")
+    llmm.outdirs.check_outputs_apart({"--output": output}, {"RUN_DIR": run, "--file": args.file}, files=("--output",))
     return run, settings, output
 
 

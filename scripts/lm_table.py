@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from llmm import stats
+from llmm import outdirs, stats
 from utils_llmm import run_main, write_text
 
 METHOD_ORDER = ("lora", "qlora", "loftq", "llmm")
@@ -45,7 +45,8 @@ def read_records(paths: list[str]) -> list[dict]:
         task = "gsm8k" if "accuracy" in results else results.get("task") or (results.get("cell") or {}).get("task")
         for metric in metrics:
             records.append({"path": str(file), "task": task, "metric": metric, "seed": results.get("seed"),
-                            "cell": results.get("cell"), "value": results[metric] * METRICS[metric][1]})
+                            "cell": results.get("cell"),
+                            "value": stats.metric_value(results[metric], str(file), metric) * METRICS[metric][1]})
     if not records:
         raise FileNotFoundError(f"no GSM8K test or causal-LM training results.json below {paths}: run "
                                 "scripts.train_gsm8k / scripts.train_nlg / scripts.test_gsm8k first")
@@ -79,6 +80,7 @@ def table(records: list[dict], baseline: str) -> str:
             digits = 3 if metric == "eval_loss" else 2
             spread = (f"{summary['mean']:.{digits}f} ± {summary['sd']:.{digits}f}" if summary["n"] > 1
                       else f"{summary['mean']:.{digits}f}")
+            spread += stats.left_out_note(summary)  # non-finite values (a diverged run) named, not averaged
             name = label(cell, fields)
             order = METHOD_ORDER.index(cell.get("method")) if cell.get("method") in METHOD_ORDER else 99
             rows.append(((order, name), f"| {name} | {summary['n']} | {summary['median']:.{digits}f} | {spread} | "
@@ -94,6 +96,8 @@ def main(argv: list[str] | None = None) -> str:
                         "same seeds)")
     parser.add_argument("--output", default=None, help="also write the tables to this file")
     args = parser.parse_args(argv)
+    if args.output:  # never a directory, never over a file of the runs it reads
+        outdirs.check_output_file(args.output), outdirs.check_outputs_apart({"--output": args.output}, {"paths": args.paths}, files=("--output",))
     text = table(read_records(args.paths), args.baseline)
     if args.output:
         write_text(args.output, text)

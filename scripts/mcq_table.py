@@ -29,7 +29,7 @@ import json
 import sys
 
 import utils_llmm as U
-from llmm import stats
+from llmm import outdirs, stats
 
 PUBLISHED = U.CONFIGS / "mcq_published.yaml"
 TASK_ORDER = ("winogrande_s", "arc_c", "arc_e", "winogrande_m", "obqa", "boolq")
@@ -73,10 +73,11 @@ def gather(paths: list[str]) -> tuple[list[dict], list[dict], list[str]]:
         if not results.get("complete"):
             skipped.append(str(file))
             continue
-        for entry in results["evaluations"]:
+        for entry in stats.check_entries(results["evaluations"], str(file)):
             records.append({"path": f"{file} ({entry['eval_set']} {entry['mode']})", "seed": entry.get("seed"),
                             "cell": entry.get("cell"),
-                            "metrics": {name: entry[name] * scale for name, (_, scale) in METRICS.items()}})
+                            "metrics": {name: stats.metric_value(entry.get(name), str(file), name) * scale
+                                        for name, (_, scale) in METRICS.items()}})
         history = results.get("width", {}).get("history")
         if history:
             widths.append({"path": str(file), "seed": results.get("seed"), "cell": results.get("cell"),
@@ -203,6 +204,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--published", default=str(PUBLISHED), help="reference rows (YAML)")
     parser.add_argument("--output", default=None, help="also write the tables to this file")
     args = parser.parse_args(argv)
+    if args.output:  # never a directory, never over a file of the runs it reads
+        outdirs.check_output_file(args.output), outdirs.check_outputs_apart({"--output": args.output}, {"paths": args.paths}, files=("--output",))
     published = U.read_yaml(args.published)
     records, widths, skipped = gather(args.paths)
     for file in skipped:

@@ -182,6 +182,7 @@ def main(argv=None) -> dict:
     started = time.time()
     settings = parse_settings(argv)
     output_dir = Path(settings["output_dir"])
+    U.outdirs.check_outputs_apart({"--output_dir": output_dir}, {f"--{key}": settings.get(key) for key in ("adapter", "model_name_or_path", "data")})
     U.check_output_dir(output_dir, settings["overwrite"])
     check_adapter(settings)
     records = load_test_records(settings)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 
 import utils_llmm as U
-from llmm import load_llmm_model
+from llmm import load_llmm_model, outdirs
 from llmm.tasks import calibration as C
 from llmm.tasks.mcq import encode_question, letter_token_ids
 from scripts import causal_lm
@@ -133,6 +133,7 @@ def ensemble(members: list[dict], eval_sets: dict, output_dir: Path) -> list[dic
 def main(argv=None) -> dict:
     started = time.time()
     args = parse_args(argv)
+    outdirs.check_outputs_apart({"--output_dir": args.output_dir}, {"--runs": args.runs, "--test_data": args.test_data, "--ood": args.ood})
     members = member_settings(args)
     output_dir = Path(args.output_dir)
     U.check_output_dir(output_dir, args.overwrite)

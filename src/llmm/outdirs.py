@@ -2,7 +2,9 @@
 
     with dir_lock("runs/x"):                       # one writer per directory; another process gets DirectoryLocked
         ...
-    remove_run_dir("runs/x")                       # only a directory recognisably written by llmm, never ".", $HOME...
+    remove_run_dir("runs/x")                       # only a directory llmm wrote and holding nothing else (foreign_entries
+                                                   # names a user's files); never ".", $HOME, a symbolic link...
+    check_outputs_apart({"--output_dir": out}, {"--runs": runs})  # no output is, holds or lies inside an input
     with atomic_dir("runs/x/adapter") as tmp:      # write into tmp; published by rename-or-fail on success
         model.save_pretrained(tmp)
 
@@ -19,6 +21,7 @@ import atexit
 import contextlib
 import errno
 import fcntl
+import fnmatch
 import logging
 import os
 import shutil
@@ -32,6 +35,21 @@ PARTIAL_MARKER = ".llmm-partial"  # inside a temporary directory until it is pub
 # Files that make a directory recognisably llmm's: the marker, or what the scripts / save_pretrained write.
 RUN_FILES = (RUN_MARKER, "settings.json", "results.json", "quantize_report.json", "adapter_config.json",
              "predictions.jsonl", "prepare_report.json")
+
+# What llmm (and the libraries it calls: save_pretrained, the Trainer) writes at the top of a directory it may
+# replace with --overwrite: anything else there is the user's, and --overwrite refuses (foreign_entries).
+LLMM_FILE_PATTERNS = RUN_FILES + (
+    "curves.png", "reliability-*.png", "predictions.json", "predictions-*.json", "predictions-*.jsonl", "labels.json",
+    "table.md", "config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
+    "pytorch_model*.bin", "tokenizer*", "special_tokens_map.json", "vocab.*", "merges.txt", "spm.model",
+    "added_tokens.json", "chat_template.*", "adapter_model.safetensors", "adapter_model.bin", "trainer_state.json",
+    "training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth", "llmm_noise_rng_*.pt",
+)
+LLMM_DIR_PATTERNS = ("adapter", "mean_adapter", "backbone", "merged", "checkpoints", "checkpoint-*", "llmm_init",
+                     "eval", "data")
+# Written only beside a file that says which command wrote them: the model card of save_pretrained, a prepare
+# script's data splits.
+LLMM_FILES_BESIDE = {"adapter_config.json": ("README.md",), "prepare_report.json": ("*.csv", "*.jsonl")}
 
 _held: dict[str, list] = {}  # lock path -> [file descriptor, depth]
 
@@ -157,11 +175,49 @@ def recognisably_ours(path: str | Path) -> bool:
                               or (path.parent / RUN_MARKER).is_file())
 
 
+def _llmm_name(name: str, patterns) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def foreign_entries(path: str | Path) -> list[str]:
+    """The entries at the top of directory ``path`` that llmm did not write (sorted names): files outside
+    LLMM_FILE_PATTERNS (and LLMM_FILES_BESIDE), directories that neither have an llmm name (LLMM_DIR_PATTERNS) nor
+    hold an llmm file, and hidden entries other than llmm's markers, locks and temporary siblings."""
+    path = Path(path)
+    names = {entry.name for entry in path.iterdir()}
+    files = LLMM_FILE_PATTERNS + tuple(p for key, extra in LLMM_FILES_BESIDE.items() if key in names for p in extra)
+    foreign = []
+    for entry in sorted(path.iterdir()):
+        name = entry.name
+        if name.startswith("."):
+            bare = name[1:].split(".")[0]  # .<name>.lock, .<name>.<random> (a lock, a temporary write)
+            ours = name.startswith(".llmm-") or bare in names or _llmm_name(bare, files + LLMM_DIR_PATTERNS) \
+                or (entry.is_dir() and (entry / PARTIAL_MARKER).is_file())
+        elif entry.is_dir() and not entry.is_symlink():
+            ours = _llmm_name(name, LLMM_DIR_PATTERNS) or any((entry / f).exists() for f in RUN_FILES)
+        else:
+            ours = _llmm_name(name, files)
+        if not ours:
+            foreign.append(name + ("/" if entry.is_dir() and not entry.is_symlink() else ""))
+    return foreign
+
+
 def check_removable(path: str | Path, flag: str = "--overwrite") -> None:
-    """Raise unless ``path`` may be replaced: an llmm run / save directory that is not protected."""
+    """Raise unless ``path`` may be replaced: an llmm run / save directory, not protected, not a symbolic link,
+    holding nothing but what llmm writes (foreign_entries)."""
+    if Path(path).is_symlink():
+        raise FileExistsError(f"refusing to replace {str(path)!r} ({flag}): it is a symbolic link (to "
+                              f"{os.path.realpath(path)!r}); pass the directory it points to, or another output "
+                              "directory")
     reason = protected_reason(path)
     if reason is None and not recognisably_ours(path):
         reason = f"it holds none of {', '.join(RUN_FILES)}, so it is not a directory llmm wrote"
+    if reason is None and Path(path).is_dir():
+        foreign = foreign_entries(path)
+        if foreign:
+            shown = ", ".join(repr(name) for name in foreign[:5]) + (f" and {len(foreign) - 5} more"
+                                                                     if len(foreign) > 5 else "")
+            reason = f"it holds {shown}, which llmm did not write"
     if reason:
         raise FileExistsError(f"refusing to replace {str(path)!r} ({flag}): {reason}; choose another output "
                               "directory (or remove it yourself)")
@@ -274,3 +330,71 @@ def atomic_dir(out_dir: str | Path, overwrite: bool = False):
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+
+# --- outputs apart from inputs ---------------------------------------------------------------------------------------
+
+def _resolved(path) -> Path:
+    return Path(os.path.realpath(os.path.expanduser(str(path))))
+
+
+def _paths(value) -> list:
+    if value is None:
+        return []
+    return [v for v in ([value] if isinstance(value, (str, os.PathLike)) else list(value)) if v is not None
+            and str(v).strip()]
+
+
+# Files of an input directory the commands read: a single output file may never take one of these names there.
+READ_FILES = RUN_FILES + ("config.json", "model*.safetensors", "adapter_model.safetensors", "tokenizer*",
+                          "trainer_state.json", "predictions.json", "*.jsonl")
+
+
+def _clobbers_input(file: Path) -> bool:
+    """Whether an output ``file`` inside an input directory would replace what is read there: a file of a name
+    llmm reads (READ_FILES: results.json, settings.json, data files, ...), or any file in a saved model / adapter."""
+    return _llmm_name(file.name, READ_FILES) or any((file.parent / name).is_file()
+                                                      for name in ("config.json", "adapter_config.json"))
+
+
+def check_outputs_apart(outputs: dict, inputs: dict, files: tuple[str, ...] = ()) -> None:
+    """Raise ValueError (one line naming both flags) when an output is, contains or lies inside an input.
+
+    ``outputs`` and ``inputs`` map a flag ("--output_dir", "--runs") to a path or a list of paths (None and hub ids
+    that are no local path are skipped: nothing local can be lost). Paths are compared resolved (``~``, relative
+    paths, symbolic links). The outputs named in ``files`` are single files (a table's ``--output``): such a file
+    may lie inside an input directory (``runs/mcq/table.md`` beside the runs it gathers, ``RUN/eval/mean.json``)
+    unless it would replace a file read there (``_clobbers_input``). Call it before anything is written."""
+    for out_flag, out_value in outputs.items():
+        for out_path in _paths(out_value):
+            out = _resolved(out_path)
+            for in_flag, in_value in inputs.items():
+                for in_path in _paths(in_value):
+                    if not os.path.lexists(os.path.expanduser(str(in_path))):
+                        continue  # a hub id, or nothing yet: not a local input
+                    source = _resolved(in_path)
+                    if out == source:
+                        relation = "is"
+                    elif out in source.parents:
+                        relation = "contains"
+                    elif source in out.parents and (out_flag not in files or _clobbers_input(out)):
+                        relation = "lies inside"
+                    else:
+                        continue
+                    raise ValueError(f"{out_flag} {str(out_path)!r} {relation} {in_flag} {str(in_path)!r}: writing "
+                                     f"there would replace what the command reads; choose an {out_flag} outside "
+                                     f"its inputs")
+
+
+def check_output_file(path: str | Path, flag: str = "--output") -> None:
+    """A single output file (a table, a results.json) may be written at ``path``: not empty, not a directory
+    (``.``, an existing folder), its folder not a file. Creates nothing."""
+    if str(path).strip() == "":
+        raise ValueError(f"{flag} is the empty string: pass a file name")
+    path = Path(os.path.expanduser(str(path)))
+    if path.is_dir() or str(path).endswith(os.sep):
+        raise ValueError(f"{flag} {str(path)!r} is a directory, not a file: pass a file name such as "
+                         f"{str(path / 'table.md')!r}")
+    parent = path.parent
+    if parent.exists() and not parent.is_dir():
+        raise ValueError(f"{flag} {str(path)!r}: {str(parent)!r} is a file, not a directory; choose another path")

@@ -80,13 +80,38 @@ def cell_key(cell: dict) -> str:
     return json.dumps(cell, sort_keys=True, default=str)
 
 
+def metric_value(value, where: str, name: str) -> float:
+    """A metric read from a results.json as a float (inf / nan kept, shown as such by the tables); None, a string,
+    a bool or a list is a ValueError naming ``where`` (the run file) and the metric."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{where}: metric {name!r} is {value!r}, not a number: re-run that run, or leave it out of "
+                         "the table's paths")
+    return float(value)
+
+
+def check_entries(entries, where: str, field: str = "evaluations") -> list[dict]:
+    """A results.json's list of records (``evaluations``, ``runs``): a list of objects, else a ValueError naming
+    ``where``."""
+    if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
+        raise ValueError(f"{where}: {field!r} is {type(entries).__name__} {str(entries)[:60]!r}, not a list of "
+                         "records: re-run that run, or leave it out of the table's paths")
+    return entries
+
+
 def summarize(values: list[float]) -> dict:
-    """n, median, mean and sample standard deviation (NaN for one value)."""
+    """n, median, mean and sample standard deviation (NaN for one value) of the finite values; the non-finite
+    ones (a diverged run's inf perplexity, a nan) are left out of the statistics and listed in ``left_out`` (present
+    only then)."""
     values = [float(v) for v in values]
     if not values:
         raise ValueError("summarize needs at least one value")
-    sd = statistics.stdev(values) if len(values) > 1 else math.nan
-    return {"n": len(values), "median": statistics.median(values), "mean": statistics.fmean(values), "sd": sd}
+    finite = [v for v in values if math.isfinite(v)]
+    left_out = [v for v in values if not math.isfinite(v)]
+    if not finite:
+        return {"n": 0, "median": math.nan, "mean": math.nan, "sd": math.nan, "left_out": left_out}
+    sd = statistics.stdev(finite) if len(finite) > 1 else math.nan
+    summary = {"n": len(finite), "median": statistics.median(finite), "mean": statistics.fmean(finite), "sd": sd}
+    return {**summary, "left_out": left_out} if left_out else summary
 
 
 def bootstrap_interval(differences: list[float], n_resamples: int = N_RESAMPLES, seed: int = BOOTSTRAP_SEED,
@@ -104,13 +129,18 @@ def bootstrap_interval(differences: list[float], n_resamples: int = N_RESAMPLES,
 
 def paired_difference(method: dict, baseline: dict, **bootstrap) -> dict | None:
     """Method minus baseline on the seeds both have ({seed: value} each): n, the seeds, mean difference, interval.
-    None if they share no seed."""
-    seeds = sorted(set(method) & set(baseline))
-    if not seeds:
+    Seeds where either value is not finite are left out (listed in ``left_out``). None if they share no seed."""
+    shared = sorted(set(method) & set(baseline))
+    if not shared:
         return None
+    seeds = [s for s in shared if math.isfinite(float(method[s])) and math.isfinite(float(baseline[s]))]
+    left_out = [s for s in shared if s not in seeds]
+    if not seeds:
+        return {"n": 0, "seeds": [], "mean": math.nan, "low": math.nan, "high": math.nan, "left_out": left_out}
     differences = [float(method[s]) - float(baseline[s]) for s in seeds]
     low, high = bootstrap_interval(differences, **bootstrap)
-    return {"n": len(seeds), "seeds": seeds, "mean": statistics.fmean(differences), "low": low, "high": high}
+    difference = {"n": len(seeds), "seeds": seeds, "mean": statistics.fmean(differences), "low": low, "high": high}
+    return {**difference, "left_out": left_out} if left_out else difference
 
 
 def group_by_cell(records: list[dict]) -> dict[str, dict]:
@@ -155,19 +185,36 @@ def find_baseline(cell: dict, cells: list[dict], baseline_method: str) -> dict |
     return matches[0] if len(matches) == 1 else None
 
 
+def _left_out_note(left_out: list, what: str) -> str:
+    return f"; {len(left_out)} {what} left out: {', '.join(map(str, left_out))}" if left_out else ""
+
+
+def left_out_note(summary: dict) -> str:
+    """'; 1 not finite left out: inf' for a summary that left values out, else ''."""
+    return _left_out_note(summary.get("left_out") or [], "not finite")
+
+
 def format_summary(summary: dict, digits: int = 1, show_n: bool = True) -> str:
-    """'60.5 (60.3 ± 0.8, n=4)': median, then mean ± sd and (``show_n``) the number of seeds."""
+    """'60.5 (60.3 ± 0.8, n=4)': median, then mean ± sd and (``show_n``) the number of seeds; non-finite values
+    are named, never averaged: '60.5 (n=1; 1 not finite left out: inf)', 'inf (not finite)'."""
+    left_out = summary.get("left_out") or []
+    if summary["n"] == 0:
+        return ", ".join(sorted({str(v) for v in left_out})) + " (not finite)"
+    note = _left_out_note(left_out, "not finite")
     n = f", n={summary['n']}" if show_n else ""
     if summary["n"] == 1:
-        return f"{summary['median']:.{digits}f}" + (" (n=1)" if show_n else "")
-    return f"{summary['median']:.{digits}f} ({summary['mean']:.{digits}f} ± {summary['sd']:.{digits}f}{n})"
+        return f"{summary['median']:.{digits}f}" + (f" (n=1{note})" if show_n or note else "")
+    return f"{summary['median']:.{digits}f} ({summary['mean']:.{digits}f} ± {summary['sd']:.{digits}f}{n}{note})"
 
 
 def format_difference(difference: dict | None, digits: int = 1) -> str:
     """'+1.2 [-0.3, +2.5] (n=4)': mean paired difference and its 95 % bootstrap interval."""
     if difference is None:
         return "-"
+    note = _left_out_note(difference.get("left_out") or [], "seed(s) with a non-finite value")
+    if difference["n"] == 0:
+        return f"- (no finite pair{note})"
     if difference["n"] < 2:
-        return f"{difference['mean']:+.{digits}f} (n=1, no interval)"
+        return f"{difference['mean']:+.{digits}f} (n=1, no interval{note})"
     return (f"{difference['mean']:+.{digits}f} [{difference['low']:+.{digits}f}, {difference['high']:+.{digits}f}] "
-            f"(n={difference['n']})")
+            f"(n={difference['n']}{note})")

@@ -89,6 +89,44 @@ def dropout_active(model: nn.Module):
         model.train(was_training)
 
 
+@contextlib.contextmanager
+def cpu_4bit_as_plain_peft(model: nn.Module):
+    """Within: every CPU bitsandbytes Linear4bit of ``model`` computes as in a freshly loaded model (plain PEFT,
+    test_mcq); after: each is exactly as before (its weight, quant state and kernel choice).
+
+    bitsandbytes 0.50 (``Linear4bit.forward``) repacks a CPU layer's weight in place at its first forward with
+    ``support_avx512bf16_for_cpu`` set (a CPU with AVX512-BF16), the layer in eval mode and an input that needs no
+    gradient; from then on ``matmul_4bit`` runs the packed gemv, which rounds the input and the block scales to
+    bfloat16, instead of dequantizing to the compute dtype. A training run turns that off (llmm.model.
+    keep_cpu_4bit_trainable: the packed gemv has no backward), so its own evaluations would compute otherwise
+    than a reloaded adapter. Evaluate inside this context (under no_grad, in eval mode) to use plain PEFT's kernel on
+    every batch; the packing is undone by restoring the saved weight and quant state (bitsandbytes' own inverse
+    is lossy: it keeps the bfloat16 scales), so training continues bit for bit."""
+    import copy
+
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import has_avx512bf16
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit) and m.weight.device.type == "cpu"
+              and hasattr(m, "support_avx512bf16_for_cpu")]
+    saved = [(m, m.support_avx512bf16_for_cpu, m.weight.data, m.weight.quant_state,
+              copy.deepcopy(m.weight.quant_state)) for m in layers]
+    fresh = bool(has_avx512bf16()) if layers else False
+    for module in layers:
+        module.support_avx512bf16_for_cpu = fresh  # what Linear4bit.__init__ sets
+    try:
+        yield model
+    finally:
+        for module, flag, data, state, copied in saved:
+            if module.weight.data is not data or getattr(state, "packing_format_for_cpu", False) != getattr(
+                    copied, "packing_format_for_cpu", False):
+                module.weight.data = data
+                module.weight.quant_state = copied
+                if getattr(module, "quant_state", None) is state:
+                    module.quant_state = copied
+            module.support_avx512bf16_for_cpu = flag
+
+
 def check_n_samples(n_samples) -> int:
     if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
         raise ValueError(f"the number of samples N must be an integer >= 1, got {n_samples!r}")
@@ -139,6 +177,28 @@ def evaluate(probs: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS) -> d
     scores = calibration_metrics(probs, labels, n_bins)
     return {"accuracy": float((probs.argmax(axis=1) == labels).mean()), **scores, "n": int(len(labels)),
             "reliability": reliability_bins(probs, labels, n_bins)}
+
+
+def question_records(probs: np.ndarray, labels: np.ndarray, n_choices, ids) -> list[dict]:
+    """What a run saves per evaluated question, so its metrics can be recomputed and paired question by question:
+    ``[{"id": str, "label": int, "probs": [p over the question's own choices]}, ...]`` (one list per mode)."""
+    probs, labels, n_choices, ids = np.asarray(probs), np.asarray(labels), list(n_choices), list(ids)
+    if not len(probs) == len(labels) == len(n_choices) == len(ids):
+        raise ValueError(f"{len(probs)} distributions, {len(labels)} labels, {len(n_choices)} choice counts and "
+                         f"{len(ids)} ids: one of each per question")
+    return [{"id": str(ident), "label": int(label), "probs": [float(p) for p in row[:n]]}
+            for row, label, n, ident in zip(probs, labels, n_choices, ids)]
+
+
+def evaluate_questions(records: list[dict], n_bins: int = ECE_BINS) -> dict:
+    """``evaluate`` recomputed from saved ``question_records`` (the distributions padded with zeros)."""
+    if not records:
+        raise ValueError("no questions to evaluate")
+    width = max(len(r["probs"]) for r in records)
+    probs = np.zeros((len(records), width))
+    for row, record in zip(probs, records):
+        row[:len(record["probs"])] = record["probs"]
+    return evaluate(probs, np.array([r["label"] for r in records]), n_bins)
 
 
 def plot_reliability(path, reports: dict[str, dict]) -> None:

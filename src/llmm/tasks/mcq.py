@@ -41,7 +41,7 @@ def format_prompt(record: dict) -> str:
 
 def _labelled(record: dict, question: str, where: str) -> dict:
     """ARC / OBQA: choices {text, label} and an answerKey that must be one of the labels."""
-    choices = record["choices"]
+    choices = record.get("choices")
     if not isinstance(choices, dict) or not choices.get("text"):
         raise ValueError(f"{where}: the question has no choices ('choices' needs a non-empty 'text' list)")
     texts, labels = list(choices["text"]), [str(label) for label in choices.get("label") or []]
@@ -71,7 +71,7 @@ def _boolq(record: dict, where: str) -> dict:
 
 def _indexed(record: dict, where: str) -> dict:
     """MMLU and the normalised form: choices a list, answer an index into it (an int, or a letter)."""
-    choices = record["choices"]
+    choices = record.get("choices")
     if not isinstance(choices, list) or not choices:
         raise ValueError(f"{where}: the question has no choices (an empty or missing 'choices' list)")
     answer = record["answer"]
@@ -80,7 +80,35 @@ def _indexed(record: dict, where: str) -> dict:
     if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
         raise ValueError(f"{where}: answer {record['answer']!r} is not among the {len(choices)} choices (an index "
                          f"0..{len(choices) - 1})")
-    return {"question": record["question"], "choices": [str(c) for c in choices], "answer": answer}
+    return {"question": record["question"], "choices": list(choices), "answer": answer}
+
+
+QUESTION_FIELDS = ("question_stem", "sentence", "question")  # the source field a normalised question came from
+
+
+def _check_texts(record: dict, normalised: dict, where: str) -> None:
+    """The question is non-empty text; every choice is non-empty text (a number is read as its text), and no two
+    choices are equal once stripped and case-folded (a model could not tell their letters apart)."""
+    field = next(f for f in QUESTION_FIELDS if f in record)
+    question = record[field]  # BoolQ's normalised question also holds the passage: check the source field
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"{where}: field {field!r} is {question!r}: a question needs non-empty text")
+    field = "choices" if "choices" in record else "option1/option2"
+    texts = []
+    for index, choice in enumerate(normalised["choices"]):
+        if isinstance(choice, bool) or not isinstance(choice, (str, int, float)) or not str(choice).strip():
+            raise ValueError(f"{where}: field {field!r}, choice {index + 1} is {choice!r}: every choice needs "
+                             "non-empty text")
+        texts.append(str(choice))
+    seen: dict[str, int] = {}
+    for index, text in enumerate(texts):
+        key = text.strip().casefold()
+        if key in seen:
+            raise ValueError(f"{where}: field {field!r} repeats a choice: {texts[seen[key]]!r} (choice "
+                             f"{seen[key] + 1}) and {text!r} (choice {index + 1}) are the same answer; remove one "
+                             "or fix the record")
+        seen[key] = index
+    normalised["choices"] = texts
 
 
 def normalise(record: dict, where: str = "record") -> dict:
@@ -100,6 +128,7 @@ def normalise(record: dict, where: str = "record") -> dict:
     else:
         raise ValueError(f"{where}: not a multiple-choice record (fields {sorted(record)}); expected Winogrande, "
                          "ARC, OpenBookQA, BoolQ or MMLU fields, or {question, choices, answer}")
+    _check_texts(record, normalised, where)
     if len(normalised["choices"]) > len(LETTERS):
         raise ValueError(f"{where}: {len(normalised['choices'])} choices, at most {len(LETTERS)} are supported")
     if len(normalised["choices"]) < 2:
@@ -123,7 +152,25 @@ def load_mcq(source: str, config_name: str | None = None, split: str | None = No
         raw, where = list(splits[split]), f"{source} [{config_name}/{split}]"
     if not raw:
         raise ValueError(f"{where} holds no records")
-    return [normalise(record, f"{where}, record {index + 1}") for index, record in enumerate(raw)]
+    return [normalise(record, record_where(where, index, record)) for index, record in enumerate(raw)]
+
+
+def record_where(where: str, index: int, record) -> str:
+    """'FILE, record 3 (id 'Mercury_3')': a record named by its position (from 1) and its id where it has one."""
+    ident = record.get("id") if isinstance(record, dict) else None
+    return f"{where}, record {index + 1}" + (f" (id {ident!r})" if ident is not None else "")
+
+
+def question_ids(source: str, config_name: str | None = None, split: str | None = None) -> list[str]:
+    """The id of every question ``load_mcq`` returns, in its order: the record's own ``id`` where it has one,
+    else its position from 1 ("1", "2", ...)."""
+    if source.endswith((".json", ".jsonl")):
+        raw = read_json_records(source)
+    else:
+        import datasets
+
+        raw = list(datasets.load_dataset(source, config_name)[split])
+    return [str(r["id"]) if isinstance(r, dict) and r.get("id") is not None else str(i + 1) for i, r in enumerate(raw)]
 
 
 # --- tokens ----------------------------------------------------------------------------------------------------------
