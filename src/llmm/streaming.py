@@ -103,7 +103,9 @@ def empty_model(loader, model_config, dtype: torch.dtype) -> torch.nn.Module:
     from accelerate import init_empty_weights
 
     with init_empty_weights():
-        return loader.from_config(copy.deepcopy(model_config), dtype=dtype)
+        model = loader.from_config(copy.deepcopy(model_config), dtype=dtype)
+    model.tie_weights()  # as from_pretrained does: a tied lm_head is the embedding table, not a tensor of its own
+    return model
 
 
 def tensor_plan(folder: str | Path, model: torch.nn.Module) -> tuple[dict[str, str], list[str]]:
@@ -218,7 +220,7 @@ def shard_names(count: int) -> list[str]:
 
 
 def quantize_checkpoint(folder: str | Path, out_dir: str | Path, model: torch.nn.Module, modules: dict,
-                        config, dtype: torch.dtype, device: str = "cpu", shard_bytes: int = SHARD_BYTES,
+                        config, dtype: torch.dtype, device: str = "cpu", shard_bytes: int | None = None,
                         final_dir: str | Path | None = None, progress=None) -> dict:
     """Write into ``out_dir`` the backbone (``modules``' weights replaced by LoftQ's Q, everything in ``dtype``),
     its config and generation config, and ``llmm_init/`` (the means; ``config``'s K directions, zero). ``model``
@@ -237,7 +239,7 @@ def quantize_checkpoint(folder: str | Path, out_dir: str | Path, model: torch.nn
     scaling = config.lora_alpha / config.r
     entries = {name: (dtype if state[name].is_floating_point() else state[name].dtype, list(state[name].shape))
                for name in plan.values()}
-    shards = shard_layout(entries, shard_bytes)
+    shards = shard_layout(entries, shard_bytes or SHARD_BYTES)
     files = shard_names(len(shards))
     where = {name: file for file, shard in zip(files, shards) for name in shard}
     writers = {file: SafetensorsWriter(out_dir / file, shard) for file, shard in zip(files, shards)}
@@ -327,10 +329,12 @@ def _save_configs(folder: Path, model: torch.nn.Module, dtype: torch.dtype, out_
     model_config.dtype = str(dtype).split(".")[1]
     model_config.architectures = [type(model).__name__]
     model_config.save_pretrained(out_dir)
-    if model.can_generate():
-        generation = model.generation_config
-        if (folder / "generation_config.json").is_file():
-            from transformers import GenerationConfig
+    if model.can_generate():  # from_pretrained's: the checkpoint's generation config, else one from its config.json
+        from transformers import GenerationConfig
 
+        if (folder / "generation_config.json").is_file():
             generation = GenerationConfig.from_pretrained(folder)
+        else:
+            generation = GenerationConfig.from_pretrained(folder, config_file_name="config.json",
+                                                          _from_model_config=True)
         generation.save_pretrained(out_dir)
