@@ -11,8 +11,13 @@ Writes SAVE_DIR/<model-name>-<bits>bit-<rank>rank/:
   - llmm_init/: the Llmm adapter with the LoftQ means M_A, M_B and zero directions (K of them);
   - quantize_report.json: per layer ||W - Q|| / ||W||, ||W - Q - g B A|| / ||W||, the SVD method and LoftQ's time;
     settings, versions, wall time.
-LoftQ runs layer by layer on ``--device`` (a 7B model in bfloat16 fits in 24 GiB of host memory). The directory is
-written under a temporary name and renamed on success, so an interrupted run leaves nothing half-written.
+LoftQ runs matrix by matrix on ``--device``, streamed from the checkpoint's safetensors (llmm.streaming): one
+tensor is read, quantized and written at a time, so host memory stays at about one weight matrix plus LoftQ's
+buffers whatever the model's size (benchmarks/README.md), and the output equals the whole-model path bit for bit.
+The whole model is loaded instead only when streaming does not apply: no safetensors (a pytorch_model.bin), or
+tensors the checkpoint lacks that transformers initialises (a new classifier head, e.g. --task_type seq_cls on a
+bare encoder); the log says which. The directory is written under a temporary name and renamed on success, so an
+interrupted run leaves nothing half-written.
 """
 
 from __future__ import annotations

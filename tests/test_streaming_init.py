@@ -175,3 +175,19 @@ def test_writer_round_trip_any_order_and_zeros(tmp_path):
     incomplete = streaming.SafetensorsWriter(tmp_path / "y.safetensors", layout)
     with pytest.raises(RuntimeError, match="never written"):
         incomplete.close()
+
+
+def test_checkpoint_without_safetensors_loads_the_whole_model(tmp_path, caplog):
+    tiny_llama().save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    torch.save(load_file(tmp_path / "m" / "model.safetensors"), tmp_path / "m" / "pytorch_model.bin")
+    (tmp_path / "m" / "model.safetensors").unlink()
+    assert streaming.local_checkpoint(str(tmp_path / "m")) is None
+    with caplog.at_level(logging.INFO, logger="llmm"):
+        out = quantize_model.main(["--model", str(tmp_path / "m"), "--save_dir", str(tmp_path / "q"), *LLAMA])
+    assert any("no safetensors checkpoint" in record.getMessage() for record in caplog.records)
+    assert "model.layers.0.mlp.up_proj.weight" in tensors(out)
+
+
+def test_unreachable_hub_id_is_left_to_the_whole_model_path():
+    assert streaming.local_checkpoint("no-such-org/no-such-model") is None  # offline here: from_pretrained reports it
