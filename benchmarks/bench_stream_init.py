@@ -8,11 +8,13 @@ tensor by tensor with llmm.streaming.SafetensorsWriter, so the model is never he
 quantized by `python -m scripts.quantize_model` (NF4, rank 64, bf16 storage) in a child process on one thread, and
 its peak resident memory is the child's ru_maxrss (os.wait4); the same child importing the script and exiting gives
 the runtime's own share ("baseline"). --whole_model sizes (0.1 B, 0.5 B) run a second time with the whole model
-loaded (the path before streaming), for contrast. LoftQ time per matrix comes from the child's quantize_report.json. To keep the
-run short the sizes run --loftq_iter iterations (default 1; memory does not depend on it) and only "llama7b_layer"
-(one decoder layer at Llama-2-7B's shapes) runs 5, the setting of bench_loftq: its per-matrix times compare with
-results/loftq_cpu.json's. The 70B estimate is derived, not measured: the 7B layer's seconds per weight element,
-times Llama-2-70B's target weight elements. The checkpoints and outputs are deleted after each size.
+loaded (the path before streaming), for contrast, and every size has a reference: a child that imports the
+script and LoftQs one random matrix of the size's largest target shape, alone ("one_matrix_peak_rss_gib").
+LoftQ time per matrix comes from the child's quantize_report.json. To keep the run short the sizes run --loftq_iter
+iterations (default 1; memory does not depend on it) and only "llama7b_layer" (one decoder layer at Llama-2-7B's
+shapes) runs 5, the setting of bench_loftq: its per-matrix times compare with results/loftq_cpu.json's. The 70B
+estimate is derived, not measured: the 7B layer's seconds per weight element, times Llama-2-70B's target weight
+elements. The checkpoints and outputs are deleted after each size.
 Writes benchmarks/results/stream_init_cpu.json.
 """
 
@@ -121,6 +123,7 @@ def run_size(name: str, work_dir: Path, loftq_iter: int, whole_model: bool = Fal
         shutil.rmtree(folder, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)
     layers = report["layers"]
+    largest_shape = max((layer["shape"] for layer in layers.values()), key=lambda shape: shape[0] * shape[1])
     by_shape = {}
     for layer in layers.values():
         by_shape.setdefault("x".join(map(str, layer["shape"])), []).append(layer["loftq_time_s"])
@@ -128,12 +131,23 @@ def run_size(name: str, work_dir: Path, loftq_iter: int, whole_model: bool = Fal
     loftq = sum(layer["loftq_time_s"] for layer in layers.values())
     return {
         "parameters": parameters, "checkpoint_gib": parameters * 2 / 2**30, "loftq_iter": loftq_iter,
-        "matrices": len(layers), "largest_matrix_elements": largest, "peak_rss_gib": rss, "wall_s": wall,
+        "matrices": len(layers), "largest_matrix_elements": largest, "largest_matrix_shape": largest_shape,
+        "one_matrix_peak_rss_gib": one_matrix_rss(largest_shape, loftq_iter), "peak_rss_gib": rss, "wall_s": wall,
         "loftq_s": loftq, "write_checkpoint_s": written, "mean_rel_error_loftq": report["mean_rel_error_loftq"],
         "loftq_s_per_matrix_by_shape": {shape: sum(times) / len(times) for shape, times in by_shape.items()},
         "seconds_per_million_elements": loftq / sum(torch.Size(l["shape"]).numel() for l in layers.values()) * 1e6,
         **whole,
     }
+
+
+ONE_MATRIX = ("import sys, torch, scripts.quantize_model; from llmm.quant import loftq_init; "
+              "rows, cols, iters = map(int, sys.argv[1:]); w = (torch.randn(rows, cols) * 0.02).bfloat16(); "
+              "loftq_init(w.float(), 4, 64, iters, absmax_dtype=torch.bfloat16)")
+
+
+def one_matrix_rss(shape: list[int], loftq_iter: int) -> float:
+    """Peak RSS (GiB) of a child that imports the script and runs LoftQ on one random bf16 matrix of ``shape``."""
+    return child([sys.executable, "-c", ONE_MATRIX, *map(str, shape), str(loftq_iter)])[0]
 
 
 def estimate_70b(layer_7b: dict) -> dict:
@@ -153,6 +167,8 @@ def main() -> None:
     parser.add_argument("--loftq_iter", type=int, default=1, help="iterations for the sizes (llama7b_layer: 5)")
     parser.add_argument("--whole_model", nargs="*", default=["0.1b", "0.5b"],
                         help="sizes also run with the whole model loaded, for contrast")
+    parser.add_argument("--one_matrix_only", action="store_true", help="only the one-matrix reference, for "
+                        "sizes already in --output (needs their largest_matrix_shape)")
     parser.add_argument("--work_dir", default="/tmp/bench_stream_init")
     parser.add_argument("--output", default=str(U.REPO_ROOT / "benchmarks/results/stream_init_cpu.json"))
     args = parser.parse_args()
@@ -168,6 +184,14 @@ def main() -> None:
     baseline, _ = child([sys.executable, "-c", "import scripts.quantize_model"])
     results["baseline_rss_gib"] = baseline
     sizes = results.setdefault("sizes", {})
+    if args.one_matrix_only:  # add the one-matrix reference to sizes measured before
+        for name in args.sizes:
+            entry = sizes[name]
+            shape = entry.setdefault("largest_matrix_shape",  # a Llama's largest target: the MLP's
+                                     [SIZES[name]["intermediate_size"], SIZES[name]["hidden_size"]])
+            entry["one_matrix_peak_rss_gib"] = one_matrix_rss(shape, entry["loftq_iter"])
+            U.write_json(output, results)
+        return
     for name in args.sizes:
         sizes[name] = run_size(name, work_dir, 5 if name == "llama7b_layer" else args.loftq_iter,
                                whole_model=name in args.whole_model)

@@ -232,7 +232,6 @@ def quantize_checkpoint(folder: str | Path, out_dir: str | Path, model: torch.nn
     plan, missing = tensor_plan(folder, model)
     if missing:
         raise ValueError(f"the checkpoint lacks {missing[:3]}: it cannot be streamed (use the whole-model path)")
-    load_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     state = model.state_dict(keep_vars=True)
     weights = {f"{path}.weight": path for path in modules}
     absmax_dtype = dtype if dtype != torch.float32 else None  # as the whole-model path: lossless 16-bit copies
@@ -248,7 +247,7 @@ def quantize_checkpoint(folder: str | Path, out_dir: str | Path, model: torch.nn
     for key, name in (progress or (lambda items: items))(list(plan.items())):
         tensor = _read(index[key], key)
         if tensor.is_floating_point():
-            tensor = tensor.to(load_dtype)  # what from_pretrained(dtype="auto") holds
+            tensor = tensor.to(state[name].dtype)  # what from_pretrained(dtype="auto") holds
         if name in weights:
             path = weights[name]
             weight = tensor.to(device, torch.float32)
