@@ -83,8 +83,8 @@ def write_checkpoint(folder: Path, fields: dict) -> int:
     return sum(torch.Size(shape).numel() for _, shape in entries.values())
 
 
-def child(command: list[str]) -> tuple[float, float]:
-    """Run ``command`` on one thread; its peak RSS (GiB, ru_maxrss) and wall seconds. A failure is an error."""
+def child(command: list[str]) -> tuple[float, float, float]:
+    """Run ``command`` on one thread; its peak RSS (GiB, ru_maxrss), wall and CPU seconds. A failure is an error."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1",
            "PYTHONPATH": os.pathsep.join([str(U.REPO_ROOT / "src"), str(U.REPO_ROOT)])}
     started = time.perf_counter()
@@ -96,7 +96,7 @@ def child(command: list[str]) -> tuple[float, float]:
         if process.returncode != 0:
             log.seek(0)
             raise RuntimeError(f"{command} failed: {log.read()[-2000:]}")
-    return usage.ru_maxrss / 2**20, wall
+    return usage.ru_maxrss / 2**20, wall, usage.ru_utime + usage.ru_stime
 
 
 WHOLE_MODEL = ("import sys; from llmm import streaming; from scripts import quantize_model; "
@@ -114,10 +114,10 @@ def run_size(name: str, work_dir: Path, loftq_iter: int, whole_model: bool = Fal
              "--dtype", "bfloat16", "--task_type", "causal_lm", "--loftq_iter", str(loftq_iter)]
     whole = {}
     try:
-        rss, wall = child([sys.executable, "-m", "scripts.quantize_model", *flags])
+        rss, wall, cpu = child([sys.executable, "-m", "scripts.quantize_model", *flags])
         report = json.loads(next(out.glob("*/quantize_report.json")).read_text())
         if whole_model:  # the same run with the whole model loaded (the path before streaming), for contrast
-            whole["whole_model_peak_rss_gib"], whole["whole_model_wall_s"] = child(
+            whole["whole_model_peak_rss_gib"], whole["whole_model_wall_s"], _ = child(
                 [sys.executable, "-c", WHOLE_MODEL, *flags, "--overwrite"])
     finally:
         shutil.rmtree(folder, ignore_errors=True)
@@ -133,6 +133,7 @@ def run_size(name: str, work_dir: Path, loftq_iter: int, whole_model: bool = Fal
         "parameters": parameters, "checkpoint_gib": parameters * 2 / 2**30, "loftq_iter": loftq_iter,
         "matrices": len(layers), "largest_matrix_elements": largest, "largest_matrix_shape": largest_shape,
         "one_matrix_peak_rss_gib": one_matrix_rss(largest_shape, loftq_iter), "peak_rss_gib": rss, "wall_s": wall,
+        "cpu_s": cpu,
         "loftq_s": loftq, "write_checkpoint_s": written, "mean_rel_error_loftq": report["mean_rel_error_loftq"],
         "loftq_s_per_matrix_by_shape": {shape: sum(times) / len(times) for shape, times in by_shape.items()},
         "seconds_per_million_elements": loftq / sum(torch.Size(l["shape"]).numel() for l in layers.values()) * 1e6,
@@ -151,14 +152,26 @@ def one_matrix_rss(shape: list[int], loftq_iter: int) -> float:
 
 
 def estimate_70b(layer_7b: dict) -> dict:
-    """Llama-2-70B's LoftQ time, derived from the 7B layer's seconds per weight element (same settings)."""
+    """Llama-2-70B's LoftQ time, derived (not measured) from seconds per weight element at 5 iterations, NF4, rank 64,
+    1 thread: this run's 7B-shaped layer, and bench_loftq's 7B shapes (results/loftq_cpu.json, CPU seconds)."""
     elements = LLAMA_2_70B["layers"] * sum(rows * cols for rows, cols in LLAMA_2_70B["shapes"])
-    one_thread_h = elements * layer_7b["seconds_per_million_elements"] / 1e6 / 3600
-    return {"derived_not_measured": True, "target_elements": elements, "one_thread_hours": one_thread_h,
-            "sixteen_threads_hours_ideal": one_thread_h / 16,
-            "basis": "seconds per weight element of the llama7b_layer run (5 iterations, NF4, rank 64, 1 thread) x "
-                     "Llama-2-70B's target elements; 16 threads = that / 16, i.e. perfect scaling (a lower bound: "
-                     "on this shared 2-core machine 2 threads were slower than 1, see loftq_cpu.json)"}
+    rates = {"this_run_wall": layer_7b["seconds_per_million_elements"] / 1e6}
+    loftq = U.REPO_ROOT / "benchmarks/results/loftq_cpu.json"
+    if loftq.is_file():  # one 7B layer: 4 x q_proj's shape, down_proj, 2 x gate_proj's shape (gate, up)
+        weights = json.loads(loftq.read_text())["weights"]
+        layer = [("llama_q_proj", 4), ("llama_down_proj", 1), ("llama_gate_proj", 2)]
+        seconds = sum(weights[name]["nf4"]["truncated"]["cpu_s"] * count for name, count in layer)
+        size = sum(torch.Size(weights[name]["nf4"]["shape"]).numel() * count for name, count in layer)
+        rates["bench_loftq_cpu"] = seconds / size
+    hours = {basis: elements * rate / 3600 for basis, rate in rates.items()}
+    return {"derived_not_measured": True, "target_elements": elements,
+            "one_thread_hours": hours, "sixteen_threads_hours_ideal": {k: v / 16 for k, v in hours.items()},
+            "basis": "seconds per weight element (5 iterations, NF4, rank 64, 1 thread) x Llama-2-70B's target "
+                     "elements (80 layers: q, o 8192^2; k, v 1024 x 8192; gate, up, down 8192 x 28672). this_run_wall: "
+                     "the llama7b_layer run here (wall clock on the shared machine, slowed by other jobs); "
+                     "bench_loftq_cpu: CPU seconds of the same shapes in results/loftq_cpu.json. 16 threads = 1 "
+                     "thread / 16, perfect scaling: a lower bound (on this shared 2-core machine 2 threads were "
+                     "slower than 1, see loftq_cpu.json); reading and writing 2 x 129 GiB comes on top."}
 
 
 def main() -> None:
@@ -181,15 +194,18 @@ def main() -> None:
                     "date": time.strftime("%Y-%m-%d"), "versions": U.versions(),
                     "settings": {"rank": RANK, "bits": 4, "quant": "nf", "dtype": "bfloat16",
                                  "output_shard_bytes": "llmm.streaming.SHARD_BYTES"}})
-    baseline, _ = child([sys.executable, "-c", "import scripts.quantize_model"])
+    baseline, _, _ = child([sys.executable, "-c", "import scripts.quantize_model"])
     results["baseline_rss_gib"] = baseline
     sizes = results.setdefault("sizes", {})
     if args.one_matrix_only:  # add the one-matrix reference to sizes measured before
-        for name in args.sizes:
+        for name in [size for size in args.sizes if size in sizes]:
             entry = sizes[name]
             shape = entry.setdefault("largest_matrix_shape",  # a Llama's largest target: the MLP's
                                      [SIZES[name]["intermediate_size"], SIZES[name]["hidden_size"]])
             entry["one_matrix_peak_rss_gib"] = one_matrix_rss(shape, entry["loftq_iter"])
+            U.write_json(output, results)
+        if "llama7b_layer" in sizes:
+            results["llama_2_70b_estimate"] = estimate_70b(sizes["llama7b_layer"])
             U.write_json(output, results)
         return
     for name in args.sizes:

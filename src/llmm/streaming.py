@@ -5,7 +5,8 @@
 
 The model is built on the meta device (its module tree, types and shapes, no memory), which decides the targets
 and the output's layout exactly as loading it would. Then every tensor of the checkpoint (``model.safetensors`` or
-the shards of ``model.safetensors.index.json``) is read on its own, cast as ``from_pretrained(dtype="auto")``
+the shards of ``model.safetensors.index.json``) is read on its own (at its offset in the file, as the safetensors
+header says), cast as ``from_pretrained(dtype="auto")``
 would, LoftQ'd if it is a target (``llmm.layer.loftq_factors``), cast to the storage dtype and written into its
 place in the output shards, whose headers are laid out beforehand from the shapes. The adapter file is laid out
 the same way (from a meta PEFT model: the keys and dtypes ``save_pretrained`` would write), zero-filled (the K
@@ -121,14 +122,15 @@ def tensor_plan(folder: str | Path, model: torch.nn.Module) -> tuple[dict[str, s
     aliases = {name for name, _ in model.named_parameters(remove_duplicate=False)} - kept  # tied copies
     prefix = f"{model.base_model_prefix}." if model.base_model_prefix else "\0"
     plan = {}
+    places = _places(index)
     for key in _ordered(index):
         name = (key if key in state else prefix + key if prefix + key in state
                 else key.removeprefix(prefix) if key.startswith(prefix) and key.removeprefix(prefix) in state
                 else None)
         if name is None or name in aliases:
             continue
-        if list(state[name].shape) != _shape(index[key], key):
-            raise ValueError(f"checkpoint tensor {key!r} has shape {_shape(index[key], key)}, the model expects "
+        if list(state[name].shape) != list(places[key][4]):
+            raise ValueError(f"checkpoint tensor {key!r} has shape {places[key][4]}, the model expects "
                              f"{list(state[name].shape)}: the config.json does not belong to these weights")
         plan[key] = name
     missing = sorted(set(state) - aliases - set(plan.values()))
@@ -137,25 +139,39 @@ def tensor_plan(folder: str | Path, model: torch.nn.Module) -> tuple[dict[str, s
 
 def _ordered(index: dict[str, Path]) -> list[str]:
     """Tensor names by file, then by offset in the file: the order that reads each file front to back."""
-    offsets = {}
+    places = _places(index)
+    return sorted(places, key=lambda key: (str(places[key][0]), places[key][1]))
+
+
+def _places(index: dict[str, Path]) -> dict[str, tuple[Path, int, int, torch.dtype, list[int]]]:
+    """Tensor name -> (file, first byte, end byte, dtype, shape), from the files' safetensors headers."""
+    places = {}
     for file in dict.fromkeys(index.values()):
         with open(file, "rb") as handle:
             size = int.from_bytes(handle.read(8), "little")
             header = json.loads(handle.read(size))
-        offsets.update({key: (str(file), entry["data_offsets"][0]) for key, entry in header.items()
-                        if key != "__metadata__" and index.get(key) == file})
-    return sorted(offsets, key=offsets.get)
+        places.update({key: (file, 8 + size + entry["data_offsets"][0], 8 + size + entry["data_offsets"][1],
+                             _torch_dtype(entry["dtype"]), entry["shape"])
+                       for key, entry in header.items() if key != "__metadata__" and index.get(key) == file})
+    return places
 
 
-def _shape(file: Path, key: str) -> list[int]:
-    with safe_open(str(file), "pt") as handle:
-        return list(handle.get_slice(key).get_shape())
-
-
-def _read(file: Path, key: str) -> torch.Tensor:
-    """One tensor, the file opened for it alone: its mapping (and so its pages in this process) ends here."""
-    with safe_open(str(file), "pt") as handle:
-        return handle.get_tensor(key)
+def _read(place: tuple[Path, int, int, torch.dtype, list[int]]) -> torch.Tensor:
+    """One tensor, read straight into its own memory (no mapping of the file: safe_open's get_tensor held about
+    three times a large tensor's size at its peak, measured in bench_stream_init)."""
+    file, begin, end, dtype, shape = place
+    tensor = torch.empty(shape, dtype=dtype)
+    if tensor.numel() * tensor.element_size() != end - begin:
+        raise ValueError(f"{str(file)!r}: a tensor's byte range does not match its shape: the file is corrupt")
+    view, done = memoryview(tensor.view(-1).view(torch.uint8).numpy()), 0
+    with open(file, "rb", buffering=0) as handle:
+        handle.seek(begin)
+        while done < end - begin:
+            count = handle.readinto(view[done:])
+            if not count:
+                raise ValueError(f"{str(file)!r} ends inside a tensor: it is truncated; copy / download it again")
+            done += count
+    return tensor
 
 
 class SafetensorsWriter:
@@ -243,9 +259,9 @@ def quantize_checkpoint(folder: str | Path, out_dir: str | Path, model: torch.nn
     where = {name: file for file, shard in zip(files, shards) for name in shard}
     writers = {file: SafetensorsWriter(out_dir / file, shard) for file, shard in zip(files, shards)}
     adapter, adapter_layout = _adapter_writer(model, config, out_dir / "llmm_init", final_dir or out_dir)
-    report = {}
+    report, places = {}, _places(index)
     for key, name in (progress or (lambda items: items))(list(plan.items())):
-        tensor = _read(index[key], key)
+        tensor = _read(places[key])
         if tensor.is_floating_point():
             tensor = tensor.to(state[name].dtype)  # what from_pretrained(dtype="auto") holds
         if name in weights:
