@@ -6,8 +6,8 @@
 Each size is a synthetic Llama-architecture bfloat16 checkpoint (random N(0, 0.02) weights; shards of 1 GB written
 tensor by tensor with llmm.streaming.SafetensorsWriter, so the model is never held) in --work_dir. Each is then
 quantized by `python -m scripts.quantize_model` (NF4, rank 64, bf16 storage) in a child process on one thread, and
-its peak resident memory is the child's ru_maxrss (os.wait4); the same child importing the script and exiting gives
-the runtime's own share ("baseline"). --whole_model sizes (0.1 B, 0.5 B) run a second time with the whole model
+its peak resident memory is the child's own VmHWM (see ``child``); the same child importing the script and exiting
+gives the runtime's own share ("baseline"). --whole_model sizes (0.1 B, 0.5 B) run a second time with the whole model
 loaded (the path before streaming), for contrast, and every size has a reference: a child that imports the
 script and LoftQs one random matrix of the size's largest target shape, alone ("one_matrix_peak_rss_gib").
 LoftQ time per matrix comes from the child's quantize_report.json. To keep the run short the sizes run --loftq_iter
@@ -83,20 +83,41 @@ def write_checkpoint(folder: Path, fields: dict) -> int:
     return sum(torch.Size(shape).numel() for _, shape in entries.values())
 
 
+HIGH_WATER = """
+import atexit, runpy, sys
+report = sys.argv.pop(1)
+def write():
+    with open("/proc/self/status") as status, open(report, "w") as out:
+        out.write(next(line.split()[1] for line in status if line.startswith("VmHWM:")))
+atexit.register(write)
+if sys.argv[1] == "-m":
+    sys.argv = sys.argv[2:]
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+else:
+    code = sys.argv.pop(2)
+    sys.argv = sys.argv[1:]
+    exec(compile(code, "<bench>", "exec"), {"__name__": "__main__"})
+"""
+
+
 def child(command: list[str]) -> tuple[float, float, float]:
-    """Run ``command`` on one thread; its peak RSS (GiB, ru_maxrss), wall and CPU seconds. A failure is an error."""
+    """Run ``python *command`` (``-m module ...`` or ``-c code ...``) on one thread; its peak RSS (GiB), wall and CPU
+    seconds. The peak is the child's own VmHWM, written by the child as it exits: ru_maxrss is not, as Linux carries
+    the parent's high-water mark over into a child started by vfork + exec (which subprocess uses)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1",
            "PYTHONPATH": os.pathsep.join([str(U.REPO_ROOT / "src"), str(U.REPO_ROOT)])}
     started = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as log:  # a file, not a pipe: nothing blocks while we wait
-        process = subprocess.Popen(command, cwd=U.REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    with tempfile.TemporaryFile("w+") as log, tempfile.NamedTemporaryFile("r") as peak:
+        process = subprocess.Popen([sys.executable, "-c", HIGH_WATER, peak.name, *command], cwd=U.REPO_ROOT,
+                                   env=env, stdout=log, stderr=subprocess.STDOUT)  # a file: nothing blocks
         _, status, usage = os.wait4(process.pid, 0)
         process.returncode = os.waitstatus_to_exitcode(status)
         wall = time.perf_counter() - started
         if process.returncode != 0:
             log.seek(0)
             raise RuntimeError(f"{command} failed: {log.read()[-2000:]}")
-    return usage.ru_maxrss / 2**20, wall, usage.ru_utime + usage.ru_stime
+        high_water_kib = int(peak.read())
+    return high_water_kib / 2**20, wall, usage.ru_utime + usage.ru_stime
 
 
 WHOLE_MODEL = ("import sys; from llmm import streaming; from scripts import quantize_model; "
@@ -114,11 +135,11 @@ def run_size(name: str, work_dir: Path, loftq_iter: int, whole_model: bool = Fal
              "--dtype", "bfloat16", "--task_type", "causal_lm", "--loftq_iter", str(loftq_iter)]
     whole = {}
     try:
-        rss, wall, cpu = child([sys.executable, "-m", "scripts.quantize_model", *flags])
+        rss, wall, cpu = child(["-m", "scripts.quantize_model", *flags])
         report = json.loads(next(out.glob("*/quantize_report.json")).read_text())
         if whole_model:  # the same run with the whole model loaded (the path before streaming), for contrast
             whole["whole_model_peak_rss_gib"], whole["whole_model_wall_s"], _ = child(
-                [sys.executable, "-c", WHOLE_MODEL, *flags, "--overwrite"])
+                ["-c", WHOLE_MODEL, *flags, "--overwrite"])
     finally:
         shutil.rmtree(folder, ignore_errors=True)
         shutil.rmtree(out, ignore_errors=True)
@@ -148,7 +169,7 @@ ONE_MATRIX = ("import sys, torch, scripts.quantize_model; from llmm.quant import
 
 def one_matrix_rss(shape: list[int], loftq_iter: int) -> float:
     """Peak RSS (GiB) of a child that imports the script and runs LoftQ on one random bf16 matrix of ``shape``."""
-    return child([sys.executable, "-c", ONE_MATRIX, *map(str, shape), str(loftq_iter)])[0]
+    return child(["-c", ONE_MATRIX, *map(str, shape), str(loftq_iter)])[0]
 
 
 def estimate_70b(layer_7b: dict) -> dict:
@@ -194,7 +215,7 @@ def main() -> None:
                     "date": time.strftime("%Y-%m-%d"), "versions": U.versions(),
                     "settings": {"rank": RANK, "bits": 4, "quant": "nf", "dtype": "bfloat16",
                                  "output_shard_bytes": "llmm.streaming.SHARD_BYTES"}})
-    baseline, _, _ = child([sys.executable, "-c", "import scripts.quantize_model"])
+    baseline, _, _ = child(["-c", "import scripts.quantize_model"])
     results["baseline_rss_gib"] = baseline
     sizes = results.setdefault("sizes", {})
     if args.one_matrix_only:  # add the one-matrix reference to sizes measured before
