@@ -172,7 +172,7 @@ def one_matrix_rss(shape: list[int], loftq_iter: int) -> float:
     return child(["-c", ONE_MATRIX, *map(str, shape), str(loftq_iter)])[0]
 
 
-def estimate_70b(layer_7b: dict) -> dict:
+def estimate_70b(layer_7b: dict, baseline_gib: float) -> dict:
     """Llama-2-70B's LoftQ time, derived (not measured) from seconds per weight element at 5 iterations, NF4, rank 64,
     1 thread: this run's 7B-shaped layer, and bench_loftq's 7B shapes (results/loftq_cpu.json, CPU seconds)."""
     elements = LLAMA_2_70B["layers"] * sum(rows * cols for rows, cols in LLAMA_2_70B["shapes"])
@@ -185,14 +185,24 @@ def estimate_70b(layer_7b: dict) -> dict:
         size = sum(torch.Size(weights[name]["nf4"]["shape"]).numel() * count for name, count in layer)
         rates["bench_loftq_cpu"] = seconds / size
     hours = {basis: elements * rate / 3600 for basis, rate in rates.items()}
+    # Memory: LoftQ's bytes per element of the largest matrix (the one-matrix reference above the runtime's
+    # baseline) x 70B's largest matrix (28672 x 8192), plus the baseline.
+    per_element = ((layer_7b["one_matrix_peak_rss_gib"] - baseline_gib) * 2**30
+                   / layer_7b["largest_matrix_elements"])
+    largest = max(rows * cols for rows, cols in LLAMA_2_70B["shapes"])
     return {"derived_not_measured": True, "target_elements": elements,
+            "loftq_bytes_per_element": per_element,
+            "peak_rss_gib_one_matrix": baseline_gib + per_element * largest / 2**30,
             "one_thread_hours": hours, "sixteen_threads_hours_ideal": {k: v / 16 for k, v in hours.items()},
             "basis": "seconds per weight element (5 iterations, NF4, rank 64, 1 thread) x Llama-2-70B's target "
                      "elements (80 layers: q, o 8192^2; k, v 1024 x 8192; gate, up, down 8192 x 28672). this_run_wall: "
                      "the llama7b_layer run here (wall clock on the shared machine, slowed by other jobs); "
                      "bench_loftq_cpu: CPU seconds of the same shapes in results/loftq_cpu.json. 16 threads = 1 "
                      "thread / 16, perfect scaling: a lower bound (on this shared 2-core machine 2 threads were "
-                     "slower than 1, see loftq_cpu.json); reading and writing 2 x 129 GiB comes on top."}
+                     "slower than 1, see loftq_cpu.json); reading and writing 2 x 129 GiB comes on top. Memory: "
+                     "peak_rss_gib_one_matrix = the runtime's baseline + LoftQ's bytes per element (llama7b_layer's "
+                     "one-matrix reference) x 28672 x 8192; the streamed runs held up to 0.4 GiB more than their "
+                     "one-matrix reference."}
 
 
 def main() -> None:
@@ -226,7 +236,7 @@ def main() -> None:
             entry["one_matrix_peak_rss_gib"] = one_matrix_rss(shape, entry["loftq_iter"])
             U.write_json(output, results)
         if "llama7b_layer" in sizes:
-            results["llama_2_70b_estimate"] = estimate_70b(sizes["llama7b_layer"])
+            results["llama_2_70b_estimate"] = estimate_70b(sizes["llama7b_layer"], results["baseline_rss_gib"])
             U.write_json(output, results)
         return
     for name in args.sizes:
@@ -234,7 +244,7 @@ def main() -> None:
                                whole_model=name in args.whole_model)
         print(name, json.dumps(sizes[name]), flush=True)
         if "llama7b_layer" in sizes:
-            results["llama_2_70b_estimate"] = estimate_70b(sizes["llama7b_layer"])
+            results["llama_2_70b_estimate"] = estimate_70b(sizes["llama7b_layer"], results["baseline_rss_gib"])
         U.write_json(output, results)
     shutil.rmtree(work_dir, ignore_errors=True)
 
