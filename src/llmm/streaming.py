@@ -157,8 +157,8 @@ def _places(index: dict[str, Path]) -> dict[str, tuple[Path, int, int, torch.dty
 
 
 def _read(place: tuple[Path, int, int, torch.dtype, list[int]]) -> torch.Tensor:
-    """One tensor, read straight into its own memory (no mapping of the file: safe_open's get_tensor held about
-    three times a large tensor's size at its peak, measured in bench_stream_init)."""
+    """One tensor, read at its offset straight into its own memory: no mapping of the file, so what is resident
+    is that one copy (a mapped file's touched pages count in the process's memory while it stays open)."""
     file, begin, end, dtype, shape = place
     tensor = torch.empty(shape, dtype=dtype)
     if tensor.numel() * tensor.element_size() != end - begin:
