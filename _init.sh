@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # LoftQ-quantize a model: SAVE_DIR/<name>-<bits>bit-<rank>rank/ = backbone with Q, llmm_init/, quantize_report.json.
 # Presets (model, bits, rank, K, ...): configs/quantize.yaml. Any setting can be overridden by a flag.
-# Hardware: runs layer by layer; a 7B model in bfloat16 needs ~16 GiB of host memory. LoftQ's rank-r step is a
+# Hardware: streams the checkpoint tensor by tensor: host memory ~ one weight matrix plus LoftQ's buffers, whatever
+# the model's size (README: LoftQ model directories). LoftQ's rank-r step is a
 # truncated SVD (loftq_svd: truncated in the table; --loftq_svd exact for the reference's full SVD, ~30x slower on
 # CPU): Llama-2-7B (rank 64, NF4, 5 iterations) takes ~22 min on ONE CPU thread (benchmarks/README.md); DEVICE=cuda
 # runs it on the GPU.

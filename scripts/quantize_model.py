@@ -11,8 +11,13 @@ Writes SAVE_DIR/<model-name>-<bits>bit-<rank>rank/:
   - llmm_init/: the Llmm adapter with the LoftQ means M_A, M_B and zero directions (K of them);
   - quantize_report.json: per layer ||W - Q|| / ||W||, ||W - Q - g B A|| / ||W||, the SVD method and LoftQ's time;
     settings, versions, wall time.
-LoftQ runs layer by layer on ``--device`` (a 7B model in bfloat16 fits in 24 GiB of host memory). The directory is
-written under a temporary name and renamed on success, so an interrupted run leaves nothing half-written.
+LoftQ runs matrix by matrix on ``--device``, streamed from the checkpoint's safetensors (llmm.streaming): one
+tensor is read, quantized and written at a time, so host memory stays at about one weight matrix plus LoftQ's
+buffers whatever the model's size (benchmarks/README.md), and the output equals the whole-model path bit for bit.
+The whole model is loaded instead only when streaming does not apply: no safetensors (a pytorch_model.bin), or
+tensors the checkpoint lacks that transformers initialises (a new classifier head, e.g. --task_type seq_cls on a
+bare encoder); the log says which. The directory is written under a temporary name and renamed on success, so an
+interrupted run leaves nothing half-written.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 import utils_llmm as U
-from llmm import get_llmm_model
+from llmm import get_llmm_model, streaming
 from llmm.embedding import LlmmEmbedding, embedding_targets
 from llmm.layer import loftq_factors
 from llmm.outdirs import atomic_dir, check_new_dir
@@ -101,8 +106,9 @@ def target_linears(model: torch.nn.Module, targets: list[str], rank: int) -> dic
     return found
 
 
-def quantize(model: torch.nn.Module, settings: dict, targets: list[str]) -> tuple:
-    """Replace each target weight by Q in place; return the Llmm config, the means and the per-layer report."""
+def plan(model: torch.nn.Module, settings: dict, targets: list[str]) -> tuple:
+    """The Llmm config (LoftQ settings, targets) and the modules to quantize: the target linears, plus the
+    embedding tables with --quantize_embeddings. ``model`` may be on the meta device (llmm.streaming)."""
     modules = target_linears(model, targets, settings["rank"])
     if settings["quantize_embeddings"]:
         modules.update(embedding_targets(model, U.default_embedding_targets(model.config)))
@@ -111,6 +117,13 @@ def quantize(model: torch.nn.Module, settings: dict, targets: list[str]) -> tupl
                             "compensate_scaling": not settings.get("reference_scaling", False)},
                            targets, loftq_block_size=settings["block_size"],
                            exclude_modules=head_linears(model, targets) or None)
+    return config, modules
+
+
+def quantize(model: torch.nn.Module, settings: dict, targets: list[str]) -> tuple:
+    """The whole-model path: replace each target weight by Q in place; return the Llmm config, the means and the
+    per-layer report."""
+    config, modules = plan(model, settings, targets)
     dtype = DTYPES[settings["dtype"]]
     absmax_dtype = dtype if dtype != torch.float32 else None  # 16-bit copies of Q then re-quantize losslessly
     scaling = config.lora_alpha / config.r
@@ -151,6 +164,10 @@ def save(model, tokenizer, config, means: dict, report: dict, settings: dict, tm
     peft_model.save_pretrained(tmp_dir / "llmm_init")
     peft_model.unload().to(DTYPES[settings["dtype"]]).save_pretrained(tmp_dir)
     tokenizer.save_pretrained(tmp_dir)
+    write_report(report, settings, tmp_dir, started)
+
+
+def write_report(report: dict, settings: dict, tmp_dir: Path, started: float) -> None:
     errors = [layer["rel_error_loftq"] for layer in report.values()]
     U.write_json(tmp_dir / "quantize_report.json", {
         "settings": settings, "versions": U.versions(), "wall_time_s": time.time() - started,
@@ -167,17 +184,37 @@ def main(argv=None) -> Path:
         raise FileExistsError(f"output directory {str(final_dir)!r} exists and is not empty: pass --overwrite "
                               "or another --save_dir")
     check_new_dir(final_dir, settings.get("overwrite", False))  # a file, locked, or not llmm's to replace
-    model_config = U.load_pretrained(AutoConfig, settings["model"])
+    extra = {"num_labels": settings["num_labels"]} if settings.get("num_labels") else {}
+    model_config = U.load_pretrained(AutoConfig, settings["model"], **extra)
     tokenizer = U.load_pretrained(AutoTokenizer, settings["model"])  # before hours of LoftQ: the directory needs it
     targets = U.default_targets(model_config, settings.get("target_modules"))
-    extra = {"num_labels": settings["num_labels"]} if settings.get("num_labels") else {}
-    # The checkpoint's own dtype, so LoftQ sees the original weights; the backbone is saved in settings["dtype"].
-    model = U.load_pretrained(LOADERS[settings["task_type"]], settings["model"], dtype="auto", **extra)
+    # Streamed from the safetensors, one tensor at a time (llmm.streaming): the model is built on the meta device
+    # only to decide the targets and the layout. Without safetensors, or when the checkpoint lacks tensors that
+    # transformers would initialise (e.g. a new classifier head), the whole model is loaded instead.
+    folder = streaming.local_checkpoint(settings["model"])
+    model, why = None, "no safetensors checkpoint"
+    if folder is not None:
+        model = streaming.empty_model(LOADERS[settings["task_type"]], model_config,
+                                      streaming.checkpoint_dtype(folder, model_config))
+        missing = streaming.tensor_plan(folder, model)[1]
+        model, why = (None, f"the checkpoint lacks {missing[:3]}") if missing else (model, "")
+    if model is None:
+        U.logger.info("loading the whole model (%s)", why)
+        # The checkpoint's own dtype, so LoftQ sees the original weights; the backbone is saved in settings["dtype"].
+        model = U.load_pretrained(LOADERS[settings["task_type"]], settings["model"], dtype="auto", **extra)
     target_linears(model, targets, settings["rank"])  # bad targets or rank fail before anything is written
     # Locked for the whole run, written under a temporary name, published by rename-or-fail (llmm.outdirs).
     with atomic_dir(final_dir, overwrite=settings.get("overwrite", False)) as tmp_dir:
-        config, means, report = quantize(model, settings, targets)
-        save(model, tokenizer, config, means, report, settings, Path(tmp_dir), final_dir, started)
+        if model.device.type == "meta":
+            config, modules = plan(model, settings, targets)
+            report = streaming.quantize_checkpoint(
+                folder, tmp_dir, model, modules, config, DTYPES[settings["dtype"]], settings["device"],
+                final_dir=final_dir, progress=lambda items: tqdm(items, desc="LoftQ (streamed)", unit="tensor"))
+            tokenizer.save_pretrained(tmp_dir)
+            write_report(report, settings, Path(tmp_dir), started)
+        else:
+            config, means, report = quantize(model, settings, targets)
+            save(model, tokenizer, config, means, report, settings, Path(tmp_dir), final_dir, started)
     U.logger.info("wrote %s (mean relative error: Q %.4f, Q + gBA %.4f)", final_dir,
                   sum(r["rel_error_q"] for r in report.values()) / len(report),
                   sum(r["rel_error_loftq"] for r in report.values()) / len(report))
