@@ -6,8 +6,10 @@ A Llama-architecture model (hidden 512, 4 layers, intermediate 1376, vocab 4096,
 adapters (K = 2, rank 16) on all seven projections, AdamW, batch 2 x 128 tokens per process. Each mode runs in its
 own ``torch.distributed.run`` with 2 processes, 1 thread each: DDP (every process holds the whole model, adapter
 and optimizer state) and FSDP2 (``llmm.sharding.shard_fsdp2``: each decoder layer and the root sharded). Per
-process: bytes of frozen weights, trainable tensors and optimizer state it holds (local shards; exact), peak RSS
-(includes the Python / torch runtime, so the differences matter), and the median step time.
+process: MiB of frozen weights, trainable tensors and optimizer state it holds (local shards; exact), resident
+memory after building the model, after training and at peak (these include the Python / torch runtime; every
+process builds the whole model before sharding here, as accelerate does without cpu_ram_efficient_loading, so the
+peak is not where sharding saves), and the median step time.
 """
 
 from __future__ import annotations
@@ -29,6 +31,12 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 STEPS, WARMUP = 8, 2
 
 
+def rss_mib() -> float:
+    """This process's resident memory now."""
+    with open("/proc/self/statm") as file:
+        return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+
+
 def worker(mode: str, out: Path) -> None:
     import torch.distributed as dist
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -44,6 +52,7 @@ def worker(mode: str, out: Path) -> None:
                          num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=256)
     model = get_llmm_model(LlamaForCausalLM(config), LlmmConfig(r=16, lora_alpha=16, target_modules=TARGETS, k=2))
     seed_noise(model, 0, rank)
+    built = rss_mib()
     if mode == "fsdp2":
         shard_fsdp2(model)
         wrapped = model
@@ -62,7 +71,8 @@ def worker(mode: str, out: Path) -> None:
         if step >= WARMUP:
             times.append(time.perf_counter() - start)
     record = {"rank": rank, "step_s": statistics.median(times), **sharded_state_bytes(model, optimizer),
-              "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+              "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              "rss_after_build_mib": built, "rss_after_training_mib": rss_mib()}
     (out / f"{mode}_{rank}.json").write_text(json.dumps(record))
     dist.destroy_process_group()
 
@@ -82,8 +92,8 @@ def main() -> None:
     mib = 2 ** 20
     summary = {}
     for mode, ranks in results["modes"].items():
-        summary[mode] = {key: max(r[key] for r in ranks) / (mib if key != "peak_rss_mib" else 1)
-                         for key in ("frozen", "trainable", "optimizer", "peak_rss_mib")}
+        summary[mode] = {key: max(r[key] for r in ranks) / (1 if key.endswith("_mib") else mib) for key in (
+            "frozen", "trainable", "optimizer", "peak_rss_mib", "rss_after_build_mib", "rss_after_training_mib")}
         summary[mode]["step_s"] = statistics.mean(r["step_s"] for r in ranks)
     summary["fsdp2_over_ddp"] = {key: summary["fsdp2"][key] / summary["ddp"][key] for key in summary["ddp"]}
     results["summary_mib_per_process"] = summary
