@@ -302,6 +302,9 @@ def test_check_sharded_launch_refuses_a_config_accelerate_would_not_shard(monkey
     with pytest.raises(ValueError, match="asks for FSDP but accelerate runs MULTI_CPU"):
         sharding.check_sharded_launch(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, device="cpu"))
     assert sharding.check_sharded_launch(SimpleNamespace(distributed_type=DistributedType.FSDP)) == "FSDP"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="asks for FSDP but accelerate runs"):
+            sharding.check_sharded_launch()  # this machine's PartialState: CPU
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
     try:

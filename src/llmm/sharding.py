@@ -96,7 +96,9 @@ def check_sharded_launch(state=None) -> str:
     for FSDP / DeepSpeed (``accelerate launch --config_file configs/accelerate/...``) and would not use it.
 
     accelerate 1.15 turns FSDP on only for accelerator backends (CUDA, XPU, NPU, ...): on a CPU-only machine the
-    same config runs plain DDP over gloo, every process holding the whole model. DeepSpeed needs its package."""
+    same config runs plain DDP over gloo, every process holding the whole model, without a word. DeepSpeed needs
+    its package. ``state``: the run's ``AcceleratorState`` (its distributed_type is compared), or None: judged
+    from ``PartialState().device`` alone, so it can run before the Trainer exists and before anything is written."""
     asked = [engine for variable, engine in SHARDING_ENV.items() if os.environ.get(variable, "").lower() == "true"]
     if not asked:
         return "none"
@@ -108,12 +110,15 @@ def check_sharded_launch(state=None) -> str:
             raise ValueError("the accelerate config asks for DeepSpeed, which is not installed: pip install "
                              "deepspeed (CUDA machines), or launch with configs/accelerate/fsdp2.yaml") from error
     if state is None:
-        from accelerate.state import AcceleratorState
-        state = AcceleratorState()
-    used = str(getattr(state, "distributed_type", "")).rsplit(".", 1)[-1]
-    if used != engine:
-        raise ValueError(f"the accelerate config asks for {engine} but accelerate runs {used or 'no'} distribution "
-                         f"on {getattr(state, 'device', 'this device')} (accelerate shards only on GPUs and other "
+        from accelerate import PartialState
+        state = PartialState()
+        usable = state.device.type != "cpu"
+    else:
+        usable = str(state.distributed_type).rsplit(".", 1)[-1] == engine
+    if not usable:
+        used = str(getattr(state, "distributed_type", "no")).rsplit(".", 1)[-1]
+        raise ValueError(f"the accelerate config asks for {engine} but accelerate runs {used} distribution on "
+                         f"{getattr(state, 'device', 'this device')} (accelerate shards only on GPUs and other "
                          "accelerators): launch on GPUs, or drop --config_file for DDP on CPU")
     return engine
 
