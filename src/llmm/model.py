@@ -263,26 +263,29 @@ def frozen_embedding_bases(peft_model: PeftModel) -> list[str] | None:
     return [f"{name}.base_layer.weight" for name in layers]
 
 
-def save_llmm_adapter(peft_model: PeftModel, out_dir: str, overwrite: bool = False) -> str:
+def save_llmm_adapter(peft_model: PeftModel, out_dir: str, overwrite: bool = False, state_dict=None) -> str:
     """``peft_model.save_pretrained(out_dir)`` (M, Z and the llmm config, without frozen embedding / LM-head base
-    weights: ``frozen_embedding_bases``), written atomically."""
+    weights: ``frozen_embedding_bases``), written atomically. ``state_dict``: the model's tensors to take instead of
+    its own (a sharded model's gathered ones: llmm.sharding.gathered_state_dict)."""
     frozen = frozen_embedding_bases(peft_model)
     with atomic_dir(out_dir, overwrite) as tmp_dir:
-        peft_model.save_pretrained(tmp_dir, **({"save_embedding_layers": False} if frozen else {}))
+        peft_model.save_pretrained(tmp_dir, state_dict=state_dict,
+                                   **({"save_embedding_layers": False} if frozen else {}))
     return out_dir
 
 
 def export_mean_adapter(
-    peft_model: PeftModel, out_dir: str, adapter_name: str = "default", overwrite: bool = False
+    peft_model: PeftModel, out_dir: str, adapter_name: str = "default", overwrite: bool = False, state_dict=None
 ) -> str:
-    """Write the mean adapter (A = M_A, B = M_B) as a plain PEFT LoRA adapter, atomically; returns ``out_dir``."""
+    """Write the mean adapter (A = M_A, B = M_B) as a plain PEFT LoRA adapter, atomically; returns ``out_dir``.
+    ``state_dict``: as for ``save_llmm_adapter``."""
     config = peft_model.peft_config[adapter_name]
     lora_fields = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
     plain = {name: getattr(config, name) for name in lora_fields if name != "runtime_config"}
     plain.update(init_lora_weights=True, loftq_config={}, inference_mode=True)
     lora_config = LoraConfig(**plain)
     frozen = frozen_embedding_bases(peft_model)
-    state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name,
+    state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name, state_dict=state_dict,
                                       **({"save_embedding_layers": False} if frozen else {}))
     state = {key: value.detach().contiguous().cpu() for key, value in state.items() if not is_direction_key(key)}
     with atomic_dir(out_dir, overwrite) as tmp_dir:

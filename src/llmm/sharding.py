@@ -1,0 +1,138 @@
+"""Sharded training of Llmm models (FSDP1, FSDP2, DeepSpeed ZeRO-3 through accelerate): what the engines need.
+
+    policy = fsdp1_wrap_policy(model)           # FSDP1: each Llmm layer one unit (M and Z), its base layer another
+    shard_fsdp2(model)                          # FSDP2 by hand (a loop of one's own): decoder layers, then the root
+    state = gathered_state_dict(model)          # every process calls it; the main process gets whole tensors
+    if main_process: save_llmm_adapter(peft_model, "out/adapter", state_dict=state)
+    check_sharded_launch(accelerator_state)     # accelerate asked for FSDP / DeepSpeed and will really use it
+
+Why an own FSDP1 policy: PEFT's ``fsdp_auto_wrap_policy`` wraps leaf modules with a trainable ``.weight``
+(``lora_A`` / ``lora_B``) as units of their own, and leaves everything else in the decoder layer's unit. The Llmm
+directions are bare parameters of the Llmm layer, so the decoder layer's flat parameter would mix them with frozen
+weights ("Must flatten tensors with uniform requires_grad", peft#1702). And the Llmm forward reads
+``lora_A[...].weight`` and the directions directly, without calling those submodules: an FSDP1 unit is gathered
+only while its own forward runs, so a separately wrapped ``lora_A`` (or a directions submodule) is never gathered.
+Wrapping the whole Llmm layer (its forward runs; all its own parameters are trainable adapter tensors) and its
+base layer (frozen) as two units satisfies both. FSDP2 shards per parameter and gathers a unit's parameters at
+the unit's forward, so decoder-layer units work as they are (mixed requires_grad and fp32 adapters over bf16
+weights included, torch 2.13).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from torch import nn
+
+SHARDING_ENV = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DEEPSPEED"}
+
+
+def llmm_units(model: nn.Module) -> set[int]:
+    """ids of the modules FSDP1 wraps apart: every Llmm layer and its base layer."""
+    units = set()
+    for module in model.modules():
+        if hasattr(module, "llmm_settings"):
+            units.update((id(module), id(module.get_base_layer())))
+    return units
+
+
+def decoder_layer_classes(model: nn.Module) -> set[type[nn.Module]]:
+    """The classes the model names in ``_no_split_modules`` (its transformer blocks), found among its modules."""
+    names = set()
+    for module in model.modules():
+        names.update(getattr(module, "_no_split_modules", None) or ())
+    return {type(module) for module in model.modules() if type(module).__name__ in names}
+
+
+def fsdp1_wrap_policy(model: nn.Module):
+    """An FSDP1 ``auto_wrap_policy`` for an Llmm model: its decoder layers, and inside them each Llmm layer and
+    that layer's base layer as units of their own (never ``lora_A`` / ``lora_B`` alone: see the module docstring).
+    Works with ``use_orig_params=False``, as FSDP-QLoRA needs."""
+    from torch.distributed.fsdp.wrap import _or_policy, lambda_auto_wrap_policy, transformer_auto_wrap_policy
+
+    units = llmm_units(model)
+    if not units:
+        raise ValueError("fsdp1_wrap_policy needs a model with Llmm layers (llmm.get_llmm_model / load_llmm_model)")
+    return functools.partial(_or_policy, policies=[
+        functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda module: id(module) in units),
+        functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=decoder_layer_classes(model)),
+    ])
+
+
+def shard_fsdp2(model: nn.Module, **kwargs) -> nn.Module:
+    """``fully_shard`` each decoder layer, then the root (what accelerate's FSDP2 does with TRANSFORMER_BASED_WRAP);
+    ``kwargs`` go to every ``fully_shard`` call (e.g. ``reshard_after_forward``, ``offload_policy``)."""
+    from torch.distributed.fsdp import fully_shard
+
+    classes = decoder_layer_classes(model)
+    if not classes:
+        raise ValueError("shard_fsdp2 found no decoder layers (no _no_split_modules on the model)")
+    for module in list(model.modules()):
+        if type(module) in classes:
+            fully_shard(module, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole (not sharded) tensors of the model's trainable parameters, on CPU, keyed as the unwrapped model's
+    own state dict: every process calls it (it gathers); on an accelerator the main process gets them in CPU memory
+    and the others an empty dict, on CPU every process gets them (FSDP1's offload to CPU of CPU tensors frees them
+    before they are read, torch 2.13).
+    Frozen tensors (the backbone) are left out, so the main process never holds the whole backbone. A model that
+    is not sharded gives its trainable tensors. Pass the result as ``state_dict`` to ``save_llmm_adapter`` /
+    ``export_mean_adapter`` on the main process."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    on_accelerator = any(parameter.device.type != "cpu" for parameter in model.parameters())
+    options = StateDictOptions(full_state_dict=True, cpu_offload=on_accelerator, ignore_frozen_params=True)
+    return get_model_state_dict(model, options=options)
+
+
+def check_sharded_launch(state=None) -> str:
+    """What the launch shards with ("FSDP", "DEEPSPEED" or "none"); raises ValueError when accelerate was asked
+    for FSDP / DeepSpeed (``accelerate launch --config_file configs/accelerate/...``) and would not use it.
+
+    accelerate 1.15 turns FSDP on only for accelerator backends (CUDA, XPU, NPU, ...): on a CPU-only machine the
+    same config runs plain DDP over gloo, every process holding the whole model, without a word. DeepSpeed needs
+    its package. ``state``: the run's ``AcceleratorState`` (its distributed_type is compared), or None: judged
+    from ``PartialState().device`` alone, so it can run before the Trainer exists and before anything is written."""
+    asked = [engine for variable, engine in SHARDING_ENV.items() if os.environ.get(variable, "").lower() == "true"]
+    if not asked:
+        return "none"
+    engine = asked[0]
+    if engine == "DEEPSPEED":
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError as error:
+            raise ValueError("the accelerate config asks for DeepSpeed, which is not installed: pip install "
+                             "deepspeed (CUDA machines), or launch with configs/accelerate/fsdp2.yaml") from error
+    if state is None:
+        from accelerate import PartialState
+        state = PartialState()
+        usable = state.device.type != "cpu"
+    else:
+        usable = str(state.distributed_type).rsplit(".", 1)[-1] == engine
+    if not usable:
+        used = str(getattr(state, "distributed_type", "no")).rsplit(".", 1)[-1]
+        raise ValueError(f"the accelerate config asks for {engine} but accelerate runs {used} distribution on "
+                         f"{getattr(state, 'device', 'this device')} (accelerate shards only on GPUs and other "
+                         "accelerators): launch on GPUs, or drop --config_file for DDP on CPU")
+    return engine
+
+
+def sharded_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
+    """Bytes this process holds of the model's frozen and trainable parameters and of the optimizer state (local
+    shards of DTensors)."""
+    def local(tensor):
+        tensor = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        return tensor.numel() * tensor.element_size()
+
+    sizes = {"frozen": 0, "trainable": 0, "optimizer": 0}
+    for parameter in model.parameters():
+        sizes["trainable" if parameter.requires_grad else "frozen"] += local(parameter)
+    for state in (optimizer.state.values() if optimizer is not None else ()):
+        sizes["optimizer"] += sum(local(value) for value in state.values() if isinstance(value, torch.Tensor))
+    return sizes

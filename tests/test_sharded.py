@@ -1,0 +1,404 @@
+"""Sharded training of Llmm models on CPU: FSDP2 (fully_shard) and FSDP1 over gloo with 2 processes (llmm.sharding).
+
+The 2-process runs (marked slow) start this file as a worker under ``torch.distributed.run``: a tiny Llama, K = 2,
+AdamW, a global batch of 4 sequences split over the processes, each process with its own noise stream (seed,
+rank) as under DDP. The reference is one process that runs the two halves as two micro-batches, each with the
+noise stream of the process it stands for, and averages their gradients: the same computation in another order
+of nothing but the two-term gradient sum, so per-step losses and trained tensors must be equal bit for bit
+(a/2 + b/2 == (a + b)/2 exactly in binary floating point).
+
+accelerate 1.15 shards only on accelerator backends: on CPU ``accelerate launch --config_file
+configs/accelerate/fsdp2.yaml`` runs DDP, so the HF-Trainer path is checked for a clear refusal, and the engines are
+driven directly here (what the Trainer does on GPUs: fully_shard per decoder layer, then the root).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the worker runs this file as a script
+from conftest import LLAMA_TARGETS, REPO_ROOT, tiny_llama  # noqa: E402
+
+from llmm import LlmmConfig, export_mean_adapter, get_llmm_model, load_llmm_model, noise_source  # noqa: E402
+from llmm import save_llmm_adapter, seed_noise  # noqa: E402
+from llmm import sharding  # noqa: E402
+from llmm.model import keep_cpu_4bit_trainable  # noqa: E402
+
+SEED, STEPS, ROWS = 17, 3, 2  # rows per process and step
+CONFIGS = REPO_ROOT / "configs" / "accelerate"
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+       "PYTHONPATH": os.pathsep.join([str(REPO_ROOT / "src"), str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+
+
+def llmm_config() -> LlmmConfig:
+    return LlmmConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, k=2, scale=4.0)
+
+
+def eval_ids() -> torch.Tensor:
+    return torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(1000))
+
+
+def batch(step: int, rank: int) -> torch.Tensor:
+    ids = torch.randint(0, 128, (2 * ROWS, 8), generator=torch.Generator().manual_seed(step))
+    return ids[rank * ROWS:(rank + 1) * ROWS]
+
+
+def backbone(dtype: str, model_dir: str | None):
+    """The tiny Llama in float32 / bfloat16, or NF4 from ``model_dir`` with bf16 storage (FSDP-QLoRA's setting)."""
+    if dtype != "nf4":
+        return tiny_llama(0).to(getattr(torch, dtype))
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                      bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.bfloat16)
+    return AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=quantization, dtype=torch.bfloat16,
+                                                device_map={"": "cpu"})
+
+
+# --- the worker (one process of a run) -----------------------------------------------------------------------------
+
+def checkpoint(model, optimizer, folder: Path, step: int, rank: int, noise_states) -> None:
+    """A sharded checkpoint (torch.distributed.checkpoint: each process writes its shards), the noise state(s),
+    and last, from the main process, latest.json naming it."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    target = folder / f"step-{step}"
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(target))
+    torch.save(noise_states, target / f"noise_{rank}.pt")
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        (folder / "latest.tmp").write_text(json.dumps({"step": step}))
+        os.replace(folder / "latest.tmp", folder / "latest.json")
+
+
+def restore(model, optimizer, folder: Path, rank: int):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    step = json.loads((folder / "latest.json").read_text())["step"]
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=str(folder / f"step-{step}"))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    return step, torch.load(folder / f"step-{step}" / f"noise_{rank}.pt", weights_only=True)
+
+
+def worker(argv=None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "nf4"), default="float32")
+    parser.add_argument("--shard", choices=("fsdp2", "fsdp1", "none"), default="fsdp2")
+    parser.add_argument("--model_dir", default=None)
+    parser.add_argument("--steps", type=int, default=STEPS)
+    parser.add_argument("--kill_at", type=int, default=None, help="SIGKILL itself as this step begins")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--guard", action="store_true", help="check the divergence guard on sharded gradients")
+    parser.add_argument("--keep_gathered", action="store_true", help="FSDP2 reshard_after_forward=False")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    distributed = "WORLD_SIZE" in os.environ
+    if distributed:
+        dist.init_process_group("gloo")
+    rank = dist.get_rank() if distributed else 0
+    base = backbone(args.dtype, args.model_dir)
+    torch.manual_seed(SEED)  # the LoRA init of A
+    model = get_llmm_model(base, llmm_config())
+    keep_cpu_4bit_trainable(model)
+    peft_model = model
+    if args.shard == "fsdp2":
+        sharding.shard_fsdp2(model, reshard_after_forward=not args.keep_gathered)
+    elif args.shard == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+        model = FSDP(model, auto_wrap_policy=sharding.fsdp1_wrap_policy(model), use_orig_params=False,
+                     device_id=torch.device("cpu"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    noise = noise_source(peft_model)
+    ranks = [rank] if distributed else [0, 1]  # one process stands for both: their micro-batches and noise streams
+    states = {}
+    for r in ranks:
+        noise.seed(SEED, r)
+        states[r] = noise.state_dict()
+    start = 0
+    if args.resume:
+        start, states = restore(model, optimizer, out / "checkpoints", rank)
+    model.train()
+    for step in range(start, args.steps):
+        if step == args.kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        losses = {}
+        for r in ranks:
+            noise.load_state_dict(states[r])
+            ids = batch(step, r)
+            loss = model(input_ids=ids, labels=ids).loss
+            (loss / len(ranks)).backward()
+            states[r] = noise.state_dict()
+            losses[r] = loss.item()
+        if args.guard:
+            guard(model, rank, out)
+            return
+        optimizer.step()
+        optimizer.zero_grad()
+        with open(out / f"losses_{rank}.jsonl", "a") as file:
+            file.write(json.dumps({"step": step, "losses": losses}) + "\n")
+        checkpoint(model, optimizer, out / "checkpoints", step + 1, rank, states)
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=eval_ids()).logits
+    state = sharding.gathered_state_dict(model)
+    if rank == 0:
+        save_llmm_adapter(peft_model, str(out / "adapter"), state_dict=state)
+        export_mean_adapter(peft_model, str(out / "mean_adapter"), state_dict=state)
+        torch.save(logits, out / "logits.pt")
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def guard(model, rank: int, out: Path) -> None:
+    """LlmmTrainer's check before an optimizer step, on FSDP2's sharded gradients: a NaN in process 1's shard only
+    must stop both processes."""
+    from types import SimpleNamespace
+
+    from scripts.training import LlmmTrainer
+    from utils_llmm import TrainingDiverged
+
+    if rank == 1:
+        grad = next(p.grad for p in model.parameters() if p.requires_grad and p.grad is not None)
+        (grad.to_local() if hasattr(grad, "to_local") else grad).view(-1)[0] = float("nan")
+    trainer = SimpleNamespace(nonfinite_loss=None, accelerator=SimpleNamespace(scaler=None),
+                              args=SimpleNamespace(device=torch.device("cpu")), state=SimpleNamespace(global_step=0),
+                              stop=lambda what: (_ for _ in ()).throw(TrainingDiverged(what)))
+    try:
+        LlmmTrainer.stop_if_step_not_finite(trainer, model)
+        outcome = "went on"
+    except TrainingDiverged as error:
+        outcome = f"stopped: {error}"
+    (out / f"guard_{rank}.txt").write_text(outcome)
+
+
+# --- helpers of the tests ------------------------------------------------------------------------------------------
+
+def run(*args, processes: int = 2, timeout: int = 120) -> subprocess.CompletedProcess:
+    launcher = TORCHRUN if processes == 2 else [sys.executable]
+    return subprocess.run([*launcher, str(Path(__file__).resolve()), *map(str, args)], cwd=REPO_ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def losses(out: Path) -> dict[tuple[int, int], float]:
+    """{(step, rank): loss} over every process's file."""
+    found = {}
+    for file in out.glob("losses_*.jsonl"):
+        for line in file.read_text().splitlines():
+            record = json.loads(line)
+            found.update({(record["step"], int(r)): value for r, value in record["losses"].items()})
+    return found
+
+
+def adapter_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "adapter_model.safetensors")
+
+
+def assert_same_adapters(a: Path, b: Path) -> None:
+    for name in ("adapter", "mean_adapter"):
+        left, right = adapter_tensors(a / name), adapter_tensors(b / name)
+        assert left.keys() == right.keys()
+        different = [key for key in left if not torch.equal(left[key], right[key])]
+        assert not different, different[:5]
+    assert any("lora_llmm_A" in key for key in adapter_tensors(a / "adapter"))
+
+
+def final_checkpoint(out: Path) -> dict[str, torch.Tensor]:
+    """The trainable (adapter) tensors of the run's newest sharded checkpoint, whole."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    folder = out / "checkpoints"
+    step = json.loads((folder / "latest.json").read_text())["step"]
+    dcp_to_torch_save(folder / f"step-{step}", out / "final.pt")
+    model = torch.load(out / "final.pt", weights_only=False)["model"]
+    return {key: value for key, value in model.items() if ".lora_" in key}
+
+
+def assert_same_checkpoints(a: Path, b: Path) -> None:
+    left, right = final_checkpoint(a), final_checkpoint(b)
+    assert left.keys() == right.keys() and any("lora_llmm_B" in key for key in left)
+    assert all(torch.equal(left[key], right[key]) for key in left)
+
+
+@pytest.fixture(scope="module")
+def nf4_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama(0).save_pretrained(path)
+    return path
+
+
+# --- tests without processes ---------------------------------------------------------------------------------------
+
+def test_accelerate_configs_parse_and_say_their_command():
+    """Each config is YAML accelerate reads, opens with the command that runs it, and has FSDP-QLoRA's settings."""
+    configs = {path.stem: path for path in CONFIGS.glob("*.yaml")}
+    assert {"fsdp2", "fsdp1", "deepspeed_zero3"} <= configs.keys()
+    for path in configs.values():
+        text = path.read_text()
+        assert text.startswith("#") and "accelerate launch --config_file configs/accelerate/" + path.name in text
+        assert yaml.safe_load(text)["num_processes"] == 2
+    fsdp2 = yaml.safe_load(configs["fsdp2"].read_text())["fsdp_config"]
+    assert fsdp2["fsdp_version"] == 2 and fsdp2["fsdp_cpu_ram_efficient_loading"] is True
+    fsdp1 = yaml.safe_load(configs["fsdp1"].read_text())["fsdp_config"]
+    assert fsdp1["fsdp_use_orig_params"] is False and fsdp1["fsdp_cpu_ram_efficient_loading"] is True
+    assert fsdp1["fsdp_sync_module_states"] is True
+    zero3 = yaml.safe_load(configs["deepspeed_zero3"].read_text())["deepspeed_config"]
+    assert zero3["zero_stage"] == 3 and zero3["zero3_init_flag"] is True
+
+
+def test_fsdp1_policy_wraps_llmm_layers_and_their_bases_not_the_factors():
+    """PEFT's policy would wrap lora_A / lora_B alone, which the Llmm forward reads without calling them."""
+    from peft.utils.other import fsdp_auto_wrap_policy
+
+    model = get_llmm_model(tiny_llama(0), llmm_config())
+    ours, peft_policy = sharding.fsdp1_wrap_policy(model), fsdp_auto_wrap_policy(model)
+    attention = model.base_model.model.model.layers[0].self_attn
+    wraps = {name: ours(module=module, recurse=False, nonwrapped_numel=0) for name, module in (
+        ("decoder", model.base_model.model.model.layers[0]), ("llmm", attention.q_proj),
+        ("base", attention.q_proj.base_layer), ("lora_A", attention.q_proj.lora_A["default"]),
+        ("lora_llmm_A", attention.q_proj.lora_llmm_A), ("embedding", model.base_model.model.model.embed_tokens))}
+    assert wraps == {"decoder": True, "llmm": True, "base": True, "lora_A": False, "lora_llmm_A": False,
+                     "embedding": False}
+    assert peft_policy(module=attention.q_proj.lora_A["default"], recurse=False, nonwrapped_numel=0)
+    assert not peft_policy(module=attention.q_proj.lora_llmm_A, recurse=False, nonwrapped_numel=0)
+    with pytest.raises(ValueError, match="Llmm layers"):
+        sharding.fsdp1_wrap_policy(tiny_llama(0))
+
+
+def test_check_sharded_launch_refuses_a_config_accelerate_would_not_shard(monkeypatch):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    assert sharding.check_sharded_launch(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU)) == "none"
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match="asks for FSDP but accelerate runs MULTI_CPU"):
+        sharding.check_sharded_launch(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, device="cpu"))
+    assert sharding.check_sharded_launch(SimpleNamespace(distributed_type=DistributedType.FSDP)) == "FSDP"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="asks for FSDP but accelerate runs"):
+            sharding.check_sharded_launch()  # this machine's PartialState: CPU
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="DeepSpeed, which is not installed: pip install deepspeed"):
+            sharding.check_sharded_launch(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))
+
+
+# --- two processes -------------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype,shard", [("float32", "fsdp2"), ("bfloat16", "fsdp2"), ("nf4", "fsdp2"),
+                                         ("float32", "fsdp1"), ("bfloat16", "fsdp1")])
+def test_two_process_run_equals_one_process_bit_for_bit(dtype, shard, nf4_dir, tmp_path):
+    """Per-step losses of both processes, the trained adapter (M and Z) and the mean adapter equal the one-process
+    run with the same global batch and noise streams, bit for bit; the adapter gathered from the shards reloads in
+    one process to the sharded model's eval logits, and the mean adapter loads in plain PEFT to the same logits."""
+    from peft import PeftModel
+
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    extra = ["--dtype", dtype, "--model_dir", nf4_dir]
+    done = run(*extra, "--shard", "none", "--out", single, processes=1)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = run(*extra, "--shard", shard, "--out", sharded)
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected, got = losses(single), losses(sharded)
+    assert len(expected) == 2 * STEPS and got == expected
+    assert_same_checkpoints(single, sharded)
+    if shard == "fsdp1":
+        return  # its saved adapters: test_fsdp1_saved_adapter_holds_the_tensors
+    assert_same_adapters(single, sharded)
+    logits = torch.load(sharded / "logits.pt")
+    reloaded = load_llmm_model(backbone(dtype, nf4_dir), str(sharded / "adapter")).eval()
+    plain = PeftModel.from_pretrained(backbone(dtype, nf4_dir), str(sharded / "mean_adapter")).eval()
+    for model in (reloaded, plain):
+        keep_cpu_4bit_trainable(model)  # bitsandbytes' CPU kernel of the training layout, as in the run
+        with torch.no_grad():
+            assert torch.equal(model(input_ids=eval_ids()).logits, logits)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="PEFT 0.21's get_peft_model_state_dict strips only a leading "
+                                       "'_fsdp_wrapped_module.' from module names: under nested FSDP1 units it "
+                                       "selects no tensor of the gathered state dict (plain LoRA too), so the adapter "
+                                       "is empty; needs a key map in the run layer or a PEFT fix")
+def test_fsdp1_saved_adapter_holds_the_tensors(tmp_path):
+    assert run("--shard", "none", "--steps", 1, "--out", tmp_path / "single", processes=1).returncode == 0
+    assert run("--shard", "fsdp1", "--steps", 1, "--out", tmp_path / "sharded").returncode == 0
+    assert_same_adapters(tmp_path / "single", tmp_path / "sharded")
+
+
+@pytest.mark.slow
+def test_kill_9_and_resume_reproduces_the_uninterrupted_run(tmp_path):
+    """FSDP2, float32: killed with SIGKILL as step 2 (0-based) begins, after the sharded checkpoints of steps 1 and
+    2; resumed from the newest: the losses of the last step and the final adapters equal the uninterrupted run's."""
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert run("--steps", 3, "--out", whole).returncode == 0
+    interrupted = run("--steps", 3, "--kill_at", 2, "--out", killed)
+    assert interrupted.returncode != 0
+    assert json.loads((killed / "checkpoints" / "latest.json").read_text()) == {"step": 2}
+    assert not (killed / "adapter").exists()
+    resumed = run("--steps", 3, "--resume", "--out", killed)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert losses(killed) == losses(whole)
+    assert_same_adapters(whole, killed)
+
+
+@pytest.mark.slow
+def test_divergence_guard_sees_a_nan_in_another_process_shard(tmp_path):
+    """FSDP2 leaves each process only its shard of every gradient: a NaN in process 1's shard stops both."""
+    done = run("--guard", "--out", tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        assert (tmp_path / f"guard_{rank}.txt").read_text().startswith("stopped: gradients are not finite")
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="the run layer does not call llmm.sharding.check_sharded_launch yet: on CPU "
+                                       "accelerate runs an FSDP config as plain DDP without a word")
+def test_accelerate_fsdp_config_on_cpu_is_one_clear_error(tmp_path):
+    from test_llama_scripts import save_tiny_llama
+
+    model = save_tiny_llama(tmp_path / "llama")
+    done = subprocess.run([
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "fsdp2.yaml"),
+        "--num_processes", "2", "-m", "scripts.train_gsm8k", "--model", "llama-2-7b", "--rank", "64",
+        "--model_name_or_path", str(model), "--init", "lora", "--data", str(REPO_ROOT / "tests/data/gsm8k.jsonl"),
+        "--eval_split", "heldout", "--eval_size", "2", "--load_in_4bit", "false", "--dtype", "float32",
+        "--max_steps", "1", "--per_device_train_batch_size", "1", "--gradient_accumulation_steps", "1",
+        "--output_dir", str(tmp_path / "run")], cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "error: the accelerate config asks for FSDP" in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+if __name__ == "__main__":
+    worker()
