@@ -29,7 +29,8 @@ from transformers import DataCollatorWithPadding
 import llmm
 from llmm.tasks.glue import get_task, load_file, load_glue, predict, score, tokenize
 from scripts.train_glue import EVAL_NOISE, load_model
-from utils_llmm import check_data_paths, logger, run_main, seed_everything, write_json
+from llmm.run.cli import logger, run_main
+from llmm.run.fileio import check_data_paths, seed_everything, write_json
 
 MODES = EVAL_NOISE
 

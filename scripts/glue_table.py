@@ -26,7 +26,9 @@ import sys
 
 from llmm import stats
 from llmm.tasks.glue import TASKS, get_task
-from utils_llmm import CONFIGS, read_yaml, run_main, table_rows, write_text
+from llmm.run.cli import run_main
+from llmm.run.fileio import write_text
+from llmm.run.tables import CONFIGS, read_yaml, table_rows
 
 COLUMN_ORDER = ("mnli", "qnli", "rte", "sst2", "mrpc", "cola", "qqp", "stsb", "wnli")  # LoftQ's table order
 METHOD_ORDER = ("lora", "qlora", "loftq", "llmm")

@@ -21,7 +21,8 @@ import argparse
 import json
 
 from llmm import stats
-from utils_llmm import run_main, write_text
+from llmm.run.cli import run_main
+from llmm.run.fileio import write_text
 
 METHOD_ORDER = ("lora", "qlora", "loftq", "llmm")
 LABEL_FIELDS = ("method", "model", "rank")  # always in a row's label; other settings only where they differ

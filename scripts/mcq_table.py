@@ -28,10 +28,10 @@ import argparse
 import json
 import sys
 
-import utils_llmm as U
+from llmm.run import cli, fileio, tables
 from llmm import stats
 
-PUBLISHED = U.CONFIGS / "mcq_published.yaml"
+PUBLISHED = tables.CONFIGS / "mcq_published.yaml"
 TASK_ORDER = ("winogrande_s", "arc_c", "arc_e", "winogrande_m", "obqa", "boolq")
 METHOD_ORDER = ("map", "mcdropout", "ensemble", "llmm")
 METRICS = {"accuracy": ("Accuracy (%, higher is better)", 100), "ece": ("ECE (%, 15 bins, lower is better)", 100),
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--published", default=str(PUBLISHED), help="reference rows (YAML)")
     parser.add_argument("--output", default=None, help="also write the tables to this file")
     args = parser.parse_args(argv)
-    published = U.read_yaml(args.published)
+    published = tables.read_yaml(args.published)
     records, widths, skipped = gather(args.paths)
     for file in skipped:
         print(f"skipped (incomplete): {file}", file=sys.stderr)
@@ -211,10 +211,10 @@ def main(argv: list[str] | None = None) -> str:
         raise ValueError(f"none of the {len(skipped)} results.json files is complete: let the runs finish")
     text = markdown(records, widths, published, args.baseline)
     if args.output:
-        U.write_text(args.output, text)
+        fileio.write_text(args.output, text)
     print(text, end="")
     return text
 
 
 if __name__ == "__main__":
-    U.run_main(main)
+    cli.run_main(main)

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from sklearn.model_selection import train_test_split
 
-import utils_llmm as U
+from llmm import outdirs
+from llmm.run import cli, fileio
 
 
 def default_corpus_dir() -> Path:
@@ -75,10 +76,10 @@ def prepare(out_dir: Path, corpus_dir: Path | None = None, seed: int = 0, dev_fr
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, rows in splits.items():
         write_csv(out_dir / f"{name}.csv", rows)
-    U.write_json(out_dir / "labels.json", dict(enumerate(classes)))
+    fileio.write_json(out_dir / "labels.json", dict(enumerate(classes)))
     report = {"classes": classes, "documents": len(examples) + dropped, "duplicates_dropped": dropped,
               "sizes": {name: len(rows) for name, rows in splits.items()}, "seed": seed}
-    U.write_json(out_dir / "prepare_report.json", report)
+    fileio.write_json(out_dir / "prepare_report.json", report)
     return report
 
 
@@ -94,12 +95,12 @@ def main(argv=None) -> dict:
     if not (0 < args.dev_fraction and 0 < args.test_fraction and args.dev_fraction + args.test_fraction < 1):
         raise ValueError(f"dev_fraction {args.dev_fraction} and test_fraction {args.test_fraction}: pass fractions "
                          "in (0, 1) that sum to less than 1")
-    U.check_output_dir(args.out_dir, overwrite=args.overwrite)
+    outdirs.check_output_dir(args.out_dir, overwrite=args.overwrite)
     report = prepare(Path(args.out_dir), Path(args.corpus_dir) if args.corpus_dir else None, args.seed,
                      args.dev_fraction, args.test_fraction)
-    U.logger.info("BBC News: %s", report)
+    cli.logger.info("BBC News: %s", report)
     return report
 
 
 if __name__ == "__main__":
-    U.run_main(main)
+    cli.run_main(main)

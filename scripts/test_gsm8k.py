@@ -27,20 +27,21 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from transformers import GenerationConfig, set_seed
 
-import utils_llmm as U
+from llmm import outdirs
+from llmm.run import adapters, cli, fileio, tables
 from llmm import LlmmConfig, llmm_layers, load_llmm_model, sample_factor, seed_noise
 from llmm import stats
 from llmm.tasks.prompts import (accuracy, encode_prompt, extract_answer, gold_answer, gsm8k_source, is_correct,
                           load_records, majority_vote)
-from scripts.causal_lm import add_model_flags, load_backbone, scope_dataset_config
+from llmm.run.causal_lm import add_model_flags, load_backbone, scope_dataset_config
 
-TABLE = U.CONFIGS / "gsm8k_test.yaml"
+TABLE = tables.CONFIGS / "gsm8k_test.yaml"
 MODES = ("mean", "sample", "mc")
 SAMPLING = ("temperature", "top_k", "top_p")
 
 
 def parse_settings(argv=None) -> dict:
-    table = U.read_yaml(TABLE)
+    table = tables.read_yaml(TABLE)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--adapter", required=True, help="the adapter/ directory of a train_gsm8k.py run")
     parser.add_argument("--decoding", default="greedy", choices=[row["decoding"] for row in table["rows"]])
@@ -48,12 +49,12 @@ def parse_settings(argv=None) -> dict:
     parser.add_argument("--K", type=int, default=None, help="the K the adapter must have (checked)")
     parser.add_argument("--max_samples", type=int, default=None, help="first N questions (debug)")
     add_model_flags(parser)
-    U.add_setting_flags(parser, table)
+    tables.add_setting_flags(parser, table)
     args = parser.parse_args(argv)
-    settings = U.resolve_settings(table, args)
+    settings = tables.resolve_settings(table, args)
     scope_dataset_config(settings, args)
-    U.check_settings(settings)
-    U.check_data_paths(data=settings.get("data"))
+    adapters.check_settings(settings)
+    fileio.check_data_paths(data=settings.get("data"))
     given = [name for name in SAMPLING if getattr(args, name) is not None]
     if given and not settings["do_sample"]:
         raise ValueError(f"--{given[0]} only applies to sampling: add --decoding reference (or --do_sample true)")
@@ -76,8 +77,8 @@ def check_adapter(settings: dict) -> LlmmConfig:
         if not config.base_model_name_or_path:
             raise ValueError(f"{adapter!r} does not name its backbone: pass --model_name_or_path")
         settings["model_name_or_path"] = config.base_model_name_or_path
-    U.check_safetensors(adapter)
-    U.check_model_path(settings["model_name_or_path"])
+    fileio.check_safetensors(adapter)
+    fileio.check_model_path(settings["model_name_or_path"])
     return config
 
 
@@ -182,7 +183,7 @@ def main(argv=None) -> dict:
     started = time.time()
     settings = parse_settings(argv)
     output_dir = Path(settings["output_dir"])
-    U.check_output_dir(output_dir, settings["overwrite"])
+    outdirs.check_output_dir(output_dir, settings["overwrite"])
     check_adapter(settings)
     records = load_test_records(settings)
     model, tokenizer = load_model(settings)
@@ -197,17 +198,17 @@ def main(argv=None) -> dict:
         "n_without_number": sum(p["extracted"] is None for p in predictions),
         "mode": settings["mode"], "decoding": settings["decoding"], "adapter": settings["adapter"],
         "model": settings["model_name_or_path"], "wall_time_s": time.time() - started,
-        "settings": settings, "versions": U.versions(),
+        "settings": settings, "versions": fileio.versions(),
     }
     results["seed"], results["cell"] = stats.test_cell(Path(settings["adapter"]).parent, settings)  # for tables
-    U.make_output_dir(output_dir, settings["overwrite"])
+    outdirs.make_output_dir(output_dir, settings["overwrite"])
     if state.is_main_process:
-        U.write_text(output_dir / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
-        U.write_json(output_dir / "results.json", results)
-        U.logger.info("GSM8K accuracy %.2f%% (%d / %d) -> %s", 100 * results["accuracy"], results["n_correct"],
+        fileio.write_text(output_dir / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
+        fileio.write_json(output_dir / "results.json", results)
+        cli.logger.info("GSM8K accuracy %.2f%% (%d / %d) -> %s", 100 * results["accuracy"], results["n_correct"],
                       results["n"], output_dir)
     return results
 
 
 if __name__ == "__main__":
-    U.run_main(lambda: main(sys.argv[1:]))
+    cli.run_main(lambda: main(sys.argv[1:]))

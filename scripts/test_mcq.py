@@ -20,11 +20,12 @@ import time
 from pathlib import Path
 
 
-import utils_llmm as U
+from llmm import outdirs
+from llmm.run import cli, fileio, tables
 from llmm import load_llmm_model
 from llmm.tasks import calibration as C
 from llmm.tasks.mcq import encode_question, letter_token_ids
-from scripts import causal_lm
+from llmm.run import causal_lm
 from scripts.train_mcq import TABLE, evaluate_sets, evaluation_cell, load_all, load_backbone, run_cell
 
 
@@ -122,7 +123,7 @@ def ensemble(members: list[dict], eval_sets: dict, output_dir: Path) -> list[dic
                         "mode": "ensemble", "N": len(members), "method": "ensemble", "seed": seeds,
                         "K": first["K"], "backbone": first["backbone"], **report})
         entries[-1]["cell"] = evaluation_cell(cell, entries[-1])
-        U.logger.info("%s ensemble (M=%d): accuracy %.4f, ECE %.4f, NLL %.4f, Brier %.4f", name, len(members),
+        cli.logger.info("%s ensemble (M=%d): accuracy %.4f, ECE %.4f, NLL %.4f, Brier %.4f", name, len(members),
                       report["accuracy"], report["ece"], report["nll"], report["brier"])
         C.plot_reliability(output_dir / f"reliability-{name}.png", {f"{name} ensemble M={len(members)}": report})
     for entry in entries:
@@ -135,11 +136,11 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     members = member_settings(args)
     output_dir = Path(args.output_dir)
-    U.check_output_dir(output_dir, args.overwrite)
-    table = U.read_yaml(TABLE)
+    outdirs.check_output_dir(output_dir, args.overwrite)
+    table = tables.read_yaml(TABLE)
     first = members[0]
     _, eval_sets = load_all(first, table, train=False)
-    U.prepare_output_dir(output_dir, args.overwrite)
+    outdirs.prepare_output_dir(output_dir, args.overwrite)
     if len(members) == 1:
         model, tokenizer = load_member(first)
         letters = letter_token_ids(tokenizer, max(len(r["choices"]) for rs, _ in eval_sets.values() for r in rs))
@@ -153,11 +154,11 @@ def main(argv=None) -> dict:
                "K": first["K"], "backbone": first["backbone"],
                "llmmscale": first["llmmscale"], "rank": first["rank"], "model": first["model_name_or_path"],
                "runs": args.runs, "members": len(members), "evaluations": evaluations,
-               "wall_time_s": time.time() - started, "versions": U.versions(), "complete": True}
-    U.write_json(output_dir / "results.json", results)
-    U.logger.info("results -> %s", output_dir / "results.json")
+               "wall_time_s": time.time() - started, "versions": fileio.versions(), "complete": True}
+    fileio.write_json(output_dir / "results.json", results)
+    cli.logger.info("results -> %s", output_dir / "results.json")
     return results
 
 
 if __name__ == "__main__":
-    U.run_main(lambda: main(sys.argv[1:]))
+    cli.run_main(lambda: main(sys.argv[1:]))

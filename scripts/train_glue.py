@@ -56,31 +56,15 @@ from llmm.tasks.glue import TASKS, GlueTask, get_task, load_glue, predict, score
 from llmm.model import atomic_dir
 from llmm.predict import mc_predict, mc_regress
 from llmm.quant import ALLOWED_METHODS, fake_quantize
-from scripts.training import LlmmTrainer, add_resume_flag, check_checkpoint, find_checkpoint
-from utils_llmm import (
-    CONFIGS,
-    INIT_DIR_LOFTQ,
-    add_setting_flags,
-    adopt_init_dir_settings,
-    check_adapter_settings,
-    check_data_paths,
-    check_init_targets,
-    check_output_dir,
-    default_embedding_targets,
-    default_targets,
-    head_modules,
-    llmm_config,
-    load_pretrained,
-    logger,
-    make_output_dir,
-    plot_curves,
-    read_yaml,
-    resolve_settings,
-    run_main,
-    seed_everything,
-    versions,
-    write_json,
-)
+from llmm.run.trainer import LlmmTrainer, add_resume_flag, check_checkpoint, find_checkpoint
+from llmm.outdirs import check_output_dir, make_output_dir
+from llmm.run.adapters import (INIT_DIR_LOFTQ, adopt_init_dir_settings, check_adapter_settings, check_init_targets,
+                               head_modules, llmm_config)
+from llmm.run.cli import logger, run_main
+from llmm.run.fileio import check_data_paths, load_pretrained, plot_curves, seed_everything, versions, write_json
+from llmm.run.tables import (CONFIGS, add_setting_flags, default_embedding_targets, default_targets, read_yaml,
+                             resolve_settings)
+
 
 TABLE = CONFIGS / "glue.yaml"
 METHODS = ("llmm", "loftq", "qlora", "lora")

@@ -8,7 +8,7 @@
         --test_data arc.jsonl --max_steps 2 --load_in_8bit false --dtype float32 --output_dir /tmp/run
 
 Settings: configs/mcq.yaml (row = task), any of them overridable by a flag. Training: the HF Trainer of the
-causal-LM scripts (scripts/causal_lm.py, scripts/training.py); the loss is the cross-entropy of the answer
+causal-LM scripts (llmm.run.causal_lm, llmm.run.trainer); the loss is the cross-entropy of the answer
 letter under the next-token distribution restricted to the question's letters (llmm.tasks). After training the
 in-distribution test split and the row's OOD sets are evaluated in every --eval_modes mode (mean, sample, mc with
 mc_samples networks, dropout), reporting accuracy, ECE (15 bins), NLL and Brier. The width of the learned
@@ -31,15 +31,17 @@ import torch
 from accelerate import PartialState
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
 
-import utils_llmm as U
+from llmm import outdirs
+from llmm.run import adapters, cli, fileio, tables
 from llmm import stats
 from llmm.model import keep_cpu_4bit_trainable, seed_noise
 from llmm.tasks import calibration as C
 from llmm.tasks.mcq import encode_question, letter_token_ids, load_mcq
 from llmm.width import distribution_width, width_summary
-from scripts import causal_lm, training
+from llmm.run import causal_lm
+from llmm.run import trainer as training
 
-TABLE = U.CONFIGS / "mcq.yaml"
+TABLE = tables.CONFIGS / "mcq.yaml"
 METHODS = ("llmm", "map", "mcdropout")
 SAMPLED_MODES = ("mc", "dropout")  # modes that average mc_samples passes
 # Evaluation plumbing, replaced in each evaluation's cell by the set, mode and number of samples it used.
@@ -63,7 +65,7 @@ def add_flags(parser: argparse.ArgumentParser, table: dict) -> None:
     parser.add_argument("--data_seed", type=int, default=None,
                         help="seed of the data order (default: the table's null, i.e. the --seed)")
     training.add_resume_flag(parser)
-    U.add_setting_flags(parser, table)
+    tables.add_setting_flags(parser, table)
 
 
 def check_settings(settings: dict, table: dict, args) -> dict:
@@ -89,8 +91,8 @@ def check_settings(settings: dict, table: dict, args) -> dict:
     init_dir = causal_lm.init_adapter_dir(settings["model_name_or_path"])
     if init_dir is not None:
         causal_lm.check_init_adapter(init_dir, settings)
-        U.adopt_init_dir_settings(settings["model_name_or_path"], settings,
-                                  {name for name in U.INIT_DIR_LOFTQ if getattr(args, name, None) is not None})
+        adapters.adopt_init_dir_settings(settings["model_name_or_path"], settings,
+                                  {name for name in adapters.INIT_DIR_LOFTQ if getattr(args, name, None) is not None})
         if settings["load_in_8bit"]:
             raise ValueError("an _init.sh directory holds LoftQ's NF values Q, which 8-bit loading would re-quantize: "
                              "pass --load_in_8bit false (and --load_in_4bit true for bitsandbytes NF4)")
@@ -105,24 +107,24 @@ def check_settings(settings: dict, table: dict, args) -> dict:
     if not settings.get("train_data") and not settings.get("train_split"):
         raise ValueError(f"task {settings['task']!r} is an evaluation-only set (no train split): train on another "
                          "task and list it under --ood, or pass --train_data FILE")
-    rows = {row["task"]: row for row in U.table_rows(table)}
+    rows = {row["task"]: row for row in tables.table_rows(table)}
     for name in settings["ood"]:
         if name not in rows and not name.endswith((".json", ".jsonl")):
             raise ValueError(f"OOD set {name!r} is neither a task row ({sorted(rows)}) nor a .json/.jsonl file")
-    U.check_adapter_settings(settings)
-    U.check_data_paths(train_data=settings.get("train_data"), test_data=settings.get("test_data"),
+    adapters.check_adapter_settings(settings)
+    fileio.check_data_paths(train_data=settings.get("train_data"), test_data=settings.get("test_data"),
                        ood=[n for n in settings["ood"] if n.endswith((".json", ".jsonl"))])
-    U.check_model_path(settings["model_name_or_path"])
+    fileio.check_model_path(settings["model_name_or_path"])
     settings["backbone"] = backbone_name(settings)
     return settings
 
 
 def parse_settings(argv=None) -> dict:
-    table = U.read_yaml(TABLE)
+    table = tables.read_yaml(TABLE)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     add_flags(parser, table)
     args = parser.parse_args(argv)
-    return check_settings(U.resolve_settings(table, args), table, args)
+    return check_settings(tables.resolve_settings(table, args), table, args)
 
 
 def backbone_name(settings: dict) -> str:
@@ -142,7 +144,7 @@ def task_records(settings: dict, table: dict, task: str, split: str) -> tuple[li
     """(normalised records, where from) of one split ("train" / "test") of a task row, or of a local file."""
     if task.endswith((".json", ".jsonl")):
         return load_mcq(task), task
-    row = settings if task == settings["task"] else U.select_row(table, task=task)
+    row = settings if task == settings["task"] else tables.select_row(table, task=task)
     local = row.get(f"{split}_data")
     if local:
         return load_mcq(local), local
@@ -173,11 +175,11 @@ def load_backbone(settings: dict):
     """causal_lm.load_backbone, plus bitsandbytes LLM.int8 (BLoB's 8-bit backbone) on this process's device."""
     if not settings["load_in_8bit"]:
         return causal_lm.load_backbone(settings)
-    model = U.load_pretrained(AutoModelForCausalLM, settings["model_name_or_path"],
+    model = fileio.load_pretrained(AutoModelForCausalLM, settings["model_name_or_path"],
                               dtype=causal_lm.DTYPES[settings["dtype"]],
                               quantization_config=BitsAndBytesConfig(load_in_8bit=True),
                               device_map={"": PartialState().device})
-    tokenizer = U.load_pretrained(AutoTokenizer, settings["model_name_or_path"])
+    tokenizer = fileio.load_pretrained(AutoTokenizer, settings["model_name_or_path"])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return model, tokenizer
@@ -266,7 +268,7 @@ def evaluate_sets(peft_model, tokenizer, letter_ids, eval_sets: dict, settings: 
                             "K": settings["K"], "backbone": settings["backbone"], "wall_time_s": time.time() - started,
                             **report})
             entries[-1]["cell"] = evaluation_cell(cell, entries[-1])
-            U.logger.info("%s %s (N=%d): accuracy %.4f, ECE %.4f, NLL %.4f, Brier %.4f", name, mode, n_samples,
+            cli.logger.info("%s %s (N=%d): accuracy %.4f, ECE %.4f, NLL %.4f, Brier %.4f", name, mode, n_samples,
                           report["accuracy"], report["ece"], report["nll"], report["brier"])
         if output_dir is not None:
             C.plot_reliability(output_dir / f"reliability-{name}.png", reports)
@@ -275,15 +277,15 @@ def evaluate_sets(peft_model, tokenizer, letter_ids, eval_sets: dict, settings: 
 
 def main(argv=None) -> dict:
     started = time.time()
-    table = U.read_yaml(TABLE)
+    table = tables.read_yaml(TABLE)
     settings = parse_settings(argv)
     output_dir = Path(settings["output_dir"])
     checkpoint = training.find_checkpoint(settings.get("resume_from_checkpoint"), output_dir / "checkpoints")
     if checkpoint:
         training.check_checkpoint(checkpoint, settings)
-    U.check_output_dir(output_dir, settings["overwrite"], resume=checkpoint is not None)
+    outdirs.check_output_dir(output_dir, settings["overwrite"], resume=checkpoint is not None)
     train_records, eval_sets = load_all(settings, table)
-    U.seed_everything(settings["seed"])
+    fileio.seed_everything(settings["seed"])
     model, tokenizer = load_backbone(settings)
     model.config.use_cache = False
     keep_cpu_4bit_trainable(model)
@@ -296,13 +298,13 @@ def main(argv=None) -> dict:
     train_set = datasets.Dataset.from_list([encode(r) for r in train_records])
     held_out = datasets.Dataset.from_list([encode(r) for r in eval_sets[settings["task"]][0]])
     arguments = causal_lm.training_arguments(settings, output_dir, resume=checkpoint is not None)
-    U.make_output_dir(output_dir, settings["overwrite"], resume=checkpoint is not None)
+    outdirs.make_output_dir(output_dir, settings["overwrite"], resume=checkpoint is not None)
     width = WidthCallback()
     trainer = LetterTrainer(model=peft_model, args=arguments, train_dataset=train_set, eval_dataset=held_out,
                             data_collator=functools.partial(C.collate, pad_token_id=tokenizer.pad_token_id),
                             processing_class=tokenizer, callbacks=[width], letter_ids=letter_ids)
     if trainer.is_world_process_zero():
-        U.write_json(output_dir / "settings.json", {**settings, "resumed_from": checkpoint, "versions": U.versions()})
+        fileio.write_json(output_dir / "settings.json", {**settings, "resumed_from": checkpoint, "versions": fileio.versions()})
     outcome = trainer.train(resume_from_checkpoint=checkpoint)
     width.record_new(trainer.state, peft_model)
     if not trainer.is_world_process_zero():
@@ -323,11 +325,11 @@ def main(argv=None) -> dict:
         "history": history, "resumed_from": checkpoint, "wall_time_s": time.time() - started, "complete": True,
     }
     causal_lm.save_run(peft_model, tokenizer, settings, output_dir)
-    U.write_json(output_dir / "results.json", results)
-    U.plot_curves(output_dir / "curves.png", causal_lm.curves(history), xlabel="optimizer step")
-    U.logger.info("results -> %s", output_dir / "results.json")
+    fileio.write_json(output_dir / "results.json", results)
+    fileio.plot_curves(output_dir / "curves.png", causal_lm.curves(history), xlabel="optimizer step")
+    cli.logger.info("results -> %s", output_dir / "results.json")
     return results
 
 
 if __name__ == "__main__":
-    U.run_main(lambda: main(sys.argv[1:]))
+    cli.run_main(lambda: main(sys.argv[1:]))

@@ -4,7 +4,7 @@ import pytest
 import yaml
 from conftest import REPO_ROOT
 
-from utils_llmm import select_row, table_rows
+from llmm.run.tables import select_row, table_rows
 
 CONFIG_FILES = sorted((REPO_ROOT / "configs").glob("*.yaml"))
 

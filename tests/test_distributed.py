@@ -15,7 +15,7 @@ from test_resume import llama_dir  # noqa: F401  (the tiny Llama fixture)
 
 from conftest import REPO_ROOT
 from llmm import LlmmConfig, get_llmm_model, noise_source
-from scripts import training
+from llmm.run import trainer as training
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 

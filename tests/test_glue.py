@@ -24,7 +24,8 @@ from llmm.embedding import LlmmEmbedding
 from llmm.tasks.glue import LOCAL_ONLY_TASKS, TASKS, get_task, load_glue, task_metrics, tokenize
 from llmm.quant import ALLOWED_METHODS, fake_quantize
 from scripts import eval_glue, glue_table, train_glue
-from utils_llmm import llmm_config, read_yaml, table_rows
+from llmm.run.adapters import llmm_config
+from llmm.run.tables import read_yaml, table_rows
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data" / "glue"

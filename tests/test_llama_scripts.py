@@ -22,7 +22,7 @@ from llmm import LlmmConfig, get_llmm_model, llmm_layers, load_llmm_model
 from llmm.tasks.prompts import encode_prompt, gsm8k_source
 from scripts import lm_table, quantize_model, test_gsm8k, train_gsm8k, train_nlg
 from llmm.model import keep_cpu_4bit_trainable
-from scripts.causal_lm import attach_adapter, load_backbone, prepare_for_training, table_settings
+from llmm.run.causal_lm import attach_adapter, load_backbone, prepare_for_training, table_settings
 
 DATA = REPO_ROOT / "tests" / "data"
 FAST = ["--max_steps", "2", "--logging_steps", "1"]
@@ -477,4 +477,4 @@ def test_command_line_errors_exit_2_with_one_line(tmp_path, script, argv, messag
                           text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), done.stderr[-2000:]
-    assert "kernels-community" not in done.stderr  # library noise is filtered (scripts/quiet.py)
+    assert "kernels-community" not in done.stderr  # library noise is filtered (llmm.run.quiet)

@@ -12,7 +12,7 @@ from conftest import REPO_ROOT
 from test_prompts import byte_level_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import utils_llmm as U
+from llmm.run import cli
 from llmm import LlmmConfig, get_llmm_model
 from llmm.tasks import calibration as C
 from llmm.tasks.mcq import LETTERS, encode_question, format_prompt, letter_token_ids, load_mcq, normalise
@@ -326,7 +326,7 @@ def test_bad_input_is_one_error_line_and_writes_nothing(tiny_dir, tmp_path, caps
             and not (a == "--train_data" and "--train_data" in extra)] + extra
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        U.run_main(lambda: train_mcq.main(argv))
+        cli.run_main(lambda: train_mcq.main(argv))
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1 and problem in errors[0], errors
@@ -362,7 +362,7 @@ def test_loftq_refuses_an_lm_head_tied_to_the_embeddings(tokenizer, tmp_path, ca
     tokenizer.save_pretrained(tmp_path / "tied")
     argv = train_argv(tmp_path / "tied", tmp_path / "run", "--init", "loftq", "--bits", "4", "--loftq_iter", "1")
     with pytest.raises(SystemExit) as exit_info:
-        U.run_main(lambda: train_mcq.main(argv))
+        cli.run_main(lambda: train_mcq.main(argv))
     assert exit_info.value.code == 2 and "would quantize the embeddings too" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 

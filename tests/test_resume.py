@@ -1,4 +1,4 @@
-"""Resume and divergence, for scripts/train_glue.py and scripts/train_gsm8k.py (scripts/causal_lm.py) on CPU.
+"""Resume and divergence, for scripts/train_glue.py and scripts/train_gsm8k.py (llmm.run.causal_lm) on CPU.
 
 A run killed at step N and resumed from its newest checkpoint must reproduce the uninterrupted run exactly: the
 checkpoint holds the adapter's M and Z, the optimizer, the scheduler, torch's RNG states and the Llmm noise
@@ -16,8 +16,8 @@ from test_glue import DATA as GLUE_DATA
 from test_glue import model_dir  # noqa: F401  (the tiny DeBERTa fixture)
 from test_llama_scripts import save_tiny_llama
 
-import utils_llmm as U
-from scripts import training
+from llmm.run import cli
+from llmm.run import trainer as training
 from conftest import REPO_ROOT
 from scripts import train_glue, train_gsm8k
 
@@ -156,7 +156,7 @@ def diverge(main, argv, capsys) -> str:
     """Run an entry point as the command line does; returns its one error line (exit code 3)."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        U.run_main(lambda: main(argv))
+        cli.run_main(lambda: main(argv))
     assert exit_info.value.code == 3
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines and [line for line in lines if line.startswith("error:")] == [lines[-1]]

@@ -33,7 +33,7 @@ def _in(low: float, high: float, closed_high: bool = False):
 
 
 # The declared range of every numeric setting: one schema for LlmmConfig (config_field -> setting below), the
-# tables in configs/ and every command-line flag (utils_llmm.check_settings). name: (accepts, what it must be).
+# tables in configs/ and every command-line flag (llmm.run.adapters.check_settings). name: (accepts, what it must be).
 SETTING_RULES = {
     "K": (lambda v: _integer(v, 0), "an integer >= 0 (directions per factor; 0 = plain LoRA/LoftQ)"),
     "llmmscale": (lambda v: _number(v) and v > 0, "a finite number > 0 (the noise std is 1/sqrt(llmmscale))"),

@@ -29,8 +29,9 @@ from peft import prepare_model_for_kbit_training
 from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DataCollatorForSeq2Seq,
                           TrainingArguments)
 
-import utils_llmm as U
-from scripts import training
+from llmm import outdirs
+from llmm.run import adapters, cli, fileio, tables
+from llmm.run import trainer as training
 from llmm import LlmmConfig, export_mean_adapter, get_llmm_model, load_llmm_model, save_llmm_adapter
 from llmm import stats
 from llmm.model import atomic_dir, init_from_adapter, keep_cpu_4bit_trainable
@@ -78,7 +79,7 @@ def table_settings(table: dict, args: argparse.Namespace, task_columns: tuple[st
     every flag given. Without --model any --model_name_or_path and any --rank run from the defaults;
     ``task_columns`` (e.g. the dataset) then come from the rows of the given --task, which must agree on them."""
     given = {key: getattr(args, key) for key in table["keys"] if getattr(args, key, None) is not None}
-    rows = U.table_rows(table)
+    rows = tables.table_rows(table)
     # A table keyed by model names its rows with --model; a table without a model key, with any key flag.
     names_a_row = given.get("model") is not None if "model" in table["keys"] else bool(given)
     if names_a_row:
@@ -111,7 +112,7 @@ def parse_settings(parser: argparse.ArgumentParser, table: dict, argv=None,
                    task_columns: tuple[str, ...] = ()) -> dict:
     """Table defaults or a named row, then flags; the baselines' K and init fixed; inconsistent choices fail before
     any loading."""
-    U.add_setting_flags(parser, table)
+    tables.add_setting_flags(parser, table)
     args = parser.parse_args(argv)
     settings = table_settings(table, args, task_columns)
     scope_dataset_config(settings, args)
@@ -126,8 +127,8 @@ def parse_settings(parser: argparse.ArgumentParser, table: dict, argv=None,
         if args.init not in (None, fixed_init):
             raise ValueError(f"--method {method} means --init {fixed_init}; drop --init {args.init}")
         settings["init"] = fixed_init
-    U.check_adapter_settings(settings)
-    U.check_data_paths(data=settings.get("data"), eval_data=settings.get("eval_data"))
+    adapters.check_adapter_settings(settings)
+    fileio.check_data_paths(data=settings.get("data"), eval_data=settings.get("eval_data"))
     if args.model_name_or_path is None:
         key = "base_model" if method == "qlora" else "init_dir"
         if key not in settings:
@@ -137,7 +138,7 @@ def parse_settings(parser: argparse.ArgumentParser, table: dict, argv=None,
         if key == "init_dir" and not Path(settings[key]).is_dir():
             raise FileNotFoundError(f"the row's init_dir {settings[key]!r} does not exist: create it with bash "
                                     "_init.sh (configs/quantize.yaml) or pass --model_name_or_path")
-    U.check_model_path(settings["model_name_or_path"])
+    fileio.check_model_path(settings["model_name_or_path"])
     init_dir = init_adapter_dir(settings["model_name_or_path"])
     if init_dir is not None and method == "qlora":
         raise ValueError(f"--method qlora needs the original checkpoint (the row's base_model), not the _init.sh "
@@ -149,8 +150,8 @@ def parse_settings(parser: argparse.ArgumentParser, table: dict, argv=None,
                          "directory (bash _init.sh PRESET), or --load_in_4bit false, or --init lora")
     if init_dir is not None:
         check_init_adapter(init_dir, settings)
-        U.adopt_init_dir_settings(settings["model_name_or_path"], settings,
-                                  {name for name in U.INIT_DIR_LOFTQ if getattr(args, name, None) is not None})
+        adapters.adopt_init_dir_settings(settings["model_name_or_path"], settings,
+                                  {name for name in adapters.INIT_DIR_LOFTQ if getattr(args, name, None) is not None})
     settings["init_source"] = str(init_dir) if init_dir else f"{settings['init']} (in-process)"
     if not 0 <= settings["warmup_ratio"] < 1:
         raise ValueError(f"warmup_ratio must be in [0, 1), got {settings['warmup_ratio']}")
@@ -173,8 +174,8 @@ def load_backbone(settings: dict):
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
             bnb_4bit_use_double_quant=False)
         kwargs["device_map"] = {"": PartialState().device}
-    model = U.load_pretrained(AutoModelForCausalLM, settings["model_name_or_path"], **kwargs)
-    tokenizer = U.load_pretrained(AutoTokenizer, settings["model_name_or_path"])
+    model = fileio.load_pretrained(AutoModelForCausalLM, settings["model_name_or_path"], **kwargs)
+    tokenizer = fileio.load_pretrained(AutoTokenizer, settings["model_name_or_path"])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return model, tokenizer
@@ -183,7 +184,7 @@ def load_backbone(settings: dict):
 def check_init_adapter(init_dir: Path, settings: dict) -> LlmmConfig:
     """The init adapter's config; its rank and lora_alpha must be the settings' (the LoftQ means depend on both)."""
     saved = LlmmConfig.from_pretrained(str(init_dir))
-    U.check_init_targets(init_dir, saved.target_modules, settings.get("target_modules"))
+    adapters.check_init_targets(init_dir, saved.target_modules, settings.get("target_modules"))
     for name, key in (("r", "rank"), ("lora_alpha", "lora_alpha")):
         if getattr(saved, name) != settings[key]:
             raise ValueError(f"{init_dir} holds LoftQ means for {name}={getattr(saved, name)} but the settings say "
@@ -208,8 +209,8 @@ def attach_adapter(model, settings: dict):
     if init_dir is not None:
         peft_model = load_init_adapter(model, init_dir, settings, **overrides)
     else:
-        targets = U.default_targets(model.config, settings.get("target_modules"))
-        peft_model = get_llmm_model(model, U.llmm_config(settings, targets))
+        targets = tables.default_targets(model.config, settings.get("target_modules"))
+        peft_model = get_llmm_model(model, adapters.llmm_config(settings, targets))
     for parameter in peft_model.parameters():
         if parameter.numel() == 0:  # K = 0: the (0, ...) direction tensors have nothing to train
             parameter.requires_grad_(False)
@@ -288,7 +289,7 @@ def train_eval_records(settings: dict, task: str):
 def training_arguments(settings: dict, output_dir: Path, resume: bool = False) -> TrainingArguments:
     optim = settings["optim"]
     if optim.startswith("paged_") and not torch.cuda.is_available():
-        U.logger.warning("%s needs CUDA: using adamw_torch on this machine", optim)
+        cli.logger.warning("%s needs CUDA: using adamw_torch on this machine", optim)
         optim = "adamw_torch"
     settings["optim_used"] = optim
     checkpointing = settings["gradient_checkpointing"]
@@ -338,9 +339,9 @@ def train(settings: dict, task: str, encode) -> dict:
     checkpoint = training.find_checkpoint(settings.get("resume_from_checkpoint"), output_dir / "checkpoints")
     if checkpoint:
         training.check_checkpoint(checkpoint, settings)
-    U.check_output_dir(output_dir, settings.get("overwrite", False), resume=checkpoint is not None)
+    outdirs.check_output_dir(output_dir, settings.get("overwrite", False), resume=checkpoint is not None)
     arguments = training_arguments(settings, output_dir, resume=checkpoint is not None)
-    U.seed_everything(settings["seed"])
+    fileio.seed_everything(settings["seed"])
     train_set, held_out, where = train_eval_records(settings, task)
     model, tokenizer = load_backbone(settings)
     model = prepare_for_training(model, settings)
@@ -351,12 +352,12 @@ def train(settings: dict, task: str, encode) -> dict:
     train_set = train_set.map(lambda r: encode(tokenizer, settings, r), remove_columns=columns, desc="tokenize")
     held_out = held_out.map(lambda r: encode(tokenizer, settings, r), remove_columns=held_out.column_names,
                             desc="tokenize")
-    U.make_output_dir(output_dir, settings.get("overwrite", False), resume=checkpoint is not None)
+    outdirs.make_output_dir(output_dir, settings.get("overwrite", False), resume=checkpoint is not None)
     trainer = training.LlmmTrainer(model=peft_model, args=arguments, train_dataset=train_set, eval_dataset=held_out,
                             data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
                             processing_class=tokenizer)
     if trainer.is_world_process_zero():
-        U.write_json(output_dir / "settings.json", {**settings, "resumed_from": checkpoint, "versions": U.versions()})
+        fileio.write_json(output_dir / "settings.json", {**settings, "resumed_from": checkpoint, "versions": fileio.versions()})
     outcome = trainer.train(resume_from_checkpoint=checkpoint)
     history = trainer.state.log_history
     last_eval = next((h for h in reversed(history) if "eval_loss" in h), None)
@@ -375,9 +376,9 @@ def train(settings: dict, task: str, encode) -> dict:
     }
     if trainer.is_world_process_zero():
         save_run(peft_model, tokenizer, settings, output_dir)
-        U.write_json(output_dir / "results.json", results)
-        U.plot_curves(output_dir / "curves.png", curves(history), xlabel="optimizer step")
-        U.logger.info("held-out loss %.4f, perplexity %.2f -> %s", results["eval_loss"], results["eval_perplexity"],
+        fileio.write_json(output_dir / "results.json", results)
+        fileio.plot_curves(output_dir / "curves.png", curves(history), xlabel="optimizer step")
+        cli.logger.info("held-out loss %.4f, perplexity %.2f -> %s", results["eval_loss"], results["eval_perplexity"],
                       output_dir)
     return results
 
