@@ -28,7 +28,7 @@ from accelerate.utils import gather_object
 from transformers import GenerationConfig, set_seed
 
 from llmm import outdirs
-from llmm.run import adapters, cli, fileio, tables
+from llmm.run import adapters, cli, fileio, schema, tables
 from llmm import LlmmConfig, llmm_layers, load_llmm_model, sample_factor, seed_noise
 from llmm import stats
 from llmm.tasks.prompts import (accuracy, encode_prompt, extract_answer, gold_answer, gsm8k_source, is_correct,
@@ -36,12 +36,13 @@ from llmm.tasks.prompts import (accuracy, encode_prompt, extract_answer, gold_an
 from llmm.run.causal_lm import add_model_flags, load_backbone, scope_dataset_config
 
 TABLE = tables.CONFIGS / "gsm8k_test.yaml"
+BLOCKS = schema.FAMILY_BLOCKS["gsm8k_test"]
 MODES = ("mean", "sample", "mc")
 SAMPLING = ("temperature", "top_k", "top_p")
 
 
 def parse_settings(argv=None) -> dict:
-    table = tables.read_yaml(TABLE)
+    table = tables.read_table(TABLE, BLOCKS)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--adapter", required=True, help="the adapter/ directory of a train_gsm8k.py run")
     parser.add_argument("--decoding", default="greedy", choices=[row["decoding"] for row in table["rows"]])
@@ -49,7 +50,7 @@ def parse_settings(argv=None) -> dict:
     parser.add_argument("--K", type=int, default=None, help="the K the adapter must have (checked)")
     parser.add_argument("--max_samples", type=int, default=None, help="first N questions (debug)")
     add_model_flags(parser)
-    tables.add_setting_flags(parser, table)
+    tables.add_setting_flags(parser, table, BLOCKS)
     args = parser.parse_args(argv)
     settings = tables.resolve_settings(table, args)
     scope_dataset_config(settings, args)

@@ -62,11 +62,13 @@ from llmm.run.adapters import (INIT_DIR_LOFTQ, adopt_init_dir_settings, check_ad
                                head_modules, llmm_config)
 from llmm.run.cli import logger, run_main
 from llmm.run.fileio import check_data_paths, load_pretrained, plot_curves, seed_everything, versions, write_json
-from llmm.run.tables import (CONFIGS, add_setting_flags, default_embedding_targets, default_targets, read_yaml,
-                             resolve_settings)
+from llmm.run.schema import FAMILY_BLOCKS, take_renamed
+from llmm.run.tables import (CONFIGS, add_setting_flags, default_embedding_targets, default_targets, plumbing_defaults,
+                             read_table, resolve_settings)
 
 
 TABLE = CONFIGS / "glue.yaml"
+BLOCKS = FAMILY_BLOCKS["glue"]
 METHODS = ("llmm", "loftq", "qlora", "lora")
 EVAL_NOISE = ("mean", "sample", "mc")
 
@@ -94,16 +96,17 @@ def build_parser(table: dict) -> argparse.ArgumentParser:
     parser.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps (smoke "
                         "runs); overrides epochs")
     add_resume_flag(parser)
-    add_setting_flags(parser, table)
+    add_setting_flags(parser, table, BLOCKS)
     return parser
 
 
 def resolve(argv: list[str] | None) -> tuple[GlueTask, dict]:
     """Task and settings: table defaults < row < flags, then what --method implies; bad values fail here."""
-    table = read_yaml(TABLE)
+    table = read_table(TABLE, BLOCKS)
     args = build_parser(table).parse_args(argv)
+    take_renamed(args, BLOCKS)
     task = get_task(args.task)
-    settings = resolve_settings(table, args)
+    settings = {**plumbing_defaults(BLOCKS), **resolve_settings(table, args)}
     method = settings["method"]
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -123,20 +126,11 @@ def resolve(argv: list[str] | None) -> tuple[GlueTask, dict]:
     if method != "lora" and not settings["quantize_embeddings"]:
         settings["backbone"] += " (fp embeddings)"
     check_init_dir(settings, given={name for name in INIT_DIR_LOFTQ if getattr(args, name, None) is not None})
-    check_adapter_settings(settings)
+    check_adapter_settings(settings, BLOCKS)
     check_data_paths(data_dir=settings.get("data_dir"), train_file=settings.get("train_file"),
                      validation_file=settings.get("validation_file"))
     if settings["eval_noise"] not in EVAL_NOISE:
         raise ValueError(f"eval_noise must be one of {EVAL_NOISE}, got {settings['eval_noise']!r}")
-    checks = {"mc_samples": settings["mc_samples"] >= 1, "epochs": settings["epochs"] > 0,
-              "learning_rate": settings["learning_rate"] > 0, "batch_size": settings["batch_size"] >= 1,
-              "grad_accum": settings["grad_accum"] >= 1, "warmup_ratio": 0 <= settings["warmup_ratio"] < 1,
-              "max_steps": settings.get("max_steps") is None or settings["max_steps"] >= 1,
-              "eval_steps": settings["eval_steps"] >= 0, "save_steps": settings["save_steps"] >= 0,
-              "save_total_limit": settings["save_total_limit"] >= 1}
-    for name, ok in checks.items():
-        if not ok:
-            raise ValueError(f"{name} = {settings.get(name)!r} is out of range (see configs/glue.yaml)")
     return task, settings
 
 
@@ -292,7 +286,7 @@ def predictions_record(task: GlueTask, model, data, collator, settings: dict, mo
     writes); outputs are logits (mc: log of the averaged probabilities) or STS-B scores."""
     record = {}
     for split in task.dev_splits:
-        outputs = predict(model, data[split], collator, settings["eval_batch_size"], mode, settings["mc_samples"])
+        outputs = predict(model, data[split], collator, settings["per_device_eval_batch_size"], mode, settings["mc_samples"])
         labels = np.asarray(data[split]["labels"])
         record[split] = {"metrics": score(task, outputs, labels), "outputs": outputs.tolist(),
                          "labels": labels.tolist()}
@@ -319,16 +313,17 @@ def training_arguments(settings: dict, out: Path) -> TrainingArguments:
     """TrainingArguments from the settings; checkpoints every save_steps optimizer steps (0: every epoch)."""
     every = "steps" if settings["eval_steps"] else "epoch"
     return TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=settings["batch_size"],
-        gradient_accumulation_steps=settings["grad_accum"], per_device_eval_batch_size=settings["eval_batch_size"],
+        output_dir=str(out), per_device_train_batch_size=settings["per_device_train_batch_size"],
+        gradient_accumulation_steps=settings["gradient_accumulation_steps"],
+        per_device_eval_batch_size=settings["per_device_eval_batch_size"],
         learning_rate=settings["learning_rate"], weight_decay=settings["weight_decay"],
-        num_train_epochs=settings["epochs"], max_steps=settings.get("max_steps") or -1,
-        lr_scheduler_type=settings["lr_scheduler"], warmup_steps=settings["warmup_ratio"],  # < 1: a ratio
+        num_train_epochs=settings["num_train_epochs"], max_steps=settings.get("max_steps") or -1,
+        lr_scheduler_type=settings["lr_scheduler_type"], warmup_steps=settings["warmup_ratio"],  # < 1: a ratio
         max_grad_norm=settings["max_grad_norm"], seed=settings["seed"],
         eval_strategy=every, eval_steps=settings["eval_steps"] or None,
         logging_strategy=every, logging_steps=settings["eval_steps"] or 500,
         save_strategy="steps" if settings["save_steps"] else "epoch", save_steps=settings["save_steps"] or 500,
-        save_total_limit=settings["save_total_limit"], report_to="none",
+        save_total_limit=settings["save_total_limit"], report_to=settings["report_to"],
         use_cpu=not torch.cuda.is_available(),  # also what makes torchrun on CPU use DDP (gloo)
         average_tokens_across_devices=False,  # else DDP multiplies the (per-example mean) loss by the world size
         ddp_find_unused_parameters=False,  # every trainable tensor is in the graph, K = 0 included

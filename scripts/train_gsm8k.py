@@ -20,7 +20,7 @@ import sys
 
 from llmm.run import cli, tables
 from llmm.tasks.prompts import encode_joint, gsm8k_pair
-from llmm.run.causal_lm import add_training_flags, parse_settings, train
+from llmm.run.causal_lm import BLOCKS, add_training_flags, parse_settings, train
 
 TABLE = tables.CONFIGS / "gsm8k.yaml"
 
@@ -30,7 +30,7 @@ def encode(tokenizer, settings: dict, record: dict) -> dict:
 
 
 def main(argv=None) -> dict:
-    table = tables.read_yaml(TABLE)
+    table = tables.read_table(TABLE, BLOCKS)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--model", default=None, help="use the table row of this model, e.g. llama-2-7b (its "
                                                       "base_model, init_dir; configs/gsm8k.yaml); else the defaults")

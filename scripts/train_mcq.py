@@ -32,7 +32,7 @@ from accelerate import PartialState
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
 
 from llmm import outdirs
-from llmm.run import adapters, cli, fileio, tables
+from llmm.run import adapters, cli, fileio, schema, tables
 from llmm import stats
 from llmm.model import keep_cpu_4bit_trainable, seed_noise
 from llmm.tasks import calibration as C
@@ -45,7 +45,8 @@ TABLE = tables.CONFIGS / "mcq.yaml"
 METHODS = ("llmm", "map", "mcdropout")
 SAMPLED_MODES = ("mc", "dropout")  # modes that average mc_samples passes
 # Evaluation plumbing, replaced in each evaluation's cell by the set, mode and number of samples it used.
-EVALUATION_ONLY = ("eval_modes", "ood", "mc_samples", "run", "cell")
+BLOCKS = schema.FAMILY_BLOCKS["mcq"]
+EVALUATION_ONLY = (*schema.role_names(schema.EVAL, BLOCKS), "run", "cell")
 
 
 # --- settings ------------------------------------------------------------------------------------------------------
@@ -65,7 +66,7 @@ def add_flags(parser: argparse.ArgumentParser, table: dict) -> None:
     parser.add_argument("--data_seed", type=int, default=None,
                         help="seed of the data order (default: the table's null, i.e. the --seed)")
     training.add_resume_flag(parser)
-    tables.add_setting_flags(parser, table)
+    tables.add_setting_flags(parser, table, BLOCKS)
 
 
 def check_settings(settings: dict, table: dict, args) -> dict:
@@ -111,7 +112,7 @@ def check_settings(settings: dict, table: dict, args) -> dict:
     for name in settings["ood"]:
         if name not in rows and not name.endswith((".json", ".jsonl")):
             raise ValueError(f"OOD set {name!r} is neither a task row ({sorted(rows)}) nor a .json/.jsonl file")
-    adapters.check_adapter_settings(settings)
+    adapters.check_adapter_settings(settings, BLOCKS)
     fileio.check_data_paths(train_data=settings.get("train_data"), test_data=settings.get("test_data"),
                        ood=[n for n in settings["ood"] if n.endswith((".json", ".jsonl"))])
     fileio.check_model_path(settings["model_name_or_path"])
@@ -120,11 +121,12 @@ def check_settings(settings: dict, table: dict, args) -> dict:
 
 
 def parse_settings(argv=None) -> dict:
-    table = tables.read_yaml(TABLE)
+    table = tables.read_table(TABLE, BLOCKS)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     add_flags(parser, table)
     args = parser.parse_args(argv)
-    return check_settings(tables.resolve_settings(table, args), table, args)
+    schema.take_renamed(args, BLOCKS)
+    return check_settings({**tables.plumbing_defaults(BLOCKS), **tables.resolve_settings(table, args)}, table, args)
 
 
 def backbone_name(settings: dict) -> str:
@@ -277,7 +279,7 @@ def evaluate_sets(peft_model, tokenizer, letter_ids, eval_sets: dict, settings: 
 
 def main(argv=None) -> dict:
     started = time.time()
-    table = tables.read_yaml(TABLE)
+    table = tables.read_table(TABLE, BLOCKS)
     settings = parse_settings(argv)
     output_dir = Path(settings["output_dir"])
     checkpoint = training.find_checkpoint(settings.get("resume_from_checkpoint"), output_dir / "checkpoints")

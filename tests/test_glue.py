@@ -62,7 +62,8 @@ def model_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny_deberta"))
 
 
-SMOKE = ["--max_steps", "2", "--batch_size", "4", "--grad_accum", "1", "--eval_batch_size", "8"]
+SMOKE = ["--max_steps", "2", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
+         "--per_device_eval_batch_size", "8"]
 
 # name -> flags; each trains for two steps on the fixture data.
 RUNS = {
@@ -136,7 +137,7 @@ def test_every_table_row_parses():
         else:
             assert row["source"].startswith("LoftQ defaults (not from the paper)")
     defaults = table["defaults"]
-    assert (defaults["batch_size"], defaults["grad_accum"], defaults["max_length"], defaults["loftq_iter"]) == (
+    assert (defaults["per_device_train_batch_size"], defaults["gradient_accumulation_steps"], defaults["max_length"], defaults["loftq_iter"]) == (
         16, 2, 128, 5)
     assert "python -m scripts.train_glue" in (REPO / "configs" / "glue.yaml").read_text().split("keys:")[0]
 
@@ -532,7 +533,7 @@ def test_saved_runs_reload_exactly(runs, tmp_path):
         tokenizer, _ = eval_glue.load_run(run, settings)
         features = tokenize(load_glue(task, data_dir=str(DATA)), task, tokenizer, settings["max_length"])
         jobs.append([str(run), [{k: v for k, v in row.items() if k != "labels"} for row in features["validation"]],
-                     settings["eval_batch_size"]])
+                     settings["per_device_eval_batch_size"]])
         expected[str(run)] = final["outputs"]
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     done = subprocess.run([sys.executable, "-c", PLAIN_PEFT, str(tmp_path / "jobs.json")], capture_output=True,

@@ -175,8 +175,8 @@ def test_deberta_glue_two_steps_on_cuda(tmp_path):
 
     model_dir = save_tiny_model(tmp_path / "deberta")
     train_glue.main(["--task", "cola", "--quant", "nf", "--rank", "16", "--bits", "4", "--eval_noise", "mc",
-                     "--mc_samples", "2", "--max_steps", "2", "--batch_size", "4", "--grad_accum", "1",
-                     "--eval_batch_size", "8", "--model", model_dir, "--data_dir", str(DATA), "--output_dir",
+                     "--mc_samples", "2", "--max_steps", "2", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
+                     "--per_device_eval_batch_size", "8", "--model", model_dir, "--data_dir", str(DATA), "--output_dir",
                      str(tmp_path / "run")])
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["complete"] and results["last"]["train_loss"] is not None

@@ -60,7 +60,8 @@ def llama_dir(tmp_path_factory):
 
 def glue_argv(model_dir, out, *extra):
     return ["--task", "cola", "--quant", "nf", "--rank", "16", "--bits", "4", "--K", "2", "--model", model_dir,
-            "--data_dir", str(GLUE_DATA), "--batch_size", "4", "--grad_accum", "1", "--eval_batch_size", "8",
+            "--data_dir", str(GLUE_DATA), "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
+            "--per_device_eval_batch_size", "8",
             "--eval_steps", "1", "--save_steps", "1", "--learning_rate", "1e-3", "--llmmscale", "4",
             "--output_dir", str(out), *extra]
 

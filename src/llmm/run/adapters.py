@@ -3,8 +3,11 @@ settings an _init.sh directory fixes."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+
+from llmm.run import schema
 
 
 def llmm_config(settings: dict, target_modules: list[str], **extra):
@@ -28,13 +31,11 @@ def llmm_config(settings: dict, target_modules: list[str], **extra):
         **loftq, **extra,
     )
 
-def check_settings(settings: dict) -> None:
-    """Every setting with a declared range (llmm.config.SETTING_RULES, the schema LlmmConfig uses too) is in it;
+def check_settings(settings: dict, blocks=schema.BLOCKS) -> None:
+    """Every setting is in its declared range (its field in llmm.run.schema, the schema LlmmConfig uses too);
     checked before any model or data is loaded and before anything is written. None means "not set"."""
-    from llmm.config import setting_error
-
     for name, value in settings.items():
-        rule = None if value is None else setting_error(name, value)
+        rule = schema.setting_error(name, value, blocks)
         if rule:
             raise ValueError(f"{name} = {value!r} is out of range: it must be {rule}; fix --{name} or the table row "
                              "in configs/")
@@ -49,8 +50,8 @@ def check_init_targets(init_dir: str | Path, init_targets, given: list[str] | No
                          f"{str(init_dir)!r} ({sorted(init_targets or ())}): drop --target_modules (the directory "
                          "decides), or make a directory with those targets (_init.sh --target_modules ...)")
 
-INIT_DIR_LOFTQ = ("quant", "bits", "loftq_iter", "loftq_svd", "loftq_svd_oversampling", "loftq_svd_iters",
-                  "compensate_scaling")
+INIT_DIR_LOFTQ = tuple(f.name for f in dataclasses.fields(schema.LoftQSettings)
+                       if f.metadata["role"] == schema.INIT_DIR)  # what an _init.sh directory fixes
 
 def adopt_init_dir_settings(model_dir: str | Path, settings: dict, given: set[str]) -> None:
     """An _init.sh directory fixes how its backbone was quantized: its LoftQ settings (quantize_report.json) replace

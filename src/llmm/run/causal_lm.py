@@ -30,7 +30,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfi
                           TrainingArguments)
 
 from llmm import outdirs
-from llmm.run import adapters, cli, fileio, tables
+from llmm.run import adapters, cli, fileio, schema, tables
 from llmm.run import trainer as training
 from llmm import LlmmConfig, export_mean_adapter, get_llmm_model, load_llmm_model, save_llmm_adapter
 from llmm import stats
@@ -39,6 +39,7 @@ from llmm.tasks.prompts import load_records
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 METHODS = ("llmm", "loftq", "qlora")
+BLOCKS = schema.FAMILY_BLOCKS["causal_lm"]
 INIT_SUBDIR = "llmm_init"
 
 
@@ -112,9 +113,10 @@ def parse_settings(parser: argparse.ArgumentParser, table: dict, argv=None,
                    task_columns: tuple[str, ...] = ()) -> dict:
     """Table defaults or a named row, then flags; the baselines' K and init fixed; inconsistent choices fail before
     any loading."""
-    tables.add_setting_flags(parser, table)
+    tables.add_setting_flags(parser, table, BLOCKS)
     args = parser.parse_args(argv)
-    settings = table_settings(table, args, task_columns)
+    schema.take_renamed(args, BLOCKS)
+    settings = {**tables.plumbing_defaults(BLOCKS), **table_settings(table, args, task_columns)}
     scope_dataset_config(settings, args)
     if not (settings.get("data") or settings.get("dataset")):
         raise ValueError("no dataset: pass --data (a hub id, dataset directory or .json/.jsonl file)")
@@ -127,7 +129,7 @@ def parse_settings(parser: argparse.ArgumentParser, table: dict, argv=None,
         if args.init not in (None, fixed_init):
             raise ValueError(f"--method {method} means --init {fixed_init}; drop --init {args.init}")
         settings["init"] = fixed_init
-    adapters.check_adapter_settings(settings)
+    adapters.check_adapter_settings(settings, BLOCKS)
     fileio.check_data_paths(data=settings.get("data"), eval_data=settings.get("eval_data"))
     if args.model_name_or_path is None:
         key = "base_model" if method == "qlora" else "init_dir"
@@ -308,7 +310,7 @@ def training_arguments(settings: dict, output_dir: Path, resume: bool = False) -
         bf16=settings["dtype"] == "bfloat16", fp16=settings["dtype"] == "float16",
         activation_checkpointing=checkpointing,  # transformers' new name for gradient_checkpointing
         activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
-        remove_unused_columns=False, label_names=["labels"], report_to="none",
+        remove_unused_columns=False, label_names=["labels"], report_to=settings.get("report_to", "none"),
         use_cpu=not torch.cuda.is_available(),  # also what makes torchrun on CPU use DDP (gloo)
         ddp_find_unused_parameters=False,  # every trainable tensor is in the graph (K = 0: none are trainable)
     )

@@ -8,9 +8,12 @@ experiment each, naming its ``source``. Precedence: defaults, then the row, then
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import yaml
+
+from llmm.run import schema
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 CONFIGS = REPO_ROOT / "configs"
@@ -22,6 +25,25 @@ def read_yaml(path: str | Path) -> dict:
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
     with open(path) as handle:
         return yaml.safe_load(handle)
+
+
+def read_table(path: str | Path, blocks=schema.BLOCKS) -> dict:
+    """A settings table, every name of its defaults and rows a field of ``blocks`` (or a key column): an unknown
+    name is one error naming the table, the row and the closest field; an old name names the new one; every value
+    is in its field's range."""
+    table = read_yaml(path)
+    known = {*schema.fields_of(*blocks), *table["keys"], "source"}
+    for index, row in enumerate([table.get("defaults", {}), *table["rows"]]):
+        where = "defaults" if index == 0 else {k: row.get(k) for k in table["keys"]}
+        for name, value in row.items():
+            if name in schema.RENAMED and name not in known and schema.RENAMED[name] in known:
+                raise ValueError(f"{Path(path).name}: {where} names {name!r}, which is now "
+                                 f"{schema.RENAMED[name]!r} (Hugging Face's name): rename it")
+            schema.check_row_keys([name], known, Path(path).name, where)
+            rule = schema.setting_error(name, value, blocks)
+            if rule and not isinstance(value, dict):
+                raise ValueError(f"{Path(path).name}: {where} has {name} = {value!r}: it must be {rule}")
+    return table
 
 def table_rows(table: dict) -> list[dict]:
     """Rows with the defaults filled in; raises on a setting the table does not declare (in ``keys``, ``defaults``
@@ -55,23 +77,21 @@ def select_row(table: dict, **selection) -> dict:
     existing = sorted({tuple(row[k] for k in keys) for row in table_rows(table)}, key=str)
     raise ValueError(f"no row for {selection} in the table; rows ({', '.join(keys)}): {existing}")
 
-def add_setting_flags(parser: argparse.ArgumentParser, table: dict) -> None:
-    """One ``--name`` flag per setting of the table (default None: the table decides)."""
-    names = dict.fromkeys([*table.get("defaults", {}), *(k for row in table["rows"] for k in row)])
-    for name in names:
-        if name in table["keys"] or name == "source" or any(a.dest == name for a in parser._actions):
-            continue
-        defaults = table.get("defaults", {})
-        sample = defaults[name] if name in defaults else next(row[name] for row in table["rows"] if name in row)
-        kind = {bool: _parse_bool, int: int, float: float}.get(type(sample), str)
-        parser.add_argument(f"--{name}", type=kind, default=None, help=f"override the table's {name}")
+def add_setting_flags(parser: argparse.ArgumentParser, table: dict, blocks=schema.BLOCKS) -> None:
+    """One ``--name`` flag per setting of the table (default None: the table decides), typed and described by its
+    field in llmm.run.schema, plus the run-plumbing fields of ``blocks`` the table leaves to their defaults
+    (--report_to) and the old names of renamed settings (accepted with one line naming the new one)."""
+    names = [*table.get("defaults", {}), *(k for row in table["rows"] for k in row)]
+    plumbing = [f.name for block in blocks for f in dataclasses.fields(block) if f.metadata["role"] == schema.RUN]
+    wanted = {name for name in [*names, *plumbing] if name not in table["keys"] and name != "source"}
+    schema.add_flags(parser, blocks, skip=set(schema.fields_of(*blocks)) - wanted)
 
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes"):
-        return True
-    if text.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+def plumbing_defaults(blocks) -> dict:
+    """The defaults of the run-plumbing fields of ``blocks`` (what a table need not name: --report_to)."""
+    return {f.name: f.default for block in blocks for f in dataclasses.fields(block)
+            if f.metadata["role"] == schema.RUN and f.default is not None}
+
 
 def resolve_settings(table: dict, args: argparse.Namespace) -> dict:
     """Table row selected by the key flags, then every flag that was given on the command line."""
