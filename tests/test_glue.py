@@ -126,19 +126,19 @@ def test_every_table_row_parses():
     for row in rows:
         assert row["source"] and row["lora_alpha"] == row["rank"] and row["bits"] == 2
         assert isinstance(row["learning_rate"], float) and 0 < row["learning_rate"] <= 1e-3, row
-        assert isinstance(row["llmmscale"], float) and isinstance(row["K"], int) and isinstance(row["epochs"], int)
+        assert isinstance(row["llmmscale"], float) and isinstance(row["K"], int) and isinstance(row["num_train_epochs"], int)
         for bits in (2, 4):
             config = llmm_config({**row, "bits": bits, "init": "loftq"}, ["query_proj"])
             assert config.k == row["K"] and config.scale == row["llmmscale"] and config.r == row["rank"]
         paper = SEED_ROWS.get((row["quant"], row["rank"], row["task"]))
         assert (row["source"] == "MeMoTune paper") == (paper is not None)
         if paper:
-            assert (row["learning_rate"], row["llmmscale"], row["K"], row["epochs"]) == (*paper, 60)
+            assert (row["learning_rate"], row["llmmscale"], row["K"], row["num_train_epochs"]) == (*paper, 60)
         else:
             assert row["source"].startswith("LoftQ defaults (not from the paper)")
     defaults = table["defaults"]
-    assert (defaults["per_device_train_batch_size"], defaults["gradient_accumulation_steps"], defaults["max_length"], defaults["loftq_iter"]) == (
-        16, 2, 128, 5)
+    assert (defaults["per_device_train_batch_size"], defaults["gradient_accumulation_steps"], defaults["max_length"],
+            defaults["loftq_iter"]) == (16, 2, 128, 5)
     assert "python -m scripts.train_glue" in (REPO / "configs" / "glue.yaml").read_text().split("keys:")[0]
 
 
@@ -146,15 +146,19 @@ def test_settings_precedence_and_method():
     _, settings = train_glue.resolve(["--task", "cola", "--quant", "uniform", "--rank", "16", "--bits", "4",
                                       "--learning_rate", "3e-4"])
     assert (settings["bits"], settings["learning_rate"], settings["K"], settings["llmmscale"]) == (4, 3e-4, 2, 1000.0)
-    assert settings["epochs"] == 60 and settings["source"] == "MeMoTune paper" and settings["init"] == "loftq"
+    assert settings["num_train_epochs"] == 60 and settings["source"] == "MeMoTune paper" and settings["init"] == "loftq"
     _, baseline = train_glue.resolve(["--task", "rte", "--quant", "nf", "--rank", "32", "--method", "qlora"])
-    assert (baseline["K"], baseline["init"], baseline["epochs"], baseline["learning_rate"]) == (0, "lora", 20, 5e-5)
+    assert (baseline["K"], baseline["init"], baseline["num_train_epochs"], baseline["learning_rate"]) == (0, "lora", 20, 5e-5)
     with pytest.raises(ValueError, match="use --method llmm"):
         train_glue.resolve(["--task", "rte", "--quant", "nf", "--rank", "32", "--method", "loftq", "--K", "2"])
     with pytest.raises(ValueError, match="no row for"):
         train_glue.resolve(["--task", "rte", "--quant", "nf", "--rank", "8"])
     with pytest.raises(SystemExit):  # unknown flags are argparse errors
         train_glue.resolve(["--task", "rte", "--quant", "nf", "--rank", "32", "--lr", "1e-4"])
+    _, renamed = train_glue.resolve(["--task", "rte", "--quant", "nf", "--rank", "32", "--epochs", "3",
+                                     "--grad_accum", "4"])  # the old names: accepted, with one line each
+    assert (renamed["num_train_epochs"], renamed["gradient_accumulation_steps"]) == (3, 4)
+    assert "epochs" not in renamed and "grad_accum" not in renamed
 
 
 # ------------------------------------------------------------------------------------------------------ the data
