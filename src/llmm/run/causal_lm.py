@@ -32,6 +32,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfi
 from llmm import outdirs
 from llmm.run import adapters, cli, fileio, schema, tables
 from llmm.run import trainer as training
+from llmm.run.recipe import Recipe
 from llmm import LlmmConfig, export_mean_adapter, get_llmm_model, load_llmm_model, save_llmm_adapter
 from llmm import stats
 from llmm.model import atomic_dir, init_from_adapter, keep_cpu_4bit_trainable
@@ -330,59 +331,70 @@ def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700 else math.inf
 
 
-def train(settings: dict, task: str, encode) -> dict:
-    """Fine-tune with the HF Trainer and write the run directory; returns the results (also in results.json).
+class CausalLMRecipe(Recipe):
+    """GSM8K, Alpaca and HH-RLHF: the HF Trainer on (source, target) pairs; held-out loss and perplexity.
 
-    ``encode(tokenizer, settings, record) -> {"input_ids", "attention_mask", "labels"}``. The data, the settings
-    and the output directory are checked, and the model loaded, before anything is written.
-    """
-    started = time.time()
-    output_dir = Path(settings["output_dir"])
-    checkpoint = training.find_checkpoint(settings.get("resume_from_checkpoint"), output_dir / "checkpoints")
-    if checkpoint:
-        training.check_checkpoint(checkpoint, settings)
-    outdirs.check_output_dir(output_dir, settings.get("overwrite", False), resume=checkpoint is not None)
-    arguments = training_arguments(settings, output_dir, resume=checkpoint is not None)
-    fileio.seed_everything(settings["seed"])
-    train_set, held_out, where = train_eval_records(settings, task)
-    model, tokenizer = load_backbone(settings)
-    model = prepare_for_training(model, settings)
-    peft_model = attach_adapter(model, settings)
-    peft_model.print_trainable_parameters()
-    tokenizer.padding_side = "right"
-    columns = train_set.column_names
-    train_set = train_set.map(lambda r: encode(tokenizer, settings, r), remove_columns=columns, desc="tokenize")
-    held_out = held_out.map(lambda r: encode(tokenizer, settings, r), remove_columns=held_out.column_names,
-                            desc="tokenize")
-    outdirs.make_output_dir(output_dir, settings.get("overwrite", False), resume=checkpoint is not None)
-    trainer = training.LlmmTrainer(model=peft_model, args=arguments, train_dataset=train_set, eval_dataset=held_out,
-                            data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
-                            processing_class=tokenizer)
-    if trainer.is_world_process_zero():
-        fileio.write_json(output_dir / "settings.json", {**settings, "resumed_from": checkpoint, "versions": fileio.versions()})
-    outcome = trainer.train(resume_from_checkpoint=checkpoint)
-    history = trainer.state.log_history
-    last_eval = next((h for h in reversed(history) if "eval_loss" in h), None)
-    if last_eval is None or last_eval["step"] != trainer.state.global_step:
-        trainer.evaluate()
-        last_eval = history[-1]
-    first_eval = next(h for h in history if "eval_loss" in h)
-    results = {
-        "task": task, "method": settings["method"], "K": settings["K"], "model": settings["model_name_or_path"],
-        "eval_loss": last_eval["eval_loss"], "eval_perplexity": perplexity(last_eval["eval_loss"]),
-        "eval_loss_at_start": first_eval["eval_loss"], "eval_perplexity_at_start": perplexity(first_eval["eval_loss"]),
-        "held_out": where, "n_train": len(train_set), "n_held_out": len(held_out),
-        "train_loss": outcome.training_loss, "global_step": trainer.state.global_step, "resumed_from": checkpoint,
-        "wall_time_s": time.time() - started, "history": history,
-        "seed": settings["seed"], "cell": {**stats.cell_of(settings), "task": task},  # what tables pool seeds by
-    }
-    if trainer.is_world_process_zero():
-        save_run(peft_model, tokenizer, settings, output_dir)
-        fileio.write_json(output_dir / "results.json", results)
-        fileio.plot_curves(output_dir / "curves.png", curves(history), xlabel="optimizer step")
+    ``encode(tokenizer, settings, record) -> {"input_ids", "attention_mask", "labels"}``."""
+
+    def __init__(self, settings: dict, task: str, encode):
+        super().__init__(settings)
+        self.task, self.encode = task, encode
+
+    def load_data(self):
+        self.train_set, self.held_out, self.where = train_eval_records(self.settings, self.task)
+
+    def training_arguments(self, resume: bool) -> TrainingArguments:
+        return training_arguments(self.settings, self.output_dir, resume)
+
+    def load_model(self, arguments):
+        model, tokenizer = load_backbone(self.settings)
+        peft_model = attach_adapter(prepare_for_training(model, self.settings), self.settings)
+        peft_model.print_trainable_parameters()
+        tokenizer.padding_side = "right"
+        return peft_model, tokenizer
+
+    def datasets(self, tokenizer):
+        def encoded(records):
+            return records.map(lambda r: self.encode(tokenizer, self.settings, r), remove_columns=records.column_names,
+                               desc="tokenize")
+
+        return encoded(self.train_set), encoded(self.held_out)
+
+    def make_trainer(self, model, tokenizer, arguments, train_set, held_out, trainer_class=training.LlmmTrainer,
+                     **extra):
+        return trainer_class(model=model, args=arguments, train_dataset=train_set, eval_dataset=held_out,
+                             data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
+                             processing_class=tokenizer, **extra)
+
+    def finish(self, trainer, outcome, model, tokenizer) -> dict:
+        settings, history = self.settings, trainer.state.log_history
+        last_eval = next((h for h in reversed(history) if "eval_loss" in h), None)
+        if last_eval is None or last_eval["step"] != trainer.state.global_step:
+            trainer.evaluate()
+            last_eval = history[-1]
+        first_eval = next(h for h in history if "eval_loss" in h)
+        return {
+            "task": self.task, "method": settings["method"], "K": settings["K"], "model": settings["model_name_or_path"],
+            "eval_loss": last_eval["eval_loss"], "eval_perplexity": perplexity(last_eval["eval_loss"]),
+            "eval_loss_at_start": first_eval["eval_loss"],
+            "eval_perplexity_at_start": perplexity(first_eval["eval_loss"]), "held_out": self.where,
+            "n_train": len(trainer.train_dataset), "n_held_out": len(trainer.eval_dataset),
+            "train_loss": outcome.training_loss, "global_step": trainer.state.global_step,
+            "resumed_from": self.resumed_from, "wall_time_s": time.time() - self.started, "history": history,
+            "seed": settings["seed"], "cell": {**stats.cell_of(settings), "task": self.task},  # what tables pool by
+        }
+
+    def save(self, trainer, model, tokenizer, results: dict) -> None:
+        save_run(model, tokenizer, self.settings, self.output_dir)
+        fileio.write_json(self.output_dir / "results.json", results)
+        fileio.plot_curves(self.output_dir / "curves.png", curves(results["history"]), xlabel="optimizer step")
         cli.logger.info("held-out loss %.4f, perplexity %.2f -> %s", results["eval_loss"], results["eval_perplexity"],
-                      output_dir)
-    return results
+                        self.output_dir)
+
+
+def train(settings: dict, task: str, encode) -> dict:
+    """Fine-tune with the HF Trainer and write the run directory; returns the results (also in results.json)."""
+    return CausalLMRecipe(settings, task, encode).run()
 
 
 def save_run(peft_model, tokenizer, settings: dict, output_dir: Path) -> None:
