@@ -26,7 +26,7 @@ from llmm import load_llmm_model
 from llmm.tasks import calibration as C
 from llmm.tasks.mcq import encode_question, letter_token_ids
 from llmm.run import causal_lm
-from scripts.train_mcq import TABLE, evaluate_sets, evaluation_cell, load_all, load_backbone, run_cell
+from llmm.run.mcq import TABLE, evaluate_sets, evaluation_cell, load_all, load_backbone, run_cell
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -13,6 +13,7 @@ from test_prompts import byte_level_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from llmm.run import cli
+from llmm.run.mcq import evaluation_cell
 from llmm import LlmmConfig, get_llmm_model
 from llmm.tasks import calibration as C
 from llmm.tasks.mcq import LETTERS, encode_question, format_prompt, letter_token_ids, load_mcq, normalise
@@ -383,7 +384,7 @@ def write_mcq_run(root, name, run_cell, seed, evaluations, width=None):
     for (eval_set, mode, n), accuracy in evaluations.items():
         entry = {"eval_set": eval_set, "where": f"{eval_set}.jsonl", "mode": mode, "N": n, "seed": seed,
                  "accuracy": accuracy, "ece": 1 - accuracy, "nll": 2 * (1 - accuracy), "brier": (1 - accuracy) / 2}
-        entries.append({**entry, "cell": train_mcq.evaluation_cell(run_cell, entry)})
+        entries.append({**entry, "cell": evaluation_cell(run_cell, entry)})
     folder = root / name
     folder.mkdir(parents=True)
     results = {"task": run_cell["task"], "seed": seed, "cell": run_cell, "complete": True, "evaluations": entries}
