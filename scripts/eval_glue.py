@@ -28,7 +28,7 @@ from transformers import DataCollatorWithPadding
 
 import llmm
 from llmm.tasks.glue import get_task, load_file, load_glue, predict, score, tokenize
-from scripts.train_glue import EVAL_NOISE, load_model
+from llmm.run.glue import EVAL_NOISE, load_model
 from llmm.run import schema
 from llmm.run.cli import logger, run_main
 from llmm.run.fileio import check_data_paths, seed_everything, write_json

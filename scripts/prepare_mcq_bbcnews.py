@@ -18,7 +18,7 @@ from pathlib import Path
 
 from llmm import outdirs
 from llmm.run import cli, fileio
-from scripts.prepare_bbcnews import default_corpus_dir, read_corpus, split
+from llmm.tasks.bbcnews import default_corpus_dir, read_corpus, split
 
 QUESTION = "Which topic is this news article about? {article}"
 

@@ -28,7 +28,8 @@ from llmm import outdirs
 from llmm.run import adapters, cli, fileio, tables
 from llmm import stats
 from llmm.tasks.glue import get_task
-from scripts import prepare_bbcnews, train_glue
+from llmm.run import glue as train_glue
+from llmm.tasks import bbcnews
 
 TABLE = tables.CONFIGS / "quickstart.yaml"
 COLUMNS = {"accuracy": "accuracy", "f1_macro": "macro-F1", "nll": "NLL", "ece": "ECE"}
@@ -111,7 +112,7 @@ def main(argv=None) -> dict:
     fileio.check_data_paths(corpus_dir=settings.get("corpus_dir"))
     out = outdirs.prepare_output_dir(settings["output_dir"], overwrite=settings.get("overwrite", False))
     data = out / "data"
-    report = prepare_bbcnews.prepare(data, Path(settings["corpus_dir"]) if settings.get("corpus_dir") else None,
+    report = bbcnews.prepare(data, Path(settings["corpus_dir"]) if settings.get("corpus_dir") else None,
                                      settings["data_seed"], settings["dev_fraction"], settings["test_fraction"])
     expected = list(get_task("bbcnews").label_names)
     if report["classes"] != expected:
@@ -127,7 +128,7 @@ def main(argv=None) -> dict:
                         "--output_dir", str(out / f"{method}-seed{seed}")]
             if settings.get("max_steps") is not None:  # a shorter run still evaluates (and logs) once, at its last step
                 argv_run += ["--max_steps", str(settings["max_steps"]), "--eval_steps", str(settings["max_steps"])]
-            runs[method][seed] = train_glue.main(argv_run)
+            runs[method][seed] = train_glue.train(argv_run)
     summary, table = summarize(runs, settings["comparisons"])
     wall = time.time() - started
     header = (f"BBC News test split, {settings['quant']} {settings['bits']}-bit (lora: 16-bit), rank "

@@ -384,12 +384,13 @@ class CausalLMRecipe(Recipe):
             "seed": settings["seed"], "cell": {**stats.cell_of(settings), "task": self.task},  # what tables pool by
         }
 
-    def save(self, trainer, model, tokenizer, results: dict) -> None:
+    def save(self, trainer, model, tokenizer, results: dict) -> dict:
         save_run(model, tokenizer, self.settings, self.output_dir)
         fileio.write_json(self.output_dir / "results.json", results)
         fileio.plot_curves(self.output_dir / "curves.png", curves(results["history"]), xlabel="optimizer step")
         cli.logger.info("held-out loss %.4f, perplexity %.2f -> %s", results["eval_loss"], results["eval_perplexity"],
                         self.output_dir)
+        return results
 
 
 def train(settings: dict, task: str, encode) -> dict:

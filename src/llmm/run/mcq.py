@@ -320,12 +320,13 @@ class McqRecipe(causal_lm.CausalLMRecipe):
             "wall_time_s": time.time() - self.started, "complete": True,
         }
 
-    def save(self, trainer, model, tokenizer, results: dict) -> None:
+    def save(self, trainer, model, tokenizer, results: dict) -> dict:
         causal_lm.save_run(model, tokenizer, self.settings, self.output_dir)
         fileio.write_json(self.output_dir / "results.json", results)
         fileio.plot_curves(self.output_dir / "curves.png", causal_lm.curves(results["history"]),
                            xlabel="optimizer step")
         cli.logger.info("results -> %s", self.output_dir / "results.json")
+        return results
 
 
 def train(argv=None) -> dict:

@@ -64,8 +64,9 @@ class Recipe:
         """After training, on every process: the results (the main process then writes them to results.json)."""
         raise NotImplementedError
 
-    def save(self, trainer, model, tokenizer, results: dict) -> None:
-        """On the main process: the adapters, results.json and the family's files."""
+    def save(self, trainer, model, tokenizer, results: dict) -> dict:
+        """On the main process: the adapters, results.json and the family's files; returns the final results."""
+        return results
 
     def check_output(self, resume: bool) -> None:
         outdirs.check_output_dir(self.output_dir, self.settings.get("overwrite", False), resume=resume)
@@ -92,5 +93,5 @@ class Recipe:
         outcome = trainer.train(resume_from_checkpoint=checkpoint)
         results = self.finish(trainer, outcome, model, tokenizer)
         if trainer.is_world_process_zero():
-            self.save(trainer, model, tokenizer, results)
+            results = self.save(trainer, model, tokenizer, results)
         return results
