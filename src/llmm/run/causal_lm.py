@@ -118,6 +118,7 @@ def parse_settings(parser: argparse.ArgumentParser, table: dict, argv=None,
     args = parser.parse_args(argv)
     schema.take_renamed(args, BLOCKS)
     settings = {**tables.plumbing_defaults(BLOCKS), **table_settings(table, args, task_columns)}
+    adapters.check_adapter_settings(settings, BLOCKS)
     scope_dataset_config(settings, args)
     if not (settings.get("data") or settings.get("dataset")):
         raise ValueError("no dataset: pass --data (a hub id, dataset directory or .json/.jsonl file)")

@@ -58,6 +58,7 @@ def add_flags(parser: argparse.ArgumentParser, table: dict) -> None:
 
 
 def check_settings(settings: dict, table: dict, args) -> dict:
+    adapters.check_adapter_settings(settings, BLOCKS)
     method = settings["method"]
     if isinstance(settings["eval_modes"], dict):  # the table's modes per method
         settings["eval_modes"] = settings["eval_modes"][method]

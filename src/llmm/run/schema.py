@@ -365,8 +365,9 @@ def add_flags(parser, blocks, skip=()) -> None:
             parser.add_argument(f"--{name}", nargs="*", type=kind, default=None, help=help_text)
         else:
             parser.add_argument(f"--{name}", type=parse_bool if kind is bool else kind, default=None, help=help_text)
+    have = {a.dest for a in parser._actions}
     for old, new in RENAMED.items():
-        if new in fields_of(*blocks) and old not in have:
+        if new in have and old not in have:
             parser.add_argument(f"--{old}", dest=f"renamed:{old}", default=None, help=f"old name of --{new}")
 
 

@@ -85,6 +85,11 @@ def add_setting_flags(parser: argparse.ArgumentParser, table: dict, blocks=schem
     plumbing = [f.name for block in blocks for f in dataclasses.fields(block) if f.metadata["role"] == schema.RUN]
     wanted = {name for name in [*names, *plumbing] if name not in table["keys"] and name != "source"}
     schema.add_flags(parser, blocks, skip=set(schema.fields_of(*blocks)) - wanted)
+    fields = schema.fields_of(*blocks)
+    for action in parser._actions:  # a hand-written flag of a field: its choices are checked with the others
+        if action.dest in fields and action.choices is not None:
+            action.help = f"{action.help or ''} (one of {', '.join(map(str, action.choices))})"
+            action.choices = None
 
 
 def plumbing_defaults(blocks) -> dict:
