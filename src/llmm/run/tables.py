@@ -86,8 +86,8 @@ def add_setting_flags(parser: argparse.ArgumentParser, table: dict, blocks=schem
     wanted = {name for name in [*names, *plumbing] if name not in table["keys"] and name != "source"}
     schema.add_flags(parser, blocks, skip=set(schema.fields_of(*blocks)) - wanted)
     fields = schema.fields_of(*blocks)
-    for action in parser._actions:  # a hand-written flag of a field: its choices are checked with the others
-        if action.dest in fields and action.choices is not None:
+    for action in parser._actions:  # a field's hand-written flag (not a key): its choices checked with the others
+        if action.dest in fields and action.choices is not None and action.dest not in table["keys"]:
             action.help = f"{action.help or ''} (one of {', '.join(map(str, action.choices))})"
             action.choices = None
 
