@@ -311,7 +311,7 @@ def test_train_evaluate_ensemble_and_table_end_to_end(tiny_dir, tmp_path, capsys
 
 
 @pytest.mark.parametrize("extra, problem", [
-    (["--mc_samples", "0"], "N must be an integer >= 1"),
+    (["--mc_samples", "0"], r"mc_samples = 0 is out of range"),
     (["--train_data", str(DATA / "bad_answer_key.jsonl")], "answer key 'E' is not among the choice labels"),
     (["--train_data", str(DATA / "no_choices.jsonl")], "the question has no choices"),
     (["--method", "map", "--K", "2"], "--method map trains plain LoRA factors"),

@@ -7,6 +7,7 @@ import pytest
 
 from llmm import stats
 from scripts import glue_table
+from llmm.run import glue_report
 
 CELL = {"task": "cola", "method": "llmm", "backbone": "nf 2-bit", "quant": "nf", "bits": 2, "rank": 32, "K": 1,
         "llmmscale": 600.0, "init": "loftq", "learning_rate": 5e-5, "eval_noise": "mean", "mc_samples": 10}
@@ -93,7 +94,7 @@ def test_a_results_file_without_its_cell_is_refused(tmp_path):
 def test_labels_show_only_the_settings_that_separate_rows():
     cells = [{**CELL, "learning_rate": 5e-5}, {**CELL, "quant": "uniform", "backbone": "uniform 2-bit",
                                                  "learning_rate": 1e-4}, {**CELL, "K": 2}]
-    assert stats.distinguishing_fields(cells, glue_table.LABEL_FIELDS) == ["method", "backbone", "rank", "K"]
+    assert stats.distinguishing_fields(cells, glue_report.LABEL_FIELDS) == ["method", "backbone", "rank", "K"]
     assert stats.find_baseline(CELL, [LOFTQ, {**LOFTQ, "rank": 16}], "loftq") == LOFTQ
     assert stats.find_baseline({**CELL, "eval_noise": "mc"}, [LOFTQ], "loftq") is None
     # Gaussian embedding pairs exist only for llmm (loftq's are plain): such a run is still paired with loftq

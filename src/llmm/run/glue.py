@@ -309,6 +309,8 @@ class GlueRecipe(Recipe):
     """One GLUE run: checkpoints in the output directory itself, dev metrics every epoch (or eval_steps),
     results.json rewritten after every evaluation and marked complete once everything is saved."""
 
+    data_first = True
+
     def __init__(self, task: GlueTask, settings: dict):
         tag = f"{settings['method']}-{settings['quant']}{settings['bits']}-r{settings['rank']}"
         tag += "" if settings["quantize_embeddings"] or settings["method"] == "lora" else "-fpemb"

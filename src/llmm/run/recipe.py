@@ -73,13 +73,18 @@ class Recipe:
 
     # --- the flow ------------------------------------------------------------------------------------------------
 
+    data_first = False  # read the data before the checkpoint and output-directory checks (GLUE) or after them
+
     def run(self) -> dict | None:
         settings = self.settings
-        self.load_data()
+        if self.data_first:
+            self.load_data()
         checkpoint = training.find_checkpoint(settings.get("resume_from_checkpoint"), self.checkpoint_dir)
         if checkpoint:
             training.check_checkpoint(checkpoint, settings)
         self.check_output(resume=checkpoint is not None)
+        if not self.data_first:
+            self.load_data()
         self.resumed_from = checkpoint
         arguments = self.training_arguments(resume=checkpoint is not None)
         fileio.seed_everything(settings["seed"])

@@ -50,8 +50,12 @@ def rule(meta: dict, kind) -> tuple:
     """(accepts(value), what the value must be) of a field's metadata."""
     if meta["choices"] is not None:
         choices = tuple(meta["choices"])
-        return (lambda v: v in choices if not isinstance(v, list) else all(x in choices for x in v),
-                f"one of {choices}")
+        def accepts(v):  # one value, a list of values, or lists per method ({method: [values]})
+            if isinstance(v, dict):
+                return all(accepts(x) for x in v.values())
+            return all(x in choices for x in v) if isinstance(v, list) else v in choices
+
+        return accepts, f"one of {choices}"
     if meta["nonempty"]:
         return (lambda v: isinstance(v, str) and v.strip() != ""), "a directory name, not empty"
     low, high = meta["low"], meta["high"]
