@@ -26,6 +26,7 @@ from conftest import LLAMA_TARGETS, REPO_ROOT, tiny_llama
 from llmm import LlmmConfig, get_llmm_model, noise_source, outdirs, save_llmm_adapter
 from llmm.outdirs import PARTIAL_MARKER, RUN_MARKER, atomic_dir
 from scripts import quantize_model, quickstart, test_gsm8k, train_glue, train_gsm8k, train_nlg
+from llmm.run import glue as glue_run
 from llmm.run import trainer as training
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
@@ -393,7 +394,7 @@ def test_a_glue_run_killed_during_export_resumes_without_an_extra_step(model_dir
     full, killed = tmp_path / "full", tmp_path / "killed"
     train_glue.main(glue_argv(model_dir, full, "--max_steps", "2"))
     with monkeypatch.context() as patch:
-        patch.setattr(train_glue, "save_run", lambda *a, **k: (_ for _ in ()).throw(Killed()))
+        patch.setattr(glue_run, "save_run", lambda *a, **k: (_ for _ in ()).throw(Killed()))
         with pytest.raises(Killed):
             train_glue.main(glue_argv(model_dir, killed, "--max_steps", "2"))
     results = train_glue.main(glue_argv(model_dir, killed, "--max_steps", "2", "--resume_from_checkpoint"))
