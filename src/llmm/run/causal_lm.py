@@ -47,21 +47,17 @@ INIT_SUBDIR = "llmm_init"
 # --- settings ------------------------------------------------------------------------------------------------------
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags every causal-LM script takes (typed here; add_setting_flags adds the table's others)."""
+    """Flags every causal-LM script takes beside its table's (add_setting_flags: typed by llmm.run.schema)."""
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
     parser.add_argument("--model_name_or_path", default=None,
                         help="an _init.sh directory, or a hub id / local checkpoint (default: the row's model)")
     parser.add_argument("--data", default=None, help="hub id, dataset directory or .json/.jsonl file "
                                                      "(default: the row's dataset)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="override the table's dtype")
 
 
 def add_training_flags(parser: argparse.ArgumentParser) -> None:
     add_model_flags(parser)
-    parser.add_argument("--method", choices=METHODS, default=None, help="override the table's method")
-    parser.add_argument("--init", choices=("loftq", "lora"), default=None,
-                        help="adapter init for a plain checkpoint (an _init.sh directory brings LoftQ means)")
     parser.add_argument("--eval_data", default=None, help="a .json/.jsonl held-out file (else the row's eval_split)")
     parser.add_argument("--target_modules", nargs="+", default=None, help="else configs/targets.yaml by model_type")
     parser.add_argument("--max_train_samples", type=int, default=None, help="first N training examples (debug)")
@@ -169,14 +165,18 @@ def parse_settings(parser: argparse.ArgumentParser, table: dict, argv=None,
 # --- model ---------------------------------------------------------------------------------------------------------
 
 def load_backbone(settings: dict):
-    """(model, tokenizer): bitsandbytes NF4 on this process's device, or ``dtype`` weights on CPU (the Trainer or
-    the caller moves them). No token is added: a missing pad token becomes unk (or eos), so embeddings keep size."""
+    """(model, tokenizer): bitsandbytes NF4 (or LLM.int8 with ``load_in_8bit``, BLoB's backbone) on this process's
+    device, or ``dtype`` weights on CPU (the Trainer or the caller moves them). No token is added: a missing pad
+    token becomes unk (or eos), so embeddings keep size."""
     dtype = DTYPES[settings["dtype"]]
     kwargs = {"dtype": dtype}
-    if settings["load_in_4bit"]:
+    if settings.get("load_in_8bit"):
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    elif settings["load_in_4bit"]:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
             bnb_4bit_use_double_quant=False)
+    if "quantization_config" in kwargs:
         kwargs["device_map"] = {"": PartialState().device}
     model = fileio.load_pretrained(AutoModelForCausalLM, settings["model_name_or_path"], **kwargs)
     tokenizer = fileio.load_pretrained(AutoTokenizer, settings["model_name_or_path"])

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import datasets
 import torch
-from accelerate import PartialState
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+from transformers import TrainerCallback
 
 from llmm.run import adapters, cli, fileio, schema, tables
 from llmm import stats
@@ -163,18 +162,7 @@ def load_all(settings: dict, table: dict, train: bool = True) -> tuple[list[dict
 
 # --- model ---------------------------------------------------------------------------------------------------------
 
-def load_backbone(settings: dict):
-    """causal_lm.load_backbone, plus bitsandbytes LLM.int8 (BLoB's 8-bit backbone) on this process's device."""
-    if not settings["load_in_8bit"]:
-        return causal_lm.load_backbone(settings)
-    model = fileio.load_pretrained(AutoModelForCausalLM, settings["model_name_or_path"],
-                              dtype=causal_lm.DTYPES[settings["dtype"]],
-                              quantization_config=BitsAndBytesConfig(load_in_8bit=True),
-                              device_map={"": PartialState().device})
-    tokenizer = fileio.load_pretrained(AutoTokenizer, settings["model_name_or_path"])
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
-    return model, tokenizer
+load_backbone = causal_lm.load_backbone  # with load_in_8bit: bitsandbytes LLM.int8, BLoB's backbone
 
 
 def check_tied_head(model, settings: dict) -> None:

@@ -13,9 +13,9 @@ adds (its data, its model and adapter, its Trainer, its results and files).
 The flow: data; the checkpoint to resume from and its checks (K, rank, alpha, scale, processes); the output
 directory's check; seed; backbone and adapter; datasets; lock and create the output directory (only now, so bad input
 writes nothing); the Trainer (``--report_to`` reaches it through the training arguments); settings.json; train;
-on the main process the family's results and files, results.json and the adapters. Hooks for later steps (e.g. a
-search on the validation split after training) go in ``finish``; a check of the output directory against the
-inputs goes in ``check_output``.
+``after_training`` (a later step on the trained model, e.g. a search on the validation split); on the main process
+the family's results and files, results.json and the adapters. A check of the output directory against the inputs
+goes in ``check_output``.
 """
 
 from __future__ import annotations
@@ -60,6 +60,10 @@ class Recipe:
     def make_trainer(self, model, tokenizer, arguments, train_set, held_out):
         raise NotImplementedError
 
+    def after_training(self, trainer, model, tokenizer) -> None:
+        """After training, before the results, on every process: a step on the trained model (e.g. a search on the
+        validation split); nothing by default."""
+
     def finish(self, trainer, outcome, model, tokenizer) -> dict:
         """After training, on every process: the results (the main process then writes them to results.json)."""
         raise NotImplementedError
@@ -96,6 +100,7 @@ class Recipe:
             fileio.write_json(self.output_dir / "settings.json",
                               {**settings, "resumed_from": checkpoint, "versions": fileio.versions()})
         outcome = trainer.train(resume_from_checkpoint=checkpoint)
+        self.after_training(trainer, model, tokenizer)
         results = self.finish(trainer, outcome, model, tokenizer)
         if trainer.is_world_process_zero():
             results = self.save(trainer, model, tokenizer, results)
