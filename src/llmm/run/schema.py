@@ -153,7 +153,18 @@ class TrainingSettings:
 
 
 @dataclass
-class CausalLMSettings:
+class CausalDataSettings:
+    """What the causal-LM families share: the hub dataset, the backbone's precision, debug limits."""
+
+    dataset: str = setting(None, "the hub dataset")
+    dataset_config: str = setting(None, "the hub dataset's configuration")
+    load_in_4bit: bool = setting(True, "bitsandbytes NF4 backbone (false: dtype weights)")
+    max_train_samples: int = setting(None, "first N training examples (debug)", low=1)
+    max_eval_samples: int = setting(None, "first N held-out examples per set (debug)", low=1)
+
+
+@dataclass
+class CausalLMSettings(CausalDataSettings):
     """GSM8K, Alpaca and HH-RLHF fine-tuning (train_gsm8k, train_nlg)."""
 
     method: str = setting("llmm", "llmm | loftq (K = 0) | qlora (standard LoRA init, K = 0)",
@@ -162,8 +173,6 @@ class CausalLMSettings:
     model: str = setting(None, "a table row's model name (its base_model and init_dir)")
     base_model: str = setting(None, "the row's original checkpoint (--method qlora)")
     init_dir: str = setting(None, "the row's _init.sh directory (--method llmm / loftq)")
-    dataset: str = setting(None, "the table's hub dataset")
-    dataset_config: str = setting(None, "the hub dataset's configuration")
     eval_split: str = setting("test", "held-out data: a split of the dataset, or heldout (eval_size records of "
                               "train)")
     eval_size: int = setting(1024, "records held out of train for eval_split heldout", low=0)
@@ -172,10 +181,7 @@ class CausalLMSettings:
     max_length: int = setting(512, "GSM8K: tokens of source + target", low=1)
     source_max_len: int = setting(384, "Alpaca / HH-RLHF: tokens of the source", low=1)
     target_max_len: int = setting(128, "Alpaca / HH-RLHF: tokens of the target", low=1)
-    load_in_4bit: bool = setting(True, "bitsandbytes NF4 backbone (false: dtype weights)")
     prepare_kbit_training: bool = setting(True, "4-bit: PEFT's prepare_model_for_kbit_training, as the reference")
-    max_train_samples: int = setting(None, "first N training examples (debug)", low=1)
-    max_eval_samples: int = setting(None, "first N held-out examples (debug)", low=1)
 
 
 @dataclass
@@ -193,14 +199,12 @@ class GlueSettings:
 
 
 @dataclass
-class McqSettings:
+class McqSettings(CausalDataSettings):
     """Multiple-choice calibration (train_mcq, test_mcq)."""
 
     method: str = setting("llmm", "llmm | map (LoRA) | mcdropout", choices=("llmm", "map", "mcdropout"))
     task: str = setting(None, "the task row (configs/mcq.yaml)")
     model_name_or_path: str = setting(None, "hub id or local directory of the causal LM")
-    dataset: str = setting(None, "the task's hub dataset")
-    dataset_config: str = setting(None, "the hub dataset's configuration")
     train_split: str = setting("train", "training split (null: an evaluation-only set)")
     test_split: str = setting("test", "test split")
     train_data: str = setting(None, "a local .json/.jsonl training file")
@@ -212,9 +216,6 @@ class McqSettings:
     mc_dropout: float = setting(0.1, "adapter dropout of --method mcdropout", low=0, high=1, high_open=True)
     max_length: int = setting(300, "tokens per question (the beginning is cut)", low=1)
     load_in_8bit: bool = setting(True, "bitsandbytes LLM.int8 backbone")
-    load_in_4bit: bool = setting(False, "bitsandbytes NF4 backbone")
-    max_train_samples: int = setting(None, "first N training questions (debug)", low=1)
-    max_eval_samples: int = setting(None, "first N questions per test set (debug)", low=1)
 
 
 @dataclass
