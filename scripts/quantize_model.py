@@ -81,7 +81,8 @@ def output_dir(settings: dict) -> Path:
 def head_linears(model: torch.nn.Module, targets: list[str]) -> list[str]:
     """Target-named linears inside the task head (e.g. DeBERTa's pooler.dense): left in full precision."""
     heads = adapters.head_modules(model)
-    return [name for name, _ in model.named_modules() if name.split(".")[-1] in targets and adapters.inside(name, heads)]
+    return [name for name, _ in model.named_modules()
+            if name.split(".")[-1] in targets and adapters.inside(name, heads)]
 
 
 def target_linears(model: torch.nn.Module, targets: list[str], rank: int) -> dict[str, torch.nn.Linear]:
@@ -168,7 +169,8 @@ def main(argv=None) -> Path:
                               "or another --save_dir")
     check_new_dir(final_dir, settings.get("overwrite", False))  # a file, locked, or not llmm's to replace
     model_config = fileio.load_pretrained(AutoConfig, settings["model"])
-    tokenizer = fileio.load_pretrained(AutoTokenizer, settings["model"])  # before hours of LoftQ: the directory needs it
+    # before hours of LoftQ: the directory needs it
+    tokenizer = fileio.load_pretrained(AutoTokenizer, settings["model"])
     targets = tables.default_targets(model_config, settings.get("target_modules"))
     extra = {"num_labels": settings["num_labels"]} if settings.get("num_labels") else {}
     # The checkpoint's own dtype, so LoftQ sees the original weights; the backbone is saved in settings["dtype"].

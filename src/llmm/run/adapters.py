@@ -40,7 +40,6 @@ def check_settings(settings: dict, blocks=schema.BLOCKS) -> None:
             raise ValueError(f"{name} = {value!r} is out of range: it must be {rule}; fix --{name} or the table row "
                              "in configs/")
 
-check_adapter_settings = check_settings  # the name the entry points use
 
 def check_init_targets(init_dir: str | Path, init_targets, given: list[str] | None) -> None:
     """An _init.sh directory fixes the adapted modules (its LoftQ means); a --target_modules that differs is an

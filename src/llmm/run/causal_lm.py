@@ -114,7 +114,7 @@ def parse_settings(parser: argparse.ArgumentParser, table: dict, argv=None,
     args = parser.parse_args(argv)
     schema.take_renamed(args, BLOCKS)
     settings = {**tables.plumbing_defaults(BLOCKS), **table_settings(table, args, task_columns)}
-    adapters.check_adapter_settings(settings, BLOCKS)
+    adapters.check_settings(settings, BLOCKS)
     scope_dataset_config(settings, args)
     if not (settings.get("data") or settings.get("dataset")):
         raise ValueError("no dataset: pass --data (a hub id, dataset directory or .json/.jsonl file)")
@@ -127,7 +127,7 @@ def parse_settings(parser: argparse.ArgumentParser, table: dict, argv=None,
         if args.init not in (None, fixed_init):
             raise ValueError(f"--method {method} means --init {fixed_init}; drop --init {args.init}")
         settings["init"] = fixed_init
-    adapters.check_adapter_settings(settings, BLOCKS)
+    adapters.check_settings(settings, BLOCKS)
     fileio.check_data_paths(data=settings.get("data"), eval_data=settings.get("eval_data"))
     if args.model_name_or_path is None:
         key = "base_model" if method == "qlora" else "init_dir"
@@ -375,7 +375,8 @@ class CausalLMRecipe(Recipe):
             last_eval = history[-1]
         first_eval = next(h for h in history if "eval_loss" in h)
         return {
-            "task": self.task, "method": settings["method"], "K": settings["K"], "model": settings["model_name_or_path"],
+            "task": self.task, "method": settings["method"], "K": settings["K"],
+            "model": settings["model_name_or_path"],
             "eval_loss": last_eval["eval_loss"], "eval_perplexity": perplexity(last_eval["eval_loss"]),
             "eval_loss_at_start": first_eval["eval_loss"],
             "eval_perplexity_at_start": perplexity(first_eval["eval_loss"]), "held_out": self.where,

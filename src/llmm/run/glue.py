@@ -32,7 +32,7 @@ from llmm.quant import ALLOWED_METHODS, fake_quantize
 from llmm.run.recipe import Recipe
 from llmm.run.trainer import LlmmTrainer, add_resume_flag
 from llmm.outdirs import check_output_dir, make_output_dir
-from llmm.run.adapters import (INIT_DIR_LOFTQ, adopt_init_dir_settings, check_adapter_settings, check_init_targets,
+from llmm.run.adapters import (INIT_DIR_LOFTQ, adopt_init_dir_settings, check_init_targets, check_settings,
                                head_modules, llmm_config)
 from llmm.run.cli import logger, run_main
 from llmm.run.fileio import check_data_paths, load_pretrained, plot_curves, seed_everything, versions, write_json
@@ -101,7 +101,7 @@ def resolve(argv: list[str] | None) -> tuple[GlueTask, dict]:
     if method != "lora" and not settings["quantize_embeddings"]:
         settings["backbone"] += " (fp embeddings)"
     check_init_dir(settings, given={name for name in INIT_DIR_LOFTQ if getattr(args, name, None) is not None})
-    check_adapter_settings(settings, BLOCKS)
+    check_settings(settings, BLOCKS)
     check_data_paths(data_dir=settings.get("data_dir"), train_file=settings.get("train_file"),
                      validation_file=settings.get("validation_file"))
     if settings["eval_noise"] not in EVAL_NOISE:
@@ -261,7 +261,8 @@ def predictions_record(task: GlueTask, model, data, collator, settings: dict, mo
     writes); outputs are logits (mc: log of the averaged probabilities) or STS-B scores."""
     record = {}
     for split in task.dev_splits:
-        outputs = predict(model, data[split], collator, settings["per_device_eval_batch_size"], mode, settings["mc_samples"])
+        outputs = predict(model, data[split], collator, settings["per_device_eval_batch_size"], mode,
+                          settings["mc_samples"])
         labels = np.asarray(data[split]["labels"])
         record[split] = {"metrics": score(task, outputs, labels), "outputs": outputs.tolist(),
                          "labels": labels.tolist()}
@@ -365,8 +366,8 @@ class GlueRecipe(Recipe):
         results = self.recorder.write(trainer.state.log_history, complete=True)  # complete once everything is saved
         best = results["best"]
         logger.info("%s %s: best %s %s at epoch %s; outputs in %s", task.name, self.settings["method"],
-                    task.main_metric, best and best["dev"][task.dev_splits[0]][task.main_metric], best and best["epoch"],
-                    out)
+                    task.main_metric, best and best["dev"][task.dev_splits[0]][task.main_metric],
+                    best and best["epoch"], out)
         return results
 
 

@@ -57,7 +57,7 @@ def add_flags(parser: argparse.ArgumentParser, table: dict) -> None:
 
 
 def check_settings(settings: dict, table: dict, args) -> dict:
-    adapters.check_adapter_settings(settings, BLOCKS)
+    adapters.check_settings(settings, BLOCKS)
     method = settings["method"]
     if isinstance(settings["eval_modes"], dict):  # the table's modes per method
         settings["eval_modes"] = settings["eval_modes"][method]
@@ -100,7 +100,7 @@ def check_settings(settings: dict, table: dict, args) -> dict:
     for name in settings["ood"]:
         if name not in rows and not name.endswith((".json", ".jsonl")):
             raise ValueError(f"OOD set {name!r} is neither a task row ({sorted(rows)}) nor a .json/.jsonl file")
-    adapters.check_adapter_settings(settings, BLOCKS)
+    adapters.check_settings(settings, BLOCKS)
     fileio.check_data_paths(train_data=settings.get("train_data"), test_data=settings.get("test_data"),
                        ood=[n for n in settings["ood"] if n.endswith((".json", ".jsonl"))])
     fileio.check_model_path(settings["model_name_or_path"])

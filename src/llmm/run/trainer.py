@@ -1,4 +1,4 @@
-"""Training pieces shared by the run layer (llmm.run.causal_lm, the GLUE and MCQ recipes): resume, one noise stream per process (saved
+"""Training pieces every recipe shares (llmm.run.recipe): resume, one noise stream per process (saved
 in every checkpoint), and a stop at the first non-finite loss or gradient (``LlmmTrainer``, an HF Trainer subclass).
 
 Guarantees (tests/test_safety.py, tests/test_resume.py): a step whose loss or gradients are not finite is never
