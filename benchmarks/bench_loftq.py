@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-import utils_llmm as U
+from llmm.run import cli, fileio
 from llmm import LlmmConfig
 from llmm.quant import loftq_init
 
@@ -106,7 +106,7 @@ def compare(name: str, weight: torch.Tensor, bits_list, exact_bits, device: str,
             row["ratio_target"] = TARGETS[bits]
             row["speedup_wall"] = row["exact"]["wall_s"] / row["truncated"]["wall_s"]
         rows[f"nf{bits}"] = row
-        U.logger.info("%s nf%d: %s", name, bits, row)
+        cli.logger.info("%s nf%d: %s", name, bits, row)
     return rows
 
 
@@ -124,7 +124,7 @@ def thread_scaling(weights: dict[str, torch.Tensor]) -> dict:
                 entry[f"exact_svd_call_{threads}_threads_wall_s"] = round(time.perf_counter() - wall, 3)
         torch.set_num_threads(1)
         results[name] = entry
-        U.logger.info("threads %s: %s", name, entry)
+        cli.logger.info("threads %s: %s", name, entry)
     return results
 
 
@@ -141,7 +141,7 @@ def main() -> None:
                         help="an earlier results JSON of this device: take its exact rows instead of re-running them")
     args = parser.parse_args()
     if args.device == "cuda":
-        U.require_cuda_for("--device cuda")
+        cli.require_cuda_for("--device cuda")
     device = (torch.cuda.get_device_name() if args.device == "cuda"
               else f"CPU {platform.machine()}, 1 thread ({os.cpu_count()}-core shared VM)")
     earlier = None
@@ -151,7 +151,7 @@ def main() -> None:
             print(f"error: --exact_from {args.exact_from} is not an earlier bench_loftq results file of this "
                   f"device ({device}); run without --exact_from to measure the exact rows", file=sys.stderr)
             raise SystemExit(2)
-    U.setup_logging()
+    cli.setup_logging()
     torch.set_num_threads(1)
     defaults = LlmmConfig()
     common = {"device": args.device, "earlier": earlier}
@@ -159,7 +159,7 @@ def main() -> None:
     quarter = llama_layer_weights(1024, 2752)
     results = {
         "device": device,
-        "date": time.strftime("%Y-%m-%d"), "versions": U.versions(),
+        "date": time.strftime("%Y-%m-%d"), "versions": fileio.versions(),
         "settings": {"rank": RANK, "loftq_iter": ITERATIONS, "loftq_svd_oversampling": defaults.loftq_svd_oversampling,
                      "loftq_svd_iters": defaults.loftq_svd_iters},
         "exact_from": None if earlier is None else {"file": str(args.exact_from), "date": earlier["date"]},
@@ -188,7 +188,7 @@ def main() -> None:
             "4096x4096": llama["q_proj"],
         })
     path = Path(__file__).parent / "results" / f"loftq_{args.device}.json"
-    U.write_json(path, results)
+    fileio.write_json(path, results)
     key = "cpu_s" if args.device == "cpu" else "wall_s"  # one CPU thread: CPU time; a GPU: wall time
     minutes = estimate[f"truncated_{key}_min"]
     where = "1 CPU thread" if args.device == "cpu" else results["device"]

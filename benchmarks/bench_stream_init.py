@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-import utils_llmm as U
+from llmm.run import fileio, tables
 from llmm.streaming import SafetensorsWriter, shard_layout, shard_names
 
 SIZES = {  # name -> LlamaConfig fields (hidden, intermediate, layers, heads, kv heads, vocab)
@@ -105,10 +105,10 @@ def child(command: list[str]) -> tuple[float, float, float]:
     seconds. The peak is the child's own VmHWM, written by the child as it exits: ru_maxrss is not, as Linux carries
     the parent's high-water mark over into a child started by vfork + exec (which subprocess uses)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TQDM_DISABLE": "1",
-           "PYTHONPATH": os.pathsep.join([str(U.REPO_ROOT / "src"), str(U.REPO_ROOT)])}
+           "PYTHONPATH": os.pathsep.join([str(tables.REPO_ROOT / "src"), str(tables.REPO_ROOT)])}
     started = time.perf_counter()
     with tempfile.TemporaryFile("w+") as log, tempfile.NamedTemporaryFile("r") as peak:
-        process = subprocess.Popen([sys.executable, "-c", HIGH_WATER, peak.name, *command], cwd=U.REPO_ROOT,
+        process = subprocess.Popen([sys.executable, "-c", HIGH_WATER, peak.name, *command], cwd=tables.REPO_ROOT,
                                    env=env, stdout=log, stderr=subprocess.STDOUT)  # a file: nothing blocks
         _, status, usage = os.wait4(process.pid, 0)
         process.returncode = os.waitstatus_to_exitcode(status)
@@ -177,7 +177,7 @@ def estimate_70b(layer_7b: dict, baseline_gib: float) -> dict:
     1 thread: this run's 7B-shaped layer, and bench_loftq's 7B shapes (results/loftq_cpu.json, CPU seconds)."""
     elements = LLAMA_2_70B["layers"] * sum(rows * cols for rows, cols in LLAMA_2_70B["shapes"])
     rates = {"this_run_wall": layer_7b["seconds_per_million_elements"] / 1e6}
-    loftq = U.REPO_ROOT / "benchmarks/results/loftq_cpu.json"
+    loftq = tables.REPO_ROOT / "benchmarks/results/loftq_cpu.json"
     if loftq.is_file():  # one 7B layer: 4 x q_proj's shape, down_proj, 2 x gate_proj's shape (gate, up)
         weights = json.loads(loftq.read_text())["weights"]
         layer = [("llama_q_proj", 4), ("llama_down_proj", 1), ("llama_gate_proj", 2)]
@@ -214,7 +214,7 @@ def main() -> None:
     parser.add_argument("--one_matrix_only", action="store_true", help="only the one-matrix reference, for "
                         "sizes already in --output (needs their largest_matrix_shape)")
     parser.add_argument("--work_dir", default="/tmp/bench_stream_init")
-    parser.add_argument("--output", default=str(U.REPO_ROOT / "benchmarks/results/stream_init_cpu.json"))
+    parser.add_argument("--output", default=str(tables.REPO_ROOT / "benchmarks/results/stream_init_cpu.json"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     work_dir = Path(args.work_dir)
@@ -222,7 +222,7 @@ def main() -> None:
     output = Path(args.output)
     results = json.loads(output.read_text()) if output.is_file() else {}
     results.update({"device": f"CPU {platform.machine()}, 1 thread (2-core shared VM)",
-                    "date": time.strftime("%Y-%m-%d"), "versions": U.versions(),
+                    "date": time.strftime("%Y-%m-%d"), "versions": fileio.versions(),
                     "settings": {"rank": RANK, "bits": 4, "quant": "nf", "dtype": "bfloat16",
                                  "output_shard_bytes": "llmm.streaming.SHARD_BYTES"}})
     baseline, _, _ = child(["-c", "import scripts.quantize_model"])
@@ -234,10 +234,10 @@ def main() -> None:
             shape = entry.setdefault("largest_matrix_shape",  # a Llama's largest target: the MLP's
                                      [SIZES[name]["intermediate_size"], SIZES[name]["hidden_size"]])
             entry["one_matrix_peak_rss_gib"] = one_matrix_rss(shape, entry["loftq_iter"])
-            U.write_json(output, results)
+            fileio.write_json(output, results)
         if "llama7b_layer" in sizes:
             results["llama_2_70b_estimate"] = estimate_70b(sizes["llama7b_layer"], results["baseline_rss_gib"])
-            U.write_json(output, results)
+            fileio.write_json(output, results)
         return
     for name in args.sizes:
         sizes[name] = run_size(name, work_dir, 5 if name == "llama7b_layer" else args.loftq_iter,
@@ -245,7 +245,7 @@ def main() -> None:
         print(name, json.dumps(sizes[name]), flush=True)
         if "llama7b_layer" in sizes:
             results["llama_2_70b_estimate"] = estimate_70b(sizes["llama7b_layer"], results["baseline_rss_gib"])
-        U.write_json(output, results)
+        fileio.write_json(output, results)
     shutil.rmtree(work_dir, ignore_errors=True)
 
 

@@ -28,8 +28,10 @@ from transformers import DataCollatorWithPadding
 
 import llmm
 from llmm.tasks.glue import get_task, load_file, load_glue, predict, score, tokenize
-from scripts.train_glue import EVAL_NOISE, load_model
-from utils_llmm import check_data_paths, logger, run_main, seed_everything, write_json
+from llmm.run.glue import EVAL_NOISE, load_model
+from llmm.run import schema
+from llmm.run.cli import logger, run_main
+from llmm.run.fileio import check_data_paths, seed_everything, write_json
 
 MODES = EVAL_NOISE
 
@@ -54,7 +56,7 @@ def check(args: argparse.Namespace) -> tuple[Path, dict, Path]:
     if not (run / "settings.json").is_file() or not (run / "adapter" / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{str(run)!r} is not a finished scripts.train_glue run (it needs settings.json and "
                                 "adapter/): pass a run's output directory")
-    settings = json.loads((run / "settings.json").read_text())
+    settings = schema.current_names(json.loads((run / "settings.json").read_text()))  # old runs: old names
     for name in ("mc_samples", "batch_size", "seed"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "seed" else 1):
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer, model = load_run(run, settings)
     data = tokenize(DatasetDict(raw), task, tokenizer, settings["max_length"])
     collator = DataCollatorWithPadding(tokenizer)
-    batch_size = args.batch_size or settings["eval_batch_size"]
+    batch_size = args.batch_size or settings["per_device_eval_batch_size"]
     splits = {}
     for split in raw:
         outputs = predict(model, data[split], collator, batch_size, args.mode, mc_samples)

@@ -21,7 +21,8 @@ import argparse
 import json
 
 from llmm import outdirs, stats
-from utils_llmm import run_main, write_text
+from llmm.run.cli import run_main
+from llmm.run.fileio import write_text
 
 METHOD_ORDER = ("lora", "qlora", "loftq", "llmm")
 LABEL_FIELDS = ("method", "model", "rank")  # always in a row's label; other settings only where they differ
@@ -97,7 +98,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--output", default=None, help="also write the tables to this file")
     args = parser.parse_args(argv)
     if args.output:  # never a directory, never over a file of the runs it reads
-        outdirs.check_output_file(args.output), outdirs.check_outputs_apart({"--output": args.output}, {"paths": args.paths}, files=("--output",))
+        outdirs.check_output_file(args.output)
+        outdirs.check_outputs_apart({"--output": args.output}, {"paths": args.paths}, files=("--output",))
     text = table(read_records(args.paths), args.baseline)
     if args.output:
         write_text(args.output, text)

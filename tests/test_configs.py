@@ -4,7 +4,7 @@ import pytest
 import yaml
 from conftest import REPO_ROOT
 
-from utils_llmm import select_row, table_rows
+from llmm.run.tables import select_row, table_rows
 
 CONFIG_FILES = sorted((REPO_ROOT / "configs").glob("*.yaml"))
 
@@ -49,9 +49,9 @@ PUBLISHED = {"glue_reference.yaml", "mcq_published.yaml"}  # published figures, 
 @pytest.mark.parametrize("path", sorted(p for p in (REPO_ROOT / "configs").glob("*.yaml") if p.name not in PUBLISHED),
                          ids=lambda p: p.name)
 def test_every_setting_of_a_table_has_a_declared_range_and_is_in_it(path):
-    """Every numeric setting (and LoftQ's SVD method) a table holds is checked up front by llmm.config.SETTING_RULES,
-    and the table's own values pass it."""
-    from llmm.config import SETTING_RULES, setting_error
+    """Every numeric setting (and LoftQ's SVD method) a table holds is a field of llmm.run.schema with a declared
+    range, and the table's own values pass it."""
+    from llmm.run.schema import ALL_FIELDS, setting_error
 
     def settings(node):
         if isinstance(node, dict):
@@ -65,5 +65,6 @@ def test_every_setting_of_a_table_has_a_declared_range_and_is_in_it(path):
                 yield from settings(item)
 
     found = list(settings(yaml.safe_load(path.read_text())))
-    assert [name for name, _ in found if name not in SETTING_RULES] == []
+    ranged = {name for name, f in ALL_FIELDS.items() if f.metadata["low"] is not None or f.metadata["choices"]}
+    assert [name for name, _ in found if name not in ranged] == []
     assert [(name, value) for name, value in found if setting_error(name, value)] == []

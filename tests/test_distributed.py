@@ -15,7 +15,7 @@ from test_resume import llama_dir  # noqa: F401  (the tiny Llama fixture)
 
 from conftest import REPO_ROOT
 from llmm import LlmmConfig, get_llmm_model, noise_source
-from scripts import training
+from llmm.run import trainer as training
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
@@ -39,8 +39,8 @@ def test_torchrun_two_processes_write_one_adapter(model_dir, llama_dir, tmp_path
     glue, gsm8k = tmp_path / "glue", tmp_path / "gsm8k"
     commands = {
         glue: [*TORCHRUN, "-m", "scripts.train_glue", "--task", "cola", "--quant", "nf", "--rank", "16", "--bits",
-               "4", "--model", model_dir, "--data_dir", str(GLUE_DATA), "--max_steps", "2", "--batch_size", "2",
-               "--grad_accum", "1", "--eval_batch_size", "4", "--output_dir", str(glue)],
+               "4", "--model", model_dir, "--data_dir", str(GLUE_DATA), "--max_steps", "2", "--per_device_train_batch_size", "2",
+               "--gradient_accumulation_steps", "1", "--per_device_eval_batch_size", "4", "--output_dir", str(glue)],
         gsm8k: [*TORCHRUN, "-m", "scripts.train_gsm8k", "--model", "llama-2-7b", "--rank", "64",
                 "--model_name_or_path", str(llama_dir), "--init", "loftq", "--loftq_iter", "1", "--data",
                 str(REPO_ROOT / "tests" / "data" / "gsm8k.jsonl"), "--eval_split", "heldout", "--eval_size", "2",

@@ -24,7 +24,9 @@ from llmm.embedding import LlmmEmbedding
 from llmm.tasks.glue import LOCAL_ONLY_TASKS, TASKS, get_task, load_glue, task_metrics, tokenize
 from llmm.quant import ALLOWED_METHODS, fake_quantize
 from scripts import eval_glue, glue_table, train_glue
-from utils_llmm import llmm_config, read_yaml, table_rows
+from llmm.run import glue as glue_run
+from llmm.run.adapters import llmm_config
+from llmm.run.tables import read_yaml, table_rows
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO / "tests" / "data" / "glue"
@@ -61,7 +63,8 @@ def model_dir(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("tiny_deberta"))
 
 
-SMOKE = ["--max_steps", "2", "--batch_size", "4", "--grad_accum", "1", "--eval_batch_size", "8"]
+SMOKE = ["--max_steps", "2", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
+         "--per_device_eval_batch_size", "8"]
 
 # name -> flags; each trains for two steps on the fixture data.
 RUNS = {
@@ -124,35 +127,39 @@ def test_every_table_row_parses():
     for row in rows:
         assert row["source"] and row["lora_alpha"] == row["rank"] and row["bits"] == 2
         assert isinstance(row["learning_rate"], float) and 0 < row["learning_rate"] <= 1e-3, row
-        assert isinstance(row["llmmscale"], float) and isinstance(row["K"], int) and isinstance(row["epochs"], int)
+        assert isinstance(row["llmmscale"], float) and isinstance(row["K"], int) and isinstance(row["num_train_epochs"], int)
         for bits in (2, 4):
             config = llmm_config({**row, "bits": bits, "init": "loftq"}, ["query_proj"])
             assert config.k == row["K"] and config.scale == row["llmmscale"] and config.r == row["rank"]
         paper = SEED_ROWS.get((row["quant"], row["rank"], row["task"]))
         assert (row["source"] == "MeMoTune paper") == (paper is not None)
         if paper:
-            assert (row["learning_rate"], row["llmmscale"], row["K"], row["epochs"]) == (*paper, 60)
+            assert (row["learning_rate"], row["llmmscale"], row["K"], row["num_train_epochs"]) == (*paper, 60)
         else:
             assert row["source"].startswith("LoftQ defaults (not from the paper)")
     defaults = table["defaults"]
-    assert (defaults["batch_size"], defaults["grad_accum"], defaults["max_length"], defaults["loftq_iter"]) == (
-        16, 2, 128, 5)
+    assert (defaults["per_device_train_batch_size"], defaults["gradient_accumulation_steps"], defaults["max_length"],
+            defaults["loftq_iter"]) == (16, 2, 128, 5)
     assert "python -m scripts.train_glue" in (REPO / "configs" / "glue.yaml").read_text().split("keys:")[0]
 
 
 def test_settings_precedence_and_method():
-    _, settings = train_glue.resolve(["--task", "cola", "--quant", "uniform", "--rank", "16", "--bits", "4",
+    _, settings = glue_run.resolve(["--task", "cola", "--quant", "uniform", "--rank", "16", "--bits", "4",
                                       "--learning_rate", "3e-4"])
     assert (settings["bits"], settings["learning_rate"], settings["K"], settings["llmmscale"]) == (4, 3e-4, 2, 1000.0)
-    assert settings["epochs"] == 60 and settings["source"] == "MeMoTune paper" and settings["init"] == "loftq"
-    _, baseline = train_glue.resolve(["--task", "rte", "--quant", "nf", "--rank", "32", "--method", "qlora"])
-    assert (baseline["K"], baseline["init"], baseline["epochs"], baseline["learning_rate"]) == (0, "lora", 20, 5e-5)
+    assert settings["num_train_epochs"] == 60 and settings["source"] == "MeMoTune paper" and settings["init"] == "loftq"
+    _, baseline = glue_run.resolve(["--task", "rte", "--quant", "nf", "--rank", "32", "--method", "qlora"])
+    assert (baseline["K"], baseline["init"], baseline["num_train_epochs"], baseline["learning_rate"]) == (0, "lora", 20, 5e-5)
     with pytest.raises(ValueError, match="use --method llmm"):
-        train_glue.resolve(["--task", "rte", "--quant", "nf", "--rank", "32", "--method", "loftq", "--K", "2"])
+        glue_run.resolve(["--task", "rte", "--quant", "nf", "--rank", "32", "--method", "loftq", "--K", "2"])
     with pytest.raises(ValueError, match="no row for"):
-        train_glue.resolve(["--task", "rte", "--quant", "nf", "--rank", "8"])
+        glue_run.resolve(["--task", "rte", "--quant", "nf", "--rank", "8"])
     with pytest.raises(SystemExit):  # unknown flags are argparse errors
-        train_glue.resolve(["--task", "rte", "--quant", "nf", "--rank", "32", "--lr", "1e-4"])
+        glue_run.resolve(["--task", "rte", "--quant", "nf", "--rank", "32", "--lr", "1e-4"])
+    _, renamed = glue_run.resolve(["--task", "rte", "--quant", "nf", "--rank", "32", "--epochs", "3",
+                                     "--grad_accum", "4"])  # the old names: accepted, with one line each
+    assert (renamed["num_train_epochs"], renamed["gradient_accumulation_steps"]) == (3, 4)
+    assert "epochs" not in renamed and "grad_accum" not in renamed
 
 
 # ------------------------------------------------------------------------------------------------------ the data
@@ -252,10 +259,10 @@ def test_methods_quantize_and_wrap_as_documented(model_dir):
     original = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=2)
     query = "deberta.encoder.layer.0.attention.self.query_proj"
     for method in ("lora", "qlora", "loftq", "llmm"):
-        _, settings = train_glue.resolve(["--task", "mrpc", "--quant", "uniform", "--rank", "16", "--method", method,
+        _, settings = glue_run.resolve(["--task", "mrpc", "--quant", "uniform", "--rank", "16", "--method", method,
                                           "--model", model_dir])
-        _, model = train_glue.load_model(settings, task)
-        model = train_glue.wrap_model(model, settings)
+        _, model = glue_run.load_model(settings, task)
+        model = glue_run.wrap_model(model, settings)
         base = model.get_submodule("base_model.model." + query).get_base_layer().weight
         levels = base.unique().numel()
         assert levels == (original.get_submodule(query).weight.unique().numel() if method == "lora" else 4), method
@@ -348,15 +355,15 @@ def test_train_glue_from_an_init_directory(model_dir, tmp_path):
                                 "--loftq_iter", "1", "--dtype", "float32"])
     backbone = load_file(init / "model.safetensors")
     means = load_file(init / "llmm_init" / "adapter_model.safetensors")
-    _, model = train_glue.load_model({"model": str(init)}, get_task("cola"))
-    _, settings = train_glue.resolve(["--task", "cola", "--quant", "nf", "--rank", "16", "--model", str(init),
+    _, model = glue_run.load_model({"model": str(init)}, get_task("cola"))
+    _, settings = glue_run.resolve(["--task", "cola", "--quant", "nf", "--rank", "16", "--model", str(init),
                                       "--data_dir", str(DATA / "CoLA")])
     assert settings["init_dir"] == str(init / "llmm_init")
     assert settings["loftq_iter"] == 1 and settings["loftq_svd"] == "truncated"  # the directory's, not the table's 5
     with pytest.raises(ValueError, match=r"quantized with loftq_iter=1 but --loftq_iter 5 was given: drop"):
-        train_glue.resolve(["--task", "cola", "--quant", "nf", "--rank", "16", "--model", str(init), "--loftq_iter",
+        glue_run.resolve(["--task", "cola", "--quant", "nf", "--rank", "16", "--model", str(init), "--loftq_iter",
                             "5"])
-    wrapped = train_glue.wrap_model(model, settings)
+    wrapped = glue_run.wrap_model(model, settings)
     key = "deberta.encoder.layer.0.attention.self.query_proj"
     layer = wrapped.base_model.model.get_submodule(key)
     assert torch.equal(layer.get_base_layer().weight, backbone[f"{key}.weight"])  # not quantized a second time
@@ -373,10 +380,10 @@ def test_train_glue_from_an_init_directory(model_dir, tmp_path):
                            means[f"base_model.model.{table}.lora_embedding_A"])
     for method in ("qlora", "lora"):
         with pytest.raises(ValueError, match=f"LoftQ directory: --method {method} needs the original checkpoint"):
-            train_glue.resolve(["--task", "cola", "--quant", "nf", "--rank", "16", "--model", str(init),
+            glue_run.resolve(["--task", "cola", "--quant", "nf", "--rank", "16", "--model", str(init),
                                 "--method", method])
     with pytest.raises(ValueError, match="quantized with bits=2 but the settings say 4"):
-        train_glue.resolve(["--task", "cola", "--quant", "nf", "--rank", "16", "--model", str(init), "--bits", "4"])
+        glue_run.resolve(["--task", "cola", "--quant", "nf", "--rank", "16", "--model", str(init), "--bits", "4"])
 
 
 # ------------------------------------------------------------------------------------------ embedding adapters
@@ -464,28 +471,28 @@ def test_bert_tables_are_word_and_position_embeddings():
     settings = {"rank": 4, "lora_alpha": 4, "K": 1, "llmmscale": 400.0, "bits": 2, "quant": "nf", "loftq_iter": 1,
                 "method": "llmm", "init": "loftq", "quantize_embeddings": True, "gaussian_embeddings": False,
                 "eval_noise": "mean"}
-    model = train_glue.wrap_model(bert, settings)
+    model = glue_run.wrap_model(bert, settings)
     wrapped = {name.split(".")[-1] for name, m in model.named_modules() if isinstance(m, LlmmEmbedding)}
     assert wrapped == {"word_embeddings", "position_embeddings"}
     assert type(model.base_model.model.bert.embeddings.token_type_embeddings) is torch.nn.Embedding
 
 
 def test_settings_for_embeddings():
-    _, llmm_row = train_glue.resolve(["--task", "cola", "--quant", "nf", "--rank", "32"])
+    _, llmm_row = glue_run.resolve(["--task", "cola", "--quant", "nf", "--rank", "32"])
     assert llmm_row["quantize_embeddings"] and not llmm_row["gaussian_embeddings"]  # the paper's protocol
     assert llmm_row["backbone"] == "nf 2-bit"
-    _, lora = train_glue.resolve(["--task", "cola", "--quant", "nf", "--rank", "32", "--method", "lora"])
+    _, lora = glue_run.resolve(["--task", "cola", "--quant", "nf", "--rank", "32", "--method", "lora"])
     assert not lora["quantize_embeddings"]
-    _, off = train_glue.resolve(["--task", "cola", "--quant", "nf", "--rank", "32", "--no-quantize_embeddings"])
+    _, off = glue_run.resolve(["--task", "cola", "--quant", "nf", "--rank", "32", "--no-quantize_embeddings"])
     assert off["backbone"] == "nf 2-bit (fp embeddings)"
     with pytest.raises(ValueError, match="keeps the backbone in full precision"):
-        train_glue.resolve(["--task", "cola", "--quant", "nf", "--rank", "32", "--method", "lora",
+        glue_run.resolve(["--task", "cola", "--quant", "nf", "--rank", "32", "--method", "lora",
                             "--quantize_embeddings"])
     with pytest.raises(ValueError, match="--gaussian_embeddings true needs --method llmm"):
-        train_glue.resolve(["--task", "cola", "--quant", "nf", "--rank", "32", "--method", "loftq",
+        glue_run.resolve(["--task", "cola", "--quant", "nf", "--rank", "32", "--method", "loftq",
                             "--gaussian_embeddings", "true"])
     with pytest.raises(ValueError, match="--gaussian_embeddings true needs --method llmm"):  # K = 0: no directions
-        train_glue.resolve(["--task", "cola", "--quant", "nf", "--rank", "32", "--K", "0",
+        glue_run.resolve(["--task", "cola", "--quant", "nf", "--rank", "32", "--K", "0",
                             "--gaussian_embeddings", "true"])
 
 
@@ -531,7 +538,7 @@ def test_saved_runs_reload_exactly(runs, tmp_path):
         tokenizer, _ = eval_glue.load_run(run, settings)
         features = tokenize(load_glue(task, data_dir=str(DATA)), task, tokenizer, settings["max_length"])
         jobs.append([str(run), [{k: v for k, v in row.items() if k != "labels"} for row in features["validation"]],
-                     settings["eval_batch_size"]])
+                     settings["per_device_eval_batch_size"]])
         expected[str(run)] = final["outputs"]
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     done = subprocess.run([sys.executable, "-c", PLAIN_PEFT, str(tmp_path / "jobs.json")], capture_output=True,
@@ -571,6 +578,6 @@ def test_mrpc_and_qqp_select_the_best_epoch_on_f1(tmp_path):
         history = [{"epoch": 1.0, "step": 10, "eval_validation_accuracy": 0.80, "eval_validation_f1": 0.84},
                    {"epoch": 2.0, "step": 20, "eval_validation_accuracy": 0.78, "eval_validation_f1": 0.86},
                    {"epoch": 3.0, "step": 30, "eval_validation_accuracy": 0.79, "eval_validation_f1": 0.85}]
-        recorder = train_glue.ResultsRecorder(tmp_path, get_task(task), {"task": task})
+        recorder = glue_run.ResultsRecorder(tmp_path, get_task(task), {"task": task})
         results = recorder.write(history, complete=True)
         assert results["main_metric"] == "f1" and results["best"]["epoch"] == 2.0 and results["last"]["epoch"] == 3.0

@@ -100,7 +100,7 @@ def cuda_llama(tmp_path_factory):
 
 
 def test_init_sh_backbone_reloads_exactly_in_nf4_through_cuda_kernels(cuda_llama):
-    from scripts.causal_lm import load_backbone
+    from llmm.run.causal_lm import load_backbone
 
     model, _ = load_backbone({"model_name_or_path": str(cuda_llama["init"]), "load_in_4bit": True,
                               "dtype": "bfloat16"})
@@ -112,7 +112,7 @@ def test_paper_configuration_on_cuda_train_resume_generate_export(cuda_llama, tm
     from test_llama_scripts import DATA, GENERATE, check_predictions, plain_peft_generations
 
     from scripts import test_gsm8k, train_gsm8k
-    from scripts.causal_lm import load_backbone
+    from llmm.run.causal_lm import load_backbone
 
     nf4_bf16 = ["--load_in_4bit", "true", "--dtype", "bfloat16"]
     run = tmp_path / "run"
@@ -147,7 +147,7 @@ def test_in_process_loftq_runs_on_the_training_device(cuda_llama, tmp_path, monk
     from test_llama_scripts import DATA
 
     from scripts import train_gsm8k
-    from scripts.causal_lm import load_backbone
+    from llmm.run.causal_lm import load_backbone
 
     devices, loftq_factors = [], llmm.layer.loftq_factors
 
@@ -175,8 +175,8 @@ def test_deberta_glue_two_steps_on_cuda(tmp_path):
 
     model_dir = save_tiny_model(tmp_path / "deberta")
     train_glue.main(["--task", "cola", "--quant", "nf", "--rank", "16", "--bits", "4", "--eval_noise", "mc",
-                     "--mc_samples", "2", "--max_steps", "2", "--batch_size", "4", "--grad_accum", "1",
-                     "--eval_batch_size", "8", "--model", model_dir, "--data_dir", str(DATA), "--output_dir",
+                     "--mc_samples", "2", "--max_steps", "2", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
+                     "--per_device_eval_batch_size", "8", "--model", model_dir, "--data_dir", str(DATA), "--output_dir",
                      str(tmp_path / "run")])
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["complete"] and results["last"]["train_loss"] is not None

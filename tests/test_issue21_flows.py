@@ -107,7 +107,7 @@ def test_one_bf16_adapter_gives_the_same_figures_in_train_mcq_and_test_mcq(tiny_
 # --- one 4-bit kernel for every batch ------------------------------------------------------------------------------
 
 def nf4_letter_head(tokenizer, folder):  # noqa: F811
-    from scripts import causal_lm
+    from llmm.run import causal_lm
     from test_mcq import llmm_model, tiny_causal_lm
 
     from llmm import load_llmm_model, save_llmm_adapter

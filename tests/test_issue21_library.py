@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-import utils_llmm as U
+from llmm import outdirs as U
 from llmm import outdirs, stats
 from llmm.streams import MAX_SEED, check_seed, network_seeds
 from llmm.tasks import calibration as C

@@ -15,7 +15,7 @@ from conftest import REPO_ROOT
 from test_mcq import DATA, tiny_dir, tokenizer, train_argv  # noqa: F401  (fixtures)
 from test_safety import ENV, cli, tree
 
-import utils_llmm as U
+from llmm.run import cli, fileio
 from llmm import outdirs
 from scripts import eval_glue, mcq_table, test_gsm8k, test_mcq, train_mcq
 
@@ -79,7 +79,7 @@ def test_mcq_table_never_writes_over_a_runs_results(world, capsys):
 
 @pytest.mark.xfail(strict=True, reason=WIRED + "train_mcq.main calls outdirs.check_outputs_apart({'--output_dir': "
                    "output_dir}, {'--train_data', '--test_data', '--ood', '--model_name_or_path'}) before "
-                   "U.check_output_dir")
+                   "outdirs.check_output_dir")
 def test_train_mcq_never_replaces_its_own_training_data(tiny_dir, tmp_path, capsys):  # noqa: F811
     data = tmp_path / "data"  # a prepare script's output: recognisably llmm's, so --overwrite would replace it
     data.mkdir()
@@ -92,7 +92,7 @@ def test_train_mcq_never_replaces_its_own_training_data(tiny_dir, tmp_path, caps
 
 @pytest.mark.xfail(strict=True, reason=WIRED + "causal_lm.main (train_gsm8k / train_nlg) calls "
                    "outdirs.check_outputs_apart({'--output_dir': ...}, {'--model_name_or_path', '--data', "
-                   "'--eval_data', '--resume_from_checkpoint'}) before U.check_output_dir")
+                   "'--eval_data', '--resume_from_checkpoint'}) before outdirs.check_output_dir")
 def test_train_gsm8k_never_replaces_the_init_directory_it_reads(tiny_dir, tmp_path, capsys):  # noqa: F811
     from scripts import quantize_model, train_gsm8k
 
@@ -210,7 +210,7 @@ def test_eval_steps_zero_is_refused(world, tiny_dir, tmp_path, capsys):  # noqa:
     assert code == 2 and "eval_steps" in line and not (tmp_path / "r").exists()
 
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "U.check_data_paths: a data path that is a directory is 'is a "
+@pytest.mark.xfail(strict=True, reason=WIRED + "fileio.check_data_paths: a data path that is a directory is 'is a "
                    "directory, not a .json/.jsonl file', not 'does not exist'")
 def test_a_data_file_that_is_a_directory_is_named_as_such(world, tiny_dir, tmp_path, capsys):  # noqa: F811
     folder = tmp_path / "train.jsonl"
@@ -221,11 +221,11 @@ def test_a_data_file_that_is_a_directory_is_named_as_such(world, tiny_dir, tmp_p
     assert code == 2 and "directory" in line and "does not exist" not in line and "No such file" not in line
 
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "utils_llmm.disk_full also recognises torch.save's 'unexpected pos' "
+@pytest.mark.xfail(strict=True, reason=WIRED + "llmm.run.cli.disk_full also recognises torch.save's 'unexpected pos' "
                    "RuntimeError (inline_container.cc), so a full disk at a Trainer checkpoint is one error line")
 def test_a_full_disk_at_a_checkpoint_is_recognised():
     error = RuntimeError("[enforce fail at inline_container.cc:858] . unexpected pos 3328 vs 3216")
-    assert U.disk_full(error)
+    assert cli.disk_full(error)
 
 
 @pytest.mark.xfail(strict=True, reason=WIRED + "llmm.model.export_mean_adapter checks adapter_name in "

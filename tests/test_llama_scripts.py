@@ -21,8 +21,9 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 from llmm import LlmmConfig, get_llmm_model, llmm_layers, load_llmm_model
 from llmm.tasks.prompts import encode_prompt, gsm8k_source
 from scripts import lm_table, quantize_model, test_gsm8k, train_gsm8k, train_nlg
+from llmm.run import gsm8k_test
 from llmm.model import keep_cpu_4bit_trainable
-from scripts.causal_lm import attach_adapter, load_backbone, prepare_for_training, table_settings
+from llmm.run.causal_lm import attach_adapter, load_backbone, prepare_for_training, table_settings
 
 DATA = REPO_ROOT / "tests" / "data"
 FAST = ["--max_steps", "2", "--logging_steps", "1"]
@@ -237,12 +238,12 @@ def test_mc_networks_are_fixed_draws_and_the_means_come_back():
     mean = layer.lora_A["default"].weight.detach().clone()
     with torch.no_grad():
         at_mean = model(inputs).logits
-        with test_gsm8k.sampled_network(model, seed=3):
+        with gsm8k_test.sampled_network(model, seed=3):
             first, again = model(inputs).logits, model(inputs).logits
             draw = layer.lora_A["default"].weight.detach() - mean
-        with test_gsm8k.sampled_network(model, seed=3):
+        with gsm8k_test.sampled_network(model, seed=3):
             same_seed = model(inputs).logits
-        with test_gsm8k.sampled_network(model, seed=4):
+        with gsm8k_test.sampled_network(model, seed=4):
             other_seed = model(inputs).logits
         restored = model(inputs).logits
     assert torch.equal(first, again) and torch.equal(first, same_seed)  # one network per draw, seeded
@@ -271,13 +272,13 @@ def test_sample_mode_noise_follows_the_seed_flag(monkeypatch):
         with torch.no_grad():
             return [repr(model(inputs).logits.sum().item())] * len(prompts)
 
-    monkeypatch.setattr(test_gsm8k, "generate", generate)
+    monkeypatch.setattr(gsm8k_test, "generate", generate)
     records = [{"question": "one plus two", "answer": "3 #### 3"}]
     tokenizer = byte_level_tokenizer()
 
     def generated(seed):
         torch.manual_seed(1234 + seed)  # torch's generator must not decide the noise
-        return test_gsm8k.predict(model, tokenizer, records, {"mode": "sample", "seed": seed})[0]["generated"]
+        return gsm8k_test.predict(model, tokenizer, records, {"mode": "sample", "seed": seed})[0]["generated"]
 
     assert generated(0) == generated(0) != generated(1)
 
@@ -477,4 +478,4 @@ def test_command_line_errors_exit_2_with_one_line(tmp_path, script, argv, messag
                           text=True, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith(message), done.stderr[-2000:]
-    assert "kernels-community" not in done.stderr  # library noise is filtered (scripts/quiet.py)
+    assert "kernels-community" not in done.stderr  # library noise is filtered (llmm.run.quiet)

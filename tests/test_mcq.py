@@ -12,7 +12,8 @@ from conftest import REPO_ROOT
 from test_prompts import byte_level_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
-import utils_llmm as U
+from llmm.run import cli
+from llmm.run.mcq import evaluation_cell
 from llmm import LlmmConfig, get_llmm_model
 from llmm.tasks import calibration as C
 from llmm.tasks.mcq import LETTERS, encode_question, format_prompt, letter_token_ids, load_mcq, normalise
@@ -310,7 +311,7 @@ def test_train_evaluate_ensemble_and_table_end_to_end(tiny_dir, tmp_path, capsys
 
 
 @pytest.mark.parametrize("extra, problem", [
-    (["--mc_samples", "0"], "N must be an integer >= 1"),
+    (["--mc_samples", "0"], r"mc_samples = 0 is out of range"),
     (["--train_data", str(DATA / "bad_answer_key.jsonl")], "answer key 'E' is not among the choice labels"),
     (["--train_data", str(DATA / "no_choices.jsonl")], "the question has no choices"),
     (["--method", "map", "--K", "2"], "--method map trains plain LoRA factors"),
@@ -326,7 +327,7 @@ def test_bad_input_is_one_error_line_and_writes_nothing(tiny_dir, tmp_path, caps
             and not (a == "--train_data" and "--train_data" in extra)] + extra
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        U.run_main(lambda: train_mcq.main(argv))
+        cli.run_main(lambda: train_mcq.main(argv))
     assert exit_info.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1 and problem in errors[0], errors
@@ -362,7 +363,7 @@ def test_loftq_refuses_an_lm_head_tied_to_the_embeddings(tokenizer, tmp_path, ca
     tokenizer.save_pretrained(tmp_path / "tied")
     argv = train_argv(tmp_path / "tied", tmp_path / "run", "--init", "loftq", "--bits", "4", "--loftq_iter", "1")
     with pytest.raises(SystemExit) as exit_info:
-        U.run_main(lambda: train_mcq.main(argv))
+        cli.run_main(lambda: train_mcq.main(argv))
     assert exit_info.value.code == 2 and "would quantize the embeddings too" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
@@ -383,7 +384,7 @@ def write_mcq_run(root, name, run_cell, seed, evaluations, width=None):
     for (eval_set, mode, n), accuracy in evaluations.items():
         entry = {"eval_set": eval_set, "where": f"{eval_set}.jsonl", "mode": mode, "N": n, "seed": seed,
                  "accuracy": accuracy, "ece": 1 - accuracy, "nll": 2 * (1 - accuracy), "brier": (1 - accuracy) / 2}
-        entries.append({**entry, "cell": train_mcq.evaluation_cell(run_cell, entry)})
+        entries.append({**entry, "cell": evaluation_cell(run_cell, entry)})
     folder = root / name
     folder.mkdir(parents=True)
     results = {"task": run_cell["task"], "seed": seed, "cell": run_cell, "complete": True, "evaluations": entries}

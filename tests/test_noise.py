@@ -12,7 +12,7 @@ from datasets import Dataset
 from transformers import TrainerCallback, TrainingArguments
 
 from llmm import LlmmConfig, get_llmm_model, noise_source, seed_noise
-from scripts import training
+from llmm.run import trainer as training
 
 
 class ExtraGlobalDraw(TrainerCallback):

@@ -14,7 +14,8 @@ from test_model import load_4bit
 from llmm import LlmmConfig, get_llmm_model
 from llmm.quant import (_normal_float, _normal_float_scratch, fake_quantize, loftq_init, normal_float_code,
                         truncated_svd)
-from utils_llmm import read_yaml, run_main
+from llmm.run.cli import run_main
+from llmm.run.tables import read_yaml
 
 DEFAULTS = LlmmConfig()  # the truncated SVD's default settings, which the tables repeat
 SVD_DEFAULTS = dict(svd_oversampling=DEFAULTS.loftq_svd_oversampling, svd_iters=DEFAULTS.loftq_svd_iters)

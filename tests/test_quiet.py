@@ -1,11 +1,11 @@
-"""scripts/quiet.py: the entry points hide library noise a user cannot act on, and nothing else."""
+"""llmm.run.quiet: the entry points hide library noise a user cannot act on, and nothing else."""
 
 import logging
 import warnings
 
 from transformers import BertConfig, BertForPreTraining, BertForSequenceClassification
 
-from scripts import quiet
+from llmm.run import quiet
 
 BERT = BertConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
 

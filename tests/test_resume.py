@@ -1,4 +1,4 @@
-"""Resume and divergence, for scripts/train_glue.py and scripts/train_gsm8k.py (scripts/causal_lm.py) on CPU.
+"""Resume and divergence, for scripts/train_glue.py and scripts/train_gsm8k.py (llmm.run.causal_lm) on CPU.
 
 A run killed at step N and resumed from its newest checkpoint must reproduce the uninterrupted run exactly: the
 checkpoint holds the adapter's M and Z, the optimizer, the scheduler, torch's RNG states and the Llmm noise
@@ -16,8 +16,8 @@ from test_glue import DATA as GLUE_DATA
 from test_glue import model_dir  # noqa: F401  (the tiny DeBERTa fixture)
 from test_llama_scripts import save_tiny_llama
 
-import utils_llmm as U
-from scripts import training
+from llmm.run import cli
+from llmm.run import trainer as training
 from conftest import REPO_ROOT
 from scripts import train_glue, train_gsm8k
 
@@ -60,7 +60,8 @@ def llama_dir(tmp_path_factory):
 
 def glue_argv(model_dir, out, *extra):
     return ["--task", "cola", "--quant", "nf", "--rank", "16", "--bits", "4", "--K", "2", "--model", model_dir,
-            "--data_dir", str(GLUE_DATA), "--batch_size", "4", "--grad_accum", "1", "--eval_batch_size", "8",
+            "--data_dir", str(GLUE_DATA), "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "1",
+            "--per_device_eval_batch_size", "8",
             "--eval_steps", "1", "--save_steps", "1", "--learning_rate", "1e-3", "--llmmscale", "4",
             "--output_dir", str(out), *extra]
 
@@ -156,7 +157,7 @@ def diverge(main, argv, capsys) -> str:
     """Run an entry point as the command line does; returns its one error line (exit code 3)."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        U.run_main(lambda: main(argv))
+        cli.run_main(lambda: main(argv))
     assert exit_info.value.code == 3
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines and [line for line in lines if line.startswith("error:")] == [lines[-1]]

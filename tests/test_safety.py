@@ -19,11 +19,15 @@ from safetensors.torch import load_file, save_file
 from test_glue import model_dir  # noqa: F401  (the tiny DeBERTa fixture)
 from test_resume import glue_argv, gsm8k_argv, llama_dir  # noqa: F401  (the tiny Llama fixture)
 
-import utils_llmm as U
+from llmm import outdirs
+from llmm.run import adapters, tables
+from llmm.run.cli import run_main
 from conftest import LLAMA_TARGETS, REPO_ROOT, tiny_llama
 from llmm import LlmmConfig, get_llmm_model, noise_source, outdirs, save_llmm_adapter
 from llmm.outdirs import PARTIAL_MARKER, RUN_MARKER, atomic_dir
-from scripts import quantize_model, quickstart, test_gsm8k, train_glue, train_gsm8k, train_nlg, training
+from scripts import quantize_model, quickstart, test_gsm8k, train_glue, train_gsm8k, train_nlg
+from llmm.run import glue as glue_run
+from llmm.run import trainer as training
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
        "PYTHONPATH": f"{REPO_ROOT / 'src'}{os.pathsep}{REPO_ROOT}"}
@@ -33,7 +37,7 @@ def cli(main, argv, capsys) -> tuple[int, str]:
     """(exit code, the one error line) of an entry point run as its command line runs it."""
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        U.run_main(lambda: main(argv))
+        run_main(lambda: main(argv))
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert lines and [line for line in lines if "error:" in line] == [lines[-1]], lines[-5:]
     return exit_info.value.code, lines[-1]
@@ -80,7 +84,7 @@ def test_overwrite_never_removes_protected_directories(stand, path, reason):
     target = os.path.expanduser(path) if path else path
     before = tree(stand)
     with pytest.raises((FileExistsError, ValueError), match=reason):
-        U.prepare_output_dir(target, overwrite=True)
+        outdirs.prepare_output_dir(target, overwrite=True)
     assert tree(stand) == before
 
 
@@ -93,13 +97,13 @@ def test_overwrite_refuses_a_git_repository_and_foreign_directories(tmp_path):
             (folder / name).write_text("x")
     before = tree(tmp_path)
     with pytest.raises(FileExistsError, match="it is a git repository"):
-        U.prepare_output_dir(repo, overwrite=True)
+        outdirs.prepare_output_dir(repo, overwrite=True)
     with pytest.raises(FileExistsError, match="not a directory llmm wrote"):
-        U.prepare_output_dir(foreign, overwrite=True)
+        outdirs.prepare_output_dir(foreign, overwrite=True)
     assert tree(tmp_path) == before
-    U.prepare_output_dir(ours, overwrite=True)  # an llmm run directory is replaced
+    outdirs.prepare_output_dir(ours, overwrite=True)  # an llmm run directory is replaced
     assert sorted(p.name for p in ours.iterdir()) == [RUN_MARKER]
-    U.prepare_output_dir(ours, overwrite=True)  # and again: the marker makes it llmm's even before settings.json
+    outdirs.prepare_output_dir(ours, overwrite=True)  # and again: the marker makes it llmm's even before settings.json
 
 
 def test_what_counts_as_llmm_s(tmp_path):
@@ -164,11 +168,11 @@ def test_the_python_api_never_replaces_protected_directories(stand, path):
 def test_every_table_row_is_inside_the_declared_ranges():
     """The schema and configs/ agree: no table row is rejected by the checks every CLI runs."""
     for table_file in sorted((REPO_ROOT / "configs").glob("*.yaml")):
-        table = U.read_yaml(table_file)
+        table = tables.read_yaml(table_file)
         if "rows" not in table:
             continue
-        for row in U.table_rows(table):
-            U.check_settings(row)
+        for row in tables.table_rows(table):
+            adapters.check_settings(row)
 
 
 # --- locks, rename-or-fail, orphans ---------------------------------------------------------------------------------
@@ -197,12 +201,12 @@ def test_the_lock_is_held_for_the_life_of_the_process_and_released_by_its_death(
         assert holder.stdout.readline().strip() == "locked"
         assert outdirs.locked_by_other(out)
         with pytest.raises(outdirs.DirectoryLocked, match="in use by another process"):
-            U.prepare_output_dir(out)
+            outdirs.prepare_output_dir(out)
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     assert not outdirs.locked_by_other(out)  # the kernel released it; the stale lock file blocks no one
-    U.prepare_output_dir(out)
+    outdirs.prepare_output_dir(out)
     outdirs.release_all()
     assert not (tmp_path / ".run.lock").exists()
 
@@ -366,7 +370,7 @@ class Killed(Exception):
 
 
 def test_a_run_killed_during_export_resumes_without_an_extra_step(llama_dir, tmp_path, monkeypatch):  # noqa: F811
-    from scripts import causal_lm
+    from llmm.run import causal_lm
 
     full, killed = tmp_path / "full", tmp_path / "killed"
     train_gsm8k.main(gsm8k_argv(llama_dir, full, "--max_steps", "2"))
@@ -390,7 +394,7 @@ def test_a_glue_run_killed_during_export_resumes_without_an_extra_step(model_dir
     full, killed = tmp_path / "full", tmp_path / "killed"
     train_glue.main(glue_argv(model_dir, full, "--max_steps", "2"))
     with monkeypatch.context() as patch:
-        patch.setattr(train_glue, "save_run", lambda *a, **k: (_ for _ in ()).throw(Killed()))
+        patch.setattr(glue_run, "save_run", lambda *a, **k: (_ for _ in ()).throw(Killed()))
         with pytest.raises(Killed):
             train_glue.main(glue_argv(model_dir, killed, "--max_steps", "2"))
     results = train_glue.main(glue_argv(model_dir, killed, "--max_steps", "2", "--resume_from_checkpoint"))
@@ -447,7 +451,7 @@ def test_run_main_turns_environment_faults_into_one_line(capsys, error, expected
 
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
-        U.run_main(main)
+        run_main(main)
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(lines) == 1 and re.search(expected, lines[0]), lines
 
@@ -458,17 +462,17 @@ def test_a_full_disk_inside_torch_save_is_one_line_and_other_runtime_errors_are_
                            "data/3: file write failed")
 
     with pytest.raises(SystemExit) as exit_info:
-        U.run_main(main)
+        run_main(main)
     lines = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(lines) == 1 and "no space left on device: free space" in lines[0]
     with pytest.raises(RuntimeError, match="a bug"):
-        U.run_main(lambda: (_ for _ in ()).throw(RuntimeError("a bug")))
+        run_main(lambda: (_ for _ in ()).throw(RuntimeError("a bug")))
 
 
 def test_debug_shows_the_traceback(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["x", "--debug"])
     with pytest.raises(OSError, match="No space"):
-        U.run_main(lambda: (_ for _ in ()).throw(OSError(28, "No space left on device", "f")))
+        run_main(lambda: (_ for _ in ()).throw(OSError(28, "No space left on device", "f")))
     assert sys.argv == ["x"]
 
 

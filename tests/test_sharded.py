@@ -178,8 +178,8 @@ def guard(model, rank: int, out: Path) -> None:
     must stop both processes."""
     from types import SimpleNamespace
 
-    from scripts.training import LlmmTrainer
-    from utils_llmm import TrainingDiverged
+    from llmm.run.trainer import LlmmTrainer
+    from llmm.run.cli import TrainingDiverged
 
     if rank == 1:
         grad = next(p.grad for p in model.parameters() if p.requires_grad and p.grad is not None)

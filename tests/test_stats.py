@@ -7,6 +7,7 @@ import pytest
 
 from llmm import stats
 from scripts import glue_table
+from llmm.run import glue_report, schema
 
 CELL = {"task": "cola", "method": "llmm", "backbone": "nf 2-bit", "quant": "nf", "bits": 2, "rank": 32, "K": 1,
         "llmmscale": 600.0, "init": "loftq", "learning_rate": 5e-5, "eval_noise": "mean", "mc_samples": 10}
@@ -93,7 +94,7 @@ def test_a_results_file_without_its_cell_is_refused(tmp_path):
 def test_labels_show_only_the_settings_that_separate_rows():
     cells = [{**CELL, "learning_rate": 5e-5}, {**CELL, "quant": "uniform", "backbone": "uniform 2-bit",
                                                  "learning_rate": 1e-4}, {**CELL, "K": 2}]
-    assert stats.distinguishing_fields(cells, glue_table.LABEL_FIELDS) == ["method", "backbone", "rank", "K"]
+    assert stats.distinguishing_fields(cells, glue_report.LABEL_FIELDS) == ["method", "backbone", "rank", "K"]
     assert stats.find_baseline(CELL, [LOFTQ, {**LOFTQ, "rank": 16}], "loftq") == LOFTQ
     assert stats.find_baseline({**CELL, "eval_noise": "mc"}, [LOFTQ], "loftq") is None
     # Gaussian embedding pairs exist only for llmm (loftq's are plain): such a run is still paired with loftq
@@ -126,3 +127,17 @@ def test_lm_table_pairs_gsm8k_accuracy_and_loss_with_loftq(tmp_path):
     assert rows["llmm llama-2-7b 64 (test_mode=mean)"] == ["3", "31.00", "31.00 ± 1.00", "+1.00 [+1.00, +1.00] (n=3) |"]
     assert rows["llmm llama-2-7b 64 (test_mode=mc)"][-1] == "- |"  # no loftq run evaluated in mc mode
     assert "alpaca, held-out loss" in text and "| loftq llama-2-7b 64 | 3 | 2.000 | 2.000 ± 1.000 | - |" in text
+
+
+def test_a_run_directory_of_glue_s_old_vocabulary_pools_with_a_new_one(tmp_path, capsys):
+    """Runs written before GLUE's settings took Hugging Face's names (batch_size, grad_accum, ...) table with runs
+    written after: the same cell under today's names, two seeds of one row."""
+    new = {"task": "cola", "method": "llmm", "backbone": "nf 2-bit", "rank": 16, "K": 1,
+           "per_device_train_batch_size": 16, "gradient_accumulation_steps": 2, "lr_scheduler_type": "linear",
+           "num_train_epochs": 60}
+    old = {**{k: v for k, v in new.items() if k not in schema.RENAMED.values()}, "batch_size": 16, "grad_accum": 2,
+           "lr_scheduler": "linear", "epochs": 60}
+    write_run(tmp_path, "old", old, 0, 50.0)
+    write_run(tmp_path, "new", new, 1, 52.0)
+    rows = stat_rows(glue_table.main([str(tmp_path), "--no_reference"]))
+    assert list(rows) == [("llmm nf 2-bit r16", "cola")] and rows[("llmm nf 2-bit r16", "cola")][0] == "2"

@@ -1,6 +1,9 @@
 """llmm: Gaussian K-direction LoRA (MeMoTune / Llmm) over LoftQ-quantized backbones, as a PEFT LoRA variant."""
 
-from llmm.config import LlmmConfig
+from llmm.run.quiet import install_import_filter
+
+install_import_filter()  # before bitsandbytes loads: its CPU-kernel notice is logged at import time
+from llmm.config import LlmmConfig  # noqa: E402
 from llmm.layer import LlmmVariant, sample_factor
 from llmm.model import (
     entropy,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass, field
 
@@ -20,79 +19,9 @@ from llmm.quant import ALLOWED_BITS, ALLOWED_METHODS, ALLOWED_SVD, check_svd_arg
 EVAL_NOISE_MODES = ("mean", "sample")
 
 
-def _integer(value, low: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _in(low: float, high: float, closed_high: bool = False):
-    return lambda v: _number(v) and low <= v and (v <= high if closed_high else v < high)
-
-
-# The declared range of every numeric setting: one schema for LlmmConfig (config_field -> setting below), the
-# tables in configs/ and every command-line flag (utils_llmm.check_settings). name: (accepts, what it must be).
-SETTING_RULES = {
-    "K": (lambda v: _integer(v, 0), "an integer >= 0 (directions per factor; 0 = plain LoRA/LoftQ)"),
-    "llmmscale": (lambda v: _number(v) and v > 0, "a finite number > 0 (the noise std is 1/sqrt(llmmscale))"),
-    "rank": (lambda v: _integer(v, 1), "an integer >= 1"),
-    "lora_alpha": (lambda v: _number(v) and v > 0, "a finite number > 0"),
-    "lora_dropout": (_in(0, 1), "a number in [0, 1)"),
-    "bits": (lambda v: v in ALLOWED_BITS, f"one of {ALLOWED_BITS}"),
-    "quant": (lambda v: v in ALLOWED_METHODS, f"one of {ALLOWED_METHODS}"),
-    "loftq_iter": (lambda v: _integer(v, 1), "an integer >= 1"),
-    "loftq_svd": (lambda v: v in ALLOWED_SVD, f"one of {ALLOWED_SVD}"),
-    "loftq_svd_oversampling": (lambda v: _integer(v, 0), "an integer >= 0 (columns beyond the rank)"),
-    "loftq_svd_iters": (lambda v: _integer(v, 0), "an integer >= 0 (power steps)"),
-    "block_size": (lambda v: _integer(v, 1), "an integer >= 1"),
-    "learning_rate": (lambda v: _number(v) and v > 0, "a finite number > 0"),
-    "weight_decay": (lambda v: _number(v) and v >= 0, "a finite number >= 0"),
-    "max_grad_norm": (lambda v: _number(v) and v >= 0, "a finite number >= 0 (0 = no clipping)"),
-    "warmup_ratio": (_in(0, 1), "a number in [0, 1)"),
-    "epochs": (lambda v: _number(v) and v > 0, "a finite number > 0"),
-    "max_steps": (lambda v: _integer(v, 1), "an integer >= 1"),
-    "mc_samples": (lambda v: _integer(v, 1), "an integer >= 1"),
-    "batch_size": (lambda v: _integer(v, 1), "an integer >= 1"),
-    "eval_batch_size": (lambda v: _integer(v, 1), "an integer >= 1"),
-    "per_device_train_batch_size": (lambda v: _integer(v, 1), "an integer >= 1"),
-    "per_device_eval_batch_size": (lambda v: _integer(v, 1), "an integer >= 1"),
-    "grad_accum": (lambda v: _integer(v, 1), "an integer >= 1"),
-    "gradient_accumulation_steps": (lambda v: _integer(v, 1), "an integer >= 1"),
-    "max_length": (lambda v: _integer(v, 1), "an integer >= 1"),
-    "source_max_len": (lambda v: _integer(v, 1), "an integer >= 1"),
-    "target_max_len": (lambda v: _integer(v, 1), "an integer >= 1"),
-    "max_new_tokens": (lambda v: _integer(v, 1), "an integer >= 1"),
-    "logging_steps": (lambda v: _integer(v, 1), "an integer >= 1"),
-    "eval_steps": (lambda v: _integer(v, 0), "an integer >= 0"),
-    "save_steps": (lambda v: _integer(v, 0), "an integer >= 0"),
-    "save_total_limit": (lambda v: _integer(v, 1), "an integer >= 1"),
-    "eval_size": (lambda v: _integer(v, 0), "an integer >= 0"),
-    "max_train_samples": (lambda v: _integer(v, 1), "an integer >= 1"),
-    "max_eval_samples": (lambda v: _integer(v, 1), "an integer >= 1"),
-    "max_samples": (lambda v: _integer(v, 1), "an integer >= 1"),
-    "num_labels": (lambda v: _integer(v, 1), "an integer >= 1"),
-    "seed": (lambda v: _integer(v, 0), "an integer >= 0"),
-    "seeds": (lambda v: _integer(v, 1), "an integer >= 1 (the number of seeds)"),
-    "dev_fraction": (lambda v: _number(v) and 0 < v < 1, "a number in (0, 1)"),
-    "test_fraction": (lambda v: _number(v) and 0 < v < 1, "a number in (0, 1)"),
-    "mc_dropout": (_in(0, 1), "a number in [0, 1)"),
-    "data_seed": (lambda v: _integer(v, 0), "an integer >= 0"),
-    "temperature": (lambda v: _number(v) and v > 0, "a finite number > 0"),
-    "top_k": (lambda v: _integer(v, 0), "an integer >= 0"),
-    "top_p": (_in(0, 1, closed_high=True), "a number in [0, 1]"),
-    "output_dir": (lambda v: isinstance(v, str) and v.strip() != "", "a directory name, not empty"),
-    "save_dir": (lambda v: isinstance(v, str) and v.strip() != "", "a directory name, not empty"),
-}
+# LlmmConfig field -> the setting of llmm.run.schema whose declared range it must be in.
 CONFIG_SETTINGS = {"k": "K", "scale": "llmmscale", "r": "rank", "lora_alpha": "lora_alpha",
                    "lora_dropout": "lora_dropout"}
-
-
-def setting_error(name: str, value) -> str | None:
-    """None if ``value`` is in the declared range of setting ``name`` (or ``name`` has none), else what it must be."""
-    accepts, rule = SETTING_RULES.get(name, (lambda v: True, ""))
-    return None if accepts(value) else rule
 
 
 @dataclass
@@ -148,8 +77,10 @@ class LlmmConfig(LoraConfig):
     )
 
     def __post_init__(self):
+        from llmm.run.schema import AdapterSettings, setting_error
+
         for name, setting in CONFIG_SETTINGS.items():  # before PEFT's own checks: they assume sane types
-            rule = setting_error(setting, getattr(self, name))
+            rule = setting_error(setting, getattr(self, name), (AdapterSettings,))
             if rule:
                 raise ValueError(f"LlmmConfig {name} ({setting}) must be {rule}, got {getattr(self, name)!r}")
         super().__post_init__()

@@ -398,3 +398,48 @@ def check_output_file(path: str | Path, flag: str = "--output") -> None:
     parent = path.parent
     if parent.exists() and not parent.is_dir():
         raise ValueError(f"{flag} {str(path)!r}: {str(parent)!r} is a file, not a directory; choose another path")
+
+
+def check_output_dir(path: str | Path, overwrite: bool = False, resume: bool = False) -> None:
+    """``path`` may become this run's directory (nothing is written here): not a file, not in use by another
+    process; if it exists and is not empty, only with ``resume`` (continue it) or ``overwrite`` (replace it, and only
+    if it is recognisably an llmm directory that is not ``.``, a parent of it, a repository, $HOME or /)."""
+    path = Path(path) if str(path).strip() else None
+    if path is None:
+        raise ValueError("--output_dir is the empty string: pass a directory name")
+    if resume:
+        if path.exists() and not path.is_dir():
+            raise FileExistsError(f"output directory {str(path)!r} is a file: choose another --output_dir")
+        if locked_by_other(path):
+            raise DirectoryLocked(f"{str(path)!r} is in use by another process: wait for it to finish")
+        return
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"output directory {str(path)!r} exists and is not empty: choose another, or pass "
+                              "--overwrite (replace) / --resume_from_checkpoint (continue)")
+    check_new_dir(path, overwrite)
+
+def prepare_output_dir(path: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
+    """Lock ``path`` for the rest of this process, check it again (check_output_dir), replace it if overwriting,
+    and create it with the run marker (which makes it recognisably llmm's for a later --overwrite)."""
+    if str(path).strip() == "":
+        raise ValueError("--output_dir is the empty string: pass a directory name")
+    path = Path(path)
+    check_output_dir(path, overwrite, resume)
+    acquire(path)  # held until the process ends (run_main gives it back)
+    check_output_dir(path, overwrite, resume)  # again, now that no other process can change it
+    if path.is_dir() and any(path.iterdir()) and overwrite and not resume:
+        remove_run_dir(path)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / RUN_MARKER).touch()
+    return path
+
+def make_output_dir(path: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
+    """``prepare_output_dir`` on the main process only, the others waiting for it (torchrun / accelerate launch);
+    the main process holds the directory's lock."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.is_main_process:
+        prepare_output_dir(path, overwrite, resume)
+    state.wait_for_everyone()
+    return Path(path)

@@ -27,15 +27,14 @@ from pathlib import Path
 
 import numpy as np
 
+from llmm.run import schema
+
 N_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
 LEVEL = 0.95
 
-# Settings that do not change a run's numbers: never part of a cell.
-NOT_CELL = frozenset({
-    "seed", "output_dir", "overwrite", "resume_from_checkpoint", "resumed_from", "save_steps", "save_total_limit",
-    "eval_batch_size", "per_device_eval_batch_size", "source", "versions", "logging_steps", "adapter", "optim_used",
-})
+# Settings that do not change a run's numbers (role "run" in llmm.run.schema): never part of a cell.
+NOT_CELL = schema.not_cell()
 # Settings a method implies: a method and its baseline may differ in these (and only these) to be paired.
 METHOD_FIELDS = ("method", "K", "llmmscale", "scaled_gradient", "gaussian_embeddings", "init", "backbone",
                  "init_source", "init_dir", "model_name_or_path", "test_model_name_or_path")
@@ -151,6 +150,7 @@ def group_by_cell(records: list[dict]) -> dict[str, dict]:
         if not isinstance(record.get("cell"), dict) or "seed" not in record:
             raise ValueError(f"{record.get('path', 'a results.json')} has no 'cell'/'seed' record (written by an "
                              "older version of the scripts): re-run it, or leave it out of the table")
+        record["cell"] = schema.current_names(record["cell"])  # old run directories' names are today's
         group = groups.setdefault(cell_key(record["cell"]), {"cell": record["cell"], "runs": {}})
         seed = record["seed"]
         if seed in group["runs"]:

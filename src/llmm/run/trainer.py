@@ -1,4 +1,4 @@
-"""Training pieces shared by scripts.train_glue and scripts.causal_lm: resume, one noise stream per process (saved
+"""Training pieces every recipe shares (llmm.run.recipe): resume, one noise stream per process (saved
 in every checkpoint), and a stop at the first non-finite loss or gradient (``LlmmTrainer``, an HF Trainer subclass).
 
 Guarantees (tests/test_safety.py, tests/test_resume.py): a step whose loss or gradients are not finite is never
@@ -22,7 +22,7 @@ from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
 from llmm import noise_source
 from llmm.model import frozen_embedding_bases
-from utils_llmm import TrainingDiverged, logger
+from llmm.run.cli import TrainingDiverged, logger
 
 CHECKPOINT_PREFIX = "checkpoint-"
 NOISE_STATE = "llmm_noise_rng_{}.pt"  # one per process, beside the Trainer's rng_state_<process>.pth
@@ -139,7 +139,7 @@ def check_checkpoint(checkpoint: str, settings: dict) -> None:
     from accelerate import PartialState
 
     from llmm import LlmmConfig
-    from utils_llmm import check_safetensors
+    from llmm.run.fileio import check_safetensors
 
     saved = LlmmConfig.from_pretrained(checkpoint)
     written_by, processes = checkpoint_world_size(checkpoint), PartialState().num_processes

@@ -29,8 +29,10 @@ from peft import prepare_model_for_kbit_training
 from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DataCollatorForSeq2Seq,
                           TrainingArguments)
 
-import utils_llmm as U
-from scripts import training
+from llmm import outdirs
+from llmm.run import adapters, cli, fileio, schema, tables
+from llmm.run import trainer as training
+from llmm.run.recipe import Recipe
 from llmm import LlmmConfig, export_mean_adapter, get_llmm_model, load_llmm_model, save_llmm_adapter
 from llmm import stats
 from llmm.model import atomic_dir, init_from_adapter, keep_cpu_4bit_trainable
@@ -38,27 +40,24 @@ from llmm.tasks.prompts import load_records
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 METHODS = ("llmm", "loftq", "qlora")
+BLOCKS = schema.FAMILY_BLOCKS["causal_lm"]
 INIT_SUBDIR = "llmm_init"
 
 
 # --- settings ------------------------------------------------------------------------------------------------------
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags every causal-LM script takes (typed here; add_setting_flags adds the table's others)."""
+    """Flags every causal-LM script takes beside its table's (add_setting_flags: typed by llmm.run.schema)."""
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
     parser.add_argument("--model_name_or_path", default=None,
                         help="an _init.sh directory, or a hub id / local checkpoint (default: the row's model)")
     parser.add_argument("--data", default=None, help="hub id, dataset directory or .json/.jsonl file "
                                                      "(default: the row's dataset)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="override the table's dtype")
 
 
 def add_training_flags(parser: argparse.ArgumentParser) -> None:
     add_model_flags(parser)
-    parser.add_argument("--method", choices=METHODS, default=None, help="override the table's method")
-    parser.add_argument("--init", choices=("loftq", "lora"), default=None,
-                        help="adapter init for a plain checkpoint (an _init.sh directory brings LoftQ means)")
     parser.add_argument("--eval_data", default=None, help="a .json/.jsonl held-out file (else the row's eval_split)")
     parser.add_argument("--target_modules", nargs="+", default=None, help="else configs/targets.yaml by model_type")
     parser.add_argument("--max_train_samples", type=int, default=None, help="first N training examples (debug)")
@@ -78,7 +77,7 @@ def table_settings(table: dict, args: argparse.Namespace, task_columns: tuple[st
     every flag given. Without --model any --model_name_or_path and any --rank run from the defaults;
     ``task_columns`` (e.g. the dataset) then come from the rows of the given --task, which must agree on them."""
     given = {key: getattr(args, key) for key in table["keys"] if getattr(args, key, None) is not None}
-    rows = U.table_rows(table)
+    rows = tables.table_rows(table)
     # A table keyed by model names its rows with --model; a table without a model key, with any key flag.
     names_a_row = given.get("model") is not None if "model" in table["keys"] else bool(given)
     if names_a_row:
@@ -111,9 +110,11 @@ def parse_settings(parser: argparse.ArgumentParser, table: dict, argv=None,
                    task_columns: tuple[str, ...] = ()) -> dict:
     """Table defaults or a named row, then flags; the baselines' K and init fixed; inconsistent choices fail before
     any loading."""
-    U.add_setting_flags(parser, table)
+    tables.add_setting_flags(parser, table, BLOCKS)
     args = parser.parse_args(argv)
-    settings = table_settings(table, args, task_columns)
+    schema.take_renamed(args, BLOCKS)
+    settings = {**tables.plumbing_defaults(BLOCKS), **table_settings(table, args, task_columns)}
+    adapters.check_settings(settings, BLOCKS)
     scope_dataset_config(settings, args)
     if not (settings.get("data") or settings.get("dataset")):
         raise ValueError("no dataset: pass --data (a hub id, dataset directory or .json/.jsonl file)")
@@ -126,8 +127,8 @@ def parse_settings(parser: argparse.ArgumentParser, table: dict, argv=None,
         if args.init not in (None, fixed_init):
             raise ValueError(f"--method {method} means --init {fixed_init}; drop --init {args.init}")
         settings["init"] = fixed_init
-    U.check_adapter_settings(settings)
-    U.check_data_paths(data=settings.get("data"), eval_data=settings.get("eval_data"))
+    adapters.check_settings(settings, BLOCKS)
+    fileio.check_data_paths(data=settings.get("data"), eval_data=settings.get("eval_data"))
     if args.model_name_or_path is None:
         key = "base_model" if method == "qlora" else "init_dir"
         if key not in settings:
@@ -137,7 +138,7 @@ def parse_settings(parser: argparse.ArgumentParser, table: dict, argv=None,
         if key == "init_dir" and not Path(settings[key]).is_dir():
             raise FileNotFoundError(f"the row's init_dir {settings[key]!r} does not exist: create it with bash "
                                     "_init.sh (configs/quantize.yaml) or pass --model_name_or_path")
-    U.check_model_path(settings["model_name_or_path"])
+    fileio.check_model_path(settings["model_name_or_path"])
     init_dir = init_adapter_dir(settings["model_name_or_path"])
     if init_dir is not None and method == "qlora":
         raise ValueError(f"--method qlora needs the original checkpoint (the row's base_model), not the _init.sh "
@@ -149,8 +150,8 @@ def parse_settings(parser: argparse.ArgumentParser, table: dict, argv=None,
                          "directory (bash _init.sh PRESET), or --load_in_4bit false, or --init lora")
     if init_dir is not None:
         check_init_adapter(init_dir, settings)
-        U.adopt_init_dir_settings(settings["model_name_or_path"], settings,
-                                  {name for name in U.INIT_DIR_LOFTQ if getattr(args, name, None) is not None})
+        adapters.adopt_init_dir_settings(settings["model_name_or_path"], settings,
+                                  {name for name in adapters.INIT_DIR_LOFTQ if getattr(args, name, None) is not None})
     settings["init_source"] = str(init_dir) if init_dir else f"{settings['init']} (in-process)"
     if not 0 <= settings["warmup_ratio"] < 1:
         raise ValueError(f"warmup_ratio must be in [0, 1), got {settings['warmup_ratio']}")
@@ -164,17 +165,21 @@ def parse_settings(parser: argparse.ArgumentParser, table: dict, argv=None,
 # --- model ---------------------------------------------------------------------------------------------------------
 
 def load_backbone(settings: dict):
-    """(model, tokenizer): bitsandbytes NF4 on this process's device, or ``dtype`` weights on CPU (the Trainer or
-    the caller moves them). No token is added: a missing pad token becomes unk (or eos), so embeddings keep size."""
+    """(model, tokenizer): bitsandbytes NF4 (or LLM.int8 with ``load_in_8bit``, BLoB's backbone) on this process's
+    device, or ``dtype`` weights on CPU (the Trainer or the caller moves them). No token is added: a missing pad
+    token becomes unk (or eos), so embeddings keep size."""
     dtype = DTYPES[settings["dtype"]]
     kwargs = {"dtype": dtype}
-    if settings["load_in_4bit"]:
+    if settings.get("load_in_8bit"):
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    elif settings["load_in_4bit"]:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
             bnb_4bit_use_double_quant=False)
+    if "quantization_config" in kwargs:
         kwargs["device_map"] = {"": PartialState().device}
-    model = U.load_pretrained(AutoModelForCausalLM, settings["model_name_or_path"], **kwargs)
-    tokenizer = U.load_pretrained(AutoTokenizer, settings["model_name_or_path"])
+    model = fileio.load_pretrained(AutoModelForCausalLM, settings["model_name_or_path"], **kwargs)
+    tokenizer = fileio.load_pretrained(AutoTokenizer, settings["model_name_or_path"])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return model, tokenizer
@@ -183,7 +188,7 @@ def load_backbone(settings: dict):
 def check_init_adapter(init_dir: Path, settings: dict) -> LlmmConfig:
     """The init adapter's config; its rank and lora_alpha must be the settings' (the LoftQ means depend on both)."""
     saved = LlmmConfig.from_pretrained(str(init_dir))
-    U.check_init_targets(init_dir, saved.target_modules, settings.get("target_modules"))
+    adapters.check_init_targets(init_dir, saved.target_modules, settings.get("target_modules"))
     for name, key in (("r", "rank"), ("lora_alpha", "lora_alpha")):
         if getattr(saved, name) != settings[key]:
             raise ValueError(f"{init_dir} holds LoftQ means for {name}={getattr(saved, name)} but the settings say "
@@ -208,8 +213,8 @@ def attach_adapter(model, settings: dict):
     if init_dir is not None:
         peft_model = load_init_adapter(model, init_dir, settings, **overrides)
     else:
-        targets = U.default_targets(model.config, settings.get("target_modules"))
-        peft_model = get_llmm_model(model, U.llmm_config(settings, targets))
+        targets = tables.default_targets(model.config, settings.get("target_modules"))
+        peft_model = get_llmm_model(model, adapters.llmm_config(settings, targets))
     for parameter in peft_model.parameters():
         if parameter.numel() == 0:  # K = 0: the (0, ...) direction tensors have nothing to train
             parameter.requires_grad_(False)
@@ -288,7 +293,7 @@ def train_eval_records(settings: dict, task: str):
 def training_arguments(settings: dict, output_dir: Path, resume: bool = False) -> TrainingArguments:
     optim = settings["optim"]
     if optim.startswith("paged_") and not torch.cuda.is_available():
-        U.logger.warning("%s needs CUDA: using adamw_torch on this machine", optim)
+        cli.logger.warning("%s needs CUDA: using adamw_torch on this machine", optim)
         optim = "adamw_torch"
     settings["optim_used"] = optim
     checkpointing = settings["gradient_checkpointing"]
@@ -307,7 +312,7 @@ def training_arguments(settings: dict, output_dir: Path, resume: bool = False) -
         bf16=settings["dtype"] == "bfloat16", fp16=settings["dtype"] == "float16",
         activation_checkpointing=checkpointing,  # transformers' new name for gradient_checkpointing
         activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
-        remove_unused_columns=False, label_names=["labels"], report_to="none",
+        remove_unused_columns=False, label_names=["labels"], report_to=settings.get("report_to", "none"),
         use_cpu=not torch.cuda.is_available(),  # also what makes torchrun on CPU use DDP (gloo)
         ddp_find_unused_parameters=False,  # every trainable tensor is in the graph (K = 0: none are trainable)
     )
@@ -327,59 +332,72 @@ def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700 else math.inf
 
 
-def train(settings: dict, task: str, encode) -> dict:
-    """Fine-tune with the HF Trainer and write the run directory; returns the results (also in results.json).
+class CausalLMRecipe(Recipe):
+    """GSM8K, Alpaca and HH-RLHF: the HF Trainer on (source, target) pairs; held-out loss and perplexity.
 
-    ``encode(tokenizer, settings, record) -> {"input_ids", "attention_mask", "labels"}``. The data, the settings
-    and the output directory are checked, and the model loaded, before anything is written.
-    """
-    started = time.time()
-    output_dir = Path(settings["output_dir"])
-    checkpoint = training.find_checkpoint(settings.get("resume_from_checkpoint"), output_dir / "checkpoints")
-    if checkpoint:
-        training.check_checkpoint(checkpoint, settings)
-    U.check_output_dir(output_dir, settings.get("overwrite", False), resume=checkpoint is not None)
-    arguments = training_arguments(settings, output_dir, resume=checkpoint is not None)
-    U.seed_everything(settings["seed"])
-    train_set, held_out, where = train_eval_records(settings, task)
-    model, tokenizer = load_backbone(settings)
-    model = prepare_for_training(model, settings)
-    peft_model = attach_adapter(model, settings)
-    peft_model.print_trainable_parameters()
-    tokenizer.padding_side = "right"
-    columns = train_set.column_names
-    train_set = train_set.map(lambda r: encode(tokenizer, settings, r), remove_columns=columns, desc="tokenize")
-    held_out = held_out.map(lambda r: encode(tokenizer, settings, r), remove_columns=held_out.column_names,
-                            desc="tokenize")
-    U.make_output_dir(output_dir, settings.get("overwrite", False), resume=checkpoint is not None)
-    trainer = training.LlmmTrainer(model=peft_model, args=arguments, train_dataset=train_set, eval_dataset=held_out,
-                            data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
-                            processing_class=tokenizer)
-    if trainer.is_world_process_zero():
-        U.write_json(output_dir / "settings.json", {**settings, "resumed_from": checkpoint, "versions": U.versions()})
-    outcome = trainer.train(resume_from_checkpoint=checkpoint)
-    history = trainer.state.log_history
-    last_eval = next((h for h in reversed(history) if "eval_loss" in h), None)
-    if last_eval is None or last_eval["step"] != trainer.state.global_step:
-        trainer.evaluate()
-        last_eval = history[-1]
-    first_eval = next(h for h in history if "eval_loss" in h)
-    results = {
-        "task": task, "method": settings["method"], "K": settings["K"], "model": settings["model_name_or_path"],
-        "eval_loss": last_eval["eval_loss"], "eval_perplexity": perplexity(last_eval["eval_loss"]),
-        "eval_loss_at_start": first_eval["eval_loss"], "eval_perplexity_at_start": perplexity(first_eval["eval_loss"]),
-        "held_out": where, "n_train": len(train_set), "n_held_out": len(held_out),
-        "train_loss": outcome.training_loss, "global_step": trainer.state.global_step, "resumed_from": checkpoint,
-        "wall_time_s": time.time() - started, "history": history,
-        "seed": settings["seed"], "cell": {**stats.cell_of(settings), "task": task},  # what tables pool seeds by
-    }
-    if trainer.is_world_process_zero():
-        save_run(peft_model, tokenizer, settings, output_dir)
-        U.write_json(output_dir / "results.json", results)
-        U.plot_curves(output_dir / "curves.png", curves(history), xlabel="optimizer step")
-        U.logger.info("held-out loss %.4f, perplexity %.2f -> %s", results["eval_loss"], results["eval_perplexity"],
-                      output_dir)
-    return results
+    ``encode(tokenizer, settings, record) -> {"input_ids", "attention_mask", "labels"}``."""
+
+    def __init__(self, settings: dict, task: str, encode):
+        super().__init__(settings)
+        self.task, self.encode = task, encode
+
+    def load_data(self):
+        self.train_set, self.held_out, self.where = train_eval_records(self.settings, self.task)
+
+    def training_arguments(self, resume: bool) -> TrainingArguments:
+        return training_arguments(self.settings, self.output_dir, resume)
+
+    def load_model(self, arguments):
+        model, tokenizer = load_backbone(self.settings)
+        peft_model = attach_adapter(prepare_for_training(model, self.settings), self.settings)
+        peft_model.print_trainable_parameters()
+        tokenizer.padding_side = "right"
+        return peft_model, tokenizer
+
+    def datasets(self, tokenizer):
+        def encoded(records):
+            return records.map(lambda r: self.encode(tokenizer, self.settings, r), remove_columns=records.column_names,
+                               desc="tokenize")
+
+        return encoded(self.train_set), encoded(self.held_out)
+
+    def make_trainer(self, model, tokenizer, arguments, train_set, held_out, trainer_class=training.LlmmTrainer,
+                     **extra):
+        return trainer_class(model=model, args=arguments, train_dataset=train_set, eval_dataset=held_out,
+                             data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
+                             processing_class=tokenizer, **extra)
+
+    def finish(self, trainer, outcome, model, tokenizer) -> dict:
+        settings, history = self.settings, trainer.state.log_history
+        last_eval = next((h for h in reversed(history) if "eval_loss" in h), None)
+        if last_eval is None or last_eval["step"] != trainer.state.global_step:
+            trainer.evaluate()
+            last_eval = history[-1]
+        first_eval = next(h for h in history if "eval_loss" in h)
+        return {
+            "task": self.task, "method": settings["method"], "K": settings["K"],
+            "model": settings["model_name_or_path"],
+            "eval_loss": last_eval["eval_loss"], "eval_perplexity": perplexity(last_eval["eval_loss"]),
+            "eval_loss_at_start": first_eval["eval_loss"],
+            "eval_perplexity_at_start": perplexity(first_eval["eval_loss"]), "held_out": self.where,
+            "n_train": len(trainer.train_dataset), "n_held_out": len(trainer.eval_dataset),
+            "train_loss": outcome.training_loss, "global_step": trainer.state.global_step,
+            "resumed_from": self.resumed_from, "wall_time_s": time.time() - self.started, "history": history,
+            "seed": settings["seed"], "cell": {**stats.cell_of(settings), "task": self.task},  # what tables pool by
+        }
+
+    def save(self, trainer, model, tokenizer, results: dict) -> dict:
+        save_run(model, tokenizer, self.settings, self.output_dir)
+        fileio.write_json(self.output_dir / "results.json", results)
+        fileio.plot_curves(self.output_dir / "curves.png", curves(results["history"]), xlabel="optimizer step")
+        cli.logger.info("held-out loss %.4f, perplexity %.2f -> %s", results["eval_loss"], results["eval_perplexity"],
+                        self.output_dir)
+        return results
+
+
+def train(settings: dict, task: str, encode) -> dict:
+    """Fine-tune with the HF Trainer and write the run directory; returns the results (also in results.json)."""
+    return CausalLMRecipe(settings, task, encode).run()
 
 
 def save_run(peft_model, tokenizer, settings: dict, output_dir: Path) -> None:

@@ -1,6 +1,7 @@
 """Library messages a user of the entry points cannot act on, filtered out; every other warning still shows.
 
-Installed by scripts/__init__.py, so before any library loads (bitsandbytes logs at import time):
+Installed by ``llmm.run.cli.run_main`` for every entry point; the bitsandbytes filter alone by ``import llmm`` (before
+bitsandbytes loads: it logs at import time), ``install_import_filter``:
 
 - bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community": the optional ``kernels`` package is
   absent, so bitsandbytes uses its own CPU kernel (the same numbers); nothing is wrong.
@@ -53,13 +54,22 @@ class _FreshHeadReport(logging.Filter):
         return True
 
 
+def _add(name: str, flt: logging.Filter) -> None:
+    logger = logging.getLogger(name)
+    if not any(type(f) is type(flt) for f in logger.filters):
+        logger.addFilter(flt)
+
+
+def install_import_filter() -> None:
+    """bitsandbytes' import-time "Failed to load CPU gemm_4bit_forward" (idempotent)."""
+    _add("bitsandbytes.backends.cpu.ops", _DropMessage("Failed to load CPU gemm_4bit_forward"))
+
+
 def install() -> None:
     """Add the filters (idempotent)."""
-    for name, flt in (("bitsandbytes.backends.cpu.ops", _DropMessage("Failed to load CPU gemm_4bit_forward")),
-                      ("transformers.modeling_utils", _FreshHeadReport())):
-        logger = logging.getLogger(name)
-        if not any(type(f) is type(flt) for f in logger.filters):
-            logger.addFilter(flt)
+    install_import_filter()
+    for name, flt in (("transformers.modeling_utils", _FreshHeadReport()),):
+        _add(name, flt)
     warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing\w*` is deprecated",
                             category=FutureWarning)
     warnings.filterwarnings("ignore", message=r"Could not find a config file in .* the vocabulary was not modified")

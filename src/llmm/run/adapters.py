@@ -1,0 +1,86 @@
+"""From resolved settings to an LlmmConfig (the one place K -> k and llmmscale -> scale), range checks, and the
+settings an _init.sh directory fixes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from llmm.run import schema
+
+
+def llmm_config(settings: dict, target_modules: list[str], **extra):
+    """LlmmConfig from resolved settings; the one place K -> k and llmmscale -> scale."""
+    from peft import LoftQConfig
+
+    from llmm import LlmmConfig
+
+    init = settings.get("init", "loftq")
+    loftq = {}
+    if init == "loftq":
+        loftq = dict(init_lora_weights="loftq",
+                     loftq_config=LoftQConfig(loftq_bits=settings["bits"], loftq_iter=settings["loftq_iter"]),
+                     loftq_method=settings["quant"], loftq_compensate_scaling=settings.get("compensate_scaling", True),
+                     **{name: settings[name] for name in ("loftq_svd", "loftq_svd_oversampling", "loftq_svd_iters")
+                        if name in settings})  # the tables use LlmmConfig's names for these
+    return LlmmConfig(
+        r=settings["rank"], lora_alpha=settings["lora_alpha"], lora_dropout=settings.get("lora_dropout", 0.0),
+        target_modules=target_modules, k=settings["K"], scale=settings["llmmscale"],
+        eval_noise=settings.get("eval_noise", "mean"), scaled_gradient=settings.get("scaled_gradient", True),
+        **loftq, **extra,
+    )
+
+def check_settings(settings: dict, blocks=schema.BLOCKS) -> None:
+    """Every setting is in its declared range (its field in llmm.run.schema, the schema LlmmConfig uses too);
+    checked before any model or data is loaded and before anything is written. None means "not set"."""
+    for name, value in settings.items():
+        rule = schema.setting_error(name, value, blocks)
+        if rule:
+            raise ValueError(f"{name} = {value!r} is out of range: it must be {rule}; fix --{name} or the table row "
+                             "in configs/")
+
+
+def check_init_targets(init_dir: str | Path, init_targets, given: list[str] | None) -> None:
+    """An _init.sh directory fixes the adapted modules (its LoftQ means); a --target_modules that differs is an
+    error, not silently ignored."""
+    if given and set(given) != set(init_targets or ()):
+        raise ValueError(f"--target_modules {sorted(given)} differ from the targets of the _init.sh adapter "
+                         f"{str(init_dir)!r} ({sorted(init_targets or ())}): drop --target_modules (the directory "
+                         "decides), or make a directory with those targets (_init.sh --target_modules ...)")
+
+INIT_DIR_LOFTQ = tuple(f.name for f in dataclasses.fields(schema.LoftQSettings)
+                       if f.metadata["role"] == schema.INIT_DIR)  # what an _init.sh directory fixes
+
+def adopt_init_dir_settings(model_dir: str | Path, settings: dict, given: set[str]) -> None:
+    """An _init.sh directory fixes how its backbone was quantized: its LoftQ settings (quantize_report.json) replace
+    the table's in ``settings`` (so settings.json and the results' cell say what was run), and a flag in ``given``
+    that asks for another value is an error, not silently ignored. A directory without a report is left alone."""
+    report = Path(model_dir) / "quantize_report.json"
+    if not report.is_file():
+        return
+    made = dict(json.loads(report.read_text(encoding="utf-8")).get("settings", {}))
+    made.setdefault("loftq_svd", "exact")  # directories made before the truncated SVD existed
+    made["compensate_scaling"] = not made.get("reference_scaling", False)
+    for name in INIT_DIR_LOFTQ:
+        if name not in made or name not in settings:
+            continue
+        if name in given and settings[name] != made[name]:
+            raise ValueError(f"{str(model_dir)!r} was quantized with {name}={made[name]!r} but --{name} "
+                             f"{settings[name]!r} was given: drop --{name} (the directory decides), or quantize "
+                             "again with _init.sh")
+        settings[name] = made[name]
+
+def head_modules(model) -> list[str]:
+    """The task head's modules (classifier, pooler), which stay full precision: neither quantized nor adapted.
+
+    Top-level children beside the backbone that hold parameters, plus a pooler kept inside the backbone (BERT)."""
+    heads = [name for name, child in model.named_children()
+             if name != model.base_model_prefix and any(True for _ in child.parameters())]
+    if "pooler" not in heads and getattr(model.base_model, "pooler", None) is not None:
+        heads.append("pooler")
+    return heads
+
+def inside(name: str, modules: list[str]) -> bool:
+    """Whether the module path ``name`` lies in (or is) one of ``modules`` (matched by path component)."""
+    return any(part in modules for part in name.split("."))

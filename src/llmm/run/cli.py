@@ -1,0 +1,99 @@
+"""What every entry point shares around its ``main``: logging, the library's log filters, and one ``error:`` line
+per bad input or environment fault.
+
+Exit codes (``run_main``): 2 = bad input or an environment fault (one ``error: ...`` line naming the problem, the
+file and the fix; bad input is found before anything is written), 3 = training diverged (a non-finite loss or
+gradient; the last good checkpoint is kept).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import sys
+
+import torch
+
+from llmm import outdirs
+
+logger = logging.getLogger("llmm")
+
+
+def setup_logging() -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+
+class TrainingDiverged(RuntimeError):
+    """The training loss, gradients or parameters became NaN or infinite (llmm.run.trainer.LlmmTrainer raises it;
+    exit code 3)."""
+
+OS_FIXES = {
+    errno.EACCES: "permission denied: check its permissions or choose another path",
+    errno.EPERM: "operation not permitted: check its permissions or choose another path",
+    errno.EROFS: "read-only file system: choose a writable directory",
+    errno.ENOSPC: "no space left on device: free space or write elsewhere, then run again (with "
+                  "--resume_from_checkpoint for a training run: complete checkpoints are kept)",
+    errno.EDQUOT: "disk quota exceeded: free space or write elsewhere, then run again (with --resume_from_checkpoint "
+                  "for a training run)",
+    errno.EISDIR: "is a directory: pass a file",
+    errno.ENOTDIR: "a part of the path is a file, not a directory: fix the path",
+}
+
+def disk_full(error: BaseException) -> bool:
+    """A write that failed for lack of space: an OSError ENOSPC, or torch.save's / safetensors' wrapped form."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    text = str(error)
+    return any(sign in text for sign in ("No space left on device", "StorageFull", "code: 28,",
+                                         "PytorchStreamWriter failed writing file"))
+
+def error_line(error: BaseException) -> str:
+    """The one line that run_main prints for ``error``: the problem, the file, the fix."""
+    from safetensors import SafetensorError
+
+    if disk_full(error):
+        where = f"{error.filename!r}: " if isinstance(error, OSError) and error.filename else ""
+        return f"{where}{OS_FIXES[errno.ENOSPC]} ({' '.join(str(error).split())[:200]})"
+    if isinstance(error, OSError) and error.errno in OS_FIXES:
+        where = f"{error.filename!r}" if error.filename else "a file"
+        detail = error.strerror if error.strerror and error.strerror != os.strerror(error.errno) else ""
+        return f"{where}: {OS_FIXES[error.errno]}" + (f" ({detail})" if detail else "")
+    if isinstance(error, SafetensorError):
+        return (f"a .safetensors file could not be read ({error}): it is truncated or corrupt; write it again "
+                "(re-run the command that made it) or re-download it")
+    if isinstance(error, UnicodeDecodeError):
+        return f"a file is not UTF-8 text ({error}): convert it to UTF-8"
+    if isinstance(error, json.JSONDecodeError):
+        return f"a JSON file is malformed ({error}): fix it or write it again"
+    message = str(error).strip()
+    return message.splitlines()[0] if message else type(error).__name__
+
+def run_main(main) -> None:
+    """Run an entry point; bad input and environment faults (exit code 2) and a diverged training (exit code 3)
+    become one ``error:`` line and no traceback (``--debug`` on the command line shows the traceback instead).
+    Locks on output directories are given back at the end."""
+    from safetensors import SafetensorError
+
+    from llmm.run import quiet
+
+    quiet.install()
+    debug = "--debug" in sys.argv[1:]
+    if debug:
+        sys.argv.remove("--debug")
+    setup_logging()
+    try:
+        main()
+    except (ValueError, OSError, SafetensorError, TrainingDiverged, RuntimeError) as error:
+        if debug or (isinstance(error, RuntimeError) and not isinstance(error, TrainingDiverged)
+                     and not disk_full(error)):
+            raise  # a RuntimeError other than a full disk is a bug: show the traceback
+        print(f"error: {error_line(error)}", file=sys.stderr)
+        raise SystemExit(3 if isinstance(error, TrainingDiverged) else 2) from None
+    finally:
+        outdirs.release_all()
+
+def require_cuda_for(option: str, device: str | None = None) -> None:
+    """CUDA-only options fail early on a machine without CUDA."""
+    if not torch.cuda.is_available() and (device is None or device.startswith("cuda")):
+        raise ValueError(f"{option} needs CUDA, and torch.cuda.is_available() is False: drop the option")

@@ -1,0 +1,376 @@
+"""GLUE on an encoder as a run recipe (scripts.train_glue, scripts.eval_glue): settings, the encoder quantized as
+--method says and wrapped with Llmm adapters (the head in full precision), the Trainer with Monte-Carlo evaluation,
+results per epoch (best and last), predictions and the saved adapters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import check_target_module_exists
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    TrainerCallback,
+    TrainingArguments,
+)
+
+import llmm
+from llmm import stats
+from llmm.embedding import embedding_targets
+from llmm.tasks.glue import TASKS, GlueTask, get_task, load_glue, predict, score, tokenize
+from llmm.model import atomic_dir
+from llmm.predict import mc_predict, mc_regress
+from llmm.quant import ALLOWED_METHODS, fake_quantize
+from llmm.run.recipe import Recipe
+from llmm.run.trainer import LlmmTrainer, add_resume_flag
+from llmm.outdirs import check_output_dir, make_output_dir
+from llmm.run.adapters import (INIT_DIR_LOFTQ, adopt_init_dir_settings, check_init_targets, check_settings,
+                               head_modules, llmm_config)
+from llmm.run.cli import logger, run_main
+from llmm.run.fileio import check_data_paths, load_pretrained, plot_curves, seed_everything, versions, write_json
+from llmm.run.schema import FAMILY_BLOCKS, take_renamed
+from llmm.run.tables import (CONFIGS, add_setting_flags, default_embedding_targets, default_targets, plumbing_defaults,
+                             read_table, resolve_settings)
+
+
+TABLE = CONFIGS / "glue.yaml"
+BLOCKS = FAMILY_BLOCKS["glue"]
+METHODS = ("llmm", "loftq", "qlora", "lora")
+EVAL_NOISE = ("mean", "sample", "mc")
+
+
+def build_parser(table: dict) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Fine-tune an encoder on one GLUE task with Llmm adapters over a "
+                                     "LoftQ-quantized backbone, or a baseline.", allow_abbrev=False)
+    parser.add_argument("--task", required=True, help=f"GLUE task: {', '.join(TASKS)}")
+    parser.add_argument("--quant", required=True, choices=ALLOWED_METHODS, help="quantizer (table key)")
+    parser.add_argument("--rank", type=int, required=True, help="LoRA rank r (table key)")
+    parser.add_argument("--method", choices=METHODS, default=None, help="what to train (default: the table's)")
+    parser.add_argument("--model", default=None, help="hub id or local directory (default: the table's)")
+    parser.add_argument("--data_dir", default=None, help="GLUE task folder with train.tsv and dev.tsv (e.g. "
+                        "glue_data/CoLA); default: the hub")
+    parser.add_argument("--train_file", default=None, help="local .tsv/.csv/.json/.jsonl training file")
+    parser.add_argument("--validation_file", nargs="+", default=None,
+                        help="local dev file(s); MNLI: matched then mismatched")
+    parser.add_argument("--output_dir", default=None, help="run directory (must be new or empty)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--eval_noise", choices=EVAL_NOISE, default=None, help="evaluation noise (default: table)")
+    parser.add_argument("--mc_samples", type=int, default=None, help="networks averaged with --eval_noise mc")
+    parser.add_argument("--quantize_embeddings", action=argparse.BooleanOptionalAction, default=None,
+                        help="quantize the embedding tables too, each with its own trainable low-rank pair (default: "
+                        "the table's, on: the paper's protocol); --no-quantize_embeddings keeps them full precision")
+    parser.add_argument("--target_modules", nargs="+", default=None, help="default: configs/targets.yaml")
+    parser.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps (smoke "
+                        "runs); overrides epochs")
+    add_resume_flag(parser)
+    add_setting_flags(parser, table, BLOCKS)
+    return parser
+
+
+def resolve(argv: list[str] | None) -> tuple[GlueTask, dict]:
+    """Task and settings: table defaults < row < flags, then what --method implies; bad values fail here."""
+    table = read_table(TABLE, BLOCKS)
+    args = build_parser(table).parse_args(argv)
+    take_renamed(args, BLOCKS)
+    task = get_task(args.task)
+    settings = {**plumbing_defaults(BLOCKS), **resolve_settings(table, args)}
+    method = settings["method"]
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method != "llmm":
+        if args.K not in (None, 0):
+            raise ValueError(f"--method {method} trains no directions (K = 0); use --method llmm for K = {args.K}")
+        settings["K"] = 0
+    settings["init"] = "loftq" if method in ("llmm", "loftq") else "lora"
+    if method == "lora":
+        if args.quantize_embeddings:
+            raise ValueError("--method lora keeps the backbone in full precision: drop --quantize_embeddings")
+        settings["quantize_embeddings"] = False
+    if settings["gaussian_embeddings"] and (method != "llmm" or settings["K"] == 0
+                                            or not settings["quantize_embeddings"]):
+        raise ValueError("--gaussian_embeddings true needs --method llmm (K > 0) with --quantize_embeddings")
+    settings["backbone"] = "full-precision" if method == "lora" else f"{settings['quant']} {settings['bits']}-bit"
+    if method != "lora" and not settings["quantize_embeddings"]:
+        settings["backbone"] += " (fp embeddings)"
+    check_init_dir(settings, given={name for name in INIT_DIR_LOFTQ if getattr(args, name, None) is not None})
+    check_settings(settings, BLOCKS)
+    check_data_paths(data_dir=settings.get("data_dir"), train_file=settings.get("train_file"),
+                     validation_file=settings.get("validation_file"))
+    if settings["eval_noise"] not in EVAL_NOISE:
+        raise ValueError(f"eval_noise must be one of {EVAL_NOISE}, got {settings['eval_noise']!r}")
+    return task, settings
+
+
+def check_init_dir(settings: dict, given: set[str] = frozenset()) -> None:
+    """An _init.sh directory (backbone with Q + llmm_init/) is used as it is: its quantization must be the row's;
+    its other LoftQ settings (iterations, SVD) replace the table's, and a flag in ``given`` that differs is an error."""
+    model_dir = Path(settings["model"]).expanduser()
+    if not (model_dir / "llmm_init").is_dir():
+        return
+    if settings["method"] in ("lora", "qlora"):
+        raise ValueError(f"{str(model_dir)!r} is an _init.sh LoftQ directory: --method {settings['method']} needs "
+                         "the original checkpoint as --model")
+    made = json.loads((model_dir / "quantize_report.json").read_text())["settings"]
+    made.setdefault("quantize_embeddings", False)  # directories made before embeddings were quantized
+    for name in ("quant", "bits", "rank", "lora_alpha", "quantize_embeddings"):
+        if made[name] != settings[name]:
+            raise ValueError(f"{str(model_dir)!r} was quantized with {name}={made[name]!r} but the settings say "
+                             f"{settings[name]!r}: pass --{name} {made[name]} or quantize again with _init.sh")
+    adopt_init_dir_settings(model_dir, settings, given)
+    settings["init_dir"] = str(model_dir / "llmm_init")
+    check_init_targets(settings["init_dir"], llmm.LlmmConfig.from_pretrained(settings["init_dir"]).target_modules,
+                       settings.get("target_modules"))
+    settings["backbone"] += " (LoftQ directory)"
+
+
+def load_model(settings: dict, task: GlueTask):
+    """Tokenizer and AutoModelForSequenceClassification (fresh head) from a hub id or a local directory."""
+    labels = {} if task.is_regression else {"id2label": dict(enumerate(task.label_names)),
+                                            "label2id": {n: i for i, n in enumerate(task.label_names)}}
+    tokenizer = load_pretrained(AutoTokenizer, settings["model"])
+    model = load_pretrained(AutoModelForSequenceClassification, settings["model"], num_labels=task.num_labels,
+                            ignore_mismatched_sizes=True, **labels)  # a fresh head when the saved one differs
+    return tokenizer, model
+
+
+def wrap_model(model, settings: dict):
+    """Quantize as --method says and wrap with Llmm adapters; the head modules stay full precision and trainable.
+    From an _init.sh directory the backbone already holds Q: the adapters start from its LoftQ means."""
+    heads = head_modules(model)
+    targets = default_targets(model.config, settings.get("target_modules"))
+    if settings["quantize_embeddings"]:
+        tables = embedding_targets(model, default_embedding_targets(model.config))
+        targets += sorted({path.split(".")[-1] for path in tables})
+    layer_settings = {**settings, "eval_noise": "sample" if settings["eval_noise"] == "sample" else "mean"}
+    if settings.get("init_dir"):
+        layer_settings["init"] = "lora"  # the means come from the directory's llmm_init/, not a new LoftQ
+    config = llmm_config(layer_settings, targets, modules_to_save=list(heads), task_type="SEQ_CLS",
+                         gaussian_embeddings=settings["gaussian_embeddings"])
+    bits, quant = settings["bits"], settings["quant"]
+    with torch.no_grad():
+        if settings["method"] == "qlora":  # same quantizer as LoftQ, but no low-rank compensation
+            for name, module in model.named_modules():
+                if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) and check_target_module_exists(config,
+                                                                                                           name):
+                    module.weight.copy_(fake_quantize(module.weight, bits, quant, config.loftq_block_size))
+    settings.update(target_modules=targets, modules_to_save=heads)
+    if settings.get("init_dir"):
+        return llmm.init_from_adapter(model, settings["init_dir"], config)
+    return llmm.get_llmm_model(model, config)
+
+
+class GlueTrainer(LlmmTrainer):
+    """The Llmm Trainer; with ``mc_samples`` set, evaluation averages that many sampled networks per batch."""
+
+    def __init__(self, *args, mc_samples: int | None = None, regression: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.mc_samples, self.regression = mc_samples, regression
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if not self.mc_samples:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        labels = inputs["labels"]
+        if self.regression:
+            outputs = mc_regress(model, inputs, self.mc_samples)
+            loss = F.mse_loss(outputs.squeeze(-1), labels.float())
+        else:  # log of the averaged distribution: softmax in compute_metrics gives it back exactly
+            outputs = mc_predict(model, inputs, self.mc_samples).clamp_min(1e-12).log()
+            loss = F.nll_loss(outputs, labels)
+        return loss.detach(), None if prediction_loss_only else outputs, labels
+
+
+def metrics_function(task: GlueTask):
+    def compute(prediction) -> dict:  # a diverged model scores NaN here; the training step stops the run
+        return score(task, prediction.predictions, prediction.label_ids)
+
+    return compute
+
+
+class ResultsRecorder(TrainerCallback):
+    """Training loss and dev metrics per epoch, read from the Trainer's log history (which a resumed run restores
+    from its checkpoint); rewrites results.json (atomically) after every evaluation."""
+
+    SKIP = ("_runtime", "_samples_per_second", "_steps_per_second")
+
+    def __init__(self, out_dir: Path, task: GlueTask, header: dict):
+        self.out_dir, self.task, self.header, self.epochs = out_dir, task, header, []
+
+    def read(self, log_history: list[dict]) -> list[dict]:
+        """One entry per logged epoch (or step): {epoch, step, train_loss, dev: {split: {metric: value}}}."""
+        splits = sorted(self.task.dev_splits, key=len, reverse=True)  # longest first: prefixes may overlap
+        epochs = {}
+        for log in log_history:
+            dev = {}
+            for key, value in log.items():
+                split = next((s for s in splits if key.startswith(f"eval_{s}_")), None)
+                if split and not key.endswith(self.SKIP):
+                    dev.setdefault(split, {})[key[len(f"eval_{split}_"):]] = value
+            if "loss" not in log and not dev:
+                continue
+            epoch = round(log.get("epoch") or 0.0, 4)
+            entry = epochs.setdefault(epoch, {"epoch": epoch, "step": log["step"], "train_loss": None, "dev": {}})
+            entry["train_loss"] = log.get("loss", entry["train_loss"])
+            for split, metrics in dev.items():
+                entry["dev"].setdefault(split, {}).update(metrics)
+        self.epochs = list(epochs.values())
+        return self.epochs
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.write(state.log_history, complete=False)
+
+    def _main_value(self, entry: dict):
+        return entry["dev"].get(self.task.dev_splits[0], {}).get(self.task.main_metric)
+
+    def write(self, log_history: list[dict], complete: bool) -> dict:
+        epochs = self.read(log_history)
+        scored = [e for e in epochs if self._main_value(e) is not None]
+        results = {**self.header, "main_metric": self.task.main_metric, "main_split": self.task.dev_splits[0],
+                   "epochs": epochs, "best": max(scored, key=self._main_value, default=None),
+                   "last": epochs[-1] if epochs else None, "complete": complete}
+        write_json(self.out_dir / "results.json", results)
+        return results
+
+    def plot(self) -> None:
+        def line(key_of):
+            points = [(e["epoch"], key_of(e)) for e in self.epochs if key_of(e) is not None]
+            return [p[0] for p in points], [p[1] for p in points]
+
+        metric = self.task.main_metric
+        dev = {split: line(lambda e, s=split: e["dev"].get(s, {}).get(metric)) for split in self.task.dev_splits}
+        panels = {f"dev {metric}": dev, "training loss": {"train": line(lambda e: e["train_loss"])}}
+        plot_curves(self.out_dir / "curves.png", panels, xlabel="epoch")
+
+
+def quantized_here(settings: dict) -> bool:
+    """True when this run quantized the backbone (LoftQ or QLoRA from a plain checkpoint): Q exists only here."""
+    return settings["method"] != "lora" and not settings.get("init_dir")
+
+
+def predictions_record(task: GlueTask, model, data, collator, settings: dict, mode: str = "mean") -> dict:
+    """{split: {metrics, outputs, labels}} of the model on the task's dev splits (the format scripts.eval_glue
+    writes); outputs are logits (mc: log of the averaged probabilities) or STS-B scores."""
+    record = {}
+    for split in task.dev_splits:
+        outputs = predict(model, data[split], collator, settings["per_device_eval_batch_size"], mode,
+                          settings["mc_samples"])
+        labels = np.asarray(data[split]["labels"])
+        record[split] = {"metrics": score(task, outputs, labels), "outputs": outputs.tolist(),
+                         "labels": labels.tolist()}
+    return record
+
+
+def save_run(model, tokenizer, settings: dict, out_dir: Path) -> None:
+    """adapter/ (M and Z), mean_adapter/ (plain PEFT LoRA) and, after in-process quantization, backbone/ (the Q
+    both adapters name as base_model_name_or_path), each written atomically (replacing an earlier attempt's).
+    The backbone is written last: unloading the adapters is what gives it back."""
+    backbone = (out_dir / "backbone").resolve() if quantized_here(settings) else settings["model"]
+    model.peft_config["default"].base_model_name_or_path = str(backbone)
+    with warnings.catch_warnings():  # PEFT looks for the base's config.json, which backbone/ gets just after
+        warnings.filterwarnings("ignore", message="Could not find a config file in")
+        llmm.save_llmm_adapter(model, str(out_dir / "adapter"), overwrite=True)
+        llmm.export_mean_adapter(model, str(out_dir / "mean_adapter"), overwrite=True)
+    if quantized_here(settings):
+        with atomic_dir(str(backbone), overwrite=True) as tmp_dir:
+            model.unload().save_pretrained(tmp_dir)
+            tokenizer.save_pretrained(tmp_dir)
+
+
+def training_arguments(settings: dict, out: Path) -> TrainingArguments:
+    """TrainingArguments from the settings; checkpoints every save_steps optimizer steps (0: every epoch)."""
+    every = "steps" if settings["eval_steps"] else "epoch"
+    return TrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=settings["per_device_train_batch_size"],
+        gradient_accumulation_steps=settings["gradient_accumulation_steps"],
+        per_device_eval_batch_size=settings["per_device_eval_batch_size"],
+        learning_rate=settings["learning_rate"], weight_decay=settings["weight_decay"],
+        num_train_epochs=settings["num_train_epochs"], max_steps=settings.get("max_steps") or -1,
+        lr_scheduler_type=settings["lr_scheduler_type"], warmup_steps=settings["warmup_ratio"],  # < 1: a ratio
+        max_grad_norm=settings["max_grad_norm"], seed=settings["seed"],
+        eval_strategy=every, eval_steps=settings["eval_steps"] or None,
+        logging_strategy=every, logging_steps=settings["eval_steps"] or 500,
+        save_strategy="steps" if settings["save_steps"] else "epoch", save_steps=settings["save_steps"] or 500,
+        save_total_limit=settings["save_total_limit"], report_to=settings["report_to"],
+        use_cpu=not torch.cuda.is_available(),  # also what makes torchrun on CPU use DDP (gloo)
+        average_tokens_across_devices=False,  # else DDP multiplies the (per-example mean) loss by the world size
+        ddp_find_unused_parameters=False,  # every trainable tensor is in the graph, K = 0 included
+    )
+
+
+class GlueRecipe(Recipe):
+    """One GLUE run: checkpoints in the output directory itself, dev metrics every epoch (or eval_steps),
+    results.json rewritten after every evaluation and marked complete once everything is saved."""
+
+    data_first = True
+
+    def __init__(self, task: GlueTask, settings: dict):
+        tag = f"{settings['method']}-{settings['quant']}{settings['bits']}-r{settings['rank']}"
+        tag += "" if settings["quantize_embeddings"] or settings["method"] == "lora" else "-fpemb"
+        settings["output_dir"] = str(settings.get("output_dir") or Path("runs/glue") / tag / task.name
+                                     / f"seed{settings['seed']}")
+        super().__init__(settings)
+        self.task = task
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.output_dir
+
+    def load_data(self):
+        self.raw = load_glue(self.task, self.settings.get("data_dir"), self.settings.get("train_file"),
+                             self.settings.get("validation_file"))
+
+    def training_arguments(self, resume: bool) -> TrainingArguments:
+        return training_arguments(self.settings, self.output_dir)
+
+    def load_model(self, arguments):
+        tokenizer, model = load_model(self.settings, self.task)
+        return wrap_model(model.to(arguments.device), self.settings), tokenizer  # LoftQ runs on the training device
+
+    def datasets(self, tokenizer):
+        self.data = tokenize(self.raw, self.task, tokenizer, self.settings["max_length"])
+        return self.data["train"], {split: self.data[split] for split in self.task.dev_splits}
+
+    def make_trainer(self, model, tokenizer, arguments, train_set, held_out):
+        settings = self.settings
+        header = {key: settings[key] for key in ("task", "method", "backbone", "quant", "bits", "rank", "K",
+                                                 "llmmscale", "learning_rate", "seed", "eval_noise")}
+        if settings["eval_noise"] == "mc":
+            header["mc_samples"] = settings["mc_samples"]
+        header["cell"] = stats.cell_of(settings)  # every setting but the seed: what tables pool seeds by
+        self.recorder = ResultsRecorder(self.output_dir, self.task, header)
+        return GlueTrainer(
+            model=model, args=arguments, train_dataset=train_set, eval_dataset=held_out, processing_class=tokenizer,
+            data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=metrics_function(self.task),
+            callbacks=[self.recorder], regression=self.task.is_regression,
+            mc_samples=settings["mc_samples"] if settings["eval_noise"] == "mc" else None)
+
+    def finish(self, trainer, outcome, model, tokenizer):
+        return None
+
+    def save(self, trainer, model, tokenizer, results) -> dict:
+        out, task = self.output_dir, self.task
+        collator = DataCollatorWithPadding(tokenizer)
+        write_json(out / "predictions.json", predictions_record(task, trainer.model, self.data, collator,
+                                                                self.settings))
+        self.recorder.plot()
+        save_run(trainer.model, tokenizer, self.settings, out)
+        results = self.recorder.write(trainer.state.log_history, complete=True)  # complete once everything is saved
+        best = results["best"]
+        logger.info("%s %s: best %s %s at epoch %s; outputs in %s", task.name, self.settings["method"],
+                    task.main_metric, best and best["dev"][task.dev_splits[0]][task.main_metric],
+                    best and best["epoch"], out)
+        return results
+
+
+def train(argv: list[str] | None = None) -> dict | None:
+    """scripts.train_glue: the row of configs/glue.yaml and the flags, then the recipe."""
+    return GlueRecipe(*resolve(argv)).run()

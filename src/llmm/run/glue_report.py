@@ -1,0 +1,143 @@
+"""The GLUE table (scripts.glue_table): dev metrics of the best (or last) epoch per run, pooled over seeds by
+cell, LoftQ's published rows beside them, and paired differences against a baseline method."""
+
+from __future__ import annotations
+import argparse
+import json
+import sys
+from llmm import stats
+from llmm.tasks.glue import TASKS, get_task
+from llmm.run.cli import run_main
+from llmm.run.fileio import write_text
+from llmm.run.tables import CONFIGS, read_yaml, table_rows
+
+
+COLUMN_ORDER = ("mnli", "qnli", "rte", "sst2", "mrpc", "cola", "qqp", "stsb", "wnli")  # LoftQ's table order
+
+
+METHOD_ORDER = ("lora", "qlora", "loftq", "llmm")
+
+
+HEADINGS = {"mnli": "MNLI m/mm", "qnli": "QNLI Acc", "rte": "RTE Acc", "sst2": "SST-2 Acc", "mrpc": "MRPC Acc/F1",
+            "cola": "CoLA Mcc", "qqp": "QQP Acc/F1", "stsb": "STS-B P/S", "wnli": "WNLI Acc"}
+
+
+REFERENCE = CONFIGS / "glue_reference.yaml"
+
+
+LABEL_FIELDS = ("method", "backbone", "rank")  # always in a row's label; other settings only where they differ
+
+
+def cell_scores(results: dict, which: str) -> list[float] | None:
+    """The numbers of one cell (x 100) from a run's results.json: every dev split x every task metric."""
+    task = get_task(results["task"])
+    entry = results.get(which)
+    if not entry:
+        return None
+    scores = [entry["dev"].get(split, {}).get(metric) for split in task.dev_splits for metric in task.metrics]
+    return None if any(s is None for s in scores) else [100 * s for s in scores]
+
+
+def metric_names(task_name: str) -> list[str]:
+    task = get_task(task_name)
+    return [f"{metric} ({split})" if len(task.dev_splits) > 1 else metric
+            for split in task.dev_splits for metric in task.metrics]
+
+
+def gather(paths: list[str], which: str) -> tuple[list[dict], list[str]]:
+    """One record per complete run ({path, task, seed, cell, scores}) and the incomplete runs that were skipped."""
+    files = stats.result_files(paths, "scripts/train_glue.py")
+    records, skipped = [], []
+    for file in files:
+        try:
+            results = json.loads(file.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{str(file)!r} is not valid JSON ({error}): delete it or re-run the training that "
+                             "writes it") from None
+        if not isinstance(results, dict) or results.get("task") not in TASKS:
+            task = results.get("task") if isinstance(results, dict) else None
+            raise ValueError(f"{str(file)!r} is not a GLUE results.json (task {task!r}): pass GLUE run directories "
+                             "(written by scripts/train_glue.py)")
+        scores = cell_scores(results, which) if results.get("complete") else None
+        if scores is None:
+            skipped.append(str(file))
+            continue
+        records.append({"path": str(file), "task": results["task"], "seed": results.get("seed"),
+                        "cell": results.get("cell"), "scores": scores})
+    return records, skipped
+
+
+def build(records: list[dict], baseline: str) -> list[dict]:
+    """One entry per cell: label, task, per-metric summaries over seeds and paired differences vs ``baseline``."""
+    groups = stats.group_by_cell(records)
+    # Label settings that separate cells of one task; the same for every task, so a row lines up across columns.
+    fields = stats.distinguishing_fields([g["cell"] for g in groups.values()], ("task", *LABEL_FIELDS))
+    entries = []
+    for task in {g["cell"]["task"] for g in groups.values()}:
+        cells = [g for g in groups.values() if g["cell"]["task"] == task]
+        for group in cells:
+            cell = group["cell"]
+            seeds = sorted(group["runs"])
+            per_metric = list(zip(*(group["runs"][s]["scores"] for s in seeds)))
+            base = stats.find_baseline(cell, [g["cell"] for g in cells], baseline) if cell["method"] != baseline \
+                else None
+            base_runs = groups[stats.cell_key(base)]["runs"] if base else None
+            differences = [stats.paired_difference({s: group["runs"][s]["scores"][i] for s in seeds},
+                                                   {s: r["scores"][i] for s, r in base_runs.items()})
+                           if base_runs else None for i in range(len(per_metric))]
+            entries.append({"label": label(cell, fields), "task": task, "method": cell["method"],
+                            "backbone": cell["backbone"].split(" (")[0], "rank": cell["rank"],
+                            "summaries": [stats.summarize(values) for values in per_metric],
+                            "differences": differences})
+    return entries
+
+
+def label(cell: dict, fields: list[str]) -> str:
+    text = f"{cell['method']} {cell['backbone']} r{cell['rank']}"
+    extra = [f"{name}={cell.get(name)}" for name in fields if name not in ("task", *LABEL_FIELDS)]
+    return text + (f" ({', '.join(extra)})" if extra else "")
+
+
+def reference_rows(tasks: list[str], shown: set[tuple[str, int]]) -> list[tuple[str, dict]]:
+    """(label, {task: [numbers]}) of the published rows for the tasks and (backbone, rank) pairs shown."""
+    rows = []
+    for row in table_rows(read_yaml(REFERENCE)):
+        numbers = {task: row[task] for task in tasks if task in row}
+        if numbers and (f"{row['quant']} {row['bits']}-bit", row["rank"]) in shown:
+            name = f"{row['method']} {row['quant']} {row['bits']}-bit r{row['rank']}, published ({row['source']})"
+            rows.append((name, numbers))
+    return rows
+
+
+def order_key(entry_label: str) -> tuple:
+    method = entry_label.split(" ")[0]
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else 99, entry_label)
+
+
+def markdown(entries: list[dict], baseline: str, references: bool = True) -> str:
+    tasks = [t for t in COLUMN_ORDER if any(e["task"] == t for e in entries)]
+    by_label: dict[str, dict] = {}
+    for entry in entries:
+        by_label.setdefault(entry["label"], {})[entry["task"]] = entry
+    lines = ["Median over seeds (n seeds):", "",
+             "| Method | " + " | ".join(HEADINGS[t] for t in tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for name in sorted(by_label, key=order_key):
+        cells = []
+        for task in tasks:
+            entry = by_label[name].get(task)
+            cells.append("-" if entry is None else "/".join(f"{s['median']:.1f}" for s in entry["summaries"])
+                         + f" (n={entry['summaries'][0]['n']})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    shown = {(e["backbone"], e["rank"]) for e in entries}
+    for name, numbers in reference_rows(tasks, shown) if references else []:
+        lines.append(f"| {name} | " + " | ".join("/".join(f"{v:.1f}" for v in numbers[t]) if t in numbers else "-"
+                                                 for t in tasks) + " |")
+    lines += ["", f"Seed statistics; Δ = paired difference vs {baseline} on the same seeds, mean [95 % bootstrap "
+                  "interval]:", "", f"| Method | Task | Metric | n | Median | Mean ± sd | Δ vs {baseline} |",
+              "|---|---|---|---|---|---|---|"]
+    for entry in sorted(entries, key=lambda e: (order_key(e["label"]), COLUMN_ORDER.index(e["task"]))):
+        for metric, summary, difference in zip(metric_names(entry["task"]), entry["summaries"], entry["differences"]):
+            spread = f"{summary['mean']:.1f} ± {summary['sd']:.1f}" if summary["n"] > 1 else f"{summary['mean']:.1f}"
+            lines.append(f"| {entry['label']} | {entry['task']} | {metric} | {summary['n']} | {summary['median']:.1f}"
+                         f" | {spread} | {stats.format_difference(difference)} |")
+    return "\n".join(lines) + "\n"

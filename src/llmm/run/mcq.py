@@ -1,0 +1,323 @@
+"""Multiple-choice calibration (BLoB's protocol) as a run recipe: settings, data, the answer-letter Trainer, and the
+evaluation of every set in every mode (scripts.train_mcq, scripts.test_mcq).
+
+Training: the causal-LM recipe (llmm.run.causal_lm) with the loss of the answer letter under the next-token
+distribution restricted to the question's letters (llmm.tasks). After training the in-distribution test split and
+the row's OOD sets are evaluated in every eval mode (mean, sample, mc with mc_samples networks, dropout): accuracy,
+ECE (15 bins), NLL and Brier. The width of the learned Gaussian (llmm.width) is recorded every logging_steps. Each
+evaluation records its seed and cell (the run's settings but the seed, plus the eval set, mode and N).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+from pathlib import Path
+
+import datasets
+import torch
+from transformers import TrainerCallback
+
+from llmm.run import adapters, cli, fileio, schema, tables
+from llmm import stats
+from llmm.model import keep_cpu_4bit_trainable, seed_noise
+from llmm.tasks import calibration as C
+from llmm.tasks.mcq import encode_question, letter_token_ids, load_mcq
+from llmm.width import distribution_width, width_summary
+from llmm.run import causal_lm
+from llmm.run import trainer as training
+
+TABLE = tables.CONFIGS / "mcq.yaml"
+METHODS = ("llmm", "map", "mcdropout")
+SAMPLED_MODES = ("mc", "dropout")  # modes that average mc_samples passes
+# Evaluation plumbing, replaced in each evaluation's cell by the set, mode and number of samples it used.
+BLOCKS = schema.FAMILY_BLOCKS["mcq"]
+EVALUATION_ONLY = (*schema.role_names(schema.EVAL, BLOCKS), "run", "cell")
+
+
+# --- settings ------------------------------------------------------------------------------------------------------
+
+def add_flags(parser: argparse.ArgumentParser, table: dict) -> None:
+    parser.add_argument("--task", required=True, choices=[row["task"] for row in table["rows"]])
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
+    parser.add_argument("--method", choices=METHODS, default=None, help="override the table's method")
+    parser.add_argument("--init", choices=("lora", "loftq"), default=None, help="override the table's init")
+    parser.add_argument("--target_modules", nargs="+", default=None, help="override the table's target modules")
+    parser.add_argument("--eval_modes", nargs="+", choices=C.MODES, default=None, help="override the table's")
+    parser.add_argument("--ood", nargs="*", default=None,
+                        help="OOD sets to evaluate: task rows or .json/.jsonl files (default: the row's ood)")
+    parser.add_argument("--max_train_samples", type=int, default=None, help="first N training questions (debug)")
+    parser.add_argument("--max_eval_samples", type=int, default=None, help="first N questions per test set (debug)")
+    parser.add_argument("--data_seed", type=int, default=None,
+                        help="seed of the data order (default: the table's null, i.e. the --seed)")
+    training.add_resume_flag(parser)
+    tables.add_setting_flags(parser, table, BLOCKS)
+
+
+def check_settings(settings: dict, table: dict, args) -> dict:
+    adapters.check_settings(settings, BLOCKS)
+    method = settings["method"]
+    if isinstance(settings["eval_modes"], dict):  # the table's modes per method
+        settings["eval_modes"] = settings["eval_modes"][method]
+    if method != "llmm":
+        if args.K not in (None, 0):
+            raise ValueError(f"--method {method} trains plain LoRA factors (K = 0); drop --K or use --method llmm")
+        settings["K"] = 0
+    if method == "mcdropout":
+        if args.lora_dropout is not None:
+            raise ValueError("--method mcdropout takes its dropout from mc_dropout; drop --lora_dropout")
+        settings["lora_dropout"] = settings["mc_dropout"]
+    if "dropout" in settings["eval_modes"] and not settings["lora_dropout"] > 0:
+        raise ValueError("eval mode 'dropout' needs dropout in the adapters: use --method mcdropout")
+    unknown = [m for m in settings["eval_modes"] if m not in C.MODES]
+    if unknown:
+        raise ValueError(f"unknown eval mode(s) {unknown} in the table; known: {C.MODES}")
+    C.check_n_samples(settings["mc_samples"])
+    if settings["load_in_8bit"] and settings["load_in_4bit"]:
+        raise ValueError("load_in_8bit and load_in_4bit are both true: choose one backbone precision")
+    init_dir = causal_lm.init_adapter_dir(settings["model_name_or_path"])
+    if init_dir is not None:
+        causal_lm.check_init_adapter(init_dir, settings)
+        adapters.adopt_init_dir_settings(settings["model_name_or_path"], settings,
+                                  {name for name in adapters.INIT_DIR_LOFTQ if getattr(args, name, None) is not None})
+        if settings["load_in_8bit"]:
+            raise ValueError("an _init.sh directory holds LoftQ's NF values Q, which 8-bit loading would re-quantize: "
+                             "pass --load_in_8bit false (and --load_in_4bit true for bitsandbytes NF4)")
+        settings["init"] = "loftq"
+    elif settings["init"] == "loftq" and (settings["load_in_8bit"] or settings["load_in_4bit"]):
+        raise ValueError("in-process LoftQ needs the full-precision weights: pass --load_in_8bit false "
+                         "--load_in_4bit false (LoftQ then fake-quantizes them at --bits), or an _init.sh directory")
+    if settings["dtype"] not in causal_lm.DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(causal_lm.DTYPES)}, got {settings['dtype']!r}")
+    if not 0 <= settings["warmup_ratio"] < 1:
+        raise ValueError(f"warmup_ratio must be in [0, 1), got {settings['warmup_ratio']}")
+    if not settings.get("train_data") and not settings.get("train_split"):
+        raise ValueError(f"task {settings['task']!r} is an evaluation-only set (no train split): train on another "
+                         "task and list it under --ood, or pass --train_data FILE")
+    rows = {row["task"]: row for row in tables.table_rows(table)}
+    for name in settings["ood"]:
+        if name not in rows and not name.endswith((".json", ".jsonl")):
+            raise ValueError(f"OOD set {name!r} is neither a task row ({sorted(rows)}) nor a .json/.jsonl file")
+    adapters.check_settings(settings, BLOCKS)
+    fileio.check_data_paths(train_data=settings.get("train_data"), test_data=settings.get("test_data"),
+                       ood=[n for n in settings["ood"] if n.endswith((".json", ".jsonl"))])
+    fileio.check_model_path(settings["model_name_or_path"])
+    settings["backbone"] = backbone_name(settings)
+    return settings
+
+
+def parse_settings(argv=None) -> dict:
+    table = tables.read_table(TABLE, BLOCKS)
+    parser = argparse.ArgumentParser(description="Fine-tune a causal LM on a multiple-choice task (BLoB's calibration "
+                                     "protocol), then measure its calibration.", allow_abbrev=False)
+    add_flags(parser, table)
+    args = parser.parse_args(argv)
+    schema.take_renamed(args, BLOCKS)
+    return check_settings({**tables.plumbing_defaults(BLOCKS), **tables.resolve_settings(table, args)}, table, args)
+
+
+def backbone_name(settings: dict) -> str:
+    """What the adapters sit on: int8 (LLM.int8), nf4 (bitsandbytes), nf4/nf2 LoftQ, or the 16/32-bit weights."""
+    if settings["load_in_8bit"]:
+        return "int8"
+    if settings["init"] == "loftq":
+        return f"loftq-{settings['quant']}{settings['bits']}"
+    if settings["load_in_4bit"]:
+        return "nf4"
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[settings["dtype"]]
+
+
+# --- data ----------------------------------------------------------------------------------------------------------
+
+def task_records(settings: dict, table: dict, task: str, split: str) -> tuple[list[dict], str]:
+    """(normalised records, where from) of one split ("train" / "test") of a task row, or of a local file."""
+    if task.endswith((".json", ".jsonl")):
+        return load_mcq(task), task
+    row = settings if task == settings["task"] else tables.select_row(table, task=task)
+    local = row.get(f"{split}_data")
+    if local:
+        return load_mcq(local), local
+    name = row[f"{split}_split"]
+    if not name:
+        raise ValueError(f"task {task!r} has no {split} split")
+    return load_mcq(row["dataset"], row.get("dataset_config"), name), f"{row['dataset']} [{name}]"
+
+
+def load_all(settings: dict, table: dict, train: bool = True) -> tuple[list[dict], dict[str, tuple[list[dict], str]]]:
+    """Training records (none with ``train=False``) and {eval set: (records, where)}: the task's test split
+    first, then the OOD sets."""
+    train = task_records(settings, table, settings["task"], "train")[0] if train else []
+    sets = {settings["task"]: task_records(settings, table, settings["task"], "test")}
+    for name in settings["ood"]:
+        sets[Path(name).stem if name.endswith((".json", ".jsonl")) else name] = task_records(settings, table, name,
+                                                                                           "test")
+    limit = settings.get("max_eval_samples")
+    sets = {name: (records[:limit] if limit else records, where) for name, (records, where) in sets.items()}
+    if settings.get("max_train_samples"):
+        train = train[:settings["max_train_samples"]]
+    return train, sets
+
+
+# --- model ---------------------------------------------------------------------------------------------------------
+
+load_backbone = causal_lm.load_backbone  # with load_in_8bit: bitsandbytes LLM.int8, BLoB's backbone
+
+
+def check_tied_head(model, settings: dict) -> None:
+    """In-process LoftQ replaces each target's weight by its quantized Q; an LM head tied to the input embeddings
+    would quantize those too, so that combination is refused."""
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is model.get_input_embeddings().weight
+    name = next((n for n, m in model.named_modules() if m is head), None)
+    if causal_lm.in_process_loftq(settings) and tied and name in (settings.get("target_modules") or []):
+        raise ValueError(f"in-process LoftQ over {name!r}, which shares its weight with the input embeddings, would "
+                         f"quantize the embeddings too: drop {name} from --target_modules or use --init lora")
+
+
+class LetterTrainer(training.LlmmTrainer):
+    """The Llmm Trainer with the answer-letter loss (llmm.tasks.calibration.letter_loss)."""
+
+    def __init__(self, *args, letter_ids: list[int], **kwargs):
+        super().__init__(*args, **kwargs)
+        self.letter_ids = torch.tensor(letter_ids)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        logits = C.letter_logits(model, inputs["input_ids"], inputs["attention_mask"], inputs["n_choices"],
+                                 self.letter_ids)
+        loss = torch.nn.functional.cross_entropy(logits, inputs["labels"].to(logits.device))
+        return (loss, {"logits": logits}) if return_outputs else loss
+
+
+class WidthCallback(TrainerCallback):
+    """Records the learned distribution's width (llmm.width) at the start and at every logging step."""
+
+    def __init__(self):
+        self.history = []
+
+    def record(self, state, model):
+        self.history.append({"step": state.global_step, **width_summary(distribution_width(model))})
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.record(state, model)
+
+    def on_log(self, args, state, control, model=None, **kwargs):
+        self.record_new(state, model)
+
+    def record_new(self, state, model):
+        if not self.history or self.history[-1]["step"] != state.global_step:
+            self.record(state, model)
+
+
+# --- evaluation ----------------------------------------------------------------------------------------------------
+
+def run_cell(settings: dict) -> dict:
+    """The settings that define a trained run and how its sets are read (llmm.stats.cell_of), without the
+    evaluation plumbing that each evaluation's own cell states (set, mode, N)."""
+    return {key: value for key, value in stats.cell_of(settings).items() if key not in EVALUATION_ONLY}
+
+
+def evaluation_cell(cell: dict, entry: dict) -> dict:
+    """The cell of one evaluation (what tables pool seeds by): the run's cell plus the set, the mode and N."""
+    return {**cell, "eval_set": entry["eval_set"], "eval_where": entry["where"], "eval_mode": entry["mode"],
+            "eval_samples": entry["N"]}
+
+
+def evaluate_sets(peft_model, tokenizer, letter_ids, eval_sets: dict, settings: dict, output_dir: Path | None,
+                  method: str, cell: dict) -> list[dict]:
+    """Every eval set in every mode: one entry per (set, mode) with its seed and cell (``cell``, the run's, plus
+    the set, mode and N); a reliability PNG per set (modes side by side) when ``output_dir`` is given."""
+    device = next(peft_model.parameters()).device
+    head = C.LetterHead(peft_model, letter_ids).to(device)
+    entries = []
+    for index, (name, (records, where)) in enumerate(eval_sets.items()):
+        encoded = [encode_question(tokenizer, r, settings["max_length"]) for r in records]
+        batches = C.batches(encoded, settings["per_device_eval_batch_size"], tokenizer.pad_token_id, device)
+        reports = {}
+        for mode in settings["eval_modes"]:
+            n_samples = settings["mc_samples"] if mode in SAMPLED_MODES else 1
+            torch.manual_seed(settings["seed"])  # the same draws for every set and rerun: dropout masks,
+            seed_noise(peft_model, settings["seed"])  # and the Llmm noise (the model's own generator)
+            started = time.time()
+            probs, labels = C.predict(head, batches, mode, n_samples)
+            report = C.evaluate(probs, labels)
+            reports[f"{name} {mode}" + (f" N={n_samples}" if mode in SAMPLED_MODES else "")] = report
+            entries.append({"eval_set": name, "shift": "in-distribution" if index == 0 else "ood", "where": where,
+                            "mode": mode, "N": n_samples, "method": method, "seed": settings["seed"],
+                            "K": settings["K"], "backbone": settings["backbone"], "wall_time_s": time.time() - started,
+                            **report})
+            entries[-1]["cell"] = evaluation_cell(cell, entries[-1])
+            cli.logger.info("%s %s (N=%d): accuracy %.4f, ECE %.4f, NLL %.4f, Brier %.4f", name, mode, n_samples,
+                          report["accuracy"], report["ece"], report["nll"], report["brier"])
+        if output_dir is not None:
+            C.plot_reliability(output_dir / f"reliability-{name}.png", reports)
+    return entries
+
+
+class McqRecipe(causal_lm.CausalLMRecipe):
+    """The causal-LM recipe with the answer-letter loss, the width history and the calibration evaluations."""
+
+    def __init__(self, settings: dict, table: dict):
+        super().__init__(settings, settings["task"], encode=None)
+        self.table = table
+
+    def load_data(self):
+        self.train_records, self.eval_sets = load_all(self.settings, self.table)
+
+    def load_model(self, arguments):
+        model, tokenizer = load_backbone(self.settings)
+        model.config.use_cache = False
+        keep_cpu_4bit_trainable(model)
+        check_tied_head(model, self.settings)
+        peft_model = causal_lm.attach_adapter(model, self.settings)
+        peft_model.print_trainable_parameters()
+        n_letters = max(len(r["choices"]) for records in [self.train_records, *(r for r, _ in self.eval_sets.values())]
+                        for r in records)
+        self.letter_ids = letter_token_ids(tokenizer, n_letters)
+        return peft_model, tokenizer
+
+    def datasets(self, tokenizer):
+        encode = functools.partial(encode_question, tokenizer, max_length=self.settings["max_length"])
+        return (datasets.Dataset.from_list([encode(r) for r in self.train_records]),
+                datasets.Dataset.from_list([encode(r) for r in self.eval_sets[self.settings["task"]][0]]))
+
+    def make_trainer(self, model, tokenizer, arguments, train_set, held_out):
+        self.width = WidthCallback()
+        return LetterTrainer(model=model, args=arguments, train_dataset=train_set, eval_dataset=held_out,
+                             data_collator=functools.partial(C.collate, pad_token_id=tokenizer.pad_token_id),
+                             processing_class=tokenizer, callbacks=[self.width], letter_ids=self.letter_ids)
+
+    def finish(self, trainer, outcome, model, tokenizer) -> dict:
+        settings = self.settings
+        self.width.record_new(trainer.state, model)
+        if not trainer.is_world_process_zero():
+            return {}
+        evaluations = evaluate_sets(model, tokenizer, self.letter_ids, self.eval_sets, settings, self.output_dir,
+                                    settings["method"], run_cell(settings))
+        return {
+            "task": settings["task"], "method": settings["method"], "seed": settings["seed"],
+            "cell": run_cell(settings), "K": settings["K"],
+            "llmmscale": settings["llmmscale"], "rank": settings["rank"], "backbone": settings["backbone"],
+            "bits": settings["bits"] if settings["init"] == "loftq" else None, "init": settings["init"],
+            "model": settings["model_name_or_path"], "eval_modes": settings["eval_modes"],
+            "mc_samples": settings["mc_samples"], "n_train": len(trainer.train_dataset),
+            "train_loss": outcome.training_loss, "global_step": trainer.state.global_step, "evaluations": evaluations,
+            "width": {"definition": "||Z||_F / (sqrt(llmmscale) ||M||_F) per factor and layer (llmm.width)",
+                      "history": self.width.history, "final_per_layer": distribution_width(model)},
+            "history": trainer.state.log_history, "resumed_from": self.resumed_from,
+            "wall_time_s": time.time() - self.started, "complete": True,
+        }
+
+    def save(self, trainer, model, tokenizer, results: dict) -> dict:
+        causal_lm.save_run(model, tokenizer, self.settings, self.output_dir)
+        fileio.write_json(self.output_dir / "results.json", results)
+        fileio.plot_curves(self.output_dir / "curves.png", causal_lm.curves(results["history"]),
+                           xlabel="optimizer step")
+        cli.logger.info("results -> %s", self.output_dir / "results.json")
+        return results
+
+
+def train(argv=None) -> dict:
+    """scripts.train_mcq: settings from configs/mcq.yaml and the flags, then the recipe."""
+    return McqRecipe(parse_settings(argv), tables.read_table(TABLE, BLOCKS)).run()

@@ -1,0 +1,186 @@
+"""The multiple-choice tables (scripts.mcq_table): accuracy / ECE / NLL / Brier per task and eval set, seeds pooled
+by cell, paired differences against a baseline method, and the learned distribution's width."""
+
+from __future__ import annotations
+import argparse
+import json
+import sys
+from llmm.run import cli, fileio, tables
+from llmm import stats
+
+
+PUBLISHED = tables.CONFIGS / "mcq_published.yaml"
+
+
+TASK_ORDER = ("winogrande_s", "arc_c", "arc_e", "winogrande_m", "obqa", "boolq")
+
+
+METHOD_ORDER = ("map", "mcdropout", "ensemble", "llmm")
+
+
+METRICS = {"accuracy": ("Accuracy (%, higher is better)", 100), "ece": ("ECE (%, 15 bins, lower is better)", 100),
+           "nll": ("NLL (lower is better)", 1), "brier": ("Brier (lower is better)", 1)}
+
+
+SAMPLED_MODES = ("mc", "dropout")
+
+
+# Always in a row's label (or its column); other settings are named only where they tell rows apart.
+SHOWN = ("task", "eval_set", "eval_where", "method", "member_method", "backbone", "K", "eval_mode", "eval_samples")
+
+
+# What a method and its baseline may differ in to be paired: the method and what it implies, and the mode it is
+# evaluated in (the baseline in its mean mode). Everything else, the backbone included, must be equal.
+PAIRING_FREE = ("method", "K", "llmmscale", "scaled_gradient", "lora_dropout", "eval_mode", "eval_samples")
+
+
+def row_label(cell: dict, extra: list[str]) -> str:
+    if cell["method"] == "ensemble":
+        text = f"ensemble {cell['backbone']} K{cell['K']} M={cell['eval_samples']}"
+    else:
+        text = f"{cell['method']} {cell['backbone']} K{cell['K']} {cell['eval_mode']}"
+        text += f" N={cell['eval_samples']}" if cell["eval_mode"] in SAMPLED_MODES else ""
+    named = [f"{name}={cell.get(name)}" for name in extra]
+    return text + (f" ({', '.join(named)})" if named else "")
+
+
+def column(cell: dict) -> str:
+    return cell["task"] if cell["eval_set"] == cell["task"] else f"{cell['task']}->{cell['eval_set']}"
+
+
+def gather(paths: list[str]) -> tuple[list[dict], list[dict], list[str]]:
+    """(one record per evaluation {path, seed, cell, metrics}, one per trained run with a width history
+    {path, seed, cell, final}, the incomplete files skipped)."""
+    records, widths, skipped = [], [], []
+    for file in stats.result_files(paths, "scripts/train_mcq.py"):
+        try:
+            results = json.loads(file.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{str(file)!r} is not valid JSON ({error}): delete it or re-run the run") from None
+        if not isinstance(results, dict) or "evaluations" not in results:
+            raise ValueError(f"{str(file)!r} is not a multiple-choice results.json (no 'evaluations'): pass "
+                             "directories written by scripts/train_mcq.py or scripts/test_mcq.py")
+        if not results.get("complete"):
+            skipped.append(str(file))
+            continue
+        for entry in stats.check_entries(results["evaluations"], str(file)):
+            records.append({"path": f"{file} ({entry['eval_set']} {entry['mode']})", "seed": entry.get("seed"),
+                            "cell": entry.get("cell"),
+                            "metrics": {name: stats.metric_value(entry.get(name), str(file), name) * scale
+                                        for name, (_, scale) in METRICS.items()}})
+        history = results.get("width", {}).get("history")
+        if history:
+            widths.append({"path": str(file), "seed": results.get("seed"), "cell": results.get("cell"),
+                           "final": history[-1]})
+    return records, widths, skipped
+
+
+def find_baseline(cell: dict, cells: list[dict], baseline: str) -> dict | None:
+    """The ``baseline`` cell (mean mode) equal to ``cell`` in everything but what PAIRING_FREE names."""
+    def rest(c):
+        return stats.cell_key({k: v for k, v in c.items() if k not in PAIRING_FREE})
+
+    matches = [c for c in cells if c["method"] == baseline and c["eval_mode"] == "mean" and rest(c) == rest(cell)]
+    return matches[0] if len(matches) == 1 else None
+
+
+def build(records: list[dict], baseline: str) -> list[dict]:
+    """One entry per cell: row label, column, per-metric summaries over seeds, paired differences vs ``baseline``."""
+    groups = stats.group_by_cell(records)
+    cells = [g["cell"] for g in groups.values()]
+    extra = [f for f in stats.distinguishing_fields(cells, SHOWN) if f not in SHOWN]
+    entries = []
+    for group in groups.values():
+        cell, runs = group["cell"], group["runs"]
+        base = None if cell["method"] in (baseline, "ensemble") else find_baseline(cell, cells, baseline)
+        base_runs = groups[stats.cell_key(base)]["runs"] if base else None
+        entries.append({
+            "row": row_label(cell, extra), "column": column(cell), "method": cell["method"],
+            "summaries": {m: stats.summarize([r["metrics"][m] for r in runs.values()]) for m in METRICS},
+            "differences": {m: stats.paired_difference({s: r["metrics"][m] for s, r in runs.items()},
+                                                       {s: r["metrics"][m] for s, r in base_runs.items()})
+                            for m in METRICS} if base_runs else None})
+    return entries
+
+
+def task_rank(task: str) -> tuple:
+    return (TASK_ORDER.index(task) if task in TASK_ORDER else len(TASK_ORDER), task)
+
+
+def column_rank(name: str) -> tuple:
+    task, _, target = name.partition("->")
+    return (*task_rank(task), target != "", target)
+
+
+def row_rank(row: str) -> tuple:
+    method = row.split()[0]
+    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else 99, row)
+
+
+def digits(metric: str) -> int:
+    return 1 if METRICS[metric][1] == 100 else 3
+
+
+def metric_tables(entries: list[dict], published: dict) -> list[str]:
+    columns = sorted({e["column"] for e in entries}, key=column_rank)
+    rows = sorted({e["row"] for e in entries}, key=row_rank)
+    by_key = {(e["row"], e["column"]): e for e in entries}
+    out = []
+    for metric, (title, _) in METRICS.items():
+        out += [f"### {title}: median (mean ± sd, n seeds)", "", "| Method | " + " | ".join(columns) + " |",
+                "|---" * (len(columns) + 1) + "|"]
+        for reference in published.get("references", []):
+            figures = dict(zip(published["tasks"], reference.get(metric, [])))
+            if any(c in figures for c in columns):  # a reference row only where it has a figure to compare
+                out.append(f"| {reference['label']} | "
+                           + " | ".join(str(figures[c]) if c in figures else "-" for c in columns) + " |")
+        for row in rows:
+            texts = [stats.format_summary(by_key[row, c]["summaries"][metric], digits(metric)) if (row, c) in by_key
+                     else "-" for c in columns]
+            out.append(f"| {row} | " + " | ".join(texts) + " |")
+        out.append("")
+    return out
+
+
+def paired_table(entries: list[dict], baseline: str) -> list[str]:
+    paired = sorted((e for e in entries if e["differences"]), key=lambda e: (row_rank(e["row"]),
+                                                                             column_rank(e["column"])))
+    if not paired:
+        return [f"No row has a {baseline} run of the same task, backbone and settings to be paired with.", ""]
+    out = [f"### Paired difference vs {baseline} (mean mode, same task, backbone, settings and seeds): "
+           "mean [95 % bootstrap interval] (n seeds)", "",
+           "| Method | Column | " + " | ".join(f"Δ {name}" for name in ("accuracy", "ECE", "NLL", "Brier")) + " |",
+           "|---" * (len(METRICS) + 2) + "|"]
+    for entry in paired:
+        texts = [stats.format_difference(entry["differences"][m], digits(m)) for m in METRICS]
+        out.append(f"| {entry['row']} | {entry['column']} | " + " | ".join(texts) + " |")
+    return out + [""]
+
+
+def width_table(widths: list[dict]) -> list[str]:
+    if not widths:
+        return []
+    groups = stats.group_by_cell(widths)
+    cells = [g["cell"] for g in groups.values()]
+    extra = [f for f in stats.distinguishing_fields(cells, ("task", "method", "backbone", "K"))
+             if f not in ("task", "method", "backbone", "K")]
+    tasks = sorted({c["task"] for c in cells}, key=task_rank)
+    texts: dict[str, dict[str, str]] = {}
+    for group in groups.values():
+        cell, finals = group["cell"], list(group["runs"].values())
+        label = f"{cell['method']} {cell['backbone']} K{cell['K']}"
+        label += f" ({', '.join(f'{name}={cell.get(name)}' for name in extra)})" if extra else ""
+        texts.setdefault(label, {})[cell["task"]] = " / ".join(
+            stats.format_summary(stats.summarize([r["final"][factor]["median"] for r in finals]), 3)
+            if all(r["final"].get(factor) for r in finals) else "-" for factor in ("A", "B"))
+    out = ["### Width of the learned distribution at the end of training "
+           "(median over layers of ||Z|| / sqrt(s) / ||M||, A / B; median (mean ± sd, n seeds))", "",
+           "| Run | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    for label in sorted(texts, key=row_rank):
+        out.append(f"| {label} | " + " | ".join(texts[label].get(task, "-") for task in tasks) + " |")
+    return out + [""]
+
+
+def markdown(records: list[dict], widths: list[dict], published: dict, baseline: str) -> str:
+    entries = build(records, baseline)
+    return "\n".join(metric_tables(entries, published) + paired_table(entries, baseline) + width_table(widths))

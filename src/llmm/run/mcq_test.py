@@ -1,0 +1,119 @@
+"""Evaluating trained multiple-choice runs again, or as a deep ensemble (scripts.test_mcq): the members' settings,
+their adapters and the ensemble's averaged answer distributions."""
+
+from __future__ import annotations
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from llmm import outdirs
+from llmm.run import cli, fileio, tables
+from llmm import load_llmm_model
+from llmm.tasks import calibration as C
+from llmm.tasks.mcq import encode_question, letter_token_ids
+from llmm.run import causal_lm
+from llmm.run.mcq import TABLE, evaluate_sets, evaluation_cell, load_all, load_backbone, run_cell
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Evaluate trained multiple-choice runs again, or as a deep "
+                                     "ensemble: accuracy, ECE, NLL, Brier per mode.", allow_abbrev=False)
+    parser.add_argument("--runs", nargs="+", required=True, help="run directories of scripts.train_mcq")
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
+    parser.add_argument("--eval_modes", nargs="+", choices=C.MODES, default=None, help="one run: modes to evaluate")
+    parser.add_argument("--mc_samples", type=int, default=None, help="N for mc / dropout (default: the run's)")
+    parser.add_argument("--ood", nargs="*", default=None, help="OOD sets: task rows or .json/.jsonl files")
+    parser.add_argument("--test_data", default=None, help="a .json/.jsonl in-distribution test file")
+    parser.add_argument("--max_eval_samples", type=int, default=None, help="first N questions per set (debug)")
+    parser.add_argument("--per_device_eval_batch_size", type=int, default=None)
+    return parser.parse_args(argv)
+
+
+def run_settings(run: str) -> dict:
+    path = Path(run) / "settings.json"
+    if not path.is_file() or not (Path(run) / "adapter").is_dir():
+        raise FileNotFoundError(f"{run!r} is not a finished train_mcq run (no settings.json / adapter/): pass the "
+                                "run's output directory")
+    return json.loads(path.read_text())
+
+
+def member_settings(args) -> list[dict]:
+    members = [run_settings(run) for run in args.runs]
+    overrides = {"eval_modes": args.eval_modes, "mc_samples": args.mc_samples, "ood": args.ood,
+                 "test_data": args.test_data, "max_eval_samples": args.max_eval_samples,
+                 "per_device_eval_batch_size": args.per_device_eval_batch_size}
+    for settings, run in zip(members, args.runs):
+        settings.update({key: value for key, value in overrides.items() if value is not None})
+        settings["run"] = run
+        if args.max_eval_samples is None:
+            settings.pop("max_eval_samples", None)  # the run's debug cap applies to its own evaluation only
+        settings["cell"] = run_cell(settings)  # before the backbone path below: the run's cell, as trained
+        if causal_lm.in_process_loftq(settings):  # the quantized backbone the run wrote beside its adapter
+            settings["model_name_or_path"] = str(Path(run) / "backbone")
+    for settings, run in zip(members[1:], args.runs[1:]):
+        differ = sorted(key for key in {*settings["cell"], *members[0]["cell"]} - {"data_seed"}  # a seed too
+                        if settings["cell"].get(key) != members[0]["cell"].get(key))
+        if differ:
+            raise ValueError(f"ensemble members must share every setting but the seed: {args.runs[0]!r} and {run!r} "
+                             f"differ in {differ}")
+    if len(members) > 1 and args.eval_modes:
+        raise ValueError("--eval_modes applies to one run; several runs are evaluated as a deep ensemble")
+    C.check_n_samples(members[0]["mc_samples"])
+    return members
+
+
+def load_member(settings: dict):
+    """(peft model, tokenizer) of one run: its backbone and adapter (M and Z), in eval mode."""
+    model, tokenizer = load_backbone(settings)
+    model = load_llmm_model(model, str(Path(settings["run"]) / "adapter"), k=settings["K"])
+    if not (settings["load_in_8bit"] or settings["load_in_4bit"]):
+        model = model.to(next(model.parameters()).device)
+    return model.eval(), tokenizer
+
+
+def ensemble_seed(members: list[dict]) -> str:
+    """An ensemble's seed for the tables: its members' seeds, "1+2+3" (one value; pairs with no single-seed run)."""
+    return "+".join(str(seed) for seed in sorted(settings["seed"] for settings in members))
+
+
+def ensemble(members: list[dict], eval_sets: dict, output_dir: Path) -> list[dict]:
+    """The deep ensemble over every eval set: members loaded one at a time, distributions averaged."""
+    first = members[0]
+    state = {}
+
+    def heads():
+        for settings in members:
+            model, tokenizer = load_member(settings)
+            letters = letter_token_ids(tokenizer, max(len(r["choices"]) for rs, _ in eval_sets.values() for r in rs))
+            device = next(model.parameters()).device
+            state["batches"] = {
+                name: C.batches([encode_question(tokenizer, r, first["max_length"]) for r in records],
+                                first["per_device_eval_batch_size"], tokenizer.pad_token_id, device)
+                for name, (records, _) in eval_sets.items()}
+            yield C.LetterHead(model, letters).to(device)
+            del model
+
+    sums, labels = {}, {}
+    started = time.time()
+    for head in heads():
+        for name, batch_list in state["batches"].items():
+            probs, labels[name] = C.predict(head, batch_list, "mean")
+            sums[name] = sums.get(name, 0) + probs
+    entries, seeds = [], ensemble_seed(members)
+    data_seeds = sorted({settings["cell"].get("data_seed") for settings in members}, key=str)
+    cell = {**first["cell"], "method": "ensemble", "member_method": first["method"],
+            "data_seed": data_seeds[0] if len(data_seeds) == 1 else "+".join(map(str, data_seeds))}
+    for index, (name, (_, where)) in enumerate(eval_sets.items()):
+        report = C.evaluate(sums[name] / len(members), labels[name])
+        entries.append({"eval_set": name, "shift": "in-distribution" if index == 0 else "ood", "where": where,
+                        "mode": "ensemble", "N": len(members), "method": "ensemble", "seed": seeds,
+                        "K": first["K"], "backbone": first["backbone"], **report})
+        entries[-1]["cell"] = evaluation_cell(cell, entries[-1])
+        cli.logger.info("%s ensemble (M=%d): accuracy %.4f, ECE %.4f, NLL %.4f, Brier %.4f", name, len(members),
+                      report["accuracy"], report["ece"], report["nll"], report["brier"])
+        C.plot_reliability(output_dir / f"reliability-{name}.png", {f"{name} ensemble M={len(members)}": report})
+    for entry in entries:
+        entry["wall_time_s"] = time.time() - started
+    return entries

@@ -1,0 +1,107 @@
+"""The run skeleton every task family uses: the flow of a training run written once, with hooks for what a family
+adds (its data, its model and adapter, its Trainer, its results and files).
+
+    class GlueRecipe(Recipe):
+        def load_data(self): ...            # raw data, checked before anything is written
+        def load_model(self, arguments): ... # (model with its adapter, tokenizer)
+        def datasets(self, tokenizer): ...   # (train, held-out) for the Trainer
+        def make_trainer(self, ...): ...     # the LlmmTrainer (subclass) with the family's metrics and callbacks
+        def finish(self, trainer, outcome): ...  # results (written to results.json), the family's files
+
+    results = GlueRecipe(settings).run()
+
+The flow: data; the checkpoint to resume from and its checks (K, rank, alpha, scale, processes); the output
+directory's check; seed; backbone and adapter; datasets; lock and create the output directory (only now, so bad input
+writes nothing); the Trainer (``--report_to`` reaches it through the training arguments); settings.json; train;
+``after_training`` (a later step on the trained model, e.g. a search on the validation split); on the main process
+the family's results and files, results.json and the adapters. A check of the output directory against the inputs
+goes in ``check_output``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from llmm import outdirs
+from llmm.run import fileio
+from llmm.run import trainer as training
+
+
+class Recipe:
+    """One training run of a task family (subclass and fill the hooks)."""
+
+    def __init__(self, settings: dict):
+        self.settings = settings
+        self.output_dir = Path(settings["output_dir"])
+        self.started = time.time()
+
+    # --- hooks ---------------------------------------------------------------------------------------------------
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """Where the Trainer writes checkpoint-N/ (and where --resume_from_checkpoint looks)."""
+        return self.output_dir / "checkpoints"
+
+    def load_data(self) -> None:
+        """Read and check the data (before anything is written)."""
+
+    def training_arguments(self, resume: bool):
+        raise NotImplementedError
+
+    def load_model(self, arguments):
+        """(model with its adapter, tokenizer)."""
+        raise NotImplementedError
+
+    def datasets(self, tokenizer) -> tuple:
+        """(train, held-out) datasets for the Trainer."""
+        raise NotImplementedError
+
+    def make_trainer(self, model, tokenizer, arguments, train_set, held_out):
+        raise NotImplementedError
+
+    def after_training(self, trainer, model, tokenizer) -> None:
+        """After training, before the results, on every process: a step on the trained model (e.g. a search on the
+        validation split); nothing by default."""
+
+    def finish(self, trainer, outcome, model, tokenizer) -> dict:
+        """After training, on every process: the results (the main process then writes them to results.json)."""
+        raise NotImplementedError
+
+    def save(self, trainer, model, tokenizer, results: dict) -> dict:
+        """On the main process: the adapters, results.json and the family's files; returns the final results."""
+        return results
+
+    def check_output(self, resume: bool) -> None:
+        outdirs.check_output_dir(self.output_dir, self.settings.get("overwrite", False), resume=resume)
+
+    # --- the flow ------------------------------------------------------------------------------------------------
+
+    data_first = False  # read the data before the checkpoint and output-directory checks (GLUE) or after them
+
+    def run(self) -> dict | None:
+        settings = self.settings
+        if self.data_first:
+            self.load_data()
+        checkpoint = training.find_checkpoint(settings.get("resume_from_checkpoint"), self.checkpoint_dir)
+        if checkpoint:
+            training.check_checkpoint(checkpoint, settings)
+        self.check_output(resume=checkpoint is not None)
+        if not self.data_first:
+            self.load_data()
+        self.resumed_from = checkpoint
+        arguments = self.training_arguments(resume=checkpoint is not None)
+        fileio.seed_everything(settings["seed"])
+        model, tokenizer = self.load_model(arguments)
+        train_set, held_out = self.datasets(tokenizer)
+        outdirs.make_output_dir(self.output_dir, settings.get("overwrite", False), resume=checkpoint is not None)
+        trainer = self.make_trainer(model, tokenizer, arguments, train_set, held_out)
+        if trainer.is_world_process_zero():
+            fileio.write_json(self.output_dir / "settings.json",
+                              {**settings, "resumed_from": checkpoint, "versions": fileio.versions()})
+        outcome = trainer.train(resume_from_checkpoint=checkpoint)
+        self.after_training(trainer, model, tokenizer)
+        results = self.finish(trainer, outcome, model, tokenizer)
+        if trainer.is_world_process_zero():
+            results = self.save(trainer, model, tokenizer, results)
+        return results

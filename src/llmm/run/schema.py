@@ -1,0 +1,391 @@
+"""Every setting of the entry points, declared once: a typed field with its help, its range or choices and its role.
+
+    @dataclass
+    class TrainingSettings:
+        learning_rate: float = setting(2e-4, "peak learning rate", low=0, low_open=True)
+
+Adding a numeric setting is one field here plus one value in the YAML table that uses it: the flag (``--name``,
+typed, its range in the help), the range check (one ``error:`` line before anything is written), the table check
+(an unknown key names the closest known one), settings.json and the results' cell all follow from the field.
+
+Blocks: the adapter and its LoftQ initialisation, training (Hugging Face TrainingArguments' own names), then one
+block per task family. Roles: ``cell`` (defines the table cell: runs are pooled as seeds only when these agree),
+``run`` (plumbing that does not change a run's numbers: never in a cell), ``init_dir`` (a cell setting an _init.sh
+directory fixes: adopted from its quantize_report.json), ``eval`` (evaluation plumbing, replaced in each
+evaluation's cell by what it used). The paper's names K and llmmscale are LlmmConfig's ``k`` and ``scale``
+(llmm.run.adapters.llmm_config is the one place that maps them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+
+from llmm.quant import ALLOWED_BITS, ALLOWED_METHODS, ALLOWED_SVD
+
+CELL, RUN, INIT_DIR, EVAL = "cell", "run", "init_dir", "eval"
+
+
+def setting(default, help: str, *, low=None, high=None, low_open=False, high_open=False, choices=None,
+            role: str = CELL, kind=None, nonempty=False):
+    """A dataclass field with its help, range (numbers: low / high, open or closed; text: nonempty) or choices, and
+    role."""
+    return field(default=default, metadata={"help": help, "low": low, "high": high, "low_open": low_open,
+                                            "high_open": high_open, "choices": choices, "role": role,
+                                            "kind": kind, "nonempty": nonempty})
+
+
+def number(text: str):
+    """A flag's number as the tables write it: an int for digits only (16), else a float (16.0, 1e-4)."""
+    return int(text) if text.strip().lstrip("+-").isdigit() else float(text)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def rule(meta: dict, kind) -> tuple:
+    """(accepts(value), what the value must be) of a field's metadata."""
+    if meta["choices"] is not None:
+        choices = tuple(meta["choices"])
+        def accepts(v):  # one value, a list of values, or lists per method ({method: [values]})
+            if isinstance(v, dict):
+                return all(accepts(x) for x in v.values())
+            return all(x in choices for x in v) if isinstance(v, list) else v in choices
+
+        return accepts, f"one of {choices}"
+    if meta["nonempty"]:
+        return (lambda v: isinstance(v, str) and v.strip() != ""), "a directory name, not empty"
+    low, high = meta["low"], meta["high"]
+    if low is None and high is None:
+        return (lambda v: True), ""
+    integer = kind is int
+    kind = float if kind is number else kind
+    if low is not None and high is not None:
+        what = (f"a number in {'(' if meta['low_open'] else '['}{low}, {high}{')' if meta['high_open'] else ']'}")
+    else:
+        what = (f"{'an integer' if integer else 'a finite number'} "
+                f"{'>' if meta['low_open'] else '>='} {low}" if low is not None else
+                f"{'<' if meta['high_open'] else '<='} {high}")
+
+    def accepts(v):
+        if not _number(v) or (integer and not isinstance(v, int)):
+            return False
+        above = low is None or (v > low if meta["low_open"] else v >= low)
+        below = high is None or (v < high if meta["high_open"] else v <= high)
+        return above and below
+
+    return accepts, what
+
+
+# --- blocks --------------------------------------------------------------------------------------------------------
+
+@dataclass
+class RunSettings:
+    """Where a run writes (every entry point)."""
+
+    output_dir: str = setting(None, "the run directory (new or empty; --overwrite replaces an llmm one)", role=RUN,
+                              nonempty=True)
+
+
+@dataclass
+class AdapterSettings:
+    """The Llmm adapter (LlmmConfig): rank, K directions, noise scale, evaluation noise."""
+
+    rank: int = setting(16, "LoRA rank r", low=1)
+    K: int = setting(2, "directions per factor (LlmmConfig k; 0 = plain LoRA/LoftQ)", low=0)
+    llmmscale: float = setting(400.0, "noise scale s (LlmmConfig scale): the noise std is 1/sqrt(s)", low=0,
+                               low_open=True)
+    lora_alpha: float = setting(16, "LoRA alpha (g = alpha / r)", low=0, low_open=True, kind=number)
+    lora_dropout: float = setting(0.0, "dropout on the adapter path", low=0, high=1, high_open=True)
+    scaled_gradient: bool = setting(True, "the paper's gradient rule dZ[k] = eps_k dL/dF (false: plain pathwise)")
+    eval_noise: str = setting("mean", "noise in evaluation: mean (eps = 0) | sample (a fresh draw; GLUE also mc: "
+                              "the average of mc_samples networks)", choices=("mean", "sample", "mc"))
+    init: str = setting("loftq", "adapter init for a plain checkpoint: loftq (in-process) | lora",
+                        choices=("loftq", "lora"))
+    target_modules: list = setting(None, "modules to adapt (default: configs/targets.yaml by model_type)", kind=str)
+
+
+@dataclass
+class LoftQSettings:
+    """How LoftQ quantizes the backbone and initialises the means (an _init.sh directory fixes these)."""
+
+    quant: str = setting("nf", "quantizer: nf (normal float) | uniform", choices=ALLOWED_METHODS, role=INIT_DIR)
+    bits: int = setting(4, "bits of the quantized backbone", choices=ALLOWED_BITS, role=INIT_DIR)
+    loftq_iter: int = setting(5, "LoftQ alternating iterations", low=1, role=INIT_DIR)
+    loftq_svd: str = setting("truncated", "LoftQ's rank-r step", choices=ALLOWED_SVD, role=INIT_DIR)
+    loftq_svd_oversampling: int = setting(0, "truncated SVD: columns beyond the rank", low=0, role=INIT_DIR)
+    loftq_svd_iters: int = setting(6, "truncated SVD: power (Krylov) steps per iteration", low=0, role=INIT_DIR)
+    compensate_scaling: bool = setting(True, "LoftQ factors divided by g = alpha / r (false: the reference's)",
+                                       role=INIT_DIR)
+
+
+@dataclass
+class TrainingSettings:
+    """The Trainer's settings, under Hugging Face TrainingArguments' own names."""
+
+    learning_rate: float = setting(2e-4, "peak learning rate", low=0, low_open=True)
+    lr_scheduler_type: str = setting("linear", "learning-rate schedule (transformers' names)",
+                                     choices=("linear", "cosine", "constant", "constant_with_warmup", "polynomial",
+                                              "cosine_with_restarts", "inverse_sqrt"))
+    warmup_ratio: float = setting(0.0, "fraction of the steps spent warming up", low=0, high=1, high_open=True)
+    weight_decay: float = setting(0.0, "AdamW weight decay", low=0)
+    max_grad_norm: float = setting(1.0, "gradient clipping norm (0 = none)", low=0)
+    optim: str = setting("adamw_torch", "optimizer (paged_* need CUDA: adamw_torch on CPU)",
+                         choices=("adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "sgd"))
+    per_device_train_batch_size: int = setting(8, "training batch per device", low=1)
+    per_device_eval_batch_size: int = setting(8, "evaluation batch per device", low=1, role=RUN)
+    gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step", low=1)
+    num_train_epochs: float = setting(3.0, "epochs (max_steps, when set, wins)", low=0, low_open=True, kind=number)
+    max_steps: int = setting(None, "optimizer steps (overrides num_train_epochs)", low=1)
+    eval_steps: int = setting(500, "evaluate every n optimizer steps (GLUE: 0 = every epoch)", low=0)
+    logging_steps: int = setting(50, "log every n optimizer steps", low=1, role=RUN)
+    save_steps: int = setting(500, "checkpoint every n optimizer steps (GLUE: 0 = every epoch)", low=0, role=RUN)
+    save_total_limit: int = setting(1, "checkpoints kept (the newest)", low=1, role=RUN)
+    seed: int = setting(42, "seed of initialisation, data order, dropout and the Llmm noise", low=0, role=RUN)
+    data_seed: int = setting(None, "seed of the data order (default: seed)", low=0)
+    gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass")
+    dtype: str = setting("bfloat16", "compute dtype", choices=("float32", "bfloat16", "float16"))
+    report_to: str = setting("none", "where the Trainer logs while it runs (tensorboard: "
+                             "OUTPUT_DIR/checkpoints/runs; wandb)", choices=("none", "tensorboard", "wandb"), role=RUN)
+
+
+@dataclass
+class CausalDataSettings:
+    """What the causal-LM families share: the hub dataset, the backbone's precision, debug limits."""
+
+    dataset: str = setting(None, "the hub dataset")
+    dataset_config: str = setting(None, "the hub dataset's configuration")
+    load_in_4bit: bool = setting(True, "bitsandbytes NF4 backbone (false: dtype weights)")
+    max_train_samples: int = setting(None, "first N training examples (debug)", low=1)
+    max_eval_samples: int = setting(None, "first N held-out examples per set (debug)", low=1)
+
+
+@dataclass
+class CausalLMSettings(CausalDataSettings):
+    """GSM8K, Alpaca and HH-RLHF fine-tuning (train_gsm8k, train_nlg)."""
+
+    method: str = setting("llmm", "llmm | loftq (K = 0) | qlora (standard LoRA init, K = 0)",
+                          choices=("llmm", "loftq", "qlora"))
+    task: str = setting(None, "alpaca | hh-rlhf (train_nlg; gsm8k for train_gsm8k)")
+    model: str = setting(None, "a table row's model name (its base_model and init_dir)")
+    base_model: str = setting(None, "the row's original checkpoint (--method qlora)")
+    init_dir: str = setting(None, "the row's _init.sh directory (--method llmm / loftq)")
+    eval_split: str = setting("test", "held-out data: a split of the dataset, or heldout (eval_size records of "
+                              "train)")
+    eval_size: int = setting(1024, "records held out of train for eval_split heldout", low=0)
+    eval_noise: str = setting("mean", "held-out loss of the mean network, or sampled (the reference's)",
+                              choices=("mean", "sample"))
+    max_length: int = setting(512, "GSM8K: tokens of source + target", low=1)
+    source_max_len: int = setting(384, "Alpaca / HH-RLHF: tokens of the source", low=1)
+    target_max_len: int = setting(128, "Alpaca / HH-RLHF: tokens of the target", low=1)
+    prepare_kbit_training: bool = setting(True, "4-bit: PEFT's prepare_model_for_kbit_training, as the reference")
+
+
+@dataclass
+class GlueSettings:
+    """GLUE on an encoder (train_glue)."""
+
+    model: str = setting("microsoft/deberta-v3-base", "hub id or local directory of the encoder")
+    task: str = setting(None, "GLUE task")
+    method: str = setting("llmm", "llmm | loftq (K = 0) | qlora (fake-quantized, LoRA init) | lora (full precision)",
+                          choices=("llmm", "loftq", "qlora", "lora"))
+    quantize_embeddings: bool = setting(True, "embedding tables quantized too, each with its own low-rank pair")
+    gaussian_embeddings: bool = setting(False, "the embedding pairs Gaussian with K directions (false: plain)")
+    mc_samples: int = setting(10, "networks averaged when eval_noise = mc", low=1)
+    max_length: int = setting(128, "tokens per example", low=1)
+
+
+@dataclass
+class McqSettings(CausalDataSettings):
+    """Multiple-choice calibration (train_mcq, test_mcq)."""
+
+    method: str = setting("llmm", "llmm | map (LoRA) | mcdropout", choices=("llmm", "map", "mcdropout"))
+    task: str = setting(None, "the task row (configs/mcq.yaml)")
+    model_name_or_path: str = setting(None, "hub id or local directory of the causal LM")
+    train_split: str = setting("train", "training split (null: an evaluation-only set)")
+    test_split: str = setting("test", "test split")
+    train_data: str = setting(None, "a local .json/.jsonl training file")
+    test_data: str = setting(None, "a local .json/.jsonl test file")
+    ood: list = setting(None, "OOD sets: task rows or .json/.jsonl files", role=EVAL, kind=str)
+    eval_modes: list = setting(None, "evaluation modes", choices=("mean", "mc", "dropout", "sample"), role=EVAL,
+                               kind=str)
+    mc_samples: int = setting(10, "Monte-Carlo passes (mc, dropout)", low=1, role=EVAL)
+    mc_dropout: float = setting(0.1, "adapter dropout of --method mcdropout", low=0, high=1, high_open=True)
+    max_length: int = setting(300, "tokens per question (the beginning is cut)", low=1)
+    load_in_8bit: bool = setting(True, "bitsandbytes LLM.int8 backbone")
+
+
+@dataclass
+class Gsm8kTestSettings:
+    """GSM8K generation and scoring (test_gsm8k)."""
+
+    decoding: str = setting("greedy", "a row of configs/gsm8k_test.yaml: greedy | reference (sampling)")
+    batch_size: int = setting(16, "questions per generation batch", low=1)
+    max_samples: int = setting(None, "first N questions (debug)", low=1)
+    max_new_tokens: int = setting(256, "tokens generated per answer", low=1)
+    do_sample: bool = setting(False, "sample (the reference) instead of greedy decoding")
+    temperature: float = setting(None, "sampling temperature", low=0, low_open=True)
+    top_k: int = setting(None, "sampling: the k most likely tokens", low=0)
+    top_p: float = setting(None, "sampling: nucleus mass", low=0, high=1)
+    mc_samples: int = setting(8, "networks that vote in --mode mc", low=1)
+    split: str = setting("test", "the dataset's split")
+    dataset: str = setting("openai/gsm8k", "hub dataset of the questions")
+    dataset_config: str = setting("main", "the hub dataset's configuration")
+    dtype: str = setting("bfloat16", "compute dtype", choices=("float32", "bfloat16", "float16"))
+    load_in_4bit: bool = setting(True, "bitsandbytes NF4 backbone (false: dtype weights)")
+    seed: int = setting(42, "seed of the sampled decoding and the noise draws", low=0, role=RUN)
+
+
+@dataclass
+class QuantizeSettings:
+    """An _init.sh directory (quantize_model)."""
+
+    preset: str = setting(None, "a row of configs/quantize.yaml")
+    model: str = setting(None, "hub id or local directory to quantize")
+    task_type: str = setting("causal_lm", "causal_lm | seq_cls", choices=("causal_lm", "seq_cls"))
+    device: str = setting("cpu", "where LoftQ runs (cpu, cuda, cuda:N)")
+    block_size: int = setting(64, "normal-float block size", low=1)
+    num_labels: int = setting(None, "classifier size for --task_type seq_cls", low=1)
+    save_dir: str = setting("quantized", "where the directory is written", role=RUN, nonempty=True)
+    quantize_embeddings: str = setting("auto", "auto (by task type) | true | false",
+                                       choices=("auto", "true", "false", True, False))
+
+
+@dataclass
+class QuickstartSettings:
+    """The offline quick start (quickstart)."""
+
+    seeds: int = setting(2, "seeds per method", low=1)
+    dev_fraction: float = setting(0.2, "share of the records in dev", low=0, high=1, low_open=True, high_open=True)
+    test_fraction: float = setting(0.2, "share of the records in test", low=0, high=1, low_open=True,
+                                   high_open=True)
+
+
+BLOCKS = (RunSettings, AdapterSettings, LoftQSettings, TrainingSettings, CausalLMSettings, GlueSettings, McqSettings,
+          Gsm8kTestSettings, QuantizeSettings, QuickstartSettings)
+# What each entry point reads (its flags, its table's vocabulary).
+FAMILY_BLOCKS = {
+    "causal_lm": (RunSettings, AdapterSettings, LoftQSettings, TrainingSettings, CausalLMSettings),
+    "glue": (RunSettings, AdapterSettings, LoftQSettings, TrainingSettings, GlueSettings),
+    "mcq": (RunSettings, AdapterSettings, LoftQSettings, TrainingSettings, McqSettings),
+    "gsm8k_test": (RunSettings, Gsm8kTestSettings),
+}
+# Names the GLUE table and flags used before they took Hugging Face's: accepted, with one line naming the new name.
+RENAMED = {"batch_size": "per_device_train_batch_size", "grad_accum": "gradient_accumulation_steps",
+           "lr_scheduler": "lr_scheduler_type", "epochs": "num_train_epochs", "eval_batch_size":
+           "per_device_eval_batch_size"}
+# Keys of settings.json that are not settings: never in a cell.
+NOT_SETTINGS = ("output_dir", "overwrite", "resume_from_checkpoint", "resumed_from", "source", "versions", "adapter",
+                "optim_used")
+
+
+def fields_of(*blocks) -> dict[str, dataclasses.Field]:
+    """name -> field over ``blocks`` (a later block's field of the same name wins: its range is the family's)."""
+    return {f.name: f for block in blocks for f in dataclasses.fields(block)}
+
+
+ALL_FIELDS = fields_of(*BLOCKS)
+
+
+def kind_of(f: dataclasses.Field):
+    """The Python type of one value of the field (list fields: of each element)."""
+    if f.metadata["kind"] is not None:
+        return f.metadata["kind"]
+    return {"int": int, "float": float, "bool": bool, "str": str}.get(f.type if isinstance(f.type, str)
+                                                                      else f.type.__name__, str)
+
+
+def role_names(role: str, blocks=BLOCKS) -> frozenset[str]:
+    """The names of the fields of ``blocks`` with ``role``."""
+    return frozenset(f.name for block in blocks for f in dataclasses.fields(block) if f.metadata["role"] == role)
+
+
+def not_cell() -> frozenset[str]:
+    """Keys never part of a cell: the run-plumbing fields (and their old names) and what settings.json holds beside
+    the settings."""
+    plumbing = role_names(RUN)
+    return plumbing | {old for old, new in RENAMED.items() if new in plumbing} | frozenset(NOT_SETTINGS)
+
+
+def current_names(cell: dict) -> dict:
+    """A cell recorded under old names (RENAMED; run directories of earlier versions) under today's names."""
+    return {RENAMED.get(key, key): value for key, value in cell.items()}
+
+
+def setting_error(name: str, value, blocks=BLOCKS) -> str | None:
+    """None if ``value`` is in the declared range of setting ``name`` in one of ``blocks`` (or it is no field
+    there, or None), else what it must be."""
+    found = [f for block in blocks for f in dataclasses.fields(block) if f.name == name]
+    errors = [_field_error(f, value) for f in found]
+    return None if value is None or not found or None in errors else errors[0]
+
+
+def _field_error(f: dataclasses.Field, value) -> str | None:
+    kind = float if kind_of(f) is number else kind_of(f)
+    accepts, what = rule(f.metadata, kind)
+    if kind is float and f.metadata["choices"] is None and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if kind is bool and not isinstance(value, bool):
+        return "true or false"
+    if kind is str and f.metadata["choices"] is None and not isinstance(value, (str, list)):
+        return "a string"
+    return None if accepts(value) else what
+
+
+def check_row_keys(names, known, table: str, row) -> None:
+    """An unknown key of a table row is one error naming the table, the row and the closest known key."""
+    for name in names:
+        if name in known:
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(known))}"
+        raise ValueError(f"{table}: row {row} has an unknown setting {name!r}: {hint} (or declare it as a field "
+                         "in llmm.run.schema)")
+
+
+def parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    import argparse
+
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def add_flags(parser, blocks, skip=()) -> None:
+    """One ``--name`` flag per field of ``blocks`` that the parser does not have yet (default None: the table
+    decides); typed by the field, its help naming its range or choices."""
+    have = {a.dest for a in parser._actions}
+    for name, f in fields_of(*blocks).items():
+        if name in have or name in skip:
+            continue
+        kind = kind_of(f)
+        _, what = rule(f.metadata, kind)
+        help_text = f.metadata["help"] + (f" ({what})" if what else "")
+        if f.type in ("list", list):
+            parser.add_argument(f"--{name}", nargs="*", type=kind, default=None, help=help_text)
+        else:
+            parser.add_argument(f"--{name}", type=parse_bool if kind is bool else kind, default=None, help=help_text)
+    have = {a.dest for a in parser._actions}
+    for old, new in RENAMED.items():
+        if new in have and old not in have:
+            parser.add_argument(f"--{old}", dest=f"renamed:{old}", default=None, help=f"old name of --{new}")
+
+
+def take_renamed(args, blocks) -> None:
+    """A flag given under its old name (RENAMED) sets the new one, with one line naming it."""
+    import logging
+
+    for key in [k for k in vars(args) if k.startswith("renamed:")]:
+        value = vars(args).pop(key)
+        if value is None:
+            continue
+        old = key.split(":", 1)[1]
+        new = RENAMED[old]
+        logging.getLogger("llmm").warning("--%s is now --%s (Hugging Face's name): please use that", old, new)
+        kind = kind_of(fields_of(*blocks)[new])
+        setattr(args, new, parse_bool(value) if kind is bool else kind(value))

@@ -1,0 +1,125 @@
+"""The hyperparameter tables of configs/ (YAML with ``keys``, ``defaults`` and ``rows``) and the per-model_type
+rows (targets, embedding tables).
+
+A table's ``keys`` are the columns that select a row, ``defaults`` the values every row inherits, ``rows`` one
+experiment each, naming its ``source``. Precedence: defaults, then the row, then command-line flags that were given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import yaml
+
+from llmm.run import schema
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+CONFIGS = REPO_ROOT / "configs"
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    with open(path) as handle:
+        return yaml.safe_load(handle)
+
+
+def read_table(path: str | Path, blocks=schema.BLOCKS) -> dict:
+    """A settings table, every name of its defaults and rows a field of ``blocks`` (or a key column): an unknown
+    name is one error naming the table, the row and the closest field; an old name names the new one; every value
+    is in its field's range."""
+    table = read_yaml(path)
+    known = {*schema.fields_of(*blocks), *table["keys"], "source"}
+    for index, row in enumerate([table.get("defaults", {}), *table["rows"]]):
+        where = "defaults" if index == 0 else {k: row.get(k) for k in table["keys"]}
+        for name, value in row.items():
+            if name in schema.RENAMED and name not in known and schema.RENAMED[name] in known:
+                raise ValueError(f"{Path(path).name}: {where} names {name!r}, which is now "
+                                 f"{schema.RENAMED[name]!r} (Hugging Face's name): rename it")
+            schema.check_row_keys([name], known, Path(path).name, where)
+            rule = schema.setting_error(name, value, blocks)
+            if rule and not isinstance(value, dict):
+                raise ValueError(f"{Path(path).name}: {where} has {name} = {value!r}: it must be {rule}")
+    return table
+
+def table_rows(table: dict) -> list[dict]:
+    """Rows with the defaults filled in; raises on a setting the table does not declare (in ``keys``, ``defaults``
+    or ``columns``, the settings only rows give) and if two rows share the same key columns."""
+    keys, seen, rows = table["keys"], set(), []
+    allowed = {*keys, *table.get("defaults", {}), *table.get("columns", []), "source"}
+    for row in table["rows"]:
+        unknown = sorted(set(row) - allowed)
+        if unknown:
+            raise ValueError(f"table row {dict((k, row.get(k)) for k in keys)} has unknown setting(s) {unknown}: "
+                             "fix the name, or declare the column under 'columns' (row-only) or 'defaults'")
+        missing = [k for k in keys if k not in row]
+        if missing:
+            raise ValueError(f"table row {row} lacks key column(s) {missing}")
+        key = tuple(row[k] for k in keys)
+        if key in seen:
+            raise ValueError(f"duplicate table row for {dict(zip(keys, key))}")
+        seen.add(key)
+        rows.append({**table.get("defaults", {}), **row})
+    return rows
+
+def select_row(table: dict, **selection) -> dict:
+    """The one row whose key columns equal ``selection``; a missing row lists the rows that exist."""
+    keys = table["keys"]
+    unknown = set(selection) - set(keys)
+    if unknown:
+        raise ValueError(f"unknown table key(s) {sorted(unknown)}; this table is keyed by {keys}")
+    for row in table_rows(table):
+        if all(row[k] == v for k, v in selection.items()):
+            return row
+    existing = sorted({tuple(row[k] for k in keys) for row in table_rows(table)}, key=str)
+    raise ValueError(f"no row for {selection} in the table; rows ({', '.join(keys)}): {existing}")
+
+def add_setting_flags(parser: argparse.ArgumentParser, table: dict, blocks=schema.BLOCKS) -> None:
+    """One ``--name`` flag per setting of the table (default None: the table decides), typed and described by its
+    field in llmm.run.schema, plus the run-plumbing fields of ``blocks`` the table leaves to their defaults
+    (--report_to) and the old names of renamed settings (accepted with one line naming the new one)."""
+    names = [*table.get("defaults", {}), *(k for row in table["rows"] for k in row)]
+    plumbing = [f.name for block in blocks for f in dataclasses.fields(block) if f.metadata["role"] == schema.RUN]
+    wanted = {name for name in [*names, *plumbing] if name not in table["keys"] and name != "source"}
+    schema.add_flags(parser, blocks, skip=set(schema.fields_of(*blocks)) - wanted)
+    fields = schema.fields_of(*blocks)
+    for action in parser._actions:  # a field's hand-written flag (not a key): its choices checked with the others
+        if action.dest in fields and action.choices is not None and action.dest not in table["keys"]:
+            action.help = f"{action.help or ''} (one of {', '.join(map(str, action.choices))})"
+            action.choices = None
+
+
+def plumbing_defaults(blocks) -> dict:
+    """The defaults of the run-plumbing fields of ``blocks`` (what a table need not name: --report_to)."""
+    return {f.name: f.default for block in blocks for f in dataclasses.fields(block)
+            if f.metadata["role"] == schema.RUN and f.default is not None}
+
+
+def resolve_settings(table: dict, args: argparse.Namespace) -> dict:
+    """Table row selected by the key flags, then every flag that was given on the command line."""
+    selection = {k: getattr(args, k) for k in table["keys"]}
+    settings = select_row(table, **selection)
+    settings.update({k: v for k, v in vars(args).items() if v is not None})
+    return settings
+
+def model_type_row(file: str, model_config, fix: str) -> list[str]:
+    """The row of ``configs/<file>`` for the checkpoint's ``model_type``; a missing row names ``fix``."""
+    table = read_yaml(CONFIGS / file)
+    model_type = getattr(model_config, "model_type", None)
+    if model_type not in table:
+        raise ValueError(f"no row for model_type {model_type!r} in configs/{file} (known: {sorted(table)}): {fix}")
+    return list(table[model_type])
+
+def default_targets(model_config, explicit: list[str] | None = None) -> list[str]:
+    """Target modules: an explicit list wins, else the row for ``model_type`` in configs/targets.yaml."""
+    if explicit:
+        return list(explicit)
+    return model_type_row("targets.yaml", model_config, "pass --target_modules")
+
+def default_embedding_targets(model_config) -> list[str]:
+    """The embedding tables the GLUE protocol quantizes and adapts: the row for ``model_type`` in
+    configs/embedding_targets.yaml."""
+    return model_type_row("embedding_targets.yaml", model_config, "add a row, or turn quantize_embeddings off")

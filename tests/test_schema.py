@@ -1,0 +1,149 @@
+"""llmm.run.schema: every field of every block, walked. Its flag exists on the entry points of its family, every table
+value is in its range, an out-of-range value on the command line is one ``error:`` line (exit code 2, nothing
+written), and a tiny run records it in settings.json and, where it defines the cell, in results.json's cell."""
+
+import dataclasses
+import json
+import re
+
+import pytest
+from conftest import REPO_ROOT
+
+from llmm.run import schema, tables
+from llmm.run.cli import run_main
+from scripts import test_gsm8k, train_glue, train_gsm8k, train_mcq, train_nlg
+
+DATA = REPO_ROOT / "tests" / "data"
+TABLES = {"causal_lm": ["gsm8k.yaml", "nlg.yaml"], "glue": ["glue.yaml"], "mcq": ["mcq.yaml"],
+          "gsm8k_test": ["gsm8k_test.yaml"]}
+ENTRY = {"causal_lm": train_gsm8k, "glue": train_glue, "mcq": train_mcq, "gsm8k_test": test_gsm8k}
+# Command lines that get as far as the settings checks (nothing is loaded before them).
+BASE = {
+    "causal_lm": ["--model_name_or_path", "no/such-model", "--init", "lora", "--data", str(DATA / "gsm8k.jsonl")],
+    "glue": ["--task", "cola", "--quant", "nf", "--rank", "16", "--data_dir", str(DATA / "glue" / "CoLA")],
+    "mcq": ["--task", "arc_e", "--model_name_or_path", "no/such-model", "--train_data", str(DATA / "mcq" / "arc.jsonl"),
+            "--load_in_8bit", "false"],
+    "gsm8k_test": ["--adapter", "no/such/adapter"],
+}
+# Flags a family's entry point takes by hand (not from its table): output_dir is required there, task a key.
+HAND = {"output_dir", "task", "model", "method", "init", "target_modules", "eval_modes", "ood", "quantize_embeddings",
+        "max_train_samples", "max_eval_samples", "data_seed", "max_samples", "mc_samples", "max_steps", "rank",
+        "decoding", "eval_noise"}
+
+
+def family_fields(family):
+    return [(name, f) for name, f in schema.fields_of(*schema.FAMILY_BLOCKS[family]).items()]
+
+
+def out_of_range(f):
+    """A value the field refuses, as a command-line string (None: no such value, e.g. a free string)."""
+    meta, kind = f.metadata, schema.kind_of(f)
+    if meta["choices"] is not None:
+        numbers = [c for c in meta["choices"] if isinstance(c, (int, float)) and not isinstance(c, bool)]
+        return None if kind is bool else str(max(numbers) + 1) if numbers else "not-a-choice"
+    if meta["low"] is not None:
+        return str(meta["low"] if meta["low_open"] else meta["low"] - 1)
+    if meta["high"] is not None:
+        return str(meta["high"] + 1)
+    if meta["nonempty"]:
+        return ""
+    return None
+
+
+@pytest.mark.parametrize("family, name", [(family, name) for family in sorted(TABLES) for name in TABLES[family]])
+def test_every_field_has_a_flag_and_the_tables_values_are_in_range(family, name, capsys):
+    blocks = schema.FAMILY_BLOCKS[family]
+    table = tables.read_table(tables.CONFIGS / name, blocks)  # an unknown name or a bad value raises
+    for row in [table.get("defaults", {}), *table["rows"]]:
+        assert [k for k, v in row.items() if schema.setting_error(k, v, blocks) and not isinstance(v, dict)] == []
+    with pytest.raises(SystemExit):
+        (train_nlg if name == "nlg.yaml" else ENTRY[family]).main(["--help"])
+    flags = set(re.findall(r"--(\w+)", capsys.readouterr().out))
+    named = {*table.get("defaults", {}), *(k for r in table["rows"] for k in r)}
+    plumbing = {n for n, f in family_fields(family) if f.metadata["role"] == schema.RUN}
+    expected = (named | plumbing) & {n for n, _ in family_fields(family)}
+    assert sorted(expected - flags) == []
+
+
+def flags_of(entry, capsys) -> set[str]:
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        entry.main(["--help"])
+    return set(re.findall(r"--(\w+)", capsys.readouterr().out))
+
+
+@pytest.mark.parametrize("family, name", [(family, name) for family in sorted(TABLES) for name, f in
+                                          family_fields(family) if out_of_range(f) is not None])
+def test_an_out_of_range_value_is_one_error_line_and_writes_nothing(family, name, tmp_path, capsys):
+    f = schema.fields_of(*schema.FAMILY_BLOCKS[family])[name]
+    if name not in flags_of(ENTRY[family], capsys):
+        pytest.skip(f"{ENTRY[family].__name__} has no --{name}: its tables do not use it")
+    if any(name in tables.read_yaml(tables.CONFIGS / t)["keys"] for t in TABLES[family]):
+        pytest.skip(f"--{name} names a table row: argparse lists the rows")
+    out = tmp_path / "out"
+    argv = [*BASE[family], "--output_dir", str(out), f"--{name}", out_of_range(f)]
+    if name == "output_dir":
+        argv = [*BASE[family], "--output_dir", ""]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(lambda: ENTRY[family].main(argv))
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exit_info.value.code == 2 and len(lines) == 1, lines
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def tiny_runs(tmp_path):
+    """(family, settings.json, results.json's cell) of one tiny run per training family."""
+    from test_glue import save_tiny_model
+    from test_llama_scripts import save_tiny_llama
+    from test_mcq import make_tokenizer, tiny_causal_lm
+
+    llama = save_tiny_llama(tmp_path / "llama")
+    fast = ["--max_steps", "1", "--logging_steps", "1"]
+    train_gsm8k.main(["--model_name_or_path", str(llama), "--rank", "4", "--init", "lora", "--data",
+                      str(DATA / "gsm8k.jsonl"), "--eval_split", "heldout", "--eval_size", "2", "--load_in_4bit",
+                      "false", "--dtype", "float32", "--output_dir", str(tmp_path / "gsm8k"), *fast])
+    train_glue.main(["--task", "cola", "--quant", "nf", "--rank", "16", "--bits", "4", "--model",
+                     save_tiny_model(tmp_path / "deberta"), "--data_dir", str(DATA / "glue" / "CoLA"),
+                     "--output_dir", str(tmp_path / "glue"), "--per_device_train_batch_size", "4", *fast])
+    tokenizer = make_tokenizer()
+    tiny_causal_lm(tokenizer).save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    train_mcq.main(["--task", "arc_e", "--model_name_or_path", str(tmp_path / "tiny"), "--train_data",
+                    str(DATA / "mcq" / "arc.jsonl"), "--test_data", str(DATA / "mcq" / "arc.jsonl"), "--load_in_8bit",
+                    "false", "--dtype", "float32", "--eval_steps", "1", "--mc_samples", "2", "--eval_modes", "mean",
+                    "--output_dir", str(tmp_path / "mcq"), *fast])
+    for family, folder in (("causal_lm", "gsm8k"), ("glue", "glue"), ("mcq", "mcq")):
+        settings = json.loads((tmp_path / folder / "settings.json").read_text())
+        yield family, settings, json.loads((tmp_path / folder / "results.json").read_text())["cell"]
+
+
+def test_every_field_a_run_resolves_is_recorded_and_the_cell_follows_its_role(tmp_path):
+    for family, settings, cell in tiny_runs(tmp_path):
+        named = set(tables.read_yaml(tables.CONFIGS / TABLES[family][0]).get("defaults", {}))  # every run has them
+        for name, f in family_fields(family):
+            role = f.metadata["role"]
+            if name not in named and role != schema.RUN or f.default is None and name not in named:
+                continue
+            assert name in settings, (family, name)
+            if role in (schema.RUN, schema.EVAL):  # evaluation plumbing: each evaluation's cell says what it used
+                assert name not in cell, (family, name)
+            else:
+                assert name in cell and cell[name] == settings[name], (family, name)
+
+
+def test_adding_a_numeric_setting_is_one_field(monkeypatch, capsys):
+    """A new field with a range: its flag, its check and its table validation follow with no other change."""
+    @dataclasses.dataclass
+    class Extra(schema.TrainingSettings):
+        entropy_weight: float = schema.setting(0.0, "weight of an entropy term", low=0)
+
+    blocks = (*schema.FAMILY_BLOCKS["glue"][:2], Extra, schema.GlueSettings)
+    assert schema.setting_error("entropy_weight", -1.0, blocks) == "a finite number >= 0"
+    assert schema.setting_error("entropy_weight", 0.5, blocks) is None
+    table = {"keys": ["task"], "defaults": {"entropy_weight": 0.1}, "rows": [{"task": "cola"}]}
+    parser = __import__("argparse").ArgumentParser()
+    tables.add_setting_flags(parser, table, blocks)
+    assert parser.parse_args(["--entropy_weight", "0.3"]).entropy_weight == 0.3
+    with pytest.raises(ValueError, match=r"unknown setting 'entropy_wieght': did you mean 'entropy_weight'\?"):
+        schema.check_row_keys(["entropy_wieght"], schema.fields_of(*blocks), "glue.yaml", {"task": "cola"})
