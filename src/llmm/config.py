@@ -77,7 +77,7 @@ class LlmmConfig(LoraConfig):
     )
 
     def __post_init__(self):
-        from llmm.run.schema import AdapterSettings, setting_error
+        from llmm.run.schema import AdapterSettings, _number, setting_error
 
         for name, setting in CONFIG_SETTINGS.items():  # before PEFT's own checks: they assume sane types
             rule = setting_error(setting, getattr(self, name), (AdapterSettings,))
