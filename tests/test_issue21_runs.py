@@ -15,7 +15,8 @@ from conftest import REPO_ROOT
 from test_mcq import DATA, tiny_dir, tokenizer, train_argv  # noqa: F401  (fixtures)
 from test_safety import ENV, cli, tree
 
-from llmm.run import cli, fileio
+from llmm.run import fileio
+from llmm.run.cli import disk_full
 from llmm import outdirs
 from scripts import eval_glue, mcq_table, test_gsm8k, test_mcq, train_mcq
 
@@ -221,11 +222,11 @@ def test_a_data_file_that_is_a_directory_is_named_as_such(world, tiny_dir, tmp_p
     assert code == 2 and "directory" in line and "does not exist" not in line and "No such file" not in line
 
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "llmm.run.cli.disk_full also recognises torch.save's 'unexpected pos' "
+@pytest.mark.xfail(strict=True, reason=WIRED + "llmm.run.disk_full also recognises torch.save's 'unexpected pos' "
                    "RuntimeError (inline_container.cc), so a full disk at a Trainer checkpoint is one error line")
 def test_a_full_disk_at_a_checkpoint_is_recognised():
     error = RuntimeError("[enforce fail at inline_container.cc:858] . unexpected pos 3328 vs 3216")
-    assert cli.disk_full(error)
+    assert disk_full(error)
 
 
 @pytest.mark.xfail(strict=True, reason=WIRED + "llmm.model.export_mean_adapter checks adapter_name in "
@@ -249,8 +250,6 @@ def test_a_newline_in_a_file_name_keeps_the_error_on_one_line(tmp_path):
     assert os.linesep not in lines[-1]
 
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "train_mcq.resolve checks mc_dropout against lora_dropout's range "
-                   "and names --mc_dropout (the flag given), not --lora_dropout (which mcdropout refuses)")
 def test_mc_dropout_out_of_range_names_mc_dropout(tiny_dir, tmp_path, capsys):  # noqa: F811
     code, line = cli(train_mcq.main, train_argv(tiny_dir, tmp_path / "r", "--method", "mcdropout", "--mc_dropout",
                                                 "1"), capsys)
