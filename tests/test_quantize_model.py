@@ -147,7 +147,8 @@ def resolve_with(monkeypatch, tmp_path, value, argv):
     (True, ["--quantize_embeddings", "null"], False, None),        # null on the command line wins over a row's true
     (None, ["--quantize_embeddings", "TRUE"], True, None),
     (None, ["--quantize_embeddings", "false", "--task_type", "seq_cls"], False, None),
-    ("auto", ["--task_type", "seq_cls"], True, "'auto' (configs/quantize.yaml, defaults) is now null (by architecture)"),
+    ("auto", ["--task_type", "seq_cls"], True,
+     "'auto' (configs/quantize.yaml, defaults) is now null (by architecture)"),
     ("auto", [], False, "is now null"),
     ("true", [], True, "'true' (configs/quantize.yaml, defaults) is now true, unquoted"),
     ("False", ["--task_type", "seq_cls"], False, "'False' (configs/quantize.yaml, defaults) is now false"),
