@@ -24,7 +24,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from llmm import get_llmm_model, streaming
 from llmm.embedding import LlmmEmbedding, embedding_targets
-from llmm.layer import loftq_factors
 from llmm.outdirs import atomic_dir, check_new_dir
 from llmm.quant import check_quant_args, check_svd_args
 from llmm.run import adapters, cli, fileio, schema, tables
@@ -161,26 +160,12 @@ def quantize(model: torch.nn.Module, settings: dict, targets: list[str]) -> tupl
     """The whole-model path: replace each target weight by Q in place; return the Llmm config, the means and the
     per-layer report."""
     config, modules = plan(model, settings, targets)
-    dtype = DTYPES[settings["dtype"]]
-    absmax_dtype = dtype if dtype != torch.float32 else None  # 16-bit copies of Q then re-quantize losslessly
-    scaling = config.lora_alpha / config.r
     means, report = {}, {}
     for name, module in tqdm(modules.items(), desc="LoftQ", unit="layer"):
-        weight = module.weight.detach().to(settings["device"], torch.float32)
-        started = time.perf_counter()
-        q, factor_A, factor_B = loftq_factors(weight, config.r, scaling, config, absmax_dtype=absmax_dtype)
-        if weight.is_cuda:
-            torch.cuda.synchronize(weight.device)
-        seconds = time.perf_counter() - started
-        module.weight.data = q.to(dtype).to(module.weight.device)
-        means[name] = (factor_A.cpu(), factor_B.cpu())
-        stored_q = module.weight.detach().float().to(weight.device)
-        norm = torch.linalg.norm(weight)
-        report[name] = {
-            "shape": list(weight.shape), "svd": config.loftq_svd, "loftq_time_s": seconds,
-            "rel_error_q": (torch.linalg.norm(weight - stored_q) / norm).item(),
-            "rel_error_loftq": (torch.linalg.norm(weight - stored_q - scaling * factor_B @ factor_A) / norm).item(),
-        }
+        weight = module.weight.detach().to(settings["device"])
+        q, factor_A, factor_B, report[name] = streaming.loftq_matrix(weight, config, DTYPES[settings["dtype"]])
+        module.weight.data = q.to(module.weight.device)
+        means[name] = (factor_A, factor_B)
     return config, means, report
 
 
