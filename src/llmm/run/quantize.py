@@ -80,7 +80,7 @@ def build_parser(table: dict) -> argparse.ArgumentParser:
     parser.add_argument("--quantize_embeddings", type=embeddings_flag, default=None,
                         help="also the embedding tables (configs/embedding_targets.yaml), each with its LoftQ pair: "
                         "true | false | null (by architecture: on for --task_type seq_cls; the table's default)")
-    tables.add_setting_flags(parser, table)
+    tables.add_setting_flags(parser, table, plumbing_blocks=(schema.QuantizeSettings,))  # no run flags it ignores
     return parser
 
 
