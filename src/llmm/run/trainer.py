@@ -20,7 +20,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainerState
 from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
-from llmm import noise_source
+from llmm import entropy, entropy_weight, noise_source
 from llmm.model import frozen_embedding_bases
 from llmm.run.cli import TrainingDiverged, logger
 
@@ -219,7 +219,13 @@ class FiniteGuard(TrainerCallback):
 
 class LlmmTrainer(Trainer):
     """The HF Trainer for Llmm models: one noise stream per process, a stop at the first non-finite loss or
-    gradient, and no training past max_steps on resume.
+    gradient, no training past max_steps on resume, and the optional entropy term.
+
+    The training loss is ``task_loss`` (a family overrides it; the Trainer's own by default), minus
+    lambda(step) * llmm.entropy(model, floor) when the entropy weight lambda > 0 (``set_entropy_term``; lambda
+    rises linearly over the first warmup_ratio of the steps). With lambda = 0 the term is never computed, so the
+    run is the paper's bit for bit. The term's mean over each logging window is logged as ``entropy`` beside
+    ``entropy_weight`` (lambda at that step).
 
     Resuming needs nothing more: for a PeftModel the Trainer loads a checkpoint with
     ``model.load_adapter(checkpoint, "default", is_trainable=True)``; the adapter "default" already exists, so
@@ -234,6 +240,42 @@ class LlmmTrainer(Trainer):
         self.add_callback(self.noise_callback)
         self.add_callback(FiniteGuard(self))
         self.nonfinite_loss = None  # the first non-finite micro-batch loss of the current optimizer step
+        self.entropy_settings = (0.0, 0.0, 1e-6)  # (lambda, warm-up ratio, floor): off
+        self.entropy_terms = []  # the entropy of each micro-batch since the last log (tensors: no host sync)
+
+    def set_entropy_term(self, weight: float = 0.0, warmup_ratio: float = 0.0, floor: float = 1e-6) -> None:
+        """Train on loss - lambda(step) * llmm.entropy(model, floor), lambda warmed up over warmup_ratio of the
+        steps (0: the paper)."""
+        self.entropy_settings = (float(weight), float(warmup_ratio), float(floor))
+
+    def entropy_lambda(self) -> float:
+        """lambda at the current optimizer step."""
+        weight, ratio, _ = self.entropy_settings
+        warmup = int(-(-ratio * max(self.state.max_steps, 0) // 1))  # ceil
+        return entropy_weight(self.state.global_step, weight, warmup)
+
+    def task_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The family's loss (the Trainer's own here); subclasses override this, not ``compute_loss``."""
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = self.task_loss(model, inputs, return_outputs, num_items_in_batch)
+        if not (self.entropy_settings[0] > 0 and model.training):
+            return result
+        loss, outputs = result if return_outputs else (result, None)
+        term = entropy(model, self.entropy_settings[2])
+        self.entropy_terms.append(term.detach())
+        loss = loss - self.entropy_lambda() * term.to(loss.device)
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """The Trainer's log, with the entropy term's mean since the last log and lambda when the term is on."""
+        if self.entropy_terms and "loss" in logs:
+            logs["entropy"] = torch.stack([t.float().cpu() for t in self.entropy_terms]).mean().item()
+            logs["entropy_weight"] = self.entropy_lambda()
+            self.entropy_terms = []
+        super().log(logs, *args, **kwargs)
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         """``Trainer.train``; tells the noise callback which checkpoint (if any) to restore the noise from, and a
