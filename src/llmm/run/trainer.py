@@ -224,8 +224,9 @@ class LlmmTrainer(Trainer):
     The training loss is ``task_loss`` (a family overrides it; the Trainer's own by default), minus
     lambda(step) * llmm.entropy(model, floor) when the entropy weight lambda > 0 (``set_entropy_term``; lambda
     rises linearly over the first warmup_ratio of the steps). With lambda = 0 the term is never computed, so the
-    run is the paper's bit for bit. The term's mean over each logging window is logged as ``entropy`` beside
-    ``entropy_weight`` (lambda at that step).
+    run is the paper's bit for bit. When the term is on, each log holds the means over its window of ``entropy``
+    (H, which includes the floor's constant 0.5 K log(floor) per factor: about -6.9 K at Z = 0), ``entropy_weight``
+    (the lambda used) and ``task_loss`` (the family's loss alone; ``loss`` is the objective, task_loss - lambda H).
 
     Resuming needs nothing more: for a PeftModel the Trainer loads a checkpoint with
     ``model.load_adapter(checkpoint, "default", is_trainable=True)``; the adapter "default" already exists, so
@@ -241,7 +242,7 @@ class LlmmTrainer(Trainer):
         self.add_callback(FiniteGuard(self))
         self.nonfinite_loss = None  # the first non-finite micro-batch loss of the current optimizer step
         self.entropy_settings = (0.0, 0.0, 1e-6)  # (lambda, warm-up ratio, floor): off
-        self.entropy_terms = []  # the entropy of each micro-batch since the last log (tensors: no host sync)
+        self.entropy_terms = []  # (lambda, H, task loss) of each micro-batch since the last log (no host sync)
 
     def set_entropy_term(self, weight: float = 0.0, warmup_ratio: float = 0.0, floor: float = 1e-6) -> None:
         """Train on loss - lambda(step) * llmm.entropy(model, floor), lambda warmed up over warmup_ratio of the
@@ -264,16 +265,18 @@ class LlmmTrainer(Trainer):
         if not (self.entropy_settings[0] > 0 and model.training):
             return result
         loss, outputs = result if return_outputs else (result, None)
-        term = entropy(model, self.entropy_settings[2])
-        self.entropy_terms.append(term.detach())
-        loss = loss - self.entropy_lambda() * term.to(loss.device)
+        term, weight = entropy(model, self.entropy_settings[2]), self.entropy_lambda()
+        self.entropy_terms.append((weight, term.detach(), loss.detach()))
+        loss = loss - weight * term.to(loss.device)
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         """The Trainer's log, with the entropy term's mean since the last log and lambda when the term is on."""
         if self.entropy_terms and "loss" in logs:
-            logs["entropy"] = torch.stack([t.float().cpu() for t in self.entropy_terms]).mean().item()
-            logs["entropy_weight"] = self.entropy_lambda()
+            weights, terms, losses = zip(*self.entropy_terms)
+            logs["entropy"] = torch.stack([t.float().cpu() for t in terms]).mean().item()
+            logs["entropy_weight"] = sum(weights) / len(weights)
+            logs["task_loss"] = torch.stack([t.float().cpu() for t in losses]).mean().item()
             self.entropy_terms = []
         super().log(logs, *args, **kwargs)
 
