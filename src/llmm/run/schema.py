@@ -242,7 +242,7 @@ class WidthSearchSettings:
     noise_width_search: str = setting("none", "none (the paper: m = 1) | tfb (the largest m whose relative validation "
                                       "NLL change is within the tolerance) | nll (the NLL-minimising m)",
                                       choices=("none", "tfb", "nll"))
-    noise_width_tolerance: float = setting(0.003, "tfb: relative NLL change allowed (TFB's 0.3 %)", low=0)
+    noise_width_tolerance: float = setting(0.003, "tfb: relative NLL change allowed (TFB's 0.003)", low=0)
     noise_width_grid: list = setting((0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0), "multipliers m tried (then "
                                      "refined between neighbours)", low=0, low_open=True, kind=float)
 
