@@ -176,7 +176,8 @@ def test_variants_set_the_options_and_the_table_shows_each_as_a_row_paired_with_
                 modes[("arc_e", "mc", 3)] = 0.52 + 0.01 * seed
             write_mcq_run(tmp_path / "runs", f"{variant}-{seed}", cell, seed, modes)
     text = mcq_table.main([str(tmp_path / "runs")])
-    rows = [line.split(" | ")[0].strip("| ") for line in text.split("### Accuracy")[1].split("\n\n")[1].splitlines()[2:]]
+    block = text.split("### Accuracy")[1].split("\n\n")[1]
+    rows = [line.split(" | ")[0].strip("| ") for line in block.splitlines()[2:]]
     for variant in expected:
         assert any(row.startswith(f"{variant} fp32 ") for row in rows), (variant, rows)
     paired = text.split("Paired difference vs map")[1]
