@@ -151,6 +151,9 @@ def test_per_example_noise_reaches_the_adapter_and_the_cell(tiny_dir, tmp_path):
     saved = json.loads((tmp_path / "pex" / "adapter" / "adapter_config.json").read_text())
     assert saved["noise_per_example"] is True and pex["cell"]["noise_per_example"] is True
     assert pex["cell"]["variant"] == "llmm_pex" and pex["method"] == "llmm"
+    checkpoint = tmp_path / "pex" / "checkpoints" / "checkpoint-3"
+    with pytest.raises(ValueError, match="was trained with noise_per_example=True but the settings say False"):
+        train(tiny_dir, tmp_path / "pex", *MODES, "--variant", "llmm", "--resume_from_checkpoint", str(checkpoint))
 
 
 def test_variants_set_the_options_and_the_table_shows_each_as_a_row_paired_with_map(tiny_dir, tmp_path):

@@ -117,7 +117,7 @@ def find_checkpoint(value: str | None, folder: str | Path) -> str | None:
 
 def checkpoint_adapter_settings(checkpoint: str, saved, settings: dict) -> dict:
     """The settings (of those this run has) that the checkpoint's adapter fixes besides K and rank: lora_alpha,
-    llmmscale, and GLUE's embedding protocol (quantize_embeddings: whether it holds embedding pairs;
+    llmmscale, noise_per_example (the resumed adapter keeps its config), and GLUE's embedding protocol (quantize_embeddings: whether it holds embedding pairs;
     gaussian_embeddings). A resumed run with other values would load M and Z into another model."""
     from safetensors import safe_open
 
@@ -127,7 +127,7 @@ def checkpoint_adapter_settings(checkpoint: str, saved, settings: dict) -> dict:
         with safe_open(str(weights), "pt") as handle:
             fixed["quantize_embeddings"] = any("lora_embedding_A" in key for key in handle.keys())
     fixed.update(gaussian_embeddings=getattr(saved, "gaussian_embeddings", False), lora_alpha=saved.lora_alpha,
-                 llmmscale=saved.scale)
+                 llmmscale=saved.scale, noise_per_example=getattr(saved, "noise_per_example", False))
     return {name: value for name, value in fixed.items() if name in settings}
 
 
