@@ -208,3 +208,26 @@ def test_bad_option_input_is_one_error_line_and_writes_nothing(tiny_dir, tmp_pat
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1 and problem in errors[0], errors
     assert not out.exists()
+
+
+def test_glue_width_search_on_dev_is_recorded_and_saved_in_the_adapter(tmp_path):
+    from test_glue import DATA as GLUE_DATA
+    from test_glue import SMOKE, save_tiny_model
+
+    from scripts import train_glue
+
+    model_dir = save_tiny_model(tmp_path / "tiny_deberta")
+    flags = ["--task", "cola", "--quant", "nf", "--rank", "16", "--bits", "4", "--mc_samples", "2", *SMOKE,
+             "--model", model_dir, "--data_dir", str(GLUE_DATA)]
+    train_glue.main([*flags, "--noise_width_search", "nll", "--output_dir", str(tmp_path / "cola")])
+    results = json.loads((tmp_path / "cola" / "results.json").read_text())
+    record = results["noise_width_search"]
+    nll = dict(map(tuple, record["evaluations"]))
+    assert record["split"] == "validation" and 0.0 in nll and record["chosen"] == min(nll, key=nll.get)
+    saved = json.loads((tmp_path / "cola" / "adapter" / "adapter_config.json").read_text())
+    assert saved["noise_width"] == record["chosen"] == results["noise_width"]
+    assert results["cell"]["noise_width_search"] == "nll"
+    with pytest.raises(ValueError, match="needs --method llmm"):
+        train_glue.main([*flags, "--method", "loftq", "--noise_width_search", "tfb", "--output_dir",
+                         str(tmp_path / "loftq")])
+    assert not (tmp_path / "loftq").exists()

@@ -298,7 +298,7 @@ BLOCKS = (RunSettings, AdapterSettings, LoftQSettings, TrainingSettings, CausalL
 # What each entry point reads (its flags, its table's vocabulary).
 FAMILY_BLOCKS = {
     "causal_lm": (RunSettings, AdapterSettings, LoftQSettings, TrainingSettings, CausalLMSettings),
-    "glue": (RunSettings, AdapterSettings, LoftQSettings, TrainingSettings, GlueSettings),
+    "glue": (RunSettings, AdapterSettings, LoftQSettings, TrainingSettings, GlueSettings, WidthSearchSettings),
     "mcq": (RunSettings, AdapterSettings, LoftQSettings, TrainingSettings, McqSettings, WidthSearchSettings),
     "gsm8k_test": (RunSettings, Gsm8kTestSettings),
 }
