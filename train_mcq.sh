@@ -10,13 +10,16 @@
 #
 # Override with environment variables; extra arguments go to every training run:
 #   TASKS="obqa boolq" METHODS="map llmm" SEEDS="1 2 3" BACKBONES="int8 nf4 nf2" bash train_mcq.sh
-#   backbones: int8 (BLoB's bitsandbytes 8-bit) | nf4 / nf2 (LoftQ in-process, 16-bit storage) | bf16
+#   methods: the variants of configs/mcq.yaml: map mcdropout llmm | llmm_pex (per-example noise) | llmm_tfb / llmm_nll
+#            (the validation-chosen width: add --validation_size N) | llmm_ent (the entropy term)
+#   backbones: int8 (BLoB's bitsandbytes 8-bit) | nf4 / nf2 (LoftQ in-process, 16-bit storage) | bf16 | fp32
 #   LAUNCH="accelerate launch" bash train_mcq.sh;  bash train_mcq.sh --max_steps 10   (a smoke run)
 # A run whose results.json is complete is skipped; an interrupted one resumes from its newest checkpoint.
 set -euo pipefail
 export PYTHONPATH="$(cd "$(dirname "$0")" && pwd)${PYTHONPATH:+:$PYTHONPATH}"  # relative paths stay the user's
 
 TASKS=${TASKS:-"winogrande_s arc_c arc_e winogrande_m obqa boolq"}
+# issue 20's table: METHODS="map mcdropout llmm llmm_pex llmm_tfb llmm_nll llmm_ent" (and --validation_size N)
 METHODS=${METHODS:-"map mcdropout llmm"}
 BACKBONES=${BACKBONES:-"int8"}
 SEEDS=${SEEDS:-"1 2 3"}
@@ -29,7 +32,8 @@ backbone_flags() {  # the backbone's name -> the table's settings that select it
     nf4) echo "--load_in_8bit false --init loftq --quant nf --bits 4" ;;
     nf2) echo "--load_in_8bit false --init loftq --quant nf --bits 2" ;;
     bf16) echo "--load_in_8bit false --init lora --dtype bfloat16" ;;
-    *) echo "error: unknown backbone '$1' (int8 | nf4 | nf2 | bf16)" >&2; exit 2 ;;
+    fp32) echo "--load_in_8bit false --init lora --dtype float32" ;;
+    *) echo "error: unknown backbone '$1' (int8 | nf4 | nf2 | bf16 | fp32)" >&2; exit 2 ;;
   esac
 }
 
@@ -46,7 +50,7 @@ for task in $TASKS; do
         start=(--overwrite)  # a run with checkpoints continues from its newest one
         if compgen -G "$run/checkpoints/checkpoint-*" > /dev/null; then start=(--resume_from_checkpoint); fi
         # shellcheck disable=SC2086
-        $LAUNCH -m scripts.train_mcq --task "$task" --method "$method" --seed "$seed" $flags \
+        $LAUNCH -m scripts.train_mcq --task "$task" --variant "$method" --seed "$seed" $flags \
           --output_dir "$run" "${start[@]}" ${MODEL:+--model_name_or_path "$MODEL"} "$@"
       done
     done

@@ -10,6 +10,13 @@ on q_proj / v_proj / lm_head (BLoB's targets), AdamW. Training steps of both mod
 process (median after warm-up). Peak memory: each method alone in a child process (CPU: max RSS, which includes
 the Python runtime; CUDA: max_memory_allocated). Test: llmm.tasks.calibration.predict over 8 batches of 8
 questions in mean mode and in mc mode with N = 1, 2, 5, 10, timed as a ratio to mean mode.
+
+    python -m benchmarks.bench_mcq --options        # issue 20's options (writes results/mcq_options_cpu.json)
+
+The options: training-step time of Llmm as published, with per-example noise and with the entropy term (lambda 0.01)
+against PEFT LoRA (MAP), interleaved as above; test time of mc at N = 10 sequential (the model's generator), batched
+(mc_batched: the seed's streams, one forward over the batch repeated 10 times) and batched with per-example noise, as a
+ratio to mean mode; the width search's cost in validation passes of mc (one per multiplier evaluated).
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from llmm import LlmmConfig, get_llmm_model
+from llmm import LlmmConfig, choose_noise_width, entropy, get_llmm_model
 from llmm.tasks import calibration as C
 
 TARGETS = ["q_proj", "v_proj", "lm_head"]
@@ -37,7 +44,7 @@ LETTERS = [5, 6, 7, 8, 9]
 HERE = Path(__file__).resolve().parent
 
 
-def build(method: str, quick: bool, device: str) -> torch.nn.Module:
+def build(method: str, quick: bool, device: str, **options) -> torch.nn.Module:
     torch.manual_seed(0)
     hidden = 256 if quick else 1024
     config = LlamaConfig(vocab_size=8192, hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=2,
@@ -46,7 +53,7 @@ def build(method: str, quick: bool, device: str) -> torch.nn.Module:
     if method == "lora":
         model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
     else:
-        model = get_llmm_model(base, LlmmConfig(r=8, lora_alpha=16, target_modules=TARGETS, k=2))
+        model = get_llmm_model(base, LlmmConfig(r=8, lora_alpha=16, target_modules=TARGETS, k=2, **options))
     return model.to(device).train()
 
 
@@ -57,9 +64,12 @@ def question_batch(device: str, batch: int = 4, length: int = 128) -> dict:
             "n_choices": torch.full((batch,), 5, device=device), "labels": torch.arange(batch, device=device) % 5}
 
 
-def step(model, optimizer, batch, letters) -> None:
+def step(model, optimizer, batch, letters, entropy_weight: float = 0.0) -> None:
     logits = C.letter_logits(model, batch["input_ids"], batch["attention_mask"], batch["n_choices"], letters)
-    F.cross_entropy(logits, batch["labels"]).backward()
+    loss = F.cross_entropy(logits, batch["labels"])
+    if entropy_weight > 0:  # as llmm.run.trainer.LlmmTrainer.compute_loss
+        loss = loss - entropy_weight * entropy(model)
+    loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
@@ -112,6 +122,63 @@ def test_times(quick: bool, device: str, rounds: int) -> dict:
             "questions": 64, "rounds": rounds}
 
 
+OPTIONS = {"lora (MAP)": ("lora", {}, 0.0), "llmm": ("llmm", {}, 0.0),
+           "llmm per-example noise": ("llmm", {"noise_per_example": True}, 0.0),
+           "llmm entropy term": ("llmm", {}, 0.01)}
+
+
+def option_steps(quick: bool, device: str, steps: int) -> dict:
+    """Median training-step seconds of each option, interleaved, and its ratio to LoRA's."""
+    batch, letters = question_batch(device), torch.tensor(LETTERS)
+    models = {name: build(method, quick, device, **options) for name, (method, options, _) in OPTIONS.items()}
+    optimizers = {name: torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+                  for name, model in models.items()}
+    times = {name: [] for name in models}
+    for i in range(steps + 2):  # two warm-up rounds
+        for name, model in models.items():
+            sync(device)
+            start = time.perf_counter()
+            step(model, optimizers[name], batch, letters, OPTIONS[name][2])
+            sync(device)
+            if i >= 2:
+                times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    return {"median_step_s": medians, "ratio_to_lora": {n: t / medians["lora (MAP)"] for n, t in medians.items()},
+            "steps": steps}
+
+
+def option_test_times(quick: bool, device: str, rounds: int, n: int = 10) -> dict:
+    """Seconds to predict 8 batches of 8 questions: mean, mc N sequential, batched, batched with per-example noise;
+    and the width search's passes (choose_noise_width's evaluations, each one mc prediction of the validation set)."""
+    models = {per_example: build("llmm", quick, device, noise_per_example=per_example).eval()
+              for per_example in (False, True)}
+    for model in models.values():
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_llmm" in name:
+                    parameter.normal_(0, 0.1)
+    heads = {key: C.LetterHead(model, LETTERS) for key, model in models.items()}
+    batches = [question_batch(device, batch=8) for _ in range(8)]
+    runs = {"mean": lambda: C.predict(heads[False], batches, "mean"),
+            f"mc N={n} sequential": lambda: C.predict(heads[False], batches, "mc", n),
+            f"mc N={n} batched": lambda: C.predict(heads[False], batches, "mc", n, seed=0, batched=True),
+            f"mc N={n} batched, per-example noise": lambda: C.predict(heads[True], batches, "mc", n, seed=0,
+                                                                      batched=True)}
+    times = {key: [] for key in runs}
+    for _ in range(rounds + 1):  # one warm-up round
+        for key, run in runs.items():
+            sync(device)
+            start = time.perf_counter()
+            run()
+            sync(device)
+            times[key].append(time.perf_counter() - start)
+    medians = {key: statistics.median(values[1:]) for key, values in times.items()}
+    passes = len(choose_noise_width(lambda m: 1.0 + 0.01 * m)["evaluations"])  # NLL rising with m (the usual case)
+    return {"median_s": medians, "ratio_to_mean": {key: value / medians["mean"] for key, value in medians.items()},
+            "questions": 64, "rounds": rounds,
+            "width_search_passes": passes, "width_search_cost_in_mc_passes_of_the_validation_set": passes}
+
+
 def peak_memory(method: str, quick: bool, device: str) -> float:
     """Peak memory in MiB of a few training steps of ``method`` alone (run in a child process)."""
     batch, letters = question_batch(device), torch.tensor(LETTERS)
@@ -132,10 +199,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--memory_of", choices=["lora", "llmm"], help=argparse.SUPPRESS)  # child-process mode
-    parser.add_argument("--out", default=str(HERE / "results" / "mcq.json"))
+    parser.add_argument("--options", action="store_true", help="issue 20's options (per-example noise, entropy term, "
+                        "batched mc, width search)")
+    parser.add_argument("--out", default=None)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(1)
+    if args.options:
+        result = {"device": torch.cuda.get_device_name() if device == "cuda" else
+                  f"CPU ({platform.processor() or 'x86_64'}), 1 thread", "quick": args.quick,
+                  "train_step": option_steps(args.quick, device, args.steps),
+                  "test": option_test_times(args.quick, device, args.rounds)}
+        out = Path(args.out or HERE / "results" / f"mcq_options_{device}{'_quick' * args.quick}.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2))
+        print(json.dumps(result, indent=2))
+        return
+    args.out = args.out or str(HERE / "results" / "mcq.json")
     if args.memory_of:
         print(peak_memory(args.memory_of, args.quick, device))
         return

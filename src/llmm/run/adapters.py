@@ -28,6 +28,7 @@ def llmm_config(settings: dict, target_modules: list[str], **extra):
         r=settings["rank"], lora_alpha=settings["lora_alpha"], lora_dropout=settings.get("lora_dropout", 0.0),
         target_modules=target_modules, k=settings["K"], scale=settings["llmmscale"],
         eval_noise=settings.get("eval_noise", "mean"), scaled_gradient=settings.get("scaled_gradient", True),
+        noise_per_example=settings.get("noise_per_example", False),
         **loftq, **extra,
     )
 

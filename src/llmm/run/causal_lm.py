@@ -208,7 +208,8 @@ def load_init_adapter(model, init_dir: Path, settings: dict, **overrides):
 def attach_adapter(model, settings: dict):
     """An Llmm adapter per the settings: from an _init.sh directory's means, or LoRA / in-process LoftQ init."""
     overrides = dict(scale=float(settings["llmmscale"]), scaled_gradient=settings["scaled_gradient"],
-                     lora_dropout=settings["lora_dropout"], eval_noise=settings["eval_noise"])
+                     lora_dropout=settings["lora_dropout"], eval_noise=settings["eval_noise"],
+                     noise_per_example=settings.get("noise_per_example", False))
     init_dir = init_adapter_dir(settings["model_name_or_path"])
     if init_dir is not None:
         peft_model = load_init_adapter(model, init_dir, settings, **overrides)

@@ -29,6 +29,7 @@ from llmm.tasks.glue import TASKS, GlueTask, get_task, load_glue, predict, score
 from llmm.model import atomic_dir
 from llmm.predict import mc_predict, mc_regress
 from llmm.quant import ALLOWED_METHODS, fake_quantize
+from llmm.run import width_search
 from llmm.run.recipe import Recipe
 from llmm.run.trainer import LlmmTrainer, add_resume_flag
 from llmm.outdirs import check_output_dir, make_output_dir
@@ -108,6 +109,11 @@ def resolve(argv: list[str] | None) -> tuple[GlueTask, dict]:
                      validation_file=settings.get("validation_file"))
     if settings["eval_noise"] not in EVAL_NOISE:
         raise ValueError(f"eval_noise must be one of {EVAL_NOISE}, got {settings['eval_noise']!r}")
+    search = settings.get("noise_width_search", "none")
+    if search != "none" and (task.is_regression or not settings["K"] > 0):
+        raise ValueError(f"noise_width_search {search} chooses the width of the Llmm noise by the dev NLL of a "
+                         "classifier: it needs --method llmm (K > 0) and a classification task, not "
+                         f"{task.name} with K = {settings['K']}; or pass --noise_width_search none")
     return task, settings
 
 
@@ -354,6 +360,30 @@ class GlueRecipe(Recipe):
             data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=metrics_function(self.task),
             callbacks=[self.recorder], regression=self.task.is_regression,
             mc_samples=settings["mc_samples"] if settings["eval_noise"] == "mc" else None)
+
+    def after_training(self, trainer, model, tokenizer) -> None:
+        """The width search (noise_width_search tfb | nll) on the first dev split: nll(m) of the mc prediction
+        (mc_samples networks from the seed's own streams); the chosen m is saved in the adapter config, so eval_glue's
+        mc evaluation uses it (the dev metrics recorded during training were computed before, at m = 1)."""
+        settings = self.settings
+        if settings.get("noise_width_search", "none") == "none":
+            return
+        split = self.task.dev_splits[0]
+        batches = [trainer._prepare_inputs(batch) for batch in trainer.get_eval_dataloader(self.data[split])]
+
+        def nll(m: float) -> float:
+            total, count = 0.0, 0
+            for batch in batches:
+                probs = mc_predict(model, batch, settings["mc_samples"], seed=settings["seed"])
+                picked = probs.gather(1, batch["labels"].view(-1, 1).to(probs.device)).clamp_min(1e-12)
+                total, count = total - picked.log().sum().item(), count + len(picked)
+            return total / count
+
+        record = width_search.search_width(model, nll, settings)
+        self.recorder.header.update(noise_width_search={**record, "split": split, "mc_samples": settings["mc_samples"],
+                                                        "seed": settings["seed"]}, noise_width=record["chosen"])
+        logger.info("noise width on %s: tfb m = %.4g, nll m = %.4g; using %s m = %.4g", split, record["tfb"],
+                    record["nll_min"], record["rule"], record["chosen"])
 
     def finish(self, trainer, outcome, model, tokenizer):
         return None

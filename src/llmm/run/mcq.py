@@ -6,6 +6,11 @@ distribution restricted to the question's letters (llmm.tasks). After training t
 the row's OOD sets are evaluated in every eval mode (mean, sample, mc with mc_samples networks, dropout): accuracy,
 ECE (15 bins), NLL and Brier. The width of the learned Gaussian (llmm.width) is recorded every logging_steps. Each
 evaluation records its seed and cell (the run's settings but the seed, plus the eval set, mode and N).
+
+Options of the method (issue 20; each a ``variants`` entry of configs/mcq.yaml, a row of the calibration table):
+noise_per_example, the entropy term (entropy_weight; llmm.run.trainer), and the width search after training
+(noise_width_search; llmm.run.width_search) on the validation split: the last ``validation_size`` questions of the
+training data, held out of training (the same questions for every seed and method of a row).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import datasets
 import torch
 from transformers import TrainerCallback
 
-from llmm.run import adapters, cli, fileio, schema, tables
+from llmm.run import adapters, cli, fileio, schema, tables, width_search
 from llmm import stats
 from llmm.model import keep_cpu_4bit_trainable, seed_noise
 from llmm.tasks import calibration as C
@@ -93,6 +98,15 @@ def check_settings(settings: dict, table: dict, args) -> dict:
         raise ValueError(f"dtype must be one of {sorted(causal_lm.DTYPES)}, got {settings['dtype']!r}")
     if not 0 <= settings["warmup_ratio"] < 1:
         raise ValueError(f"warmup_ratio must be in [0, 1), got {settings['warmup_ratio']}")
+    if settings["noise_width_search"] != "none" and not settings["K"] > 0:
+        raise ValueError(f"noise_width_search {settings['noise_width_search']} scales the Llmm noise, which --method "
+                         f"{method} (K = 0) does not have: use --method llmm with K > 0, or --noise_width_search none")
+    if settings["noise_width_search"] != "none" and not settings["validation_size"] > 0:
+        raise ValueError(f"noise_width_search {settings['noise_width_search']} needs a validation split: set "
+                         "--validation_size N (questions held out of the end of the training data)")
+    if settings["entropy_weight"] > 0 and not settings["K"] > 0:
+        raise ValueError(f"the entropy term acts on the directions Z, which --method {method} (K = 0) does not "
+                         "have: use --method llmm with K > 0, or --entropy_weight 0")
     if not settings.get("train_data") and not settings.get("train_split"):
         raise ValueError(f"task {settings['task']!r} is an evaluation-only set (no train split): train on another "
                          "task and list it under --ood, or pass --train_data FILE")
@@ -108,6 +122,30 @@ def check_settings(settings: dict, table: dict, args) -> dict:
     return settings
 
 
+def variant_settings(table: dict, name: str | None) -> dict:
+    """The settings of one entry of the table's ``variants`` block (a method of the calibration table)."""
+    variants = table.get("variants") or {}
+    if name is None:
+        return {}
+    if name not in variants:
+        raise ValueError(f"unknown variant {name!r}: configs/mcq.yaml's variants are {sorted(variants)}")
+    for key, value in variants[name].items():
+        schema.check_row_keys([key], schema.fields_of(*BLOCKS), TABLE.name, f"variants.{name}")
+        rule = schema.setting_error(key, value, BLOCKS)
+        if rule:
+            raise ValueError(f"{TABLE.name}: variants.{name} has {key} = {value!r}: it must be {rule}")
+    return dict(variants[name])
+
+
+def resolve_settings(table: dict, args) -> dict:
+    """Defaults, the task row, the variant's settings, then the flags that were given."""
+    settings = tables.select_row(table, task=args.task)
+    variant = args.variant if args.variant is not None else settings.get("variant")
+    settings.update(variant_settings(table, variant))
+    settings.update({k: v for k, v in vars(args).items() if v is not None})
+    return settings
+
+
 def parse_settings(argv=None) -> dict:
     table = tables.read_table(TABLE, BLOCKS)
     parser = argparse.ArgumentParser(description="Fine-tune a causal LM on a multiple-choice task (BLoB's calibration "
@@ -115,7 +153,7 @@ def parse_settings(argv=None) -> dict:
     add_flags(parser, table)
     args = parser.parse_args(argv)
     schema.take_renamed(args, BLOCKS)
-    return check_settings({**tables.plumbing_defaults(BLOCKS), **tables.resolve_settings(table, args)}, table, args)
+    return check_settings({**tables.plumbing_defaults(BLOCKS), **resolve_settings(table, args)}, table, args)
 
 
 def backbone_name(settings: dict) -> str:
@@ -145,10 +183,21 @@ def task_records(settings: dict, table: dict, task: str, split: str) -> tuple[li
     return load_mcq(row["dataset"], row.get("dataset_config"), name), f"{row['dataset']} [{name}]"
 
 
-def load_all(settings: dict, table: dict, train: bool = True) -> tuple[list[dict], dict[str, tuple[list[dict], str]]]:
-    """Training records (none with ``train=False``) and {eval set: (records, where)}: the task's test split
-    first, then the OOD sets."""
+def split_validation(records: list[dict], size: int) -> tuple[list[dict], list[dict]]:
+    """(training records, validation records): the last ``size`` records are the validation split."""
+    if not size:
+        return records, []
+    if size >= len(records):
+        raise ValueError(f"validation_size {size} leaves no training data ({len(records)} records): lower "
+                         "--validation_size")
+    return records[:-size], records[-size:]
+
+
+def load_all(settings: dict, table: dict, train: bool = True, with_validation: bool = False) -> tuple:
+    """Training records (none with ``train=False``; without the validation split) and {eval set: (records,
+    where)}: the task's test split first, then the OOD sets; and the validation records (``with_validation``)."""
     train = task_records(settings, table, settings["task"], "train")[0] if train else []
+    train, validation = split_validation(train, settings.get("validation_size") or 0) if train else (train, [])
     sets = {settings["task"]: task_records(settings, table, settings["task"], "test")}
     for name in settings["ood"]:
         sets[Path(name).stem if name.endswith((".json", ".jsonl")) else name] = task_records(settings, table, name,
@@ -157,7 +206,7 @@ def load_all(settings: dict, table: dict, train: bool = True) -> tuple[list[dict
     sets = {name: (records[:limit] if limit else records, where) for name, (records, where) in sets.items()}
     if settings.get("max_train_samples"):
         train = train[:settings["max_train_samples"]]
-    return train, sets
+    return (train, sets, validation) if with_validation else (train, sets)
 
 
 # --- model ---------------------------------------------------------------------------------------------------------
@@ -183,7 +232,7 @@ class LetterTrainer(training.LlmmTrainer):
         super().__init__(*args, **kwargs)
         self.letter_ids = torch.tensor(letter_ids)
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def task_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         logits = C.letter_logits(model, inputs["input_ids"], inputs["attention_mask"], inputs["n_choices"],
                                  self.letter_ids)
         loss = torch.nn.functional.cross_entropy(logits, inputs["labels"].to(logits.device))
@@ -240,11 +289,14 @@ def evaluate_sets(peft_model, tokenizer, letter_ids, eval_sets: dict, settings: 
             torch.manual_seed(settings["seed"])  # the same draws for every set and rerun: dropout masks,
             seed_noise(peft_model, settings["seed"])  # and the Llmm noise (the model's own generator)
             started = time.time()
-            probs, labels = C.predict(head, batches, mode, n_samples)
+            batched = mode == "mc" and settings.get("mc_batched", False)  # networks from the seed's streams
+            probs, labels = C.predict(head, batches, mode, n_samples, seed=settings["seed"] if batched else None,
+                                      batched=batched)
             report = C.evaluate(probs, labels)
             reports[f"{name} {mode}" + (f" N={n_samples}" if mode in SAMPLED_MODES else "")] = report
             entries.append({"eval_set": name, "shift": "in-distribution" if index == 0 else "ood", "where": where,
                             "mode": mode, "N": n_samples, "method": method, "seed": settings["seed"],
+                            "noise_width": noise_width_in_use(peft_model), "mc_batched": batched,
                             "K": settings["K"], "backbone": settings["backbone"], "wall_time_s": time.time() - started,
                             **report})
             entries[-1]["cell"] = evaluation_cell(cell, entries[-1])
@@ -255,6 +307,27 @@ def evaluate_sets(peft_model, tokenizer, letter_ids, eval_sets: dict, settings: 
     return entries
 
 
+def noise_width_in_use(model) -> float:
+    """The noise-width multiplier m the adapter evaluates with (1 = the paper; a width search may have set it)."""
+    return float(getattr(model.peft_config["default"], "noise_width", 1.0)) if hasattr(model, "peft_config") else 1.0
+
+
+def validation_nll(model, tokenizer, letter_ids, records: list[dict], settings: dict):
+    """nll(m) of the width search: the validation NLL of the mc prediction (mc_samples networks from the seed's own
+    streams, the same networks for every m; batched per mc_batched) under the noise multiplier in force."""
+    device = next(model.parameters()).device
+    head = C.LetterHead(model, letter_ids).to(device)
+    batches = C.batches([encode_question(tokenizer, r, settings["max_length"]) for r in records],
+                        settings["per_device_eval_batch_size"], tokenizer.pad_token_id, device)
+
+    def nll(m: float) -> float:
+        probs, labels = C.predict(head, batches, "mc", settings["mc_samples"], seed=settings["seed"],
+                                  batched=settings.get("mc_batched", False))
+        return C.evaluate(probs, labels)["nll"]
+
+    return nll
+
+
 class McqRecipe(causal_lm.CausalLMRecipe):
     """The causal-LM recipe with the answer-letter loss, the width history and the calibration evaluations."""
 
@@ -263,7 +336,7 @@ class McqRecipe(causal_lm.CausalLMRecipe):
         self.table = table
 
     def load_data(self):
-        self.train_records, self.eval_sets = load_all(self.settings, self.table)
+        self.train_records, self.eval_sets, self.validation = load_all(self.settings, self.table, with_validation=True)
 
     def load_model(self, arguments):
         model, tokenizer = load_backbone(self.settings)
@@ -288,6 +361,19 @@ class McqRecipe(causal_lm.CausalLMRecipe):
                              data_collator=functools.partial(C.collate, pad_token_id=tokenizer.pad_token_id),
                              processing_class=tokenizer, callbacks=[self.width], letter_ids=self.letter_ids)
 
+    def after_training(self, trainer, model, tokenizer) -> None:
+        """The width search (noise_width_search tfb | nll) on the validation split; m is then used by mc."""
+        self.width_search = None
+        if self.settings.get("noise_width_search", "none") == "none":
+            return
+        nll = validation_nll(model, tokenizer, self.letter_ids, self.validation, self.settings)
+        self.width_search = {**width_search.search_width(model, nll, self.settings),
+                             "n_validation": len(self.validation), "mc_samples": self.settings["mc_samples"],
+                             "seed": self.settings["seed"], "mc_batched": self.settings.get("mc_batched", False)}
+        cli.logger.info("noise width on %d validation questions: tfb m = %.4g, nll m = %.4g; using %s m = %.4g",
+                        len(self.validation), self.width_search["tfb"], self.width_search["nll_min"],
+                        self.width_search["rule"], self.width_search["chosen"])
+
     def finish(self, trainer, outcome, model, tokenizer) -> dict:
         settings = self.settings
         self.width.record_new(trainer.state, model)
@@ -305,6 +391,7 @@ class McqRecipe(causal_lm.CausalLMRecipe):
             "train_loss": outcome.training_loss, "global_step": trainer.state.global_step, "evaluations": evaluations,
             "width": {"definition": "||Z||_F / (sqrt(llmmscale) ||M||_F) per factor and layer (llmm.width)",
                       "history": self.width.history, "final_per_layer": distribution_width(model)},
+            "noise_width_search": self.width_search, "noise_width": noise_width_in_use(model),
             "history": trainer.state.log_history, "resumed_from": self.resumed_from,
             "wall_time_s": time.time() - self.started, "complete": True,
         }

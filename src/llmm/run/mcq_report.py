@@ -15,7 +15,7 @@ PUBLISHED = tables.CONFIGS / "mcq_published.yaml"
 TASK_ORDER = ("winogrande_s", "arc_c", "arc_e", "winogrande_m", "obqa", "boolq")
 
 
-METHOD_ORDER = ("map", "mcdropout", "ensemble", "llmm")
+METHOD_ORDER = ("map", "mcdropout", "ensemble", "llmm", "llmm_pex", "llmm_tfb", "llmm_nll", "llmm_ent")
 
 
 METRICS = {"accuracy": ("Accuracy (%, higher is better)", 100), "ece": ("ECE (%, 15 bins, lower is better)", 100),
@@ -26,19 +26,22 @@ SAMPLED_MODES = ("mc", "dropout")
 
 
 # Always in a row's label (or its column); other settings are named only where they tell rows apart.
-SHOWN = ("task", "eval_set", "eval_where", "method", "member_method", "backbone", "K", "eval_mode", "eval_samples")
+SHOWN = ("task", "eval_set", "eval_where", "method", "variant", "member_method", "backbone", "K", "eval_mode",
+         "eval_samples")
 
 
 # What a method and its baseline may differ in to be paired: the method and what it implies, and the mode it is
 # evaluated in (the baseline in its mean mode). Everything else, the backbone included, must be equal.
-PAIRING_FREE = ("method", "K", "llmmscale", "scaled_gradient", "lora_dropout", "eval_mode", "eval_samples")
+PAIRING_FREE = ("method", "variant", "K", "llmmscale", "scaled_gradient", "lora_dropout", "eval_mode", "eval_samples",
+                "noise_per_example", "entropy_weight", "entropy_warmup_ratio", "entropy_floor", "noise_width_search",
+                "noise_width_tolerance", "noise_width_grid")
 
 
 def row_label(cell: dict, extra: list[str]) -> str:
     if cell["method"] == "ensemble":
         text = f"ensemble {cell['backbone']} K{cell['K']} M={cell['eval_samples']}"
     else:
-        text = f"{cell['method']} {cell['backbone']} K{cell['K']} {cell['eval_mode']}"
+        text = f"{cell.get('variant') or cell['method']} {cell['backbone']} K{cell['K']} {cell['eval_mode']}"
         text += f" N={cell['eval_samples']}" if cell["eval_mode"] in SAMPLED_MODES else ""
     named = [f"{name}={cell.get(name)}" for name in extra]
     return text + (f" ({', '.join(named)})" if named else "")
@@ -162,13 +165,13 @@ def width_table(widths: list[dict]) -> list[str]:
         return []
     groups = stats.group_by_cell(widths)
     cells = [g["cell"] for g in groups.values()]
-    extra = [f for f in stats.distinguishing_fields(cells, ("task", "method", "backbone", "K"))
-             if f not in ("task", "method", "backbone", "K")]
+    extra = [f for f in stats.distinguishing_fields(cells, ("task", "method", "variant", "backbone", "K"))
+             if f not in ("task", "method", "variant", "backbone", "K")]
     tasks = sorted({c["task"] for c in cells}, key=task_rank)
     texts: dict[str, dict[str, str]] = {}
     for group in groups.values():
         cell, finals = group["cell"], list(group["runs"].values())
-        label = f"{cell['method']} {cell['backbone']} K{cell['K']}"
+        label = f"{cell.get('variant') or cell['method']} {cell['backbone']} K{cell['K']}"
         label += f" ({', '.join(f'{name}={cell.get(name)}' for name in extra)})" if extra else ""
         texts.setdefault(label, {})[cell["task"]] = " / ".join(
             stats.format_summary(stats.summarize([r["final"][factor]["median"] for r in finals]), 3)

@@ -12,7 +12,8 @@ adds (its data, its model and adapter, its Trainer, its results and files).
 
 The flow: data; the checkpoint to resume from and its checks (K, rank, alpha, scale, processes); the output
 directory's check; seed; backbone and adapter; datasets; lock and create the output directory (only now, so bad input
-writes nothing); the Trainer (``--report_to`` reaches it through the training arguments); settings.json; train;
+writes nothing); the Trainer (``--report_to`` reaches it through the training arguments) and its optional entropy
+term (entropy_weight, entropy_warmup_ratio, entropy_floor: llmm.run.trainer.LlmmTrainer); settings.json; train;
 ``after_training`` (a later step on the trained model, e.g. a search on the validation split); on the main process
 the family's results and files, results.json and the adapters. A check of the output directory against the inputs
 goes in ``check_output``.
@@ -96,6 +97,8 @@ class Recipe:
         train_set, held_out = self.datasets(tokenizer)
         outdirs.make_output_dir(self.output_dir, settings.get("overwrite", False), resume=checkpoint is not None)
         trainer = self.make_trainer(model, tokenizer, arguments, train_set, held_out)
+        trainer.set_entropy_term(settings.get("entropy_weight", 0.0), settings.get("entropy_warmup_ratio", 0.0),
+                                 settings.get("entropy_floor", 1e-6))  # lambda = 0 (the paper): off
         if trainer.is_world_process_zero():
             fileio.write_json(self.output_dir / "settings.json",
                               {**settings, "resumed_from": checkpoint, "versions": fileio.versions()})

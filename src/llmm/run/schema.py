@@ -71,6 +71,8 @@ def rule(meta: dict, kind) -> tuple:
                 f"{'<' if meta['high_open'] else '<='} {high}")
 
     def accepts(v):
+        if isinstance(v, (list, tuple)):  # a list field: every element in range
+            return all(accepts(x) for x in v)
         if not _number(v) or (integer and not isinstance(v, int)):
             return False
         above = low is None or (v > low if meta["low_open"] else v >= low)
@@ -106,6 +108,8 @@ class AdapterSettings:
     init: str = setting("loftq", "adapter init for a plain checkpoint: loftq (in-process) | lora",
                         choices=("loftq", "lora"))
     target_modules: list = setting(None, "modules to adapt (default: configs/targets.yaml by model_type)", kind=str)
+    noise_per_example: bool = setting(False, "one noise draw per example (sequence) instead of one per forward shared "
+                                      "by the batch (false: the paper)")
 
 
 @dataclass
@@ -148,6 +152,12 @@ class TrainingSettings:
     data_seed: int = setting(None, "seed of the data order (default: seed)", low=0)
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass")
     dtype: str = setting("bfloat16", "compute dtype", choices=("float32", "bfloat16", "float16"))
+    entropy_weight: float = setting(0.0, "lambda of the entropy term: the loss is loss - lambda * H, H = sum of "
+                                    "0.5 logdet(Z Z^T / s + floor I) over factors (0: the paper, bit for bit)", low=0)
+    entropy_warmup_ratio: float = setting(0.0, "fraction of the steps over which lambda rises linearly from 0",
+                                          low=0, high=1, high_open=True)
+    entropy_floor: float = setting(1e-6, "floor added to Z Z^T / s so that H is finite at Z = 0", low=0,
+                                   low_open=True)
     report_to: str = setting("none", "where the Trainer logs while it runs (tensorboard: "
                              "OUTPUT_DIR/checkpoints/runs; wandb)", choices=("none", "tensorboard", "wandb"), role=RUN)
 
@@ -218,6 +228,25 @@ class McqSettings(CausalDataSettings):
     mc_dropout: float = setting(0.1, "adapter dropout of --method mcdropout", low=0, high=1, high_open=True)
     max_length: int = setting(300, "tokens per question (the beginning is cut)", low=1)
     load_in_8bit: bool = setting(True, "bitsandbytes LLM.int8 backbone")
+    variant: str = setting(None, "a method of the table's variants block (a row of the calibration table): its "
+                           "settings apply after the task row, before the flags")
+    validation_size: int = setting(0, "questions held out of the end of the training data as the validation split "
+                                   "(the width search's)", low=0)
+    mc_batched: bool = setting(False, "mc mode: the N networks in one forward over the batch repeated N times, "
+                               "network n from stream n of the seed (false: one network after another from the "
+                               "model's generator)", role=EVAL)
+
+
+@dataclass
+class WidthSearchSettings:
+    """After training, a multiplier m of the noise chosen on the validation split (llmm.width.choose_noise_width)."""
+
+    noise_width_search: str = setting("none", "none (the paper: m = 1) | tfb (the largest m whose relative validation "
+                                      "NLL change is within the tolerance) | nll (the NLL-minimising m)",
+                                      choices=("none", "tfb", "nll"))
+    noise_width_tolerance: float = setting(0.003, "tfb: relative NLL change allowed (TFB's 0.003)", low=0)
+    noise_width_grid: list = setting((0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0), "multipliers m tried (then "
+                                     "refined between neighbours)", low=0, low_open=True, kind=float)
 
 
 @dataclass
@@ -266,12 +295,12 @@ class QuickstartSettings:
 
 
 BLOCKS = (RunSettings, AdapterSettings, LoftQSettings, TrainingSettings, CausalLMSettings, GlueSettings, McqSettings,
-          Gsm8kTestSettings, QuantizeSettings, QuickstartSettings)
+          WidthSearchSettings, Gsm8kTestSettings, QuantizeSettings, QuickstartSettings)
 # What each entry point reads (its flags, its table's vocabulary).
 FAMILY_BLOCKS = {
     "causal_lm": (RunSettings, AdapterSettings, LoftQSettings, TrainingSettings, CausalLMSettings),
-    "glue": (RunSettings, AdapterSettings, LoftQSettings, TrainingSettings, GlueSettings),
-    "mcq": (RunSettings, AdapterSettings, LoftQSettings, TrainingSettings, McqSettings),
+    "glue": (RunSettings, AdapterSettings, LoftQSettings, TrainingSettings, GlueSettings, WidthSearchSettings),
+    "mcq": (RunSettings, AdapterSettings, LoftQSettings, TrainingSettings, McqSettings, WidthSearchSettings),
     "gsm8k_test": (RunSettings, Gsm8kTestSettings),
 }
 # Names the GLUE table and flags used before they took Hugging Face's: accepted, with one line naming the new name.

@@ -20,7 +20,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainerState
 from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
-from llmm import noise_source
+from llmm import entropy, entropy_weight, noise_source
 from llmm.model import frozen_embedding_bases
 from llmm.run.cli import TrainingDiverged, logger
 
@@ -117,7 +117,7 @@ def find_checkpoint(value: str | None, folder: str | Path) -> str | None:
 
 def checkpoint_adapter_settings(checkpoint: str, saved, settings: dict) -> dict:
     """The settings (of those this run has) that the checkpoint's adapter fixes besides K and rank: lora_alpha,
-    llmmscale, and GLUE's embedding protocol (quantize_embeddings: whether it holds embedding pairs;
+    llmmscale, noise_per_example (the resumed adapter keeps its config), and GLUE's embedding protocol (quantize_embeddings: whether it holds embedding pairs;
     gaussian_embeddings). A resumed run with other values would load M and Z into another model."""
     from safetensors import safe_open
 
@@ -127,7 +127,7 @@ def checkpoint_adapter_settings(checkpoint: str, saved, settings: dict) -> dict:
         with safe_open(str(weights), "pt") as handle:
             fixed["quantize_embeddings"] = any("lora_embedding_A" in key for key in handle.keys())
     fixed.update(gaussian_embeddings=getattr(saved, "gaussian_embeddings", False), lora_alpha=saved.lora_alpha,
-                 llmmscale=saved.scale)
+                 llmmscale=saved.scale, noise_per_example=getattr(saved, "noise_per_example", False))
     return {name: value for name, value in fixed.items() if name in settings}
 
 
@@ -219,7 +219,14 @@ class FiniteGuard(TrainerCallback):
 
 class LlmmTrainer(Trainer):
     """The HF Trainer for Llmm models: one noise stream per process, a stop at the first non-finite loss or
-    gradient, and no training past max_steps on resume.
+    gradient, no training past max_steps on resume, and the optional entropy term.
+
+    The training loss is ``task_loss`` (a family overrides it; the Trainer's own by default), minus
+    lambda(step) * llmm.entropy(model, floor) when the entropy weight lambda > 0 (``set_entropy_term``; lambda
+    rises linearly over the first warmup_ratio of the steps). With lambda = 0 the term is never computed, so the
+    run is the paper's bit for bit. When the term is on, each log holds the means over its window of ``entropy``
+    (H, which includes the floor's constant 0.5 K log(floor) per factor: about -6.9 K at Z = 0), ``entropy_weight``
+    (the lambda used) and ``task_loss`` (the family's loss alone; ``loss`` is the objective, task_loss - lambda H).
 
     Resuming needs nothing more: for a PeftModel the Trainer loads a checkpoint with
     ``model.load_adapter(checkpoint, "default", is_trainable=True)``; the adapter "default" already exists, so
@@ -234,6 +241,44 @@ class LlmmTrainer(Trainer):
         self.add_callback(self.noise_callback)
         self.add_callback(FiniteGuard(self))
         self.nonfinite_loss = None  # the first non-finite micro-batch loss of the current optimizer step
+        self.entropy_settings = (0.0, 0.0, 1e-6)  # (lambda, warm-up ratio, floor): off
+        self.entropy_terms = []  # (lambda, H, task loss) of each micro-batch since the last log (no host sync)
+
+    def set_entropy_term(self, weight: float = 0.0, warmup_ratio: float = 0.0, floor: float = 1e-6) -> None:
+        """Train on loss - lambda(step) * llmm.entropy(model, floor), lambda warmed up over warmup_ratio of the
+        steps (0: the paper)."""
+        self.entropy_settings = (float(weight), float(warmup_ratio), float(floor))
+
+    def entropy_lambda(self) -> float:
+        """lambda at the current optimizer step."""
+        weight, ratio, _ = self.entropy_settings
+        warmup = int(-(-ratio * max(self.state.max_steps, 0) // 1))  # ceil
+        return entropy_weight(self.state.global_step, weight, warmup)
+
+    def task_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The family's loss (the Trainer's own here); subclasses override this, not ``compute_loss``."""
+        return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = self.task_loss(model, inputs, return_outputs, num_items_in_batch)
+        if not (self.entropy_settings[0] > 0 and model.training):
+            return result
+        loss, outputs = result if return_outputs else (result, None)
+        term, weight = entropy(model, self.entropy_settings[2]), self.entropy_lambda()
+        self.entropy_terms.append((weight, term.detach(), loss.detach()))
+        loss = loss - weight * term.to(loss.device)
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """The Trainer's log, with the entropy term's mean since the last log and lambda when the term is on."""
+        if self.entropy_terms and "loss" in logs:
+            weights, terms, losses = zip(*self.entropy_terms)
+            logs["entropy"] = torch.stack([t.float().cpu() for t in terms]).mean().item()
+            logs["entropy_weight"] = sum(weights) / len(weights)
+            logs["task_loss"] = torch.stack([t.float().cpu() for t in losses]).mean().item()
+            self.entropy_terms = []
+        super().log(logs, *args, **kwargs)
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         """``Trainer.train``; tells the noise callback which checkpoint (if any) to restore the noise from, and a

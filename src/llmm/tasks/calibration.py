@@ -134,8 +134,10 @@ def check_n_samples(n_samples) -> int:
 
 
 @torch.no_grad()
-def predict(head: LetterHead, batches: list[dict], mode: str, n_samples: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """(probs (n, letters), labels (n,)): one predictive distribution per question in the given mode."""
+def predict(head: LetterHead, batches: list[dict], mode: str, n_samples: int = 1, seed: int | None = None,
+            batched: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(probs (n, letters), labels (n,)): one predictive distribution per question in the given mode; ``seed`` and
+    ``batched`` reach the mc mode's ``mc_predict`` (None: networks from the model's own generator)."""
     if mode not in MODES:
         raise ValueError(f"unknown evaluation mode {mode!r}; known: {MODES}")
     check_n_samples(n_samples)
@@ -144,7 +146,7 @@ def predict(head: LetterHead, batches: list[dict], mode: str, n_samples: int = 1
     for batch in batches:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         if mode == "mc":
-            p = mc_predict(head, batch, n_samples)
+            p = mc_predict(head, batch, n_samples, seed=seed, batched=batched)
         elif mode == "sample":
             p = mc_predict(head, batch, 1)
         elif mode == "dropout":
