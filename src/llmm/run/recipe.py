@@ -10,11 +10,14 @@ adds (its data, its model and adapter, its Trainer, its results and files).
 
     results = GlueRecipe(settings).run()
 
-The flow: data; the checkpoint to resume from and its checks (K, rank, alpha, scale, processes); the output
-directory's check; seed; backbone and adapter; datasets; lock and create the output directory (only now, so bad input
+The flow: the launch's sharding (``llmm.sharding.check_sharded_launch``: an accelerate FSDP / DeepSpeed config that
+would not shard is one error line); data; the checkpoint to resume from and its checks (K, rank, alpha, scale,
+processes); the output directory's check; seed; backbone and adapter; datasets; lock and create the output directory (only now, so bad input
 writes nothing); the Trainer (``--report_to`` reaches it through the training arguments); settings.json; train;
-``after_training`` (a later step on the trained model, e.g. a search on the validation split); on the main process
-the family's results and files, results.json and the adapters. A check of the output directory against the inputs
+``after_training`` (a later step on the trained model, e.g. a search on the validation split); under sharding every
+process gathers the adapter's whole tensors (``self.adapter_state``, None otherwise: pass it as ``state_dict`` to
+save_llmm_adapter / export_mean_adapter); on the main process the family's results and files, results.json and the
+adapters. A check of the output directory against the inputs
 goes in ``check_output``.
 """
 
@@ -23,7 +26,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from llmm import outdirs
+from llmm import outdirs, sharding
 from llmm.run import fileio
 from llmm.run import trainer as training
 
@@ -35,6 +38,8 @@ class Recipe:
         self.settings = settings
         self.output_dir = Path(settings["output_dir"])
         self.started = time.time()
+        self.sharding = "none"  # what the launch shards with (run: check_sharded_launch)
+        self.adapter_state = None  # under sharding: the gathered adapter tensors (every process gathers)
 
     # --- hooks ---------------------------------------------------------------------------------------------------
 
@@ -81,6 +86,7 @@ class Recipe:
 
     def run(self) -> dict | None:
         settings = self.settings
+        self.sharding = sharding.check_sharded_launch()
         if self.data_first:
             self.load_data()
         checkpoint = training.find_checkpoint(settings.get("resume_from_checkpoint"), self.checkpoint_dir)
@@ -101,6 +107,8 @@ class Recipe:
                               {**settings, "resumed_from": checkpoint, "versions": fileio.versions()})
         outcome = trainer.train(resume_from_checkpoint=checkpoint)
         self.after_training(trainer, model, tokenizer)
+        if self.sharding != "none":  # a collective: every process takes part, the main process saves the result
+            self.adapter_state = sharding.gathered_state_dict(trainer.model_wrapped)
         results = self.finish(trainer, outcome, model, tokenizer)
         if trainer.is_world_process_zero():
             results = self.save(trainer, model, tokenizer, results)
