@@ -355,6 +355,19 @@ def test_run_layer_under_a_sharded_launch_refuses_in_process_loftq_and_stores_nf
     assert causal_lm.prepare_for_training(plain, settings).model.norm.weight.dtype == torch.float32
 
 
+def test_glue_recipe_refuses_a_sharded_launch(monkeypatch, tmp_path):
+    """GLUE (encoders that fit one device, quantized in-process) says so in one error before anything is read."""
+    from llmm.run.glue import GlueRecipe
+
+    recipe = GlueRecipe.__new__(GlueRecipe)
+    recipe.settings, recipe.output_dir = {"output_dir": str(tmp_path / "run")}, tmp_path / "run"
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ValueError, match="GLUE encoder fits one device .*not trained under DEEPSPEED: launch with DDP"):
+        recipe.run()
+    assert not (tmp_path / "run").exists()
+
+
 def test_sharded_checkpoint_layout_passes_the_resume_checks(tmp_path):
     """An FSDP SHARDED_STATE_DICT checkpoint (pytorch_model_fsdp_0/ and optimizer_0/ of torch.distributed.checkpoint,
     no adapter_model.safetensors, no optimizer.pt) is read for the finiteness check: a NaN in the optimizer's shards
@@ -394,6 +407,31 @@ def test_adapters_saved_from_the_gathered_state_equal_the_model_own(tmp_path):
         gathered = load_file(tmp_path / "gathered" / folder / "adapter_model.safetensors")
         assert own.keys() == gathered.keys() and own and all(torch.equal(own[k], gathered[k]) for k in own)
         assert any("lora_llmm_B" in key for key in own) is directions  # the mean adapter: plain LoRA keys only
+
+
+@pytest.mark.parametrize("driver", ["train_gsm8k.sh", "train_nlg_llama.sh", "train_mcq.sh", "train_glue_llmm.sh"])
+def test_drivers_launch_through_an_accelerate_config(driver, tmp_path):
+    """ACCELERATE_CONFIG=FILE makes a driver start every run with accelerate launch --config_file FILE (a stand-in
+    accelerate on PATH records its arguments); with LAUNCH too, or a missing file, it is one error line, exit 2."""
+    fake = tmp_path / "bin" / "accelerate"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/calls.txt\n')
+    fake.chmod(0o755)
+    path = os.pathsep.join([str(fake.parent), os.path.dirname(sys.executable), os.environ["PATH"]])
+    env = {**ENV, "PATH": path, "OUT": str(tmp_path / "runs"),
+           "SEEDS": "0", "MODELS": "llama-2-7b", "TASKS": "alpaca", "QUANTS": "normal_float", "RANKS": "32"}
+    config = "configs/accelerate/fsdp2.yaml"
+    done = subprocess.run(["bash", driver], cwd=REPO_ROOT, env={**env, "ACCELERATE_CONFIG": config},
+                          capture_output=True, text=True, timeout=60)
+    # (the seed table the driver prints afterwards finds no results here: its exit code is not the point)
+    assert (tmp_path / "calls.txt").is_file(), done.stderr[-2000:]
+    calls = (tmp_path / "calls.txt").read_text().splitlines()
+    assert calls and all(call.startswith(f"launch --config_file {config} -m scripts.train_") for call in calls)
+    for bad, says in (({"ACCELERATE_CONFIG": config, "LAUNCH": "python"}, "set LAUNCH or ACCELERATE_CONFIG, not both"),
+                      ({"ACCELERATE_CONFIG": "configs/accelerate/nope.yaml"}, "is not a file")):
+        done = subprocess.run(["bash", driver], cwd=REPO_ROOT, env={**env, **bad}, capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 2 and done.stderr.startswith("error: ") and says in done.stderr
 
 
 # --- two processes -------------------------------------------------------------------------------------------------

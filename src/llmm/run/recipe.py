@@ -12,8 +12,9 @@ adds (its data, its model and adapter, its Trainer, its results and files).
 
 The flow: the launch's sharding (``llmm.sharding.check_sharded_launch``: an accelerate FSDP / DeepSpeed config that
 would not shard is one error line); data; the checkpoint to resume from and its checks (K, rank, alpha, scale,
-processes); the output directory's check; seed; backbone and adapter; datasets; lock and create the output directory (only now, so bad input
-writes nothing); the Trainer (``--report_to`` reaches it through the training arguments); settings.json; train;
+processes); the output directory's check; seed; backbone and adapter; datasets; lock and create the output
+directory (only now, so bad input writes nothing); the Trainer (``--report_to`` reaches it through the training
+arguments); settings.json; train;
 ``after_training`` (a later step on the trained model, e.g. a search on the validation split); under sharding every
 process gathers the adapter's whole tensors (``self.adapter_state``, None otherwise: pass it as ``state_dict`` to
 save_llmm_adapter / export_mean_adapter); on the main process the family's results and files, results.json and the
@@ -82,10 +83,14 @@ class Recipe:
 
     # --- the flow ------------------------------------------------------------------------------------------------
 
+    not_sharded: str | None = None  # why an accelerate FSDP / DeepSpeed launch is refused (None: it is not)
     data_first = False  # read the data before the checkpoint and output-directory checks (GLUE) or after them
 
     def run(self) -> dict | None:
         settings = self.settings
+        if self.not_sharded and sharding.requested_engine() != "none":
+            raise ValueError(f"{self.not_sharded}, so it is not trained under {sharding.requested_engine()}: launch "
+                             "with DDP (torchrun, or an accelerate config without FSDP / DeepSpeed)")
         self.sharding = sharding.check_sharded_launch()
         if self.data_first:
             self.load_data()
