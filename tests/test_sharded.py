@@ -368,6 +368,21 @@ def test_glue_recipe_refuses_a_sharded_launch(monkeypatch, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+
+def test_an_fsdp1_launch_is_refused_until_its_adapters_can_be_saved(monkeypatch, tmp_path):
+    """Under FSDP1 PEFT 0.21 selects no adapter tensor (test_fsdp1_saved_adapter_holds_the_tensors): a run would
+    train and then save empty adapters, so it is one error line before anything is read or written."""
+    from llmm.run.recipe import Recipe
+
+    recipe = Recipe({"output_dir": str(tmp_path / "run")})
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ValueError, match="FSDP1 .* would save empty adapters.*configs/accelerate/fsdp2.yaml"):
+        recipe.run()
+    assert not (tmp_path / "run").exists()
+
+
 def test_sharded_checkpoint_layout_passes_the_resume_checks(tmp_path):
     """An FSDP SHARDED_STATE_DICT checkpoint (pytorch_model_fsdp_0/ and optimizer_0/ of torch.distributed.checkpoint,
     no adapter_model.safetensors, no optimizer.pt) is read for the finiteness check: a NaN in the optimizer's shards
