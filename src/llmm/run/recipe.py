@@ -117,8 +117,10 @@ class Recipe:
                               {**settings, "resumed_from": checkpoint, "versions": fileio.versions()})
         outcome = trainer.train(resume_from_checkpoint=checkpoint)
         self.after_training(trainer, model, tokenizer)
-        if self.sharding != "none":  # a collective: every process takes part, the main process saves the result
+        if self.sharding == "FSDP":  # a collective: every process takes part, the main process saves the result
             self.adapter_state = sharding.gathered_state_dict(trainer.model_wrapped)
+        elif self.sharding == "DEEPSPEED":  # ZeRO-3: the 16-bit consolidated state (zero3_save_16bit_model), as the
+            self.adapter_state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # Trainer saves it
         results = self.finish(trainer, outcome, model, tokenizer)
         if trainer.is_world_process_zero():
             results = self.save(trainer, model, tokenizer, results)
