@@ -18,6 +18,7 @@
 #   METHOD=loftq bash train_glue_llmm.sh                      # baselines: lora | qlora | loftq
 #   DATA_DIR=glue_data bash train_glue_llmm.sh                 # local GLUE TSVs (glue_data/CoLA/train.tsv, ...)
 #   LAUNCH="torchrun --nproc_per_node 2" bash train_glue_llmm.sh   # or LAUNCH="accelerate launch"
+#   ACCELERATE_CONFIG=my_ddp.yaml bash train_glue_llmm.sh   # an accelerate config (DDP: FSDP / DeepSpeed are refused)
 #   bash train_glue_llmm.sh --eval_noise mc --mc_samples 10    # Monte-Carlo dev evaluation, calibration metrics
 # A run whose results.json is complete is skipped; an interrupted one resumes from its newest checkpoint.
 set -euo pipefail
@@ -30,6 +31,14 @@ RANKS=${RANKS:-"16 32"}
 SEEDS=${SEEDS:-"0 1 2 3"}
 METHOD=${METHOD:-llmm}
 OUT=${OUT:-runs/glue}
+ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-}  # an accelerate config file (multi-GPU DDP; the encoder fits one device)
+if [[ -n $ACCELERATE_CONFIG ]]; then
+  if [[ -n ${LAUNCH:-} ]]; then echo "error: set LAUNCH or ACCELERATE_CONFIG, not both" >&2; exit 2; fi
+  if [[ ! -f $ACCELERATE_CONFIG ]]; then
+    echo "error: ACCELERATE_CONFIG $ACCELERATE_CONFIG is not a file: pass one of configs/accelerate/*.yaml" >&2; exit 2
+  fi
+  LAUNCH="accelerate launch --config_file $ACCELERATE_CONFIG"
+fi
 LAUNCH=${LAUNCH:-python}
 EMBEDDINGS=${EMBEDDINGS:-quantized}  # quantized (the paper's protocol) | fp
 case $EMBEDDINGS in

@@ -13,6 +13,7 @@
 #   MODELS=llama-2-7b METHODS="llmm loftq qlora" bash train_gsm8k.sh       # with the baselines
 #   SEEDS="0 1 2 3 4" bash train_gsm8k.sh       # default "0 1 2 3" (4 seeds, as LoftQ's medians); SEEDS=table: the row's seed
 #   LAUNCH="accelerate launch" bash train_gsm8k.sh --max_steps 10            # smoke run
+#   ACCELERATE_CONFIG=configs/accelerate/fsdp2.yaml MODELS=llama-2-7b SEEDS=0 bash train_gsm8k.sh   # FSDP2, 2 GPUs
 # A run whose results.json exists is skipped; an interrupted one resumes from its newest checkpoint.
 set -euo pipefail
 # Paths you give (and the defaults below) are relative to where you stand; the code comes from this checkout.
@@ -22,6 +23,14 @@ MODELS=${MODELS:-"llama-2-7b llama-2-13b"}
 RANK=${RANK:-64}
 METHODS=${METHODS:-llmm}
 OUT=${OUT:-runs/gsm8k}
+ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-}  # e.g. configs/accelerate/fsdp2.yaml: sharded training (README "Larger models")
+if [[ -n $ACCELERATE_CONFIG ]]; then
+  if [[ -n ${LAUNCH:-} ]]; then echo "error: set LAUNCH or ACCELERATE_CONFIG, not both" >&2; exit 2; fi
+  if [[ ! -f $ACCELERATE_CONFIG ]]; then
+    echo "error: ACCELERATE_CONFIG $ACCELERATE_CONFIG is not a file: pass one of configs/accelerate/*.yaml" >&2; exit 2
+  fi
+  LAUNCH="accelerate launch --config_file $ACCELERATE_CONFIG"
+fi
 LAUNCH=${LAUNCH:-python}
 SEEDS=${SEEDS:-"0 1 2 3"}
 

@@ -14,6 +14,7 @@
 #            (the validation-chosen width: add --validation_size N) | llmm_ent (the entropy term)
 #   backbones: int8 (BLoB's bitsandbytes 8-bit) | nf4 / nf2 (LoftQ in-process, 16-bit storage) | bf16 | fp32
 #   LAUNCH="accelerate launch" bash train_mcq.sh;  bash train_mcq.sh --max_steps 10   (a smoke run)
+#   ACCELERATE_CONFIG=configs/accelerate/fsdp2.yaml bash train_mcq.sh   # sharded over the GPUs
 # A run whose results.json is complete is skipped; an interrupted one resumes from its newest checkpoint.
 set -euo pipefail
 export PYTHONPATH="$(cd "$(dirname "$0")" && pwd)${PYTHONPATH:+:$PYTHONPATH}"  # relative paths stay the user's
@@ -24,6 +25,14 @@ METHODS=${METHODS:-"map mcdropout llmm"}
 BACKBONES=${BACKBONES:-"int8"}
 SEEDS=${SEEDS:-"1 2 3"}
 OUT=${OUT:-runs/mcq}
+ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-}  # e.g. configs/accelerate/fsdp2.yaml: sharded training (README "Larger models")
+if [[ -n $ACCELERATE_CONFIG ]]; then
+  if [[ -n ${LAUNCH:-} ]]; then echo "error: set LAUNCH or ACCELERATE_CONFIG, not both" >&2; exit 2; fi
+  if [[ ! -f $ACCELERATE_CONFIG ]]; then
+    echo "error: ACCELERATE_CONFIG $ACCELERATE_CONFIG is not a file: pass one of configs/accelerate/*.yaml" >&2; exit 2
+  fi
+  LAUNCH="accelerate launch --config_file $ACCELERATE_CONFIG"
+fi
 LAUNCH=${LAUNCH:-python}
 
 backbone_flags() {  # the backbone's name -> the table's settings that select it

@@ -14,6 +14,7 @@
 #   TASKS=alpaca MODELS=llama-2-7b bash train_nlg_llama.sh
 #   METHODS="llmm loftq qlora" SEEDS="0 1" bash train_nlg_llama.sh   # baselines; SEEDS default "0 1 2 3", table: the row's
 #   LAUNCH="accelerate launch" bash train_nlg_llama.sh --llmmscale 700    # the reference's later scale
+#   ACCELERATE_CONFIG=configs/accelerate/fsdp2.yaml bash train_nlg_llama.sh   # sharded over the GPUs
 # A run whose results.json exists is skipped; an interrupted one resumes from its newest checkpoint.
 set -euo pipefail
 # Paths you give (and the defaults below) are relative to where you stand; the code comes from this checkout.
@@ -24,6 +25,14 @@ MODELS=${MODELS:-"llama-7b llama-2-7b llama-2-13b"}
 RANK=${RANK:-16}
 METHODS=${METHODS:-llmm}
 OUT=${OUT:-runs/nlg}
+ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-}  # e.g. configs/accelerate/fsdp2.yaml: sharded training (README "Larger models")
+if [[ -n $ACCELERATE_CONFIG ]]; then
+  if [[ -n ${LAUNCH:-} ]]; then echo "error: set LAUNCH or ACCELERATE_CONFIG, not both" >&2; exit 2; fi
+  if [[ ! -f $ACCELERATE_CONFIG ]]; then
+    echo "error: ACCELERATE_CONFIG $ACCELERATE_CONFIG is not a file: pass one of configs/accelerate/*.yaml" >&2; exit 2
+  fi
+  LAUNCH="accelerate launch --config_file $ACCELERATE_CONFIG"
+fi
 LAUNCH=${LAUNCH:-python}
 SEEDS=${SEEDS:-"0 1 2 3"}
 

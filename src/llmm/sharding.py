@@ -91,6 +91,13 @@ def gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return get_model_state_dict(model, options=options)
 
 
+def requested_engine() -> str:
+    """What the launch asks for ("FSDP", "DEEPSPEED" or "none"), from the variables ``accelerate launch
+    --config_file`` sets; reads nothing else, so settings checks can use it before any process group exists."""
+    asked = [engine for variable, engine in SHARDING_ENV.items() if os.environ.get(variable, "").lower() == "true"]
+    return asked[0] if asked else "none"
+
+
 def check_sharded_launch(state=None) -> str:
     """What the launch shards with ("FSDP", "DEEPSPEED" or "none"); raises ValueError when accelerate was asked
     for FSDP / DeepSpeed (``accelerate launch --config_file configs/accelerate/...``) and would not use it.
@@ -98,11 +105,14 @@ def check_sharded_launch(state=None) -> str:
     accelerate 1.15 turns FSDP on only for accelerator backends (CUDA, XPU, NPU, ...): on a CPU-only machine the
     same config runs plain DDP over gloo, every process holding the whole model, without a word. DeepSpeed needs
     its package. ``state``: the run's ``AcceleratorState`` (its distributed_type is compared), or None: judged
-    from ``PartialState().device`` alone, so it can run before the Trainer exists and before anything is written."""
-    asked = [engine for variable, engine in SHARDING_ENV.items() if os.environ.get(variable, "").lower() == "true"]
-    if not asked:
+    from ``PartialState().device`` alone, so it can run before the Trainer exists and before anything is written.
+
+    Why not on CPU (accelerate 1.15, ``AcceleratorState.__init__``): the switch to ``DistributedType.FSDP`` is made
+    only inside the branch for MULTI_GPU / MULTI_XPU / MULTI_NPU / ... processes; a CPU launch is MULTI_CPU (gloo)
+    and keeps it, with an ``fsdp_plugin`` passed or not, so the HF Trainer never calls ``fully_shard``."""
+    engine = requested_engine()
+    if engine == "none":
         return "none"
-    engine = asked[0]
     if engine == "DEEPSPEED":
         try:
             import deepspeed  # noqa: F401

@@ -13,6 +13,11 @@ Methods (SPEC §3 baselines): llmm (K from the table), loftq (K = 0), qlora (sta
 an _init.sh directory (LoftQ backbone + llmm_init/ with the means) or a plain checkpoint with --init lora / loftq
 (LoftQ in-process needs full-precision weights, so not with --load_in_4bit true; it runs on the training device).
 4-bit training first calls PEFT's prepare_model_for_kbit_training, as the reference did (``prepare_kbit_training``).
+
+Sharded (``accelerate launch --config_file configs/accelerate/fsdp2.yaml``, README "Larger models"): the NF4 weights
+are stored in the compute dtype (``bnb_4bit_quant_storage``), loaded without a device_map (FSDP places the shards),
+prepare_model_for_kbit_training is skipped (its float32 upcast of norms and embeddings would mix dtypes in FSDP1's
+flat parameters and double their memory), and the saved adapters are gathered from the shards.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from peft import prepare_model_for_kbit_training
 from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DataCollatorForSeq2Seq,
                           TrainingArguments)
 
-from llmm import outdirs
+from llmm import outdirs, sharding
 from llmm.run import adapters, cli, fileio, schema, tables
 from llmm.run import trainer as training
 from llmm.run.recipe import Recipe
@@ -153,6 +158,11 @@ def parse_settings(parser: argparse.ArgumentParser, table: dict, argv=None,
         adapters.adopt_init_dir_settings(settings["model_name_or_path"], settings,
                                   {name for name in adapters.INIT_DIR_LOFTQ if getattr(args, name, None) is not None})
     settings["init_source"] = str(init_dir) if init_dir else f"{settings['init']} (in-process)"
+    engine = sharding.requested_engine()
+    if engine != "none" and in_process_loftq(settings):
+        raise ValueError(f"in-process LoftQ is not supported under {engine} (each process would quantize the whole "
+                         "model, and the backbone/ it saves is sharded): make an _init.sh directory (bash _init.sh "
+                         "PRESET) and pass it as --model_name_or_path, or --init lora")
     if not 0 <= settings["warmup_ratio"] < 1:
         raise ValueError(f"warmup_ratio must be in [0, 1), got {settings['warmup_ratio']}")
     if settings["eval_split"] == "heldout" and settings["eval_size"] < 1:
@@ -164,19 +174,31 @@ def parse_settings(parser: argparse.ArgumentParser, table: dict, argv=None,
 
 # --- model ---------------------------------------------------------------------------------------------------------
 
+def quant_storage(settings: dict) -> str:
+    """The dtype bitsandbytes packs NF4 weights in: the setting, or for ``auto`` uint8 (bitsandbytes' default) and,
+    under FSDP / DeepSpeed, the compute dtype (FSDP shards only floating tensors of one dtype per unit)."""
+    storage = settings.get("bnb_4bit_quant_storage", "auto")
+    if storage == "auto":
+        storage = settings["dtype"] if sharding.requested_engine() != "none" else "uint8"
+    return storage
+
+
 def load_backbone(settings: dict):
     """(model, tokenizer): bitsandbytes NF4 (or LLM.int8 with ``load_in_8bit``, BLoB's backbone) on this process's
-    device, or ``dtype`` weights on CPU (the Trainer or the caller moves them). No token is added: a missing pad
-    token becomes unk (or eos), so embeddings keep size."""
+    device (under FSDP / DeepSpeed: no device_map, the engine places the shards), or ``dtype`` weights on CPU (the
+    Trainer or the caller moves them). No token is added: a missing pad token becomes unk (or eos), so embeddings
+    keep size."""
     dtype = DTYPES[settings["dtype"]]
     kwargs = {"dtype": dtype}
     if settings.get("load_in_8bit"):
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     elif settings["load_in_4bit"]:
+        storage = quant_storage(settings)
+        settings["bnb_4bit_quant_storage_used"] = storage
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_use_double_quant=False)
-    if "quantization_config" in kwargs:
+            bnb_4bit_use_double_quant=False, bnb_4bit_quant_storage=getattr(torch, storage))
+    if "quantization_config" in kwargs and sharding.requested_engine() == "none":
         kwargs["device_map"] = {"": PartialState().device}
     model = fileio.load_pretrained(AutoModelForCausalLM, settings["model_name_or_path"], **kwargs)
     tokenizer = fileio.load_pretrained(AutoTokenizer, settings["model_name_or_path"])
@@ -228,15 +250,23 @@ def prepare_for_training(model, settings: dict):
     lm_head) in float32, the base frozen. Before in-process LoftQ the model moves to the training device, so LoftQ's
     SVDs run there (a 7B model takes hours on CPU, minutes on a GPU)."""
     model.config.use_cache = False
-    if settings["load_in_4bit"] and settings.get("prepare_kbit_training", True):  # tables without it: on
+    sharded = sharding.requested_engine() != "none"
+    if settings["load_in_4bit"] and settings.get("prepare_kbit_training", True) and not sharded:  # absent: on
         checkpointing = settings["gradient_checkpointing"]
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None)
+            gradient_checkpointing_kwargs=checkpointing_kwargs(settings) if checkpointing else None)
+    elif settings["load_in_4bit"] and settings["gradient_checkpointing"]:
+        model.enable_input_require_grads()  # what prepare_model_for_kbit_training adds for checkpointing, no upcast
     if in_process_loftq(settings):
         model = model.to(PartialState().device)
     keep_cpu_4bit_trainable(model)
     return model
+
+
+def checkpointing_kwargs(settings: dict) -> dict:
+    """Gradient checkpointing's options: ``use_reentrant`` from the settings (PEFT's FSDP-QLoRA recipe: True)."""
+    return {"use_reentrant": bool(settings.get("gradient_checkpointing_reentrant", False))}
 
 
 def in_process_loftq(settings: dict) -> bool:
@@ -312,7 +342,7 @@ def training_arguments(settings: dict, output_dir: Path, resume: bool = False) -
         seed=settings["seed"], data_seed=settings["data_seed"],
         bf16=settings["dtype"] == "bfloat16", fp16=settings["dtype"] == "float16",
         activation_checkpointing=checkpointing,  # transformers' new name for gradient_checkpointing
-        activation_checkpointing_kwargs={"use_reentrant": False} if checkpointing else None,
+        activation_checkpointing_kwargs=checkpointing_kwargs(settings) if checkpointing else None,
         remove_unused_columns=False, label_names=["labels"], report_to=settings.get("report_to", "none"),
         use_cpu=not torch.cuda.is_available(),  # also what makes torchrun on CPU use DDP (gloo)
         ddp_find_unused_parameters=False,  # every trainable tensor is in the graph (K = 0: none are trainable)
@@ -388,7 +418,7 @@ class CausalLMRecipe(Recipe):
         }
 
     def save(self, trainer, model, tokenizer, results: dict) -> dict:
-        save_run(model, tokenizer, self.settings, self.output_dir)
+        save_run(model, tokenizer, self.settings, self.output_dir, state_dict=self.adapter_state)
         fileio.write_json(self.output_dir / "results.json", results)
         fileio.plot_curves(self.output_dir / "curves.png", curves(results["history"]), xlabel="optimizer step")
         cli.logger.info("held-out loss %.4f, perplexity %.2f -> %s", results["eval_loss"], results["eval_perplexity"],
@@ -401,13 +431,13 @@ def train(settings: dict, task: str, encode) -> dict:
     return CausalLMRecipe(settings, task, encode).run()
 
 
-def save_run(peft_model, tokenizer, settings: dict, output_dir: Path) -> None:
+def save_run(peft_model, tokenizer, settings: dict, output_dir: Path, state_dict=None) -> None:
     """adapter/ (M and Z), mean_adapter/ and, after in-process LoftQ, backbone/ (the quantized Q the adapter
-    names), each written atomically."""
+    names), each written atomically. ``state_dict``: a sharded run's gathered tensors (Recipe.adapter_state)."""
     backbone = output_dir / "backbone" if in_process_loftq(settings) else settings["model_name_or_path"]
     peft_model.peft_config["default"].base_model_name_or_path = str(backbone)
-    save_llmm_adapter(peft_model, str(output_dir / "adapter"), overwrite=True)
-    export_mean_adapter(peft_model, str(output_dir / "mean_adapter"), overwrite=True)
+    save_llmm_adapter(peft_model, str(output_dir / "adapter"), overwrite=True, state_dict=state_dict)
+    export_mean_adapter(peft_model, str(output_dir / "mean_adapter"), overwrite=True, state_dict=state_dict)
     if in_process_loftq(settings):
         with atomic_dir(str(backbone), overwrite=True) as tmp_dir:
             peft_model.unload().save_pretrained(tmp_dir)

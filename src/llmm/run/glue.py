@@ -319,6 +319,7 @@ class GlueRecipe(Recipe):
     results.json rewritten after every evaluation and marked complete once everything is saved."""
 
     data_first = True
+    not_sharded = "a GLUE encoder fits one device (and is quantized in-process)"
 
     def __init__(self, task: GlueTask, settings: dict):
         tag = f"{settings['method']}-{settings['quant']}{settings['bits']}-r{settings['rank']}"

@@ -397,7 +397,7 @@ class McqRecipe(causal_lm.CausalLMRecipe):
         }
 
     def save(self, trainer, model, tokenizer, results: dict) -> dict:
-        causal_lm.save_run(model, tokenizer, self.settings, self.output_dir)
+        causal_lm.save_run(model, tokenizer, self.settings, self.output_dir, state_dict=self.adapter_state)
         fileio.write_json(self.output_dir / "results.json", results)
         fileio.plot_curves(self.output_dir / "curves.png", causal_lm.curves(results["history"]),
                            xlabel="optimizer step")

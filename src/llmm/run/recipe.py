@@ -10,21 +10,26 @@ adds (its data, its model and adapter, its Trainer, its results and files).
 
     results = GlueRecipe(settings).run()
 
-The flow: data; the checkpoint to resume from and its checks (K, rank, alpha, scale, processes); the output
-directory's check; seed; backbone and adapter; datasets; lock and create the output directory (only now, so bad input
-writes nothing); the Trainer (``--report_to`` reaches it through the training arguments) and its optional entropy
-term (entropy_weight, entropy_warmup_ratio, entropy_floor: llmm.run.trainer.LlmmTrainer); settings.json; train;
-``after_training`` (a later step on the trained model, e.g. a search on the validation split); on the main process
-the family's results and files, results.json and the adapters. A check of the output directory against the inputs
+The flow: the launch's sharding (``llmm.sharding.check_sharded_launch``: an accelerate FSDP / DeepSpeed config that
+would not shard is one error line); data; the checkpoint to resume from and its checks (K, rank, alpha, scale,
+processes); the output directory's check; seed; backbone and adapter; datasets; lock and create the output
+directory (only now, so bad input writes nothing); the Trainer (``--report_to`` reaches it through the training
+arguments) and its optional entropy term (entropy_weight, entropy_warmup_ratio, entropy_floor:
+llmm.run.trainer.LlmmTrainer); settings.json; train; ``after_training`` (a later step on the trained model, e.g. a
+search on the validation split); under sharding every process gathers the adapter's whole tensors
+(``self.adapter_state``, None otherwise: pass it as ``state_dict`` to save_llmm_adapter / export_mean_adapter); on
+the main process the family's results and files, results.json and the adapters. A check of the output directory
+against the inputs
 goes in ``check_output``.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
-from llmm import outdirs
+from llmm import outdirs, sharding
 from llmm.run import fileio
 from llmm.run import trainer as training
 
@@ -36,6 +41,8 @@ class Recipe:
         self.settings = settings
         self.output_dir = Path(settings["output_dir"])
         self.started = time.time()
+        self.sharding = "none"  # what the launch shards with (run: check_sharded_launch)
+        self.adapter_state = None  # under sharding: the gathered adapter tensors (every process gathers)
 
     # --- hooks ---------------------------------------------------------------------------------------------------
 
@@ -78,10 +85,19 @@ class Recipe:
 
     # --- the flow ------------------------------------------------------------------------------------------------
 
+    not_sharded: str | None = None  # why an accelerate FSDP / DeepSpeed launch is refused (None: it is not)
     data_first = False  # read the data before the checkpoint and output-directory checks (GLUE) or after them
 
     def run(self) -> dict | None:
         settings = self.settings
+        if self.not_sharded and sharding.requested_engine() != "none":
+            raise ValueError(f"{self.not_sharded}, so it is not trained under {sharding.requested_engine()}: launch "
+                             "with DDP (torchrun, or an accelerate config without FSDP / DeepSpeed)")
+        if sharding.requested_engine() == "FSDP" and os.environ.get("FSDP_VERSION") == "1":
+            raise ValueError("FSDP1 (configs/accelerate/fsdp1.yaml) would save empty adapters: PEFT 0.21 finds no "
+                             "adapter tensor under nested FSDP1 units (tests/test_sharded.py): launch with "
+                             "configs/accelerate/fsdp2.yaml")
+        self.sharding = sharding.check_sharded_launch()
         if self.data_first:
             self.load_data()
         checkpoint = training.find_checkpoint(settings.get("resume_from_checkpoint"), self.checkpoint_dir)
@@ -104,6 +120,10 @@ class Recipe:
                               {**settings, "resumed_from": checkpoint, "versions": fileio.versions()})
         outcome = trainer.train(resume_from_checkpoint=checkpoint)
         self.after_training(trainer, model, tokenizer)
+        if self.sharding == "FSDP":  # a collective: every process takes part, the main process saves the result
+            self.adapter_state = sharding.gathered_state_dict(trainer.model_wrapped)
+        elif self.sharding == "DEEPSPEED":  # ZeRO-3: the 16-bit consolidated state (zero3_save_16bit_model), as the
+            self.adapter_state = trainer.accelerator.get_state_dict(trainer.model_wrapped)  # Trainer saves it
         results = self.finish(trainer, outcome, model, tokenizer)
         if trainer.is_world_process_zero():
             results = self.save(trainer, model, tokenizer, results)

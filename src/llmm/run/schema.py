@@ -191,7 +191,13 @@ class CausalLMSettings(CausalDataSettings):
     max_length: int = setting(512, "GSM8K: tokens of source + target", low=1)
     source_max_len: int = setting(384, "Alpaca / HH-RLHF: tokens of the source", low=1)
     target_max_len: int = setting(128, "Alpaca / HH-RLHF: tokens of the target", low=1)
-    prepare_kbit_training: bool = setting(True, "4-bit: PEFT's prepare_model_for_kbit_training, as the reference")
+    prepare_kbit_training: bool = setting(True, "4-bit: PEFT's prepare_model_for_kbit_training, as the reference "
+                                          "(not under FSDP / DeepSpeed: it upcasts the backbone's other weights)")
+    bnb_4bit_quant_storage: str = setting("auto", "4-bit: the dtype the packed NF4 weights are stored in (auto: uint8, "
+                                          "under FSDP / DeepSpeed the compute dtype, as FSDP-QLoRA needs)",
+                                          choices=("auto", "uint8", "float32", "bfloat16", "float16"), role=RUN)
+    gradient_checkpointing_reentrant: bool = setting(False, "gradient checkpointing's use_reentrant (PEFT's "
+                                                     "FSDP-QLoRA recipe: true)", role=RUN)
 
 
 @dataclass

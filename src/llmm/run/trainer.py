@@ -68,16 +68,38 @@ def checkpoint_world_size(checkpoint: str | Path) -> int | None:
     return 1 if (checkpoint / "rng_state.pth").is_file() else None
 
 
+def sharded_checkpoint_parts(checkpoint: str | Path) -> list[Path]:
+    """The torch.distributed.checkpoint folders of an FSDP checkpoint saved with SHARDED_STATE_DICT (accelerate:
+    pytorch_model_fsdp_0/ and optimizer_0/, each with a .metadata file), which then has no adapter_model.safetensors
+    and no optimizer.pt."""
+    return sorted(path for path in Path(checkpoint).glob("*_[0-9]*") if (path / ".metadata").is_file())
+
+
+def read_sharded_part(folder: Path) -> dict:
+    """A torch.distributed.checkpoint folder read whole in this one process (through a temporary torch.save file:
+    torch's dcp_to_torch_save)."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as scratch:
+        whole = Path(scratch) / "whole.pt"
+        dcp_to_torch_save(str(folder), str(whole))
+        return torch.load(whole, map_location="cpu", weights_only=False)
+
+
 def checkpoint_is_finite(checkpoint: str | Path) -> bool:
-    """Every tensor of the checkpoint's weights (*.safetensors) and optimizer state (optimizer.pt) is finite."""
+    """Every tensor of the checkpoint's weights (*.safetensors, or the sharded pytorch_model_fsdp_0/) and optimizer
+    state (optimizer.pt, or the sharded optimizer_0/) is finite."""
     from safetensors.torch import load_file
 
     try:
         for file in Path(checkpoint).glob("*.safetensors"):
             if not all(torch.isfinite(t).all() for t in load_file(file).values() if t.is_floating_point()):
                 return False
+        parts = [read_sharded_part(folder) for folder in sharded_checkpoint_parts(checkpoint)]
         optimizer = Path(checkpoint) / "optimizer.pt"
-        if optimizer.is_file():
+        if optimizer.is_file() or parts:
             tensors = []
 
             def collect(value):
@@ -90,7 +112,9 @@ def checkpoint_is_finite(checkpoint: str | Path) -> bool:
                     for item in value:
                         collect(item)
 
-            collect(torch.load(optimizer, map_location="cpu", weights_only=True))
+            collect(parts)
+            if optimizer.is_file():
+                collect(torch.load(optimizer, map_location="cpu", weights_only=True))
             if not all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()):
                 return False
     except Exception:  # unreadable or truncated: not good either
@@ -309,6 +333,17 @@ class LlmmTrainer(Trainer):
         with warnings.catch_warnings():  # PEFT's "auto" announces saving them; with this state dict it does not
             warnings.filterwarnings("ignore", message="Setting `save_embedding_layers` to `True`")
             super()._save(output_dir, state_dict)
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        """``Trainer.save_model``; under FSDP with SHARDED_STATE_DICT a checkpoint holds only the shards
+        (pytorch_model_fsdp_0/), so the main process adds the adapter's adapter_config.json, which resuming checks
+        (check_checkpoint: K, rank, alpha, scale); it is written before trainer_state.json, which marks a checkpoint
+        complete."""
+        super().save_model(output_dir, _internal_call=_internal_call)
+        folder = Path(output_dir or self.args.output_dir)
+        if self.is_fsdp_enabled and hasattr(self.model, "peft_config") and self.is_world_process_zero() \
+                and not (folder / "adapter_config.json").is_file():
+            self.model.peft_config["default"].save_pretrained(str(folder))
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """One forward/backward; a NaN or infinite loss is remembered and stops training before the optimizer
