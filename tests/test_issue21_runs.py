@@ -15,7 +15,7 @@ from conftest import REPO_ROOT
 from test_mcq import DATA, tiny_dir, tokenizer, train_argv  # noqa: F401  (fixtures)
 from test_safety import ENV, cli, tree
 
-from llmm.run import cli, fileio
+from llmm.run import cli as run_cli
 from llmm import outdirs
 from scripts import eval_glue, mcq_table, test_gsm8k, test_mcq, train_mcq
 
@@ -195,14 +195,11 @@ def test_a_runs_bad_settings_json_is_one_line_naming_it(world, tmp_path, capsys,
 
 # --- seeds, batch sizes, steps: one line naming the flag ---------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "every entry point checks --seed with llmm.streams.check_seed(seed, "
-                   "'--seed') in its settings check (0 .. 2^32 - 1, numpy's legacy seeding limit)")
 def test_a_seed_beyond_two_to_the_32_names_the_flag(world, tiny_dir, tmp_path, capsys):  # noqa: F811
     code, line = cli(train_mcq.main, train_argv(tiny_dir, tmp_path / "r", "--seed", str(2**32)), capsys)
     assert code == 2 and "--seed" in line and "4294967295" in line and not (tmp_path / "r").exists()
 
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "llmm.config's schema: eval_steps is an integer >= 1")
 def test_eval_steps_zero_is_refused(world, tiny_dir, tmp_path, capsys):  # noqa: F811
     argv = train_argv(tiny_dir, tmp_path / "r")
     argv[argv.index("--eval_steps") + 1] = "0"
@@ -210,8 +207,6 @@ def test_eval_steps_zero_is_refused(world, tiny_dir, tmp_path, capsys):  # noqa:
     assert code == 2 and "eval_steps" in line and not (tmp_path / "r").exists()
 
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "fileio.check_data_paths: a data path that is a directory is 'is a "
-                   "directory, not a .json/.jsonl file', not 'does not exist'")
 def test_a_data_file_that_is_a_directory_is_named_as_such(world, tiny_dir, tmp_path, capsys):  # noqa: F811
     folder = tmp_path / "train.jsonl"
     folder.mkdir()
@@ -221,15 +216,11 @@ def test_a_data_file_that_is_a_directory_is_named_as_such(world, tiny_dir, tmp_p
     assert code == 2 and "directory" in line and "does not exist" not in line and "No such file" not in line
 
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "llmm.run.cli.disk_full also recognises torch.save's 'unexpected pos' "
-                   "RuntimeError (inline_container.cc), so a full disk at a Trainer checkpoint is one error line")
 def test_a_full_disk_at_a_checkpoint_is_recognised():
     error = RuntimeError("[enforce fail at inline_container.cc:858] . unexpected pos 3328 vs 3216")
-    assert cli.disk_full(error)
+    assert run_cli.disk_full(error)
 
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "llmm.model.export_mean_adapter checks adapter_name in "
-                   "peft_model.peft_config and raises ValueError naming the adapters it has")
 def test_export_mean_adapter_of_an_unknown_adapter_is_a_value_error(tmp_path):
     from conftest import tiny_llama
 
@@ -249,8 +240,6 @@ def test_a_newline_in_a_file_name_keeps_the_error_on_one_line(tmp_path):
     assert os.linesep not in lines[-1]
 
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "train_mcq.resolve checks mc_dropout against lora_dropout's range "
-                   "and names --mc_dropout (the flag given), not --lora_dropout (which mcdropout refuses)")
 def test_mc_dropout_out_of_range_names_mc_dropout(tiny_dir, tmp_path, capsys):  # noqa: F811
     code, line = cli(train_mcq.main, train_argv(tiny_dir, tmp_path / "r", "--method", "mcdropout", "--mc_dropout",
                                                 "1"), capsys)

@@ -140,7 +140,7 @@ class TrainingSettings:
     gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step", low=1)
     num_train_epochs: float = setting(3.0, "epochs (max_steps, when set, wins)", low=0, low_open=True, kind=number)
     max_steps: int = setting(None, "optimizer steps (overrides num_train_epochs)", low=1)
-    eval_steps: int = setting(500, "evaluate every n optimizer steps (GLUE: 0 = every epoch)", low=0)
+    eval_steps: int = setting(500, "evaluate every n optimizer steps", low=1)
     logging_steps: int = setting(50, "log every n optimizer steps", low=1, role=RUN)
     save_steps: int = setting(500, "checkpoint every n optimizer steps (GLUE: 0 = every epoch)", low=0, role=RUN)
     save_total_limit: int = setting(1, "checkpoints kept (the newest)", low=1, role=RUN)
@@ -196,6 +196,7 @@ class GlueSettings:
     gaussian_embeddings: bool = setting(False, "the embedding pairs Gaussian with K directions (false: plain)")
     mc_samples: int = setting(10, "networks averaged when eval_noise = mc", low=1)
     max_length: int = setting(128, "tokens per example", low=1)
+    eval_steps: int = setting(0, "evaluate every n optimizer steps, 0 = every epoch", low=0)
 
 
 @dataclass
