@@ -77,9 +77,6 @@ def test_mcq_table_never_writes_over_a_runs_results(world, capsys):
     refused(mcq_table.main, [str(run), "--output", str(run / "results.json")], capsys, root, "lies inside")
 
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "train_mcq.main calls outdirs.check_outputs_apart({'--output_dir': "
-                   "output_dir}, {'--train_data', '--test_data', '--ood', '--model_name_or_path'}) before "
-                   "outdirs.check_output_dir")
 def test_train_mcq_never_replaces_its_own_training_data(tiny_dir, tmp_path, capsys):  # noqa: F811
     data = tmp_path / "data"  # a prepare script's output: recognisably llmm's, so --overwrite would replace it
     data.mkdir()
@@ -90,9 +87,6 @@ def test_train_mcq_never_replaces_its_own_training_data(tiny_dir, tmp_path, caps
     refused(train_mcq.main, argv, capsys, tmp_path, "contains --train_data")
 
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "causal_lm.main (train_gsm8k / train_nlg) calls "
-                   "outdirs.check_outputs_apart({'--output_dir': ...}, {'--model_name_or_path', '--data', "
-                   "'--eval_data', '--resume_from_checkpoint'}) before outdirs.check_output_dir")
 def test_train_gsm8k_never_replaces_the_init_directory_it_reads(tiny_dir, tmp_path, capsys):  # noqa: F811
     from scripts import quantize_model, train_gsm8k
 

@@ -316,7 +316,9 @@ def _adapter_writer(model: torch.nn.Module, config, adapter_dir: Path, final_dir
     # Record the LoftQ settings that produced the means, and the backbone they belong to.
     peft_model.peft_config["default"] = dataclasses.replace(config, base_model_name_or_path=str(final_dir))
     peft_model.save_pretrained(adapter_dir, state_dict={})
-    zeros = {key for key in layout if key.rsplit(".", 1)[-1] in ("lora_llmm_A", "lora_llmm_B")}
+    from llmm.model import is_direction_key
+
+    zeros = {key for key in layout if is_direction_key(key)}
     unknown = [key for key in set(layout) - zeros if not key.endswith(_MEAN_SUFFIXES)]
     if unknown:
         raise RuntimeError(f"adapter tensor(s) {unknown[:3]} are neither means nor directions")

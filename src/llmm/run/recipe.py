@@ -14,8 +14,8 @@ The flow: data; the checkpoint to resume from and its checks (K, rank, alpha, sc
 directory's check; seed; backbone and adapter; datasets; lock and create the output directory (only now, so bad input
 writes nothing); the Trainer (``--report_to`` reaches it through the training arguments); settings.json; train;
 ``after_training`` (a later step on the trained model, e.g. a search on the validation split); on the main process
-the family's results and files, results.json and the adapters. A check of the output directory against the inputs
-goes in ``check_output``.
+the family's results and files, results.json and the adapters. ``check_output`` refuses an output directory that is, contains or lies
+inside an input (the settings named in llmm.run.schema.INPUTS) before anything is written.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from llmm import outdirs
-from llmm.run import fileio
+from llmm.run import fileio, schema
 from llmm.run import trainer as training
 
 
@@ -72,7 +72,16 @@ class Recipe:
         """On the main process: the adapters, results.json and the family's files; returns the final results."""
         return results
 
+    input_settings = schema.INPUTS  # the settings that name what the run reads (GLUE adds its "model")
+
+    def inputs(self) -> dict:
+        """{flag: path or paths} of what the run reads, for the check that no output is, holds or lies in one."""
+        return {f"--{name}": self.settings[name] for name in self.input_settings if self.settings.get(name)}
+
     def check_output(self, resume: bool) -> None:
+        """The output directory is none of the inputs, holds none and lies in none (before anything is written),
+        then may become this run's directory (new, empty, resumed or an llmm one replaced with --overwrite)."""
+        outdirs.check_outputs_apart({"--output_dir": str(self.output_dir)}, self.inputs())
         outdirs.check_output_dir(self.output_dir, self.settings.get("overwrite", False), resume=resume)
 
     # --- the flow ------------------------------------------------------------------------------------------------

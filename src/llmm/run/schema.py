@@ -278,6 +278,11 @@ FAMILY_BLOCKS = {
 RENAMED = {"batch_size": "per_device_train_batch_size", "grad_accum": "gradient_accumulation_steps",
            "lr_scheduler": "lr_scheduler_type", "epochs": "num_train_epochs", "eval_batch_size":
            "per_device_eval_batch_size"}
+# Settings that name what a run reads (local paths; hub ids and task rows are skipped): the Recipe refuses an
+# --output_dir that is, contains or lies inside one (llmm.outdirs.check_outputs_apart). GLUE's "model" is a path too
+# (llmm.run.glue adds it); the causal-LM tables' "model" is a row name.
+INPUTS = ("model_name_or_path", "data", "eval_data", "train_data", "test_data", "ood", "data_dir", "train_file",
+          "validation_file")
 # Keys of settings.json that are not settings: never in a cell.
 NOT_SETTINGS = ("output_dir", "overwrite", "resume_from_checkpoint", "resumed_from", "source", "versions", "adapter",
                 "optim_used")
