@@ -8,7 +8,8 @@
 #   Output:   $OUT/<task>/<method>-<backbone>/seed<seed>/ per run (train + in-distribution and OOD evaluation),
 #             $OUT/<task>/ensemble-<backbone>/ (the deep ensemble of the map runs), then $OUT/table.md.
 #
-# Override with environment variables; extra arguments go to every training run:
+# Override with environment variables; extra arguments go to every training run (not --output_dir, --seed, --task
+# or --method, which the loop sets: use OUT, SEEDS, TASKS, METHODS):
 #   TASKS="obqa boolq" METHODS="map llmm" SEEDS="1 2 3" BACKBONES="int8 nf4 nf2" bash train_mcq.sh
 #   backbones: int8 (BLoB's bitsandbytes 8-bit) | nf4 / nf2 (LoftQ in-process, 16-bit storage) | bf16
 #   LAUNCH="accelerate launch" bash train_mcq.sh;  bash train_mcq.sh --max_steps 10   (a smoke run)
@@ -22,6 +23,15 @@ BACKBONES=${BACKBONES:-"int8"}
 SEEDS=${SEEDS:-"1 2 3"}
 OUT=${OUT:-runs/mcq}
 LAUNCH=${LAUNCH:-python}
+
+# The loop sets these per run: given as extra arguments they would send every run to one place (or one seed).
+for arg in "$@"; do
+  case "$arg" in
+    --output_dir|--output_dir=*|--seed|--seed=*|--task|--task=*|--method|--method=*)
+      echo "error: ${arg%%=*} is set by train_mcq.sh for each run (every run would get the same one): use OUT=, SEEDS=, TASKS= or METHODS= instead" >&2
+      exit 2 ;;
+  esac
+done
 
 backbone_flags() {  # the backbone's name -> the table's settings that select it
   case "$1" in

@@ -123,8 +123,6 @@ def test_overwrite_of_a_symlinked_output_dir_is_one_line_naming_it(world, tmp_pa
             tmp_path, f"'{tmp_path / 'link'}'", "symbolic link")
 
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "train_mcq.sh refuses --output_dir / --seed / --task / --method in "
-                   "its extra arguments (they would send every run to one directory) with one error line, exit 2")
 def test_train_mcq_sh_refuses_one_output_dir_for_every_run(tmp_path):
     launch = tmp_path / "launch"
     launch.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'launched'}\n")
