@@ -137,8 +137,6 @@ def test_train_mcq_sh_refuses_one_output_dir_for_every_run(tmp_path):
 
 # --- test_mcq input checks ------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "test_mcq.member_settings refuses runs that resolve "
-                   "(os.path.realpath) to the same directory: 'run ... is given twice'")
 @pytest.mark.parametrize("twice", ["same", "spelled"])
 def test_an_ensemble_of_one_run_twice_is_refused(world, tmp_path, capsys, twice):
     _, run, _ = world
@@ -147,8 +145,6 @@ def test_an_ensemble_of_one_run_twice_is_refused(world, tmp_path, capsys, twice)
     assert code == 2 and "twice" in line and not (tmp_path / "e").exists()
 
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "test_mcq.parse_args / check_settings: --max_eval_samples must be "
-                   ">= 1 (or absent for all); -1 and 0 are one error line naming the flag")
 @pytest.mark.parametrize("value", ["-1", "0"])
 def test_max_eval_samples_below_one_is_refused(world, tmp_path, capsys, value):
     _, run, _ = world
@@ -157,8 +153,6 @@ def test_max_eval_samples_below_one_is_refused(world, tmp_path, capsys, value):
     assert code == 2 and "--max_eval_samples" in line and not (tmp_path / "e").exists()
 
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "test_mcq.parse_args / check_settings: --per_device_eval_batch_size "
-                   "must be >= 1, one line naming the flag")
 @pytest.mark.parametrize("value", ["0", "-1"])
 def test_eval_batch_size_below_one_names_the_flag(world, tmp_path, capsys, value):
     _, run, _ = world
@@ -167,9 +161,6 @@ def test_eval_batch_size_below_one_names_the_flag(world, tmp_path, capsys, value
     assert code == 2 and "--per_device_eval_batch_size" in line and not (tmp_path / "e").exists()
 
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "test_mcq.run_settings checks settings.json is an object holding "
-                   "every key the evaluation reads (one line naming the file and the missing key, 're-run with this "
-                   "version')")
 @pytest.mark.parametrize("content", ["[1, 2]", "{}", "drop:K"])
 def test_a_runs_bad_settings_json_is_one_line_naming_it(world, tmp_path, capsys, content):
     _, run, _ = world
@@ -238,8 +229,6 @@ def test_mc_dropout_out_of_range_names_mc_dropout(tiny_dir, tmp_path, capsys):  
     assert code == 2 and "--mc_dropout" in line and not (tmp_path / "r").exists()
 
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "test_mcq.run_settings reads settings.json through one helper that "
-                   "names the file in the error ('RUN/settings.json is not valid JSON (...)')")
 def test_a_malformed_settings_json_is_named(world, tmp_path, capsys):
     _, run, _ = world
     copy = tmp_path / "run"

@@ -4,6 +4,7 @@ their adapters and the ensemble's averaged answer distributions."""
 from __future__ import annotations
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -28,15 +29,47 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--test_data", default=None, help="a .json/.jsonl in-distribution test file")
     parser.add_argument("--max_eval_samples", type=int, default=None, help="first N questions per set (debug)")
     parser.add_argument("--per_device_eval_batch_size", type=int, default=None)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for flag, value in (("--max_eval_samples", args.max_eval_samples), ("--mc_samples", args.mc_samples),
+                        ("--per_device_eval_batch_size", args.per_device_eval_batch_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be an integer >= 1, got {value}: pass a positive number (or drop "
+                             f"{flag} for the run's own)")
+    seen = {}
+    for run in args.runs:
+        real = os.path.realpath(os.path.expanduser(run))
+        if real in seen:
+            raise ValueError(f"run {run!r} is given twice (also as {seen[real]!r}): an ensemble needs distinct runs, "
+                             "each once")
+        seen[real] = run
+    return args
+
+
+# What the evaluation reads from a run's settings.json (written by every train_mcq of this version).
+NEEDED = ("task", "method", "seed", "K", "rank", "llmmscale", "backbone", "model_name_or_path", "dtype", "init",
+          "load_in_8bit", "load_in_4bit", "max_length", "per_device_eval_batch_size", "eval_modes", "mc_samples")
 
 
 def run_settings(run: str) -> dict:
+    """A finished run's settings.json: a JSON object holding every key the evaluation reads (NEEDED), else one
+    error naming the file."""
     path = Path(run) / "settings.json"
     if not path.is_file() or not (Path(run) / "adapter").is_dir():
         raise FileNotFoundError(f"{run!r} is not a finished train_mcq run (no settings.json / adapter/): pass the "
                                 "run's output directory")
-    return json.loads(path.read_text())
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{str(path)!r} is not valid JSON ({error}): re-run the training (train_mcq) that wrote "
+                         "it") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{str(path)!r} holds a {type(settings).__name__}, not train_mcq's settings object: pass a "
+                         "run directory written by train_mcq")
+    missing = [key for key in NEEDED if key not in settings]
+    if missing:
+        raise ValueError(f"{str(path)!r} lacks {', '.join(missing)}: it was written by another version of "
+                         "train_mcq; re-run the training with this version")
+    return settings
 
 
 def member_settings(args) -> list[dict]:
