@@ -213,8 +213,6 @@ def test_a_refused_resume_leaves_settings_json_as_it_was(llmm_run, tiny_dir, tmp
 
 # --- a relative backbone path still names the right backbone -----------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "causal_lm.save_run records the in-process LoftQ backbone resolved "
-                   "(str((output_dir / 'backbone').resolve())), as train_glue does")
 def test_in_process_loftq_with_a_relative_output_dir_records_a_path_valid_anywhere(tmp_path, monkeypatch):
     from scripts import train_gsm8k
 
@@ -232,9 +230,6 @@ def test_in_process_loftq_with_a_relative_output_dir_records_a_path_valid_anywhe
 
 # --- Monte-Carlo networks of different seeds never overlap ------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "test_gsm8k.predict draws network d from "
-                   "llmm.streams.network_seeds(seed, mc_samples)[d] (set_seed(that % 2**32) for the decoding), not "
-                   "seed + d")
 def test_gsm8k_mc_networks_of_two_seeds_share_none(tmp_path, monkeypatch):
     from scripts import test_gsm8k
 
@@ -247,13 +242,15 @@ def test_gsm8k_mc_networks_of_two_seeds_share_none(tmp_path, monkeypatch):
                            LlmmConfig(r=4, lora_alpha=8, k=2, target_modules=["q_proj"]))
     model.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
     save_llmm_adapter(model, str(tmp_path / "adapter"))
-    drawn, original = [], test_gsm8k.sampled_network
+    from llmm.run import gsm8k_test
+
+    drawn, original = [], gsm8k_test.sampled_network
 
     def recording(model, seed):
         drawn[-1].append(seed)
         return original(model, seed)
 
-    monkeypatch.setattr(test_gsm8k, "sampled_network", recording)
+    monkeypatch.setattr(gsm8k_test, "sampled_network", recording)  # where predict looks it up
     for seed in ("1", "2"):
         drawn.append([])
         test_gsm8k.main(["--adapter", str(tmp_path / "adapter"), "--output_dir", str(tmp_path / f"s{seed}"),

@@ -403,7 +403,8 @@ def train(settings: dict, task: str, encode) -> dict:
 def save_run(peft_model, tokenizer, settings: dict, output_dir: Path) -> None:
     """adapter/ (M and Z), mean_adapter/ and, after in-process LoftQ, backbone/ (the quantized Q the adapter
     names), each written atomically."""
-    backbone = output_dir / "backbone" if in_process_loftq(settings) else settings["model_name_or_path"]
+    # The backbone written here is recorded resolved (as GLUE does), so the adapter names it from any directory.
+    backbone = (output_dir / "backbone").resolve() if in_process_loftq(settings) else settings["model_name_or_path"]
     peft_model.peft_config["default"].base_model_name_or_path = str(backbone)
     save_llmm_adapter(peft_model, str(output_dir / "adapter"), overwrite=True)
     export_mean_adapter(peft_model, str(output_dir / "mean_adapter"), overwrite=True)
