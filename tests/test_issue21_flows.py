@@ -183,9 +183,6 @@ def resume_argv(tiny_dir, run, *extra):  # noqa: F811
                       "mean", "mc", "--resume_from_checkpoint", "latest", *extra)
 
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "train_mcq / causal_lm / train_glue compare the checkpoint's "
-                   "settings (training.check_resumable) for seed, train_data, lora_dropout, max_length and the "
-                   "backbone's identity (config + weight hash, not only its architecture) before anything is written")
 @pytest.mark.parametrize("extra", [["--seed", "2"], ["--train_data", "obqa"], ["--lora_dropout", "0.1"],
                                    ["--max_length", "200"]], ids=["seed", "train_data", "lora_dropout", "max_length"])
 def test_resume_with_other_settings_is_refused_and_changes_nothing(llmm_run, tiny_dir, tmp_path, capsys,  # noqa: F811
@@ -201,8 +198,6 @@ def test_resume_with_other_settings_is_refused_and_changes_nothing(llmm_run, tin
     assert code == 2 and extra[0].lstrip("-") in line and tree(run) == before
 
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "train_mcq writes settings.json only after every resume check "
-                   "passed (check first, then U.make_output_dir and write_json)")
 def test_a_refused_resume_leaves_settings_json_as_it_was(llmm_run, tiny_dir, tmp_path, capsys):  # noqa: F811
     run = tmp_path / "run"
     shutil.copytree(llmm_run, run)

@@ -337,6 +337,8 @@ class CausalLMRecipe(Recipe):
 
     ``encode(tokenizer, settings, record) -> {"input_ids", "attention_mask", "labels"}``."""
 
+    blocks = BLOCKS
+
     def __init__(self, settings: dict, task: str, encode):
         super().__init__(settings)
         self.task, self.encode = task, encode

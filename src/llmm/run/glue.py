@@ -311,6 +311,7 @@ class GlueRecipe(Recipe):
     results.json rewritten after every evaluation and marked complete once everything is saved."""
 
     data_first = True
+    blocks = BLOCKS
     input_settings = (*Recipe.input_settings, "model")  # GLUE's model is a hub id or a local directory
 
     def __init__(self, task: GlueTask, settings: dict):

@@ -258,6 +258,8 @@ def evaluate_sets(peft_model, tokenizer, letter_ids, eval_sets: dict, settings: 
 class McqRecipe(causal_lm.CausalLMRecipe):
     """The causal-LM recipe with the answer-letter loss, the width history and the calibration evaluations."""
 
+    blocks = BLOCKS
+
     def __init__(self, settings: dict, table: dict):
         super().__init__(settings, settings["task"], encode=None)
         self.table = table

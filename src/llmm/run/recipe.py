@@ -10,7 +10,8 @@ adds (its data, its model and adapter, its Trainer, its results and files).
 
     results = GlueRecipe(settings).run()
 
-The flow: data; the checkpoint to resume from and its checks (K, rank, alpha, scale, processes); the output
+The flow: data; the checkpoint to resume from and its checks (K, rank, alpha, scale, processes; every setting that
+defines the run against its settings.json); the output
 directory's check; seed; backbone and adapter; datasets; lock and create the output directory (only now, so bad input
 writes nothing); the Trainer (``--report_to`` reaches it through the training arguments); settings.json; train;
 ``after_training`` (a later step on the trained model, e.g. a search on the validation split); on the main process
@@ -72,6 +73,7 @@ class Recipe:
         """On the main process: the adapters, results.json and the family's files; returns the final results."""
         return results
 
+    blocks = schema.BLOCKS  # the family's settings (llmm.run.schema.FAMILY_BLOCKS): what a resume must keep
     input_settings = schema.INPUTS  # the settings that name what the run reads (GLUE adds its "model")
 
     def inputs(self) -> dict:
@@ -95,6 +97,7 @@ class Recipe:
         checkpoint = training.find_checkpoint(settings.get("resume_from_checkpoint"), self.checkpoint_dir)
         if checkpoint:
             training.check_checkpoint(checkpoint, settings)
+            training.check_resumable(self.output_dir, settings, self.blocks)  # before settings.json is rewritten
         self.check_output(resume=checkpoint is not None)
         if not self.data_first:
             self.load_data()

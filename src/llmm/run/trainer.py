@@ -165,6 +165,45 @@ def check_checkpoint(checkpoint: str, settings: dict) -> None:
                                 "the run cannot continue exactly: resume from another checkpoint-N of the run")
 
 
+# Settings a resumed run may change: how long it trains and how often it evaluates (the rest must be the run's).
+RESUMABLE = frozenset({"max_steps", "num_train_epochs", "eval_steps"})
+
+
+def _same_setting(saved, given) -> bool:
+    """Equal values, or two spellings of one local path."""
+    if saved == given:
+        return True
+    if isinstance(saved, str) and isinstance(given, str) and os.path.exists(os.path.expanduser(given)):
+        return os.path.realpath(os.path.expanduser(saved)) == os.path.realpath(os.path.expanduser(given))
+    return False
+
+
+def check_resumable(run_dir: str | Path, settings: dict, blocks) -> None:
+    """A resumed run keeps the run's settings: every cell-defining setting of ``blocks`` (llmm.run.schema roles
+    cell and init_dir), the seed and every input (schema.INPUTS: backbone, data) must equal the run's settings.json,
+    except how long it trains and how often it evaluates (RESUMABLE). Checked before anything is written."""
+    from llmm.run import schema
+
+    path = Path(run_dir) / "settings.json"
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({error}): the run's settings are unknown, so it cannot "
+                         "be resumed safely; start a new run in another --output_dir") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{str(path)!r} is not a settings object: start a new run in another --output_dir")
+    fixed = (schema.role_names(schema.CELL, blocks) | schema.role_names(schema.INIT_DIR, blocks) | {"seed"}
+             | set(schema.INPUTS)) - schema.role_names(schema.EVAL, blocks) - RESUMABLE
+    for name in sorted(fixed):
+        if name in saved and name in settings and not _same_setting(saved[name], settings[name]):
+            shown = " ".join(map(str, saved[name])) if isinstance(saved[name], list) else saved[name]
+            raise ValueError(f"--resume_from_checkpoint: the run in {str(run_dir)!r} was trained with {name}="
+                             f"{saved[name]!r}, this command says {settings[name]!r}: resume with the run's settings "
+                             f"(its settings.json, e.g. --{name} {shown}), or start a new run in another --output_dir")
+
+
 class PerProcessNoise(TrainerCallback):
     """Seeds each process's noise as training starts, and carries the Llmm noise generator through checkpoints.
 
