@@ -48,17 +48,11 @@ def mcq_losses(tiny_dir, out, noise):  # noqa: F811
                                    "--eval_modes", "mean")))
 
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "the Trainer's held-out evaluation with --eval_noise sample draws "
-                   "from the model's training NoiseSource: evaluate under a saved / restored NoiseSource state (an "
-                   "LlmmTrainer.evaluate override in scripts/training.py), or from its own generator")
 def test_mcq_training_losses_do_not_depend_on_the_evaluation_noise(tiny_dir, tmp_path):  # noqa: F811
     mean, sample = mcq_losses(tiny_dir, tmp_path / "mean", "mean"), mcq_losses(tiny_dir, tmp_path / "sample", "sample")
     assert len(mean) == 3 and mean == sample
 
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "train_glue's dev evaluation draws its networks from its own "
-                   "generator (llmm.streams.network_seeds(seed, N) -> torch.Generator per network), or saves and "
-                   "restores the model's NoiseSource state around evaluation; never the training noise stream")
 def test_glue_training_losses_do_not_depend_on_the_evaluation_noise(tmp_path):
     from test_glue import DATA as GLUE_DATA
     from test_glue import SMOKE, save_tiny_model
@@ -75,6 +69,25 @@ def test_glue_training_losses_do_not_depend_on_the_evaluation_noise(tmp_path):
         outdirs.release_all()
         curves[noise] = [e["train_loss"] for e in results["epochs"]]
     assert len(curves["mean"]) >= 2 and curves["mean"] == curves["mc"]
+
+
+def test_causal_lm_training_losses_do_not_depend_on_the_evaluation_noise(tmp_path):
+    """train_gsm8k's held-out evaluation every step, of the mean network or sampled: the same training losses."""
+    from scripts import train_gsm8k
+
+    save_tiny_llama(tmp_path / "base")
+    curves = {}
+    for noise in ("mean", "sample"):
+        results = train_gsm8k.main(["--model", "llama-2-7b", "--rank", "64", "--model_name_or_path",
+                                    str(tmp_path / "base"), "--init", "lora", "--data", str(LM_DATA / "gsm8k.jsonl"),
+                                    "--eval_split", "heldout", "--eval_size", "2", "--eval_noise", noise,
+                                    "--eval_steps", "1", "--output_dir", str(tmp_path / noise), *FP32,
+                                    "--max_steps", "3", "--logging_steps", "1"])
+        outdirs.release_all()
+        curves[noise] = losses(results)
+        held_out = [h["eval_loss"] for h in results["history"] if "eval_loss" in h]
+    assert len(curves["mean"]) == 3 and curves["mean"] == curves["sample"]
+    assert len(held_out) >= 3  # it did evaluate between the steps
 
 
 # --- a run saves what its figures are computed from ---------------------------------------------------------------

@@ -11,6 +11,7 @@ already at max_steps is not trained further (the run only evaluates and exports)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import warnings
@@ -204,6 +205,34 @@ def check_resumable(run_dir: str | Path, settings: dict, blocks) -> None:
                              f"(its settings.json, e.g. --{name} {shown}), or start a new run in another --output_dir")
 
 
+@contextlib.contextmanager
+def training_streams_kept(model):
+    """Within: an evaluation may draw from the model's Llmm noise generator and torch's global generators (sampled
+    noise, Monte-Carlo networks, dropout); after: both are exactly where training left them, so a run's training
+    is the same whatever its evaluation mode (and a run evaluated more often trains the same)."""
+    import random
+
+    import numpy as np
+
+    try:
+        source = noise_source(model)
+    except ValueError:  # no Llmm layers (a plain model): nothing of ours to keep
+        source = None
+    noise = source.state_dict() if source is not None else None
+    cpu, cuda = torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    python, numpy = random.getstate(), np.random.get_state()
+    try:
+        yield
+    finally:
+        if source is not None:
+            source.load_state_dict(noise)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        random.setstate(python)
+        np.random.set_state(numpy)
+
+
 class PerProcessNoise(TrainerCallback):
     """Seeds each process's noise as training starts, and carries the Llmm noise generator through checkpoints.
 
@@ -291,6 +320,12 @@ class LlmmTrainer(Trainer):
             losses = [log["loss"] for log in self.state.log_history if "loss" in log]
             return TrainOutput(self.state.global_step, sum(losses) / len(losses) if losses else 0.0, {})
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        """``Trainer.evaluate`` that leaves the training streams as they were (training_streams_kept): the
+        held-out evaluation during training draws no number training would have drawn."""
+        with training_streams_kept(self.accelerator.unwrap_model(self.model)):
+            return super().evaluate(*args, **kwargs)
 
     def _save(self, output_dir=None, state_dict=None):
         """``Trainer._save``, whose ``save_pretrained`` call takes no ``save_embedding_layers``: the state dict it
