@@ -92,9 +92,6 @@ def test_causal_lm_training_losses_do_not_depend_on_the_evaluation_noise(tmp_pat
 
 # --- a run saves what its figures are computed from ---------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "train_mcq.evaluate_sets / test_mcq.ensemble add "
-                   "entry['questions'] = C.question_records(probs, labels, [len(r['choices']) for r in records], "
-                   "ids) per (set, mode), ids from llmm.tasks.mcq.question_ids (or the records' positions)")
 def test_a_multiple_choice_run_saves_every_questions_probabilities(llmm_run):
     results = json.loads((llmm_run / "results.json").read_text())
     for entry in results["evaluations"]:
@@ -104,9 +101,6 @@ def test_a_multiple_choice_run_saves_every_questions_probabilities(llmm_run):
             assert recomputed[name] == pytest.approx(entry[name], abs=1e-9)
 
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "train_mcq evaluates outside the Trainer's autocast (the same "
-                   "load-and-evaluate path as test_mcq, or torch.autocast(enabled=False) around C.predict) and both "
-                   "record results['eval_precision'] (e.g. 'bfloat16 weights, float32 noise and softmax')")
 def test_one_bf16_adapter_gives_the_same_figures_in_train_mcq_and_test_mcq(tiny_dir, tmp_path):  # noqa: F811
     trained = train(train_argv(tiny_dir, tmp_path / "run", "--dtype", "bfloat16", "--max_steps", "2",
                                "--eval_modes", "mean", "mc"))
@@ -152,9 +146,6 @@ def test_nf4_on_cpu_every_batch_of_an_evaluation_uses_the_same_kernel(tokenizer,
     np.testing.assert_array_equal(forward, reordered)
 
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "train_mcq / causal_lm evaluate inside "
-                   "llmm.tasks.calibration.cpu_4bit_as_plain_peft(model) (the Trainer's evaluate and evaluate_sets), "
-                   "so a training run's evaluations use the kernel plain PEFT uses")
 def test_nf4_after_keep_cpu_4bit_trainable_evaluates_as_plain_peft(tokenizer, tmp_path):  # noqa: F811
     from test_mcq import question_batches
 

@@ -14,7 +14,8 @@ from llmm import load_llmm_model
 from llmm.tasks import calibration as C
 from llmm.tasks.mcq import encode_question, letter_token_ids
 from llmm.run import causal_lm
-from llmm.run.mcq import TABLE, evaluate_sets, evaluation_cell, load_all, load_backbone, run_cell
+from llmm.run.mcq import (TABLE, evaluate_sets, evaluation_cell, load_all, load_backbone, question_entries,
+                          run_cell)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -138,12 +139,13 @@ def ensemble(members: list[dict], eval_sets: dict, output_dir: Path) -> list[dic
     data_seeds = sorted({settings["cell"].get("data_seed") for settings in members}, key=str)
     cell = {**first["cell"], "method": "ensemble", "member_method": first["method"],
             "data_seed": data_seeds[0] if len(data_seeds) == 1 else "+".join(map(str, data_seeds))}
-    for index, (name, (_, where)) in enumerate(eval_sets.items()):
+    for index, (name, (records, where)) in enumerate(eval_sets.items()):
         report = C.evaluate(sums[name] / len(members), labels[name])
         entries.append({"eval_set": name, "shift": "in-distribution" if index == 0 else "ood", "where": where,
                         "mode": "ensemble", "N": len(members), "method": "ensemble", "seed": seeds,
                         "K": first["K"], "backbone": first["backbone"], **report})
         entries[-1]["cell"] = evaluation_cell(cell, entries[-1])
+        entries[-1]["questions"] = question_entries(sums[name] / len(members), labels[name], records)
         cli.logger.info("%s ensemble (M=%d): accuracy %.4f, ECE %.4f, NLL %.4f, Brier %.4f", name, len(members),
                       report["accuracy"], report["ece"], report["nll"], report["brier"])
         C.plot_reliability(output_dir / f"reliability-{name}.png", {f"{name} ensemble M={len(members)}": report})

@@ -233,6 +233,22 @@ def training_streams_kept(model):
         np.random.set_state(numpy)
 
 
+@contextlib.contextmanager
+def outside_training_autocast(model):
+    """Within: ``model`` computes without the mixed-precision autocast that accelerate wraps around its forward for
+    a bf16 / fp16 Trainer (``model._original_forward``), as a freshly loaded model does in test_mcq or plain PEFT;
+    after: the wrapper is back. A model that was never prepared is left alone."""
+    original = model.__dict__.get("_original_forward")
+    wrapped = model.__dict__.get("forward")
+    if original is not None and wrapped is not None:
+        model.forward = original
+    try:
+        yield model
+    finally:
+        if original is not None and wrapped is not None:
+            model.forward = wrapped
+
+
 class PerProcessNoise(TrainerCallback):
     """Seeds each process's noise as training starts, and carries the Llmm noise generator through checkpoints.
 
@@ -323,8 +339,12 @@ class LlmmTrainer(Trainer):
 
     def evaluate(self, *args, **kwargs):
         """``Trainer.evaluate`` that leaves the training streams as they were (training_streams_kept): the
-        held-out evaluation during training draws no number training would have drawn."""
-        with training_streams_kept(self.accelerator.unwrap_model(self.model)):
+        held-out evaluation during training draws no number training would have drawn; CPU 4-bit layers compute as
+        in a freshly loaded model (llmm.tasks.calibration.cpu_4bit_as_plain_peft), as every evaluation does."""
+        from llmm.tasks.calibration import cpu_4bit_as_plain_peft
+
+        model = self.accelerator.unwrap_model(self.model)
+        with training_streams_kept(model), cpu_4bit_as_plain_peft(model):
             return super().evaluate(*args, **kwargs)
 
     def _save(self, output_dir=None, state_dict=None):

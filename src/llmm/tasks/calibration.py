@@ -135,11 +135,18 @@ def check_n_samples(n_samples) -> int:
 
 @torch.no_grad()
 def predict(head: LetterHead, batches: list[dict], mode: str, n_samples: int = 1) -> tuple[np.ndarray, np.ndarray]:
-    """(probs (n, letters), labels (n,)): one predictive distribution per question in the given mode."""
+    """(probs (n, letters), labels (n,)): one predictive distribution per question in the given mode. CPU 4-bit
+    layers compute as in a freshly loaded model on every batch (cpu_4bit_as_plain_peft), so a training run's
+    evaluation, test_mcq's and plain PEFT's agree."""
     if mode not in MODES:
         raise ValueError(f"unknown evaluation mode {mode!r}; known: {MODES}")
     check_n_samples(n_samples)
     llmm_layers(head)  # every adapted layer is an Llmm layer (else the noise modes would silently do nothing)
+    with cpu_4bit_as_plain_peft(head):
+        return _predict(head, batches, mode, n_samples)
+
+
+def _predict(head: LetterHead, batches: list[dict], mode: str, n_samples: int) -> tuple[np.ndarray, np.ndarray]:
     probs, labels = [], []
     for batch in batches:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
