@@ -233,8 +233,9 @@ def evaluation_cell(cell: dict, entry: dict) -> dict:
 
 def eval_precision(settings: dict) -> str:
     """How every multiple-choice evaluation computes (train_mcq, test_mcq and plain PEFT alike), for results.json."""
-    return (f"backbone {settings['backbone']} in {settings['dtype']}; adapter factors, their noise and the letter "
-            "softmax in float32; no autocast; bitsandbytes CPU 4-bit as a freshly loaded model")
+    return (f"backbone {settings['backbone']} computing in {settings['dtype']}; adapter factors and their noise in "
+            f"float32, the update added in {settings['dtype']}; letter softmax in float32; no autocast; bitsandbytes "
+            "CPU 4-bit as in a freshly loaded model")
 
 
 def question_entries(probs, labels, records: list[dict]) -> list[dict]:
