@@ -132,6 +132,7 @@ class TrainingSettings:
                                               "cosine_with_restarts", "inverse_sqrt"))
     warmup_ratio: float = setting(0.0, "fraction of the steps spent warming up", low=0, high=1, high_open=True)
     weight_decay: float = setting(0.0, "AdamW weight decay", low=0)
+    adam_epsilon: float = setting(1e-8, "AdamW epsilon (the Trainer's default 1e-8)", low=0, low_open=True)
     max_grad_norm: float = setting(1.0, "gradient clipping norm (0 = none)", low=0)
     optim: str = setting("adamw_torch", "optimizer (paged_* need CUDA: adamw_torch on CPU)",
                          choices=("adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "sgd"))
