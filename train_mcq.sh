@@ -28,7 +28,8 @@ LAUNCH=${LAUNCH:-python}
 for arg in "$@"; do
   case "$arg" in
     --output_dir|--output_dir=*|--seed|--seed=*|--task|--task=*|--method|--method=*)
-      echo "error: ${arg%%=*} is set by train_mcq.sh for each run (every run would get the same one): use OUT=, SEEDS=, TASKS= or METHODS= instead" >&2
+      echo "error: ${arg%%=*} is set by train_mcq.sh for each run (every run would get the same one):" \
+        "use OUT=, SEEDS=, TASKS= or METHODS= instead" >&2
       exit 2 ;;
   esac
 done

@@ -304,7 +304,8 @@ def training_arguments(settings: dict, output_dir: Path, resume: bool = False) -
         gradient_accumulation_steps=settings["gradient_accumulation_steps"],
         learning_rate=settings["learning_rate"], lr_scheduler_type=settings["lr_scheduler_type"],
         warmup_steps=settings["warmup_ratio"],  # a float < 1 is a fraction of max_steps
-        weight_decay=settings["weight_decay"], adam_epsilon=settings.get("adam_epsilon", 1e-8), optim=optim, max_grad_norm=settings["max_grad_norm"],
+        weight_decay=settings["weight_decay"],
+        adam_epsilon=settings.get("adam_epsilon", 1e-8), optim=optim, max_grad_norm=settings["max_grad_norm"],
         eval_strategy="steps", eval_steps=settings["eval_steps"], eval_on_start=not resume, prediction_loss_only=True,
         logging_steps=settings["logging_steps"], logging_first_step=True,
         save_strategy="steps", save_steps=settings["save_steps"], save_total_limit=settings["save_total_limit"],

@@ -292,7 +292,8 @@ def training_arguments(settings: dict, out: Path) -> TrainingArguments:
         output_dir=str(out), per_device_train_batch_size=settings["per_device_train_batch_size"],
         gradient_accumulation_steps=settings["gradient_accumulation_steps"],
         per_device_eval_batch_size=settings["per_device_eval_batch_size"],
-        learning_rate=settings["learning_rate"], weight_decay=settings["weight_decay"], adam_epsilon=settings.get("adam_epsilon", 1e-8),
+        learning_rate=settings["learning_rate"], weight_decay=settings["weight_decay"],
+        adam_epsilon=settings.get("adam_epsilon", 1e-8),
         num_train_epochs=settings["num_train_epochs"], max_steps=settings.get("max_steps") or -1,
         lr_scheduler_type=settings["lr_scheduler_type"], warmup_steps=settings["warmup_ratio"],  # < 1: a ratio
         max_grad_norm=settings["max_grad_norm"], seed=settings["seed"],

@@ -143,7 +143,8 @@ def task_records(settings: dict, table: dict, task: str, split: str) -> tuple[li
     if not name:
         raise ValueError(f"task {task!r} has no {split} split")
     records = load_mcq(row["dataset"], row.get("dataset_config"), name)
-    return with_ids(records, question_ids(row["dataset"], row.get("dataset_config"), name)), f"{row['dataset']} [{name}]"
+    ids = question_ids(row["dataset"], row.get("dataset_config"), name)
+    return with_ids(records, ids), f"{row['dataset']} [{name}]"
 
 
 def with_ids(records: list[dict], ids: list[str]) -> list[dict]:

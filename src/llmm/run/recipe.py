@@ -15,8 +15,8 @@ defines the run against its settings.json); the output
 directory's check; seed; backbone and adapter; datasets; lock and create the output directory (only now, so bad input
 writes nothing); the Trainer (``--report_to`` reaches it through the training arguments); settings.json; train;
 ``after_training`` (a later step on the trained model, e.g. a search on the validation split); on the main process
-the family's results and files, results.json and the adapters. ``check_output`` refuses an output directory that is, contains or lies
-inside an input (the settings named in llmm.run.schema.INPUTS) before anything is written.
+the family's results and files, results.json and the adapters. ``check_output`` refuses an output directory that
+is, contains or lies inside an input (the settings named in llmm.run.schema.INPUTS) before anything is written.
 """
 
 from __future__ import annotations
