@@ -210,6 +210,17 @@ def test_a_refused_resume_leaves_settings_json_as_it_was(llmm_run, tiny_dir, tmp
     assert code == 2 and (run / "settings.json").read_bytes() == before
 
 
+def test_a_run_inside_the_checkpoint_it_resumes_from_is_refused(llmm_run, tiny_dir, tmp_path, capsys):  # noqa: F811
+    from test_safety import tree
+
+    checkpoint = llmm_run / "checkpoints" / "checkpoint-3"
+    before = tree(llmm_run)
+    argv = resume_argv(tiny_dir, checkpoint / "new")
+    argv[argv.index("latest")] = str(checkpoint)
+    code, line = cli(train_mcq.main, argv, capsys)
+    assert code == 2 and "lies inside --resume_from_checkpoint" in line and tree(llmm_run) == before
+
+
 # --- a relative backbone path still names the right backbone -----------------------------------------------------------
 
 def test_in_process_loftq_with_a_relative_output_dir_records_a_path_valid_anywhere(tmp_path, monkeypatch):

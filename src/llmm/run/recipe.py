@@ -21,6 +21,7 @@ is, contains or lies inside an input (the settings named in llmm.run.schema.INPU
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -77,8 +78,14 @@ class Recipe:
     input_settings = schema.INPUTS  # the settings that name what the run reads (GLUE adds its "model")
 
     def inputs(self) -> dict:
-        """{flag: path or paths} of what the run reads, for the check that no output is, holds or lies in one."""
-        return {f"--{name}": self.settings[name] for name in self.input_settings if self.settings.get(name)}
+        """{flag: path or paths} of what the run reads, for the check that no output is, holds or lies in one; the
+        checkpoint resumed from counts when it is not this run's own (inside the output directory)."""
+        found = {f"--{name}": self.settings[name] for name in self.input_settings if self.settings.get(name)}
+        checkpoint = getattr(self, "resumed_from", None)
+        own = os.path.realpath(os.path.expanduser(str(self.output_dir)))
+        if checkpoint and Path(own) not in Path(os.path.realpath(os.path.expanduser(str(checkpoint)))).parents:
+            found["--resume_from_checkpoint"] = checkpoint
+        return found
 
     def check_output(self, resume: bool) -> None:
         """The output directory is none of the inputs, holds none and lies in none (before anything is written),
@@ -95,6 +102,7 @@ class Recipe:
         if self.data_first:
             self.load_data()
         checkpoint = training.find_checkpoint(settings.get("resume_from_checkpoint"), self.checkpoint_dir)
+        self.resumed_from = checkpoint
         if checkpoint:
             training.check_checkpoint(checkpoint, settings)
             training.check_resumable(self.output_dir, settings, self.blocks)  # before settings.json is rewritten
