@@ -6,10 +6,11 @@
 Each size is a synthetic Llama-architecture bfloat16 checkpoint (random N(0, 0.02) weights; shards of 1 GB written
 tensor by tensor with llmm.streaming.SafetensorsWriter, so the model is never held) in --work_dir. Each is then
 quantized by `python -m scripts.quantize_model` (NF4, rank 64, bf16 storage) in a child process on one thread, and
-its peak resident memory is the child's own VmHWM (see ``child``); the same child importing the script and exiting
-gives the runtime's own share ("baseline"). --whole_model sizes (0.1 B, 0.5 B) run a second time with the whole model
-loaded (the path before streaming), for contrast, and every size has a reference: a child that imports the
-script and LoftQs one random matrix of the size's largest target shape, alone ("one_matrix_peak_rss_gib").
+its peak resident memory is the child's own VmHWM (see ``child``); the same child importing its library module
+(llmm.run.quantize) and exiting gives the runtime's own share ("baseline"). --whole_model sizes (0.1 B, 0.5 B) run a
+second time with the whole model loaded (the path before streaming: make_init_dir(whole_model=True)), for contrast,
+and every size has a reference: a child that imports llmm.run.quantize and LoftQs one random matrix of the size's
+largest target shape, alone ("one_matrix_peak_rss_gib").
 LoftQ time per matrix comes from the child's quantize_report.json. To keep the run short the sizes run --loftq_iter
 iterations (default 1; memory does not depend on it) and only "llama7b_layer" (one decoder layer at Llama-2-7B's
 shapes) runs 5, the setting of bench_loftq: its per-matrix times compare with results/loftq_cpu.json's. The 70B
@@ -120,8 +121,8 @@ def child(command: list[str]) -> tuple[float, float, float]:
     return high_water_kib / 2**20, wall, usage.ru_utime + usage.ru_stime
 
 
-WHOLE_MODEL = ("import sys; from llmm import streaming; from scripts import quantize_model; "
-               "streaming.local_checkpoint = lambda name: None; quantize_model.main(sys.argv[1:])")
+WHOLE_MODEL = ("import sys; from llmm.run import quantize; "
+               "quantize.make_init_dir(quantize.resolve(sys.argv[1:]), whole_model=True)")
 
 
 def run_size(name: str, work_dir: Path, loftq_iter: int, whole_model: bool = False) -> dict:
@@ -162,13 +163,13 @@ def run_size(name: str, work_dir: Path, loftq_iter: int, whole_model: bool = Fal
     }
 
 
-ONE_MATRIX = ("import sys, torch, scripts.quantize_model; from llmm.quant import loftq_init; "
+ONE_MATRIX = ("import sys, torch, llmm.run.quantize; from llmm.quant import loftq_init; "
               "rows, cols, iters = map(int, sys.argv[1:]); w = (torch.randn(rows, cols) * 0.02).bfloat16(); "
               "loftq_init(w.float(), 4, 64, iters, absmax_dtype=torch.bfloat16)")
 
 
 def one_matrix_rss(shape: list[int], loftq_iter: int) -> float:
-    """Peak RSS (GiB) of a child that imports the script and runs LoftQ on one random bf16 matrix of ``shape``."""
+    """Peak RSS (GiB) of a child that imports llmm.run.quantize and LoftQs one random bf16 matrix of ``shape``."""
     return child(["-c", ONE_MATRIX, *map(str, shape), str(loftq_iter)])[0]
 
 
@@ -225,7 +226,7 @@ def main() -> None:
                     "date": time.strftime("%Y-%m-%d"), "versions": fileio.versions(),
                     "settings": {"rank": RANK, "bits": 4, "quant": "nf", "dtype": "bfloat16",
                                  "output_shard_bytes": "llmm.streaming.SHARD_BYTES"}})
-    baseline, _, _ = child(["-c", "import scripts.quantize_model"])
+    baseline, _, _ = child(["-c", "import llmm.run.quantize"])
     results["baseline_rss_gib"] = baseline
     sizes = results.setdefault("sizes", {})
     if args.one_matrix_only:  # add the one-matrix reference to sizes measured before

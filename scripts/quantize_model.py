@@ -5,9 +5,10 @@
 
 Writes SAVE_DIR/<model-name>-<bits>bit-<rank>rank/:
   - the backbone (each target weight replaced by its quantized value Q, ``dtype`` safetensors), config, tokenizer;
-    with --quantize_embeddings (auto: on for --task_type seq_cls, the GLUE protocol) also the embedding tables of
-    configs/embedding_targets.yaml, each with its LoftQ pair in llmm_init/ (llmm.embedding);
-    with nf at 4 bits, loading it with bitsandbytes NF4 (blocksize 64, no double quant) reproduces Q exactly;
+    with --quantize_embeddings true (the table's null: by architecture, on for --task_type seq_cls, the GLUE
+    protocol) also the embedding tables of configs/embedding_targets.yaml, each with its LoftQ pair in llmm_init/
+    (llmm.embedding); with nf at 4 bits, loading it with bitsandbytes NF4 (blocksize 64, no double quant)
+    reproduces Q exactly;
   - llmm_init/: the Llmm adapter with the LoftQ means M_A, M_B and zero directions (K of them);
   - quantize_report.json: per layer ||W - Q|| / ||W||, ||W - Q - g B A|| / ||W||, the SVD method and LoftQ's time;
     settings, versions, wall time.
@@ -17,210 +18,19 @@ buffers whatever the model's size (benchmarks/README.md), and the output equals 
 The whole model is loaded instead only when streaming does not apply: no safetensors (a pytorch_model.bin), or
 tensors the checkpoint lacks that transformers initialises (a new classifier head, e.g. --task_type seq_cls on a
 bare encoder); the log says which. The directory is written under a temporary name and renamed on success, so an
-interrupted run leaves nothing half-written.
+interrupted run leaves nothing half-written. The work is llmm.run.quantize's.
 """
 
-from __future__ import annotations
-
-import argparse
-import dataclasses
 import sys
-import time
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-from llmm import get_llmm_model, streaming
-from llmm.run import adapters, cli, fileio, tables
-from llmm.embedding import LlmmEmbedding, embedding_targets
-from llmm.layer import loftq_factors
-from llmm.outdirs import atomic_dir, check_new_dir
-from llmm.quant import check_quant_args, check_svd_args
-
-TABLE = tables.CONFIGS / "quantize.yaml"
-LOADERS = {"causal_lm": AutoModelForCausalLM, "seq_cls": AutoModelForSequenceClassification}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def parse_args(argv=None) -> dict:
-    table = tables.read_yaml(TABLE)
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default=None, help="a row of configs/quantize.yaml (else its defaults)")
-    parser.add_argument("--target_modules", nargs="+", default=None, help="explicit targets (else by model_type)")
-    parser.add_argument("--num_labels", type=int, default=None, help="classifier size for --task_type seq_cls")
-    parser.add_argument("--reference_scaling", action="store_true",
-                        help="write the LoftQ factors without 1/g compensation, as the reference did")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    tables.add_setting_flags(parser, table)
-    args = parser.parse_args(argv)
-    settings = tables.select_row(table, preset=args.preset) if args.preset else dict(table["defaults"])
-    settings.update({k: v for k, v in vars(args).items() if v is not None})
-    for name in ("model", "rank"):
-        if name not in settings:
-            raise ValueError(f"--{name} is required without --preset (presets: configs/quantize.yaml)")
-    check_quant_args(settings["bits"], settings["quant"], settings["block_size"])
-    check_svd_args(settings["loftq_svd"], settings["loftq_svd_oversampling"], settings["loftq_svd_iters"])
-    if settings["rank"] < 1 or settings["K"] < 0 or settings["loftq_iter"] < 1:
-        raise ValueError(f"need rank >= 1, K >= 0 and loftq_iter >= 1; got rank={settings['rank']}, "
-                         f"K={settings['K']}, loftq_iter={settings['loftq_iter']}")
-    embeddings = {"auto": settings["task_type"] == "seq_cls", "true": True, "false": False}
-    if str(settings["quantize_embeddings"]).lower() not in embeddings:
-        raise ValueError(f"quantize_embeddings must be auto, true or false, got {settings['quantize_embeddings']!r}")
-    settings["quantize_embeddings"] = embeddings[str(settings["quantize_embeddings"]).lower()]
-    adapters.check_settings(settings)
-    for name, allowed in (("task_type", LOADERS), ("dtype", DTYPES), ("device", ("cpu", "cuda"))):
-        if settings[name] not in allowed:
-            raise ValueError(f"{name} must be one of {list(allowed)}, got {settings[name]!r}")
-    if settings["device"] == "cuda":
-        cli.require_cuda_for("--device cuda")
-    return settings
-
-
-def output_dir(settings: dict) -> Path:
-    name = Path(settings["model"].rstrip("/")).name
-    return Path(settings["save_dir"]) / f"{name}-{settings['bits']}bit-{settings['rank']}rank"
-
-
-def head_linears(model: torch.nn.Module, targets: list[str]) -> list[str]:
-    """Target-named linears inside the task head (e.g. DeBERTa's pooler.dense): left in full precision."""
-    heads = adapters.head_modules(model)
-    return [name for name, _ in model.named_modules()
-            if name.split(".")[-1] in targets and adapters.inside(name, heads)]
-
-
-def target_linears(model: torch.nn.Module, targets: list[str], rank: int) -> dict[str, torch.nn.Linear]:
-    """Target name -> nn.Linear, checked before any work: every target matches, is linear and wider than r.
-    The task head (classifier, pooler) is never quantized."""
-    skip = set(head_linears(model, targets))
-    found = {name: module for name, module in model.named_modules()
-             if name.split(".")[-1] in targets and name not in skip}
-    unmatched = sorted(set(targets) - {name.split(".")[-1] for name in found})
-    if unmatched:
-        raise ValueError(f"target module(s) {unmatched} match no module of this model: check --target_modules")
-    for name, module in found.items():
-        if type(module) is not torch.nn.Linear:
-            raise ValueError(f"target {name!r} is a {type(module).__name__}, not a torch.nn.Linear")
-        if rank > min(module.weight.shape):
-            raise ValueError(f"rank {rank} exceeds min(shape) = {min(module.weight.shape)} of {name!r}")
-    return found
-
-
-def plan(model: torch.nn.Module, settings: dict, targets: list[str]) -> tuple:
-    """The Llmm config (LoftQ settings, targets) and the modules to quantize: the target linears, plus the
-    embedding tables with --quantize_embeddings. ``model`` may be on the meta device (llmm.streaming)."""
-    modules = target_linears(model, targets, settings["rank"])
-    if settings["quantize_embeddings"]:
-        modules.update(embedding_targets(model, tables.default_embedding_targets(model.config)))
-        targets = targets + sorted({name.split(".")[-1] for name in modules} - set(targets))
-    config = adapters.llmm_config({**settings, "init": "loftq",
-                            "compensate_scaling": not settings.get("reference_scaling", False)},
-                           targets, loftq_block_size=settings["block_size"],
-                           exclude_modules=head_linears(model, targets) or None)
-    return config, modules
-
-
-def quantize(model: torch.nn.Module, settings: dict, targets: list[str]) -> tuple:
-    """The whole-model path: replace each target weight by Q in place; return the Llmm config, the means and the
-    per-layer report."""
-    config, modules = plan(model, settings, targets)
-    dtype = DTYPES[settings["dtype"]]
-    absmax_dtype = dtype if dtype != torch.float32 else None  # 16-bit copies of Q then re-quantize losslessly
-    scaling = config.lora_alpha / config.r
-    means, report = {}, {}
-    for name, module in tqdm(modules.items(), desc="LoftQ", unit="layer"):
-        weight = module.weight.detach().to(settings["device"], torch.float32)
-        started = time.perf_counter()
-        q, factor_A, factor_B = loftq_factors(weight, config.r, scaling, config, absmax_dtype=absmax_dtype)
-        if weight.is_cuda:
-            torch.cuda.synchronize(weight.device)
-        seconds = time.perf_counter() - started
-        module.weight.data = q.to(dtype).to(module.weight.device)
-        means[name] = (factor_A.cpu(), factor_B.cpu())
-        stored_q = module.weight.detach().float().to(weight.device)
-        norm = torch.linalg.norm(weight)
-        report[name] = {
-            "shape": list(weight.shape), "svd": config.loftq_svd, "loftq_time_s": seconds,
-            "rel_error_q": (torch.linalg.norm(weight - stored_q) / norm).item(),
-            "rel_error_loftq": (torch.linalg.norm(weight - stored_q - scaling * factor_B @ factor_A) / norm).item(),
-        }
-    return config, means, report
-
-
-def save(model, tokenizer, config, means: dict, report: dict, settings: dict, tmp_dir: Path, final_dir: Path,
-         started: float):
-    init_config = dataclasses.replace(config, init_lora_weights=False, loftq_config={})
-    peft_model = get_llmm_model(model, init_config)
-    with torch.no_grad():
-        for name, module in peft_model.base_model.model.named_modules():
-            if name in means and isinstance(module, LlmmEmbedding):  # PEFT's layout: A = M_B^T, B = M_A^T
-                module.lora_embedding_A["default"].copy_(means[name][1].T)
-                module.lora_embedding_B["default"].copy_(means[name][0].T)
-            elif name in means:
-                module.lora_A["default"].weight.copy_(means[name][0])
-                module.lora_B["default"].weight.copy_(means[name][1])
-    # Record the LoftQ settings that produced the means, and the backbone they belong to.
-    peft_model.peft_config["default"] = dataclasses.replace(config, base_model_name_or_path=str(final_dir))
-    peft_model.save_pretrained(tmp_dir / "llmm_init")
-    peft_model.unload().to(DTYPES[settings["dtype"]]).save_pretrained(tmp_dir)
-    tokenizer.save_pretrained(tmp_dir)
-    write_report(report, settings, tmp_dir, started)
-
-
-def write_report(report: dict, settings: dict, tmp_dir: Path, started: float) -> None:
-    errors = [layer["rel_error_loftq"] for layer in report.values()]
-    fileio.write_json(tmp_dir / "quantize_report.json", {
-        "settings": settings, "versions": fileio.versions(), "wall_time_s": time.time() - started,
-        "mean_rel_error_q": sum(layer["rel_error_q"] for layer in report.values()) / len(report),
-        "mean_rel_error_loftq": sum(errors) / len(errors), "layers": report,
-    })
+from llmm.run import quantize
+from llmm.run.cli import run_main
 
 
 def main(argv=None) -> Path:
-    started = time.time()
-    settings = parse_args(argv)
-    final_dir = output_dir(settings)
-    if final_dir.exists() and any(final_dir.iterdir()) and not settings.get("overwrite"):
-        raise FileExistsError(f"output directory {str(final_dir)!r} exists and is not empty: pass --overwrite "
-                              "or another --save_dir")
-    check_new_dir(final_dir, settings.get("overwrite", False))  # a file, locked, or not llmm's to replace
-    extra = {"num_labels": settings["num_labels"]} if settings.get("num_labels") else {}
-    model_config = fileio.load_pretrained(AutoConfig, settings["model"], **extra)
-    tokenizer = fileio.load_pretrained(AutoTokenizer, settings["model"])  # before hours of LoftQ: the directory needs it
-    targets = tables.default_targets(model_config, settings.get("target_modules"))
-    # Streamed from the safetensors, one tensor at a time (llmm.streaming): the model is built on the meta device
-    # only to decide the targets and the layout. Without safetensors, or when the checkpoint lacks tensors that
-    # transformers would initialise (e.g. a new classifier head), the whole model is loaded instead.
-    folder = streaming.local_checkpoint(settings["model"])
-    model, why = None, "no safetensors checkpoint"
-    if folder is not None:
-        model = streaming.empty_model(LOADERS[settings["task_type"]], model_config,
-                                      streaming.checkpoint_dtype(folder, model_config))
-        missing = streaming.tensor_plan(folder, model)[1]
-        model, why = (None, f"the checkpoint lacks {missing[:3]}") if missing else (model, "")
-    if model is None:
-        cli.logger.info("loading the whole model (%s)", why)
-        # The checkpoint's own dtype, so LoftQ sees the original weights; the backbone is saved in settings["dtype"].
-        model = fileio.load_pretrained(LOADERS[settings["task_type"]], settings["model"], dtype="auto", **extra)
-    target_linears(model, targets, settings["rank"])  # bad targets or rank fail before anything is written
-    # Locked for the whole run, written under a temporary name, published by rename-or-fail (llmm.outdirs).
-    with atomic_dir(final_dir, overwrite=settings.get("overwrite", False)) as tmp_dir:
-        if model.device.type == "meta":
-            config, modules = plan(model, settings, targets)
-            report = streaming.quantize_checkpoint(
-                folder, tmp_dir, model, modules, config, DTYPES[settings["dtype"]], settings["device"],
-                final_dir=final_dir, progress=lambda items: tqdm(items, desc="LoftQ (streamed)", unit="tensor"))
-            tokenizer.save_pretrained(tmp_dir)
-            write_report(report, settings, Path(tmp_dir), started)
-        else:
-            config, means, report = quantize(model, settings, targets)
-            save(model, tokenizer, config, means, report, settings, Path(tmp_dir), final_dir, started)
-    cli.logger.info("wrote %s (mean relative error: Q %.4f, Q + gBA %.4f)", final_dir,
-                  sum(r["rel_error_q"] for r in report.values()) / len(report),
-                  sum(r["rel_error_loftq"] for r in report.values()) / len(report))
-    return final_dir
+    return quantize.make_init_dir(quantize.resolve(argv))
 
 
 if __name__ == "__main__":
-    cli.run_main(lambda: main(sys.argv[1:]))
+    run_main(lambda: main(sys.argv[1:]))

@@ -15,7 +15,7 @@ from conftest import REPO_ROOT
 from test_mcq import DATA, tiny_dir, tokenizer, train_argv  # noqa: F401  (fixtures)
 from test_safety import ENV, cli, tree
 
-from llmm.run import cli as run_cli
+from llmm.run.cli import disk_full
 from llmm import outdirs
 from scripts import eval_glue, mcq_table, test_gsm8k, test_mcq, train_mcq
 
@@ -201,7 +201,7 @@ def test_a_data_file_that_is_a_directory_is_named_as_such(world, tiny_dir, tmp_p
 
 def test_a_full_disk_at_a_checkpoint_is_recognised():
     error = RuntimeError("[enforce fail at inline_container.cc:858] . unexpected pos 3328 vs 3216")
-    assert run_cli.disk_full(error)
+    assert disk_full(error)
 
 
 def test_export_mean_adapter_of_an_unknown_adapter_is_a_value_error(tmp_path):

@@ -1,6 +1,9 @@
-"""scripts.quantize_model (bash _init.sh): LoftQ model directories for a causal LM and an encoder."""
+"""scripts.quantize_model (bash _init.sh; its work is llmm.run.quantize): LoftQ model directories for a causal LM and
+an encoder, and quantize_embeddings, one typed field (true | false | null) for _init.sh and GLUE."""
 
+import dataclasses
 import json
+import logging
 import subprocess
 import sys
 
@@ -9,9 +12,11 @@ import torch
 from conftest import REPO_ROOT, tiny_deberta, tiny_llama, tiny_tokenizer
 from safetensors.torch import load_file
 from test_model import load_4bit
+import yaml
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from llmm import llmm_layers, load_llmm_model
+from llmm.run import glue, quantize, schema, tables
 from scripts import quantize_model
 
 LLAMA_ARGS = ["--task_type", "causal_lm", "--rank", "8", "--K", "2", "--loftq_iter", "2", "--lora_alpha", "16"]
@@ -115,3 +120,74 @@ def test_existing_output_dir_is_refused_by_the_cli(llama_dir, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: output directory")
     assert (existing / "keep.txt").read_text() == "precious" and len(list(existing.iterdir())) == 1
+
+
+def test_quantize_embeddings_is_one_typed_field_and_the_tables_hold_its_values():
+    found = [f for block in schema.BLOCKS for f in dataclasses.fields(block) if f.name == "quantize_embeddings"]
+    assert len(found) == 1 and schema.kind_of(found[0]) is bool and found[0].default is None
+    for name, blocks in (("quantize.yaml", schema.BLOCKS), ("glue.yaml", schema.FAMILY_BLOCKS["glue"])):
+        table = tables.read_table(tables.CONFIGS / name, blocks)  # every value in its field's range
+        values = {row["quantize_embeddings"] for row in tables.table_rows(table)}
+        assert values and all(value is None or isinstance(value, bool) for value in values), (name, values)
+    assert schema.setting_error("quantize_embeddings", "auto") == "true or false"  # a string is no value of it
+
+
+def resolve_with(monkeypatch, tmp_path, value, argv):
+    """llmm.run.quantize.resolve over configs/quantize.yaml with its quantize_embeddings default set to ``value``."""
+    table = tables.read_yaml(quantize.TABLE)
+    table["defaults"]["quantize_embeddings"] = value
+    (tmp_path / "quantize.yaml").write_text(yaml.safe_dump(table))
+    monkeypatch.setattr(quantize, "TABLE", tmp_path / "quantize.yaml")
+    return quantize.resolve(["--model", "any/model", "--rank", "4", *argv])
+
+
+@pytest.mark.parametrize("value, argv, expected, line", [
+    (None, ["--task_type", "seq_cls"], True, None),                # null: by architecture, an encoder
+    (None, [], False, None),                                       # a causal LM
+    (True, ["--quantize_embeddings", "null"], False, None),        # null on the command line wins over a row's true
+    (None, ["--quantize_embeddings", "TRUE"], True, None),
+    (None, ["--quantize_embeddings", "false", "--task_type", "seq_cls"], False, None),
+    ("auto", ["--task_type", "seq_cls"], True,
+     "'auto' (configs/quantize.yaml, defaults) is now null (by architecture)"),
+    ("auto", [], False, "is now null"),
+    ("true", [], True, "'true' (configs/quantize.yaml, defaults) is now true, unquoted"),
+    ("False", ["--task_type", "seq_cls"], False, "'False' (configs/quantize.yaml, defaults) is now false"),
+    (None, ["--quantize_embeddings", "auto", "--task_type", "seq_cls"], True,
+     "--quantize_embeddings auto is now --quantize_embeddings null"),
+])
+def test_old_quantize_embeddings_values_are_taken_with_one_line(monkeypatch, tmp_path, caplog, value, argv, expected,
+                                                                line):
+    with caplog.at_level(logging.WARNING, logger="llmm"):
+        settings = resolve_with(monkeypatch, tmp_path, value, argv)
+    assert settings["quantize_embeddings"] is expected  # resolved: what quantize_report.json records
+    lines = [record.getMessage() for record in caplog.records if "quantize_embeddings" in record.getMessage()]
+    assert lines == [] if line is None else len(lines) == 1 and line in lines[0], lines
+
+
+def test_a_bad_quantize_embeddings_value_is_one_error(monkeypatch, tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"^quantize_embeddings must be true, false or null \(null: by architecture, "
+                       r"on for --task_type seq_cls\), got 'maybe': fix configs/quantize.yaml, defaults$"):
+        resolve_with(monkeypatch, tmp_path, "maybe", [])
+    with pytest.raises(ValueError, match="got 1"):
+        resolve_with(monkeypatch, tmp_path, 1, [])
+    with pytest.raises(SystemExit) as exit_info:
+        resolve_with(monkeypatch, tmp_path, None, ["--quantize_embeddings", "maybe"])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2
+    assert "argument --quantize_embeddings: expected true, false or null (null: by architecture), got 'maybe'" in error
+
+
+def test_glue_reads_null_as_on_and_refuses_the_old_strings(monkeypatch, tmp_path):
+    """The same field in the GLUE table: null is by architecture (an encoder: on); a string is one error line."""
+    table = tables.read_yaml(glue.TABLE)
+    argv = ["--task", "cola", "--quant", "nf", "--rank", "32"]
+    for value, expected in ((None, True), (False, False), (True, True)):
+        table["defaults"]["quantize_embeddings"] = value
+        (tmp_path / "glue.yaml").write_text(yaml.safe_dump(table))
+        monkeypatch.setattr(glue, "TABLE", tmp_path / "glue.yaml")
+        assert glue.resolve(argv)[1]["quantize_embeddings"] is expected
+    table["defaults"]["quantize_embeddings"] = "auto"
+    (tmp_path / "glue.yaml").write_text(yaml.safe_dump(table))
+    with pytest.raises(ValueError, match=r"glue.yaml: defaults has quantize_embeddings = 'auto': it must be true or "
+                       "false"):
+        glue.resolve(argv)

@@ -1,4 +1,5 @@
-"""llmm.streaming (the default path of _init.sh): bit for bit the whole-model path, never the whole model in memory."""
+"""llmm.streaming (the default path of _init.sh, llmm.run.quantize): bit for bit the whole-model path, never the whole
+model in memory."""
 
 import json
 import logging
@@ -10,6 +11,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, DebertaV2Model, LlamaModel
 
 from llmm import load_llmm_model, streaming
+from llmm.run import quantize
 from scripts import quantize_model
 
 LLAMA = ["--task_type", "causal_lm", "--rank", "8", "--K", "2", "--loftq_iter", "2", "--bits", "4",
@@ -26,11 +28,9 @@ def tensors(folder):
     return found
 
 
-def whole_model_run(monkeypatch, argv):
+def whole_model_run(argv):
     """The path before streaming: the whole model loaded, LoftQ in place, save_pretrained."""
-    with monkeypatch.context() as patch:
-        patch.setattr(quantize_model.streaming, "local_checkpoint", lambda name: None)
-        return quantize_model.main(argv)
+    return quantize.make_init_dir(quantize.resolve(argv), whole_model=True)
 
 
 def assert_same_directories(streamed, whole):
@@ -65,7 +65,7 @@ def test_llama_streamed_equals_whole_model(tmp_path, monkeypatch, dtype):
     monkeypatch.setattr(streaming, "SHARD_BYTES", 50_000)
     argv = ["--model", str(tmp_path / "m"), *LLAMA, "--dtype", dtype]
     streamed = quantize_model.main([*argv, "--save_dir", str(tmp_path / "streamed")])
-    whole = whole_model_run(monkeypatch, [*argv, "--save_dir", str(tmp_path / "whole")])
+    whole = whole_model_run([*argv, "--save_dir", str(tmp_path / "whole")])
     assert len(list(streamed.glob("model-*.safetensors"))) >= 4 and (streamed / streaming.INDEX_FILE).is_file()
     assert_same_directories(streamed, whole)
     # The directory loads as any checkpoint, and the adapter through llmm.
@@ -74,12 +74,12 @@ def test_llama_streamed_equals_whole_model(tmp_path, monkeypatch, dtype):
 
 
 @pytest.mark.parametrize("quant", ["uniform", "nf"])
-def test_deberta_with_embeddings_streamed_equals_whole_model(tmp_path, monkeypatch, quant):
+def test_deberta_with_embeddings_streamed_equals_whole_model(tmp_path, quant):
     tiny_deberta(num_labels=2).save_pretrained(tmp_path / "d")
     tiny_tokenizer().save_pretrained(tmp_path / "d")
     argv = ["--model", str(tmp_path / "d"), *DEBERTA, "--quant", quant]
     streamed = quantize_model.main([*argv, "--save_dir", str(tmp_path / "streamed")])
-    whole = whole_model_run(monkeypatch, [*argv, "--save_dir", str(tmp_path / "whole")])
+    whole = whole_model_run([*argv, "--save_dir", str(tmp_path / "whole")])
     adapter = tensors(streamed / "llmm_init")
     assert "base_model.model.deberta.encoder.rel_embeddings.lora_embedding_A" in adapter  # embeddings quantized
     assert_same_directories(streamed, whole)
@@ -92,7 +92,7 @@ def test_deberta_with_embeddings_streamed_equals_whole_model(tmp_path, monkeypat
     assert torch.equal(*logits)
 
 
-def test_prefixless_tied_checkpoint_streams(tmp_path, monkeypatch):
+def test_prefixless_tied_checkpoint_streams(tmp_path):
     """A base-model checkpoint (no "model." prefix) of a Llama with tied embeddings: the prefix is added and the
     tied lm_head is not written, as from_pretrained + save_pretrained do."""
     model = tiny_llama(initializer_range=0.1)
@@ -106,7 +106,7 @@ def test_prefixless_tied_checkpoint_streams(tmp_path, monkeypatch):
     assert missing == [] and all(name == f"model.{key}" for key, name in plan.items())
     argv = ["--model", str(tmp_path / "base"), *LLAMA]
     streamed = quantize_model.main([*argv, "--save_dir", str(tmp_path / "streamed")])
-    whole = whole_model_run(monkeypatch, [*argv, "--save_dir", str(tmp_path / "whole")])
+    whole = whole_model_run([*argv, "--save_dir", str(tmp_path / "whole")])
     assert "lm_head.weight" not in tensors(streamed)
     assert_same_directories(streamed, whole)
 
@@ -124,6 +124,22 @@ def test_streaming_never_loads_the_model(tmp_path, monkeypatch):
     monkeypatch.setattr(streaming, "_read", lambda place: reads.append(place[:3]) or read(place))
     out = quantize_model.main(["--model", str(tmp_path / "m"), "--save_dir", str(tmp_path / "q"), *LLAMA])
     assert len(set(reads)) == len(reads) == len(tensors(tmp_path / "m"))  # every tensor read once, on its own
+    assert (out / "llmm_init" / "adapter_model.safetensors").is_file()
+
+
+def test_whole_model_asked_for_never_streams(tmp_path, monkeypatch, caplog):
+    """make_init_dir(whole_model=True), the comparison path of these tests and of benchmarks/bench_stream_init."""
+    tiny_llama().save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("streamed")
+
+    monkeypatch.setattr(streaming, "quantize_checkpoint", refuse)
+    monkeypatch.setattr(streaming, "local_checkpoint", refuse)
+    with caplog.at_level(logging.INFO, logger="llmm"):
+        out = whole_model_run(["--model", str(tmp_path / "m"), "--save_dir", str(tmp_path / "q"), *LLAMA])
+    assert any(record.getMessage() == "loading the whole model (asked for)" for record in caplog.records)
     assert (out / "llmm_init" / "adapter_model.safetensors").is_file()
 
 

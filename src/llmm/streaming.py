@@ -6,17 +6,18 @@
 The model is built on the meta device (its module tree, types and shapes, no memory), which decides the targets
 and the output's layout exactly as loading it would. Then every tensor of the checkpoint (``model.safetensors`` or
 the shards of ``model.safetensors.index.json``) is read on its own (at its offset in the file, as the safetensors
-header says), cast as ``from_pretrained(dtype="auto")``
-would, LoftQ'd if it is a target (``llmm.layer.loftq_factors``), cast to the storage dtype and written into its
-place in the output shards, whose headers are laid out beforehand from the shapes. The adapter file is laid out
-the same way (from a meta PEFT model: the keys and dtypes ``save_pretrained`` would write), zero-filled (the K
-directions are zero), and each pair of means is written into it as soon as LoftQ returns it. Peak memory is thus
-one input tensor plus LoftQ's few weight-sized buffers: no shard, no model, no adapter is ever held whole.
+header says), cast as ``from_pretrained(dtype="auto")`` would, LoftQ'd if it is a target (``loftq_matrix``, the one
+LoftQ step of both paths), cast to the storage dtype and written into its place in the output shards, whose
+headers are laid out beforehand from the shapes. The adapter file is laid out the same way (from a meta PEFT
+model: the keys and dtypes ``save_pretrained`` would write), zero-filled (the K directions are zero), and each pair
+of means is written into it as soon as LoftQ returns it. Peak memory is thus one input tensor plus LoftQ's few
+weight-sized buffers: no shard, no model, no adapter is ever held whole.
 
 The result equals the whole-model path (``from_pretrained``, LoftQ in place, ``save_pretrained``) tensor for
-tensor, bit for bit, in the same dtypes (tests/test_streaming_init.py). ``streamable`` says when it does not
-apply (no safetensors, or tensors the checkpoint lacks and transformers would have to initialise, e.g. a
-classifier head new to the checkpoint): the caller then uses the whole-model path.
+tensor, bit for bit, in the same dtypes (tests/test_streaming_init.py). ``local_checkpoint`` and ``tensor_plan``'s
+missing tensors say when it does not apply (no safetensors, or tensors the checkpoint lacks and transformers would
+have to initialise, e.g. a classifier head new to the checkpoint): the caller (llmm.run.quantize, which decides the
+targets) then uses the whole-model path.
 """
 
 from __future__ import annotations
@@ -250,8 +251,6 @@ def quantize_checkpoint(folder: str | Path, out_dir: str | Path, model: torch.nn
         raise ValueError(f"the checkpoint lacks {missing[:3]}: it cannot be streamed (use the whole-model path)")
     state = model.state_dict(keep_vars=True)
     weights = {f"{path}.weight": path for path in modules}
-    absmax_dtype = dtype if dtype != torch.float32 else None  # as the whole-model path: lossless 16-bit copies
-    scaling = config.lora_alpha / config.r
     entries = {name: (dtype if state[name].is_floating_point() else state[name].dtype, list(state[name].shape))
                for name in plan.values()}
     shards = shard_layout(entries, shard_bytes or SHARD_BYTES)
@@ -265,24 +264,9 @@ def quantize_checkpoint(folder: str | Path, out_dir: str | Path, model: torch.nn
         if tensor.is_floating_point():
             tensor = tensor.to(state[name].dtype)  # what from_pretrained(dtype="auto") holds
         if name in weights:
-            path = weights[name]
-            weight = tensor.to(device, torch.float32)
-            started = time.perf_counter()
-            q, factor_A, factor_B = loftq_factors(weight, config.r, scaling, config, absmax_dtype=absmax_dtype)
-            if weight.is_cuda:
-                torch.cuda.synchronize(weight.device)
-            seconds = time.perf_counter() - started
-            tensor = q.to(dtype)
-            _put_means(adapter, adapter_layout, path, factor_A.cpu(), factor_B.cpu())
-            stored_q = tensor.float().to(weight.device)
-            norm = torch.linalg.norm(weight)
-            report[path] = {
-                "shape": list(weight.shape), "svd": config.loftq_svd, "loftq_time_s": seconds,
-                "rel_error_q": (torch.linalg.norm(weight - stored_q) / norm).item(),
-                "rel_error_loftq": (torch.linalg.norm(weight - stored_q - scaling * factor_B @ factor_A)
-                                    / norm).item(),
-            }
-            del weight, q, stored_q, factor_A, factor_B
+            tensor, factor_A, factor_B, report[weights[name]] = loftq_matrix(tensor.to(device), config, dtype)
+            _put_means(adapter, adapter_layout, weights[name], factor_A, factor_B)
+            del factor_A, factor_B
         elif tensor.is_floating_point():
             tensor = tensor.to(dtype)
         writers[where[name]].put(name, tensor)
@@ -298,6 +282,28 @@ def quantize_checkpoint(folder: str | Path, out_dir: str | Path, model: torch.nn
                                                      indent=2, sort_keys=True) + "\n", encoding="utf-8")
     _save_configs(folder, model, dtype, out_dir)
     return {path: report[path] for path in modules}
+
+
+def loftq_matrix(weight: torch.Tensor, config, dtype: torch.dtype) -> tuple:
+    """LoftQ of one weight, on its device (both paths of _init.sh): (Q in the storage ``dtype``, the means M_A and
+    M_B on the CPU, the report's entry: shape, svd, loftq_time_s, rel_error_q, rel_error_loftq, measured against the
+    stored Q). A 16-bit ``dtype`` quantizes with 16-bit absmax, so the stored Q re-quantizes losslessly."""
+    weight = weight.to(torch.float32)
+    absmax_dtype = dtype if dtype != torch.float32 else None
+    scaling = config.lora_alpha / config.r
+    started = time.perf_counter()
+    q, factor_A, factor_B = loftq_factors(weight, config.r, scaling, config, absmax_dtype=absmax_dtype)
+    if weight.is_cuda:
+        torch.cuda.synchronize(weight.device)
+    seconds = time.perf_counter() - started
+    stored = q.to(dtype)
+    del q
+    residual = weight - stored.float()
+    norm = torch.linalg.norm(weight)
+    entry = {"shape": list(weight.shape), "svd": config.loftq_svd, "loftq_time_s": seconds,
+             "rel_error_q": (torch.linalg.norm(residual) / norm).item(),
+             "rel_error_loftq": (torch.linalg.norm(residual - scaling * factor_B @ factor_A) / norm).item()}
+    return stored, factor_A.cpu(), factor_B.cpu(), entry
 
 
 def _adapter_writer(model: torch.nn.Module, config, adapter_dir: Path, final_dir: str | Path):
@@ -316,9 +322,7 @@ def _adapter_writer(model: torch.nn.Module, config, adapter_dir: Path, final_dir
     # Record the LoftQ settings that produced the means, and the backbone they belong to.
     peft_model.peft_config["default"] = dataclasses.replace(config, base_model_name_or_path=str(final_dir))
     peft_model.save_pretrained(adapter_dir, state_dict={})
-    from llmm.model import is_direction_key
-
-    zeros = {key for key in layout if is_direction_key(key)}
+    zeros = {key for key in layout if key.endswith((".lora_llmm_A.weight", ".lora_llmm_B.weight"))}  # K directions
     unknown = [key for key in set(layout) - zeros if not key.endswith(_MEAN_SUFFIXES)]
     if unknown:
         raise RuntimeError(f"adapter tensor(s) {unknown[:3]} are neither means nor directions")

@@ -36,6 +36,7 @@ from llmm.run.adapters import (INIT_DIR_LOFTQ, adopt_init_dir_settings, check_in
                                head_modules, llmm_config)
 from llmm.run.cli import logger, run_main
 from llmm.run.fileio import check_data_paths, load_pretrained, plot_curves, seed_everything, versions, write_json
+from llmm.run.quantize import embeddings_quantized
 from llmm.run.schema import FAMILY_BLOCKS, take_renamed
 from llmm.run.tables import (CONFIGS, add_setting_flags, default_embedding_targets, default_targets, plumbing_defaults,
                              read_table, resolve_settings)
@@ -82,6 +83,7 @@ def resolve(argv: list[str] | None) -> tuple[GlueTask, dict]:
     take_renamed(args, BLOCKS)
     task = get_task(args.task)
     settings = {**plumbing_defaults(BLOCKS), **resolve_settings(table, args)}
+    settings["quantize_embeddings"] = embeddings_quantized(settings.get("quantize_embeddings"), "seq_cls")  # null: on
     method = settings["method"]
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")

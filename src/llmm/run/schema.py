@@ -193,7 +193,9 @@ class GlueSettings:
     task: str = setting(None, "GLUE task")
     method: str = setting("llmm", "llmm | loftq (K = 0) | qlora (fake-quantized, LoRA init) | lora (full precision)",
                           choices=("llmm", "loftq", "qlora", "lora"))
-    quantize_embeddings: bool = setting(True, "embedding tables quantized too, each with its own low-rank pair")
+    quantize_embeddings: bool = setting(None, "embedding tables (configs/embedding_targets.yaml) quantized too, each "
+                                        "with its own low-rank pair; null: by architecture (encoders, task_type "
+                                        "seq_cls: on, the GLUE protocol; causal LMs: off). _init.sh's too")
     gaussian_embeddings: bool = setting(False, "the embedding pairs Gaussian with K directions (false: plain)")
     mc_samples: int = setting(10, "networks averaged when eval_noise = mc", low=1)
     max_length: int = setting(128, "tokens per example", low=1)
@@ -252,8 +254,7 @@ class QuantizeSettings:
     block_size: int = setting(64, "normal-float block size", low=1)
     num_labels: int = setting(None, "classifier size for --task_type seq_cls", low=1)
     save_dir: str = setting("quantized", "where the directory is written", role=RUN, nonempty=True)
-    quantize_embeddings: str = setting("auto", "auto (by task type) | true | false",
-                                       choices=("auto", "true", "false", True, False))
+    # quantize_embeddings: GlueSettings' field (one declaration; llmm.run.quantize takes the old "auto" strings)
 
 
 @dataclass

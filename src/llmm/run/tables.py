@@ -77,12 +77,14 @@ def select_row(table: dict, **selection) -> dict:
     existing = sorted({tuple(row[k] for k in keys) for row in table_rows(table)}, key=str)
     raise ValueError(f"no row for {selection} in the table; rows ({', '.join(keys)}): {existing}")
 
-def add_setting_flags(parser: argparse.ArgumentParser, table: dict, blocks=schema.BLOCKS) -> None:
+def add_setting_flags(parser: argparse.ArgumentParser, table: dict, blocks=schema.BLOCKS, plumbing_blocks=None) -> None:
     """One ``--name`` flag per setting of the table (default None: the table decides), typed and described by its
-    field in llmm.run.schema, plus the run-plumbing fields of ``blocks`` the table leaves to their defaults
-    (--report_to) and the old names of renamed settings (accepted with one line naming the new one)."""
+    field in llmm.run.schema, plus the run-plumbing fields of ``plumbing_blocks`` (default ``blocks``) the table
+    leaves to their defaults (--report_to) and the old names of renamed settings (accepted with one line naming the
+    new one)."""
     names = [*table.get("defaults", {}), *(k for row in table["rows"] for k in row)]
-    plumbing = [f.name for block in blocks for f in dataclasses.fields(block) if f.metadata["role"] == schema.RUN]
+    plumbing = [f.name for block in (blocks if plumbing_blocks is None else plumbing_blocks)
+                for f in dataclasses.fields(block) if f.metadata["role"] == schema.RUN]
     wanted = {name for name in [*names, *plumbing] if name not in table["keys"] and name != "source"}
     schema.add_flags(parser, blocks, skip=set(schema.fields_of(*blocks)) - wanted)
     fields = schema.fields_of(*blocks)

@@ -1,0 +1,241 @@
+"""The _init.sh job (scripts.quantize_model): LoftQ-quantize a model into a backbone + Llmm init adapter directory.
+
+    settings = resolve(["--preset", "llama-2-7b-gsm8k"])   # configs/quantize.yaml's row, then the flags
+    folder = make_init_dir(settings)                        # SAVE_DIR/<model-name>-<bits>bit-<rank>rank/
+
+Targets: the linears of configs/targets.yaml (or --target_modules) outside the task head, plus, with
+quantize_embeddings, the embedding tables of configs/embedding_targets.yaml. LoftQ runs matrix by matrix, streamed
+from the checkpoint's safetensors (llmm.streaming) unless the checkpoint has none or lacks tensors transformers would
+initialise (a new classifier head): then the whole model is loaded (``quantize``, ``save``), and the log says why.
+``make_init_dir(settings, whole_model=True)`` takes the whole-model path on purpose (tests, benchmarks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from llmm import get_llmm_model, streaming
+from llmm.embedding import LlmmEmbedding, embedding_targets
+from llmm.outdirs import atomic_dir, check_new_dir
+from llmm.quant import check_quant_args, check_svd_args
+from llmm.run import adapters, cli, fileio, schema, tables
+
+TABLE = tables.CONFIGS / "quantize.yaml"
+LOADERS = {"causal_lm": AutoModelForCausalLM, "seq_cls": AutoModelForSequenceClassification}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+OLD_EMBEDDINGS = {"auto": None, "true": True, "false": False}  # configs/quantize.yaml's strings before the field
+NULL = "null"  # --quantize_embeddings null: by architecture, even over a row that says true or false
+
+
+def embeddings_setting(value, where: str) -> bool | None:
+    """quantize_embeddings as the schema types it: true, false or null (by architecture). The old strings "auto",
+    "true", "false" are taken with one line naming the new form; anything else is one error naming ``where``."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in OLD_EMBEDDINGS:
+        new = OLD_EMBEDDINGS[value.strip().lower()]
+        cli.logger.warning("quantize_embeddings %r (%s) is now %s%s: please write that", value, where,
+                           json.dumps(new), " (by architecture)" if new is None else ", unquoted")
+        return new
+    raise ValueError(f"quantize_embeddings must be true, false or null (null: by architecture, on for --task_type "
+                     f"seq_cls), got {value!r}: fix {where}")
+
+
+def embeddings_flag(text: str):
+    """--quantize_embeddings: true | false | null; the old auto is null, said in one line."""
+    if text.lower() in (NULL, "none", "auto"):
+        if text.lower() == "auto":
+            cli.logger.warning("--quantize_embeddings auto is now --quantize_embeddings null (by architecture, the "
+                               "table's default): please write that")
+        return NULL
+    try:
+        return schema.parse_bool(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected true, false or null (null: by architecture), got {text!r}")
+
+
+def embeddings_quantized(value: bool | None, task_type: str) -> bool:
+    """Whether the embedding tables are quantized: ``value``, or for null by architecture (an encoder, task_type
+    seq_cls: on, the GLUE protocol; a causal LM: off)."""
+    return task_type == "seq_cls" if value is None else bool(value)
+
+
+def build_parser(table: dict) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="LoftQ-quantize a model's target linear layers and save a backbone "
+                                     "+ Llmm init adapter directory.")
+    parser.add_argument("--preset", default=None, help="a row of configs/quantize.yaml (else its defaults)")
+    parser.add_argument("--target_modules", nargs="+", default=None, help="explicit targets (else by model_type)")
+    parser.add_argument("--num_labels", type=int, default=None, help="classifier size for --task_type seq_cls")
+    parser.add_argument("--reference_scaling", action="store_true",
+                        help="write the LoftQ factors without 1/g compensation, as the reference did")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--quantize_embeddings", type=embeddings_flag, default=None,
+                        help="also the embedding tables (configs/embedding_targets.yaml), each with its LoftQ pair: "
+                        "true | false | null (by architecture: on for --task_type seq_cls; the table's default)")
+    tables.add_setting_flags(parser, table, plumbing_blocks=(schema.QuantizeSettings,))  # no run flags it ignores
+    return parser
+
+
+def resolve(argv: list[str] | None = None) -> dict:
+    """The settings: configs/quantize.yaml's defaults or --preset row, then the flags given; bad values fail here,
+    before anything is loaded or written."""
+    table = tables.read_yaml(TABLE)
+    args = build_parser(table).parse_args(argv)
+    settings = tables.select_row(table, preset=args.preset) if args.preset else dict(table["defaults"])
+    where = f"configs/quantize.yaml, {'row ' + args.preset if args.preset else 'defaults'}"
+    settings["quantize_embeddings"] = embeddings_setting(settings.get("quantize_embeddings"), where)
+    settings.update({k: v for k, v in vars(args).items() if v is not None})
+    if settings["quantize_embeddings"] == NULL:
+        settings["quantize_embeddings"] = None
+    for name in ("model", "rank"):
+        if name not in settings:
+            raise ValueError(f"--{name} is required without --preset (presets: configs/quantize.yaml)")
+    check_quant_args(settings["bits"], settings["quant"], settings["block_size"])
+    check_svd_args(settings["loftq_svd"], settings["loftq_svd_oversampling"], settings["loftq_svd_iters"])
+    if settings["rank"] < 1 or settings["K"] < 0 or settings["loftq_iter"] < 1:
+        raise ValueError(f"need rank >= 1, K >= 0 and loftq_iter >= 1; got rank={settings['rank']}, "
+                         f"K={settings['K']}, loftq_iter={settings['loftq_iter']}")
+    adapters.check_settings(settings)
+    for name, allowed in (("task_type", LOADERS), ("dtype", DTYPES), ("device", ("cpu", "cuda"))):
+        if settings[name] not in allowed:
+            raise ValueError(f"{name} must be one of {list(allowed)}, got {settings[name]!r}")
+    settings["quantize_embeddings"] = embeddings_quantized(settings["quantize_embeddings"], settings["task_type"])
+    if settings["device"] == "cuda":
+        cli.require_cuda_for("--device cuda")
+    return settings
+
+
+def output_dir(settings: dict) -> Path:
+    name = Path(settings["model"].rstrip("/")).name
+    return Path(settings["save_dir"]) / f"{name}-{settings['bits']}bit-{settings['rank']}rank"
+
+
+def head_linears(model: torch.nn.Module, targets: list[str]) -> list[str]:
+    """Target-named linears inside the task head (e.g. DeBERTa's pooler.dense): left in full precision."""
+    heads = adapters.head_modules(model)
+    return [name for name, _ in model.named_modules()
+            if name.split(".")[-1] in targets and adapters.inside(name, heads)]
+
+
+def target_linears(model: torch.nn.Module, targets: list[str], rank: int) -> dict[str, torch.nn.Linear]:
+    """Target name -> nn.Linear, checked before any work: every target matches, is linear and wider than r.
+    The task head (classifier, pooler) is never quantized."""
+    skip = set(head_linears(model, targets))
+    found = {name: module for name, module in model.named_modules()
+             if name.split(".")[-1] in targets and name not in skip}
+    unmatched = sorted(set(targets) - {name.split(".")[-1] for name in found})
+    if unmatched:
+        raise ValueError(f"target module(s) {unmatched} match no module of this model: check --target_modules")
+    for name, module in found.items():
+        if type(module) is not torch.nn.Linear:
+            raise ValueError(f"target {name!r} is a {type(module).__name__}, not a torch.nn.Linear")
+        if rank > min(module.weight.shape):
+            raise ValueError(f"rank {rank} exceeds min(shape) = {min(module.weight.shape)} of {name!r}")
+    return found
+
+
+def plan(model: torch.nn.Module, settings: dict, targets: list[str]) -> tuple:
+    """The Llmm config (LoftQ settings, targets) and the modules to quantize: the target linears, plus the
+    embedding tables with quantize_embeddings. ``model`` may be on the meta device (llmm.streaming)."""
+    modules = target_linears(model, targets, settings["rank"])
+    if settings["quantize_embeddings"]:
+        modules.update(embedding_targets(model, tables.default_embedding_targets(model.config)))
+        targets = targets + sorted({name.split(".")[-1] for name in modules} - set(targets))
+    config = adapters.llmm_config({**settings, "init": "loftq",
+                                   "compensate_scaling": not settings.get("reference_scaling", False)},
+                                  targets, loftq_block_size=settings["block_size"],
+                                  exclude_modules=head_linears(model, targets) or None)
+    return config, modules
+
+
+def quantize(model: torch.nn.Module, settings: dict, targets: list[str]) -> tuple:
+    """The whole-model path: replace each target weight by Q in place; return the Llmm config, the means and the
+    per-layer report."""
+    config, modules = plan(model, settings, targets)
+    means, report = {}, {}
+    for name, module in tqdm(modules.items(), desc="LoftQ", unit="layer"):
+        weight = module.weight.detach().to(settings["device"])
+        q, factor_A, factor_B, report[name] = streaming.loftq_matrix(weight, config, DTYPES[settings["dtype"]])
+        module.weight.data = q.to(module.weight.device)
+        means[name] = (factor_A, factor_B)
+    return config, means, report
+
+
+def save(model, tokenizer, config, means: dict, settings: dict, tmp_dir: Path, final_dir: Path) -> None:
+    """The whole-model path's directory: the backbone (in ``dtype``), tokenizer and llmm_init/ with the means."""
+    init_config = dataclasses.replace(config, init_lora_weights=False, loftq_config={})
+    peft_model = get_llmm_model(model, init_config)
+    with torch.no_grad():
+        for name, module in peft_model.base_model.model.named_modules():
+            if name in means and isinstance(module, LlmmEmbedding):  # PEFT's layout: A = M_B^T, B = M_A^T
+                module.lora_embedding_A["default"].copy_(means[name][1].T)
+                module.lora_embedding_B["default"].copy_(means[name][0].T)
+            elif name in means:
+                module.lora_A["default"].weight.copy_(means[name][0])
+                module.lora_B["default"].weight.copy_(means[name][1])
+    # Record the LoftQ settings that produced the means, and the backbone they belong to.
+    peft_model.peft_config["default"] = dataclasses.replace(config, base_model_name_or_path=str(final_dir))
+    peft_model.save_pretrained(tmp_dir / "llmm_init")
+    peft_model.unload().to(DTYPES[settings["dtype"]]).save_pretrained(tmp_dir)
+    tokenizer.save_pretrained(tmp_dir)
+
+
+def write_report(report: dict, settings: dict, tmp_dir: Path, started: float) -> None:
+    errors = [layer["rel_error_loftq"] for layer in report.values()]
+    fileio.write_json(tmp_dir / "quantize_report.json", {
+        "settings": settings, "versions": fileio.versions(), "wall_time_s": time.time() - started,
+        "mean_rel_error_q": sum(layer["rel_error_q"] for layer in report.values()) / len(report),
+        "mean_rel_error_loftq": sum(errors) / len(errors), "layers": report,
+    })
+
+
+def make_init_dir(settings: dict, whole_model: bool = False) -> Path:
+    """Write the directory of resolved ``settings`` (``resolve``); return its path. Streamed from the checkpoint's
+    safetensors where that applies, else (or with ``whole_model``) with the whole model loaded: the same directory
+    bit for bit. Locked, written under a temporary name and renamed on success (llmm.outdirs)."""
+    started = time.time()
+    final_dir = output_dir(settings)
+    if final_dir.exists() and any(final_dir.iterdir()) and not settings.get("overwrite"):
+        raise FileExistsError(f"output directory {str(final_dir)!r} exists and is not empty: pass --overwrite "
+                              "or another --save_dir")
+    check_new_dir(final_dir, settings.get("overwrite", False))  # a file, locked, or not llmm's to replace
+    extra = {"num_labels": settings["num_labels"]} if settings.get("num_labels") else {}
+    model_config = fileio.load_pretrained(AutoConfig, settings["model"], **extra)
+    tokenizer = fileio.load_pretrained(AutoTokenizer, settings["model"])  # before hours of LoftQ: needed
+    targets = tables.default_targets(model_config, settings.get("target_modules"))
+    # The model is built on the meta device only to decide the targets and the layout (llmm.streaming).
+    folder = None if whole_model else streaming.local_checkpoint(settings["model"])
+    model, why = None, "asked for" if whole_model else "no safetensors checkpoint"
+    if folder is not None:
+        model = streaming.empty_model(LOADERS[settings["task_type"]], model_config,
+                                      streaming.checkpoint_dtype(folder, model_config))
+        missing = streaming.tensor_plan(folder, model)[1]
+        model, why = (None, f"the checkpoint lacks {missing[:3]}") if missing else (model, "")
+    if model is None:
+        cli.logger.info("loading the whole model (%s)", why)
+        # The checkpoint's own dtype, so LoftQ sees the original weights; the backbone is saved in settings["dtype"].
+        model = fileio.load_pretrained(LOADERS[settings["task_type"]], settings["model"], dtype="auto", **extra)
+    target_linears(model, targets, settings["rank"])  # bad targets or rank fail before anything is written
+    with atomic_dir(final_dir, overwrite=settings.get("overwrite", False)) as tmp_dir:
+        if model.device.type == "meta":
+            config, modules = plan(model, settings, targets)
+            report = streaming.quantize_checkpoint(
+                folder, tmp_dir, model, modules, config, DTYPES[settings["dtype"]], settings["device"],
+                final_dir=final_dir, progress=lambda items: tqdm(items, desc="LoftQ (streamed)", unit="tensor"))
+            tokenizer.save_pretrained(tmp_dir)
+        else:
+            config, means, report = quantize(model, settings, targets)
+            save(model, tokenizer, config, means, settings, Path(tmp_dir), final_dir)
+        write_report(report, settings, Path(tmp_dir), started)
+    cli.logger.info("wrote %s (mean relative error: Q %.4f, Q + gBA %.4f)", final_dir,
+                    sum(r["rel_error_q"] for r in report.values()) / len(report),
+                    sum(r["rel_error_loftq"] for r in report.values()) / len(report))
+    return final_dir
