@@ -8,7 +8,8 @@
 #   Output:   $OUT/<task>/<method>-<backbone>/seed<seed>/ per run (train + in-distribution and OOD evaluation),
 #             $OUT/<task>/ensemble-<backbone>/ (the deep ensemble of the map runs), then $OUT/table.md.
 #
-# Override with environment variables; extra arguments go to every training run:
+# Override with environment variables; extra arguments go to every training run (not --output_dir, --seed, --task
+# or --method, which the loop sets: use OUT, SEEDS, TASKS, METHODS):
 #   TASKS="obqa boolq" METHODS="map llmm" SEEDS="1 2 3" BACKBONES="int8 nf4 nf2" bash train_mcq.sh
 #   methods: the variants of configs/mcq.yaml: map mcdropout llmm | llmm_pex (per-example noise) | llmm_tfb / llmm_nll
 #            (the validation-chosen width: add --validation_size N) | llmm_ent (the entropy term)
@@ -34,6 +35,16 @@ if [[ -n $ACCELERATE_CONFIG ]]; then
   LAUNCH="accelerate launch --config_file $ACCELERATE_CONFIG"
 fi
 LAUNCH=${LAUNCH:-python}
+
+# The loop sets these per run: given as extra arguments they would send every run to one place (or one seed).
+for arg in "$@"; do
+  case "$arg" in
+    --output_dir|--output_dir=*|--seed|--seed=*|--task|--task=*|--method|--method=*)
+      echo "error: ${arg%%=*} is set by train_mcq.sh for each run (every run would get the same one):" \
+        "use OUT=, SEEDS=, TASKS= or METHODS= instead" >&2
+      exit 2 ;;
+  esac
+done
 
 backbone_flags() {  # the backbone's name -> the table's settings that select it
   case "$1" in

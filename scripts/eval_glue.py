@@ -32,6 +32,7 @@ from llmm.run.glue import EVAL_NOISE, load_model
 from llmm.run import schema
 from llmm.run.cli import logger, run_main
 from llmm.run.fileio import check_data_paths, seed_everything, write_json
+from llmm.streams import check_seed
 
 MODES = EVAL_NOISE
 
@@ -57,10 +58,12 @@ def check(args: argparse.Namespace) -> tuple[Path, dict, Path]:
         raise FileNotFoundError(f"{str(run)!r} is not a finished scripts.train_glue run (it needs settings.json and "
                                 "adapter/): pass a run's output directory")
     settings = schema.current_names(json.loads((run / "settings.json").read_text()))  # old runs: old names
-    for name in ("mc_samples", "batch_size", "seed"):
+    if args.seed is not None:
+        check_seed(args.seed, "--seed")  # 0 .. 2^32 - 1
+    for name in ("mc_samples", "batch_size"):
         value = getattr(args, name)
-        if value is not None and value < (0 if name == "seed" else 1):
-            raise ValueError(f"--{name} {value} is out of range: it must be >= {0 if name == 'seed' else 1}")
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} {value} is out of range: it must be >= 1")
     if args.mc_samples is not None and args.mode != "mc":
         raise ValueError(f"--mc_samples only applies to --mode mc (this is --mode {args.mode}): drop it or add "
                          "--mode mc")

@@ -8,7 +8,9 @@ average of the members' mean-mode answer distributions (M = the number of runs; 
 the seed and data_seed). The eval sets are the run's task test split and its OOD sets (--ood, --test_data and
 --max_eval_samples override the run's). Settings come from each run's settings.json (configs/mcq.yaml resolved).
 Writes OUTPUT_DIR/results.json and reliability-<set>.png; each evaluation records its seed (an ensemble's: its
-members' seeds, "1+2+3") and its cell (the run's settings plus the set, mode and N) for scripts.mcq_table.
+members' seeds, "1+2+3"), its cell (the run's settings plus the set, mode and N) for scripts.mcq_table, and every
+question's probabilities over its choices with its gold label and id (``questions``: the metrics recompute from them).
+results.json's eval_precision says how the evaluation computes (the same in train_mcq: no autocast).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 from llmm import outdirs
 from llmm.run import cli, fileio, tables
 from llmm.tasks.mcq import letter_token_ids
-from llmm.run.mcq import TABLE, evaluate_sets, load_all
+from llmm.run.mcq import TABLE, eval_precision, evaluate_sets, load_all
 from llmm.run.mcq_test import parse_args, member_settings, load_member, ensemble_seed, ensemble
 
 
@@ -47,7 +49,8 @@ def main(argv=None) -> dict:
     results = {"task": first["task"], "method": method, "seed": seed, "member_seeds": [m["seed"] for m in members],
                "K": first["K"], "backbone": first["backbone"],
                "llmmscale": first["llmmscale"], "rank": first["rank"], "model": first["model_name_or_path"],
-               "runs": args.runs, "members": len(members), "evaluations": evaluations,
+               "runs": args.runs, "members": len(members), "eval_precision": eval_precision(first),
+               "evaluations": evaluations,
                "wall_time_s": time.time() - started, "versions": fileio.versions(), "complete": True}
     fileio.write_json(output_dir / "results.json", results)
     cli.logger.info("results -> %s", output_dir / "results.json")

@@ -48,17 +48,11 @@ def mcq_losses(tiny_dir, out, noise):  # noqa: F811
                                    "--eval_modes", "mean")))
 
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "the Trainer's held-out evaluation with --eval_noise sample draws "
-                   "from the model's training NoiseSource: evaluate under a saved / restored NoiseSource state (an "
-                   "LlmmTrainer.evaluate override in scripts/training.py), or from its own generator")
 def test_mcq_training_losses_do_not_depend_on_the_evaluation_noise(tiny_dir, tmp_path):  # noqa: F811
     mean, sample = mcq_losses(tiny_dir, tmp_path / "mean", "mean"), mcq_losses(tiny_dir, tmp_path / "sample", "sample")
     assert len(mean) == 3 and mean == sample
 
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "train_glue's dev evaluation draws its networks from its own "
-                   "generator (llmm.streams.network_seeds(seed, N) -> torch.Generator per network), or saves and "
-                   "restores the model's NoiseSource state around evaluation; never the training noise stream")
 def test_glue_training_losses_do_not_depend_on_the_evaluation_noise(tmp_path):
     from test_glue import DATA as GLUE_DATA
     from test_glue import SMOKE, save_tiny_model
@@ -77,11 +71,27 @@ def test_glue_training_losses_do_not_depend_on_the_evaluation_noise(tmp_path):
     assert len(curves["mean"]) >= 2 and curves["mean"] == curves["mc"]
 
 
+def test_causal_lm_training_losses_do_not_depend_on_the_evaluation_noise(tmp_path):
+    """train_gsm8k's held-out evaluation every step, of the mean network or sampled: the same training losses."""
+    from scripts import train_gsm8k
+
+    save_tiny_llama(tmp_path / "base")
+    curves = {}
+    for noise in ("mean", "sample"):
+        results = train_gsm8k.main(["--model", "llama-2-7b", "--rank", "64", "--model_name_or_path",
+                                    str(tmp_path / "base"), "--init", "lora", "--data", str(LM_DATA / "gsm8k.jsonl"),
+                                    "--eval_split", "heldout", "--eval_size", "2", "--eval_noise", noise,
+                                    "--eval_steps", "1", "--output_dir", str(tmp_path / noise), *FP32,
+                                    "--max_steps", "3", "--logging_steps", "1"])
+        outdirs.release_all()
+        curves[noise] = losses(results)
+        held_out = [h["eval_loss"] for h in results["history"] if "eval_loss" in h]
+    assert len(curves["mean"]) == 3 and curves["mean"] == curves["sample"]
+    assert len(held_out) >= 3  # it did evaluate between the steps
+
+
 # --- a run saves what its figures are computed from ---------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "train_mcq.evaluate_sets / test_mcq.ensemble add "
-                   "entry['questions'] = C.question_records(probs, labels, [len(r['choices']) for r in records], "
-                   "ids) per (set, mode), ids from llmm.tasks.mcq.question_ids (or the records' positions)")
 def test_a_multiple_choice_run_saves_every_questions_probabilities(llmm_run):
     results = json.loads((llmm_run / "results.json").read_text())
     for entry in results["evaluations"]:
@@ -91,9 +101,6 @@ def test_a_multiple_choice_run_saves_every_questions_probabilities(llmm_run):
             assert recomputed[name] == pytest.approx(entry[name], abs=1e-9)
 
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "train_mcq evaluates outside the Trainer's autocast (the same "
-                   "load-and-evaluate path as test_mcq, or torch.autocast(enabled=False) around C.predict) and both "
-                   "record results['eval_precision'] (e.g. 'bfloat16 weights, float32 noise and softmax')")
 def test_one_bf16_adapter_gives_the_same_figures_in_train_mcq_and_test_mcq(tiny_dir, tmp_path):  # noqa: F811
     trained = train(train_argv(tiny_dir, tmp_path / "run", "--dtype", "bfloat16", "--max_steps", "2",
                                "--eval_modes", "mean", "mc"))
@@ -139,9 +146,6 @@ def test_nf4_on_cpu_every_batch_of_an_evaluation_uses_the_same_kernel(tokenizer,
     np.testing.assert_array_equal(forward, reordered)
 
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "train_mcq / causal_lm evaluate inside "
-                   "llmm.tasks.calibration.cpu_4bit_as_plain_peft(model) (the Trainer's evaluate and evaluate_sets), "
-                   "so a training run's evaluations use the kernel plain PEFT uses")
 def test_nf4_after_keep_cpu_4bit_trainable_evaluates_as_plain_peft(tokenizer, tmp_path):  # noqa: F811
     from test_mcq import question_batches
 
@@ -183,9 +187,6 @@ def resume_argv(tiny_dir, run, *extra):  # noqa: F811
                       "mean", "mc", "--resume_from_checkpoint", "latest", *extra)
 
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "train_mcq / causal_lm / train_glue compare the checkpoint's "
-                   "settings (training.check_resumable) for seed, train_data, lora_dropout, max_length and the "
-                   "backbone's identity (config + weight hash, not only its architecture) before anything is written")
 @pytest.mark.parametrize("extra", [["--seed", "2"], ["--train_data", "obqa"], ["--lora_dropout", "0.1"],
                                    ["--max_length", "200"]], ids=["seed", "train_data", "lora_dropout", "max_length"])
 def test_resume_with_other_settings_is_refused_and_changes_nothing(llmm_run, tiny_dir, tmp_path, capsys,  # noqa: F811
@@ -201,8 +202,6 @@ def test_resume_with_other_settings_is_refused_and_changes_nothing(llmm_run, tin
     assert code == 2 and extra[0].lstrip("-") in line and tree(run) == before
 
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "train_mcq writes settings.json only after every resume check "
-                   "passed (check first, then U.make_output_dir and write_json)")
 def test_a_refused_resume_leaves_settings_json_as_it_was(llmm_run, tiny_dir, tmp_path, capsys):  # noqa: F811
     run = tmp_path / "run"
     shutil.copytree(llmm_run, run)
@@ -211,10 +210,19 @@ def test_a_refused_resume_leaves_settings_json_as_it_was(llmm_run, tiny_dir, tmp
     assert code == 2 and (run / "settings.json").read_bytes() == before
 
 
+def test_a_run_inside_the_checkpoint_it_resumes_from_is_refused(llmm_run, tiny_dir, tmp_path, capsys):  # noqa: F811
+    from test_safety import tree
+
+    checkpoint = llmm_run / "checkpoints" / "checkpoint-3"
+    before = tree(llmm_run)
+    argv = resume_argv(tiny_dir, checkpoint / "new")
+    argv[argv.index("latest")] = str(checkpoint)
+    code, line = cli(train_mcq.main, argv, capsys)
+    assert code == 2 and "lies inside --resume_from_checkpoint" in line and tree(llmm_run) == before
+
+
 # --- a relative backbone path still names the right backbone -----------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "causal_lm.save_run records the in-process LoftQ backbone resolved "
-                   "(str((output_dir / 'backbone').resolve())), as train_glue does")
 def test_in_process_loftq_with_a_relative_output_dir_records_a_path_valid_anywhere(tmp_path, monkeypatch):
     from scripts import train_gsm8k
 
@@ -232,9 +240,6 @@ def test_in_process_loftq_with_a_relative_output_dir_records_a_path_valid_anywhe
 
 # --- Monte-Carlo networks of different seeds never overlap ------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "test_gsm8k.predict draws network d from "
-                   "llmm.streams.network_seeds(seed, mc_samples)[d] (set_seed(that % 2**32) for the decoding), not "
-                   "seed + d")
 def test_gsm8k_mc_networks_of_two_seeds_share_none(tmp_path, monkeypatch):
     from scripts import test_gsm8k
 
@@ -247,13 +252,15 @@ def test_gsm8k_mc_networks_of_two_seeds_share_none(tmp_path, monkeypatch):
                            LlmmConfig(r=4, lora_alpha=8, k=2, target_modules=["q_proj"]))
     model.peft_config["default"].base_model_name_or_path = str(tmp_path / "base")
     save_llmm_adapter(model, str(tmp_path / "adapter"))
-    drawn, original = [], test_gsm8k.sampled_network
+    from llmm.run import gsm8k_test
+
+    drawn, original = [], gsm8k_test.sampled_network
 
     def recording(model, seed):
         drawn[-1].append(seed)
         return original(model, seed)
 
-    monkeypatch.setattr(test_gsm8k, "sampled_network", recording)
+    monkeypatch.setattr(gsm8k_test, "sampled_network", recording)  # where predict looks it up
     for seed in ("1", "2"):
         drawn.append([])
         test_gsm8k.main(["--adapter", str(tmp_path / "adapter"), "--output_dir", str(tmp_path / f"s{seed}"),

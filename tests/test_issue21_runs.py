@@ -15,7 +15,6 @@ from conftest import REPO_ROOT
 from test_mcq import DATA, tiny_dir, tokenizer, train_argv  # noqa: F401  (fixtures)
 from test_safety import ENV, cli, tree
 
-from llmm.run import fileio
 from llmm.run.cli import disk_full
 from llmm import outdirs
 from scripts import eval_glue, mcq_table, test_gsm8k, test_mcq, train_mcq
@@ -78,9 +77,6 @@ def test_mcq_table_never_writes_over_a_runs_results(world, capsys):
     refused(mcq_table.main, [str(run), "--output", str(run / "results.json")], capsys, root, "lies inside")
 
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "train_mcq.main calls outdirs.check_outputs_apart({'--output_dir': "
-                   "output_dir}, {'--train_data', '--test_data', '--ood', '--model_name_or_path'}) before "
-                   "outdirs.check_output_dir")
 def test_train_mcq_never_replaces_its_own_training_data(tiny_dir, tmp_path, capsys):  # noqa: F811
     data = tmp_path / "data"  # a prepare script's output: recognisably llmm's, so --overwrite would replace it
     data.mkdir()
@@ -91,9 +87,6 @@ def test_train_mcq_never_replaces_its_own_training_data(tiny_dir, tmp_path, caps
     refused(train_mcq.main, argv, capsys, tmp_path, "contains --train_data")
 
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "causal_lm.main (train_gsm8k / train_nlg) calls "
-                   "outdirs.check_outputs_apart({'--output_dir': ...}, {'--model_name_or_path', '--data', "
-                   "'--eval_data', '--resume_from_checkpoint'}) before outdirs.check_output_dir")
 def test_train_gsm8k_never_replaces_the_init_directory_it_reads(tiny_dir, tmp_path, capsys):  # noqa: F811
     from scripts import quantize_model, train_gsm8k
 
@@ -130,8 +123,6 @@ def test_overwrite_of_a_symlinked_output_dir_is_one_line_naming_it(world, tmp_pa
             tmp_path, f"'{tmp_path / 'link'}'", "symbolic link")
 
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "train_mcq.sh refuses --output_dir / --seed / --task / --method in "
-                   "its extra arguments (they would send every run to one directory) with one error line, exit 2")
 def test_train_mcq_sh_refuses_one_output_dir_for_every_run(tmp_path):
     launch = tmp_path / "launch"
     launch.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'launched'}\n")
@@ -146,8 +137,6 @@ def test_train_mcq_sh_refuses_one_output_dir_for_every_run(tmp_path):
 
 # --- test_mcq input checks ------------------------------------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "test_mcq.member_settings refuses runs that resolve "
-                   "(os.path.realpath) to the same directory: 'run ... is given twice'")
 @pytest.mark.parametrize("twice", ["same", "spelled"])
 def test_an_ensemble_of_one_run_twice_is_refused(world, tmp_path, capsys, twice):
     _, run, _ = world
@@ -156,8 +145,6 @@ def test_an_ensemble_of_one_run_twice_is_refused(world, tmp_path, capsys, twice)
     assert code == 2 and "twice" in line and not (tmp_path / "e").exists()
 
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "test_mcq.parse_args / check_settings: --max_eval_samples must be "
-                   ">= 1 (or absent for all); -1 and 0 are one error line naming the flag")
 @pytest.mark.parametrize("value", ["-1", "0"])
 def test_max_eval_samples_below_one_is_refused(world, tmp_path, capsys, value):
     _, run, _ = world
@@ -166,8 +153,6 @@ def test_max_eval_samples_below_one_is_refused(world, tmp_path, capsys, value):
     assert code == 2 and "--max_eval_samples" in line and not (tmp_path / "e").exists()
 
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "test_mcq.parse_args / check_settings: --per_device_eval_batch_size "
-                   "must be >= 1, one line naming the flag")
 @pytest.mark.parametrize("value", ["0", "-1"])
 def test_eval_batch_size_below_one_names_the_flag(world, tmp_path, capsys, value):
     _, run, _ = world
@@ -176,9 +161,6 @@ def test_eval_batch_size_below_one_names_the_flag(world, tmp_path, capsys, value
     assert code == 2 and "--per_device_eval_batch_size" in line and not (tmp_path / "e").exists()
 
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "test_mcq.run_settings checks settings.json is an object holding "
-                   "every key the evaluation reads (one line naming the file and the missing key, 're-run with this "
-                   "version')")
 @pytest.mark.parametrize("content", ["[1, 2]", "{}", "drop:K"])
 def test_a_runs_bad_settings_json_is_one_line_naming_it(world, tmp_path, capsys, content):
     _, run, _ = world
@@ -196,14 +178,11 @@ def test_a_runs_bad_settings_json_is_one_line_naming_it(world, tmp_path, capsys,
 
 # --- seeds, batch sizes, steps: one line naming the flag ---------------------------------------------------------------
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "every entry point checks --seed with llmm.streams.check_seed(seed, "
-                   "'--seed') in its settings check (0 .. 2^32 - 1, numpy's legacy seeding limit)")
 def test_a_seed_beyond_two_to_the_32_names_the_flag(world, tiny_dir, tmp_path, capsys):  # noqa: F811
     code, line = cli(train_mcq.main, train_argv(tiny_dir, tmp_path / "r", "--seed", str(2**32)), capsys)
     assert code == 2 and "--seed" in line and "4294967295" in line and not (tmp_path / "r").exists()
 
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "llmm.config's schema: eval_steps is an integer >= 1")
 def test_eval_steps_zero_is_refused(world, tiny_dir, tmp_path, capsys):  # noqa: F811
     argv = train_argv(tiny_dir, tmp_path / "r")
     argv[argv.index("--eval_steps") + 1] = "0"
@@ -211,8 +190,6 @@ def test_eval_steps_zero_is_refused(world, tiny_dir, tmp_path, capsys):  # noqa:
     assert code == 2 and "eval_steps" in line and not (tmp_path / "r").exists()
 
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "fileio.check_data_paths: a data path that is a directory is 'is a "
-                   "directory, not a .json/.jsonl file', not 'does not exist'")
 def test_a_data_file_that_is_a_directory_is_named_as_such(world, tiny_dir, tmp_path, capsys):  # noqa: F811
     folder = tmp_path / "train.jsonl"
     folder.mkdir()
@@ -222,15 +199,11 @@ def test_a_data_file_that_is_a_directory_is_named_as_such(world, tiny_dir, tmp_p
     assert code == 2 and "directory" in line and "does not exist" not in line and "No such file" not in line
 
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "llmm.run.disk_full also recognises torch.save's 'unexpected pos' "
-                   "RuntimeError (inline_container.cc), so a full disk at a Trainer checkpoint is one error line")
 def test_a_full_disk_at_a_checkpoint_is_recognised():
     error = RuntimeError("[enforce fail at inline_container.cc:858] . unexpected pos 3328 vs 3216")
     assert disk_full(error)
 
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "llmm.model.export_mean_adapter checks adapter_name in "
-                   "peft_model.peft_config and raises ValueError naming the adapters it has")
 def test_export_mean_adapter_of_an_unknown_adapter_is_a_value_error(tmp_path):
     from conftest import tiny_llama
 
@@ -256,8 +229,6 @@ def test_mc_dropout_out_of_range_names_mc_dropout(tiny_dir, tmp_path, capsys):  
     assert code == 2 and "--mc_dropout" in line and not (tmp_path / "r").exists()
 
 
-@pytest.mark.xfail(strict=True, reason=WIRED + "test_mcq.run_settings reads settings.json through one helper that "
-                   "names the file in the error ('RUN/settings.json is not valid JSON (...)')")
 def test_a_malformed_settings_json_is_named(world, tmp_path, capsys):
     _, run, _ = world
     copy = tmp_path / "run"

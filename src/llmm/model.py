@@ -279,6 +279,9 @@ def export_mean_adapter(
 ) -> str:
     """Write the mean adapter (A = M_A, B = M_B) as a plain PEFT LoRA adapter, atomically; returns ``out_dir``.
     ``state_dict``: as for ``save_llmm_adapter``."""
+    if adapter_name not in peft_model.peft_config:
+        raise ValueError(f"the model has no adapter {adapter_name!r} (its adapters: {sorted(peft_model.peft_config)}): "
+                         "pass one of those as adapter_name")
     config = peft_model.peft_config[adapter_name]
     lora_fields = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
     plain = {name: getattr(config, name) for name in lora_fields if name != "runtime_config"}

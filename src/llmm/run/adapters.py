@@ -34,8 +34,13 @@ def llmm_config(settings: dict, target_modules: list[str], **extra):
 
 def check_settings(settings: dict, blocks=schema.BLOCKS) -> None:
     """Every setting is in its declared range (its field in llmm.run.schema, the schema LlmmConfig uses too);
-    checked before any model or data is loaded and before anything is written. None means "not set"."""
+    checked before any model or data is loaded and before anything is written. None means "not set". Seeds are
+    integers in 0 .. 2^32 - 1 (llmm.streams.check_seed), an error naming the flag."""
+    from llmm.streams import check_seed
+
     for name, value in settings.items():
+        if name in ("seed", "data_seed") and value is not None:
+            check_seed(value, f"--{name}")  # numpy's legacy seeding limit, 2^32 - 1
         rule = schema.setting_error(name, value, blocks)
         if rule:
             raise ValueError(f"{name} = {value!r} is out of range: it must be {rule}; fix --{name} or the table row "

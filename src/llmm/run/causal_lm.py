@@ -335,7 +335,8 @@ def training_arguments(settings: dict, output_dir: Path, resume: bool = False) -
         gradient_accumulation_steps=settings["gradient_accumulation_steps"],
         learning_rate=settings["learning_rate"], lr_scheduler_type=settings["lr_scheduler_type"],
         warmup_steps=settings["warmup_ratio"],  # a float < 1 is a fraction of max_steps
-        weight_decay=settings["weight_decay"], optim=optim, max_grad_norm=settings["max_grad_norm"],
+        weight_decay=settings["weight_decay"],
+        adam_epsilon=settings.get("adam_epsilon", 1e-8), optim=optim, max_grad_norm=settings["max_grad_norm"],
         eval_strategy="steps", eval_steps=settings["eval_steps"], eval_on_start=not resume, prediction_loss_only=True,
         logging_steps=settings["logging_steps"], logging_first_step=True,
         save_strategy="steps", save_steps=settings["save_steps"], save_total_limit=settings["save_total_limit"],
@@ -367,6 +368,8 @@ class CausalLMRecipe(Recipe):
     """GSM8K, Alpaca and HH-RLHF: the HF Trainer on (source, target) pairs; held-out loss and perplexity.
 
     ``encode(tokenizer, settings, record) -> {"input_ids", "attention_mask", "labels"}``."""
+
+    blocks = BLOCKS
 
     def __init__(self, settings: dict, task: str, encode):
         super().__init__(settings)
@@ -434,7 +437,8 @@ def train(settings: dict, task: str, encode) -> dict:
 def save_run(peft_model, tokenizer, settings: dict, output_dir: Path, state_dict=None) -> None:
     """adapter/ (M and Z), mean_adapter/ and, after in-process LoftQ, backbone/ (the quantized Q the adapter
     names), each written atomically. ``state_dict``: a sharded run's gathered tensors (Recipe.adapter_state)."""
-    backbone = output_dir / "backbone" if in_process_loftq(settings) else settings["model_name_or_path"]
+    # The backbone written here is recorded resolved (as GLUE does), so the adapter names it from any directory.
+    backbone = (output_dir / "backbone").resolve() if in_process_loftq(settings) else settings["model_name_or_path"]
     peft_model.peft_config["default"].base_model_name_or_path = str(backbone)
     save_llmm_adapter(peft_model, str(output_dir / "adapter"), overwrite=True, state_dict=state_dict)
     export_mean_adapter(peft_model, str(output_dir / "mean_adapter"), overwrite=True, state_dict=state_dict)

@@ -41,12 +41,14 @@ OS_FIXES = {
 }
 
 def disk_full(error: BaseException) -> bool:
-    """A write that failed for lack of space: an OSError ENOSPC, or torch.save's / safetensors' wrapped form."""
+    """A write that failed for lack of space: an OSError ENOSPC, or torch.save's / safetensors' wrapped form (torch's
+    zip writer reports a short write as "unexpected pos N vs M" from inline_container.cc)."""
     if isinstance(error, OSError):
         return error.errno in (errno.ENOSPC, errno.EDQUOT)
     text = str(error)
     return any(sign in text for sign in ("No space left on device", "StorageFull", "code: 28,",
-                                         "PytorchStreamWriter failed writing file"))
+                                         "PytorchStreamWriter failed writing file"))\
+        or ("inline_container.cc" in text and "unexpected pos" in text)
 
 def error_line(error: BaseException) -> str:
     """The one line that run_main prints for ``error``: the problem, the file, the fix."""

@@ -151,6 +151,9 @@ def check_data_paths(**flags) -> None:
             path = Path(value).expanduser()
             if not path.exists():
                 raise FileNotFoundError(f"--{flag} {value!r} does not exist: pass an existing file or directory")
+            if path.is_dir() and str(value).endswith(TEXT_SUFFIXES):
+                raise IsADirectoryError(f"--{flag} {value!r} is a directory, not a {path.suffix} file: pass the "
+                                        "data file itself")
             files = [path] if path.is_file() else [p for p in sorted(path.iterdir()) if p.is_file()]
             for file in files:
                 if file.suffix in TEXT_SUFFIXES:

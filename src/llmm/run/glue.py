@@ -301,6 +301,7 @@ def training_arguments(settings: dict, out: Path) -> TrainingArguments:
         gradient_accumulation_steps=settings["gradient_accumulation_steps"],
         per_device_eval_batch_size=settings["per_device_eval_batch_size"],
         learning_rate=settings["learning_rate"], weight_decay=settings["weight_decay"],
+        adam_epsilon=settings.get("adam_epsilon", 1e-8),
         num_train_epochs=settings["num_train_epochs"], max_steps=settings.get("max_steps") or -1,
         lr_scheduler_type=settings["lr_scheduler_type"], warmup_steps=settings["warmup_ratio"],  # < 1: a ratio
         max_grad_norm=settings["max_grad_norm"], seed=settings["seed"],
@@ -320,6 +321,8 @@ class GlueRecipe(Recipe):
 
     data_first = True
     not_sharded = "a GLUE encoder fits one device (and is quantized in-process)"
+    blocks = BLOCKS
+    input_settings = (*Recipe.input_settings, "model")  # GLUE's model is a hub id or a local directory
 
     def __init__(self, task: GlueTask, settings: dict):
         tag = f"{settings['method']}-{settings['quant']}{settings['bits']}-r{settings['rank']}"

@@ -14,6 +14,7 @@ from accelerate.utils import gather_object
 from transformers import GenerationConfig, set_seed
 from llmm import outdirs
 from llmm.run import adapters, cli, fileio, schema, tables
+from llmm.streams import network_seeds
 from llmm import LlmmConfig, llmm_layers, load_llmm_model, sample_factor, seed_noise
 from llmm import stats
 from llmm.tasks.prompts import (accuracy, encode_prompt, extract_answer, gold_answer, gsm8k_source, is_correct,
@@ -156,9 +157,10 @@ def predict(model, tokenizer, records: list[dict], settings: dict) -> list[dict]
         samples = [[text] for text in texts]
     else:
         samples = [[] for _ in records]
-        for draw in range(settings["mc_samples"]):
-            set_seed(settings["seed"] + draw)
-            with sampled_network(model, seed=settings["seed"] + draw):
+        # Network d of seed s: child d of SeedSequence(s) (llmm.streams), so no two seeds share a network.
+        for network_seed in network_seeds(settings["seed"], settings["mc_samples"]):
+            set_seed(network_seed % 2**32)  # the decoding's sampling
+            with sampled_network(model, seed=network_seed):
                 for sample, text in zip(samples, generate(model, tokenizer, prompts, settings)):
                     sample.append(text)
     predictions = []

@@ -28,7 +28,7 @@ from llmm.run import adapters, cli, fileio, schema, tables, width_search
 from llmm import stats
 from llmm.model import keep_cpu_4bit_trainable, seed_noise
 from llmm.tasks import calibration as C
-from llmm.tasks.mcq import encode_question, letter_token_ids, load_mcq
+from llmm.tasks.mcq import encode_question, letter_token_ids, load_mcq, question_ids
 from llmm.width import distribution_width, width_summary
 from llmm.run import causal_lm
 from llmm.run import trainer as training
@@ -172,15 +172,23 @@ def backbone_name(settings: dict) -> str:
 def task_records(settings: dict, table: dict, task: str, split: str) -> tuple[list[dict], str]:
     """(normalised records, where from) of one split ("train" / "test") of a task row, or of a local file."""
     if task.endswith((".json", ".jsonl")):
-        return load_mcq(task), task
+        return with_ids(load_mcq(task), question_ids(task)), task
     row = settings if task == settings["task"] else tables.select_row(table, task=task)
     local = row.get(f"{split}_data")
     if local:
-        return load_mcq(local), local
+        return with_ids(load_mcq(local), question_ids(local)), local
     name = row[f"{split}_split"]
     if not name:
         raise ValueError(f"task {task!r} has no {split} split")
-    return load_mcq(row["dataset"], row.get("dataset_config"), name), f"{row['dataset']} [{name}]"
+    records = load_mcq(row["dataset"], row.get("dataset_config"), name)
+    ids = question_ids(row["dataset"], row.get("dataset_config"), name)
+    return with_ids(records, ids), f"{row['dataset']} [{name}]"
+
+
+def with_ids(records: list[dict], ids: list[str]) -> list[dict]:
+    """Each record with its question id (its own, else its position from 1), which the saved per-question
+    probabilities name (llmm.tasks.calibration.question_records)."""
+    return [{**record, "id": ident} for record, ident in zip(records, ids)]
 
 
 def split_validation(records: list[dict], size: int) -> tuple[list[dict], list[dict]]:
@@ -273,10 +281,25 @@ def evaluation_cell(cell: dict, entry: dict) -> dict:
             "eval_samples": entry["N"]}
 
 
+def eval_precision(settings: dict) -> str:
+    """How every multiple-choice evaluation computes (train_mcq, test_mcq and plain PEFT alike), for results.json."""
+    return (f"backbone {settings['backbone']} computing in {settings['dtype']}; adapter factors and their noise in "
+            f"float32, the update added in {settings['dtype']}; letter softmax in float32; no autocast; bitsandbytes "
+            "CPU 4-bit as in a freshly loaded model")
+
+
+def question_entries(probs, labels, records: list[dict]) -> list[dict]:
+    """The per-question record of one evaluation: id, gold label, probabilities over the question's choices."""
+    return C.question_records(probs, labels, [len(r["choices"]) for r in records],
+                              [r.get("id", str(i + 1)) for i, r in enumerate(records)])
+
+
 def evaluate_sets(peft_model, tokenizer, letter_ids, eval_sets: dict, settings: dict, output_dir: Path | None,
                   method: str, cell: dict) -> list[dict]:
-    """Every eval set in every mode: one entry per (set, mode) with its seed and cell (``cell``, the run's, plus
-    the set, mode and N); a reliability PNG per set (modes side by side) when ``output_dir`` is given."""
+    """Every eval set in every mode: one entry per (set, mode) with its seed, cell (``cell``, the run's, plus
+    the set, mode and N) and every question's probabilities (``questions``, from which the metrics can be
+    recomputed); a reliability PNG per set (modes side by side) when ``output_dir`` is given. Outside any
+    mixed-precision autocast the Trainer put on the model (llmm.run.trainer.outside_training_autocast)."""
     device = next(peft_model.parameters()).device
     head = C.LetterHead(peft_model, letter_ids).to(device)
     entries = []
@@ -290,8 +313,9 @@ def evaluate_sets(peft_model, tokenizer, letter_ids, eval_sets: dict, settings: 
             seed_noise(peft_model, settings["seed"])  # and the Llmm noise (the model's own generator)
             started = time.time()
             batched = mode == "mc" and settings.get("mc_batched", False)  # networks from the seed's streams
-            probs, labels = C.predict(head, batches, mode, n_samples, seed=settings["seed"] if batched else None,
-                                      batched=batched)
+            with training.outside_training_autocast(peft_model):
+                probs, labels = C.predict(head, batches, mode, n_samples, seed=settings["seed"] if batched else None,
+                                          batched=batched)
             report = C.evaluate(probs, labels)
             reports[f"{name} {mode}" + (f" N={n_samples}" if mode in SAMPLED_MODES else "")] = report
             entries.append({"eval_set": name, "shift": "in-distribution" if index == 0 else "ood", "where": where,
@@ -300,6 +324,7 @@ def evaluate_sets(peft_model, tokenizer, letter_ids, eval_sets: dict, settings: 
                             "K": settings["K"], "backbone": settings["backbone"], "wall_time_s": time.time() - started,
                             **report})
             entries[-1]["cell"] = evaluation_cell(cell, entries[-1])
+            entries[-1]["questions"] = question_entries(probs, labels, records)
             cli.logger.info("%s %s (N=%d): accuracy %.4f, ECE %.4f, NLL %.4f, Brier %.4f", name, mode, n_samples,
                           report["accuracy"], report["ece"], report["nll"], report["brier"])
         if output_dir is not None:
@@ -330,6 +355,8 @@ def validation_nll(model, tokenizer, letter_ids, records: list[dict], settings: 
 
 class McqRecipe(causal_lm.CausalLMRecipe):
     """The causal-LM recipe with the answer-letter loss, the width history and the calibration evaluations."""
+
+    blocks = BLOCKS
 
     def __init__(self, settings: dict, table: dict):
         super().__init__(settings, settings["task"], encode=None)
@@ -387,7 +414,8 @@ class McqRecipe(causal_lm.CausalLMRecipe):
             "llmmscale": settings["llmmscale"], "rank": settings["rank"], "backbone": settings["backbone"],
             "bits": settings["bits"] if settings["init"] == "loftq" else None, "init": settings["init"],
             "model": settings["model_name_or_path"], "eval_modes": settings["eval_modes"],
-            "mc_samples": settings["mc_samples"], "n_train": len(trainer.train_dataset),
+            "mc_samples": settings["mc_samples"], "eval_precision": eval_precision(settings),
+            "n_train": len(trainer.train_dataset),
             "train_loss": outcome.training_loss, "global_step": trainer.state.global_step, "evaluations": evaluations,
             "width": {"definition": "||Z||_F / (sqrt(llmmscale) ||M||_F) per factor and layer (llmm.width)",
                       "history": self.width.history, "final_per_layer": distribution_width(model)},

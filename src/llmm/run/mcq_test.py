@@ -4,6 +4,7 @@ their adapters and the ensemble's averaged answer distributions."""
 from __future__ import annotations
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -13,7 +14,8 @@ from llmm import load_llmm_model
 from llmm.tasks import calibration as C
 from llmm.tasks.mcq import encode_question, letter_token_ids
 from llmm.run import causal_lm
-from llmm.run.mcq import TABLE, evaluate_sets, evaluation_cell, load_all, load_backbone, run_cell
+from llmm.run.mcq import (TABLE, evaluate_sets, evaluation_cell, load_all, load_backbone, question_entries,
+                          run_cell)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -28,15 +30,47 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--test_data", default=None, help="a .json/.jsonl in-distribution test file")
     parser.add_argument("--max_eval_samples", type=int, default=None, help="first N questions per set (debug)")
     parser.add_argument("--per_device_eval_batch_size", type=int, default=None)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for flag, value in (("--max_eval_samples", args.max_eval_samples), ("--mc_samples", args.mc_samples),
+                        ("--per_device_eval_batch_size", args.per_device_eval_batch_size)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be an integer >= 1, got {value}: pass a positive number (or drop "
+                             f"{flag} for the run's own)")
+    seen = {}
+    for run in args.runs:
+        real = os.path.realpath(os.path.expanduser(run))
+        if real in seen:
+            raise ValueError(f"run {run!r} is given twice (also as {seen[real]!r}): an ensemble needs distinct runs, "
+                             "each once")
+        seen[real] = run
+    return args
+
+
+# What the evaluation reads from a run's settings.json (written by every train_mcq of this version).
+NEEDED = ("task", "method", "seed", "K", "rank", "llmmscale", "backbone", "model_name_or_path", "dtype", "init",
+          "load_in_8bit", "load_in_4bit", "max_length", "per_device_eval_batch_size", "eval_modes", "mc_samples")
 
 
 def run_settings(run: str) -> dict:
+    """A finished run's settings.json: a JSON object holding every key the evaluation reads (NEEDED), else one
+    error naming the file."""
     path = Path(run) / "settings.json"
     if not path.is_file() or not (Path(run) / "adapter").is_dir():
         raise FileNotFoundError(f"{run!r} is not a finished train_mcq run (no settings.json / adapter/): pass the "
                                 "run's output directory")
-    return json.loads(path.read_text())
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{str(path)!r} is not valid JSON ({error}): re-run the training (train_mcq) that wrote "
+                         "it") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{str(path)!r} holds a {type(settings).__name__}, not train_mcq's settings object: pass a "
+                         "run directory written by train_mcq")
+    missing = [key for key in NEEDED if key not in settings]
+    if missing:
+        raise ValueError(f"{str(path)!r} lacks {', '.join(missing)}: it was written by another version of "
+                         "train_mcq; re-run the training with this version")
+    return settings
 
 
 def member_settings(args) -> list[dict]:
@@ -105,12 +139,13 @@ def ensemble(members: list[dict], eval_sets: dict, output_dir: Path) -> list[dic
     data_seeds = sorted({settings["cell"].get("data_seed") for settings in members}, key=str)
     cell = {**first["cell"], "method": "ensemble", "member_method": first["method"],
             "data_seed": data_seeds[0] if len(data_seeds) == 1 else "+".join(map(str, data_seeds))}
-    for index, (name, (_, where)) in enumerate(eval_sets.items()):
+    for index, (name, (records, where)) in enumerate(eval_sets.items()):
         report = C.evaluate(sums[name] / len(members), labels[name])
         entries.append({"eval_set": name, "shift": "in-distribution" if index == 0 else "ood", "where": where,
                         "mode": "ensemble", "N": len(members), "method": "ensemble", "seed": seeds,
                         "K": first["K"], "backbone": first["backbone"], **report})
         entries[-1]["cell"] = evaluation_cell(cell, entries[-1])
+        entries[-1]["questions"] = question_entries(sums[name] / len(members), labels[name], records)
         cli.logger.info("%s ensemble (M=%d): accuracy %.4f, ECE %.4f, NLL %.4f, Brier %.4f", name, len(members),
                       report["accuracy"], report["ece"], report["nll"], report["brier"])
         C.plot_reliability(output_dir / f"reliability-{name}.png", {f"{name} ensemble M={len(members)}": report})

@@ -12,15 +12,15 @@ adds (its data, its model and adapter, its Trainer, its results and files).
 
 The flow: the launch's sharding (``llmm.sharding.check_sharded_launch``: an accelerate FSDP / DeepSpeed config that
 would not shard is one error line); data; the checkpoint to resume from and its checks (K, rank, alpha, scale,
-processes); the output directory's check; seed; backbone and adapter; datasets; lock and create the output
-directory (only now, so bad input writes nothing); the Trainer (``--report_to`` reaches it through the training
-arguments) and its optional entropy term (entropy_weight, entropy_warmup_ratio, entropy_floor:
-llmm.run.trainer.LlmmTrainer); settings.json; train; ``after_training`` (a later step on the trained model, e.g. a
-search on the validation split); under sharding every process gathers the adapter's whole tensors
-(``self.adapter_state``, None otherwise: pass it as ``state_dict`` to save_llmm_adapter / export_mean_adapter); on
-the main process the family's results and files, results.json and the adapters. A check of the output directory
-against the inputs
-goes in ``check_output``.
+processes; every setting that defines the run against its settings.json); the output directory's check; seed;
+backbone and adapter; datasets; lock and create the output directory (only now, so bad input writes nothing); the
+Trainer (``--report_to`` reaches it through the training arguments) and its optional entropy term (entropy_weight,
+entropy_warmup_ratio, entropy_floor: llmm.run.trainer.LlmmTrainer); settings.json; train; ``after_training`` (a later
+step on the trained model, e.g. a search on the validation split); under sharding every process gathers the
+adapter's whole tensors (``self.adapter_state``, None otherwise: pass it as ``state_dict`` to save_llmm_adapter /
+export_mean_adapter); on the main process the family's results and files, results.json and the adapters.
+``check_output`` refuses an output directory that is, contains or lies inside an input (the settings named in
+llmm.run.schema.INPUTS) before anything is written.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from llmm import outdirs, sharding
-from llmm.run import fileio
+from llmm.run import fileio, schema
 from llmm.run import trainer as training
 
 
@@ -80,7 +80,23 @@ class Recipe:
         """On the main process: the adapters, results.json and the family's files; returns the final results."""
         return results
 
+    blocks = schema.BLOCKS  # the family's settings (llmm.run.schema.FAMILY_BLOCKS): what a resume must keep
+    input_settings = schema.INPUTS  # the settings that name what the run reads (GLUE adds its "model")
+
+    def inputs(self) -> dict:
+        """{flag: path or paths} of what the run reads, for the check that no output is, holds or lies in one; the
+        checkpoint resumed from counts when it is not this run's own (inside the output directory)."""
+        found = {f"--{name}": self.settings[name] for name in self.input_settings if self.settings.get(name)}
+        checkpoint = getattr(self, "resumed_from", None)
+        own = os.path.realpath(os.path.expanduser(str(self.output_dir)))
+        if checkpoint and Path(own) not in Path(os.path.realpath(os.path.expanduser(str(checkpoint)))).parents:
+            found["--resume_from_checkpoint"] = checkpoint
+        return found
+
     def check_output(self, resume: bool) -> None:
+        """The output directory is none of the inputs, holds none and lies in none (before anything is written),
+        then may become this run's directory (new, empty, resumed or an llmm one replaced with --overwrite)."""
+        outdirs.check_outputs_apart({"--output_dir": str(self.output_dir)}, self.inputs())
         outdirs.check_output_dir(self.output_dir, self.settings.get("overwrite", False), resume=resume)
 
     # --- the flow ------------------------------------------------------------------------------------------------
@@ -101,8 +117,10 @@ class Recipe:
         if self.data_first:
             self.load_data()
         checkpoint = training.find_checkpoint(settings.get("resume_from_checkpoint"), self.checkpoint_dir)
+        self.resumed_from = checkpoint
         if checkpoint:
             training.check_checkpoint(checkpoint, settings)
+            training.check_resumable(self.output_dir, settings, self.blocks)  # before settings.json is rewritten
         self.check_output(resume=checkpoint is not None)
         if not self.data_first:
             self.load_data()

@@ -136,6 +136,7 @@ class TrainingSettings:
                                               "cosine_with_restarts", "inverse_sqrt"))
     warmup_ratio: float = setting(0.0, "fraction of the steps spent warming up", low=0, high=1, high_open=True)
     weight_decay: float = setting(0.0, "AdamW weight decay", low=0)
+    adam_epsilon: float = setting(1e-8, "AdamW epsilon (the Trainer's default 1e-8)", low=0, low_open=True)
     max_grad_norm: float = setting(1.0, "gradient clipping norm (0 = none)", low=0)
     optim: str = setting("adamw_torch", "optimizer (paged_* need CUDA: adamw_torch on CPU)",
                          choices=("adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "sgd"))
@@ -144,7 +145,7 @@ class TrainingSettings:
     gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step", low=1)
     num_train_epochs: float = setting(3.0, "epochs (max_steps, when set, wins)", low=0, low_open=True, kind=number)
     max_steps: int = setting(None, "optimizer steps (overrides num_train_epochs)", low=1)
-    eval_steps: int = setting(500, "evaluate every n optimizer steps (GLUE: 0 = every epoch)", low=0)
+    eval_steps: int = setting(500, "evaluate every n optimizer steps", low=1)
     logging_steps: int = setting(50, "log every n optimizer steps", low=1, role=RUN)
     save_steps: int = setting(500, "checkpoint every n optimizer steps (GLUE: 0 = every epoch)", low=0, role=RUN)
     save_total_limit: int = setting(1, "checkpoints kept (the newest)", low=1, role=RUN)
@@ -214,6 +215,7 @@ class GlueSettings:
     gaussian_embeddings: bool = setting(False, "the embedding pairs Gaussian with K directions (false: plain)")
     mc_samples: int = setting(10, "networks averaged when eval_noise = mc", low=1)
     max_length: int = setting(128, "tokens per example", low=1)
+    eval_steps: int = setting(0, "evaluate every n optimizer steps, 0 = every epoch", low=0)
 
 
 @dataclass
@@ -313,6 +315,11 @@ FAMILY_BLOCKS = {
 RENAMED = {"batch_size": "per_device_train_batch_size", "grad_accum": "gradient_accumulation_steps",
            "lr_scheduler": "lr_scheduler_type", "epochs": "num_train_epochs", "eval_batch_size":
            "per_device_eval_batch_size"}
+# Settings that name what a run reads (local paths; hub ids and task rows are skipped): the Recipe refuses an
+# --output_dir that is, contains or lies inside one (llmm.outdirs.check_outputs_apart). GLUE's "model" is a path too
+# (llmm.run.glue adds it); the causal-LM tables' "model" is a row name.
+INPUTS = ("model_name_or_path", "data", "eval_data", "train_data", "test_data", "ood", "data_dir", "train_file",
+          "validation_file")
 # Keys of settings.json that are not settings: never in a cell.
 NOT_SETTINGS = ("output_dir", "overwrite", "resume_from_checkpoint", "resumed_from", "source", "versions", "adapter",
                 "optim_used")

@@ -11,6 +11,7 @@ already at max_steps is not trained further (the run only evaluates and exports)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import warnings
@@ -189,6 +190,89 @@ def check_checkpoint(checkpoint: str, settings: dict) -> None:
                                 "the run cannot continue exactly: resume from another checkpoint-N of the run")
 
 
+# Settings a resumed run may change: how long it trains and how often it evaluates (the rest must be the run's).
+RESUMABLE = frozenset({"max_steps", "num_train_epochs", "eval_steps"})
+
+
+def _same_setting(saved, given) -> bool:
+    """Equal values, or two spellings of one local path."""
+    if saved == given:
+        return True
+    if isinstance(saved, str) and isinstance(given, str) and os.path.exists(os.path.expanduser(given)):
+        return os.path.realpath(os.path.expanduser(saved)) == os.path.realpath(os.path.expanduser(given))
+    return False
+
+
+def check_resumable(run_dir: str | Path, settings: dict, blocks) -> None:
+    """A resumed run keeps the run's settings: every cell-defining setting of ``blocks`` (llmm.run.schema roles
+    cell and init_dir), the seed and every input (schema.INPUTS: backbone, data) must equal the run's settings.json,
+    except how long it trains and how often it evaluates (RESUMABLE). Checked before anything is written."""
+    from llmm.run import schema
+
+    path = Path(run_dir) / "settings.json"
+    if not path.is_file():
+        return
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({error}): the run's settings are unknown, so it cannot "
+                         "be resumed safely; start a new run in another --output_dir") from None
+    if not isinstance(saved, dict):
+        raise ValueError(f"{str(path)!r} is not a settings object: start a new run in another --output_dir")
+    fixed = (schema.role_names(schema.CELL, blocks) | schema.role_names(schema.INIT_DIR, blocks) | {"seed"}
+             | set(schema.INPUTS)) - schema.role_names(schema.EVAL, blocks) - RESUMABLE
+    for name in sorted(fixed):
+        if name in saved and name in settings and not _same_setting(saved[name], settings[name]):
+            shown = " ".join(map(str, saved[name])) if isinstance(saved[name], list) else saved[name]
+            raise ValueError(f"--resume_from_checkpoint: the run in {str(run_dir)!r} was trained with {name}="
+                             f"{saved[name]!r}, this command says {settings[name]!r}: resume with the run's settings "
+                             f"(its settings.json, e.g. --{name} {shown}), or start a new run in another --output_dir")
+
+
+@contextlib.contextmanager
+def training_streams_kept(model):
+    """Within: an evaluation may draw from the model's Llmm noise generator and torch's global generators (sampled
+    noise, Monte-Carlo networks, dropout); after: both are exactly where training left them, so a run's training
+    is the same whatever its evaluation mode (and a run evaluated more often trains the same)."""
+    import random
+
+    import numpy as np
+
+    try:
+        source = noise_source(model)
+    except ValueError:  # no Llmm layers (a plain model): nothing of ours to keep
+        source = None
+    noise = source.state_dict() if source is not None else None
+    cpu, cuda = torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    python, numpy = random.getstate(), np.random.get_state()
+    try:
+        yield
+    finally:
+        if source is not None:
+            source.load_state_dict(noise)
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
+        random.setstate(python)
+        np.random.set_state(numpy)
+
+
+@contextlib.contextmanager
+def outside_training_autocast(model):
+    """Within: ``model`` computes without the mixed-precision autocast that accelerate wraps around its forward for
+    a bf16 / fp16 Trainer (``model._original_forward``), as a freshly loaded model does in test_mcq or plain PEFT;
+    after: the wrapper is back. A model that was never prepared is left alone."""
+    original = model.__dict__.get("_original_forward")
+    wrapped = model.__dict__.get("forward")
+    if original is not None and wrapped is not None:
+        model.forward = original
+    try:
+        yield model
+    finally:
+        if original is not None and wrapped is not None:
+            model.forward = wrapped
+
+
 class PerProcessNoise(TrainerCallback):
     """Seeds each process's noise as training starts, and carries the Llmm noise generator through checkpoints.
 
@@ -321,6 +405,16 @@ class LlmmTrainer(Trainer):
             losses = [log["loss"] for log in self.state.log_history if "loss" in log]
             return TrainOutput(self.state.global_step, sum(losses) / len(losses) if losses else 0.0, {})
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def evaluate(self, *args, **kwargs):
+        """``Trainer.evaluate`` that leaves the training streams as they were (training_streams_kept): the
+        held-out evaluation during training draws no number training would have drawn; CPU 4-bit layers compute as
+        in a freshly loaded model (llmm.tasks.calibration.cpu_4bit_as_plain_peft), as every evaluation does."""
+        from llmm.tasks.calibration import cpu_4bit_as_plain_peft
+
+        model = self.accelerator.unwrap_model(self.model)
+        with training_streams_kept(model), cpu_4bit_as_plain_peft(model):
+            return super().evaluate(*args, **kwargs)
 
     def _save(self, output_dir=None, state_dict=None):
         """``Trainer._save``, whose ``save_pretrained`` call takes no ``save_embedding_layers``: the state dict it

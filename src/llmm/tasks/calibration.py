@@ -137,11 +137,19 @@ def check_n_samples(n_samples) -> int:
 def predict(head: LetterHead, batches: list[dict], mode: str, n_samples: int = 1, seed: int | None = None,
             batched: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(probs (n, letters), labels (n,)): one predictive distribution per question in the given mode; ``seed`` and
-    ``batched`` reach the mc mode's ``mc_predict`` (None: networks from the model's own generator)."""
+    ``batched`` reach the mc mode's ``mc_predict`` (None: networks from the model's own generator). CPU 4-bit
+    layers compute as in a freshly loaded model on every batch (cpu_4bit_as_plain_peft), so a training run's
+    evaluation, test_mcq's and plain PEFT's agree."""
     if mode not in MODES:
         raise ValueError(f"unknown evaluation mode {mode!r}; known: {MODES}")
     check_n_samples(n_samples)
     llmm_layers(head)  # every adapted layer is an Llmm layer (else the noise modes would silently do nothing)
+    with cpu_4bit_as_plain_peft(head):
+        return _predict(head, batches, mode, n_samples, seed, batched)
+
+
+def _predict(head: LetterHead, batches: list[dict], mode: str, n_samples: int, seed: int | None,
+             batched: bool) -> tuple[np.ndarray, np.ndarray]:
     probs, labels = [], []
     for batch in batches:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
