@@ -521,3 +521,19 @@ def test_lm_head_adapter_leaves_out_the_frozen_head_and_reloads_exactly(tokenize
     with torch.no_grad(), noise_mode(model, "mean"):
         want = model(torch.from_numpy(ids)).logits.numpy()
     np.testing.assert_allclose(np.load(tmp_path / "logits.npy"), want, atol=1e-5)
+
+
+def test_gradient_accumulation_averages_the_letter_loss(tiny_dir, tmp_path):
+    """Batch 2 x accumulation 1 and batch 1 x accumulation 2 take the same step (K = 0: no noise; no dropout): the
+    letter loss is a per-micro-batch mean, so the Trainer must average it over the accumulation steps, not sum it."""
+    from scripts import train_mcq
+
+    runs = {}
+    for name, (batch, accumulation) in {"one": (2, 1), "two": (1, 2)}.items():
+        runs[name] = train_mcq.main(train_argv(tiny_dir, tmp_path / name, "--method", "map", "--eval_modes", "mean",
+                                               "--per_device_train_batch_size", str(batch),
+                                               "--gradient_accumulation_steps", str(accumulation)))
+    logs = {name: [h for h in run["history"] if "loss" in h] for name, run in runs.items()}
+    for one, two in zip(logs["one"], logs["two"]):
+        assert one["loss"] == pytest.approx(two["loss"], rel=1e-5)
+        assert one["grad_norm"] == pytest.approx(two["grad_norm"], rel=1e-4)

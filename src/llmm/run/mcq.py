@@ -239,6 +239,9 @@ class LetterTrainer(training.LlmmTrainer):
     def __init__(self, *args, letter_ids: list[int], **kwargs):
         super().__init__(*args, **kwargs)
         self.letter_ids = torch.tensor(letter_ids)
+        # The letter loss is a mean over this micro-batch's questions: the Trainer must average it over the
+        # accumulation steps (it would sum them if it took the loss as normalised by num_items_in_batch).
+        self.model_accepts_loss_kwargs = False
 
     def task_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         logits = C.letter_logits(model, inputs["input_ids"], inputs["attention_mask"], inputs["n_choices"],
