@@ -57,11 +57,16 @@ def run_argv(model: Path, out: Path, batch: int, steps: int) -> list[str]:
 
 
 def worker(argv: list[str]) -> None:
-    """One process of a run: scripts.train_gsm8k, then its peak GPU memory to OUTPUT_DIR/peak_memory_<rank>.json."""
-    from llmm.run import cli
-    from scripts import train_gsm8k
+    """One process of a run: the train_gsm8k command line in this process (as ``python -m scripts.train_gsm8k``
+    runs it), then its peak GPU memory to OUTPUT_DIR/peak_memory_<rank>.json."""
+    import runpy
 
-    cli.run_main(lambda: train_gsm8k.main(argv))
+    sys.argv = ["scripts.train_gsm8k", *argv]
+    try:
+        runpy.run_module("scripts.train_gsm8k", run_name="__main__")
+    except SystemExit as stop:
+        if stop.code:
+            raise
     rank = int(os.environ.get("RANK", "0"))
     out = Path(argv[argv.index("--output_dir") + 1])
     cuda = torch.cuda.is_available()
