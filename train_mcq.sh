@@ -21,7 +21,7 @@ set -euo pipefail
 export PYTHONPATH="$(cd "$(dirname "$0")" && pwd)${PYTHONPATH:+:$PYTHONPATH}"  # relative paths stay the user's
 
 TASKS=${TASKS:-"winogrande_s arc_c arc_e winogrande_m obqa boolq"}
-# issue 20's table: METHODS="map mcdropout llmm llmm_pex llmm_tfb llmm_nll llmm_ent" (and --validation_size N)
+# the calibration table of the method's options: METHODS="map mcdropout llmm llmm_pex llmm_tfb llmm_nll llmm_ent" (and --validation_size N)
 METHODS=${METHODS:-"map mcdropout llmm"}
 BACKBONES=${BACKBONES:-"int8"}
 SEEDS=${SEEDS:-"1 2 3"}

@@ -11,7 +11,7 @@ process (median after warm-up). Peak memory: each method alone in a child proces
 the Python runtime; CUDA: max_memory_allocated). Test: llmm.tasks.calibration.predict over 8 batches of 8
 questions in mean mode and in mc mode with N = 1, 2, 5, 10, timed as a ratio to mean mode.
 
-    python -m benchmarks.bench_mcq --options        # issue 20's options (writes results/mcq_options_cpu.json)
+    python -m benchmarks.bench_mcq --options        # the method's options (writes results/mcq_options_cpu.json)
 
 The options: training-step time of Llmm as published, with per-example noise and with the entropy term (lambda 0.01)
 against PEFT LoRA (MAP), interleaved as above; test time of mc at N = 10 sequential (the model's generator), batched
@@ -199,7 +199,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--memory_of", choices=["lora", "llmm"], help=argparse.SUPPRESS)  # child-process mode
-    parser.add_argument("--options", action="store_true", help="issue 20's options (per-example noise, entropy term, "
+    parser.add_argument("--options", action="store_true", help="the method's options (per-example noise, entropy term, "
                         "batched mc, width search)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()

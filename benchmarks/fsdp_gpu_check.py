@@ -1,4 +1,4 @@
-"""The prepared GPU check of sharded training (issue 19; benchmarks/gpu_check.sh runs it): FSDP2 over an NF4 backbone
+"""The prepared GPU check of sharded training (benchmarks/gpu_check.sh runs it): FSDP2 over an NF4 backbone
 stored in bfloat16, with CPU offload, through the HF Trainer exactly as a user starts it:
 
     accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes N --fsdp_offload_params true \\

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The CUDA check of the paper's configuration (issue 12). PREPARED, NOT YET RUN: no GPU was available so far.
+# The CUDA check of the paper's configuration. PREPARED, NOT YET RUN: no GPU was available so far.
 # Machine: one CUDA GPU, torch + transformers from requirements.txt; no hub needed (tiny models built in the tests).
 # A machine without bitsandbytes / peft installs them from wheels brought along (bitsandbytes 0.50.2 manylinux,
 # ~43 MB; peft 0.21.2, < 1 MB):  WHEELS=/path/to/wheels bash benchmarks/gpu_check.sh
 # Runs: pytest -m gpu (tests/test_gpu.py: _init.sh with an exact NF4 reload through bitsandbytes' CUDA kernels;
 # two NF4 + bf16 training steps with resume; generation in mean / sample / mc; export and a plain-PEFT reload with
 # identical logits; in-process LoftQ on the GPU; DeBERTa GLUE), then the benchmarks, then sharded training
-# (issue 19, benchmarks/fsdp_gpu_check.py): FSDP2 over an NF4 backbone stored in bf16 with CPU offload, through
+# (benchmarks/fsdp_gpu_check.py): FSDP2 over an NF4 backbone stored in bf16 with CPU offload, through
 # accelerate launch --config_file configs/accelerate/fsdp2.yaml and scripts.train_gsm8k, 3 steps at world size 1
 # (and 2 on a 2-GPU machine) beside a plain one-process run of the same global batch: peak GPU memory per process,
 # losses, adapter reload and plain-PEFT mean adapter. Output: benchmarks/results/ (gpu_tests.txt, core_cuda.json,

@@ -160,7 +160,7 @@ def test_mcq_train_test_and_table(tmp_path):
     check("mcq_table", table_rows(mcq_table.main([str(tmp_path / "runs")])))
 
 
-# Recorded at dfa73ae (before the run layer's refactor), then again once, on purpose, when issue 21 changed what
+# Recorded at dfa73ae (before the run layer's refactor), then again once, on purpose, when the reliability fixes changed what
 # the runs do: an evaluation inside training no longer consumes torch's global generator (the eval DataLoader's
 # seed draw), so the next steps' dropout / data streams are those of a run without that evaluation; the BLoB rows
 # of configs/mcq.yaml take BLoB's global batch 8 (accumulation 2), weight decay 1e-5 and Adam eps 1e-6; cells

@@ -1,4 +1,4 @@
-"""The K directions shard with the means (issue 19): a training step under FSDP1 with PEFT's wrap policy (flat
+"""The K directions shard with the means: a training step under FSDP1 with PEFT's wrap policy (flat
 parameters, fp32 adapters over a bf16 backbone) and under FSDP2 (per decoder layer, and also on every module PEFT's
 policy picks, as accelerate applies it) equals one process on the global batch.
 

@@ -66,7 +66,7 @@ def test_nf4_bitsandbytes_base_on_cuda(tmp_path):
         torch.testing.assert_close(loaded(inputs).logits, model(inputs).logits)
 
 
-# --- the paper's configuration on CUDA (issue 12): _init.sh, NF4 + bf16 training with resume, every generation mode,
+# --- the paper's configuration on CUDA: _init.sh, NF4 + bf16 training with resume, every generation mode,
 # plain-PEFT reload, in-process LoftQ on the device, DeBERTa GLUE. Run by benchmarks/gpu_check.sh.
 
 def _requantized_exactly(backbone_dir, model) -> int:

@@ -1,4 +1,4 @@
-"""The options beyond the paper (issue 20): per-example noise, batched Monte-Carlo networks, the noise-width
+"""The options beyond the paper: per-example noise, batched Monte-Carlo networks, the noise-width
 multiplier and its choice on validation data, the entropy term. Each keeps the paper's behaviour at its default."""
 
 import math

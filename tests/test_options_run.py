@@ -1,4 +1,4 @@
-"""Issue 20's options through the multiple-choice run (scripts.train_mcq on a tiny Llama): the entropy term (lambda = 0
+"""The method's options through the multiple-choice run (scripts.train_mcq on a tiny Llama): the entropy term (lambda = 0
 is the paper bit for bit, lambda > 0 trains and logs it), the width search after training (multiplier 1 reproduces the
 mc evaluation bit for bit; the search records both rules and mc uses the chosen m, saved in the adapter), batched mc
 equals sequential mc, per-example noise reaches the adapter, the table's variants and their rows, bad input."""

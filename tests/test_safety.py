@@ -145,7 +145,7 @@ def models(llama_dir, model_dir, tmp_path_factory):  # noqa: F811
 @pytest.mark.parametrize("out", ["", "."])
 @pytest.mark.parametrize("entry", sorted(ENTRY_POINTS))
 def test_no_entry_point_removes_the_working_directory(stand, models, capsys, entry, out):
-    """The issue's `--output_dir "" --overwrite` and `--output_dir . --overwrite`: one line, nothing removed."""
+    """The reported `--output_dir "" --overwrite` and `--output_dir . --overwrite`: one line, nothing removed."""
     main, argv = ENTRY_POINTS[entry]
     before = tree(stand)
     code, line = cli(main, [*argv(models, out), "--overwrite"], capsys)
@@ -273,7 +273,7 @@ def adapter_tensors(checkpoint: Path) -> dict:
 
 
 def test_non_finite_gradients_are_never_applied_nor_checkpointed(model_dir, tmp_path, capsys, monkeypatch):  # noqa: F811
-    """Finite loss, NaN gradients at step 2 (the issue's --learning_rate 1e6 --max_grad_norm 0 case, made
+    """Finite loss, NaN gradients at step 2 (the reported --learning_rate 1e6 --max_grad_norm 0 case, made
     deterministic): the update is not applied, no checkpoint-2, checkpoint-1 is named good after a read-back."""
     original = training.LlmmTrainer.training_step
 
@@ -321,7 +321,7 @@ def test_an_update_that_overflows_the_parameters_is_never_checkpointed(llama_dir
 
 
 def test_huge_learning_rate_without_clipping_leaves_only_finite_checkpoints(llama_dir, tmp_path, capsys):  # noqa: F811
-    """The issue's run: --learning_rate 1e6 --max_grad_norm 0 keeps a finite loss while the gradients turn NaN."""
+    """The reported run: --learning_rate 1e6 --max_grad_norm 0 keeps a finite loss while the gradients turn NaN."""
     out = tmp_path / "run"
     code, line = cli(train_gsm8k.main, gsm8k_argv(llama_dir, out, "--max_steps", "4", "--learning_rate", "1e6",
                                                   "--max_grad_norm", "0"), capsys)

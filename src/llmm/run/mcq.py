@@ -7,7 +7,7 @@ the row's OOD sets are evaluated in every eval mode (mean, sample, mc with mc_sa
 ECE (15 bins), NLL and Brier. The width of the learned Gaussian (llmm.width) is recorded every logging_steps. Each
 evaluation records its seed and cell (the run's settings but the seed, plus the eval set, mode and N).
 
-Options of the method (issue 20; each a ``variants`` entry of configs/mcq.yaml, a row of the calibration table):
+Options of the method (each a ``variants`` entry of configs/mcq.yaml, a row of the calibration table):
 noise_per_example, the entropy term (entropy_weight; llmm.run.trainer), and the width search after training
 (noise_width_search; llmm.run.width_search) on the validation split: the last ``validation_size`` questions of the
 training data, held out of training (the same questions for every seed and method of a row).

@@ -1,4 +1,4 @@
-"""Issue 21 through the entry points, as a user runs them (``main([...])`` under ``run_main``, one ``error:`` line,
+"""Reliability through the entry points, as a user runs them (``main([...])`` under ``run_main``, one ``error:`` line,
 exit 2, nothing written or removed), on a tiny Llama and the tests/data multiple-choice files.
 
 Cases whose fix belongs to the run layer (the training scripts, their settings and evaluation flow) are marked
@@ -25,7 +25,7 @@ WIRED = "wired with the run layer: "
 @pytest.fixture(scope="module")
 def world(tiny_dir, tmp_path_factory):  # noqa: F811
     """A finished map run (one step, a checkpoint) and a data folder, read by every case and never changed."""
-    root = tmp_path_factory.mktemp("issue21")
+    root = tmp_path_factory.mktemp("reliability")
     run = root / "run"
     train_mcq.main(train_argv(tiny_dir, run, "--method", "map", "--max_steps", "1", "--save_steps", "1",
                               "--eval_steps", "1", "--eval_modes", "mean"))

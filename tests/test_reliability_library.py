@@ -1,4 +1,4 @@
-"""Issue 21, the library's part: outputs kept apart from inputs, --overwrite replacing only what llmm wrote,
+"""Reliability, the library's part: outputs kept apart from inputs, --overwrite replacing only what llmm wrote,
 multiple-choice record checks, non-finite metrics in the statistics, independent network seeds, per-question
 records that recompute a run's metrics."""
 

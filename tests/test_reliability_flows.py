@@ -1,4 +1,4 @@
-"""Issue 21, what a run computes and records: per-question probabilities, one precision and one 4-bit kernel for
+"""Reliability: what a run computes and records: per-question probabilities, one precision and one 4-bit kernel for
 every evaluation, training streams untouched by evaluation, resume refusing other settings, a backbone path that
 still names the right backbone from another directory.
 
