@@ -159,8 +159,8 @@ class TrainingSettings:
                                           low=0, high=1, high_open=True)
     entropy_floor: float = setting(1e-6, "floor added to Z Z^T / s so that H is finite at Z = 0", low=0,
                                    low_open=True)
-    report_to: str = setting("none", "where the Trainer logs while it runs (tensorboard: "
-                             "OUTPUT_DIR/checkpoints/runs; wandb)", choices=("none", "tensorboard", "wandb"), role=RUN)
+    report_to: str = setting("none", "where the Trainer logs while it runs (tensorboard: runs/ beside the run's "
+                             "checkpoints; wandb)", choices=("none", "tensorboard", "wandb"), role=RUN)
 
 
 @dataclass
