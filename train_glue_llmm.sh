@@ -31,15 +31,7 @@ RANKS=${RANKS:-"16 32"}
 SEEDS=${SEEDS:-"0 1 2 3"}
 METHOD=${METHOD:-llmm}
 OUT=${OUT:-runs/glue}
-ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-}  # an accelerate config file (multi-GPU DDP; the encoder fits one device)
-if [[ -n $ACCELERATE_CONFIG ]]; then
-  if [[ -n ${LAUNCH:-} ]]; then echo "error: set LAUNCH or ACCELERATE_CONFIG, not both" >&2; exit 2; fi
-  if [[ ! -f $ACCELERATE_CONFIG ]]; then
-    echo "error: ACCELERATE_CONFIG $ACCELERATE_CONFIG is not a file: pass one of configs/accelerate/*.yaml" >&2; exit 2
-  fi
-  LAUNCH="accelerate launch --config_file $ACCELERATE_CONFIG"
-fi
-LAUNCH=${LAUNCH:-python}
+source "$(dirname "$0")/scripts/launch.sh"  # ACCELERATE_CONFIG (DDP only: the encoder fits one device) or LAUNCH
 EMBEDDINGS=${EMBEDDINGS:-quantized}  # quantized (the paper's protocol) | fp
 case $EMBEDDINGS in
   quantized) embeddings=(); suffix="" ;;

@@ -23,15 +23,7 @@ MODELS=${MODELS:-"llama-2-7b llama-2-13b"}
 RANK=${RANK:-64}
 METHODS=${METHODS:-llmm}
 OUT=${OUT:-runs/gsm8k}
-ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-}  # e.g. configs/accelerate/fsdp2.yaml: sharded training (README "Larger models")
-if [[ -n $ACCELERATE_CONFIG ]]; then
-  if [[ -n ${LAUNCH:-} ]]; then echo "error: set LAUNCH or ACCELERATE_CONFIG, not both" >&2; exit 2; fi
-  if [[ ! -f $ACCELERATE_CONFIG ]]; then
-    echo "error: ACCELERATE_CONFIG $ACCELERATE_CONFIG is not a file: pass one of configs/accelerate/*.yaml" >&2; exit 2
-  fi
-  LAUNCH="accelerate launch --config_file $ACCELERATE_CONFIG"
-fi
-LAUNCH=${LAUNCH:-python}
+source "$(dirname "$0")/scripts/launch.sh"  # ACCELERATE_CONFIG (configs/accelerate/fsdp2.yaml: README "Larger models") or LAUNCH
 SEEDS=${SEEDS:-"0 1 2 3"}
 
 for model in $MODELS; do

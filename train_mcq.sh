@@ -26,15 +26,7 @@ METHODS=${METHODS:-"map mcdropout llmm"}
 BACKBONES=${BACKBONES:-"int8"}
 SEEDS=${SEEDS:-"1 2 3"}
 OUT=${OUT:-runs/mcq}
-ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-}  # e.g. configs/accelerate/fsdp2.yaml: sharded training (README "Larger models")
-if [[ -n $ACCELERATE_CONFIG ]]; then
-  if [[ -n ${LAUNCH:-} ]]; then echo "error: set LAUNCH or ACCELERATE_CONFIG, not both" >&2; exit 2; fi
-  if [[ ! -f $ACCELERATE_CONFIG ]]; then
-    echo "error: ACCELERATE_CONFIG $ACCELERATE_CONFIG is not a file: pass one of configs/accelerate/*.yaml" >&2; exit 2
-  fi
-  LAUNCH="accelerate launch --config_file $ACCELERATE_CONFIG"
-fi
-LAUNCH=${LAUNCH:-python}
+source "$(dirname "$0")/scripts/launch.sh"  # ACCELERATE_CONFIG (configs/accelerate/fsdp2.yaml: README "Larger models") or LAUNCH
 
 # The loop sets these per run: given as extra arguments they would send every run to one place (or one seed).
 for arg in "$@"; do

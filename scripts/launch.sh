@@ -1,0 +1,12 @@
+# Sourced by the train_*.sh drivers: how each run is launched. ACCELERATE_CONFIG=FILE (configs/accelerate/*.yaml or
+# your own) launches with `accelerate launch --config_file FILE`; else LAUNCH (e.g. "torchrun --nproc_per_node 2");
+# else plain python. Both given, or a FILE that does not exist, is one error line (exit 2).
+ACCELERATE_CONFIG=${ACCELERATE_CONFIG:-}
+if [[ -n $ACCELERATE_CONFIG ]]; then
+  if [[ -n ${LAUNCH:-} ]]; then echo "error: set LAUNCH or ACCELERATE_CONFIG, not both" >&2; exit 2; fi
+  if [[ ! -f $ACCELERATE_CONFIG ]]; then
+    echo "error: ACCELERATE_CONFIG $ACCELERATE_CONFIG is not a file: pass one of configs/accelerate/*.yaml" >&2; exit 2
+  fi
+  LAUNCH="accelerate launch --config_file $ACCELERATE_CONFIG"
+fi
+LAUNCH=${LAUNCH:-python}
