@@ -98,8 +98,8 @@ def test_deberta_uniform_directory(tmp_path):
 
 @pytest.mark.parametrize("args,message", [
     (["--model", "/nonexistent/model"], "does not exist"),
-    (["--bits", "3"], r"bits must be one of \(2, 4, 8\), got 3"),
-    (["--rank", "0"], "need rank >= 1"),
+    (["--bits", "3"], r"bits = 3 is out of range: it must be one of \(2, 4, 8\)"),
+    (["--rank", "0"], "rank = 0 is out of range: it must be an integer >= 1"),
     (["--target_modules", "q_proj", "nope_proj"], r"\['nope_proj'\] match no module"),
     (["--preset", "no-such-preset"], "no row for"),
 ])
@@ -108,6 +108,22 @@ def test_bad_inputs_fail_early_and_leave_nothing(llama_dir, tmp_path, args, mess
     with pytest.raises((ValueError, FileNotFoundError), match=message):
         quantize_model.main(base + args)
     assert not (tmp_path / "q").exists() or not any((tmp_path / "q").iterdir())
+
+
+def test_compensate_scaling_is_the_field_and_reference_scaling_its_old_name(llama_dir, tmp_path, caplog):
+    """--compensate_scaling false (the field every table uses) writes the reference's unscaled factors, recorded in
+    the report that training runs adopt; --reference_scaling, its old name, does the same with one line."""
+    base = ["--model", str(llama_dir), "--bits", "2", "--dtype", "float32", *LLAMA_ARGS]
+    runs = {name: quantize_model.main([*base, "--save_dir", str(tmp_path / name), *flags]) for name, flags in [
+        ("compensated", []), ("field", ["--compensate_scaling", "false"]), ("old", ["--reference_scaling"])]}
+    factors = {name: load_file(out / "llmm_init" / "adapter_model.safetensors") for name, out in runs.items()}
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+    assert torch.equal(factors["field"][key], factors["old"][key])
+    assert not torch.equal(factors["field"][key], factors["compensated"][key])
+    assert "--reference_scaling is now --compensate_scaling false" in caplog.text
+    made = {name: json.loads((out / "quantize_report.json").read_text())["settings"]["compensate_scaling"]
+            for name, out in runs.items()}
+    assert made == {"compensated": True, "field": False, "old": False}
 
 
 def test_existing_output_dir_is_refused_by_the_cli(llama_dir, tmp_path):

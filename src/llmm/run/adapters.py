@@ -67,7 +67,7 @@ def adopt_init_dir_settings(model_dir: str | Path, settings: dict, given: set[st
         return
     made = dict(json.loads(report.read_text(encoding="utf-8")).get("settings", {}))
     made.setdefault("loftq_svd", "exact")  # directories made before the truncated SVD existed
-    made["compensate_scaling"] = not made.get("reference_scaling", False)
+    made.setdefault("compensate_scaling", not made.get("reference_scaling", False))  # its old name, negated
     for name in INIT_DIR_LOFTQ:
         if name not in made or name not in settings:
             continue

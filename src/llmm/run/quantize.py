@@ -25,7 +25,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 from llmm import get_llmm_model, streaming
 from llmm.embedding import LlmmEmbedding, embedding_targets
 from llmm.outdirs import atomic_dir, check_new_dir
-from llmm.quant import check_quant_args, check_svd_args
 from llmm.run import adapters, cli, fileio, schema, tables
 
 TABLE = tables.CONFIGS / "quantize.yaml"
@@ -72,15 +71,14 @@ def build_parser(table: dict) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="LoftQ-quantize a model's target linear layers and save a backbone "
                                      "+ Llmm init adapter directory.")
     parser.add_argument("--preset", default=None, help="a row of configs/quantize.yaml (else its defaults)")
-    parser.add_argument("--target_modules", nargs="+", default=None, help="explicit targets (else by model_type)")
-    parser.add_argument("--num_labels", type=int, default=None, help="classifier size for --task_type seq_cls")
-    parser.add_argument("--reference_scaling", action="store_true",
-                        help="write the LoftQ factors without 1/g compensation, as the reference did")
+    parser.add_argument("--reference_scaling", action="store_true", help="old name of --compensate_scaling false")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     parser.add_argument("--quantize_embeddings", type=embeddings_flag, default=None,
                         help="also the embedding tables (configs/embedding_targets.yaml), each with its LoftQ pair: "
                         "true | false | null (by architecture: on for --task_type seq_cls; the table's default)")
     tables.add_setting_flags(parser, table, plumbing_blocks=(schema.QuantizeSettings,))  # no run flags it ignores
+    schema.add_flags(parser, (schema.AdapterSettings, schema.QuantizeSettings),
+                     skip=set(schema.fields_of(schema.AdapterSettings)) - {"target_modules"})
     return parser
 
 
@@ -92,21 +90,16 @@ def resolve(argv: list[str] | None = None) -> dict:
     settings = tables.select_row(table, preset=args.preset) if args.preset else dict(table["defaults"])
     where = f"configs/quantize.yaml, {'row ' + args.preset if args.preset else 'defaults'}"
     settings["quantize_embeddings"] = embeddings_setting(settings.get("quantize_embeddings"), where)
+    if vars(args).pop("reference_scaling"):
+        cli.logger.warning("--reference_scaling is now --compensate_scaling false: please write that")
+        settings["compensate_scaling"] = False
     settings.update({k: v for k, v in vars(args).items() if v is not None})
     if settings["quantize_embeddings"] == NULL:
         settings["quantize_embeddings"] = None
     for name in ("model", "rank"):
-        if name not in settings:
+        if settings.get(name) is None:
             raise ValueError(f"--{name} is required without --preset (presets: configs/quantize.yaml)")
-    check_quant_args(settings["bits"], settings["quant"], settings["block_size"])
-    check_svd_args(settings["loftq_svd"], settings["loftq_svd_oversampling"], settings["loftq_svd_iters"])
-    if settings["rank"] < 1 or settings["K"] < 0 or settings["loftq_iter"] < 1:
-        raise ValueError(f"need rank >= 1, K >= 0 and loftq_iter >= 1; got rank={settings['rank']}, "
-                         f"K={settings['K']}, loftq_iter={settings['loftq_iter']}")
-    adapters.check_settings(settings)
-    for name, allowed in (("task_type", LOADERS), ("dtype", DTYPES), ("device", ("cpu", "cuda"))):
-        if settings[name] not in allowed:
-            raise ValueError(f"{name} must be one of {list(allowed)}, got {settings[name]!r}")
+    adapters.check_settings(settings)  # every value in its field's range (llmm.run.schema)
     settings["quantize_embeddings"] = embeddings_quantized(settings["quantize_embeddings"], settings["task_type"])
     if settings["device"] == "cuda":
         cli.require_cuda_for("--device cuda")
@@ -149,9 +142,7 @@ def plan(model: torch.nn.Module, settings: dict, targets: list[str]) -> tuple:
     if settings["quantize_embeddings"]:
         modules.update(embedding_targets(model, tables.default_embedding_targets(model.config)))
         targets = targets + sorted({name.split(".")[-1] for name in modules} - set(targets))
-    config = adapters.llmm_config({**settings, "init": "loftq",
-                                   "compensate_scaling": not settings.get("reference_scaling", False)},
-                                  targets, loftq_block_size=settings["block_size"],
+    config = adapters.llmm_config({**settings, "init": "loftq"}, targets, loftq_block_size=settings["block_size"],
                                   exclude_modules=head_linears(model, targets) or None)
     return config, modules
 
