@@ -3,7 +3,10 @@
     python -m scripts.test_mcq --runs runs/mcq/obqa-llmm-int8-s1 --eval_modes mean mc --mc_samples 20 --output_dir OUT
     python -m scripts.test_mcq --runs runs/mcq/obqa-map-int8-s{1,2,3} --output_dir runs/mcq/obqa-ensemble-int8
 
-One run: its adapter in every --eval_modes mode (default: the run's). Several runs: the deep ensemble, the
+One run: its adapter in every --eval_modes mode (default: the run's); with --noise_width_search tfb | nll first the
+width search on the run's validation split (TFB's rule needs no training: an llmm run trained with --validation_size
+N gives the llmm_tfb / llmm_nll rows of the calibration table, the same numbers as a run that searched after its
+training). Several runs: the deep ensemble, the
 average of the members' mean-mode answer distributions (M = the number of runs; they must share every setting but
 the seed and data_seed). The eval sets are the run's task test split and its OOD sets (--ood, --test_data and
 --max_eval_samples override the run's). Settings come from each run's settings.json (configs/mcq.yaml resolved).
@@ -21,7 +24,7 @@ from pathlib import Path
 from llmm import outdirs
 from llmm.run import cli, fileio, tables
 from llmm.tasks.mcq import letter_token_ids
-from llmm.run.mcq import TABLE, eval_precision, evaluate_sets, load_all
+from llmm.run.mcq import TABLE, eval_precision, evaluate_sets, load_all, search_noise_width
 from llmm.run.mcq_test import parse_args, member_settings, load_member, ensemble_seed, ensemble
 
 
@@ -35,11 +38,16 @@ def main(argv=None) -> dict:
     outdirs.check_output_dir(output_dir, args.overwrite)
     table = tables.read_yaml(TABLE)
     first = members[0]
-    _, eval_sets = load_all(first, table, train=False)
+    searching = args.noise_width_search not in (None, "none")  # one run (member_settings checks)
+    _, eval_sets, validation = load_all(first, table, train=searching, with_validation=True)
     outdirs.prepare_output_dir(output_dir, args.overwrite)
+    width_search = None
     if len(members) == 1:
         model, tokenizer = load_member(first)
-        letters = letter_token_ids(tokenizer, max(len(r["choices"]) for rs, _ in eval_sets.values() for r in rs))
+        letters = letter_token_ids(tokenizer, max(len(r["choices"]) for rs, _ in
+                                                  [*eval_sets.values(), (validation, None)] for r in rs))
+        if searching:
+            width_search = search_noise_width(model, tokenizer, letters, validation, first)
         evaluations = evaluate_sets(model, tokenizer, letters, eval_sets, first, output_dir, first["method"],
                                     first["cell"])
         method, seed = first["method"], first["seed"]
@@ -50,7 +58,7 @@ def main(argv=None) -> dict:
                "K": first["K"], "backbone": first["backbone"],
                "llmmscale": first["llmmscale"], "rank": first["rank"], "model": first["model_name_or_path"],
                "runs": args.runs, "members": len(members), "eval_precision": eval_precision(first),
-               "evaluations": evaluations,
+               "evaluations": evaluations, "noise_width_search": width_search,
                "wall_time_s": time.time() - started, "versions": fileio.versions(), "complete": True}
     fileio.write_json(output_dir / "results.json", results)
     cli.logger.info("results -> %s", output_dir / "results.json")

@@ -110,6 +110,29 @@ def test_width_multiplier_one_reproduces_mc_and_the_search_records_both_rules_an
         assert metrics(found)[1] != metrics(paper)[1]
 
 
+def test_the_width_search_on_a_finished_run_equals_the_search_after_training(tiny_dir, tmp_path, capsys):
+    """TFB needs no training: test_mcq --noise_width_search on a finished llmm run finds the same m and the same
+    figures, in the same cell (variant llmm_tfb / llmm_nll), as the variant's run that searched after training."""
+    from scripts import test_mcq
+
+    train(tiny_dir, tmp_path / "llmm", *MODES, "--variant", "llmm")
+    for rule in ("tfb", "nll"):
+        trained = train(tiny_dir, tmp_path / rule, *MODES, "--variant", f"llmm_{rule}")
+        searched = test_mcq.main(["--runs", str(tmp_path / "llmm"), "--noise_width_search", rule,
+                                  "--output_dir", str(tmp_path / f"llmm-{rule}")])
+        assert searched["noise_width_search"]["chosen"] == trained["noise_width_search"]["chosen"]
+        assert searched["noise_width_search"]["evaluations"] == trained["noise_width_search"]["evaluations"]
+        assert metrics(searched) == metrics(trained)
+        assert [e["cell"] for e in searched["evaluations"]] == [e["cell"] for e in trained["evaluations"]]
+        assert searched["evaluations"][0]["cell"]["variant"] == f"llmm_{rule}"
+    train(tiny_dir, tmp_path / "map", *MODES, "--method", "map")
+    for runs, problem in [([tmp_path / "map"], "K = 0"), ([tmp_path / "llmm", tmp_path / "tfb"], "applies to one run")]:
+        with pytest.raises(ValueError, match=problem):
+            test_mcq.main(["--runs", *map(str, runs), "--noise_width_search", "tfb", "--output_dir",
+                           str(tmp_path / "refused")])
+        assert not (tmp_path / "refused").exists()
+
+
 def test_batched_mc_equals_sequential_mc_through_the_recipe(tiny_dir, tmp_path, monkeypatch):
     from llmm.run.mcq import evaluate_sets
     from llmm.tasks import calibration as C

@@ -356,6 +356,20 @@ def validation_nll(model, tokenizer, letter_ids, records: list[dict], settings: 
     return nll
 
 
+def search_noise_width(model, tokenizer, letter_ids, validation: list[dict], settings: dict) -> dict | None:
+    """The width search of ``settings`` (noise_width_search tfb | nll; none: None) on the ``validation`` questions,
+    after training (McqRecipe) or on a finished run (test_mcq): m is applied to the model, the record returned."""
+    if settings.get("noise_width_search", "none") == "none":
+        return None
+    nll = validation_nll(model, tokenizer, letter_ids, validation, settings)
+    record = {**width_search.search_width(model, nll, settings), "n_validation": len(validation),
+              "mc_samples": settings["mc_samples"], "seed": settings["seed"],
+              "mc_batched": settings.get("mc_batched", False)}
+    cli.logger.info("noise width on %d validation questions: tfb m = %.4g, nll m = %.4g; using %s m = %.4g",
+                    len(validation), record["tfb"], record["nll_min"], record["rule"], record["chosen"])
+    return record
+
+
 class McqRecipe(causal_lm.CausalLMRecipe):
     """The causal-LM recipe with the answer-letter loss, the width history and the calibration evaluations."""
 
@@ -393,16 +407,7 @@ class McqRecipe(causal_lm.CausalLMRecipe):
 
     def after_training(self, trainer, model, tokenizer) -> None:
         """The width search (noise_width_search tfb | nll) on the validation split; m is then used by mc."""
-        self.width_search = None
-        if self.settings.get("noise_width_search", "none") == "none":
-            return
-        nll = validation_nll(model, tokenizer, self.letter_ids, self.validation, self.settings)
-        self.width_search = {**width_search.search_width(model, nll, self.settings),
-                             "n_validation": len(self.validation), "mc_samples": self.settings["mc_samples"],
-                             "seed": self.settings["seed"], "mc_batched": self.settings.get("mc_batched", False)}
-        cli.logger.info("noise width on %d validation questions: tfb m = %.4g, nll m = %.4g; using %s m = %.4g",
-                        len(self.validation), self.width_search["tfb"], self.width_search["nll_min"],
-                        self.width_search["rule"], self.width_search["chosen"])
+        self.width_search = search_noise_width(model, tokenizer, self.letter_ids, self.validation, self.settings)
 
     def finish(self, trainer, outcome, model, tokenizer) -> dict:
         settings = self.settings

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 from llmm import outdirs
-from llmm.run import cli, fileio, tables
+from llmm.run import adapters, cli, fileio, schema, tables
 from llmm import load_llmm_model
 from llmm.tasks import calibration as C
 from llmm.tasks.mcq import encode_question, letter_token_ids
@@ -30,7 +30,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--test_data", default=None, help="a .json/.jsonl in-distribution test file")
     parser.add_argument("--max_eval_samples", type=int, default=None, help="first N questions per set (debug)")
     parser.add_argument("--per_device_eval_batch_size", type=int, default=None)
+    schema.add_flags(parser, (schema.WidthSearchSettings,))  # one run: the width search on its validation split
     args = parser.parse_args(argv)
+    search = {f: getattr(args, f) for f in schema.fields_of(schema.WidthSearchSettings) if getattr(args, f) is not None}
+    adapters.check_settings(search, (schema.WidthSearchSettings,))
     for flag, value in (("--max_eval_samples", args.max_eval_samples), ("--mc_samples", args.mc_samples),
                         ("--per_device_eval_batch_size", args.per_device_eval_batch_size)):
         if value is not None and value < 1:
@@ -78,9 +81,15 @@ def member_settings(args) -> list[dict]:
     overrides = {"eval_modes": args.eval_modes, "mc_samples": args.mc_samples, "ood": args.ood,
                  "test_data": args.test_data, "max_eval_samples": args.max_eval_samples,
                  "per_device_eval_batch_size": args.per_device_eval_batch_size}
+    search = {name: getattr(args, name) for name in schema.fields_of(schema.WidthSearchSettings)
+              if getattr(args, name) is not None}
+    if search and len(members) > 1:
+        raise ValueError("--noise_width_search applies to one run; several runs are evaluated as a deep ensemble")
     for settings, run in zip(members, args.runs):
         settings.update({key: value for key, value in overrides.items() if value is not None})
         settings["run"] = run
+        if search.get("noise_width_search", "none") != "none":
+            settings.update(searched_settings(settings, search, run))
         if args.max_eval_samples is None:
             settings.pop("max_eval_samples", None)  # the run's debug cap applies to its own evaluation only
         settings["cell"] = run_cell(settings)  # before the backbone path below: the run's cell, as trained
@@ -96,6 +105,25 @@ def member_settings(args) -> list[dict]:
         raise ValueError("--eval_modes applies to one run; several runs are evaluated as a deep ensemble")
     C.check_n_samples(members[0]["mc_samples"])
     return members
+
+
+def searched_settings(settings: dict, search: dict, run: str) -> dict:
+    """The settings a width search on finished run ``run`` changes: the search's, and the variant of the calibration
+    table that names the run's variant with this search (llmm + tfb: llmm_tfb), so the evaluation pools with runs
+    that searched after their training (the same adapter, the same validation questions and networks)."""
+    if not settings["K"] > 0:
+        raise ValueError(f"{run!r} is a --method {settings['method']} run (K = 0): the width search scales the Llmm "
+                         "noise; pass an llmm run")
+    if not settings.get("validation_size"):
+        raise ValueError(f"{run!r} held out no validation split (validation_size 0): train it with --validation_size N"
+                         " (the search must not see the test questions)")
+    defaults = {name: f.default for name, f in schema.fields_of(schema.WidthSearchSettings).items()}
+    searched = {**defaults, **{k: settings[k] for k in defaults if settings.get(k) is not None}, **search}
+    variants = tables.read_yaml(TABLE).get("variants") or {}
+    wanted = {**variants.get(settings.get("variant") or settings["method"], {"method": settings["method"]}),
+              "noise_width_search": searched["noise_width_search"]}
+    names = [name for name, values in variants.items() if values == wanted]
+    return {**searched, "variant": names[0] if names else None}
 
 
 def load_member(settings: dict):
