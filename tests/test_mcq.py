@@ -570,3 +570,16 @@ def test_gradient_accumulation_averages_the_letter_loss(tiny_dir, tmp_path):
     for one, two in zip(logs["one"], logs["two"]):
         assert one["loss"] == pytest.approx(two["loss"], rel=1e-5)
         assert one["grad_norm"] == pytest.approx(two["grad_norm"], rel=1e-4)
+
+
+def test_the_gpu_check_is_valid_bash_and_its_multiple_choice_part_refuses_without_cuda_in_one_line():
+    import os
+    import subprocess
+    import sys
+
+    assert subprocess.run(["bash", "-n", str(REPO_ROOT / "benchmarks" / "gpu_check.sh")]).returncode == 0
+    done = subprocess.run([sys.executable, "-m", "benchmarks.mcq_gpu_check"], cwd=REPO_ROOT, capture_output=True,
+                          text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2 and lines == ["error: no CUDA device here: the multiple-choice GPU check needs one "
+                                              "(--cpu: a smoke run)"], done.stderr[-2000:]
