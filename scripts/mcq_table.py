@@ -12,7 +12,8 @@ pair "obqa->arc_c". Prints, in this order:
    (configs/mcq_published.yaml) come first, marked as published, where they have a figure for a shown column.
 2. Paired differences: every row with a --baseline run (default map: MAP LoRA in mean mode) of the same task,
    backbone and settings, on the seeds both have: the mean of (row - baseline) per seed with its 95 % bootstrap
-   interval, per metric (for ECE, NLL and Brier a negative difference favours the row).
+   interval, per metric (for ECE, NLL and Brier a negative difference favours the row). The deep ensemble
+   (seed "1+2+3") is paired with its members: its value minus each member's (same questions), over the members.
 3. The learned distribution's width at the end of training (median over layers of ||Z|| / sqrt(s) / ||M||,
    factors A / B), median over seeds.
 

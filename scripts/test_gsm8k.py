@@ -8,7 +8,8 @@ The backbone is --model_name_or_path, else the one the adapter was trained on (a
 mean (default) uses the mean adapter (merged into a 16/32-bit backbone; unmerged over NF4, where merging would
 re-quantize W_q + g M_B M_A); sample draws fresh noise at every forward, i.e. every decoded token (the reference;
 the noise generator is seeded with (--seed, process index));
-mc draws mc_samples networks (one noise draw each for the whole test set) and takes the majority answer.
+mc draws mc_samples networks (one noise draw each for the whole test set) and takes the majority answer. Both
+draw the noise m times as wide, m the adapter's noise_width (1 unless train_gsm8k's --noise_width_search chose it).
 Left padding, KV cache; several processes (accelerate launch) split the questions. Settings: configs/gsm8k_test.yaml.
 Writes OUTPUT_DIR/predictions.jsonl (question, generated, extracted, gold, correct) and results.json (accuracy).
 """
@@ -35,7 +36,7 @@ def main(argv=None) -> dict:
     outdirs.check_outputs_apart({"--output_dir": output_dir},
                                 {f"--{key}": settings.get(key) for key in ("adapter", "model_name_or_path", "data")})
     outdirs.check_output_dir(output_dir, settings["overwrite"])
-    check_adapter(settings)
+    adapter_config = check_adapter(settings)
     records = load_test_records(settings)
     model, tokenizer = load_model(settings)
     state = PartialState()
@@ -48,6 +49,7 @@ def main(argv=None) -> dict:
         "n": len(predictions), "n_correct": sum(p["correct"] for p in predictions),
         "n_without_number": sum(p["extracted"] is None for p in predictions),
         "mode": settings["mode"], "decoding": settings["decoding"], "adapter": settings["adapter"],
+        "noise_width": float(getattr(adapter_config, "noise_width", 1.0)),  # m of the sample / mc modes' noise
         "model": settings["model_name_or_path"], "wall_time_s": time.time() - started,
         "settings": settings, "versions": fileio.versions(),
     }

@@ -227,6 +227,61 @@ def test_gsm8k_qlora_baseline_4bit(models, tmp_path):
     assert LlmmConfig.from_pretrained(str(run / "adapter")).base_model_name_or_path == str(models["base"])
 
 
+def test_gsm8k_width_search_on_the_held_out_split_then_test_with_the_chosen_width(models, tmp_path):
+    common = ["--model_name_or_path", str(models["base"]), "--rank", "4", "--init", "lora", "--data",
+              str(DATA / "gsm8k.jsonl"), "--eval_split", "heldout", "--eval_size", "2", "--learning_rate", "0.05",
+              "--llmmscale", "4", *FP32, *FAST]
+    plain = train_gsm8k.main([*common, "--output_dir", str(tmp_path / "none")])
+    searched = train_gsm8k.main([*common, "--noise_width_search", "nll", "--mc_samples", "2", "--output_dir",
+                                 str(tmp_path / "nll")])
+    record = searched["noise_width_search"]
+    assert record["rule"] == "nll" and record["chosen"] == record["nll_min"] == searched["noise_width"]
+    assert record["n_held_out"] == 2 and record["mc_samples"] == 2 and "held out of train" in record["split"]
+    nll = dict(record["evaluations"])
+    assert nll[0.0] == pytest.approx(searched["eval_loss"], rel=1e-5)  # m = 0: the mean network's held-out loss
+    assert nll[record["chosen"]] == min(nll.values()) and len(set(nll.values())) > 1  # the width matters
+    assert LlmmConfig.from_pretrained(str(tmp_path / "nll" / "adapter")).noise_width == record["chosen"]
+    assert searched["cell"]["noise_width_search"] == "nll" and searched["cell"]["mc_samples"] == 2
+    # none is the run as before, bit for bit: the search comes after training and changes only the width m.
+    assert plain["noise_width_search"] is None and plain["noise_width"] == 1.0
+    assert LlmmConfig.from_pretrained(str(tmp_path / "none" / "adapter")).noise_width == 1.0
+    untimed = [[{k: v for k, v in h.items() if not re.search("runtime|per_second", k)} for h in run["history"]]
+               for run in (plain, searched)]
+    assert untimed[0] == untimed[1] and plain["eval_loss"] == searched["eval_loss"]
+    for name in ("adapter", "mean_adapter"):
+        a, b = (load_file(tmp_path / run / name / "adapter_model.safetensors") for run in ("none", "nll"))
+        assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    # test_gsm8k's mc mode draws its networks with the chosen m, and says so.
+    results = test_gsm8k.main(["--adapter", str(tmp_path / "nll" / "adapter"), "--output_dir", str(tmp_path / "mc"),
+                               "--mode", "mc", "--mc_samples", "2", "--max_samples", "2", *GENERATE, *FP32])
+    assert results["noise_width"] == record["chosen"]
+    with pytest.raises(ValueError, match="which here is the test split: pass --eval_split heldout"):
+        train_gsm8k.main([*common, "--eval_split", "test", "--noise_width_search", "tfb", "--output_dir",
+                          str(tmp_path / "x")])
+    with pytest.raises(ValueError, match=r"which --method qlora \(K = 0\) does not have"):
+        train_gsm8k.main([*common, "--method", "qlora", "--noise_width_search", "tfb", "--output_dir",
+                          str(tmp_path / "x")])
+    assert not (tmp_path / "x").exists()
+
+
+def test_mc_networks_draw_the_noise_m_times_as_wide():
+    model = get_llmm_model(tiny_llama(), LlmmConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, k=2))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.normal_()
+    layer = llmm_layers(model)[0]
+    mean = layer.lora_A["default"].weight.detach().clone()
+    draws = {}
+    for width in (1.0, 2.0, 0.0):
+        for settings in layer.llmm_settings.values():
+            settings["width"] = width
+        with gsm8k_test.sampled_network(model, seed=3):
+            draws[width] = layer.lora_A["default"].weight.detach() - mean
+    torch.testing.assert_close(draws[2.0], 2 * draws[1.0])
+    assert draws[1.0].abs().max() > 0 and torch.equal(draws[0.0], torch.zeros_like(mean))
+
+
 def test_mc_networks_are_fixed_draws_and_the_means_come_back():
     model = get_llmm_model(tiny_llama(), LlmmConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, k=2))
     with torch.no_grad():

@@ -12,6 +12,7 @@ from conftest import REPO_ROOT
 from test_prompts import byte_level_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from llmm import stats
 from llmm.run import cli
 from llmm.run.mcq import evaluation_cell
 from llmm import LlmmConfig, get_llmm_model
@@ -305,6 +306,7 @@ def test_train_evaluate_ensemble_and_table_end_to_end(tiny_dir, tmp_path, capsys
     map_accuracy = next(line for line in text.splitlines() if line.startswith("| map fp32 K0 mean | "))
     assert map_accuracy.split(" | ")[1].endswith(", n=2)")  # seeds 1 and 2 (own data orders) pooled in one cell
     assert "| llmm fp32 K2 mc N=2 | arc_e | " in text.split("Paired difference vs map")[1]  # seed 1 vs map seed 1
+    assert "| ensemble fp32 K0 M=2 | arc_e | " in text.split("Paired difference vs map")[1]  # vs its 2 members
     assert (tmp_path / "table.md").read_text() == text
     with pytest.raises(ValueError, match="two runs of one cell with seed 1: they cannot be pooled"):
         mcq_table.main([str(tmp_path)])  # map-s1 and its re-evaluation
@@ -375,15 +377,18 @@ RUN_CELL = {"task": "obqa", "method": "llmm", "backbone": "int8", "K": 2, "llmms
 MAP_CELL = {**RUN_CELL, "method": "map", "K": 0}
 
 
-def write_mcq_run(root, name, run_cell, seed, evaluations, width=None):
+def write_mcq_run(root, name, run_cell, seed, evaluations, width=None, questions=None):
     """A results.json as train_mcq writes it; ``evaluations``: {(eval set, mode, N): accuracy}, ECE = 1 - accuracy,
-    NLL = 2 x ECE, Brier = ECE / 2 (so every metric's paired difference is known)."""
+    NLL = 2 x ECE, Brier = ECE / 2 (so every metric's paired difference is known); ``questions``: the ids each
+    evaluation saves its per-question records under (labels 0)."""
     from scripts import train_mcq
 
     entries = []
     for (eval_set, mode, n), accuracy in evaluations.items():
         entry = {"eval_set": eval_set, "where": f"{eval_set}.jsonl", "mode": mode, "N": n, "seed": seed,
                  "accuracy": accuracy, "ece": 1 - accuracy, "nll": 2 * (1 - accuracy), "brier": (1 - accuracy) / 2}
+        if questions is not None:
+            entry["questions"] = [{"id": ident, "label": 0, "probs": [0.5, 0.5]} for ident in questions]
         entries.append({**entry, "cell": evaluation_cell(run_cell, entry)})
     folder = root / name
     folder.mkdir(parents=True)
@@ -426,6 +431,34 @@ def test_table_seed_statistics_and_paired_differences_against_map(tmp_path):
         ("llmm int8 K2 mean", "obqa"), ("llmm int8 K2 mean", "obqa->arc_c"), ("llmm int8 K2 mc N=10", "obqa")}
     widths = {r[0]: r[1:] for r in table_rows(text, "### Width")}
     assert widths["llmm int8 K2"] == [f"0.200 (0.200 ± 0.100, n=3) / 0.200 (0.200 ± 0.100, n=3)"]
+
+
+def test_table_pairs_the_deep_ensemble_with_each_of_its_members_on_the_same_questions(tmp_path):
+    from scripts import mcq_table
+
+    map_accuracy = {1: 0.60, 2: 0.70, 3: 0.65, 4: 0.90}  # seed 4: not a member, never in the ensemble's pairing
+    for seed, accuracy in map_accuracy.items():
+        write_mcq_run(tmp_path, f"map-{seed}", MAP_CELL, seed, {("obqa", "mean", 1): accuracy}, questions=["a", "b"])
+    ensemble_cell = {**MAP_CELL, "method": "ensemble", "member_method": "map"}
+    write_mcq_run(tmp_path, "ensemble", ensemble_cell, "1+2+3", {("obqa", "ensemble", 3): 0.72},
+                  questions=["a", "b"])
+    text = mcq_table.main([str(tmp_path)])
+    paired = {(r[0], r[1]): r[2:] for r in table_rows(text, "### Paired difference vs map")}
+    low, high = stats.bootstrap_interval([12.0, 2.0, 7.0])  # 72 - 60, 72 - 70, 72 - 65 points
+    assert paired[("ensemble int8 K0 M=3", "obqa")][0] == f"+7.0 [{low:+.1f}, {high:+.1f}] (n=3)"
+    assert paired[("ensemble int8 K0 M=3", "obqa")][2].startswith("-0.140 [")  # NLL: 2 x (0.28 - mean member 0.35)
+    assert "Ensemble rows: the ensemble (one evaluation) minus each of its map members" in text
+
+    for name, member_three, ensemble_seed in (("other-questions", ["a", "c"], "1+2+3"),
+                                              ("missing-member", ["a", "b"], "1+2+9")):
+        root = tmp_path / name
+        for seed, accuracy in map_accuracy.items():
+            write_mcq_run(root, f"map-{seed}", MAP_CELL, seed, {("obqa", "mean", 1): accuracy},
+                          questions=member_three if seed == 3 else ["a", "b"])
+        write_mcq_run(root, "ensemble", ensemble_cell, ensemble_seed, {("obqa", "ensemble", 3): 0.72},
+                      questions=["a", "b"])
+        text = mcq_table.main([str(root)])
+        assert "| ensemble int8 K0 M=3 |" in text and "No row has a map run" in text, name  # shown, not paired
 
 
 def test_table_never_pools_different_settings_and_pairs_only_the_same_backbone(tmp_path):
@@ -537,3 +570,16 @@ def test_gradient_accumulation_averages_the_letter_loss(tiny_dir, tmp_path):
     for one, two in zip(logs["one"], logs["two"]):
         assert one["loss"] == pytest.approx(two["loss"], rel=1e-5)
         assert one["grad_norm"] == pytest.approx(two["grad_norm"], rel=1e-4)
+
+
+def test_the_gpu_check_is_valid_bash_and_its_multiple_choice_part_refuses_without_cuda_in_one_line():
+    import os
+    import subprocess
+    import sys
+
+    assert subprocess.run(["bash", "-n", str(REPO_ROOT / "benchmarks" / "gpu_check.sh")]).returncode == 0
+    done = subprocess.run([sys.executable, "-m", "benchmarks.mcq_gpu_check"], cwd=REPO_ROOT, capture_output=True,
+                          text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2 and lines == ["error: no CUDA device here: the multiple-choice GPU check needs one "
+                                              "(--cpu: a smoke run)"], done.stderr[-2000:]

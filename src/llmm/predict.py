@@ -54,8 +54,11 @@ def _logits(output) -> torch.Tensor:
 
 @torch.no_grad()
 def sampled_outputs(model: torch.nn.Module, batch: Mapping, n_samples: int, seed: int | None = None,
-                    batched: bool = False) -> torch.Tensor:
-    """(n_samples, *output shape): the model's logits under n_samples sampled networks, in eval mode."""
+                    batched: bool = False, transform=None) -> torch.Tensor:
+    """(n_samples, *output shape): the model's logits under n_samples sampled networks, in eval mode; with
+    ``transform``, each network's float32 logits pass through it first (so a language model's (batch, tokens,
+    vocabulary) logits can be reduced network by network, e.g. to the labels' log-probabilities)."""
+    transform = transform or (lambda logits: logits)
     if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
         raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
     if not llmm_layers(model):
@@ -69,15 +72,16 @@ def sampled_outputs(model: torch.nn.Module, batch: Mapping, n_samples: int, seed
     try:
         with noise_mode(model, "sample"):
             if streams is None:
-                outputs = [_logits(model(**inputs)) for _ in range(n_samples)]
+                outputs = [transform(_logits(model(**inputs))) for _ in range(n_samples)]
             elif batched:
                 with noise_source(model).networks(streams):
-                    outputs = list(_logits(model(**_repeat(inputs, n_samples))).chunk(n_samples))
+                    chunks = _logits(model(**_repeat(inputs, n_samples))).chunk(n_samples)
+                    outputs = [transform(chunk) for chunk in chunks]
             else:
                 outputs = []
                 for network in range(n_samples):
                     with noise_source(model).networks(streams.subset(network)):
-                        outputs.append(_logits(model(**inputs)))
+                        outputs.append(transform(_logits(model(**inputs))))
     finally:
         model.train(was_training)
     return torch.stack(outputs)

@@ -35,12 +35,13 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfi
                           TrainingArguments)
 
 from llmm import outdirs, sharding
-from llmm.run import adapters, cli, fileio, schema, tables
+from llmm.run import adapters, cli, fileio, schema, tables, width_search
 from llmm.run import trainer as training
 from llmm.run.recipe import Recipe
 from llmm import LlmmConfig, export_mean_adapter, get_llmm_model, load_llmm_model, save_llmm_adapter
 from llmm import stats
 from llmm.model import atomic_dir, init_from_adapter, keep_cpu_4bit_trainable
+from llmm.predict import sampled_outputs
 from llmm.tasks.prompts import load_records
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -169,7 +170,24 @@ def parse_settings(parser: argparse.ArgumentParser, table: dict, argv=None,
         raise ValueError(f"eval_size must be >= 1 for eval_split heldout, got {settings['eval_size']}")
     if settings["dtype"] not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {settings['dtype']!r}")
+    check_width_search(settings)
     return settings
+
+
+def check_width_search(settings: dict) -> None:
+    """noise_width_search tfb | nll scales the Llmm noise (K > 0) and chooses m on the held-out split, which must
+    not be the test split: eval_split heldout (records of train), another split, or --eval_data."""
+    search = settings.get("noise_width_search", "none")
+    if search == "none":
+        return
+    if not settings["K"] > 0:
+        raise ValueError(f"noise_width_search {search} scales the Llmm noise, which --method {settings['method']} "
+                         f"(K = {settings['K']}) does not have: use --method llmm with K > 0, or --noise_width_search "
+                         "none")
+    if not settings.get("eval_data") and settings["eval_split"] == "test":
+        raise ValueError(f"noise_width_search {search} chooses the width on the held-out split, which here is the "
+                         "test split: pass --eval_split heldout --eval_size N (records held out of train) or "
+                         "--eval_data FILE (a validation file)")
 
 
 # --- model ---------------------------------------------------------------------------------------------------------
@@ -350,6 +368,43 @@ def training_arguments(settings: dict, output_dir: Path, resume: bool = False) -
     )
 
 
+def label_log_probs(labels: torch.Tensor):
+    """For llmm.predict.sampled_outputs: one network's log-probability of each next label token, (batch, tokens - 1)
+    (positions whose label is -100 hold a placeholder; mask them with ``labels[:, 1:] != -100``)."""
+    targets = labels[:, 1:].clamp(min=0).unsqueeze(-1)
+
+    def transform(logits: torch.Tensor) -> torch.Tensor:
+        return logits[:, :-1].log_softmax(dim=-1).gather(-1, targets).squeeze(-1)
+
+    return transform
+
+
+def held_out_nll(model, dataset, collator, settings: dict):
+    """nll(m) of the width search: the held-out token-level NLL (mean over the target tokens) of the Monte-Carlo
+    prediction, -log (1/N sum_n p_n(token)), under mc_samples networks from the seed's own streams (the same
+    networks for every m and batch; llmm.predict), with the noise multiplier in force, outside any training
+    autocast. At m = 0 it is the mean network's held-out loss."""
+    device = next(model.parameters()).device
+    loader = torch.utils.data.DataLoader(dataset, batch_size=settings["per_device_eval_batch_size"],
+                                         collate_fn=collator)
+    batches = [{key: value.to(device) for key, value in batch.items()} for batch in loader]
+    n = settings["mc_samples"]
+
+    def nll(m: float) -> float:
+        total, count = 0.0, 0
+        with training.outside_training_autocast(model):
+            for batch in batches:
+                labels = batch["labels"]
+                log_probs = sampled_outputs(model, batch, n, seed=settings["seed"], transform=label_log_probs(labels))
+                predictive = torch.logsumexp(log_probs, dim=0) - math.log(n)
+                scored = labels[:, 1:] != -100
+                total -= predictive[scored].double().sum().item()
+                count += int(scored.sum())
+        return total / count
+
+    return nll
+
+
 def curves(history: list[dict]) -> dict:
     train = [(h["step"], h["loss"]) for h in history if "loss" in h]
     held_out = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
@@ -362,6 +417,16 @@ def curves(history: list[dict]) -> dict:
 def perplexity(loss: float) -> float:
     """exp(loss), inf instead of an OverflowError for a (finite) loss above ~709."""
     return math.exp(loss) if loss < 700 else math.inf
+
+
+def final_evaluation(trainer) -> dict:
+    """The held-out evaluation at the last step (the Trainer's log entry; evaluated now if training did not)."""
+    history = trainer.state.log_history
+    last_eval = next((h for h in reversed(history) if "eval_loss" in h), None)
+    if last_eval is None or last_eval["step"] != trainer.state.global_step:
+        trainer.evaluate()
+        last_eval = history[-1]
+    return last_eval
 
 
 class CausalLMRecipe(Recipe):
@@ -401,12 +466,26 @@ class CausalLMRecipe(Recipe):
                              data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
                              processing_class=tokenizer, **extra)
 
+    width_search = None  # the width search's record (after_training), None without one
+
+    def after_training(self, trainer, model, tokenizer) -> None:
+        """The width search (noise_width_search tfb | nll) on the held-out split; the chosen m goes into the saved
+        adapter (test_gsm8k's sample and mc modes draw with it)."""
+        settings = self.settings
+        if settings.get("noise_width_search", "none") == "none":
+            return
+        final_evaluation(trainer)  # the held-out loss of the trained run as evaluated in training (m = 1), first
+        nll = held_out_nll(model, trainer.eval_dataset, trainer.data_collator, settings)
+        self.width_search = {**width_search.search_width(model, nll, settings), "split": self.where,
+                             "n_held_out": len(trainer.eval_dataset), "mc_samples": settings["mc_samples"],
+                             "seed": settings["seed"]}
+        cli.logger.info("noise width on %d held-out records: tfb m = %.4g, nll m = %.4g; using %s m = %.4g",
+                        len(trainer.eval_dataset), self.width_search["tfb"], self.width_search["nll_min"],
+                        self.width_search["rule"], self.width_search["chosen"])
+
     def finish(self, trainer, outcome, model, tokenizer) -> dict:
         settings, history = self.settings, trainer.state.log_history
-        last_eval = next((h for h in reversed(history) if "eval_loss" in h), None)
-        if last_eval is None or last_eval["step"] != trainer.state.global_step:
-            trainer.evaluate()
-            last_eval = history[-1]
+        last_eval = final_evaluation(trainer)
         first_eval = next(h for h in history if "eval_loss" in h)
         return {
             "task": self.task, "method": settings["method"], "K": settings["K"],
@@ -418,6 +497,7 @@ class CausalLMRecipe(Recipe):
             "train_loss": outcome.training_loss, "global_step": trainer.state.global_step,
             "resumed_from": self.resumed_from, "wall_time_s": time.time() - self.started, "history": history,
             "seed": settings["seed"], "cell": {**stats.cell_of(settings), "task": self.task},  # what tables pool by
+            "noise_width_search": self.width_search, "noise_width": width_search.noise_width_in_use(model),
         }
 
     def save(self, trainer, model, tokenizer, results: dict) -> dict:

@@ -95,8 +95,9 @@ def load_test_records(settings: dict) -> list[dict]:
 
 @contextlib.contextmanager
 def sampled_network(model, seed: int):
-    """Within: each Llmm factor's mean holds one sample M + sum_k eps_k / sqrt(s) Z[k] (noise from ``seed``), so a
-    whole generation runs one network drawn from the adapter's distribution; the means are restored after."""
+    """Within: each Llmm factor's mean holds one sample M + m sum_k eps_k / sqrt(s) Z[k] (noise from ``seed``; m the
+    adapter's noise width, 1 unless a width search chose another), so a whole generation runs one network drawn from
+    the adapter's distribution; the means are restored after."""
     saved, generator = [], torch.Generator().manual_seed(seed)  # on CPU: the same network on every process
     with torch.no_grad():
         for layer in llmm_layers(model):
@@ -105,7 +106,7 @@ def sampled_network(model, seed: int):
                     continue
                 for mean, directions in ((layer.lora_A[name].weight, layer.lora_llmm_A[name]),
                                          (layer.lora_B[name].weight, layer.lora_llmm_B[name])):
-                    eps = torch.randn(settings["k"], generator=generator).to(mean.device)
+                    eps = torch.randn(settings["k"], generator=generator).to(mean.device) * settings.get("width", 1.0)
                     saved.append((mean, mean.detach().clone()))
                     mean.copy_(sample_factor(mean, directions, eps, settings["scale"]))
     try:

@@ -25,6 +25,7 @@ import torch
 from transformers import TrainerCallback
 
 from llmm.run import adapters, cli, fileio, schema, tables, width_search
+from llmm.run.width_search import noise_width_in_use
 from llmm import stats
 from llmm.model import keep_cpu_4bit_trainable, seed_noise
 from llmm.tasks import calibration as C
@@ -333,11 +334,6 @@ def evaluate_sets(peft_model, tokenizer, letter_ids, eval_sets: dict, settings: 
         if output_dir is not None:
             C.plot_reliability(output_dir / f"reliability-{name}.png", reports)
     return entries
-
-
-def noise_width_in_use(model) -> float:
-    """The noise-width multiplier m the adapter evaluates with (1 = the paper; a width search may have set it)."""
-    return float(getattr(model.peft_config["default"], "noise_width", 1.0)) if hasattr(model, "peft_config") else 1.0
 
 
 def validation_nll(model, tokenizer, letter_ids, records: list[dict], settings: dict):

@@ -3,6 +3,7 @@ by cell, paired differences against a baseline method, and the learned distribut
 
 from __future__ import annotations
 import argparse
+import hashlib
 import json
 import sys
 from llmm.run import cli, fileio, tables
@@ -68,7 +69,7 @@ def gather(paths: list[str]) -> tuple[list[dict], list[dict], list[str]]:
             continue
         for entry in stats.check_entries(results["evaluations"], str(file)):
             records.append({"path": f"{file} ({entry['eval_set']} {entry['mode']})", "seed": entry.get("seed"),
-                            "cell": entry.get("cell"),
+                            "cell": entry.get("cell"), "questions": question_key(entry.get("questions")),
                             "metrics": {name: stats.metric_value(entry.get(name), str(file), name) * scale
                                         for name, (_, scale) in METRICS.items()}})
         history = results.get("width", {}).get("history")
@@ -76,6 +77,45 @@ def gather(paths: list[str]) -> tuple[list[dict], list[dict], list[str]]:
             widths.append({"path": str(file), "seed": results.get("seed"), "cell": results.get("cell"),
                            "final": history[-1]})
     return records, widths, skipped
+
+
+def question_key(questions) -> str | None:
+    """A fingerprint of the questions an evaluation answered (their ids and gold labels, in order), or None where
+    its results.json saved none: an ensemble is paired with a member only on the same questions."""
+    if not isinstance(questions, list):
+        return None
+    pairs = [(str(q.get("id")), q.get("label")) for q in questions if isinstance(q, dict)]
+    return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
+
+
+def member_seeds(seed) -> list[str]:
+    """The member seeds of an ensemble's seed ("1+2+3" -> ["1", "2", "3"]; mcq_test.ensemble_seed)."""
+    return str(seed).split("+")
+
+
+def ensemble_members(cell: dict, seed, groups: dict, baseline: str) -> dict | None:
+    """{member seed: baseline record} for a deep ensemble of ``baseline`` runs: for each of its member seeds, the
+    baseline's mean-mode evaluation of that seed with the same task, eval set, backbone and settings (a data seed
+    joined "1+2+3" matches each member's own). None unless every member is found, and in one cell only."""
+    if cell.get("member_method") != baseline:
+        return None
+    joined = "+" in str(cell.get("data_seed"))
+    free = {*PAIRING_FREE, "member_method", *(("data_seed",) if joined else ())}
+
+    def rest(c):
+        return stats.cell_key({k: v for k, v in c.items() if k not in free})
+
+    members: dict = {}
+    for group in groups.values():
+        other = group["cell"]
+        if other["method"] != baseline or other["eval_mode"] != "mean" or rest(other) != rest(cell):
+            continue
+        for run_seed, record in group["runs"].items():
+            if str(run_seed) in member_seeds(seed):
+                if str(run_seed) in members:
+                    return None  # two baseline cells hold this member: which one it was is not known
+                members[str(run_seed)] = record
+    return members if len(members) == len(member_seeds(seed)) else None
 
 
 def find_baseline(cell: dict, cells: list[dict], baseline: str) -> dict | None:
@@ -95,15 +135,35 @@ def build(records: list[dict], baseline: str) -> list[dict]:
     entries = []
     for group in groups.values():
         cell, runs = group["cell"], group["runs"]
-        base = None if cell["method"] in (baseline, "ensemble") else find_baseline(cell, cells, baseline)
-        base_runs = groups[stats.cell_key(base)]["runs"] if base else None
+        if cell["method"] == "ensemble":
+            differences = ensemble_differences(cell, runs, groups, baseline)
+        else:
+            base = None if cell["method"] == baseline else find_baseline(cell, cells, baseline)
+            base_runs = groups[stats.cell_key(base)]["runs"] if base else None
+            differences = {m: stats.paired_difference({s: r["metrics"][m] for s, r in runs.items()},
+                                                      {s: r["metrics"][m] for s, r in base_runs.items()})
+                           for m in METRICS} if base_runs else None
         entries.append({
             "row": row_label(cell, extra), "column": column(cell), "method": cell["method"],
             "summaries": {m: stats.summarize([r["metrics"][m] for r in runs.values()]) for m in METRICS},
-            "differences": {m: stats.paired_difference({s: r["metrics"][m] for s, r in runs.items()},
-                                                       {s: r["metrics"][m] for s, r in base_runs.items()})
-                            for m in METRICS} if base_runs else None})
+            "differences": differences})
     return entries
+
+
+def ensemble_differences(cell: dict, runs: dict, groups: dict, baseline: str) -> dict | None:
+    """An ensemble row vs its ``baseline`` members: per metric, the ensemble's value minus each member's (the runs
+    it averages, on the same questions where both saved them), as a paired difference over the (ensemble, member)
+    pairs: mean and the table's bootstrap interval. None unless every ensemble of the row has all its members."""
+    ensemble, member = {}, {}
+    for seed, record in runs.items():
+        members = ensemble_members(cell, seed, groups, baseline)
+        if not members or any(None not in (record["questions"], m["questions"])
+                              and m["questions"] != record["questions"] for m in members.values()):
+            return None
+        for member_seed, run in members.items():
+            ensemble[str(seed), member_seed], member[str(seed), member_seed] = record, run
+    return {m: stats.paired_difference({k: r["metrics"][m] for k, r in ensemble.items()},
+                                       {k: r["metrics"][m] for k, r in member.items()}) for m in METRICS}
 
 
 def task_rank(task: str) -> tuple:
@@ -157,6 +217,11 @@ def paired_table(entries: list[dict], baseline: str) -> list[str]:
     for entry in paired:
         texts = [stats.format_difference(entry["differences"][m], digits(m)) for m in METRICS]
         out.append(f"| {entry['row']} | {entry['column']} | " + " | ".join(texts) + " |")
+    if any(e["method"] == "ensemble" for e in paired):
+        out += ["", f"Ensemble rows: the ensemble (one evaluation) minus each of its {baseline} members (the runs it "
+                "averages, mean mode, on the same questions), mean over the members and the bootstrap interval over "
+                "them (n = members): the gain over one member; the interval shows member-to-member spread, not the "
+                "test questions' sampling."]
     return out + [""]
 
 

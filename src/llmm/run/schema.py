@@ -189,6 +189,8 @@ class CausalLMSettings(CausalDataSettings):
     eval_size: int = setting(1024, "records held out of train for eval_split heldout", low=0)
     eval_noise: str = setting("mean", "held-out loss of the mean network, or sampled (the reference's)",
                               choices=("mean", "sample"))
+    mc_samples: int = setting(4, "networks averaged in the width search's held-out NLL (noise_width_search tfb | "
+                              "nll; it shapes the chosen m, so it defines the run)", low=1)
     max_length: int = setting(512, "GSM8K: tokens of source + target", low=1)
     source_max_len: int = setting(384, "Alpaca / HH-RLHF: tokens of the source", low=1)
     target_max_len: int = setting(128, "Alpaca / HH-RLHF: tokens of the target", low=1)
@@ -247,7 +249,8 @@ class McqSettings(CausalDataSettings):
 
 @dataclass
 class WidthSearchSettings:
-    """After training, a multiplier m of the noise chosen on the validation split (llmm.width.choose_noise_width)."""
+    """After training, a multiplier m of the noise chosen on the validation split (llmm.width.choose_noise_width):
+    multiple choice, GLUE and the causal-LM families (their held-out split)."""
 
     noise_width_search: str = setting("none", "none (the paper: m = 1) | tfb (the largest m whose relative validation "
                                       "NLL change is within the tolerance) | nll (the NLL-minimising m)",
@@ -306,7 +309,8 @@ BLOCKS = (RunSettings, AdapterSettings, LoftQSettings, TrainingSettings, CausalL
           WidthSearchSettings, Gsm8kTestSettings, QuantizeSettings, QuickstartSettings)
 # What each entry point reads (its flags, its table's vocabulary).
 FAMILY_BLOCKS = {
-    "causal_lm": (RunSettings, AdapterSettings, LoftQSettings, TrainingSettings, CausalLMSettings),
+    "causal_lm": (RunSettings, AdapterSettings, LoftQSettings, TrainingSettings, CausalLMSettings,
+                  WidthSearchSettings),
     "glue": (RunSettings, AdapterSettings, LoftQSettings, TrainingSettings, GlueSettings, WidthSearchSettings),
     "mcq": (RunSettings, AdapterSettings, LoftQSettings, TrainingSettings, McqSettings, WidthSearchSettings),
     "gsm8k_test": (RunSettings, Gsm8kTestSettings),

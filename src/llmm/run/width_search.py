@@ -28,6 +28,11 @@ def apply_noise_width(model, multiplier: float, adapter_name: str = "default") -
     model.peft_config[adapter_name].noise_width = float(multiplier)
 
 
+def noise_width_in_use(model) -> float:
+    """The noise-width multiplier m the adapter evaluates with (1 = the paper; a width search may have set it)."""
+    return float(getattr(model.peft_config["default"], "noise_width", 1.0)) if hasattr(model, "peft_config") else 1.0
+
+
 def search_width(model, validation_nll, settings: dict) -> dict:
     """Run both rules on ``validation_nll``, apply the m that ``settings["noise_width_search"]`` names, and return
     the record for results.json: {rule, chosen, tfb, nll_min, tolerance, grid, evaluations [[m, nll], ...],
