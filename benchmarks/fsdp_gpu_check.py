@@ -1,17 +1,20 @@
-"""The prepared GPU check of sharded training (benchmarks/gpu_check.sh runs it): FSDP2 over an NF4 backbone
-stored in bfloat16, with CPU offload, through the HF Trainer exactly as a user starts it:
+"""The prepared GPU check of sharded training (benchmarks/gpu_check.sh runs it): FSDP2 and FSDP1 over an NF4
+backbone stored in bfloat16, with CPU offload, through the HF Trainer exactly as a user starts it:
 
     accelerate launch --config_file configs/accelerate/fsdp2.yaml --num_processes N --fsdp_offload_params true \\
         -m scripts.train_gsm8k ... --load_in_4bit true --dtype bfloat16 --gradient_checkpointing true \\
         --gradient_checkpointing_reentrant true
 
-at world size 1 (and 2 when the machine has 2 GPUs), a few steps of a synthetic Llama (random weights, byte-level
-tokenizer, tests/data/gsm8k.jsonl), beside the same run in one plain process (no FSDP, the same global batch).
-Recorded in benchmarks/results/fsdp2_nf4_cuda.json: each process's peak GPU memory, the per-step losses of both runs
-and their largest relative difference (not bit-exact: FSDP2's bf16 gathers and another gradient-reduction order),
-whether adapter/ reloads in one process (load_llmm_model) and mean_adapter/ in plain PEFT, and their logits' gap.
+(and the same with configs/accelerate/fsdp1.yaml) at world size 1 (and 2 when the machine has 2 GPUs), a few steps
+of a synthetic Llama (random weights, byte-level tokenizer, tests/data/gsm8k.jsonl), beside the same run in one plain
+process (no FSDP, the same global batch). Recorded in benchmarks/results/fsdp_nf4_cuda.json, per engine: each
+process's peak GPU memory, the per-step losses of both runs and their largest relative difference (not bit-exact:
+bf16 gathers and another gradient-reduction order), how many tensors adapter/ and mean_adapter/ hold (FSDP1 saved
+none before llmm.model.adapter_state_dict), whether adapter/ reloads in one process (load_llmm_model) and
+mean_adapter/ in plain PEFT, and their logits' gap; then the run resumed from its last (sharded, at max_steps)
+checkpoint, which only evaluates and exports: its adapter/ must equal the run's.
 
-    python -m benchmarks.fsdp_gpu_check --out benchmarks/results/fsdp2_nf4_cuda.json
+    python -m benchmarks.fsdp_gpu_check --out benchmarks/results/fsdp_nf4_cuda.json
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+ENGINES = {"fsdp2": "configs/accelerate/fsdp2.yaml", "fsdp1": "configs/accelerate/fsdp1.yaml"}
 
 
 def make_model(folder: Path, hidden: int, layers: int) -> Path:
@@ -75,11 +79,15 @@ def worker(argv: list[str]) -> None:
     (out / f"peak_memory_{rank}.json").write_text(json.dumps(peak))
 
 
-def launch(model: Path, out: Path, processes: int, steps: int, sharded: bool) -> dict:
-    argv = run_argv(model, out, batch=1 if sharded else processes, steps=steps)
-    if sharded:
+def launch(model: Path, out: Path, processes: int, steps: int, engine: str | None, *extra: str) -> dict:
+    """A run of train_gsm8k: under ``engine`` (a key of ENGINES) with ``processes`` processes of batch 1, or in one
+    plain process with the same global batch (engine None); ``extra`` arguments replace --overwrite."""
+    argv = run_argv(model, out, batch=1 if engine else processes, steps=steps)
+    if extra:
+        argv = [*argv[:argv.index("--overwrite")], *extra]
+    if engine:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                   str(ROOT / "configs/accelerate/fsdp2.yaml"), "--num_processes", str(processes),
+                   str(ROOT / ENGINES[engine]), "--num_processes", str(processes),
                    "--fsdp_offload_params", "true", "-m", "benchmarks.fsdp_gpu_check", "--worker", *argv]
     else:
         command = [sys.executable, "-m", "benchmarks.fsdp_gpu_check", "--worker", *argv]
@@ -91,6 +99,31 @@ def launch(model: Path, out: Path, processes: int, steps: int, sharded: bool) ->
     record["losses"] = [entry["loss"] for entry in results["history"] if "loss" in entry]
     record["eval_loss"] = results["eval_loss"]
     record["peak_memory"] = [json.loads(path.read_text()) for path in sorted(out.glob("peak_memory_*.json"))]
+    return record
+
+
+def adapter_tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "adapter_model.safetensors")
+
+
+def saved_check(out: Path) -> dict:
+    """How many tensors adapter/ (directions among them) and mean_adapter/ hold: an empty adapter fails."""
+    adapter, mean = adapter_tensors(out / "adapter"), adapter_tensors(out / "mean_adapter")
+    directions = sum("lora_llmm_" in key for key in adapter)
+    return {"adapter_tensors": len(adapter), "adapter_direction_tensors": directions,
+            "mean_adapter_tensors": len(mean), "saved_nonempty": bool(directions and mean)}
+
+
+def resume_check(model: Path, out: Path, processes: int, steps: int, engine: str) -> dict:
+    """The run resumed from its newest checkpoint (sharded, at max_steps): no training, adapter/ unchanged."""
+    before = adapter_tensors(out / "adapter")
+    record = launch(model, out, processes, steps, engine, "--resume_from_checkpoint")
+    if record["returncode"] == 0:
+        after = adapter_tensors(out / "adapter")
+        record["adapter_unchanged"] = before.keys() == after.keys() and all(
+            torch.equal(before[key], after[key]) for key in before)
     return record
 
 
@@ -118,12 +151,17 @@ def reload_check(model: Path, out: Path) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/fsdp2_nf4_cuda.json"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks/results/fsdp_nf4_cuda.json"))
+    parser.add_argument("--engines", default="fsdp2,fsdp1", help="comma-separated: " + ", ".join(ENGINES))
     parser.add_argument("--work", default="/tmp/llmm_fsdp_gpu_check")
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
+    engines = args.engines.split(",")
+    if not set(engines) <= ENGINES.keys():
+        print(f"error: --engines takes {', '.join(ENGINES)}, got {args.engines!r}", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("error: no CUDA device here: this check runs on GPUs (tests/test_sharded.py is the CPU evidence)",
               file=sys.stderr)
@@ -131,30 +169,38 @@ def main() -> int:
     work = Path(args.work)
     model = make_model(work / "model", args.hidden, args.layers)
     report = {"model": f"random Llama hidden {args.hidden}, {args.layers} layers, bf16; NF4 (bf16 storage under "
-                       "FSDP2, uint8 in the plain run), Llmm K=2 rank 64, reentrant gradient checkpointing",
+                       "FSDP, uint8 in the plain run), Llmm K=2 rank 64, reentrant gradient checkpointing",
               "device": torch.cuda.get_device_name(0), "gpus": torch.cuda.device_count(),
               "torch": torch.__version__, "runs": {}}
     status = 0
     for processes in [1, 2][:max(1, min(2, torch.cuda.device_count()))]:
-        plain = launch(model, work / f"plain_{processes}", processes, args.steps, sharded=False)
-        sharded = launch(model, work / f"fsdp2_offload_{processes}", processes, args.steps, sharded=True)
-        entry = {"plain_one_process_same_global_batch": plain, "fsdp2_cpu_offload": sharded}
-        if plain["returncode"] == 0 and sharded["returncode"] == 0:
-            pairs = list(zip(plain["losses"], sharded["losses"]))
-            entry["max_rel_loss_diff"] = max(abs(a - b) / max(abs(a), 1e-12) for a, b in pairs)
-            entry["reload"] = reload_check(model, work / f"fsdp2_offload_{processes}")
-            finite = all(map(math.isfinite, sum(pairs, ())))
-            ok = len(pairs) == args.steps and entry["max_rel_loss_diff"] < 2e-2 and finite
-            entry["passed"] = ok
-            status |= 0 if ok else 1
-        else:
-            entry["passed"], status = False, 1
-        report["runs"][f"world_size_{processes}"] = entry
+        plain = launch(model, work / f"plain_{processes}", processes, args.steps, None)
+        for engine in engines:
+            entry = engine_check(model, work / f"{engine}_offload_{processes}", processes, args.steps, engine, plain)
+            status |= 0 if entry["passed"] else 1
+            report["runs"][f"{engine}_world_size_{processes}"] = entry
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(json.dumps({name: {"passed": run["passed"], "max_rel_loss_diff": run.get("max_rel_loss_diff")}
                       for name, run in report["runs"].items()}))
     return status
+
+
+def engine_check(model: Path, out: Path, processes: int, steps: int, engine: str, plain: dict) -> dict:
+    """One engine's run against the plain one: losses, saved and reloaded adapters, resume at max_steps."""
+    sharded = launch(model, out, processes, steps, engine)
+    entry = {"plain_one_process_same_global_batch": plain, f"{engine}_cpu_offload": sharded, "passed": False}
+    if plain["returncode"] != 0 or sharded["returncode"] != 0:
+        return entry
+    pairs = list(zip(plain["losses"], sharded["losses"]))
+    entry["max_rel_loss_diff"] = max(abs(a - b) / max(abs(a), 1e-12) for a, b in pairs)
+    entry["saved"] = saved_check(out)
+    entry["reload"] = reload_check(model, out) if entry["saved"]["saved_nonempty"] else None
+    entry["resume_at_max_steps"] = resume_check(model, out, processes, steps, engine)
+    finite = all(map(math.isfinite, sum(pairs, ())))
+    entry["passed"] = (len(pairs) == steps and entry["max_rel_loss_diff"] < 2e-2 and finite
+                       and entry["saved"]["saved_nonempty"] and entry["resume_at_max_steps"].get("adapter_unchanged"))
+    return entry
 
 
 if __name__ == "__main__":

@@ -263,14 +263,65 @@ def frozen_embedding_bases(peft_model: PeftModel) -> list[str] | None:
     return [f"{name}.base_layer.weight" for name in layers]
 
 
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod")
+
+
+def unwrapped_name(name: str) -> str:
+    """A module or state-dict name without the segments wrappers add (FSDP1 units, activation checkpointing,
+    torch.compile), wherever they appear: the name in the unwrapped model."""
+    return ".".join(part for part in name.split(".") if part not in WRAPPER_SEGMENTS)
+
+
+def adapter_state_dict(peft_model: PeftModel, state_dict=None, adapter_name: str = "default",
+                       save_embedding_layers="auto") -> dict[str, torch.Tensor]:
+    """PEFT's ``get_peft_model_state_dict`` (the adapter's tensors, keyed as in a saved adapter) for a model whose
+    modules may sit inside wrappers. PEFT 0.21 matches the state dict against its module names and strips only a
+    leading ``_fsdp_wrapped_module.``: under nested FSDP1 units it selects nothing. Here the state dict (keys with
+    or without wrapper segments) is keyed as PEFT names the modules, and the selection keyed back unwrapped."""
+    state = peft_model.state_dict() if state_dict is None else state_dict
+    state = {unwrapped_name(key): value for key, value in state.items()}
+    seen = {unwrapped_name(name): name.removeprefix("_fsdp_wrapped_module.")
+            for name, _ in peft_model.named_modules()}
+    wrapped = {clean: name for clean, name in seen.items() if clean != name}
+    if wrapped:
+        state = {_wrapped_key(key, wrapped): value for key, value in state.items()}
+    selected = get_peft_model_state_dict(peft_model, state_dict=state, adapter_name=adapter_name,
+                                         save_embedding_layers=save_embedding_layers)
+    return {unwrapped_name(key): value for key, value in selected.items()}
+
+
+def _wrapped_key(key: str, wrapped: dict[str, str]) -> str:
+    """``key`` with its longest module prefix found in ``wrapped`` (unwrapped name -> PEFT's name) replaced."""
+    parts = key.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        module = ".".join(parts[:end])
+        if module in wrapped:
+            return ".".join([wrapped[module], *parts[end:]])
+    return key
+
+
+def _saveable(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU tensors, none sharing storage with another (safetensors refuses aliases)."""
+    out, storages = {}, set()
+    for key, value in state.items():
+        value = value.detach().contiguous().cpu()
+        storage = (value.untyped_storage().data_ptr(), value.device.type)
+        out[key] = value.clone() if storage in storages and value.numel() else value
+        storages.add(storage)
+    return out
+
+
 def save_llmm_adapter(peft_model: PeftModel, out_dir: str, overwrite: bool = False, state_dict=None) -> str:
     """``peft_model.save_pretrained(out_dir)`` (M, Z and the llmm config, without frozen embedding / LM-head base
     weights: ``frozen_embedding_bases``), written atomically. ``state_dict``: the model's tensors to take instead of
-    its own (a sharded model's gathered ones: llmm.sharding.gathered_state_dict)."""
+    its own (a sharded model's gathered ones: llmm.sharding.gathered_state_dict); the tensors are selected by
+    ``adapter_state_dict``, so a model inside nested FSDP1 units saves them too."""
     frozen = frozen_embedding_bases(peft_model)
+    embedding = {"save_embedding_layers": False} if frozen else {}
+    weights = _saveable(adapter_state_dict(peft_model, state_dict, **embedding))
     with atomic_dir(out_dir, overwrite) as tmp_dir:
-        peft_model.save_pretrained(tmp_dir, state_dict=state_dict,
-                                   **({"save_embedding_layers": False} if frozen else {}))
+        peft_model.save_pretrained(tmp_dir, state_dict={}, save_embedding_layers=False)  # config and model card
+        save_file(weights, os.path.join(tmp_dir, ADAPTER_WEIGHTS), metadata={"format": "pt"})
     return out_dir
 
 
@@ -288,9 +339,9 @@ def export_mean_adapter(
     plain.update(init_lora_weights=True, loftq_config={}, inference_mode=True)
     lora_config = LoraConfig(**plain)
     frozen = frozen_embedding_bases(peft_model)
-    state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name, state_dict=state_dict,
-                                      **({"save_embedding_layers": False} if frozen else {}))
-    state = {key: value.detach().contiguous().cpu() for key, value in state.items() if not is_direction_key(key)}
+    state = adapter_state_dict(peft_model, state_dict, adapter_name,
+                               **({"save_embedding_layers": False} if frozen else {}))
+    state = _saveable({key: value for key, value in state.items() if not is_direction_key(key)})
     with atomic_dir(out_dir, overwrite) as tmp_dir:
         lora_config.save_pretrained(tmp_dir)
         save_file(state, os.path.join(tmp_dir, ADAPTER_WEIGHTS), metadata={"format": "pt"})

@@ -109,10 +109,6 @@ class Recipe:
         if self.not_sharded and sharding.requested_engine() != "none":
             raise ValueError(f"{self.not_sharded}, so it is not trained under {sharding.requested_engine()}: launch "
                              "with DDP (torchrun, or an accelerate config without FSDP / DeepSpeed)")
-        if sharding.requested_engine() == "FSDP" and os.environ.get("FSDP_VERSION") == "1":
-            raise ValueError("FSDP1 (configs/accelerate/fsdp1.yaml) would save empty adapters: PEFT 0.21 finds no "
-                             "adapter tensor under nested FSDP1 units (tests/test_sharded.py): launch with "
-                             "configs/accelerate/fsdp2.yaml")
         self.sharding = sharding.check_sharded_launch()
         if self.data_first:
             self.load_data()

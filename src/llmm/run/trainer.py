@@ -89,6 +89,41 @@ def read_sharded_part(folder: Path) -> dict:
         return torch.load(whole, map_location="cpu", weights_only=False)
 
 
+SHARDED_MODEL_PART = "pytorch_model_fsdp_0"  # accelerate's SHARDED_STATE_DICT model folder (FSDP1 and FSDP2)
+
+
+def load_sharded_adapter(model: torch.nn.Module, part: str | Path) -> list[str]:
+    """Copy the model's trainable tensors (the adapter: M and Z) from a torch.distributed.checkpoint folder written
+    with SHARDED_STATE_DICT (accelerate: ``{"model": state dict}`` in pytorch_model_fsdp_0/) into ``model``, in this
+    process alone, without an FSDP engine: only those tensors are read, never the frozen backbone's shards. Keys
+    match with the wrappers' segments dropped (llmm.model.unwrapped_name); returns the names loaded. A trainable
+    tensor the folder lacks, or of another shape, is a ValueError."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from llmm.model import unwrapped_name
+
+    metadata = dcp.FileSystemReader(str(part)).read_metadata().state_dict_metadata
+    saved = {unwrapped_name(key.removeprefix("model.")): key.removeprefix("model.") for key, value in metadata.items()
+             if key.startswith("model.") and isinstance(value, TensorStorageMetadata)}
+    wanted = {unwrapped_name(name): p for name, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(set(wanted) - set(saved))
+    if missing or not wanted:
+        raise ValueError(f"{str(part)!r} holds no {missing[:3] or 'trainable tensor'} of this model: resume from a "
+                         "checkpoint of this run (same targets, K and rank)")
+    state = {saved[name]: torch.empty(tuple(metadata[f"model.{saved[name]}"].size),
+                                      dtype=metadata[f"model.{saved[name]}"].properties.dtype) for name in wanted}
+    for name, parameter in wanted.items():
+        if state[saved[name]].shape != parameter.shape:
+            raise ValueError(f"{str(part)!r}: {name} has shape {tuple(state[saved[name]].shape)}, the model "
+                             f"expects {tuple(parameter.shape)}: resume with the run's settings")
+    dcp.load({"model": state}, checkpoint_id=str(part), no_dist=True)
+    with torch.no_grad():
+        for name, parameter in wanted.items():
+            parameter.copy_(state[saved[name]])
+    return sorted(wanted)
+
+
 def checkpoint_is_finite(checkpoint: str | Path) -> bool:
     """Every tensor of the checkpoint's weights (*.safetensors, or the sharded pytorch_model_fsdp_0/) and optimizer
     state (optimizer.pt, or the sharded optimizer_0/) is finite."""
@@ -400,11 +435,21 @@ class LlmmTrainer(Trainer):
         if state and 0 < max_steps <= state["global_step"]:
             logger.info("%s is at max_steps (%d): no more training, only evaluation and export",
                         resume_from_checkpoint, state["global_step"])
-            self.model.load_adapter(resume_from_checkpoint, adapter_name="default", is_trainable=True)
+            self.load_final_adapter(resume_from_checkpoint)
             self.state = TrainerState.load_from_json(str(Path(resume_from_checkpoint) / "trainer_state.json"))
             losses = [log["loss"] for log in self.state.log_history if "loss" in log]
             return TrainOutput(self.state.global_step, sum(losses) / len(losses) if losses else 0.0, {})
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def load_final_adapter(self, checkpoint: str) -> None:
+        """The checkpoint's adapter into the (not yet sharded) model: adapter_model.safetensors through PEFT, or a
+        sharded checkpoint's (SHARDED_STATE_DICT: pytorch_model_fsdp_0/, no adapter file) read in each process
+        (load_sharded_adapter), as the FSDP engine would restore it."""
+        part = Path(checkpoint) / SHARDED_MODEL_PART
+        if (Path(checkpoint) / "adapter_model.safetensors").is_file() or not (part / ".metadata").is_file():
+            self.model.load_adapter(checkpoint, adapter_name="default", is_trainable=True)
+        else:
+            load_sharded_adapter(self.accelerator.unwrap_model(self.model), part)
 
     def evaluate(self, *args, **kwargs):
         """``Trainer.evaluate`` that leaves the training streams as they were (training_streams_kept): the
