@@ -3,10 +3,11 @@
     python -m scripts.test_mcq --runs runs/mcq/obqa-llmm-int8-s1 --eval_modes mean mc --mc_samples 20 --output_dir OUT
     python -m scripts.test_mcq --runs runs/mcq/obqa-map-int8-s{1,2,3} --output_dir runs/mcq/obqa-ensemble-int8
 
-One run: its adapter in every --eval_modes mode (default: the run's); with --noise_width_search tfb | nll first the
-width search on the run's validation split (TFB's rule needs no training: an llmm run trained with --validation_size
-N gives the llmm_tfb / llmm_nll rows of the calibration table, the same numbers as a run that searched after its
-training). Several runs: the deep ensemble, the
+One run: its adapter in every --eval_modes mode (default: the run's); with --noise_width_search tfb | nll | tfb nll
+first the width search on the run's validation split, then the evaluations with each rule's m (one search gives both;
+TFB's rule needs no training: an llmm run trained with --validation_size N gives the llmm_tfb / llmm_nll rows of the
+calibration table, the same numbers as runs that searched after their training; with two rules each one's
+reliability plots go to OUTPUT_DIR/<variant>/). Several runs: the deep ensemble, the
 average of the members' mean-mode answer distributions (M = the number of runs; they must share every setting but
 the seed and data_seed). The eval sets are the run's task test split and its OOD sets (--ood, --test_data and
 --max_eval_samples override the run's). Settings come from each run's settings.json (configs/mcq.yaml resolved).
@@ -25,6 +26,7 @@ from llmm import outdirs
 from llmm.run import cli, fileio, tables
 from llmm.tasks.mcq import letter_token_ids
 from llmm.run.mcq import TABLE, eval_precision, evaluate_sets, load_all, search_noise_width
+from llmm.run.width_search import RULES, apply_noise_width
 from llmm.run.mcq_test import parse_args, member_settings, load_member, ensemble_seed, ensemble
 
 
@@ -38,18 +40,24 @@ def main(argv=None) -> dict:
     outdirs.check_output_dir(output_dir, args.overwrite)
     table = tables.read_yaml(TABLE)
     first = members[0]
-    searching = args.noise_width_search not in (None, "none")  # one run (member_settings checks)
-    _, eval_sets, validation = load_all(first, table, train=searching, with_validation=True)
+    searches = first["searches"]  # one run: the width rules asked for (member_settings checks)
+    _, eval_sets, validation = load_all(first, table, train=bool(searches), with_validation=True)
     outdirs.prepare_output_dir(output_dir, args.overwrite)
     width_search = None
     if len(members) == 1:
         model, tokenizer = load_member(first)
         letters = letter_token_ids(tokenizer, max(len(r["choices"]) for rs, _ in
                                                   [*eval_sets.values(), (validation, None)] for r in rs))
-        if searching:
-            width_search = search_noise_width(model, tokenizer, letters, validation, first)
-        evaluations = evaluate_sets(model, tokenizer, letters, eval_sets, first, output_dir, first["method"],
-                                    first["cell"])
+        evaluations = []
+        for search in searches or [{}]:  # one search gives every rule's m: then one evaluation per rule
+            settings = {**first, **search}
+            if search:
+                width_search = width_search or search_noise_width(model, tokenizer, letters, validation, settings)
+                apply_noise_width(model, width_search[RULES[search["noise_width_search"]]])
+            plots = output_dir / search["variant"] if len(searches) > 1 and search.get("variant") else output_dir
+            plots.mkdir(exist_ok=True)
+            evaluations += evaluate_sets(model, tokenizer, letters, eval_sets, settings, plots, first["method"],
+                                         settings["cell"])
         method, seed = first["method"], first["seed"]
     else:
         evaluations = ensemble(members, eval_sets, output_dir)

@@ -116,7 +116,9 @@ def test_the_width_search_on_a_finished_run_equals_the_search_after_training(tin
     from scripts import test_mcq
 
     train(tiny_dir, tmp_path / "llmm", *MODES, "--variant", "llmm")
-    for rule in ("tfb", "nll"):
+    both = test_mcq.main(["--runs", str(tmp_path / "llmm"), "--noise_width_search", "tfb", "nll",
+                          "--output_dir", str(tmp_path / "llmm-both")])  # one search, an evaluation per rule
+    for index, rule in enumerate(("tfb", "nll")):
         trained = train(tiny_dir, tmp_path / rule, *MODES, "--variant", f"llmm_{rule}")
         searched = test_mcq.main(["--runs", str(tmp_path / "llmm"), "--noise_width_search", rule,
                                   "--output_dir", str(tmp_path / f"llmm-{rule}")])
@@ -125,6 +127,9 @@ def test_the_width_search_on_a_finished_run_equals_the_search_after_training(tin
         assert metrics(searched) == metrics(trained)
         assert [e["cell"] for e in searched["evaluations"]] == [e["cell"] for e in trained["evaluations"]]
         assert searched["evaluations"][0]["cell"]["variant"] == f"llmm_{rule}"
+        half = len(both["evaluations"]) // 2
+        assert metrics({"evaluations": both["evaluations"][index * half:(index + 1) * half]}) == metrics(trained)
+    assert (tmp_path / "llmm-both" / "llmm_nll" / "reliability-arc_e.png").is_file()
     train(tiny_dir, tmp_path / "map", *MODES, "--method", "map")
     for runs, problem in [([tmp_path / "map"], "K = 0"), ([tmp_path / "llmm", tmp_path / "tfb"], "applies to one run")]:
         with pytest.raises(ValueError, match=problem):

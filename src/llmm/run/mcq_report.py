@@ -67,9 +67,11 @@ def gather(paths: list[str]) -> tuple[list[dict], list[dict], list[str]]:
         if not results.get("complete"):
             skipped.append(str(file))
             continue
+        costs = run_costs(results)
         for entry in stats.check_entries(results["evaluations"], str(file)):
             records.append({"path": f"{file} ({entry['eval_set']} {entry['mode']})", "seed": entry.get("seed"),
                             "cell": entry.get("cell"), "questions": question_key(entry.get("questions")),
+                            "costs": {**costs, "test_s": entry.get("wall_time_s")},
                             "metrics": {name: stats.metric_value(entry.get(name), str(file), name) * scale
                                         for name, (_, scale) in METRICS.items()}})
         history = results.get("width", {}).get("history")
@@ -166,6 +168,58 @@ def ensemble_differences(cell: dict, runs: dict, groups: dict, baseline: str) ->
                                        {k: r["metrics"][m] for k, r in member.items()}) for m in METRICS}
 
 
+def run_costs(results: dict) -> dict:
+    """What a run cost, from its results.json: seconds per optimizer step (the Trainer's train_runtime less its
+    evaluations during training, over global_step; None for an evaluation-only run) and the width search's seconds."""
+    history = results.get("history") or []
+    runtime = next((log["train_runtime"] for log in history if "train_runtime" in log), None)
+    steps = results.get("global_step")
+    step_s = (None if runtime is None or not steps else
+              (runtime - sum(log.get("eval_runtime", 0.0) for log in history)) / steps)
+    return {"step_s": step_s, "search_s": (results.get("noise_width_search") or {}).get("wall_time_s")}
+
+
+def ratio(value, reference) -> str:
+    return f" ({value / reference:.2f}x)" if value and reference else ""
+
+
+def cost_table(records: list[dict], baseline: str) -> list[str]:
+    """Training-step and test-time cost per row, medians over seeds, and their ratio to ``baseline``'s (its
+    trained runs; its mean-mode evaluation) of the same task."""
+    groups = stats.group_by_cell(records)
+    cells = [g["cell"] for g in groups.values()]
+    extra = [f for f in stats.distinguishing_fields(cells, SHOWN) if f not in SHOWN]
+
+    def median(group, key):
+        values = [r["costs"].get(key) for r in group["runs"].values()]
+        return stats.summarize([v for v in values if v is not None])["median"] if any(
+            v is not None for v in values) else None
+
+    base = {}
+    for group in groups.values():
+        cell = group["cell"]
+        if cell["method"] == baseline and cell["eval_mode"] == "mean" and cell["eval_set"] == cell["task"]:
+            base[cell["task"]] = (median(group, "step_s"), median(group, "test_s"))
+    rows = []
+    for group in groups.values():
+        cell = group["cell"]
+        if cell["eval_set"] != cell["task"]:
+            continue  # OOD sets: the in-distribution time says the cost
+        step, search, test = (median(group, key) for key in ("step_s", "search_s", "test_s"))
+        step_base, test_base = base.get(cell["task"], (None, None))
+        rows.append((row_label(cell, extra), cell["task"],
+                     f"{step:.2f}{ratio(step, step_base)}" if step is not None else "- (not trained here)",
+                     f"{search:.0f}" if search is not None else "-",
+                     f"{test:.1f}{ratio(test, test_base)}" if test is not None else "-"))
+    if not rows:
+        return []
+    out = [f"### Cost: training seconds per optimizer step and test seconds (medians over seeds; ratio to "
+           f"{baseline}'s, its mean mode for test time), width-search seconds", "",
+           "| Method | Task | s / step | width search s | test s |", "|---|---|---|---|---|"]
+    out += [f"| {' | '.join(row)} |" for row in sorted(rows, key=lambda r: (row_rank(r[0]), task_rank(r[1])))]
+    return out + [""]
+
+
 def task_rank(task: str) -> tuple:
     return (TASK_ORDER.index(task) if task in TASK_ORDER else len(TASK_ORDER), task)
 
@@ -251,4 +305,5 @@ def width_table(widths: list[dict]) -> list[str]:
 
 def markdown(records: list[dict], widths: list[dict], published: dict, baseline: str) -> str:
     entries = build(records, baseline)
-    return "\n".join(metric_tables(entries, published) + paired_table(entries, baseline) + width_table(widths))
+    return "\n".join(metric_tables(entries, published) + paired_table(entries, baseline) + width_table(widths)
+                     + cost_table(records, baseline))

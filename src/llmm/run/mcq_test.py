@@ -31,6 +31,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max_eval_samples", type=int, default=None, help="first N questions per set (debug)")
     parser.add_argument("--per_device_eval_batch_size", type=int, default=None)
     schema.add_flags(parser, (schema.WidthSearchSettings,))  # one run: the width search on its validation split
+    rules = next(a for a in parser._actions if a.dest == "noise_width_search")
+    rules.nargs, rules.help = "+", rules.help + "; several rules: one search, the run evaluated with each rule's m"
     args = parser.parse_args(argv)
     search = {f: getattr(args, f) for f in schema.fields_of(schema.WidthSearchSettings) if getattr(args, f) is not None}
     adapters.check_settings(search, (schema.WidthSearchSettings,))
@@ -83,13 +85,14 @@ def member_settings(args) -> list[dict]:
                  "per_device_eval_batch_size": args.per_device_eval_batch_size}
     search = {name: getattr(args, name) for name in schema.fields_of(schema.WidthSearchSettings)
               if getattr(args, name) is not None}
-    if search and len(members) > 1:
+    rules = [rule for rule in search.pop("noise_width_search", []) if rule != "none"]
+    if rules and len(members) > 1:
         raise ValueError("--noise_width_search applies to one run; several runs are evaluated as a deep ensemble")
     for settings, run in zip(members, args.runs):
         settings.update({key: value for key, value in overrides.items() if value is not None})
         settings["run"] = run
-        if search.get("noise_width_search", "none") != "none":
-            settings.update(searched_settings(settings, search, run))
+        searches = [searched_settings(settings, {**search, "noise_width_search": rule}, run) for rule in rules]
+        settings["searches"] = [{**s, "cell": run_cell({**settings, **s})} for s in searches]
         if args.max_eval_samples is None:
             settings.pop("max_eval_samples", None)  # the run's debug cap applies to its own evaluation only
         settings["cell"] = run_cell(settings)  # before the backbone path below: the run's cell, as trained
