@@ -320,7 +320,9 @@ def save_llmm_adapter(peft_model: PeftModel, out_dir: str, overwrite: bool = Fal
     embedding = {"save_embedding_layers": False} if frozen else {}
     weights = _saveable(adapter_state_dict(peft_model, state_dict, **embedding))
     with atomic_dir(out_dir, overwrite) as tmp_dir:
-        peft_model.save_pretrained(tmp_dir, state_dict={}, save_embedding_layers=False)  # config and model card
+        # PEFT writes the config and model card (its weights file is then replaced by the selection above: under
+        # nested FSDP1 units PEFT's own selection is empty; an empty state_dict would break modules_to_save).
+        peft_model.save_pretrained(tmp_dir, state_dict=state_dict, **embedding)
         save_file(weights, os.path.join(tmp_dir, ADAPTER_WEIGHTS), metadata={"format": "pt"})
     return out_dir
 
