@@ -14,7 +14,7 @@ from llmm import load_llmm_model
 from llmm.tasks import calibration as C
 from llmm.tasks.mcq import encode_question, letter_token_ids
 from llmm.run import causal_lm
-from llmm.run.mcq import (TABLE, evaluate_sets, evaluation_cell, load_all, load_backbone, question_entries,
+from llmm.run.mcq import (BLOCKS, TABLE, evaluate_sets, evaluation_cell, load_all, load_backbone, question_entries,
                           run_cell)
 
 
@@ -24,23 +24,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--runs", nargs="+", required=True, help="run directories of scripts.train_mcq")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
-    parser.add_argument("--eval_modes", nargs="+", choices=C.MODES, default=None, help="one run: modes to evaluate")
-    parser.add_argument("--mc_samples", type=int, default=None, help="N for mc / dropout (default: the run's)")
-    parser.add_argument("--ood", nargs="*", default=None, help="OOD sets: task rows or .json/.jsonl files")
-    parser.add_argument("--test_data", default=None, help="a .json/.jsonl in-distribution test file")
-    parser.add_argument("--max_eval_samples", type=int, default=None, help="first N questions per set (debug)")
-    parser.add_argument("--per_device_eval_batch_size", type=int, default=None)
-    schema.add_flags(parser, (schema.WidthSearchSettings,))  # one run: the width search on its validation split
+    given = ("eval_modes", "mc_samples", "ood", "test_data", "max_eval_samples", "per_device_eval_batch_size",
+             *schema.fields_of(schema.WidthSearchSettings))  # the run's settings that an evaluation may replace
+    schema.add_flags(parser, BLOCKS, skip=set(schema.fields_of(*BLOCKS)) - set(given))
     rules = next(a for a in parser._actions if a.dest == "noise_width_search")
     rules.nargs, rules.help = "+", rules.help + "; several rules: one search, the run evaluated with each rule's m"
     args = parser.parse_args(argv)
-    search = {f: getattr(args, f) for f in schema.fields_of(schema.WidthSearchSettings) if getattr(args, f) is not None}
-    adapters.check_settings(search, (schema.WidthSearchSettings,))
-    for flag, value in (("--max_eval_samples", args.max_eval_samples), ("--mc_samples", args.mc_samples),
-                        ("--per_device_eval_batch_size", args.per_device_eval_batch_size)):
-        if value is not None and value < 1:
-            raise ValueError(f"{flag} must be an integer >= 1, got {value}: pass a positive number (or drop "
-                             f"{flag} for the run's own)")
+    schema.take_renamed(args, BLOCKS)
+    adapters.check_settings({name: getattr(args, name) for name in given}, BLOCKS)  # one error line per bad value
     seen = {}
     for run in args.runs:
         real = os.path.realpath(os.path.expanduser(run))
@@ -92,10 +83,10 @@ def member_settings(args) -> list[dict]:
         settings.update({key: value for key, value in overrides.items() if value is not None})
         settings["run"] = run
         searches = [searched_settings(settings, {**search, "noise_width_search": rule}, run) for rule in rules]
-        settings["searches"] = [{**s, "cell": run_cell({**settings, **s})} for s in searches]
         if args.max_eval_samples is None:
             settings.pop("max_eval_samples", None)  # the run's debug cap applies to its own evaluation only
         settings["cell"] = run_cell(settings)  # before the backbone path below: the run's cell, as trained
+        settings["searches"] = [{**s, "cell": run_cell({**settings, **s})} for s in searches]
         if causal_lm.in_process_loftq(settings):  # the quantized backbone the run wrote beside its adapter
             settings["model_name_or_path"] = str(Path(run) / "backbone")
     for settings, run in zip(members[1:], args.runs[1:]):
