@@ -23,7 +23,7 @@ from transformers import Trainer, TrainerCallback, TrainerState
 from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
 from llmm import entropy, entropy_weight, noise_source
-from llmm.model import ADAPTER_WEIGHTS, adapter_weights
+from llmm.model import ADAPTER_WEIGHTS, adapter_weights, frozen_embedding_bases, unwrapped_name
 from llmm.run.cli import TrainingDiverged, logger
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -481,10 +481,10 @@ class LlmmTrainer(Trainer):
     def _save(self, output_dir=None, state_dict=None):
         """``Trainer._save`` with the adapter's weights selected by llmm.model.adapter_state_dict, as the final
         adapter's are (``save_llmm_adapter``): PEFT's own ``save_pretrained`` finds no adapter tensor under nested
-        FSDP1 units (FULL_STATE_DICT: the Trainer hands it the gathered state dict), and its
-        ``save_embedding_layers`` would copy the backbone's frozen embedding / LM-head weights into every checkpoint
-        (llmm.model.frozen_embedding_bases). An adapter that would be empty is a ValueError before anything of the
-        checkpoint is written."""
+        FSDP1 units (FULL_STATE_DICT: the Trainer hands it the gathered state dict), so its weights file is
+        replaced. Neither copies the frozen base weights of adapted embedding / LM-head layers (the state dict
+        PEFT is handed leaves them out: llmm.model.frozen_embedding_bases; resuming loads the adapter onto the
+        backbone's). An adapter that would be empty is a ValueError before anything of the checkpoint is written."""
         peft_model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         if not hasattr(peft_model, "peft_config"):
             return super()._save(output_dir, state_dict)
@@ -492,9 +492,11 @@ class LlmmTrainer(Trainer):
             return None
         output_dir = output_dir or self.args.output_dir
         weights = adapter_weights(peft_model, state_dict)
-        with warnings.catch_warnings():  # PEFT's "auto" announces saving the embedding layers; it saves none here
+        frozen = {unwrapped_name(key) for key in frozen_embedding_bases(peft_model) or ()}
+        state = peft_model.state_dict() if state_dict is None else state_dict
+        with warnings.catch_warnings():  # PEFT's "auto" announces saving them; with this state dict it does not
             warnings.filterwarnings("ignore", message="Setting `save_embedding_layers` to `True`")
-            super()._save(output_dir, {})  # the config, model card, tokenizer and training arguments
+            super()._save(output_dir, {key: value for key, value in state.items() if unwrapped_name(key) not in frozen})
         save_file(weights, os.path.join(output_dir, ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
     def save_model(self, output_dir=None, _internal_call=False):
