@@ -15,6 +15,7 @@ driven directly here (what the Trainer does on GPUs: fully_shard per decoder lay
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -98,6 +99,27 @@ def restore(model, optimizer, folder: Path, rank: int):
     return step, torch.load(folder / f"step-{step}" / f"noise_{rank}.pt", weights_only=True)
 
 
+def trainer_checkpoint(peft_model, model, folder: Path) -> None:
+    """The model part of a checkpoint as LlmmTrainer writes it under FSDP with FULL_STATE_DICT: the state dict
+    gathered to the main process (accelerate's get_state_dict: rank0_only; without its offload to CPU, which on CPU
+    frees the tensors it reads), handed to LlmmTrainer._save with the wrapped model as the Trainer's model."""
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from transformers import TrainingArguments
+
+    from llmm.run.trainer import LlmmTrainer
+
+    args = TrainingArguments(output_dir=str(folder.parent / "trainer"), use_cpu=True, report_to="none",
+                             save_strategy="no")
+    trainer = LlmmTrainer(model=peft_model, args=args)
+    trainer.model = trainer.model_wrapped = model  # as the Trainer holds a sharded model
+    context = FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(rank0_only=True)) \
+        if isinstance(model, FSDP) else contextlib.nullcontext()
+    with context:
+        state = model.state_dict()
+    trainer._save(str(folder), state_dict=state)
+
+
 def worker(argv=None) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "nf4"), default="float32")
@@ -108,6 +130,7 @@ def worker(argv=None) -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--guard", action="store_true", help="check the divergence guard on sharded gradients")
     parser.add_argument("--keep_gathered", action="store_true", help="FSDP2 reshard_after_forward=False")
+    parser.add_argument("--trainer_save", action="store_true", help="also save through LlmmTrainer (FULL_STATE_DICT)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     import torch.distributed as dist
@@ -163,6 +186,8 @@ def worker(argv=None) -> None:
     model.eval()
     with torch.no_grad():
         logits = model(input_ids=eval_ids()).logits
+    if args.trainer_save:
+        trainer_checkpoint(peft_model, model, out / "trainer_checkpoint")
     state = sharding.gathered_state_dict(model)
     if rank == 0:
         save_llmm_adapter(peft_model, str(out / "adapter"), state_dict=state)
@@ -269,6 +294,32 @@ def test_accelerate_configs_parse_and_say_their_command():
     assert fsdp1["fsdp_sync_module_states"] is True
     zero3 = yaml.safe_load(configs["deepspeed_zero3"].read_text())["deepspeed_config"]
     assert zero3["zero_stage"] == 3 and zero3["zero3_init_flag"] is True
+
+
+def test_an_empty_adapter_is_never_saved_and_a_checkpoint_holds_the_final_adapter_tensors(tmp_path):
+    """LlmmTrainer's checkpoint save and save_llmm_adapter / export_mean_adapter refuse a state dict in which no
+    tensor belongs to the adapter (what PEFT alone selects under nested FSDP1 units) with one ValueError, before
+    anything is written; from the model's own state a checkpoint holds the tensors save_llmm_adapter writes."""
+    from transformers import TrainingArguments
+
+    from llmm.run.trainer import LlmmTrainer
+
+    model = get_llmm_model(tiny_llama(0), llmm_config())
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True, report_to="none", save_strategy="no")
+    trainer = LlmmTrainer(model=model, args=args)
+    frozen = {key: value for key, value in model.state_dict().items() if ".lora_" not in key}
+    for save in (lambda out: trainer._save(out, state_dict=frozen),
+                 lambda out: save_llmm_adapter(model, out, state_dict=frozen),
+                 lambda out: export_mean_adapter(model, out, state_dict=frozen)):
+        with pytest.raises(ValueError, match="the adapter to save would be empty: no tensor of the "):
+            save(str(tmp_path / "empty"))
+        assert not (tmp_path / "empty").exists()
+    trainer._save(str(tmp_path / "checkpoint"))
+    save_llmm_adapter(model, str(tmp_path / "adapter"))
+    got, expected = adapter_tensors(tmp_path / "checkpoint"), adapter_tensors(tmp_path / "adapter")
+    assert got.keys() == expected.keys() and any("lora_llmm_B" in key for key in got)
+    assert all(torch.equal(got[key], expected[key]) for key in got)
+    assert (tmp_path / "checkpoint" / "adapter_config.json").is_file()
 
 
 def test_fsdp1_policy_wraps_llmm_layers_and_their_bases_not_the_factors():
@@ -564,6 +615,29 @@ def test_fsdp1_saved_adapter_holds_the_tensors(tmp_path):
     assert run("--shard", "none", "--steps", 1, "--out", tmp_path / "single", processes=1).returncode == 0
     assert run("--shard", "fsdp1", "--steps", 1, "--out", tmp_path / "sharded").returncode == 0
     assert_same_adapters(tmp_path / "single", tmp_path / "sharded")
+
+
+@pytest.mark.slow
+def test_fsdp1_full_state_dict_checkpoint_of_the_trainer_holds_the_adapter(tmp_path):
+    """LlmmTrainer's checkpoint save under FSDP1 with FULL_STATE_DICT (the gathered state dict handed to ``_save``):
+    PEFT's save_pretrained alone writes an empty adapter there; the checkpoint's adapter holds every tensor of the
+    single-process run's, equal, and loads back (as resuming does) to the model's eval logits."""
+    from llmm.run.trainer import full_state_checkpoint
+
+    single, sharded = tmp_path / "single", tmp_path / "sharded"
+    done = run("--shard", "none", "--steps", 1, "--trainer_save", "--out", single, processes=1)
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = run("--shard", "fsdp1", "--steps", 1, "--trainer_save", "--out", sharded)
+    assert done.returncode == 0, done.stderr[-3000:]
+    checkpoint = sharded / "trainer_checkpoint"
+    assert full_state_checkpoint(checkpoint) and (checkpoint / "adapter_config.json").is_file()
+    got, expected = adapter_tensors(checkpoint), adapter_tensors(single / "adapter")
+    assert got.keys() == expected.keys() and any("lora_llmm_A" in key for key in got)
+    assert all(torch.equal(got[key], expected[key]) for key in got)
+    assert adapter_tensors(single / "trainer_checkpoint").keys() == got.keys()
+    reloaded = load_llmm_model(backbone("float32", None), str(checkpoint)).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=eval_ids()).logits, torch.load(sharded / "logits.pt"))
 
 
 @pytest.mark.slow

@@ -311,14 +311,30 @@ def _saveable(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def nonempty(selected: dict[str, torch.Tensor], state_dict) -> dict[str, torch.Tensor]:
+    """``selected`` (an adapter's tensors picked from a state dict); a ValueError if it is empty: an adapter file
+    without tensors loads as an untrained adapter, so it is never written."""
+    if not selected:
+        keys = None if state_dict is None else list(state_dict)
+        where = "the model's state dict" if keys is None else f"the {len(keys)} given state-dict keys {keys[:2]}"
+        raise ValueError(f"the adapter to save would be empty: no tensor of {where} belongs to its layers; "
+                         "nothing was written")
+    return selected
+
+
+def adapter_weights(peft_model: PeftModel, state_dict=None) -> dict[str, torch.Tensor]:
+    """The tensors ``save_llmm_adapter`` writes (M, Z; ``adapter_state_dict``, without frozen embedding / LM-head
+    base weights), ready for safetensors; ``state_dict`` as there. Empty: a ValueError (``nonempty``)."""
+    embedding = {"save_embedding_layers": False} if frozen_embedding_bases(peft_model) else {}
+    return _saveable(nonempty(adapter_state_dict(peft_model, state_dict, **embedding), state_dict))
+
+
 def save_llmm_adapter(peft_model: PeftModel, out_dir: str, overwrite: bool = False, state_dict=None) -> str:
     """``peft_model.save_pretrained(out_dir)`` (M, Z and the llmm config, without frozen embedding / LM-head base
     weights: ``frozen_embedding_bases``), written atomically. ``state_dict``: the model's tensors to take instead of
     its own (a sharded model's gathered ones: llmm.sharding.gathered_state_dict); the tensors are selected by
-    ``adapter_state_dict``, so a model inside nested FSDP1 units saves them too."""
-    frozen = frozen_embedding_bases(peft_model)
-    embedding = {"save_embedding_layers": False} if frozen else {}
-    weights = _saveable(adapter_state_dict(peft_model, state_dict, **embedding))
+    ``adapter_state_dict``, so a model inside nested FSDP1 units saves them too; none selected: a ValueError."""
+    weights = adapter_weights(peft_model, state_dict)
     with atomic_dir(out_dir, overwrite) as tmp_dir:
         # PEFT writes the config and model card (its weights file is then replaced by the selection above: under
         # nested FSDP1 units PEFT's own selection is empty; an empty state_dict would break modules_to_save).
@@ -343,7 +359,7 @@ def export_mean_adapter(
     frozen = frozen_embedding_bases(peft_model)
     state = adapter_state_dict(peft_model, state_dict, adapter_name,
                                **({"save_embedding_layers": False} if frozen else {}))
-    state = _saveable({key: value for key, value in state.items() if not is_direction_key(key)})
+    state = _saveable(nonempty({key: value for key, value in state.items() if not is_direction_key(key)}, state_dict))
     with atomic_dir(out_dir, overwrite) as tmp_dir:
         lora_config.save_pretrained(tmp_dir)
         save_file(state, os.path.join(tmp_dir, ADAPTER_WEIGHTS), metadata={"format": "pt"})

@@ -18,11 +18,12 @@ import warnings
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from transformers import Trainer, TrainerCallback, TrainerState
 from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
 from llmm import entropy, entropy_weight, noise_source
-from llmm.model import frozen_embedding_bases
+from llmm.model import ADAPTER_WEIGHTS, adapter_weights, frozen_embedding_bases, unwrapped_name
 from llmm.run.cli import TrainingDiverged, logger
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -90,6 +91,12 @@ def read_sharded_part(folder: Path) -> dict:
 
 
 SHARDED_MODEL_PART = "pytorch_model_fsdp_0"  # accelerate's SHARDED_STATE_DICT model folder (FSDP1 and FSDP2)
+
+
+def full_state_checkpoint(checkpoint: str | Path) -> bool:
+    """The checkpoint holds the adapter's file (one process, DDP, or FSDP with FULL_STATE_DICT), not only the
+    shards of SHARDED_STATE_DICT."""
+    return (Path(checkpoint) / ADAPTER_WEIGHTS).is_file()
 
 
 def load_sharded_adapter(model: torch.nn.Module, part: str | Path) -> list[str]:
@@ -439,14 +446,24 @@ class LlmmTrainer(Trainer):
             self.state = TrainerState.load_from_json(str(Path(resume_from_checkpoint) / "trainer_state.json"))
             losses = [log["loss"] for log in self.state.log_history if "loss" in log]
             return TrainOutput(self.state.global_step, sum(losses) / len(losses) if losses else 0.0, {})
+        if state and self.is_fsdp_enabled and full_state_checkpoint(resume_from_checkpoint):
+            self.load_final_adapter(resume_from_checkpoint)  # before sharding: see _load_from_checkpoint
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        """``Trainer._load_from_checkpoint``, except for an FSDP checkpoint saved with FULL_STATE_DICT (the adapter
+        file, no pytorch_model_fsdp_0/): ``train`` loaded its adapter into the model before sharding, where the
+        Trainer, handed the FSDP-wrapped model, would look for the whole model's weights."""
+        if self.is_fsdp_enabled and full_state_checkpoint(resume_from_checkpoint):
+            return None
+        return super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def load_final_adapter(self, checkpoint: str) -> None:
         """The checkpoint's adapter into the (not yet sharded) model: adapter_model.safetensors through PEFT, or a
         sharded checkpoint's (SHARDED_STATE_DICT: pytorch_model_fsdp_0/, no adapter file) read in each process
         (load_sharded_adapter), as the FSDP engine would restore it."""
         part = Path(checkpoint) / SHARDED_MODEL_PART
-        if (Path(checkpoint) / "adapter_model.safetensors").is_file() or not (part / ".metadata").is_file():
+        if full_state_checkpoint(checkpoint) or not (part / ".metadata").is_file():
             self.model.load_adapter(checkpoint, adapter_name="default", is_trainable=True)
         else:
             load_sharded_adapter(self.accelerator.unwrap_model(self.model), part)
@@ -462,16 +479,25 @@ class LlmmTrainer(Trainer):
             return super().evaluate(*args, **kwargs)
 
     def _save(self, output_dir=None, state_dict=None):
-        """``Trainer._save``, whose ``save_pretrained`` call takes no ``save_embedding_layers``: the state dict it
-        is handed leaves out the frozen base weights of adapted embedding / LM-head layers, so a checkpoint does
-        not copy the backbone's head (llmm.model.frozen_embedding_bases; resuming loads the adapter onto it)."""
-        frozen = frozen_embedding_bases(self.model) if state_dict is None and hasattr(self.model, "peft_config") \
-            else None
-        if frozen:
-            state_dict = {key: value for key, value in self.model.state_dict().items() if key not in frozen}
+        """``Trainer._save`` with the adapter's weights selected by llmm.model.adapter_state_dict, as the final
+        adapter's are (``save_llmm_adapter``): PEFT's own ``save_pretrained`` finds no adapter tensor under nested
+        FSDP1 units (FULL_STATE_DICT: the Trainer hands it the gathered state dict), so its weights file is
+        replaced. Neither copies the frozen base weights of adapted embedding / LM-head layers (the state dict
+        PEFT is handed leaves them out: llmm.model.frozen_embedding_bases; resuming loads the adapter onto the
+        backbone's). An adapter that would be empty is a ValueError before anything of the checkpoint is written."""
+        peft_model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if not hasattr(peft_model, "peft_config"):
+            return super()._save(output_dir, state_dict)
+        if not self.args.should_save:
+            return None
+        output_dir = output_dir or self.args.output_dir
+        weights = adapter_weights(peft_model, state_dict)
+        frozen = {unwrapped_name(key) for key in frozen_embedding_bases(peft_model) or ()}
+        state = peft_model.state_dict() if state_dict is None else state_dict
         with warnings.catch_warnings():  # PEFT's "auto" announces saving them; with this state dict it does not
             warnings.filterwarnings("ignore", message="Setting `save_embedding_layers` to `True`")
-            super()._save(output_dir, state_dict)
+            super()._save(output_dir, {key: value for key, value in state.items() if unwrapped_name(key) not in frozen})
+        save_file(weights, os.path.join(output_dir, ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
     def save_model(self, output_dir=None, _internal_call=False):
         """``Trainer.save_model``; under FSDP with SHARDED_STATE_DICT a checkpoint holds only the shards
