@@ -39,8 +39,8 @@ def logged(history: list[dict]) -> list[dict]:
 
 
 def table_rows(text: str) -> list[str]:
-    """The table's rows (lines starting with '|')."""
-    return [line for line in text.splitlines() if line.startswith("|")]
+    """The table's rows (lines starting with '|'), without the cost section (wall-clock timings)."""
+    return [line for line in text.split("### Cost")[0].splitlines() if line.startswith("|")]
 
 
 PLACES = {}  # path -> placeholder, so that the numbers do not depend on where the test runs

@@ -338,7 +338,8 @@ def save_llmm_adapter(peft_model: PeftModel, out_dir: str, overwrite: bool = Fal
     with atomic_dir(out_dir, overwrite) as tmp_dir:
         # PEFT writes the config and model card (its weights file is then replaced by the selection above: under
         # nested FSDP1 units PEFT's own selection is empty; an empty state_dict would break modules_to_save).
-        peft_model.save_pretrained(tmp_dir, state_dict=state_dict, **embedding)
+        peft_model.save_pretrained(tmp_dir, state_dict=state_dict,
+                                   **({"save_embedding_layers": False} if frozen_embedding_bases(peft_model) else {}))
         save_file(weights, os.path.join(tmp_dir, ADAPTER_WEIGHTS), metadata={"format": "pt"})
     return out_dir
 
