@@ -222,7 +222,9 @@ def test_bad_svd_setting_is_an_error_line_of_the_cli(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_main(lambda: quantize_model.main(argv))  # what `python -m scripts.quantize_model` runs
     assert exit_info.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == "error: loftq_svd_iters must be an integer >= 0, got -1"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: loftq_svd_iters = -1 is out of range: it must be an integer >= 0; fix --loftq_svd_iters or the table "
+        "row in configs/")
     assert not (tmp_path / "q").exists()
 
 
