@@ -50,6 +50,8 @@ def test_known_library_warnings_are_filtered_and_others_are_not():
                       "`activation_checkpointing` instead.", FutureWarning)
         warnings.warn("Could not find a config file in runs/x/backbone - will assume that the vocabulary was not "
                       "modified.", UserWarning)
+        warnings.warn("Model has `tie_word_embeddings=True` and a tied layer is part of the adapter, but "
+                      "`ensure_weight_tying` is not set to True.", UserWarning)
         warnings.warn("`something_else` is deprecated", FutureWarning)
     assert [str(w.message) for w in caught] == ["`something_else` is deprecated"]
 

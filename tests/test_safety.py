@@ -106,6 +106,26 @@ def test_overwrite_refuses_a_git_repository_and_foreign_directories(tmp_path):
     outdirs.prepare_output_dir(ours, overwrite=True)  # and again: the marker makes it llmm's even before settings.json
 
 
+def test_overwrite_replaces_a_width_search_s_own_per_rule_plots_and_nothing_foreign(tmp_path):
+    out = tmp_path / "search"  # test_mcq --noise_width_search tfb nll: one plot directory per rule, named by variant
+    for name in ("results.json", "llmm_tfb/reliability-bbcnews.png", "llmm_nll/reliability-bbcnews.png"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("x")
+    (out / RUN_MARKER).touch()
+    (out / "llmm_ent").mkdir()  # interrupted before its plot: empty
+    assert outdirs.foreign_entries(out) == []
+    (out / "llmm_nll" / "notes.txt").write_text("mine")  # a user's file inside: the directory is not llmm's
+    (out / "thesis").mkdir()
+    (out / "thesis" / "reliability-old.png").symlink_to(out / "results.json")
+    assert outdirs.foreign_entries(out) == ["llmm_nll/", "thesis/"]
+    with pytest.raises(FileExistsError, match="'llmm_nll/', 'thesis/'"):
+        outdirs.prepare_output_dir(out, overwrite=True)
+    (out / "llmm_nll" / "notes.txt").unlink()
+    (out / "thesis" / "reliability-old.png").unlink()
+    outdirs.prepare_output_dir(out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == [RUN_MARKER]
+
+
 def test_what_counts_as_llmm_s(tmp_path):
     run, plain = tmp_path / "run", tmp_path / "plain"
     for folder in (run / "backbone", plain / "backbone"):

@@ -182,7 +182,8 @@ def _llmm_name(name: str, patterns) -> bool:
 def foreign_entries(path: str | Path) -> list[str]:
     """The entries at the top of directory ``path`` that llmm did not write (sorted names): files outside
     LLMM_FILE_PATTERNS (and LLMM_FILES_BESIDE), directories that neither have an llmm name (LLMM_DIR_PATTERNS) nor
-    hold an llmm file, and hidden entries other than llmm's markers, locks and temporary siblings."""
+    hold a run file nor hold only llmm files (test_mcq's per-rule plots: ``llmm_tfb/reliability-*.png``; empty
+    when interrupted), and hidden entries other than llmm's markers, locks and temporary siblings."""
     path = Path(path)
     names = {entry.name for entry in path.iterdir()}
     files = LLMM_FILE_PATTERNS + tuple(p for key, extra in LLMM_FILES_BESIDE.items() if key in names for p in extra)
@@ -194,7 +195,9 @@ def foreign_entries(path: str | Path) -> list[str]:
             ours = name.startswith(".llmm-") or bare in names or _llmm_name(bare, files + LLMM_DIR_PATTERNS) \
                 or (entry.is_dir() and (entry / PARTIAL_MARKER).is_file())
         elif entry.is_dir() and not entry.is_symlink():
-            ours = _llmm_name(name, LLMM_DIR_PATTERNS) or any((entry / f).exists() for f in RUN_FILES)
+            ours = _llmm_name(name, LLMM_DIR_PATTERNS) or any((entry / f).exists() for f in RUN_FILES) \
+                or all(child.is_file() and not child.is_symlink() and _llmm_name(child.name, LLMM_FILE_PATTERNS)
+                       for child in entry.iterdir())
         else:
             ours = _llmm_name(name, files)
         if not ours:

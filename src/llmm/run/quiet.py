@@ -13,6 +13,10 @@ bitsandbytes loads: it logs at import time), ``install_import_filter``:
   A report with anything else (a missing backbone weight, a size mismatch) is printed as it is.
 - PEFT's "Could not find a config file in ... - will assume that the vocabulary was not modified": said offline
   when an adapter's base path is a directory written in the same run; the vocabulary is never modified here.
+- PEFT's "Model has `tie_word_embeddings=True` and a tied layer is part of the adapter": the multiple-choice family
+  adapts the LM head (BLoB's targets) of models whose head shares the embedding's weight (SmolLM2). The adapter
+  adds its delta to the head's output only, which is the intent, and llmm never merges it (it is saved as
+  safetensors and reloaded as an adapter), so ``ensure_weight_tying`` would change the method, not fix a problem.
 """
 
 from __future__ import annotations
@@ -73,3 +77,5 @@ def install() -> None:
     warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing\w*` is deprecated",
                             category=FutureWarning)
     warnings.filterwarnings("ignore", message=r"Could not find a config file in .* the vocabulary was not modified")
+    warnings.filterwarnings("ignore", message=r"Model has `tie_word_embeddings=True` and a tied layer is part of the "
+                            r"adapter")
