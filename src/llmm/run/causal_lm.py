@@ -65,9 +65,6 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
 def add_training_flags(parser: argparse.ArgumentParser) -> None:
     add_model_flags(parser)
     parser.add_argument("--eval_data", default=None, help="a .json/.jsonl held-out file (else the row's eval_split)")
-    parser.add_argument("--target_modules", nargs="+", default=None, help="else configs/targets.yaml by model_type")
-    parser.add_argument("--max_train_samples", type=int, default=None, help="first N training examples (debug)")
-    parser.add_argument("--max_eval_samples", type=int, default=None, help="first N held-out examples (debug)")
     training.add_resume_flag(parser)
 
 
@@ -116,7 +113,7 @@ def parse_settings(parser: argparse.ArgumentParser, table: dict, argv=None,
                    task_columns: tuple[str, ...] = ()) -> dict:
     """Table defaults or a named row, then flags; the baselines' K and init fixed; inconsistent choices fail before
     any loading."""
-    tables.add_setting_flags(parser, table, BLOCKS)
+    tables.add_setting_flags(parser, table, BLOCKS, also=("target_modules", "max_train_samples", "max_eval_samples"))
     args = parser.parse_args(argv)
     schema.take_renamed(args, BLOCKS)
     settings = {**tables.plumbing_defaults(BLOCKS), **table_settings(table, args, task_columns)}

@@ -38,15 +38,15 @@ from llmm.run.adapters import (INIT_DIR_LOFTQ, adopt_init_dir_settings, check_in
 from llmm.run.cli import logger, run_main
 from llmm.run.fileio import check_data_paths, load_pretrained, plot_curves, seed_everything, versions, write_json
 from llmm.run.quantize import embeddings_quantized
-from llmm.run.schema import FAMILY_BLOCKS, take_renamed
+from llmm.run.schema import FAMILY_BLOCKS, fields_of, take_renamed
 from llmm.run.tables import (CONFIGS, add_setting_flags, default_embedding_targets, default_targets, plumbing_defaults,
                              read_table, resolve_settings)
 
 
 TABLE = CONFIGS / "glue.yaml"
 BLOCKS = FAMILY_BLOCKS["glue"]
-METHODS = ("llmm", "loftq", "qlora", "lora")
-EVAL_NOISE = ("mean", "sample", "mc")
+METHODS = tuple(fields_of(*BLOCKS)["method"].metadata["choices"])
+EVAL_NOISE = tuple(fields_of(*BLOCKS)["eval_noise"].metadata["choices"])
 
 
 def build_parser(table: dict) -> argparse.ArgumentParser:
@@ -55,8 +55,6 @@ def build_parser(table: dict) -> argparse.ArgumentParser:
     parser.add_argument("--task", required=True, help=f"GLUE task: {', '.join(TASKS)}")
     parser.add_argument("--quant", required=True, choices=ALLOWED_METHODS, help="quantizer (table key)")
     parser.add_argument("--rank", type=int, required=True, help="LoRA rank r (table key)")
-    parser.add_argument("--method", choices=METHODS, default=None, help="what to train (default: the table's)")
-    parser.add_argument("--model", default=None, help="hub id or local directory (default: the table's)")
     parser.add_argument("--data_dir", default=None, help="GLUE task folder with train.tsv and dev.tsv (e.g. "
                         "glue_data/CoLA); default: the hub")
     parser.add_argument("--train_file", default=None, help="local .tsv/.csv/.json/.jsonl training file")
@@ -64,16 +62,12 @@ def build_parser(table: dict) -> argparse.ArgumentParser:
                         help="local dev file(s); MNLI: matched then mismatched")
     parser.add_argument("--output_dir", default=None, help="run directory (must be new or empty)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    parser.add_argument("--eval_noise", choices=EVAL_NOISE, default=None, help="evaluation noise (default: table)")
-    parser.add_argument("--mc_samples", type=int, default=None, help="networks averaged with --eval_noise mc")
     parser.add_argument("--quantize_embeddings", action=argparse.BooleanOptionalAction, default=None,
                         help="quantize the embedding tables too, each with its own trainable low-rank pair (default: "
                         "the table's, on: the paper's protocol); --no-quantize_embeddings keeps them full precision")
-    parser.add_argument("--target_modules", nargs="+", default=None, help="default: configs/targets.yaml")
-    parser.add_argument("--max_steps", type=int, default=None, help="stop after this many optimizer steps (smoke "
-                        "runs); overrides epochs")
     add_resume_flag(parser)
-    add_setting_flags(parser, table, BLOCKS)
+    add_setting_flags(parser, table, BLOCKS, also=("method", "model", "eval_noise", "mc_samples", "target_modules",
+                                                   "max_steps"))
     return parser
 
 
@@ -85,9 +79,8 @@ def resolve(argv: list[str] | None) -> tuple[GlueTask, dict]:
     task = get_task(args.task)
     settings = {**plumbing_defaults(BLOCKS), **resolve_settings(table, args)}
     settings["quantize_embeddings"] = embeddings_quantized(settings.get("quantize_embeddings"), "seq_cls")  # null: on
+    check_settings(settings, BLOCKS)  # as given; again below with what --method and the _init.sh directory imply
     method = settings["method"]
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     if method != "llmm":
         if args.K not in (None, 0):
             raise ValueError(f"--method {method} trains no directions (K = 0); use --method llmm for K = {args.K}")
@@ -107,8 +100,6 @@ def resolve(argv: list[str] | None) -> tuple[GlueTask, dict]:
     check_settings(settings, BLOCKS)
     check_data_paths(data_dir=settings.get("data_dir"), train_file=settings.get("train_file"),
                      validation_file=settings.get("validation_file"))
-    if settings["eval_noise"] not in EVAL_NOISE:
-        raise ValueError(f"eval_noise must be one of {EVAL_NOISE}, got {settings['eval_noise']!r}")
     search = settings.get("noise_width_search", "none")
     if search != "none" and (task.is_regression or not settings["K"] > 0):
         raise ValueError(f"noise_width_search {search} chooses the width of the Llmm noise by the dev NLL of a "

@@ -35,7 +35,6 @@ from llmm.run import causal_lm
 from llmm.run import trainer as training
 
 TABLE = tables.CONFIGS / "mcq.yaml"
-METHODS = ("llmm", "map", "mcdropout")
 SAMPLED_MODES = ("mc", "dropout")  # modes that average mc_samples passes
 # Evaluation plumbing, replaced in each evaluation's cell by the set, mode and number of samples it used.
 BLOCKS = schema.FAMILY_BLOCKS["mcq"]
@@ -48,18 +47,9 @@ def add_flags(parser: argparse.ArgumentParser, table: dict) -> None:
     parser.add_argument("--task", required=True, choices=[row["task"] for row in table["rows"]])
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
-    parser.add_argument("--method", choices=METHODS, default=None, help="override the table's method")
-    parser.add_argument("--init", choices=("lora", "loftq"), default=None, help="override the table's init")
-    parser.add_argument("--target_modules", nargs="+", default=None, help="override the table's target modules")
-    parser.add_argument("--eval_modes", nargs="+", choices=C.MODES, default=None, help="override the table's")
-    parser.add_argument("--ood", nargs="*", default=None,
-                        help="OOD sets to evaluate: task rows or .json/.jsonl files (default: the row's ood)")
-    parser.add_argument("--max_train_samples", type=int, default=None, help="first N training questions (debug)")
-    parser.add_argument("--max_eval_samples", type=int, default=None, help="first N questions per test set (debug)")
-    parser.add_argument("--data_seed", type=int, default=None,
-                        help="seed of the data order (default: the table's null, i.e. the --seed)")
     training.add_resume_flag(parser)
-    tables.add_setting_flags(parser, table, BLOCKS)
+    tables.add_setting_flags(parser, table, BLOCKS, also=("method", "init", "target_modules", "eval_modes", "ood",
+                                                          "max_train_samples", "max_eval_samples", "data_seed"))
 
 
 def check_settings(settings: dict, table: dict, args) -> dict:

@@ -77,15 +77,16 @@ def select_row(table: dict, **selection) -> dict:
     existing = sorted({tuple(row[k] for k in keys) for row in table_rows(table)}, key=str)
     raise ValueError(f"no row for {selection} in the table; rows ({', '.join(keys)}): {existing}")
 
-def add_setting_flags(parser: argparse.ArgumentParser, table: dict, blocks=schema.BLOCKS, plumbing_blocks=None) -> None:
+def add_setting_flags(parser: argparse.ArgumentParser, table: dict, blocks=schema.BLOCKS, plumbing_blocks=None,
+                      also=()) -> None:
     """One ``--name`` flag per setting of the table (default None: the table decides), typed and described by its
     field in llmm.run.schema, plus the run-plumbing fields of ``plumbing_blocks`` (default ``blocks``) the table
-    leaves to their defaults (--report_to) and the old names of renamed settings (accepted with one line naming the
-    new one)."""
+    leaves to their defaults (--report_to), the fields named in ``also`` that the table need not name (debug limits,
+    target_modules) and the old names of renamed settings (accepted with one line naming the new one)."""
     names = [*table.get("defaults", {}), *(k for row in table["rows"] for k in row)]
     plumbing = [f.name for block in (blocks if plumbing_blocks is None else plumbing_blocks)
                 for f in dataclasses.fields(block) if f.metadata["role"] == schema.RUN]
-    wanted = {name for name in [*names, *plumbing] if name not in table["keys"] and name != "source"}
+    wanted = {name for name in [*names, *plumbing, *also] if name not in table["keys"] and name != "source"}
     schema.add_flags(parser, blocks, skip=set(schema.fields_of(*blocks)) - wanted)
     fields = schema.fields_of(*blocks)
     for action in parser._actions:  # a field's hand-written flag (not a key): its choices checked with the others
