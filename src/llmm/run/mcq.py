@@ -45,8 +45,7 @@ EVALUATION_ONLY = (*schema.role_names(schema.EVAL, BLOCKS), "run", "cell")
 
 def add_flags(parser: argparse.ArgumentParser, table: dict) -> None:
     parser.add_argument("--task", required=True, choices=[row["task"] for row in table["rows"]])
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
+    cli.add_output_flags(parser)
     training.add_resume_flag(parser)
     tables.add_setting_flags(parser, table, BLOCKS, also=("method", "init", "target_modules", "eval_modes", "ood",
                                                           "max_train_samples", "max_eval_samples", "data_seed"))

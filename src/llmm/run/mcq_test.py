@@ -22,8 +22,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Evaluate trained multiple-choice runs again, or as a deep "
                                      "ensemble: accuracy, ECE, NLL, Brier per mode.", allow_abbrev=False)
     parser.add_argument("--runs", nargs="+", required=True, help="run directories of scripts.train_mcq")
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output directory")
+    cli.add_output_flags(parser)
     given = ("eval_modes", "mc_samples", "ood", "test_data", "max_eval_samples", "per_device_eval_batch_size",
              *schema.fields_of(schema.WidthSearchSettings))  # the run's settings that an evaluation may replace
     schema.add_flags(parser, BLOCKS, skip=set(schema.fields_of(*BLOCKS)) - set(given))
