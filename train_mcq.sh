@@ -13,7 +13,8 @@
 #   TASKS="obqa boolq" METHODS="map llmm" SEEDS="1 2 3" BACKBONES="int8 nf4 nf2" bash train_mcq.sh
 #   methods: the variants of configs/mcq.yaml: map mcdropout llmm | llmm_pex (per-example noise) | llmm_tfb / llmm_nll
 #            (the validation-chosen width: add --validation_size N) | llmm_ent (the entropy term)
-#   backbones: int8 (BLoB's bitsandbytes 8-bit) | nf4 / nf2 (LoftQ in-process, 16-bit storage) | bf16 | fp32
+#   backbones: int8 (BLoB's bitsandbytes 8-bit) | bnb-nf4 (bitsandbytes 4-bit NF4, QLoRA's; runs on CPU too) |
+#              nf4 / nf2 (LoftQ in-process, 16-bit storage) | bf16 | fp32
 #   LAUNCH="accelerate launch" bash train_mcq.sh;  bash train_mcq.sh --max_steps 10   (a smoke run)
 #   ACCELERATE_CONFIG=configs/accelerate/fsdp2.yaml bash train_mcq.sh   # sharded over the GPUs
 # A run whose results.json is complete is skipped; an interrupted one resumes from its newest checkpoint.
@@ -41,11 +42,12 @@ done
 backbone_flags() {  # the backbone's name -> the table's settings that select it
   case "$1" in
     int8) echo "--load_in_8bit true" ;;
+    bnb-nf4) echo "--load_in_8bit false --load_in_4bit true --init lora" ;;
     nf4) echo "--load_in_8bit false --init loftq --quant nf --bits 4" ;;
     nf2) echo "--load_in_8bit false --init loftq --quant nf --bits 2" ;;
     bf16) echo "--load_in_8bit false --init lora --dtype bfloat16" ;;
     fp32) echo "--load_in_8bit false --init lora --dtype float32" ;;
-    *) echo "error: unknown backbone '$1' (int8 | nf4 | nf2 | bf16 | fp32)" >&2; exit 2 ;;
+    *) echo "error: unknown backbone '$1' (int8 | bnb-nf4 | nf4 | nf2 | bf16 | fp32)" >&2; exit 2 ;;
   esac
 }
 

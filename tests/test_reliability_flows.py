@@ -111,6 +111,17 @@ def test_one_bf16_adapter_gives_the_same_figures_in_train_mcq_and_test_mcq(tiny_
         (e["mode"], e["nll"], e["accuracy"]) for e in trained["evaluations"]]
 
 
+
+def test_an_nf4_bf16_run_gives_the_same_figures_in_train_mcq_and_test_mcq(tiny_dir, tmp_path):  # noqa: F811
+    """train_mcq.sh's bnb-nf4 backbone (bitsandbytes NF4, bf16 compute): trained, saved, reloaded, the same answers."""
+    trained = train(train_argv(tiny_dir, tmp_path / "run", "--load_in_4bit", "true", "--init", "lora", "--dtype",
+                               "bfloat16", "--max_steps", "2", "--eval_modes", "mean", "mc"))
+    tested = test_mcq.main(["--runs", str(tmp_path / "run"), "--output_dir", str(tmp_path / "again")])
+    outdirs.release_all()
+    assert trained["backbone"] == "nf4" and trained["evaluations"][0]["cell"]["load_in_4bit"] is True
+    assert [(e["mode"], e["nll"], e["accuracy"]) for e in tested["evaluations"]] == [
+        (e["mode"], e["nll"], e["accuracy"]) for e in trained["evaluations"]]
+
 # --- one 4-bit kernel for every batch ------------------------------------------------------------------------------
 
 def nf4_letter_head(tokenizer, folder):  # noqa: F811
