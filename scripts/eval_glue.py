@@ -51,13 +51,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def check(args: argparse.Namespace) -> tuple[Path, dict, Path]:
+def check(args: argparse.Namespace) -> tuple[Path, schema.GlueRun, Path]:
     """The run directory, its settings and the output path; bad input fails here, before anything is loaded."""
     run = Path(args.run_dir)
     if not (run / "settings.json").is_file() or not (run / "adapter" / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{str(run)!r} is not a finished scripts.train_glue run (it needs settings.json and "
                                 "adapter/): pass a run's output directory")
-    settings = schema.current_names(json.loads((run / "settings.json").read_text()))  # old runs: old names
+    settings = schema.GlueRun.of(schema.current_names(json.loads((run / "settings.json").read_text())))  # old names
     if args.seed is not None:
         check_seed(args.seed, "--seed")  # 0 .. 2^32 - 1
     for name in ("mc_samples", "batch_size"):
@@ -80,12 +80,12 @@ def check(args: argparse.Namespace) -> tuple[Path, dict, Path]:
     return run, settings, output
 
 
-def load_run(run: Path, settings: dict):
+def load_run(run: Path, task):
     """(tokenizer, model in eval mode) of a saved run: its adapter on the backbone the adapter names."""
     base = json.loads((run / "adapter" / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if not base:
         raise ValueError(f"{str(run / 'adapter')!r} names no base model: it was not written by scripts.train_glue")
-    tokenizer, model = load_model({"model": base}, get_task(settings["task"]))
+    tokenizer, model = load_model(base, task)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     return tokenizer, llmm.load_llmm_model(model.to(device), str(run / "adapter"))
 
@@ -93,21 +93,21 @@ def load_run(run: Path, settings: dict):
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     run, settings, output = check(args)
-    task = get_task(settings["task"])
+    task = get_task(settings.task)
     if args.file:
         raw = {Path(path).stem: load_file(task, path) for path in args.file}
         files = dict(zip(raw, args.file))
     else:
         loaded = load_glue(task, settings.get("data_dir"), settings.get("train_file"), settings.get("validation_file"))
         raw, files = {split: loaded[split] for split in task.dev_splits}, {}
-    seed = settings["seed"] if args.seed is None else args.seed
-    mc_samples = args.mc_samples or settings["mc_samples"]
+    seed = settings.seed if args.seed is None else args.seed
+    mc_samples = args.mc_samples or settings.mc_samples
     seed_everything(seed)
     started = time.time()
-    tokenizer, model = load_run(run, settings)
-    data = tokenize(DatasetDict(raw), task, tokenizer, settings["max_length"])
+    tokenizer, model = load_run(run, task)
+    data = tokenize(DatasetDict(raw), task, tokenizer, settings.max_length)
     collator = DataCollatorWithPadding(tokenizer)
-    batch_size = args.batch_size or settings["per_device_eval_batch_size"]
+    batch_size = args.batch_size or settings.per_device_eval_batch_size
     splits = {}
     for split in raw:
         outputs = predict(model, data[split], collator, batch_size, args.mode, mc_samples)

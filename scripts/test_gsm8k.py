@@ -32,10 +32,10 @@ from llmm.run.gsm8k_test import parse_settings, check_adapter, load_test_records
 def main(argv=None) -> dict:
     started = time.time()
     settings = parse_settings(argv)
-    output_dir = Path(settings["output_dir"])
+    output_dir = Path(settings.output_dir)
     outdirs.check_outputs_apart({"--output_dir": output_dir},
                                 {f"--{key}": settings.get(key) for key in ("adapter", "model_name_or_path", "data")})
-    outdirs.check_output_dir(output_dir, settings["overwrite"])
+    outdirs.check_output_dir(output_dir, settings.overwrite)
     adapter_config = check_adapter(settings)
     records = load_test_records(settings)
     model, tokenizer = load_model(settings)
@@ -48,13 +48,13 @@ def main(argv=None) -> dict:
         "accuracy": accuracy([p["extracted"] for p in predictions], [p["gold"] for p in predictions]),
         "n": len(predictions), "n_correct": sum(p["correct"] for p in predictions),
         "n_without_number": sum(p["extracted"] is None for p in predictions),
-        "mode": settings["mode"], "decoding": settings["decoding"], "adapter": settings["adapter"],
+        "mode": settings.mode, "decoding": settings.decoding, "adapter": settings.adapter,
         "noise_width": float(getattr(adapter_config, "noise_width", 1.0)),  # m of the sample / mc modes' noise
-        "model": settings["model_name_or_path"], "wall_time_s": time.time() - started,
-        "settings": settings, "versions": fileio.versions(),
+        "model": settings.model_name_or_path, "wall_time_s": time.time() - started,
+        "settings": settings.record(), "versions": fileio.versions(),
     }
-    results["seed"], results["cell"] = stats.test_cell(Path(settings["adapter"]).parent, settings)  # for tables
-    outdirs.make_output_dir(output_dir, settings["overwrite"])
+    results["seed"], results["cell"] = stats.test_cell(Path(settings.adapter).parent, settings)  # for tables
+    outdirs.make_output_dir(output_dir, settings.overwrite)
     if state.is_main_process:
         fileio.write_text(output_dir / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
         fileio.write_json(output_dir / "results.json", results)

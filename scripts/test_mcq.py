@@ -40,7 +40,7 @@ def main(argv=None) -> dict:
     outdirs.check_output_dir(output_dir, args.overwrite)
     table = tables.read_yaml(TABLE)
     first = members[0]
-    searches = first["searches"]  # one run: the width rules asked for (member_settings checks)
+    searches = first.searches  # one run: the width rules asked for (member_settings checks)
     _, eval_sets, validation = load_all(first, table, train=bool(searches), with_validation=True)
     outdirs.prepare_output_dir(output_dir, args.overwrite)
     width_search = None
@@ -50,21 +50,21 @@ def main(argv=None) -> dict:
                                                   [*eval_sets.values(), (validation, None)] for r in rs))
         evaluations = []
         for search in searches or [{}]:  # one search gives every rule's m: then one evaluation per rule
-            settings = {**first, **search}
+            settings = first.copy(**search)
             if search:
                 width_search = width_search or search_noise_width(model, tokenizer, letters, validation, settings)
                 apply_noise_width(model, width_search[RULES[search["noise_width_search"]]])
             plots = output_dir / search["variant"] if len(searches) > 1 and search.get("variant") else output_dir
             plots.mkdir(exist_ok=True)
-            evaluations += evaluate_sets(model, tokenizer, letters, eval_sets, settings, plots, first["method"],
-                                         settings["cell"])
-        method, seed = first["method"], first["seed"]
+            evaluations += evaluate_sets(model, tokenizer, letters, eval_sets, settings, plots, first.method,
+                                         settings.cell)
+        method, seed = first.method, first.seed
     else:
         evaluations = ensemble(members, eval_sets, output_dir)
         method, seed = "ensemble", ensemble_seed(members)
-    results = {"task": first["task"], "method": method, "seed": seed, "member_seeds": [m["seed"] for m in members],
-               "K": first["K"], "backbone": first["backbone"],
-               "llmmscale": first["llmmscale"], "rank": first["rank"], "model": first["model_name_or_path"],
+    results = {"task": first.task, "method": method, "seed": seed, "member_seeds": [m["seed"] for m in members],
+               "K": first.K, "backbone": first.backbone,
+               "llmmscale": first.llmmscale, "rank": first.rank, "model": first.model_name_or_path,
                "runs": args.runs, "members": len(members), "eval_precision": eval_precision(first),
                "evaluations": evaluations, "noise_width_search": width_search,
                "wall_time_s": time.time() - started, "versions": fileio.versions(), "complete": True}

@@ -25,8 +25,8 @@ from llmm.run.causal_lm import BLOCKS, add_training_flags, parse_settings, train
 TABLE = tables.CONFIGS / "gsm8k.yaml"
 
 
-def encode(tokenizer, settings: dict, record: dict) -> dict:
-    return encode_joint(tokenizer, *gsm8k_pair(record), max_length=settings["max_length"])
+def encode(tokenizer, settings, record: dict) -> dict:
+    return encode_joint(tokenizer, *gsm8k_pair(record), max_length=settings.max_length)
 
 
 def main(argv=None) -> dict:

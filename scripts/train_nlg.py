@@ -25,9 +25,9 @@ from llmm.run.causal_lm import BLOCKS, add_training_flags, parse_settings, train
 TABLE = tables.CONFIGS / "nlg.yaml"
 
 
-def encode(tokenizer, settings: dict, record: dict) -> dict:
-    source, target = PAIRS[settings["task"]](record)
-    return encode_source_target(tokenizer, source, target, settings["source_max_len"], settings["target_max_len"])
+def encode(tokenizer, settings, record: dict) -> dict:
+    source, target = PAIRS[settings.task](record)
+    return encode_source_target(tokenizer, source, target, settings.source_max_len, settings.target_max_len)
 
 
 def main(argv=None) -> dict:
@@ -39,7 +39,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--rank", type=int, default=None, help="LoRA rank (default: the row's, else the table's)")
     add_training_flags(parser)
     settings = parse_settings(parser, table, argv, task_columns=("dataset", "eval_split"))
-    return train(settings, settings["task"], encode)
+    return train(settings, settings.task, encode)
 
 
 if __name__ == "__main__":

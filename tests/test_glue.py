@@ -19,6 +19,7 @@ from safetensors import safe_open
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import AutoModelForSequenceClassification, PreTrainedTokenizerFast
 
+from llmm.run.schema import GlueRun
 from llmm import LlmmConfig, get_llmm_model, llmm_layers, load_llmm_model, noise_mode
 from llmm.embedding import LlmmEmbedding
 from llmm.tasks.glue import LOCAL_ONLY_TASKS, TASKS, get_task, load_glue, task_metrics, tokenize
@@ -129,7 +130,7 @@ def test_every_table_row_parses():
         assert isinstance(row["learning_rate"], float) and 0 < row["learning_rate"] <= 1e-3, row
         assert isinstance(row["llmmscale"], float) and isinstance(row["K"], int) and isinstance(row["num_train_epochs"], int)
         for bits in (2, 4):
-            config = llmm_config({**row, "bits": bits, "init": "loftq"}, ["query_proj"])
+            config = llmm_config(GlueRun.of({**row, "bits": bits, "init": "loftq"}), ["query_proj"])
             assert config.k == row["K"] and config.scale == row["llmmscale"] and config.r == row["rank"]
         paper = SEED_ROWS.get((row["quant"], row["rank"], row["task"]))
         assert (row["source"] == "MeMoTune paper") == (paper is not None)
@@ -261,7 +262,7 @@ def test_methods_quantize_and_wrap_as_documented(model_dir):
     for method in ("lora", "qlora", "loftq", "llmm"):
         _, settings = glue_run.resolve(["--task", "mrpc", "--quant", "uniform", "--rank", "16", "--method", method,
                                           "--model", model_dir])
-        _, model = glue_run.load_model(settings, task)
+        _, model = glue_run.load_model(settings.model, task)
         model = glue_run.wrap_model(model, settings)
         base = model.get_submodule("base_model.model." + query).get_base_layer().weight
         levels = base.unique().numel()
@@ -355,7 +356,7 @@ def test_train_glue_from_an_init_directory(model_dir, tmp_path):
                                 "--loftq_iter", "1", "--dtype", "float32"])
     backbone = load_file(init / "model.safetensors")
     means = load_file(init / "llmm_init" / "adapter_model.safetensors")
-    _, model = glue_run.load_model({"model": str(init)}, get_task("cola"))
+    _, model = glue_run.load_model(str(init), get_task("cola"))
     _, settings = glue_run.resolve(["--task", "cola", "--quant", "nf", "--rank", "16", "--model", str(init),
                                       "--data_dir", str(DATA / "CoLA")])
     assert settings["init_dir"] == str(init / "llmm_init")
@@ -468,9 +469,9 @@ def test_bert_tables_are_word_and_position_embeddings():
     bert = BertForSequenceClassification(BertConfig(vocab_size=96, hidden_size=32, num_hidden_layers=1,
                                                     num_attention_heads=2, intermediate_size=64,
                                                     max_position_embeddings=64, num_labels=3))
-    settings = {"rank": 4, "lora_alpha": 4, "K": 1, "llmmscale": 400.0, "bits": 2, "quant": "nf", "loftq_iter": 1,
-                "method": "llmm", "init": "loftq", "quantize_embeddings": True, "gaussian_embeddings": False,
-                "eval_noise": "mean"}
+    settings = GlueRun.of({"rank": 4, "lora_alpha": 4, "K": 1, "llmmscale": 400.0, "bits": 2, "quant": "nf",
+                           "loftq_iter": 1, "method": "llmm", "init": "loftq", "quantize_embeddings": True,
+                           "gaussian_embeddings": False, "eval_noise": "mean"})
     model = glue_run.wrap_model(bert, settings)
     wrapped = {name.split(".")[-1] for name, m in model.named_modules() if isinstance(m, LlmmEmbedding)}
     assert wrapped == {"word_embeddings", "position_embeddings"}
@@ -535,7 +536,7 @@ def test_saved_runs_reload_exactly(runs, tmp_path):
         assert json.loads((run / "eval" / "mean.json").read_text())["mode"] == "mean"
         settings = json.loads((run / "settings.json").read_text())
         task = get_task(settings["task"])
-        tokenizer, _ = eval_glue.load_run(run, settings)
+        tokenizer, _ = eval_glue.load_run(run, task)
         features = tokenize(load_glue(task, data_dir=str(DATA)), task, tokenizer, settings["max_length"])
         jobs.append([str(run), [{k: v for k, v in row.items() if k != "labels"} for row in features["validation"]],
                      settings["per_device_eval_batch_size"]])

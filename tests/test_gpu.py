@@ -8,6 +8,7 @@ from conftest import LLAMA_TARGETS, tiny_llama
 from test_layer import randomize
 from test_model import CONFIG
 
+from llmm.run.schema import CausalLMRun
 from llmm import LlmmConfig, get_llmm_model, llmm_layers, load_llmm_model
 from llmm.quant import fake_quantize, loftq_init
 
@@ -102,8 +103,8 @@ def cuda_llama(tmp_path_factory):
 def test_init_sh_backbone_reloads_exactly_in_nf4_through_cuda_kernels(cuda_llama):
     from llmm.run.causal_lm import load_backbone
 
-    model, _ = load_backbone({"model_name_or_path": str(cuda_llama["init"]), "load_in_4bit": True,
-                              "dtype": "bfloat16"})
+    model, _ = load_backbone(CausalLMRun.of({"model_name_or_path": str(cuda_llama["init"]), "load_in_4bit": True,
+                                             "dtype": "bfloat16"}))
     assert next(model.parameters()).is_cuda and _requantized_exactly(cuda_llama["init"], model) == 2 * 7
 
 
@@ -130,7 +131,8 @@ def test_paper_configuration_on_cuda_train_resume_generate_export(cuda_llama, tm
         if mode == "mean":
             assert [p["generated"] for p in predictions] == plain_peft_generations(
                 cuda_llama["init"], run / "mean_adapter", load_in_4bit=True, dtype="bfloat16")
-    settings = {"model_name_or_path": str(cuda_llama["init"]), "load_in_4bit": True, "dtype": "bfloat16"}
+    settings = CausalLMRun.of({"model_name_or_path": str(cuda_llama["init"]), "load_in_4bit": True,
+                               "dtype": "bfloat16"})
     inputs = torch.randint(4, 250, (2, 16), device="cuda")
     from llmm import load_llmm_model as load
 
@@ -162,7 +164,8 @@ def test_in_process_loftq_runs_on_the_training_device(cuda_llama, tmp_path, monk
                       "--eval_size", "2", "--output_dir", str(run), "--max_steps", "1", "--load_in_4bit", "false",
                       "--dtype", "bfloat16"])
     assert devices and set(devices) == {"cuda"}
-    model, _ = load_backbone({"model_name_or_path": str(run / "backbone"), "load_in_4bit": True, "dtype": "bfloat16"})
+    model, _ = load_backbone(CausalLMRun.of({"model_name_or_path": str(run / "backbone"), "load_in_4bit": True,
+                                              "dtype": "bfloat16"}))
     assert _requantized_exactly(run / "backbone", model) == 2 * 7
 
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from test_prompts import byte_level_tokenizer
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
+from llmm.run.schema import CausalLMRun, Gsm8kTestRun
 from llmm import LlmmConfig, get_llmm_model, llmm_layers, load_llmm_model
 from llmm.tasks.prompts import encode_prompt, gsm8k_source
 from scripts import lm_table, quantize_model, test_gsm8k, train_gsm8k, train_nlg
@@ -122,7 +123,7 @@ def test_cpu_4bit_gradients_survive_an_evaluation(models):
     inputs = torch.randint(4, 300, (2, 12))
     grads = []
     for load_in_4bit in (True, False):
-        model, _ = load_backbone({**settings, "load_in_4bit": load_in_4bit})
+        model, _ = load_backbone(CausalLMRun.of({**settings, "load_in_4bit": load_in_4bit}))
         keep_cpu_4bit_trainable(model)
         model = load_llmm_model(model, str(models[16] / "llmm_init"), is_trainable=True, lora_dropout=0.0)
         model.eval()
@@ -140,8 +141,8 @@ def test_cpu_4bit_gradients_survive_an_evaluation(models):
 
 def plain_peft_generations(backbone, mean_adapter, load_in_4bit, max_new_tokens=8, dtype="float32"):
     """Greedy generations of the fixture questions with the exported mean adapter loaded by plain PEFT."""
-    model, tokenizer = load_backbone({"model_name_or_path": str(backbone), "dtype": dtype,
-                                      "load_in_4bit": load_in_4bit})
+    model, tokenizer = load_backbone(CausalLMRun.of({"model_name_or_path": str(backbone), "dtype": dtype,
+                                                     "load_in_4bit": load_in_4bit}))
     model = PeftModel.from_pretrained(model, str(mean_adapter)).eval()
     tokenizer.padding_side = "left"
     questions = [json.loads(line)["question"] for line in (DATA / "gsm8k.jsonl").read_text().splitlines()]
@@ -333,7 +334,8 @@ def test_sample_mode_noise_follows_the_seed_flag(monkeypatch):
 
     def generated(seed):
         torch.manual_seed(1234 + seed)  # torch's generator must not decide the noise
-        return gsm8k_test.predict(model, tokenizer, records, {"mode": "sample", "seed": seed})[0]["generated"]
+        settings = Gsm8kTestRun.of({"mode": "sample", "seed": seed})
+        return gsm8k_test.predict(model, tokenizer, records, settings)[0]["generated"]
 
     assert generated(0) == generated(0) != generated(1)
 
@@ -352,10 +354,10 @@ def bf16_init_dir(models, tmp_path_factory):
 
 
 def test_paper_configuration_nf4_bf16_train_resume_export_generate(bf16_init_dir, tmp_path):
-    settings = {"model_name_or_path": str(bf16_init_dir), "load_in_4bit": True, "dtype": "bfloat16",
-                "prepare_kbit_training": True, "gradient_checkpointing": False, "init": "loftq", "K": 2,
-                "rank": 64, "lora_alpha": 16, "llmmscale": 400.0, "scaled_gradient": True, "lora_dropout": 0.1,
-                "eval_noise": "mean"}
+    settings = CausalLMRun.of({"model_name_or_path": str(bf16_init_dir), "load_in_4bit": True, "dtype": "bfloat16",
+                               "prepare_kbit_training": True, "gradient_checkpointing": False, "init": "loftq",
+                               "K": 2, "rank": 64, "lora_alpha": 16, "llmmscale": 400.0, "scaled_gradient": True,
+                               "lora_dropout": 0.1, "eval_noise": "mean"})
     model, _ = load_backbone(settings)
     model = attach_adapter(prepare_for_training(model, settings), settings)
     dtypes = {name: p.dtype for name, p in model.named_parameters() if p.dtype.is_floating_point}
@@ -393,7 +395,7 @@ def test_paper_configuration_nf4_bf16_train_resume_export_generate(bf16_init_dir
     logits = []
     for load in (lambda base: load_llmm_model(base, str(run / "adapter")),
                  lambda base: PeftModel.from_pretrained(base, str(run / "mean_adapter"))):
-        backbone, _ = load_backbone({**settings, "model_name_or_path": str(bf16_init_dir)})
+        backbone, _ = load_backbone(settings.copy(model_name_or_path=str(bf16_init_dir)))
         with torch.no_grad():
             logits.append(load(backbone).eval()(input_ids=inputs).logits)
     assert logits[0].dtype == torch.bfloat16 and torch.equal(logits[0], logits[1])
@@ -407,8 +409,8 @@ def test_in_process_loftq_bf16_backbone_requantizes_to_the_same_nf4(models, tmp_
                       "--loftq_iter", "1", "--data", str(DATA / "gsm8k.jsonl"), "--eval_split", "heldout",
                       "--eval_size", "2", "--output_dir", str(run), "--max_steps", "1", *BF16])
     saved = load_file(run / "backbone" / "model.safetensors")
-    model, _ = load_backbone({"model_name_or_path": str(run / "backbone"), "load_in_4bit": True,
-                              "dtype": "bfloat16"})
+    model, _ = load_backbone(CausalLMRun.of({"model_name_or_path": str(run / "backbone"), "load_in_4bit": True,
+                                             "dtype": "bfloat16"}))
     checked = 0
     for name, module in model.named_modules():
         if isinstance(module, bnb.nn.Linear4bit):

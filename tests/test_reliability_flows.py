@@ -15,6 +15,7 @@ from test_llama_scripts import FAST, FP32, save_tiny_llama
 from test_mcq import DATA, tiny_dir, tokenizer, train_argv  # noqa: F401  (fixtures)
 from test_safety import cli
 
+from llmm.run.schema import CausalLMRun
 from llmm import outdirs
 from llmm.tasks import calibration as C
 from scripts import test_mcq, train_mcq
@@ -134,8 +135,8 @@ def nf4_letter_head(tokenizer, folder):  # noqa: F811
         tiny_causal_lm(tokenizer).save_pretrained(folder / "backbone")  # the backbone llmm_model adapts
         tokenizer.save_pretrained(folder / "backbone")
         save_llmm_adapter(llmm_model(tokenizer), str(folder / "adapter"))
-    model, _ = causal_lm.load_backbone({"model_name_or_path": str(folder / "backbone"), "dtype": "float32",
-                                        "load_in_4bit": True})
+    model, _ = causal_lm.load_backbone(CausalLMRun.of({"model_name_or_path": str(folder / "backbone"),
+                                                       "dtype": "float32", "load_in_4bit": True}))
     model = load_llmm_model(model, str(folder / "adapter")).eval()
     from llmm.tasks.mcq import letter_token_ids
 

@@ -147,3 +147,32 @@ def test_adding_a_numeric_setting_is_one_field(monkeypatch, capsys):
     assert parser.parse_args(["--entropy_weight", "0.3"]).entropy_weight == 0.3
     with pytest.raises(ValueError, match=r"unknown setting 'entropy_wieght': did you mean 'entropy_weight'\?"):
         schema.check_row_keys(["entropy_wieght"], schema.fields_of(*blocks), "glue.yaml", {"task": "cola"})
+
+
+def test_settings_object_is_typed_and_records_what_was_given_or_set():
+    """A family's Settings: every field an attribute (its default where nothing named it), extras attributes too;
+    the record (settings.json, the cell) holds what was given and what the run set since, nothing else."""
+    settings = schema.McqRun.of({"task": "arc_e", "K": 3, "source": "BLoB"})
+    assert (settings.K, settings.source, settings.learning_rate, settings.mc_samples) == (3, "BLoB", 2e-4, 10)
+    assert schema.GlueRun.of({}).eval_steps == 0 and schema.CausalLMRun.of({}).eval_steps == 500  # the family's
+    with pytest.raises(AttributeError, match="no setting 'K_'"):
+        settings.K_
+    settings.K, settings.backbone = 0, "int8"
+    assert settings.record() == {"task": "arc_e", "K": 0, "source": "BLoB", "backbone": "int8"}
+    assert settings.get("load_in_8bit") is True and settings.get("eval_split", "test") == "test"  # not mcq's
+    copied = settings.copy(rank=4)
+    assert copied.record()["rank"] == 4 and "rank" not in settings.record()
+    copied.unset("rank")
+    assert copied.rank == 16 and copied.record() == settings.record()
+
+
+def test_a_new_field_is_an_attribute_of_the_familys_settings():
+    @dataclasses.dataclass
+    class Extra(schema.TrainingSettings):
+        my_weight: float = schema.setting(0.0, "weight of my term", low=0)
+
+    @dataclasses.dataclass
+    class Run(schema.Settings, Extra):
+        pass
+
+    assert Run.of({}).my_weight == 0.0 and Run.of({"my_weight": 0.1}).my_weight == 0.1

@@ -30,6 +30,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the worker runs this file as a script
 from conftest import LLAMA_TARGETS, REPO_ROOT, tiny_llama  # noqa: E402
 
+from llmm.run.schema import CausalLMRun
 from llmm import LlmmConfig, export_mean_adapter, get_llmm_model, load_llmm_model, noise_source  # noqa: E402
 from llmm import save_llmm_adapter, seed_noise  # noqa: E402
 from llmm import sharding  # noqa: E402
@@ -388,11 +389,12 @@ def test_run_layer_under_a_sharded_launch_refuses_in_process_loftq_and_stores_nf
         train_gsm8k.main(gsm8k_argv(model, tmp_path / "run", "--init", "loftq", "--load_in_4bit", "false"))
     assert not (tmp_path / "run").exists()
 
-    settings = {"dtype": "bfloat16", "load_in_4bit": True, "model_name_or_path": str(model),
-                "bnb_4bit_quant_storage": "auto", "gradient_checkpointing": True,
-                "gradient_checkpointing_reentrant": True, "prepare_kbit_training": True, "init": "lora"}
+    settings = CausalLMRun.of({"dtype": "bfloat16", "load_in_4bit": True, "model_name_or_path": str(model),
+                               "bnb_4bit_quant_storage": "auto", "gradient_checkpointing": True,
+                               "gradient_checkpointing_reentrant": True, "prepare_kbit_training": True,
+                               "init": "lora"})
     assert causal_lm.quant_storage(settings) == "bfloat16"
-    assert causal_lm.quant_storage({**settings, "bnb_4bit_quant_storage": "float32"}) == "float32"
+    assert causal_lm.quant_storage(settings.copy(bnb_4bit_quant_storage="float32")) == "float32"
     backbone4, _ = causal_lm.load_backbone(settings)
     packed = backbone4.model.layers[0].self_attn.q_proj.weight
     assert packed.dtype == torch.bfloat16 and packed.quant_state is not None
@@ -428,7 +430,7 @@ def test_an_fsdp1_launch_meets_the_same_checks_as_fsdp2(monkeypatch, tmp_path):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     for version in ("1", "2"):
         monkeypatch.setenv("FSDP_VERSION", version)
-        recipe = Recipe({"output_dir": str(tmp_path / "run")})
+        recipe = Recipe(CausalLMRun.of({"output_dir": str(tmp_path / "run")}))
         if torch.cuda.is_available():
             pytest.skip("a GPU machine shards: the run would go on")
         with pytest.raises(ValueError, match="asks for FSDP but accelerate runs"):
@@ -542,7 +544,7 @@ def test_adapters_saved_from_the_gathered_state_equal_the_model_own(tmp_path):
         for name, parameter in model.named_parameters():
             if parameter.requires_grad:
                 parameter.add_(torch.randn_like(parameter))
-    settings = {"model_name_or_path": "tiny", "init": "lora"}
+    settings = CausalLMRun.of({"model_name_or_path": "tiny", "init": "lora"})
     save_run(model, None, settings, tmp_path / "own")
     save_run(model, None, settings, tmp_path / "gathered", state_dict=sharding.gathered_state_dict(model))
     for folder, directions in (("adapter", True), ("mean_adapter", False)):

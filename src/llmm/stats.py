@@ -57,9 +57,11 @@ def result_files(paths: list[str], made_by: str) -> list[Path]:
     return files
 
 
-def cell_of(settings: dict) -> dict:
-    """The cell of a run: its resolved settings without the seed and without what does not change its numbers."""
-    return {key: value for key, value in sorted(settings.items()) if key not in NOT_CELL}
+def cell_of(settings) -> dict:
+    """The cell of a run: its resolved settings (a Settings object, or a settings.json's dict) without the seed and
+    without what does not change its numbers."""
+    values = settings.record() if isinstance(settings, schema.Settings) else settings
+    return {key: value for key, value in sorted(values.items()) if key not in NOT_CELL}
 
 
 def test_cell(run_dir, test_settings: dict) -> tuple[int | None, dict]:

@@ -10,35 +10,36 @@ from pathlib import Path
 from llmm.run import schema
 
 
-def llmm_config(settings: dict, target_modules: list[str], **extra):
+def llmm_config(settings: schema.Settings, target_modules: list[str], **extra):
     """LlmmConfig from resolved settings; the one place K -> k and llmmscale -> scale."""
     from peft import LoftQConfig
 
     from llmm import LlmmConfig
 
-    init = settings.get("init", "loftq")
+    init = settings.init
     loftq = {}
     if init == "loftq":
         loftq = dict(init_lora_weights="loftq",
-                     loftq_config=LoftQConfig(loftq_bits=settings["bits"], loftq_iter=settings["loftq_iter"]),
-                     loftq_method=settings["quant"], loftq_compensate_scaling=settings.get("compensate_scaling", True),
+                     loftq_config=LoftQConfig(loftq_bits=settings.bits, loftq_iter=settings.loftq_iter),
+                     loftq_method=settings.quant, loftq_compensate_scaling=settings.compensate_scaling,
                      **{name: settings[name] for name in ("loftq_svd", "loftq_svd_oversampling", "loftq_svd_iters")
                         if name in settings})  # the tables use LlmmConfig's names for these
     return LlmmConfig(
-        r=settings["rank"], lora_alpha=settings["lora_alpha"], lora_dropout=settings.get("lora_dropout", 0.0),
-        target_modules=target_modules, k=settings["K"], scale=settings["llmmscale"],
-        eval_noise=settings.get("eval_noise", "mean"), scaled_gradient=settings.get("scaled_gradient", True),
-        noise_per_example=settings.get("noise_per_example", False),
+        r=settings.rank, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+        target_modules=target_modules, k=settings.K, scale=settings.llmmscale,
+        eval_noise=settings.eval_noise, scaled_gradient=settings.scaled_gradient,
+        noise_per_example=settings.noise_per_example,
         **loftq, **extra,
     )
 
-def check_settings(settings: dict, blocks=schema.BLOCKS) -> None:
+def check_settings(settings, blocks=schema.BLOCKS) -> None:
     """Every setting is in its declared range (its field in llmm.run.schema, the schema LlmmConfig uses too);
     checked before any model or data is loaded and before anything is written. None means "not set". Seeds are
     integers in 0 .. 2^32 - 1 (llmm.streams.check_seed), an error naming the flag."""
     from llmm.streams import check_seed
 
-    for name, value in settings.items():
+    values = settings.record() if isinstance(settings, schema.Settings) else settings  # a Settings, or a table row
+    for name, value in values.items():
         if name in ("seed", "data_seed") and value is not None:
             check_seed(value, f"--{name}")  # numpy's legacy seeding limit, 2^32 - 1
         rule = schema.setting_error(name, value, blocks)
@@ -58,7 +59,7 @@ def check_init_targets(init_dir: str | Path, init_targets, given: list[str] | No
 INIT_DIR_LOFTQ = tuple(f.name for f in dataclasses.fields(schema.LoftQSettings)
                        if f.metadata["role"] == schema.INIT_DIR)  # what an _init.sh directory fixes
 
-def adopt_init_dir_settings(model_dir: str | Path, settings: dict, given: set[str]) -> None:
+def adopt_init_dir_settings(model_dir: str | Path, settings: schema.Settings, given: set[str]) -> None:
     """An _init.sh directory fixes how its backbone was quantized: its LoftQ settings (quantize_report.json) replace
     the table's in ``settings`` (so settings.json and the results' cell say what was run), and a flag in ``given``
     that asks for another value is an error, not silently ignored. A directory without a report is left alone."""

@@ -100,87 +100,83 @@ def table_settings(table: dict, args: argparse.Namespace, task_columns: tuple[st
     return settings
 
 
-def scope_dataset_config(settings: dict, args: argparse.Namespace) -> None:
+def scope_dataset_config(settings, args: argparse.Namespace) -> None:
     """The table's dataset_config belongs to the table's dataset (``main`` of the hub's gsm8k): another --data
     (a local directory or file, another hub id) gets none unless --dataset_config is given."""
     data = settings.get("data")
-    if data and data != settings.get("dataset") and getattr(args, "dataset_config", None) is None:
-        settings["dataset_config"] = None
+    if data and data != settings.dataset and getattr(args, "dataset_config", None) is None:
+        settings.dataset_config = None
 
 
 def parse_settings(parser: argparse.ArgumentParser, table: dict, argv=None,
-                   task_columns: tuple[str, ...] = ()) -> dict:
+                   task_columns: tuple[str, ...] = ()) -> schema.CausalLMRun:
     """Table defaults or a named row, then flags; the baselines' K and init fixed; inconsistent choices fail before
     any loading."""
     tables.add_setting_flags(parser, table, BLOCKS, also=("target_modules", "max_train_samples", "max_eval_samples"))
     args = parser.parse_args(argv)
     schema.take_renamed(args, BLOCKS)
-    settings = {**tables.plumbing_defaults(BLOCKS), **table_settings(table, args, task_columns)}
+    settings = schema.CausalLMRun.of({**tables.plumbing_defaults(BLOCKS), **table_settings(table, args, task_columns)})
     adapters.check_settings(settings, BLOCKS)
     scope_dataset_config(settings, args)
-    if not (settings.get("data") or settings.get("dataset")):
+    if not (settings.get("data") or settings.dataset):
         raise ValueError("no dataset: pass --data (a hub id, dataset directory or .json/.jsonl file)")
-    method = settings["method"]
+    method = settings.method
     if method != "llmm":
         if args.K not in (None, 0):
             raise ValueError(f"--method {method} trains plain LoRA factors (K = 0); drop --K or use --method llmm")
-        settings["K"] = 0
+        settings.K = 0
         fixed_init = {"qlora": "lora", "loftq": "loftq"}[method]
         if args.init not in (None, fixed_init):
             raise ValueError(f"--method {method} means --init {fixed_init}; drop --init {args.init}")
-        settings["init"] = fixed_init
+        settings.init = fixed_init
     adapters.check_settings(settings, BLOCKS)
     fileio.check_data_paths(data=settings.get("data"), eval_data=settings.get("eval_data"))
     if args.model_name_or_path is None:
         key = "base_model" if method == "qlora" else "init_dir"
-        if key not in settings:
+        if settings[key] is None:
             raise ValueError("no model: pass --model_name_or_path (an _init.sh directory, a hub id or a local "
                              "checkpoint), or --model to use a table row's")
-        settings["model_name_or_path"] = settings[key]
+        settings.model_name_or_path = settings[key]
         if key == "init_dir" and not Path(settings[key]).is_dir():
             raise FileNotFoundError(f"the row's init_dir {settings[key]!r} does not exist: create it with bash "
                                     "_init.sh (configs/quantize.yaml) or pass --model_name_or_path")
-    fileio.check_model_path(settings["model_name_or_path"])
-    init_dir = init_adapter_dir(settings["model_name_or_path"])
+    fileio.check_model_path(settings.model_name_or_path)
+    init_dir = init_adapter_dir(settings.model_name_or_path)
     if init_dir is not None and method == "qlora":
         raise ValueError(f"--method qlora needs the original checkpoint (the row's base_model), not the _init.sh "
-                         f"directory {settings['model_name_or_path']!r}: its backbone is LoftQ's Q = quant(W - gBA)")
+                         f"directory {settings.model_name_or_path!r}: its backbone is LoftQ's Q = quant(W - gBA)")
     if init_dir is not None and args.init == "lora":
         raise ValueError("an _init.sh directory brings LoftQ means; for --init lora pass the original checkpoint")
-    if init_dir is None and settings["init"] == "loftq" and settings["load_in_4bit"]:
+    if init_dir is None and settings.init == "loftq" and settings.load_in_4bit:
         raise ValueError("LoftQ init needs the full-precision weights, not a 4-bit backbone: pass an _init.sh "
                          "directory (bash _init.sh PRESET), or --load_in_4bit false, or --init lora")
     if init_dir is not None:
         check_init_adapter(init_dir, settings)
-        adapters.adopt_init_dir_settings(settings["model_name_or_path"], settings,
+        adapters.adopt_init_dir_settings(settings.model_name_or_path, settings,
                                   {name for name in adapters.INIT_DIR_LOFTQ if getattr(args, name, None) is not None})
-    settings["init_source"] = str(init_dir) if init_dir else f"{settings['init']} (in-process)"
+    settings.init_source = str(init_dir) if init_dir else f"{settings.init} (in-process)"
     engine = sharding.requested_engine()
     if engine != "none" and in_process_loftq(settings):
         raise ValueError(f"in-process LoftQ is not supported under {engine} (each process would quantize the whole "
                          "model, and the backbone/ it saves is sharded): make an _init.sh directory (bash _init.sh "
                          "PRESET) and pass it as --model_name_or_path, or --init lora")
-    if not 0 <= settings["warmup_ratio"] < 1:
-        raise ValueError(f"warmup_ratio must be in [0, 1), got {settings['warmup_ratio']}")
-    if settings["eval_split"] == "heldout" and settings["eval_size"] < 1:
-        raise ValueError(f"eval_size must be >= 1 for eval_split heldout, got {settings['eval_size']}")
-    if settings["dtype"] not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {settings['dtype']!r}")
+    if settings.eval_split == "heldout" and settings.eval_size < 1:
+        raise ValueError(f"eval_size must be >= 1 for eval_split heldout, got {settings.eval_size}")
     check_width_search(settings)
     return settings
 
 
-def check_width_search(settings: dict) -> None:
+def check_width_search(settings) -> None:
     """noise_width_search tfb | nll scales the Llmm noise (K > 0) and chooses m on the held-out split, which must
     not be the test split: eval_split heldout (records of train), another split, or --eval_data."""
-    search = settings.get("noise_width_search", "none")
+    search = settings.noise_width_search
     if search == "none":
         return
-    if not settings["K"] > 0:
-        raise ValueError(f"noise_width_search {search} scales the Llmm noise, which --method {settings['method']} "
-                         f"(K = {settings['K']}) does not have: use --method llmm with K > 0, or --noise_width_search "
+    if not settings.K > 0:
+        raise ValueError(f"noise_width_search {search} scales the Llmm noise, which --method {settings.method} "
+                         f"(K = {settings.K}) does not have: use --method llmm with K > 0, or --noise_width_search "
                          "none")
-    if not settings.get("eval_data") and settings["eval_split"] == "test":
+    if not settings.get("eval_data") and settings.eval_split == "test":
         raise ValueError(f"noise_width_search {search} chooses the width on the held-out split, which here is the "
                          "test split: pass --eval_split heldout --eval_size N (records held out of train) or "
                          "--eval_data FILE (a validation file)")
@@ -188,43 +184,43 @@ def check_width_search(settings: dict) -> None:
 
 # --- model ---------------------------------------------------------------------------------------------------------
 
-def quant_storage(settings: dict) -> str:
+def quant_storage(settings) -> str:
     """The dtype bitsandbytes packs NF4 weights in: the setting, or for ``auto`` uint8 (bitsandbytes' default) and,
     under FSDP / DeepSpeed, the compute dtype (FSDP shards only floating tensors of one dtype per unit)."""
-    storage = settings.get("bnb_4bit_quant_storage", "auto")
+    storage = settings.get("bnb_4bit_quant_storage", "auto")  # not a multiple-choice setting
     if storage == "auto":
-        storage = settings["dtype"] if sharding.requested_engine() != "none" else "uint8"
+        storage = settings.dtype if sharding.requested_engine() != "none" else "uint8"
     return storage
 
 
-def load_backbone(settings: dict):
+def load_backbone(settings):
     """(model, tokenizer): bitsandbytes NF4 (or LLM.int8 with ``load_in_8bit``, BLoB's backbone) on this process's
     device (under FSDP / DeepSpeed: no device_map, the engine places the shards), or ``dtype`` weights on CPU (the
     Trainer or the caller moves them). No token is added: a missing pad token becomes unk (or eos), so embeddings
     keep size."""
-    dtype = DTYPES[settings["dtype"]]
+    dtype = DTYPES[settings.dtype]
     kwargs = {"dtype": dtype}
     if settings.get("load_in_8bit"):
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    elif settings["load_in_4bit"]:
+    elif settings.load_in_4bit:
         storage = quant_storage(settings)
-        settings["bnb_4bit_quant_storage_used"] = storage
+        settings.bnb_4bit_quant_storage_used = storage
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
             bnb_4bit_use_double_quant=False, bnb_4bit_quant_storage=getattr(torch, storage))
     if "quantization_config" in kwargs and sharding.requested_engine() == "none":
         kwargs["device_map"] = {"": PartialState().device}
-    model = fileio.load_pretrained(AutoModelForCausalLM, settings["model_name_or_path"], **kwargs)
-    tokenizer = fileio.load_pretrained(AutoTokenizer, settings["model_name_or_path"])
+    model = fileio.load_pretrained(AutoModelForCausalLM, settings.model_name_or_path, **kwargs)
+    tokenizer = fileio.load_pretrained(AutoTokenizer, settings.model_name_or_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return model, tokenizer
 
 
-def check_init_adapter(init_dir: Path, settings: dict) -> LlmmConfig:
+def check_init_adapter(init_dir: Path, settings) -> LlmmConfig:
     """The init adapter's config; its rank and lora_alpha must be the settings' (the LoftQ means depend on both)."""
     saved = LlmmConfig.from_pretrained(str(init_dir))
-    adapters.check_init_targets(init_dir, saved.target_modules, settings.get("target_modules"))
+    adapters.check_init_targets(init_dir, saved.target_modules, settings.target_modules)
     for name, key in (("r", "rank"), ("lora_alpha", "lora_alpha")):
         if getattr(saved, name) != settings[key]:
             raise ValueError(f"{init_dir} holds LoftQ means for {name}={getattr(saved, name)} but the settings say "
@@ -232,25 +228,25 @@ def check_init_adapter(init_dir: Path, settings: dict) -> LlmmConfig:
     return saved
 
 
-def load_init_adapter(model, init_dir: Path, settings: dict, **overrides):
+def load_init_adapter(model, init_dir: Path, settings, **overrides):
     """The LoftQ means of an _init.sh llmm_init/ adapter, trainable, with the settings' K. The init's directions are
     zero, so another K (0 for the loftq baseline) starts from exactly the same model."""
     saved = check_init_adapter(init_dir, settings)
-    if saved.k == settings["K"]:
-        return load_llmm_model(model, str(init_dir), is_trainable=True, k=settings["K"], **overrides)
-    return init_from_adapter(model, str(init_dir), dataclasses.replace(saved, k=settings["K"], **overrides))
+    if saved.k == settings.K:
+        return load_llmm_model(model, str(init_dir), is_trainable=True, k=settings.K, **overrides)
+    return init_from_adapter(model, str(init_dir), dataclasses.replace(saved, k=settings.K, **overrides))
 
 
-def attach_adapter(model, settings: dict):
+def attach_adapter(model, settings):
     """An Llmm adapter per the settings: from an _init.sh directory's means, or LoRA / in-process LoftQ init."""
-    overrides = dict(scale=float(settings["llmmscale"]), scaled_gradient=settings["scaled_gradient"],
-                     lora_dropout=settings["lora_dropout"], eval_noise=settings["eval_noise"],
-                     noise_per_example=settings.get("noise_per_example", False))
-    init_dir = init_adapter_dir(settings["model_name_or_path"])
+    overrides = dict(scale=float(settings.llmmscale), scaled_gradient=settings.scaled_gradient,
+                     lora_dropout=settings.lora_dropout, eval_noise=settings.eval_noise,
+                     noise_per_example=settings.noise_per_example)
+    init_dir = init_adapter_dir(settings.model_name_or_path)
     if init_dir is not None:
         peft_model = load_init_adapter(model, init_dir, settings, **overrides)
     else:
-        targets = tables.default_targets(model.config, settings.get("target_modules"))
+        targets = tables.default_targets(model.config, settings.target_modules)
         peft_model = get_llmm_model(model, adapters.llmm_config(settings, targets))
     for parameter in peft_model.parameters():
         if parameter.numel() == 0:  # K = 0: the (0, ...) direction tensors have nothing to train
@@ -258,19 +254,19 @@ def attach_adapter(model, settings: dict):
     return peft_model
 
 
-def prepare_for_training(model, settings: dict):
+def prepare_for_training(model, settings):
     """The backbone as the adapters are attached to it. Over 4 bits with ``prepare_kbit_training`` (the
     reference's choice), PEFT's prepare_model_for_kbit_training: every 16-bit parameter left (norms, embeddings,
     lm_head) in float32, the base frozen. Before in-process LoftQ the model moves to the training device, so LoftQ's
     SVDs run there (a 7B model takes hours on CPU, minutes on a GPU)."""
     model.config.use_cache = False
     sharded = sharding.requested_engine() != "none"
-    if settings["load_in_4bit"] and settings.get("prepare_kbit_training", True) and not sharded:  # absent: on
-        checkpointing = settings["gradient_checkpointing"]
+    if settings.load_in_4bit and settings.prepare_kbit_training and not sharded:
+        checkpointing = settings.gradient_checkpointing
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=checkpointing,
             gradient_checkpointing_kwargs=checkpointing_kwargs(settings) if checkpointing else None)
-    elif settings["load_in_4bit"] and settings["gradient_checkpointing"]:
+    elif settings.load_in_4bit and settings.gradient_checkpointing:
         model.enable_input_require_grads()  # what prepare_model_for_kbit_training adds for checkpointing, no upcast
     if in_process_loftq(settings):
         model = model.to(PartialState().device)
@@ -278,14 +274,14 @@ def prepare_for_training(model, settings: dict):
     return model
 
 
-def checkpointing_kwargs(settings: dict) -> dict:
+def checkpointing_kwargs(settings) -> dict:
     """Gradient checkpointing's options: ``use_reentrant`` from the settings (PEFT's FSDP-QLoRA recipe: True)."""
     return {"use_reentrant": bool(settings.get("gradient_checkpointing_reentrant", False))}
 
 
-def in_process_loftq(settings: dict) -> bool:
+def in_process_loftq(settings) -> bool:
     """True when LoftQ quantizes a plain checkpoint here: the backbone Q then exists only in this run."""
-    return settings["init"] == "loftq" and init_adapter_dir(settings["model_name_or_path"]) is None
+    return settings.init == "loftq" and init_adapter_dir(settings.model_name_or_path) is None
 
 
 # --- data ----------------------------------------------------------------------------------------------------------
@@ -299,66 +295,66 @@ def as_dataset(records: list[dict]):
     return datasets.Dataset.from_dict({field: [record.get(field) for record in records] for field in fields})
 
 
-def train_eval_records(settings: dict, task: str):
+def train_eval_records(settings, task: str):
     """(train, held-out, where the held-out set comes from) as datasets.Dataset."""
     import datasets
 
-    source = settings.get("data") or settings["dataset"]
+    source = settings.get("data") or settings.dataset
     splits = {name: split if isinstance(split, datasets.Dataset) else as_dataset(split)
-              for name, split in load_records(source, task, settings.get("dataset_config")).items()}
+              for name, split in load_records(source, task, settings.dataset_config).items()}
     if "train" not in splits:
         raise ValueError(f"{source} has no 'train' split (splits: {sorted(splits)})")
     train = splits["train"]
-    eval_split = settings["eval_split"]
+    eval_split = settings.eval_split
     if settings.get("eval_data"):
-        held_out = as_dataset(load_records(settings["eval_data"], task)["train"])
-        where = settings["eval_data"]
+        held_out = as_dataset(load_records(settings.eval_data, task)["train"])
+        where = settings.eval_data
     elif eval_split == "heldout":
-        if settings["eval_size"] >= len(train):
-            raise ValueError(f"eval_size {settings['eval_size']} leaves no training data ({len(train)} records): "
+        if settings.eval_size >= len(train):
+            raise ValueError(f"eval_size {settings.eval_size} leaves no training data ({len(train)} records): "
                              "pass a smaller --eval_size, --eval_split test (a dataset with a test split) or "
                              "--eval_data FILE")
-        parts = train.train_test_split(test_size=settings["eval_size"], shuffle=True, seed=settings["data_seed"])
+        parts = train.train_test_split(test_size=settings.eval_size, shuffle=True, seed=settings.data_seed)
         train, held_out = parts["train"], parts["test"]
-        where = f"{settings['eval_size']} records held out of train (seed {settings['data_seed']})"
+        where = f"{settings.eval_size} records held out of train (seed {settings.data_seed})"
     elif eval_split in splits:
         held_out, where = splits[eval_split], f"{source} [{eval_split}]"
     else:
         raise ValueError(f"{source} has no {eval_split!r} split (splits: {sorted(splits)}): pass --eval_data FILE "
                          "or --eval_split heldout")
-    if settings.get("max_train_samples"):
-        train = train.select(range(min(settings["max_train_samples"], len(train))))
-    if settings.get("max_eval_samples"):
-        held_out = held_out.select(range(min(settings["max_eval_samples"], len(held_out))))
+    if settings.max_train_samples:
+        train = train.select(range(min(settings.max_train_samples, len(train))))
+    if settings.max_eval_samples:
+        held_out = held_out.select(range(min(settings.max_eval_samples, len(held_out))))
     return train, held_out, where
 
 
 # --- training ------------------------------------------------------------------------------------------------------
 
-def training_arguments(settings: dict, output_dir: Path, resume: bool = False) -> TrainingArguments:
-    optim = settings["optim"]
+def training_arguments(settings, output_dir: Path, resume: bool = False) -> TrainingArguments:
+    optim = settings.optim
     if optim.startswith("paged_") and not torch.cuda.is_available():
         cli.logger.warning("%s needs CUDA: using adamw_torch on this machine", optim)
         optim = "adamw_torch"
-    settings["optim_used"] = optim
-    checkpointing = settings["gradient_checkpointing"]
+    settings.optim_used = optim
+    checkpointing = settings.gradient_checkpointing
     return TrainingArguments(
-        output_dir=str(output_dir / "checkpoints"), max_steps=settings["max_steps"],
-        per_device_train_batch_size=settings["per_device_train_batch_size"],
-        per_device_eval_batch_size=settings["per_device_eval_batch_size"],
-        gradient_accumulation_steps=settings["gradient_accumulation_steps"],
-        learning_rate=settings["learning_rate"], lr_scheduler_type=settings["lr_scheduler_type"],
-        warmup_steps=settings["warmup_ratio"],  # a float < 1 is a fraction of max_steps
-        weight_decay=settings["weight_decay"],
-        adam_epsilon=settings.get("adam_epsilon", 1e-8), optim=optim, max_grad_norm=settings["max_grad_norm"],
-        eval_strategy="steps", eval_steps=settings["eval_steps"], eval_on_start=not resume, prediction_loss_only=True,
-        logging_steps=settings["logging_steps"], logging_first_step=True,
-        save_strategy="steps", save_steps=settings["save_steps"], save_total_limit=settings["save_total_limit"],
-        seed=settings["seed"], data_seed=settings["data_seed"],
-        bf16=settings["dtype"] == "bfloat16", fp16=settings["dtype"] == "float16",
+        output_dir=str(output_dir / "checkpoints"), max_steps=settings.max_steps,
+        per_device_train_batch_size=settings.per_device_train_batch_size,
+        per_device_eval_batch_size=settings.per_device_eval_batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        learning_rate=settings.learning_rate, lr_scheduler_type=settings.lr_scheduler_type,
+        warmup_steps=settings.warmup_ratio,  # a float < 1 is a fraction of max_steps
+        weight_decay=settings.weight_decay,
+        adam_epsilon=settings.adam_epsilon, optim=optim, max_grad_norm=settings.max_grad_norm,
+        eval_strategy="steps", eval_steps=settings.eval_steps, eval_on_start=not resume, prediction_loss_only=True,
+        logging_steps=settings.logging_steps, logging_first_step=True,
+        save_strategy="steps", save_steps=settings.save_steps, save_total_limit=settings.save_total_limit,
+        seed=settings.seed, data_seed=settings.data_seed,
+        bf16=settings.dtype == "bfloat16", fp16=settings.dtype == "float16",
         activation_checkpointing=checkpointing,  # transformers' new name for gradient_checkpointing
         activation_checkpointing_kwargs=checkpointing_kwargs(settings) if checkpointing else None,
-        remove_unused_columns=False, label_names=["labels"], report_to=settings.get("report_to", "none"),
+        remove_unused_columns=False, label_names=["labels"], report_to=settings.report_to,
         use_cpu=not torch.cuda.is_available(),  # also what makes torchrun on CPU use DDP (gloo)
         ddp_find_unused_parameters=False,  # every trainable tensor is in the graph (K = 0: none are trainable)
     )
@@ -375,23 +371,23 @@ def label_log_probs(labels: torch.Tensor):
     return transform
 
 
-def held_out_nll(model, dataset, collator, settings: dict):
+def held_out_nll(model, dataset, collator, settings):
     """nll(m) of the width search: the held-out token-level NLL (mean over the target tokens) of the Monte-Carlo
     prediction, -log (1/N sum_n p_n(token)), under mc_samples networks from the seed's own streams (the same
     networks for every m and batch; llmm.predict), with the noise multiplier in force, outside any training
     autocast. At m = 0 it is the mean network's held-out loss."""
     device = next(model.parameters()).device
-    loader = torch.utils.data.DataLoader(dataset, batch_size=settings["per_device_eval_batch_size"],
+    loader = torch.utils.data.DataLoader(dataset, batch_size=settings.per_device_eval_batch_size,
                                          collate_fn=collator)
     batches = [{key: value.to(device) for key, value in batch.items()} for batch in loader]
-    n = settings["mc_samples"]
+    n = settings.mc_samples
 
     def nll(m: float) -> float:
         total, count = 0.0, 0
         with training.outside_training_autocast(model):
             for batch in batches:
                 labels = batch["labels"]
-                log_probs = sampled_outputs(model, batch, n, seed=settings["seed"], transform=label_log_probs(labels))
+                log_probs = sampled_outputs(model, batch, n, seed=settings.seed, transform=label_log_probs(labels))
                 predictive = torch.logsumexp(log_probs, dim=0) - math.log(n)
                 scored = labels[:, 1:] != -100
                 total -= predictive[scored].double().sum().item()
@@ -432,7 +428,7 @@ class CausalLMRecipe(Recipe):
 
     blocks = BLOCKS
 
-    def __init__(self, settings: dict, task: str, encode):
+    def __init__(self, settings, task: str, encode):
         super().__init__(settings)
         self.task, self.encode = task, encode
 
@@ -468,13 +464,13 @@ class CausalLMRecipe(Recipe):
         """The width search (noise_width_search tfb | nll) on the held-out split; the chosen m goes into the saved
         adapter (test_gsm8k's sample and mc modes draw with it)."""
         settings = self.settings
-        if settings.get("noise_width_search", "none") == "none":
+        if settings.noise_width_search == "none":
             return
         final_evaluation(trainer)  # the held-out loss of the trained run as evaluated in training (m = 1), first
         nll = held_out_nll(model, trainer.eval_dataset, trainer.data_collator, settings)
         self.width_search = {**width_search.search_width(model, nll, settings), "split": self.where,
-                             "n_held_out": len(trainer.eval_dataset), "mc_samples": settings["mc_samples"],
-                             "seed": settings["seed"]}
+                             "n_held_out": len(trainer.eval_dataset), "mc_samples": settings.mc_samples,
+                             "seed": settings.seed}
         cli.logger.info("noise width on %d held-out records: tfb m = %.4g, nll m = %.4g; using %s m = %.4g",
                         len(trainer.eval_dataset), self.width_search["tfb"], self.width_search["nll_min"],
                         self.width_search["rule"], self.width_search["chosen"])
@@ -484,15 +480,15 @@ class CausalLMRecipe(Recipe):
         last_eval = final_evaluation(trainer)
         first_eval = next(h for h in history if "eval_loss" in h)
         return {
-            "task": self.task, "method": settings["method"], "K": settings["K"],
-            "model": settings["model_name_or_path"],
+            "task": self.task, "method": settings.method, "K": settings.K,
+            "model": settings.model_name_or_path,
             "eval_loss": last_eval["eval_loss"], "eval_perplexity": perplexity(last_eval["eval_loss"]),
             "eval_loss_at_start": first_eval["eval_loss"],
             "eval_perplexity_at_start": perplexity(first_eval["eval_loss"]), "held_out": self.where,
             "n_train": len(trainer.train_dataset), "n_held_out": len(trainer.eval_dataset),
             "train_loss": outcome.training_loss, "global_step": trainer.state.global_step,
             "resumed_from": self.resumed_from, "wall_time_s": time.time() - self.started, "history": history,
-            "seed": settings["seed"], "cell": {**stats.cell_of(settings), "task": self.task},  # what tables pool by
+            "seed": settings.seed, "cell": {**stats.cell_of(settings), "task": self.task},  # what tables pool by
             "noise_width_search": self.width_search, "noise_width": width_search.noise_width_in_use(model),
         }
 
@@ -505,16 +501,16 @@ class CausalLMRecipe(Recipe):
         return results
 
 
-def train(settings: dict, task: str, encode) -> dict:
+def train(settings, task: str, encode) -> dict:
     """Fine-tune with the HF Trainer and write the run directory; returns the results (also in results.json)."""
     return CausalLMRecipe(settings, task, encode).run()
 
 
-def save_run(peft_model, tokenizer, settings: dict, output_dir: Path, state_dict=None) -> None:
+def save_run(peft_model, tokenizer, settings, output_dir: Path, state_dict=None) -> None:
     """adapter/ (M and Z), mean_adapter/ and, after in-process LoftQ, backbone/ (the quantized Q the adapter
     names), each written atomically. ``state_dict``: a sharded run's gathered tensors (Recipe.adapter_state)."""
     # The backbone written here is recorded resolved (as GLUE does), so the adapter names it from any directory.
-    backbone = (output_dir / "backbone").resolve() if in_process_loftq(settings) else settings["model_name_or_path"]
+    backbone = (output_dir / "backbone").resolve() if in_process_loftq(settings) else settings.model_name_or_path
     peft_model.peft_config["default"].base_model_name_or_path = str(backbone)
     save_llmm_adapter(peft_model, str(output_dir / "adapter"), overwrite=True, state_dict=state_dict)
     export_mean_adapter(peft_model, str(output_dir / "mean_adapter"), overwrite=True, state_dict=state_dict)

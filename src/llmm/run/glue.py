@@ -38,7 +38,7 @@ from llmm.run.adapters import (INIT_DIR_LOFTQ, adopt_init_dir_settings, check_in
 from llmm.run.cli import logger, run_main
 from llmm.run.fileio import check_data_paths, load_pretrained, plot_curves, seed_everything, versions, write_json
 from llmm.run.quantize import embeddings_quantized
-from llmm.run.schema import FAMILY_BLOCKS, fields_of, take_renamed
+from llmm.run.schema import FAMILY_BLOCKS, GlueRun, fields_of, take_renamed
 from llmm.run.tables import (CONFIGS, add_setting_flags, default_embedding_targets, default_targets, plumbing_defaults,
                              read_table, resolve_settings)
 
@@ -70,51 +70,51 @@ def build_parser(table: dict) -> argparse.ArgumentParser:
     return parser
 
 
-def resolve(argv: list[str] | None) -> tuple[GlueTask, dict]:
+def resolve(argv: list[str] | None) -> tuple[GlueTask, GlueRun]:
     """Task and settings: table defaults < row < flags, then what --method implies; bad values fail here."""
     table = read_table(TABLE, BLOCKS)
     args = build_parser(table).parse_args(argv)
     take_renamed(args, BLOCKS)
     task = get_task(args.task)
-    settings = {**plumbing_defaults(BLOCKS), **resolve_settings(table, args)}
-    settings["quantize_embeddings"] = embeddings_quantized(settings.get("quantize_embeddings"), "seq_cls")  # null: on
+    settings = GlueRun.of({**plumbing_defaults(BLOCKS), **resolve_settings(table, args)})
+    settings.quantize_embeddings = embeddings_quantized(settings.quantize_embeddings, "seq_cls")  # null: on
     check_settings(settings, BLOCKS)  # as given; again below with what --method and the _init.sh directory imply
-    method = settings["method"]
+    method = settings.method
     if method != "llmm":
         if args.K not in (None, 0):
             raise ValueError(f"--method {method} trains no directions (K = 0); use --method llmm for K = {args.K}")
-        settings["K"] = 0
-    settings["init"] = "loftq" if method in ("llmm", "loftq") else "lora"
+        settings.K = 0
+    settings.init = "loftq" if method in ("llmm", "loftq") else "lora"
     if method == "lora":
         if args.quantize_embeddings:
             raise ValueError("--method lora keeps the backbone in full precision: drop --quantize_embeddings")
-        settings["quantize_embeddings"] = False
-    if settings["gaussian_embeddings"] and (method != "llmm" or settings["K"] == 0
-                                            or not settings["quantize_embeddings"]):
+        settings.quantize_embeddings = False
+    if settings.gaussian_embeddings and (method != "llmm" or settings.K == 0
+                                            or not settings.quantize_embeddings):
         raise ValueError("--gaussian_embeddings true needs --method llmm (K > 0) with --quantize_embeddings")
-    settings["backbone"] = "full-precision" if method == "lora" else f"{settings['quant']} {settings['bits']}-bit"
-    if method != "lora" and not settings["quantize_embeddings"]:
-        settings["backbone"] += " (fp embeddings)"
+    settings.backbone = "full-precision" if method == "lora" else f"{settings.quant} {settings.bits}-bit"
+    if method != "lora" and not settings.quantize_embeddings:
+        settings.backbone += " (fp embeddings)"
     check_init_dir(settings, given={name for name in INIT_DIR_LOFTQ if getattr(args, name, None) is not None})
     check_settings(settings, BLOCKS)
     check_data_paths(data_dir=settings.get("data_dir"), train_file=settings.get("train_file"),
                      validation_file=settings.get("validation_file"))
-    search = settings.get("noise_width_search", "none")
-    if search != "none" and (task.is_regression or not settings["K"] > 0):
+    search = settings.noise_width_search
+    if search != "none" and (task.is_regression or not settings.K > 0):
         raise ValueError(f"noise_width_search {search} chooses the width of the Llmm noise by the dev NLL of a "
                          "classifier: it needs --method llmm (K > 0) and a classification task, not "
-                         f"{task.name} with K = {settings['K']}; or pass --noise_width_search none")
+                         f"{task.name} with K = {settings.K}; or pass --noise_width_search none")
     return task, settings
 
 
-def check_init_dir(settings: dict, given: set[str] = frozenset()) -> None:
+def check_init_dir(settings: GlueRun, given: set[str] = frozenset()) -> None:
     """An _init.sh directory (backbone with Q + llmm_init/) is used as it is: its quantization must be the row's;
     its other LoftQ settings (iterations, SVD) replace the table's, and a flag in ``given`` that differs is an error."""
-    model_dir = Path(settings["model"]).expanduser()
+    model_dir = Path(settings.model).expanduser()
     if not (model_dir / "llmm_init").is_dir():
         return
-    if settings["method"] in ("lora", "qlora"):
-        raise ValueError(f"{str(model_dir)!r} is an _init.sh LoftQ directory: --method {settings['method']} needs "
+    if settings.method in ("lora", "qlora"):
+        raise ValueError(f"{str(model_dir)!r} is an _init.sh LoftQ directory: --method {settings.method} needs "
                          "the original checkpoint as --model")
     made = json.loads((model_dir / "quantize_report.json").read_text())["settings"]
     made.setdefault("quantize_embeddings", False)  # directories made before embeddings were quantized
@@ -123,45 +123,45 @@ def check_init_dir(settings: dict, given: set[str] = frozenset()) -> None:
             raise ValueError(f"{str(model_dir)!r} was quantized with {name}={made[name]!r} but the settings say "
                              f"{settings[name]!r}: pass --{name} {made[name]} or quantize again with _init.sh")
     adopt_init_dir_settings(model_dir, settings, given)
-    settings["init_dir"] = str(model_dir / "llmm_init")
-    check_init_targets(settings["init_dir"], llmm.LlmmConfig.from_pretrained(settings["init_dir"]).target_modules,
-                       settings.get("target_modules"))
-    settings["backbone"] += " (LoftQ directory)"
+    settings.init_dir = str(model_dir / "llmm_init")
+    check_init_targets(settings.init_dir, llmm.LlmmConfig.from_pretrained(settings.init_dir).target_modules,
+                       settings.target_modules)
+    settings.backbone += " (LoftQ directory)"
 
 
-def load_model(settings: dict, task: GlueTask):
+def load_model(model_name_or_path: str, task: GlueTask):
     """Tokenizer and AutoModelForSequenceClassification (fresh head) from a hub id or a local directory."""
     labels = {} if task.is_regression else {"id2label": dict(enumerate(task.label_names)),
                                             "label2id": {n: i for i, n in enumerate(task.label_names)}}
-    tokenizer = load_pretrained(AutoTokenizer, settings["model"])
-    model = load_pretrained(AutoModelForSequenceClassification, settings["model"], num_labels=task.num_labels,
+    tokenizer = load_pretrained(AutoTokenizer, model_name_or_path)
+    model = load_pretrained(AutoModelForSequenceClassification, model_name_or_path, num_labels=task.num_labels,
                             ignore_mismatched_sizes=True, **labels)  # a fresh head when the saved one differs
     return tokenizer, model
 
 
-def wrap_model(model, settings: dict):
+def wrap_model(model, settings: GlueRun):
     """Quantize as --method says and wrap with Llmm adapters; the head modules stay full precision and trainable.
     From an _init.sh directory the backbone already holds Q: the adapters start from its LoftQ means."""
     heads = head_modules(model)
-    targets = default_targets(model.config, settings.get("target_modules"))
-    if settings["quantize_embeddings"]:
+    targets = default_targets(model.config, settings.target_modules)
+    if settings.quantize_embeddings:
         tables = embedding_targets(model, default_embedding_targets(model.config))
         targets += sorted({path.split(".")[-1] for path in tables})
-    layer_settings = {**settings, "eval_noise": "sample" if settings["eval_noise"] == "sample" else "mean"}
+    layer_settings = settings.copy(eval_noise="sample" if settings.eval_noise == "sample" else "mean")
     if settings.get("init_dir"):
-        layer_settings["init"] = "lora"  # the means come from the directory's llmm_init/, not a new LoftQ
+        layer_settings.init = "lora"  # the means come from the directory's llmm_init/, not a new LoftQ
     config = llmm_config(layer_settings, targets, modules_to_save=list(heads), task_type="SEQ_CLS",
-                         gaussian_embeddings=settings["gaussian_embeddings"])
-    bits, quant = settings["bits"], settings["quant"]
+                         gaussian_embeddings=settings.gaussian_embeddings)
+    bits, quant = settings.bits, settings.quant
     with torch.no_grad():
-        if settings["method"] == "qlora":  # same quantizer as LoftQ, but no low-rank compensation
+        if settings.method == "qlora":  # same quantizer as LoftQ, but no low-rank compensation
             for name, module in model.named_modules():
                 if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) and check_target_module_exists(config,
                                                                                                            name):
                     module.weight.copy_(fake_quantize(module.weight, bits, quant, config.loftq_block_size))
-    settings.update(target_modules=targets, modules_to_save=heads)
+    settings.target_modules, settings.modules_to_save = targets, heads
     if settings.get("init_dir"):
-        return llmm.init_from_adapter(model, settings["init_dir"], config)
+        return llmm.init_from_adapter(model, settings.init_dir, config)
     return llmm.get_llmm_model(model, config)
 
 
@@ -249,29 +249,29 @@ class ResultsRecorder(TrainerCallback):
         plot_curves(self.out_dir / "curves.png", panels, xlabel="epoch")
 
 
-def quantized_here(settings: dict) -> bool:
+def quantized_here(settings: GlueRun) -> bool:
     """True when this run quantized the backbone (LoftQ or QLoRA from a plain checkpoint): Q exists only here."""
-    return settings["method"] != "lora" and not settings.get("init_dir")
+    return settings.method != "lora" and not settings.get("init_dir")
 
 
-def predictions_record(task: GlueTask, model, data, collator, settings: dict, mode: str = "mean") -> dict:
+def predictions_record(task: GlueTask, model, data, collator, settings: GlueRun, mode: str = "mean") -> dict:
     """{split: {metrics, outputs, labels}} of the model on the task's dev splits (the format scripts.eval_glue
     writes); outputs are logits (mc: log of the averaged probabilities) or STS-B scores."""
     record = {}
     for split in task.dev_splits:
-        outputs = predict(model, data[split], collator, settings["per_device_eval_batch_size"], mode,
-                          settings["mc_samples"])
+        outputs = predict(model, data[split], collator, settings.per_device_eval_batch_size, mode,
+                          settings.mc_samples)
         labels = np.asarray(data[split]["labels"])
         record[split] = {"metrics": score(task, outputs, labels), "outputs": outputs.tolist(),
                          "labels": labels.tolist()}
     return record
 
 
-def save_run(model, tokenizer, settings: dict, out_dir: Path) -> None:
+def save_run(model, tokenizer, settings: GlueRun, out_dir: Path) -> None:
     """adapter/ (M and Z), mean_adapter/ (plain PEFT LoRA) and, after in-process quantization, backbone/ (the Q
     both adapters name as base_model_name_or_path), each written atomically (replacing an earlier attempt's).
     The backbone is written last: unloading the adapters is what gives it back."""
-    backbone = (out_dir / "backbone").resolve() if quantized_here(settings) else settings["model"]
+    backbone = (out_dir / "backbone").resolve() if quantized_here(settings) else settings.model
     model.peft_config["default"].base_model_name_or_path = str(backbone)
     with warnings.catch_warnings():  # PEFT looks for the base's config.json, which backbone/ gets just after
         warnings.filterwarnings("ignore", message="Could not find a config file in")
@@ -283,22 +283,22 @@ def save_run(model, tokenizer, settings: dict, out_dir: Path) -> None:
             tokenizer.save_pretrained(tmp_dir)
 
 
-def training_arguments(settings: dict, out: Path) -> TrainingArguments:
+def training_arguments(settings: GlueRun, out: Path) -> TrainingArguments:
     """TrainingArguments from the settings; checkpoints every save_steps optimizer steps (0: every epoch)."""
-    every = "steps" if settings["eval_steps"] else "epoch"
+    every = "steps" if settings.eval_steps else "epoch"
     return TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=settings["per_device_train_batch_size"],
-        gradient_accumulation_steps=settings["gradient_accumulation_steps"],
-        per_device_eval_batch_size=settings["per_device_eval_batch_size"],
-        learning_rate=settings["learning_rate"], weight_decay=settings["weight_decay"],
-        adam_epsilon=settings.get("adam_epsilon", 1e-8),
-        num_train_epochs=settings["num_train_epochs"], max_steps=settings.get("max_steps") or -1,
-        lr_scheduler_type=settings["lr_scheduler_type"], warmup_steps=settings["warmup_ratio"],  # < 1: a ratio
-        max_grad_norm=settings["max_grad_norm"], seed=settings["seed"],
-        eval_strategy=every, eval_steps=settings["eval_steps"] or None,
-        logging_strategy=every, logging_steps=settings["eval_steps"] or 500,
-        save_strategy="steps" if settings["save_steps"] else "epoch", save_steps=settings["save_steps"] or 500,
-        save_total_limit=settings["save_total_limit"], report_to=settings["report_to"],
+        output_dir=str(out), per_device_train_batch_size=settings.per_device_train_batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        per_device_eval_batch_size=settings.per_device_eval_batch_size,
+        learning_rate=settings.learning_rate, weight_decay=settings.weight_decay,
+        adam_epsilon=settings.adam_epsilon,
+        num_train_epochs=settings.num_train_epochs, max_steps=settings.max_steps or -1,
+        lr_scheduler_type=settings.lr_scheduler_type, warmup_steps=settings.warmup_ratio,  # < 1: a ratio
+        max_grad_norm=settings.max_grad_norm, seed=settings.seed,
+        eval_strategy=every, eval_steps=settings.eval_steps or None,
+        logging_strategy=every, logging_steps=settings.eval_steps or 500,
+        save_strategy="steps" if settings.save_steps else "epoch", save_steps=settings.save_steps or 500,
+        save_total_limit=settings.save_total_limit, report_to=settings.report_to,
         use_cpu=not torch.cuda.is_available(),  # also what makes torchrun on CPU use DDP (gloo)
         average_tokens_across_devices=False,  # else DDP multiplies the (per-example mean) loss by the world size
         ddp_find_unused_parameters=False,  # every trainable tensor is in the graph, K = 0 included
@@ -314,11 +314,11 @@ class GlueRecipe(Recipe):
     blocks = BLOCKS
     input_settings = (*Recipe.input_settings, "model")  # GLUE's model is a hub id or a local directory
 
-    def __init__(self, task: GlueTask, settings: dict):
-        tag = f"{settings['method']}-{settings['quant']}{settings['bits']}-r{settings['rank']}"
-        tag += "" if settings["quantize_embeddings"] or settings["method"] == "lora" else "-fpemb"
-        settings["output_dir"] = str(settings.get("output_dir") or Path("runs/glue") / tag / task.name
-                                     / f"seed{settings['seed']}")
+    def __init__(self, task: GlueTask, settings: GlueRun):
+        tag = f"{settings.method}-{settings.quant}{settings.bits}-r{settings.rank}"
+        tag += "" if settings.quantize_embeddings or settings.method == "lora" else "-fpemb"
+        settings.output_dir = str(settings.output_dir or Path("runs/glue") / tag / task.name
+                                     / f"seed{settings.seed}")
         super().__init__(settings)
         self.task = task
 
@@ -334,33 +334,33 @@ class GlueRecipe(Recipe):
         return training_arguments(self.settings, self.output_dir)
 
     def load_model(self, arguments):
-        tokenizer, model = load_model(self.settings, self.task)
+        tokenizer, model = load_model(self.settings.model, self.task)
         return wrap_model(model.to(arguments.device), self.settings), tokenizer  # LoftQ runs on the training device
 
     def datasets(self, tokenizer):
-        self.data = tokenize(self.raw, self.task, tokenizer, self.settings["max_length"])
+        self.data = tokenize(self.raw, self.task, tokenizer, self.settings.max_length)
         return self.data["train"], {split: self.data[split] for split in self.task.dev_splits}
 
     def make_trainer(self, model, tokenizer, arguments, train_set, held_out):
         settings = self.settings
         header = {key: settings[key] for key in ("task", "method", "backbone", "quant", "bits", "rank", "K",
                                                  "llmmscale", "learning_rate", "seed", "eval_noise")}
-        if settings["eval_noise"] == "mc":
-            header["mc_samples"] = settings["mc_samples"]
+        if settings.eval_noise == "mc":
+            header["mc_samples"] = settings.mc_samples
         header["cell"] = stats.cell_of(settings)  # every setting but the seed: what tables pool seeds by
         self.recorder = ResultsRecorder(self.output_dir, self.task, header)
         return GlueTrainer(
             model=model, args=arguments, train_dataset=train_set, eval_dataset=held_out, processing_class=tokenizer,
             data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=metrics_function(self.task),
             callbacks=[self.recorder], regression=self.task.is_regression,
-            mc_samples=settings["mc_samples"] if settings["eval_noise"] == "mc" else None)
+            mc_samples=settings.mc_samples if settings.eval_noise == "mc" else None)
 
     def after_training(self, trainer, model, tokenizer) -> None:
         """The width search (noise_width_search tfb | nll) on the first dev split: nll(m) of the mc prediction
         (mc_samples networks from the seed's own streams); the chosen m is saved in the adapter config, so eval_glue's
         mc evaluation uses it (the dev metrics recorded during training were computed before, at m = 1)."""
         settings = self.settings
-        if settings.get("noise_width_search", "none") == "none":
+        if settings.noise_width_search == "none":
             return
         split = self.task.dev_splits[0]
         batches = [trainer._prepare_inputs(batch) for batch in trainer.get_eval_dataloader(self.data[split])]
@@ -368,14 +368,14 @@ class GlueRecipe(Recipe):
         def nll(m: float) -> float:
             total, count = 0.0, 0
             for batch in batches:
-                probs = mc_predict(model, batch, settings["mc_samples"], seed=settings["seed"])
+                probs = mc_predict(model, batch, settings.mc_samples, seed=settings.seed)
                 picked = probs.gather(1, batch["labels"].view(-1, 1).to(probs.device)).clamp_min(1e-12)
                 total, count = total - picked.log().sum().item(), count + len(picked)
             return total / count
 
         record = width_search.search_width(model, nll, settings)
-        self.recorder.header.update(noise_width_search={**record, "split": split, "mc_samples": settings["mc_samples"],
-                                                        "seed": settings["seed"]}, noise_width=record["chosen"])
+        self.recorder.header.update(noise_width_search={**record, "split": split, "mc_samples": settings.mc_samples,
+                                                        "seed": settings.seed}, noise_width=record["chosen"])
         logger.info("noise width on %s: tfb m = %.4g, nll m = %.4g; using %s m = %.4g", split, record["tfb"],
                     record["nll_min"], record["rule"], record["chosen"])
 
@@ -391,7 +391,7 @@ class GlueRecipe(Recipe):
         save_run(trainer.model, tokenizer, self.settings, out)
         results = self.recorder.write(trainer.state.log_history, complete=True)  # complete once everything is saved
         best = results["best"]
-        logger.info("%s %s: best %s %s at epoch %s; outputs in %s", task.name, self.settings["method"],
+        logger.info("%s %s: best %s %s at epoch %s; outputs in %s", task.name, self.settings.method,
                     task.main_metric, best and best["dev"][task.dev_splits[0]][task.main_metric],
                     best and best["epoch"], out)
         return results

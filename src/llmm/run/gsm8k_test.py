@@ -34,7 +34,7 @@ MODES = ("mean", "sample", "mc")
 SAMPLING = ("temperature", "top_k", "top_p")
 
 
-def parse_settings(argv=None) -> dict:
+def parse_settings(argv=None) -> schema.Gsm8kTestRun:
     table = tables.read_table(TABLE, BLOCKS)
     parser = argparse.ArgumentParser(description="Evaluate an Llmm GSM8K adapter: batched generation, answer "
                                      "extraction, exact-match accuracy.", allow_abbrev=False)
@@ -45,47 +45,47 @@ def parse_settings(argv=None) -> dict:
     add_model_flags(parser)
     tables.add_setting_flags(parser, table, BLOCKS, also=("max_samples",))
     args = parser.parse_args(argv)
-    settings = tables.resolve_settings(table, args)
+    settings = schema.Gsm8kTestRun.of(tables.resolve_settings(table, args))
     scope_dataset_config(settings, args)
     adapters.check_settings(settings)
     fileio.check_data_paths(data=settings.get("data"))
     given = [name for name in SAMPLING if getattr(args, name) is not None]
-    if given and not settings["do_sample"]:
+    if given and not settings.do_sample:
         raise ValueError(f"--{given[0]} only applies to sampling: add --decoding reference (or --do_sample true)")
-    if settings["do_sample"] and any(name not in settings for name in SAMPLING):
+    if settings.do_sample and any(settings[name] is None for name in SAMPLING):
         raise ValueError(f"sampling needs {SAMPLING}: use --decoding reference or give all three")
     return settings
 
 
-def check_adapter(settings: dict) -> LlmmConfig:
+def check_adapter(settings: schema.Gsm8kTestRun) -> LlmmConfig:
     """Fail before loading anything: the adapter directory exists, is an Llmm adapter, and has the K asked for."""
-    adapter = settings["adapter"]
+    adapter = settings.adapter
     if not Path(adapter).is_dir():
         raise FileNotFoundError(f"adapter directory {adapter!r} does not exist: pass the adapter/ folder of a "
                                 "train_gsm8k.py run")
     config = LlmmConfig.from_pretrained(adapter)
-    if settings.get("K") is not None and settings["K"] != config.k:
-        raise ValueError(f"the adapter in {adapter!r} has K={config.k} but --K {settings['K']} was given: drop --K "
+    if settings.get("K") is not None and settings.K != config.k:
+        raise ValueError(f"the adapter in {adapter!r} has K={config.k} but --K {settings.K} was given: drop --K "
                          f"or pass --K {config.k}")
     if settings.get("model_name_or_path") is None:
         if not config.base_model_name_or_path:
             raise ValueError(f"{adapter!r} does not name its backbone: pass --model_name_or_path")
-        settings["model_name_or_path"] = config.base_model_name_or_path
+        settings.model_name_or_path = config.base_model_name_or_path
     fileio.check_safetensors(adapter)
-    fileio.check_model_path(settings["model_name_or_path"])
+    fileio.check_model_path(settings.model_name_or_path)
     return config
 
 
-def load_test_records(settings: dict) -> list[dict]:
-    source = settings.get("data") or settings["dataset"]
-    splits = load_records(source, "gsm8k", settings.get("dataset_config"))
+def load_test_records(settings: schema.Gsm8kTestRun) -> list[dict]:
+    source = settings.get("data") or settings.dataset
+    splits = load_records(source, "gsm8k", settings.dataset_config)
     if source.endswith((".json", ".jsonl")):
         records = splits["train"]  # a local file is the evaluation set
-    elif settings["split"] in splits:
-        records = list(splits[settings["split"]])
+    elif settings.split in splits:
+        records = list(splits[settings.split])
     else:
-        raise ValueError(f"{source} has no {settings['split']!r} split (splits: {sorted(splits)}): pass --split")
-    records = records[: settings["max_samples"]] if settings.get("max_samples") else records
+        raise ValueError(f"{source} has no {settings.split!r} split (splits: {sorted(splits)}): pass --split")
+    records = records[: settings.max_samples] if settings.max_samples else records
     for index, record in enumerate(records):
         if gold_answer(record["answer"]) is None:
             raise ValueError(f"{source}: record {index + 1}'s answer has no '#### <number>' gold answer")
@@ -100,14 +100,15 @@ def sampled_network(model, seed: int):
     saved, generator = [], torch.Generator().manual_seed(seed)  # on CPU: the same network on every process
     with torch.no_grad():
         for layer in llmm_layers(model):
-            for name, settings in layer.llmm_settings.items():
-                if settings["k"] == 0:
+            for name, layer_settings in layer.llmm_settings.items():
+                if layer_settings["k"] == 0:
                     continue
                 for mean, directions in ((layer.lora_A[name].weight, layer.lora_llmm_A[name]),
                                          (layer.lora_B[name].weight, layer.lora_llmm_B[name])):
-                    eps = torch.randn(settings["k"], generator=generator).to(mean.device) * settings.get("width", 1.0)
+                    eps = torch.randn(layer_settings["k"], generator=generator).to(mean.device)
+                    eps = eps * layer_settings["width"]
                     saved.append((mean, mean.detach().clone()))
-                    mean.copy_(sample_factor(mean, directions, eps, settings["scale"]))
+                    mean.copy_(sample_factor(mean, directions, eps, layer_settings["scale"]))
     try:
         yield model
     finally:
@@ -116,49 +117,49 @@ def sampled_network(model, seed: int):
                 mean.copy_(value)
 
 
-def load_model(settings: dict):
+def load_model(settings: schema.Gsm8kTestRun):
     """(model, tokenizer) ready to generate: the backbone, the adapter in the asked mode, on this process's device."""
     model, tokenizer = load_backbone(settings)
     tokenizer.padding_side = "left"
-    eval_noise = "sample" if settings["mode"] == "sample" else "mean"
-    model = load_llmm_model(model, settings["adapter"], k=settings.get("K"), eval_noise=eval_noise)
-    if settings["mode"] == "mean" and not settings["load_in_4bit"]:
+    eval_noise = "sample" if settings.mode == "sample" else "mean"
+    model = load_llmm_model(model, settings.adapter, k=settings.get("K"), eval_noise=eval_noise)
+    if settings.mode == "mean" and not settings.load_in_4bit:
         model = model.merge_and_unload()
-    if not settings["load_in_4bit"]:
+    if not settings.load_in_4bit:
         model = model.to(PartialState().device)
     return model.eval(), tokenizer
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[int]], settings: dict) -> list[str]:
+def generate(model, tokenizer, prompts: list[list[int]], settings: schema.Gsm8kTestRun) -> list[str]:
     """Greedy or sampled continuations of ``prompts`` (token ids), in batches, left-padded, with the KV cache."""
-    sampling = {name: settings[name] for name in SAMPLING} if settings["do_sample"] else {}
-    config = GenerationConfig(max_new_tokens=settings["max_new_tokens"], do_sample=settings["do_sample"],
+    sampling = {name: settings[name] for name in SAMPLING} if settings.do_sample else {}
+    config = GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=settings.do_sample,
                               use_cache=True, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                               bos_token_id=tokenizer.bos_token_id, **sampling)
     device = PartialState().device
     texts = []
-    for start in range(0, len(prompts), settings["batch_size"]):
-        batch = tokenizer.pad({"input_ids": prompts[start:start + settings["batch_size"]]}, padding=True,
+    for start in range(0, len(prompts), settings.batch_size):
+        batch = tokenizer.pad({"input_ids": prompts[start:start + settings.batch_size]}, padding=True,
                               return_tensors="pt").to(device)
         output = model.generate(**batch, generation_config=config)
         texts += tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     return texts
 
 
-def predict(model, tokenizer, records: list[dict], settings: dict) -> list[dict]:
+def predict(model, tokenizer, records: list[dict], settings: schema.Gsm8kTestRun) -> list[dict]:
     """One prediction per record (this process's share), in the asked mode."""
     prompts = [encode_prompt(tokenizer, gsm8k_source(record["question"])) for record in records]
-    if settings["mode"] != "mc":
-        set_seed(settings["seed"])  # the decoding's sampling (torch's generator)
-        if settings["mode"] == "sample":  # the Llmm noise has its own generator, which set_seed does not touch
-            seed_noise(model, settings["seed"], PartialState().process_index)
+    if settings.mode != "mc":
+        set_seed(settings.seed)  # the decoding's sampling (torch's generator)
+        if settings.mode == "sample":  # the Llmm noise has its own generator, which set_seed does not touch
+            seed_noise(model, settings.seed, PartialState().process_index)
         texts = generate(model, tokenizer, prompts, settings)
         samples = [[text] for text in texts]
     else:
         samples = [[] for _ in records]
         # Network d of seed s: child d of SeedSequence(s) (llmm.streams), so no two seeds share a network.
-        for network_seed in network_seeds(settings["seed"], settings["mc_samples"]):
+        for network_seed in network_seeds(settings.seed, settings.mc_samples):
             set_seed(network_seed % 2**32)  # the decoding's sampling
             with sampled_network(model, seed=network_seed):
                 for sample, text in zip(samples, generate(model, tokenizer, prompts, settings)):
@@ -169,7 +170,7 @@ def predict(model, tokenizer, records: list[dict], settings: dict) -> list[dict]
         extracted, gold = majority_vote(answers), gold_answer(record["answer"])
         prediction = {"question": record["question"], "generated": texts[0] if len(texts) == 1 else texts,
                       "extracted": extracted, "gold": gold, "correct": is_correct(extracted, gold)}
-        if settings["mode"] == "mc":
+        if settings.mode == "mc":
             prediction["votes"] = answers
         predictions.append(prediction)
     return predictions

@@ -51,64 +51,60 @@ def add_flags(parser: argparse.ArgumentParser, table: dict) -> None:
                                                           "max_train_samples", "max_eval_samples", "data_seed"))
 
 
-def check_settings(settings: dict, table: dict, args) -> dict:
+def check_settings(settings: schema.McqRun, table: dict, args) -> schema.McqRun:
     adapters.check_settings(settings, BLOCKS)
-    method = settings["method"]
-    if isinstance(settings["eval_modes"], dict):  # the table's modes per method
-        settings["eval_modes"] = settings["eval_modes"][method]
+    method = settings.method
+    if isinstance(settings.eval_modes, dict):  # the table's modes per method
+        settings.eval_modes = settings.eval_modes[method]
     if method != "llmm":
         if args.K not in (None, 0):
             raise ValueError(f"--method {method} trains plain LoRA factors (K = 0); drop --K or use --method llmm")
-        settings["K"] = 0
+        settings.K = 0
     if method == "mcdropout":
         if args.lora_dropout is not None:
             raise ValueError("--method mcdropout takes its dropout from mc_dropout; drop --lora_dropout")
-        settings["lora_dropout"] = settings["mc_dropout"]
-    if "dropout" in settings["eval_modes"] and not settings["lora_dropout"] > 0:
+        settings.lora_dropout = settings.mc_dropout
+    if "dropout" in settings.eval_modes and not settings.lora_dropout > 0:
         raise ValueError("eval mode 'dropout' needs dropout in the adapters: use --method mcdropout")
-    unknown = [m for m in settings["eval_modes"] if m not in C.MODES]
+    unknown = [m for m in settings.eval_modes if m not in C.MODES]
     if unknown:
         raise ValueError(f"unknown eval mode(s) {unknown} in the table; known: {C.MODES}")
-    C.check_n_samples(settings["mc_samples"])
-    if settings["load_in_8bit"] and settings["load_in_4bit"]:
+    C.check_n_samples(settings.mc_samples)
+    if settings.load_in_8bit and settings.load_in_4bit:
         raise ValueError("load_in_8bit and load_in_4bit are both true: choose one backbone precision")
-    init_dir = causal_lm.init_adapter_dir(settings["model_name_or_path"])
+    init_dir = causal_lm.init_adapter_dir(settings.model_name_or_path)
     if init_dir is not None:
         causal_lm.check_init_adapter(init_dir, settings)
-        adapters.adopt_init_dir_settings(settings["model_name_or_path"], settings,
+        adapters.adopt_init_dir_settings(settings.model_name_or_path, settings,
                                   {name for name in adapters.INIT_DIR_LOFTQ if getattr(args, name, None) is not None})
-        if settings["load_in_8bit"]:
+        if settings.load_in_8bit:
             raise ValueError("an _init.sh directory holds LoftQ's NF values Q, which 8-bit loading would re-quantize: "
                              "pass --load_in_8bit false (and --load_in_4bit true for bitsandbytes NF4)")
-        settings["init"] = "loftq"
-    elif settings["init"] == "loftq" and (settings["load_in_8bit"] or settings["load_in_4bit"]):
+        settings.init = "loftq"
+    elif settings.init == "loftq" and (settings.load_in_8bit or settings.load_in_4bit):
         raise ValueError("in-process LoftQ needs the full-precision weights: pass --load_in_8bit false "
                          "--load_in_4bit false (LoftQ then fake-quantizes them at --bits), or an _init.sh directory")
-    if settings["dtype"] not in causal_lm.DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(causal_lm.DTYPES)}, got {settings['dtype']!r}")
-    if not 0 <= settings["warmup_ratio"] < 1:
-        raise ValueError(f"warmup_ratio must be in [0, 1), got {settings['warmup_ratio']}")
-    if settings["noise_width_search"] != "none" and not settings["K"] > 0:
-        raise ValueError(f"noise_width_search {settings['noise_width_search']} scales the Llmm noise, which --method "
+    if settings.noise_width_search != "none" and not settings.K > 0:
+        raise ValueError(f"noise_width_search {settings.noise_width_search} scales the Llmm noise, which --method "
                          f"{method} (K = 0) does not have: use --method llmm with K > 0, or --noise_width_search none")
-    if settings["noise_width_search"] != "none" and not settings["validation_size"] > 0:
-        raise ValueError(f"noise_width_search {settings['noise_width_search']} needs a validation split: set "
+    if settings.noise_width_search != "none" and not settings.validation_size > 0:
+        raise ValueError(f"noise_width_search {settings.noise_width_search} needs a validation split: set "
                          "--validation_size N (questions held out of the end of the training data)")
-    if settings["entropy_weight"] > 0 and not settings["K"] > 0:
+    if settings.entropy_weight > 0 and not settings.K > 0:
         raise ValueError(f"the entropy term acts on the directions Z, which --method {method} (K = 0) does not "
                          "have: use --method llmm with K > 0, or --entropy_weight 0")
-    if not settings.get("train_data") and not settings.get("train_split"):
-        raise ValueError(f"task {settings['task']!r} is an evaluation-only set (no train split): train on another "
+    if not settings.train_data and not settings.train_split:
+        raise ValueError(f"task {settings.task!r} is an evaluation-only set (no train split): train on another "
                          "task and list it under --ood, or pass --train_data FILE")
     rows = {row["task"]: row for row in tables.table_rows(table)}
-    for name in settings["ood"]:
+    for name in settings.ood:
         if name not in rows and not name.endswith((".json", ".jsonl")):
             raise ValueError(f"OOD set {name!r} is neither a task row ({sorted(rows)}) nor a .json/.jsonl file")
     adapters.check_settings(settings, BLOCKS)
-    fileio.check_data_paths(train_data=settings.get("train_data"), test_data=settings.get("test_data"),
-                       ood=[n for n in settings["ood"] if n.endswith((".json", ".jsonl"))])
-    fileio.check_model_path(settings["model_name_or_path"])
-    settings["backbone"] = backbone_name(settings)
+    fileio.check_data_paths(train_data=settings.train_data, test_data=settings.test_data,
+                       ood=[n for n in settings.ood if n.endswith((".json", ".jsonl"))])
+    fileio.check_model_path(settings.model_name_or_path)
+    settings.backbone = backbone_name(settings)
     return settings
 
 
@@ -136,34 +132,35 @@ def resolve_settings(table: dict, args) -> dict:
     return settings
 
 
-def parse_settings(argv=None) -> dict:
+def parse_settings(argv=None) -> schema.McqRun:
     table = tables.read_table(TABLE, BLOCKS)
     parser = argparse.ArgumentParser(description="Fine-tune a causal LM on a multiple-choice task (BLoB's calibration "
                                      "protocol), then measure its calibration.", allow_abbrev=False)
     add_flags(parser, table)
     args = parser.parse_args(argv)
     schema.take_renamed(args, BLOCKS)
-    return check_settings({**tables.plumbing_defaults(BLOCKS), **resolve_settings(table, args)}, table, args)
+    return check_settings(schema.McqRun.of({**tables.plumbing_defaults(BLOCKS), **resolve_settings(table, args)}),
+                          table, args)
 
 
-def backbone_name(settings: dict) -> str:
+def backbone_name(settings: schema.McqRun) -> str:
     """What the adapters sit on: int8 (LLM.int8), nf4 (bitsandbytes), nf4/nf2 LoftQ, or the 16/32-bit weights."""
-    if settings["load_in_8bit"]:
+    if settings.load_in_8bit:
         return "int8"
-    if settings["init"] == "loftq":
-        return f"loftq-{settings['quant']}{settings['bits']}"
-    if settings["load_in_4bit"]:
+    if settings.init == "loftq":
+        return f"loftq-{settings.quant}{settings.bits}"
+    if settings.load_in_4bit:
         return "nf4"
-    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[settings["dtype"]]
+    return {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[settings.dtype]
 
 
 # --- data ----------------------------------------------------------------------------------------------------------
 
-def task_records(settings: dict, table: dict, task: str, split: str) -> tuple[list[dict], str]:
+def task_records(settings: schema.McqRun, table: dict, task: str, split: str) -> tuple[list[dict], str]:
     """(normalised records, where from) of one split ("train" / "test") of a task row, or of a local file."""
     if task.endswith((".json", ".jsonl")):
         return with_ids(load_mcq(task), question_ids(task)), task
-    row = settings if task == settings["task"] else tables.select_row(table, task=task)
+    row = settings if task == settings.task else tables.select_row(table, task=task)
     local = row.get(f"{split}_data")
     if local:
         return with_ids(load_mcq(local), question_ids(local)), local
@@ -191,19 +188,19 @@ def split_validation(records: list[dict], size: int) -> tuple[list[dict], list[d
     return records[:-size], records[-size:]
 
 
-def load_all(settings: dict, table: dict, train: bool = True, with_validation: bool = False) -> tuple:
+def load_all(settings: schema.McqRun, table: dict, train: bool = True, with_validation: bool = False) -> tuple:
     """Training records (none with ``train=False``; without the validation split) and {eval set: (records,
     where)}: the task's test split first, then the OOD sets; and the validation records (``with_validation``)."""
-    train = task_records(settings, table, settings["task"], "train")[0] if train else []
-    train, validation = split_validation(train, settings.get("validation_size") or 0) if train else (train, [])
-    sets = {settings["task"]: task_records(settings, table, settings["task"], "test")}
-    for name in settings["ood"]:
+    train = task_records(settings, table, settings.task, "train")[0] if train else []
+    train, validation = split_validation(train, settings.validation_size or 0) if train else (train, [])
+    sets = {settings.task: task_records(settings, table, settings.task, "test")}
+    for name in settings.ood:
         sets[Path(name).stem if name.endswith((".json", ".jsonl")) else name] = task_records(settings, table, name,
                                                                                            "test")
-    limit = settings.get("max_eval_samples")
+    limit = settings.max_eval_samples
     sets = {name: (records[:limit] if limit else records, where) for name, (records, where) in sets.items()}
-    if settings.get("max_train_samples"):
-        train = train[:settings["max_train_samples"]]
+    if settings.max_train_samples:
+        train = train[:settings.max_train_samples]
     return (train, sets, validation) if with_validation else (train, sets)
 
 
@@ -212,13 +209,13 @@ def load_all(settings: dict, table: dict, train: bool = True, with_validation: b
 load_backbone = causal_lm.load_backbone  # with load_in_8bit: bitsandbytes LLM.int8, BLoB's backbone
 
 
-def check_tied_head(model, settings: dict) -> None:
+def check_tied_head(model, settings: schema.McqRun) -> None:
     """In-process LoftQ replaces each target's weight by its quantized Q; an LM head tied to the input embeddings
     would quantize those too, so that combination is refused."""
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is model.get_input_embeddings().weight
     name = next((n for n, m in model.named_modules() if m is head), None)
-    if causal_lm.in_process_loftq(settings) and tied and name in (settings.get("target_modules") or []):
+    if causal_lm.in_process_loftq(settings) and tied and name in (settings.target_modules or []):
         raise ValueError(f"in-process LoftQ over {name!r}, which shares its weight with the input embeddings, would "
                          f"quantize the embeddings too: drop {name} from --target_modules or use --init lora")
 
@@ -262,7 +259,7 @@ class WidthCallback(TrainerCallback):
 
 # --- evaluation ----------------------------------------------------------------------------------------------------
 
-def run_cell(settings: dict) -> dict:
+def run_cell(settings: schema.McqRun) -> dict:
     """The settings that define a trained run and how its sets are read (llmm.stats.cell_of), without the
     evaluation plumbing that each evaluation's own cell states (set, mode, N)."""
     return {key: value for key, value in stats.cell_of(settings).items() if key not in EVALUATION_ONLY}
@@ -274,10 +271,10 @@ def evaluation_cell(cell: dict, entry: dict) -> dict:
             "eval_samples": entry["N"]}
 
 
-def eval_precision(settings: dict) -> str:
+def eval_precision(settings: schema.McqRun) -> str:
     """How every multiple-choice evaluation computes (train_mcq, test_mcq and plain PEFT alike), for results.json."""
-    return (f"backbone {settings['backbone']} computing in {settings['dtype']}; adapter factors and their noise in "
-            f"float32, the update added in {settings['dtype']}; letter softmax in float32; no autocast; bitsandbytes "
+    return (f"backbone {settings.backbone} computing in {settings.dtype}; adapter factors and their noise in "
+            f"float32, the update added in {settings.dtype}; letter softmax in float32; no autocast; bitsandbytes "
             "CPU 4-bit as in a freshly loaded model")
 
 
@@ -287,8 +284,8 @@ def question_entries(probs, labels, records: list[dict]) -> list[dict]:
                               [r.get("id", str(i + 1)) for i, r in enumerate(records)])
 
 
-def evaluate_sets(peft_model, tokenizer, letter_ids, eval_sets: dict, settings: dict, output_dir: Path | None,
-                  method: str, cell: dict) -> list[dict]:
+def evaluate_sets(peft_model, tokenizer, letter_ids, eval_sets: dict, settings: schema.McqRun,
+                  output_dir: Path | None, method: str, cell: dict) -> list[dict]:
     """Every eval set in every mode: one entry per (set, mode) with its seed, cell (``cell``, the run's, plus
     the set, mode and N) and every question's probabilities (``questions``, from which the metrics can be
     recomputed); a reliability PNG per set (modes side by side) when ``output_dir`` is given. Outside any
@@ -297,24 +294,24 @@ def evaluate_sets(peft_model, tokenizer, letter_ids, eval_sets: dict, settings: 
     head = C.LetterHead(peft_model, letter_ids).to(device)
     entries = []
     for index, (name, (records, where)) in enumerate(eval_sets.items()):
-        encoded = [encode_question(tokenizer, r, settings["max_length"]) for r in records]
-        batches = C.batches(encoded, settings["per_device_eval_batch_size"], tokenizer.pad_token_id, device)
+        encoded = [encode_question(tokenizer, r, settings.max_length) for r in records]
+        batches = C.batches(encoded, settings.per_device_eval_batch_size, tokenizer.pad_token_id, device)
         reports = {}
-        for mode in settings["eval_modes"]:
-            n_samples = settings["mc_samples"] if mode in SAMPLED_MODES else 1
-            torch.manual_seed(settings["seed"])  # the same draws for every set and rerun: dropout masks,
-            seed_noise(peft_model, settings["seed"])  # and the Llmm noise (the model's own generator)
+        for mode in settings.eval_modes:
+            n_samples = settings.mc_samples if mode in SAMPLED_MODES else 1
+            torch.manual_seed(settings.seed)  # the same draws for every set and rerun: dropout masks,
+            seed_noise(peft_model, settings.seed)  # and the Llmm noise (the model's own generator)
             started = time.time()
-            batched = mode == "mc" and settings.get("mc_batched", False)  # networks from the seed's streams
+            batched = mode == "mc" and settings.mc_batched  # networks from the seed's streams
             with training.outside_training_autocast(peft_model):
-                probs, labels = C.predict(head, batches, mode, n_samples, seed=settings["seed"] if batched else None,
+                probs, labels = C.predict(head, batches, mode, n_samples, seed=settings.seed if batched else None,
                                           batched=batched)
             report = C.evaluate(probs, labels)
             reports[f"{name} {mode}" + (f" N={n_samples}" if mode in SAMPLED_MODES else "")] = report
             entries.append({"eval_set": name, "shift": "in-distribution" if index == 0 else "ood", "where": where,
-                            "mode": mode, "N": n_samples, "method": method, "seed": settings["seed"],
+                            "mode": mode, "N": n_samples, "method": method, "seed": settings.seed,
                             "noise_width": noise_width_in_use(peft_model), "mc_batched": batched,
-                            "K": settings["K"], "backbone": settings["backbone"], "wall_time_s": time.time() - started,
+                            "K": settings.K, "backbone": settings.backbone, "wall_time_s": time.time() - started,
                             **report})
             entries[-1]["cell"] = evaluation_cell(cell, entries[-1])
             entries[-1]["questions"] = question_entries(probs, labels, records)
@@ -325,31 +322,31 @@ def evaluate_sets(peft_model, tokenizer, letter_ids, eval_sets: dict, settings: 
     return entries
 
 
-def validation_nll(model, tokenizer, letter_ids, records: list[dict], settings: dict):
+def validation_nll(model, tokenizer, letter_ids, records: list[dict], settings: schema.McqRun):
     """nll(m) of the width search: the validation NLL of the mc prediction (mc_samples networks from the seed's own
     streams, the same networks for every m; batched per mc_batched) under the noise multiplier in force."""
     device = next(model.parameters()).device
     head = C.LetterHead(model, letter_ids).to(device)
-    batches = C.batches([encode_question(tokenizer, r, settings["max_length"]) for r in records],
-                        settings["per_device_eval_batch_size"], tokenizer.pad_token_id, device)
+    batches = C.batches([encode_question(tokenizer, r, settings.max_length) for r in records],
+                        settings.per_device_eval_batch_size, tokenizer.pad_token_id, device)
 
     def nll(m: float) -> float:
-        probs, labels = C.predict(head, batches, "mc", settings["mc_samples"], seed=settings["seed"],
-                                  batched=settings.get("mc_batched", False))
+        probs, labels = C.predict(head, batches, "mc", settings.mc_samples, seed=settings.seed,
+                                  batched=settings.mc_batched)
         return C.evaluate(probs, labels)["nll"]
 
     return nll
 
 
-def search_noise_width(model, tokenizer, letter_ids, validation: list[dict], settings: dict) -> dict | None:
+def search_noise_width(model, tokenizer, letter_ids, validation: list[dict], settings: schema.McqRun) -> dict | None:
     """The width search of ``settings`` (noise_width_search tfb | nll; none: None) on the ``validation`` questions,
     after training (McqRecipe) or on a finished run (test_mcq): m is applied to the model, the record returned."""
-    if settings.get("noise_width_search", "none") == "none":
+    if settings.noise_width_search == "none":
         return None
     nll = validation_nll(model, tokenizer, letter_ids, validation, settings)
     record = {**width_search.search_width(model, nll, settings), "n_validation": len(validation),
-              "mc_samples": settings["mc_samples"], "seed": settings["seed"],
-              "mc_batched": settings.get("mc_batched", False)}
+              "mc_samples": settings.mc_samples, "seed": settings.seed,
+              "mc_batched": settings.mc_batched}
     cli.logger.info("noise width on %d validation questions: tfb m = %.4g, nll m = %.4g; using %s m = %.4g",
                     len(validation), record["tfb"], record["nll_min"], record["rule"], record["chosen"])
     return record
@@ -360,8 +357,8 @@ class McqRecipe(causal_lm.CausalLMRecipe):
 
     blocks = BLOCKS
 
-    def __init__(self, settings: dict, table: dict):
-        super().__init__(settings, settings["task"], encode=None)
+    def __init__(self, settings: schema.McqRun, table: dict):
+        super().__init__(settings, settings.task, encode=None)
         self.table = table
 
     def load_data(self):
@@ -380,9 +377,9 @@ class McqRecipe(causal_lm.CausalLMRecipe):
         return peft_model, tokenizer
 
     def datasets(self, tokenizer):
-        encode = functools.partial(encode_question, tokenizer, max_length=self.settings["max_length"])
+        encode = functools.partial(encode_question, tokenizer, max_length=self.settings.max_length)
         return (datasets.Dataset.from_list([encode(r) for r in self.train_records]),
-                datasets.Dataset.from_list([encode(r) for r in self.eval_sets[self.settings["task"]][0]]))
+                datasets.Dataset.from_list([encode(r) for r in self.eval_sets[self.settings.task][0]]))
 
     def make_trainer(self, model, tokenizer, arguments, train_set, held_out):
         self.width = WidthCallback()
@@ -400,14 +397,14 @@ class McqRecipe(causal_lm.CausalLMRecipe):
         if not trainer.is_world_process_zero():
             return {}
         evaluations = evaluate_sets(model, tokenizer, self.letter_ids, self.eval_sets, settings, self.output_dir,
-                                    settings["method"], run_cell(settings))
+                                    settings.method, run_cell(settings))
         return {
-            "task": settings["task"], "method": settings["method"], "seed": settings["seed"],
-            "cell": run_cell(settings), "K": settings["K"],
-            "llmmscale": settings["llmmscale"], "rank": settings["rank"], "backbone": settings["backbone"],
-            "bits": settings["bits"] if settings["init"] == "loftq" else None, "init": settings["init"],
-            "model": settings["model_name_or_path"], "eval_modes": settings["eval_modes"],
-            "mc_samples": settings["mc_samples"], "eval_precision": eval_precision(settings),
+            "task": settings.task, "method": settings.method, "seed": settings.seed,
+            "cell": run_cell(settings), "K": settings.K,
+            "llmmscale": settings.llmmscale, "rank": settings.rank, "backbone": settings.backbone,
+            "bits": settings.bits if settings.init == "loftq" else None, "init": settings.init,
+            "model": settings.model_name_or_path, "eval_modes": settings.eval_modes,
+            "mc_samples": settings.mc_samples, "eval_precision": eval_precision(settings),
             "n_train": len(trainer.train_dataset),
             "train_loss": outcome.training_loss, "global_step": trainer.state.global_step, "evaluations": evaluations,
             "width": {"definition": "||Z||_F / (sqrt(llmmscale) ||M||_F) per factor and layer (llmm.width)",

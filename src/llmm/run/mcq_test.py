@@ -46,7 +46,7 @@ NEEDED = ("task", "method", "seed", "K", "rank", "llmmscale", "backbone", "model
           "load_in_8bit", "load_in_4bit", "max_length", "per_device_eval_batch_size", "eval_modes", "mc_samples")
 
 
-def run_settings(run: str) -> dict:
+def run_settings(run: str) -> schema.McqRun:
     """A finished run's settings.json: a JSON object holding every key the evaluation reads (NEEDED), else one
     error naming the file."""
     path = Path(run) / "settings.json"
@@ -65,10 +65,10 @@ def run_settings(run: str) -> dict:
     if missing:
         raise ValueError(f"{str(path)!r} lacks {', '.join(missing)}: it was written by another version of "
                          "train_mcq; re-run the training with this version")
-    return settings
+    return schema.McqRun.of(settings)
 
 
-def member_settings(args) -> list[dict]:
+def member_settings(args) -> list[schema.McqRun]:
     members = [run_settings(run) for run in args.runs]
     overrides = {"eval_modes": args.eval_modes, "mc_samples": args.mc_samples, "ood": args.ood,
                  "test_data": args.test_data, "max_eval_samples": args.max_eval_samples,
@@ -80,17 +80,17 @@ def member_settings(args) -> list[dict]:
         raise ValueError("--noise_width_search applies to one run; several runs are evaluated as a deep ensemble")
     for settings, run in zip(members, args.runs):
         settings.update({key: value for key, value in overrides.items() if value is not None})
-        settings["run"] = run
+        settings.run = run
         searches = [searched_settings(settings, {**search, "noise_width_search": rule}, run) for rule in rules]
         if args.max_eval_samples is None:
-            settings.pop("max_eval_samples", None)  # the run's debug cap applies to its own evaluation only
-        settings["cell"] = run_cell(settings)  # before the backbone path below: the run's cell, as trained
-        settings["searches"] = [{**s, "cell": run_cell({**settings, **s})} for s in searches]
+            settings.unset("max_eval_samples")  # the run's debug cap applies to its own evaluation only
+        settings.cell = run_cell(settings)  # before the backbone path below: the run's cell, as trained
+        settings.searches = [{**s, "cell": run_cell(settings.copy(**s))} for s in searches]
         if causal_lm.in_process_loftq(settings):  # the quantized backbone the run wrote beside its adapter
-            settings["model_name_or_path"] = str(Path(run) / "backbone")
+            settings.model_name_or_path = str(Path(run) / "backbone")
     for settings, run in zip(members[1:], args.runs[1:]):
-        differ = sorted(key for key in {*settings["cell"], *members[0]["cell"]} - {"data_seed"}  # a seed too
-                        if settings["cell"].get(key) != members[0]["cell"].get(key))
+        differ = sorted(key for key in {*settings.cell, *members[0]["cell"]} - {"data_seed"}  # a seed too
+                        if settings.cell.get(key) != members[0]["cell"].get(key))
         if differ:
             raise ValueError(f"ensemble members must share every setting but the seed: {args.runs[0]!r} and {run!r} "
                              f"differ in {differ}")
@@ -100,37 +100,37 @@ def member_settings(args) -> list[dict]:
     return members
 
 
-def searched_settings(settings: dict, search: dict, run: str) -> dict:
+def searched_settings(settings: schema.McqRun, search: dict, run: str) -> dict:
     """The settings a width search on finished run ``run`` changes: the search's, and the variant of the calibration
     table that names the run's variant with this search (llmm + tfb: llmm_tfb), so the evaluation pools with runs
     that searched after their training (the same adapter, the same validation questions and networks)."""
-    if not settings["K"] > 0:
-        raise ValueError(f"{run!r} is a --method {settings['method']} run (K = 0): the width search scales the Llmm "
+    if not settings.K > 0:
+        raise ValueError(f"{run!r} is a --method {settings.method} run (K = 0): the width search scales the Llmm "
                          "noise; pass an llmm run")
-    if not settings.get("validation_size"):
+    if not settings.validation_size:
         raise ValueError(f"{run!r} held out no validation split (validation_size 0): train it with --validation_size N"
                          " (the search must not see the test questions)")
     defaults = {name: f.default for name, f in schema.fields_of(schema.WidthSearchSettings).items()}
     searched = {**defaults, **{k: settings[k] for k in defaults if settings.get(k) is not None}, **search}
     variants = tables.read_yaml(TABLE).get("variants") or {}
-    wanted = {**variants.get(settings.get("variant") or settings["method"], {"method": settings["method"]}),
+    wanted = {**variants.get(settings.variant or settings.method, {"method": settings.method}),
               "noise_width_search": searched["noise_width_search"]}
     names = [name for name, values in variants.items() if values == wanted]
     return {**searched, "variant": names[0] if names else None}
 
 
-def load_member(settings: dict):
+def load_member(settings: schema.McqRun):
     """(peft model, tokenizer) of one run: its backbone and adapter (M and Z), in eval mode."""
     model, tokenizer = load_backbone(settings)
-    model = load_llmm_model(model, str(Path(settings["run"]) / "adapter"), k=settings["K"])
-    if not (settings["load_in_8bit"] or settings["load_in_4bit"]):
+    model = load_llmm_model(model, str(Path(settings.run) / "adapter"), k=settings.K)
+    if not (settings.load_in_8bit or settings.load_in_4bit):
         model = model.to(next(model.parameters()).device)
     return model.eval(), tokenizer
 
 
 def ensemble_seed(members: list[dict]) -> str:
     """An ensemble's seed for the tables: its members' seeds, "1+2+3" (one value; pairs with no single-seed run)."""
-    return "+".join(str(seed) for seed in sorted(settings["seed"] for settings in members))
+    return "+".join(str(seed) for seed in sorted(settings.seed for settings in members))
 
 
 def ensemble(members: list[dict], eval_sets: dict, output_dir: Path) -> list[dict]:
@@ -144,8 +144,8 @@ def ensemble(members: list[dict], eval_sets: dict, output_dir: Path) -> list[dic
             letters = letter_token_ids(tokenizer, max(len(r["choices"]) for rs, _ in eval_sets.values() for r in rs))
             device = next(model.parameters()).device
             state["batches"] = {
-                name: C.batches([encode_question(tokenizer, r, first["max_length"]) for r in records],
-                                first["per_device_eval_batch_size"], tokenizer.pad_token_id, device)
+                name: C.batches([encode_question(tokenizer, r, first.max_length) for r in records],
+                                first.per_device_eval_batch_size, tokenizer.pad_token_id, device)
                 for name, (records, _) in eval_sets.items()}
             yield C.LetterHead(model, letters).to(device)
             del model
@@ -157,14 +157,14 @@ def ensemble(members: list[dict], eval_sets: dict, output_dir: Path) -> list[dic
             probs, labels[name] = C.predict(head, batch_list, "mean")
             sums[name] = sums.get(name, 0) + probs
     entries, seeds = [], ensemble_seed(members)
-    data_seeds = sorted({settings["cell"].get("data_seed") for settings in members}, key=str)
-    cell = {**first["cell"], "method": "ensemble", "member_method": first["method"],
+    data_seeds = sorted({settings.cell.get("data_seed") for settings in members}, key=str)
+    cell = {**first.cell, "method": "ensemble", "member_method": first.method,
             "data_seed": data_seeds[0] if len(data_seeds) == 1 else "+".join(map(str, data_seeds))}
     for index, (name, (records, where)) in enumerate(eval_sets.items()):
         report = C.evaluate(sums[name] / len(members), labels[name])
         entries.append({"eval_set": name, "shift": "in-distribution" if index == 0 else "ood", "where": where,
                         "mode": "ensemble", "N": len(members), "method": "ensemble", "seed": seeds,
-                        "K": first["K"], "backbone": first["backbone"], **report})
+                        "K": first.K, "backbone": first.backbone, **report})
         entries[-1]["cell"] = evaluation_cell(cell, entries[-1])
         entries[-1]["questions"] = question_entries(sums[name] / len(members), labels[name], records)
         cli.logger.info("%s ensemble (M=%d): accuracy %.4f, ECE %.4f, NLL %.4f, Brier %.4f", name, len(members),

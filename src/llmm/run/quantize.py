@@ -82,33 +82,34 @@ def build_parser(table: dict) -> argparse.ArgumentParser:
     return parser
 
 
-def resolve(argv: list[str] | None = None) -> dict:
+def resolve(argv: list[str] | None = None) -> schema.QuantizeRun:
     """The settings: configs/quantize.yaml's defaults or --preset row, then the flags given; bad values fail here,
     before anything is loaded or written."""
     table = tables.read_yaml(TABLE)
     args = build_parser(table).parse_args(argv)
-    settings = tables.select_row(table, preset=args.preset) if args.preset else dict(table["defaults"])
+    row = tables.select_row(table, preset=args.preset) if args.preset else dict(table["defaults"])
+    settings = schema.QuantizeRun.of(row)
     where = f"configs/quantize.yaml, {'row ' + args.preset if args.preset else 'defaults'}"
-    settings["quantize_embeddings"] = embeddings_setting(settings.get("quantize_embeddings"), where)
+    settings.quantize_embeddings = embeddings_setting(settings.get("quantize_embeddings"), where)
     if vars(args).pop("reference_scaling"):
         cli.logger.warning("--reference_scaling is now --compensate_scaling false: please write that")
-        settings["compensate_scaling"] = False
+        settings.compensate_scaling = False
     settings.update({k: v for k, v in vars(args).items() if v is not None})
-    if settings["quantize_embeddings"] == NULL:
-        settings["quantize_embeddings"] = None
+    if settings.quantize_embeddings == NULL:
+        settings.quantize_embeddings = None
     for name in ("model", "rank"):
-        if settings.get(name) is None:
+        if settings.record().get(name) is None:  # given by the row or a flag
             raise ValueError(f"--{name} is required without --preset (presets: configs/quantize.yaml)")
     adapters.check_settings(settings)  # every value in its field's range (llmm.run.schema)
-    settings["quantize_embeddings"] = embeddings_quantized(settings["quantize_embeddings"], settings["task_type"])
-    if settings["device"] == "cuda":
+    settings.quantize_embeddings = embeddings_quantized(settings.quantize_embeddings, settings.task_type)
+    if settings.device == "cuda":
         cli.require_cuda_for("--device cuda")
     return settings
 
 
-def output_dir(settings: dict) -> Path:
-    name = Path(settings["model"].rstrip("/")).name
-    return Path(settings["save_dir"]) / f"{name}-{settings['bits']}bit-{settings['rank']}rank"
+def output_dir(settings: schema.QuantizeRun) -> Path:
+    name = Path(settings.model.rstrip("/")).name
+    return Path(settings.save_dir) / f"{name}-{settings.bits}bit-{settings.rank}rank"
 
 
 def head_linears(model: torch.nn.Module, targets: list[str]) -> list[str]:
@@ -135,32 +136,32 @@ def target_linears(model: torch.nn.Module, targets: list[str], rank: int) -> dic
     return found
 
 
-def plan(model: torch.nn.Module, settings: dict, targets: list[str]) -> tuple:
+def plan(model: torch.nn.Module, settings: schema.QuantizeRun, targets: list[str]) -> tuple:
     """The Llmm config (LoftQ settings, targets) and the modules to quantize: the target linears, plus the
     embedding tables with quantize_embeddings. ``model`` may be on the meta device (llmm.streaming)."""
-    modules = target_linears(model, targets, settings["rank"])
-    if settings["quantize_embeddings"]:
+    modules = target_linears(model, targets, settings.rank)
+    if settings.quantize_embeddings:
         modules.update(embedding_targets(model, tables.default_embedding_targets(model.config)))
         targets = targets + sorted({name.split(".")[-1] for name in modules} - set(targets))
-    config = adapters.llmm_config({**settings, "init": "loftq"}, targets, loftq_block_size=settings["block_size"],
+    config = adapters.llmm_config(settings.copy(init="loftq"), targets, loftq_block_size=settings.block_size,
                                   exclude_modules=head_linears(model, targets) or None)
     return config, modules
 
 
-def quantize(model: torch.nn.Module, settings: dict, targets: list[str]) -> tuple:
+def quantize(model: torch.nn.Module, settings: schema.QuantizeRun, targets: list[str]) -> tuple:
     """The whole-model path: replace each target weight by Q in place; return the Llmm config, the means and the
     per-layer report."""
     config, modules = plan(model, settings, targets)
     means, report = {}, {}
     for name, module in tqdm(modules.items(), desc="LoftQ", unit="layer"):
-        weight = module.weight.detach().to(settings["device"])
-        q, factor_A, factor_B, report[name] = streaming.loftq_matrix(weight, config, DTYPES[settings["dtype"]])
+        weight = module.weight.detach().to(settings.device)
+        q, factor_A, factor_B, report[name] = streaming.loftq_matrix(weight, config, DTYPES[settings.dtype])
         module.weight.data = q.to(module.weight.device)
         means[name] = (factor_A, factor_B)
     return config, means, report
 
 
-def save(model, tokenizer, config, means: dict, settings: dict, tmp_dir: Path, final_dir: Path) -> None:
+def save(model, tokenizer, config, means: dict, settings: schema.QuantizeRun, tmp_dir: Path, final_dir: Path) -> None:
     """The whole-model path's directory: the backbone (in ``dtype``), tokenizer and llmm_init/ with the means."""
     init_config = dataclasses.replace(config, init_lora_weights=False, loftq_config={})
     peft_model = get_llmm_model(model, init_config)
@@ -175,20 +176,20 @@ def save(model, tokenizer, config, means: dict, settings: dict, tmp_dir: Path, f
     # Record the LoftQ settings that produced the means, and the backbone they belong to.
     peft_model.peft_config["default"] = dataclasses.replace(config, base_model_name_or_path=str(final_dir))
     peft_model.save_pretrained(tmp_dir / "llmm_init")
-    peft_model.unload().to(DTYPES[settings["dtype"]]).save_pretrained(tmp_dir)
+    peft_model.unload().to(DTYPES[settings.dtype]).save_pretrained(tmp_dir)
     tokenizer.save_pretrained(tmp_dir)
 
 
-def write_report(report: dict, settings: dict, tmp_dir: Path, started: float) -> None:
+def write_report(report: dict, settings: schema.QuantizeRun, tmp_dir: Path, started: float) -> None:
     errors = [layer["rel_error_loftq"] for layer in report.values()]
     fileio.write_json(tmp_dir / "quantize_report.json", {
-        "settings": settings, "versions": fileio.versions(), "wall_time_s": time.time() - started,
+        "settings": settings.record(), "versions": fileio.versions(), "wall_time_s": time.time() - started,
         "mean_rel_error_q": sum(layer["rel_error_q"] for layer in report.values()) / len(report),
         "mean_rel_error_loftq": sum(errors) / len(errors), "layers": report,
     })
 
 
-def make_init_dir(settings: dict, whole_model: bool = False) -> Path:
+def make_init_dir(settings: schema.QuantizeRun, whole_model: bool = False) -> Path:
     """Write the directory of resolved ``settings`` (``resolve``); return its path. Streamed from the checkpoint's
     safetensors where that applies, else (or with ``whole_model``) with the whole model loaded: the same directory
     bit for bit. Locked, written under a temporary name and renamed on success (llmm.outdirs)."""
@@ -198,28 +199,28 @@ def make_init_dir(settings: dict, whole_model: bool = False) -> Path:
         raise FileExistsError(f"output directory {str(final_dir)!r} exists and is not empty: pass --overwrite "
                               "or another --save_dir")
     check_new_dir(final_dir, settings.get("overwrite", False))  # a file, locked, or not llmm's to replace
-    extra = {"num_labels": settings["num_labels"]} if settings.get("num_labels") else {}
-    model_config = fileio.load_pretrained(AutoConfig, settings["model"], **extra)
-    tokenizer = fileio.load_pretrained(AutoTokenizer, settings["model"])  # before hours of LoftQ: needed
-    targets = tables.default_targets(model_config, settings.get("target_modules"))
+    extra = {"num_labels": settings.num_labels} if settings.num_labels else {}
+    model_config = fileio.load_pretrained(AutoConfig, settings.model, **extra)
+    tokenizer = fileio.load_pretrained(AutoTokenizer, settings.model)  # before hours of LoftQ: needed
+    targets = tables.default_targets(model_config, settings.target_modules)
     # The model is built on the meta device only to decide the targets and the layout (llmm.streaming).
-    folder = None if whole_model else streaming.local_checkpoint(settings["model"])
+    folder = None if whole_model else streaming.local_checkpoint(settings.model)
     model, why = None, "asked for" if whole_model else "no safetensors checkpoint"
     if folder is not None:
-        model = streaming.empty_model(LOADERS[settings["task_type"]], model_config,
+        model = streaming.empty_model(LOADERS[settings.task_type], model_config,
                                       streaming.checkpoint_dtype(folder, model_config))
         missing = streaming.tensor_plan(folder, model)[1]
         model, why = (None, f"the checkpoint lacks {missing[:3]}") if missing else (model, "")
     if model is None:
         cli.logger.info("loading the whole model (%s)", why)
-        # The checkpoint's own dtype, so LoftQ sees the original weights; the backbone is saved in settings["dtype"].
-        model = fileio.load_pretrained(LOADERS[settings["task_type"]], settings["model"], dtype="auto", **extra)
-    target_linears(model, targets, settings["rank"])  # bad targets or rank fail before anything is written
+        # The checkpoint's own dtype, so LoftQ sees the original weights; the backbone is saved in settings.dtype.
+        model = fileio.load_pretrained(LOADERS[settings.task_type], settings.model, dtype="auto", **extra)
+    target_linears(model, targets, settings.rank)  # bad targets or rank fail before anything is written
     with atomic_dir(final_dir, overwrite=settings.get("overwrite", False)) as tmp_dir:
         if model.device.type == "meta":
             config, modules = plan(model, settings, targets)
             report = streaming.quantize_checkpoint(
-                folder, tmp_dir, model, modules, config, DTYPES[settings["dtype"]], settings["device"],
+                folder, tmp_dir, model, modules, config, DTYPES[settings.dtype], settings.device,
                 final_dir=final_dir, progress=lambda items: tqdm(items, desc="LoftQ (streamed)", unit="tensor"))
             tokenizer.save_pretrained(tmp_dir)
         else:

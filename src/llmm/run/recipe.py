@@ -37,9 +37,9 @@ from llmm.run import trainer as training
 class Recipe:
     """One training run of a task family (subclass and fill the hooks)."""
 
-    def __init__(self, settings: dict):
+    def __init__(self, settings: schema.Settings):
         self.settings = settings
-        self.output_dir = Path(settings["output_dir"])
+        self.output_dir = Path(settings.output_dir)
         self.started = time.time()
         self.sharding = "none"  # what the launch shards with (run: check_sharded_launch)
         self.adapter_state = None  # under sharding: the gathered adapter tensors (every process gathers)
@@ -122,16 +122,16 @@ class Recipe:
             self.load_data()
         self.resumed_from = checkpoint
         arguments = self.training_arguments(resume=checkpoint is not None)
-        fileio.seed_everything(settings["seed"])
+        fileio.seed_everything(settings.seed)
         model, tokenizer = self.load_model(arguments)
         train_set, held_out = self.datasets(tokenizer)
         outdirs.make_output_dir(self.output_dir, settings.get("overwrite", False), resume=checkpoint is not None)
         trainer = self.make_trainer(model, tokenizer, arguments, train_set, held_out)
-        trainer.set_entropy_term(settings.get("entropy_weight", 0.0), settings.get("entropy_warmup_ratio", 0.0),
-                                 settings.get("entropy_floor", 1e-6))  # lambda = 0 (the paper): off
+        trainer.set_entropy_term(settings.entropy_weight, settings.entropy_warmup_ratio,
+                                 settings.entropy_floor)  # lambda = 0 (the paper): off
         if trainer.is_world_process_zero():
             fileio.write_json(self.output_dir / "settings.json",
-                              {**settings, "resumed_from": checkpoint, "versions": fileio.versions()})
+                              {**settings.record(), "resumed_from": checkpoint, "versions": fileio.versions()})
         outcome = trainer.train(resume_from_checkpoint=checkpoint)
         self.after_training(trainer, model, tokenizer)
         if self.sharding == "FSDP":  # a collective: every process takes part, the main process saves the result

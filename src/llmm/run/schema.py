@@ -307,7 +307,7 @@ class QuickstartSettings:
 
 BLOCKS = (RunSettings, AdapterSettings, LoftQSettings, TrainingSettings, CausalLMSettings, GlueSettings, McqSettings,
           WidthSearchSettings, Gsm8kTestSettings, QuantizeSettings, QuickstartSettings)
-# What each entry point reads (its flags, its table's vocabulary).
+# What each entry point reads (its flags, its table's vocabulary); a later block's field of the same name wins.
 FAMILY_BLOCKS = {
     "causal_lm": (RunSettings, AdapterSettings, LoftQSettings, TrainingSettings, CausalLMSettings,
                   WidthSearchSettings),
@@ -315,6 +315,111 @@ FAMILY_BLOCKS = {
     "mcq": (RunSettings, AdapterSettings, LoftQSettings, TrainingSettings, McqSettings, WidthSearchSettings),
     "gsm8k_test": (RunSettings, Gsm8kTestSettings),
 }
+
+
+# --- a run's settings: one typed object --------------------------------------------------------------------------
+
+class Settings:
+    """A family's resolved settings as one typed object: every field of its blocks an attribute (its default where
+    the table and the flags name none); what the entry point adds beside the fields (input paths, records such as
+    ``backbone``) an attribute too. ``record()`` is what settings.json and the cell hold: the names the table and the
+    flags gave, then every name the run set since, in that order.
+
+        settings = McqRun.of(resolved)           # resolved: the table row and the flags, a dict
+        settings.learning_rate, settings.K       # typed fields
+        settings.backbone = "int8"               # a record the run adds
+    """
+
+    @classmethod
+    def of(cls, values: dict):
+        names = {f.name for f in dataclasses.fields(cls)}
+        settings = cls(**{name: value for name, value in values.items() if name in names})
+        object.__setattr__(settings, "_extra", {name: value for name, value in values.items() if name not in names})
+        object.__setattr__(settings, "_named", list(values))
+        return settings
+
+    def __getattr__(self, name):  # only for names that are no field: the entry point's extras
+        extra = self.__dict__.get("_extra", {})
+        if name in extra:
+            return extra[name]
+        raise AttributeError(f"no setting {name!r} in {type(self).__name__}")
+
+    def __setattr__(self, name, value):
+        if "_named" not in self.__dict__:  # the dataclass's __init__
+            object.__setattr__(self, name, value)
+            return
+        if name in self.__dataclass_fields__:
+            object.__setattr__(self, name, value)
+        else:
+            self._extra[name] = value
+        if name not in self._named:
+            self._named.append(name)
+
+    def __contains__(self, name: str) -> bool:
+        """Whether the family has the setting (a field) or the entry point passed it (an extra)."""
+        return name in self.__dataclass_fields__ or name in self._extra
+
+    def __getitem__(self, name: str):  # a setting named by a variable (settings[name])
+        if name not in self:
+            raise KeyError(name)
+        return getattr(self, name)
+
+    def __setitem__(self, name: str, value) -> None:
+        setattr(self, name, value)
+
+    def update(self, values: dict) -> None:
+        for name, value in values.items():
+            setattr(self, name, value)
+
+    def get(self, name: str, default=None):
+        """A setting the family may not have (library code shared by families) or an extra the entry point may not
+        have passed (an optional input path), else ``default``."""
+        return getattr(self, name) if name in self else default
+
+    def unset(self, name: str) -> None:
+        """Back to the field's default and out of the record (as if never given); an extra is removed."""
+        if name in self.__dataclass_fields__:
+            object.__setattr__(self, name, self.__dataclass_fields__[name].default)
+        self._extra.pop(name, None)
+        if name in self._named:
+            self._named.remove(name)
+
+    def record(self) -> dict:
+        """{name: value} of every setting given or set (settings.json, the cell)."""
+        return {name: getattr(self, name) for name in self._named}
+
+    def copy(self, **changes):
+        """A copy with ``changes`` set (recorded as set)."""
+        copied = type(self).of(self.record())
+        for name, value in changes.items():
+            setattr(copied, name, value)
+        return copied
+
+
+# A family's settings class: its blocks' fields, a later block's winning (dataclasses let the first base win).
+@dataclass
+class CausalLMRun(Settings, *reversed(FAMILY_BLOCKS["causal_lm"])):
+    """train_gsm8k, train_nlg."""
+
+
+@dataclass
+class GlueRun(Settings, *reversed(FAMILY_BLOCKS["glue"])):
+    """train_glue, eval_glue."""
+
+
+@dataclass
+class McqRun(Settings, *reversed(FAMILY_BLOCKS["mcq"])):
+    """train_mcq, test_mcq."""
+
+
+@dataclass
+class Gsm8kTestRun(Settings, *reversed(FAMILY_BLOCKS["gsm8k_test"])):
+    """test_gsm8k."""
+
+
+@dataclass
+class QuantizeRun(Settings, QuantizeSettings, LoftQSettings, AdapterSettings):
+    """quantize_model (_init.sh); quantize_embeddings, GlueSettings' field, is an extra here."""
 # Names the GLUE table and flags used before they took Hugging Face's: accepted, with one line naming the new name.
 RENAMED = {"batch_size": "per_device_train_batch_size", "grad_accum": "gradient_accumulation_steps",
            "lr_scheduler": "lr_scheduler_type", "epochs": "num_train_epochs", "eval_batch_size":

@@ -182,7 +182,7 @@ def find_checkpoint(value: str | None, folder: str | Path) -> str | None:
     return value
 
 
-def checkpoint_adapter_settings(checkpoint: str, saved, settings: dict) -> dict:
+def checkpoint_adapter_settings(checkpoint: str, saved, settings) -> dict:
     """The settings (of those this run has) that the checkpoint's adapter fixes besides K and rank: lora_alpha,
     llmmscale, noise_per_example (the resumed adapter keeps its config), and GLUE's embedding protocol (quantize_embeddings: whether it holds embedding pairs;
     gaussian_embeddings). A resumed run with other values would load M and Z into another model."""
@@ -198,7 +198,7 @@ def checkpoint_adapter_settings(checkpoint: str, saved, settings: dict) -> dict:
     return {name: value for name, value in fixed.items() if name in settings}
 
 
-def check_checkpoint(checkpoint: str, settings: dict) -> None:
+def check_checkpoint(checkpoint: str, settings) -> None:
     """The checkpoint's adapter has the settings' K and rank (else its M and Z cannot be restored), lora_alpha,
     llmmscale and embedding protocol (checkpoint_adapter_settings), was written by
     as many processes as this run has (each restores its own RNG state and data shard), and is complete and
@@ -245,11 +245,14 @@ def _same_setting(saved, given) -> bool:
     return False
 
 
-def check_resumable(run_dir: str | Path, settings: dict, blocks) -> None:
+def check_resumable(run_dir: str | Path, settings, blocks) -> None:
     """A resumed run keeps the run's settings: every cell-defining setting of ``blocks`` (llmm.run.schema roles
     cell and init_dir), the seed and every input (schema.INPUTS: backbone, data) must equal the run's settings.json,
-    except how long it trains and how often it evaluates (RESUMABLE). Checked before anything is written."""
+    except how long it trains and how often it evaluates (RESUMABLE). Checked before anything is written. A setting
+    this command leaves to its default is not compared (what the run derives later, e.g. GLUE's target modules)."""
     from llmm.run import schema
+
+    settings = settings.record() if isinstance(settings, schema.Settings) else settings
 
     path = Path(run_dir) / "settings.json"
     if not path.is_file():

@@ -23,8 +23,8 @@ def apply_noise_width(model, multiplier: float, adapter_name: str = "default") -
     """From now on every Llmm layer draws its noise ``multiplier`` times as wide, and the adapter config says so
     (saved adapters carry it: a reloaded run evaluates with the same m)."""
     for layer in llmm_layers(model):
-        for settings in layer.llmm_settings.values():
-            settings["width"] = float(multiplier)
+        for layer_settings in layer.llmm_settings.values():
+            layer_settings["width"] = float(multiplier)
     model.peft_config[adapter_name].noise_width = float(multiplier)
 
 
@@ -33,11 +33,11 @@ def noise_width_in_use(model) -> float:
     return float(getattr(model.peft_config["default"], "noise_width", 1.0)) if hasattr(model, "peft_config") else 1.0
 
 
-def search_width(model, validation_nll, settings: dict) -> dict:
-    """Run both rules on ``validation_nll``, apply the m that ``settings["noise_width_search"]`` names, and return
+def search_width(model, validation_nll, settings) -> dict:
+    """Run both rules on ``validation_nll``, apply the m that ``settings.noise_width_search`` names, and return
     the record for results.json: {rule, chosen, tfb, nll_min, tolerance, grid, evaluations [[m, nll], ...],
     wall_time_s}."""
-    rule = settings["noise_width_search"]
+    rule = settings.noise_width_search
     if rule not in RULES:
         raise ValueError(f"noise_width_search must be one of {sorted(RULES)} here, got {rule!r}")
     started = time.time()
@@ -46,9 +46,9 @@ def search_width(model, validation_nll, settings: dict) -> dict:
         with noise_width(model, m):
             return validation_nll(m)
 
-    found = choose_noise_width(nll, tolerance=settings["noise_width_tolerance"], grid=settings["noise_width_grid"])
+    found = choose_noise_width(nll, tolerance=settings.noise_width_tolerance, grid=settings.noise_width_grid)
     chosen = found[RULES[rule]]
     apply_noise_width(model, chosen)
     return {"rule": rule, "chosen": chosen, "tfb": found["tfb"], "nll_min": found["nll_min"],
-            "tolerance": found["tolerance"], "grid": list(settings["noise_width_grid"]),
+            "tolerance": found["tolerance"], "grid": list(settings.noise_width_grid),
             "evaluations": found["evaluations"], "wall_time_s": time.time() - started}
