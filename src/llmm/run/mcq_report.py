@@ -2,35 +2,20 @@
 by cell, paired differences against a baseline method, and the learned distribution's width."""
 
 from __future__ import annotations
-import argparse
 import hashlib
 import json
-import sys
-from llmm.run import cli, fileio, tables
+from llmm.run import tables
 from llmm import stats
 
-
 PUBLISHED = tables.CONFIGS / "mcq_published.yaml"
-
-
 TASK_ORDER = ("winogrande_s", "arc_c", "arc_e", "winogrande_m", "obqa", "boolq")
-
-
 METHOD_ORDER = ("map", "mcdropout", "ensemble", "llmm", "llmm_pex", "llmm_tfb", "llmm_nll", "llmm_ent")
-
-
 METRICS = {"accuracy": ("Accuracy (%, higher is better)", 100), "ece": ("ECE (%, 15 bins, lower is better)", 100),
            "nll": ("NLL (lower is better)", 1), "brier": ("Brier (lower is better)", 1)}
-
-
 SAMPLED_MODES = ("mc", "dropout")
-
-
 # Always in a row's label (or its column); other settings are named only where they tell rows apart.
 SHOWN = ("task", "eval_set", "eval_where", "method", "variant", "member_method", "backbone", "K", "eval_mode",
          "eval_samples")
-
-
 # What a method and its baseline may differ in to be paired: the method and what it implies, and the mode it is
 # evaluated in (the baseline in its mean mode). Everything else, the backbone included, must be equal.
 PAIRING_FREE = ("method", "variant", "K", "llmmscale", "scaled_gradient", "lora_dropout", "eval_mode", "eval_samples",
