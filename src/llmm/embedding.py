@@ -23,8 +23,7 @@ Gaussian with K directions, exactly as in the linear layers: ``LlmmEmbeddingVari
 ``LlmmVariant`` and overrides only the layout hooks (where the means live, the lookup as the first step, the
 embedding scale). In train mode (or eval with ``eval_noise="sample"``) a forward uses F~ = M + sum_k eps_k / sqrt(s)
 Z[k]; the mean adapter is again A = M_A. A table the model reads whole (``weight``) draws one pair shared by the
-batch, also with ``noise_per_example``; batched Monte-Carlo networks refuse such a model (run them sequentially).
-"""
+batch, also with ``noise_per_example``; batched Monte-Carlo networks refuse such a model (run them sequentially)."""
 
 from __future__ import annotations
 

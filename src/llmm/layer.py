@@ -36,8 +36,7 @@ Options beyond the paper (each off by default, the paper bit for bit):
 - Entropy term (``factor_entropy``, ``llmm.entropy``): the training loss becomes loss - lambda * H with
   H = sum over layers and factors of 0.5 logdet(Z Z^T / s + floor I), the Gaussian's entropy within the span of its
   K directions up to a constant; it rewards directions that are large and linearly independent, against their
-  shrinking under the data term alone. lambda = 0 is the paper; ``llmm.entropy_weight`` warms lambda up.
-"""
+  shrinking under the data term alone. lambda = 0 is the paper; ``llmm.entropy_weight`` warms lambda up."""
 
 from __future__ import annotations
 

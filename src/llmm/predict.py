@@ -24,8 +24,7 @@ Where the networks' noise comes from:
   mean network at N = 10, benchmarks/bench_mc.py); it is meant for accelerators, where a forward is latency-bound.
 
 ``mc_regress`` averages the raw outputs instead (regression heads, e.g. STS-B); ``mc_letter_probs`` is the
-multiple-choice family's answer-letter distribution (``llmm.tasks.calibration.LetterHead``).
-"""
+multiple-choice family's answer-letter distribution (``llmm.tasks.calibration.LetterHead``)."""
 
 from __future__ import annotations
 

@@ -16,8 +16,7 @@ bitsandbytes loads: it logs at import time), ``install_import_filter``:
 - PEFT's "Model has `tie_word_embeddings=True` and a tied layer is part of the adapter": the multiple-choice family
   adapts the LM head (BLoB's targets) of models whose head shares the embedding's weight (SmolLM2). The adapter
   adds its delta to the head's output only, which is the intent, and llmm never merges it (it is saved as
-  safetensors and reloaded as an adapter), so ``ensure_weight_tying`` would change the method, not fix a problem.
-"""
+  safetensors and reloaded as an adapter), so ``ensure_weight_tying`` would change the method, not fix a problem."""
 
 from __future__ import annotations
 

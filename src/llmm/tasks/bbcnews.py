@@ -3,8 +3,7 @@ split train / dev / test (scripts.prepare_bbcnews, scripts.prepare_mcq_bbcnews, 
 
 The package's own loader reads everything at import time and numbers labels in filesystem order; here label ids
 follow the sorted class names, so they are stable across machines. Exact duplicate documents are removed (a text
-seen under two classes is dropped altogether) before a stratified, seeded split.
-"""
+seen under two classes is dropped altogether) before a stratified, seeded split."""
 
 from __future__ import annotations
 

@@ -13,8 +13,7 @@ Modes (one predictive distribution p(letter | question) per question, over its o
 - ``ensemble`` (``predict_ensemble``): the average of the mean-mode distributions of M adapters.
 
 The head reads the logits at each row's last attended token (batches are right-padded) through the model's
-``logits_to_keep`` argument, so only a few positions reach the (possibly adapted) LM head.
-"""
+``logits_to_keep`` argument, so only a few positions reach the (possibly adapted) LM head."""
 
 from __future__ import annotations
 

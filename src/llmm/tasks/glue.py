@@ -17,8 +17,7 @@ ids or label names (``entailment``); anything else fails early, naming the file,
 
 Metrics (SPEC §3): CoLA Matthews correlation; STS-B Pearson and Spearman; MRPC and QQP accuracy and F1; the
 others accuracy. The main metric picks the best epoch: the first one, except F1 for MRPC and QQP (as LoftQ's and the
-reference's run_glue.py select). scikit-learn / scipy only.
-"""
+reference's run_glue.py select). scikit-learn / scipy only."""
 
 from __future__ import annotations
 
