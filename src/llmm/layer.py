@@ -412,7 +412,4 @@ class LlmmLinear8bitLt(_LlmmLayerMixin, peft_bnb.Linear8bitLt):
 # Base layer type -> Llmm layer, registered on LlmmConfig through PEFT's custom-module seam. bitsandbytes layers
 # subclass nn.Linear, so they come first (PEFT takes the first isinstance match).
 CUSTOM_MODULES: dict[type[nn.Module], type[nn.Module]] = {
-    bnb.nn.Linear4bit: LlmmLinear4bit,
-    bnb.nn.Linear8bitLt: LlmmLinear8bitLt,
-    nn.Linear: LlmmLinear,
-}
+    bnb.nn.Linear4bit: LlmmLinear4bit, bnb.nn.Linear8bitLt: LlmmLinear8bitLt, nn.Linear: LlmmLinear}

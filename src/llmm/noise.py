@@ -51,10 +51,8 @@ class NoiseStreams:
     def for_device(self, device: torch.device) -> list[torch.Generator]:
         key = str(device)
         if key not in self.generators:
-            self.generators[key] = [
-                torch.Generator(device=device).manual_seed(_torch_seed(np.random.SeedSequence(
-                    child.entropy, spawn_key=(*child.spawn_key, zlib.crc32(key.encode())))))
-                for child in self.children]
+            self.generators[key] = [torch.Generator(device=device).manual_seed(_torch_seed(np.random.SeedSequence(
+                child.entropy, spawn_key=(*child.spawn_key, zlib.crc32(key.encode()))))) for child in self.children]
         return self.generators[key]
 
 

@@ -56,8 +56,7 @@ def fsdp1_wrap_policy(model: nn.Module):
         raise ValueError("fsdp1_wrap_policy needs a model with Llmm layers (llmm.get_llmm_model / load_llmm_model)")
     return functools.partial(_or_policy, policies=[
         functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda module: id(module) in units),
-        functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=decoder_layer_classes(model)),
-    ])
+        functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=decoder_layer_classes(model))])
 
 
 def shard_fsdp2(model: nn.Module, **kwargs) -> nn.Module:

@@ -40,10 +40,6 @@ def _umask() -> int:
     os.umask(mask)
     return mask
 
-def check_file(path: str | Path, what: str) -> None:
-    if not Path(path).exists():
-        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
-
 def versions() -> dict:
     import bitsandbytes
     import peft

@@ -71,8 +71,7 @@ def install_import_filter() -> None:
 def install() -> None:
     """Add the filters (idempotent)."""
     install_import_filter()
-    for name, flt in (("transformers.modeling_utils", _FreshHeadReport()),):
-        _add(name, flt)
+    _add("transformers.modeling_utils", _FreshHeadReport())
     warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing\w*` is deprecated",
                             category=FutureWarning)
     warnings.filterwarnings("ignore", message=r"Could not find a config file in .* the vocabulary was not modified")

@@ -58,12 +58,10 @@ def collate(features: list[dict], pad_token_id: int) -> dict:
     """Right-padded tensors of encoded questions (``llmm.tasks.mcq.encode_question``)."""
     width = max(len(f["input_ids"]) for f in features)
     pad = [width - len(f["input_ids"]) for f in features]
-    return {
-        "input_ids": torch.tensor([f["input_ids"] + [pad_token_id] * p for f, p in zip(features, pad)]),
-        "attention_mask": torch.tensor([f["attention_mask"] + [0] * p for f, p in zip(features, pad)]),
-        "labels": torch.tensor([f["labels"] for f in features]),
-        "n_choices": torch.tensor([f["n_choices"] for f in features]),
-    }
+    return {"input_ids": torch.tensor([f["input_ids"] + [pad_token_id] * p for f, p in zip(features, pad)]),
+            "attention_mask": torch.tensor([f["attention_mask"] + [0] * p for f, p in zip(features, pad)]),
+            "labels": torch.tensor([f["labels"] for f in features]),
+            "n_choices": torch.tensor([f["n_choices"] for f in features])}
 
 
 def batches(encoded: list[dict], batch_size: int, pad_token_id: int, device) -> list[dict]:

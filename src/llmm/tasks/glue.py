@@ -138,7 +138,7 @@ def load_glue(task: GlueTask, data_dir: str | None = None, train_file: str | Non
         files = {"train": train_file, **dict(zip(task.dev_splits, validation_files))}
     else:
         return _load_hub(task)
-    return DatasetDict({split: _load_file(task, path) for split, path in files.items()})
+    return DatasetDict({split: load_file(task, path) for split, path in files.items()})
 
 
 def _glue_dir_files(task: GlueTask, data_dir: str) -> dict[str, Path]:
@@ -169,17 +169,11 @@ def _load_hub(task: GlueTask):
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise ValueError(f"cannot load {GLUE_HUB_ID}/{task.name} from the hub ({type(error).__name__}: {first_line}); "
                          "pass --data_dir or --train_file/--validation_file for local files") from error
-    splits = ("train", *task.dev_splits)
-    out = DatasetDict({split: raw[split].select_columns(list(task.columns)) for split in splits})
-    return out
+    return DatasetDict({split: raw[split].select_columns(list(task.columns)) for split in ("train", *task.dev_splits)})
 
 
 def load_file(task: GlueTask, path: str | Path):
     """One local file (TSV as distributed, CSV, JSON, JSONL) as a ``Dataset`` with the text columns and ``label``."""
-    return _load_file(task, path)
-
-
-def _load_file(task: GlueTask, path: str | Path):
     from datasets import Dataset, Features, Value
 
     path = Path(path)
@@ -317,14 +311,11 @@ def task_metrics(task: GlueTask, predictions, labels) -> dict[str, float | None]
     predictions, labels = np.asarray(predictions).reshape(-1), np.asarray(labels).reshape(-1)
     if predictions.shape != labels.shape:
         raise ValueError(f"{predictions.size} predictions for {labels.size} labels")
-    functions = {
-        "accuracy": lambda: accuracy_score(labels, predictions),
-        "f1": lambda: f1_score(labels, predictions),
-        "f1_macro": lambda: f1_score(labels, predictions, average="macro"),
-        "matthews_correlation": lambda: matthews_corrcoef(labels, predictions),
-        "pearson": lambda: pearsonr(predictions, labels)[0],
-        "spearmanr": lambda: spearmanr(predictions, labels)[0],
-    }
+    functions = {"accuracy": lambda: accuracy_score(labels, predictions), "f1": lambda: f1_score(labels, predictions),
+                 "f1_macro": lambda: f1_score(labels, predictions, average="macro"),
+                 "matthews_correlation": lambda: matthews_corrcoef(labels, predictions),
+                 "pearson": lambda: pearsonr(predictions, labels)[0],
+                 "spearmanr": lambda: spearmanr(predictions, labels)[0]}
     scores = {}
     for name in task.metrics:
         with warnings.catch_warnings():  # a constant input makes a correlation undefined: reported as None
