@@ -119,7 +119,6 @@ def get_task(name: str) -> GlueTask:
 
 # ----------------------------------------------------------------------------------------------------------- data
 
-
 def load_glue(task: GlueTask, data_dir: str | None = None, train_file: str | None = None,
               validation_files: list[str] | None = None):
     """``DatasetDict`` with ``train`` and the task's dev splits, from local files or the hub (when none is given)."""
@@ -301,7 +300,6 @@ def tokenize(raw, task: GlueTask, tokenizer, max_length: int):
 
 
 # -------------------------------------------------------------------------------------------------------- metrics
-
 
 def task_metrics(task: GlueTask, predictions, labels) -> dict[str, float | None]:
     """The task's metrics: ``predictions`` are class ids (classification) or scores (STS-B). NaN becomes None."""
