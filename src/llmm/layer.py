@@ -232,8 +232,7 @@ class LlmmVariant(LoraVariant):
             raise ValueError("LlmmConfig does not support lora_bias=True: the Gaussian factors have no bias term")
         if not hasattr(module, "lora_llmm_A"):
             module.adapter_layer_names = module.adapter_layer_names[:] + cls.direction_names
-            module.lora_llmm_A = nn.ModuleDict()
-            module.lora_llmm_B = nn.ModuleDict()
+            module.lora_llmm_A, module.lora_llmm_B = nn.ModuleDict(), nn.ModuleDict()
             module.llmm_settings = {}
             module.register_load_state_dict_pre_hook(_legacy_direction_keys)
         mean_A, mean_B = cls.means(module, adapter_name)
