@@ -2,8 +2,7 @@
 
 LoftQ is requested the PEFT way (``init_lora_weights="loftq"``, ``loftq_config=LoftQConfig(loftq_bits,
 loftq_iter)``) and runs llmm's own quantizers on CPU or CUDA; ``loftq_method`` picks the quantizer and
-``loftq_svd`` (with its oversampling and power iterations) the rank-r step.
-"""
+``loftq_svd`` (with its oversampling and power iterations) the rank-r step."""
 
 from __future__ import annotations
 
@@ -18,7 +17,6 @@ from llmm.quant import ALLOWED_BITS, ALLOWED_METHODS, ALLOWED_SVD, check_svd_arg
 
 EVAL_NOISE_MODES = ("mean", "sample")
 
-
 # LlmmConfig field -> the setting of llmm.run.schema whose declared range it must be in.
 CONFIG_SETTINGS = {"k": "K", "scale": "llmmscale", "r": "rank", "lora_alpha": "lora_alpha",
                    "lora_dropout": "lora_dropout"}
@@ -27,54 +25,34 @@ CONFIG_SETTINGS = {"k": "K", "scale": "llmmscale", "r": "rank", "lora_alpha": "l
 @dataclass
 class LlmmConfig(LoraConfig):
     k: int = field(default=2, metadata={"help": "K, the number of directions per factor (0 = plain LoRA/LoftQ)."})
-    scale: float = field(
-        default=400.0, metadata={"help": "llmmscale s > 0; the noise std along each direction is 1/sqrt(s)."}
-    )
-    eval_noise: str = field(
-        default="mean",
-        metadata={"help": "In eval mode: 'mean' (eps = 0, deterministic, mergeable) or 'sample' (a fresh draw)."},
-    )
-    scaled_gradient: bool = field(
-        default=True,
-        metadata={"help": "Paper's rule dZ[k] = eps_k dL/dF (True) or the plain pathwise gradient (False)."},
-    )
-    noise_per_example: bool = field(
-        default=False,
-        metadata={"help": "One eps per example (leading batch dimension) instead of one per forward shared by the "
-                  "batch (False, the paper); computed as K + 1 LoRA paths per layer (llmm.layer)."},
-    )
-    noise_width: float = field(
-        default=1.0,
-        metadata={"help": "Noise-width multiplier m >= 0: F~ = M + m sum_k eps_k Z[k] / sqrt(s) (1 = the paper, "
-                  "0 = the mean network); usually chosen after training on validation data (llmm.width)."},
-    )
-    gaussian_embeddings: bool = field(
-        default=False,
-        metadata={"help": "Targeted embedding tables get Gaussian K-direction pairs like the linear layers (True), "
-                  "or plain low-rank pairs, the reference's GLUE protocol (False; see llmm.embedding)."},
-    )
+    scale: float = field(default=400.0, metadata={
+        "help": "llmmscale s > 0; the noise std along each direction is 1/sqrt(s)."})
+    eval_noise: str = field(default="mean", metadata={
+        "help": "In eval mode: 'mean' (eps = 0, deterministic, mergeable) or 'sample' (a fresh draw)."})
+    scaled_gradient: bool = field(default=True, metadata={
+        "help": "Paper's rule dZ[k] = eps_k dL/dF (True) or the plain pathwise gradient (False)."})
+    noise_per_example: bool = field(default=False, metadata={
+        "help": "One eps per example (leading batch dimension) instead of one per forward shared by the batch (False, "
+                "the paper); computed as K + 1 LoRA paths per layer (llmm.layer)."})
+    noise_width: float = field(default=1.0, metadata={
+        "help": "Noise-width multiplier m >= 0: F~ = M + m sum_k eps_k Z[k] / sqrt(s) (1 = the paper, 0 = the mean "
+                "network); usually chosen after training on validation data (llmm.width)."})
+    gaussian_embeddings: bool = field(default=False, metadata={
+        "help": "Targeted embedding tables get Gaussian K-direction pairs like the linear layers (True), or plain "
+                "low-rank pairs, the reference's GLUE protocol (False; see llmm.embedding)."})
     loftq_method: str = field(default="nf", metadata={"help": "LoftQ quantizer: 'nf' (normal float) or 'uniform'."})
     loftq_block_size: int = field(default=64, metadata={"help": "Block size of the normal-float quantizer."})
-    loftq_svd: str = field(
-        default="truncated",
-        metadata={"help": "LoftQ's rank-r step: 'truncated' (randomized range finder, warm-started from the previous "
-                  "iteration; seconds per 4096 x 4096 weight) or 'exact' (full SVD, as the reference)."},
-    )
-    loftq_svd_oversampling: int = field(
-        default=0,
-        metadata={"help": "Truncated SVD: columns beyond r in each Krylov block (>= 0; the iterations' blocks "
-                  "already oversample)."},
-    )
-    loftq_svd_iters: int = field(
-        default=6, metadata={"help": "Truncated SVD: power (block Krylov) steps per LoftQ iteration (>= 0)."}
-    )
-    loftq_compensate_scaling: bool = field(
-        default=True,
-        metadata={
-            "help": "Divide the LoftQ factors by g = lora_alpha / r so W_q + g B A ~ W. False reproduces the "
-            "reference, which wrote B A uncompensated."
-        },
-    )
+    loftq_svd: str = field(default="truncated", metadata={
+        "help": "LoftQ's rank-r step: 'truncated' (randomized range finder, warm-started from the previous iteration; "
+                "seconds per 4096 x 4096 weight) or 'exact' (full SVD, as the reference)."})
+    loftq_svd_oversampling: int = field(default=0, metadata={
+        "help": "Truncated SVD: columns beyond r in each Krylov block (>= 0; the iterations' blocks already "
+                "oversample)."})
+    loftq_svd_iters: int = field(default=6, metadata={
+        "help": "Truncated SVD: power (block Krylov) steps per LoftQ iteration (>= 0)."})
+    loftq_compensate_scaling: bool = field(default=True, metadata={
+        "help": "Divide the LoftQ factors by g = lora_alpha / r so W_q + g B A ~ W. False reproduces the reference, "
+                "which wrote B A uncompensated."})
 
     def __post_init__(self):
         from llmm.run.schema import AdapterSettings, _number, setting_error

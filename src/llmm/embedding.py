@@ -19,12 +19,9 @@ LoftQ (``init_lora_weights="loftq"``) runs llmm's quantizer on W in its own layo
 (Q, M_A, M_B) = ``loftq_factors(W)`` with W ~ Q + g M_B M_A, so A = M_B^T and B = M_A^T.
 
 The pair is plain by default (the reference's). With ``LlmmConfig(gaussian_embeddings=True)`` each factor is a
-Gaussian with K directions, exactly as in the linear layers: ``LlmmEmbeddingVariant`` subclasses ``llmm.layer``'s
-``LlmmVariant`` and overrides only the layout hooks (where the means live, the lookup as the first step, the
-embedding scale). In train mode (or eval with ``eval_noise="sample"``) a forward uses F~ = M + sum_k eps_k / sqrt(s)
-Z[k]; the mean adapter is again A = M_A. A table the model reads whole (``weight``) draws one pair shared by the
-batch, also with ``noise_per_example``; batched Monte-Carlo networks refuse such a model (run them sequentially).
-"""
+Gaussian with K directions, exactly as in the linear layers (``LlmmEmbeddingVariant``), and the mean adapter is again
+A = M_A. A table the model reads whole (``weight``) draws one pair shared by the batch, also with
+``noise_per_example``; batched Monte-Carlo networks refuse such a model (run them sequentially)."""
 
 from __future__ import annotations
 

@@ -17,9 +17,8 @@ In eval mode the layer uses the mean (eps = 0) when ``eval_noise="mean"``; ``"sa
 reference did. Because eps_A and eps_B are independent with zero mean, E[B~ A~] = M_B M_A: merging writes
 W_q + g M_B M_A, which is exactly PEFT's LoRA merge of the means.
 
-The noise eps comes from the model's own ``NoiseSource`` (``llmm.noise``: one torch.Generator per device), never
-from torch's global generator: a K > 0 run then consumes exactly the global random numbers a K = 0 run does, so runs
-of different methods with the same seed share data order and dropout masks (common random numbers).
+The noise eps comes from the model's own ``NoiseSource`` (``llmm.noise``), never from torch's global generator, so
+runs of different methods with the same seed share data order and dropout masks (common random numbers).
 
 The directions are stored as ``FactorDirections`` submodules (``lora_llmm_A[adapter].weight``), leaf modules with a
 ``.weight``, so that FSDP (PEFT's wrap policy, FSDP2) shards them with the means.
@@ -37,8 +36,7 @@ Options beyond the paper (each off by default, the paper bit for bit):
 - Entropy term (``factor_entropy``, ``llmm.entropy``): the training loss becomes loss - lambda * H with
   H = sum over layers and factors of 0.5 logdet(Z Z^T / s + floor I), the Gaussian's entropy within the span of its
   K directions up to a constant; it rewards directions that are large and linearly independent, against their
-  shrinking under the data term alone. lambda = 0 is the paper; ``llmm.entropy_weight`` warms lambda up.
-"""
+  shrinking under the data term alone. lambda = 0 is the paper; ``llmm.entropy_weight`` warms lambda up."""
 
 from __future__ import annotations
 
@@ -67,8 +65,7 @@ class _SampleFactor(torch.autograd.Function):
     """F~ = M + (eps / sqrt(s)) . Z with the paper's scaled-gradient backward (or the plain pathwise one).
 
     eps of shape (K,) gives one sample; eps of shape (G, K) gives G samples (G, *M.shape), one per group of rows
-    (Monte-Carlo networks in one forward), summed elementwise so that a group's sample is the same bits whatever G.
-    """
+    (Monte-Carlo networks in one forward), summed elementwise so that a group's sample is the same bits whatever G."""
 
     @staticmethod
     def forward(ctx, mean, directions, eps, scale, scaled_gradient):
@@ -105,21 +102,17 @@ class _ScaleGradient(torch.autograd.Function):
         return grad * ctx.factor, None
 
 
-def sample_factor(
-    mean: torch.Tensor, directions, eps: torch.Tensor, scale: float, scaled_gradient: bool = True
-) -> torch.Tensor:
+def sample_factor(mean: torch.Tensor, directions, eps: torch.Tensor, scale: float,
+                  scaled_gradient: bool = True) -> torch.Tensor:
     """One Gaussian factor sample F~ = M + sum_k eps_k / sqrt(scale) * directions[k].
 
     Backward: dM = g and dZ[k] = eps_k * g (``scaled_gradient=True``) or eps_k * g / sqrt(scale) (plain pathwise).
     ``directions`` (a tensor, or the ``FactorDirections`` module holding it) has shape (K, *mean.shape) and ``eps``
-    shape (K,), or (G, K) for G samples at once (G, *mean.shape); no gradient flows to ``eps``.
-    """
+    shape (K,), or (G, K) for G samples at once (G, *mean.shape); no gradient flows to ``eps``."""
     directions = directions.weight if isinstance(directions, FactorDirections) else directions
     if directions.shape[1:] != mean.shape or eps.shape[-1:] != directions.shape[:1] or eps.dim() > 2:
-        raise ValueError(
-            f"sample_factor needs directions of shape (K, *mean.shape) and eps of shape (K,) or (G, K); got mean "
-            f"{tuple(mean.shape)}, directions {tuple(directions.shape)}, eps {tuple(eps.shape)}"
-        )
+        raise ValueError(f"sample_factor needs directions of shape (K, *mean.shape) and eps of shape (K,) or (G, K); "
+                         f"got mean {tuple(mean.shape)}, directions {tuple(directions.shape)}, eps {tuple(eps.shape)}")
     if scale <= 0:
         raise ValueError(f"scale must be > 0 (noise std is 1/sqrt(scale)), got {scale}")
     return _SampleFactor.apply(mean, directions, eps.detach(), float(scale), bool(scaled_gradient))
@@ -140,8 +133,7 @@ def rowwise_sample_path(project, x: torch.Tensor, mean_A, mean_B, directions_A, 
     ``project(x, W)`` is the layer's first step (a linear layer: W dropout(x); an embedding: a lookup of W^T).
     With w = eps / sqrt(s): h_b = M_A x_b + sum_k w_A[b,k] Z_A[k] x_b and out_b = M_B h_b + sum_k w_B[b,k] Z_B[k] h_b.
     Autograd of this formula gives the plain pathwise gradient dZ[k] = sum_b w[b,k] dL_b/dF~_b; the scaled rule
-    (dZ[k] = sum_b eps[b,k] dL_b/dF~_b) multiplies it by sqrt(s).
-    """
+    (dZ[k] = sum_b eps[b,k] dL_b/dF~_b) multiplies it by sqrt(s)."""
     k, rank, d_out = directions_A.shape[0], mean_A.shape[0], mean_B.shape[0]
     if scaled_gradient and math.isfinite(scale):
         directions_A = _ScaleGradient.apply(directions_A, math.sqrt(scale))
@@ -157,9 +149,7 @@ def rowwise_sample_path(project, x: torch.Tensor, mean_A, mean_B, directions_A, 
 def grouped_sample_path(project_groups, x: torch.Tensor, factors_A: torch.Tensor, factors_B: torch.Tensor):
     """B~_g (A~_g x) for G groups of consecutive rows (Monte-Carlo network g on batch copy g), each with its own
     sampled factors (factors_A: (G, r, d_in), factors_B: (G, d_out, r)): the FLOPs of one LoRA path.
-
-    ``project_groups(x_groups, factors_A)`` is the layer's first step on (G, rows / G, ...) inputs.
-    """
+    ``project_groups(x_groups, factors_A)`` is the layer's first step on (G, rows / G, ...) inputs."""
     groups = factors_A.shape[0]
     hidden = project_groups(x.unflatten(0, (groups, x.shape[0] // groups)), factors_A)  # (G, rows / G, ..., r)
     out = hidden.flatten(1, -2) @ factors_B.transpose(-1, -2)
@@ -172,8 +162,7 @@ class FactorDirections(nn.Module):
     A module rather than a bare parameter so that FSDP1's PEFT wrap policy (leaf modules with a trainable
     ``.weight``) and FSDP2 shard the directions with the means, as PEFT did for DoRA's magnitude vector. A module
     FSDP wraps on its own holds its full weight only within its forward: the layer then calls it (``forward``
-    returns a copy of Z, the gradient flows back through FSDP's hooks); otherwise it reads ``.weight``.
-    """
+    returns a copy of Z, the gradient flows back through FSDP's hooks); otherwise it reads ``.weight``."""
 
     def __init__(self, directions: torch.Tensor):
         super().__init__()
@@ -195,8 +184,7 @@ class LlmmVariant(LoraVariant):
 
     A forward takes one of three paths, by the shape of its eps: (2, K) one (A~, B~) for the batch (``lora_path``,
     the paper); (2, rows, K) per example (``rowwise_sample_path``); (2, N, K) one pair per batch copy of N
-    Monte-Carlo networks (``grouped_sample_path``).
-    """
+    Monte-Carlo networks (``grouped_sample_path``)."""
 
     direction_names = ("lora_llmm_A", "lora_llmm_B")
 
@@ -244,8 +232,7 @@ class LlmmVariant(LoraVariant):
             raise ValueError("LlmmConfig does not support lora_bias=True: the Gaussian factors have no bias term")
         if not hasattr(module, "lora_llmm_A"):
             module.adapter_layer_names = module.adapter_layer_names[:] + cls.direction_names
-            module.lora_llmm_A = nn.ModuleDict()
-            module.lora_llmm_B = nn.ModuleDict()
+            module.lora_llmm_A, module.lora_llmm_B = nn.ModuleDict(), nn.ModuleDict()
             module.llmm_settings = {}
             module.register_load_state_dict_pre_hook(_legacy_direction_keys)
         mean_A, mean_B = cls.means(module, adapter_name)
@@ -253,13 +240,9 @@ class LlmmVariant(LoraVariant):
         module.lora_llmm_A[adapter_name] = FactorDirections(mean_A.new_zeros(config.k, *mean_A.shape))
         module.lora_llmm_B[adapter_name] = FactorDirections(mean_B.new_zeros(config.k, *mean_B.shape))
         module.llmm_settings[adapter_name] = {
-            "k": config.k,
-            "scale": config.scale,
-            "eval_noise": config.eval_noise,
-            "scaled_gradient": config.scaled_gradient,
-            "per_example": getattr(config, "noise_per_example", False),
-            "width": getattr(config, "noise_width", 1.0),
-        }
+            "k": config.k, "scale": config.scale, "eval_noise": config.eval_noise,
+            "scaled_gradient": config.scaled_gradient, "per_example": getattr(config, "noise_per_example", False),
+            "width": getattr(config, "noise_width", 1.0)}
 
     @staticmethod
     def directions(module, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,11 +270,8 @@ class LlmmVariant(LoraVariant):
     @classmethod
     def factors(cls, module, adapter_name: str, eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The (A~, B~) this forward uses: a fresh sample in train mode or with eval_noise="sample", else the means
-        (with ``eps`` of shape (2, G, K): G pairs, (G, *factor shape), one per group of rows).
-
-        K = 0 goes through the same path (the sum is empty), so every trainable parameter takes part in the graph,
-        as DDP requires.
-        """
+        (with ``eps`` of shape (2, G, K): G pairs, (G, *factor shape), one per group of rows). K = 0 goes through the
+        same path (the sum is empty), so every trainable parameter takes part in the graph, as DDP requires."""
         mean_A, mean_B = cls.means(module, adapter_name)
         if not cls.sampling(module, adapter_name):
             return mean_A, mean_B
@@ -386,11 +366,9 @@ class _LlmmLayerMixin:
     def loftq_init(self, adapter_name: str, config) -> None:
         base = self.get_base_layer()
         if type(base) is not nn.Linear:
-            raise ValueError(
-                f"LoftQ init needs a full-precision nn.Linear base weight, got {type(base).__name__}. Quantize the "
-                "model first (bash _init.sh / python -m scripts.quantize_model), then load that backbone in "
-                "4-bit and its llmm_init adapter with llmm.load_llmm_model."
-            )
+            raise ValueError(f"LoftQ init needs a full-precision nn.Linear base weight, got {type(base).__name__}. "
+                             "Quantize the model first (bash _init.sh / python -m scripts.quantize_model), then load "
+                             "that backbone in 4-bit and its llmm_init adapter with llmm.load_llmm_model.")
         # A 16-bit weight stores Q in 16 bits: a 16-bit absmax makes that copy re-quantize to the same NF4 values.
         absmax_dtype = base.weight.dtype if base.weight.dtype in (torch.bfloat16, torch.float16) else None
         q_weight, factor_A, factor_B = loftq_factors(base.weight, self.r[adapter_name], self.scaling[adapter_name],
@@ -406,14 +384,12 @@ def loftq_factors(weight: torch.Tensor, rank: int, scaling: float, config, absma
     """LoftQ for one weight as the layer stores it: (Q, M_A, M_B) with W ~ Q + scaling * M_B M_A.
 
     With ``config.loftq_compensate_scaling`` (default) the 1/scaling is split evenly over both factors; without
-    it the factors are written as LoftQ returns them (the reference's behaviour: W ~ Q + B A only at scaling 1).
-    """
+    it the factors are written as LoftQ returns them (the reference's behaviour: W ~ Q + B A only at scaling 1)."""
     loftq = config.loftq_config
     q_weight, factor_A, factor_B = loftq_init(
         weight, bits=loftq["loftq_bits"], rank=rank, num_iter=loftq["loftq_iter"], method=config.loftq_method,
         block_size=config.loftq_block_size, absmax_dtype=absmax_dtype, svd=config.loftq_svd,
-        svd_oversampling=config.loftq_svd_oversampling, svd_iters=config.loftq_svd_iters,
-    )
+        svd_oversampling=config.loftq_svd_oversampling, svd_iters=config.loftq_svd_iters)
     if config.loftq_compensate_scaling:
         root = math.sqrt(scaling)
         factor_A, factor_B = factor_A / root, factor_B / root
@@ -435,7 +411,4 @@ class LlmmLinear8bitLt(_LlmmLayerMixin, peft_bnb.Linear8bitLt):
 # Base layer type -> Llmm layer, registered on LlmmConfig through PEFT's custom-module seam. bitsandbytes layers
 # subclass nn.Linear, so they come first (PEFT takes the first isinstance match).
 CUSTOM_MODULES: dict[type[nn.Module], type[nn.Module]] = {
-    bnb.nn.Linear4bit: LlmmLinear4bit,
-    bnb.nn.Linear8bitLt: LlmmLinear8bitLt,
-    nn.Linear: LlmmLinear,
-}
+    bnb.nn.Linear4bit: LlmmLinear4bit, bnb.nn.Linear8bitLt: LlmmLinear8bitLt, nn.Linear: LlmmLinear}

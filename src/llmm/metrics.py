@@ -8,8 +8,7 @@ networks); ``labels`` is (n,) class ids. Conventions (lower is better for all th
 - NLL = -mean_i log p_i[y_i] (natural log; probabilities clipped at 1e-12).
 - Brier = mean_i sum_c (p_i[c] - 1[c = y_i])^2, the multi-class form (Brier 1950); in [0, 2].
 - ECE (Guo et al. 2017) with 15 equal-width confidence bins: confidence = max_c p_i[c], bin b = (b/15, (b+1)/15]
-  (right-closed), ECE = sum_b |B_b| / n * |accuracy(B_b) - mean confidence(B_b)|.
-"""
+  (right-closed), ECE = sum_b |B_b| / n * |accuracy(B_b) - mean confidence(B_b)|."""
 
 from __future__ import annotations
 

@@ -10,8 +10,7 @@
 
 Saved adapters hold the directions under ``<layer>.lora_llmm_A.weight`` (the ``FactorDirections`` submodule's
 weight); adapters written before that (``<layer>.lora_llmm_A``) load unchanged: ``load_llmm_model`` and
-``init_from_adapter`` rename their keys (``convert_legacy_directions``).
-"""
+``init_from_adapter`` rename their keys (``convert_legacy_directions``)."""
 
 from __future__ import annotations
 
@@ -57,10 +56,9 @@ def _check_targets(model: torch.nn.Module, config: LlmmConfig) -> None:
         if not name or not check_target_module_exists(config, name):
             continue
         if not isinstance(module, allowed):
-            raise ValueError(
-                f"target module {name!r} is a {type(module).__name__}; Llmm adapts only "
-                f"{', '.join(cls.__module__ + '.' + cls.__name__ for cls in allowed)}: drop it from target_modules"
-            )
+            raise ValueError(f"target module {name!r} is a {type(module).__name__}; Llmm adapts only "
+                             f"{', '.join(cls.__module__ + '.' + cls.__name__ for cls in allowed)}: drop it from "
+                             "target_modules")
         width = (min(module.weight.shape) if isinstance(module, torch.nn.Embedding)
                  else min(module.in_features, module.out_features))
         rank = config.rank_pattern.get(name.split(".")[-1], config.r) if config.rank_pattern else config.r
@@ -86,11 +84,8 @@ def keep_cpu_4bit_trainable(model: torch.nn.Module) -> None:
 
     bitsandbytes 0.50 repacks a CPU Linear4bit for inference at its first no-grad forward in eval mode; from then
     on backward skips the input gradient through that layer (its packed gemv has no autograd kernel), silently
-    zeroing the gradient of every adapter below it. Training evaluates in between, so keep the plain layout.
-    Models loaded for evaluation keep bitsandbytes' default (the packed bf16 kernel on CPUs with AVX512-BF16), as
-    plain PEFT and lm-eval do, so every tool computes the same numbers. This sets an attribute on the model's
-    own layer objects; CUDA layers never take that path.
-    """
+    zeroing the gradient of every adapter below it. Models loaded for evaluation keep bitsandbytes' default (the
+    packed bf16 kernel on CPUs with AVX512-BF16), as plain PEFT and lm-eval do. CUDA layers never take that path."""
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             if not hasattr(module, "support_avx512bf16_for_cpu"):
@@ -113,8 +108,7 @@ def seed_noise(model: torch.nn.Module, seed: int | None = None, process_index: i
     The noise never touches torch's global generator, so seeding torch does not seed it: call this (the training
     scripts do, with the run's seed and the process index). ``get_llmm_model`` / ``load_llmm_model`` give a new
     model a generator seeded from ``torch.initial_seed()`` (the last ``torch.manual_seed``), so a script that seeds
-    torch before building the model is repeatable as it is. ``seed=None``: ``torch.initial_seed()``.
-    """
+    torch before building the model is repeatable as it is. ``seed=None``: ``torch.initial_seed()``."""
     seed = torch.initial_seed() if seed is None else seed
     layers = llmm_layers(model)
     if not layers:
@@ -148,15 +142,10 @@ def get_llmm_model(model: torch.nn.Module, config: LlmmConfig, adapter_name: str
     return peft_model
 
 
-def _adapter_file(adapter_dir: str) -> str:
+def _load_adapter_weights(adapter_dir: str) -> dict[str, torch.Tensor]:
     path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no {ADAPTER_WEIGHTS} in {adapter_dir!r}: pass a directory written by save_pretrained")
-    return path
-
-
-def _load_adapter_weights(adapter_dir: str) -> dict[str, torch.Tensor]:
-    path = _adapter_file(adapter_dir)
     try:
         return load_file(path)
     except SafetensorError as error:
@@ -164,15 +153,13 @@ def _load_adapter_weights(adapter_dir: str) -> dict[str, torch.Tensor]:
                          "file") from None
 
 
-def load_llmm_model(
-    base_model: torch.nn.Module, adapter_dir: str, is_trainable: bool = False, k: int | None = None, **overrides
-) -> PeftModel:
+def load_llmm_model(base_model: torch.nn.Module, adapter_dir: str, is_trainable: bool = False, k: int | None = None,
+                    **overrides) -> PeftModel:
     """Load an Llmm adapter onto ``base_model``, restoring every M and Z exactly.
 
     ``k``: the K the caller expects (an adapter with another K is an error). ``overrides`` set config fields
     that do not change shapes (``eval_noise``, ``scale``, ``scaled_gradient``, ``lora_dropout``, ``noise_per_example``,
-    ``noise_width``).
-    """
+    ``noise_width``)."""
     if not os.path.isdir(adapter_dir):
         raise FileNotFoundError(f"adapter directory {adapter_dir!r} does not exist")
     config = LlmmConfig.from_pretrained(adapter_dir)
@@ -187,7 +174,6 @@ def load_llmm_model(
         setattr(config, name, value)
     config = dataclasses.replace(config, init_lora_weights=False, loftq_config={}, inference_mode=not is_trainable)
     saved = convert_legacy_directions(_load_adapter_weights(adapter_dir))
-
     if is_trainable:
         keep_cpu_4bit_trainable(base_model)
     model = get_peft_model(base_model, config)
@@ -218,8 +204,7 @@ def init_from_adapter(model: torch.nn.Module, init_dir: str, config: LlmmConfig)
 
     The init's r and lora_alpha must be ``config``'s (the LoftQ means depend on both) and its directions must be
     zero (an init, not a trained adapter), so any K, 0 for the LoftQ baseline, starts from exactly the same model.
-    Everything else ``config`` adds (directions, modules_to_save heads) starts as it would in get_llmm_model.
-    """
+    Everything else ``config`` adds (directions, modules_to_save heads) starts as it would in get_llmm_model."""
     saved = LlmmConfig.from_pretrained(init_dir)
     if (saved.r, saved.lora_alpha) != (config.r, config.lora_alpha):
         raise ValueError(f"{init_dir!r} holds LoftQ means for r={saved.r}, lora_alpha={saved.lora_alpha} but the "
@@ -246,15 +231,13 @@ def _is_mean(key: str) -> bool:
     return parts[-2] in ("lora_A", "lora_B") or parts[-1] in ("lora_embedding_A", "lora_embedding_B")
 
 
-
 def frozen_embedding_bases(peft_model: PeftModel) -> list[str] | None:
     """State-dict keys of the base weights of adapted input-embedding / LM-head layers if all are frozen, else None.
 
     PEFT's ``save_embedding_layers="auto"`` saves those base weights with every adapter once such a layer is
     targeted (a full LM head: ~113 MB for a 135M model, GBs for 7B); frozen, they equal the backbone's that the
     adapter is loaded onto, so a saved adapter leaves them out. A trained table is kept; a vocabulary resized
-    before adapting is not detected: save such a model with ``save_pretrained(save_embedding_layers=True)``.
-    """
+    before adapting is not detected: save such a model with ``save_pretrained(save_embedding_layers=True)``."""
     tables = {id(t) for t in (peft_model.get_input_embeddings(), peft_model.get_output_embeddings())
               if isinstance(t, BaseTunerLayer)}
     layers = {name: module for name, module in peft_model.named_modules() if id(module) in tables}
@@ -280,8 +263,7 @@ def adapter_state_dict(peft_model: PeftModel, state_dict=None, adapter_name: str
     or without wrapper segments) is keyed as PEFT names the modules, and the selection keyed back unwrapped."""
     state = peft_model.state_dict() if state_dict is None else state_dict
     state = {unwrapped_name(key): value for key, value in state.items()}
-    seen = {unwrapped_name(name): name.removeprefix("_fsdp_wrapped_module.")
-            for name, _ in peft_model.named_modules()}
+    seen = {unwrapped_name(name): name.removeprefix("_fsdp_wrapped_module.") for name, _ in peft_model.named_modules()}
     wrapped = {clean: name for clean, name in seen.items() if clean != name}
     if wrapped:
         state = {_wrapped_key(key, wrapped): value for key, value in state.items()}
@@ -344,9 +326,8 @@ def save_llmm_adapter(peft_model: PeftModel, out_dir: str, overwrite: bool = Fal
     return out_dir
 
 
-def export_mean_adapter(
-    peft_model: PeftModel, out_dir: str, adapter_name: str = "default", overwrite: bool = False, state_dict=None
-) -> str:
+def export_mean_adapter(peft_model: PeftModel, out_dir: str, adapter_name: str = "default", overwrite: bool = False,
+                        state_dict=None) -> str:
     """Write the mean adapter (A = M_A, B = M_B) as a plain PEFT LoRA adapter, atomically; returns ``out_dir``.
     ``state_dict``: as for ``save_llmm_adapter``."""
     if adapter_name not in peft_model.peft_config:
@@ -357,9 +338,8 @@ def export_mean_adapter(
     plain = {name: getattr(config, name) for name in lora_fields if name != "runtime_config"}
     plain.update(init_lora_weights=True, loftq_config={}, inference_mode=True)
     lora_config = LoraConfig(**plain)
-    frozen = frozen_embedding_bases(peft_model)
     state = adapter_state_dict(peft_model, state_dict, adapter_name,
-                               **({"save_embedding_layers": False} if frozen else {}))
+                               **({"save_embedding_layers": False} if frozen_embedding_bases(peft_model) else {}))
     state = _saveable(nonempty({key: value for key, value in state.items() if not is_direction_key(key)}, state_dict))
     with atomic_dir(out_dir, overwrite) as tmp_dir:
         lora_config.save_pretrained(tmp_dir)
@@ -389,8 +369,7 @@ def noise_width(model: torch.nn.Module, multiplier: float):
 
     m = 1 is the paper (bit for bit), m = 0 the mean network; it acts wherever the layers sample (eval with
     ``noise_mode(model, "sample")``, Monte-Carlo prediction, training). Choose m on validation data with
-    ``llmm.width.choose_noise_width``; the value in use is each layer's ``llmm_settings[adapter]["width"]``.
-    """
+    ``llmm.width.choose_noise_width``; the value in use is each layer's ``llmm_settings[adapter]["width"]``."""
     if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or not 0 <= multiplier < float("inf"):
         raise ValueError(f"the noise width multiplier must be a finite number >= 0, got {multiplier!r}")
     settings = [s for layer in llmm_layers(model) for s in layer.llmm_settings.values()]
@@ -410,8 +389,7 @@ def entropy(model: torch.nn.Module, floor: float = 1e-6) -> torch.Tensor:
     Z Z^T is the K x K Gram matrix of a factor's flattened directions: the Gaussian's entropy within the span of its
     directions, up to a constant; ``floor`` > 0 keeps it finite at Z = 0 (where its gradient is 0). The training
     objective with it is ``loss - lambda * entropy(model)`` (``entropy_weight`` for lambda's warm-up); lambda = 0
-    is the paper. A differentiable float32 scalar on the directions' device.
-    """
+    is the paper. A differentiable float32 scalar on the directions' device."""
     if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 < floor < float("inf"):
         raise ValueError(f"the entropy floor must be a finite number > 0, got {floor!r}")
     terms = [factor_entropy(directions, layer.llmm_settings[name]["scale"], floor)

@@ -15,8 +15,7 @@ A layer asks for its eps once per model forward (``eps``); the answer has one of
 
 ``mc_streams(seed, n)`` derives the N networks' generators with ``numpy.random.SeedSequence(seed).spawn(n)``: the
 networks of different seeds are independent streams (seed 1 and seed 2 share no network), and drawing them never
-advances the training generators.
-"""
+advances the training generators."""
 
 from __future__ import annotations
 
@@ -52,10 +51,8 @@ class NoiseStreams:
     def for_device(self, device: torch.device) -> list[torch.Generator]:
         key = str(device)
         if key not in self.generators:
-            self.generators[key] = [
-                torch.Generator(device=device).manual_seed(_torch_seed(np.random.SeedSequence(
-                    child.entropy, spawn_key=(*child.spawn_key, zlib.crc32(key.encode())))))
-                for child in self.children]
+            self.generators[key] = [torch.Generator(device=device).manual_seed(_torch_seed(np.random.SeedSequence(
+                child.entropy, spawn_key=(*child.spawn_key, zlib.crc32(key.encode()))))) for child in self.children]
         return self.generators[key]
 
 
@@ -78,8 +75,7 @@ class NoiseSource:
     forward. That reuse is what keeps gradient checkpointing exact: checkpointing re-runs the layers in backward
     and restores only torch's own RNG states, not this generator, so the re-run finds the eps of its forward.
     (Hence, with gradient checkpointing, backward a forward before the model's next forward, as every training
-    loop does.) Drawing is a device kernel: no host synchronisation.
-    """
+    loop does.) Drawing is a device kernel: no host synchronisation."""
 
     def __init__(self, seed: int, process_index: int = 0):
         self.forward_id = 0
@@ -122,8 +118,7 @@ class NoiseSource:
         """Standard normal draws for ``layer``'s factors A and B in the current model forward (``rows``: the batch).
 
         (2, K), shared by the batch (the paper); (2, rows, K), one draw per example (``per_example``); while
-        Monte-Carlo networks are active, (2, N, K), one draw per network (per example: (2, rows, K)).
-        """
+        Monte-Carlo networks are active, (2, N, K), one draw per network (per example: (2, rows, K))."""
         streams = self.streams
         key = (self.forward_id, rows if per_example or streams is not None else None, str(device))
         cache = layer.__dict__.setdefault("_llmm_eps", {})
@@ -144,8 +139,7 @@ class NoiseSource:
         return eps
 
     def state_dict(self) -> dict:
-        return {"entropy": list(self.entropy),
-                "generators": {key: g.get_state() for key, g in self.generators.items()}}
+        return {"entropy": list(self.entropy), "generators": {key: g.get_state() for key, g in self.generators.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.seed(*state["entropy"])

@@ -2,8 +2,7 @@
 
     with dir_lock("runs/x"):                       # one writer per directory; another process gets DirectoryLocked
         ...
-    remove_run_dir("runs/x")                       # only a directory llmm wrote and holding nothing else (foreign_entries
-                                                   # names a user's files); never ".", $HOME, a symbolic link...
+    remove_run_dir("runs/x")                       # only a directory llmm wrote, holding nothing else; never "."...
     check_outputs_apart({"--output_dir": out}, {"--runs": runs})  # no output is, holds or lies inside an input
     with atomic_dir("runs/x/adapter") as tmp:      # write into tmp; published by rename-or-fail on success
         model.save_pretrained(tmp)
@@ -12,8 +11,7 @@ A lock is ``fcntl.flock`` on a hidden sibling file ``.<name>.lock``: the kernel 
 (even by kill -9), so a stale lock file never blocks anyone. It is re-entrant within a process (the scripts and the
 library take it at several levels). Temporary directories are hidden siblings ``.<name>.<random>`` holding a
 ``.llmm-partial`` marker; a later writer to the same place removes those (it holds the lock, so their writer is
-gone) and names any other leftover it does not recognise.
-"""
+gone) and names any other leftover it does not recognise."""
 
 from __future__ import annotations
 
@@ -43,12 +41,10 @@ LLMM_FILE_PATTERNS = RUN_FILES + (
     "table.md", "config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
     "pytorch_model*.bin", "tokenizer*", "special_tokens_map.json", "vocab.*", "merges.txt", "spm.model",
     "added_tokens.json", "chat_template.*", "adapter_model.safetensors", "adapter_model.bin", "trainer_state.json",
-    "training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth", "llmm_noise_rng_*.pt",
-)
+    "training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth", "llmm_noise_rng_*.pt")
 LLMM_DIR_PATTERNS = ("adapter", "mean_adapter", "backbone", "merged", "checkpoints", "checkpoint-*", "llmm_init",
                      "eval", "data")
-# Written only beside a file that says which command wrote them: the model card of save_pretrained, a prepare
-# script's data splits.
+# Written only beside a file that says which command wrote them: save_pretrained's model card, a prepare's splits.
 LLMM_FILES_BESIDE = {"adapter_config.json": ("README.md",), "prepare_report.json": ("*.csv", "*.jsonl")}
 
 _held: dict[str, list] = {}  # lock path -> [file descriptor, depth]
@@ -161,8 +157,7 @@ def protected_reason(path: str | Path) -> str | None:
         return "it is the current directory or one above it"
     if (target / ".git").exists():
         return "it is a git repository"
-    here = Path(os.path.realpath(__file__))
-    if target in here.parents:
+    if target in Path(os.path.realpath(__file__)).parents:
         return "it holds the llmm code"
     return None
 
@@ -315,12 +310,9 @@ def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(out_dir: str | Path, overwrite: bool = False):
-    """Yield a temporary sibling directory that becomes ``out_dir`` only once the block succeeds.
-
-    ``out_dir`` is locked for the block, checked (check_new_dir) before and again at the end, and published by
-    rename-or-fail: a crash mid-write leaves ``out_dir`` as it was, and no half-written directory that loads.
-    Temporary directories of earlier interrupted writes to ``out_dir`` are removed first.
-    """
+    """Yield a temporary sibling directory that becomes ``out_dir`` only once the block succeeds: ``out_dir`` is
+    locked for the block, checked (check_new_dir) before and again at the end, and published by rename-or-fail (a
+    crash mid-write leaves ``out_dir`` as it was). Temporary directories of earlier interrupted writes are removed."""
     out_dir = Path(os.path.abspath(_check_nonempty_name(out_dir)))
     check_new_dir(out_dir, overwrite)
     with dir_lock(out_dir):
@@ -424,10 +416,8 @@ def check_output_dir(path: str | Path, overwrite: bool = False, resume: bool = F
 def prepare_output_dir(path: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
     """Lock ``path`` for the rest of this process, check it again (check_output_dir), replace it if overwriting,
     and create it with the run marker (which makes it recognisably llmm's for a later --overwrite)."""
-    if str(path).strip() == "":
-        raise ValueError("--output_dir is the empty string: pass a directory name")
-    path = Path(path)
     check_output_dir(path, overwrite, resume)
+    path = Path(path)
     acquire(path)  # held until the process ends (run_main gives it back)
     check_output_dir(path, overwrite, resume)  # again, now that no other process can change it
     if path.is_dir() and any(path.iterdir()) and overwrite and not resume:

@@ -14,18 +14,16 @@ Where the networks' noise comes from:
 - ``seed=None`` (sequential only): the model's own generator (``llmm.seed_noise(model, seed)``), network after
   network, as in training.
 - ``seed`` given: network n draws from its own stream, ``numpy.random.SeedSequence(seed).spawn(N)[n]``
-  (``llmm.noise.mc_streams``): the networks of two seeds are independent (seed 1 and seed 2 share none), and the
-  model's training generator is left untouched. Each call restarts the streams, so network n is the same network
-  (the same draw in every layer) on every batch: N fixed networks over a data set. ``batched=True`` runs the N
-  networks in one forward over the batch repeated N times (copy n draws from stream n; one LoRA path's FLOPs per
-  layer, K + 1 paths with ``noise_per_example``); it equals the sequential run with the same seed
-  (``batched=False``) network for network (bit for bit where the backbone's kernels do not depend on the batch
-  size: the tiny Llama of the tests; DeBERTa within 1e-7). On one CPU thread batching does not pay (11.6x vs 9.4x the
-  mean network at N = 10, benchmarks/bench_mc.py); it is meant for accelerators, where a forward is latency-bound.
+  (``llmm.noise.mc_streams``, independent across seeds), leaving the model's training generator untouched. Each
+  call restarts the streams, so network n is the same network (the same draw in every layer) on every batch: N
+  fixed networks over a data set. ``batched=True`` runs the N networks in one forward over the batch repeated N
+  times (copy n draws from stream n; one LoRA path's FLOPs per layer, K + 1 paths with ``noise_per_example``); it
+  equals the sequential run (``batched=False``) network for network (bit for bit where the backbone's kernels do
+  not depend on the batch size: the tiny Llama of the tests; DeBERTa within 1e-7). On one CPU thread batching
+  does not pay (11.6x vs 9.4x the mean network at N = 10, benchmarks/bench_mc.py); it is meant for accelerators.
 
 ``mc_regress`` averages the raw outputs instead (regression heads, e.g. STS-B); ``mc_letter_probs`` is the
-multiple-choice family's answer-letter distribution (``llmm.tasks.calibration.LetterHead``).
-"""
+multiple-choice family's answer-letter distribution (``llmm.tasks.calibration.LetterHead``)."""
 
 from __future__ import annotations
 

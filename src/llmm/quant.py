@@ -10,9 +10,7 @@
   the exact SVD or by ``truncated_svd`` (randomized block Krylov, warm-started from the previous step).
 
 All of it is vectorised and stays on the weight's device (no host copy, no ``.item()``): memory is a few times the
-weight, never weight x levels (torch.bucketize over sorted code midpoints) and never a full SVD's factors when
-truncated.
-"""
+weight, never weight x levels and never a full SVD's factors when truncated."""
 
 from __future__ import annotations
 
@@ -30,7 +28,6 @@ NF_OFFSET = 0.9677083  # bitsandbytes' and LoftQ's normal-map offset
 
 
 def check_quant_args(bits: int, method: str, block_size: int = 64) -> None:
-    """Raise a ValueError naming the bad value and what is allowed."""
     if bits not in ALLOWED_BITS:
         raise ValueError(f"bits must be one of {ALLOWED_BITS}, got {bits!r}")
     if method not in ALLOWED_METHODS:
@@ -61,8 +58,7 @@ def _rounding_tables(bits: int, device: torch.device) -> tuple[torch.Tensor, tor
     an interval of floats; where it holds no midpoint every x in it has the same code, where it holds one (never
     more: checked), x's code is the lower or the next one depending on x > that midpoint. Returns ``threshold``
     (65536: the midpoint in the cell, else +inf) and ``values`` (131072: the cell's code below the threshold,
-    then the one above), so that code(x) = values[cell + 65536 * (x > threshold[cell])], exactly.
-    """
+    then the one above), so that code(x) = values[cell + 65536 * (x > threshold[cell])], exactly."""
     if sys.byteorder != "little":
         raise RuntimeError("the normal-float lookup reads a float's high half as the second 16-bit word")
     code = normal_float_code(bits).double()
@@ -137,13 +133,8 @@ def _uniform(weight: torch.Tensor, bits: int):
 
 
 @torch.no_grad()
-def fake_quantize(
-    weight: torch.Tensor,
-    bits: int,
-    method: str = "nf",
-    block_size: int = 64,
-    absmax_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
+def fake_quantize(weight: torch.Tensor, bits: int, method: str = "nf", block_size: int = 64,
+                  absmax_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Quantize then dequantize ``weight``; returns float32 values on the quantization grid, same shape."""
     check_quant_args(bits, method, block_size)
     if method == "nf":
@@ -152,7 +143,6 @@ def fake_quantize(
 
 
 def check_svd_args(svd: str, oversampling: int, iterations: int) -> None:
-    """Raise a ValueError naming the bad LoftQ SVD setting and what is allowed."""
     if svd not in ALLOWED_SVD:
         raise ValueError(f"loftq_svd must be one of {ALLOWED_SVD}, got {svd!r}")
     for name, value in (("loftq_svd_oversampling", oversampling), ("loftq_svd_iters", iterations)):
@@ -160,14 +150,9 @@ def check_svd_args(svd: str, oversampling: int, iterations: int) -> None:
             raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
 
 
-def truncated_svd(
-    matrix: torch.Tensor,
-    rank: int,
-    oversampling: int,
-    iterations: int,
-    start: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def truncated_svd(matrix: torch.Tensor, rank: int, oversampling: int, iterations: int,
+                  start: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``rank`` singular triplets of ``matrix`` (m x n) by a randomized block Krylov method.
 
     A block of l = rank + oversampling columns (``start``, n x l, e.g. the previous call's right basis: a warm
@@ -179,8 +164,7 @@ def truncated_svd(
     compute anyway, kept. Cost: 2 iterations + 2 products of M with an l-column block. Where K would span min(m, n)
     columns anyway, the full SVD is the cheaper way to the same (exact) answer and is used. Returns ``(U_r, S_r,
     Vh_r, right_basis)``, ``right_basis`` (n x l) being the top-l right singular vectors found, to warm-start the
-    next call.
-    """
+    next call."""
     rows, cols = matrix.shape
     width = rank + oversampling
     if width * (iterations + 1) >= min(rows, cols):
@@ -212,25 +196,15 @@ def truncated_svd(
 
 
 @torch.no_grad()
-def loftq_init(
-    weight: torch.Tensor,
-    bits: int,
-    rank: int,
-    num_iter: int = 5,
-    method: str = "nf",
-    block_size: int = 64,
-    absmax_dtype: torch.dtype | None = None,
-    svd: str = "truncated",
-    svd_oversampling: int = 0,
-    svd_iters: int = 6,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def loftq_init(weight: torch.Tensor, bits: int, rank: int, num_iter: int = 5, method: str = "nf", block_size: int = 64,
+               absmax_dtype: torch.dtype | None = None, svd: str = "truncated", svd_oversampling: int = 0,
+               svd_iters: int = 6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LoftQ: returns ``(q_weight, lora_A, lora_B)`` (float32, on ``weight``'s device) with W ~ Q + B @ A.
 
     Each step: Q <- fake_quantize(W - B A); then B = U_r sqrt(S_r), A = sqrt(S_r) V_r^T from the top-r SVD of
     W - Q: ``svd="exact"`` (torch.linalg.svd, all min(m, n) triplets) or ``"truncated"`` (``truncated_svd``,
     started from the previous step's right basis; the first step from a fixed-seed Gaussian block, so the result
-    is deterministic and the global RNG is untouched).
-    """
+    is deterministic and the global RNG is untouched)."""
     check_quant_args(bits, method, block_size)
     check_svd_args(svd, svd_oversampling, svd_iters)
     if weight.dim() != 2:
@@ -258,10 +232,8 @@ def loftq_init(
             u, s, vh = torch.linalg.svd(residual, full_matrices=False)
             u, s, vh = u[:, :rank], s[:rank], vh[:rank]
         else:
-            u, s, vh, right_basis = truncated_svd(residual, rank, svd_oversampling, svd_iters, right_basis,
-                                                  generator)
+            u, s, vh, right_basis = truncated_svd(residual, rank, svd_oversampling, svd_iters, right_basis, generator)
         del residual
         root = s.sqrt()
-        lora_B = u * root
-        lora_A = root[:, None] * vh
+        lora_B, lora_A = u * root, root[:, None] * vh
     return q_weight, lora_A.contiguous(), lora_B.contiguous()

@@ -15,8 +15,7 @@ only while its own forward runs, so a separately wrapped ``lora_A`` (or a direct
 Wrapping the whole Llmm layer (its forward runs; all its own parameters are trainable adapter tensors) and its
 base layer (frozen) as two units satisfies both. FSDP2 shards per parameter and gathers a unit's parameters at
 the unit's forward, so decoder-layer units work as they are (mixed requires_grad and fp32 adapters over bf16
-weights included, torch 2.13).
-"""
+weights included, torch 2.13)."""
 
 from __future__ import annotations
 
@@ -57,8 +56,7 @@ def fsdp1_wrap_policy(model: nn.Module):
         raise ValueError("fsdp1_wrap_policy needs a model with Llmm layers (llmm.get_llmm_model / load_llmm_model)")
     return functools.partial(_or_policy, policies=[
         functools.partial(lambda_auto_wrap_policy, lambda_fn=lambda module: id(module) in units),
-        functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=decoder_layer_classes(model)),
-    ])
+        functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=decoder_layer_classes(model))])
 
 
 def shard_fsdp2(model: nn.Module, **kwargs) -> nn.Module:
@@ -77,12 +75,11 @@ def shard_fsdp2(model: nn.Module, **kwargs) -> nn.Module:
 
 
 def gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole (not sharded) tensors of the model's trainable parameters, on CPU, keyed as the unwrapped model's
-    own state dict: every process calls it (it gathers); on an accelerator the main process gets them in CPU memory
-    and the others an empty dict, on CPU every process gets them (FSDP1's offload to CPU of CPU tensors frees them
-    before they are read, torch 2.13).
-    Frozen tensors (the backbone) are left out, so the main process never holds the whole backbone. A model that
-    is not sharded gives its trainable tensors. Pass the result as ``state_dict`` to ``save_llmm_adapter`` /
+    """The whole (not sharded) tensors of the model's trainable parameters (frozen ones left out, so the main
+    process never holds the whole backbone), on CPU, keyed as the unwrapped model's own state dict. Every process
+    calls it (it gathers); on an accelerator the main process gets them and the others an empty dict, on CPU every
+    process gets them (FSDP1's offload to CPU of CPU tensors frees them before they are read, torch 2.13). A model
+    that is not sharded gives its trainable tensors. Pass the result as ``state_dict`` to ``save_llmm_adapter`` /
     ``export_mean_adapter`` on the main process."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -102,14 +99,12 @@ def check_sharded_launch(state=None) -> str:
     """What the launch shards with ("FSDP", "DEEPSPEED" or "none"); raises ValueError when accelerate was asked
     for FSDP / DeepSpeed (``accelerate launch --config_file configs/accelerate/...``) and would not use it.
 
-    accelerate 1.15 turns FSDP on only for accelerator backends (CUDA, XPU, NPU, ...): on a CPU-only machine the
-    same config runs plain DDP over gloo, every process holding the whole model, without a word. DeepSpeed needs
-    its package. ``state``: the run's ``AcceleratorState`` (its distributed_type is compared), or None: judged
-    from ``PartialState().device`` alone, so it can run before the Trainer exists and before anything is written.
-
-    Why not on CPU (accelerate 1.15, ``AcceleratorState.__init__``): the switch to ``DistributedType.FSDP`` is made
-    only inside the branch for MULTI_GPU / MULTI_XPU / MULTI_NPU / ... processes; a CPU launch is MULTI_CPU (gloo)
-    and keeps it, with an ``fsdp_plugin`` passed or not, so the HF Trainer never calls ``fully_shard``."""
+    accelerate 1.15 turns FSDP on only for accelerator backends (``AcceleratorState.__init__`` switches to
+    ``DistributedType.FSDP`` only for MULTI_GPU / MULTI_XPU / MULTI_NPU / ... processes): a CPU launch is MULTI_CPU
+    (gloo), with an ``fsdp_plugin`` or not, and runs plain DDP, every process holding the whole model, without a
+    word (the HF Trainer never calls ``fully_shard``). DeepSpeed needs its package. ``state``: the run's
+    ``AcceleratorState`` (its distributed_type is compared), or None: judged from ``PartialState().device`` alone,
+    so it can run before the Trainer exists and before anything is written."""
     engine = requested_engine()
     if engine == "none":
         return "none"

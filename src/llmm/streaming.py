@@ -17,14 +17,14 @@ The result equals the whole-model path (``from_pretrained``, LoftQ in place, ``s
 tensor, bit for bit, in the same dtypes (tests/test_streaming_init.py). ``local_checkpoint`` and ``tensor_plan``'s
 missing tensors say when it does not apply (no safetensors, or tensors the checkpoint lacks and transformers would
 have to initialise, e.g. a classifier head new to the checkpoint): the caller (llmm.run.quantize, which decides the
-targets) then uses the whole-model path.
-"""
+targets) then uses the whole-model path."""
 
 from __future__ import annotations
 
 import copy
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -122,9 +122,8 @@ def tensor_plan(folder: str | Path, model: torch.nn.Module) -> tuple[dict[str, s
     kept = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
     aliases = {name for name, _ in model.named_parameters(remove_duplicate=False)} - kept  # tied copies
     prefix = f"{model.base_model_prefix}." if model.base_model_prefix else "\0"
-    plan = {}
-    places = _places(index)
-    for key in _ordered(index):
+    plan, places = {}, _places(index)
+    for key in sorted(places, key=lambda key: (str(places[key][0]), places[key][1])):  # each file front to back
         name = (key if key in state else prefix + key if prefix + key in state
                 else key.removeprefix(prefix) if key.startswith(prefix) and key.removeprefix(prefix) in state
                 else None)
@@ -136,12 +135,6 @@ def tensor_plan(folder: str | Path, model: torch.nn.Module) -> tuple[dict[str, s
         plan[key] = name
     missing = sorted(set(state) - aliases - set(plan.values()))
     return plan, missing
-
-
-def _ordered(index: dict[str, Path]) -> list[str]:
-    """Tensor names by file, then by offset in the file: the order that reads each file front to back."""
-    places = _places(index)
-    return sorted(places, key=lambda key: (str(places[key][0]), places[key][1]))
 
 
 def _places(index: dict[str, Path]) -> dict[str, tuple[Path, int, int, torch.dtype, list[int]]]:
@@ -184,7 +177,7 @@ class SafetensorsWriter:
         self.path, self.layout, self.pending = Path(path), layout, set(layout) - set(zeros)
         header, offset = {"__metadata__": {"format": "pt"}}, 0
         for name, (dtype, shape) in layout.items():
-            size = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+            size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
             header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
                             "data_offsets": [offset, offset + size]}
             offset += size
@@ -212,18 +205,11 @@ class SafetensorsWriter:
             raise RuntimeError(f"{self.path.name}: tensors never written: {sorted(self.pending)[:5]}")
 
 
-def _numel(shape) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
-
-
 def shard_layout(entries: dict[str, tuple[torch.dtype, list[int]]], shard_bytes: int) -> list[dict]:
     """Split the output's tensors (in order) into shards of at most ``shard_bytes`` (a larger tensor alone)."""
     shards, current, size = [], {}, 0
     for name, (dtype, shape) in entries.items():
-        nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
         if current and size + nbytes > shard_bytes:
             shards.append(current)
             current, size = {}, 0
@@ -277,7 +263,7 @@ def quantize_checkpoint(folder: str | Path, out_dir: str | Path, model: torch.nn
     if absent:
         raise ValueError(f"target(s) {absent[:3]} have no weight in the checkpoint")
     if len(files) > 1:
-        total = sum(_numel(shape) * torch.empty((), dtype=d).element_size() for d, shape in entries.values())
+        total = sum(math.prod(shape) * torch.empty((), dtype=d).element_size() for d, shape in entries.values())
         (out_dir / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": where},
                                                      indent=2, sort_keys=True) + "\n", encoding="utf-8")
     _save_configs(folder, model, dtype, out_dir)

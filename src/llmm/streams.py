@@ -5,8 +5,7 @@
 
 ``seed + d`` for network d makes runs of neighbouring seeds share networks (seed 1's second network is seed 2's
 first); ``numpy.random.SeedSequence(seed).spawn(n)`` gives streams that are independent across networks and across
-seeds, and the same ones on every machine.
-"""
+seeds, and the same ones on every machine."""
 
 from __future__ import annotations
 

@@ -12,8 +12,7 @@ E||noise||^2 = ||Z||_F^2 / s, so
     summary = width_summary(per_layer)          # {"A": {"median": .., "max": .., "mean": ..}, "B": {...}}
 
 After training, the width can be set by a multiplier m chosen on validation data (``choose_noise_width``, TFB's
-rule or the NLL-minimising m) and applied with ``llmm.noise_width(model, m)``.
-"""
+rule or the NLL-minimising m) and applied with ``llmm.noise_width(model, m)``."""
 
 from __future__ import annotations
 
@@ -71,8 +70,7 @@ def choose_noise_width(nll, tolerance: float = TFB_TOLERANCE, grid=WIDTH_GRID, r
     largest qualifying grid value and the next one (``tfb``) and ``refine_steps`` golden-section steps around the
     best grid value (``nll_min``): at most 1 + len(grid) + 2 * refine_steps + 1 evaluations (memoised). The search
     assumes the change grows with m beyond the first failing grid value (it stops there for ``tfb``).
-    Returns {"tfb": m, "nll_min": m, "tolerance": .., "evaluations": [[m, nll], ...] in m order}.
-    """
+    Returns {"tfb": m, "nll_min": m, "tolerance": .., "evaluations": [[m, nll], ...] in m order}."""
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < math.inf:
         raise ValueError(f"the width tolerance must be a finite number >= 0, got {tolerance!r}")
     grid = sorted(float(m) for m in grid)

@@ -40,10 +40,6 @@ def _umask() -> int:
     os.umask(mask)
     return mask
 
-def check_file(path: str | Path, what: str) -> None:
-    if not Path(path).exists():
-        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
-
 def versions() -> dict:
     import bitsandbytes
     import peft
@@ -83,7 +79,6 @@ def looks_local(name_or_path: str) -> bool:
             or os.path.sep in name_or_path.strip("/").split("/", 1)[-1])
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spm.model", "vocab.txt", "vocab.json")
-
 TEXT_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".txt")
 
 def check_model_path(name_or_path: str, tokenizer: bool = True) -> None:

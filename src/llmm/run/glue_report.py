@@ -2,29 +2,16 @@
 cell, LoftQ's published rows beside them, and paired differences against a baseline method."""
 
 from __future__ import annotations
-import argparse
 import json
-import sys
 from llmm import stats
 from llmm.tasks.glue import TASKS, get_task
-from llmm.run.cli import run_main
-from llmm.run.fileio import write_text
 from llmm.run.tables import CONFIGS, read_yaml, table_rows
 
-
 COLUMN_ORDER = ("mnli", "qnli", "rte", "sst2", "mrpc", "cola", "qqp", "stsb", "wnli")  # LoftQ's table order
-
-
 METHOD_ORDER = ("lora", "qlora", "loftq", "llmm")
-
-
 HEADINGS = {"mnli": "MNLI m/mm", "qnli": "QNLI Acc", "rte": "RTE Acc", "sst2": "SST-2 Acc", "mrpc": "MRPC Acc/F1",
             "cola": "CoLA Mcc", "qqp": "QQP Acc/F1", "stsb": "STS-B P/S", "wnli": "WNLI Acc"}
-
-
 REFERENCE = CONFIGS / "glue_reference.yaml"
-
-
 LABEL_FIELDS = ("method", "backbone", "rank")  # always in a row's label; other settings only where they differ
 
 

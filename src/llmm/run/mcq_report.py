@@ -2,35 +2,20 @@
 by cell, paired differences against a baseline method, and the learned distribution's width."""
 
 from __future__ import annotations
-import argparse
 import hashlib
 import json
-import sys
-from llmm.run import cli, fileio, tables
+from llmm.run import tables
 from llmm import stats
 
-
 PUBLISHED = tables.CONFIGS / "mcq_published.yaml"
-
-
 TASK_ORDER = ("winogrande_s", "arc_c", "arc_e", "winogrande_m", "obqa", "boolq")
-
-
 METHOD_ORDER = ("map", "mcdropout", "ensemble", "llmm", "llmm_pex", "llmm_tfb", "llmm_nll", "llmm_ent")
-
-
 METRICS = {"accuracy": ("Accuracy (%, higher is better)", 100), "ece": ("ECE (%, 15 bins, lower is better)", 100),
            "nll": ("NLL (lower is better)", 1), "brier": ("Brier (lower is better)", 1)}
-
-
 SAMPLED_MODES = ("mc", "dropout")
-
-
 # Always in a row's label (or its column); other settings are named only where they tell rows apart.
 SHOWN = ("task", "eval_set", "eval_where", "method", "variant", "member_method", "backbone", "K", "eval_mode",
          "eval_samples")
-
-
 # What a method and its baseline may differ in to be paired: the method and what it implies, and the mode it is
 # evaluated in (the baseline in its mean mode). Everything else, the backbone included, must be equal.
 PAIRING_FREE = ("method", "variant", "K", "llmmscale", "scaled_gradient", "lora_dropout", "eval_mode", "eval_samples",
@@ -103,14 +88,10 @@ def ensemble_members(cell: dict, seed, groups: dict, baseline: str) -> dict | No
         return None
     joined = "+" in str(cell.get("data_seed"))
     free = {*PAIRING_FREE, "member_method", *(("data_seed",) if joined else ())}
-
-    def rest(c):
-        return stats.cell_key({k: v for k, v in c.items() if k not in free})
-
     members: dict = {}
     for group in groups.values():
         other = group["cell"]
-        if other["method"] != baseline or other["eval_mode"] != "mean" or rest(other) != rest(cell):
+        if other["method"] != baseline or other["eval_mode"] != "mean" or _rest(other, free) != _rest(cell, free):
             continue
         for run_seed, record in group["runs"].items():
             if str(run_seed) in member_seeds(seed):
@@ -122,18 +103,25 @@ def ensemble_members(cell: dict, seed, groups: dict, baseline: str) -> dict | No
 
 def find_baseline(cell: dict, cells: list[dict], baseline: str) -> dict | None:
     """The ``baseline`` cell (mean mode) equal to ``cell`` in everything but what PAIRING_FREE names."""
-    def rest(c):
-        return stats.cell_key({k: v for k, v in c.items() if k not in PAIRING_FREE})
-
-    matches = [c for c in cells if c["method"] == baseline and c["eval_mode"] == "mean" and rest(c) == rest(cell)]
+    matches = [c for c in cells if c["method"] == baseline and c["eval_mode"] == "mean"
+               and _rest(c, PAIRING_FREE) == _rest(cell, PAIRING_FREE)]
     return matches[0] if len(matches) == 1 else None
+
+
+def _rest(cell: dict, free) -> str:
+    return stats.cell_key({k: v for k, v in cell.items() if k not in free})
+
+
+def _grouped(records: list[dict]) -> tuple[dict, list[dict], list[str]]:
+    """The records grouped by cell, the cells, and the settings beyond SHOWN that tell rows apart."""
+    groups = stats.group_by_cell(records)
+    cells = [g["cell"] for g in groups.values()]
+    return groups, cells, [f for f in stats.distinguishing_fields(cells, SHOWN) if f not in SHOWN]
 
 
 def build(records: list[dict], baseline: str) -> list[dict]:
     """One entry per cell: row label, column, per-metric summaries over seeds, paired differences vs ``baseline``."""
-    groups = stats.group_by_cell(records)
-    cells = [g["cell"] for g in groups.values()]
-    extra = [f for f in stats.distinguishing_fields(cells, SHOWN) if f not in SHOWN]
+    groups, cells, extra = _grouped(records)
     entries = []
     for group in groups.values():
         cell, runs = group["cell"], group["runs"]
@@ -186,9 +174,7 @@ def ratio(value, reference) -> str:
 def cost_table(records: list[dict], baseline: str) -> list[str]:
     """Training-step and test-time cost per row, medians over seeds, and their ratio to ``baseline``'s (its
     trained runs; its mean-mode evaluation) of the same task."""
-    groups = stats.group_by_cell(records)
-    cells = [g["cell"] for g in groups.values()]
-    extra = [f for f in stats.distinguishing_fields(cells, SHOWN) if f not in SHOWN]
+    groups, _, extra = _grouped(records)
 
     def median(group, key):
         values = [r["costs"].get(key) for r in group["runs"].values()]

@@ -16,8 +16,7 @@ bitsandbytes loads: it logs at import time), ``install_import_filter``:
 - PEFT's "Model has `tie_word_embeddings=True` and a tied layer is part of the adapter": the multiple-choice family
   adapts the LM head (BLoB's targets) of models whose head shares the embedding's weight (SmolLM2). The adapter
   adds its delta to the head's output only, which is the intent, and llmm never merges it (it is saved as
-  safetensors and reloaded as an adapter), so ``ensure_weight_tying`` would change the method, not fix a problem.
-"""
+  safetensors and reloaded as an adapter), so ``ensure_weight_tying`` would change the method, not fix a problem."""
 
 from __future__ import annotations
 
@@ -72,8 +71,7 @@ def install_import_filter() -> None:
 def install() -> None:
     """Add the filters (idempotent)."""
     install_import_filter()
-    for name, flt in (("transformers.modeling_utils", _FreshHeadReport()),):
-        _add(name, flt)
+    _add("transformers.modeling_utils", _FreshHeadReport())
     warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing\w*` is deprecated",
                             category=FutureWarning)
     warnings.filterwarnings("ignore", message=r"Could not find a config file in .* the vocabulary was not modified")

@@ -3,8 +3,7 @@ split train / dev / test (scripts.prepare_bbcnews, scripts.prepare_mcq_bbcnews, 
 
 The package's own loader reads everything at import time and numbers labels in filesystem order; here label ids
 follow the sorted class names, so they are stable across machines. Exact duplicate documents are removed (a text
-seen under two classes is dropped altogether) before a stratified, seeded split.
-"""
+seen under two classes is dropped altogether) before a stratified, seeded split."""
 
 from __future__ import annotations
 
@@ -33,18 +32,14 @@ def read_corpus(corpus_dir: Path) -> tuple[list[str], list[tuple[str, int]], int
     classes = sorted(p.name for p in corpus_dir.iterdir() if p.is_dir())
     if len(classes) < 2:
         raise ValueError(f"{str(corpus_dir)!r} needs one sub-folder per class, found {classes}")
-    labels_of: dict[str, set[int]] = {}
-    order: list[str] = []
+    labels_of: dict[str, set[int]] = {}  # in order of first appearance
     total = 0
     for label, name in enumerate(classes):
         for path in sorted((corpus_dir / name).glob("*.txt")):
             text = " ".join(path.read_text(encoding="utf-8", errors="replace").split())
             total += 1
-            if text not in labels_of:
-                labels_of[text] = set()
-                order.append(text)
-            labels_of[text].add(label)
-    examples = [(text, next(iter(labels_of[text]))) for text in order if len(labels_of[text]) == 1]
+            labels_of.setdefault(text, set()).add(label)
+    examples = [(text, next(iter(labels))) for text, labels in labels_of.items() if len(labels) == 1]
     return classes, examples, total - len(examples)
 
 

@@ -13,8 +13,7 @@ Modes (one predictive distribution p(letter | question) per question, over its o
 - ``ensemble`` (``predict_ensemble``): the average of the mean-mode distributions of M adapters.
 
 The head reads the logits at each row's last attended token (batches are right-padded) through the model's
-``logits_to_keep`` argument, so only a few positions reach the (possibly adapted) LM head.
-"""
+``logits_to_keep`` argument, so only a few positions reach the (possibly adapted) LM head."""
 
 from __future__ import annotations
 
@@ -59,12 +58,10 @@ def collate(features: list[dict], pad_token_id: int) -> dict:
     """Right-padded tensors of encoded questions (``llmm.tasks.mcq.encode_question``)."""
     width = max(len(f["input_ids"]) for f in features)
     pad = [width - len(f["input_ids"]) for f in features]
-    return {
-        "input_ids": torch.tensor([f["input_ids"] + [pad_token_id] * p for f, p in zip(features, pad)]),
-        "attention_mask": torch.tensor([f["attention_mask"] + [0] * p for f, p in zip(features, pad)]),
-        "labels": torch.tensor([f["labels"] for f in features]),
-        "n_choices": torch.tensor([f["n_choices"] for f in features]),
-    }
+    return {"input_ids": torch.tensor([f["input_ids"] + [pad_token_id] * p for f, p in zip(features, pad)]),
+            "attention_mask": torch.tensor([f["attention_mask"] + [0] * p for f, p in zip(features, pad)]),
+            "labels": torch.tensor([f["labels"] for f in features]),
+            "n_choices": torch.tensor([f["n_choices"] for f in features])}
 
 
 def batches(encoded: list[dict], batch_size: int, pad_token_id: int, device) -> list[dict]:
@@ -94,14 +91,12 @@ def cpu_4bit_as_plain_peft(model: nn.Module):
     """Within: every CPU bitsandbytes Linear4bit of ``model`` computes as in a freshly loaded model (plain PEFT,
     test_mcq); after: each is exactly as before (its weight, quant state and kernel choice).
 
-    bitsandbytes 0.50 (``Linear4bit.forward``) repacks a CPU layer's weight in place at its first forward with
-    ``support_avx512bf16_for_cpu`` set (a CPU with AVX512-BF16), the layer in eval mode and an input that needs no
-    gradient; from then on ``matmul_4bit`` runs the packed gemv, which rounds the input and the block scales to
-    bfloat16, instead of dequantizing to the compute dtype. A training run turns that off (llmm.model.
-    keep_cpu_4bit_trainable: the packed gemv has no backward), so its own evaluations would compute otherwise
-    than a reloaded adapter. Evaluate inside this context (under no_grad, in eval mode) to use plain PEFT's kernel on
-    every batch; the packing is undone by restoring the saved weight and quant state (bitsandbytes' own inverse
-    is lossy: it keeps the bfloat16 scales), so training continues bit for bit."""
+    bitsandbytes 0.50 repacks a CPU layer's weight in place at its first no-grad eval-mode forward with
+    ``support_avx512bf16_for_cpu`` set (a CPU with AVX512-BF16); from then on ``matmul_4bit`` runs the packed gemv,
+    which rounds the input and the block scales to bfloat16. A training run turns that off
+    (llmm.model.keep_cpu_4bit_trainable), so its own evaluations would compute otherwise than a reloaded adapter.
+    The packing is undone by restoring the saved weight and quant state (bitsandbytes' own inverse is lossy: it
+    keeps the bfloat16 scales), so training continues bit for bit."""
     import copy
 
     import bitsandbytes as bnb

@@ -17,8 +17,7 @@ ids or label names (``entailment``); anything else fails early, naming the file,
 
 Metrics (SPEC §3): CoLA Matthews correlation; STS-B Pearson and Spearman; MRPC and QQP accuracy and F1; the
 others accuracy. The main metric picks the best epoch: the first one, except F1 for MRPC and QQP (as LoftQ's and the
-reference's run_glue.py select). scikit-learn / scipy only.
-"""
+reference's run_glue.py select). scikit-learn / scipy only."""
 
 from __future__ import annotations
 
@@ -120,7 +119,6 @@ def get_task(name: str) -> GlueTask:
 
 # ----------------------------------------------------------------------------------------------------------- data
 
-
 def load_glue(task: GlueTask, data_dir: str | None = None, train_file: str | None = None,
               validation_files: list[str] | None = None):
     """``DatasetDict`` with ``train`` and the task's dev splits, from local files or the hub (when none is given)."""
@@ -139,7 +137,7 @@ def load_glue(task: GlueTask, data_dir: str | None = None, train_file: str | Non
         files = {"train": train_file, **dict(zip(task.dev_splits, validation_files))}
     else:
         return _load_hub(task)
-    return DatasetDict({split: _load_file(task, path) for split, path in files.items()})
+    return DatasetDict({split: load_file(task, path) for split, path in files.items()})
 
 
 def _glue_dir_files(task: GlueTask, data_dir: str) -> dict[str, Path]:
@@ -170,17 +168,11 @@ def _load_hub(task: GlueTask):
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise ValueError(f"cannot load {GLUE_HUB_ID}/{task.name} from the hub ({type(error).__name__}: {first_line}); "
                          "pass --data_dir or --train_file/--validation_file for local files") from error
-    splits = ("train", *task.dev_splits)
-    out = DatasetDict({split: raw[split].select_columns(list(task.columns)) for split in splits})
-    return out
+    return DatasetDict({split: raw[split].select_columns(list(task.columns)) for split in ("train", *task.dev_splits)})
 
 
 def load_file(task: GlueTask, path: str | Path):
     """One local file (TSV as distributed, CSV, JSON, JSONL) as a ``Dataset`` with the text columns and ``label``."""
-    return _load_file(task, path)
-
-
-def _load_file(task: GlueTask, path: str | Path):
     from datasets import Dataset, Features, Value
 
     path = Path(path)
@@ -309,7 +301,6 @@ def tokenize(raw, task: GlueTask, tokenizer, max_length: int):
 
 # -------------------------------------------------------------------------------------------------------- metrics
 
-
 def task_metrics(task: GlueTask, predictions, labels) -> dict[str, float | None]:
     """The task's metrics: ``predictions`` are class ids (classification) or scores (STS-B). NaN becomes None."""
     from scipy.stats import ConstantInputWarning, pearsonr, spearmanr
@@ -318,14 +309,11 @@ def task_metrics(task: GlueTask, predictions, labels) -> dict[str, float | None]
     predictions, labels = np.asarray(predictions).reshape(-1), np.asarray(labels).reshape(-1)
     if predictions.shape != labels.shape:
         raise ValueError(f"{predictions.size} predictions for {labels.size} labels")
-    functions = {
-        "accuracy": lambda: accuracy_score(labels, predictions),
-        "f1": lambda: f1_score(labels, predictions),
-        "f1_macro": lambda: f1_score(labels, predictions, average="macro"),
-        "matthews_correlation": lambda: matthews_corrcoef(labels, predictions),
-        "pearson": lambda: pearsonr(predictions, labels)[0],
-        "spearmanr": lambda: spearmanr(predictions, labels)[0],
-    }
+    functions = {"accuracy": lambda: accuracy_score(labels, predictions), "f1": lambda: f1_score(labels, predictions),
+                 "f1_macro": lambda: f1_score(labels, predictions, average="macro"),
+                 "matthews_correlation": lambda: matthews_corrcoef(labels, predictions),
+                 "pearson": lambda: pearsonr(predictions, labels)[0],
+                 "spearmanr": lambda: spearmanr(predictions, labels)[0]}
     scores = {}
     for name in task.metrics:
         with warnings.catch_warnings():  # a constant input makes a correlation undefined: reported as None
