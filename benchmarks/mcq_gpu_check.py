@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import subprocess
 import sys
 import tempfile
 import time
@@ -95,6 +96,11 @@ def summary(results: dict, wall: float) -> dict:
                             for entry in results["evaluations"]]}
 
 
+def entry_point(name: str, *argv) -> None:
+    """``python -m scripts.<name> argv`` from the repository root (an entry point, run as a user runs it)."""
+    subprocess.run([sys.executable, "-m", f"scripts.{name}", *map(str, argv)], cwd=ROOT, check=True)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--steps", type=int, default=5, help="optimizer steps per run")
@@ -103,7 +109,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if not torch.cuda.is_available() and not args.cpu:
         refuse("no CUDA device here: the multiple-choice GPU check needs one (--cpu: a smoke run)")
-    from scripts import mcq_table, test_mcq, train_mcq
+    from llmm.run.mcq import train as train_mcq
 
     dtype = "bfloat16" if torch.cuda.is_available() else "float32"
     record = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "dtype": dtype,
@@ -115,7 +121,7 @@ def main(argv=None) -> dict:
         model = make_model(root / "tiny-llama", [train, test])
         for method, seed in [("map", 1), ("map", 2), *((m, 1) for m in METHODS[1:])]:
             started = time.time()
-            results = train_mcq.main(train_argv(model, train, test, root / "runs" / f"{method}-s{seed}", method,
+            results = train_mcq(train_argv(model, train, test, root / "runs" / f"{method}-s{seed}", method,
                                                 seed, args.steps, dtype))
             if not results.get("complete") or results.get("global_step") != args.steps:
                 refuse(f"{method} seed {seed} did not complete {args.steps} steps")
@@ -123,11 +129,13 @@ def main(argv=None) -> dict:
                 refuse(f"{method} recorded no width search")
             record["runs"][f"{method}-s{seed}"] = summary(results, time.time() - started)
         started = time.time()
-        ensemble = test_mcq.main(["--runs", str(root / "runs" / "map-s1"), str(root / "runs" / "map-s2"),
-                                  "--output_dir", str(root / "runs" / "ensemble")])
+        entry_point("test_mcq", "--runs", root / "runs" / "map-s1", root / "runs" / "map-s2", "--output_dir",
+                    root / "runs" / "ensemble")
+        ensemble = json.loads((root / "runs" / "ensemble" / "results.json").read_text())
         record["runs"]["ensemble-1+2"] = summary(ensemble, time.time() - started)
         started = time.time()
-        table = mcq_table.main([str(root / "runs")])
+        entry_point("mcq_table", root / "runs", "--output", root / "table.md")
+        table = (root / "table.md").read_text()
         record["table_s"] = round(time.time() - started, 2)
     paired = table.split("Paired difference vs map")[1] if "Paired difference vs map" in table else ""
     missing = [m for m in (*METHODS[1:], "ensemble") if f"| {m} " not in paired]
