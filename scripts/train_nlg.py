@@ -15,12 +15,11 @@ quantized Q, when --init loftq ran LoftQ in-process).
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from llmm.run import cli, tables
 from llmm.tasks.prompts import PAIRS, encode_source_target
-from llmm.run.causal_lm import BLOCKS, add_training_flags, parse_settings, train
+from llmm.run.causal_lm import BLOCKS, parse_settings, train
 
 TABLE = tables.CONFIGS / "nlg.yaml"
 
@@ -32,13 +31,8 @@ def encode(tokenizer, settings, record: dict) -> dict:
 
 def main(argv=None) -> dict:
     table = tables.read_table(TABLE, BLOCKS)
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
-    parser.add_argument("--task", required=True, choices=sorted({row["task"] for row in table["rows"]}))
-    parser.add_argument("--model", default=None, help="use the table row of this model, e.g. llama-2-7b (its "
-                                                      "base_model, init_dir; configs/nlg.yaml); else the defaults")
-    parser.add_argument("--rank", type=int, default=None, help="LoRA rank (default: the row's, else the table's)")
-    add_training_flags(parser)
-    settings = parse_settings(parser, table, argv, task_columns=("dataset", "eval_split"))
+    settings = parse_settings(table, argv, __doc__.splitlines()[0], task_columns=("dataset", "eval_split"),
+                              required_keys=("task",))
     return train(settings, settings.task, encode)
 
 

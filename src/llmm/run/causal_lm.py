@@ -2,7 +2,7 @@
 
 Not run directly. A training script supplies its table and an ``encode(tokenizer, settings, record)`` function:
 
-    settings = parse_settings(parser, table, argv)      # table defaults or the row --model names, + flags
+    settings = parse_settings(table, argv)              # table defaults or the row --model names, + flags
     train(settings, task, encode)                       # HF Trainer; writes adapter/, mean_adapter/, results, plot
 
 Checkpoints (every save_steps steps, the newest save_total_limit kept) go to OUTPUT_DIR/checkpoints/checkpoint-N;
@@ -52,21 +52,6 @@ INIT_SUBDIR = "llmm_init"
 
 # --- settings ------------------------------------------------------------------------------------------------------
 
-def add_model_flags(parser: argparse.ArgumentParser) -> None:
-    """Flags every causal-LM script takes beside its table's (add_setting_flags: typed by llmm.run.schema)."""
-    cli.add_output_flags(parser)
-    parser.add_argument("--model_name_or_path", default=None,
-                        help="an _init.sh directory, or a hub id / local checkpoint (default: the row's model)")
-    parser.add_argument("--data", default=None, help="hub id, dataset directory or .json/.jsonl file "
-                                                     "(default: the row's dataset)")
-
-
-def add_training_flags(parser: argparse.ArgumentParser) -> None:
-    add_model_flags(parser)
-    parser.add_argument("--eval_data", default=None, help="a .json/.jsonl held-out file (else the row's eval_split)")
-    training.add_resume_flag(parser)
-
-
 def init_adapter_dir(model_name_or_path: str) -> Path | None:
     """The llmm_init/ of an _init.sh directory, or None for a plain checkpoint."""
     path = Path(model_name_or_path) / INIT_SUBDIR
@@ -108,11 +93,16 @@ def scope_dataset_config(settings, args: argparse.Namespace) -> None:
         settings.dataset_config = None
 
 
-def parse_settings(parser: argparse.ArgumentParser, table: dict, argv=None,
-                   task_columns: tuple[str, ...] = ()) -> schema.CausalLMRun:
+def parse_settings(table: dict, argv=None, description: str = "", task_columns: tuple[str, ...] = (),
+                   required_keys: tuple[str, ...] = ()) -> schema.CausalLMRun:
     """Table defaults or a named row, then flags; the baselines' K and init fixed; inconsistent choices fail before
     any loading."""
-    tables.add_setting_flags(parser, table, BLOCKS, also=("target_modules", "max_train_samples", "max_eval_samples"))
+    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    cli.add_output_flags(parser)
+    training.add_resume_flag(parser)
+    tables.add_setting_flags(parser, table, BLOCKS, also=("model_name_or_path", "data", "eval_data", "target_modules",
+                                                          "max_train_samples", "max_eval_samples"),
+                             required=required_keys, row_choices=required_keys)
     args = parser.parse_args(argv)
     schema.take_renamed(args, BLOCKS)
     settings = schema.CausalLMRun.of({**tables.plumbing_defaults(BLOCKS), **table_settings(table, args, task_columns)})

@@ -31,6 +31,27 @@ def add_output_flags(parser, required: bool = True, default: str | None = None) 
                         "directory llmm did not write)")
 
 
+def parse_fields(settings_class, argv, description: str, flags, required=(), renamed=None):
+    """The settings of a job whose flags are the fields ``flags`` of ``settings_class`` (llmm.run.schema) and
+    --overwrite: typed and range-checked by their fields (one error line), a missing ``required`` one too."""
+    import argparse
+
+    from llmm.run import adapters, schema
+
+    parser = argparse.ArgumentParser(description=description.splitlines()[0], allow_abbrev=False)
+    schema.add_flags(parser, [settings_class], skip=set(schema.fields_of(settings_class)) - set(flags),
+                     renamed=renamed)
+    parser.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty output directory")
+    args = parser.parse_args(argv)
+    schema.take_renamed(args, [settings_class])
+    missing = [name for name in required if getattr(args, name) is None]
+    if missing:
+        raise ValueError(f"--{missing[0]} is required: pass it (python -m ... --help lists the flags)")
+    settings = settings_class.of({name: value for name, value in vars(args).items() if value is not None})
+    adapters.check_settings(settings, [settings_class])
+    return settings
+
+
 def setup_logging() -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
 

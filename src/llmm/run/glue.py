@@ -25,10 +25,10 @@ from transformers import (
 import llmm
 from llmm import stats
 from llmm.embedding import embedding_targets
-from llmm.tasks.glue import TASKS, GlueTask, get_task, load_glue, predict, score, tokenize
+from llmm.tasks.glue import GlueTask, get_task, load_glue, predict, score, tokenize
 from llmm.model import atomic_dir
 from llmm.predict import mc_predict, mc_regress
-from llmm.quant import ALLOWED_METHODS, fake_quantize
+from llmm.quant import fake_quantize
 from llmm.run import cli, width_search
 from llmm.run.recipe import Recipe
 from llmm.run.trainer import LlmmTrainer, add_resume_flag
@@ -52,21 +52,14 @@ EVAL_NOISE = tuple(fields_of(*BLOCKS)["eval_noise"].metadata["choices"])
 def build_parser(table: dict) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Fine-tune an encoder on one GLUE task with Llmm adapters over a "
                                      "LoftQ-quantized backbone, or a baseline.", allow_abbrev=False)
-    parser.add_argument("--task", required=True, help=f"GLUE task: {', '.join(TASKS)}")
-    parser.add_argument("--quant", required=True, choices=ALLOWED_METHODS, help="quantizer (table key)")
-    parser.add_argument("--rank", type=int, required=True, help="LoRA rank r (table key)")
-    parser.add_argument("--data_dir", default=None, help="GLUE task folder with train.tsv and dev.tsv (e.g. "
-                        "glue_data/CoLA); default: the hub")
-    parser.add_argument("--train_file", default=None, help="local .tsv/.csv/.json/.jsonl training file")
-    parser.add_argument("--validation_file", nargs="+", default=None,
-                        help="local dev file(s); MNLI: matched then mismatched")
     cli.add_output_flags(parser, required=False)
     parser.add_argument("--quantize_embeddings", action=argparse.BooleanOptionalAction, default=None,
                         help="quantize the embedding tables too, each with its own trainable low-rank pair (default: "
                         "the table's, on: the paper's protocol); --no-quantize_embeddings keeps them full precision")
     add_resume_flag(parser)
-    add_setting_flags(parser, table, BLOCKS, also=("method", "model", "eval_noise", "mc_samples", "target_modules",
-                                                   "max_steps"))
+    add_setting_flags(parser, table, BLOCKS, also=("method", "model", "data_dir", "train_file", "validation_file",
+                                                   "eval_noise", "mc_samples", "target_modules", "max_steps"),
+                      required=table["keys"])
     return parser
 
 
@@ -312,7 +305,6 @@ class GlueRecipe(Recipe):
     data_first = True
     not_sharded = "a GLUE encoder fits one device (and is quantized in-process)"
     blocks = BLOCKS
-    input_settings = (*Recipe.input_settings, "model")  # GLUE's model is a hub id or a local directory
 
     def __init__(self, task: GlueTask, settings: GlueRun):
         tag = f"{settings.method}-{settings.quant}{settings.bits}-r{settings.rank}"

@@ -19,16 +19,13 @@ from llmm import LlmmConfig, llmm_layers, load_llmm_model, sample_factor, seed_n
 from llmm import stats
 from llmm.tasks.prompts import (accuracy, encode_prompt, extract_answer, gold_answer, gsm8k_source, is_correct,
                           load_records, majority_vote)
-from llmm.run.causal_lm import add_model_flags, load_backbone, scope_dataset_config
+from llmm.run.causal_lm import load_backbone, scope_dataset_config
 
 
 TABLE = tables.CONFIGS / "gsm8k_test.yaml"
 
 
 BLOCKS = schema.FAMILY_BLOCKS["gsm8k_test"]
-
-
-MODES = ("mean", "sample", "mc")
 
 
 SAMPLING = ("temperature", "top_k", "top_p")
@@ -38,12 +35,11 @@ def parse_settings(argv=None) -> schema.Gsm8kTestRun:
     table = tables.read_table(TABLE, BLOCKS)
     parser = argparse.ArgumentParser(description="Evaluate an Llmm GSM8K adapter: batched generation, answer "
                                      "extraction, exact-match accuracy.", allow_abbrev=False)
-    parser.add_argument("--adapter", required=True, help="the adapter/ directory of a train_gsm8k.py run")
-    parser.add_argument("--decoding", default="greedy", choices=[row["decoding"] for row in table["rows"]])
-    parser.add_argument("--mode", default="mean", choices=MODES, help="how the adapter's noise is used")
-    parser.add_argument("--K", type=int, default=None, help="the K the adapter must have (checked)")
-    add_model_flags(parser)
-    tables.add_setting_flags(parser, table, BLOCKS, also=("max_samples",))
+    cli.add_output_flags(parser)
+    tables.add_setting_flags(parser, table, BLOCKS, also=("adapter", "mode", "K", "model_name_or_path", "data",
+                                                          "max_samples"), row_choices=("decoding",))
+    fields = schema.fields_of(*BLOCKS)
+    parser.set_defaults(**{name: fields[name].default for name in ("decoding", "mode")})  # recorded in the cell
     args = parser.parse_args(argv)
     settings = schema.Gsm8kTestRun.of(tables.resolve_settings(table, args))
     scope_dataset_config(settings, args)
@@ -60,6 +56,8 @@ def parse_settings(argv=None) -> schema.Gsm8kTestRun:
 def check_adapter(settings: schema.Gsm8kTestRun) -> LlmmConfig:
     """Fail before loading anything: the adapter directory exists, is an Llmm adapter, and has the K asked for."""
     adapter = settings.adapter
+    if adapter is None:
+        raise ValueError("no adapter: pass --adapter, the adapter/ folder of a train_gsm8k.py run")
     if not Path(adapter).is_dir():
         raise FileNotFoundError(f"adapter directory {adapter!r} does not exist: pass the adapter/ folder of a "
                                 "train_gsm8k.py run")

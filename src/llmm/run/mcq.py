@@ -44,11 +44,11 @@ EVALUATION_ONLY = (*schema.role_names(schema.EVAL, BLOCKS), "run", "cell")
 # --- settings ------------------------------------------------------------------------------------------------------
 
 def add_flags(parser: argparse.ArgumentParser, table: dict) -> None:
-    parser.add_argument("--task", required=True, choices=[row["task"] for row in table["rows"]])
     cli.add_output_flags(parser)
     training.add_resume_flag(parser)
     tables.add_setting_flags(parser, table, BLOCKS, also=("method", "init", "target_modules", "eval_modes", "ood",
-                                                          "max_train_samples", "max_eval_samples", "data_seed"))
+                                                          "max_train_samples", "max_eval_samples", "data_seed"),
+                             required=("task",), row_choices=("task",))
 
 
 def check_settings(settings: schema.McqRun, table: dict, args) -> schema.McqRun:

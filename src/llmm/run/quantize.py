@@ -70,7 +70,6 @@ def embeddings_quantized(value: bool | None, task_type: str) -> bool:
 def build_parser(table: dict) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="LoftQ-quantize a model's target linear layers and save a backbone "
                                      "+ Llmm init adapter directory.")
-    parser.add_argument("--preset", default=None, help="a row of configs/quantize.yaml (else its defaults)")
     parser.add_argument("--reference_scaling", action="store_true", help="old name of --compensate_scaling false")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     parser.add_argument("--quantize_embeddings", type=embeddings_flag, default=None,

@@ -20,7 +20,7 @@ step on the trained model, e.g. a search on the validation split); under shardin
 adapter's whole tensors (``self.adapter_state``, None otherwise: pass it as ``state_dict`` to save_llmm_adapter /
 export_mean_adapter); on the main process the family's results and files, results.json and the adapters.
 ``check_output`` refuses an output directory that is, contains or lies inside an input (the settings named in
-llmm.run.schema.INPUTS) before anything is written.
+fields declared with ``path``) before anything is written.
 """
 
 from __future__ import annotations
@@ -81,12 +81,12 @@ class Recipe:
         return results
 
     blocks = schema.BLOCKS  # the family's settings (llmm.run.schema.FAMILY_BLOCKS): what a resume must keep
-    input_settings = schema.INPUTS  # the settings that name what the run reads (GLUE adds its "model")
 
     def inputs(self) -> dict:
         """{flag: path or paths} of what the run reads, for the check that no output is, holds or lies in one; the
         checkpoint resumed from counts when it is not this run's own (inside the output directory)."""
-        found = {f"--{name}": self.settings[name] for name in self.input_settings if self.settings.get(name)}
+        found = {f"--{name}": self.settings[name] for name in schema.input_names(self.blocks)
+                 if self.settings.get(name)}
         checkpoint = getattr(self, "resumed_from", None)
         own = os.path.realpath(os.path.expanduser(str(self.output_dir)))
         if checkpoint and Path(own) not in Path(os.path.realpath(os.path.expanduser(str(checkpoint)))).parents:

