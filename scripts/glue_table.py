@@ -20,33 +20,16 @@ error. Runs whose results.json is not marked complete are left out (and listed o
 
 from __future__ import annotations
 
-import argparse
-import sys
-from llmm.run.cli import run_main
-from llmm.run.fileio import write_text
-from llmm.run.glue_report import gather, build, markdown
+from llmm.run.cli import complete_runs, run_main, table_main
+from llmm.run.glue_report import build, gather, markdown
 
 
 def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(), allow_abbrev=False)
-    parser.add_argument("paths", nargs="+", help="run directories (searched recursively) or results.json files")
-    parser.add_argument("--which", choices=("best", "last"), default="best", help="epoch to report")
-    parser.add_argument("--baseline", default="loftq", help="method the others are paired with (same settings, "
-                        "same seeds)")
-    parser.add_argument("--no_reference", action="store_true", help="leave out the published LoftQ rows")
-    parser.add_argument("--output", default=None, help="also write the table to this file")
-    args = parser.parse_args(argv)
-    records, skipped = gather(args.paths, args.which)
-    for file in skipped:
-        print(f"skipped (incomplete): {file}", file=sys.stderr)
-    if not records:
-        raise ValueError(f"none of the {len(skipped)} results.json files is complete: let the runs finish (or "
-                         "continue them with --resume_from_checkpoint)")
-    text = markdown(build(records, args.baseline), args.baseline, references=not args.no_reference)
-    if args.output:
-        write_text(args.output, text)
-    print(text, end="")
-    return text
+    flags = {"--which": dict(choices=("best", "last"), default="best", help="epoch to report"),
+             "--no_reference": dict(action="store_true", help="leave out the published LoftQ rows")}
+    return table_main(__doc__, argv, "loftq", lambda args: markdown(
+        build(complete_runs(*gather(args.paths, args.which)), args.baseline), args.baseline,
+        references=not args.no_reference), flags)
 
 
 if __name__ == "__main__":

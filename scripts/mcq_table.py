@@ -25,37 +25,21 @@ error: pass the run directories you mean. Incomplete runs are left out (and list
 
 from __future__ import annotations
 
-import argparse
-import sys
-
-from llmm import outdirs
-from llmm.run import cli, fileio, tables
+from llmm.run import tables
+from llmm.run.cli import complete_runs, run_main, table_main
 from llmm.run.mcq_report import PUBLISHED, gather, markdown
 
 
-def main(argv: list[str] | None = None) -> str:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    parser.add_argument("paths", nargs="+", help="run directories (searched recursively) or results.json files")
-    parser.add_argument("--baseline", default="map", help="method the others are paired with (mean mode, same "
-                        "task, backbone and settings, same seeds)")
-    parser.add_argument("--published", default=str(PUBLISHED), help="reference rows (YAML)")
-    parser.add_argument("--output", default=None, help="also write the tables to this file")
-    args = parser.parse_args(argv)
-    if args.output:  # never a directory, never over a file of the runs it reads
-        outdirs.check_output_file(args.output)
-        outdirs.check_outputs_apart({"--output": args.output}, {"paths": args.paths}, files=("--output",))
+def render(args) -> str:
     published = tables.read_yaml(args.published)
     records, widths, skipped = gather(args.paths)
-    for file in skipped:
-        print(f"skipped (incomplete): {file}", file=sys.stderr)
-    if not records:
-        raise ValueError(f"none of the {len(skipped)} results.json files is complete: let the runs finish")
-    text = markdown(records, widths, published, args.baseline)
-    if args.output:
-        fileio.write_text(args.output, text)
-    print(text, end="")
-    return text
+    return markdown(complete_runs(records, skipped), widths, published, args.baseline)
+
+
+def main(argv: list[str] | None = None) -> str:
+    flags = {"--published": dict(default=str(PUBLISHED), help="reference rows (YAML)")}
+    return table_main(__doc__, argv, "map", render, flags)
 
 
 if __name__ == "__main__":
-    cli.run_main(main)
+    run_main(main)

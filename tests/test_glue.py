@@ -24,6 +24,7 @@ from llmm import LlmmConfig, get_llmm_model, llmm_layers, load_llmm_model, noise
 from llmm.embedding import LlmmEmbedding
 from llmm.tasks.glue import LOCAL_ONLY_TASKS, TASKS, get_task, load_glue, task_metrics, tokenize
 from llmm.quant import ALLOWED_METHODS, fake_quantize
+from llmm.run import glue_eval
 from scripts import eval_glue, glue_table, train_glue
 from llmm.run import glue as glue_run
 from llmm.run.adapters import llmm_config
@@ -536,7 +537,7 @@ def test_saved_runs_reload_exactly(runs, tmp_path):
         assert json.loads((run / "eval" / "mean.json").read_text())["mode"] == "mean"
         settings = json.loads((run / "settings.json").read_text())
         task = get_task(settings["task"])
-        tokenizer, _ = eval_glue.load_run(run, task)
+        tokenizer, _ = glue_eval.load_run(run, task)
         features = tokenize(load_glue(task, data_dir=str(DATA)), task, tokenizer, settings["max_length"])
         jobs.append([str(run), [{k: v for k, v in row.items() if k != "labels"} for row in features["validation"]],
                      settings["per_device_eval_batch_size"]])

@@ -4,6 +4,7 @@ exit 2, nothing written or removed), on a tiny Llama and the tests/data multiple
 Cases whose fix belongs to the run layer (the training scripts, their settings and evaluation flow) are marked
 ``xfail(strict=True)`` with the call that fixes them in the reason: they fail today and must pass once wired."""
 
+import importlib
 import json
 import os
 import shutil
@@ -75,6 +76,15 @@ def test_eval_glue_never_writes_over_a_runs_results(tmp_path, capsys):
 def test_mcq_table_never_writes_over_a_runs_results(world, capsys):
     root, run, _ = world
     refused(mcq_table.main, [str(run), "--output", str(run / "results.json")], capsys, root, "lies inside")
+
+
+@pytest.mark.parametrize("table", ["glue_table", "lm_table"])
+def test_the_other_tables_never_write_over_a_runs_results(table, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "results.json").write_text("{}")
+    main = importlib.import_module(f"scripts.{table}").main
+    refused(main, [str(run), "--output", str(run / "results.json")], capsys, tmp_path, "lies inside")
 
 
 def test_train_mcq_never_replaces_its_own_training_data(tiny_dir, tmp_path, capsys):  # noqa: F811

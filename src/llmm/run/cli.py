@@ -52,6 +52,42 @@ def parse_fields(settings_class, argv, description: str, flags, required=(), ren
     return settings
 
 
+def table_main(doc: str, argv, baseline: str, render, flags: dict | None = None) -> str:
+    """The seed tables' entry points (glue_table, lm_table, mcq_table): PATHS (run directories or results.json files),
+    --baseline, --output (never a directory, never over a file of the runs it reads) and the table's own ``flags``
+    ({name: add_argument's keywords}); ``render(args)`` makes the markdown, printed and, with --output, written."""
+    import argparse
+
+    from llmm.run import fileio
+
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0].strip(), allow_abbrev=False)
+    parser.add_argument("paths", nargs="+", help="run directories (searched recursively) or results.json files")
+    parser.add_argument("--baseline", default=baseline, help="method the others are paired with (same settings, "
+                        "same seeds)")
+    parser.add_argument("--output", default=None, help="also write the tables to this file")
+    for name, keywords in (flags or {}).items():
+        parser.add_argument(name, **keywords)
+    args = parser.parse_args(argv)
+    if args.output:
+        outdirs.check_output_file(args.output)
+        outdirs.check_outputs_apart({"--output": args.output}, {"paths": args.paths}, files=("--output",))
+    text = render(args)
+    if args.output:
+        fileio.write_text(args.output, text)
+    print(text, end="")
+    return text
+
+
+def complete_runs(records: list, skipped: list) -> list:
+    """The records of the complete runs; each incomplete one is named on stderr, and none complete is an error."""
+    for file in skipped:
+        print(f"skipped (incomplete): {file}", file=sys.stderr)
+    if not records:
+        raise ValueError(f"none of the {len(skipped)} results.json files is complete: let the runs finish (or "
+                         "continue them with --resume_from_checkpoint)")
+    return records
+
+
 def setup_logging() -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
 

@@ -1,0 +1,114 @@
+"""Re-scoring a saved GLUE run (scripts.eval_glue): the run's adapter on the backbone it names, its dev splits or
+labelled files, in mean, sample or mc mode; metrics, outputs and labels per split as JSON. The command's docstring
+(scripts/eval_glue.py) says how to run it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import DatasetDict
+from transformers import DataCollatorWithPadding
+
+import llmm
+from llmm.tasks.glue import get_task, load_file, load_glue, predict, score, tokenize
+from llmm.run.glue import EVAL_NOISE, load_model
+from llmm.run import schema
+from llmm.run.cli import logger
+from llmm.run.fileio import check_data_paths, seed_everything, write_json
+from llmm.run.adapters import check_settings
+
+MODES = EVAL_NOISE
+BLOCKS = schema.FAMILY_BLOCKS["glue"]
+REPLACED = ("mc_samples", "seed", "per_device_eval_batch_size")  # the run's settings an evaluation may replace
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                     epilog=f"--{', --'.join(REPLACED)}: default, the run's")
+    parser.add_argument("run_dir", help="a scripts.train_glue output directory (settings.json, adapter/)")
+    parser.add_argument("--mode", choices=MODES, default="mean", help="mean | sample | mc (default: mean)")
+    parser.add_argument("--file", nargs="+", default=None, help="labelled .tsv/.csv/.json/.jsonl file(s) to score "
+                        "instead of the run's dev splits")
+    parser.add_argument("--output", default=None, help="JSON file (default: RUN_DIR/eval/<mode>.json)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    schema.add_flags(parser, BLOCKS, skip=set(schema.fields_of(*BLOCKS)) - set(REPLACED),
+                     renamed={old: "per_device_eval_batch_size" for old in ("batch_size", "eval_batch_size")})
+    args = parser.parse_args(argv)
+    schema.take_renamed(args, BLOCKS)  # --batch_size, its old name
+    return args
+
+
+def check(args: argparse.Namespace) -> tuple[Path, schema.GlueRun, Path]:
+    """The run directory, its settings and the output path; bad input fails here, before anything is loaded."""
+    run = Path(args.run_dir)
+    if not (run / "settings.json").is_file() or not (run / "adapter" / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{str(run)!r} is not a finished scripts.train_glue run (it needs settings.json and "
+                                "adapter/): pass a run's output directory")
+    settings = schema.GlueRun.of(schema.current_names(json.loads((run / "settings.json").read_text())))  # old names
+    check_settings({name: getattr(args, name) for name in REPLACED}, BLOCKS)
+    if args.mc_samples is not None and args.mode != "mc":
+        raise ValueError(f"--mc_samples only applies to --mode mc (this is --mode {args.mode}): drop it or add "
+                         "--mode mc")
+    if args.seed is not None and args.mode == "mean":
+        raise ValueError("--seed seeds the noise draws of --mode sample / mc; the mean network has none: drop it")
+    check_data_paths(file=args.file)
+    stems = [Path(path).stem for path in args.file or []]
+    if len(set(stems)) != len(stems):
+        raise ValueError(f"--file names two files with the same stem ({stems}): the output keys splits by file stem")
+    output = Path(args.output) if args.output else run / "eval" / f"{args.mode}.json"
+    if output.exists() and not args.overwrite:
+        raise FileExistsError(f"{str(output)!r} exists: pass --overwrite to replace it, or another --output")
+    llmm.outdirs.check_outputs_apart({"--output": output}, {"RUN_DIR": run, "--file": args.file}, files=("--output",))
+    return run, settings, output
+
+
+def load_run(run: Path, task):
+    """(tokenizer, model in eval mode) of a saved run: its adapter on the backbone the adapter names."""
+    base = json.loads((run / "adapter" / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{str(run / 'adapter')!r} names no base model: it was not written by scripts.train_glue")
+    tokenizer, model = load_model(base, task)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return tokenizer, llmm.load_llmm_model(model.to(device), str(run / "adapter"))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    run, settings, output = check(args)
+    task = get_task(settings.task)
+    if args.file:
+        raw = {Path(path).stem: load_file(task, path) for path in args.file}
+        files = dict(zip(raw, args.file))
+    else:
+        loaded = load_glue(task, settings.get("data_dir"), settings.get("train_file"), settings.get("validation_file"))
+        raw, files = {split: loaded[split] for split in task.dev_splits}, {}
+    seed = settings.seed if args.seed is None else args.seed
+    mc_samples = args.mc_samples or settings.mc_samples
+    seed_everything(seed)
+    started = time.time()
+    tokenizer, model = load_run(run, task)
+    data = tokenize(DatasetDict(raw), task, tokenizer, settings.max_length)
+    collator = DataCollatorWithPadding(tokenizer)
+    batch_size = args.per_device_eval_batch_size or settings.per_device_eval_batch_size
+    splits = {}
+    for split in raw:
+        outputs = predict(model, data[split], collator, batch_size, args.mode, mc_samples)
+        labels = np.asarray(data[split]["labels"])
+        splits[split] = {**({"file": files[split]} if split in files else {}),
+                         "metrics": score(task, outputs, labels), "outputs": outputs.tolist(),
+                         "labels": labels.tolist()}
+    record = {"run_dir": str(run), "task": task.name, "mode": args.mode, "seed": seed,
+              **({"mc_samples": mc_samples} if args.mode == "mc" else {}), "batch_size": batch_size,
+              "base_model": model.peft_config["default"].base_model_name_or_path,
+              "wall_time_s": time.time() - started, "splits": splits}
+    write_json(output, record)
+    for split, entry in splits.items():
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in entry["metrics"].items() if isinstance(v, float))
+        logger.info("%s %s (%s): %s", task.name, split, args.mode, shown)
+    logger.info("wrote %s", output)
+    return record

