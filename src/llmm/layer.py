@@ -50,7 +50,6 @@ from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.lora.layer import LoraVariant
 from torch import nn
 
-from llmm.noise import NoiseSource  # noqa: F401  (re-exported: llmm.layer.NoiseSource)
 from llmm.quant import loftq_init
 
 try:  # modules FSDP manages: FSDP1 wrappers (PEFT's wrap policy) and FSDP2 (fully_shard) modules

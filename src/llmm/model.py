@@ -30,7 +30,7 @@ from llmm.config import EVAL_NOISE_MODES, LlmmConfig
 from llmm.embedding import EMBEDDING_MODULES, LlmmEmbedding
 from llmm.layer import CUSTOM_MODULES, LlmmVariant, factor_entropy
 from llmm.noise import NoiseSource
-from llmm.outdirs import atomic_dir, check_new_dir  # noqa: F401  (check_new_dir: part of this API)
+from llmm.outdirs import atomic_dir
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 DIRECTION_KEYS = LlmmVariant.direction_names
@@ -95,7 +95,7 @@ def keep_cpu_4bit_trainable(model: torch.nn.Module) -> None:
 
 
 def noise_source(model: torch.nn.Module) -> NoiseSource:
-    """The generator the model's Llmm layers draw their noise from (one per model, see ``llmm.layer.NoiseSource``)."""
+    """The generator the model's Llmm layers draw their noise from (one per model, see ``llmm.noise.NoiseSource``)."""
     sources = {id(layer.__dict__.get("llmm_noise")): layer.__dict__.get("llmm_noise") for layer in llmm_layers(model)}
     if len(sources) != 1 or None in sources.values():
         raise ValueError("the model's Llmm layers do not share one noise generator: call llmm.seed_noise(model, seed)")
@@ -304,11 +304,15 @@ def nonempty(selected: dict[str, torch.Tensor], state_dict) -> dict[str, torch.T
     return selected
 
 
+def _embedding_option(peft_model: PeftModel) -> dict:
+    """PEFT's save option that leaves frozen embedding / LM-head base weights out (``frozen_embedding_bases``)."""
+    return {"save_embedding_layers": False} if frozen_embedding_bases(peft_model) else {}
+
+
 def adapter_weights(peft_model: PeftModel, state_dict=None) -> dict[str, torch.Tensor]:
     """The tensors ``save_llmm_adapter`` writes (M, Z; ``adapter_state_dict``, without frozen embedding / LM-head
     base weights), ready for safetensors; ``state_dict`` as there. Empty: a ValueError (``nonempty``)."""
-    embedding = {"save_embedding_layers": False} if frozen_embedding_bases(peft_model) else {}
-    return _saveable(nonempty(adapter_state_dict(peft_model, state_dict, **embedding), state_dict))
+    return _saveable(nonempty(adapter_state_dict(peft_model, state_dict, **_embedding_option(peft_model)), state_dict))
 
 
 def save_llmm_adapter(peft_model: PeftModel, out_dir: str, overwrite: bool = False, state_dict=None) -> str:
@@ -320,8 +324,7 @@ def save_llmm_adapter(peft_model: PeftModel, out_dir: str, overwrite: bool = Fal
     with atomic_dir(out_dir, overwrite) as tmp_dir:
         # PEFT writes the config and model card (its weights file is then replaced by the selection above: under
         # nested FSDP1 units PEFT's own selection is empty; an empty state_dict would break modules_to_save).
-        peft_model.save_pretrained(tmp_dir, state_dict=state_dict,
-                                   **({"save_embedding_layers": False} if frozen_embedding_bases(peft_model) else {}))
+        peft_model.save_pretrained(tmp_dir, state_dict=state_dict, **_embedding_option(peft_model))
         save_file(weights, os.path.join(tmp_dir, ADAPTER_WEIGHTS), metadata={"format": "pt"})
     return out_dir
 
@@ -338,8 +341,7 @@ def export_mean_adapter(peft_model: PeftModel, out_dir: str, adapter_name: str =
     plain = {name: getattr(config, name) for name in lora_fields if name != "runtime_config"}
     plain.update(init_lora_weights=True, loftq_config={}, inference_mode=True)
     lora_config = LoraConfig(**plain)
-    state = adapter_state_dict(peft_model, state_dict, adapter_name,
-                               **({"save_embedding_layers": False} if frozen_embedding_bases(peft_model) else {}))
+    state = adapter_state_dict(peft_model, state_dict, adapter_name, **_embedding_option(peft_model))
     state = _saveable(nonempty({key: value for key, value in state.items() if not is_direction_key(key)}, state_dict))
     with atomic_dir(out_dir, overwrite) as tmp_dir:
         lora_config.save_pretrained(tmp_dir)
@@ -348,19 +350,26 @@ def export_mean_adapter(peft_model: PeftModel, out_dir: str, adapter_name: str =
 
 
 @contextlib.contextmanager
+def _setting(model: torch.nn.Module, key: str, value):
+    """Temporarily set ``llmm_settings[adapter][key]`` of every Llmm layer and adapter to ``value``."""
+    settings = [s for layer in llmm_layers(model) for s in layer.llmm_settings.values()]
+    previous = [s[key] for s in settings]
+    for s in settings:
+        s[key] = value
+    try:
+        yield
+    finally:
+        for s, before in zip(settings, previous):
+            s[key] = before
+
+
+@contextlib.contextmanager
 def noise_mode(model: torch.nn.Module, mode: str):
     """Temporarily set every Llmm layer's eval-mode noise to ``"mean"`` or ``"sample"``."""
     if mode not in EVAL_NOISE_MODES:
         raise ValueError(f"noise mode must be one of {EVAL_NOISE_MODES}, got {mode!r}")
-    settings = [s for layer in llmm_layers(model) for s in layer.llmm_settings.values()]
-    previous = [s["eval_noise"] for s in settings]
-    for s in settings:
-        s["eval_noise"] = mode
-    try:
+    with _setting(model, "eval_noise", mode):
         yield model
-    finally:
-        for s, mode_before in zip(settings, previous):
-            s["eval_noise"] = mode_before
 
 
 @contextlib.contextmanager
@@ -372,15 +381,8 @@ def noise_width(model: torch.nn.Module, multiplier: float):
     ``llmm.width.choose_noise_width``; the value in use is each layer's ``llmm_settings[adapter]["width"]``."""
     if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or not 0 <= multiplier < float("inf"):
         raise ValueError(f"the noise width multiplier must be a finite number >= 0, got {multiplier!r}")
-    settings = [s for layer in llmm_layers(model) for s in layer.llmm_settings.values()]
-    previous = [s["width"] for s in settings]
-    for s in settings:
-        s["width"] = float(multiplier)
-    try:
+    with _setting(model, "width", float(multiplier)):
         yield model
-    finally:
-        for s, width_before in zip(settings, previous):
-            s["width"] = width_before
 
 
 def entropy(model: torch.nn.Module, floor: float = 1e-6) -> torch.Tensor:

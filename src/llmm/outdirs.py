@@ -399,9 +399,9 @@ def check_output_dir(path: str | Path, overwrite: bool = False, resume: bool = F
     """``path`` may become this run's directory (nothing is written here): not a file, not in use by another
     process; if it exists and is not empty, only with ``resume`` (continue it) or ``overwrite`` (replace it, and only
     if it is recognisably an llmm directory that is not ``.``, a parent of it, a repository, $HOME or /)."""
-    path = Path(path) if str(path).strip() else None
-    if path is None:
+    if not str(path).strip():
         raise ValueError("--output_dir is the empty string: pass a directory name")
+    path = Path(path)
     if resume:
         if path.exists() and not path.is_dir():
             raise FileExistsError(f"output directory {str(path)!r} is a file: choose another --output_dir")
@@ -412,6 +412,7 @@ def check_output_dir(path: str | Path, overwrite: bool = False, resume: bool = F
         raise FileExistsError(f"output directory {str(path)!r} exists and is not empty: choose another, or pass "
                               "--overwrite (replace) / --resume_from_checkpoint (continue)")
     check_new_dir(path, overwrite)
+
 
 def prepare_output_dir(path: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
     """Lock ``path`` for the rest of this process, check it again (check_output_dir), replace it if overwriting,
@@ -425,6 +426,7 @@ def prepare_output_dir(path: str | Path, overwrite: bool = False, resume: bool =
     path.mkdir(parents=True, exist_ok=True)
     (path / RUN_MARKER).touch()
     return path
+
 
 def make_output_dir(path: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
     """``prepare_output_dir`` on the main process only, the others waiting for it (torchrun / accelerate launch);

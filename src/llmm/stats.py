@@ -199,10 +199,9 @@ def left_out_note(summary: dict) -> str:
 def format_summary(summary: dict, digits: int = 1, show_n: bool = True) -> str:
     """'60.5 (60.3 ± 0.8, n=4)': median, then mean ± sd and (``show_n``) the number of seeds; non-finite values
     are named, never averaged: '60.5 (n=1; 1 not finite left out: inf)', 'inf (not finite)'."""
-    left_out = summary.get("left_out") or []
     if summary["n"] == 0:
-        return ", ".join(sorted({str(v) for v in left_out})) + " (not finite)"
-    note = _left_out_note(left_out, "not finite")
+        return ", ".join(sorted({str(v) for v in summary.get("left_out") or []})) + " (not finite)"
+    note = left_out_note(summary)
     n = f", n={summary['n']}" if show_n else ""
     if summary["n"] == 1:
         return f"{summary['median']:.{digits}f}" + (f" (n=1{note})" if show_n or note else "")

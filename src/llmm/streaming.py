@@ -93,6 +93,10 @@ def checkpoint_dtype(folder: str | Path, model_config) -> torch.dtype:
     return torch.float32
 
 
+def _nbytes(dtype: torch.dtype, shape) -> int:
+    return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+
+
 def _torch_dtype(code: str) -> torch.dtype:
     for dtype, name in SAFETENSORS_DTYPES.items():
         if name == code:
@@ -177,7 +181,7 @@ class SafetensorsWriter:
         self.path, self.layout, self.pending = Path(path), layout, set(layout) - set(zeros)
         header, offset = {"__metadata__": {"format": "pt"}}, 0
         for name, (dtype, shape) in layout.items():
-            size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            size = _nbytes(dtype, shape)
             header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
                             "data_offsets": [offset, offset + size]}
             offset += size
@@ -209,7 +213,7 @@ def shard_layout(entries: dict[str, tuple[torch.dtype, list[int]]], shard_bytes:
     """Split the output's tensors (in order) into shards of at most ``shard_bytes`` (a larger tensor alone)."""
     shards, current, size = [], {}, 0
     for name, (dtype, shape) in entries.items():
-        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        nbytes = _nbytes(dtype, shape)
         if current and size + nbytes > shard_bytes:
             shards.append(current)
             current, size = {}, 0
@@ -263,7 +267,7 @@ def quantize_checkpoint(folder: str | Path, out_dir: str | Path, model: torch.nn
     if absent:
         raise ValueError(f"target(s) {absent[:3]} have no weight in the checkpoint")
     if len(files) > 1:
-        total = sum(math.prod(shape) * torch.empty((), dtype=d).element_size() for d, shape in entries.values())
+        total = sum(_nbytes(d, shape) for d, shape in entries.values())
         (out_dir / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": where},
                                                      indent=2, sort_keys=True) + "\n", encoding="utf-8")
     _save_configs(folder, model, dtype, out_dir)

@@ -11,11 +11,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spm.model", "vocab.txt", "vocab.json")
+TEXT_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".txt")
+DATA_SUFFIXES = (*TEXT_SUFFIXES, ".parquet")
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
 
 def write_text(path: str | Path, text: str) -> None:
     """Write a text file atomically (temporary file + rename): a crash leaves the old file or none, never half."""
@@ -31,14 +36,17 @@ def write_text(path: str | Path, text: str) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
 
+
 def write_json(path: str | Path, payload) -> None:
     """Write JSON atomically (temporary file + rename)."""
     write_text(path, json.dumps(payload, indent=2, default=str))
+
 
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
 
 def versions() -> dict:
     import bitsandbytes
@@ -49,6 +57,7 @@ def versions() -> dict:
 
     return {"llmm": llmm.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "peft": peft.__version__, "bitsandbytes": bitsandbytes.__version__}
+
 
 def plot_curves(path: str | Path, panels: dict[str, dict[str, tuple[list, list]]], xlabel: str) -> None:
     """Save a PNG with one panel per entry of ``panels`` ({panel title: {line label: (xs, ys)}})."""
@@ -70,7 +79,6 @@ def plot_curves(path: str | Path, panels: dict[str, dict[str, tuple[list, list]]
     figure.savefig(path, dpi=120)
     plt.close(figure)
 
-DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".txt", ".parquet")
 
 def looks_local(name_or_path: str) -> bool:
     """True for a local path (absolute, ./ ../ ~, a data file's suffix, or more than one /), False for a hub id
@@ -78,8 +86,6 @@ def looks_local(name_or_path: str) -> bool:
     return (name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.endswith(DATA_SUFFIXES)
             or os.path.sep in name_or_path.strip("/").split("/", 1)[-1])
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spm.model", "vocab.txt", "vocab.json")
-TEXT_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".txt")
 
 def check_model_path(name_or_path: str, tokenizer: bool = True) -> None:
     """A model given as a local path (not a hub id like ``org/name``) must be a readable directory with
@@ -102,6 +108,7 @@ def check_model_path(name_or_path: str, tokenizer: bool = True) -> None:
                          "save one into it with tokenizer.save_pretrained, or pass a directory that has one")
     check_safetensors(path)
 
+
 def check_safetensors(folder: str | Path) -> None:
     """Every .safetensors file in ``folder`` opens (its header matches its size): a truncated or corrupt file is
     an error naming it."""
@@ -114,6 +121,7 @@ def check_safetensors(folder: str | Path) -> None:
         except SafetensorError as error:
             raise ValueError(f"{str(file)!r} is truncated or corrupt ({error}): write it again (re-run the command "
                              "that made it) or copy / download it again") from error
+
 
 def check_text_file(path: str | Path) -> None:
     """A local data file is UTF-8 text with something in it (read in chunks; nothing is kept)."""
@@ -136,6 +144,7 @@ def check_text_file(path: str | Path) -> None:
     if empty:
         raise ValueError(f"data file {str(path)!r} is empty: pass a file with at least one record")
 
+
 def check_data_paths(**flags) -> None:
     """Each given data flag (``data_dir="glue_data/CoLA"``, ...; lists allowed) that names a local path must exist;
     its text files (a directory's too) must be non-empty UTF-8."""
@@ -153,6 +162,7 @@ def check_data_paths(**flags) -> None:
             for file in files:
                 if file.suffix in TEXT_SUFFIXES:
                     check_text_file(file)
+
 
 def load_pretrained(loader, name_or_path: str, **kwargs):
     """``loader.from_pretrained`` for a hub id or a local directory, with a clear error when neither loads."""

@@ -2,10 +2,12 @@
 cell, LoftQ's published rows beside them, and paired differences against a baseline method."""
 
 from __future__ import annotations
+
 import json
+
 from llmm import stats
-from llmm.tasks.glue import TASKS, get_task
 from llmm.run.tables import CONFIGS, read_yaml, table_rows
+from llmm.tasks.glue import TASKS, get_task
 
 COLUMN_ORDER = ("mnli", "qnli", "rte", "sst2", "mrpc", "cola", "qqp", "stsb", "wnli")  # LoftQ's table order
 METHOD_ORDER = ("lora", "qlora", "loftq", "llmm")
@@ -33,9 +35,8 @@ def metric_names(task_name: str) -> list[str]:
 
 def gather(paths: list[str], which: str) -> tuple[list[dict], list[str]]:
     """One record per complete run ({path, task, seed, cell, scores}) and the incomplete runs that were skipped."""
-    files = stats.result_files(paths, "scripts/train_glue.py")
     records, skipped = [], []
-    for file in files:
+    for file in stats.result_files(paths, "scripts/train_glue.py"):
         try:
             results = json.loads(file.read_text())
         except json.JSONDecodeError as error:
@@ -66,8 +67,8 @@ def build(records: list[dict], baseline: str) -> list[dict]:
             cell = group["cell"]
             seeds = sorted(group["runs"])
             per_metric = list(zip(*(group["runs"][s]["scores"] for s in seeds)))
-            base = stats.find_baseline(cell, [g["cell"] for g in cells], baseline) if cell["method"] != baseline \
-                else None
+            base = None if cell["method"] == baseline else stats.find_baseline(cell, [g["cell"] for g in cells],
+                                                                                baseline)
             base_runs = groups[stats.cell_key(base)]["runs"] if base else None
             differences = [stats.paired_difference({s: group["runs"][s]["scores"][i] for s in seeds},
                                                    {s: r["scores"][i] for s, r in base_runs.items()})

@@ -2,10 +2,12 @@
 by cell, paired differences against a baseline method, and the learned distribution's width."""
 
 from __future__ import annotations
+
 import hashlib
 import json
-from llmm.run import tables
+
 from llmm import stats
+from llmm.run import tables
 
 PUBLISHED = tables.CONFIGS / "mcq_published.yaml"
 TASK_ORDER = ("winogrande_s", "arc_c", "arc_e", "winogrande_m", "obqa", "boolq")
@@ -16,6 +18,7 @@ SAMPLED_MODES = ("mc", "dropout")
 # Always in a row's label (or its column); other settings are named only where they tell rows apart.
 SHOWN = ("task", "eval_set", "eval_where", "method", "variant", "member_method", "backbone", "K", "eval_mode",
          "eval_samples")
+WIDTH_SHOWN = ("task", "method", "variant", "backbone", "K")  # the same for the width table's runs
 # What a method and its baseline may differ in to be paired: the method and what it implies, and the mode it is
 # evaluated in (the baseline in its mean mode). Everything else, the backbone included, must be equal.
 PAIRING_FREE = ("method", "variant", "K", "llmmscale", "scaled_gradient", "lora_dropout", "eval_mode", "eval_samples",
@@ -112,11 +115,11 @@ def _rest(cell: dict, free) -> str:
     return stats.cell_key({k: v for k, v in cell.items() if k not in free})
 
 
-def _grouped(records: list[dict]) -> tuple[dict, list[dict], list[str]]:
-    """The records grouped by cell, the cells, and the settings beyond SHOWN that tell rows apart."""
+def _grouped(records: list[dict], shown=SHOWN) -> tuple[dict, list[dict], list[str]]:
+    """The records grouped by cell, the cells, and the settings beyond ``shown`` that tell rows apart."""
     groups = stats.group_by_cell(records)
     cells = [g["cell"] for g in groups.values()]
-    return groups, cells, [f for f in stats.distinguishing_fields(cells, SHOWN) if f not in SHOWN]
+    return groups, cells, [f for f in stats.distinguishing_fields(cells, shown) if f not in shown]
 
 
 def build(records: list[dict], baseline: str) -> list[dict]:
@@ -177,9 +180,8 @@ def cost_table(records: list[dict], baseline: str) -> list[str]:
     groups, _, extra = _grouped(records)
 
     def median(group, key):
-        values = [r["costs"].get(key) for r in group["runs"].values()]
-        return stats.summarize([v for v in values if v is not None])["median"] if any(
-            v is not None for v in values) else None
+        values = [r["costs"][key] for r in group["runs"].values() if r["costs"].get(key) is not None]
+        return stats.summarize(values)["median"] if values else None
 
     base = {}
     for group in groups.values():
@@ -268,10 +270,7 @@ def paired_table(entries: list[dict], baseline: str) -> list[str]:
 def width_table(widths: list[dict]) -> list[str]:
     if not widths:
         return []
-    groups = stats.group_by_cell(widths)
-    cells = [g["cell"] for g in groups.values()]
-    extra = [f for f in stats.distinguishing_fields(cells, ("task", "method", "variant", "backbone", "K"))
-             if f not in ("task", "method", "variant", "backbone", "K")]
+    groups, cells, extra = _grouped(widths, WIDTH_SHOWN)
     tasks = sorted({c["task"] for c in cells}, key=task_rank)
     texts: dict[str, dict[str, str]] = {}
     for group in groups.values():

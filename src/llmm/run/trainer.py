@@ -108,8 +108,6 @@ def load_sharded_adapter(model: torch.nn.Module, part: str | Path) -> list[str]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from llmm.model import unwrapped_name
-
     metadata = dcp.FileSystemReader(str(part)).read_metadata().state_dict_metadata
     saved = {unwrapped_name(key.removeprefix("model.")): key.removeprefix("model.") for key, value in metadata.items()
              if key.startswith("model.") and isinstance(value, TensorStorageMetadata)}
@@ -131,6 +129,15 @@ def load_sharded_adapter(model: torch.nn.Module, part: str | Path) -> list[str]:
     return sorted(wanted)
 
 
+def _tensors(value):
+    """Every tensor in nested dicts, lists and tuples (a state dict)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (dict, list, tuple)):
+        for item in value.values() if isinstance(value, dict) else value:
+            yield from _tensors(item)
+
+
 def checkpoint_is_finite(checkpoint: str | Path) -> bool:
     """Every tensor of the checkpoint's weights (*.safetensors, or the sharded pytorch_model_fsdp_0/) and optimizer
     state (optimizer.pt, or the sharded optimizer_0/) is finite."""
@@ -140,26 +147,12 @@ def checkpoint_is_finite(checkpoint: str | Path) -> bool:
         for file in Path(checkpoint).glob("*.safetensors"):
             if not all(torch.isfinite(t).all() for t in load_file(file).values() if t.is_floating_point()):
                 return False
-        parts = [read_sharded_part(folder) for folder in sharded_checkpoint_parts(checkpoint)]
+        states = [read_sharded_part(folder) for folder in sharded_checkpoint_parts(checkpoint)]
         optimizer = Path(checkpoint) / "optimizer.pt"
-        if optimizer.is_file() or parts:
-            tensors = []
-
-            def collect(value):
-                if isinstance(value, torch.Tensor):
-                    tensors.append(value)
-                elif isinstance(value, dict):
-                    for item in value.values():
-                        collect(item)
-                elif isinstance(value, (list, tuple)):
-                    for item in value:
-                        collect(item)
-
-            collect(parts)
-            if optimizer.is_file():
-                collect(torch.load(optimizer, map_location="cpu", weights_only=True))
-            if not all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()):
-                return False
+        if optimizer.is_file():
+            states.append(torch.load(optimizer, map_location="cpu", weights_only=True))
+        if not all(torch.isfinite(t).all() for t in _tensors(states) if t.is_floating_point()):
+            return False
     except Exception:  # unreadable or truncated: not good either
         return False
     return True
@@ -184,12 +177,13 @@ def find_checkpoint(value: str | None, folder: str | Path) -> str | None:
 
 def checkpoint_adapter_settings(checkpoint: str, saved, settings) -> dict:
     """The settings (of those this run has) that the checkpoint's adapter fixes besides K and rank: lora_alpha,
-    llmmscale, noise_per_example (the resumed adapter keeps its config), and GLUE's embedding protocol (quantize_embeddings: whether it holds embedding pairs;
-    gaussian_embeddings). A resumed run with other values would load M and Z into another model."""
+    llmmscale, noise_per_example (the resumed adapter keeps its config), and GLUE's embedding protocol
+    (quantize_embeddings: whether it holds embedding pairs; gaussian_embeddings). A resumed run with other values
+    would load M and Z into another model."""
     from safetensors import safe_open
 
     fixed = {}
-    weights = Path(checkpoint) / "adapter_model.safetensors"
+    weights = Path(checkpoint) / ADAPTER_WEIGHTS
     if "quantize_embeddings" in settings and weights.is_file():
         with safe_open(str(weights), "pt") as handle:
             fixed["quantize_embeddings"] = any("lora_embedding_A" in key for key in handle.keys())
@@ -200,9 +194,9 @@ def checkpoint_adapter_settings(checkpoint: str, saved, settings) -> dict:
 
 def check_checkpoint(checkpoint: str, settings) -> None:
     """The checkpoint's adapter has the settings' K and rank (else its M and Z cannot be restored), lora_alpha,
-    llmmscale and embedding protocol (checkpoint_adapter_settings), was written by
-    as many processes as this run has (each restores its own RNG state and data shard), and is complete and
-    finite; the noise generator's state is there."""
+    llmmscale and embedding protocol (checkpoint_adapter_settings), was written by as many processes as this run
+    has (each restores its own RNG state and data shard), and is complete and finite; the noise generator's state
+    is there."""
     from accelerate import PartialState
 
     from llmm import LlmmConfig
@@ -253,7 +247,6 @@ def check_resumable(run_dir: str | Path, settings, blocks) -> None:
     from llmm.run import schema
 
     settings = settings.record() if isinstance(settings, schema.Settings) else settings
-
     path = Path(run_dir) / "settings.json"
     if not path.is_file():
         return
@@ -307,14 +300,14 @@ def outside_training_autocast(model):
     """Within: ``model`` computes without the mixed-precision autocast that accelerate wraps around its forward for
     a bf16 / fp16 Trainer (``model._original_forward``), as a freshly loaded model does in test_mcq or plain PEFT;
     after: the wrapper is back. A model that was never prepared is left alone."""
-    original = model.__dict__.get("_original_forward")
-    wrapped = model.__dict__.get("forward")
-    if original is not None and wrapped is not None:
+    original, wrapped = model.__dict__.get("_original_forward"), model.__dict__.get("forward")
+    swap = original is not None and wrapped is not None
+    if swap:
         model.forward = original
     try:
         yield model
     finally:
-        if original is not None and wrapped is not None:
+        if swap:
             model.forward = wrapped
 
 
@@ -547,13 +540,11 @@ class LlmmTrainer(Trainer):
                       "(not checkpointed)")
 
     def stop(self, what: str) -> None:
+        """Raise TrainingDiverged naming the last good checkpoint: the newest complete one whose tensors read back
+        finite."""
         self.callback_handler.on_train_end(self.args, self.state, self.control)  # training ends: close the bars
-        raise TrainingDiverged(self.divergence_message(what))
-
-    def divergence_message(self, what: str) -> str:
-        """The newest complete checkpoint whose tensors read back finite is named the last good one."""
         good = next((path for path in reversed(complete_checkpoints(self.args.output_dir))
                      if checkpoint_is_finite(path)), None)
         kept = f"the last good checkpoint is {str(good)!r}" if good else "no good checkpoint was written yet"
-        return (f"{what}; stopped, {kept}: lower --learning_rate or clip gradients (--max_grad_norm), then start "
-                "again or --resume_from_checkpoint")
+        raise TrainingDiverged(f"{what}; stopped, {kept}: lower --learning_rate or clip gradients (--max_grad_norm), "
+                               "then start again or --resume_from_checkpoint")

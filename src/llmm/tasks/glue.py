@@ -334,10 +334,10 @@ def score(task: GlueTask, outputs, labels) -> dict:
     if task.is_regression:
         return task_metrics(task, outputs.reshape(-1), labels)
     probs = softmax(outputs.astype("float64"), axis=-1)
+    scores = task_metrics(task, probs.argmax(axis=-1), labels)
     if not np.isfinite(probs).all():  # a diverged model
-        nan = float("nan")
-        return {**task_metrics(task, probs.argmax(axis=-1), labels), "nll": nan, "brier": nan, "ece": nan}
-    return {**task_metrics(task, probs.argmax(axis=-1), labels), **calibration_metrics(probs, labels)}
+        return {**scores, "nll": math.nan, "brier": math.nan, "ece": math.nan}
+    return {**scores, **calibration_metrics(probs, labels)}
 
 
 def predict(model, dataset, collator, batch_size: int, mode: str = "mean", mc_samples: int = 10) -> np.ndarray:
@@ -349,7 +349,7 @@ def predict(model, dataset, collator, batch_size: int, mode: str = "mean", mc_sa
     import torch
 
     from llmm.model import noise_mode
-    from llmm.predict import mc_predict, mc_regress
+    from llmm.predict import LABEL_KEYS, mc_predict, mc_regress
 
     if mode not in ("mean", "sample", "mc"):
         raise ValueError(f"mode must be mean, sample or mc, got {mode!r}")
@@ -362,7 +362,7 @@ def predict(model, dataset, collator, batch_size: int, mode: str = "mean", mc_sa
         for start in range(0, len(dataset), batch_size):
             rows = dataset[start:start + batch_size]
             batch = collator([{key: rows[key][i] for key in rows} for i in range(len(rows["input_ids"]))])
-            inputs = {key: value.to(device) for key, value in batch.items() if key not in ("labels", "label")}
+            inputs = {key: value.to(device) for key, value in batch.items() if key not in LABEL_KEYS}
             with torch.no_grad():
                 if mode == "mc":
                     out = (mc_regress(model, inputs, mc_samples) if regression

@@ -197,7 +197,6 @@ def encode_question(tokenizer, record: dict, max_length: int) -> dict:
         raise ValueError(f"max_length must be >= 8 tokens, got {max_length}")
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     prompt = tokenizer(format_prompt(record), add_special_tokens=False)["input_ids"]
-    prompt = prompt[len(prompt) - (max_length - len(bos)):] if len(bos) + len(prompt) > max_length else prompt
-    input_ids = bos + prompt
+    input_ids = bos + prompt[-(max_length - len(bos)):]  # its last max_length - len(bos) (>= 7) tokens
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": record["answer"],
             "n_choices": len(record["choices"])}
