@@ -14,54 +14,10 @@ Left padding, KV cache; several processes (accelerate launch) split the question
 Writes OUTPUT_DIR/predictions.jsonl (question, generated, extracted, gold, correct) and results.json (accuracy).
 """
 
-from __future__ import annotations
-
 import sys
-import json
-import time
-from pathlib import Path
-from accelerate import PartialState
-from accelerate.utils import gather_object
-from llmm import outdirs
-from llmm.run import cli, fileio
-from llmm import stats
-from llmm.tasks.prompts import accuracy
-from llmm.run.gsm8k_test import parse_settings, check_adapter, load_test_records, load_model, predict
 
-
-def main(argv=None) -> dict:
-    started = time.time()
-    settings = parse_settings(argv)
-    output_dir = Path(settings.output_dir)
-    outdirs.check_outputs_apart({"--output_dir": output_dir},
-                                {f"--{key}": settings.get(key) for key in ("adapter", "model_name_or_path", "data")})
-    outdirs.check_output_dir(output_dir, settings.overwrite)
-    adapter_config = check_adapter(settings)
-    records = load_test_records(settings)
-    model, tokenizer = load_model(settings)
-    state = PartialState()
-    with state.split_between_processes(list(range(len(records)))) as mine:
-        predictions = predict(model, tokenizer, [records[i] for i in mine], settings)
-    predictions = gather_object(list(zip(mine, predictions)))
-    predictions = [p for _, p in sorted(predictions, key=lambda pair: pair[0])]
-    results = {
-        "accuracy": accuracy([p["extracted"] for p in predictions], [p["gold"] for p in predictions]),
-        "n": len(predictions), "n_correct": sum(p["correct"] for p in predictions),
-        "n_without_number": sum(p["extracted"] is None for p in predictions),
-        "mode": settings.mode, "decoding": settings.decoding, "adapter": settings.adapter,
-        "noise_width": float(getattr(adapter_config, "noise_width", 1.0)),  # m of the sample / mc modes' noise
-        "model": settings.model_name_or_path, "wall_time_s": time.time() - started,
-        "settings": settings.record(), "versions": fileio.versions(),
-    }
-    results["seed"], results["cell"] = stats.test_cell(Path(settings.adapter).parent, settings)  # for tables
-    outdirs.make_output_dir(output_dir, settings.overwrite)
-    if state.is_main_process:
-        fileio.write_text(output_dir / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
-        fileio.write_json(output_dir / "results.json", results)
-        cli.logger.info("GSM8K accuracy %.2f%% (%d / %d) -> %s", 100 * results["accuracy"], results["n_correct"],
-                      results["n"], output_dir)
-    return results
-
+from llmm.run.cli import run_main
+from llmm.run.gsm8k_test import main
 
 if __name__ == "__main__":
-    cli.run_main(lambda: main(sys.argv[1:]))
+    run_main(lambda: main(sys.argv[1:]))

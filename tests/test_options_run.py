@@ -141,7 +141,7 @@ def test_the_width_search_on_a_finished_run_equals_the_search_after_training(tin
 def test_batched_mc_equals_sequential_mc_through_the_recipe(tiny_dir, tmp_path, monkeypatch):
     from llmm.run.mcq import evaluate_sets
     from llmm.tasks import calibration as C
-    from scripts import test_mcq
+    from llmm.run import mcq_test as test_mcq
 
     batched = train(tiny_dir, tmp_path / "batched", *MODES, "--mc_batched", "true")
     mc = next(e for e in batched["evaluations"] if e["mode"] == "mc")

@@ -34,7 +34,7 @@ from peft import prepare_model_for_kbit_training
 from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DataCollatorForSeq2Seq,
                           TrainingArguments)
 
-from llmm import outdirs, sharding
+from llmm import sharding
 from llmm.run import adapters, cli, fileio, schema, tables, width_search
 from llmm.run import trainer as training
 from llmm.run.recipe import Recipe

@@ -32,11 +32,10 @@ from llmm.quant import fake_quantize
 from llmm.run import cli, width_search
 from llmm.run.recipe import Recipe
 from llmm.run.trainer import LlmmTrainer, add_resume_flag
-from llmm.outdirs import check_output_dir, make_output_dir
 from llmm.run.adapters import (INIT_DIR_LOFTQ, adopt_init_dir_settings, check_init_targets, check_settings,
                                head_modules, llmm_config)
-from llmm.run.cli import logger, run_main
-from llmm.run.fileio import check_data_paths, load_pretrained, plot_curves, seed_everything, versions, write_json
+from llmm.run.cli import logger
+from llmm.run.fileio import check_data_paths, load_pretrained, plot_curves, write_json
 from llmm.run.quantize import embeddings_quantized
 from llmm.run.schema import FAMILY_BLOCKS, GlueRun, fields_of, take_renamed
 from llmm.run.tables import (CONFIGS, add_setting_flags, default_embedding_targets, default_targets, plumbing_defaults,

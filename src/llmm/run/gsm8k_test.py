@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import sys
 import time
 from pathlib import Path
 import torch
@@ -172,3 +171,37 @@ def predict(model, tokenizer, records: list[dict], settings: schema.Gsm8kTestRun
             prediction["votes"] = answers
         predictions.append(prediction)
     return predictions
+
+
+def main(argv=None) -> dict:
+    started = time.time()
+    settings = parse_settings(argv)
+    output_dir = Path(settings.output_dir)
+    outdirs.check_outputs_apart({"--output_dir": output_dir},
+                                {f"--{key}": settings.get(key) for key in ("adapter", "model_name_or_path", "data")})
+    outdirs.check_output_dir(output_dir, settings.overwrite)
+    adapter_config = check_adapter(settings)
+    records = load_test_records(settings)
+    model, tokenizer = load_model(settings)
+    state = PartialState()
+    with state.split_between_processes(list(range(len(records)))) as mine:
+        predictions = predict(model, tokenizer, [records[i] for i in mine], settings)
+    predictions = gather_object(list(zip(mine, predictions)))
+    predictions = [p for _, p in sorted(predictions, key=lambda pair: pair[0])]
+    results = {
+        "accuracy": accuracy([p["extracted"] for p in predictions], [p["gold"] for p in predictions]),
+        "n": len(predictions), "n_correct": sum(p["correct"] for p in predictions),
+        "n_without_number": sum(p["extracted"] is None for p in predictions),
+        "mode": settings.mode, "decoding": settings.decoding, "adapter": settings.adapter,
+        "noise_width": float(getattr(adapter_config, "noise_width", 1.0)),  # m of the sample / mc modes' noise
+        "model": settings.model_name_or_path, "wall_time_s": time.time() - started,
+        "settings": settings.record(), "versions": fileio.versions(),
+    }
+    results["seed"], results["cell"] = stats.test_cell(Path(settings.adapter).parent, settings)  # for tables
+    outdirs.make_output_dir(output_dir, settings.overwrite)
+    if state.is_main_process:
+        fileio.write_text(output_dir / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))
+        fileio.write_json(output_dir / "results.json", results)
+        cli.logger.info("GSM8K accuracy %.2f%% (%d / %d) -> %s", 100 * results["accuracy"], results["n_correct"],
+                      results["n"], output_dir)
+    return results
