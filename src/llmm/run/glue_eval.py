@@ -16,14 +16,13 @@ from transformers import DataCollatorWithPadding
 
 import llmm
 from llmm.tasks.glue import get_task, load_file, load_glue, predict, score, tokenize
-from llmm.run.glue import EVAL_NOISE, load_model
+from llmm.run.glue import load_model
 from llmm.run import schema
 from llmm.run.cli import logger
 from llmm.run.fileio import check_data_paths, seed_everything, write_json
 from llmm.run.adapters import check_settings
 
-MODES = EVAL_NOISE
-BLOCKS = schema.FAMILY_BLOCKS["glue"]
+BLOCKS = (*schema.FAMILY_BLOCKS["glue"], schema.EvalModeSettings)
 REPLACED = ("mc_samples", "seed", "per_device_eval_batch_size")  # the run's settings an evaluation may replace
 
 
@@ -31,13 +30,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                      epilog=f"--{', --'.join(REPLACED)}: default, the run's")
     parser.add_argument("run_dir", help="a scripts.train_glue output directory (settings.json, adapter/)")
-    parser.add_argument("--mode", choices=MODES, default="mean", help="mean | sample | mc (default: mean)")
     parser.add_argument("--file", nargs="+", default=None, help="labelled .tsv/.csv/.json/.jsonl file(s) to score "
                         "instead of the run's dev splits")
     parser.add_argument("--output", default=None, help="JSON file (default: RUN_DIR/eval/<mode>.json)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    schema.add_flags(parser, BLOCKS, skip=set(schema.fields_of(*BLOCKS)) - set(REPLACED),
+    schema.add_flags(parser, BLOCKS, skip=set(schema.fields_of(*BLOCKS)) - {"mode", *REPLACED},
                      renamed={old: "per_device_eval_batch_size" for old in ("batch_size", "eval_batch_size")})
+    parser.set_defaults(mode=schema.EvalModeSettings.mode)
     args = parser.parse_args(argv)
     schema.take_renamed(args, BLOCKS)  # --batch_size, its old name
     return args
@@ -45,12 +44,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def check(args: argparse.Namespace) -> tuple[Path, schema.GlueRun, Path]:
     """The run directory, its settings and the output path; bad input fails here, before anything is loaded."""
+    check_settings({name: getattr(args, name) for name in ("mode", *REPLACED)}, BLOCKS)
     run = Path(args.run_dir)
     if not (run / "settings.json").is_file() or not (run / "adapter" / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{str(run)!r} is not a finished scripts.train_glue run (it needs settings.json and "
                                 "adapter/): pass a run's output directory")
     settings = schema.GlueRun.of(schema.current_names(json.loads((run / "settings.json").read_text())))  # old names
-    check_settings({name: getattr(args, name) for name in REPLACED}, BLOCKS)
     if args.mc_samples is not None and args.mode != "mc":
         raise ValueError(f"--mc_samples only applies to --mode mc (this is --mode {args.mode}): drop it or add "
                          "--mode mc")

@@ -276,12 +276,20 @@ class WidthSearchSettings:
 
 
 @dataclass
+class EvalModeSettings:
+    """How a saved adapter's noise is used when it is evaluated again (test_gsm8k, eval_glue)."""
+
+    mode: str = setting("mean", "how the adapter's noise is used: mean (eps = 0) | sample (a drawn network; "
+                        "test_gsm8k: one per generation, eval_glue: one per batch) | mc (mc_samples networks: "
+                        "test_gsm8k takes their majority answer, eval_glue averages their probabilities)",
+                        choices=("mean", "sample", "mc"))
+
+
+@dataclass
 class Gsm8kTestSettings:
     """GSM8K generation and scoring (test_gsm8k)."""
 
     adapter: str = setting(None, "the adapter/ directory of a train_gsm8k run", role=RUN, nonempty=True, path="model")
-    mode: str = setting("mean", "how the adapter's noise is used: mean (eps = 0) | sample (one network drawn) | mc "
-                        "(mc_samples networks vote)", choices=("mean", "sample", "mc"))
     K: int = setting(None, "the K the adapter must have (checked; default: the adapter's)", low=0)
     decoding: str = setting("greedy", "a row of configs/gsm8k_test.yaml: greedy | reference (sampling)")
     batch_size: int = setting(16, "questions per generation batch", low=1)
@@ -343,14 +351,15 @@ class QuickstartSettings:
 
 
 BLOCKS = (RunSettings, AdapterSettings, LoftQSettings, TrainingSettings, CausalLMSettings, GlueSettings, McqSettings,
-          WidthSearchSettings, Gsm8kTestSettings, QuantizeSettings, BbcNewsSettings, QuickstartSettings)
+          WidthSearchSettings, EvalModeSettings, Gsm8kTestSettings, QuantizeSettings, BbcNewsSettings,
+          QuickstartSettings)
 # What each entry point reads (its flags, its table's vocabulary); a later block's field of the same name wins.
 FAMILY_BLOCKS = {
     "causal_lm": (RunSettings, AdapterSettings, LoftQSettings, TrainingSettings, CausalLMSettings,
                   WidthSearchSettings),
     "glue": (RunSettings, AdapterSettings, LoftQSettings, TrainingSettings, GlueSettings, WidthSearchSettings),
     "mcq": (RunSettings, AdapterSettings, LoftQSettings, TrainingSettings, McqSettings, WidthSearchSettings),
-    "gsm8k_test": (RunSettings, CausalDataSettings, Gsm8kTestSettings),
+    "gsm8k_test": (RunSettings, CausalDataSettings, EvalModeSettings, Gsm8kTestSettings),
 }
 
 
