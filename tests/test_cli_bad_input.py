@@ -23,11 +23,12 @@ from transformers import AutoModelForCausalLM
 
 from llmm.run import cli
 from llmm import LlmmConfig, get_llmm_model
-from scripts import (glue_table, prepare_bbcnews, quantize_model, quickstart, test_gsm8k, train_glue, train_gsm8k,
-                     train_nlg)
+from scripts import (eval_glue, glue_table, prepare_bbcnews, prepare_mcq_bbcnews, quantize_model, quickstart, test_gsm8k,
+                     train_glue, train_gsm8k, train_nlg)
 
 SCRIPTS = {module.__name__.split(".")[-1]: module for module in
-           (train_glue, train_nlg, train_gsm8k, test_gsm8k, quantize_model, glue_table, prepare_bbcnews, quickstart)}
+           (train_glue, train_nlg, train_gsm8k, test_gsm8k, quantize_model, glue_table, prepare_bbcnews,
+            prepare_mcq_bbcnews, quickstart, eval_glue)}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
 DATA = REPO_ROOT / "tests" / "data"
 
@@ -314,6 +315,14 @@ CASES = [
                                               "{w}/new"], r"max_steps = 0 is out of range", r"fix --max_steps"),
     ("quickstart-seeds-0", "quickstart", ["--model", "{w}/deberta", "--seeds", "0", "--output_dir", "{w}/new"],
      r"seeds = 0 is out of range", r"integer >= 1.*fix --seeds"),
+    ("quickstart-no-methods", "quickstart", ["--model", "{w}/deberta", "--methods", "--output_dir", "{w}/new"],
+     r"--methods names no method", r"one or more of llmm"),
+    ("quickstart-unknown-method", "quickstart", ["--model", "{w}/deberta", "--methods", "dora", "--output_dir",
+                                                 "{w}/new"], r"methods = \['dora'\] is out of range", r"one of"),
+    ("eval-glue-unknown-mode", "eval_glue", ["{w}/new", "--mode", "best"], r"mode = 'best' is out of range",
+     r"one of \('mean', 'sample', 'mc'\)"),
+    ("prepare-mcq-no-words", "prepare_mcq_bbcnews", ["--out_dir", "{w}/new", "--max_train", "2", "--max_test", "2"],
+     r"--article_words is required", r"--help lists the flags"),
     ("quantize-svd-oversampling", "quantize_model", [*QUANTIZE, "--loftq_svd_oversampling", "-1"],
      r"loftq_svd_oversampling.*-1", r"integer >= 0"),
     ("quantize-no-model", "quantize_model", [*QUANTIZE, "--model", "{w}/nope"], r"model path .*nope' does not exist",
