@@ -218,7 +218,7 @@ def test_mc_dropout_samples_only_with_dropout(tokenizer):
 def test_n_below_one_is_an_error(tokenizer, n):
     batches, _ = question_batches(tokenizer, names=("boolq",))
     head = C.LetterHead(llmm_model(tokenizer), letter_token_ids(tokenizer, 2))
-    with pytest.raises(ValueError, match="N must be an integer >= 1"):
+    with pytest.raises(ValueError, match="mc_samples must be an integer >= 1"):
         C.predict(head, batches, "mc", n)
 
 
@@ -261,7 +261,7 @@ def test_train_evaluate_ensemble_and_table_end_to_end(tiny_dir, tmp_path, capsys
     assert (llmm["method"], llmm["K"], llmm["backbone"], llmm["global_step"]) == ("llmm", 2, "fp32", 2)
     entries = {(e["eval_set"], e["mode"]): e for e in llmm["evaluations"]}
     assert set(entries) == {(s, m) for s in ("arc_e", "obqa", "winogrande", "boolq") for m in ("mean", "mc")}
-    assert entries[("arc_e", "mc")]["N"] == 2 and entries[("arc_e", "mean")]["shift"] == "in-distribution"
+    assert entries[("arc_e", "mc")]["eval_samples"] == 2 and entries[("arc_e", "mean")]["shift"] == "in-distribution"
     assert entries[("boolq", "mean")]["shift"] == "ood" and entries[("boolq", "mean")]["n"] == 3
     for entry in entries.values():
         assert 0 <= entry["ece"] <= 1 and entry["nll"] > 0 and 0 <= entry["brier"] <= 2
@@ -292,7 +292,7 @@ def test_train_evaluate_ensemble_and_table_end_to_end(tiny_dir, tmp_path, capsys
     assert one["evaluations"][0]["nll"] == pytest.approx(first["nll"], abs=1e-6)  # reloaded adapter, same answers
     pair = test_mcq.main(["--runs", str(tmp_path / "map-s1"), str(tmp_path / "map-s2"),
                           "--output_dir", str(tmp_path / "ensemble")])
-    assert pair["method"] == "ensemble" and pair["evaluations"][0]["N"] == 2 and pair["seed"] == "1+2"
+    assert pair["method"] == "ensemble" and pair["evaluations"][0]["eval_samples"] == 2 and pair["seed"] == "1+2"
     with pytest.raises(ValueError, match=r"must share every setting but the seed: .* differ in \['K', 'method'"):
         test_mcq.main(["--runs", str(tmp_path / "map-s1"), str(out), "--output_dir", str(tmp_path / "mixed")])
     assert not (tmp_path / "mixed").exists()
@@ -385,7 +385,7 @@ def write_mcq_run(root, name, run_cell, seed, evaluations, width=None, questions
 
     entries = []
     for (eval_set, mode, n), accuracy in evaluations.items():
-        entry = {"eval_set": eval_set, "where": f"{eval_set}.jsonl", "mode": mode, "N": n, "seed": seed,
+        entry = {"eval_set": eval_set, "where": f"{eval_set}.jsonl", "mode": mode, "eval_samples": n, "seed": seed,
                  "accuracy": accuracy, "ece": 1 - accuracy, "nll": 2 * (1 - accuracy), "brier": (1 - accuracy) / 2}
         if questions is not None:
             entry["questions"] = [{"id": ident, "label": 0, "probs": [0.5, 0.5]} for ident in questions]
@@ -483,7 +483,7 @@ def test_table_refuses_results_without_cell_and_seed(tmp_path):
     old = tmp_path / "old" / "results.json"
     old.parent.mkdir()
     old.write_text(json.dumps({"task": "obqa", "complete": True, "evaluations": [
-        {"eval_set": "obqa", "mode": "mean", "N": 1, "accuracy": 0.5, "ece": 0.1, "nll": 1.0, "brier": 0.5}]}))
+        {"eval_set": "obqa", "mode": "mean", "eval_samples": 1, "accuracy": 0.5, "ece": 0.1, "nll": 1.0, "brier": 0.5}]}))
     with pytest.raises(ValueError, match="has no 'cell'/'seed' record"):
         mcq_table.main([str(tmp_path)])
 

@@ -156,9 +156,9 @@ def test_batched_mc_equals_sequential_mc_through_the_recipe(tiny_dir, tmp_path, 
     original = C.predict
     calls = []
 
-    def sequential(head, batches, mode, n_samples=1, seed=None, batched=False):  # same streams, one network at a time
+    def sequential(head, batches, mode, mc_samples=1, seed=None, batched=False):  # same streams, one network at a time
         calls.append((mode, seed, batched))
-        return original(head, batches, mode, n_samples, seed=seed, batched=False)
+        return original(head, batches, mode, mc_samples, seed=seed, batched=False)
 
     monkeypatch.setattr(C, "predict", sequential)
     entries = evaluate_sets(model, tokenizer, _letters(tokenizer), sets, settings, None, "llmm", {})

@@ -49,7 +49,7 @@ def test_one_sample_equals_one_sample_forward(batch):
     assert not torch.allclose(probs, mean, atol=1e-4), "the sampled network must differ from the mean"
 
 
-def test_n_samples_average_n_sampled_networks(batch):
+def test_mc_samples_average_n_sampled_networks(batch):
     model = llmm_deberta()
     seed_noise(model, 3)
     probs = mc_predict(model, batch, 4)
@@ -80,7 +80,7 @@ def test_restores_training_mode_and_noise_setting(batch):
 
 
 def test_bad_sample_count_and_plain_model(batch):
-    with pytest.raises(ValueError, match="n_samples"):
+    with pytest.raises(ValueError, match="mc_samples"):
         mc_predict(llmm_deberta(), batch, 0)
     with pytest.raises(ValueError, match="Llmm layers"):
         mc_predict(tiny_deberta(0, 3), batch, 2)

@@ -56,13 +56,18 @@ class NoiseStreams:
         return self.generators[key]
 
 
-def mc_streams(seed: int, n_networks: int) -> NoiseStreams:
-    """The generators of N Monte-Carlo networks: ``numpy.random.SeedSequence(seed).spawn(n_networks)``."""
+def check_mc_samples(mc_samples) -> int:
+    """The Monte-Carlo network count, an integer >= 1 (the one check of the library's functions that take it)."""
+    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
+        raise ValueError(f"mc_samples must be an integer >= 1, got {mc_samples!r}")
+    return mc_samples
+
+
+def mc_streams(seed: int, mc_samples: int) -> NoiseStreams:
+    """The generators of N Monte-Carlo networks: ``numpy.random.SeedSequence(seed).spawn(mc_samples)``."""
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"the Monte-Carlo seed must be an integer >= 0, got {seed!r}")
-    if isinstance(n_networks, bool) or not isinstance(n_networks, int) or n_networks < 1:
-        raise ValueError(f"n_samples must be an integer >= 1, got {n_networks!r}")
-    return NoiseStreams(np.random.SeedSequence(seed).spawn(n_networks))
+    return NoiseStreams(np.random.SeedSequence(seed).spawn(check_mc_samples(mc_samples)))
 
 
 class NoiseSource:

@@ -1,6 +1,6 @@
 """Monte-Carlo prediction with an Llmm model: average the predictive distributions of N sampled networks.
 
-    probs = mc_predict(model, batch, n_samples=10)                       # (batch, classes); rows sum to 1
+    probs = mc_predict(model, batch, mc_samples=10)                       # (batch, classes); rows sum to 1
     probs = mc_predict(model, batch, 10, seed=0, batched=True)           # N networks in one forward
     scores = llmm.metrics.calibration_metrics(probs.numpy(), labels)
 
@@ -32,7 +32,7 @@ from collections.abc import Mapping
 import torch
 
 from llmm.model import llmm_layers, noise_mode, noise_source
-from llmm.noise import mc_streams
+from llmm.noise import check_mc_samples, mc_streams
 
 LABEL_KEYS = ("labels", "label")
 
@@ -51,33 +51,32 @@ def _logits(output) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sampled_outputs(model: torch.nn.Module, batch: Mapping, n_samples: int, seed: int | None = None,
+def sampled_outputs(model: torch.nn.Module, batch: Mapping, mc_samples: int, seed: int | None = None,
                     batched: bool = False, transform=None) -> torch.Tensor:
-    """(n_samples, *output shape): the model's logits under n_samples sampled networks, in eval mode; with
+    """(mc_samples, *output shape): the model's logits under mc_samples sampled networks, in eval mode; with
     ``transform``, each network's float32 logits pass through it first (so a language model's (batch, tokens,
     vocabulary) logits can be reduced network by network, e.g. to the labels' log-probabilities)."""
     transform = transform or (lambda logits: logits)
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-        raise ValueError(f"n_samples must be an integer >= 1, got {n_samples!r}")
+    check_mc_samples(mc_samples)
     if not llmm_layers(model):
         raise ValueError("mc_predict needs a model with Llmm layers (llmm.get_llmm_model / llmm.load_llmm_model)")
     if batched and seed is None:
         raise ValueError("batched Monte-Carlo draws each network from its own stream: pass seed=<an integer >= 0>")
     inputs = {key: value for key, value in batch.items() if key not in LABEL_KEYS}
-    streams = None if seed is None else mc_streams(seed, n_samples)
+    streams = None if seed is None else mc_streams(seed, mc_samples)
     was_training = model.training
     model.eval()
     try:
         with noise_mode(model, "sample"):
             if streams is None:
-                outputs = [transform(_logits(model(**inputs))) for _ in range(n_samples)]
+                outputs = [transform(_logits(model(**inputs))) for _ in range(mc_samples)]
             elif batched:
                 with noise_source(model).networks(streams):
-                    chunks = _logits(model(**_repeat(inputs, n_samples))).chunk(n_samples)
+                    chunks = _logits(model(**_repeat(inputs, mc_samples))).chunk(mc_samples)
                     outputs = [transform(chunk) for chunk in chunks]
             else:
                 outputs = []
-                for network in range(n_samples):
+                for network in range(mc_samples):
                     with noise_source(model).networks(streams.subset(network)):
                         outputs.append(transform(_logits(model(**inputs))))
     finally:
@@ -85,23 +84,23 @@ def sampled_outputs(model: torch.nn.Module, batch: Mapping, n_samples: int, seed
     return torch.stack(outputs)
 
 
-def mc_predict(model: torch.nn.Module, batch: Mapping, n_samples: int, seed: int | None = None,
+def mc_predict(model: torch.nn.Module, batch: Mapping, mc_samples: int, seed: int | None = None,
                batched: bool = False) -> torch.Tensor:
     """The mean of the N sampled networks' softmax distributions, (batch, classes), float32."""
-    return sampled_outputs(model, batch, n_samples, seed, batched).softmax(dim=-1).mean(dim=0)
+    return sampled_outputs(model, batch, mc_samples, seed, batched).softmax(dim=-1).mean(dim=0)
 
 
-def mc_regress(model: torch.nn.Module, batch: Mapping, n_samples: int, seed: int | None = None,
+def mc_regress(model: torch.nn.Module, batch: Mapping, mc_samples: int, seed: int | None = None,
                batched: bool = False) -> torch.Tensor:
     """The mean of the N sampled networks' outputs (regression heads), float32."""
-    return sampled_outputs(model, batch, n_samples, seed, batched).mean(dim=0)
+    return sampled_outputs(model, batch, mc_samples, seed, batched).mean(dim=0)
 
 
-def mc_letter_probs(model: torch.nn.Module, batch: Mapping, letter_ids: list[int], n_samples: int,
+def mc_letter_probs(model: torch.nn.Module, batch: Mapping, letter_ids: list[int], mc_samples: int,
                     seed: int | None = None, batched: bool = False) -> torch.Tensor:
     """A causal LM's Monte-Carlo answer-letter distribution, (batch, letters): ``batch`` holds ``input_ids``,
     ``attention_mask`` (right-padded) and ``n_choices`` (letters past a question's choices get probability 0)."""
     from llmm.tasks.calibration import LetterHead  # the task module imports this one
 
     head = model if isinstance(model, LetterHead) else LetterHead(model, letter_ids)
-    return mc_predict(head, batch, n_samples, seed, batched)
+    return mc_predict(head, batch, mc_samples, seed, batched)

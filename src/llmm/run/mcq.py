@@ -69,7 +69,6 @@ def check_settings(settings: schema.McqRun, table: dict, args) -> schema.McqRun:
     unknown = [m for m in settings.eval_modes if m not in C.MODES]
     if unknown:
         raise ValueError(f"unknown eval mode(s) {unknown} in the table; known: {C.MODES}")
-    C.check_n_samples(settings.mc_samples)
     if settings.load_in_8bit and settings.load_in_4bit:
         raise ValueError("load_in_8bit and load_in_4bit are both true: choose one backbone precision")
     init_dir = causal_lm.init_adapter_dir(settings.model_name_or_path)
@@ -266,9 +265,10 @@ def run_cell(settings: schema.McqRun) -> dict:
 
 
 def evaluation_cell(cell: dict, entry: dict) -> dict:
-    """The cell of one evaluation (what tables pool seeds by): the run's cell plus the set, the mode and N."""
+    """The cell of one evaluation (what tables pool seeds by): the run's cell plus the set, the mode and the number
+    of networks averaged."""
     return {**cell, "eval_set": entry["eval_set"], "eval_where": entry["where"], "eval_mode": entry["mode"],
-            "eval_samples": entry["N"]}
+            "eval_samples": entry["eval_samples"]}
 
 
 def eval_precision(settings: schema.McqRun) -> str:
@@ -298,24 +298,24 @@ def evaluate_sets(peft_model, tokenizer, letter_ids, eval_sets: dict, settings: 
         batches = C.batches(encoded, settings.per_device_eval_batch_size, tokenizer.pad_token_id, device)
         reports = {}
         for mode in settings.eval_modes:
-            n_samples = settings.mc_samples if mode in SAMPLED_MODES else 1
+            n_networks = settings.mc_samples if mode in SAMPLED_MODES else 1
             torch.manual_seed(settings.seed)  # the same draws for every set and rerun: dropout masks,
             seed_noise(peft_model, settings.seed)  # and the Llmm noise (the model's own generator)
             started = time.time()
             batched = mode == "mc" and settings.mc_batched  # networks from the seed's streams
             with training.outside_training_autocast(peft_model):
-                probs, labels = C.predict(head, batches, mode, n_samples, seed=settings.seed if batched else None,
+                probs, labels = C.predict(head, batches, mode, n_networks, seed=settings.seed if batched else None,
                                           batched=batched)
             report = C.evaluate(probs, labels)
-            reports[f"{name} {mode}" + (f" N={n_samples}" if mode in SAMPLED_MODES else "")] = report
+            reports[f"{name} {mode}" + (f" N={n_networks}" if mode in SAMPLED_MODES else "")] = report
             entries.append({"eval_set": name, "shift": "in-distribution" if index == 0 else "ood", "where": where,
-                            "mode": mode, "N": n_samples, "method": method, "seed": settings.seed,
+                            "mode": mode, "eval_samples": n_networks, "method": method, "seed": settings.seed,
                             "noise_width": noise_width_in_use(peft_model), "mc_batched": batched,
                             "K": settings.K, "backbone": settings.backbone, "wall_time_s": time.time() - started,
                             **report})
             entries[-1]["cell"] = evaluation_cell(cell, entries[-1])
             entries[-1]["questions"] = question_entries(probs, labels, records)
-            cli.logger.info("%s %s (N=%d): accuracy %.4f, ECE %.4f, NLL %.4f, Brier %.4f", name, mode, n_samples,
+            cli.logger.info("%s %s (N=%d): accuracy %.4f, ECE %.4f, NLL %.4f, Brier %.4f", name, mode, n_networks,
                           report["accuracy"], report["ece"], report["nll"], report["brier"])
         if output_dir is not None:
             C.plot_reliability(output_dir / f"reliability-{name}.png", reports)

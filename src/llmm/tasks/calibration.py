@@ -1,7 +1,7 @@
 """Answer distributions of a causal LM over the letters of multiple-choice questions, and their calibration.
 
     head = LetterHead(peft_model, letter_ids)                 # logits of " A", " B", ... at each question's cue
-    probs, labels = predict(head, batches, mode="mc", n_samples=10)
+    probs, labels = predict(head, batches, mode="mc", mc_samples=10)
     report = evaluate(probs, labels)                          # accuracy, ECE (15 bins), NLL, Brier
 
 Modes (one predictive distribution p(letter | question) per question, over its own choices only):
@@ -26,6 +26,7 @@ from torch import nn
 
 from llmm.metrics import ECE_BINS, calibration_metrics, reliability_bins
 from llmm.model import llmm_layers, noise_mode
+from llmm.noise import check_mc_samples
 from llmm.predict import mc_predict
 
 MODES = ("mean", "sample", "mc", "dropout")
@@ -122,14 +123,8 @@ def cpu_4bit_as_plain_peft(model: nn.Module):
             module.support_avx512bf16_for_cpu = flag
 
 
-def check_n_samples(n_samples) -> int:
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-        raise ValueError(f"the number of samples N must be an integer >= 1, got {n_samples!r}")
-    return n_samples
-
-
 @torch.no_grad()
-def predict(head: LetterHead, batches: list[dict], mode: str, n_samples: int = 1, seed: int | None = None,
+def predict(head: LetterHead, batches: list[dict], mode: str, mc_samples: int = 1, seed: int | None = None,
             batched: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(probs (n, letters), labels (n,)): one predictive distribution per question in the given mode; ``seed`` and
     ``batched`` reach the mc mode's ``mc_predict`` (None: networks from the model's own generator). CPU 4-bit
@@ -137,24 +132,24 @@ def predict(head: LetterHead, batches: list[dict], mode: str, n_samples: int = 1
     evaluation, test_mcq's and plain PEFT's agree."""
     if mode not in MODES:
         raise ValueError(f"unknown evaluation mode {mode!r}; known: {MODES}")
-    check_n_samples(n_samples)
+    check_mc_samples(mc_samples)
     llmm_layers(head)  # every adapted layer is an Llmm layer (else the noise modes would silently do nothing)
     with cpu_4bit_as_plain_peft(head):
-        return _predict(head, batches, mode, n_samples, seed, batched)
+        return _predict(head, batches, mode, mc_samples, seed, batched)
 
 
-def _predict(head: LetterHead, batches: list[dict], mode: str, n_samples: int, seed: int | None,
+def _predict(head: LetterHead, batches: list[dict], mode: str, mc_samples: int, seed: int | None,
              batched: bool) -> tuple[np.ndarray, np.ndarray]:
     probs, labels = [], []
     for batch in batches:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
         if mode == "mc":
-            p = mc_predict(head, batch, n_samples, seed=seed, batched=batched)
+            p = mc_predict(head, batch, mc_samples, seed=seed, batched=batched)
         elif mode == "sample":
             p = mc_predict(head, batch, 1)
         elif mode == "dropout":
             with dropout_active(head), noise_mode(head, "mean"):
-                p = torch.stack([head(**inputs).logits.softmax(-1) for _ in range(n_samples)]).mean(0)
+                p = torch.stack([head(**inputs).logits.softmax(-1) for _ in range(mc_samples)]).mean(0)
         else:
             head.eval()
             with noise_mode(head, "mean"):
