@@ -67,8 +67,6 @@ def flags_of(entry, capsys) -> set[str]:
     return set(re.findall(r"--(\w+)", capsys.readouterr().out))
 
 
-# Flags written by hand that are settings: --quantize_embeddings keeps its --no- form (train_glue) and null (_init.sh).
-HAND_WRITTEN = {"quantize_embeddings"}
 ENTRY_POINTS = sorted(path.stem for path in (REPO_ROOT / "scripts").glob("*.py") if path.stem != "__init__")
 
 
@@ -86,7 +84,7 @@ def test_every_settings_flag_of_every_entry_point_is_made_from_its_field(entry, 
     for flag, text in lines.items():
         helps = [" ".join(f.metadata["help"].split()) for block in schema.BLOCKS for f in dataclasses.fields(block)
                  if f.name == flag[2:]]
-        if helps and flag[2:] not in HAND_WRITTEN and "old name of --" not in text:
+        if helps and "old name of --" not in text:
             assert any(help_text in text for help_text in helps), flag
 
 
@@ -210,3 +208,22 @@ def test_a_new_field_is_an_attribute_of_the_familys_settings():
         pass
 
     assert Run.of({}).my_weight == 0.0 and Run.of({"my_weight": 0.1}).my_weight == 0.1
+
+
+def test_a_bool_settings_flag_takes_true_false_alone_and_its_no_form(capsys):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    fields = schema.fields_of(schema.GlueSettings)
+    schema.add_flags(parser, [schema.GlueSettings], skip=set(fields) - {"gaussian_embeddings", "quantize_embeddings"})
+    given = lambda *argv: vars(parser.parse_args(list(argv)))  # noqa: E731
+    assert given() == {"gaussian_embeddings": None, "quantize_embeddings": None}  # not given: the table decides
+    assert given("--gaussian_embeddings")["gaussian_embeddings"] is True
+    assert given("--gaussian_embeddings", "false")["gaussian_embeddings"] is False
+    assert given("--no-gaussian_embeddings")["gaussian_embeddings"] is False
+    null = given("--quantize_embeddings", "null")["quantize_embeddings"]  # a null default: null is a value to give
+    assert null is schema.NULL and schema.GlueRun.of({"quantize_embeddings": null}).record() == {
+        "quantize_embeddings": None}
+    with pytest.raises(SystemExit):
+        given("--gaussian_embeddings", "null")  # its default is false: true or false only
+    assert "expected true/false, got 'null'" in capsys.readouterr().err

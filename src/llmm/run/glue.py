@@ -52,9 +52,6 @@ def build_parser(table: dict) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Fine-tune an encoder on one GLUE task with Llmm adapters over a "
                                      "LoftQ-quantized backbone, or a baseline.", allow_abbrev=False)
     cli.add_output_flags(parser, required=False)
-    parser.add_argument("--quantize_embeddings", action=argparse.BooleanOptionalAction, default=None,
-                        help="quantize the embedding tables too, each with its own trainable low-rank pair (default: "
-                        "the table's, on: the paper's protocol); --no-quantize_embeddings keeps them full precision")
     add_resume_flag(parser)
     add_setting_flags(parser, table, BLOCKS, also=("method", "model", "data_dir", "train_file", "validation_file",
                                                    "eval_noise", "mc_samples", "target_modules", "max_steps"),

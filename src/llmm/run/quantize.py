@@ -31,7 +31,6 @@ TABLE = tables.CONFIGS / "quantize.yaml"
 LOADERS = {"causal_lm": AutoModelForCausalLM, "seq_cls": AutoModelForSequenceClassification}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OLD_EMBEDDINGS = {"auto": None, "true": True, "false": False}  # configs/quantize.yaml's strings before the field
-NULL = "null"  # --quantize_embeddings null: by architecture, even over a row that says true or false
 
 
 def embeddings_setting(value, where: str) -> bool | None:
@@ -48,19 +47,6 @@ def embeddings_setting(value, where: str) -> bool | None:
                      f"seq_cls), got {value!r}: fix {where}")
 
 
-def embeddings_flag(text: str):
-    """--quantize_embeddings: true | false | null; the old auto is null, said in one line."""
-    if text.lower() in (NULL, "none", "auto"):
-        if text.lower() == "auto":
-            cli.logger.warning("--quantize_embeddings auto is now --quantize_embeddings null (by architecture, the "
-                               "table's default): please write that")
-        return NULL
-    try:
-        return schema.parse_bool(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected true, false or null (null: by architecture), got {text!r}")
-
-
 def embeddings_quantized(value: bool | None, task_type: str) -> bool:
     """Whether the embedding tables are quantized: ``value``, or for null by architecture (an encoder, task_type
     seq_cls: on, the GLUE protocol; a causal LM: off)."""
@@ -72,9 +58,6 @@ def build_parser(table: dict) -> argparse.ArgumentParser:
                                      "+ Llmm init adapter directory.")
     parser.add_argument("--reference_scaling", action="store_true", help="old name of --compensate_scaling false")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    parser.add_argument("--quantize_embeddings", type=embeddings_flag, default=None,
-                        help="also the embedding tables (configs/embedding_targets.yaml), each with its LoftQ pair: "
-                        "true | false | null (by architecture: on for --task_type seq_cls; the table's default)")
     tables.add_setting_flags(parser, table, plumbing_blocks=(schema.QuantizeSettings,))  # no run flags it ignores
     schema.add_flags(parser, (schema.AdapterSettings, schema.QuantizeSettings),
                      skip=set(schema.fields_of(schema.AdapterSettings)) - {"target_modules"})
@@ -94,7 +77,7 @@ def resolve(argv: list[str] | None = None) -> schema.QuantizeRun:
         cli.logger.warning("--reference_scaling is now --compensate_scaling false: please write that")
         settings.compensate_scaling = False
     settings.update({k: v for k, v in vars(args).items() if v is not None})
-    if settings.quantize_embeddings == NULL:
+    if settings.quantize_embeddings is schema.NULL:  # null on the command line: by architecture, over the row's
         settings.quantize_embeddings = None
     for name in ("model", "rank"):
         if settings.record().get(name) is None:  # given by the row or a flag

@@ -379,6 +379,7 @@ class Settings:
     @classmethod
     def of(cls, values: dict):
         names = {f.name for f in dataclasses.fields(cls)}
+        values = {name: None if value is NULL else value for name, value in values.items()}
         settings = cls(**{name: value for name, value in values.items() if name in names})
         object.__setattr__(settings, "_extra", {name: value for name, value in values.items() if name not in names})
         object.__setattr__(settings, "_named", list(values))
@@ -570,10 +571,45 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
+class _Null:
+    """``--name null`` for a setting whose default is null: given, and null (the table's row does not apply)."""
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return "null"
+
+
+NULL = _Null()
+
+
+def nullable_bool(name: str):
+    """The type of the flag of a bool setting whose default is null: true, false or null (NULL); ``auto``, the old
+    spelling of null, is taken with one line."""
+    def parse(text: str):
+        if text.lower() in ("null", "none", "auto"):
+            if text.lower() == "auto":
+                import logging
+
+                logging.getLogger("llmm").warning("--%s auto is now --%s null: please write that", name, name)
+            return NULL
+        try:
+            return parse_bool(text)
+        except Exception:
+            import argparse
+
+            raise argparse.ArgumentTypeError(f"expected true, false or null, got {text!r}") from None
+
+    return parse
+
+
 def add_flags(parser, blocks, skip=(), renamed=None) -> None:
     """One ``--name`` flag per field of ``blocks`` that the parser does not have yet (default None: the table
     decides); typed by the field, its help naming its range or choices; and the old names (``renamed``, default
     RENAMED) of those it has, for take_renamed."""
+    import argparse
+
     have = {a.dest for a in parser._actions}
     for name, f in fields_of(*blocks).items():
         if name in have or name in skip:
@@ -583,8 +619,15 @@ def add_flags(parser, blocks, skip=(), renamed=None) -> None:
         help_text = f.metadata["help"] + (f" ({what})" if what else "")
         if f.type in ("list", list):
             parser.add_argument(f"--{name}", nargs="*", type=kind, default=None, help=help_text)
+        elif kind is bool:  # --name true | false (| null where the default is null); --name alone: true
+            nullable = f.default is None
+            parser.add_argument(f"--{name}", nargs="?", const=True, default=None,
+                                type=nullable_bool(name) if nullable else parse_bool,
+                                help=f"{help_text} (true{', false or null' if nullable else ' or false'}; "
+                                     f"--no-{name}: false)")
+            parser.add_argument(f"--no-{name}", dest=name, action="store_const", const=False, help=argparse.SUPPRESS)
         else:
-            parser.add_argument(f"--{name}", type=parse_bool if kind is bool else kind, default=None, help=help_text)
+            parser.add_argument(f"--{name}", type=kind, default=None, help=help_text)
     have = {a.dest for a in parser._actions}
     for old, new in (RENAMED if renamed is None else renamed).items():
         if new in have and old not in have:
