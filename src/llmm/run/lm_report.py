@@ -60,8 +60,10 @@ def markdown(records: list[dict], baseline: str) -> str:
             cell, values = group["cell"], {seed: run["value"] for seed, run in group["runs"].items()}
             summary = stats.summarize(list(values.values()))
             base = stats.find_baseline(cell, cells, baseline) if cell.get("method") != baseline else None
-            difference = stats.paired_difference(values, {s: r["value"] for s, r in
-                                                          groups[stats.cell_key(base)]["runs"].items()}) if base else None
+            difference = None
+            if base:
+                base_runs = groups[stats.cell_key(base)]["runs"]
+                difference = stats.paired_difference(values, {s: r["value"] for s, r in base_runs.items()})
             digits = 3 if metric == "eval_loss" else 2
             spread = (f"{summary['mean']:.{digits}f} ± {summary['sd']:.{digits}f}" if summary["n"] > 1
                       else f"{summary['mean']:.{digits}f}")
