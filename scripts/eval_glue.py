@@ -4,14 +4,10 @@
     python -m scripts.eval_glue RUN --mode mc --mc_samples 10 --seed 1                    # Monte-Carlo average
     python -m scripts.eval_glue RUN --mode sample --file data/test.tsv --output test.json # one noise draw per batch
 
-The run's adapter/ (M and Z) is loaded with llmm.load_llmm_model onto the backbone its adapter_config.json names
-(the run's own backbone/ after in-process quantization, so the network is exactly the one trained), with the run's
-tokenizer, max_length and eval batch size. ``--mode``: mean (eps = 0, deterministic: reproduces the run's
-predictions.json), sample (a fresh draw per batch, the reference's evaluation) or mc (the average of --mc_samples
-sampled networks; calibration metrics of the averaged distribution). Files (--file, one or more) are local
-.tsv/.csv/.json/.jsonl with labels, read as scripts.train_glue reads them; without --file the run's dev splits.
-Writes JSON (default RUN/eval/<mode>.json): per split the metrics (NLL/Brier/ECE for classification), outputs
-(logits; mc: log of the averaged probabilities; STS-B: scores) and labels.
+The run's adapter/ is loaded onto the backbone its adapter_config.json names, with the run's tokenizer,
+max_length and eval batch size. ``--mode``: mean (eps = 0: reproduces the run's predictions.json), sample (a fresh
+draw per batch) or mc (the average of --mc_samples sampled networks). --file takes labelled .tsv/.csv/.json/.jsonl
+files. Writes JSON (default RUN/eval/<mode>.json): per split the metrics, outputs and labels.
 """
 
 from llmm.run.cli import run_main

@@ -3,19 +3,12 @@
     python -m scripts.glue_table runs/glue                       # every results.json below runs/glue
     python -m scripts.glue_table runs/glue runs/baselines --which last --output runs/glue/table.md
 
-Prints two markdown tables (dev scores x 100, best epoch, or the last with --which last):
-
-1. The paper's layout, one row per method and setting, one column per task: the **median over seeds**, e.g. "60.5"
-   (CoLA Matthews), "87.5/91.2" (MRPC accuracy/F1), "88.0/88.1" (MNLI m/mm), "89.5/89.2" (STS-B Pearson/Spearman),
-   with the number of seeds; the published LoftQ numbers (configs/glue_reference.yaml) as reference rows.
-2. Seed statistics per row, task and metric: n, median, mean ± sd, and for every method that has a --baseline run
-   (default loftq) with the same settings on shared seeds, the paired difference method - baseline with its 95 %
-   bootstrap interval (llmm.stats).
-
-Runs are pooled as seeds only when the ``cell`` their results.json records (every setting but the seed: method,
-backbone, rank, K, llmmscale, eval noise mode, Monte-Carlo samples, ...) is equal; runs that differ in anything else
-are separate rows, labelled by the settings that tell them apart. Two runs of one cell with the same seed are an
-error. Runs whose results.json is not marked complete are left out (and listed on stderr).
+Prints two markdown tables of dev scores x 100 (best epoch, or the last with --which last): the paper's layout
+(per method and task the median over seeds, e.g. "87.5/91.2" for MRPC accuracy/F1, beside the published LoftQ rows
+of configs/glue_reference.yaml), then per row, task and metric: n, median, mean ± sd and the paired difference
+against a --baseline run (default loftq) of the same settings on shared seeds, with its 95 % bootstrap interval.
+Runs are pooled as seeds only when their ``cell`` (every setting but the seed) is equal (llmm.stats); rows are
+labelled by the settings that tell them apart. Incomplete runs are left out (and listed on stderr).
 """
 
 from __future__ import annotations

@@ -3,16 +3,11 @@
     python -m scripts.lm_table runs/gsm8k                    # test_gsm8k results (accuracy) and training results
     python -m scripts.lm_table runs/nlg --baseline loftq --output runs/nlg/table.md
 
-Reads every results.json below the paths: a scripts.test_gsm8k evaluation (GSM8K accuracy, x 100) or a training run
-of scripts.train_gsm8k / scripts.train_nlg (held-out loss and perplexity after training). One table per task and
-metric, one row per cell: n seeds, median, mean ± sd, and for every method with a --baseline run (default loftq) of
-the same settings on shared seeds, the paired difference method - baseline with its 95 % bootstrap interval
-(llmm.stats; for loss and perplexity lower is better, so a negative difference favours the method).
-
-Runs are pooled as seeds only when the ``cell`` of their results.json (every setting but the seed; for a test,
-the trained run's settings plus the test's: mode, decoding, mc_samples, ...) is equal; runs that differ in anything
-else are separate rows, labelled by the settings that tell them apart. Two runs of one cell with one seed are an
-error.
+Reads every results.json below the paths: scripts.test_gsm8k's (GSM8K accuracy x 100) or a training run's of
+scripts.train_gsm8k / train_nlg (held-out loss and perplexity). One table per task and metric, one row per cell
+(every setting but the seed; for a test, the trained run's plus the test's): n seeds, median, mean ± sd, and the
+paired difference against a --baseline run (default loftq) of the same settings on shared seeds with its 95 %
+bootstrap interval (llmm.stats; for loss and perplexity a negative difference favours the method).
 """
 from __future__ import annotations
 

@@ -7,20 +7,15 @@ A row is one way of predicting: "llmm int8 K2 mc N=10", "map loftq-nf4 K0 mean",
 "ensemble int8 K0 M=3" (scripts.test_mcq over M runs). A column is the training task (its test split) or an OOD
 pair "obqa->arc_c". Prints, in this order:
 
-1. One table per metric (accuracy and ECE in percent, NLL and Brier as they are): per row and column the median
-   over seeds, then mean ± sd and n (llmm.stats), e.g. "72.4 (72.1 ± 0.9, n=3)". The published BLoB / MAP rows
-   (configs/mcq_published.yaml) come first, marked as published, where they have a figure for a shown column.
-2. Paired differences: every row with a --baseline run (default map: MAP LoRA in mean mode) of the same task,
-   backbone and settings, on the seeds both have: the mean of (row - baseline) per seed with its 95 % bootstrap
-   interval, per metric (for ECE, NLL and Brier a negative difference favours the row). The deep ensemble
-   (seed "1+2+3") is paired with its members: its value minus each member's (same questions), over the members.
-3. The learned distribution's width at the end of training (median over layers of ||Z|| / sqrt(s) / ||M||,
-   factors A / B), median over seeds.
+1. One table per metric (accuracy and ECE in percent): median over seeds, then mean ± sd and n (llmm.stats),
+   e.g. "72.4 (72.1 ± 0.9, n=3)", after the published BLoB / MAP rows (configs/mcq_published.yaml).
+2. Paired differences against a --baseline run (default map, in mean mode) of the same task, backbone and settings
+   on shared seeds: mean with its 95 % bootstrap interval (for ECE, NLL and Brier negative favours the row). The
+   deep ensemble (seed "1+2+3") is paired with its members (same questions).
+3. The learned distribution's width at the end of training (median over layers of ||Z|| / sqrt(s) / ||M||).
 
-Evaluations are pooled as seeds only when the ``cell`` each records (every setting of the run but the seed, plus
-the eval set, mode and N) is equal; evaluations that differ in anything else are separate rows, labelled by the
-settings that tell them apart. Two evaluations of one cell with one seed (a run and its re-evaluation) are an
-error: pass the run directories you mean. Incomplete runs are left out (and listed on stderr).
+Evaluations are pooled as seeds only when their ``cell`` (the run's settings but the seed, plus eval set, mode and
+N) is equal. Incomplete runs are left out (and listed on stderr).
 """
 
 from __future__ import annotations

@@ -41,8 +41,8 @@ def main(argv=None) -> dict:
     out_dir = Path(settings.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, rows in kept.items():
-        fileio.write_text(out_dir / f"{name}.jsonl",
-                     "".join(json.dumps(q) + "\n" for q in as_questions(rows, classes, settings.article_words)))
+        questions = as_questions(rows, classes, settings.article_words)
+        fileio.write_text(out_dir / f"{name}.jsonl", "".join(json.dumps(q) + "\n" for q in questions))
     report = {"classes": classes, "duplicates_dropped": dropped, "sizes": {k: len(v) for k, v in kept.items()},
               "article_words": settings.article_words, "seed": settings.split_seed}
     fileio.write_json(out_dir / "prepare_report.json", report)

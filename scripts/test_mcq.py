@@ -4,17 +4,12 @@
     python -m scripts.test_mcq --runs runs/mcq/obqa-map-int8-s{1,2,3} --output_dir runs/mcq/obqa-ensemble-int8
 
 One run: its adapter in every --eval_modes mode (default: the run's); with --noise_width_search tfb | nll | tfb nll
-first the width search on the run's validation split, then the evaluations with each rule's m (one search gives both;
-TFB's rule needs no training: an llmm run trained with --validation_size N gives the llmm_tfb / llmm_nll rows of the
-calibration table, the same numbers as runs that searched after their training; with two rules each one's
-reliability plots go to OUTPUT_DIR/<variant>/). Several runs: the deep ensemble, the
-average of the members' mean-mode answer distributions (M = the number of runs; they must share every setting but
-the seed and data_seed). The eval sets are the run's task test split and its OOD sets (--ood, --test_data and
---max_eval_samples override the run's). Settings come from each run's settings.json (configs/mcq.yaml resolved).
-Writes OUTPUT_DIR/results.json and reliability-<set>.png; each evaluation records its seed (an ensemble's: its
-members' seeds, "1+2+3"), its cell (the run's settings plus the set, mode and N) for scripts.mcq_table, and every
-question's probabilities over its choices with its gold label and id (``questions``: the metrics recompute from them).
-results.json's eval_precision says how the evaluation computes (the same in train_mcq: no autocast).
+first the width search on the run's validation split, then the evaluations with each rule's m (with two rules each
+one's reliability plots go to OUTPUT_DIR/<variant>/). Several runs: the deep ensemble, the average of the members'
+mean-mode distributions (they must share every setting but the seed and data_seed). The eval sets are the run's test
+split and OOD sets (--ood, --test_data and --max_eval_samples override the run's). Writes OUTPUT_DIR/results.json
+(per evaluation its seed, an ensemble's "1+2+3", its cell for scripts.mcq_table, and every question's
+probabilities) and reliability-<set>.png.
 """
 
 import sys

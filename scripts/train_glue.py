@@ -14,20 +14,12 @@ name overrides it (--help lists them). --method picks what is trained, always th
     qlora  encoder fake-quantized with the same quantizer, standard LoRA init, K = 0   (QLoRA-style)
     lora   full-precision encoder, standard LoRA init, K = 0                   (LoRA)
 
-Embeddings (--quantize_embeddings, on by default: the protocol behind the paper's and LoftQ's numbers): the tables
-of configs/embedding_targets.yaml (DeBERTa: word_embeddings, rel_embeddings) are quantized like the linear layers,
-each with its own trainable low-rank pair (llmm.embedding): LoftQ-initialised for llmm / loftq, standard PEFT init
-over the plainly quantized table for qlora; lora leaves them alone. The pairs are plain (the reference's) unless
---gaussian_embeddings true. The classifier head and pooler train in full precision (PEFT modules_to_save).
-
-Dev evaluation every epoch with --eval_noise mean (eps = 0), sample (one draw per batch, the reference's behaviour)
-or mc (the average of --mc_samples sampled networks, llmm.predict.mc_predict). Writes to --output_dir (default
-runs/glue/<method>-<quant><bits>-r<rank>[-fpemb]/<task>/seed<seed>): settings.json, results.json (dev metrics and
-training loss per epoch, best (MRPC, QQP: by F1) and last epoch; NLL/Brier/ECE for classification),
-predictions.json (the final mean network's dev outputs), adapter/ (M and Z, for llmm.load_llmm_model),
-mean_adapter/ (a plain PEFT LoRA adapter), backbone/ (after in-process quantization: the quantized encoder both
-adapters name as their base) and curves.png, and checkpoint-N/ (every save_steps steps, or every epoch; the newest
-save_total_limit kept) for --resume_from_checkpoint. Re-score a saved run with python -m scripts.eval_glue.
+The embedding tables of configs/embedding_targets.yaml are quantized too, each with its own low-rank pair
+(--quantize_embeddings, on by default; lora leaves them alone). Dev evaluation every epoch with --eval_noise mean,
+sample or mc. Writes to --output_dir (default runs/glue/<method>-<quant><bits>-r<rank>[-fpemb]/<task>/seed<seed>):
+settings.json, results.json (per-epoch dev metrics, best and last epoch), predictions.json, adapter/ (M and Z),
+mean_adapter/ (plain PEFT LoRA), backbone/ (after in-process quantization), curves.png and checkpoint-N/ for
+--resume_from_checkpoint. Re-score a saved run with python -m scripts.eval_glue.
 """
 
 from llmm.run.cli import run_main

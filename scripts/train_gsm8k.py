@@ -6,9 +6,7 @@
         --data my_gsm8k/ --output_dir runs/mine          # any model (bash _init.sh --model ...), defaults + flags
 
 Settings: configs/gsm8k.yaml: its defaults, or the row --model names (its checkpoints; --rank picks among a
-model's rows), then any flag. Source = question + "\\nAnswer the above question. First think step by step and
-then answer the final number.\\n"; target = the worked answer with "####" -> "The final answer is: "; at most
-max_length tokens (src/llmm/tasks/prompts.py).
+model's rows), then any flag. Prompt and target: LoftQ's format (llmm.tasks.prompts), at most max_length tokens.
 Writes OUTPUT_DIR/{adapter/, mean_adapter/, results.json, settings.json, curves.png} (and backbone/, the
 quantized Q, when --init loftq ran LoftQ in-process); evaluate with test_gsm8k.
 """
@@ -29,8 +27,7 @@ def encode(tokenizer, settings, record: dict) -> dict:
 
 
 def main(argv=None) -> dict:
-    table = tables.read_table(TABLE, BLOCKS)
-    settings = parse_settings(table, argv, __doc__.splitlines()[0])
+    settings = parse_settings(tables.read_table(TABLE, BLOCKS), argv, __doc__.splitlines()[0])
     return train(settings, "gsm8k", encode)
 
 

@@ -7,15 +7,12 @@
     python -m scripts.train_mcq --task arc_e --model_name_or_path ./tiny --train_data arc.jsonl \
         --test_data arc.jsonl --max_steps 2 --load_in_8bit false --dtype float32 --output_dir /tmp/run
 
-Settings: configs/mcq.yaml (row = task), any of them overridable by a flag. Training: the HF Trainer of the
-causal-LM scripts (llmm.run.causal_lm, llmm.run.trainer); the loss is the cross-entropy of the answer
-letter under the next-token distribution restricted to the question's letters (llmm.tasks). After training the
-in-distribution test split and the row's OOD sets are evaluated in every --eval_modes mode (mean, sample, mc with
-mc_samples networks, dropout), reporting accuracy, ECE (15 bins), NLL and Brier. The width of the learned
-Gaussian (||Z|| / sqrt(s) / ||M|| per factor and layer, llmm.width) is recorded every logging_steps.
-Writes OUTPUT_DIR/{adapter/, mean_adapter/, results.json, settings.json, curves.png, reliability-<set>.png}.
-Each evaluation in results.json records its seed and cell (the run's settings but the seed, plus the eval set, mode
-and N: what scripts.mcq_table pools seeds by). An adapted LM head's frozen weight is not saved (llmm.model).
+Settings: configs/mcq.yaml (row = task), any of them overridable by a flag. The loss is the cross-entropy of the
+answer letter under the next-token distribution restricted to the question's letters. After training the test
+split and the row's OOD sets are evaluated in every --eval_modes mode (mean, sample, mc, dropout): accuracy, ECE
+(15 bins), NLL and Brier; the learned Gaussian's width (llmm.width) is recorded every logging_steps.
+Writes OUTPUT_DIR/{adapter/, mean_adapter/, results.json, settings.json, curves.png, reliability-<set>.png}; each
+evaluation records its seed and cell (what scripts.mcq_table pools seeds by).
 """
 
 import sys

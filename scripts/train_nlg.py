@@ -30,9 +30,8 @@ def encode(tokenizer, settings, record: dict) -> dict:
 
 
 def main(argv=None) -> dict:
-    table = tables.read_table(TABLE, BLOCKS)
-    settings = parse_settings(table, argv, __doc__.splitlines()[0], task_columns=("dataset", "eval_split"),
-                              required_keys=("task",))
+    settings = parse_settings(tables.read_table(TABLE, BLOCKS), argv, __doc__.splitlines()[0],
+                              task_columns=("dataset", "eval_split"), required_keys=("task",))
     return train(settings, settings.task, encode)
 
 

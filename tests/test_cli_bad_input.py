@@ -321,6 +321,9 @@ CASES = [
                                                  "{w}/new"], r"methods = \['dora'\] is out of range", r"one of"),
     ("eval-glue-unknown-mode", "eval_glue", ["{w}/new", "--mode", "best"], r"mode = 'best' is out of range",
      r"one of \('mean', 'sample', 'mc'\)"),
+    ("prepare-mcq-fractions", "prepare_mcq_bbcnews", ["--out_dir", "{w}/new", "--article_words", "5", "--max_train",
+                                                      "2", "--max_test", "2", "--dev_fraction", "0.8"],
+     r"dev_fraction 0.8 and test_fraction 0.2", r"fractions in \(0, 1\) that sum to less than 1"),
     ("prepare-mcq-no-words", "prepare_mcq_bbcnews", ["--out_dir", "{w}/new", "--max_train", "2", "--max_test", "2"],
      r"--article_words is required", r"--help lists the flags"),
     ("quantize-svd-oversampling", "quantize_model", [*QUANTIZE, "--loftq_svd_oversampling", "-1"],
@@ -408,3 +411,12 @@ def test_real_command_lines(world):
         assert run.returncode == 2, (name, stderr[-2000:])
         check_one_error_line(stderr, problem, fix)
     assert snapshot(world) == before
+
+
+def test_split_fractions_of_a_table_are_checked_together():
+    """The quick start's table gives the fractions: they are checked as a pair where every setting is checked."""
+    from llmm.run import adapters
+
+    adapters.check_settings({"dev_fraction": 0.3, "test_fraction": 0.6})
+    with pytest.raises(ValueError, match=r"dev_fraction 0.5 and test_fraction 0.5: pass fractions in \(0, 1\)"):
+        adapters.check_settings({"dev_fraction": 0.5, "test_fraction": 0.5})

@@ -235,6 +235,23 @@ def test_width_is_noise_norm_over_mean_norm(tokenizer):
     assert width_summary(distribution_width(model))["A"]["max"] == pytest.approx(expected)
 
 
+def test_width_of_gaussian_embedding_pairs():
+    """Embedding pairs keep their means in lora_embedding_A / B: the width reads them through the layer's variant."""
+    from conftest import tiny_llama
+
+    model = get_llmm_model(tiny_llama(), LlmmConfig(r=4, lora_alpha=8, k=2, gaussian_embeddings=True,
+                                                   target_modules=["q_proj", "embed_tokens"]))
+    table = model.base_model.model.model.embed_tokens
+    with torch.no_grad():
+        table.lora_embedding_B["default"].fill_(1.0)
+        table.lora_llmm_B["default"].weight.fill_(0.5)
+    widths = distribution_width(model)
+    scale = table.llmm_settings["default"]["scale"]
+    expected = table.lora_llmm_B["default"].weight.norm().item() / (
+        math.sqrt(scale) * table.lora_embedding_B["default"].norm().item())
+    assert widths["base_model.model.model.embed_tokens"]["B"] == pytest.approx(expected) and expected > 0
+
+
 # --- scripts end to end ----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

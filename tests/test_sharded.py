@@ -544,9 +544,8 @@ def test_adapters_saved_from_the_gathered_state_equal_the_model_own(tmp_path):
         for name, parameter in model.named_parameters():
             if parameter.requires_grad:
                 parameter.add_(torch.randn_like(parameter))
-    settings = CausalLMRun.of({"model_name_or_path": "tiny", "init": "lora"})
-    save_run(model, None, settings, tmp_path / "own")
-    save_run(model, None, settings, tmp_path / "gathered", state_dict=sharding.gathered_state_dict(model))
+    save_run(model, None, tmp_path / "own", "tiny", False)
+    save_run(model, None, tmp_path / "gathered", "tiny", False, state_dict=sharding.gathered_state_dict(model))
     for folder, directions in (("adapter", True), ("mean_adapter", False)):
         own = load_file(tmp_path / "own" / folder / "adapter_model.safetensors")
         gathered = load_file(tmp_path / "gathered" / folder / "adapter_model.safetensors")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from peft import LoraConfig
 
-from llmm.quant import ALLOWED_BITS, ALLOWED_METHODS, ALLOWED_SVD, check_svd_args
+from llmm.quant import ALLOWED_BITS, ALLOWED_METHODS, check_svd_args
 
 EVAL_NOISE_MODES = ("mean", "sample")
 
@@ -88,7 +88,6 @@ class LlmmConfig(LoraConfig):
 
     @classmethod
     def from_pretrained(cls, adapter_dir: str, **kwargs) -> "LlmmConfig":
-        """Read ``adapter_config.json`` of an llmm adapter directory (local)."""
         path = os.path.join(adapter_dir, "adapter_config.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"no adapter_config.json in {adapter_dir!r}: pass a directory written by "

@@ -1,27 +1,19 @@
 """Adapters on embedding tables: a (LoftQ-)quantized ``nn.Embedding`` plus a trainable low-rank pair.
 
-This is the GLUE protocol of the reference and of LoftQ (``--quant_embedding``): each embedding table W
-(num_embeddings x dim) is replaced by Q plus a rank-r pair initialised from LoftQ's factors, and the pair trains.
-The layer is PEFT's LoRA ``Embedding`` (registered for ``nn.Embedding`` through PEFT's custom-module seam by
-``LlmmConfig``), with PEFT's layout: ``lora_embedding_A`` (r x num_embeddings), ``lora_embedding_B`` (dim x r),
-scaling g = lora_alpha / r::
+The GLUE protocol of the reference and of LoftQ (``--quant_embedding``): each table W (num_embeddings x dim) becomes
+Q plus a rank-r pair initialised from LoftQ's factors. The layer is PEFT's LoRA ``Embedding`` with its layout:
+``lora_embedding_A`` (r x num_embeddings), ``lora_embedding_B`` (dim x r), scaling g = lora_alpha / r::
 
     out    = Q[x] + g * A^T[x] B^T         a looked-up row (the model calls the layer: word / position embeddings)
     weight = Q + g * (B A)^T                the whole table (the model reads ``.weight``: DeBERTa's rel_embeddings)
 
-PEFT's own ``Embedding.weight`` is the base table Q: a model that reads the table instead of calling the layer
-(DeBERTa's ``encoder.rel_embeddings``) silently never sees the adapter (so did the reference: its pair on the
-relative embeddings was created, initialised and never used). Here ``weight`` is the adapted table, so the
-correction and its gradient reach such a model too. With plain PEFT (a mean adapter loaded without llmm), merge
-that one layer (``layer.merge()``) to get the same table, bit for bit.
+PEFT's own ``Embedding.weight`` is the base table Q, so a model that reads the table (DeBERTa's
+``encoder.rel_embeddings``) silently never sees the adapter, as in the reference. Here ``weight`` is the adapted
+table; with plain PEFT, merge that one layer (``layer.merge()``) to get the same table, bit for bit.
 
-LoftQ (``init_lora_weights="loftq"``) runs llmm's quantizer on W in its own layout (the reference's):
-(Q, M_A, M_B) = ``loftq_factors(W)`` with W ~ Q + g M_B M_A, so A = M_B^T and B = M_A^T.
-
-The pair is plain by default (the reference's). With ``LlmmConfig(gaussian_embeddings=True)`` each factor is a
-Gaussian with K directions, exactly as in the linear layers (``LlmmEmbeddingVariant``), and the mean adapter is again
-A = M_A. A table the model reads whole (``weight``) draws one pair shared by the batch, also with
-``noise_per_example``; batched Monte-Carlo networks refuse such a model (run them sequentially)."""
+LoftQ runs on W in the reference's layout: (Q, M_A, M_B) = ``loftq_factors(W)``, so A = M_B^T and B = M_A^T.
+With ``gaussian_embeddings=True`` each factor is a Gaussian with K directions as in the linear layers; a table the
+model reads whole draws one pair shared by the batch, and batched Monte-Carlo networks refuse such a model."""
 
 from __future__ import annotations
 
@@ -33,9 +25,8 @@ from llmm.layer import LlmmVariant, loftq_factors
 
 
 class LlmmEmbeddingVariant(LlmmVariant):
-    """Gaussian K-direction factors on an embedding pair (``gaussian_embeddings=True``): the linear variant with
-    PEFT's embedding layout (means in ``lora_embedding_A`` / ``lora_embedding_B``, the first step a lookup of A^T,
-    no dropout, the model's embedding scale on the update)."""
+    """Gaussian K-direction factors on an embedding pair: the linear variant with PEFT's embedding layout (a lookup
+    of A^T, no dropout, the model's embedding scale on the update)."""
 
     @staticmethod
     def means(module, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,8 +96,8 @@ EMBEDDING_MODULES: dict[type[nn.Module], type[nn.Module]] = {nn.Embedding: LlmmE
 
 
 def embedding_targets(model: nn.Module, names: list[str]) -> dict[str, nn.Embedding]:
-    """Module path -> nn.Embedding for every module whose last name is in ``names`` (absent names are skipped:
-    DeBERTaV3 has no absolute position table); an error if none is an embedding table."""
+    """Module path -> nn.Embedding for every module whose last name is in ``names`` (absent names are skipped);
+    an error if there is none."""
     found = {path: module for path, module in model.named_modules()
              if path.split(".")[-1] in names and isinstance(module, nn.Embedding)}
     if not found:

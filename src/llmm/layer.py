@@ -1,42 +1,27 @@
 """The Llmm layer: Gaussian, K-direction LoRA factors as a PEFT LoRA variant. The method's math lives here.
 
-One adapted linear layer has a frozen (possibly quantized) weight W_q, LoRA factors A (r x d_in), B (d_out x r)
-and scaling g = lora_alpha / r. Each factor F in {A, B} is an independent Gaussian with mean M_F (stored in
-PEFT's ``lora_A`` / ``lora_B`` weights, so the mean adapter *is* an ordinary LoRA adapter) and K directions
-Z_F (K x F.shape, stored in ``lora_llmm_A`` / ``lora_llmm_B``). With a fixed scalar s > 0 (``scale``)::
+A layer has a frozen (possibly quantized) weight W_q, LoRA factors A (r x d_in), B (d_out x r) and scaling
+g = lora_alpha / r. Each factor F in {A, B} is a Gaussian with mean M_F (PEFT's ``lora_A`` / ``lora_B``: the mean
+adapter is an ordinary LoRA adapter) and K directions Z_F (K x F.shape, ``lora_llmm_A`` / ``lora_llmm_B``, leaf
+modules with a ``.weight`` so that FSDP shards them with the means). With a fixed scalar s > 0 (``scale``)::
 
     eps ~ N(0, I_K)                                   one draw per factor, per layer, per forward call
     F~  = M_F + sum_k (eps_k / sqrt(s)) Z_F[k]        so vec(F~) ~ N(vec(M_F), Z_F^T Z_F / s)
     y   = W_q x + g * B~ (A~ dropout(x))
 
-Training minimises E_eps[loss(F~)] with one sample per forward. The scaled gradient (the paper's update rule,
-``scaled_gradient=True``) is dM = dL/dF~ and dZ[k] = eps_k dL/dF~, i.e. sqrt(s) times the plain pathwise
-gradient; ``scaled_gradient=False`` gives the plain pathwise gradient eps_k / sqrt(s) dL/dF~.
-
-In eval mode the layer uses the mean (eps = 0) when ``eval_noise="mean"``; ``"sample"`` keeps sampling, as the
-reference did. Because eps_A and eps_B are independent with zero mean, E[B~ A~] = M_B M_A: merging writes
-W_q + g M_B M_A, which is exactly PEFT's LoRA merge of the means.
-
-The noise eps comes from the model's own ``NoiseSource`` (``llmm.noise``), never from torch's global generator, so
-runs of different methods with the same seed share data order and dropout masks (common random numbers).
-
-The directions are stored as ``FactorDirections`` submodules (``lora_llmm_A[adapter].weight``), leaf modules with a
-``.weight``, so that FSDP (PEFT's wrap policy, FSDP2) shards them with the means.
+The scaled gradient (the paper's rule, ``scaled_gradient=True``) is dM = dL/dF~ and dZ[k] = eps_k dL/dF~, sqrt(s)
+times the plain pathwise gradient (``scaled_gradient=False``). In eval mode ``eval_noise="mean"`` uses eps = 0
+(``"sample"`` keeps sampling, as the reference did); as E[B~ A~] = M_B M_A, merging is PEFT's LoRA merge of the
+means. eps comes from the model's ``NoiseSource`` (``llmm.noise``), never from torch's global generator.
 
 Options beyond the paper (each off by default, the paper bit for bit):
 
-- Per-example noise (``noise_per_example=True``): one eps per example b (leading batch dimension), so the objective
-  is (1/B) sum_b E_eps_b[loss_b(F~_b)] with B independent networks per step instead of one. Computed with the
-  directions' products once per layer (``rowwise_sample_path``: K + 1 LoRA paths, not one adapter per example);
-  the scaled gradient becomes dZ[k] = sum_b eps_bk dL_b/dF~_b. The same row-wise path evaluates N Monte-Carlo
-  networks in one forward over the batch repeated N times (``llmm.predict``, ``batched=True``).
-- Noise-width multiplier m (``noise_width``, ``llmm.noise_width(model, m)``): F~ = M + m sum_k eps_k Z[k] / sqrt(s),
-  i.e. the noise of scale s / m^2 (m = 1 the paper, m = 0 the mean network); chosen after training on validation
-  data (``llmm.width.choose_noise_width``: TFB's tolerance rule or the NLL minimiser).
-- Entropy term (``factor_entropy``, ``llmm.entropy``): the training loss becomes loss - lambda * H with
-  H = sum over layers and factors of 0.5 logdet(Z Z^T / s + floor I), the Gaussian's entropy within the span of its
-  K directions up to a constant; it rewards directions that are large and linearly independent, against their
-  shrinking under the data term alone. lambda = 0 is the paper; ``llmm.entropy_weight`` warms lambda up."""
+- ``noise_per_example``: one eps per example b, so dZ[k] = sum_b eps_bk dL_b/dF~_b; computed as K + 1 LoRA paths
+  (``rowwise_sample_path``), not one adapter per example.
+- ``noise_width`` m: F~ = M + m sum_k eps_k Z[k] / sqrt(s) (m = 0: the mean network), chosen on validation data
+  (``llmm.width.choose_noise_width``).
+- The entropy term (``factor_entropy``, ``llmm.entropy``): the loss becomes loss - lambda * H with H = sum over layers
+  and factors of 0.5 logdet(Z Z^T / s + floor I), which rewards large, linearly independent directions."""
 
 from __future__ import annotations
 
@@ -61,10 +46,8 @@ except ImportError:  # a torch built without distributed support
 
 
 class _SampleFactor(torch.autograd.Function):
-    """F~ = M + (eps / sqrt(s)) . Z with the paper's scaled-gradient backward (or the plain pathwise one).
-
-    eps of shape (K,) gives one sample; eps of shape (G, K) gives G samples (G, *M.shape), one per group of rows
-    (Monte-Carlo networks in one forward), summed elementwise so that a group's sample is the same bits whatever G."""
+    """F~ = M + (eps / sqrt(s)) . Z; eps (G, K) gives G samples, summed elementwise so that a sample's bits do not
+    depend on G."""
 
     @staticmethod
     def forward(ctx, mean, directions, eps, scale, scaled_gradient):
@@ -103,11 +86,8 @@ class _ScaleGradient(torch.autograd.Function):
 
 def sample_factor(mean: torch.Tensor, directions, eps: torch.Tensor, scale: float,
                   scaled_gradient: bool = True) -> torch.Tensor:
-    """One Gaussian factor sample F~ = M + sum_k eps_k / sqrt(scale) * directions[k].
-
-    Backward: dM = g and dZ[k] = eps_k * g (``scaled_gradient=True``) or eps_k * g / sqrt(scale) (plain pathwise).
-    ``directions`` (a tensor, or the ``FactorDirections`` module holding it) has shape (K, *mean.shape) and ``eps``
-    shape (K,), or (G, K) for G samples at once (G, *mean.shape); no gradient flows to ``eps``."""
+    """F~ = M + sum_k eps_k / sqrt(scale) * directions[k]: directions (K, *mean.shape) (or their ``FactorDirections``),
+    eps (K,), or (G, K) for G samples (G, *mean.shape). Backward: dZ[k] = eps_k g, or eps_k g / sqrt(scale)."""
     directions = directions.weight if isinstance(directions, FactorDirections) else directions
     if directions.shape[1:] != mean.shape or eps.shape[-1:] != directions.shape[:1] or eps.dim() > 2:
         raise ValueError(f"sample_factor needs directions of shape (K, *mean.shape) and eps of shape (K,) or (G, K); "
@@ -118,21 +98,17 @@ def sample_factor(mean: torch.Tensor, directions, eps: torch.Tensor, scale: floa
 
 
 def effective_scale(settings: dict) -> float:
-    """The s of the noise actually drawn: s / m^2 for the noise-width multiplier m (m = 1: s itself, bit for bit;
-    m = 0: infinite, the mean network)."""
+    """The s of the noise drawn: s / m^2 for the noise-width multiplier m (m = 1: s bit for bit; m = 0: inf)."""
     width = settings.get("width", 1.0)
     return settings["scale"] if width == 1.0 else (settings["scale"] / width**2 if width > 0 else math.inf)
 
 
 def rowwise_sample_path(project, x: torch.Tensor, mean_A, mean_B, directions_A, directions_B, eps: torch.Tensor,
                         scale: float, scaled_gradient: bool) -> torch.Tensor:
-    """B~_b (A~_b x_b) for every row b with its own eps[:, b] (eps of shape (2, rows, K)), at the cost of K + 1
-    LoRA paths: the products Z[k] x are computed once for the whole batch and mixed per row.
+    """B~_b (A~_b x_b) for every row b with its own eps[:, b] (eps (2, rows, K)), as K + 1 LoRA paths mixed per row.
 
-    ``project(x, W)`` is the layer's first step (a linear layer: W dropout(x); an embedding: a lookup of W^T).
-    With w = eps / sqrt(s): h_b = M_A x_b + sum_k w_A[b,k] Z_A[k] x_b and out_b = M_B h_b + sum_k w_B[b,k] Z_B[k] h_b.
-    Autograd of this formula gives the plain pathwise gradient dZ[k] = sum_b w[b,k] dL_b/dF~_b; the scaled rule
-    (dZ[k] = sum_b eps[b,k] dL_b/dF~_b) multiplies it by sqrt(s)."""
+    ``project(x, W)`` is the layer's first step. With w = eps / sqrt(s): h_b = M_A x_b + sum_k w_A[b,k] Z_A[k] x_b,
+    out_b = M_B h_b + sum_k w_B[b,k] Z_B[k] h_b; the scaled rule multiplies autograd's gradient of Z by sqrt(s)."""
     k, rank, d_out = directions_A.shape[0], mean_A.shape[0], mean_B.shape[0]
     if scaled_gradient and math.isfinite(scale):
         directions_A = _ScaleGradient.apply(directions_A, math.sqrt(scale))
@@ -146,9 +122,8 @@ def rowwise_sample_path(project, x: torch.Tensor, mean_A, mean_B, directions_A, 
 
 
 def grouped_sample_path(project_groups, x: torch.Tensor, factors_A: torch.Tensor, factors_B: torch.Tensor):
-    """B~_g (A~_g x) for G groups of consecutive rows (Monte-Carlo network g on batch copy g), each with its own
-    sampled factors (factors_A: (G, r, d_in), factors_B: (G, d_out, r)): the FLOPs of one LoRA path.
-    ``project_groups(x_groups, factors_A)`` is the layer's first step on (G, rows / G, ...) inputs."""
+    """B~_g (A~_g x) for G groups of consecutive rows (Monte-Carlo network g on batch copy g), factors_A (G, r, d_in)
+    and factors_B (G, d_out, r): the FLOPs of one LoRA path."""
     groups = factors_A.shape[0]
     hidden = project_groups(x.unflatten(0, (groups, x.shape[0] // groups)), factors_A)  # (G, rows / G, ..., r)
     out = hidden.flatten(1, -2) @ factors_B.transpose(-1, -2)
@@ -156,12 +131,9 @@ def grouped_sample_path(project_groups, x: torch.Tensor, factors_A: torch.Tensor
 
 
 class FactorDirections(nn.Module):
-    """The K directions Z of one factor as a leaf module's ``.weight`` (K, *factor shape).
-
-    A module rather than a bare parameter so that FSDP1's PEFT wrap policy (leaf modules with a trainable
-    ``.weight``) and FSDP2 shard the directions with the means, as PEFT did for DoRA's magnitude vector. A module
-    FSDP wraps on its own holds its full weight only within its forward: the layer then calls it (``forward``
-    returns a copy of Z, the gradient flows back through FSDP's hooks); otherwise it reads ``.weight``."""
+    """The K directions Z of one factor as a leaf module's ``.weight`` (K, *factor shape), so that FSDP shards them
+    as PEFT does DoRA's magnitude. A module FSDP wraps on its own holds its full weight only within its forward: the
+    layer then calls it (a copy of Z; the gradient flows back through FSDP's hooks)."""
 
     def __init__(self, directions: torch.Tensor):
         super().__init__()
@@ -177,13 +149,9 @@ class FactorDirections(nn.Module):
 class LlmmVariant(LoraVariant):
     """PEFT LoRA variant: adds the K directions per factor and samples the factors in forward.
 
-    Layer types differ only in where the means live (``means``), the first step of the LoRA path (``project``,
-    and ``project_groups`` for Monte-Carlo networks), the shared-sample path (``lora_path``) and the last touch on
-    the update (``finish``); the embedding variant (``llmm.embedding``) overrides those five.
-
-    A forward takes one of three paths, by the shape of its eps: (2, K) one (A~, B~) for the batch (``lora_path``,
-    the paper); (2, rows, K) per example (``rowwise_sample_path``); (2, N, K) one pair per batch copy of N
-    Monte-Carlo networks (``grouped_sample_path``)."""
+    The embedding variant (``llmm.embedding``) overrides the five layout hooks. A forward's path goes by its eps:
+    (2, K) one (A~, B~) for the batch (``lora_path``, the paper); (2, rows, K) per example (``rowwise_sample_path``);
+    (2, N, K) one pair per batch copy of N Monte-Carlo networks (``grouped_sample_path``)."""
 
     direction_names = ("lora_llmm_A", "lora_llmm_B")
 
@@ -201,18 +169,15 @@ class LlmmVariant(LoraVariant):
 
     @staticmethod
     def project(module, adapter_name: str, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """The first step of the LoRA path with an (rows x d_in) weight: weight . dropout(x)."""
         return F.linear(module.lora_dropout[adapter_name](x), weight)
 
     @staticmethod
     def project_groups(module, adapter_name: str, x: torch.Tensor, factors_A: torch.Tensor) -> torch.Tensor:
-        """The first step per group of rows: x (G, rows / G, ..., d_in), factors_A (G, r, d_in)."""
         hidden = module.lora_dropout[adapter_name](x)
         return (hidden.flatten(1, -2) @ factors_A.transpose(-1, -2)).reshape(*x.shape[:-1], -1)
 
     @staticmethod
     def lora_path(module, adapter_name: str, x: torch.Tensor, factor_A, factor_B) -> torch.Tensor:
-        """g B (A dropout(x)) for one (A, B) shared by the batch."""
         update = F.linear(F.linear(module.lora_dropout[adapter_name](x), factor_A), factor_B)
         return update * module.scaling[adapter_name]
 
@@ -251,13 +216,11 @@ class LlmmVariant(LoraVariant):
 
     @staticmethod
     def sampling(module, adapter_name: str) -> bool:
-        """Whether this forward samples: train mode, or eval with eval_noise="sample"."""
         return module.training or module.llmm_settings[adapter_name]["eval_noise"] == "sample"
 
     @staticmethod
     def draw(module, adapter_name: str, rows: int, device: torch.device, per_example: bool | None = None):
-        """This forward's eps: (2, K) shared by the batch, or (2, rows, K) per example / per Monte-Carlo network
-        (``per_example``: the layer's setting unless given)."""
+        """This forward's eps: (2, K) shared by the batch, or (2, rows, K) per example / per Monte-Carlo network."""
         noise = module.__dict__.get("llmm_noise")
         if noise is None:
             raise RuntimeError("this Llmm layer has no noise generator: build the model with llmm.get_llmm_model / "
@@ -268,9 +231,8 @@ class LlmmVariant(LoraVariant):
 
     @classmethod
     def factors(cls, module, adapter_name: str, eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (A~, B~) this forward uses: a fresh sample in train mode or with eval_noise="sample", else the means
-        (with ``eps`` of shape (2, G, K): G pairs, (G, *factor shape), one per group of rows). K = 0 goes through the
-        same path (the sum is empty), so every trainable parameter takes part in the graph, as DDP requires."""
+        """The (A~, B~) this forward uses (the means unless sampling; eps (2, G, K) gives G pairs). K = 0 takes the
+        same path (an empty sum), so every trainable parameter is in the graph, as DDP requires."""
         mean_A, mean_B = cls.means(module, adapter_name)
         if not cls.sampling(module, adapter_name):
             return mean_A, mean_B
@@ -309,8 +271,7 @@ class LlmmVariant(LoraVariant):
     # Merging uses the mean: E[B~ A~] = M_B M_A, PEFT's own delta weight of the means.
     @staticmethod
     def merge_safe(module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
-        delta = module.get_delta_weight(active_adapter)
-        return orig_weight + delta.to(orig_weight.dtype).to(orig_weight.device)
+        return orig_weight + module.get_delta_weight(active_adapter).to(orig_weight.dtype).to(orig_weight.device)
 
     @staticmethod
     def merge_unsafe(module, active_adapter: str, orig_weight: torch.Tensor) -> None:
@@ -318,15 +279,13 @@ class LlmmVariant(LoraVariant):
 
     @staticmethod
     def unmerge(module, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
-        delta = module.get_delta_weight(active_adapter)
-        return orig_weight - delta.to(orig_weight.dtype).to(orig_weight.device)
+        return orig_weight - module.get_delta_weight(active_adapter).to(orig_weight.dtype).to(orig_weight.device)
 
 
 def _legacy_direction_keys(module, state_dict, prefix, *args) -> None:
-    """Load-state-dict pre-hook: directions saved before they became ``FactorDirections`` modules load into
-    ``<layer>.lora_llmm_A.<adapter>.weight`` by every path (``load_llmm_model``, PEFT's ``load_adapter``, a Trainer
-    resume). The old key is ``<layer>.lora_llmm_A.<adapter>``, or ``<layer>.lora_llmm_A`` as PEFT passes a file's
-    key it does not know; that one goes to the adapter whose means the same state dict loads."""
+    """Load-state-dict pre-hook: direction keys saved before ``FactorDirections`` load into ``...<adapter>.weight``.
+    The old key is ``<layer>.lora_llmm_A.<adapter>``, or ``<layer>.lora_llmm_A`` as PEFT passes a key it does not
+    know: that one goes to the adapter whose means the same state dict loads."""
     means = ("lora_A.{}.weight", "lora_embedding_A.{}")
     loading = [adapter for adapter in getattr(module, "llmm_settings", {})
                if any(prefix + key.format(adapter) in state_dict for key in means)]
@@ -344,8 +303,8 @@ def _weight_by_call(linear: nn.Module) -> torch.Tensor:
 
 
 def factor_entropy(directions: torch.Tensor, scale: float, floor: float) -> torch.Tensor:
-    """0.5 logdet(Z Z^T / s + floor I): the entropy (up to a constant) of one factor's Gaussian within the span of
-    its K directions, Z Z^T the K x K Gram matrix of the flattened directions; finite at Z = 0 (K log(floor) / 2)."""
+    """0.5 logdet(Z Z^T / s + floor I): one factor's Gaussian entropy within the span of its K directions, up to a
+    constant (Z Z^T the K x K Gram matrix); finite at Z = 0."""
     flat = directions.reshape(directions.shape[0], -1)
     flat = flat.to(torch.promote_types(flat.dtype, torch.float32))  # float32 at least (bf16 directions)
     gram = flat @ flat.T / scale + floor * torch.eye(flat.shape[0], device=flat.device, dtype=flat.dtype)
@@ -380,10 +339,8 @@ class _LlmmLayerMixin:
 
 @torch.no_grad()
 def loftq_factors(weight: torch.Tensor, rank: int, scaling: float, config, absmax_dtype=None):
-    """LoftQ for one weight as the layer stores it: (Q, M_A, M_B) with W ~ Q + scaling * M_B M_A.
-
-    With ``config.loftq_compensate_scaling`` (default) the 1/scaling is split evenly over both factors; without
-    it the factors are written as LoftQ returns them (the reference's behaviour: W ~ Q + B A only at scaling 1)."""
+    """LoftQ for one weight: (Q, M_A, M_B) with W ~ Q + scaling * M_B M_A; 1/scaling is split over both factors
+    unless ``config.loftq_compensate_scaling`` is off (the reference: W ~ Q + B A only at scaling 1)."""
     loftq = config.loftq_config
     q_weight, factor_A, factor_B = loftq_init(
         weight, bits=loftq["loftq_bits"], rank=rank, num_iter=loftq["loftq_iter"], method=config.loftq_method,

@@ -60,7 +60,7 @@ def calibration_metrics(probs, labels, n_bins: int = ECE_BINS) -> dict[str, floa
 
 def reliability_bins(probs, labels, n_bins: int = ECE_BINS) -> dict[str, list]:
     """The reliability diagram's bins, as ``ece`` forms them: per bin the count, mean confidence and accuracy
-    (None for an empty bin); sum_b count_b / n * |accuracy_b - confidence_b| is the ECE."""
+    (None for an empty bin)."""
     probs, labels = _check(probs, labels)
     confidence, correct = probs.max(axis=1), (probs.argmax(axis=1) == labels)
     bins = np.digitize(confidence, np.linspace(0.0, 1.0, n_bins + 1)[1:-1], right=True)

@@ -8,9 +8,8 @@
     with noise_width(model, 2.0): ...                          # evaluate with the noise m = 2 times as wide
     loss = loss - entropy_weight(step, lam, warmup) * entropy(model)   # the optional entropy term
 
-Saved adapters hold the directions under ``<layer>.lora_llmm_A.weight`` (the ``FactorDirections`` submodule's
-weight); adapters written before that (``<layer>.lora_llmm_A``) load unchanged: ``load_llmm_model`` and
-``init_from_adapter`` rename their keys (``convert_legacy_directions``)."""
+Adapters saved before the directions became ``FactorDirections`` submodules (keys ``<layer>.lora_llmm_A``, today
+``<layer>.lora_llmm_A.weight``) load unchanged (``convert_legacy_directions``)."""
 
 from __future__ import annotations
 
@@ -42,13 +41,11 @@ def is_direction_key(key: str) -> bool:
 
 
 def convert_legacy_directions(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename the direction keys of an adapter saved before the directions became submodules (``.lora_llmm_A`` ->
-    ``.lora_llmm_A.weight``); other keys pass unchanged."""
+    """Rename legacy direction keys (``.lora_llmm_A`` -> ``.lora_llmm_A.weight``); other keys pass unchanged."""
     return {f"{key}.weight" if key.endswith(DIRECTION_KEYS) else key: value for key, value in state.items()}
 
 
 def _check_targets(model: torch.nn.Module, config: LlmmConfig) -> None:
-    """Fail before wrapping if a targeted module is not a supported linear / embedding layer or is narrower than r."""
     if config.target_modules is None:
         return  # PEFT picks the architecture's defaults; llmm_layers() checks the result after wrapping
     allowed = (*CUSTOM_MODULES, *EMBEDDING_MODULES)
@@ -82,10 +79,9 @@ def llmm_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 def keep_cpu_4bit_trainable(model: torch.nn.Module) -> None:
     """Keep bitsandbytes' CPU Linear4bit layers trainable after an evaluation (for training only).
 
-    bitsandbytes 0.50 repacks a CPU Linear4bit for inference at its first no-grad forward in eval mode; from then
-    on backward skips the input gradient through that layer (its packed gemv has no autograd kernel), silently
-    zeroing the gradient of every adapter below it. Models loaded for evaluation keep bitsandbytes' default (the
-    packed bf16 kernel on CPUs with AVX512-BF16), as plain PEFT and lm-eval do. CUDA layers never take that path."""
+    bitsandbytes 0.50 repacks a CPU Linear4bit for inference at its first no-grad forward in eval mode; its packed
+    gemv has no autograd kernel, so backward then silently zeroes the gradient of every adapter below that layer.
+    Models loaded for evaluation keep bitsandbytes' default, as plain PEFT and lm-eval do."""
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             if not hasattr(module, "support_avx512bf16_for_cpu"):
@@ -95,7 +91,7 @@ def keep_cpu_4bit_trainable(model: torch.nn.Module) -> None:
 
 
 def noise_source(model: torch.nn.Module) -> NoiseSource:
-    """The generator the model's Llmm layers draw their noise from (one per model, see ``llmm.noise.NoiseSource``)."""
+    """The ``NoiseSource`` the model's Llmm layers draw their noise from."""
     sources = {id(layer.__dict__.get("llmm_noise")): layer.__dict__.get("llmm_noise") for layer in llmm_layers(model)}
     if len(sources) != 1 or None in sources.values():
         raise ValueError("the model's Llmm layers do not share one noise generator: call llmm.seed_noise(model, seed)")
@@ -105,10 +101,8 @@ def noise_source(model: torch.nn.Module) -> NoiseSource:
 def seed_noise(model: torch.nn.Module, seed: int | None = None, process_index: int = 0) -> NoiseSource:
     """Seed the model's Llmm noise generator with (``seed``, ``process_index``), creating it if the model has none.
 
-    The noise never touches torch's global generator, so seeding torch does not seed it: call this (the training
-    scripts do, with the run's seed and the process index). ``get_llmm_model`` / ``load_llmm_model`` give a new
-    model a generator seeded from ``torch.initial_seed()`` (the last ``torch.manual_seed``), so a script that seeds
-    torch before building the model is repeatable as it is. ``seed=None``: ``torch.initial_seed()``."""
+    Seeding torch does not seed it, but ``get_llmm_model`` / ``load_llmm_model`` seed a new model's generator from
+    ``torch.initial_seed()`` (also ``seed=None``), so a script that seeds torch first is repeatable as it is."""
     seed = torch.initial_seed() if seed is None else seed
     layers = llmm_layers(model)
     if not layers:
@@ -155,11 +149,8 @@ def _load_adapter_weights(adapter_dir: str) -> dict[str, torch.Tensor]:
 
 def load_llmm_model(base_model: torch.nn.Module, adapter_dir: str, is_trainable: bool = False, k: int | None = None,
                     **overrides) -> PeftModel:
-    """Load an Llmm adapter onto ``base_model``, restoring every M and Z exactly.
-
-    ``k``: the K the caller expects (an adapter with another K is an error). ``overrides`` set config fields
-    that do not change shapes (``eval_noise``, ``scale``, ``scaled_gradient``, ``lora_dropout``, ``noise_per_example``,
-    ``noise_width``)."""
+    """Load an Llmm adapter onto ``base_model``, restoring every M and Z exactly. ``k``: the K expected, if given;
+    ``overrides``: config fields that do not change shapes."""
     if not os.path.isdir(adapter_dir):
         raise FileNotFoundError(f"adapter directory {adapter_dir!r} does not exist")
     config = LlmmConfig.from_pretrained(adapter_dir)
@@ -200,11 +191,8 @@ def load_llmm_model(base_model: torch.nn.Module, adapter_dir: str, is_trainable:
 
 
 def init_from_adapter(model: torch.nn.Module, init_dir: str, config: LlmmConfig) -> PeftModel:
-    """Wrap ``model`` with ``config`` and start from the LoftQ means of an init adapter (``_init.sh``'s llmm_init/).
-
-    The init's r and lora_alpha must be ``config``'s (the LoftQ means depend on both) and its directions must be
-    zero (an init, not a trained adapter), so any K, 0 for the LoftQ baseline, starts from exactly the same model.
-    Everything else ``config`` adds (directions, modules_to_save heads) starts as it would in get_llmm_model."""
+    """Wrap ``model`` with ``config`` and start from the LoftQ means of an init adapter (``_init.sh``'s llmm_init/),
+    whose r and lora_alpha must be ``config``'s and directions zero: any K starts from exactly the same model."""
     saved = LlmmConfig.from_pretrained(init_dir)
     if (saved.r, saved.lora_alpha) != (config.r, config.lora_alpha):
         raise ValueError(f"{init_dir!r} holds LoftQ means for r={saved.r}, lora_alpha={saved.lora_alpha} but the "
@@ -226,7 +214,6 @@ def init_from_adapter(model: torch.nn.Module, init_dir: str, config: LlmmConfig)
 
 
 def _is_mean(key: str) -> bool:
-    """A state-dict key of a factor mean: a linear layer's lora_A/B weight or an embedding's lora_embedding_A/B."""
     parts = key.split(".")
     return parts[-2] in ("lora_A", "lora_B") or parts[-1] in ("lora_embedding_A", "lora_embedding_B")
 
@@ -234,10 +221,9 @@ def _is_mean(key: str) -> bool:
 def frozen_embedding_bases(peft_model: PeftModel) -> list[str] | None:
     """State-dict keys of the base weights of adapted input-embedding / LM-head layers if all are frozen, else None.
 
-    PEFT's ``save_embedding_layers="auto"`` saves those base weights with every adapter once such a layer is
-    targeted (a full LM head: ~113 MB for a 135M model, GBs for 7B); frozen, they equal the backbone's that the
-    adapter is loaded onto, so a saved adapter leaves them out. A trained table is kept; a vocabulary resized
-    before adapting is not detected: save such a model with ``save_pretrained(save_embedding_layers=True)``."""
+    PEFT's ``save_embedding_layers="auto"`` saves them with every adapter (GBs for a 7B LM head); frozen, they equal
+    the backbone's, so a saved adapter leaves them out. A vocabulary resized before adapting is not detected: save
+    such a model with ``save_pretrained(save_embedding_layers=True)``."""
     tables = {id(t) for t in (peft_model.get_input_embeddings(), peft_model.get_output_embeddings())
               if isinstance(t, BaseTunerLayer)}
     layers = {name: module for name, module in peft_model.named_modules() if id(module) in tables}
@@ -250,17 +236,14 @@ WRAPPER_SEGMENTS = ("_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig
 
 
 def unwrapped_name(name: str) -> str:
-    """A module or state-dict name without the segments wrappers add (FSDP1 units, activation checkpointing,
-    torch.compile), wherever they appear: the name in the unwrapped model."""
+    """A module or state-dict name without the segments wrappers add (FSDP1, activation checkpointing, compile)."""
     return ".".join(part for part in name.split(".") if part not in WRAPPER_SEGMENTS)
 
 
 def adapter_state_dict(peft_model: PeftModel, state_dict=None, adapter_name: str = "default",
                        save_embedding_layers="auto") -> dict[str, torch.Tensor]:
-    """PEFT's ``get_peft_model_state_dict`` (the adapter's tensors, keyed as in a saved adapter) for a model whose
-    modules may sit inside wrappers. PEFT 0.21 matches the state dict against its module names and strips only a
-    leading ``_fsdp_wrapped_module.``: under nested FSDP1 units it selects nothing. Here the state dict (keys with
-    or without wrapper segments) is keyed as PEFT names the modules, and the selection keyed back unwrapped."""
+    """PEFT's ``get_peft_model_state_dict`` for a model whose modules may sit inside wrappers, keyed unwrapped.
+    PEFT 0.21 strips only a leading ``_fsdp_wrapped_module.``, so under nested FSDP1 units it selects nothing."""
     state = peft_model.state_dict() if state_dict is None else state_dict
     state = {unwrapped_name(key): value for key, value in state.items()}
     seen = {unwrapped_name(name): name.removeprefix("_fsdp_wrapped_module.") for name, _ in peft_model.named_modules()}
@@ -273,7 +256,7 @@ def adapter_state_dict(peft_model: PeftModel, state_dict=None, adapter_name: str
 
 
 def _wrapped_key(key: str, wrapped: dict[str, str]) -> str:
-    """``key`` with its longest module prefix found in ``wrapped`` (unwrapped name -> PEFT's name) replaced."""
+    """``key`` with its longest module prefix found in ``wrapped`` replaced by PEFT's name."""
     parts = key.split(".")
     for end in range(len(parts) - 1, 0, -1):
         module = ".".join(parts[:end])
@@ -294,8 +277,7 @@ def _saveable(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def nonempty(selected: dict[str, torch.Tensor], state_dict) -> dict[str, torch.Tensor]:
-    """``selected`` (an adapter's tensors picked from a state dict); a ValueError if it is empty: an adapter file
-    without tensors loads as an untrained adapter, so it is never written."""
+    """``selected``, or a ValueError if it is empty: an adapter file without tensors loads as an untrained one."""
     if not selected:
         keys = None if state_dict is None else list(state_dict)
         where = "the model's state dict" if keys is None else f"the {len(keys)} given state-dict keys {keys[:2]}"
@@ -305,25 +287,20 @@ def nonempty(selected: dict[str, torch.Tensor], state_dict) -> dict[str, torch.T
 
 
 def _embedding_option(peft_model: PeftModel) -> dict:
-    """PEFT's save option that leaves frozen embedding / LM-head base weights out (``frozen_embedding_bases``)."""
     return {"save_embedding_layers": False} if frozen_embedding_bases(peft_model) else {}
 
 
 def adapter_weights(peft_model: PeftModel, state_dict=None) -> dict[str, torch.Tensor]:
-    """The tensors ``save_llmm_adapter`` writes (M, Z; ``adapter_state_dict``, without frozen embedding / LM-head
-    base weights), ready for safetensors; ``state_dict`` as there. Empty: a ValueError (``nonempty``)."""
+    """The tensors ``save_llmm_adapter`` writes, ready for safetensors."""
     return _saveable(nonempty(adapter_state_dict(peft_model, state_dict, **_embedding_option(peft_model)), state_dict))
 
 
 def save_llmm_adapter(peft_model: PeftModel, out_dir: str, overwrite: bool = False, state_dict=None) -> str:
-    """``peft_model.save_pretrained(out_dir)`` (M, Z and the llmm config, without frozen embedding / LM-head base
-    weights: ``frozen_embedding_bases``), written atomically. ``state_dict``: the model's tensors to take instead of
-    its own (a sharded model's gathered ones: llmm.sharding.gathered_state_dict); the tensors are selected by
-    ``adapter_state_dict``, so a model inside nested FSDP1 units saves them too; none selected: a ValueError."""
+    """``peft_model.save_pretrained(out_dir)`` without frozen embedding / LM-head base weights, atomically.
+    ``state_dict``: tensors to take instead of the model's own (a sharded model's: ``gathered_state_dict``)."""
     weights = adapter_weights(peft_model, state_dict)
     with atomic_dir(out_dir, overwrite) as tmp_dir:
-        # PEFT writes the config and model card (its weights file is then replaced by the selection above: under
-        # nested FSDP1 units PEFT's own selection is empty; an empty state_dict would break modules_to_save).
+        # PEFT writes the config and model card; its weights file, empty under nested FSDP1 units, is replaced.
         peft_model.save_pretrained(tmp_dir, state_dict=state_dict, **_embedding_option(peft_model))
         save_file(weights, os.path.join(tmp_dir, ADAPTER_WEIGHTS), metadata={"format": "pt"})
     return out_dir
@@ -331,8 +308,7 @@ def save_llmm_adapter(peft_model: PeftModel, out_dir: str, overwrite: bool = Fal
 
 def export_mean_adapter(peft_model: PeftModel, out_dir: str, adapter_name: str = "default", overwrite: bool = False,
                         state_dict=None) -> str:
-    """Write the mean adapter (A = M_A, B = M_B) as a plain PEFT LoRA adapter, atomically; returns ``out_dir``.
-    ``state_dict``: as for ``save_llmm_adapter``."""
+    """Write the mean adapter (A = M_A, B = M_B) as a plain PEFT LoRA adapter, atomically; returns ``out_dir``."""
     if adapter_name not in peft_model.peft_config:
         raise ValueError(f"the model has no adapter {adapter_name!r} (its adapters: {sorted(peft_model.peft_config)}): "
                          "pass one of those as adapter_name")
@@ -374,11 +350,8 @@ def noise_mode(model: torch.nn.Module, mode: str):
 
 @contextlib.contextmanager
 def noise_width(model: torch.nn.Module, multiplier: float):
-    """Temporarily draw every Llmm factor's noise ``multiplier`` times as wide: F~ = M + m sum_k eps_k Z[k] / sqrt(s).
-
-    m = 1 is the paper (bit for bit), m = 0 the mean network; it acts wherever the layers sample (eval with
-    ``noise_mode(model, "sample")``, Monte-Carlo prediction, training). Choose m on validation data with
-    ``llmm.width.choose_noise_width``; the value in use is each layer's ``llmm_settings[adapter]["width"]``."""
+    """Temporarily draw every Llmm factor's noise ``multiplier`` times as wide: F~ = M + m sum_k eps_k Z[k] / sqrt(s)
+    (m = 1 the paper, m = 0 the mean network), wherever the layers sample."""
     if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or not 0 <= multiplier < float("inf"):
         raise ValueError(f"the noise width multiplier must be a finite number >= 0, got {multiplier!r}")
     with _setting(model, "width", float(multiplier)):
@@ -386,12 +359,8 @@ def noise_width(model: torch.nn.Module, multiplier: float):
 
 
 def entropy(model: torch.nn.Module, floor: float = 1e-6) -> torch.Tensor:
-    """The optional entropy term: sum over Llmm layers, adapters and factors of 0.5 logdet(Z Z^T / s + floor I).
-
-    Z Z^T is the K x K Gram matrix of a factor's flattened directions: the Gaussian's entropy within the span of its
-    directions, up to a constant; ``floor`` > 0 keeps it finite at Z = 0 (where its gradient is 0). The training
-    objective with it is ``loss - lambda * entropy(model)`` (``entropy_weight`` for lambda's warm-up); lambda = 0
-    is the paper. A differentiable float32 scalar on the directions' device."""
+    """The optional entropy term, sum over layers, adapters and factors of ``factor_entropy``: the training loss is
+    ``loss - lambda * entropy(model)``. A differentiable float32 scalar on the directions' device."""
     if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 < floor < float("inf"):
         raise ValueError(f"the entropy floor must be a finite number > 0, got {floor!r}")
     terms = [factor_entropy(directions, layer.llmm_settings[name]["scale"], floor)

@@ -1,21 +1,17 @@
 """The Llmm noise: where every eps comes from (one generator per device per model, and Monte-Carlo network streams).
 
 A model's Llmm layers share one ``NoiseSource`` (``layer.llmm_noise``). It never touches torch's global generator,
-so a K > 0 run consumes exactly the global random numbers a K = 0 run does: runs of different methods with the same
-seed share data order and dropout masks (common random numbers).
+so runs of different methods (K > 0 or K = 0) with the same seed share data order and dropout masks (common random
+numbers). A layer's eps for one model forward (``NoiseSource.eps``) is:
 
-A layer asks for its eps once per model forward (``eps``); the answer has one of two shapes:
-
-- ``(2, K)``: one draw per factor (A and B) shared by the whole batch (the paper; ``noise_per_example=False``);
+- ``(2, K)``: one draw per factor (A and B) shared by the whole batch (the paper);
 - ``(2, rows, K)``: one draw per example (leading batch dimension), with ``noise_per_example=True``;
-- ``(2, N, K)`` while ``networks(streams)`` is active: Monte-Carlo evaluation of N networks in one forward over the
-  batch repeated N times (rows = N x batch, copy n = rows n*batch ... (n+1)*batch - 1), copy n drawing from its own
-  stream n (with ``noise_per_example``: (2, rows, K), copy n's rows from stream n). One network's draws are the
-  same whether it runs alone (N = 1) or batched with others.
+- ``(2, N, K)`` while ``networks(streams)`` is active: N Monte-Carlo networks in one forward over the batch
+  repeated N times, copy n drawing from stream n (per example: (2, rows, K)). A network's draws are the same
+  whether it runs alone or batched with others.
 
-``mc_streams(seed, n)`` derives the N networks' generators with ``numpy.random.SeedSequence(seed).spawn(n)``: the
-networks of different seeds are independent streams (seed 1 and seed 2 share no network), and drawing them never
-advances the training generators."""
+``mc_streams(seed, n)`` derives the N networks' generators with ``numpy.random.SeedSequence(seed).spawn(n)``:
+independent across seeds, and drawing them never advances the training generators."""
 
 from __future__ import annotations
 
@@ -27,9 +23,9 @@ import torch
 from torch import nn
 
 
-def _torch_seed(sequence: np.random.SeedSequence) -> int:
+def _generator(device: torch.device, sequence: np.random.SeedSequence) -> torch.Generator:
     words = sequence.generate_state(2, np.uint32)
-    return int(words[0]) << 32 | int(words[1])
+    return torch.Generator(device=device).manual_seed(int(words[0]) << 32 | int(words[1]))
 
 
 class NoiseStreams:
@@ -51,13 +47,13 @@ class NoiseStreams:
     def for_device(self, device: torch.device) -> list[torch.Generator]:
         key = str(device)
         if key not in self.generators:
-            self.generators[key] = [torch.Generator(device=device).manual_seed(_torch_seed(np.random.SeedSequence(
-                child.entropy, spawn_key=(*child.spawn_key, zlib.crc32(key.encode()))))) for child in self.children]
+            self.generators[key] = [_generator(device, np.random.SeedSequence(
+                child.entropy, spawn_key=(*child.spawn_key, zlib.crc32(key.encode())))) for child in self.children]
         return self.generators[key]
 
 
 def check_mc_samples(mc_samples) -> int:
-    """The Monte-Carlo network count, an integer >= 1 (the one check of the library's functions that take it)."""
+    """The Monte-Carlo network count, checked to be an integer >= 1."""
     if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
         raise ValueError(f"mc_samples must be an integer >= 1, got {mc_samples!r}")
     return mc_samples
@@ -73,14 +69,10 @@ def mc_streams(seed: int, mc_samples: int) -> NoiseStreams:
 class NoiseSource:
     """The Llmm noise of one model: a torch.Generator per device, seeded from (seed, process index, device).
 
-    Every Llmm layer of the model points to it (``layer.llmm_noise``); ``llmm.seed_noise(model, seed)`` re-seeds
-    it and ``state_dict`` / ``load_state_dict`` carry it through checkpoints. A forward pre-hook on the wrapped
-    backbone calls ``new_forward`` at every model forward (so at every decoded token in generation); a layer draws
-    its eps (A and B) at its first call within a model forward and reuses it if called again within the same
-    forward. That reuse is what keeps gradient checkpointing exact: checkpointing re-runs the layers in backward
-    and restores only torch's own RNG states, not this generator, so the re-run finds the eps of its forward.
-    (Hence, with gradient checkpointing, backward a forward before the model's next forward, as every training
-    loop does.) Drawing is a device kernel: no host synchronisation."""
+    A forward pre-hook on the backbone calls ``new_forward`` at every model forward (every decoded token); a layer
+    draws its eps at its first call within a model forward and reuses it within the same forward. That keeps
+    gradient checkpointing exact: its re-run in backward restores torch's RNG states, not this generator, and finds
+    the eps of its forward (so backward a forward before the next one, as every training loop does)."""
 
     def __init__(self, seed: int, process_index: int = 0):
         self.forward_id = 0
@@ -88,7 +80,6 @@ class NoiseSource:
         self.seed(seed, process_index)
 
     def seed(self, seed: int, process_index: int = 0) -> None:
-        """Restart every device's stream from (seed, process_index)."""
         for name, value in (("seed", seed), ("process_index", process_index)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"noise {name} must be an integer >= 0, got {value!r}")
@@ -99,12 +90,11 @@ class NoiseSource:
     def generator(self, device: torch.device) -> torch.Generator:
         key = str(device)
         if key not in self.generators:
-            sequence = np.random.SeedSequence([*self.entropy, zlib.crc32(key.encode())])
-            self.generators[key] = torch.Generator(device=device).manual_seed(_torch_seed(sequence))
+            self.generators[key] = _generator(device, np.random.SeedSequence([*self.entropy, zlib.crc32(key.encode())]))
         return self.generators[key]
 
     def new_forward(self, *_) -> None:
-        """A model forward begins: the layers draw fresh eps (signature of a forward pre-hook)."""
+        """A model forward begins: the layers draw fresh eps."""
         self.forward_id += 1
 
     @contextlib.contextmanager
@@ -120,10 +110,7 @@ class NoiseSource:
 
     def eps(self, layer: nn.Module, adapter_name: str, k: int, device: torch.device, rows: int,
             per_example: bool = False) -> torch.Tensor:
-        """Standard normal draws for ``layer``'s factors A and B in the current model forward (``rows``: the batch).
-
-        (2, K), shared by the batch (the paper); (2, rows, K), one draw per example (``per_example``); while
-        Monte-Carlo networks are active, (2, N, K), one draw per network (per example: (2, rows, K))."""
+        """Standard normal draws for ``layer``'s factors A and B in the current model forward (shapes: see above)."""
         streams = self.streams
         key = (self.forward_id, rows if per_example or streams is not None else None, str(device))
         cache = layer.__dict__.setdefault("_llmm_eps", {})

@@ -7,11 +7,10 @@
     with atomic_dir("runs/x/adapter") as tmp:      # write into tmp; published by rename-or-fail on success
         model.save_pretrained(tmp)
 
-A lock is ``fcntl.flock`` on a hidden sibling file ``.<name>.lock``: the kernel releases it when its process dies
-(even by kill -9), so a stale lock file never blocks anyone. It is re-entrant within a process (the scripts and the
-library take it at several levels). Temporary directories are hidden siblings ``.<name>.<random>`` holding a
-``.llmm-partial`` marker; a later writer to the same place removes those (it holds the lock, so their writer is
-gone) and names any other leftover it does not recognise."""
+A lock is ``fcntl.flock`` on a hidden sibling ``.<name>.lock``: the kernel releases it when its process dies (even
+by kill -9), so a stale lock file never blocks anyone; it is re-entrant within a process. Temporary directories are
+hidden siblings ``.<name>.<random>`` holding a ``.llmm-partial`` marker; the next writer (holding the lock) removes
+them."""
 
 from __future__ import annotations
 
@@ -145,8 +144,7 @@ def dir_lock(path: str | Path):
 
 
 def protected_reason(path: str | Path) -> str | None:
-    """Why ``path`` must never be removed (the current directory or one above it, $HOME, /, a git repository or one
-    above it), or None."""
+    """Why ``path`` must never be removed, or None."""
     target = Path(os.path.realpath(_check_nonempty_name(path)))
     cwd = Path(os.path.realpath(os.getcwd()))
     if target == Path(target.anchor):
@@ -163,8 +161,7 @@ def protected_reason(path: str | Path) -> str | None:
 
 
 def recognisably_ours(path: str | Path) -> bool:
-    """An empty directory, one holding a file llmm writes into every run / save directory (RUN_FILES), or one
-    directly inside a run directory (marked RUN_MARKER)."""
+    """An empty directory, one holding a RUN_FILES file, or one directly inside a run directory (RUN_MARKER)."""
     path = Path(os.path.abspath(path))
     return path.is_dir() and (not any(path.iterdir()) or any((path / name).exists() for name in RUN_FILES)
                               or (path.parent / RUN_MARKER).is_file())
@@ -175,10 +172,8 @@ def _llmm_name(name: str, patterns) -> bool:
 
 
 def foreign_entries(path: str | Path) -> list[str]:
-    """The entries at the top of directory ``path`` that llmm did not write (sorted names): files outside
-    LLMM_FILE_PATTERNS (and LLMM_FILES_BESIDE), directories that neither have an llmm name (LLMM_DIR_PATTERNS) nor
-    hold a run file nor hold only llmm files (test_mcq's per-rule plots: ``llmm_tfb/reliability-*.png``; empty
-    when interrupted), and hidden entries other than llmm's markers, locks and temporary siblings."""
+    """The sorted names at the top of ``path`` that llmm did not write. A directory is llmm's if it has an llmm name,
+    holds a run file, or holds only llmm files (test_mcq's per-rule plots ``llmm_tfb/reliability-*.png``)."""
     path = Path(path)
     names = {entry.name for entry in path.iterdir()}
     files = LLMM_FILE_PATTERNS + tuple(p for key, extra in LLMM_FILES_BESIDE.items() if key in names for p in extra)
@@ -201,8 +196,7 @@ def foreign_entries(path: str | Path) -> list[str]:
 
 
 def check_removable(path: str | Path, flag: str = "--overwrite") -> None:
-    """Raise unless ``path`` may be replaced: an llmm run / save directory, not protected, not a symbolic link,
-    holding nothing but what llmm writes (foreign_entries)."""
+    """Raise unless ``path`` is an llmm directory (not protected, not a link, no foreign entries) to replace."""
     if Path(path).is_symlink():
         raise FileExistsError(f"refusing to replace {str(path)!r} ({flag}): it is a symbolic link (to "
                               f"{os.path.realpath(path)!r}); pass the directory it points to, or another output "
@@ -221,14 +215,8 @@ def check_removable(path: str | Path, flag: str = "--overwrite") -> None:
                               "directory (or remove it yourself)")
 
 
-def remove_run_dir(path: str | Path, flag: str = "--overwrite") -> None:
-    """Remove an llmm run / save directory (checked with check_removable first)."""
-    check_removable(path, flag)
-    shutil.rmtree(path)
-
-
 def make_temp_dir(out_dir: Path) -> Path:
-    """A hidden sibling ``.<name>.<random>`` of ``out_dir`` with the PARTIAL_MARKER, permissions as mkdir gives."""
+    """A hidden sibling ``.<name>.<random>`` of ``out_dir`` marked PARTIAL_MARKER, with mkdir's permissions."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     mask = os.umask(0)
     os.umask(mask)
@@ -237,29 +225,22 @@ def make_temp_dir(out_dir: Path) -> Path:
     return tmp
 
 
-def clean_orphans(out_dir: str | Path) -> list[Path]:
-    """Remove the temporary siblings ``.<name>.*`` of ``out_dir`` that a killed writer left (marked PARTIAL_MARKER);
-    log any other hidden sibling of that pattern. Call it holding ``out_dir``'s lock. Returns what was removed."""
-    out_dir = Path(os.path.abspath(out_dir))
-    removed = []
-    if not out_dir.parent.is_dir():
-        return removed
+def clean_orphans(out_dir: Path) -> None:
+    """Remove the temporary siblings a killed writer left (marked PARTIAL_MARKER), log others; hold the lock."""
     for path in out_dir.parent.glob(f".{out_dir.name}.*"):
         if not path.is_dir() or path.is_symlink():
             continue
         if (path / PARTIAL_MARKER).is_file():
             shutil.rmtree(path, ignore_errors=True)
             logger.warning("removed %s, the temporary directory of an interrupted write", path)
-            removed.append(path)
         else:
             logger.warning("found %s beside %s, left by an interrupted write? Not recognisably llmm's, so kept: "
                            "remove it yourself if it is not needed", path, out_dir)
-    return removed
 
 
 def check_new_dir(out_dir: str | Path, overwrite: bool = False) -> None:
-    """``out_dir`` may be written: not a file, not locked by another process, empty / absent unless ``overwrite``,
-    and, if overwritten, an llmm directory that is not protected. Creates nothing."""
+    """Raise unless ``out_dir`` may be written: not a file, not locked, empty / absent, or removable with
+    ``overwrite``. Creates nothing."""
     out_dir = _check_nonempty_name(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"output directory {str(out_dir)!r} is a file: choose another directory")
@@ -283,8 +264,8 @@ def check_new_dir(out_dir: str | Path, overwrite: bool = False) -> None:
 
 
 def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
-    """Rename ``tmp`` to ``out_dir``, failing rather than replacing a non-empty directory unless ``overwrite``.
-    An old ``out_dir`` is first renamed aside (and marked as temporary), so a crash never leaves neither."""
+    """Rename ``tmp`` to ``out_dir``; an old ``out_dir`` (``overwrite``) is first renamed aside into a marked
+    temporary directory, so a crash never leaves neither."""
     (tmp / PARTIAL_MARKER).unlink()
     aside = None
     if out_dir.is_dir() and any(out_dir.iterdir()):
@@ -310,9 +291,8 @@ def _publish(tmp: Path, out_dir: Path, overwrite: bool) -> None:
 
 @contextlib.contextmanager
 def atomic_dir(out_dir: str | Path, overwrite: bool = False):
-    """Yield a temporary sibling directory that becomes ``out_dir`` only once the block succeeds: ``out_dir`` is
-    locked for the block, checked (check_new_dir) before and again at the end, and published by rename-or-fail (a
-    crash mid-write leaves ``out_dir`` as it was). Temporary directories of earlier interrupted writes are removed."""
+    """Yield a temporary sibling that becomes ``out_dir`` only once the block succeeds (locked, checked before and
+    after, published by rename-or-fail: a crash mid-write leaves ``out_dir`` as it was)."""
     out_dir = Path(os.path.abspath(_check_nonempty_name(out_dir)))
     check_new_dir(out_dir, overwrite)
     with dir_lock(out_dir):
@@ -334,10 +314,8 @@ def _resolved(path) -> Path:
 
 
 def _paths(value) -> list:
-    if value is None:
-        return []
-    return [v for v in ([value] if isinstance(value, (str, os.PathLike)) else list(value)) if v is not None
-            and str(v).strip()]
+    values = [value] if value is None or isinstance(value, (str, os.PathLike)) else value
+    return [v for v in values if v is not None and str(v).strip()]
 
 
 # Files of an input directory the commands read: a single output file may never take one of these names there.
@@ -346,20 +324,16 @@ READ_FILES = RUN_FILES + ("config.json", "model*.safetensors", "adapter_model.sa
 
 
 def _clobbers_input(file: Path) -> bool:
-    """Whether an output ``file`` inside an input directory would replace what is read there: a file of a name
-    llmm reads (READ_FILES: results.json, settings.json, data files, ...), or any file in a saved model / adapter."""
+    """Whether an output ``file`` in an input directory replaces what is read there (READ_FILES, a saved model)."""
     return _llmm_name(file.name, READ_FILES) or any((file.parent / name).is_file()
                                                       for name in ("config.json", "adapter_config.json"))
 
 
 def check_outputs_apart(outputs: dict, inputs: dict, files: tuple[str, ...] = ()) -> None:
-    """Raise ValueError (one line naming both flags) when an output is, contains or lies inside an input.
+    """Raise ValueError when an output is, contains or lies inside an input (flag -> path or paths; hub ids skipped).
 
-    ``outputs`` and ``inputs`` map a flag ("--output_dir", "--runs") to a path or a list of paths (None and hub ids
-    that are no local path are skipped: nothing local can be lost). Paths are compared resolved (``~``, relative
-    paths, symbolic links). The outputs named in ``files`` are single files (a table's ``--output``): such a file
-    may lie inside an input directory (``runs/mcq/table.md`` beside the runs it gathers, ``RUN/eval/mean.json``)
-    unless it would replace a file read there (``_clobbers_input``). Call it before anything is written."""
+    The outputs named in ``files`` are single files (a table's ``--output``): they may lie inside an input directory
+    (``runs/mcq/table.md``) unless they would replace a file read there."""
     for out_flag, out_value in outputs.items():
         for out_path in _paths(out_value):
             out = _resolved(out_path)
@@ -382,8 +356,7 @@ def check_outputs_apart(outputs: dict, inputs: dict, files: tuple[str, ...] = ()
 
 
 def check_output_file(path: str | Path, flag: str = "--output") -> None:
-    """A single output file (a table, a results.json) may be written at ``path``: not empty, not a directory
-    (``.``, an existing folder), its folder not a file. Creates nothing."""
+    """Raise unless a single output file may be written at ``path`` (not a directory, its folder not a file)."""
     if str(path).strip() == "":
         raise ValueError(f"{flag} is the empty string: pass a file name")
     path = Path(os.path.expanduser(str(path)))
@@ -396,9 +369,8 @@ def check_output_file(path: str | Path, flag: str = "--output") -> None:
 
 
 def check_output_dir(path: str | Path, overwrite: bool = False, resume: bool = False) -> None:
-    """``path`` may become this run's directory (nothing is written here): not a file, not in use by another
-    process; if it exists and is not empty, only with ``resume`` (continue it) or ``overwrite`` (replace it, and only
-    if it is recognisably an llmm directory that is not ``.``, a parent of it, a repository, $HOME or /)."""
+    """Raise unless ``path`` may become this run's directory: a non-empty one only with ``resume`` (continue it) or
+    ``overwrite`` (replace it, if check_removable allows). Creates nothing."""
     if not str(path).strip():
         raise ValueError("--output_dir is the empty string: pass a directory name")
     path = Path(path)
@@ -415,22 +387,21 @@ def check_output_dir(path: str | Path, overwrite: bool = False, resume: bool = F
 
 
 def prepare_output_dir(path: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
-    """Lock ``path`` for the rest of this process, check it again (check_output_dir), replace it if overwriting,
-    and create it with the run marker (which makes it recognisably llmm's for a later --overwrite)."""
+    """Lock ``path`` for the rest of this process, check it, replace it if overwriting, create it with RUN_MARKER."""
     check_output_dir(path, overwrite, resume)
     path = Path(path)
     acquire(path)  # held until the process ends (run_main gives it back)
     check_output_dir(path, overwrite, resume)  # again, now that no other process can change it
     if path.is_dir() and any(path.iterdir()) and overwrite and not resume:
-        remove_run_dir(path)
+        check_removable(path)
+        shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / RUN_MARKER).touch()
     return path
 
 
 def make_output_dir(path: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
-    """``prepare_output_dir`` on the main process only, the others waiting for it (torchrun / accelerate launch);
-    the main process holds the directory's lock."""
+    """``prepare_output_dir`` on the main process only, the others waiting for it (torchrun / accelerate launch)."""
     from accelerate import PartialState
 
     state = PartialState()

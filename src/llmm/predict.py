@@ -4,26 +4,18 @@
     probs = mc_predict(model, batch, 10, seed=0, batched=True)           # N networks in one forward
     scores = llmm.metrics.calibration_metrics(probs.numpy(), labels)
 
-Each network is one noise draw per factor per layer, shared by the whole batch (per example with
-``noise_per_example``), in eval mode (dropout off, every Llmm layer sampling: ``noise_mode(model, "sample")``).
-The result is p(y | x) ~= 1/N sum_n softmax(f(x; A~_n, B~_n)); with Z = 0 (or K = 0) every network is the mean
-network. The noise-width multiplier in force (``llmm.noise_width``) applies to every network.
+Each network is one noise draw per factor per layer (per example with ``noise_per_example``), in eval mode with
+every Llmm layer sampling: p(y | x) ~= 1/N sum_n softmax(f(x; A~_n, B~_n)).
 
-Where the networks' noise comes from:
+- ``seed=None`` (sequential only): the model's own generator, network after network, as in training.
+- ``seed`` given: network n draws from its own stream (``llmm.noise.mc_streams``), leaving the training generator
+  untouched; each call restarts the streams, so network n is the same network on every batch. ``batched=True``
+  runs the N networks in one forward over the batch repeated N times and equals the sequential run network for
+  network (bit for bit where the backbone's kernels do not depend on the batch size; DeBERTa within 1e-7). On one
+  CPU thread batching does not pay (benchmarks/bench_mc.py); it is meant for accelerators.
 
-- ``seed=None`` (sequential only): the model's own generator (``llmm.seed_noise(model, seed)``), network after
-  network, as in training.
-- ``seed`` given: network n draws from its own stream, ``numpy.random.SeedSequence(seed).spawn(N)[n]``
-  (``llmm.noise.mc_streams``, independent across seeds), leaving the model's training generator untouched. Each
-  call restarts the streams, so network n is the same network (the same draw in every layer) on every batch: N
-  fixed networks over a data set. ``batched=True`` runs the N networks in one forward over the batch repeated N
-  times (copy n draws from stream n; one LoRA path's FLOPs per layer, K + 1 paths with ``noise_per_example``); it
-  equals the sequential run (``batched=False``) network for network (bit for bit where the backbone's kernels do
-  not depend on the batch size: the tiny Llama of the tests; DeBERTa within 1e-7). On one CPU thread batching
-  does not pay (11.6x vs 9.4x the mean network at N = 10, benchmarks/bench_mc.py); it is meant for accelerators.
-
-``mc_regress`` averages the raw outputs instead (regression heads, e.g. STS-B); ``mc_letter_probs`` is the
-multiple-choice family's answer-letter distribution (``llmm.tasks.calibration.LetterHead``)."""
+``mc_regress`` averages the raw outputs instead (regression heads); ``mc_letter_probs`` is the multiple-choice
+family's answer-letter distribution."""
 
 from __future__ import annotations
 
@@ -38,7 +30,7 @@ LABEL_KEYS = ("labels", "label")
 
 
 def _repeat(inputs: dict, n: int) -> dict:
-    """The batch repeated n times along its leading dimension (copy n = rows n*batch ... (n+1)*batch - 1)."""
+    """The batch repeated n times along its leading dimension."""
     sizes = {value.shape[0] for value in inputs.values() if torch.is_tensor(value) and value.dim() > 0}
     if len(sizes) != 1:
         raise ValueError(f"batched Monte-Carlo needs every input tensor to lead with the batch size, got sizes {sizes}")
@@ -53,9 +45,8 @@ def _logits(output) -> torch.Tensor:
 @torch.no_grad()
 def sampled_outputs(model: torch.nn.Module, batch: Mapping, mc_samples: int, seed: int | None = None,
                     batched: bool = False, transform=None) -> torch.Tensor:
-    """(mc_samples, *output shape): the model's logits under mc_samples sampled networks, in eval mode; with
-    ``transform``, each network's float32 logits pass through it first (so a language model's (batch, tokens,
-    vocabulary) logits can be reduced network by network, e.g. to the labels' log-probabilities)."""
+    """(mc_samples, *output shape): the model's logits under mc_samples sampled networks, in eval mode, each
+    network's float32 logits passed through ``transform`` if given (to reduce an LM's logits network by network)."""
     transform = transform or (lambda logits: logits)
     check_mc_samples(mc_samples)
     if not llmm_layers(model):

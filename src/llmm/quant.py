@@ -9,8 +9,7 @@
 - ``loftq_init(w, bits, rank)``: T alternating steps Q <- quant(W - B A); (B, A) <- best rank-r fit of W - Q, by
   the exact SVD or by ``truncated_svd`` (randomized block Krylov, warm-started from the previous step).
 
-All of it is vectorised and stays on the weight's device (no host copy, no ``.item()``): memory is a few times the
-weight, never weight x levels and never a full SVD's factors when truncated."""
+All of it is vectorised and stays on the weight's device (no host sync); memory is a few times the weight."""
 
 from __future__ import annotations
 
@@ -52,13 +51,11 @@ def normal_float_code(bits: int) -> torch.Tensor:
 
 @cache
 def _rounding_tables(bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest-code lookup keyed by a float32's top 16 bits (sign, exponent, 7 mantissa bits: 65536 cells).
+    """Nearest-code lookup keyed by a float32's top 16 bits (65536 cells, each an interval of floats).
 
-    The nearest code of x is code[number of midpoints < x] (bitsandbytes' rounding, a tie going down). A cell is
-    an interval of floats; where it holds no midpoint every x in it has the same code, where it holds one (never
-    more: checked), x's code is the lower or the next one depending on x > that midpoint. Returns ``threshold``
-    (65536: the midpoint in the cell, else +inf) and ``values`` (131072: the cell's code below the threshold,
-    then the one above), so that code(x) = values[cell + 65536 * (x > threshold[cell])], exactly."""
+    The nearest code of x is code[number of midpoints < x] (bitsandbytes' rounding, a tie going down); a cell holds
+    at most one midpoint (checked). Returns ``threshold`` (the cell's midpoint, else +inf) and ``values`` (the
+    cell's code below it, then above), so that code(x) = values[cell + 65536 * (x > threshold[cell])], exactly."""
     if sys.byteorder != "little":
         raise RuntimeError("the normal-float lookup reads a float's high half as the second 16-bit word")
     code = normal_float_code(bits).double()
@@ -81,7 +78,6 @@ def _rounding_tables(bits: int, device: torch.device) -> tuple[torch.Tensor, tor
 
 
 def _normal_float_scratch(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Weight-sized temporaries of ``_normal_float`` (cell keys, gathered thresholds, comparisons), for reuse."""
     size, device = weight.numel(), weight.device
     return (torch.empty(size, dtype=torch.int32, device=device), torch.empty(size, device=device),
             torch.empty(size, dtype=torch.bool, device=device))
@@ -89,10 +85,8 @@ def _normal_float_scratch(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
 
 def _normal_float(weight: torch.Tensor, bits: int, block_size: int, absmax_dtype: torch.dtype | None,
                   out: torch.Tensor | None = None, scratch: tuple[torch.Tensor, ...] | None = None):
-    """Blockwise NF fake-quantization. ``out`` (float32, weight's shape, not ``weight``) receives the result and
-    ``scratch`` (``_normal_float_scratch``) holds the temporaries, so that a loop (LoftQ's) allocates nothing per
-    call: on a CPU a fresh weight-sized tensor costs about as much as a pass over it (its pages are mapped and
-    zeroed on first touch); together a third of the quantizer's time at 4096 x 4096."""
+    """Blockwise NF fake-quantization into ``out`` (float32, not ``weight``) with the temporaries in ``scratch``, so
+    that LoftQ's loop allocates nothing per call (on a CPU a fresh weight-sized tensor costs about a pass over it)."""
     threshold, values = _rounding_tables(bits, weight.device)
     flat = weight.reshape(-1).float()
     pad = (-flat.numel()) % block_size
@@ -107,9 +101,8 @@ def _normal_float(weight: torch.Tensor, bits: int, block_size: int, absmax_dtype
     scaled = (torch.mul(blocks, inverse, out=out.view(-1, block_size)) if out is not None and reuse
               else blocks * inverse).view(-1)
     cell_buffer, threshold_buffer, above_buffer = scratch if scratch is not None and reuse else (None, None, None)
-    # Nearest code by table lookup (``_rounding_tables``): a few memory-bound passes instead of a binary search
-    # per element (torch.bucketize over the midpoints was 4x slower on a CPU thread); no clamp needed, as every
-    # float has a cell and |x| > 1 rounds to the extreme code, as the clamped value did.
+    # Nearest code by table lookup: a few memory-bound passes (torch.bucketize was 4x slower on a CPU thread); no
+    # clamp needed, as every float has a cell and |x| > 1 rounds to the extreme code.
     high_half = scaled.view(torch.uint16)[1::2]  # the float's high half (little-endian)
     cell = high_half.to(torch.int32) if cell_buffer is None else cell_buffer.copy_(high_half)
     above = torch.gt(scaled, torch.index_select(threshold, 0, cell, out=threshold_buffer), out=above_buffer)
@@ -155,16 +148,12 @@ def truncated_svd(matrix: torch.Tensor, rank: int, oversampling: int, iterations
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``rank`` singular triplets of ``matrix`` (m x n) by a randomized block Krylov method.
 
-    A block of l = rank + oversampling columns (``start``, n x l, e.g. the previous call's right basis: a warm
-    start; else Gaussian) spans Y_0 = M start; each of ``iterations`` power steps adds Y_i = (M M^T) Y_{i-1},
-    orthogonalised against the earlier blocks. Keeping every block (not only the last one, as plain subspace
-    iteration does) is what makes this accurate on the nearly flat spectra of quantization residuals (Musco & Musco,
-    NeurIPS 2015). The exact SVD of the small projection K^T M (K = orthonormal basis of all blocks, at most l
-    (iterations + 1) columns) gives the triplets (Rayleigh-Ritz); its rows B_i^T M are the products the power steps
-    compute anyway, kept. Cost: 2 iterations + 2 products of M with an l-column block. Where K would span min(m, n)
-    columns anyway, the full SVD is the cheaper way to the same (exact) answer and is used. Returns ``(U_r, S_r,
-    Vh_r, right_basis)``, ``right_basis`` (n x l) being the top-l right singular vectors found, to warm-start the
-    next call."""
+    A block of l = rank + oversampling columns (``start``, n x l: a warm start, else Gaussian) spans Y_0 = M start;
+    each power step adds Y_i = (M M^T) Y_{i-1}, orthogonalised against the earlier blocks. Keeping every block is
+    what makes this accurate on the nearly flat spectra of quantization residuals (Musco & Musco, NeurIPS 2015).
+    The exact SVD of the small projection K^T M (K the basis of all blocks) gives the triplets (Rayleigh-Ritz);
+    where K would span min(m, n) columns, the full SVD is used. Returns ``(U_r, S_r, Vh_r, right_basis)``, the
+    top-l right singular vectors (n x l) to warm-start the next call."""
     rows, cols = matrix.shape
     width = rank + oversampling
     if width * (iterations + 1) >= min(rows, cols):
@@ -201,10 +190,8 @@ def loftq_init(weight: torch.Tensor, bits: int, rank: int, num_iter: int = 5, me
                svd_iters: int = 6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LoftQ: returns ``(q_weight, lora_A, lora_B)`` (float32, on ``weight``'s device) with W ~ Q + B @ A.
 
-    Each step: Q <- fake_quantize(W - B A); then B = U_r sqrt(S_r), A = sqrt(S_r) V_r^T from the top-r SVD of
-    W - Q: ``svd="exact"`` (torch.linalg.svd, all min(m, n) triplets) or ``"truncated"`` (``truncated_svd``,
-    started from the previous step's right basis; the first step from a fixed-seed Gaussian block, so the result
-    is deterministic and the global RNG is untouched)."""
+    Each step: Q <- fake_quantize(W - B A); then B = U_r sqrt(S_r), A = sqrt(S_r) V_r^T from the top-r SVD of W - Q
+    (``truncated_svd`` starts from a fixed-seed Gaussian block: deterministic, the global RNG untouched)."""
     check_quant_args(bits, method, block_size)
     check_svd_args(svd, svd_oversampling, svd_iters)
     if weight.dim() != 2:

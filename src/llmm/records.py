@@ -7,9 +7,8 @@ from pathlib import Path
 
 
 def read_json_records(path: str | Path) -> list[dict]:
-    """Records of a .json file (a list of objects, or {"data": [...]}) or of JSON lines (one object per line).
-
-    A .json file that is not one JSON document is read as JSON lines. Every record must be a JSON object."""
+    """Records of a .json file (a list of objects, or {"data": [...]}) or of JSON lines (one object per line, also
+    for a .json file that is not one JSON document). Every record must be a JSON object."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")

@@ -6,16 +6,10 @@
     if main_process: save_llmm_adapter(peft_model, "out/adapter", state_dict=state)
     check_sharded_launch(accelerator_state)     # accelerate asked for FSDP / DeepSpeed and will really use it
 
-Why an own FSDP1 policy: PEFT's ``fsdp_auto_wrap_policy`` wraps leaf modules with a trainable ``.weight``
-(``lora_A`` / ``lora_B``) as units of their own, and leaves everything else in the decoder layer's unit. The Llmm
-directions are bare parameters of the Llmm layer, so the decoder layer's flat parameter would mix them with frozen
-weights ("Must flatten tensors with uniform requires_grad", peft#1702). And the Llmm forward reads
-``lora_A[...].weight`` and the directions directly, without calling those submodules: an FSDP1 unit is gathered
-only while its own forward runs, so a separately wrapped ``lora_A`` (or a directions submodule) is never gathered.
-Wrapping the whole Llmm layer (its forward runs; all its own parameters are trainable adapter tensors) and its
-base layer (frozen) as two units satisfies both. FSDP2 shards per parameter and gathers a unit's parameters at
-the unit's forward, so decoder-layer units work as they are (mixed requires_grad and fp32 adapters over bf16
-weights included, torch 2.13)."""
+Why an own FSDP1 policy: an FSDP1 unit is gathered only while its own forward runs, and its flat parameter needs
+uniform requires_grad (peft#1702). Wrapping each whole Llmm layer (all its own parameters trainable, gathered for
+its forward) and its frozen base layer as two units satisfies both, where PEFT's policy wraps ``lora_A`` /
+``lora_B`` alone. FSDP2 shards per parameter, so decoder-layer units work as they are (torch 2.13)."""
 
 from __future__ import annotations
 
@@ -46,9 +40,8 @@ def decoder_layer_classes(model: nn.Module) -> set[type[nn.Module]]:
 
 
 def fsdp1_wrap_policy(model: nn.Module):
-    """An FSDP1 ``auto_wrap_policy`` for an Llmm model: its decoder layers, and inside them each Llmm layer and
-    that layer's base layer as units of their own (never ``lora_A`` / ``lora_B`` alone: see the module docstring).
-    Works with ``use_orig_params=False``, as FSDP-QLoRA needs."""
+    """An FSDP1 ``auto_wrap_policy``: the decoder layers, and inside them each Llmm layer and its base layer
+    (``use_orig_params=False`` works, as FSDP-QLoRA needs)."""
     from torch.distributed.fsdp.wrap import _or_policy, lambda_auto_wrap_policy, transformer_auto_wrap_policy
 
     units = llmm_units(model)
@@ -75,12 +68,9 @@ def shard_fsdp2(model: nn.Module, **kwargs) -> nn.Module:
 
 
 def gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The whole (not sharded) tensors of the model's trainable parameters (frozen ones left out, so the main
-    process never holds the whole backbone), on CPU, keyed as the unwrapped model's own state dict. Every process
-    calls it (it gathers); on an accelerator the main process gets them and the others an empty dict, on CPU every
-    process gets them (FSDP1's offload to CPU of CPU tensors frees them before they are read, torch 2.13). A model
-    that is not sharded gives its trainable tensors. Pass the result as ``state_dict`` to ``save_llmm_adapter`` /
-    ``export_mean_adapter`` on the main process."""
+    """The whole (not sharded) trainable tensors on CPU, keyed as the unwrapped model's state dict. Every process
+    calls it; on an accelerator the main process gets them and the others an empty dict, on CPU every process
+    (FSDP1's CPU offload of CPU tensors frees them before they are read, torch 2.13)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     on_accelerator = any(parameter.device.type != "cpu" for parameter in model.parameters())
@@ -89,22 +79,17 @@ def gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def requested_engine() -> str:
-    """What the launch asks for ("FSDP", "DEEPSPEED" or "none"), from the variables ``accelerate launch
-    --config_file`` sets; reads nothing else, so settings checks can use it before any process group exists."""
+    """What the launch asks for ("FSDP", "DEEPSPEED" or "none"), from the variables ``accelerate launch`` sets
+    (usable before any process group exists)."""
     asked = [engine for variable, engine in SHARDING_ENV.items() if os.environ.get(variable, "").lower() == "true"]
     return asked[0] if asked else "none"
 
 
 def check_sharded_launch(state=None) -> str:
-    """What the launch shards with ("FSDP", "DEEPSPEED" or "none"); raises ValueError when accelerate was asked
-    for FSDP / DeepSpeed (``accelerate launch --config_file configs/accelerate/...``) and would not use it.
-
-    accelerate 1.15 turns FSDP on only for accelerator backends (``AcceleratorState.__init__`` switches to
-    ``DistributedType.FSDP`` only for MULTI_GPU / MULTI_XPU / MULTI_NPU / ... processes): a CPU launch is MULTI_CPU
-    (gloo), with an ``fsdp_plugin`` or not, and runs plain DDP, every process holding the whole model, without a
-    word (the HF Trainer never calls ``fully_shard``). DeepSpeed needs its package. ``state``: the run's
-    ``AcceleratorState`` (its distributed_type is compared), or None: judged from ``PartialState().device`` alone,
-    so it can run before the Trainer exists and before anything is written."""
+    """What the launch shards with ("FSDP", "DEEPSPEED" or "none"); a ValueError when accelerate was asked for
+    FSDP / DeepSpeed and would not use it: accelerate 1.15 turns FSDP on only for accelerator backends, so a CPU
+    launch silently runs plain DDP. ``state``: the run's ``AcceleratorState``, or None: judged from
+    ``PartialState().device``, before the Trainer exists."""
     engine = requested_engine()
     if engine == "none":
         return "none"
@@ -129,8 +114,7 @@ def check_sharded_launch(state=None) -> str:
 
 
 def sharded_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
-    """Bytes this process holds of the model's frozen and trainable parameters and of the optimizer state (local
-    shards of DTensors)."""
+    """Bytes this process holds of the frozen and trainable parameters and the optimizer state (local shards)."""
     def local(tensor):
         tensor = tensor.to_local() if hasattr(tensor, "to_local") else tensor
         return tensor.numel() * tensor.element_size()

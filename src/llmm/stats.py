@@ -5,17 +5,11 @@
     summarize([60.1, 61.3, 59.8, 60.9])                      # n, median, mean, sd
     paired_difference({0: 61.0, 1: 60.2}, {0: 59.5, 1: 60.0})  # mean of method - baseline over shared seeds, 95 % CI
 
-A *cell* is every setting that defines an experiment except the seed (method, task, backbone, bits, rank, K, eval
-noise mode, Monte-Carlo samples, learning rate, ...), read from the ``cell`` record the training and test scripts
-write into results.json. Runs are pooled as seeds only when their cells are equal; runs that differ in anything else
-are different cells, shown as different rows (never averaged together). *Paired* compares a method with a baseline
-run on the same seeds: with common random numbers (the Llmm noise has its own generator) the two runs of one seed see
-the same data order, initialisation and dropout masks, so the per-seed difference removes most seed-to-seed noise.
-
-The interval is a percentile bootstrap of the mean paired difference: ``N_RESAMPLES`` = 10,000 resamples of the seeds
-with replacement from a generator seeded with ``BOOTSTRAP_SEED`` = 0 (so a table is reproducible). With n seeds
-there are at most n^n distinct resamples; with 4 seeds the percentile interval is coarse and somewhat too narrow,
-so read it as a guide, not a test. One seed gives no interval.
+A *cell* is every setting of an experiment but the seed (the ``cell`` record of results.json); runs are pooled as
+seeds only when their cells are equal. *Paired* compares a method with a baseline on the same seeds: the two runs of
+one seed share data order, initialisation and dropout masks (the Llmm noise has its own generator), so the per-seed
+difference removes most seed-to-seed noise. The interval is a seeded percentile bootstrap of the mean difference;
+with 4 seeds it is coarse and somewhat too narrow: a guide, not a test.
 """
 
 from __future__ import annotations
@@ -33,7 +27,6 @@ N_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
 LEVEL = 0.95
 
-# Settings that do not change a run's numbers (role "run" in llmm.run.schema): never part of a cell.
 NOT_CELL = schema.not_cell()
 # Settings a method implies: a method and its baseline may differ in these (and only these) to be paired.
 METHOD_FIELDS = ("method", "K", "llmmscale", "scaled_gradient", "gaussian_embeddings", "init", "backbone",
@@ -45,8 +38,7 @@ PREFERRED_LABELS = ("K", "bits", "quant", "eval_noise", "mc_samples", "test_mode
 
 
 def result_files(paths: list[str], made_by: str) -> list[Path]:
-    """The results.json files the table paths name (files, or directories searched recursively); ``made_by`` names
-    the script whose runs write them, for the error when there are none."""
+    """The results.json files the paths name (files, or directories searched recursively)."""
     files = []
     for path in map(Path, paths):
         if not path.exists():
@@ -58,15 +50,14 @@ def result_files(paths: list[str], made_by: str) -> list[Path]:
 
 
 def cell_of(settings) -> dict:
-    """The cell of a run: its resolved settings (a Settings object, or a settings.json's dict) without the seed and
-    without what does not change its numbers."""
+    """A run's settings (a Settings object or a settings.json's dict) without what does not change its numbers."""
     values = settings.record() if isinstance(settings, schema.Settings) else settings
     return {key: value for key, value in sorted(values.items()) if key not in NOT_CELL}
 
 
 def test_cell(run_dir, test_settings: dict) -> tuple[int | None, dict]:
-    """(training seed, cell) of an evaluation of a trained run: the run's cell (its results.json, else its
-    settings.json) plus the evaluation's settings as ``test_<name>`` (the generation seed included)."""
+    """(training seed, cell) of an evaluation: the trained run's cell plus the evaluation's settings as
+    ``test_<name>``."""
     run_dir = Path(run_dir)
     results = run_dir / "results.json"
     trained = json.loads(results.read_text()) if results.is_file() else {}
@@ -82,8 +73,7 @@ def cell_key(cell: dict) -> str:
 
 
 def metric_value(value, where: str, name: str) -> float:
-    """A metric read from a results.json as a float (inf / nan kept, shown as such by the tables); None, a string,
-    a bool or a list is a ValueError naming ``where`` (the run file) and the metric."""
+    """A metric read from a results.json as a float (inf / nan kept); anything but a number is a ValueError."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{where}: metric {name!r} is {value!r}, not a number: re-run that run, or leave it out of "
                          "the table's paths")
@@ -91,8 +81,7 @@ def metric_value(value, where: str, name: str) -> float:
 
 
 def check_entries(entries, where: str, field: str = "evaluations") -> list[dict]:
-    """A results.json's list of records (``evaluations``, ``runs``): a list of objects, else a ValueError naming
-    ``where``."""
+    """A results.json's list of records (``evaluations``, ``runs``), else a ValueError."""
     if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
         raise ValueError(f"{where}: {field!r} is {type(entries).__name__} {str(entries)[:60]!r}, not a list of "
                          "records: re-run that run, or leave it out of the table's paths")
@@ -100,9 +89,8 @@ def check_entries(entries, where: str, field: str = "evaluations") -> list[dict]
 
 
 def summarize(values: list[float]) -> dict:
-    """n, median, mean and sample standard deviation (NaN for one value) of the finite values; the non-finite
-    ones (a diverged run's inf perplexity, a nan) are left out of the statistics and listed in ``left_out`` (present
-    only then)."""
+    """n, median, mean and sample sd of the finite values; non-finite ones (a diverged run's inf) are listed in
+    ``left_out`` (present only then)."""
     values = [float(v) for v in values]
     if not values:
         raise ValueError("summarize needs at least one value")
@@ -115,22 +103,21 @@ def summarize(values: list[float]) -> dict:
     return {**summary, "left_out": left_out} if left_out else summary
 
 
-def bootstrap_interval(differences: list[float], n_resamples: int = N_RESAMPLES, seed: int = BOOTSTRAP_SEED,
-                       level: float = LEVEL) -> tuple[float, float]:
+def bootstrap_interval(differences: list[float]) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of ``differences`` (resampled with replacement)."""
     values = np.asarray(differences, dtype=np.float64)
     if values.size < 2:
         return math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, values.size, size=(n_resamples, values.size))].mean(axis=1)
-    tail = 100 * (1 - level) / 2
+    rng = np.random.default_rng(BOOTSTRAP_SEED)
+    means = values[rng.integers(0, values.size, size=(N_RESAMPLES, values.size))].mean(axis=1)
+    tail = 100 * (1 - LEVEL) / 2
     low, high = np.percentile(means, [tail, 100 - tail])
     return float(low), float(high)
 
 
-def paired_difference(method: dict, baseline: dict, **bootstrap) -> dict | None:
-    """Method minus baseline on the seeds both have ({seed: value} each): n, the seeds, mean difference, interval.
-    Seeds where either value is not finite are left out (listed in ``left_out``). None if they share no seed."""
+def paired_difference(method: dict, baseline: dict) -> dict | None:
+    """Method minus baseline ({seed: value} each) on the shared seeds with finite values (others in ``left_out``):
+    n, seeds, mean, interval. None if they share no seed."""
     shared = sorted(set(method) & set(baseline))
     if not shared:
         return None
@@ -139,14 +126,13 @@ def paired_difference(method: dict, baseline: dict, **bootstrap) -> dict | None:
     if not seeds:
         return {"n": 0, "seeds": [], "mean": math.nan, "low": math.nan, "high": math.nan, "left_out": left_out}
     differences = [float(method[s]) - float(baseline[s]) for s in seeds]
-    low, high = bootstrap_interval(differences, **bootstrap)
+    low, high = bootstrap_interval(differences)
     difference = {"n": len(seeds), "seeds": seeds, "mean": statistics.fmean(differences), "low": low, "high": high}
     return {**difference, "left_out": left_out} if left_out else difference
 
 
 def group_by_cell(records: list[dict]) -> dict[str, dict]:
-    """{cell key: {"cell": cell, "runs": {seed: record}}}. Two records of one cell with one seed are an error: they
-    are not two seeds, and pooling them would count one seed twice (``record["path"]`` names them)."""
+    """{cell key: {"cell": cell, "runs": {seed: record}}}; two records of one cell with one seed are an error."""
     groups: dict[str, dict] = {}
     for record in records:
         if not isinstance(record.get("cell"), dict) or "seed" not in record:
@@ -164,8 +150,7 @@ def group_by_cell(records: list[dict]) -> dict[str, dict]:
 
 
 def distinguishing_fields(cells: list[dict], shown: tuple[str, ...]) -> list[str]:
-    """The settings, beyond ``shown``, a row label needs so that no two of ``cells`` share a label: a field is
-    added only where the label so far does not already determine it."""
+    """``shown`` plus the settings a row label needs so that no two of ``cells`` share a label."""
     fields, labels = list(shown), [tuple(c.get(f) for f in shown) for c in cells]
     others = {key for c in cells for key in c} - set(shown)
     for field in [f for f in PREFERRED_LABELS if f in others] + sorted(others - set(PREFERRED_LABELS)):
@@ -198,7 +183,7 @@ def left_out_note(summary: dict) -> str:
 
 def format_summary(summary: dict, digits: int = 1, show_n: bool = True) -> str:
     """'60.5 (60.3 ± 0.8, n=4)': median, then mean ± sd and (``show_n``) the number of seeds; non-finite values
-    are named, never averaged: '60.5 (n=1; 1 not finite left out: inf)', 'inf (not finite)'."""
+    are named, never averaged."""
     if summary["n"] == 0:
         return ", ".join(sorted({str(v) for v in summary.get("left_out") or []})) + " (not finite)"
     note = left_out_note(summary)

@@ -3,25 +3,20 @@
     model = empty_model(AutoModelForCausalLM, AutoConfig.from_pretrained(folder), checkpoint_dtype(folder, config))
     report = quantize_checkpoint(folder, out_dir, model, modules, config, dtype=torch.bfloat16)
 
-The model is built on the meta device (its module tree, types and shapes, no memory), which decides the targets
-and the output's layout exactly as loading it would. Then every tensor of the checkpoint (``model.safetensors`` or
-the shards of ``model.safetensors.index.json``) is read on its own (at its offset in the file, as the safetensors
-header says), cast as ``from_pretrained(dtype="auto")`` would, LoftQ'd if it is a target (``loftq_matrix``, the one
-LoftQ step of both paths), cast to the storage dtype and written into its place in the output shards, whose
-headers are laid out beforehand from the shapes. The adapter file is laid out the same way (from a meta PEFT
-model: the keys and dtypes ``save_pretrained`` would write), zero-filled (the K directions are zero), and each pair
-of means is written into it as soon as LoftQ returns it. Peak memory is thus one input tensor plus LoftQ's few
-weight-sized buffers: no shard, no model, no adapter is ever held whole.
+The model is built on the meta device, which decides the targets and the output's layout as loading it would.
+Every checkpoint tensor is then read on its own at its offset, cast as ``from_pretrained(dtype="auto")`` would,
+LoftQ'd if it is a target (``loftq_matrix``), cast to the storage dtype and written into its place in output
+shards laid out beforehand. The adapter file (zero-filled: the directions are zero) is laid out from a meta PEFT
+model and each pair of means written as LoftQ returns it. Peak memory is one input tensor plus LoftQ's buffers.
 
-The result equals the whole-model path (``from_pretrained``, LoftQ in place, ``save_pretrained``) tensor for
-tensor, bit for bit, in the same dtypes (tests/test_streaming_init.py). ``local_checkpoint`` and ``tensor_plan``'s
-missing tensors say when it does not apply (no safetensors, or tensors the checkpoint lacks and transformers would
-have to initialise, e.g. a classifier head new to the checkpoint): the caller (llmm.run.quantize, which decides the
-targets) then uses the whole-model path."""
+The result equals the whole-model path bit for bit (tests/test_streaming_init.py). Where streaming does not apply
+(no safetensors: ``local_checkpoint``; tensors the checkpoint lacks: ``tensor_plan``), the caller
+(llmm.run.quantize) uses the whole-model path."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -45,8 +40,7 @@ SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16
 
 
 def checkpoint_index(folder: str | Path) -> dict[str, Path] | None:
-    """Tensor name -> the .safetensors file holding it (``model.safetensors``, or the shards named by
-    ``model.safetensors.index.json``); None when the folder has neither (e.g. only ``pytorch_model.bin``)."""
+    """Tensor name -> the .safetensors file holding it; None when the folder has no safetensors."""
     folder = Path(folder)
     if (folder / INDEX_FILE).is_file():
         weight_map = json.loads((folder / INDEX_FILE).read_text(encoding="utf-8"))["weight_map"]
@@ -62,9 +56,8 @@ def checkpoint_index(folder: str | Path) -> dict[str, Path] | None:
 
 
 def local_checkpoint(name_or_path: str) -> Path | None:
-    """A local folder holding the model's safetensors: ``name_or_path`` itself, or a hub id's snapshot (its
-    safetensors and JSON files only, fetched into the hub cache as from_pretrained would). None when there is none
-    (no safetensors in the folder or the repository, or the hub unreachable): the caller loads the whole model."""
+    """A local folder holding the model's safetensors: ``name_or_path`` itself, or a hub id's snapshot (safetensors
+    and JSON only); None when there is none or the hub is unreachable."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return path if checkpoint_index(path) is not None else None
@@ -115,12 +108,9 @@ def empty_model(loader, model_config, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def tensor_plan(folder: str | Path, model: torch.nn.Module) -> tuple[dict[str, str], list[str]]:
-    """Map the checkpoint's tensors to the names ``save_pretrained`` of ``model`` would write.
-
-    Returns ``(plan, missing)``: plan = checkpoint name -> model name, in the checkpoint's order (its files, then its
-    offsets), with a missing or extra base-model prefix resolved as from_pretrained does, tied copies (lm_head tied
-    to the embeddings) and tensors the model does not have left out; missing = the model's tensors the checkpoint
-    lacks (from_pretrained would initialise them at random)."""
+    """``(plan, missing)``: checkpoint name -> the name ``save_pretrained`` of ``model`` writes, in file and offset
+    order (base-model prefix resolved as from_pretrained does; tied copies and unknown tensors left out), and the
+    model's tensors the checkpoint lacks."""
     index = checkpoint_index(folder)
     state = model.state_dict(keep_vars=True)
     kept = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
@@ -155,8 +145,8 @@ def _places(index: dict[str, Path]) -> dict[str, tuple[Path, int, int, torch.dty
 
 
 def _read(place: tuple[Path, int, int, torch.dtype, list[int]]) -> torch.Tensor:
-    """One tensor, read at its offset straight into its own memory: no mapping of the file, so what is resident
-    is that one copy (a mapped file's touched pages count in the process's memory while it stays open)."""
+    """One tensor, read at its offset into its own memory (not mapped: a mapped file's touched pages stay resident
+    while it is open)."""
     file, begin, end, dtype, shape = place
     tensor = torch.empty(shape, dtype=dtype)
     if tensor.numel() * tensor.element_size() != end - begin:
@@ -173,9 +163,8 @@ def _read(place: tuple[Path, int, int, torch.dtype, list[int]]) -> torch.Tensor:
 
 
 class SafetensorsWriter:
-    """A .safetensors file laid out from ``layout`` (name -> (dtype, shape)) up front and filled tensor by tensor
-    (``put``, in any order: each lands at its offset). The file starts zero-filled; ``close`` checks that every
-    name not in ``zeros`` was put."""
+    """A zero-filled .safetensors file laid out from ``layout`` (name -> (dtype, shape)), filled by ``put`` in any
+    order; ``close`` checks that every name not in ``zeros`` was put."""
 
     def __init__(self, path: str | Path, layout: dict[str, tuple[torch.dtype, list[int]]], zeros=()):
         self.path, self.layout, self.pending = Path(path), layout, set(layout) - set(zeros)
@@ -229,11 +218,9 @@ def shard_names(count: int) -> list[str]:
 def quantize_checkpoint(folder: str | Path, out_dir: str | Path, model: torch.nn.Module, modules: dict,
                         config, dtype: torch.dtype, device: str = "cpu", shard_bytes: int | None = None,
                         final_dir: str | Path | None = None, progress=None) -> dict:
-    """Write into ``out_dir`` the backbone (``modules``' weights replaced by LoftQ's Q, everything in ``dtype``),
-    its config and generation config, and ``llmm_init/`` (the means; ``config``'s K directions, zero). ``model``
-    is the meta model (``empty_model``) and ``modules`` its target modules (path -> module) from the caller's
-    target rules; ``config`` the LlmmConfig with the LoftQ settings. Returns the per-layer report (as the
-    whole-model path's: shape, svd, loftq_time_s, rel_error_q, rel_error_loftq), in ``modules``' order."""
+    """Write into ``out_dir`` the backbone (``modules``' weights replaced by LoftQ's Q, all in ``dtype``), its configs
+    and ``llmm_init/`` (the means, zero directions). ``model`` is the meta model, ``modules`` its targets (path ->
+    module). Returns the per-layer report, as the whole-model path's, in ``modules``' order."""
     folder, out_dir = Path(folder), Path(out_dir)
     index = checkpoint_index(folder)
     plan, missing = tensor_plan(folder, model)
@@ -275,9 +262,9 @@ def quantize_checkpoint(folder: str | Path, out_dir: str | Path, model: torch.nn
 
 
 def loftq_matrix(weight: torch.Tensor, config, dtype: torch.dtype) -> tuple:
-    """LoftQ of one weight, on its device (both paths of _init.sh): (Q in the storage ``dtype``, the means M_A and
-    M_B on the CPU, the report's entry: shape, svd, loftq_time_s, rel_error_q, rel_error_loftq, measured against the
-    stored Q). A 16-bit ``dtype`` quantizes with 16-bit absmax, so the stored Q re-quantizes losslessly."""
+    """LoftQ of one weight on its device (both paths of _init.sh): (Q in the storage ``dtype``, M_A and M_B on the
+    CPU, the report's entry measured against the stored Q). A 16-bit ``dtype`` quantizes with 16-bit absmax, so the
+    stored Q re-quantizes losslessly."""
     weight = weight.to(torch.float32)
     absmax_dtype = dtype if dtype != torch.float32 else None
     scaling = config.lora_alpha / config.r
@@ -297,11 +284,8 @@ def loftq_matrix(weight: torch.Tensor, config, dtype: torch.dtype) -> tuple:
 
 
 def _adapter_writer(model: torch.nn.Module, config, adapter_dir: Path, final_dir: str | Path):
-    """adapter_config.json and the model card written by PEFT itself (from a meta PEFT model over a meta copy of
-    ``model``, saved with no tensors), then the tensor file laid out from that PEFT model's state dict:
-    the keys and dtypes its save_pretrained would write."""
-    import dataclasses
-
+    """adapter_config.json and the model card written by PEFT from a meta PEFT model, and a tensor file laid out
+    from its state dict."""
     from peft import get_peft_model_state_dict
 
     from llmm import get_llmm_model
@@ -335,7 +319,7 @@ def _put_means(writer: SafetensorsWriter, layout: dict, path: str, factor_A, fac
 
 
 def _save_configs(folder: Path, model: torch.nn.Module, dtype: torch.dtype, out_dir: Path) -> None:
-    """config.json (and generation_config.json for a generative model) as save_pretrained writes them."""
+    """config.json (and generation_config.json) as save_pretrained writes them."""
     model_config = copy.deepcopy(model.config)
     model_config.dtype = str(dtype).split(".")[1]
     model_config.architectures = [type(model).__name__]

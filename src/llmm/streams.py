@@ -3,9 +3,8 @@
     seeds = network_seeds(17, 3)      # three 63-bit seeds, one per sampled network (numpy SeedSequence.spawn)
     check_seed(args.seed, "--seed")   # an integer in 0 .. 2**32 - 1 (what numpy's legacy seeding accepts)
 
-``seed + d`` for network d makes runs of neighbouring seeds share networks (seed 1's second network is seed 2's
-first); ``numpy.random.SeedSequence(seed).spawn(n)`` gives streams that are independent across networks and across
-seeds, and the same ones on every machine."""
+Unlike ``seed + d`` for network d (neighbouring seeds would share networks), ``SeedSequence(seed).spawn(n)`` gives
+streams independent across networks and seeds, the same on every machine."""
 
 from __future__ import annotations
 

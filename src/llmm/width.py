@@ -1,18 +1,13 @@
-"""How wide the learned Gaussian over the LoRA factors is: the noise term's size relative to the mean.
+"""How wide the learned Gaussian over the LoRA factors is, and choosing a noise-width multiplier after training.
 
 MeMoTune's objective has no prior or KL term, so nothing keeps the directions Z from shrinking; this measures it.
-For a factor F with mean M, K directions Z and scale s, the noise is sum_k eps_k Z[k] / sqrt(s) with
-E||noise||^2 = ||Z||_F^2 / s, so
+As E||sum_k eps_k Z[k] / sqrt(s)||^2 = ||Z||_F^2 / s, the noise's RMS norm over the mean's norm is
 
-    width(F) = ||Z||_F / (sqrt(s) ||M||_F)          (RMS norm of the noise over the norm of the mean)
-
-0 means a point estimate (K = 0, or Z = 0 at init); None where ||M|| = 0 (LoRA's B at init).
+    width(F) = ||Z||_F / (sqrt(s) ||M||_F)          (0: a point estimate; None where ||M|| = 0, LoRA's B at init)
 
     per_layer = distribution_width(model)       # {"<module>": {"A": 0.004, "B": 0.01}}
     summary = width_summary(per_layer)          # {"A": {"median": .., "max": .., "mean": ..}, "B": {...}}
-
-After training, the width can be set by a multiplier m chosen on validation data (``choose_noise_width``, TFB's
-rule or the NLL-minimising m) and applied with ``llmm.noise_width(model, m)``."""
+    m = choose_noise_width(nll)["tfb"]          # then llmm.noise_width(model, m)"""
 
 from __future__ import annotations
 
@@ -34,11 +29,11 @@ def distribution_width(model: torch.nn.Module, adapter_name: str = "default") ->
     for name, module in model.named_modules():
         if id(module) not in layers or adapter_name not in module.llmm_settings:
             continue
-        scale = module.llmm_settings[adapter_name]["scale"]
+        variant, scale = module.lora_variant[adapter_name], module.llmm_settings[adapter_name]["scale"]
         widths[name] = {}
-        for factor in FACTORS:
-            mean = getattr(module, f"lora_{factor}")[adapter_name].weight.float().norm().item()
-            noise = getattr(module, f"lora_llmm_{factor}")[adapter_name].weight.float().norm().item() / math.sqrt(scale)
+        for factor, mean, directions in zip(FACTORS, variant.means(module, adapter_name),
+                                            variant.directions(module, adapter_name)):
+            mean, noise = mean.float().norm().item(), directions.float().norm().item() / math.sqrt(scale)
             widths[name][factor] = noise / mean if mean > 0 else None
     return widths
 
@@ -59,17 +54,15 @@ WIDTH_GRID = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 
 
 def choose_noise_width(nll, tolerance: float = TFB_TOLERANCE, grid=WIDTH_GRID, refine_steps: int = 4) -> dict:
-    """Choose the noise-width multiplier m (``llmm.noise_width``) from ``nll(m)``, the validation NLL of the
-    Monte-Carlo prediction with noise m times as wide (after training, M and Z fixed). Two rules:
+    """Choose the noise-width multiplier m from ``nll(m)``, the validation NLL of the Monte-Carlo prediction with
+    noise m times as wide. Two rules:
 
-    - ``tfb``: TFB's (Training-Free Bayesianization): the largest m whose relative NLL change against the mean
-      network, (nll(m) - nll(0)) / nll(0), is at most ``tolerance`` (0.3 %; a decrease always qualifies);
-    - ``nll_min``: the m that minimises nll(m) (m = 0, the mean network, included).
+    - ``tfb`` (Training-Free Bayesianization): the largest m whose relative NLL change against the mean network,
+      (nll(m) - nll(0)) / nll(0), is at most ``tolerance`` (a decrease always qualifies);
+    - ``nll_min``: the m that minimises nll(m) (m = 0 included).
 
-    Passes: nll(0), one per grid value (geometric, ascending), then ``refine_steps`` bisection steps between the
-    largest qualifying grid value and the next one (``tfb``) and ``refine_steps`` golden-section steps around the
-    best grid value (``nll_min``): at most 1 + len(grid) + 2 * refine_steps + 1 evaluations (memoised). The search
-    assumes the change grows with m beyond the first failing grid value (it stops there for ``tfb``).
+    The grid, then ``refine_steps`` bisection steps past the last qualifying grid value (``tfb``, which assumes the
+    change grows with m beyond the first failing one) and golden-section steps around the best one (``nll_min``).
     Returns {"tfb": m, "nll_min": m, "tolerance": .., "evaluations": [[m, nll], ...] in m order}."""
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < math.inf:
         raise ValueError(f"the width tolerance must be a finite number >= 0, got {tolerance!r}")

@@ -16,9 +16,8 @@ def llmm_config(settings: schema.Settings, target_modules: list[str], **extra):
 
     from llmm import LlmmConfig
 
-    init = settings.init
     loftq = {}
-    if init == "loftq":
+    if settings.init == "loftq":
         loftq = dict(init_lora_weights="loftq",
                      loftq_config=LoftQConfig(loftq_bits=settings.bits, loftq_iter=settings.loftq_iter),
                      loftq_method=settings.quant, loftq_compensate_scaling=settings.compensate_scaling,
@@ -32,37 +31,41 @@ def llmm_config(settings: schema.Settings, target_modules: list[str], **extra):
         **loftq, **extra,
     )
 
+
 def check_settings(settings, blocks=schema.BLOCKS) -> None:
-    """Every setting is in its declared range (its field in llmm.run.schema, the schema LlmmConfig uses too);
-    checked before any model or data is loaded and before anything is written. None means "not set". Seeds are
-    integers in 0 .. 2^32 - 1 (llmm.streams.check_seed), an error naming the flag."""
+    """Every setting (of a Settings or a table row) is None (not set) or in its field's range; seeds are integers in
+    0 .. 2^32 - 1 (numpy's legacy seeding limit); a split's dev and test fractions leave records to train on."""
     from llmm.streams import check_seed
 
-    values = settings.record() if isinstance(settings, schema.Settings) else settings  # a Settings, or a table row
+    values = settings.record() if isinstance(settings, schema.Settings) else settings
     for name, value in values.items():
         if name in ("seed", "data_seed") and value is not None:
-            check_seed(value, f"--{name}")  # numpy's legacy seeding limit, 2^32 - 1
+            check_seed(value, f"--{name}")
         rule = schema.setting_error(name, value, blocks)
         if rule:
             raise ValueError(f"{name} = {value!r} is out of range: it must be {rule}; fix --{name} or the table row "
                              "in configs/")
+    dev, test = settings.get("dev_fraction"), settings.get("test_fraction")  # a Settings gives defaults too
+    if dev is not None and test is not None and not dev + test < 1:
+        raise ValueError(f"dev_fraction {dev} and test_fraction {test}: pass fractions in (0, 1) that sum to less "
+                         "than 1")
 
 
 def check_init_targets(init_dir: str | Path, init_targets, given: list[str] | None) -> None:
-    """An _init.sh directory fixes the adapted modules (its LoftQ means); a --target_modules that differs is an
-    error, not silently ignored."""
+    """An _init.sh directory fixes the adapted modules (its LoftQ means): another --target_modules is an error."""
     if given and set(given) != set(init_targets or ()):
         raise ValueError(f"--target_modules {sorted(given)} differ from the targets of the _init.sh adapter "
                          f"{str(init_dir)!r} ({sorted(init_targets or ())}): drop --target_modules (the directory "
                          "decides), or make a directory with those targets (_init.sh --target_modules ...)")
 
+
 INIT_DIR_LOFTQ = tuple(f.name for f in dataclasses.fields(schema.LoftQSettings)
                        if f.metadata["role"] == schema.INIT_DIR)  # what an _init.sh directory fixes
 
+
 def adopt_init_dir_settings(model_dir: str | Path, settings: schema.Settings, given: set[str]) -> None:
-    """An _init.sh directory fixes how its backbone was quantized: its LoftQ settings (quantize_report.json) replace
-    the table's in ``settings`` (so settings.json and the results' cell say what was run), and a flag in ``given``
-    that asks for another value is an error, not silently ignored. A directory without a report is left alone."""
+    """The LoftQ settings of an _init.sh directory's quantize_report.json replace the table's in ``settings`` (so
+    settings.json and the cell say what was run); a flag in ``given`` asking for another value is an error."""
     report = Path(model_dir) / "quantize_report.json"
     if not report.is_file():
         return
@@ -78,15 +81,16 @@ def adopt_init_dir_settings(model_dir: str | Path, settings: schema.Settings, gi
                              "again with _init.sh")
         settings[name] = made[name]
 
-def head_modules(model) -> list[str]:
-    """The task head's modules (classifier, pooler), which stay full precision: neither quantized nor adapted.
 
-    Top-level children beside the backbone that hold parameters, plus a pooler kept inside the backbone (BERT)."""
+def head_modules(model) -> list[str]:
+    """The task head's modules, which stay full precision (neither quantized nor adapted): the top-level children
+    beside the backbone that hold parameters, plus a pooler kept inside the backbone (BERT)."""
     heads = [name for name, child in model.named_children()
              if name != model.base_model_prefix and any(True for _ in child.parameters())]
     if "pooler" not in heads and getattr(model.base_model, "pooler", None) is not None:
         heads.append("pooler")
     return heads
+
 
 def inside(name: str, modules: list[str]) -> bool:
     """Whether the module path ``name`` lies in (or is) one of ``modules`` (matched by path component)."""

@@ -5,19 +5,12 @@ Not run directly. A training script supplies its table and an ``encode(tokenizer
     settings = parse_settings(table, argv)              # table defaults or the row --model names, + flags
     train(settings, task, encode)                       # HF Trainer; writes adapter/, mean_adapter/, results, plot
 
-Checkpoints (every save_steps steps, the newest save_total_limit kept) go to OUTPUT_DIR/checkpoints/checkpoint-N;
---resume_from_checkpoint continues from one (no value: the newest). Under torchrun / accelerate launch each
-process trains on its share of every batch with its own noise; only the main process writes.
-
-Methods (SPEC §3 baselines): llmm (K from the table), loftq (K = 0), qlora (standard LoRA init, K = 0). The model is
-an _init.sh directory (LoftQ backbone + llmm_init/ with the means) or a plain checkpoint with --init lora / loftq
-(LoftQ in-process needs full-precision weights, so not with --load_in_4bit true; it runs on the training device).
-4-bit training first calls PEFT's prepare_model_for_kbit_training, as the reference did (``prepare_kbit_training``).
-
-Sharded (``accelerate launch --config_file configs/accelerate/fsdp2.yaml``, README "Larger models"): the NF4 weights
-are stored in the compute dtype (``bnb_4bit_quant_storage``), loaded without a device_map (FSDP places the shards),
-prepare_model_for_kbit_training is skipped (its float32 upcast of norms and embeddings would mix dtypes in FSDP1's
-flat parameters and double their memory), and the saved adapters are gathered from the shards.
+Checkpoints go to OUTPUT_DIR/checkpoints/checkpoint-N (--resume_from_checkpoint; no value: the newest). Methods
+(SPEC §3 baselines): llmm, loftq (K = 0), qlora (LoRA init, K = 0). The model is an _init.sh directory (LoftQ
+backbone + llmm_init/ with the means) or a plain checkpoint with --init lora / loftq (in-process LoftQ needs
+full-precision weights). Sharded runs (README "Larger models") store NF4 in the compute dtype and skip
+prepare_model_for_kbit_training: its float32 upcast of norms and embeddings would mix dtypes in FSDP1's flat
+parameters and double their memory.
 """
 
 from __future__ import annotations
@@ -34,38 +27,32 @@ from peft import prepare_model_for_kbit_training
 from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DataCollatorForSeq2Seq,
                           TrainingArguments)
 
-from llmm import sharding
+from llmm import LlmmConfig, get_llmm_model, load_llmm_model, sharding, stats
+from llmm.model import init_from_adapter, keep_cpu_4bit_trainable
+from llmm.predict import sampled_outputs
 from llmm.run import adapters, cli, fileio, schema, tables, width_search
 from llmm.run import trainer as training
-from llmm.run.recipe import Recipe
-from llmm import LlmmConfig, export_mean_adapter, get_llmm_model, load_llmm_model, save_llmm_adapter
-from llmm import stats
-from llmm.model import atomic_dir, init_from_adapter, keep_cpu_4bit_trainable
-from llmm.predict import sampled_outputs
+from llmm.run.recipe import Recipe, save_run
 from llmm.tasks.prompts import load_records
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-METHODS = ("llmm", "loftq", "qlora")
 BLOCKS = schema.FAMILY_BLOCKS["causal_lm"]
-INIT_SUBDIR = "llmm_init"
 
 
 # --- settings ------------------------------------------------------------------------------------------------------
 
 def init_adapter_dir(model_name_or_path: str) -> Path | None:
     """The llmm_init/ of an _init.sh directory, or None for a plain checkpoint."""
-    path = Path(model_name_or_path) / INIT_SUBDIR
+    path = Path(model_name_or_path) / "llmm_init"
     return path if path.is_dir() else None
 
 
 def table_settings(table: dict, args: argparse.Namespace, task_columns: tuple[str, ...] = ()) -> dict:
-    """The table's defaults, or the row the user names with --model (its other key flags, e.g. --rank, complete
-    the name when the model has several rows; in a table without a model key, any key flag names a row), then
-    every flag given. Without --model any --model_name_or_path and any --rank run from the defaults;
-    ``task_columns`` (e.g. the dataset) then come from the rows of the given --task, which must agree on them."""
+    """The table's defaults, or the row --model names (other key flags such as --rank complete the name; a table
+    without a model key is named by any key flag), then every flag given. From the defaults, ``task_columns``
+    (e.g. the dataset) come from the rows of the given --task when they agree."""
     given = {key: getattr(args, key) for key in table["keys"] if getattr(args, key, None) is not None}
     rows = tables.table_rows(table)
-    # A table keyed by model names its rows with --model; a table without a model key, with any key flag.
     names_a_row = given.get("model") is not None if "model" in table["keys"] else bool(given)
     if names_a_row:
         named = [row for row in rows if all(row[key] == value for key, value in given.items())]
@@ -86,8 +73,8 @@ def table_settings(table: dict, args: argparse.Namespace, task_columns: tuple[st
 
 
 def scope_dataset_config(settings, args: argparse.Namespace) -> None:
-    """The table's dataset_config belongs to the table's dataset (``main`` of the hub's gsm8k): another --data
-    (a local directory or file, another hub id) gets none unless --dataset_config is given."""
+    """The table's dataset_config belongs to the table's dataset: another --data gets none unless
+    --dataset_config is given."""
     data = settings.get("data")
     if data and data != settings.dataset and getattr(args, "dataset_config", None) is None:
         settings.dataset_config = None
@@ -95,8 +82,7 @@ def scope_dataset_config(settings, args: argparse.Namespace) -> None:
 
 def parse_settings(table: dict, argv=None, description: str = "", task_columns: tuple[str, ...] = (),
                    required_keys: tuple[str, ...] = ()) -> schema.CausalLMRun:
-    """Table defaults or a named row, then flags; the baselines' K and init fixed; inconsistent choices fail before
-    any loading."""
+    """Table defaults or a named row, then flags; inconsistent choices fail before any loading."""
     parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
     cli.add_output_flags(parser)
     training.add_resume_flag(parser)
@@ -157,8 +143,7 @@ def parse_settings(table: dict, argv=None, description: str = "", task_columns: 
 
 
 def check_width_search(settings) -> None:
-    """noise_width_search tfb | nll scales the Llmm noise (K > 0) and chooses m on the held-out split, which must
-    not be the test split: eval_split heldout (records of train), another split, or --eval_data."""
+    """The width search needs K > 0 and a held-out split that is not the test split."""
     search = settings.noise_width_search
     if search == "none":
         return
@@ -175,19 +160,17 @@ def check_width_search(settings) -> None:
 # --- model ---------------------------------------------------------------------------------------------------------
 
 def quant_storage(settings) -> str:
-    """The dtype bitsandbytes packs NF4 weights in: the setting, or for ``auto`` uint8 (bitsandbytes' default) and,
-    under FSDP / DeepSpeed, the compute dtype (FSDP shards only floating tensors of one dtype per unit)."""
+    """The dtype bitsandbytes packs NF4 weights in; ``auto``: uint8, or under FSDP / DeepSpeed the compute dtype
+    (FSDP shards only floating tensors of one dtype per unit)."""
     storage = settings.get("bnb_4bit_quant_storage", "auto")  # not a multiple-choice setting
-    if storage == "auto":
-        storage = settings.dtype if sharding.requested_engine() != "none" else "uint8"
-    return storage
+    if storage != "auto":
+        return storage
+    return settings.dtype if sharding.requested_engine() != "none" else "uint8"
 
 
 def load_backbone(settings):
-    """(model, tokenizer): bitsandbytes NF4 (or LLM.int8 with ``load_in_8bit``, BLoB's backbone) on this process's
-    device (under FSDP / DeepSpeed: no device_map, the engine places the shards), or ``dtype`` weights on CPU (the
-    Trainer or the caller moves them). No token is added: a missing pad token becomes unk (or eos), so embeddings
-    keep size."""
+    """(model, tokenizer): bitsandbytes NF4 or LLM.int8 on this process's device (sharded: the engine places
+    them), or ``dtype`` weights on CPU. A missing pad token becomes unk (or eos), so embeddings keep size."""
     dtype = DTYPES[settings.dtype]
     kwargs = {"dtype": dtype}
     if settings.get("load_in_8bit"):
@@ -219,8 +202,8 @@ def check_init_adapter(init_dir: Path, settings) -> LlmmConfig:
 
 
 def load_init_adapter(model, init_dir: Path, settings, **overrides):
-    """The LoftQ means of an _init.sh llmm_init/ adapter, trainable, with the settings' K. The init's directions are
-    zero, so another K (0 for the loftq baseline) starts from exactly the same model."""
+    """The LoftQ means of an _init.sh llmm_init/ adapter, trainable, with the settings' K (the init's directions
+    are zero, so any K starts from the same model)."""
     saved = check_init_adapter(init_dir, settings)
     if saved.k == settings.K:
         return load_llmm_model(model, str(init_dir), is_trainable=True, k=settings.K, **overrides)
@@ -245,10 +228,9 @@ def attach_adapter(model, settings):
 
 
 def prepare_for_training(model, settings):
-    """The backbone as the adapters are attached to it. Over 4 bits with ``prepare_kbit_training`` (the
-    reference's choice), PEFT's prepare_model_for_kbit_training: every 16-bit parameter left (norms, embeddings,
-    lm_head) in float32, the base frozen. Before in-process LoftQ the model moves to the training device, so LoftQ's
-    SVDs run there (a 7B model takes hours on CPU, minutes on a GPU)."""
+    """The backbone made ready for the adapters: over 4 bits (``prepare_kbit_training``) PEFT's
+    prepare_model_for_kbit_training; before in-process LoftQ, moved to the training device for LoftQ's SVDs
+    (a 7B model takes hours on CPU, minutes on a GPU)."""
     model.config.use_cache = False
     sharded = sharding.requested_engine() != "none"
     if settings.load_in_4bit and settings.prepare_kbit_training and not sharded:
@@ -265,7 +247,7 @@ def prepare_for_training(model, settings):
 
 
 def checkpointing_kwargs(settings) -> dict:
-    """Gradient checkpointing's options: ``use_reentrant`` from the settings (PEFT's FSDP-QLoRA recipe: True)."""
+    """``use_reentrant`` from the settings (PEFT's FSDP-QLoRA recipe: True)."""
     return {"use_reentrant": bool(settings.get("gradient_checkpointing_reentrant", False))}
 
 
@@ -350,22 +332,9 @@ def training_arguments(settings, output_dir: Path, resume: bool = False) -> Trai
     )
 
 
-def label_log_probs(labels: torch.Tensor):
-    """For llmm.predict.sampled_outputs: one network's log-probability of each next label token, (batch, tokens - 1)
-    (positions whose label is -100 hold a placeholder; mask them with ``labels[:, 1:] != -100``)."""
-    targets = labels[:, 1:].clamp(min=0).unsqueeze(-1)
-
-    def transform(logits: torch.Tensor) -> torch.Tensor:
-        return logits[:, :-1].log_softmax(dim=-1).gather(-1, targets).squeeze(-1)
-
-    return transform
-
-
 def held_out_nll(model, dataset, collator, settings):
-    """nll(m) of the width search: the held-out token-level NLL (mean over the target tokens) of the Monte-Carlo
-    prediction, -log (1/N sum_n p_n(token)), under mc_samples networks from the seed's own streams (the same
-    networks for every m and batch; llmm.predict), with the noise multiplier in force, outside any training
-    autocast. At m = 0 it is the mean network's held-out loss."""
+    """nll(m) of the width search: the held-out NLL per target token of the Monte-Carlo prediction,
+    -log (1/N sum_n p_n(token)), under mc_samples networks from the seed's own streams (llmm.predict)."""
     device = next(model.parameters()).device
     loader = torch.utils.data.DataLoader(dataset, batch_size=settings.per_device_eval_batch_size,
                                          collate_fn=collator)
@@ -377,7 +346,10 @@ def held_out_nll(model, dataset, collator, settings):
         with training.outside_training_autocast(model):
             for batch in batches:
                 labels = batch["labels"]
-                log_probs = sampled_outputs(model, batch, n, seed=settings.seed, transform=label_log_probs(labels))
+                targets = labels[:, 1:].clamp(min=0).unsqueeze(-1)  # -100 -> a placeholder, masked below
+                log_probs = sampled_outputs(  # each network's log-probability of every next label token
+                    model, batch, n, seed=settings.seed,
+                    transform=lambda logits: logits[:, :-1].log_softmax(dim=-1).gather(-1, targets).squeeze(-1))
                 predictive = torch.logsumexp(log_probs, dim=0) - math.log(n)
                 scored = labels[:, 1:] != -100
                 total -= predictive[scored].double().sum().item()
@@ -388,9 +360,8 @@ def held_out_nll(model, dataset, collator, settings):
 
 
 def curves(history: list[dict]) -> dict:
-    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    held_out = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
-    lines = {"train": train, "held-out": held_out}
+    lines = {"train": [(h["step"], h["loss"]) for h in history if "loss" in h],
+             "held-out": [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]}
     as_xy = {name: ([s for s, _ in points], [v for _, v in points]) for name, points in lines.items() if points}
     perplexity = {name: (xs, [math.exp(min(v, 50)) for v in ys]) for name, (xs, ys) in as_xy.items()}
     return {"loss": as_xy, "perplexity": perplexity}
@@ -412,9 +383,8 @@ def final_evaluation(trainer) -> dict:
 
 
 class CausalLMRecipe(Recipe):
-    """GSM8K, Alpaca and HH-RLHF: the HF Trainer on (source, target) pairs; held-out loss and perplexity.
-
-    ``encode(tokenizer, settings, record) -> {"input_ids", "attention_mask", "labels"}``."""
+    """GSM8K, Alpaca and HH-RLHF: the HF Trainer on (source, target) pairs encoded by ``encode(tokenizer,
+    settings, record)``; held-out loss and perplexity."""
 
     blocks = BLOCKS
 
@@ -442,17 +412,16 @@ class CausalLMRecipe(Recipe):
 
         return encoded(self.train_set), encoded(self.held_out)
 
-    def make_trainer(self, model, tokenizer, arguments, train_set, held_out, trainer_class=training.LlmmTrainer,
-                     **extra):
-        return trainer_class(model=model, args=arguments, train_dataset=train_set, eval_dataset=held_out,
-                             data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
-                             processing_class=tokenizer, **extra)
+    def make_trainer(self, model, tokenizer, arguments, train_set, held_out):
+        return training.LlmmTrainer(model=model, args=arguments, train_dataset=train_set, eval_dataset=held_out,
+                                    data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100,
+                                                                         padding=True),
+                                    processing_class=tokenizer)
 
     width_search = None  # the width search's record (after_training), None without one
 
     def after_training(self, trainer, model, tokenizer) -> None:
-        """The width search (noise_width_search tfb | nll) on the held-out split; the chosen m goes into the saved
-        adapter (test_gsm8k's sample and mc modes draw with it)."""
+        """The width search on the held-out split; the chosen m goes into the saved adapter."""
         settings = self.settings
         if settings.noise_width_search == "none":
             return
@@ -483,7 +452,8 @@ class CausalLMRecipe(Recipe):
         }
 
     def save(self, trainer, model, tokenizer, results: dict) -> dict:
-        save_run(model, tokenizer, self.settings, self.output_dir, state_dict=self.adapter_state)
+        save_run(model, tokenizer, self.output_dir, self.settings.model_name_or_path, in_process_loftq(self.settings),
+                 state_dict=self.adapter_state)
         fileio.write_json(self.output_dir / "results.json", results)
         fileio.plot_curves(self.output_dir / "curves.png", curves(results["history"]), xlabel="optimizer step")
         cli.logger.info("held-out loss %.4f, perplexity %.2f -> %s", results["eval_loss"], results["eval_perplexity"],
@@ -494,17 +464,3 @@ class CausalLMRecipe(Recipe):
 def train(settings, task: str, encode) -> dict:
     """Fine-tune with the HF Trainer and write the run directory; returns the results (also in results.json)."""
     return CausalLMRecipe(settings, task, encode).run()
-
-
-def save_run(peft_model, tokenizer, settings, output_dir: Path, state_dict=None) -> None:
-    """adapter/ (M and Z), mean_adapter/ and, after in-process LoftQ, backbone/ (the quantized Q the adapter
-    names), each written atomically. ``state_dict``: a sharded run's gathered tensors (Recipe.adapter_state)."""
-    # The backbone written here is recorded resolved (as GLUE does), so the adapter names it from any directory.
-    backbone = (output_dir / "backbone").resolve() if in_process_loftq(settings) else settings.model_name_or_path
-    peft_model.peft_config["default"].base_model_name_or_path = str(backbone)
-    save_llmm_adapter(peft_model, str(output_dir / "adapter"), overwrite=True, state_dict=state_dict)
-    export_mean_adapter(peft_model, str(output_dir / "mean_adapter"), overwrite=True, state_dict=state_dict)
-    if in_process_loftq(settings):
-        with atomic_dir(str(backbone), overwrite=True) as tmp_dir:
-            peft_model.unload().save_pretrained(tmp_dir)
-            tokenizer.save_pretrained(tmp_dir)

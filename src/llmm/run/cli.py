@@ -1,5 +1,4 @@
-"""What every entry point shares around its ``main``: logging, the library's log filters, and one ``error:`` line
-per bad input or environment fault.
+"""What every entry point shares around its ``main``: flags, logging, the library's log filters, one ``error:`` line.
 
 Exit codes (``run_main``): 2 = bad input or an environment fault (one ``error: ...`` line naming the problem, the
 file and the fix; bad input is found before anything is written), 3 = training diverged (a non-finite loss or
@@ -8,6 +7,7 @@ gradient; the last good checkpoint is kept).
 
 from __future__ import annotations
 
+import argparse
 import errno
 import json
 import logging
@@ -15,17 +15,17 @@ import os
 import sys
 
 import torch
+from safetensors import SafetensorError
 
 from llmm import outdirs
+from llmm.run import adapters, fileio, quiet, schema
 
 logger = logging.getLogger("llmm")
 
 
 def add_output_flags(parser, required: bool = True, default: str | None = None) -> None:
     """--output_dir (RunSettings' field) and --overwrite, the same in every entry point that writes a run directory."""
-    from llmm.run.schema import RunSettings
-
-    help_text = RunSettings.__dataclass_fields__["output_dir"].metadata["help"]
+    help_text = schema.RunSettings.__dataclass_fields__["output_dir"].metadata["help"]
     parser.add_argument("--output_dir", required=required, default=default, help=help_text)
     parser.add_argument("--overwrite", action="store_true", help="replace an existing llmm run directory (never a "
                         "directory llmm did not write)")
@@ -34,10 +34,6 @@ def add_output_flags(parser, required: bool = True, default: str | None = None) 
 def parse_fields(settings_class, argv, description: str, flags, required=(), renamed=None):
     """The settings of a job whose flags are the fields ``flags`` of ``settings_class`` (llmm.run.schema) and
     --overwrite: typed and range-checked by their fields (one error line), a missing ``required`` one too."""
-    import argparse
-
-    from llmm.run import adapters, schema
-
     parser = argparse.ArgumentParser(description=description.splitlines()[0], allow_abbrev=False)
     schema.add_flags(parser, [settings_class], skip=set(schema.fields_of(settings_class)) - set(flags),
                      renamed=renamed)
@@ -56,10 +52,6 @@ def table_main(doc: str, argv, baseline: str, render, flags: dict | None = None)
     """The seed tables' entry points (glue_table, lm_table, mcq_table): PATHS (run directories or results.json files),
     --baseline, --output (never a directory, never over a file of the runs it reads) and the table's own ``flags``
     ({name: add_argument's keywords}); ``render(args)`` makes the markdown, printed and, with --output, written."""
-    import argparse
-
-    from llmm.run import fileio
-
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0].strip(), allow_abbrev=False)
     parser.add_argument("paths", nargs="+", help="run directories (searched recursively) or results.json files")
     parser.add_argument("--baseline", default=baseline, help="method the others are paired with (same settings, "
@@ -91,9 +83,10 @@ def complete_runs(records: list, skipped: list) -> list:
 def setup_logging() -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
 
+
 class TrainingDiverged(RuntimeError):
-    """The training loss, gradients or parameters became NaN or infinite (llmm.run.trainer.LlmmTrainer raises it;
-    exit code 3)."""
+    """The training loss, gradients or parameters became NaN or infinite (exit code 3)."""
+
 
 OS_FIXES = {
     errno.EACCES: "permission denied: check its permissions or choose another path",
@@ -107,6 +100,7 @@ OS_FIXES = {
     errno.ENOTDIR: "a part of the path is a file, not a directory: fix the path",
 }
 
+
 def disk_full(error: BaseException) -> bool:
     """A write that failed for lack of space: an OSError ENOSPC, or torch.save's / safetensors' wrapped form (torch's
     zip writer reports a short write as "unexpected pos N vs M" from inline_container.cc)."""
@@ -117,10 +111,9 @@ def disk_full(error: BaseException) -> bool:
                                          "PytorchStreamWriter failed writing file"))\
         or ("inline_container.cc" in text and "unexpected pos" in text)
 
+
 def error_line(error: BaseException) -> str:
     """The one line that run_main prints for ``error``: the problem, the file, the fix."""
-    from safetensors import SafetensorError
-
     if disk_full(error):
         where = f"{error.filename!r}: " if isinstance(error, OSError) and error.filename else ""
         return f"{where}{OS_FIXES[errno.ENOSPC]} ({' '.join(str(error).split())[:200]})"
@@ -138,14 +131,11 @@ def error_line(error: BaseException) -> str:
     message = str(error).strip()
     return message.splitlines()[0] if message else type(error).__name__
 
+
 def run_main(main) -> None:
     """Run an entry point; bad input and environment faults (exit code 2) and a diverged training (exit code 3)
     become one ``error:`` line and no traceback (``--debug`` on the command line shows the traceback instead).
     Locks on output directories are given back at the end."""
-    from safetensors import SafetensorError
-
-    from llmm.run import quiet
-
     quiet.install()
     debug = "--debug" in sys.argv[1:]
     if debug:
@@ -161,6 +151,7 @@ def run_main(main) -> None:
         raise SystemExit(3 if isinstance(error, TrainingDiverged) else 2) from None
     finally:
         outdirs.release_all()
+
 
 def require_cuda_for(option: str, device: str | None = None) -> None:
     """CUDA-only options fail early on a machine without CUDA."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import random
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spm.model", "vocab.txt", "vocab.json")
 TEXT_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".txt")
@@ -23,7 +25,7 @@ def seed_everything(seed: int) -> None:
 
 
 def write_text(path: str | Path, text: str) -> None:
-    """Write a text file atomically (temporary file + rename): a crash leaves the old file or none, never half."""
+    """Write atomically (temporary file + rename): a crash leaves the old file or none, never half."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -38,7 +40,7 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def write_json(path: str | Path, payload) -> None:
-    """Write JSON atomically (temporary file + rename)."""
+    """Write JSON atomically (write_text)."""
     write_text(path, json.dumps(payload, indent=2, default=str))
 
 
@@ -81,16 +83,14 @@ def plot_curves(path: str | Path, panels: dict[str, dict[str, tuple[list, list]]
 
 
 def looks_local(name_or_path: str) -> bool:
-    """True for a local path (absolute, ./ ../ ~, a data file's suffix, or more than one /), False for a hub id
-    like ``org/name``."""
+    """True for a local path (absolute, ./ ../ ~, a data file's suffix, or more than one /), not a hub id (org/name)."""
     return (name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.endswith(DATA_SUFFIXES)
             or os.path.sep in name_or_path.strip("/").split("/", 1)[-1])
 
 
 def check_model_path(name_or_path: str, tokenizer: bool = True) -> None:
-    """A model given as a local path (not a hub id like ``org/name``) must be a readable directory with
-    config.json, a tokenizer (if ``tokenizer``) and complete .safetensors files (headers checked, which catches a
-    truncated file). Nothing is loaded."""
+    """A model given as a local path must be a readable directory with config.json, a tokenizer (if ``tokenizer``)
+    and complete .safetensors files (headers checked). Nothing is loaded."""
     path = Path(name_or_path).expanduser()
     if not looks_local(name_or_path) and not path.exists():
         return  # a hub id
@@ -110,10 +110,7 @@ def check_model_path(name_or_path: str, tokenizer: bool = True) -> None:
 
 
 def check_safetensors(folder: str | Path) -> None:
-    """Every .safetensors file in ``folder`` opens (its header matches its size): a truncated or corrupt file is
-    an error naming it."""
-    from safetensors import SafetensorError, safe_open
-
+    """Every .safetensors file in ``folder`` opens (its header matches its size), else an error naming it."""
     for file in sorted(Path(folder).glob("*.safetensors")):
         try:
             with safe_open(str(file), "pt"):
@@ -125,8 +122,6 @@ def check_safetensors(folder: str | Path) -> None:
 
 def check_text_file(path: str | Path) -> None:
     """A local data file is UTF-8 text with something in it (read in chunks; nothing is kept)."""
-    import codecs
-
     decoder, empty, offset = codecs.getincrementaldecoder("utf-8")(), True, 0
     with open(path, "rb") as handle:
         while True:
@@ -166,8 +161,6 @@ def check_data_paths(**flags) -> None:
 
 def load_pretrained(loader, name_or_path: str, **kwargs):
     """``loader.from_pretrained`` for a hub id or a local directory, with a clear error when neither loads."""
-    from safetensors import SafetensorError
-
     check_model_path(name_or_path, tokenizer=loader.__name__ == "AutoTokenizer")
     try:
         return loader.from_pretrained(name_or_path, **kwargs)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,26 +25,23 @@ import llmm
 from llmm import stats
 from llmm.embedding import embedding_targets
 from llmm.tasks.glue import GlueTask, get_task, load_glue, predict, score, tokenize
-from llmm.model import atomic_dir
 from llmm.predict import mc_predict, mc_regress
 from llmm.quant import fake_quantize
 from llmm.run import cli, width_search
-from llmm.run.recipe import Recipe
+from llmm.run.recipe import Recipe, save_run
 from llmm.run.trainer import LlmmTrainer, add_resume_flag
 from llmm.run.adapters import (INIT_DIR_LOFTQ, adopt_init_dir_settings, check_init_targets, check_settings,
                                head_modules, llmm_config)
 from llmm.run.cli import logger
 from llmm.run.fileio import check_data_paths, load_pretrained, plot_curves, write_json
 from llmm.run.quantize import embeddings_quantized
-from llmm.run.schema import FAMILY_BLOCKS, GlueRun, fields_of, take_renamed
+from llmm.run.schema import FAMILY_BLOCKS, GlueRun, take_renamed
 from llmm.run.tables import (CONFIGS, add_setting_flags, default_embedding_targets, default_targets, plumbing_defaults,
                              read_table, resolve_settings)
 
 
 TABLE = CONFIGS / "glue.yaml"
 BLOCKS = FAMILY_BLOCKS["glue"]
-METHODS = tuple(fields_of(*BLOCKS)["method"].metadata["choices"])
-EVAL_NOISE = tuple(fields_of(*BLOCKS)["eval_noise"].metadata["choices"])
 
 
 def build_parser(table: dict) -> argparse.ArgumentParser:
@@ -141,13 +137,13 @@ def wrap_model(model, settings: GlueRun):
         layer_settings.init = "lora"  # the means come from the directory's llmm_init/, not a new LoftQ
     config = llmm_config(layer_settings, targets, modules_to_save=list(heads), task_type="SEQ_CLS",
                          gaussian_embeddings=settings.gaussian_embeddings)
-    bits, quant = settings.bits, settings.quant
-    with torch.no_grad():
-        if settings.method == "qlora":  # same quantizer as LoftQ, but no low-rank compensation
+    if settings.method == "qlora":  # same quantizer as LoftQ, but no low-rank compensation
+        with torch.no_grad():
             for name, module in model.named_modules():
-                if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) and check_target_module_exists(config,
-                                                                                                           name):
-                    module.weight.copy_(fake_quantize(module.weight, bits, quant, config.loftq_block_size))
+                quantizable = isinstance(module, (torch.nn.Linear, torch.nn.Embedding))
+                if quantizable and check_target_module_exists(config, name):
+                    module.weight.copy_(fake_quantize(module.weight, settings.bits, settings.quant,
+                                                      config.loftq_block_size))
     settings.target_modules, settings.modules_to_save = targets, heads
     if settings.get("init_dir"):
         return llmm.init_from_adapter(model, settings.init_dir, config)
@@ -173,13 +169,6 @@ class GlueTrainer(LlmmTrainer):
             outputs = mc_predict(model, inputs, self.mc_samples).clamp_min(1e-12).log()
             loss = F.nll_loss(outputs, labels)
         return loss.detach(), None if prediction_loss_only else outputs, labels
-
-
-def metrics_function(task: GlueTask):
-    def compute(prediction) -> dict:  # a diverged model scores NaN here; the training step stops the run
-        return score(task, prediction.predictions, prediction.label_ids)
-
-    return compute
 
 
 class ResultsRecorder(TrainerCallback):
@@ -243,33 +232,17 @@ def quantized_here(settings: GlueRun) -> bool:
     return settings.method != "lora" and not settings.get("init_dir")
 
 
-def predictions_record(task: GlueTask, model, data, collator, settings: GlueRun, mode: str = "mean") -> dict:
-    """{split: {metrics, outputs, labels}} of the model on the task's dev splits (the format scripts.eval_glue
-    writes); outputs are logits (mc: log of the averaged probabilities) or STS-B scores."""
+def predictions_record(task: GlueTask, model, data, splits, collator, batch_size: int, mode: str,
+                       mc_samples: int) -> dict:
+    """{split: {metrics, outputs, labels}} of the model on ``splits`` of ``data``; outputs are logits (mc: log of
+    the averaged probabilities) or STS-B scores."""
     record = {}
-    for split in task.dev_splits:
-        outputs = predict(model, data[split], collator, settings.per_device_eval_batch_size, mode,
-                          settings.mc_samples)
+    for split in splits:
+        outputs = predict(model, data[split], collator, batch_size, mode, mc_samples)
         labels = np.asarray(data[split]["labels"])
         record[split] = {"metrics": score(task, outputs, labels), "outputs": outputs.tolist(),
                          "labels": labels.tolist()}
     return record
-
-
-def save_run(model, tokenizer, settings: GlueRun, out_dir: Path) -> None:
-    """adapter/ (M and Z), mean_adapter/ (plain PEFT LoRA) and, after in-process quantization, backbone/ (the Q
-    both adapters name as base_model_name_or_path), each written atomically (replacing an earlier attempt's).
-    The backbone is written last: unloading the adapters is what gives it back."""
-    backbone = (out_dir / "backbone").resolve() if quantized_here(settings) else settings.model
-    model.peft_config["default"].base_model_name_or_path = str(backbone)
-    with warnings.catch_warnings():  # PEFT looks for the base's config.json, which backbone/ gets just after
-        warnings.filterwarnings("ignore", message="Could not find a config file in")
-        llmm.save_llmm_adapter(model, str(out_dir / "adapter"), overwrite=True)
-        llmm.export_mean_adapter(model, str(out_dir / "mean_adapter"), overwrite=True)
-    if quantized_here(settings):
-        with atomic_dir(str(backbone), overwrite=True) as tmp_dir:
-            model.unload().save_pretrained(tmp_dir)
-            tokenizer.save_pretrained(tmp_dir)
 
 
 def training_arguments(settings: GlueRun, out: Path) -> TrainingArguments:
@@ -339,14 +312,15 @@ class GlueRecipe(Recipe):
         self.recorder = ResultsRecorder(self.output_dir, self.task, header)
         return GlueTrainer(
             model=model, args=arguments, train_dataset=train_set, eval_dataset=held_out, processing_class=tokenizer,
-            data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=metrics_function(self.task),
+            data_collator=DataCollatorWithPadding(tokenizer),
+            # a diverged model scores NaN here; the training step stops the run
+            compute_metrics=lambda prediction: score(self.task, prediction.predictions, prediction.label_ids),
             callbacks=[self.recorder], regression=self.task.is_regression,
             mc_samples=settings.mc_samples if settings.eval_noise == "mc" else None)
 
     def after_training(self, trainer, model, tokenizer) -> None:
-        """The width search (noise_width_search tfb | nll) on the first dev split: nll(m) of the mc prediction
-        (mc_samples networks from the seed's own streams); the chosen m is saved in the adapter config, so eval_glue's
-        mc evaluation uses it (the dev metrics recorded during training were computed before, at m = 1)."""
+        """The width search on the first dev split: nll(m) of the mc prediction; the chosen m is saved in the adapter
+        (the dev metrics recorded during training were computed before, at m = 1)."""
         settings = self.settings
         if settings.noise_width_search == "none":
             return
@@ -371,12 +345,12 @@ class GlueRecipe(Recipe):
         return None
 
     def save(self, trainer, model, tokenizer, results) -> dict:
-        out, task = self.output_dir, self.task
-        collator = DataCollatorWithPadding(tokenizer)
-        write_json(out / "predictions.json", predictions_record(task, trainer.model, self.data, collator,
-                                                                self.settings))
+        out, task, settings = self.output_dir, self.task, self.settings
+        write_json(out / "predictions.json", predictions_record(
+            task, trainer.model, self.data, task.dev_splits, DataCollatorWithPadding(tokenizer),
+            settings.per_device_eval_batch_size, "mean", settings.mc_samples))
         self.recorder.plot()
-        save_run(trainer.model, tokenizer, self.settings, out)
+        save_run(trainer.model, tokenizer, out, settings.model, quantized_here(settings))
         results = self.recorder.write(trainer.state.log_history, complete=True)  # complete once everything is saved
         best = results["best"]
         logger.info("%s %s: best %s %s at epoch %s; outputs in %s", task.name, self.settings.method,

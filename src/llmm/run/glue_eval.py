@@ -9,14 +9,13 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from datasets import DatasetDict
 from transformers import DataCollatorWithPadding
 
 import llmm
-from llmm.tasks.glue import get_task, load_file, load_glue, predict, score, tokenize
-from llmm.run.glue import load_model
+from llmm.tasks.glue import get_task, load_file, load_glue, tokenize
+from llmm.run.glue import load_model, predictions_record
 from llmm.run import schema
 from llmm.run.cli import logger
 from llmm.run.fileio import check_data_paths, seed_everything, write_json
@@ -94,13 +93,9 @@ def main(argv: list[str] | None = None) -> dict:
     data = tokenize(DatasetDict(raw), task, tokenizer, settings.max_length)
     collator = DataCollatorWithPadding(tokenizer)
     batch_size = args.per_device_eval_batch_size or settings.per_device_eval_batch_size
-    splits = {}
-    for split in raw:
-        outputs = predict(model, data[split], collator, batch_size, args.mode, mc_samples)
-        labels = np.asarray(data[split]["labels"])
-        splits[split] = {**({"file": files[split]} if split in files else {}),
-                         "metrics": score(task, outputs, labels), "outputs": outputs.tolist(),
-                         "labels": labels.tolist()}
+    splits = predictions_record(task, model, data, raw, collator, batch_size, args.mode, mc_samples)
+    for split, path in files.items():
+        splits[split] = {"file": path, **splits[split]}
     record = {"run_dir": str(run), "task": task.name, "mode": args.mode, "seed": seed,
               **({"mc_samples": mc_samples} if args.mode == "mc" else {}), "batch_size": batch_size,
               "base_model": model.peft_config["default"].base_model_name_or_path,

@@ -18,7 +18,7 @@ LABEL_FIELDS = ("method", "backbone", "rank")  # always in a row's label; other 
 
 
 def cell_scores(results: dict, which: str) -> list[float] | None:
-    """The numbers of one cell (x 100) from a run's results.json: every dev split x every task metric."""
+    """A run's numbers (x 100): every dev split x every task metric."""
     task = get_task(results["task"])
     entry = results.get(which)
     if not entry:
@@ -34,7 +34,7 @@ def metric_names(task_name: str) -> list[str]:
 
 
 def gather(paths: list[str], which: str) -> tuple[list[dict], list[str]]:
-    """One record per complete run ({path, task, seed, cell, scores}) and the incomplete runs that were skipped."""
+    """One record per complete run and the incomplete runs that were skipped."""
     records, skipped = [], []
     for file in stats.result_files(paths, "scripts/train_glue.py"):
         try:
@@ -58,25 +58,23 @@ def gather(paths: list[str], which: str) -> tuple[list[dict], list[str]]:
 def build(records: list[dict], baseline: str) -> list[dict]:
     """One entry per cell: label, task, per-metric summaries over seeds and paired differences vs ``baseline``."""
     groups = stats.group_by_cell(records)
+    cells = [g["cell"] for g in groups.values()]
     # Label settings that separate cells of one task; the same for every task, so a row lines up across columns.
-    fields = stats.distinguishing_fields([g["cell"] for g in groups.values()], ("task", *LABEL_FIELDS))
+    fields = stats.distinguishing_fields(cells, ("task", *LABEL_FIELDS))
     entries = []
-    for task in {g["cell"]["task"] for g in groups.values()}:
-        cells = [g for g in groups.values() if g["cell"]["task"] == task]
-        for group in cells:
-            cell = group["cell"]
-            seeds = sorted(group["runs"])
-            per_metric = list(zip(*(group["runs"][s]["scores"] for s in seeds)))
-            base = None if cell["method"] == baseline else stats.find_baseline(cell, [g["cell"] for g in cells],
-                                                                                baseline)
-            base_runs = groups[stats.cell_key(base)]["runs"] if base else None
-            differences = [stats.paired_difference({s: group["runs"][s]["scores"][i] for s in seeds},
-                                                   {s: r["scores"][i] for s, r in base_runs.items()})
-                           if base_runs else None for i in range(len(per_metric))]
-            entries.append({"label": label(cell, fields), "task": task, "method": cell["method"],
-                            "backbone": cell["backbone"].split(" (")[0], "rank": cell["rank"],
-                            "summaries": [stats.summarize(values) for values in per_metric],
-                            "differences": differences})
+    for group in groups.values():
+        cell, runs = group["cell"], group["runs"]
+        seeds = sorted(runs)
+        per_metric = list(zip(*(runs[s]["scores"] for s in seeds)))
+        base = None if cell["method"] == baseline else stats.find_baseline(cell, cells, baseline)  # same task
+        base_runs = groups[stats.cell_key(base)]["runs"] if base else None
+        differences = [stats.paired_difference({s: runs[s]["scores"][i] for s in seeds},
+                                               {s: r["scores"][i] for s, r in base_runs.items()})
+                       if base_runs else None for i in range(len(per_metric))]
+        entries.append({"label": label(cell, fields), "task": cell["task"], "method": cell["method"],
+                        "backbone": cell["backbone"].split(" (")[0], "rank": cell["rank"],
+                        "summaries": [stats.summarize(values) for values in per_metric],
+                        "differences": differences})
     return entries
 
 

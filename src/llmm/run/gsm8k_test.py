@@ -22,11 +22,7 @@ from llmm.run.causal_lm import load_backbone, scope_dataset_config
 
 
 TABLE = tables.CONFIGS / "gsm8k_test.yaml"
-
-
 BLOCKS = schema.FAMILY_BLOCKS["gsm8k_test"]
-
-
 SAMPLING = ("temperature", "top_k", "top_p")
 
 
@@ -92,8 +88,7 @@ def load_test_records(settings: schema.Gsm8kTestRun) -> list[dict]:
 @contextlib.contextmanager
 def sampled_network(model, seed: int):
     """Within: each Llmm factor's mean holds one sample M + m sum_k eps_k / sqrt(s) Z[k] (noise from ``seed``; m the
-    adapter's noise width, 1 unless a width search chose another), so a whole generation runs one network drawn from
-    the adapter's distribution; the means are restored after."""
+    adapter's noise width), so a whole generation runs one network; the means are restored after."""
     saved, generator = [], torch.Generator().manual_seed(seed)  # on CPU: the same network on every process
     with torch.no_grad():
         for layer in llmm_layers(model):

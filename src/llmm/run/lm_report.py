@@ -1,7 +1,6 @@
 """The causal-LM tables (scripts.lm_table): GSM8K test accuracy, Alpaca / HH-RLHF held-out loss and perplexity per
 cell, seeds pooled, paired differences against a baseline method."""
 
-
 from __future__ import annotations
 
 import json

@@ -1,16 +1,10 @@
-"""Multiple-choice calibration (BLoB's protocol) as a run recipe: settings, data, the answer-letter Trainer, and the
-evaluation of every set in every mode (scripts.train_mcq, scripts.test_mcq).
+"""Multiple-choice calibration (BLoB's protocol) as a run recipe (scripts.train_mcq, scripts.test_mcq).
 
-Training: the causal-LM recipe (llmm.run.causal_lm) with the loss of the answer letter under the next-token
-distribution restricted to the question's letters (llmm.tasks). After training the in-distribution test split and
-the row's OOD sets are evaluated in every eval mode (mean, sample, mc with mc_samples networks, dropout): accuracy,
-ECE (15 bins), NLL and Brier. The width of the learned Gaussian (llmm.width) is recorded every logging_steps. Each
-evaluation records its seed and cell (the run's settings but the seed, plus the eval set, mode and N).
-
-Options of the method (each a ``variants`` entry of configs/mcq.yaml, a row of the calibration table):
-noise_per_example, the entropy term (entropy_weight; llmm.run.trainer), and the width search after training
-(noise_width_search; llmm.run.width_search) on the validation split: the last ``validation_size`` questions of the
-training data, held out of training (the same questions for every seed and method of a row).
+Training: the causal-LM recipe (llmm.run.causal_lm) with the loss of the answer letter among the question's
+letters. After training the test split and the row's OOD sets are evaluated in every eval mode: accuracy, ECE,
+NLL and Brier; the width of the learned Gaussian (llmm.width) is recorded every logging_steps. The method's
+options are ``variants`` of configs/mcq.yaml; the width search runs on the validation split, the last
+``validation_size`` training questions (the same for every seed and method of a row).
 """
 
 from __future__ import annotations
@@ -36,20 +30,12 @@ from llmm.run import trainer as training
 
 TABLE = tables.CONFIGS / "mcq.yaml"
 SAMPLED_MODES = ("mc", "dropout")  # modes that average mc_samples passes
-# Evaluation plumbing, replaced in each evaluation's cell by the set, mode and number of samples it used.
 BLOCKS = schema.FAMILY_BLOCKS["mcq"]
+# Evaluation plumbing, replaced in each evaluation's cell by the set, mode and number of samples it used.
 EVALUATION_ONLY = (*schema.role_names(schema.EVAL, BLOCKS), "run", "cell")
 
 
 # --- settings ------------------------------------------------------------------------------------------------------
-
-def add_flags(parser: argparse.ArgumentParser, table: dict) -> None:
-    cli.add_output_flags(parser)
-    training.add_resume_flag(parser)
-    tables.add_setting_flags(parser, table, BLOCKS, also=("method", "init", "target_modules", "eval_modes", "ood",
-                                                          "max_train_samples", "max_eval_samples", "data_seed"),
-                             required=("task",), row_choices=("task",))
-
 
 def check_settings(settings: schema.McqRun, table: dict, args) -> schema.McqRun:
     adapters.check_settings(settings, BLOCKS)
@@ -109,9 +95,9 @@ def check_settings(settings: schema.McqRun, table: dict, args) -> schema.McqRun:
 
 def variant_settings(table: dict, name: str | None) -> dict:
     """The settings of one entry of the table's ``variants`` block (a method of the calibration table)."""
-    variants = table.get("variants") or {}
     if name is None:
         return {}
+    variants = table.get("variants") or {}
     if name not in variants:
         raise ValueError(f"unknown variant {name!r}: configs/mcq.yaml's variants are {sorted(variants)}")
     for key, value in variants[name].items():
@@ -135,7 +121,11 @@ def parse_settings(argv=None) -> schema.McqRun:
     table = tables.read_table(TABLE, BLOCKS)
     parser = argparse.ArgumentParser(description="Fine-tune a causal LM on a multiple-choice task (BLoB's calibration "
                                      "protocol), then measure its calibration.", allow_abbrev=False)
-    add_flags(parser, table)
+    cli.add_output_flags(parser)
+    training.add_resume_flag(parser)
+    tables.add_setting_flags(parser, table, BLOCKS, also=("method", "init", "target_modules", "eval_modes", "ood",
+                                                          "max_train_samples", "max_eval_samples", "data_seed"),
+                             required=("task",), row_choices=("task",))
     args = parser.parse_args(argv)
     schema.take_renamed(args, BLOCKS)
     return check_settings(schema.McqRun.of({**tables.plumbing_defaults(BLOCKS), **resolve_settings(table, args)}),
@@ -156,7 +146,7 @@ def backbone_name(settings: schema.McqRun) -> str:
 # --- data ----------------------------------------------------------------------------------------------------------
 
 def task_records(settings: schema.McqRun, table: dict, task: str, split: str) -> tuple[list[dict], str]:
-    """(normalised records, where from) of one split ("train" / "test") of a task row, or of a local file."""
+    """(records with ids, where from) of one split ("train" / "test") of a task row, or of a local file."""
     if task.endswith((".json", ".jsonl")):
         return with_ids(load_mcq(task), question_ids(task)), task
     row = settings if task == settings.task else tables.select_row(table, task=task)
@@ -172,13 +162,11 @@ def task_records(settings: schema.McqRun, table: dict, task: str, split: str) ->
 
 
 def with_ids(records: list[dict], ids: list[str]) -> list[dict]:
-    """Each record with its question id (its own, else its position from 1), which the saved per-question
-    probabilities name (llmm.tasks.calibration.question_records)."""
     return [{**record, "id": ident} for record, ident in zip(records, ids)]
 
 
 def split_validation(records: list[dict], size: int) -> tuple[list[dict], list[dict]]:
-    """(training records, validation records): the last ``size`` records are the validation split."""
+    """(training records, validation records: the last ``size``)."""
     if not size:
         return records, []
     if size >= len(records):
@@ -188,8 +176,8 @@ def split_validation(records: list[dict], size: int) -> tuple[list[dict], list[d
 
 
 def load_all(settings: schema.McqRun, table: dict, train: bool = True, with_validation: bool = False) -> tuple:
-    """Training records (none with ``train=False``; without the validation split) and {eval set: (records,
-    where)}: the task's test split first, then the OOD sets; and the validation records (``with_validation``)."""
+    """Training records (none with ``train=False``), {eval set: (records, where)} with the task's test split
+    first, and with ``with_validation`` the validation records."""
     train = task_records(settings, table, settings.task, "train")[0] if train else []
     train, validation = split_validation(train, settings.validation_size or 0) if train else (train, [])
     sets = {settings.task: task_records(settings, table, settings.task, "test")}
@@ -209,8 +197,7 @@ load_backbone = causal_lm.load_backbone  # with load_in_8bit: bitsandbytes LLM.i
 
 
 def check_tied_head(model, settings: schema.McqRun) -> None:
-    """In-process LoftQ replaces each target's weight by its quantized Q; an LM head tied to the input embeddings
-    would quantize those too, so that combination is refused."""
+    """Refuse in-process LoftQ of an LM head tied to the input embeddings: it would quantize those too."""
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is model.get_input_embeddings().weight
     name = next((n for n, m in model.named_modules() if m is head), None)
@@ -242,31 +229,26 @@ class WidthCallback(TrainerCallback):
     def __init__(self):
         self.history = []
 
-    def record(self, state, model):
-        self.history.append({"step": state.global_step, **width_summary(distribution_width(model))})
-
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.record(state, model)
+        self.record_new(state, model)
 
     def on_log(self, args, state, control, model=None, **kwargs):
         self.record_new(state, model)
 
     def record_new(self, state, model):
         if not self.history or self.history[-1]["step"] != state.global_step:
-            self.record(state, model)
+            self.history.append({"step": state.global_step, **width_summary(distribution_width(model))})
 
 
 # --- evaluation ----------------------------------------------------------------------------------------------------
 
 def run_cell(settings: schema.McqRun) -> dict:
-    """The settings that define a trained run and how its sets are read (llmm.stats.cell_of), without the
-    evaluation plumbing that each evaluation's own cell states (set, mode, N)."""
+    """The run's cell (llmm.stats.cell_of) without the evaluation plumbing each evaluation's cell states."""
     return {key: value for key, value in stats.cell_of(settings).items() if key not in EVALUATION_ONLY}
 
 
 def evaluation_cell(cell: dict, entry: dict) -> dict:
-    """The cell of one evaluation (what tables pool seeds by): the run's cell plus the set, the mode and the number
-    of networks averaged."""
+    """The cell of one evaluation (what tables pool seeds by): the run's, plus the set, mode and N."""
     return {**cell, "eval_set": entry["eval_set"], "eval_where": entry["where"], "eval_mode": entry["mode"],
             "eval_samples": entry["eval_samples"]}
 
@@ -279,17 +261,14 @@ def eval_precision(settings: schema.McqRun) -> str:
 
 
 def question_entries(probs, labels, records: list[dict]) -> list[dict]:
-    """The per-question record of one evaluation: id, gold label, probabilities over the question's choices."""
     return C.question_records(probs, labels, [len(r["choices"]) for r in records],
                               [r.get("id", str(i + 1)) for i, r in enumerate(records)])
 
 
 def evaluate_sets(peft_model, tokenizer, letter_ids, eval_sets: dict, settings: schema.McqRun,
                   output_dir: Path | None, method: str, cell: dict) -> list[dict]:
-    """Every eval set in every mode: one entry per (set, mode) with its seed, cell (``cell``, the run's, plus
-    the set, mode and N) and every question's probabilities (``questions``, from which the metrics can be
-    recomputed); a reliability PNG per set (modes side by side) when ``output_dir`` is given. Outside any
-    mixed-precision autocast the Trainer put on the model (llmm.run.trainer.outside_training_autocast)."""
+    """Every eval set in every mode: one entry per (set, mode) with its metrics, cell and every question's
+    probabilities; a reliability PNG per set when ``output_dir`` is given."""
     device = next(peft_model.parameters()).device
     head = C.LetterHead(peft_model, letter_ids).to(device)
     entries = []
@@ -323,8 +302,7 @@ def evaluate_sets(peft_model, tokenizer, letter_ids, eval_sets: dict, settings: 
 
 
 def validation_nll(model, tokenizer, letter_ids, records: list[dict], settings: schema.McqRun):
-    """nll(m) of the width search: the validation NLL of the mc prediction (mc_samples networks from the seed's own
-    streams, the same networks for every m; batched per mc_batched) under the noise multiplier in force."""
+    """nll(m) of the width search: the validation NLL of the mc prediction (networks from the seed's own streams)."""
     device = next(model.parameters()).device
     head = C.LetterHead(model, letter_ids).to(device)
     batches = C.batches([encode_question(tokenizer, r, settings.max_length) for r in records],
@@ -339,8 +317,8 @@ def validation_nll(model, tokenizer, letter_ids, records: list[dict], settings: 
 
 
 def search_noise_width(model, tokenizer, letter_ids, validation: list[dict], settings: schema.McqRun) -> dict | None:
-    """The width search of ``settings`` (noise_width_search tfb | nll; none: None) on the ``validation`` questions,
-    after training (McqRecipe) or on a finished run (test_mcq): m is applied to the model, the record returned."""
+    """The width search of ``settings`` (none: None) on the ``validation`` questions: m is applied to the model,
+    the record returned."""
     if settings.noise_width_search == "none":
         return None
     nll = validation_nll(model, tokenizer, letter_ids, validation, settings)
@@ -388,7 +366,6 @@ class McqRecipe(causal_lm.CausalLMRecipe):
                              processing_class=tokenizer, callbacks=[self.width], letter_ids=self.letter_ids)
 
     def after_training(self, trainer, model, tokenizer) -> None:
-        """The width search (noise_width_search tfb | nll) on the validation split; m is then used by mc."""
         self.width_search = search_noise_width(model, tokenizer, self.letter_ids, self.validation, self.settings)
 
     def finish(self, trainer, outcome, model, tokenizer) -> dict:
@@ -415,7 +392,8 @@ class McqRecipe(causal_lm.CausalLMRecipe):
         }
 
     def save(self, trainer, model, tokenizer, results: dict) -> dict:
-        causal_lm.save_run(model, tokenizer, self.settings, self.output_dir, state_dict=self.adapter_state)
+        causal_lm.save_run(model, tokenizer, self.output_dir, self.settings.model_name_or_path,
+                           causal_lm.in_process_loftq(self.settings), state_dict=self.adapter_state)
         fileio.write_json(self.output_dir / "results.json", results)
         fileio.plot_curves(self.output_dir / "curves.png", causal_lm.curves(results["history"]),
                            xlabel="optimizer step")
@@ -424,5 +402,4 @@ class McqRecipe(causal_lm.CausalLMRecipe):
 
 
 def train(argv=None) -> dict:
-    """scripts.train_mcq: settings from configs/mcq.yaml and the flags, then the recipe."""
     return McqRecipe(parse_settings(argv), tables.read_table(TABLE, BLOCKS)).run()

@@ -41,8 +41,7 @@ def column(cell: dict) -> str:
 
 
 def gather(paths: list[str]) -> tuple[list[dict], list[dict], list[str]]:
-    """(one record per evaluation {path, seed, cell, metrics}, one per trained run with a width history
-    {path, seed, cell, final}, the incomplete files skipped)."""
+    """(one record per evaluation, one per trained run with a width history, the incomplete files skipped)."""
     records, widths, skipped = [], [], []
     for file in stats.result_files(paths, "scripts/train_mcq.py"):
         try:
@@ -70,8 +69,7 @@ def gather(paths: list[str]) -> tuple[list[dict], list[dict], list[str]]:
 
 
 def question_key(questions) -> str | None:
-    """A fingerprint of the questions an evaluation answered (their ids and gold labels, in order), or None where
-    its results.json saved none: an ensemble is paired with a member only on the same questions."""
+    """A fingerprint of the questions an evaluation answered (ids and gold labels), or None where none were saved."""
     if not isinstance(questions, list):
         return None
     pairs = [(str(q.get("id")), q.get("label")) for q in questions if isinstance(q, dict)]
@@ -84,9 +82,8 @@ def member_seeds(seed) -> list[str]:
 
 
 def ensemble_members(cell: dict, seed, groups: dict, baseline: str) -> dict | None:
-    """{member seed: baseline record} for a deep ensemble of ``baseline`` runs: for each of its member seeds, the
-    baseline's mean-mode evaluation of that seed with the same task, eval set, backbone and settings (a data seed
-    joined "1+2+3" matches each member's own). None unless every member is found, and in one cell only."""
+    """{member seed: the ``baseline``'s mean-mode evaluation of that seed with the same settings} for a deep
+    ensemble; None unless every member is found, each in one cell only."""
     if cell.get("member_method") != baseline:
         return None
     joined = "+" in str(cell.get("data_seed"))
@@ -144,9 +141,8 @@ def build(records: list[dict], baseline: str) -> list[dict]:
 
 
 def ensemble_differences(cell: dict, runs: dict, groups: dict, baseline: str) -> dict | None:
-    """An ensemble row vs its ``baseline`` members: per metric, the ensemble's value minus each member's (the runs
-    it averages, on the same questions where both saved them), as a paired difference over the (ensemble, member)
-    pairs: mean and the table's bootstrap interval. None unless every ensemble of the row has all its members."""
+    """Per metric, the paired difference of the ensemble minus each ``baseline`` member (on the same questions) over
+    the (ensemble, member) pairs; None unless every ensemble of the row has all its members."""
     ensemble, member = {}, {}
     for seed, record in runs.items():
         members = ensemble_members(cell, seed, groups, baseline)
@@ -160,8 +156,8 @@ def ensemble_differences(cell: dict, runs: dict, groups: dict, baseline: str) ->
 
 
 def run_costs(results: dict) -> dict:
-    """What a run cost, from its results.json: seconds per optimizer step (the Trainer's train_runtime less its
-    evaluations during training, over global_step; None for an evaluation-only run) and the width search's seconds."""
+    """Seconds per optimizer step (train_runtime less evaluations, over global_step; None for an evaluation-only run)
+    and the width search's seconds."""
     history = results.get("history") or []
     runtime = next((log["train_runtime"] for log in history if "train_runtime" in log), None)
     steps = results.get("global_step")
@@ -175,8 +171,7 @@ def ratio(value, reference) -> str:
 
 
 def cost_table(records: list[dict], baseline: str) -> list[str]:
-    """Training-step and test-time cost per row, medians over seeds, and their ratio to ``baseline``'s (its
-    trained runs; its mean-mode evaluation) of the same task."""
+    """Training-step and test-time cost per row (medians over seeds) and their ratio to ``baseline``'s."""
     groups, _, extra = _grouped(records)
 
     def median(group, key):

@@ -47,8 +47,7 @@ NEEDED = ("task", "method", "seed", "K", "rank", "llmmscale", "backbone", "model
 
 
 def run_settings(run: str) -> schema.McqRun:
-    """A finished run's settings.json: a JSON object holding every key the evaluation reads (NEEDED), else one
-    error naming the file."""
+    """A finished run's settings.json, holding every key the evaluation reads (NEEDED)."""
     path = Path(run) / "settings.json"
     if not path.is_file() or not (Path(run) / "adapter").is_dir():
         raise FileNotFoundError(f"{run!r} is not a finished train_mcq run (no settings.json / adapter/): pass the "
@@ -100,9 +99,9 @@ def member_settings(args) -> list[schema.McqRun]:
 
 
 def searched_settings(settings: schema.McqRun, search: dict, run: str) -> dict:
-    """The settings a width search on finished run ``run`` changes: the search's, and the variant of the calibration
-    table that names the run's variant with this search (llmm + tfb: llmm_tfb), so the evaluation pools with runs
-    that searched after their training (the same adapter, the same validation questions and networks)."""
+    """The settings a width search on finished run ``run`` changes: the search's, and the calibration table's
+    variant for the run's variant with this search (llmm + tfb: llmm_tfb), so it pools with runs that searched
+    after training."""
     if not settings.K > 0:
         raise ValueError(f"{run!r} is a --method {settings.method} run (K = 0): the width search scales the Llmm "
                          "noise; pass an llmm run")
@@ -135,37 +134,31 @@ def ensemble_seed(members: list[dict]) -> str:
 def ensemble(members: list[dict], eval_sets: dict, output_dir: Path) -> list[dict]:
     """The deep ensemble over every eval set: members loaded one at a time, distributions averaged."""
     first = members[0]
-    state = {}
-
-    def heads():
-        for settings in members:
-            model, tokenizer = load_member(settings)
-            letters = letter_token_ids(tokenizer, max(len(r["choices"]) for rs, _ in eval_sets.values() for r in rs))
-            device = next(model.parameters()).device
-            state["batches"] = {
-                name: C.batches([encode_question(tokenizer, r, first.max_length) for r in records],
-                                first.per_device_eval_batch_size, tokenizer.pad_token_id, device)
-                for name, (records, _) in eval_sets.items()}
-            yield C.LetterHead(model, letters).to(device)
-            del model
-
+    n_letters = max(len(r["choices"]) for records, _ in eval_sets.values() for r in records)
     sums, labels = {}, {}
     started = time.time()
-    for head in heads():
-        for name, batch_list in state["batches"].items():
-            probs, labels[name] = C.predict(head, batch_list, "mean")
+    for settings in members:
+        model, tokenizer = load_member(settings)
+        device = next(model.parameters()).device
+        head = C.LetterHead(model, letter_token_ids(tokenizer, n_letters)).to(device)
+        for name, (records, _) in eval_sets.items():
+            batches = C.batches([encode_question(tokenizer, r, first.max_length) for r in records],
+                                first.per_device_eval_batch_size, tokenizer.pad_token_id, device)
+            probs, labels[name] = C.predict(head, batches, "mean")
             sums[name] = sums.get(name, 0) + probs
+        del model, head
     entries, seeds = [], ensemble_seed(members)
     data_seeds = sorted({settings.cell.get("data_seed") for settings in members}, key=str)
     cell = {**first.cell, "method": "ensemble", "member_method": first.method,
             "data_seed": data_seeds[0] if len(data_seeds) == 1 else "+".join(map(str, data_seeds))}
     for index, (name, (records, where)) in enumerate(eval_sets.items()):
-        report = C.evaluate(sums[name] / len(members), labels[name])
+        probs = sums[name] / len(members)
+        report = C.evaluate(probs, labels[name])
         entries.append({"eval_set": name, "shift": "in-distribution" if index == 0 else "ood", "where": where,
                         "mode": "ensemble", "eval_samples": len(members), "method": "ensemble", "seed": seeds,
                         "K": first.K, "backbone": first.backbone, **report})
         entries[-1]["cell"] = evaluation_cell(cell, entries[-1])
-        entries[-1]["questions"] = question_entries(sums[name] / len(members), labels[name], records)
+        entries[-1]["questions"] = question_entries(probs, labels[name], records)
         cli.logger.info("%s ensemble (M=%d): accuracy %.4f, ECE %.4f, NLL %.4f, Brier %.4f", name, len(members),
                       report["accuracy"], report["ece"], report["nll"], report["brier"])
         C.plot_reliability(output_dir / f"reliability-{name}.png", {f"{name} ensemble M={len(members)}": report})

@@ -29,7 +29,6 @@ from llmm.run import adapters, cli, fileio, schema, tables
 
 TABLE = tables.CONFIGS / "quantize.yaml"
 LOADERS = {"causal_lm": AutoModelForCausalLM, "seq_cls": AutoModelForSequenceClassification}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OLD_EMBEDDINGS = {"auto": None, "true": True, "false": False}  # configs/quantize.yaml's strings before the field
 
 
@@ -137,7 +136,7 @@ def quantize(model: torch.nn.Module, settings: schema.QuantizeRun, targets: list
     means, report = {}, {}
     for name, module in tqdm(modules.items(), desc="LoftQ", unit="layer"):
         weight = module.weight.detach().to(settings.device)
-        q, factor_A, factor_B, report[name] = streaming.loftq_matrix(weight, config, DTYPES[settings.dtype])
+        q, factor_A, factor_B, report[name] = streaming.loftq_matrix(weight, config, getattr(torch, settings.dtype))
         module.weight.data = q.to(module.weight.device)
         means[name] = (factor_A, factor_B)
     return config, means, report
@@ -158,17 +157,19 @@ def save(model, tokenizer, config, means: dict, settings: schema.QuantizeRun, tm
     # Record the LoftQ settings that produced the means, and the backbone they belong to.
     peft_model.peft_config["default"] = dataclasses.replace(config, base_model_name_or_path=str(final_dir))
     peft_model.save_pretrained(tmp_dir / "llmm_init")
-    peft_model.unload().to(DTYPES[settings.dtype]).save_pretrained(tmp_dir)
+    peft_model.unload().to(getattr(torch, settings.dtype)).save_pretrained(tmp_dir)
     tokenizer.save_pretrained(tmp_dir)
 
 
-def write_report(report: dict, settings: schema.QuantizeRun, tmp_dir: Path, started: float) -> None:
-    errors = [layer["rel_error_loftq"] for layer in report.values()]
+def write_report(report: dict, settings: schema.QuantizeRun, tmp_dir: Path, started: float) -> tuple[float, float]:
+    """Writes quantize_report.json; returns the mean relative errors of Q and of Q + gBA."""
+    mean_q, mean_loftq = (sum(layer[key] for layer in report.values()) / len(report)
+                          for key in ("rel_error_q", "rel_error_loftq"))
     fileio.write_json(tmp_dir / "quantize_report.json", {
         "settings": settings.record(), "versions": fileio.versions(), "wall_time_s": time.time() - started,
-        "mean_rel_error_q": sum(layer["rel_error_q"] for layer in report.values()) / len(report),
-        "mean_rel_error_loftq": sum(errors) / len(errors), "layers": report,
+        "mean_rel_error_q": mean_q, "mean_rel_error_loftq": mean_loftq, "layers": report,
     })
+    return mean_q, mean_loftq
 
 
 def make_init_dir(settings: schema.QuantizeRun, whole_model: bool = False) -> Path:
@@ -202,14 +203,12 @@ def make_init_dir(settings: schema.QuantizeRun, whole_model: bool = False) -> Pa
         if model.device.type == "meta":
             config, modules = plan(model, settings, targets)
             report = streaming.quantize_checkpoint(
-                folder, tmp_dir, model, modules, config, DTYPES[settings.dtype], settings.device,
+                folder, tmp_dir, model, modules, config, getattr(torch, settings.dtype), settings.device,
                 final_dir=final_dir, progress=lambda items: tqdm(items, desc="LoftQ (streamed)", unit="tensor"))
             tokenizer.save_pretrained(tmp_dir)
         else:
             config, means, report = quantize(model, settings, targets)
             save(model, tokenizer, config, means, settings, Path(tmp_dir), final_dir)
-        write_report(report, settings, Path(tmp_dir), started)
-    cli.logger.info("wrote %s (mean relative error: Q %.4f, Q + gBA %.4f)", final_dir,
-                    sum(r["rel_error_q"] for r in report.values()) / len(report),
-                    sum(r["rel_error_loftq"] for r in report.values()) / len(report))
+        errors = write_report(report, settings, Path(tmp_dir), started)
+    cli.logger.info("wrote %s (mean relative error: Q %.4f, Q + gBA %.4f)", final_dir, *errors)
     return final_dir

@@ -1,22 +1,20 @@
 """Library messages a user of the entry points cannot act on, filtered out; every other warning still shows.
 
-Installed by ``llmm.run.cli.run_main`` for every entry point; the bitsandbytes filter alone by ``import llmm`` (before
-bitsandbytes loads: it logs at import time), ``install_import_filter``:
+Installed by ``llmm.run.cli.run_main``; the bitsandbytes filter alone by ``import llmm`` (before bitsandbytes loads:
+it logs at import time), ``install_import_filter``:
 
-- bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community": the optional ``kernels`` package is
-  absent, so bitsandbytes uses its own CPU kernel (the same numbers); nothing is wrong.
-- transformers' FutureWarning that ``gradient_checkpointing`` is renamed ``activation_checkpointing`` (the
-  entry points' settings keep the name researchers know).
-- transformers' LOAD REPORT when its only entries are a task head the checkpoint does not have (MISSING
-  classifier / pooler / score) and the checkpoint's pretraining head that the task model does not use (UNEXPECTED
-  cls / lm_predictions / mask_predictions / lm_head): replaced by one line, "classifier head initialised fresh".
-  A report with anything else (a missing backbone weight, a size mismatch) is printed as it is.
-- PEFT's "Could not find a config file in ... - will assume that the vocabulary was not modified": said offline
-  when an adapter's base path is a directory written in the same run; the vocabulary is never modified here.
+- bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community": without the optional ``kernels``
+  package it uses its own CPU kernel (the same numbers).
+- transformers' FutureWarning that ``gradient_checkpointing`` is renamed ``activation_checkpointing`` (the settings
+  keep the name researchers know).
+- transformers' LOAD REPORT whose only entries are a fresh task head (MISSING classifier / pooler / score) and the
+  checkpoint's unused pretraining head (UNEXPECTED cls / lm_predictions / mask_predictions / lm_head): one line
+  instead. A report with anything else (a missing backbone weight, a size mismatch) is printed as it is.
+- PEFT's "Could not find a config file in ... - will assume that the vocabulary was not modified": said offline when
+  an adapter's base is a directory written in the same run; the vocabulary is never modified here.
 - PEFT's "Model has `tie_word_embeddings=True` and a tied layer is part of the adapter": the multiple-choice family
-  adapts the LM head (BLoB's targets) of models whose head shares the embedding's weight (SmolLM2). The adapter
-  adds its delta to the head's output only, which is the intent, and llmm never merges it (it is saved as
-  safetensors and reloaded as an adapter), so ``ensure_weight_tying`` would change the method, not fix a problem."""
+  adapts the LM head of models whose head shares the embedding's weight (SmolLM2); the adapter's delta goes to the
+  head's output only, as intended, and is never merged, so ``ensure_weight_tying`` would change the method."""
 
 from __future__ import annotations
 
@@ -69,7 +67,7 @@ def install_import_filter() -> None:
 
 
 def install() -> None:
-    """Add the filters (idempotent)."""
+    """Add every filter (idempotent)."""
     install_import_filter()
     _add("transformers.modeling_utils", _FreshHeadReport())
     warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing\w*` is deprecated",

@@ -10,26 +10,19 @@ adds (its data, its model and adapter, its Trainer, its results and files).
 
     results = GlueRecipe(settings).run()
 
-The flow: the launch's sharding (``llmm.sharding.check_sharded_launch``: an accelerate FSDP / DeepSpeed config that
-would not shard is one error line); data; the checkpoint to resume from and its checks (K, rank, alpha, scale,
-processes; every setting that defines the run against its settings.json); the output directory's check; seed;
-backbone and adapter; datasets; lock and create the output directory (only now, so bad input writes nothing); the
-Trainer (``--report_to`` reaches it through the training arguments) and its optional entropy term (entropy_weight,
-entropy_warmup_ratio, entropy_floor: llmm.run.trainer.LlmmTrainer); settings.json; train; ``after_training`` (a later
-step on the trained model, e.g. a search on the validation split); under sharding every process gathers the
-adapter's whole tensors (``self.adapter_state``, None otherwise: pass it as ``state_dict`` to save_llmm_adapter /
-export_mean_adapter); on the main process the family's results and files, results.json and the adapters.
-``check_output`` refuses an output directory that is, contains or lies inside an input (the settings named in
-fields declared with ``path``) before anything is written.
+Every check (the launch's sharding, the data, the checkpoint resumed from against settings.json, the output
+directory apart from every input) comes before the output directory is created, so bad input writes nothing.
 """
 
 from __future__ import annotations
 
 import os
 import time
+import warnings
 from pathlib import Path
 
 from llmm import outdirs, sharding
+from llmm.model import atomic_dir, export_mean_adapter, save_llmm_adapter
 from llmm.run import fileio, schema
 from llmm.run import trainer as training
 
@@ -42,7 +35,7 @@ class Recipe:
         self.output_dir = Path(settings.output_dir)
         self.started = time.time()
         self.sharding = "none"  # what the launch shards with (run: check_sharded_launch)
-        self.adapter_state = None  # under sharding: the gathered adapter tensors (every process gathers)
+        self.adapter_state = None  # under sharding: the gathered adapter tensors (pass as state_dict when saving)
 
     # --- hooks ---------------------------------------------------------------------------------------------------
 
@@ -69,8 +62,7 @@ class Recipe:
         raise NotImplementedError
 
     def after_training(self, trainer, model, tokenizer) -> None:
-        """After training, before the results, on every process: a step on the trained model (e.g. a search on the
-        validation split); nothing by default."""
+        """After training, on every process: a step on the trained model (e.g. a search on the validation split)."""
 
     def finish(self, trainer, outcome, model, tokenizer) -> dict:
         """After training, on every process: the results (the main process then writes them to results.json)."""
@@ -83,8 +75,7 @@ class Recipe:
     blocks = schema.BLOCKS  # the family's settings (llmm.run.schema.FAMILY_BLOCKS): what a resume must keep
 
     def inputs(self) -> dict:
-        """{flag: path or paths} of what the run reads, for the check that no output is, holds or lies in one; the
-        checkpoint resumed from counts when it is not this run's own (inside the output directory)."""
+        """{flag: path or paths} of what the run reads, with the checkpoint resumed from unless it is this run's own."""
         found = {f"--{name}": self.settings[name] for name in schema.input_names(self.blocks)
                  if self.settings.get(name)}
         checkpoint = getattr(self, "resumed_from", None)
@@ -94,8 +85,8 @@ class Recipe:
         return found
 
     def check_output(self, resume: bool) -> None:
-        """The output directory is none of the inputs, holds none and lies in none (before anything is written),
-        then may become this run's directory (new, empty, resumed or an llmm one replaced with --overwrite)."""
+        """The output directory is none of the inputs, holds none and lies in none, and may become this run's (new,
+        empty, resumed or an llmm one replaced with --overwrite)."""
         outdirs.check_outputs_apart({"--output_dir": str(self.output_dir)}, self.inputs())
         outdirs.check_output_dir(self.output_dir, self.settings.get("overwrite", False), resume=resume)
 
@@ -120,7 +111,6 @@ class Recipe:
         self.check_output(resume=checkpoint is not None)
         if not self.data_first:
             self.load_data()
-        self.resumed_from = checkpoint
         arguments = self.training_arguments(resume=checkpoint is not None)
         fileio.seed_everything(settings.seed)
         model, tokenizer = self.load_model(arguments)
@@ -142,3 +132,19 @@ class Recipe:
         if trainer.is_world_process_zero():
             results = self.save(trainer, model, tokenizer, results)
         return results
+
+
+def save_run(model, tokenizer, output_dir: Path, base: str, quantized_here: bool, state_dict=None) -> None:
+    """adapter/ (M and Z), mean_adapter/ (plain PEFT LoRA) and, when this run quantized the backbone, backbone/ (Q,
+    which both adapters name, resolved, as base_model_name_or_path), each written atomically. The backbone is
+    written last: unloading the adapters is what gives it back. ``state_dict``: a sharded run's gathered tensors."""
+    backbone = (output_dir / "backbone").resolve() if quantized_here else base
+    model.peft_config["default"].base_model_name_or_path = str(backbone)
+    with warnings.catch_warnings():  # PEFT looks for the base's config.json, which backbone/ gets just after
+        warnings.filterwarnings("ignore", message="Could not find a config file in")
+        save_llmm_adapter(model, str(output_dir / "adapter"), overwrite=True, state_dict=state_dict)
+        export_mean_adapter(model, str(output_dir / "mean_adapter"), overwrite=True, state_dict=state_dict)
+    if quantized_here:
+        with atomic_dir(str(backbone), overwrite=True) as tmp_dir:
+            model.unload().save_pretrained(tmp_dir)
+            tokenizer.save_pretrained(tmp_dir)

@@ -1,25 +1,21 @@
 """Every setting of the entry points, declared once: a typed field with its help, its range or choices and its role.
 
-    @dataclass
-    class TrainingSettings:
-        learning_rate: float = setting(2e-4, "peak learning rate", low=0, low_open=True)
+    learning_rate: float = setting(2e-4, "peak learning rate", low=0, low_open=True)
 
-Adding a numeric setting is one field here plus one value in the YAML table that uses it: the flag (``--name``,
-typed, its range in the help), the range check (one ``error:`` line before anything is written), the table check
-(an unknown key names the closest known one), settings.json and the results' cell all follow from the field.
-
-Blocks: the adapter and its LoftQ initialisation, training (Hugging Face TrainingArguments' own names), then one
-block per task family. Roles: ``cell`` (defines the table cell: runs are pooled as seeds only when these agree),
-``run`` (plumbing that does not change a run's numbers: never in a cell), ``init_dir`` (a cell setting an _init.sh
-directory fixes: adopted from its quantize_report.json), ``eval`` (evaluation plumbing, replaced in each
-evaluation's cell by what it used). The paper's names K and llmmscale are LlmmConfig's ``k`` and ``scale``
-(llmm.run.adapters.llmm_config is the one place that maps them).
+A new setting is one field here plus its value in the YAML table that uses it; its flag, range check, table check,
+settings.json entry and results cell all follow from the field. Blocks: the adapter, LoftQ, training (Hugging Face
+TrainingArguments' names), one per task family. Roles: ``cell`` (runs are pooled as seeds only when these agree),
+``run`` (plumbing that does not change a run's numbers: never in a cell), ``init_dir`` (fixed by an _init.sh
+directory: adopted from its quantize_report.json), ``eval`` (replaced in each evaluation's cell by what it used).
+The paper's K and llmmscale are LlmmConfig's ``k`` and ``scale`` (mapped in llmm.run.adapters.llmm_config).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
+import logging
 import math
 from dataclasses import dataclass, field
 
@@ -30,9 +26,8 @@ CELL, RUN, INIT_DIR, EVAL = "cell", "run", "init_dir", "eval"
 
 def setting(default, help: str, *, low=None, high=None, low_open=False, high_open=False, choices=None,
             role: str = CELL, kind=None, nonempty=False, path=None):
-    """A dataclass field with its help, range (numbers: low / high, open or closed; text: nonempty) or choices, and
-    role. ``path``: the setting names what the run reads, ``"data"`` (checked: it exists, its text is UTF-8) or
-    ``"model"`` (a hub id or a local directory); no output may be, hold or lie in one."""
+    """A dataclass field with its help, range (low / high, open or closed; text: nonempty) or choices, and role.
+    ``path`` ("data" or "model"): the setting names what the run reads (checked; no output may be or lie in one)."""
     return field(default=default, metadata={"help": help, "low": low, "high": high, "low_open": low_open,
                                             "high_open": high_open, "choices": choices, "role": role,
                                             "kind": kind, "nonempty": nonempty, "path": path})
@@ -63,9 +58,8 @@ def rule(meta: dict, kind) -> tuple:
     if low is None and high is None:
         return (lambda v: True), ""
     integer = kind is int
-    kind = float if kind is number else kind
     if low is not None and high is not None:
-        what = (f"a number in {'(' if meta['low_open'] else '['}{low}, {high}{')' if meta['high_open'] else ']'}")
+        what = f"a number in {'(' if meta['low_open'] else '['}{low}, {high}{')' if meta['high_open'] else ']'}"
     else:
         what = (f"{'an integer' if integer else 'a finite number'} "
                 f"{'>' if meta['low_open'] else '>='} {low}" if low is not None else
@@ -366,13 +360,11 @@ FAMILY_BLOCKS = {
 # --- a run's settings: one typed object --------------------------------------------------------------------------
 
 class Settings:
-    """A family's resolved settings as one typed object: every field of its blocks an attribute (its default where
-    the table and the flags name none); what the entry point adds beside the fields (input paths, records such as
-    ``backbone``) an attribute too. ``record()`` is what settings.json and the cell hold: the names the table and the
-    flags gave, then every name the run set since, in that order.
+    """A family's resolved settings: every field of its blocks an attribute (its default unless given), plus what
+    the entry point adds (input paths, records such as ``backbone``). ``record()`` is what settings.json and the cell
+    hold: the names given, then every name the run set since, in that order.
 
         settings = McqRun.of(resolved)           # resolved: the table row and the flags, a dict
-        settings.learning_rate, settings.K       # typed fields
         settings.backbone = "int8"               # a record the run adds
     """
 
@@ -402,8 +394,7 @@ class Settings:
         if name not in self._named:
             self._named.append(name)
 
-    def __contains__(self, name: str) -> bool:
-        """Whether the family has the setting (a field) or the entry point passed it (an extra)."""
+    def __contains__(self, name: str) -> bool:  # a field of the family, or an extra the entry point passed
         return name in self.__dataclass_fields__ or name in self._extra
 
     def __getitem__(self, name: str):  # a setting named by a variable (settings[name])
@@ -419,8 +410,6 @@ class Settings:
             setattr(self, name, value)
 
     def get(self, name: str, default=None):
-        """A setting the family may not have (library code shared by families) or an extra the entry point may not
-        have passed (an optional input path), else ``default``."""
         return getattr(self, name) if name in self else default
 
     def unset(self, name: str) -> None:
@@ -432,11 +421,9 @@ class Settings:
             self._named.remove(name)
 
     def record(self) -> dict:
-        """{name: value} of every setting given or set (settings.json, the cell)."""
         return {name: getattr(self, name) for name in self._named}
 
     def copy(self, **changes):
-        """A copy with ``changes`` set (recorded as set)."""
         copied = type(self).of(self.record())
         for name, value in changes.items():
             setattr(copied, name, value)
@@ -467,8 +454,7 @@ class Gsm8kTestRun(Settings, *reversed(FAMILY_BLOCKS["gsm8k_test"])):
 @dataclass
 class QuickstartRun(Settings, QuickstartSettings, BbcNewsSettings, TrainingSettings, LoftQSettings, AdapterSettings,
                     RunSettings):
-    """quickstart: its own fields, the BBC News split's, and the GLUE runs' quant, bits, rank and max_steps it passes
-    on."""
+    """quickstart: its own fields, the BBC News split's, and the GLUE settings it passes on."""
 
 
 @dataclass
@@ -479,6 +465,8 @@ class BbcNewsRun(Settings, BbcNewsSettings):
 @dataclass
 class QuantizeRun(Settings, QuantizeSettings, LoftQSettings, AdapterSettings):
     """quantize_model (_init.sh); quantize_embeddings, GlueSettings' field, is an extra here."""
+
+
 # Names the GLUE table and flags used before they took Hugging Face's: accepted, with one line naming the new name.
 RENAMED = {"batch_size": "per_device_train_batch_size", "grad_accum": "gradient_accumulation_steps",
            "lr_scheduler": "lr_scheduler_type", "epochs": "num_train_epochs", "eval_batch_size":
@@ -489,7 +477,7 @@ NOT_SETTINGS = ("output_dir", "overwrite", "resume_from_checkpoint", "resumed_fr
 
 
 def fields_of(*blocks) -> dict[str, dataclasses.Field]:
-    """name -> field over ``blocks`` (a later block's field of the same name wins: its range is the family's)."""
+    """name -> field over ``blocks`` (a later block's field of the same name wins)."""
     return {f.name: f for block in blocks for f in dataclasses.fields(block)}
 
 
@@ -497,8 +485,7 @@ ALL_FIELDS = fields_of(*BLOCKS)
 
 
 def input_names(blocks=BLOCKS) -> tuple[str, ...]:
-    """The settings of ``blocks`` that name what a run reads (fields declared with ``path``): an output may not be,
-    hold or lie in one (llmm.outdirs.check_outputs_apart)."""
+    """The settings of ``blocks`` that name what a run reads (fields declared with ``path``)."""
     return tuple(name for name, f in fields_of(*blocks).items() if f.metadata["path"])
 
 
@@ -514,13 +501,11 @@ def kind_of(f: dataclasses.Field):
 
 
 def role_names(role: str, blocks=BLOCKS) -> frozenset[str]:
-    """The names of the fields of ``blocks`` with ``role``."""
     return frozenset(f.name for block in blocks for f in dataclasses.fields(block) if f.metadata["role"] == role)
 
 
 def not_cell() -> frozenset[str]:
-    """Keys never part of a cell: the run-plumbing fields (and their old names) and what settings.json holds beside
-    the settings."""
+    """Keys never part of a cell: the run-plumbing fields (and their old names) and settings.json's other keys."""
     plumbing = role_names(RUN)
     return plumbing | {old for old, new in RENAMED.items() if new in plumbing} | frozenset(NOT_SETTINGS)
 
@@ -531,8 +516,8 @@ def current_names(cell: dict) -> dict:
 
 
 def setting_error(name: str, value, blocks=BLOCKS) -> str | None:
-    """None if ``value`` is in the declared range of setting ``name`` in one of ``blocks`` (or it is no field
-    there, or None), else what it must be."""
+    """What ``value`` must be if it is outside the range of setting ``name`` in every one of ``blocks``, else None
+    (also for None or a name that is no field)."""
     found = [f for block in blocks for f in dataclasses.fields(block) if f.name == name]
     errors = [_field_error(f, value) for f in found]
     return None if value is None or not found or None in errors else errors[0]
@@ -566,8 +551,6 @@ def parse_bool(text: str) -> bool:
         return True
     if text.lower() in ("0", "false", "no"):
         return False
-    import argparse
-
     raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
 
 
@@ -590,26 +573,19 @@ def nullable_bool(name: str):
     def parse(text: str):
         if text.lower() in ("null", "none", "auto"):
             if text.lower() == "auto":
-                import logging
-
                 logging.getLogger("llmm").warning("--%s auto is now --%s null: please write that", name, name)
             return NULL
         try:
             return parse_bool(text)
         except Exception:
-            import argparse
-
             raise argparse.ArgumentTypeError(f"expected true, false or null, got {text!r}") from None
 
     return parse
 
 
 def add_flags(parser, blocks, skip=(), renamed=None) -> None:
-    """One ``--name`` flag per field of ``blocks`` that the parser does not have yet (default None: the table
-    decides); typed by the field, its help naming its range or choices; and the old names (``renamed``, default
-    RENAMED) of those it has, for take_renamed."""
-    import argparse
-
+    """One ``--name`` flag per field of ``blocks`` the parser lacks (default None: the table decides), typed by the
+    field, its help naming its range or choices; plus the old names (``renamed``, default RENAMED), for take_renamed."""
     have = {a.dest for a in parser._actions}
     for name, f in fields_of(*blocks).items():
         if name in have or name in skip:
@@ -637,8 +613,6 @@ def add_flags(parser, blocks, skip=(), renamed=None) -> None:
 
 def take_renamed(args, blocks) -> None:
     """A flag given under its old name (RENAMED) sets the new one, with one line naming it."""
-    import logging
-
     for key in [k for k in vars(args) if k.startswith("renamed:")]:
         value = vars(args).pop(key)
         if value is None:

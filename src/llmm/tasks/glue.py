@@ -9,15 +9,9 @@
     outputs = predict(model, data["validation"], collator, batch_size=64, mode="mean")   # logits, or MC probs
     scores = score(task, outputs, labels)                      # task metrics + NLL / Brier / ECE
 
-``raw`` is a ``datasets.DatasetDict`` with ``train`` and the task's dev splits (``validation``; MNLI:
-``validation_matched`` and ``validation_mismatched``), each holding the text columns and ``label`` (int64 class
-ids, or float32 for STS-B). Local files use the hub's column names (CSV/JSON/JSONL), or the GLUE distribution's
-own TSV layout (headerless CoLA, MRPC's ``Quality``/``#1 String``, MNLI's ``gold_label``, ...). Labels may be class
-ids or label names (``entailment``); anything else fails early, naming the file, row and what is allowed.
-
-Metrics (SPEC §3): CoLA Matthews correlation; STS-B Pearson and Spearman; MRPC and QQP accuracy and F1; the
-others accuracy. The main metric picks the best epoch: the first one, except F1 for MRPC and QQP (as LoftQ's and the
-reference's run_glue.py select). scikit-learn / scipy only."""
+Local files use the hub's column names (CSV/JSON/JSONL) or the GLUE distribution's own TSV layout; labels may be
+class ids or label names. Metrics (SPEC §3): CoLA Matthews; STS-B Pearson/Spearman; MRPC and QQP accuracy and F1
+(F1 picks the best epoch, as in LoftQ's run_glue.py); the others accuracy."""
 
 from __future__ import annotations
 
@@ -250,14 +244,10 @@ def _convert_labels(task: GlueTask, values: list, path: Path) -> list:
     """Class ids (ints, integral floats, digit strings or label names) or, for regression, numbers."""
     converted = []
     for row, value in enumerate(values, start=1):
-        if task.is_regression:
-            number = _as_number(value)
-            if number is None:
-                raise ValueError(f"data file {str(path)!r}: label {value!r} in row {row} is not a number; "
-                                 f"{task.name} is a regression task (scores such as 3.8)")
-            converted.append(number)
-            continue
-        label = _as_class_id(value, task.label_names)
+        label = _as_number(value) if task.is_regression else _as_class_id(value, task.label_names)
+        if label is None and task.is_regression:
+            raise ValueError(f"data file {str(path)!r}: label {value!r} in row {row} is not a number; "
+                             f"{task.name} is a regression task (scores such as 3.8)")
         if label is None:
             raise ValueError(f"data file {str(path)!r}: label {value!r} in row {row} is not a {task.name} label; use "
                              f"integers 0..{task.num_labels - 1} or one of {list(task.label_names)}")
@@ -324,8 +314,8 @@ def task_metrics(task: GlueTask, predictions, labels) -> dict[str, float | None]
 
 
 def score(task: GlueTask, outputs, labels) -> dict:
-    """Task metrics of ``outputs`` (logits, or log-probabilities of an MC average; scores for STS-B) and, for
-    classification, NLL / Brier / ECE of their softmax. A non-finite output makes the calibration metrics NaN."""
+    """Task metrics of ``outputs`` (logits or log-probabilities; STS-B scores) and, for classification, NLL / Brier /
+    ECE of their softmax (NaN for a non-finite output)."""
     from scipy.special import softmax
 
     from llmm.metrics import calibration_metrics
@@ -341,11 +331,8 @@ def score(task: GlueTask, outputs, labels) -> dict:
 
 
 def predict(model, dataset, collator, batch_size: int, mode: str = "mean", mc_samples: int = 10) -> np.ndarray:
-    """The model's outputs on a tokenized split, batch by batch in order (eval mode, no gradient).
-
-    ``mode``: "mean" (eps = 0), "sample" (one noise draw per batch, the reference's evaluation) or "mc" (the log of
-    the average of ``mc_samples`` sampled networks' softmax; for regression the average output). Classification:
-    (n, classes) float32; regression: (n,)."""
+    """The model's outputs on a tokenized split: (n, classes) logits, or (n,) for regression. ``mode``: "mean"
+    (eps = 0), "sample" (one noise draw per batch) or "mc" (log of the average softmax of ``mc_samples`` networks)."""
     import torch
 
     from llmm.model import noise_mode

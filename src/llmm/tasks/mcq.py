@@ -1,22 +1,15 @@
 """Multiple-choice questions for the calibration protocol (BLoB, NeurIPS 2024): data formats, prompt, answer letters.
 
-Every source format becomes one normalised record ``{"question": str, "choices": [str, ...], "answer": int}``:
+Every source format becomes ``{"question": str, "choices": [str, ...], "answer": int}``: Winogrande (``sentence``,
+``option1``, ``option2``, ``answer`` "1"/"2"), ARC (``question``, ``choices`` {``text``, ``label``}, ``answerKey``),
+OpenBookQA (``question_stem`` and ARC's fields), BoolQ (``question``, ``passage``, ``answer`` bool or ``label`` 0/1
+-> choices "no"/"yes") and MMLU / the normalised form (``question``, ``choices`` list, ``answer`` index).
 
-- Winogrande (allenai/winogrande): ``sentence``, ``option1``, ``option2``, ``answer`` ("1" / "2") -> two choices.
-- ARC (allenai/ai2_arc): ``question``, ``choices`` {``text``, ``label``}, ``answerKey``; 3 to 5 choices labelled
-  A-E or 1-5, the key names one of the labels.
-- OpenBookQA (allenai/openbookqa): ``question_stem`` and ARC's ``choices`` / ``answerKey``.
-- BoolQ (google/boolq): ``question``, ``passage``, ``answer`` (bool; super_glue's ``label`` 0/1 also reads) ->
-  choices ("no", "yes"), the passage before the question.
-- MMLU (cais/mmlu) and the normalised form itself: ``question``, ``choices`` (a list), ``answer`` (an index).
-
-The prompt (BLoB's zero-shot template) lists the choices under letters and ends in "Answer:"; the model's
-prediction is its next-token distribution restricted to the letters of the question's choices
-(``letter_token_ids``: the token that " A", " B", ... become after "Answer:"). Prompts longer than max_length
-tokens lose their beginning, so the choices and the cue always stay.
+The prompt (BLoB's zero-shot template) lists the lettered choices and ends in "Answer:"; the prediction is the
+next-token distribution over the choices' letters. Prompts longer than max_length lose their beginning.
 
     records = load_mcq("tests/data/mcq/arc.jsonl")                      # or a hub id + config + split
-    example = encode_question(tokenizer, records[0], letter_ids, max_length=300)
+    example = encode_question(tokenizer, records[0], max_length=300)
 """
 
 from __future__ import annotations
@@ -83,13 +76,10 @@ def _indexed(record: dict, where: str) -> dict:
     return {"question": record["question"], "choices": list(choices), "answer": answer}
 
 
-QUESTION_FIELDS = ("question_stem", "sentence", "question")  # the source field a normalised question came from
-
-
 def _check_texts(record: dict, normalised: dict, where: str) -> None:
-    """The question is non-empty text; every choice is non-empty text (a number is read as its text), and no two
-    choices are equal once stripped and case-folded (a model could not tell their letters apart)."""
-    field = next(f for f in QUESTION_FIELDS if f in record)
+    """The question and every choice are non-empty text (a number reads as text); no two choices are equal once
+    stripped and case-folded."""
+    field = next(f for f in ("question_stem", "sentence", "question") if f in record)
     question = record[field]  # BoolQ's normalised question also holds the passage: check the source field
     if not isinstance(question, str) or not question.strip():
         raise ValueError(f"{where}: field {field!r} is {question!r}: a question needs non-empty text")
@@ -137,8 +127,7 @@ def normalise(record: dict, where: str = "record") -> dict:
 
 
 def load_mcq(source: str, config_name: str | None = None, split: str | None = None) -> list[dict]:
-    """Normalised records of a local .json/.jsonl file (the hub's fields) or of one split of a hub dataset /
-    local dataset directory."""
+    """Normalised records of a local .json/.jsonl file, or of one split of a hub dataset / dataset directory."""
     if source.endswith((".json", ".jsonl")):
         raw, where = read_json_records(source), source
     elif Path(source).is_file():
@@ -156,14 +145,13 @@ def load_mcq(source: str, config_name: str | None = None, split: str | None = No
 
 
 def record_where(where: str, index: int, record) -> str:
-    """'FILE, record 3 (id 'Mercury_3')': a record named by its position (from 1) and its id where it has one."""
+    """'FILE, record 3 (id 'Mercury_3')'."""
     ident = record.get("id") if isinstance(record, dict) else None
     return f"{where}, record {index + 1}" + (f" (id {ident!r})" if ident is not None else "")
 
 
 def question_ids(source: str, config_name: str | None = None, split: str | None = None) -> list[str]:
-    """The id of every question ``load_mcq`` returns, in its order: the record's own ``id`` where it has one,
-    else its position from 1 ("1", "2", ...)."""
+    """The id of every question ``load_mcq`` returns: the record's ``id``, else its position from 1."""
     if source.endswith((".json", ".jsonl")):
         raw = read_json_records(source)
     else:
@@ -191,8 +179,7 @@ def letter_token_ids(tokenizer, n_letters: int) -> list[int]:
 
 
 def encode_question(tokenizer, record: dict, max_length: int) -> dict:
-    """bos + prompt tokens (its beginning dropped beyond ``max_length``), the answer index and the number of
-    choices. The prediction is read at the last token (the cue)."""
+    """bos + prompt tokens (its beginning dropped beyond ``max_length``), the answer index and the choice count."""
     if max_length < 8:
         raise ValueError(f"max_length must be >= 8 tokens, got {max_length}")
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []

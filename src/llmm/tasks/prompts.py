@@ -1,13 +1,7 @@
 """Prompts, loss-masked tokenization, data loading and GSM8K answer scoring for the causal-LM tasks.
 
-The one place for the task formats of SPEC §3 (scripts/train_nlg.py, train_gsm8k.py and test_gsm8k.py import it):
-
-- Alpaca: the standard instruction / input / response prompt (QLoRA's version, which the reference used: it
-  ends in "### Response: "); loss on the response only; source <= 384 and target <= 128 tokens.
-- HH-RLHF: no prompt part; the ``chosen`` transcript is the target (loss on it, up to the target length).
-- GSM8K: source = question + GSM8K_INSTRUCTION; target = the worked answer with "####" rewritten as
-  ANSWER_PREFIX; source and target are tokenized together (LoftQ's recipe), at most 512 tokens, loss on the target.
-  Test: the number after "The final answer is", else the last number; exact numeric match with the gold number.
+The task formats of SPEC §3: Alpaca (QLoRA's prompt, loss on the response), HH-RLHF (the ``chosen`` transcript
+is the whole target) and GSM8K (question + instruction, then the worked answer; tokenized together as in LoftQ).
 
     records = load_records("tests/data/gsm8k.jsonl", "gsm8k")          # or a hub id: load_records("openai/gsm8k", ...)
     example = encode_joint(tokenizer, *gsm8k_pair(records["train"][0]), max_length=512)
@@ -33,20 +27,19 @@ ALPACA_PROMPT_NO_INPUT = ("Below is an instruction that describes a task. Write 
 GSM8K_INSTRUCTION = "\nAnswer the above question. First think step by step and then answer the final number.\n"
 ANSWER_PREFIX = "The final answer is: "
 
-# Fields each task's records must have (Alpaca's "input" is optional: empty means the no-input prompt).
+# Fields each task's records must have (Alpaca's "input" is optional).
 REQUIRED_FIELDS = {"alpaca": ("instruction", "output"), "hh-rlhf": ("chosen",), "gsm8k": ("question", "answer")}
 
 
 # --- prompts -----------------------------------------------------------------------------------------------------
 
 def alpaca_pair(record: dict) -> tuple[str, str]:
-    """(source, target): the Alpaca prompt, with or without input, and the response."""
+    """(source, target): the Alpaca prompt and the response."""
     template = ALPACA_PROMPT_INPUT if record.get("input") else ALPACA_PROMPT_NO_INPUT
     return template.format(instruction=record["instruction"], input=record.get("input", "")), record["output"]
 
 
 def hh_rlhf_pair(record: dict) -> tuple[str, str]:
-    """(source, target) = ("", the chosen transcript): no prompt part, the loss covers the transcript."""
     return "", record["chosen"]
 
 
@@ -68,10 +61,6 @@ def _ids(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
 
-def _bos(tokenizer) -> list[int]:
-    return [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-
-
 def _eos(tokenizer) -> list[int]:
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos token: training targets end in one; set tokenizer.eos_token")
@@ -79,13 +68,14 @@ def _eos(tokenizer) -> list[int]:
 
 
 def encode_prompt(tokenizer, source: str) -> list[int]:
-    """The ids a generation prompt starts from: bos + source (as in training)."""
-    return _bos(tokenizer) + _ids(tokenizer, source)
+    """bos + source: the ids a generation prompt starts from, as in training."""
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + _ids(tokenizer, source)
 
 
 def encode_source_target(tokenizer, source: str, target: str, source_max_len: int, target_max_len: int) -> dict:
-    """QLoRA's recipe (Alpaca, HH-RLHF): bos + source and target + eos tokenized apart, each truncated to its
-    maximum, concatenated; labels are IGNORE_INDEX on the source part."""
+    """QLoRA's recipe: bos + source and target + eos tokenized apart, each truncated, concatenated; the source's
+    labels are IGNORE_INDEX."""
     source_ids = encode_prompt(tokenizer, source)[:source_max_len]
     target_ids = (_ids(tokenizer, target) + _eos(tokenizer))[:target_max_len]
     return {"input_ids": source_ids + target_ids, "attention_mask": [1] * (len(source_ids) + len(target_ids)),
@@ -93,8 +83,8 @@ def encode_source_target(tokenizer, source: str, target: str, source_max_len: in
 
 
 def encode_joint(tokenizer, source: str, target: str, max_length: int) -> dict:
-    """LoftQ's GSM8K recipe: bos + (source + target) + eos tokenized as one text, truncated to ``max_length``;
-    labels are IGNORE_INDEX on the first len(bos + source) tokens (exact unless a token spans the boundary)."""
+    """LoftQ's recipe: bos + (source + target) + eos tokenized as one text, truncated; labels are IGNORE_INDEX on
+    the first len(bos + source) tokens (exact unless a token spans the boundary)."""
     input_ids = (encode_prompt(tokenizer, source + target) + _eos(tokenizer))[:max_length]
     n_source = min(len(encode_prompt(tokenizer, source)), len(input_ids))
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids),
@@ -104,7 +94,7 @@ def encode_joint(tokenizer, source: str, target: str, max_length: int) -> dict:
 # --- data ----------------------------------------------------------------------------------------------------------
 
 def check_fields(records, task: str, where: str) -> None:
-    """Every record has the task's required fields, as text (``records``: a list of dicts or a datasets.Dataset)."""
+    """Every record (a list of dicts, or a datasets.Dataset's columns) has the task's fields, as text."""
     required = REQUIRED_FIELDS[task]
     columns = getattr(records, "column_names", None)
     if columns is not None:  # a datasets.Dataset: check its columns once
@@ -124,8 +114,7 @@ def check_fields(records, task: str, where: str) -> None:
 
 
 def load_records(source: str, task: str, config_name: str | None = None) -> dict:
-    """{split name: records} from a local .json/.jsonl file (one split, "train") or a local dataset directory /
-    hub id (``datasets.load_dataset``; its own splits). Checks the task's required fields."""
+    """{split name: records} of a local .json/.jsonl file ("train" only) or a dataset directory / hub id."""
     if task not in REQUIRED_FIELDS:
         raise ValueError(f"unknown task {task!r}; known: {sorted(REQUIRED_FIELDS)}")
     if source.endswith((".json", ".jsonl")):
@@ -150,8 +139,7 @@ _FINAL = re.compile(r"the final answer is", re.IGNORECASE)
 
 
 def _numbers(text: str) -> list[float]:
-    """The numbers in ``text``. A minus sign, even followed by spaces ("is:  - 1"), makes a number negative unless
-    it is a subtraction: a digit or ")" before it ("5-3", "3 - 8", "(2 + 1) - 1")."""
+    """The numbers in ``text``; a minus sign (even "- 1") is negative unless a digit or ")" precedes it ("5-3")."""
     text = _THOUSANDS.sub("", text)
     numbers = []
     for match in _NUMBER.finditer(text):
@@ -163,7 +151,7 @@ def _numbers(text: str) -> list[float]:
 
 def extract_answer(text: str) -> float | None:
     """The first number after "The final answer is", else the last number in ``text``; None if there is none.
-    Thousands separators are dropped ("1,234" -> 1234); "-3", "- 3" and "2.5" parse; "5-3" reads as 5 and 3."""
+    Thousands separators are dropped ("1,234" -> 1234)."""
     final = _FINAL.search(text)
     after = _numbers(text[final.end():]) if final else []
     if after:
@@ -173,7 +161,7 @@ def extract_answer(text: str) -> float | None:
 
 
 def gold_answer(answer: str) -> float | None:
-    """The gold number after the last "####" of a GSM8K answer; None if it has no "####" number."""
+    """The number after the last "####" of a GSM8K answer, or None."""
     if "####" not in answer:
         return None
     numbers = _numbers(answer.rsplit("####", 1)[1])
