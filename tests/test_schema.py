@@ -50,7 +50,7 @@ def test_every_field_has_a_flag_and_the_tables_values_are_in_range(family, name,
     blocks = schema.FAMILY_BLOCKS[family]
     table = tables.read_table(tables.CONFIGS / name, blocks)  # an unknown name or a bad value raises
     for row in [table.get("defaults", {}), *table["rows"]]:
-        assert [k for k, v in row.items() if schema.setting_error(k, v, blocks) and not isinstance(v, dict)] == []
+        assert [k for k, v in row.items() if schema.setting_error(k, v, blocks)] == []
     with pytest.raises(SystemExit):
         (train_nlg if name == "nlg.yaml" else ENTRY[family]).main(["--help"])
     flags = set(re.findall(r"--(\w+)", capsys.readouterr().out))
@@ -58,6 +58,16 @@ def test_every_field_has_a_flag_and_the_tables_values_are_in_range(family, name,
     plumbing = {n for n, f in family_fields(family) if f.metadata["role"] == schema.RUN}
     expected = (named | plumbing) & {n for n, _ in family_fields(family)}
     assert sorted(expected - flags) == []
+
+
+def test_a_value_per_method_is_range_checked_when_the_table_is_read(tmp_path):
+    """A per-method value ({method: value}) is checked value by value, as a plain one is."""
+    table = tmp_path / "mcq.yaml"
+    table.write_text("keys: [task]\ndefaults: {eval_modes: {map: [mean], llmm: [mean, mc]}}\nrows:\n  - {task: x}\n")
+    tables.read_table(table, schema.FAMILY_BLOCKS["mcq"])
+    table.write_text("keys: [task]\nrows:\n  - {task: x, learning_rate: {llmm: -1.0}}\n")
+    with pytest.raises(ValueError, match=r"mcq.yaml: \{'task': 'x'\} has learning_rate = \{'llmm': -1.0\}"):
+        tables.read_table(table, schema.FAMILY_BLOCKS["mcq"])
 
 
 def flags_of(entry, capsys) -> set[str]:

@@ -40,7 +40,7 @@ def read_table(path: str | Path, blocks=schema.BLOCKS) -> dict:
                                  "Face's name): rename it")
             schema.check_row_keys([name], known, file, where)
             rule = schema.setting_error(name, value, blocks)
-            if rule and not isinstance(value, dict):
+            if rule:
                 raise ValueError(f"{file}: {where} has {name} = {value!r}: it must be {rule}")
     return table
 
