@@ -324,7 +324,8 @@ def test_an_empty_adapter_is_never_saved_and_a_checkpoint_holds_the_final_adapte
 
 
 def test_fsdp1_policy_wraps_llmm_layers_and_their_bases_not_the_factors():
-    """PEFT's policy would wrap lora_A / lora_B alone, which the Llmm forward reads without calling them."""
+    """Each whole Llmm layer (all its own parameters trainable) and its frozen base layer are units, where PEFT's
+    policy wraps lora_A / lora_B alone."""
     from peft.utils.other import fsdp_auto_wrap_policy
 
     model = get_llmm_model(tiny_llama(0), llmm_config())
