@@ -171,7 +171,7 @@ def test_eval_batch_size_below_one_names_the_flag(world, tmp_path, capsys, value
     assert code == 2 and "--per_device_eval_batch_size" in line and not (tmp_path / "e").exists()
 
 
-@pytest.mark.parametrize("content", ["[1, 2]", "{}", "drop:K"])
+@pytest.mark.parametrize("content", ["[1, 2]", "{}", "drop:K", "dtype:float64", "K:-1"])
 def test_a_runs_bad_settings_json_is_one_line_naming_it(world, tmp_path, capsys, content):
     _, run, _ = world
     copy = tmp_path / "run"
@@ -179,6 +179,10 @@ def test_a_runs_bad_settings_json_is_one_line_naming_it(world, tmp_path, capsys,
     settings = json.loads((copy / "settings.json").read_text())
     if content == "drop:K":
         settings.pop("K")
+        (copy / "settings.json").write_text(json.dumps(settings))
+    elif ":" in content:  # a value out of its field's range
+        name, value = content.split(":")
+        settings[name] = json.loads(value) if value.lstrip("-").isdigit() else value
         (copy / "settings.json").write_text(json.dumps(settings))
     else:
         (copy / "settings.json").write_text(content)

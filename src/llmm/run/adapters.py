@@ -51,6 +51,23 @@ def check_settings(settings, blocks=schema.BLOCKS) -> None:
                          "than 1")
 
 
+def read_run_settings(path: Path, blocks, remedy: str) -> dict:
+    """A run's settings.json (old names taken as the current ones), each value in its field's range; ``remedy`` is
+    the fix an error line names."""
+    try:
+        settings = json.loads(Path(path).read_text(encoding="utf-8"))
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{str(path)!r} is not valid JSON ({error}): {remedy}") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{str(path)!r} holds a {type(settings).__name__}, not a run's settings object: {remedy}")
+    settings = schema.current_names(settings)
+    for name, value in settings.items():
+        rule = schema.setting_error(name, value, blocks)
+        if rule:
+            raise ValueError(f"{str(path)!r} has {name} = {value!r}, which must be {rule}: {remedy}")
+    return settings
+
+
 def check_init_targets(init_dir: str | Path, init_targets, given: list[str] | None) -> None:
     """An _init.sh directory fixes the adapted modules (its LoftQ means): another --target_modules is an error."""
     if given and set(given) != set(init_targets or ()):

@@ -19,7 +19,7 @@ from llmm.run.glue import load_model, predictions_record
 from llmm.run import schema
 from llmm.run.cli import logger
 from llmm.run.fileio import check_data_paths, seed_everything, write_json
-from llmm.run.adapters import check_settings
+from llmm.run.adapters import check_settings, read_run_settings
 
 BLOCKS = (*schema.FAMILY_BLOCKS["glue"], schema.EvalModeSettings)
 REPLACED = ("mc_samples", "seed", "per_device_eval_batch_size")  # the run's settings an evaluation may replace
@@ -48,7 +48,7 @@ def check(args: argparse.Namespace) -> tuple[Path, schema.GlueRun, Path]:
     if not (run / "settings.json").is_file() or not (run / "adapter" / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{str(run)!r} is not a finished scripts.train_glue run (it needs settings.json and "
                                 "adapter/): pass a run's output directory")
-    settings = schema.GlueRun.of(schema.current_names(json.loads((run / "settings.json").read_text())))  # old names
+    settings = schema.GlueRun.of(read_run_settings(run / "settings.json", BLOCKS, "re-run the training (train_glue)"))
     if args.mc_samples is not None and args.mode != "mc":
         raise ValueError(f"--mc_samples only applies to --mode mc (this is --mode {args.mode}): drop it or add "
                          "--mode mc")

@@ -3,7 +3,6 @@ their adapters and the ensemble's averaged answer distributions."""
 
 from __future__ import annotations
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -52,14 +51,7 @@ def run_settings(run: str) -> schema.McqRun:
     if not path.is_file() or not (Path(run) / "adapter").is_dir():
         raise FileNotFoundError(f"{run!r} is not a finished train_mcq run (no settings.json / adapter/): pass the "
                                 "run's output directory")
-    try:
-        settings = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
-        raise ValueError(f"{str(path)!r} is not valid JSON ({error}): re-run the training (train_mcq) that wrote "
-                         "it") from None
-    if not isinstance(settings, dict):
-        raise ValueError(f"{str(path)!r} holds a {type(settings).__name__}, not train_mcq's settings object: pass a "
-                         "run directory written by train_mcq")
+    settings = adapters.read_run_settings(path, BLOCKS, "re-run the training (train_mcq) that wrote it")
     missing = [key for key in NEEDED if key not in settings]
     if missing:
         raise ValueError(f"{str(path)!r} lacks {', '.join(missing)}: it was written by another version of "
