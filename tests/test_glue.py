@@ -8,6 +8,7 @@ protocol its word, position and relative-position embedding tables are quantized
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -566,6 +567,13 @@ def test_eval_glue_modes_and_files(runs, tmp_path):
                            (["--seed", "1"], "the mean network has none")):  # no silently ignored flag
         with pytest.raises(ValueError, match=message):
             eval_glue.main([str(cola), *flags, "--output", str(tmp_path / "x.json")])
+    assert not (tmp_path / "x.json").exists()
+    broken = tmp_path / "broken"
+    shutil.copytree(cola, broken)
+    for content, message in (("{broken", "is not valid JSON"), ('{"rank": 0}', "has rank = 0, which must be")):
+        (broken / "settings.json").write_text(content)
+        with pytest.raises(ValueError, match=rf"settings.json'.* {message}.*re-run the training \(train_glue\)"):
+            eval_glue.main([str(broken), "--output", str(tmp_path / "x.json")])
     assert not (tmp_path / "x.json").exists()
 
 
