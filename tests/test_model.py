@@ -59,6 +59,50 @@ def test_mismatched_k_is_an_error(tmp_path):
         load_llmm_model(tiny_llama(), str(adapter_dir))
 
 
+def test_loading_may_change_the_noise_not_the_mean_function(tmp_path):
+    """Overrides of a loaded adapter: the noise and dropout fields only (alpha or rslora would change the means'
+    scaling); an unknown field of LlmmConfig.from_pretrained is an error, not dropped."""
+    _, adapter_dir = trained_adapter(tmp_path)
+    loaded = load_llmm_model(tiny_llama(), str(adapter_dir), eval_noise="sample", noise_width=0.5)
+    assert loaded.peft_config["default"].noise_width == 0.5
+    for name, value in (("lora_alpha", 64), ("use_rslora", True), ("fan_in_fan_out", True), ("r", 8)):
+        with pytest.raises(ValueError, match=f"cannot override '{name}'.*allowed: eval_noise, scale"):
+            load_llmm_model(tiny_llama(), str(adapter_dir), **{name: value})
+    with pytest.raises(ValueError, match="LlmmConfig has no field 'eval_nosie'"):
+        LlmmConfig.from_pretrained(str(adapter_dir), eval_nosie="sample")
+
+
+def test_an_init_adapter_fixes_the_scaling_of_its_means(tmp_path):
+    from llmm import init_from_adapter
+
+    get_llmm_model(tiny_llama(), LlmmConfig(k=0, use_rslora=True, **CONFIG)).save_pretrained(tmp_path / "init")
+    model = init_from_adapter(tiny_llama(), str(tmp_path / "init"), LlmmConfig(k=2, use_rslora=True, **CONFIG))
+    assert len(llmm_layers(model)) > 0
+    with pytest.raises(ValueError, match="use_rslora=True but the config has use_rslora=False"):
+        init_from_adapter(tiny_llama(), str(tmp_path / "init"), LlmmConfig(k=2, **CONFIG))
+
+
+def test_in_process_loftq_refuses_an_lm_head_tied_to_the_embeddings():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tied = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
+    embeddings = tied.get_input_embeddings().weight.clone()
+    loftq = dict(init_lora_weights="loftq", loftq_config=LoftQConfig(loftq_bits=4, loftq_iter=1))
+    with pytest.raises(ValueError, match="'lm_head', which shares its weight with the input embeddings"):
+        get_llmm_model(tied, LlmmConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], **loftq))
+    assert torch.equal(tied.get_input_embeddings().weight, embeddings)  # refused before anything was quantized
+    get_llmm_model(tied, LlmmConfig(r=4, lora_alpha=8, target_modules=["q_proj"], **loftq))  # the head untouched
+
+
+def test_mc_predict_names_a_batch_that_is_not_a_mapping():
+    from llmm import mc_predict
+
+    model = get_llmm_model(tiny_llama(), LlmmConfig(k=2, **CONFIG))
+    with pytest.raises(TypeError, match="batch must be a mapping of the model's inputs.*got Tensor"):
+        mc_predict(model, torch.randint(0, 128, (2, 5)), 2)
+
+
 def test_plain_lora_or_missing_adapter_is_an_error(tmp_path):
     model, adapter_dir = trained_adapter(tmp_path)
     export_mean_adapter(model, str(tmp_path / "mean"))

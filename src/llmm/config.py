@@ -104,4 +104,8 @@ class LlmmConfig(LoraConfig):
             raise ValueError(f"{adapter_dir!r} holds a plain LoRA adapter (no 'k'/'scale' in adapter_config.json); "
                              "load it with peft.PeftModel.from_pretrained")
         names = {f.name for f in dataclasses.fields(cls) if f.init}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ValueError(f"LlmmConfig has no field {unknown[0]!r}: pass fields of LlmmConfig (e.g. eval_noise, "
+                             "scale)")
         return cls(**{key: value for key, value in {**saved, **kwargs}.items() if key in names})

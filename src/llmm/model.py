@@ -49,9 +49,15 @@ def _check_targets(model: torch.nn.Module, config: LlmmConfig) -> None:
     if config.target_modules is None:
         return  # PEFT picks the architecture's defaults; llmm_layers() checks the result after wrapping
     allowed = (*CUSTOM_MODULES, *EMBEDDING_MODULES)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = head is not None and head.weight is model.get_input_embeddings().weight
     for name, module in model.named_modules():
         if not name or not check_target_module_exists(config, name):
             continue
+        if tied and module is head and config.init_lora_weights == "loftq":
+            raise ValueError(f"in-process LoftQ over {name!r}, which shares its weight with the input embeddings, "
+                             f"would quantize the embeddings too: drop {name} from target_modules, or start from "
+                             "LoRA's init (init_lora_weights=True; the scripts' --init lora)")
         if not isinstance(module, allowed):
             raise ValueError(f"target module {name!r} is a {type(module).__name__}; Llmm adapts only "
                              f"{', '.join(cls.__module__ + '.' + cls.__name__ for cls in allowed)}: drop it from "
@@ -147,6 +153,10 @@ def _load_adapter_weights(adapter_dir: str) -> dict[str, torch.Tensor]:
                          "file") from None
 
 
+# What a loaded adapter may change: the noise and the dropout, never the trained model's mean function.
+LOAD_OVERRIDES = ("eval_noise", "scale", "scaled_gradient", "lora_dropout", "noise_per_example", "noise_width")
+
+
 def load_llmm_model(base_model: torch.nn.Module, adapter_dir: str, is_trainable: bool = False, k: int | None = None,
                     **overrides) -> PeftModel:
     """Load an Llmm adapter onto ``base_model``, restoring every M and Z exactly. ``k``: the K expected, if given;
@@ -157,11 +167,9 @@ def load_llmm_model(base_model: torch.nn.Module, adapter_dir: str, is_trainable:
     if k is not None and k != config.k:
         raise ValueError(f"the adapter in {adapter_dir!r} has K={config.k} but K={k} was asked for: "
                          f"set K={config.k} or train a new adapter")
-    shape_fields = {"r", "k", "target_modules", "rank_pattern", "lora_bias", "modules_to_save"}
     for name, value in overrides.items():
-        if name in shape_fields or not hasattr(config, name):
-            raise ValueError(f"cannot override {name!r} when loading an adapter; allowed: eval_noise, scale, "
-                             "scaled_gradient, lora_dropout, noise_per_example, noise_width")
+        if name not in LOAD_OVERRIDES:  # the rest fix the shapes or the trained model's function
+            raise ValueError(f"cannot override {name!r} when loading an adapter; allowed: {', '.join(LOAD_OVERRIDES)}")
         setattr(config, name, value)
     config = dataclasses.replace(config, init_lora_weights=False, loftq_config={}, inference_mode=not is_trainable)
     saved = convert_legacy_directions(_load_adapter_weights(adapter_dir))
@@ -192,12 +200,14 @@ def load_llmm_model(base_model: torch.nn.Module, adapter_dir: str, is_trainable:
 
 def init_from_adapter(model: torch.nn.Module, init_dir: str, config: LlmmConfig) -> PeftModel:
     """Wrap ``model`` with ``config`` and start from the LoftQ means of an init adapter (``_init.sh``'s llmm_init/),
-    whose r and lora_alpha must be ``config``'s and directions zero: any K starts from exactly the same model."""
+    whose scaling fields (r, lora_alpha, use_rslora, rank / alpha patterns) must be ``config``'s and directions
+    zero: any K starts from exactly the same model."""
     saved = LlmmConfig.from_pretrained(init_dir)
-    if (saved.r, saved.lora_alpha) != (config.r, config.lora_alpha):
-        raise ValueError(f"{init_dir!r} holds LoftQ means for r={saved.r}, lora_alpha={saved.lora_alpha} but the "
-                         f"config has r={config.r}, lora_alpha={config.lora_alpha}: use an _init.sh directory made "
-                         "with the same rank and lora_alpha")
+    for name in ("r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern"):
+        if getattr(saved, name) != getattr(config, name):
+            raise ValueError(f"{init_dir!r} holds LoftQ means for {name}={getattr(saved, name)!r} but the config has "
+                             f"{name}={getattr(config, name)!r}: use an _init.sh directory made with the same {name}, "
+                             "as its scaling compensates the means")
     weights = convert_legacy_directions(_load_adapter_weights(init_dir))
     if any(t.numel() and t.abs().max() > 0 for key, t in weights.items() if is_direction_key(key)):
         raise ValueError(f"{init_dir!r} has non-zero directions (a trained adapter, not an init): load it with "

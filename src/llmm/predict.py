@@ -49,6 +49,9 @@ def sampled_outputs(model: torch.nn.Module, batch: Mapping, mc_samples: int, see
     network's float32 logits passed through ``transform`` if given (to reduce an LM's logits network by network)."""
     transform = transform or (lambda logits: logits)
     check_mc_samples(mc_samples)
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"batch must be a mapping of the model's inputs (e.g. {{'input_ids': ..., 'attention_mask': "
+                        f"...}}), got {type(batch).__name__}")
     if not llmm_layers(model):
         raise ValueError("mc_predict needs a model with Llmm layers (llmm.get_llmm_model / llmm.load_llmm_model)")
     if batched and seed is None:

@@ -196,16 +196,6 @@ def load_all(settings: schema.McqRun, table: dict, train: bool = True, with_vali
 load_backbone = causal_lm.load_backbone  # with load_in_8bit: bitsandbytes LLM.int8, BLoB's backbone
 
 
-def check_tied_head(model, settings: schema.McqRun) -> None:
-    """Refuse in-process LoftQ of an LM head tied to the input embeddings: it would quantize those too."""
-    head = model.get_output_embeddings()
-    tied = head is not None and head.weight is model.get_input_embeddings().weight
-    name = next((n for n, m in model.named_modules() if m is head), None)
-    if causal_lm.in_process_loftq(settings) and tied and name in (settings.target_modules or []):
-        raise ValueError(f"in-process LoftQ over {name!r}, which shares its weight with the input embeddings, would "
-                         f"quantize the embeddings too: drop {name} from --target_modules or use --init lora")
-
-
 class LetterTrainer(training.LlmmTrainer):
     """The Llmm Trainer with the answer-letter loss (llmm.tasks.calibration.letter_loss)."""
 
@@ -346,7 +336,6 @@ class McqRecipe(causal_lm.CausalLMRecipe):
         model, tokenizer = load_backbone(self.settings)
         model.config.use_cache = False
         keep_cpu_4bit_trainable(model)
-        check_tied_head(model, self.settings)
         peft_model = causal_lm.attach_adapter(model, self.settings)
         peft_model.print_trainable_parameters()
         n_letters = max(len(r["choices"]) for records in [self.train_records, *(r for r, _ in self.eval_sets.values())]
