@@ -25,7 +25,7 @@ from llmm import LlmmConfig, get_llmm_model, llmm_layers, load_llmm_model, noise
 from llmm.embedding import LlmmEmbedding
 from llmm.tasks.glue import LOCAL_ONLY_TASKS, TASKS, get_task, load_glue, task_metrics, tokenize
 from llmm.quant import ALLOWED_METHODS, fake_quantize
-from llmm.run import glue_eval
+from llmm.run import cli, glue_eval
 from scripts import eval_glue, glue_table, train_glue
 from llmm.run import glue as glue_run
 from llmm.run.adapters import llmm_config
@@ -343,7 +343,7 @@ def test_glue_table_gathers_runs(runs, tmp_path, capsys):
     assert results["seed"] == 0 and results["cell"]["eval_noise"] == "mc" and "seed" not in results["cell"]
     mcc = 100 * results["best"]["dev"]["validation"]["matthews_correlation"]
     assert rows["llmm nf 4-bit r16"].split(" | ")[2] == f"{mcc:.1f} (n=1)"
-    assert (tmp_path / "table.md").read_text() == text
+    assert (tmp_path / "table.md").read_text() == text + "\n" + cli.TABLE_MARK  # marked: a re-run replaces it
     assert "skipped (incomplete)" in capsys.readouterr().err
 
 

@@ -56,11 +56,46 @@ def test_test_mcq_never_writes_over_the_run_it_evaluates(world, capsys, monkeypa
             "--runs 'run'", "outside its inputs")
 
 
+def test_test_mcq_never_replaces_the_backbone_or_data_its_run_names(world, tmp_path, capsys):
+    _, run, data = world
+    copy, backbone = tmp_path / "run", tmp_path / "backbone"
+    shutil.copytree(run, copy)
+    settings = json.loads((copy / "settings.json").read_text())
+    shutil.copytree(settings["model_name_or_path"], backbone)
+    settings["model_name_or_path"] = str(backbone)
+    (copy / "settings.json").write_text(json.dumps(settings))
+    refused(test_mcq.main, ["--runs", str(copy), "--output_dir", str(backbone), "--overwrite"], capsys, tmp_path,
+            "is the runs' model_name_or_path")
+
+
+def test_test_mcq_checks_the_adapters_before_writing(world, tmp_path, capsys):
+    _, run, _ = world
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    weights = copy / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    refused(test_mcq.main, ["--runs", str(copy), "--output_dir", str(tmp_path / "e")], capsys, tmp_path,
+            "truncated or corrupt")
+
+
 def test_test_gsm8k_never_replaces_the_run_holding_its_adapter(world, capsys):
     root, run, _ = world
     refused(test_gsm8k.main, ["--adapter", str(run / "adapter"), "--output_dir", str(run), "--overwrite",
                               "--data", str(DATA.parent / "gsm8k.jsonl")], capsys, root,
             f"--output_dir '{run}' contains --adapter")
+
+
+def test_test_gsm8k_never_replaces_the_backbone_its_adapter_names(world, tmp_path, capsys):
+    _, run, _ = world
+    adapter, backbone = tmp_path / "adapter", tmp_path / "backbone"
+    shutil.copytree(run / "adapter", adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    shutil.copytree(json.loads((run / "settings.json").read_text())["model_name_or_path"], backbone)
+    config["base_model_name_or_path"] = str(backbone)
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    refused(test_gsm8k.main, ["--adapter", str(adapter), "--output_dir", str(backbone), "--overwrite",
+                              "--data", str(DATA.parent / "gsm8k.jsonl")], capsys, tmp_path,
+            "is --model_name_or_path")
 
 
 def test_eval_glue_never_writes_over_a_runs_results(tmp_path, capsys):
@@ -85,6 +120,34 @@ def test_the_other_tables_never_write_over_a_runs_results(table, tmp_path, capsy
     (run / "results.json").write_text("{}")
     main = importlib.import_module(f"scripts.{table}").main
     refused(main, [str(run), "--output", str(run / "results.json")], capsys, tmp_path, "lies inside")
+
+
+def test_a_table_replaces_its_own_output_not_a_users_file(world, tmp_path, capsys):
+    root, run, _ = world
+    table = tmp_path / "table.md"
+    first = mcq_table.main([str(run), "--output", str(table)])
+    assert table.read_text().startswith(first) and mcq_table.main([str(run), "--output", str(table)]) == first
+    notes = tmp_path / "notes.md"
+    notes.write_text("my notes\n")
+    refused(mcq_table.main, [str(run), "--output", str(notes)], capsys, tmp_path, "no llmm table wrote it",
+            "--overwrite")
+    mcq_table.main([str(run), "--output", str(notes), "--overwrite"])
+    published = tmp_path / "published.yaml"
+    published.write_text((REPO_ROOT / "configs" / "mcq_published.yaml").read_text())
+    refused(mcq_table.main, [str(run), "--output", str(published), "--published", str(published), "--overwrite"],
+            capsys, tmp_path, "--output", "is --published")
+
+
+def test_eval_glue_never_writes_over_the_runs_data_or_backbone(tmp_path, capsys):
+    run, data, backbone = tmp_path / "run", tmp_path / "data", tmp_path / "backbone"
+    for folder in (run / "adapter", data, backbone):
+        folder.mkdir(parents=True)
+    (data / "dev.tsv").write_text("sentence\tlabel\n")
+    (backbone / "config.json").write_text("{}")
+    (run / "settings.json").write_text(json.dumps({"task": "cola", "seed": 1, "data_dir": str(data)}))
+    (run / "adapter" / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(backbone)}))
+    for output, needle in ((data / "dev.tsv", "the run's data_dir"), (backbone / "config.json", "base model")):
+        refused(eval_glue.main, [str(run), "--output", str(output), "--overwrite"], capsys, tmp_path, needle)
 
 
 def test_train_mcq_never_replaces_its_own_training_data(tiny_dir, tmp_path, capsys):  # noqa: F811

@@ -318,9 +318,10 @@ def _paths(value) -> list:
     return [v for v in values if v is not None and str(v).strip()]
 
 
-# Files of an input directory the commands read: a single output file may never take one of these names there.
+# Files of an input directory the commands read (a run's, a model's, data files): a single output file may never
+# take one of these names there.
 READ_FILES = RUN_FILES + ("config.json", "model*.safetensors", "adapter_model.safetensors", "tokenizer*",
-                          "trainer_state.json", "predictions.json", "*.jsonl")
+                          "trainer_state.json", "predictions.json", "*.jsonl", "*.tsv", "*.csv", "*.parquet", "*.txt")
 
 
 def _clobbers_input(file: Path) -> bool:

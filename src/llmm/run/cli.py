@@ -48,26 +48,42 @@ def parse_fields(settings_class, argv, description: str, flags, required=(), ren
     return settings
 
 
+TABLE_MARK = "<!-- written by an llmm seed table (python -m scripts.*_table): replaced when it is run again -->\n"
+
+
 def table_main(doc: str, argv, baseline: str, render, flags: dict | None = None) -> str:
     """The seed tables' entry points (glue_table, lm_table, mcq_table): PATHS (run directories or results.json files),
-    --baseline, --output (never a directory, never over a file of the runs it reads) and the table's own ``flags``
-    ({name: add_argument's keywords}); ``render(args)`` makes the markdown, printed and, with --output, written."""
+    --baseline, --output (never a directory, never over a file the table reads, over another file only with
+    --overwrite: a table it wrote, marked by TABLE_MARK, is replaced) and the table's own ``flags`` ({name:
+    add_argument's keywords}); ``render(args)`` makes the markdown, printed and, with --output, written."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0].strip(), allow_abbrev=False)
     parser.add_argument("paths", nargs="+", help="run directories (searched recursively) or results.json files")
     parser.add_argument("--baseline", default=baseline, help="method the others are paired with (same settings, "
                         "same seeds)")
     parser.add_argument("--output", default=None, help="also write the tables to this file")
+    parser.add_argument("--overwrite", action="store_true", help="replace an --output file no llmm table wrote")
     for name, keywords in (flags or {}).items():
         parser.add_argument(name, **keywords)
     args = parser.parse_args(argv)
     if args.output:
         outdirs.check_output_file(args.output)
-        outdirs.check_outputs_apart({"--output": args.output}, {"paths": args.paths}, files=("--output",))
+        read = {name: getattr(args, name.lstrip("-")) for name in flags or {}}
+        read = {name: value for name, value in read.items() if isinstance(value, str)}  # mcq_table's --published
+        outdirs.check_outputs_apart({"--output": args.output}, {"paths": args.paths, **read}, files=("--output",))
+        if os.path.isfile(args.output) and not args.overwrite and not _written_by_a_table(args.output):
+            raise FileExistsError(f"--output {args.output!r} exists and no llmm table wrote it: pass --overwrite to "
+                                  "replace it, or another --output")
     text = render(args)
     if args.output:
-        fileio.write_text(args.output, text)
+        fileio.write_text(args.output, text + "\n" + TABLE_MARK)
     print(text, end="")
     return text
+
+
+def _written_by_a_table(path: str) -> bool:
+    with open(path, "rb") as handle:
+        handle.seek(max(os.path.getsize(path) - len(TABLE_MARK.encode()), 0))
+        return handle.read().decode("utf-8", errors="replace") == TABLE_MARK
 
 
 def complete_runs(records: list, skipped: list) -> list:

@@ -61,13 +61,21 @@ def check(args: argparse.Namespace) -> tuple[Path, schema.GlueRun, Path]:
     output = Path(args.output) if args.output else run / "eval" / f"{args.mode}.json"
     if output.exists() and not args.overwrite:
         raise FileExistsError(f"{str(output)!r} exists: pass --overwrite to replace it, or another --output")
-    llmm.outdirs.check_outputs_apart({"--output": output}, {"RUN_DIR": run, "--file": args.file}, files=("--output",))
+    read = {f"the run's {name}": settings.get(name) for name in schema.input_names(BLOCKS)}
+    read["the adapter's base model"] = adapter_base(run)
+    llmm.outdirs.check_outputs_apart({"--output": output}, {"RUN_DIR": run, "--file": args.file, **read},
+                                     files=("--output",))
     return run, settings, output
+
+
+def adapter_base(run: Path) -> str | None:
+    """The backbone the run's adapter names (its base_model_name_or_path)."""
+    return json.loads((run / "adapter" / "adapter_config.json").read_text()).get("base_model_name_or_path")
 
 
 def load_run(run: Path, task):
     """(tokenizer, model in eval mode) of a saved run: its adapter on the backbone the adapter names."""
-    base = json.loads((run / "adapter" / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    base = adapter_base(run)
     if not base:
         raise ValueError(f"{str(run / 'adapter')!r} names no base model: it was not written by scripts.train_glue")
     tokenizer, model = load_model(base, task)

@@ -172,10 +172,10 @@ def main(argv=None) -> dict:
     started = time.time()
     settings = parse_settings(argv)
     output_dir = Path(settings.output_dir)
+    adapter_config = check_adapter(settings)  # first: it fills in the backbone the adapter names
     outdirs.check_outputs_apart({"--output_dir": output_dir},
                                 {f"--{key}": settings.get(key) for key in ("adapter", "model_name_or_path", "data")})
     outdirs.check_output_dir(output_dir, settings.overwrite)
-    adapter_config = check_adapter(settings)
     records = load_test_records(settings)
     model, tokenizer = load_model(settings)
     state = PartialState()

@@ -162,9 +162,12 @@ def ensemble(members: list[dict], eval_sets: dict, output_dir: Path) -> list[dic
 def main(argv=None) -> dict:
     started = time.time()
     args = parse_args(argv)
-    outdirs.check_outputs_apart({"--output_dir": args.output_dir},
-                                {"--runs": args.runs, "--test_data": args.test_data, "--ood": args.ood})
     members = member_settings(args)
+    read = {f"the runs' {name}": [m.get(name) for m in members] for name in schema.input_names(BLOCKS)}
+    outdirs.check_outputs_apart({"--output_dir": args.output_dir},
+                                {"--runs": args.runs, "--test_data": args.test_data, "--ood": args.ood, **read})
+    for settings in members:
+        fileio.check_safetensors(Path(settings.run) / "adapter")
     output_dir = Path(args.output_dir)
     outdirs.check_output_dir(output_dir, args.overwrite)
     table = tables.read_yaml(TABLE)

@@ -43,6 +43,8 @@ def parse_args(argv) -> schema.QuickstartRun:
     adapters.check_settings(settings)  # --seeds, --max_steps and the table's numbers, before anything is written
     if not settings.methods:
         raise ValueError(f"--methods names no method: pass one or more of {', '.join(schema.GLUE_METHODS)}")
+    if len(set(settings.methods)) != len(settings.methods):
+        raise ValueError(f"--methods {' '.join(settings.methods)} names a method twice: name each once")
     settings.comparisons = [pair for pair in settings.comparisons if set(pair) <= set(settings.methods)]
     return settings
 
@@ -96,13 +98,16 @@ def main(argv=None) -> dict:
     model = settings.get("model") or default_model()
     fileio.check_model_path(model)  # before anything is written
     fileio.check_data_paths(corpus_dir=settings.get("corpus_dir"))
+    outdirs.check_outputs_apart({"--output_dir": settings.output_dir},
+                                {"--model": model, "--corpus_dir": settings.get("corpus_dir")})
+    corpus = Path(settings.corpus_dir) if settings.get("corpus_dir") else bbcnews.default_corpus_dir()
+    classes, expected = bbcnews.corpus_classes(corpus), list(get_task("bbcnews").label_names)
+    if classes != expected:
+        raise ValueError(f"the corpus has classes {classes}, the bbcnews task expects {expected}: pass the BBC News "
+                         "corpus as --corpus_dir (one sub-folder per class)")
     out = outdirs.prepare_output_dir(settings.output_dir, overwrite=settings.get("overwrite", False))
     data = out / "data"
-    report = bbcnews.prepare(data, Path(settings.corpus_dir) if settings.get("corpus_dir") else None,
-                                     settings.split_seed, settings.dev_fraction, settings.test_fraction)
-    expected = list(get_task("bbcnews").label_names)
-    if report["classes"] != expected:
-        raise ValueError(f"the corpus has classes {report['classes']}, the bbcnews task expects {expected}")
+    bbcnews.prepare(data, corpus, settings.split_seed, settings.dev_fraction, settings.test_fraction)
     runs: dict[str, dict[int, dict]] = {method: {} for method in settings.methods}
     for seed in range(settings.seeds):
         for method in settings.methods:

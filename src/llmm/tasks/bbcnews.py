@@ -22,14 +22,20 @@ def default_corpus_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "bbcnews" / "data"
 
 
-def read_corpus(corpus_dir: Path) -> tuple[list[str], list[tuple[str, int]], int]:
-    """(class names, deduplicated (text, label) pairs, number of documents dropped as duplicates)."""
+def corpus_classes(corpus_dir: Path) -> list[str]:
+    """The class names: the corpus's sub-folders, sorted (label ids in that order)."""
     if not corpus_dir.is_dir():
         raise FileNotFoundError(f"corpus directory {str(corpus_dir)!r} does not exist: pass --corpus_dir (one "
                                 "sub-folder of .txt files per class)")
     classes = sorted(p.name for p in corpus_dir.iterdir() if p.is_dir())
     if len(classes) < 2:
         raise ValueError(f"{str(corpus_dir)!r} needs one sub-folder per class, found {classes}")
+    return classes
+
+
+def read_corpus(corpus_dir: Path) -> tuple[list[str], list[tuple[str, int]], int]:
+    """(class names, deduplicated (text, label) pairs, number of documents dropped as duplicates)."""
+    classes = corpus_classes(corpus_dir)
     labels_of: dict[str, set[int]] = {}  # in order of first appearance
     total = 0
     for label, name in enumerate(classes):
