@@ -127,6 +127,10 @@ NLG_INIT = ["--task", "alpaca", "--model", "llama-2-7b", "--rank", "16", "--mode
 # (id, script, arguments, the problem (a regex), the fix (a regex)); {w} is the world directory.
 CASES = [
     # --- train_glue
+    ("glue-logging-steps", "train_glue", [*COLA, "--logging_steps", "5"], r"GLUE logs the training loss at every "
+     r"evaluation", r"drop --logging_steps"),
+    ("glue-old-and-new-name", "train_glue", [*COLA, "--batch_size", "2", "--per_device_train_batch_size", "4"],
+     r"--batch_size and --per_device_train_batch_size name one setting", r"pass only --per_device_train_batch_size"),
     ("glue-no-model", "train_glue", [*COLA, "--model", "{w}/nope"], r"model path .*nope' does not exist",
      "pass a local directory or a hub id"),
     ("glue-no-data-dir", "train_glue", [*COLA, "--data_dir", "{w}/nope"], r"--data_dir .*nope' does not exist",
@@ -377,6 +381,8 @@ CASES = [
      r"needs one sub-folder per class", r"found \['business'\]"),
     ("bbc-output-exists", "prepare_bbcnews", ["--out_dir", "{w}/bbc_out", "--corpus_dir", "{w}/corpus_one_class"],
      r"exists and is not empty", r"--overwrite"),
+    ("bbc-seed-twice", "prepare_bbcnews", ["--out_dir", "{w}/new", "--seed", "1", "--split_seed", "2"],
+     r"--seed and --split_seed name one setting", r"pass only --split_seed"),
     ("bbc-fraction", "prepare_bbcnews", ["--out_dir", "{w}/new", "--corpus_dir", "{w}/corpus_one_class",
                                          "--dev_fraction", "0.9"], r"dev_fraction 0.9 and test_fraction 0.2",
      r"fractions in \(0, 1\) that sum to less than 1"),

@@ -234,6 +234,31 @@ def test_eval_batch_size_below_one_names_the_flag(world, tmp_path, capsys, value
     assert code == 2 and "--per_device_eval_batch_size" in line and not (tmp_path / "e").exists()
 
 
+@pytest.mark.parametrize("argv, problem", [
+    (["--eval_modes", "mc"], "eval mode(s) ['mc'] sample the Llmm noise"),
+    (["--mc_samples", "3"], "--mc_samples only applies to eval modes mc and dropout")])
+def test_test_mcq_refuses_what_a_map_run_would_ignore(world, tmp_path, capsys, argv, problem):
+    root, run, _ = world
+    refused(test_mcq.main, ["--runs", str(run), "--output_dir", str(tmp_path / "e"), *argv], capsys, root, problem)
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("argv, problem", [
+    (["--mode", "mc"], "--mode mc samples the Llmm noise, which this adapter (K = 0) does not have"),
+    (["--mc_samples", "3"], "--mc_samples only applies to --mode mc"),
+    (["--seed", "3"], "greedy decoding of the mean network draws nothing")])
+def test_test_gsm8k_refuses_what_it_would_ignore(world, tmp_path, capsys, argv, problem):
+    root, run, _ = world
+    refused(test_gsm8k.main, ["--adapter", str(run / "adapter"), "--output_dir", str(tmp_path / "e"), "--data",
+                              str(DATA.parent / "gsm8k.jsonl"), *argv], capsys, root, problem)
+    assert not (tmp_path / "e").exists()
+
+
+def test_train_mcq_held_out_noise_is_mean_or_sample(tiny_dir, tmp_path, capsys):  # noqa: F811
+    code, line = cli(train_mcq.main, train_argv(tiny_dir, tmp_path / "r", "--eval_noise", "mc"), capsys)
+    assert code == 2 and "eval_noise = 'mc' is out of range" in line and not (tmp_path / "r").exists()
+
+
 @pytest.mark.parametrize("content", ["[1, 2]", "{}", "drop:K", "dtype:float64", "K:-1"])
 def test_a_runs_bad_settings_json_is_one_line_naming_it(world, tmp_path, capsys, content):
     _, run, _ = world

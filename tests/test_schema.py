@@ -147,7 +147,7 @@ def tiny_runs(tmp_path):
                       "false", "--dtype", "float32", "--output_dir", str(tmp_path / "gsm8k"), *fast])
     train_glue.main(["--task", "cola", "--quant", "nf", "--rank", "16", "--bits", "4", "--model",
                      save_tiny_model(tmp_path / "deberta"), "--data_dir", str(DATA / "glue" / "CoLA"),
-                     "--output_dir", str(tmp_path / "glue"), "--per_device_train_batch_size", "4", *fast])
+                     "--output_dir", str(tmp_path / "glue"), "--per_device_train_batch_size", "4", "--max_steps", "1"])
     tokenizer = make_tokenizer()
     tiny_causal_lm(tokenizer).save_pretrained(tmp_path / "tiny")
     tokenizer.save_pretrained(tmp_path / "tiny")

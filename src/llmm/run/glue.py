@@ -61,6 +61,9 @@ def resolve(argv: list[str] | None) -> tuple[GlueTask, GlueRun]:
     args = build_parser(table).parse_args(argv)
     take_renamed(args, BLOCKS)
     task = get_task(args.task)
+    if args.logging_steps is not None:
+        raise ValueError("GLUE logs the training loss at every evaluation (each epoch, or every --eval_steps): drop "
+                         "--logging_steps and set --eval_steps")
     settings = GlueRun.of({**plumbing_defaults(BLOCKS), **resolve_settings(table, args)})
     settings.quantize_embeddings = embeddings_quantized(settings.quantize_embeddings, "seq_cls")  # null: on
     check_settings(settings, BLOCKS)  # as given; again below with what --method and the _init.sh directory imply

@@ -52,6 +52,9 @@ def check(args: argparse.Namespace) -> tuple[Path, schema.GlueRun, Path]:
     if args.mc_samples is not None and args.mode != "mc":
         raise ValueError(f"--mc_samples only applies to --mode mc (this is --mode {args.mode}): drop it or add "
                          "--mode mc")
+    if args.mode != "mean" and not settings.K > 0:
+        raise ValueError(f"--mode {args.mode} samples the Llmm noise, which this run (K = 0) does not have: use "
+                         "--mode mean")
     if args.seed is not None and args.mode == "mean":
         raise ValueError("--seed seeds the noise draws of --mode sample / mc; the mean network has none: drop it")
     check_data_paths(file=args.file)

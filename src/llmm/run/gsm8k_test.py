@@ -45,6 +45,12 @@ def parse_settings(argv=None) -> schema.Gsm8kTestRun:
         raise ValueError(f"--{given[0]} only applies to sampling: add --decoding reference (or --do_sample true)")
     if settings.do_sample and any(settings[name] is None for name in SAMPLING):
         raise ValueError(f"sampling needs {SAMPLING}: use --decoding reference or give all three")
+    if getattr(args, "mc_samples", None) is not None and settings.mode != "mc":
+        raise ValueError(f"--mc_samples only applies to --mode mc (this is --mode {settings.mode}): drop it or add "
+                         "--mode mc")
+    if getattr(args, "seed", None) is not None and settings.mode == "mean" and not settings.do_sample:
+        raise ValueError("--seed seeds the noise of --mode sample / mc and sampled decoding; greedy decoding of the "
+                         "mean network draws nothing: drop it")
     return settings
 
 
@@ -173,6 +179,9 @@ def main(argv=None) -> dict:
     settings = parse_settings(argv)
     output_dir = Path(settings.output_dir)
     adapter_config = check_adapter(settings)  # first: it fills in the backbone the adapter names
+    if settings.mode != "mean" and not adapter_config.k > 0:
+        raise ValueError(f"--mode {settings.mode} samples the Llmm noise, which this adapter (K = 0) does not have: "
+                         "use --mode mean")
     outdirs.check_outputs_apart({"--output_dir": output_dir},
                                 {f"--{key}": settings.get(key) for key in ("adapter", "model_name_or_path", "data")})
     outdirs.check_output_dir(output_dir, settings.overwrite)

@@ -244,6 +244,8 @@ class McqSettings(CausalDataSettings):
     eval_modes: list = setting(None, "evaluation modes", choices=("mean", "mc", "dropout", "sample"), role=EVAL,
                                kind=str)
     mc_samples: int = setting(10, "Monte-Carlo passes (mc, dropout)", low=1, role=EVAL)
+    eval_noise: str = setting("mean", "the held-out evaluation during training: the mean network, or one sampled "
+                              "(eval_modes decide the final evaluations)", choices=("mean", "sample"))
     mc_dropout: float = setting(0.1, "adapter dropout of --method mcdropout", low=0, high=1, high_open=True)
     max_length: int = setting(300, "tokens per question (the beginning is cut)", low=1)
     load_in_8bit: bool = setting(True, "bitsandbytes LLM.int8 backbone")
@@ -516,9 +518,13 @@ def current_names(cell: dict) -> dict:
 
 
 def setting_error(name: str, value, blocks=BLOCKS) -> str | None:
-    """What ``value`` must be if it is outside the range of setting ``name`` in every one of ``blocks``, else None
-    (also for None or a name that is no field)."""
-    found = [f for block in blocks for f in dataclasses.fields(block) if f.name == name]
+    """What ``value`` must be if it is outside the range of setting ``name``, else None (also for None or a name that
+    is no field). In a family's blocks the later block's field wins, as in fields_of (train_mcq's eval_noise has no
+    mc); over every family's (BLOCKS) a value any of them accepts passes."""
+    if blocks is BLOCKS:
+        found = [f for block in blocks for f in dataclasses.fields(block) if f.name == name]
+    else:
+        found = [f for f in [fields_of(*blocks).get(name)] if f is not None]
     errors = [_field_error(f, value) for f in found]
     return None if value is None or not found or None in errors else errors[0]
 
@@ -618,6 +624,8 @@ def take_renamed(args, blocks) -> None:
         if value is None:
             continue
         _, old, new = key.split(":")
+        if getattr(args, new, None) is not None:
+            raise ValueError(f"--{old} and --{new} name one setting (--{old} is its old name): pass only --{new}")
         logging.getLogger("llmm").warning("--%s is now --%s: please use that", old, new)
         kind = kind_of(fields_of(*blocks)[new])
         setattr(args, new, parse_bool(value) if kind is bool else kind(value))
