@@ -259,6 +259,15 @@ def test_train_mcq_held_out_noise_is_mean_or_sample(tiny_dir, tmp_path, capsys):
     assert code == 2 and "eval_noise = 'mc' is out of range" in line and not (tmp_path / "r").exists()
 
 
+def test_test_mcq_names_another_familys_run(world, tmp_path, capsys):
+    _, run, _ = world
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    (copy / "settings.json").write_text(json.dumps({"task": "cola", "method": "llmm", "eval_steps": 0}))  # GLUE's
+    code, line = cli(test_mcq.main, ["--runs", str(copy), "--output_dir", str(tmp_path / "e")], capsys)
+    assert code == 2 and "it is another family's run" in line and "pass a train_mcq run directory" in line
+
+
 @pytest.mark.parametrize("content", ["[1, 2]", "{}", "drop:K", "dtype:float64", "K:-1"])
 def test_a_runs_bad_settings_json_is_one_line_naming_it(world, tmp_path, capsys, content):
     _, run, _ = world

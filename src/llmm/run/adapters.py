@@ -51,9 +51,9 @@ def check_settings(settings, blocks=schema.BLOCKS) -> None:
                          "than 1")
 
 
-def read_run_settings(path: Path, blocks, remedy: str) -> dict:
-    """A run's settings.json (old names taken as the current ones), each value in its field's range; ``remedy`` is
-    the fix an error line names."""
+def read_run_settings(path: Path, blocks, remedy: str, needed=()) -> dict:
+    """A run's settings.json (old names taken as the current ones) holding the ``needed`` keys (checked first: a run
+    of another family lacks them), each value in its field's range; ``remedy`` is the fix an error line names."""
     try:
         settings = json.loads(Path(path).read_text(encoding="utf-8"))
     except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
@@ -61,6 +61,10 @@ def read_run_settings(path: Path, blocks, remedy: str) -> dict:
     if not isinstance(settings, dict):
         raise ValueError(f"{str(path)!r} holds a {type(settings).__name__}, not a run's settings object: {remedy}")
     settings = schema.current_names(settings)
+    missing = [key for key in needed if key not in settings]
+    if missing:
+        raise ValueError(f"{str(path)!r} lacks {', '.join(missing)}: it is another family's run or an older "
+                         f"version's; {remedy}")
     for name, value in settings.items():
         rule = schema.setting_error(name, value, blocks)
         if rule:

@@ -51,12 +51,8 @@ def run_settings(run: str) -> schema.McqRun:
     if not path.is_file() or not (Path(run) / "adapter").is_dir():
         raise FileNotFoundError(f"{run!r} is not a finished train_mcq run (no settings.json / adapter/): pass the "
                                 "run's output directory")
-    settings = adapters.read_run_settings(path, BLOCKS, "re-run the training (train_mcq) that wrote it")
-    missing = [key for key in NEEDED if key not in settings]
-    if missing:
-        raise ValueError(f"{str(path)!r} lacks {', '.join(missing)}: it was written by another version of "
-                         "train_mcq; re-run the training with this version")
-    return schema.McqRun.of(settings)
+    remedy = "pass a train_mcq run directory, or re-run the training (train_mcq) that wrote it"
+    return schema.McqRun.of(adapters.read_run_settings(path, BLOCKS, remedy, needed=NEEDED))
 
 
 def member_settings(args) -> list[schema.McqRun]:
