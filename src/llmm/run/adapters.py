@@ -51,6 +51,12 @@ def check_settings(settings, blocks=schema.BLOCKS) -> None:
                          "than 1")
 
 
+def check_mc_samples_flag(mode: str, mc_samples) -> None:
+    """--mc_samples is given only with --mode mc (the evaluations of eval_glue and test_gsm8k)."""
+    if mc_samples is not None and mode != "mc":
+        raise ValueError(f"--mc_samples only applies to --mode mc (this is --mode {mode}): drop it or add --mode mc")
+
+
 def read_run_settings(path: Path, blocks, remedy: str, needed=()) -> dict:
     """A run's settings.json (old names taken as the current ones) holding the ``needed`` keys (checked first: a run
     of another family lacks them), each value in its field's range; ``remedy`` is the fix an error line names."""

@@ -45,9 +45,7 @@ def parse_settings(argv=None) -> schema.Gsm8kTestRun:
         raise ValueError(f"--{given[0]} only applies to sampling: add --decoding reference (or --do_sample true)")
     if settings.do_sample and any(settings[name] is None for name in SAMPLING):
         raise ValueError(f"sampling needs {SAMPLING}: use --decoding reference or give all three")
-    if getattr(args, "mc_samples", None) is not None and settings.mode != "mc":
-        raise ValueError(f"--mc_samples only applies to --mode mc (this is --mode {settings.mode}): drop it or add "
-                         "--mode mc")
+    adapters.check_mc_samples_flag(settings.mode, getattr(args, "mc_samples", None))
     if getattr(args, "seed", None) is not None and settings.mode == "mean" and not settings.do_sample:
         raise ValueError("--seed seeds the noise of --mode sample / mc and sampled decoding; greedy decoding of the "
                          "mean network draws nothing: drop it")
