@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> str:
     flags = {"--which": dict(choices=("best", "last"), default="best", help="epoch to report"),
              "--no_reference": dict(action="store_true", help="leave out the published LoftQ rows")}
     return table_main(__doc__, argv, "loftq", lambda args: markdown(
-        build(complete_runs(*gather(args.paths, args.which)), args.baseline), args.baseline,
+        build(complete_runs(*gather(args.paths, args.which), args.given_baseline), args.baseline), args.baseline,
         references=not args.no_reference), flags)
 
 

@@ -11,12 +11,13 @@ bootstrap interval (llmm.stats; for loss and perplexity a negative difference fa
 """
 from __future__ import annotations
 
-from llmm.run.cli import run_main, table_main
+from llmm.run.cli import complete_runs, run_main, table_main
 from llmm.run.lm_report import markdown, read_records
 
 
 def main(argv: list[str] | None = None) -> str:
-    return table_main(__doc__, argv, "loftq", lambda args: markdown(read_records(args.paths), args.baseline))
+    return table_main(__doc__, argv, "loftq", lambda args: markdown(
+        complete_runs(read_records(args.paths), [], args.given_baseline), args.baseline))
 
 
 if __name__ == "__main__":

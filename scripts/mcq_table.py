@@ -28,7 +28,7 @@ from llmm.run.mcq_report import PUBLISHED, gather, markdown
 def render(args) -> str:
     published = tables.read_yaml(args.published)
     records, widths, skipped = gather(args.paths)
-    return markdown(complete_runs(records, skipped), widths, published, args.baseline)
+    return markdown(complete_runs(records, skipped, args.given_baseline), widths, published, args.baseline)
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -13,16 +13,18 @@ from pathlib import Path
 
 from llmm import outdirs
 from llmm.run import cli, schema
-from llmm.tasks.bbcnews import prepare
+from llmm.tasks.bbcnews import default_corpus_dir, prepare
 
 
 def main(argv=None) -> dict:
     flags = ("out_dir", "corpus_dir", "split_seed", "dev_fraction", "test_fraction")
     settings = cli.parse_fields(schema.BbcNewsRun, argv, __doc__, flags, required=("out_dir",),
                                 renamed={"seed": "split_seed"})
+    corpus = Path(settings.corpus_dir) if settings.corpus_dir else default_corpus_dir()
+    outdirs.check_outputs_apart({"--out_dir": settings.out_dir}, {"--corpus_dir": corpus})
     outdirs.check_output_dir(settings.out_dir, overwrite=settings.overwrite)
-    report = prepare(Path(settings.out_dir), Path(settings.corpus_dir) if settings.corpus_dir else None,
-                     settings.split_seed, settings.dev_fraction, settings.test_fraction)
+    report = prepare(Path(settings.out_dir), corpus, settings.split_seed, settings.dev_fraction,
+                     settings.test_fraction)
     cli.logger.info("BBC News: %s", report)
     return report
 

@@ -31,8 +31,9 @@ def main(argv=None) -> dict:
     required = ("out_dir", "article_words", "max_train", "max_test")
     flags = (*required, "corpus_dir", "split_seed", "dev_fraction", "test_fraction")
     settings = cli.parse_fields(schema.BbcNewsRun, argv, __doc__, flags, required, renamed={"seed": "split_seed"})
-    outdirs.check_output_dir(settings.out_dir, overwrite=settings.overwrite)
     corpus = Path(settings.corpus_dir) if settings.corpus_dir else default_corpus_dir()
+    outdirs.check_outputs_apart({"--out_dir": settings.out_dir}, {"--corpus_dir": corpus})
+    outdirs.check_output_dir(settings.out_dir, overwrite=settings.overwrite)
     classes, examples, dropped = read_corpus(corpus)
     splits = split(examples, settings.dev_fraction, settings.test_fraction, settings.split_seed)  # 70/10/20 by default
     sample = random.Random(settings.split_seed)

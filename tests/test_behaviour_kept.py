@@ -168,9 +168,9 @@ def test_mcq_train_test_and_table(tmp_path):
     mcq = DATA / "mcq"
     common = ["--task", "arc_e", "--model_name_or_path", str(model_dir), "--train_data", str(mcq / "arc.jsonl"),
               "--test_data", str(mcq / "arc.jsonl"), "--ood", str(mcq / "obqa.jsonl"), "--load_in_8bit", "false",
-              "--dtype", "float32", "--max_steps", "2", "--logging_steps", "1", "--eval_steps", "2",
-              "--mc_samples", "2"]
-    for name, flags in {"llmm": ["--eval_modes", "mean", "mc"], "map": ["--method", "map", "--eval_modes", "mean"]
+              "--dtype", "float32", "--max_steps", "2", "--logging_steps", "1", "--eval_steps", "2"]
+    for name, flags in {"llmm": ["--eval_modes", "mean", "mc", "--mc_samples", "2"],
+                        "map": ["--method", "map", "--eval_modes", "mean"]
                         }.items():
         results = train_mcq.main([*common, *flags, "--output_dir", str(tmp_path / "runs" / name)])
         check(f"mcq_train_{name}", {"history": logged(results["history"]), "cell": results["cell"],

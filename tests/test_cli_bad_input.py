@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import LLAMA_TARGETS, REPO_ROOT, tiny_llama
 from test_glue import DATA as GLUE_DATA
 from test_glue import save_tiny_model
@@ -144,6 +145,25 @@ CASES = [
     ("glue-unknown-row", "train_glue", [*COLA, "--rank", "8"], r"no row for .*'rank': 8",
      r"rows \(task, quant, rank\)"),
     ("glue-K", "train_glue", [*COLA, "--K", "-1"], r"K = -1 is out of range", r"integer >= 0.*fix --K"),
+    # --- a flag the run would ignore (its field's ``applies``)
+    ("glue-bits-full-precision", "train_glue", [*COLA, "--method", "lora", "--bits", "2"],
+     r"--bits 2 has no effect on this run: it applies only with a backbone quantized by llmm", r"drop --bits"),
+    ("glue-mc-samples-mean", "train_glue", [*COLA, "--mc_samples", "4"],
+     r"--mc_samples 4 has no effect.*--eval_noise mc or a noise width search", r"drop --mc_samples"),
+    ("glue-llmmscale-k0", "train_glue", [*COLA, "--method", "loftq", "--llmmscale", "100"],
+     r"--llmmscale 100.0 has no effect.*the Llmm noise \(--method llmm, K > 0\)", r"drop --llmmscale"),
+    ("glue-epochs-with-max-steps", "train_glue", [*COLA, "--num_train_epochs", "2"],
+     r"--num_train_epochs 2 has no effect.*no max_steps", r"drop --num_train_epochs"),
+    ("gsm8k-loftq-iter-lora-init", "train_gsm8k", [*GSM8K, "--loftq_iter", "3"],
+     r"--loftq_iter 3 has no effect.*LoftQ init", r"drop --loftq_iter"),
+    ("gsm8k-scale-qlora", "train_gsm8k", [*GSM8K, "--method", "qlora", "--scaled_gradient", "false"],
+     r"--scaled_gradient False has no effect.*K > 0", r"drop --scaled_gradient"),
+    ("gsm8k-tolerance-without-tfb", "train_gsm8k", [*GSM8K, "--noise_width_tolerance", "0.01"],
+     r"--noise_width_tolerance 0.01 has no effect.*--noise_width_search tfb", r"drop --noise_width_tolerance"),
+    ("nlg-eval-size-with-eval-data", "train_nlg", [*NLG, "--eval_data", "{w}/alpaca.jsonl"],
+     r"--eval_size 2 has no effect.*--eval_split heldout and no --eval_data", r"drop --eval_size"),
+    ("nlg-kbit-16-bit", "train_nlg", [*NLG, "--prepare_kbit_training", "false"],
+     r"--prepare_kbit_training False has no effect.*--load_in_4bit true", r"drop --prepare_kbit_training"),
     ("glue-llmmscale", "train_glue", [*COLA, "--llmmscale", "0"], r"llmmscale = 0.0 is out of range",
      r"fix --llmmscale"),
     ("glue-bits", "train_glue", [*COLA, "--bits", "3"], r"bits = 3 is out of range", r"one of \(2, 4, 8\)"),
@@ -257,7 +277,8 @@ CASES = [
     # --- train_nlg
     ("nlg-unknown-task", "train_nlg", [*NLG, "--task", "dolly"], r"argument --task: invalid choice: 'dolly'",
      r"choose from"),
-    ("nlg-records-of-another-task", "train_nlg", [*NLG, "--task", "hh-rlhf", "--data", "{w}/alpaca.jsonl"],
+    ("nlg-records-of-another-task", "train_nlg", [*NLG, "--task", "hh-rlhf", "--data", "{w}/alpaca.jsonl",
+                                                                 "--eval_split", "heldout"],
      r"lacks field\(s\) \['chosen'\]", r"records need"),
     ("nlg-method-K", "train_nlg", [*NLG, "--method", "loftq", "--K", "2"], r"--method loftq trains plain LoRA factors",
      r"drop --K or use --method llmm"),
@@ -283,8 +304,9 @@ CASES = [
     ("test-wrong-type", "test_gsm8k", [*TEST, "--data", "{w}/gsm8k_number_answer.jsonl"],
      r"record 2's 'answer' is a int, not text", r"write it as a JSON string"),
     ("test-unknown-decoding", "test_gsm8k", [*TEST, "--decoding", "beam"], r"invalid choice: 'beam'", r"choose from"),
-    ("test-sampling-option", "test_gsm8k", [*TEST, "--temperature", "0.5"], r"--temperature only applies to sampling",
-     r"add --decoding reference"),
+    ("test-sampling-option", "test_gsm8k", [*TEST, "--temperature", "0.5"],
+     r"--temperature 0.5 has no effect on this run: it applies only with sampled decoding \(--decoding reference",
+     r"drop --temperature"),
     ("test-output-exists", "test_gsm8k", [*TEST, "--output_dir", "{w}/used"], r"exists and is not empty",
      r"pass --overwrite"),
     ("test-batch-0", "test_gsm8k", [*TEST, "--batch_size", "0"], r"batch_size = 0 is out of range",
@@ -306,6 +328,8 @@ CASES = [
     # --- quantize_model
     ("quantize-lora-alpha-0", "quantize_model", [*QUANTIZE, "--lora_alpha", "0"], r"lora_alpha = 0 is out of range",
      r"fix --lora_alpha"),
+    ("quantize-lm-head", "quantize_model", [*QUANTIZE, "--target_modules", "q_proj", "lm_head"],
+     r"target module\(s\) \['lm_head'\] lie only in the task head \(lm_head\)", r"drop them from --target_modules"),
     ("quantize-llmmscale-inf", "quantize_model", [*QUANTIZE, "--llmmscale", "inf"], r"llmmscale = inf is out of range",
      r"fix --llmmscale"),
     ("quantize-save-dir-is-a-file", "quantize_model", [*QUANTIZE, "--save_dir", "{w}/used/keep.txt"],
@@ -379,6 +403,15 @@ CASES = [
      r"corpus directory .*nope' does not exist", r"pass --corpus_dir"),
     ("bbc-one-class", "prepare_bbcnews", ["--out_dir", "{w}/new", "--corpus_dir", "{w}/corpus_one_class"],
      r"needs one sub-folder per class", r"found \['business'\]"),
+    ("bbc-one-document-class", "prepare_bbcnews", ["--out_dir", "{w}/new", "--corpus_dir", "{w}/corpus_two_classes"],
+     r"too few documents for a stratified split \(per label id: \{0: 1, 1: 1\}", r"add documents.*--test_fraction"),
+    ("bbc-output-in-corpus", "prepare_bbcnews", ["--out_dir", "{w}/corpus_two_classes/split", "--corpus_dir",
+                                                 "{w}/corpus_two_classes"], r"--out_dir .* lies inside --corpus_dir",
+     r"choose an --out_dir outside its inputs"),
+    ("mcq-bbc-output-in-corpus", "prepare_mcq_bbcnews", ["--out_dir", "{w}/corpus_two_classes/q", "--corpus_dir",
+                                                         "{w}/corpus_two_classes", "--article_words", "5",
+                                                         "--max_train", "2", "--max_test", "2"],
+     r"--out_dir .* lies inside --corpus_dir", r"choose an --out_dir outside its inputs"),
     ("bbc-output-exists", "prepare_bbcnews", ["--out_dir", "{w}/bbc_out", "--corpus_dir", "{w}/corpus_one_class"],
      r"exists and is not empty", r"--overwrite"),
     ("bbc-seed-twice", "prepare_bbcnews", ["--out_dir", "{w}/new", "--seed", "1", "--split_seed", "2"],
@@ -413,6 +446,21 @@ def test_bad_input(world, capsys, script, argv, problem, fix):
     assert code == 2
     check_one_error_line(stderr, problem, fix)
     assert snapshot(world) == before  # nothing created, changed or removed
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="paged optimizers run on CUDA")
+def test_a_paged_optimizer_is_refused_as_a_flag_without_cuda_and_replaced_as_the_tables(world, capsys, tmp_path):
+    """--optim paged_* on a machine without CUDA would run adamw_torch: refused. The table's paged optimizer (nlg.yaml)
+    is replaced, and settings.json says so (optim_used)."""
+    argv = [a.replace("{w}", str(world)) for a in NLG]
+    code, stderr = run_cli("train_nlg", [*argv, "--optim", "paged_adamw_32bit"], capsys)
+    assert code == 2
+    check_one_error_line(stderr, r"--optim 'paged_adamw_32bit' has no effect on this run.*CUDA", r"drop --optim")
+    out = tmp_path / "run"
+    train_nlg.main([*argv[:argv.index("--output_dir")], *argv[argv.index("--output_dir") + 2:], "--output_dir",
+                    str(out), "--max_train_samples", "2", "--max_eval_samples", "2"])
+    saved = json.loads((out / "settings.json").read_text())
+    assert saved["optim"] == "paged_adamw_32bit" and saved["optim_used"] == "adamw_torch"
 
 
 def test_real_command_lines(world):

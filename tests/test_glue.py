@@ -77,7 +77,7 @@ RUNS = {
     "stsb-llmm-mc": ["--task", "stsb", "--quant", "uniform", "--rank", "16", "--eval_noise", "mc", "--mc_samples", "2",
                      "--gaussian_embeddings", "true"],
     "cola-lora": ["--task", "cola", "--quant", "nf", "--rank", "16", "--method", "lora"],
-    "mrpc-loftq": ["--task", "mrpc", "--quant", "nf", "--rank", "16", "--method", "loftq", "--eval_noise", "sample"],
+    "mrpc-loftq": ["--task", "mrpc", "--quant", "nf", "--rank", "16", "--method", "loftq"],
 }
 
 

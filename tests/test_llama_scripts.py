@@ -515,7 +515,7 @@ def test_bad_test_input_fails_before_loading(models, tmp_path):
     no_answer.write_text('{"question": "How many?"}\n')
     with pytest.raises(ValueError, match=r"lacks field\(s\) \['answer'\]"):
         test_gsm8k.main(["--adapter", str(adapter), *base, "--data", str(no_answer)])
-    with pytest.raises(ValueError, match="only applies to sampling"):
+    with pytest.raises(ValueError, match="applies only with sampled decoding"):
         test_gsm8k.main(["--adapter", str(adapter), "--temperature", "0.5", *base])
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "predictions.jsonl").write_text("")

@@ -263,10 +263,12 @@ def tiny_dir(tmp_path_factory, tokenizer):
 
 
 def train_argv(model_dir, out, *extra):
+    """A tiny train_mcq run; 2 Monte-Carlo passes where a mode samples (--method map evaluates its mean only)."""
+    passes = [] if "map" in extra else ["--mc_samples", "2"]
     return ["--task", "arc_e", "--model_name_or_path", str(model_dir), "--train_data", str(DATA / "arc.jsonl"),
             "--test_data", str(DATA / "arc.jsonl"), "--load_in_8bit", "false", "--dtype", "float32",
-            "--max_steps", "2", "--logging_steps", "1", "--eval_steps", "2", "--mc_samples", "2",
-            "--output_dir", str(out), *extra]
+            "--max_steps", "2", "--logging_steps", "1", "--eval_steps", "2", *passes, "--output_dir", str(out),
+            *extra]
 
 
 def test_train_evaluate_ensemble_and_table_end_to_end(tiny_dir, tmp_path, capsys):
@@ -336,6 +338,10 @@ def test_train_evaluate_ensemble_and_table_end_to_end(tiny_dir, tmp_path, capsys
     (["--method", "map", "--K", "2"], "--method map trains plain LoRA factors"),
     (["--eval_modes", "dropout"], "eval mode 'dropout' needs dropout"),
     (["--ood", "nowhere"], "OOD set 'nowhere' is neither a task row"),
+    (["--mc_dropout", "0.2"], "--mc_dropout 0.2 has no effect on this run: it applies only with --method mcdropout"),
+    (["--eval_modes", "mean"], "--mc_samples 2 has no effect on this run: it applies only with an mc or dropout"),
+    (["--entropy_floor", "0.001"], "--entropy_floor 0.001 has no effect on this run: it applies only with "
+                                   "--entropy_weight > 0"),
 ])
 def test_bad_input_is_one_error_line_and_writes_nothing(tiny_dir, tmp_path, capsys, extra, problem):
     from scripts import train_mcq
@@ -448,6 +454,10 @@ def test_table_seed_statistics_and_paired_differences_against_map(tmp_path):
         ("llmm int8 K2 mean", "obqa"), ("llmm int8 K2 mean", "obqa->arc_c"), ("llmm int8 K2 mc N=10", "obqa")}
     widths = {r[0]: r[1:] for r in table_rows(text, "### Width")}
     assert widths["llmm int8 K2"] == [f"0.200 (0.200 ± 0.100, n=3) / 0.200 (0.200 ± 0.100, n=3)"]
+    published = ["--published", str(REPO_ROOT / "configs" / "mcq_published.yaml")]
+    assert mcq_table.main([str(tmp_path), "--baseline", "map", *published]) == text  # the default, given
+    with pytest.raises(ValueError, match=r"--baseline 'mapp' is none of the runs' methods \(llmm, map\): pass one"):
+        mcq_table.main([str(tmp_path), "--baseline", "mapp", *published])  # else every Δ cell would be empty
 
 
 def test_table_pairs_the_deep_ensemble_with_each_of_its_members_on_the_same_questions(tmp_path):

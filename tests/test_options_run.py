@@ -29,10 +29,11 @@ def tiny_dir(tmp_path_factory):
 
 
 def argv(root, out, *extra):
+    passes = [] if "map" in extra else ["--mc_samples", "3"]  # MAP's only mode, mean, samples nothing
     return ["--task", "arc_e", "--model_name_or_path", str(root / "tiny-llama"), "--train_data",
             str(root / "train.jsonl"), "--test_data", str(DATA / "arc.jsonl"), "--load_in_8bit", "false",
             "--dtype", "float32", "--max_steps", "3", "--logging_steps", "1", "--eval_steps", "3",
-            "--save_steps", "3", "--mc_samples", "3", "--learning_rate", "0.01", "--validation_size", "3",
+            "--save_steps", "3", *passes, "--learning_rate", "0.01", "--validation_size", "3",
             "--output_dir", str(out), *extra]
 
 

@@ -235,7 +235,7 @@ def test_eval_batch_size_below_one_names_the_flag(world, tmp_path, capsys, value
 
 
 @pytest.mark.parametrize("argv, problem", [
-    (["--eval_modes", "mc"], "eval mode(s) ['mc'] sample the Llmm noise"),
+    (["--eval_modes", "mc"], "evaluation mode(s) ['mc'] sample the Llmm noise, which the run"),
     (["--mc_samples", "3"], "--mc_samples only applies to eval modes mc and dropout")])
 def test_test_mcq_refuses_what_a_map_run_would_ignore(world, tmp_path, capsys, argv, problem):
     root, run, _ = world
@@ -244,8 +244,9 @@ def test_test_mcq_refuses_what_a_map_run_would_ignore(world, tmp_path, capsys, a
 
 
 @pytest.mark.parametrize("argv, problem", [
-    (["--mode", "mc"], "--mode mc samples the Llmm noise, which this adapter (K = 0) does not have"),
-    (["--mc_samples", "3"], "--mc_samples only applies to --mode mc"),
+    (["--mode", "mc"], "evaluation mode(s) ['mc'] sample the Llmm noise, which this adapter (K = 0) does not have: "
+                       "use --mode mean"),
+    (["--mc_samples", "3"], "--mc_samples 3 has no effect on this run: it applies only with --mode mc"),
     (["--seed", "3"], "greedy decoding of the mean network draws nothing")])
 def test_test_gsm8k_refuses_what_it_would_ignore(world, tmp_path, capsys, argv, problem):
     root, run, _ = world

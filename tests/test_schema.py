@@ -60,6 +60,21 @@ def test_every_field_has_a_flag_and_the_tables_values_are_in_range(family, name,
     assert sorted(expected - flags) == []
 
 
+@pytest.mark.parametrize("family", ["causal_lm", "glue", "mcq"])
+def test_every_applies_condition_reads_settings_its_family_has(family):
+    """A field's ``applies`` (when a flag has an effect) is a test on the family's resolved settings: it must run on
+    each of the family's tables (a condition naming a setting the family lacks would fail every run that gives it)."""
+    run = {"causal_lm": schema.CausalLMRun, "glue": schema.GlueRun, "mcq": schema.McqRun}[family]
+    conditions = [(name, f.metadata["applies"]) for name, f in family_fields(family) if f.metadata["applies"]]
+    assert conditions
+    for name in TABLES[family]:
+        settings = run.of(tables.read_yaml(tables.CONFIGS / name)["defaults"])
+        if isinstance(settings.get("eval_modes"), dict):
+            settings.eval_modes = settings.eval_modes[settings.method]
+        for setting_name, applies in conditions:
+            assert applies.test(settings) in (True, False), setting_name
+
+
 def test_a_value_per_method_is_range_checked_when_the_table_is_read(tmp_path):
     """A per-method value ({method: value}) is checked value by value, as a plain one is."""
     table = tmp_path / "mcq.yaml"
@@ -153,7 +168,7 @@ def tiny_runs(tmp_path):
     tokenizer.save_pretrained(tmp_path / "tiny")
     train_mcq.main(["--task", "arc_e", "--model_name_or_path", str(tmp_path / "tiny"), "--train_data",
                     str(DATA / "mcq" / "arc.jsonl"), "--test_data", str(DATA / "mcq" / "arc.jsonl"), "--load_in_8bit",
-                    "false", "--dtype", "float32", "--eval_steps", "1", "--mc_samples", "2", "--eval_modes", "mean",
+                    "false", "--dtype", "float32", "--eval_steps", "1", "--eval_modes", "mean",
                     "--output_dir", str(tmp_path / "mcq"), *fast])
     for family, folder in (("causal_lm", "gsm8k"), ("glue", "glue"), ("mcq", "mcq")):
         settings = json.loads((tmp_path / folder / "settings.json").read_text())

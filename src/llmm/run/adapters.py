@@ -51,10 +51,29 @@ def check_settings(settings, blocks=schema.BLOCKS) -> None:
                          "than 1")
 
 
-def check_mc_samples_flag(mode: str, mc_samples) -> None:
-    """--mc_samples is given only with --mode mc (the evaluations of eval_glue and test_gsm8k)."""
-    if mc_samples is not None and mode != "mc":
-        raise ValueError(f"--mc_samples only applies to --mode mc (this is --mode {mode}): drop it or add --mode mc")
+def check_flags_apply(settings: schema.Settings, given) -> None:
+    """Each setting in ``given`` (the flags on the command line) has an effect on this run (its field's
+    ``applies``, tested on the resolved settings): a flag the run would ignore is an error, not dropped silently."""
+    for name in given:
+        f = settings.__dataclass_fields__.get(name)
+        applies = f.metadata["applies"] if f else None
+        if applies and not applies.test(settings):
+            raise ValueError(f"--{name} {settings[name]!r} has no effect on this run: it applies only with "
+                             f"{applies.when}; drop --{name}")
+
+
+def given_flags(args, keys=()) -> list[str]:
+    """The settings named on the command line (``args``: the parsed flags), but a table's ``keys`` (row selectors)."""
+    return [name for name, value in vars(args).items() if value is not None and name not in keys]
+
+
+def check_sampled_modes(modes, k: int, what: str, fix: str) -> None:
+    """Evaluation modes that sample the Llmm noise (mc, sample) need K > 0: with K = 0 they would silently be the
+    mean network (train_mcq, test_mcq, eval_glue, test_gsm8k)."""
+    sampled = [mode for mode in modes if mode in ("mc", "sample")]
+    if sampled and not k > 0:
+        raise ValueError(f"evaluation mode(s) {sampled} sample the Llmm noise, which {what} (K = 0) does not have: "
+                         f"use {fix}")
 
 
 def read_run_settings(path: Path, blocks, remedy: str, needed=()) -> dict:

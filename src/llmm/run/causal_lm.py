@@ -139,6 +139,7 @@ def parse_settings(table: dict, argv=None, description: str = "", task_columns: 
     if settings.eval_split == "heldout" and settings.eval_size < 1:
         raise ValueError(f"eval_size must be >= 1 for eval_split heldout, got {settings.eval_size}")
     check_width_search(settings)
+    adapters.check_flags_apply(settings, adapters.given_flags(args, table["keys"]))
     return settings
 
 

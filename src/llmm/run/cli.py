@@ -58,13 +58,14 @@ def table_main(doc: str, argv, baseline: str, render, flags: dict | None = None)
     add_argument's keywords}); ``render(args)`` makes the markdown, printed and, with --output, written."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0].strip(), allow_abbrev=False)
     parser.add_argument("paths", nargs="+", help="run directories (searched recursively) or results.json files")
-    parser.add_argument("--baseline", default=baseline, help="method the others are paired with (same settings, "
-                        "same seeds)")
+    parser.add_argument("--baseline", default=None, help=f"method the others are paired with (same settings, "
+                        f"same seeds; default {baseline})")
     parser.add_argument("--output", default=None, help="also write the tables to this file")
     parser.add_argument("--overwrite", action="store_true", help="replace an --output file no llmm table wrote")
     for name, keywords in (flags or {}).items():
         parser.add_argument(name, **keywords)
     args = parser.parse_args(argv)
+    args.given_baseline, args.baseline = args.baseline, args.baseline or baseline
     if args.output:
         outdirs.check_output_file(args.output)
         read = {name: getattr(args, name.lstrip("-")) for name in flags or {}}
@@ -86,13 +87,18 @@ def _written_by_a_table(path: str) -> bool:
         return handle.read().decode("utf-8", errors="replace") == TABLE_MARK
 
 
-def complete_runs(records: list, skipped: list) -> list:
-    """The records of the complete runs; each incomplete one is named on stderr, and none complete is an error."""
+def complete_runs(records: list, skipped: list, given_baseline: str | None = None) -> list:
+    """The records of the complete runs; each incomplete one is named on stderr, and none complete is an error, as is
+    a --baseline given that is none of their methods (its difference columns would be empty)."""
     for file in skipped:
         print(f"skipped (incomplete): {file}", file=sys.stderr)
     if not records:
         raise ValueError(f"none of the {len(skipped)} results.json files is complete: let the runs finish (or "
                          "continue them with --resume_from_checkpoint)")
+    methods = sorted({str((record.get("cell") or {}).get("method")) for record in records})
+    if given_baseline is not None and given_baseline not in methods:
+        raise ValueError(f"--baseline {given_baseline!r} is none of the runs' methods ({', '.join(methods)}): pass "
+                         "one of them")
     return records
 
 

@@ -30,8 +30,8 @@ from llmm.quant import fake_quantize
 from llmm.run import cli, width_search
 from llmm.run.recipe import Recipe, save_run
 from llmm.run.trainer import LlmmTrainer, add_resume_flag
-from llmm.run.adapters import (INIT_DIR_LOFTQ, adopt_init_dir_settings, check_init_targets, check_settings,
-                               head_modules, llmm_config)
+from llmm.run.adapters import (INIT_DIR_LOFTQ, adopt_init_dir_settings, check_flags_apply, check_init_targets,
+                               check_settings, given_flags, head_modules, llmm_config)
 from llmm.run.cli import logger
 from llmm.run.fileio import check_data_paths, load_pretrained, plot_curves, write_json
 from llmm.run.quantize import embeddings_quantized
@@ -92,6 +92,7 @@ def resolve(argv: list[str] | None) -> tuple[GlueTask, GlueRun]:
         raise ValueError(f"noise_width_search {search} chooses the width of the Llmm noise by the dev NLL of a "
                          "classifier: it needs --method llmm (K > 0) and a classification task, not "
                          f"{task.name} with K = {settings.K}; or pass --noise_width_search none")
+    check_flags_apply(settings, given_flags(args, table["keys"]))
     return task, settings
 
 

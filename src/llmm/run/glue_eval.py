@@ -19,7 +19,7 @@ from llmm.run.glue import load_model, predictions_record
 from llmm.run import schema
 from llmm.run.cli import logger
 from llmm.run.fileio import check_data_paths, seed_everything, write_json
-from llmm.run.adapters import check_mc_samples_flag, check_settings, read_run_settings
+from llmm.run.adapters import check_sampled_modes, check_settings, read_run_settings
 
 BLOCKS = (*schema.FAMILY_BLOCKS["glue"], schema.EvalModeSettings)
 REPLACED = ("mc_samples", "seed", "per_device_eval_batch_size")  # the run's settings an evaluation may replace
@@ -49,10 +49,10 @@ def check(args: argparse.Namespace) -> tuple[Path, schema.GlueRun, Path]:
         raise FileNotFoundError(f"{str(run)!r} is not a finished scripts.train_glue run (it needs settings.json and "
                                 "adapter/): pass a run's output directory")
     settings = schema.GlueRun.of(read_run_settings(run / "settings.json", BLOCKS, "re-run the training (train_glue)"))
-    check_mc_samples_flag(args.mode, args.mc_samples)
-    if args.mode != "mean" and not settings.K > 0:
-        raise ValueError(f"--mode {args.mode} samples the Llmm noise, which this run (K = 0) does not have: use "
-                         "--mode mean")
+    if args.mc_samples is not None and args.mode != "mc":
+        raise ValueError(f"--mc_samples only applies to --mode mc (this is --mode {args.mode}): drop it or add "
+                         "--mode mc")
+    check_sampled_modes([args.mode], settings.K, "this run", "--mode mean")
     if args.seed is not None and args.mode == "mean":
         raise ValueError("--seed seeds the noise draws of --mode sample / mc; the mean network has none: drop it")
     check_data_paths(file=args.file)

@@ -40,15 +40,9 @@ def parse_settings(argv=None) -> schema.Gsm8kTestRun:
     scope_dataset_config(settings, args)
     adapters.check_settings(settings)
     fileio.check_data_paths(data=settings.get("data"))
-    given = [name for name in SAMPLING if getattr(args, name) is not None]
-    if given and not settings.do_sample:
-        raise ValueError(f"--{given[0]} only applies to sampling: add --decoding reference (or --do_sample true)")
     if settings.do_sample and any(settings[name] is None for name in SAMPLING):
         raise ValueError(f"sampling needs {SAMPLING}: use --decoding reference or give all three")
-    adapters.check_mc_samples_flag(settings.mode, getattr(args, "mc_samples", None))
-    if getattr(args, "seed", None) is not None and settings.mode == "mean" and not settings.do_sample:
-        raise ValueError("--seed seeds the noise of --mode sample / mc and sampled decoding; greedy decoding of the "
-                         "mean network draws nothing: drop it")
+    adapters.check_flags_apply(settings, adapters.given_flags(args, table["keys"]))
     return settings
 
 
@@ -177,9 +171,7 @@ def main(argv=None) -> dict:
     settings = parse_settings(argv)
     output_dir = Path(settings.output_dir)
     adapter_config = check_adapter(settings)  # first: it fills in the backbone the adapter names
-    if settings.mode != "mean" and not adapter_config.k > 0:
-        raise ValueError(f"--mode {settings.mode} samples the Llmm noise, which this adapter (K = 0) does not have: "
-                         "use --mode mean")
+    adapters.check_sampled_modes([settings.mode], adapter_config.k, "this adapter", "--mode mean")
     outdirs.check_outputs_apart({"--output_dir": output_dir},
                                 {f"--{key}": settings.get(key) for key in ("adapter", "model_name_or_path", "data")})
     outdirs.check_output_dir(output_dir, settings.overwrite)

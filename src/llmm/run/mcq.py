@@ -37,14 +37,6 @@ EVALUATION_ONLY = (*schema.role_names(schema.EVAL, BLOCKS), "run", "cell")
 
 # --- settings ------------------------------------------------------------------------------------------------------
 
-def check_noise_modes(modes, k: int, what: str) -> None:
-    """Sampled evaluation modes need the Llmm noise: with K = 0 they would silently be the mean network."""
-    sampled = [mode for mode in modes if mode in ("mc", "sample")]
-    if sampled and not k > 0:
-        raise ValueError(f"eval mode(s) {sampled} sample the Llmm noise, which {what} (K = 0) does not have: use "
-                         "mean (or dropout for mcdropout)")
-
-
 def check_settings(settings: schema.McqRun, table: dict, args) -> schema.McqRun:
     adapters.check_settings(settings, BLOCKS)
     method = settings.method
@@ -63,7 +55,8 @@ def check_settings(settings: schema.McqRun, table: dict, args) -> schema.McqRun:
     unknown = [m for m in settings.eval_modes if m not in C.MODES]
     if unknown:
         raise ValueError(f"unknown eval mode(s) {unknown} in the table; known: {C.MODES}")
-    check_noise_modes(settings.eval_modes, settings.K, f"--method {method}")
+    adapters.check_sampled_modes(settings.eval_modes, settings.K, f"--method {method}", "mean (or dropout for "
+                                 "mcdropout)")
     if settings.load_in_8bit and settings.load_in_4bit:
         raise ValueError("load_in_8bit and load_in_4bit are both true: choose one backbone precision")
     init_dir = causal_lm.init_adapter_dir(settings.model_name_or_path)
@@ -99,6 +92,7 @@ def check_settings(settings: schema.McqRun, table: dict, args) -> schema.McqRun:
                        ood=[n for n in settings.ood if n.endswith((".json", ".jsonl"))])
     fileio.check_model_path(settings.model_name_or_path)
     settings.backbone = backbone_name(settings)
+    adapters.check_flags_apply(settings, adapters.given_flags(args, ("task",)))
     return settings
 
 

@@ -12,7 +12,7 @@ from llmm import load_llmm_model
 from llmm.tasks import calibration as C
 from llmm.tasks.mcq import encode_question, letter_token_ids
 from llmm.run import causal_lm
-from llmm.run.mcq import (BLOCKS, TABLE, check_noise_modes, eval_precision, evaluate_sets, evaluation_cell, load_all,
+from llmm.run.mcq import (BLOCKS, TABLE, eval_precision, evaluate_sets, evaluation_cell, load_all,
                           load_backbone, question_entries, run_cell, search_noise_width)
 from llmm.run.width_search import RULES, apply_noise_width
 
@@ -68,7 +68,8 @@ def member_settings(args) -> list[schema.McqRun]:
     for settings, run in zip(members, args.runs):
         settings.update({key: value for key, value in overrides.items() if value is not None})
         settings.run = run
-        check_noise_modes(settings.eval_modes, settings.K, f"the run {run!r}")
+        adapters.check_sampled_modes(settings.eval_modes, settings.K, f"the run {run!r}", "mean (or dropout for "
+                                     "mcdropout)")
         if args.mc_samples is not None and not {"mc", "dropout"} & set(settings.eval_modes):
             raise ValueError(f"--mc_samples only applies to eval modes mc and dropout (these are "
                              f"{settings.eval_modes}): drop it or add --eval_modes mc")

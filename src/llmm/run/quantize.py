@@ -107,6 +107,12 @@ def target_linears(model: torch.nn.Module, targets: list[str], rank: int) -> dic
     found = {name: module for name, module in model.named_modules()
              if name.split(".")[-1] in targets and name not in skip}
     unmatched = sorted(set(targets) - {name.split(".")[-1] for name in found})
+    in_head = sorted(set(unmatched) & {name.split(".")[-1] for name in skip})
+    if in_head:
+        heads = ", ".join(adapters.head_modules(model))
+        raise ValueError(f"target module(s) {in_head} lie only in the task head ({heads}), which an _init.sh "
+                         "directory keeps in full precision, neither quantized nor adapted: drop them from "
+                         "--target_modules")
     if unmatched:
         raise ValueError(f"target module(s) {unmatched} match no module of this model: check --target_modules")
     for name, module in found.items():

@@ -113,7 +113,8 @@ def main(argv=None) -> dict:
         for method in settings.methods:
             cli.logger.info("quick start: %s, seed %d", method, seed)
             argv_run = ["--task", "bbcnews", "--quant", settings.quant, "--rank", str(settings.rank),
-                        "--bits", str(settings.bits), "--method", method, "--seed", str(seed), "--model", model,
+                        *(["--bits", str(settings.bits)] if method != "lora" else []),  # lora: 16-bit
+                        "--method", method, "--seed", str(seed), "--model", model,
                         "--train_file", str(data / "train.csv"),
                         "--validation_file", str(data / "dev.csv"), str(data / "test.csv"),
                         "--output_dir", str(out / f"{method}-seed{seed}")]

@@ -7,6 +7,8 @@ settings.json entry and results cell all follow from the field. Blocks: the adap
 TrainingArguments' names), one per task family. Roles: ``cell`` (runs are pooled as seeds only when these agree),
 ``run`` (plumbing that does not change a run's numbers: never in a cell), ``init_dir`` (fixed by an _init.sh
 directory: adopted from its quantize_report.json), ``eval`` (replaced in each evaluation's cell by what it used).
+``applies``: when a setting changes a training run (e.g. llmmscale only with K > 0); a flag given where it does not
+is refused (llmm.run.adapters.check_flags_apply), never silently ignored.
 The paper's K and llmmscale are LlmmConfig's ``k`` and ``scale`` (mapped in llmm.run.adapters.llmm_config).
 """
 
@@ -25,12 +27,46 @@ CELL, RUN, INIT_DIR, EVAL = "cell", "run", "init_dir", "eval"
 
 
 def setting(default, help: str, *, low=None, high=None, low_open=False, high_open=False, choices=None,
-            role: str = CELL, kind=None, nonempty=False, path=None):
+            role: str = CELL, kind=None, nonempty=False, path=None, applies=None):
     """A dataclass field with its help, range (low / high, open or closed; text: nonempty) or choices, and role.
-    ``path`` ("data" or "model"): the setting names what the run reads (checked; no output may be or lie in one)."""
+    ``path`` ("data" or "model"): the setting names what the run reads (checked; no output may be or lie in one).
+    ``applies``: an Applies, when the setting has an effect (default: always)."""
     return field(default=default, metadata={"help": help, "low": low, "high": high, "low_open": low_open,
                                             "high_open": high_open, "choices": choices, "role": role,
-                                            "kind": kind, "nonempty": nonempty, "path": path})
+                                            "kind": kind, "nonempty": nonempty, "path": path, "applies": applies})
+
+
+@dataclass(frozen=True)
+class Applies:
+    """When a setting has an effect: ``test`` on a run's resolved settings; ``when`` names it in the error line."""
+
+    when: str
+    test: object  # settings -> bool
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+WITH_NOISE = Applies("the Llmm noise (--method llmm, K > 0)", lambda s: s.K > 0)
+WITH_LOFTQ = Applies("LoftQ init (--method llmm or loftq, --init loftq)", lambda s: s.init == "loftq")
+WITH_TRUNCATED_SVD = Applies("LoftQ init with --loftq_svd truncated",
+                             lambda s: s.init == "loftq" and s.loftq_svd == "truncated")
+QUANTIZED_HERE = Applies("a backbone quantized by llmm (LoftQ init, or GLUE's --method qlora)",
+                         lambda s: s.init == "loftq" or (isinstance(s, GlueRun) and s.method == "qlora"))
+WITH_ENTROPY = Applies("--entropy_weight > 0", lambda s: s.entropy_weight > 0)
+WITH_CHECKPOINTING = Applies("--gradient_checkpointing true", lambda s: s.gradient_checkpointing)
+WITH_4BIT = Applies("a bitsandbytes NF4 backbone (--load_in_4bit true)", lambda s: s.load_in_4bit)
+WITH_HELDOUT = Applies("--eval_split heldout and no --eval_data",
+                       lambda s: s.eval_split == "heldout" and not s.eval_data)
+WITH_SEARCH = Applies("--noise_width_search tfb or nll", lambda s: s.noise_width_search != "none")
+WITH_TFB = Applies("--noise_width_search tfb", lambda s: s.noise_width_search == "tfb")
+PAGED_ON_CUDA = Applies("CUDA, as a paged optimizer (without CUDA, adamw_torch runs)",
+                        lambda s: not s.optim.startswith("paged_") or _cuda())
+SAMPLED_DECODING = Applies("sampled decoding (--decoding reference, or --do_sample true)", lambda s: s.do_sample)
+EPOCHS = Applies("no max_steps (max_steps, when set, wins)", lambda s: s.max_steps is None)
 
 
 def number(text: str):
@@ -94,31 +130,37 @@ class AdapterSettings:
     rank: int = setting(16, "LoRA rank r", low=1)
     K: int = setting(2, "directions per factor (LlmmConfig k; 0 = plain LoRA/LoftQ)", low=0)
     llmmscale: float = setting(400.0, "noise scale s (LlmmConfig scale): the noise std is 1/sqrt(s)", low=0,
-                               low_open=True)
+                               low_open=True, applies=WITH_NOISE)
     lora_alpha: float = setting(16, "LoRA alpha (g = alpha / r)", low=0, low_open=True, kind=number)
     lora_dropout: float = setting(0.0, "dropout on the adapter path", low=0, high=1, high_open=True)
-    scaled_gradient: bool = setting(True, "the paper's gradient rule dZ[k] = eps_k dL/dF (false: plain pathwise)")
+    scaled_gradient: bool = setting(True, "the paper's gradient rule dZ[k] = eps_k dL/dF (false: plain pathwise)",
+                                    applies=WITH_NOISE)
     eval_noise: str = setting("mean", "noise in evaluation: mean (eps = 0) | sample (a fresh draw; GLUE also mc: "
-                              "the average of mc_samples networks)", choices=("mean", "sample", "mc"))
+                              "the average of mc_samples networks)", choices=("mean", "sample", "mc"),
+                              applies=WITH_NOISE)
     init: str = setting("loftq", "adapter init for a plain checkpoint: loftq (in-process) | lora",
                         choices=("loftq", "lora"))
     target_modules: list = setting(None, "modules to adapt (default: configs/targets.yaml by model_type)", kind=str)
     noise_per_example: bool = setting(False, "one noise draw per example (sequence) instead of one per forward shared "
-                                      "by the batch (false: the paper)")
+                                      "by the batch (false: the paper)", applies=WITH_NOISE)
 
 
 @dataclass
 class LoftQSettings:
     """How LoftQ quantizes the backbone and initialises the means (an _init.sh directory fixes these)."""
 
-    quant: str = setting("nf", "quantizer: nf (normal float) | uniform", choices=ALLOWED_METHODS, role=INIT_DIR)
-    bits: int = setting(4, "bits of the quantized backbone", choices=ALLOWED_BITS, role=INIT_DIR)
-    loftq_iter: int = setting(5, "LoftQ alternating iterations", low=1, role=INIT_DIR)
-    loftq_svd: str = setting("truncated", "LoftQ's rank-r step", choices=ALLOWED_SVD, role=INIT_DIR)
-    loftq_svd_oversampling: int = setting(0, "truncated SVD: columns beyond the rank", low=0, role=INIT_DIR)
-    loftq_svd_iters: int = setting(6, "truncated SVD: power (Krylov) steps per iteration", low=0, role=INIT_DIR)
+    quant: str = setting("nf", "quantizer: nf (normal float) | uniform", choices=ALLOWED_METHODS, role=INIT_DIR,
+                         applies=QUANTIZED_HERE)
+    bits: int = setting(4, "bits of the quantized backbone", choices=ALLOWED_BITS, role=INIT_DIR,
+                        applies=QUANTIZED_HERE)
+    loftq_iter: int = setting(5, "LoftQ alternating iterations", low=1, role=INIT_DIR, applies=WITH_LOFTQ)
+    loftq_svd: str = setting("truncated", "LoftQ's rank-r step", choices=ALLOWED_SVD, role=INIT_DIR, applies=WITH_LOFTQ)
+    loftq_svd_oversampling: int = setting(0, "truncated SVD: columns beyond the rank", low=0, role=INIT_DIR,
+                                          applies=WITH_TRUNCATED_SVD)
+    loftq_svd_iters: int = setting(6, "truncated SVD: power (Krylov) steps per iteration", low=0, role=INIT_DIR,
+                                   applies=WITH_TRUNCATED_SVD)
     compensate_scaling: bool = setting(True, "LoftQ factors divided by g = alpha / r (false: the reference's)",
-                                       role=INIT_DIR)
+                                       role=INIT_DIR, applies=WITH_LOFTQ)
 
 
 @dataclass
@@ -134,11 +176,13 @@ class TrainingSettings:
     adam_epsilon: float = setting(1e-8, "AdamW epsilon (the Trainer's default 1e-8)", low=0, low_open=True)
     max_grad_norm: float = setting(1.0, "gradient clipping norm (0 = none)", low=0)
     optim: str = setting("adamw_torch", "optimizer (paged_* need CUDA: adamw_torch on CPU)",
-                         choices=("adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "sgd"))
+                         choices=("adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "sgd"),
+                         applies=PAGED_ON_CUDA)
     per_device_train_batch_size: int = setting(8, "training batch per device", low=1)
     per_device_eval_batch_size: int = setting(8, "evaluation batch per device", low=1, role=RUN)
     gradient_accumulation_steps: int = setting(1, "micro-batches per optimizer step", low=1)
-    num_train_epochs: float = setting(3.0, "epochs (max_steps, when set, wins)", low=0, low_open=True, kind=number)
+    num_train_epochs: float = setting(3.0, "epochs (max_steps, when set, wins)", low=0, low_open=True, kind=number,
+                                      applies=EPOCHS)
     max_steps: int = setting(None, "optimizer steps (overrides num_train_epochs)", low=1)
     eval_steps: int = setting(500, "evaluate every n optimizer steps", low=1)
     logging_steps: int = setting(50, "log every n optimizer steps", low=1, role=RUN)
@@ -149,11 +193,12 @@ class TrainingSettings:
     gradient_checkpointing: bool = setting(False, "recompute activations in the backward pass")
     dtype: str = setting("bfloat16", "compute dtype", choices=("float32", "bfloat16", "float16"))
     entropy_weight: float = setting(0.0, "lambda of the entropy term: the loss is loss - lambda * H, H = sum of "
-                                    "0.5 logdet(Z Z^T / s + floor I) over factors (0: the paper, bit for bit)", low=0)
+                                    "0.5 logdet(Z Z^T / s + floor I) over factors (0: the paper, bit for bit)", low=0,
+                                    applies=WITH_NOISE)
     entropy_warmup_ratio: float = setting(0.0, "fraction of the steps over which lambda rises linearly from 0",
-                                          low=0, high=1, high_open=True)
+                                          low=0, high=1, high_open=True, applies=WITH_ENTROPY)
     entropy_floor: float = setting(1e-6, "floor added to Z Z^T / s so that H is finite at Z = 0", low=0,
-                                   low_open=True)
+                                   low_open=True, applies=WITH_ENTROPY)
     report_to: str = setting("none", "where the Trainer logs while it runs (tensorboard: runs/ beside the run's "
                              "checkpoints; wandb)", choices=("none", "tensorboard", "wandb"), role=RUN)
 
@@ -187,22 +232,25 @@ class CausalLMSettings(CausalDataSettings):
     base_model: str = setting(None, "the row's original checkpoint (--method qlora)")
     init_dir: str = setting(None, "the row's _init.sh directory (--method llmm / loftq)")
     eval_split: str = setting("test", "held-out data: a split of the dataset, or heldout (eval_size records of "
-                              "train)")
-    eval_size: int = setting(1024, "records held out of train for eval_split heldout", low=0)
+                              "train)", applies=Applies("no --eval_data (the file is the held-out set)",
+                                                        lambda s: not s.eval_data))
+    eval_size: int = setting(1024, "records held out of train for eval_split heldout", low=0, applies=WITH_HELDOUT)
     eval_noise: str = setting("mean", "held-out loss of the mean network, or sampled (the reference's)",
-                              choices=("mean", "sample"))
+                              choices=("mean", "sample"), applies=WITH_NOISE)
     mc_samples: int = setting(4, "networks averaged in the width search's held-out NLL (noise_width_search tfb | "
-                              "nll; it shapes the chosen m, so it defines the run)", low=1)
+                              "nll; it shapes the chosen m, so it defines the run)", low=1, applies=WITH_SEARCH)
     max_length: int = setting(512, "GSM8K: tokens of source + target", low=1)
     source_max_len: int = setting(384, "Alpaca / HH-RLHF: tokens of the source", low=1)
     target_max_len: int = setting(128, "Alpaca / HH-RLHF: tokens of the target", low=1)
     prepare_kbit_training: bool = setting(True, "4-bit: PEFT's prepare_model_for_kbit_training, as the reference "
-                                          "(not under FSDP / DeepSpeed: it upcasts the backbone's other weights)")
+                                          "(not under FSDP / DeepSpeed: it upcasts the backbone's other weights)",
+                                          applies=WITH_4BIT)
     bnb_4bit_quant_storage: str = setting("auto", "4-bit: the dtype the packed NF4 weights are stored in (auto: uint8, "
                                           "under FSDP / DeepSpeed the compute dtype, as FSDP-QLoRA needs)",
-                                          choices=("auto", "uint8", "float32", "bfloat16", "float16"), role=RUN)
+                                          choices=("auto", "uint8", "float32", "bfloat16", "float16"), role=RUN,
+                                          applies=WITH_4BIT)
     gradient_checkpointing_reentrant: bool = setting(False, "gradient checkpointing's use_reentrant (PEFT's "
-                                                     "FSDP-QLoRA recipe: true)", role=RUN)
+                                                     "FSDP-QLoRA recipe: true)", role=RUN, applies=WITH_CHECKPOINTING)
 
 
 GLUE_METHODS = ("llmm", "loftq", "qlora", "lora")
@@ -225,7 +273,9 @@ class GlueSettings:
                                         "with its own low-rank pair; null: by architecture (encoders, task_type "
                                         "seq_cls: on, the GLUE protocol; causal LMs: off). _init.sh's too")
     gaussian_embeddings: bool = setting(False, "the embedding pairs Gaussian with K directions (false: plain)")
-    mc_samples: int = setting(10, "networks averaged when eval_noise = mc", low=1)
+    mc_samples: int = setting(10, "networks averaged when eval_noise = mc (and in the width search)", low=1,
+                              applies=Applies("--eval_noise mc or a noise width search",
+                                              lambda s: s.eval_noise == "mc" or s.noise_width_search != "none"))
     max_length: int = setting(128, "tokens per example", low=1)
     eval_steps: int = setting(0, "evaluate every n optimizer steps, 0 = every epoch", low=0)
 
@@ -243,10 +293,15 @@ class McqSettings(CausalDataSettings):
     ood: list = setting(None, "OOD sets: task rows or .json/.jsonl files", role=EVAL, kind=str, path="data")
     eval_modes: list = setting(None, "evaluation modes", choices=("mean", "mc", "dropout", "sample"), role=EVAL,
                                kind=str)
-    mc_samples: int = setting(10, "Monte-Carlo passes (mc, dropout)", low=1, role=EVAL)
+    mc_samples: int = setting(10, "Monte-Carlo passes (mc, dropout; the width search)", low=1, role=EVAL,
+                              applies=Applies("an mc or dropout eval mode, or a noise width search",
+                                              lambda s: bool({"mc", "dropout"} & set(s.eval_modes))
+                                              or s.noise_width_search != "none"))
     eval_noise: str = setting("mean", "the held-out evaluation during training: the mean network, or one sampled "
-                              "(eval_modes decide the final evaluations)", choices=("mean", "sample"))
-    mc_dropout: float = setting(0.1, "adapter dropout of --method mcdropout", low=0, high=1, high_open=True)
+                              "(eval_modes decide the final evaluations)", choices=("mean", "sample"),
+                              applies=WITH_NOISE)
+    mc_dropout: float = setting(0.1, "adapter dropout of --method mcdropout", low=0, high=1, high_open=True,
+                                applies=Applies("--method mcdropout", lambda s: s.method == "mcdropout"))
     max_length: int = setting(300, "tokens per question (the beginning is cut)", low=1)
     load_in_8bit: bool = setting(True, "bitsandbytes LLM.int8 backbone")
     variant: str = setting(None, "a method of the table's variants block (a row of the calibration table): its "
@@ -255,7 +310,8 @@ class McqSettings(CausalDataSettings):
                                    "(the width search's)", low=0)
     mc_batched: bool = setting(False, "mc mode: the N networks in one forward over the batch repeated N times, "
                                "network n from stream n of the seed (false: one network after another from the "
-                               "model's generator)", role=EVAL)
+                               "model's generator)", role=EVAL,
+                               applies=Applies("the mc eval mode", lambda s: "mc" in s.eval_modes))
 
 
 @dataclass
@@ -266,9 +322,11 @@ class WidthSearchSettings:
     noise_width_search: str = setting("none", "none (the paper: m = 1) | tfb (the largest m whose relative validation "
                                       "NLL change is within the tolerance) | nll (the NLL-minimising m)",
                                       choices=("none", "tfb", "nll"))
-    noise_width_tolerance: float = setting(0.003, "tfb: relative NLL change allowed (TFB's 0.003)", low=0)
+    noise_width_tolerance: float = setting(0.003, "tfb: relative NLL change allowed (TFB's 0.003)", low=0,
+                                           applies=WITH_TFB)
     noise_width_grid: list = setting((0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0), "multipliers m tried (then "
-                                     "refined between neighbours)", low=0, low_open=True, kind=float)
+                                     "refined between neighbours)", low=0, low_open=True, kind=float,
+                                     applies=WITH_SEARCH)
 
 
 @dataclass
@@ -292,16 +350,19 @@ class Gsm8kTestSettings:
     max_samples: int = setting(None, "first N questions (debug)", low=1)
     max_new_tokens: int = setting(256, "tokens generated per answer", low=1)
     do_sample: bool = setting(False, "sample (the reference) instead of greedy decoding")
-    temperature: float = setting(None, "sampling temperature", low=0, low_open=True)
-    top_k: int = setting(None, "sampling: the k most likely tokens", low=0)
-    top_p: float = setting(None, "sampling: nucleus mass", low=0, high=1)
-    mc_samples: int = setting(8, "networks that vote in --mode mc", low=1)
+    temperature: float = setting(None, "sampling temperature", low=0, low_open=True, applies=SAMPLED_DECODING)
+    top_k: int = setting(None, "sampling: the k most likely tokens", low=0, applies=SAMPLED_DECODING)
+    top_p: float = setting(None, "sampling: nucleus mass", low=0, high=1, applies=SAMPLED_DECODING)
+    mc_samples: int = setting(8, "networks that vote in --mode mc", low=1,
+                              applies=Applies("--mode mc", lambda s: s.mode == "mc"))
     split: str = setting("test", "the dataset's split")
     dataset: str = setting("openai/gsm8k", "hub dataset of the questions")
     dataset_config: str = setting("main", "the hub dataset's configuration")
     dtype: str = setting("bfloat16", "compute dtype", choices=("float32", "bfloat16", "float16"))
     load_in_4bit: bool = setting(True, "bitsandbytes NF4 backbone (false: dtype weights)")
-    seed: int = setting(42, "seed of the sampled decoding and the noise draws", low=0, role=RUN)
+    seed: int = setting(42, "seed of the sampled decoding and the noise draws", low=0, role=RUN,
+                        applies=Applies("--mode sample / mc or sampled decoding (greedy decoding of the mean network "
+                                        "draws nothing)", lambda s: s.mode != "mean" or s.do_sample))
 
 
 @dataclass

@@ -50,9 +50,14 @@ def read_corpus(corpus_dir: Path) -> tuple[list[str], list[tuple[str, int]], int
 def split(examples: list[tuple[str, int]], dev_fraction: float, test_fraction: float, seed: int):
     """Stratified, seeded train / dev / test split."""
     labels = [label for _, label in examples]
-    rest, test = train_test_split(examples, test_size=test_fraction, stratify=labels, random_state=seed)
-    dev_share = dev_fraction / (1 - test_fraction)
-    train, dev = train_test_split(rest, test_size=dev_share, stratify=[lab for _, lab in rest], random_state=seed)
+    try:
+        rest, test = train_test_split(examples, test_size=test_fraction, stratify=labels, random_state=seed)
+        dev_share = dev_fraction / (1 - test_fraction)
+        train, dev = train_test_split(rest, test_size=dev_share, stratify=[lab for _, lab in rest], random_state=seed)
+    except ValueError as error:  # a class with too few documents, or a split smaller than the number of classes
+        counts = {label: labels.count(label) for label in sorted(set(labels))}
+        raise ValueError(f"too few documents for a stratified split (per label id: {counts}; {error}): add "
+                         "documents to the small classes, or change --dev_fraction / --test_fraction") from None
     return {"train": train, "dev": dev, "test": test}
 
 
