@@ -43,6 +43,8 @@ def world(tmp_path_factory):
     save_tiny_llama(w / "llama")
     quantize_model.main(["--model", str(w / "llama"), "--save_dir", str(w / "quantized"), "--rank", "16", "--bits",
                          "4", "--K", "2", "--loftq_iter", "1", "--lora_alpha", "16", "--dtype", "float32"])
+    quantize_model.main(["--model", str(w / "llama"), "--save_dir", str(w / "quantized_uniform"), "--rank", "16",
+                         "--bits", "4", "--quant", "uniform", "--loftq_iter", "1", "--dtype", "float32"])
     shutil.copytree(GLUE_DATA, w / "glue")
     for name in ("gsm8k.jsonl", "alpaca.jsonl"):
         shutil.copy(DATA / name, w / name)
@@ -277,6 +279,11 @@ CASES = [
     # --- train_nlg
     ("nlg-unknown-task", "train_nlg", [*NLG, "--task", "dolly"], r"argument --task: invalid choice: 'dolly'",
      r"choose from"),
+    ("nlg-uniform-dir-in-nf4", "train_nlg", ["--task", "alpaca", "--model", "llama-2-7b", "--rank", "16",
+                                             "--model_name_or_path", "{w}/quantized_uniform/llama-4bit-16rank",
+                                             "--data", "{w}/alpaca.jsonl", "--eval_size", "2", "--output_dir",
+                                             "{w}/new", "--load_in_4bit", "true"],
+     r"holds Q as uniform4 at block size 64, which bitsandbytes NF4 would re-quantize", r"--load_in_4bit false"),
     ("nlg-records-of-another-task", "train_nlg", [*NLG, "--task", "hh-rlhf", "--data", "{w}/alpaca.jsonl",
                                                                  "--eval_split", "heldout"],
      r"lacks field\(s\) \['chosen'\]", r"records need"),

@@ -109,9 +109,13 @@ INIT_DIR_LOFTQ = tuple(f.name for f in dataclasses.fields(schema.LoftQSettings)
                        if f.metadata["role"] == schema.INIT_DIR)  # what an _init.sh directory fixes
 
 
+NF4_EXACT = {("nf", 4, 64), ("nf", 2, 64)}  # (quant, bits, block size) of a Q that a bitsandbytes NF4 load keeps
+
+
 def adopt_init_dir_settings(model_dir: str | Path, settings: schema.Settings, given: set[str]) -> None:
     """The LoftQ settings of an _init.sh directory's quantize_report.json replace the table's in ``settings`` (so
-    settings.json and the cell say what was run); a flag in ``given`` asking for another value is an error."""
+    settings.json and the cell say what was run); a flag in ``given`` asking for another value is an error, and so is
+    a bitsandbytes NF4 load of a Q it would change."""
     report = Path(model_dir) / "quantize_report.json"
     if not report.is_file():
         return
@@ -126,6 +130,12 @@ def adopt_init_dir_settings(model_dir: str | Path, settings: schema.Settings, gi
                              f"{settings[name]!r} was given: drop --{name} (the directory decides), or quantize "
                              "again with _init.sh")
         settings[name] = made[name]
+    stored = (made.get("quant"), made.get("bits"), made.get("block_size", 64))
+    if settings.get("load_in_4bit") and stored not in NF4_EXACT:
+        raise ValueError(f"{str(model_dir)!r} holds Q as {stored[0]}{stored[1]} at block size {stored[2]}, which "
+                         "bitsandbytes NF4 would re-quantize (another backbone than its LoftQ means were fitted to): "
+                         "pass --load_in_4bit false (Q in 16/32 bits, exactly), or quantize again with --quant nf "
+                         "--bits 4 (block size 64)")
 
 
 def head_modules(model) -> list[str]:
