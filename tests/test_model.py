@@ -70,6 +70,10 @@ def test_loading_may_change_the_noise_not_the_mean_function(tmp_path):
             load_llmm_model(tiny_llama(), str(adapter_dir), **{name: value})
     with pytest.raises(ValueError, match="LlmmConfig has no field 'eval_nosie'"):
         LlmmConfig.from_pretrained(str(adapter_dir), eval_nosie="sample")
+    with pytest.raises(ValueError, match="scaled_gradient must be true or false"):  # "no" would act as True
+        load_llmm_model(tiny_llama(), str(adapter_dir), scaled_gradient="no")
+    with pytest.raises(TypeError, match="k must be an int"):
+        load_llmm_model(tiny_llama(), str(adapter_dir), k="2")
 
 
 def test_an_init_adapter_fixes_the_scaling_of_its_means(tmp_path):
@@ -205,6 +209,9 @@ def test_learning_lowers_loss_and_moves_directions():
     (dict(r=0), r"r \(rank\) must be an integer >= 1, got 0"),
     (dict(eval_noise="mc"), "eval_noise must be one of"),
     (dict(loftq_method="int"), "loftq_method must be one of"),
+    (dict(scaled_gradient="false"), r"scaled_gradient must be true or false \(a bool\), got 'false'"),
+    (dict(loftq_compensate_scaling="no"), r"loftq_compensate_scaling must be true or false"),
+    (dict(gaussian_embeddings=1), r"gaussian_embeddings must be true or false"),
     (dict(init_lora_weights="loftq", loftq_config=LoftQConfig(loftq_bits=3)), r"loftq_bits must be one of \(2, 4, 8\), got 3"),
 ])
 def test_bad_config_values(kwargs, message):

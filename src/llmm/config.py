@@ -62,8 +62,9 @@ class LlmmConfig(LoraConfig):
             if rule:
                 raise ValueError(f"LlmmConfig {name} ({setting}) must be {rule}, got {getattr(self, name)!r}")
         super().__post_init__()
-        if not isinstance(self.noise_per_example, bool):
-            raise ValueError(f"noise_per_example must be true or false, got {self.noise_per_example!r}")
+        for name in ("scaled_gradient", "noise_per_example", "gaussian_embeddings", "loftq_compensate_scaling"):
+            if not isinstance(getattr(self, name), bool):  # a string such as "false" would act as True
+                raise ValueError(f"{name} must be true or false (a bool), got {getattr(self, name)!r}")
         if not (_number(self.noise_width) and self.noise_width >= 0):
             raise ValueError(f"noise_width must be a finite number >= 0 (1 = the paper), got {self.noise_width!r}")
         if self.eval_noise not in EVAL_NOISE_MODES:

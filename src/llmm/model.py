@@ -164,6 +164,8 @@ def load_llmm_model(base_model: torch.nn.Module, adapter_dir: str, is_trainable:
     if not os.path.isdir(adapter_dir):
         raise FileNotFoundError(f"adapter directory {adapter_dir!r} does not exist")
     config = LlmmConfig.from_pretrained(adapter_dir)
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int)):
+        raise TypeError(f"k must be an int (the K the adapter must have), got {k!r}")
     if k is not None and k != config.k:
         raise ValueError(f"the adapter in {adapter_dir!r} has K={config.k} but K={k} was asked for: "
                          f"set K={config.k} or train a new adapter")
