@@ -66,6 +66,11 @@ WITH_TFB = Applies("--noise_width_search tfb", lambda s: s.noise_width_search ==
 PAGED_ON_CUDA = Applies("CUDA, as a paged optimizer (without CUDA, adamw_torch runs)",
                         lambda s: not s.optim.startswith("paged_") or _cuda())
 SAMPLED_DECODING = Applies("sampled decoding (--decoding reference, or --do_sample true)", lambda s: s.do_sample)
+WITH_DATASET = Applies("no --data (a --data replaces the dataset; train_mcq: not both --train_data and --test_data)",
+                       lambda s: not s.data and not (s.get("train_data") and s.get("test_data")))
+WITH_HUB_DATA = Applies("a dataset, not a .json/.jsonl --data file (a file is one split)",
+                        lambda s: not str(s.data or "").endswith((".json", ".jsonl"))
+                        and not (s.get("train_data") and s.get("test_data")))
 EPOCHS = Applies("no max_steps (max_steps, when set, wins)", lambda s: s.max_steps is None)
 
 
@@ -212,8 +217,8 @@ class CausalDataSettings:
                                       path="model")
     data: str = setting(None, "hub id, dataset directory or .json/.jsonl file (default: the row's dataset)",
                         path="data")
-    dataset: str = setting(None, "the hub dataset")
-    dataset_config: str = setting(None, "the hub dataset's configuration")
+    dataset: str = setting(None, "the hub dataset", applies=WITH_DATASET)
+    dataset_config: str = setting(None, "the hub dataset's configuration", applies=WITH_HUB_DATA)
     load_in_4bit: bool = setting(True, "bitsandbytes NF4 backbone (false: dtype weights)")
     max_train_samples: int = setting(None, "first N training examples (debug)", low=1)
     max_eval_samples: int = setting(None, "first N held-out examples per set (debug)", low=1)
@@ -355,9 +360,9 @@ class Gsm8kTestSettings:
     top_p: float = setting(None, "sampling: nucleus mass", low=0, high=1, applies=SAMPLED_DECODING)
     mc_samples: int = setting(8, "networks that vote in --mode mc", low=1,
                               applies=Applies("--mode mc", lambda s: s.mode == "mc"))
-    split: str = setting("test", "the dataset's split")
-    dataset: str = setting("openai/gsm8k", "hub dataset of the questions")
-    dataset_config: str = setting("main", "the hub dataset's configuration")
+    split: str = setting("test", "the dataset's split", applies=WITH_HUB_DATA)
+    dataset: str = setting("openai/gsm8k", "hub dataset of the questions", applies=WITH_DATASET)
+    dataset_config: str = setting("main", "the hub dataset's configuration", applies=WITH_HUB_DATA)
     dtype: str = setting("bfloat16", "compute dtype", choices=("float32", "bfloat16", "float16"))
     load_in_4bit: bool = setting(True, "bitsandbytes NF4 backbone (false: dtype weights)")
     seed: int = setting(42, "seed of the sampled decoding and the noise draws", low=0, role=RUN,
