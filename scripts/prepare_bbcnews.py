@@ -13,7 +13,7 @@ from pathlib import Path
 
 from llmm import outdirs
 from llmm.run import cli, schema
-from llmm.tasks.bbcnews import default_corpus_dir, prepare
+from llmm.tasks.bbcnews import default_corpus_dir, split_corpus, write_split
 
 
 def main(argv=None) -> dict:
@@ -23,8 +23,8 @@ def main(argv=None) -> dict:
     corpus = Path(settings.corpus_dir) if settings.corpus_dir else default_corpus_dir()
     outdirs.check_outputs_apart({"--out_dir": settings.out_dir}, {"--corpus_dir": corpus})
     outdirs.check_output_dir(settings.out_dir, overwrite=settings.overwrite)
-    report = prepare(Path(settings.out_dir), corpus, settings.split_seed, settings.dev_fraction,
-                     settings.test_fraction)
+    prepared = split_corpus(corpus, settings.split_seed, settings.dev_fraction, settings.test_fraction)
+    report = write_split(Path(settings.out_dir), prepared)
     cli.logger.info("BBC News: %s", report)
     return report
 

@@ -322,7 +322,7 @@ CASES = [
     ("gsm8k-dataset-with-data", "train_gsm8k", [*GSM8K, "--dataset", "foo/bar"],
      r"--dataset 'foo/bar' has no effect.*no --data", r"drop --dataset"),
     ("test-output-exists", "test_gsm8k", [*TEST, "--output_dir", "{w}/used"], r"exists and is not empty",
-     r"pass --overwrite"),
+     r"pass --overwrite \(replace\)$"),  # no --resume_from_checkpoint: an evaluation does not continue
     ("test-batch-0", "test_gsm8k", [*TEST, "--batch_size", "0"], r"batch_size = 0 is out of range",
      r"fix --batch_size"),
     ("test-mc-samples-0", "test_gsm8k", [*TEST, "--mode", "mc", "--mc_samples", "0"],
@@ -418,7 +418,8 @@ CASES = [
     ("bbc-one-class", "prepare_bbcnews", ["--out_dir", "{w}/new", "--corpus_dir", "{w}/corpus_one_class"],
      r"needs one sub-folder per class", r"found \['business'\]"),
     ("bbc-one-document-class", "prepare_bbcnews", ["--out_dir", "{w}/new", "--corpus_dir", "{w}/corpus_two_classes"],
-     r"too few documents for a stratified split \(per label id: \{0: 1, 1: 1\}", r"add documents.*--test_fraction"),
+     r"too few documents for a stratified split \(per label id: \{0: 1, 1: 1\}",
+     r"add documents.*or change dev_fraction / test_fraction"),
     ("bbc-output-in-corpus", "prepare_bbcnews", ["--out_dir", "{w}/corpus_two_classes/split", "--corpus_dir",
                                                  "{w}/corpus_two_classes"], r"--out_dir .* lies inside --corpus_dir",
      r"choose an --out_dir outside its inputs"),

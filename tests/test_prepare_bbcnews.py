@@ -6,7 +6,11 @@ from collections import Counter
 
 import pytest
 
-from scripts.prepare_bbcnews import prepare
+from llmm.tasks.bbcnews import split_corpus, write_split
+
+
+def prepare(out_dir, corpus_dir, **split):
+    return write_split(out_dir, split_corpus(corpus_dir, **split))
 
 
 def make_corpus(root, per_class=20):
@@ -45,3 +49,19 @@ def test_prepare_dedupes_and_splits_stratified(tmp_path):
 def test_missing_corpus_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         prepare(tmp_path / "out", tmp_path / "nowhere")
+
+
+def test_the_quick_start_checks_the_split_before_it_writes(tmp_path, capsys):
+    """A corpus too small to split is one error line, and the output directory is never created."""
+    from llmm.run.cli import run_main
+    from scripts import quickstart
+
+    for name in ("business", "entertainment", "politics", "sports", "tech"):
+        (tmp_path / "corpus" / name).mkdir(parents=True)
+        (tmp_path / "corpus" / name / "1.txt").write_text(f"one {name} story")
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(lambda: quickstart.main(["--corpus_dir", str(tmp_path / "corpus"), "--output_dir",
+                                          str(tmp_path / "out")]))
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and line.startswith("error: too few documents for a stratified split")
+    assert "dev_fraction / test_fraction" in line and not (tmp_path / "out").exists()

@@ -369,9 +369,10 @@ def check_output_file(path: str | Path, flag: str = "--output") -> None:
         raise ValueError(f"{flag} {str(path)!r}: {str(parent)!r} is a file, not a directory; choose another path")
 
 
-def check_output_dir(path: str | Path, overwrite: bool = False, resume: bool = False) -> None:
+def check_output_dir(path: str | Path, overwrite: bool = False, resume: bool | None = None) -> None:
     """Raise unless ``path`` may become this run's directory: a non-empty one only with ``resume`` (continue it) or
-    ``overwrite`` (replace it, if check_removable allows). Creates nothing."""
+    ``overwrite`` (replace it, if check_removable allows). Creates nothing. ``resume`` None: the command cannot
+    resume (its error names --overwrite only)."""
     if not str(path).strip():
         raise ValueError("--output_dir is the empty string: pass a directory name")
     path = Path(path)
@@ -382,12 +383,13 @@ def check_output_dir(path: str | Path, overwrite: bool = False, resume: bool = F
             raise DirectoryLocked(f"{str(path)!r} is in use by another process: wait for it to finish")
         return
     if path.is_dir() and any(path.iterdir()) and not overwrite:
+        resumable = " / --resume_from_checkpoint (continue)" if resume is not None else ""
         raise FileExistsError(f"output directory {str(path)!r} exists and is not empty: choose another, or pass "
-                              "--overwrite (replace) / --resume_from_checkpoint (continue)")
+                              f"--overwrite (replace){resumable}")
     check_new_dir(path, overwrite)
 
 
-def prepare_output_dir(path: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
+def prepare_output_dir(path: str | Path, overwrite: bool = False, resume: bool | None = None) -> Path:
     """Lock ``path`` for the rest of this process, check it, replace it if overwriting, create it with RUN_MARKER."""
     check_output_dir(path, overwrite, resume)
     path = Path(path)

@@ -105,9 +105,10 @@ def main(argv=None) -> dict:
     if classes != expected:
         raise ValueError(f"the corpus has classes {classes}, the bbcnews task expects {expected}: pass the BBC News "
                          "corpus as --corpus_dir (one sub-folder per class)")
+    prepared = bbcnews.split_corpus(corpus, settings.split_seed, settings.dev_fraction, settings.test_fraction)
     out = outdirs.prepare_output_dir(settings.output_dir, overwrite=settings.get("overwrite", False))
     data = out / "data"
-    bbcnews.prepare(data, corpus, settings.split_seed, settings.dev_fraction, settings.test_fraction)
+    bbcnews.write_split(data, prepared)
     runs: dict[str, dict[int, dict]] = {method: {} for method in settings.methods}
     for seed in range(settings.seeds):
         for method in settings.methods:

@@ -57,7 +57,7 @@ def split(examples: list[tuple[str, int]], dev_fraction: float, test_fraction: f
     except ValueError as error:  # a class with too few documents, or a split smaller than the number of classes
         counts = {label: labels.count(label) for label in sorted(set(labels))}
         raise ValueError(f"too few documents for a stratified split (per label id: {counts}; {error}): add "
-                         "documents to the small classes, or change --dev_fraction / --test_fraction") from None
+                         "documents to the small classes, or change dev_fraction / test_fraction") from None
     return {"train": train, "dev": dev, "test": test}
 
 
@@ -68,15 +68,21 @@ def write_csv(path: Path, rows: list[tuple[str, int]]) -> None:
         writer.writerows(rows)
 
 
-def prepare(out_dir: Path, corpus_dir: Path | None = None, seed: int = 0, dev_fraction: float = 0.1,
-            test_fraction: float = 0.2) -> dict:
+def split_corpus(corpus_dir: Path | None = None, seed: int = 0, dev_fraction: float = 0.1,
+                 test_fraction: float = 0.2) -> dict:
+    """The corpus read and split (nothing written): classes, splits, documents, duplicates dropped, seed."""
     classes, examples, dropped = read_corpus(corpus_dir or default_corpus_dir())
-    splits = split(examples, dev_fraction, test_fraction, seed)
+    return {"classes": classes, "splits": split(examples, dev_fraction, test_fraction, seed),
+            "documents": len(examples) + dropped, "duplicates_dropped": dropped, "seed": seed}
+
+
+def write_split(out_dir: Path, prepared: dict) -> dict:
+    """train.csv, dev.csv, test.csv, labels.json and prepare_report.json (returned) of a split_corpus result."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, rows in splits.items():
+    for name, rows in prepared["splits"].items():
         write_csv(out_dir / f"{name}.csv", rows)
-    fileio.write_json(out_dir / "labels.json", dict(enumerate(classes)))
-    report = {"classes": classes, "documents": len(examples) + dropped, "duplicates_dropped": dropped,
-              "sizes": {name: len(rows) for name, rows in splits.items()}, "seed": seed}
+    fileio.write_json(out_dir / "labels.json", dict(enumerate(prepared["classes"])))
+    report = {**{key: value for key, value in prepared.items() if key != "splits"},
+              "sizes": {name: len(rows) for name, rows in prepared["splits"].items()}}
     fileio.write_json(out_dir / "prepare_report.json", report)
     return report
