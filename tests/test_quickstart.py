@@ -1,6 +1,7 @@
 """The quick start's driver in smoke mode: a tiny BERT stands in for MiniLM, a tiny folder tree for BBC News."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -45,3 +46,17 @@ def test_quickstart_smoke(tmp_path):
     run = json.loads((out / "llmm-seed0" / "results.json").read_text())
     assert run["K"] == 2 and run["bits"] == 2 and run["complete"] and run["seed"] == 0
     assert (out / "llmm-seed0" / "mean_adapter" / "adapter_config.json").is_file()
+
+
+def test_one_seeds_summary_is_strict_json():
+    """With one seed the sd and the paired interval are undefined: null in results.json, not NaN (not JSON)."""
+    from llmm.run import fileio
+    from llmm.run.quickstart import summarize
+
+    scores = {"accuracy": 0.5, "f1_macro": 0.4, "nll": 1.2, "ece": 0.1}
+    runs = {method: {0: {"last": {"dev": {"test": scores}}}} for method in ("llmm", "loftq")}
+    summary, _ = summarize(runs, [["llmm", "loftq"]])
+    assert math.isnan(summary["methods"]["llmm"]["nll"]["sd"])
+    strict = json.loads(json.dumps(fileio.finite_or_null(summary)),
+                        parse_constant=lambda name: pytest.fail(f"{name} in results.json"))
+    assert strict["methods"]["llmm"]["nll"] == {"n": 1, "median": 1.2, "mean": 1.2, "sd": None}

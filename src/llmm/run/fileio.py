@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import math
 import os
 import random
 import tempfile
@@ -42,6 +43,17 @@ def write_text(path: str | Path, text: str) -> None:
 def write_json(path: str | Path, payload) -> None:
     """Write JSON atomically (write_text)."""
     write_text(path, json.dumps(payload, indent=2, default=str))
+
+
+def finite_or_null(value):
+    """``value`` with each non-finite float as None, for strict JSON readers (NaN is not JSON: jq, JavaScript)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(item) for item in value]
+    return value
 
 
 def _umask() -> int:

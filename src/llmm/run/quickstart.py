@@ -127,11 +127,11 @@ def main(argv=None) -> dict:
     header = (f"BBC News test split, {settings.quant} {settings.bits}-bit (lora: 16-bit), rank "
               f"{settings.rank}, {settings.seeds} seeds; {platform.machine()}, {os.cpu_count()} CPU cores, "
               f"{wall / 60:.1f} min")
-    (out / "table.md").write_text(f"{header}\n\n{table}\n")
+    fileio.write_text(out / "table.md", f"{header}\n\n{table}\n")
     plot(runs, out / "curves.png")
     results = {"settings": settings.record(), "versions": fileio.versions(), "wall_time_s": wall, "summary": summary,
                "runs": {m: {s: last_test_scores(r) for s, r in by_seed.items()} for m, by_seed in runs.items()},
                "table": table}
-    fileio.write_json(out / "results.json", results)
+    fileio.write_json(out / "results.json", fileio.finite_or_null(results))  # one seed: sd null, not NaN
     print(f"\n{header}\n\n{table}\n\nwritten: {out}/results.json, table.md, curves.png")
     return results
