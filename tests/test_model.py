@@ -14,7 +14,7 @@ from test_layer import randomize
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from llmm import (LlmmConfig, export_mean_adapter, get_llmm_model, llmm_layers, load_llmm_model, noise_mode,
-                  seed_noise)
+                  save_llmm_adapter, seed_noise)
 
 CONFIG = dict(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS)
 
@@ -252,3 +252,18 @@ def test_adapter_writes_are_atomic(tmp_path, monkeypatch):
 def test_other_lora_variants_are_refused():
     with pytest.raises(ValueError, match="cannot combine with other LoRA variants \\(use_dora\\)"):
         LlmmConfig(use_dora=True, **CONFIG)
+
+
+def test_an_adapter_of_another_name_saves_at_the_top_and_reloads_exactly(tmp_path):
+    """save_llmm_adapter(adapter_name=...) writes that adapter where load_llmm_model reads it; a name the model lacks
+    is one error."""
+    model = get_llmm_model(tiny_llama(), LlmmConfig(k=2, **CONFIG), adapter_name="mine")
+    randomize(model)
+    with pytest.raises(ValueError, match=r"the model has no adapter 'default' \(its adapters: \['mine'\]\)"):
+        save_llmm_adapter(model, str(tmp_path / "wrong"))
+    save_llmm_adapter(model, str(tmp_path / "adapter"), adapter_name="mine")
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file() and not (tmp_path / "adapter" / "mine").exists()
+    loaded = load_llmm_model(tiny_llama(), str(tmp_path / "adapter"))
+    ids = torch.tensor([[1, 5, 9, 3]])
+    model.eval()
+    assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+from pathlib import Path
 
 import bitsandbytes as bnb
 import torch
@@ -302,18 +303,29 @@ def _embedding_option(peft_model: PeftModel) -> dict:
     return {"save_embedding_layers": False} if frozen_embedding_bases(peft_model) else {}
 
 
-def adapter_weights(peft_model: PeftModel, state_dict=None) -> dict[str, torch.Tensor]:
+def adapter_weights(peft_model: PeftModel, state_dict=None, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The tensors ``save_llmm_adapter`` writes, ready for safetensors."""
-    return _saveable(nonempty(adapter_state_dict(peft_model, state_dict, **_embedding_option(peft_model)), state_dict))
+    if adapter_name not in peft_model.peft_config:
+        raise ValueError(f"the model has no adapter {adapter_name!r} (its adapters: {sorted(peft_model.peft_config)}): "
+                         "pass one of those as adapter_name")
+    selected = adapter_state_dict(peft_model, state_dict, adapter_name, **_embedding_option(peft_model))
+    return _saveable(nonempty(selected, state_dict))
 
 
-def save_llmm_adapter(peft_model: PeftModel, out_dir: str, overwrite: bool = False, state_dict=None) -> str:
-    """``peft_model.save_pretrained(out_dir)`` without frozen embedding / LM-head base weights, atomically.
-    ``state_dict``: tensors to take instead of the model's own (a sharded model's: ``gathered_state_dict``)."""
-    weights = adapter_weights(peft_model, state_dict)
+def save_llmm_adapter(peft_model: PeftModel, out_dir: str, overwrite: bool = False, state_dict=None,
+                      adapter_name: str = "default") -> str:
+    """``peft_model.save_pretrained(out_dir)`` of one adapter without frozen embedding / LM-head base weights,
+    atomically, at the top of ``out_dir`` whatever its name (as load_llmm_model reads it). ``state_dict``: tensors to
+    take instead of the model's own (a sharded model's: ``gathered_state_dict``)."""
+    weights = adapter_weights(peft_model, state_dict, adapter_name)
     with atomic_dir(out_dir, overwrite) as tmp_dir:
         # PEFT writes the config and model card; its weights file, empty under nested FSDP1 units, is replaced.
-        peft_model.save_pretrained(tmp_dir, state_dict=state_dict, **_embedding_option(peft_model))
+        peft_model.save_pretrained(tmp_dir, state_dict=state_dict, selected_adapters=[adapter_name],
+                                   **_embedding_option(peft_model))
+        if adapter_name != "default":  # PEFT puts another adapter in a sub-folder of its name
+            for path in list(Path(tmp_dir, adapter_name).iterdir()):
+                path.replace(Path(tmp_dir, path.name))
+            Path(tmp_dir, adapter_name).rmdir()
         save_file(weights, os.path.join(tmp_dir, ADAPTER_WEIGHTS), metadata={"format": "pt"})
     return out_dir
 
