@@ -95,6 +95,8 @@ def test_glue_resume_mid_epoch_reproduces_the_uninterrupted_run(model_dir, tmp_p
         with pytest.raises(ValueError, match=message):  # another model than the checkpoint's: refused up front
             train_glue.main(glue_argv(model_dir, resumed, "--max_steps", "5", *other, "--resume_from_checkpoint"))
     assert json.loads((resumed / "settings.json").read_text())["resumed_from"] is None  # not rewritten
+    (resumed / "eval").mkdir()
+    (resumed / "eval" / "mean.json").write_text("{}")  # eval_glue's scores of an earlier adapter: stale after this
     train_glue.main(glue_argv(model_dir, resumed, "--max_steps", "5", "--gaussian_embeddings", "true",
                               "--resume_from_checkpoint"))
 
@@ -107,6 +109,7 @@ def test_glue_resume_mid_epoch_reproduces_the_uninterrupted_run(model_dir, tmp_p
     assert same_tensors(full, resumed)  # M and Z (and the classifier head) end up identical
     assert any("lora_embedding_A" in key for key in load_file(full / "adapter" / "adapter_model.safetensors"))
     assert json.loads((resumed / "settings.json").read_text())["resumed_from"] == str(resumed / "checkpoint-3")
+    assert not (resumed / "eval").exists()
     newest = training.complete_checkpoints(resumed)[-1]
     (newest / "llmm_noise_rng_0.pt").unlink()  # without the noise state the run cannot continue exactly
     with pytest.raises(FileNotFoundError, match="has no llmm_noise_rng_0.pt"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -356,6 +357,9 @@ class GlueRecipe(Recipe):
         self.recorder.plot()
         save_run(trainer.model, tokenizer, out, settings.model, quantized_here(settings))
         results = self.recorder.write(trainer.state.log_history, complete=True)  # complete once everything is saved
+        if (out / "eval").is_dir():  # eval_glue's scores of the adapter this resumed run replaced
+            shutil.rmtree(out / "eval")
+            logger.info("removed %s: it scored the adapter before this resume (run eval_glue again)", out / "eval")
         best = results["best"]
         logger.info("%s %s: best %s %s at epoch %s; outputs in %s", task.name, self.settings.method,
                     task.main_metric, best and best["dev"][task.dev_splits[0]][task.main_metric],
