@@ -16,7 +16,7 @@ from test_glue import DATA as GLUE_DATA
 from test_glue import model_dir  # noqa: F401  (the tiny DeBERTa fixture)
 from test_llama_scripts import save_tiny_llama
 
-from llmm.run import cli
+from llmm.run import cli, schema
 from llmm.run import trainer as training
 from conftest import REPO_ROOT
 from scripts import train_glue, train_gsm8k
@@ -186,3 +186,11 @@ def test_gsm8k_nan_loss_stops_with_one_line(llama_dir, tmp_path, capsys):
     assert step >= 2 and f"the last good checkpoint is '{out}/checkpoints/checkpoint-{step - 1}'" in line
     assert [p.name for p in (out / "checkpoints").glob("checkpoint-*")] == [f"checkpoint-{step - 1}"]
     assert not (out / "adapter").exists() and not (out / "results.json").exists()
+
+
+@pytest.mark.parametrize("content, problem", [("{broken", "is not valid JSON"), ("[1]", "holds a list"),
+                                              ('{"rank": 0}', "has rank = 0, which must be an integer >= 1")])
+def test_a_run_whose_settings_json_cannot_be_read_is_not_resumed(tmp_path, content, problem):
+    (tmp_path / "settings.json").write_text(content)
+    with pytest.raises(ValueError, match=f"{problem}.*cannot be resumed safely; start a new run in another"):
+        training.check_resumable(tmp_path, {"rank": 16}, schema.FAMILY_BLOCKS["glue"])

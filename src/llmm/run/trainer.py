@@ -25,6 +25,7 @@ from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 from llmm import LlmmConfig, entropy, entropy_weight, noise_source
 from llmm.model import ADAPTER_WEIGHTS, adapter_weights, frozen_embedding_bases, unwrapped_name
 from llmm.run import schema
+from llmm.run.adapters import read_run_settings
 from llmm.run.cli import TrainingDiverged, logger
 from llmm.run.fileio import check_safetensors
 from llmm.tasks.calibration import cpu_4bit_as_plain_peft
@@ -224,13 +225,8 @@ def check_resumable(run_dir: str | Path, settings, blocks) -> None:
     path = Path(run_dir) / "settings.json"
     if not path.is_file():
         return
-    try:
-        saved = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as error:
-        raise ValueError(f"{str(path)!r} is not valid JSON ({error}): the run's settings are unknown, so it cannot "
-                         "be resumed safely; start a new run in another --output_dir") from None
-    if not isinstance(saved, dict):
-        raise ValueError(f"{str(path)!r} is not a settings object: start a new run in another --output_dir")
+    saved = read_run_settings(path, blocks, "the run's settings are unknown, so it cannot be resumed safely; start a "
+                              "new run in another --output_dir")
     fixed = (schema.role_names(schema.CELL, blocks) | schema.role_names(schema.INIT_DIR, blocks) | {"seed"}
              | set(schema.INPUTS)) - schema.role_names(schema.EVAL, blocks) - RESUMABLE
     for name in sorted(fixed):
