@@ -11,6 +11,7 @@
 # Override with environment variables; extra arguments go to every evaluation:
 #   DECODINGS="greedy reference" MODES="mean sample mc" bash test_gsm8k.sh
 #   RUNS="runs/gsm8k/llama-2-7b-r64-llmm" bash test_gsm8k.sh --max_samples 50      # smoke test
+#   MODES="mean mc" MC_SAMPLES=16 SEED=1 bash test_gsm8k.sh   # --mc_samples for mc, --seed where something is drawn
 # An evaluation whose results.json exists is skipped.
 set -euo pipefail
 # Paths you give (and the defaults below) are relative to where you stand; the code comes from this checkout.
@@ -27,8 +28,11 @@ for run in $RUNS; do
     for mode in $MODES; do
       out="${run%/}/test-$decoding-$mode"
       if [[ -f $out/results.json ]]; then echo "skip $out (done)"; continue; fi
+      own=()  # flags that act in some evaluations only (elsewhere they are refused)
+      if [[ $mode == mc && -n ${MC_SAMPLES:-} ]]; then own+=(--mc_samples "$MC_SAMPLES"); fi
+      if [[ -n ${SEED:-} && ( $mode != mean || $decoding != greedy ) ]]; then own+=(--seed "$SEED"); fi
       $LAUNCH -m scripts.test_gsm8k --adapter "${run%/}/adapter" --decoding "$decoding" --mode "$mode" \
-        --output_dir "$out" --overwrite "$@"
+        --output_dir "$out" --overwrite ${own[@]+"${own[@]}"} "$@"
     done
   done
 done

@@ -32,6 +32,7 @@ SEEDS=${SEEDS:-"0 1 2 3"}
 METHOD=${METHOD:-llmm}
 OUT=${OUT:-runs/glue}
 source "$(dirname "$0")/scripts/launch.sh"  # ACCELERATE_CONFIG (DDP only: the encoder fits one device) or LAUNCH
+bits=(); if [[ -n ${BITS:-} && $METHOD != lora ]]; then bits=(--bits "$BITS"); fi  # lora: a 16-bit backbone
 EMBEDDINGS=${EMBEDDINGS:-quantized}  # quantized (the paper's protocol) | fp
 case $EMBEDDINGS in
   quantized) embeddings=(); suffix="" ;;
@@ -52,7 +53,7 @@ for task in $TASKS; do
         if compgen -G "$run/checkpoint-*" > /dev/null; then start=(--resume_from_checkpoint); fi
         $LAUNCH -m scripts.train_glue --task "$task" --quant "$quant" --rank "$rank" --seed "$seed" \
           --method "$METHOD" --output_dir "$run" "${start[@]}" ${embeddings[@]+"${embeddings[@]}"} \
-          ${BITS:+--bits "$BITS"} ${MODEL:+--model "$MODEL"} ${DATA_DIR:+--data_dir "$DATA_DIR"} "$@"
+          ${bits[@]+"${bits[@]}"} ${MODEL:+--model "$MODEL"} ${DATA_DIR:+--data_dir "$DATA_DIR"} "$@"
       done
     done
   done

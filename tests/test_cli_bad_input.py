@@ -501,3 +501,21 @@ def test_split_fractions_of_a_table_are_checked_together():
     adapters.check_settings({"dev_fraction": 0.3, "test_fraction": 0.6})
     with pytest.raises(ValueError, match=r"dev_fraction 0.5 and test_fraction 0.5: pass fractions in \(0, 1\)"):
         adapters.check_settings({"dev_fraction": 0.5, "test_fraction": 0.5})
+
+
+def test_drivers_pass_a_flag_only_to_the_runs_it_acts_in(tmp_path):
+    """A flag a run would ignore is refused, so the drivers give such flags only where they act: test_gsm8k.sh's
+    MC_SAMPLES to mc mode and SEED where something is drawn, train_glue_llmm.sh's BITS not to the 16-bit lora."""
+    env = {**os.environ, "LAUNCH": "echo", "OUT": str(tmp_path / "runs")}  # echo: the driver's command lines
+    done = subprocess.run(["bash", "test_gsm8k.sh"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+                          env={**env, "RUNS": str(tmp_path / "run"), "MODES": "mean sample mc", "MC_SAMPLES": "16",
+                               "SEED": "1"})
+    lines = {line.split("--mode ")[1].split()[0]: line for line in done.stdout.splitlines() if "--mode " in line}
+    assert "--mc_samples" not in lines["mean"] + lines["sample"] and "--mc_samples 16" in lines["mc"]
+    assert "--seed" not in lines["mean"] and "--seed 1" in lines["sample"] and "--seed 1" in lines["mc"]
+    for method, bits in (("lora", False), ("llmm", True)):
+        done = subprocess.run(["bash", "train_glue_llmm.sh"], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=60, env={**env, "METHOD": method, "BITS": "4", "TASKS": "cola", "QUANTS": "nf",
+                                               "RANKS": "16", "SEEDS": "0"})
+        runs = [line for line in done.stdout.splitlines() if "scripts.train_glue" in line]
+        assert len(runs) == 1 and ("--bits 4" in runs[0]) is bits, done.stdout + done.stderr

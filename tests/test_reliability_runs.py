@@ -171,6 +171,8 @@ def test_train_gsm8k_never_replaces_the_init_directory_it_reads(tiny_dir, tmp_pa
                                "--data", str(DATA.parent / "gsm8k.jsonl"), "--max_steps", "1", "--rank", "4", "--eval_split", "heldout", "--eval_size", "2",
                                "--lora_alpha", "16"], capsys, tmp_path,
             "--output_dir", "is --model_name_or_path")
+    refused(train_mcq.main, train_argv(init, tmp_path / "run", "--init", "lora", "--rank", "4"), capsys, tmp_path,
+            "an _init.sh directory brings LoftQ means; for --init lora pass the original checkpoint")
 
 
 # --- --overwrite replaces only what llmm wrote ---------------------------------------------------------------------

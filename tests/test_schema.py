@@ -252,3 +252,15 @@ def test_a_bool_settings_flag_takes_true_false_alone_and_its_no_form(capsys):
     with pytest.raises(SystemExit):
         given("--gaussian_embeddings", "null")  # its default is false: true or false only
     assert "expected true/false, got 'null'" in capsys.readouterr().err
+
+
+def test_a_flag_is_taken_wherever_it_acts():
+    """The other side of the refusal of flags without effect: where a flag does act it is taken (nll's candidates
+    include tfb's bisection, so the tolerance acts there; mc_batched acts in the width search without an mc mode)."""
+    from llmm.run import glue, mcq
+
+    _, settings = glue.resolve([*BASE["glue"], "--noise_width_search", "nll", "--noise_width_tolerance", "0.035"])
+    assert settings.noise_width_tolerance == 0.035
+    settings = mcq.parse_settings([*BASE["mcq"], "--noise_width_search", "tfb", "--validation_size", "2",
+                                   "--eval_modes", "mean", "--mc_batched", "true", "--output_dir", "unused"])
+    assert settings.mc_batched is True

@@ -96,7 +96,12 @@ def test_labels_show_only_the_settings_that_separate_rows():
                                                  "learning_rate": 1e-4}, {**CELL, "K": 2}]
     assert stats.distinguishing_fields(cells, glue_report.LABEL_FIELDS) == ["method", "backbone", "rank", "K"]
     assert stats.find_baseline(CELL, [LOFTQ, {**LOFTQ, "rank": 16}], "loftq") == LOFTQ
-    assert stats.find_baseline({**CELL, "eval_noise": "mc"}, [LOFTQ], "loftq") is None
+    # the noise's settings: loftq (K = 0) cannot be given them, so an mc run is paired with loftq's mean; of two
+    # loftq cells (an older one evaluated in mc), the one that matches
+    assert stats.find_baseline({**CELL, "eval_noise": "mc", "mc_samples": 4}, [LOFTQ], "loftq") == LOFTQ
+    older = {**LOFTQ, "eval_noise": "mc"}
+    assert stats.find_baseline({**CELL, "eval_noise": "mc"}, [LOFTQ, older], "loftq") == older
+    assert stats.find_baseline(CELL, [LOFTQ, older], "loftq") == LOFTQ
     # Gaussian embedding pairs exist only for llmm (loftq's are plain): such a run is still paired with loftq
     gaussian = {**CELL, "quantize_embeddings": True, "gaussian_embeddings": True}
     plain = {**LOFTQ, "quantize_embeddings": True, "gaussian_embeddings": False}

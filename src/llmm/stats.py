@@ -28,9 +28,12 @@ BOOTSTRAP_SEED = 0
 LEVEL = 0.95
 
 NOT_CELL = schema.not_cell()
+# Settings of the noise: a K = 0 baseline cannot be given them (a flag without effect is refused).
+NOISE_FIELDS = ("eval_noise", "noise_per_example", "mc_samples", "noise_width_search", "noise_width_tolerance",
+                "noise_width_grid")
 # Settings a method implies: a method and its baseline may differ in these (and only these) to be paired.
 METHOD_FIELDS = ("method", "K", "llmmscale", "scaled_gradient", "gaussian_embeddings", "init", "backbone",
-                 "init_source", "init_dir", "model_name_or_path", "test_model_name_or_path")
+                 "init_source", "init_dir", "model_name_or_path", "test_model_name_or_path", *NOISE_FIELDS)
 
 # Settings a row label names first when rows must be told apart (then the rest, alphabetically).
 PREFERRED_LABELS = ("K", "bits", "quant", "eval_noise", "mc_samples", "test_mode", "test_decoding",
@@ -164,11 +167,14 @@ def distinguishing_fields(cells: list[dict], shown: tuple[str, ...]) -> list[str
 
 
 def find_baseline(cell: dict, cells: list[dict], baseline_method: str) -> dict | None:
-    """The cell of ``baseline_method`` equal to ``cell`` in every setting but the ones a method implies."""
+    """The cell of ``baseline_method`` equal to ``cell`` in every setting but the ones a method implies (of several,
+    the one with the same noise settings: older baseline runs could be given them)."""
     def rest(c):
         return cell_key({k: v for k, v in c.items() if k not in METHOD_FIELDS})
 
     matches = [c for c in cells if c.get("method") == baseline_method and rest(c) == rest(cell)]
+    if len(matches) > 1:
+        matches = [c for c in matches if all(c.get(k) == cell.get(k) for k in NOISE_FIELDS)]
     return matches[0] if len(matches) == 1 else None
 
 

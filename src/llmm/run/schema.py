@@ -50,6 +50,12 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def _sharded() -> bool:
+    from llmm.sharding import requested_engine
+
+    return requested_engine() != "none"
+
+
 WITH_NOISE = Applies("the Llmm noise (--method llmm, K > 0)", lambda s: s.K > 0)
 WITH_LOFTQ = Applies("LoftQ init (--method llmm or loftq, --init loftq)", lambda s: s.init == "loftq")
 WITH_TRUNCATED_SVD = Applies("LoftQ init with --loftq_svd truncated",
@@ -62,7 +68,6 @@ WITH_4BIT = Applies("a bitsandbytes NF4 backbone (--load_in_4bit true)", lambda 
 WITH_HELDOUT = Applies("--eval_split heldout and no --eval_data",
                        lambda s: s.eval_split == "heldout" and not s.eval_data)
 WITH_SEARCH = Applies("--noise_width_search tfb or nll", lambda s: s.noise_width_search != "none")
-WITH_TFB = Applies("--noise_width_search tfb", lambda s: s.noise_width_search == "tfb")
 PAGED_ON_CUDA = Applies("CUDA, as a paged optimizer (without CUDA, adamw_torch runs)",
                         lambda s: not s.optim.startswith("paged_") or _cuda())
 SAMPLED_DECODING = Applies("sampled decoding (--decoding reference, or --do_sample true)", lambda s: s.do_sample)
@@ -249,7 +254,8 @@ class CausalLMSettings(CausalDataSettings):
     target_max_len: int = setting(128, "Alpaca / HH-RLHF: tokens of the target", low=1)
     prepare_kbit_training: bool = setting(True, "4-bit: PEFT's prepare_model_for_kbit_training, as the reference "
                                           "(not under FSDP / DeepSpeed: it upcasts the backbone's other weights)",
-                                          applies=WITH_4BIT)
+                                          applies=Applies("a bitsandbytes NF4 backbone outside FSDP / DeepSpeed",
+                                                          lambda s: s.load_in_4bit and not _sharded()))
     bnb_4bit_quant_storage: str = setting("auto", "4-bit: the dtype the packed NF4 weights are stored in (auto: uint8, "
                                           "under FSDP / DeepSpeed the compute dtype, as FSDP-QLoRA needs)",
                                           choices=("auto", "uint8", "float32", "bfloat16", "float16"), role=RUN,
@@ -316,7 +322,8 @@ class McqSettings(CausalDataSettings):
     mc_batched: bool = setting(False, "mc mode: the N networks in one forward over the batch repeated N times, "
                                "network n from stream n of the seed (false: one network after another from the "
                                "model's generator)", role=EVAL,
-                               applies=Applies("the mc eval mode", lambda s: "mc" in s.eval_modes))
+                               applies=Applies("the mc eval mode or a noise width search",
+                                               lambda s: "mc" in s.eval_modes or s.noise_width_search != "none"))
 
 
 @dataclass
@@ -327,8 +334,8 @@ class WidthSearchSettings:
     noise_width_search: str = setting("none", "none (the paper: m = 1) | tfb (the largest m whose relative validation "
                                       "NLL change is within the tolerance) | nll (the NLL-minimising m)",
                                       choices=("none", "tfb", "nll"))
-    noise_width_tolerance: float = setting(0.003, "tfb: relative NLL change allowed (TFB's 0.003)", low=0,
-                                           applies=WITH_TFB)
+    noise_width_tolerance: float = setting(0.003, "tfb: relative NLL change allowed (TFB's 0.003; its bisection's "
+                                           "widths are nll's candidates too)", low=0, applies=WITH_SEARCH)
     noise_width_grid: list = setting((0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0), "multipliers m tried (then "
                                      "refined between neighbours)", low=0, low_open=True, kind=float,
                                      applies=WITH_SEARCH)
