@@ -147,6 +147,9 @@ CASES = [
     ("glue-unknown-row", "train_glue", [*COLA, "--rank", "8"], r"no row for .*'rank': 8",
      r"rows \(task, quant, rank\)"),
     ("glue-K", "train_glue", [*COLA, "--K", "-1"], r"K = -1 is out of range", r"integer >= 0.*fix --K"),
+    ("glue-mnli-one-dev-file", "train_glue", ["--task", "mnli", *GLUE, "--train_file", "{w}/gsm8k.jsonl",
+                                              "--validation_file", "{w}/gsm8k.jsonl"],
+     r"mnli has 2 dev split\(s\) \['validation_matched', 'validation_mismatched'\], got 1", r"one file per split"),
     # --- a flag the run would ignore (its field's ``applies``)
     ("glue-bits-full-precision", "train_glue", [*COLA, "--method", "lora", "--bits", "2"],
      r"--bits 2 has no effect on this run: it applies only with a backbone quantized by llmm", r"drop --bits"),

@@ -46,6 +46,10 @@ def test_quickstart_smoke(tmp_path):
     run = json.loads((out / "llmm-seed0" / "results.json").read_text())
     assert run["K"] == 2 and run["bits"] == 2 and run["complete"] and run["seed"] == 0
     assert (out / "llmm-seed0" / "mean_adapter" / "adapter_config.json").is_file()
+    from scripts import glue_table  # the quick start's runs are GLUE runs of the task bbcnews: they table
+
+    text = glue_table.main([str(run) for run in sorted(out.glob("*-seed*")) if run.is_dir()])
+    assert "BBC News Acc/F1 dev, Acc/F1 test" in text and "| bbcnews | f1_macro (test) | 2 |" in text
 
 
 def test_one_seeds_summary_is_strict_json():

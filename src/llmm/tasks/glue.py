@@ -125,9 +125,10 @@ def load_glue(task: GlueTask, data_dir: str | None = None, train_file: str | Non
     if data_dir:
         files = _glue_dir_files(task, data_dir)
     elif train_file:
-        if len(validation_files) > len(task.dev_splits):
+        if len(validation_files) != len(task.dev_splits):
             raise ValueError(f"{task.name} has {len(task.dev_splits)} dev split(s) {list(task.dev_splits)}, got "
-                             f"{len(validation_files)} --validation_file paths")
+                             f"{len(validation_files)} --validation_file paths: pass one file per split, in that "
+                             "order")
         files = {"train": train_file, **dict(zip(task.dev_splits, validation_files))}
     else:
         return _load_hub(task)
