@@ -315,6 +315,9 @@ def test_train_evaluate_ensemble_and_table_end_to_end(tiny_dir, tmp_path, capsys
     with pytest.raises(ValueError, match=r"must share every setting but the seed: .* differ in \['K', 'method'"):
         test_mcq.main(["--runs", str(tmp_path / "map-s1"), str(out), "--output_dir", str(tmp_path / "mixed")])
     assert not (tmp_path / "mixed").exists()
+    with pytest.raises(ValueError, match="--mc_samples applies to one run; an ensemble averages its members' mean"):
+        test_mcq.main(["--runs", str(tmp_path / "map-s1"), str(tmp_path / "map-s2"), "--output_dir",
+                       str(tmp_path / "mixed"), "--mc_samples", "3"])  # it would be ignored
     assert one["evaluations"][0]["cell"] == first["cell"] and first["cell"]["eval_mode"] == "mean"  # same cell
 
     capsys.readouterr()

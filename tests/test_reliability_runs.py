@@ -238,7 +238,10 @@ def test_eval_batch_size_below_one_names_the_flag(world, tmp_path, capsys, value
 
 @pytest.mark.parametrize("argv, problem", [
     (["--eval_modes", "mc"], "evaluation mode(s) ['mc'] sample the Llmm noise, which the run"),
-    (["--mc_samples", "3"], "--mc_samples only applies to eval modes mc and dropout")])
+    (["--mc_samples", "3"], "--mc_samples only applies to eval modes mc and dropout"),
+    (["--eval_modes", "mean", "dropout"], "eval mode 'dropout' needs dropout in the adapters, which the run"),
+    (["--noise_width_tolerance", "0.5"], "--noise_width_tolerance only applies to a width search"),
+    (["--noise_width_search", "tfb", "tfb"], "names a rule twice")])
 def test_test_mcq_refuses_what_a_map_run_would_ignore(world, tmp_path, capsys, argv, problem):
     root, run, _ = world
     refused(test_mcq.main, ["--runs", str(run), "--output_dir", str(tmp_path / "e"), *argv], capsys, root, problem)

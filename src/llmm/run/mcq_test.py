@@ -65,14 +65,24 @@ def member_settings(args) -> list[schema.McqRun]:
     rules = [rule for rule in search.pop("noise_width_search", []) if rule != "none"]
     if rules and len(members) > 1:
         raise ValueError("--noise_width_search applies to one run; several runs are evaluated as a deep ensemble")
+    if len(set(rules)) != len(rules):
+        raise ValueError(f"--noise_width_search {' '.join(rules)} names a rule twice: name each once")
+    if search and not rules:
+        raise ValueError(f"--{next(iter(search))} only applies to a width search: drop it or add --noise_width_search "
+                         "tfb / nll")
+    if len(members) > 1 and args.mc_samples is not None:
+        raise ValueError("--mc_samples applies to one run; an ensemble averages its members' mean networks: drop it")
     for settings, run in zip(members, args.runs):
         settings.update({key: value for key, value in overrides.items() if value is not None})
         settings.run = run
         adapters.check_sampled_modes(settings.eval_modes, settings.K, f"the run {run!r}", "mean (or dropout for "
                                      "mcdropout)")
-        if args.mc_samples is not None and not {"mc", "dropout"} & set(settings.eval_modes):
-            raise ValueError(f"--mc_samples only applies to eval modes mc and dropout (these are "
-                             f"{settings.eval_modes}): drop it or add --eval_modes mc")
+        if args.mc_samples is not None and not {"mc", "dropout"} & set(settings.eval_modes) and not rules:
+            raise ValueError(f"--mc_samples only applies to eval modes mc and dropout and to a width search (these "
+                             f"are {settings.eval_modes}): drop it or add --eval_modes mc")
+        if "dropout" in settings.eval_modes and not settings.lora_dropout > 0:
+            raise ValueError(f"eval mode 'dropout' needs dropout in the adapters, which the run {run!r} has not "
+                             "(lora_dropout 0): evaluate an mcdropout run, or drop the mode")
         searches = [searched_settings(settings, {**search, "noise_width_search": rule}, run) for rule in rules]
         if args.max_eval_samples is None:
             settings.unset("max_eval_samples")  # the run's debug cap applies to its own evaluation only
