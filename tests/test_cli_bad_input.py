@@ -51,6 +51,7 @@ def world(tmp_path_factory):
     files = {
         "broken.jsonl": '{"sentence": "a", "label": 0}\n{"sentence": "b", \n',
         "sst2_bad_label.csv": "sentence,label\ngood,maybe\n",
+        "stsb_flat.csv": "sentence1,sentence2,label\na,b,2.5\nc,d,2.5\n",
         "gsm8k_broken.jsonl": '{"question": "q", "answer": "#### 1"}\n{"question": \n',
         "gsm8k_no_gold.jsonl": '{"question": "How many?", "answer": "three"}\n',
         "gsm8k_no_answer.jsonl": '{"question": "How many?"}\n',
@@ -147,6 +148,10 @@ CASES = [
     ("glue-unknown-row", "train_glue", [*COLA, "--rank", "8"], r"no row for .*'rank': 8",
      r"rows \(task, quant, rank\)"),
     ("glue-K", "train_glue", [*COLA, "--K", "-1"], r"K = -1 is out of range", r"integer >= 0.*fix --K"),
+    ("glue-stsb-flat-scores", "train_glue", ["--task", "stsb", *GLUE, "--train_file", "{w}/stsb_flat.csv",
+                                             "--validation_file", "{w}/stsb_flat.csv"],
+     r"stsb_flat.csv': its 2 scores are all equal, so Pearson and Spearman are undefined",
+     r"pass a dev file whose scores vary"),
     ("glue-mnli-one-dev-file", "train_glue", ["--task", "mnli", *GLUE, "--train_file", "{w}/gsm8k.jsonl",
                                               "--validation_file", "{w}/gsm8k.jsonl"],
      r"mnli has 2 dev split\(s\) \['validation_matched', 'validation_mismatched'\], got 1", r"one file per split"),

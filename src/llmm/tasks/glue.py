@@ -132,7 +132,12 @@ def load_glue(task: GlueTask, data_dir: str | None = None, train_file: str | Non
         files = {"train": train_file, **dict(zip(task.dev_splits, validation_files))}
     else:
         return _load_hub(task)
-    return DatasetDict({split: load_file(task, path) for split, path in files.items()})
+    data = DatasetDict({split: load_file(task, path) for split, path in files.items()})
+    for split in task.dev_splits if task.is_regression else ():
+        if len(set(data[split]["label"])) < 2:  # Pearson and Spearman divide by the scores' spread
+            raise ValueError(f"{str(files[split])!r}: its {len(data[split])} scores are all equal, so Pearson and "
+                             "Spearman are undefined: pass a dev file whose scores vary")
+    return data
 
 
 def _glue_dir_files(task: GlueTask, data_dir: str) -> dict[str, Path]:
