@@ -5,7 +5,8 @@
 
 One run: its adapter in every --eval_modes mode (default: the run's); with --noise_width_search tfb | nll | tfb nll
 first the width search on the run's validation split, then the evaluations with each rule's m (with two rules each
-one's reliability plots go to OUTPUT_DIR/<variant>/). Several runs: the deep ensemble, the average of the members'
+one's reliability plots go to OUTPUT_DIR/<variant>/, or OUTPUT_DIR/<rule>/ for a run whose variant has no row
+with that rule). Several runs: the deep ensemble, the average of the members'
 mean-mode distributions (they must share every setting but the seed and data_seed). The eval sets are the run's test
 split and OOD sets (--ood, --test_data and --max_eval_samples override the run's). Writes OUTPUT_DIR/results.json
 (per evaluation its seed, an ensemble's "1+2+3", its cell for scripts.mcq_table, and every question's

@@ -131,6 +131,10 @@ def test_the_width_search_on_a_finished_run_equals_the_search_after_training(tin
         half = len(both["evaluations"]) // 2
         assert metrics({"evaluations": both["evaluations"][index * half:(index + 1) * half]}) == metrics(trained)
     assert (tmp_path / "llmm-both" / "llmm_nll" / "reliability-arc_e.png").is_file()
+    train(tiny_dir, tmp_path / "pex", *MODES, "--variant", "llmm_pex")  # no table row has pex with a search
+    test_mcq.main(["--runs", str(tmp_path / "pex"), "--noise_width_search", "tfb", "nll", "--output_dir",
+                   str(tmp_path / "pex-both")])
+    assert all((tmp_path / "pex-both" / rule / "reliability-arc_e.png").is_file() for rule in ("tfb", "nll"))
     train(tiny_dir, tmp_path / "map", "--eval_modes", "mean", "--method", "map")
     for runs, problem in [([tmp_path / "map"], "K = 0"), ([tmp_path / "llmm", tmp_path / "tfb"], "applies to one run")]:
         with pytest.raises(ValueError, match=problem):

@@ -197,7 +197,8 @@ def main(argv=None) -> dict:
             if search:
                 width_search = width_search or search_noise_width(model, tokenizer, letters, validation, settings)
                 apply_noise_width(model, width_search[RULES[search["noise_width_search"]]])
-            plots = output_dir / search["variant"] if len(searches) > 1 and search.get("variant") else output_dir
+            named = search.get("variant") or search.get("noise_width_search")  # a variant without a table row: the rule
+            plots = output_dir / named if len(searches) > 1 else output_dir
             plots.mkdir(exist_ok=True)
             evaluations += evaluate_sets(model, tokenizer, letters, eval_sets, settings, plots, first.method,
                                          settings.cell)
