@@ -4,6 +4,7 @@ and an end-to-end train + evaluate + ensemble + table run."""
 
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -271,7 +272,7 @@ def train_argv(model_dir, out, *extra):
             *extra]
 
 
-def test_train_evaluate_ensemble_and_table_end_to_end(tiny_dir, tmp_path, capsys):
+def test_train_evaluate_ensemble_and_table_end_to_end(tiny_dir, tmp_path, capsys, monkeypatch):
     from scripts import mcq_table, test_mcq, train_mcq
 
     ood = ["--ood", str(DATA / "obqa.jsonl"), str(DATA / "winogrande.jsonl"), str(DATA / "boolq.jsonl")]
@@ -309,8 +310,14 @@ def test_train_evaluate_ensemble_and_table_end_to_end(tiny_dir, tmp_path, capsys
     one = test_mcq.main(["--runs", str(tmp_path / "map-s1"), "--output_dir", str(tmp_path / "again")])
     first = json.loads((tmp_path / "map-s1" / "results.json").read_text())["evaluations"][0]
     assert one["evaluations"][0]["nll"] == pytest.approx(first["nll"], abs=1e-6)  # reloaded adapter, same answers
+    from llmm.run import mcq_test
+
+    load_member = mcq_test.load_member
+    monkeypatch.setattr(mcq_test, "load_member", lambda settings: (time.sleep(0.5), load_member(settings))[1])
     pair = test_mcq.main(["--runs", str(tmp_path / "map-s1"), str(tmp_path / "map-s2"),
                           "--output_dir", str(tmp_path / "ensemble")])
+    monkeypatch.undo()
+    assert pair["evaluations"][0]["wall_time_s"] < 0.5  # the members' prediction time, not their loading
     assert pair["method"] == "ensemble" and pair["evaluations"][0]["eval_samples"] == 2 and pair["seed"] == "1+2"
     with pytest.raises(ValueError, match=r"must share every setting but the seed: .* differ in \['K', 'method'"):
         test_mcq.main(["--runs", str(tmp_path / "map-s1"), str(out), "--output_dir", str(tmp_path / "mixed")])

@@ -138,8 +138,7 @@ def ensemble(members: list[dict], eval_sets: dict, output_dir: Path) -> list[dic
     """The deep ensemble over every eval set: members loaded one at a time, distributions averaged."""
     first = members[0]
     n_letters = max(len(r["choices"]) for records, _ in eval_sets.values() for r in records)
-    sums, labels = {}, {}
-    started = time.time()
+    sums, labels, seconds = {}, {}, {}  # seconds: each set's prediction time over the members, as a run's test time
     for settings in members:
         model, tokenizer = load_member(settings)
         device = next(model.parameters()).device
@@ -147,7 +146,9 @@ def ensemble(members: list[dict], eval_sets: dict, output_dir: Path) -> list[dic
         for name, (records, _) in eval_sets.items():
             batches = C.batches([encode_question(tokenizer, r, first.max_length) for r in records],
                                 first.per_device_eval_batch_size, tokenizer.pad_token_id, device)
+            started = time.time()
             probs, labels[name] = C.predict(head, batches, "mean")
+            seconds[name] = seconds.get(name, 0.0) + time.time() - started
             sums[name] = sums.get(name, 0) + probs
         del model, head
     entries, seeds = [], ensemble_seed(members)
@@ -159,14 +160,12 @@ def ensemble(members: list[dict], eval_sets: dict, output_dir: Path) -> list[dic
         report = C.evaluate(probs, labels[name])
         entries.append({"eval_set": name, "shift": "in-distribution" if index == 0 else "ood", "where": where,
                         "mode": "ensemble", "eval_samples": len(members), "method": "ensemble", "seed": seeds,
-                        "K": first.K, "backbone": first.backbone, **report})
+                        "K": first.K, "backbone": first.backbone, "wall_time_s": seconds[name], **report})
         entries[-1]["cell"] = evaluation_cell(cell, entries[-1])
         entries[-1]["questions"] = question_entries(probs, labels[name], records)
         cli.logger.info("%s ensemble (M=%d): accuracy %.4f, ECE %.4f, NLL %.4f, Brier %.4f", name, len(members),
                       report["accuracy"], report["ece"], report["nll"], report["brier"])
         C.plot_reliability(output_dir / f"reliability-{name}.png", {f"{name} ensemble M={len(members)}": report})
-    for entry in entries:
-        entry["wall_time_s"] = time.time() - started
     return entries
 
 
