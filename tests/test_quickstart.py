@@ -3,6 +3,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_tokenizer
@@ -50,6 +51,15 @@ def test_quickstart_smoke(tmp_path):
 
     text = glue_table.main([str(run) for run in sorted(out.glob("*-seed*")) if run.is_dir()])
     assert "BBC News Acc/F1 dev, Acc/F1 test" in text and "| bbcnews | f1_macro (test) | 2 |" in text
+    from scripts import eval_glue  # scoring a run's dev files again needs no training file
+
+    (out / "data" / "train.csv").unlink()
+    scored = eval_glue.main([str(out / "llmm-seed0"), "--output", str(tmp_path / "scored.json")])
+    saved = json.loads((out / "llmm-seed0" / "predictions.json").read_text())
+    assert np.allclose(scored["splits"]["test"]["outputs"], saved["test"]["outputs"], atol=1e-6)
+    (out / "data" / "dev.csv").unlink()
+    with pytest.raises(FileNotFoundError, match="dev.csv' does not exist here: run eval_glue where the run was"):
+        eval_glue.main([str(out / "llmm-seed0"), "--output", str(tmp_path / "again.json")])
 
 
 def test_one_seeds_summary_is_strict_json():

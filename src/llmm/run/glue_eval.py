@@ -91,8 +91,15 @@ def main(argv: list[str] | None = None) -> dict:
     if args.file:
         raw = {Path(path).stem: load_file(task, path) for path in args.file}
         files = dict(zip(raw, args.file))
+    elif settings.get("validation_file"):  # the run's dev files only: scoring needs no training file
+        missing = [path for path in settings.validation_file if not Path(path).is_file()]
+        if missing:
+            raise FileNotFoundError(f"the run's dev file {missing[0]!r} does not exist here: run eval_glue where the "
+                                    "run was trained (its settings.json may hold relative paths), or pass --file")
+        raw = {split: load_file(task, path) for split, path in zip(task.dev_splits, settings.validation_file)}
+        files = {}
     else:
-        loaded = load_glue(task, settings.get("data_dir"), settings.get("train_file"), settings.get("validation_file"))
+        loaded = load_glue(task, settings.get("data_dir"))
         raw, files = {split: loaded[split] for split in task.dev_splits}, {}
     seed = settings.seed if args.seed is None else args.seed
     mc_samples = args.mc_samples or settings.mc_samples
