@@ -194,3 +194,20 @@ def test_a_run_whose_settings_json_cannot_be_read_is_not_resumed(tmp_path, conte
     (tmp_path / "settings.json").write_text(content)
     with pytest.raises(ValueError, match=f"{problem}.*cannot be resumed safely; start a new run in another"):
         training.check_resumable(tmp_path, {"rank": 16}, schema.FAMILY_BLOCKS["glue"])
+
+
+def test_a_resume_keeps_the_settings_of_the_run_the_checkpoint_comes_from(tmp_path):
+    """The checkpoint's own run decides (also when resuming into a new --output_dir), and a setting it left unset
+    (null, e.g. --max_train_samples) may not be added."""
+    run = tmp_path / "run"
+    (run / "checkpoints" / "checkpoint-1").mkdir(parents=True)
+    (run / "settings.json").write_text(json.dumps({"seed": 17, "learning_rate": 3e-4}))
+    found = training.checkpoint_run(run / "checkpoints" / "checkpoint-1", tmp_path / "new")
+    assert found == run.resolve()
+    assert training.checkpoint_run(tmp_path / "elsewhere" / "checkpoint-1", tmp_path / "new") == tmp_path / "new"
+    blocks = schema.FAMILY_BLOCKS["causal_lm"]
+    training.check_resumable(found, {"seed": 17, "learning_rate": 3e-4, "max_steps": 9}, blocks)  # longer: fine
+    with pytest.raises(ValueError, match=r"trained with seed=17, this command says 5"):
+        training.check_resumable(found, {"seed": 5, "learning_rate": 3e-4}, blocks)
+    with pytest.raises(ValueError, match=r"was trained without max_train_samples, this command says 1: drop"):
+        training.check_resumable(found, {"seed": 17, "learning_rate": 3e-4, "max_train_samples": 1}, blocks)

@@ -107,7 +107,8 @@ class Recipe:
         self.resumed_from = checkpoint
         if checkpoint:
             training.check_checkpoint(checkpoint, settings)
-            training.check_resumable(self.output_dir, settings, self.blocks)  # before settings.json is rewritten
+            run = training.checkpoint_run(checkpoint, self.output_dir)  # its own run, or the run it came from
+            training.check_resumable(run, settings, self.blocks)  # before settings.json is rewritten
         self.check_output(resume=checkpoint is not None)
         if not self.data_first:
             self.load_data()

@@ -217,10 +217,19 @@ def _same_setting(saved, given) -> bool:
     return False
 
 
+def checkpoint_run(checkpoint: str | Path, output_dir: str | Path) -> Path:
+    """The run a checkpoint belongs to (the nearer of its two parents that holds settings.json), else ``output_dir``:
+    a checkpoint of another run is checked against that run's settings."""
+    for folder in list(Path(checkpoint).resolve().parents)[:2]:
+        if (folder / "settings.json").is_file():
+            return folder
+    return Path(output_dir)
+
+
 def check_resumable(run_dir: str | Path, settings, blocks) -> None:
     """A resumed run keeps the cell (roles cell and init_dir of ``blocks``), seed and inputs of the run's
-    settings.json, except RESUMABLE. A setting this command leaves to its default is not compared (what the run
-    derives later, e.g. GLUE's target modules)."""
+    settings.json, except RESUMABLE; a setting the run left unset (null by default) stays unset. A setting this
+    command leaves to its default is not compared (what the run derives later, e.g. GLUE's target modules)."""
     settings = settings.record() if isinstance(settings, schema.Settings) else settings
     path = Path(run_dir) / "settings.json"
     if not path.is_file():
@@ -229,7 +238,12 @@ def check_resumable(run_dir: str | Path, settings, blocks) -> None:
                               "new run in another --output_dir")
     fixed = (schema.role_names(schema.CELL, blocks) | schema.role_names(schema.INIT_DIR, blocks) | {"seed"}
              | set(schema.INPUTS)) - schema.role_names(schema.EVAL, blocks) - RESUMABLE
+    fields = schema.fields_of(*blocks)
     for name in sorted(fixed):
+        if name not in saved and settings.get(name) is not None and name in fields and fields[name].default is None:
+            raise ValueError(f"--resume_from_checkpoint: the run in {str(run_dir)!r} was trained without {name}, this "
+                             f"command says {settings[name]!r}: drop --{name}, or start a new run in another "
+                             "--output_dir")
         if name in saved and name in settings and not _same_setting(saved[name], settings[name]):
             shown = " ".join(map(str, saved[name])) if isinstance(saved[name], list) else saved[name]
             raise ValueError(f"--resume_from_checkpoint: the run in {str(run_dir)!r} was trained with {name}="
