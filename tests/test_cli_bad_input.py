@@ -43,6 +43,9 @@ def world(tmp_path_factory):
     save_tiny_llama(w / "llama")
     quantize_model.main(["--model", str(w / "llama"), "--save_dir", str(w / "quantized"), "--rank", "16", "--bits",
                          "4", "--K", "2", "--loftq_iter", "1", "--lora_alpha", "16", "--dtype", "float32"])
+    quantize_model.main(["--model", str(w / "deberta"), "--save_dir", str(w / "quantized_cls"), "--rank", "16",
+                         "--bits", "4", "--task_type", "seq_cls", "--num_labels", "2", "--loftq_iter", "1",
+                         "--dtype", "float32"])
     quantize_model.main(["--model", str(w / "llama"), "--save_dir", str(w / "quantized_uniform"), "--rank", "16",
                          "--bits", "4", "--quant", "uniform", "--loftq_iter", "1", "--dtype", "float32"])
     shutil.copytree(GLUE_DATA, w / "glue")
@@ -172,6 +175,20 @@ CASES = [
      r"--noise_width_tolerance 0.01 has no effect.*--noise_width_search tfb", r"drop --noise_width_tolerance"),
     ("nlg-eval-size-with-eval-data", "train_nlg", [*NLG, "--eval_data", "{w}/alpaca.jsonl"],
      r"--eval_size 2 has no effect.*--eval_split heldout and no --eval_data", r"drop --eval_size"),
+    ("nlg-hh-rlhf-source-length", "train_nlg", [*NLG, "--task", "hh-rlhf", "--eval_split", "heldout",
+                                                     "--source_max_len", "5"],
+     r"--source_max_len 5 has no effect.*hh-rlhf has none", r"drop --source_max_len"),
+    ("nlg-eval-data-directory", "train_nlg", [*NLG, "--eval_data", "{w}/glue", "--eval_split", "heldout"],
+     r"--eval_data .*glue': it takes a .json/.jsonl file", r"pass it as --data with --eval_split NAME"),
+    ("gsm8k-seq-cls-init-dir", "train_gsm8k", ["--rank", "16", "--model_name_or_path",
+                                               "{w}/quantized_cls/deberta-4bit-16rank", "--data", "{w}/gsm8k.jsonl",
+                                               "--eval_split", "heldout", "--eval_size", "2", "--output_dir",
+                                               "{w}/new", "--load_in_4bit", "false"],
+     r"was made with --task_type seq_cls \(a classifier\)", r"use it with train_glue"),
+    ("quantize-num-labels-causal", "quantize_model", [*QUANTIZE, "--num_labels", "3"],
+     r"--num_labels sizes the classifier of --task_type seq_cls", r"drop it"),
+    ("quantize-save-dir-in-model", "quantize_model", [*QUANTIZE[:2], "--save_dir", "{w}/llama", *QUANTIZE[4:]],
+     r"--save_dir .* lies inside --model", r"choose an --save_dir outside its inputs"),
     ("nlg-kbit-16-bit", "train_nlg", [*NLG, "--prepare_kbit_training", "false"],
      r"--prepare_kbit_training False has no effect.*a bitsandbytes NF4 backbone", r"drop --prepare_kbit_training"),
     ("glue-llmmscale", "train_glue", [*COLA, "--llmmscale", "0"], r"llmmscale = 0.0 is out of range",

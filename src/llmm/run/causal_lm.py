@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import time
 from pathlib import Path
@@ -107,6 +108,9 @@ def parse_settings(table: dict, argv=None, description: str = "", task_columns: 
         settings.init = fixed_init
     adapters.check_settings(settings, BLOCKS)
     fileio.check_data_paths(data=settings.get("data"), eval_data=settings.get("eval_data"))
+    if settings.get("eval_data") and not str(settings.eval_data).endswith((".json", ".jsonl")):
+        raise ValueError(f"--eval_data {settings.eval_data!r}: it takes a .json/.jsonl file of held-out records; for "
+                         "a split of a dataset directory pass it as --data with --eval_split NAME")
     if args.model_name_or_path is None:
         key = "base_model" if method == "qlora" else "init_dir"
         if settings[key] is None:
@@ -192,7 +196,13 @@ def load_backbone(settings):
 
 
 def check_init_adapter(init_dir: Path, settings) -> LlmmConfig:
-    """The init adapter's config; its rank and lora_alpha must be the settings' (the LoftQ means depend on both)."""
+    """The init adapter's config; its rank and lora_alpha must be the settings' (the LoftQ means depend on both), and
+    its directory a causal LM's."""
+    report = init_dir.parent / "quantize_report.json"
+    made = json.loads(report.read_text(encoding="utf-8")).get("settings", {}) if report.is_file() else {}
+    if made.get("task_type", "causal_lm") != "causal_lm":
+        raise ValueError(f"{str(init_dir.parent)!r} was made with --task_type {made['task_type']} (a classifier): "
+                         "use it with train_glue, or make a causal-LM directory (_init.sh --task_type causal_lm)")
     saved = LlmmConfig.from_pretrained(str(init_dir))
     adapters.check_init_targets(init_dir, saved.target_modules, settings.target_modules)
     for name, key in (("r", "rank"), ("lora_alpha", "lora_alpha")):

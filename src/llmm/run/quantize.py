@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 
 from llmm import get_llmm_model, streaming
 from llmm.embedding import LlmmEmbedding, embedding_targets
+from llmm import outdirs
 from llmm.outdirs import atomic_dir, check_new_dir
 from llmm.run import adapters, cli, fileio, schema, tables
 
@@ -85,6 +86,8 @@ def resolve(argv: list[str] | None = None) -> schema.QuantizeRun:
     settings.quantize_embeddings = embeddings_quantized(settings.quantize_embeddings, settings.task_type)
     if settings.device == "cuda":
         cli.require_cuda_for("--device cuda")
+    if settings.num_labels is not None and settings.task_type != "seq_cls":
+        raise ValueError("--num_labels sizes the classifier of --task_type seq_cls; a causal LM has none: drop it")
     return settings
 
 
@@ -184,6 +187,7 @@ def make_init_dir(settings: schema.QuantizeRun, whole_model: bool = False) -> Pa
     bit for bit. Locked, written under a temporary name and renamed on success (llmm.outdirs)."""
     started = time.time()
     final_dir = output_dir(settings)
+    outdirs.check_outputs_apart({"--save_dir": final_dir}, {"--model": settings.model})
     if final_dir.exists() and any(final_dir.iterdir()) and not settings.get("overwrite"):
         raise FileExistsError(f"output directory {str(final_dir)!r} exists and is not empty: pass --overwrite "
                               "or another --save_dir")

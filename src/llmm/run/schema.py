@@ -250,7 +250,9 @@ class CausalLMSettings(CausalDataSettings):
     mc_samples: int = setting(4, "networks averaged in the width search's held-out NLL (noise_width_search tfb | "
                               "nll; it shapes the chosen m, so it defines the run)", low=1, applies=WITH_SEARCH)
     max_length: int = setting(512, "GSM8K: tokens of source + target", low=1)
-    source_max_len: int = setting(384, "Alpaca / HH-RLHF: tokens of the source", low=1)
+    source_max_len: int = setting(384, "Alpaca: tokens of the source (HH-RLHF's text is all target)", low=1,
+                                  applies=Applies("a task with a source (alpaca; hh-rlhf has none)",
+                                                  lambda s: s.task != "hh-rlhf"))
     target_max_len: int = setting(128, "Alpaca / HH-RLHF: tokens of the target", low=1)
     prepare_kbit_training: bool = setting(True, "4-bit: PEFT's prepare_model_for_kbit_training, as the reference "
                                           "(not under FSDP / DeepSpeed: it upcasts the backbone's other weights)",
