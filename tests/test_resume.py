@@ -211,3 +211,19 @@ def test_a_resume_keeps_the_settings_of_the_run_the_checkpoint_comes_from(tmp_pa
         training.check_resumable(found, {"seed": 5, "learning_rate": 3e-4}, blocks)
     with pytest.raises(ValueError, match=r"was trained without max_train_samples, this command says 1: drop"):
         training.check_resumable(found, {"seed": 17, "learning_rate": 3e-4, "max_train_samples": 1}, blocks)
+
+
+def test_glue_gradient_accumulation_averages_the_loss(model_dir, tmp_path):  # noqa: F811
+    """One step of batch 4 and one of 2 x 2 micro-batches: the same training loss (the classifier's loss is a batch
+    mean, so the Trainer divides it by the accumulation steps), with K = 0 so no noise draw differs; the encoder's
+    dropout masks follow the micro-batch shape."""
+    losses = []
+    for batch, steps in ((4, 1), (2, 2)):
+        argv = glue_argv(model_dir, tmp_path / f"b{batch}", "--max_steps", "1", "--method", "loftq")
+        argv[argv.index("--per_device_train_batch_size") + 1] = str(batch)
+        argv[argv.index("--gradient_accumulation_steps") + 1] = str(steps)
+        argv = [a for i, a in enumerate(argv) if a != "--K" and argv[i - 1] != "--K"
+                and a != "--llmmscale" and argv[i - 1] != "--llmmscale"]
+        results = train_glue.main(argv)
+        losses.append(results["epochs"][0]["train_loss"])
+    assert losses[1] == pytest.approx(losses[0], rel=0.01)  # dropout masks differ by micro-batch; not 2x (as it was)

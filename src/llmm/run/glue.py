@@ -161,6 +161,9 @@ class GlueTrainer(LlmmTrainer):
     def __init__(self, *args, mc_samples: int | None = None, regression: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.mc_samples, self.regression = mc_samples, regression
+        # The classifier's loss is its batch mean whatever num_items_in_batch says, though its forward takes **kwargs:
+        # so the Trainer must divide it by the accumulation steps (else loss and gradients grow with them).
+        self.model_accepts_loss_kwargs = False
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         if not self.mc_samples:
