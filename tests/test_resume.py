@@ -123,6 +123,11 @@ def test_gsm8k_resume_at_an_epoch_boundary_with_accumulation(llama_dir, tmp_path
     run_until_killed(monkeypatch, train_gsm8k.main, gsm8k_argv(llama_dir, resumed, "--max_steps", "4"), step=3)
     checkpoint = resumed / "checkpoints" / "checkpoint-2"
     assert checkpoint.is_dir() and not (resumed / "adapter").exists()
+    stale = resumed / "test-greedy-mean"  # test_gsm8k.sh's scores of an earlier adapter: stale after the resume
+    stale.mkdir()
+    (stale / "predictions.jsonl").write_text("")
+    (stale / "results.json").write_text('{"accuracy": 0.5}')
+    (resumed / "notes").mkdir()  # not a test's: kept
     train_gsm8k.main(gsm8k_argv(llama_dir, resumed, "--max_steps", "4", "--resume_from_checkpoint", str(checkpoint)))
 
     results = [json.loads((run / "results.json").read_text()) for run in (full, resumed)]
@@ -130,6 +135,7 @@ def test_gsm8k_resume_at_an_epoch_boundary_with_accumulation(llama_dir, tmp_path
     assert [step for step, _ in losses[0]] == [1, 2, 3, 4]
     assert losses[0] == losses[1]
     assert results[0]["eval_loss"] == results[1]["eval_loss"] and results[1]["resumed_from"] == str(checkpoint)
+    assert not stale.exists() and (resumed / "notes").is_dir()
     assert same_tensors(full, resumed)
 
 

@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -466,6 +467,11 @@ class CausalLMRecipe(Recipe):
         save_run(model, tokenizer, self.output_dir, self.settings.model_name_or_path, in_process_loftq(self.settings),
                  state_dict=self.adapter_state)
         fileio.write_json(self.output_dir / "results.json", results)
+        for folder in sorted(self.output_dir.iterdir()):  # test_gsm8k.sh's <run>/test-*: scores of the replaced adapter
+            if (folder / "predictions.jsonl").is_file() and '"accuracy"' in fileio.read_text_or_empty(
+                    folder / "results.json"):
+                shutil.rmtree(folder)
+                cli.logger.info("removed %s: it tested the adapter before this resume (run test_gsm8k again)", folder)
         fileio.plot_curves(self.output_dir / "curves.png", curves(results["history"]), xlabel="optimizer step")
         cli.logger.info("held-out loss %.4f, perplexity %.2f -> %s", results["eval_loss"], results["eval_perplexity"],
                         self.output_dir)

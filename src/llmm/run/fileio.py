@@ -45,6 +45,14 @@ def write_json(path: str | Path, payload) -> None:
     write_text(path, json.dumps(payload, indent=2, default=str))
 
 
+def read_text_or_empty(path: str | Path) -> str:
+    """A text file's content, or "" when it is missing or unreadable (a probe, not an input)."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
 def finite_or_null(value):
     """``value`` with each non-finite float as None, for strict JSON readers (NaN is not JSON: jq, JavaScript)."""
     if isinstance(value, float) and not math.isfinite(value):
