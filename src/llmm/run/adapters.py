@@ -112,16 +112,26 @@ INIT_DIR_LOFTQ = tuple(f.name for f in dataclasses.fields(schema.LoftQSettings)
 NF4_EXACT = {("nf", 4, 64), ("nf", 2, 64)}  # (quant, bits, block size) of a Q that a bitsandbytes NF4 load keeps
 
 
+def init_dir_settings(model_dir: str | Path) -> dict:
+    """The settings an _init.sh directory was made with (its quantize_report.json; {} without one), the names of
+    directories made by earlier versions filled in."""
+    report = Path(model_dir) / "quantize_report.json"
+    if not report.is_file():
+        return {}
+    made = dict(json.loads(report.read_text(encoding="utf-8")).get("settings", {}))
+    made.setdefault("loftq_svd", "exact")  # made before the truncated SVD existed
+    made.setdefault("compensate_scaling", not made.get("reference_scaling", False))  # its old name, negated
+    made.setdefault("quantize_embeddings", False)  # made before embeddings were quantized
+    return made
+
+
 def adopt_init_dir_settings(model_dir: str | Path, settings: schema.Settings, given: set[str]) -> None:
     """The LoftQ settings of an _init.sh directory's quantize_report.json replace the table's in ``settings`` (so
     settings.json and the cell say what was run); a flag in ``given`` asking for another value is an error, and so is
     a bitsandbytes NF4 load of a Q it would change."""
-    report = Path(model_dir) / "quantize_report.json"
-    if not report.is_file():
+    made = init_dir_settings(model_dir)
+    if not made:
         return
-    made = dict(json.loads(report.read_text(encoding="utf-8")).get("settings", {}))
-    made.setdefault("loftq_svd", "exact")  # directories made before the truncated SVD existed
-    made.setdefault("compensate_scaling", not made.get("reference_scaling", False))  # its old name, negated
     for name in INIT_DIR_LOFTQ:
         if name not in made or name not in settings:
             continue

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import shutil
 import time
@@ -199,8 +198,7 @@ def load_backbone(settings):
 def check_init_adapter(init_dir: Path, settings) -> LlmmConfig:
     """The init adapter's config; its rank and lora_alpha must be the settings' (the LoftQ means depend on both), and
     its directory a causal LM's."""
-    report = init_dir.parent / "quantize_report.json"
-    made = json.loads(report.read_text(encoding="utf-8")).get("settings", {}) if report.is_file() else {}
+    made = adapters.init_dir_settings(init_dir.parent)
     if made.get("task_type", "causal_lm") != "causal_lm":
         raise ValueError(f"{str(init_dir.parent)!r} was made with --task_type {made['task_type']} (a classifier): "
                          "use it with train_glue, or make a causal-LM directory (_init.sh --task_type causal_lm)")

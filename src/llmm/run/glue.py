@@ -6,7 +6,6 @@ results per epoch (best and last), predictions and the saved adapters.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 from pathlib import Path
 
@@ -32,7 +31,7 @@ from llmm.run import cli, width_search
 from llmm.run.recipe import Recipe, save_run
 from llmm.run.trainer import LlmmTrainer, add_resume_flag
 from llmm.run.adapters import (INIT_DIR_LOFTQ, adopt_init_dir_settings, check_flags_apply, check_init_targets,
-                               check_settings, given_flags, head_modules, llmm_config)
+                               check_settings, given_flags, head_modules, init_dir_settings, llmm_config)
 from llmm.run.cli import logger
 from llmm.run.fileio import check_data_paths, load_pretrained, plot_curves, write_json
 from llmm.run.quantize import embeddings_quantized
@@ -106,8 +105,10 @@ def check_init_dir(settings: GlueRun, given: set[str] = frozenset()) -> None:
     if settings.method in ("lora", "qlora"):
         raise ValueError(f"{str(model_dir)!r} is an _init.sh LoftQ directory: --method {settings.method} needs "
                          "the original checkpoint as --model")
-    made = json.loads((model_dir / "quantize_report.json").read_text())["settings"]
-    made.setdefault("quantize_embeddings", False)  # directories made before embeddings were quantized
+    made = init_dir_settings(model_dir)
+    if not made:
+        raise FileNotFoundError(f"{str(model_dir / 'quantize_report.json')!r} does not exist: the _init.sh "
+                                "directory is incomplete; make it again with _init.sh")
     for name in ("quant", "bits", "rank", "lora_alpha", "quantize_embeddings"):
         if made[name] != settings[name]:
             raise ValueError(f"{str(model_dir)!r} was quantized with {name}={made[name]!r} but the settings say "

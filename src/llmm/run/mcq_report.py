@@ -22,8 +22,7 @@ WIDTH_SHOWN = ("task", "method", "variant", "backbone", "K")  # the same for the
 # What a method and its baseline may differ in to be paired: the method and what it implies, and the mode it is
 # evaluated in (the baseline in its mean mode). Everything else, the backbone included, must be equal.
 PAIRING_FREE = ("method", "variant", "K", "llmmscale", "scaled_gradient", "lora_dropout", "eval_mode", "eval_samples",
-                "noise_per_example", "entropy_weight", "entropy_warmup_ratio", "entropy_floor", "noise_width_search",
-                "noise_width_tolerance", "noise_width_grid", "eval_noise", "mc_dropout")
+                "entropy_weight", "entropy_warmup_ratio", "entropy_floor", "mc_dropout", *stats.NOISE_FIELDS)
 
 
 def row_label(cell: dict, extra: list[str]) -> str:
