@@ -228,6 +228,30 @@ def test_gsm8k_qlora_baseline_4bit(models, tmp_path):
     assert LlmmConfig.from_pretrained(str(run / "adapter")).base_model_name_or_path == str(models["base"])
 
 
+def test_held_out_loss_is_per_target_token_whatever_the_eval_batch(models, tmp_path):
+    """The held-out loss is the whole split's NLL per target token: the same for any per_device_eval_batch_size
+    (here 6 records in batches of 1, or of 4 + 2) and, before training (B = 0), the backbone's own."""
+    losses = []
+    for batch in (1, 4):
+        results = train_gsm8k.main([
+            "--model_name_or_path", str(models["base"]), "--rank", "4", "--init", "lora", "--data",
+            str(DATA / "gsm8k.jsonl"), "--eval_data", str(DATA / "gsm8k.jsonl"), "--output_dir",
+            str(tmp_path / f"eval-batch-{batch}"), "--per_device_eval_batch_size", str(batch), "--max_steps", "1",
+            *FP32])
+        losses.append((results["eval_loss_at_start"], results["eval_loss"]))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6, abs=0)
+    model, tokenizer = LlamaForCausalLM.from_pretrained(models["base"]), byte_level_tokenizer()
+    nll, tokens = 0.0, 0
+    for line in (DATA / "gsm8k.jsonl").read_text().splitlines():
+        encoded = train_gsm8k.encode(tokenizer, argparse.Namespace(max_length=512), json.loads(line))
+        labels = torch.tensor(encoded["labels"])[1:]
+        with torch.no_grad():
+            logits = model(torch.tensor([encoded["input_ids"]])).logits[0, :-1]
+        nll += torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum").item()
+        tokens += int((labels != -100).sum())
+    assert losses[0][0] == pytest.approx(nll / tokens, rel=1e-5)
+
+
 def test_gsm8k_width_search_on_the_held_out_split_then_test_with_the_chosen_width(models, tmp_path):
     common = ["--model_name_or_path", str(models["base"]), "--rank", "4", "--init", "lora", "--data",
               str(DATA / "gsm8k.jsonl"), "--eval_split", "heldout", "--eval_size", "2", "--learning_rate", "0.05",

@@ -392,6 +392,29 @@ def final_evaluation(trainer) -> dict:
     return last_eval
 
 
+class CausalLMTrainer(training.LlmmTrainer):
+    """The Llmm Trainer whose held-out loss is the split's NLL per target token. The Trainer's own weighs each
+    batch's token mean by its records, so it changed with per_device_eval_batch_size. Under data parallelism the
+    records accelerate repeats to even the processes' last batches count as well."""
+
+    def evaluation_loop(self, dataloader, *args, metric_key_prefix: str = "eval", **kwargs):
+        self.held_out_sums = [0.0, 0]  # (NLL, target tokens) of this process's batches
+        output = super().evaluation_loop(dataloader, *args, metric_key_prefix=metric_key_prefix, **kwargs)
+        sums = torch.tensor(self.held_out_sums, dtype=torch.float64, device=self.args.device)
+        nll, tokens = self.accelerator.reduce(sums, reduction="sum").tolist()
+        if tokens > 0:
+            output.metrics[f"{metric_key_prefix}_loss"] = nll / tokens
+        return output
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        tokens = int((inputs["labels"][:, 1:] != -100).sum())  # the batch loss is the mean over these
+        if loss is not None and tokens:
+            self.held_out_sums[0] += loss.double().item() * tokens
+            self.held_out_sums[1] += tokens
+        return loss, logits, labels
+
+
 class CausalLMRecipe(Recipe):
     """GSM8K, Alpaca and HH-RLHF: the HF Trainer on (source, target) pairs encoded by ``encode(tokenizer,
     settings, record)``; held-out loss and perplexity."""
@@ -423,10 +446,9 @@ class CausalLMRecipe(Recipe):
         return encoded(self.train_set), encoded(self.held_out)
 
     def make_trainer(self, model, tokenizer, arguments, train_set, held_out):
-        return training.LlmmTrainer(model=model, args=arguments, train_dataset=train_set, eval_dataset=held_out,
-                                    data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100,
-                                                                         padding=True),
-                                    processing_class=tokenizer)
+        return CausalLMTrainer(model=model, args=arguments, train_dataset=train_set, eval_dataset=held_out,
+                               data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, padding=True),
+                               processing_class=tokenizer)
 
     width_search = None  # the width search's record (after_training), None without one
 
