@@ -254,14 +254,14 @@ def test_held_out_loss_is_per_target_token_whatever_the_eval_batch(models, tmp_p
 
 def test_gsm8k_width_search_on_the_held_out_split_then_test_with_the_chosen_width(models, tmp_path):
     common = ["--model_name_or_path", str(models["base"]), "--rank", "4", "--init", "lora", "--data",
-              str(DATA / "gsm8k.jsonl"), "--eval_split", "heldout", "--eval_size", "2", "--learning_rate", "0.05",
-              "--llmmscale", "4", *FP32, *FAST]
+              str(DATA / "gsm8k.jsonl"), "--eval_split", "heldout", "--eval_size", "3", "--learning_rate", "0.05",
+              "--llmmscale", "4", "--per_device_eval_batch_size", "1", *FP32, *FAST]
     plain = train_gsm8k.main([*common, "--output_dir", str(tmp_path / "none")])
     searched = train_gsm8k.main([*common, "--noise_width_search", "nll", "--mc_samples", "2", "--output_dir",
                                  str(tmp_path / "nll")])
     record = searched["noise_width_search"]
     assert record["rule"] == "nll" and record["chosen"] == record["nll_min"] == searched["noise_width"]
-    assert record["n_held_out"] == 2 and record["mc_samples"] == 2 and "held out of train" in record["split"]
+    assert record["n_held_out"] == 3 and record["mc_samples"] == 2 and "held out of train" in record["split"]
     nll = dict(record["evaluations"])
     assert nll[0.0] == pytest.approx(searched["eval_loss"], rel=1e-5)  # m = 0: the mean network's held-out loss
     assert nll[record["chosen"]] == min(nll.values()) and len(set(nll.values())) > 1  # the width matters
