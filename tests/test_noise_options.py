@@ -298,6 +298,42 @@ def test_entropy_weight_zero_changes_nothing_and_warms_up():
         entropy_weight(1, -1.0, 10)
 
 
+def test_entropy_term_weighs_the_same_with_gradient_accumulation(tmp_path):
+    """One optimizer step on 8 sequences moves the directions alike as one batch of 8 or 4 micro-batches of 2: a
+    causal LM's loss is normalised by the step's tokens (the Trainer does not divide it by the accumulation steps),
+    so the term, added per micro-batch, takes its share. The task loss is off (s huge, plain pathwise gradient)."""
+    from transformers import TrainingArguments
+
+    from llmm.run.trainer import LlmmTrainer
+
+    sequences = torch.randint(0, 128, (8, 8), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": x, "labels": x} for x in sequences]
+    moved, logs = [], []
+    for batch, accumulation in ((8, 1), (2, 4)):
+        torch.manual_seed(0)
+        model = get_llmm_model(tiny_llama(), LlmmConfig(r=4, lora_alpha=8, target_modules=["q_proj"], k=2,
+                                                        scale=1e12, scaled_gradient=False))
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_("lora_llmm" in name)
+            if "lora_llmm" in name:
+                parameter.data.normal_(generator=torch.Generator().manual_seed(1))
+        before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        arguments = TrainingArguments(str(tmp_path / f"run{batch}"), max_steps=1, per_device_train_batch_size=batch,
+                                      gradient_accumulation_steps=accumulation, learning_rate=1e-3, optim="sgd",
+                                      max_grad_norm=0, save_strategy="no", report_to=[], use_cpu=True,
+                                      logging_steps=1)
+        trainer = LlmmTrainer(model=model, args=arguments, train_dataset=data)
+        trainer.set_entropy_term(1.0, 0.0, 1e-30)
+        trainer.train()
+        moved.append(torch.cat([(p.detach() - before[n]).flatten() for n, p in model.named_parameters()
+                                if p.requires_grad]))
+        logs.append(next(log for log in trainer.state.log_history if "entropy" in log))
+    assert moved[0].norm() > 0 and torch.allclose(moved[0], moved[1], rtol=1e-4, atol=1e-9)
+    for log in logs:  # the logged objective: loss = task_loss - lambda H, per optimizer step
+        assert log["loss"] == pytest.approx(log["task_loss"] - log["entropy_weight"] * log["entropy"], rel=1e-5)
+    assert logs[0]["task_loss"] == pytest.approx(logs[1]["task_loss"], rel=1e-4)
+
+
 def test_options_travel_with_the_adapter(tmp_path):
     """noise_per_example and noise_width are adapter settings: saved, and overridable when loading."""
     from llmm import load_llmm_model

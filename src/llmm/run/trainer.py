@@ -379,9 +379,18 @@ class LlmmTrainer(Trainer):
             return result
         loss, outputs = result if return_outputs else (result, None)
         term, weight = entropy(model, self.entropy_settings[2]), self.entropy_lambda()
-        self.entropy_terms.append((weight, term.detach(), loss.detach()))
-        loss = loss - weight * term.to(loss.device)
+        # A loss normalised by num_items_in_batch is this micro-batch's share of the step's: the Trainer does not
+        # divide it by the accumulation steps, so the term (added once per micro-batch) must take its share too.
+        share = 1 / self.current_gradient_accumulation_steps if self.loss_is_a_share(num_items_in_batch) else 1
+        self.entropy_terms.append((weight, term.detach(), loss.detach() / share))
+        loss = loss - share * weight * term.to(loss.device)
         return (loss, outputs) if return_outputs else loss
+
+    def loss_is_a_share(self, num_items_in_batch) -> bool:
+        """Whether the Trainer takes the loss as already divided for gradient accumulation (its own rule)."""
+        if self.loss_is_scaled_for_ga is not None:
+            return self.loss_is_scaled_for_ga
+        return (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         """The Trainer's log, with the entropy term's mean since the last log and lambda when the term is on."""
