@@ -51,6 +51,8 @@ def test_mismatched_k_is_an_error(tmp_path):
     _, adapter_dir = trained_adapter(tmp_path, k=2)
     with pytest.raises(ValueError, match="K=2 but K=3"):
         load_llmm_model(tiny_llama(), str(adapter_dir), k=3)
+    with pytest.raises(TypeError, match="is_trainable must be True or False, got 'yes'"):
+        load_llmm_model(tiny_llama(), str(adapter_dir), is_trainable="yes")
     config_path = adapter_dir / "adapter_config.json"
     config = json.loads(config_path.read_text())
     config["k"] = 3  # the directions on disk still have K = 2
@@ -96,7 +98,48 @@ def test_in_process_loftq_refuses_an_lm_head_tied_to_the_embeddings():
     with pytest.raises(ValueError, match="'lm_head', which shares its weight with the input embeddings"):
         get_llmm_model(tied, LlmmConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"], **loftq))
     assert torch.equal(tied.get_input_embeddings().weight, embeddings)  # refused before anything was quantized
+    with pytest.raises(ValueError, match="'model.embed_tokens', which shares its weight with the LM head"):
+        get_llmm_model(tied, LlmmConfig(r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"], **loftq))
+    assert torch.equal(tied.get_input_embeddings().weight, embeddings)  # refused before anything was quantized
     get_llmm_model(tied, LlmmConfig(r=4, lora_alpha=8, target_modules=["q_proj"], **loftq))  # the head untouched
+
+
+def test_a_model_of_ones_own_that_returns_logits_and_has_no_embedding_getters(tmp_path):
+    """A plain nn.Module (no get_input_embeddings, logits as a bare tensor): Monte-Carlo prediction keeps the batch,
+    and both save paths work; an nn.Linear subclass (Falcon's FalconLinear) takes in-process LoftQ."""
+    from llmm import mc_predict, save_llmm_adapter
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = torch.nn.Linear(16, 32), type("SubLinear", (torch.nn.Linear,), {})(32, 5)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x)))
+
+    torch.manual_seed(0)
+    model = get_llmm_model(Net(), LlmmConfig(r=4, lora_alpha=4, target_modules=["fc1", "fc2"], k=2,
+                                             init_lora_weights="loftq", loftq_config=LoftQConfig(loftq_bits=4)))
+    x = torch.randn(8, 16)
+    probabilities = mc_predict(model, {"x": x}, 3)
+    assert probabilities.shape == (8, 5) and not torch.allclose(probabilities[0], probabilities[1])
+    save_llmm_adapter(model, str(tmp_path / "adapter"))
+    export_mean_adapter(model, str(tmp_path / "mean"))
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "mean" / "adapter_model.safetensors").is_file()
+
+
+def test_a_plain_lora_adapter_beside_an_llmm_one_is_peft_s_own(tmp_path):
+    from peft import LoraConfig
+
+    model = get_llmm_model(tiny_llama(), LlmmConfig(k=2, **CONFIG))
+    model.add_adapter("plain", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert "plain" not in layer.lora_variant and "default" in layer.lora_variant
+    model.set_adapter("plain")
+    inputs = tiny_llama().dummy_inputs["input_ids"]
+    model.train()
+    torch.testing.assert_close(model(inputs).logits, model(inputs).logits)  # no noise on the plain adapter
 
 
 def test_mc_predict_names_a_batch_that_is_not_a_mapping():
@@ -213,6 +256,12 @@ def test_learning_lowers_loss_and_moves_directions():
     (dict(loftq_compensate_scaling="no"), r"loftq_compensate_scaling must be true or false"),
     (dict(gaussian_embeddings=1), r"gaussian_embeddings must be true or false"),
     (dict(init_lora_weights="loftq", loftq_config=LoftQConfig(loftq_bits=3)), r"loftq_bits must be one of \(2, 4, 8\), got 3"),
+    (dict(init_lora_weights="loftq", loftq_config=LoftQConfig(loftq_bits=2.0)), r"loftq_bits .*, got 2.0"),
+    (dict(init_lora_weights="loftq", loftq_config=LoftQConfig(loftq_bits=4, loftq_iter="5")),
+     r"loftq_iter must be an integer >= 1, got '5'"),
+    (dict(loftq_block_size=0), r"loftq_block_size must be an integer >= 1, got 0"),
+    (dict(alpha_pattern={"q_proj": -1}), r"alpha_pattern values must be numbers > 0, got \{'q_proj': -1\}"),
+    (dict(rank_pattern={"q_proj": 2.5}), r"rank_pattern values must be integers > 0"),
 ])
 def test_bad_config_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -226,6 +275,11 @@ def test_bad_targets():
         get_llmm_model(tiny_deberta(), LlmmConfig(r=4, target_modules=["LayerNorm"]))
     with pytest.raises(ValueError, match="adapts only embedding tables, with plain pairs"):  # llmm.embedding
         get_llmm_model(tiny_llama(), LlmmConfig(r=4, target_modules=["embed_tokens"]))
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(ValueError, match=r"over \['Conv1D'\]: Llmm adapts torch.nn.Linear"):
+        get_llmm_model(gpt2, LlmmConfig(r=4, target_modules="all-linear"))
 
 
 def test_adapter_writes_are_atomic(tmp_path, monkeypatch):

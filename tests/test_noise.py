@@ -5,6 +5,7 @@ seed compute the same network; they give identical losses only if the noise cons
 numbers (dropout masks, data order). A run that takes one extra global draw is the control: the test can fail.
 """
 
+import numpy as np
 import pytest
 import torch
 from conftest import DEBERTA_TARGETS, tiny_deberta
@@ -57,6 +58,7 @@ def test_noise_is_per_model_and_seeded_by_seed_and_process():
         return torch.randn(3, generator=source.generator(cpu))
 
     assert torch.equal(first_draw(5, 0), first_draw(5, 0))
+    assert torch.equal(first_draw(np.int64(5), 0), first_draw(5, 0))  # numpy's integers are integers too
     assert not torch.equal(first_draw(5, 0), first_draw(5, 1)) and not torch.equal(first_draw(5, 0), first_draw(6, 0))
     other = get_llmm_model(tiny_deberta(0), LlmmConfig(r=4, lora_alpha=4, target_modules=DEBERTA_TARGETS, k=0))
     assert noise_source(other) is not source

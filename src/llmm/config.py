@@ -73,9 +73,18 @@ class LlmmConfig(LoraConfig):
             raise ValueError(f"loftq_method must be one of {ALLOWED_METHODS}, got {self.loftq_method!r}")
         check_svd_args(self.loftq_svd, self.loftq_svd_oversampling, self.loftq_svd_iters)
         if self.init_lora_weights == "loftq":
-            bits = self.loftq_config.get("loftq_bits")
-            if bits not in ALLOWED_BITS:
+            bits, iters = self.loftq_config.get("loftq_bits"), self.loftq_config.get("loftq_iter", 1)
+            if type(bits) is not int or bits not in ALLOWED_BITS:
                 raise ValueError(f"loftq_bits must be one of {ALLOWED_BITS}, got {bits!r}")
+            if type(iters) is not int or iters < 1:
+                raise ValueError(f"loftq_iter must be an integer >= 1, got {iters!r}")
+        if type(self.loftq_block_size) is not int or self.loftq_block_size < 1:
+            raise ValueError(f"loftq_block_size must be an integer >= 1, got {self.loftq_block_size!r}")
+        for name, kind in (("rank_pattern", "integers"), ("alpha_pattern", "numbers")):
+            bad = {key: value for key, value in (getattr(self, name) or {}).items()
+                   if not _number(value) or value <= 0 or (kind == "integers" and type(value) is not int)}
+            if bad:
+                raise ValueError(f"{name} values must be {kind} > 0, got {bad}")
         other_variants = [name for name in ("use_dora", "use_bdlora", "arrow_config", "velora_config",
                                             "monteclora_config", "kasa_config", "alora_invocation_tokens")
                           if getattr(self, name, None)]

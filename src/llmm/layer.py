@@ -318,12 +318,16 @@ class _LlmmLayerMixin:
     """Selects the Llmm variant for every adapter and replaces PEFT's CUDA-only LoftQ init with llmm's."""
 
     def resolve_lora_variant(self, *, config, **kwargs):
+        """The Llmm variant for an LlmmConfig adapter; a plain LoraConfig one (PEFT's add_adapter / load_adapter of a
+        LoRA adapter beside it) is PEFT's own."""
+        if not hasattr(config, "k"):
+            return super().resolve_lora_variant(config=config, **kwargs)
         return LlmmVariant()
 
     @torch.no_grad()
     def loftq_init(self, adapter_name: str, config) -> None:
         base = self.get_base_layer()
-        if type(base) is not nn.Linear:
+        if not isinstance(base, nn.Linear) or isinstance(base, BNB_LAYERS):  # subclasses too (Falcon's FalconLinear)
             raise ValueError(f"LoftQ init needs a full-precision nn.Linear base weight, got {type(base).__name__}. "
                              "Quantize the model first (bash _init.sh / python -m scripts.quantize_model), then load "
                              "that backbone in 4-bit and its llmm_init adapter with llmm.load_llmm_model.")

@@ -51,13 +51,15 @@ def _check_targets(model: torch.nn.Module, config: LlmmConfig) -> None:
         return  # PEFT picks the architecture's defaults; llmm_layers() checks the result after wrapping
     allowed = (*CUSTOM_MODULES, *EMBEDDING_MODULES)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    tied = head is not None and head.weight is model.get_input_embeddings().weight
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tied = {head: "input embeddings", embeddings: "LM head"} if head is not None and embeddings is not None \
+        and head.weight is embeddings.weight else {}
     for name, module in model.named_modules():
         if not name or not check_target_module_exists(config, name):
             continue
-        if tied and module is head and config.init_lora_weights == "loftq":
-            raise ValueError(f"in-process LoftQ over {name!r}, which shares its weight with the input embeddings, "
-                             f"would quantize the embeddings too: drop {name} from target_modules, or start from "
+        if module in tied and config.init_lora_weights == "loftq":
+            raise ValueError(f"in-process LoftQ over {name!r}, which shares its weight with the {tied[module]}, "
+                             f"would quantize the {tied[module]} too: drop {name} from target_modules, or start from "
                              "LoRA's init (init_lora_weights=True; the scripts' --init lora)")
         if not isinstance(module, allowed):
             raise ValueError(f"target module {name!r} is a {type(module).__name__}; Llmm adapts only "
@@ -76,10 +78,11 @@ def llmm_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
     plain-LoRA fallback). The one exception: plain pairs on embedding tables (``gaussian_embeddings=False``, the
     reference's GLUE protocol), which are not returned."""
     layers = [module for module in model.modules() if isinstance(module, LoraLayer)]
-    plain = [type(m).__name__ for m in layers if not hasattr(m, "llmm_settings") and not isinstance(m, LlmmEmbedding)]
+    plain = [type(m.get_base_layer()).__name__ for m in layers
+             if not hasattr(m, "llmm_settings") and not isinstance(m, LlmmEmbedding)]
     if plain:
-        raise ValueError(f"adapted layers without Llmm factors: {sorted(set(plain))}; target only linear layers "
-                         "and embedding tables")
+        raise ValueError(f"adapted layers without Llmm factors, over {sorted(set(plain))}: Llmm adapts torch.nn.Linear "
+                         "(bitsandbytes' 4/8-bit too) and embedding tables; name only such modules in target_modules")
     return [module for module in layers if hasattr(module, "llmm_settings")]
 
 
@@ -165,6 +168,8 @@ def load_llmm_model(base_model: torch.nn.Module, adapter_dir: str, is_trainable:
     if not os.path.isdir(adapter_dir):
         raise FileNotFoundError(f"adapter directory {adapter_dir!r} does not exist")
     config = LlmmConfig.from_pretrained(adapter_dir)
+    if not isinstance(is_trainable, bool):
+        raise TypeError(f"is_trainable must be True or False, got {is_trainable!r}")
     if k is not None and (isinstance(k, bool) or not isinstance(k, int)):
         raise TypeError(f"k must be an int (the K the adapter must have), got {k!r}")
     if k is not None and k != config.k:
@@ -237,8 +242,8 @@ def frozen_embedding_bases(peft_model: PeftModel) -> list[str] | None:
     PEFT's ``save_embedding_layers="auto"`` saves them with every adapter (GBs for a 7B LM head); frozen, they equal
     the backbone's, so a saved adapter leaves them out. A vocabulary resized before adapting is not detected: save
     such a model with ``save_pretrained(save_embedding_layers=True)``."""
-    tables = {id(t) for t in (peft_model.get_input_embeddings(), peft_model.get_output_embeddings())
-              if isinstance(t, BaseTunerLayer)}
+    getters = (getattr(peft_model, name, None) for name in ("get_input_embeddings", "get_output_embeddings"))
+    tables = {id(t) for t in (get() for get in getters if get) if isinstance(t, BaseTunerLayer)}  # any nn.Module
     layers = {name: module for name, module in peft_model.named_modules() if id(module) in tables}
     if any(module.get_base_layer().weight.requires_grad for module in layers.values()):
         return None

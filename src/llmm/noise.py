@@ -16,6 +16,7 @@ independent across seeds, and drawing them never advances the training generator
 from __future__ import annotations
 
 import contextlib
+import numbers
 import zlib
 
 import numpy as np
@@ -52,17 +53,21 @@ class NoiseStreams:
         return self.generators[key]
 
 
+def checked_integer(value, what: str, low: int) -> int:
+    """``value`` as an int, checked to be an integer (Python's or numpy's) >= ``low``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{what} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
 def check_mc_samples(mc_samples) -> int:
     """The Monte-Carlo network count, checked to be an integer >= 1."""
-    if isinstance(mc_samples, bool) or not isinstance(mc_samples, int) or mc_samples < 1:
-        raise ValueError(f"mc_samples must be an integer >= 1, got {mc_samples!r}")
-    return mc_samples
+    return checked_integer(mc_samples, "mc_samples", 1)
 
 
 def mc_streams(seed: int, mc_samples: int) -> NoiseStreams:
     """The generators of N Monte-Carlo networks: ``numpy.random.SeedSequence(seed).spawn(mc_samples)``."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"the Monte-Carlo seed must be an integer >= 0, got {seed!r}")
+    seed = checked_integer(seed, "the Monte-Carlo seed", 0)
     return NoiseStreams(np.random.SeedSequence(seed).spawn(check_mc_samples(mc_samples)))
 
 
@@ -80,10 +85,7 @@ class NoiseSource:
         self.seed(seed, process_index)
 
     def seed(self, seed: int, process_index: int = 0) -> None:
-        for name, value in (("seed", seed), ("process_index", process_index)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"noise {name} must be an integer >= 0, got {value!r}")
-        self.entropy = (seed, process_index)
+        self.entropy = (checked_integer(seed, "noise seed", 0), checked_integer(process_index, "noise process_index", 0))
         self.generators: dict[str, torch.Generator] = {}
         self.forward_id += 1  # draws cached before the re-seed are not reused
 
