@@ -20,7 +20,9 @@ export PYTHONPATH="$(cd "$(dirname "$0")" && pwd)${PYTHONPATH:+:$PYTHONPATH}"
 RUNS=${RUNS:-$(ls -d runs/gsm8k/*/ 2>/dev/null || true)}
 DECODINGS=${DECODINGS:-greedy}
 MODES=${MODES:-mean}
-LAUNCH=${LAUNCH:-python}
+source "$(dirname "$0")/scripts/launch.sh"  # LAUNCH (or ACCELERATE_CONFIG)
+refuse_loop_flags test_gsm8k.sh "RUNS=, DECODINGS=, MODES=, MC_SAMPLES= or SEED=" \
+  --adapter --decoding --mode --output_dir --mc_samples --seed -- "$@"
 
 if [[ -z $RUNS ]]; then echo "no runs under runs/gsm8k/: run train_gsm8k.sh first, or set RUNS" >&2; exit 2; fi
 for run in $RUNS; do

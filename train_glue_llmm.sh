@@ -32,6 +32,8 @@ SEEDS=${SEEDS:-"0 1 2 3"}
 METHOD=${METHOD:-llmm}
 OUT=${OUT:-runs/glue}
 source "$(dirname "$0")/scripts/launch.sh"  # ACCELERATE_CONFIG (DDP only: the encoder fits one device) or LAUNCH
+refuse_loop_flags train_glue_llmm.sh "OUT=, TASKS=, QUANTS=, RANKS=, SEEDS=, METHOD=, BITS= or EMBEDDINGS=" \
+  --output_dir --task --quant --rank --seed --method --bits --quantize_embeddings --no-quantize_embeddings -- "$@"
 bits=(); if [[ -n ${BITS:-} && $METHOD != lora ]]; then bits=(--bits "$BITS"); fi  # lora: a 16-bit backbone
 EMBEDDINGS=${EMBEDDINGS:-quantized}  # quantized (the paper's protocol) | fp
 case $EMBEDDINGS in

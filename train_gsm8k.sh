@@ -24,6 +24,7 @@ RANK=${RANK:-64}
 METHODS=${METHODS:-llmm}
 OUT=${OUT:-runs/gsm8k}
 source "$(dirname "$0")/scripts/launch.sh"  # ACCELERATE_CONFIG (configs/accelerate/fsdp2.yaml: README "Larger models") or LAUNCH
+refuse_loop_flags train_gsm8k.sh "OUT=, MODELS=, RANK=, METHODS= or SEEDS=" --output_dir --model --rank --method --seed -- "$@"
 SEEDS=${SEEDS:-"0 1 2 3"}
 
 for model in $MODELS; do

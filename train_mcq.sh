@@ -29,15 +29,7 @@ SEEDS=${SEEDS:-"1 2 3"}
 OUT=${OUT:-runs/mcq}
 source "$(dirname "$0")/scripts/launch.sh"  # ACCELERATE_CONFIG (configs/accelerate/fsdp2.yaml: README "Larger models") or LAUNCH
 
-# The loop sets these per run: given as extra arguments they would send every run to one place (or one seed).
-for arg in "$@"; do
-  case "$arg" in
-    --output_dir|--output_dir=*|--seed|--seed=*|--task|--task=*|--method|--method=*)
-      echo "error: ${arg%%=*} is set by train_mcq.sh for each run (every run would get the same one):" \
-        "use OUT=, SEEDS=, TASKS= or METHODS= instead" >&2
-      exit 2 ;;
-  esac
-done
+refuse_loop_flags train_mcq.sh "OUT=, SEEDS=, TASKS= or METHODS=" --output_dir --seed --task --method --variant -- "$@"
 
 backbone_flags() {  # the backbone's name -> the table's settings that select it
   case "$1" in

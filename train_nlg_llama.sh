@@ -26,6 +26,8 @@ RANK=${RANK:-16}
 METHODS=${METHODS:-llmm}
 OUT=${OUT:-runs/nlg}
 source "$(dirname "$0")/scripts/launch.sh"  # ACCELERATE_CONFIG (configs/accelerate/fsdp2.yaml: README "Larger models") or LAUNCH
+refuse_loop_flags train_nlg_llama.sh "OUT=, TASKS=, MODELS=, RANK=, METHODS= or SEEDS=" \
+  --output_dir --task --model --rank --method --seed -- "$@"
 SEEDS=${SEEDS:-"0 1 2 3"}
 
 for task in $TASKS; do

@@ -10,3 +10,20 @@ if [[ -n $ACCELERATE_CONFIG ]]; then
   LAUNCH="accelerate launch --config_file $ACCELERATE_CONFIG"
 fi
 LAUNCH=${LAUNCH:-python}
+
+# refuse_loop_flags DRIVER HINT FLAG... -- "$@": a flag the driver's loop sets for each run, given again as an extra
+# argument, would win for every run (argparse keeps the last): one error line naming the variable to use (HINT).
+refuse_loop_flags() {
+  local driver=$1 hint=$2 flags=() arg flag
+  shift 2
+  while [[ $1 != -- ]]; do flags+=("$1"); shift; done
+  shift
+  for arg in "$@"; do
+    for flag in "${flags[@]}"; do
+      if [[ $arg == "$flag" || $arg == "$flag="* ]]; then
+        echo "error: $flag is set by $driver for each run (every run would get the same one): use $hint instead" >&2
+        exit 2
+      fi
+    done
+  done
+}

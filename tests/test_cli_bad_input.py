@@ -6,6 +6,7 @@ and the fix, and not a single file or directory under the test's world created, 
 run as real subprocesses, through ``python -m scripts.X``.
 """
 
+import importlib.util
 import json
 import os
 import re
@@ -138,6 +139,8 @@ CASES = [
      r"evaluation", r"drop --logging_steps"),
     ("glue-old-and-new-name", "train_glue", [*COLA, "--batch_size", "2", "--per_device_train_batch_size", "4"],
      r"--batch_size and --per_device_train_batch_size name one setting", r"pass only --per_device_train_batch_size"),
+    ("glue-old-name-not-a-number", "train_glue", [*COLA, "--batch_size", "abc"],
+     r"--batch_size 'abc' is not a number", r"pass --per_device_train_batch_size with one"),
     ("glue-no-model", "train_glue", [*COLA, "--model", "{w}/nope"], r"model path .*nope' does not exist",
      "pass a local directory or a hub id"),
     ("glue-no-data-dir", "train_glue", [*COLA, "--data_dir", "{w}/nope"], r"--data_dir .*nope' does not exist",
@@ -488,6 +491,16 @@ def test_bad_input(world, capsys, script, argv, problem, fix):
     assert snapshot(world) == before  # nothing created, changed or removed
 
 
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed")
+@pytest.mark.parametrize("script, argv", [("train_gsm8k", GSM8K), ("train_nlg", NLG), ("train_glue", COLA)])
+def test_report_to_a_logger_that_is_not_installed_is_one_line_before_anything_is_written(world, capsys, script, argv):
+    before = snapshot(world)
+    code, stderr = run_cli(script, [a.replace("{w}", str(world)) for a in [*argv, "--report_to", "tensorboard"]],
+                           capsys)
+    assert code == 2 and snapshot(world) == before
+    check_one_error_line(stderr, r"--report_to tensorboard needs the tensorboard package", r"pip install tensorboard")
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="paged optimizers run on CUDA")
 def test_a_paged_optimizer_is_refused_as_a_flag_without_cuda_and_replaced_as_the_tables(world, capsys, tmp_path):
     """--optim paged_* on a machine without CUDA would run adamw_torch: refused. The table's paged optimizer (nlg.yaml)
@@ -526,6 +539,21 @@ def test_split_fractions_of_a_table_are_checked_together():
     adapters.check_settings({"dev_fraction": 0.3, "test_fraction": 0.6})
     with pytest.raises(ValueError, match=r"dev_fraction 0.5 and test_fraction 0.5: pass fractions in \(0, 1\)"):
         adapters.check_settings({"dev_fraction": 0.5, "test_fraction": 0.5})
+
+
+@pytest.mark.parametrize("driver, flag, variable", [
+    ("train_gsm8k.sh", "--seed", "SEEDS="), ("train_nlg_llama.sh", "--method=loftq", "METHODS="),
+    ("train_glue_llmm.sh", "--seed", "SEEDS="), ("train_glue_llmm.sh", "--bits", "BITS="),
+    ("train_mcq.sh", "--variant", "METHODS="), ("test_gsm8k.sh", "--mode", "MODES=")])
+def test_drivers_refuse_a_flag_their_loop_sets_for_each_run(tmp_path, driver, flag, variable):
+    """argparse keeps the last of a flag given twice, so the extra argument would win for every run."""
+    env = {**os.environ, "LAUNCH": "echo", "OUT": str(tmp_path / "runs"), "RUNS": str(tmp_path / "run")}
+    done = subprocess.run(["bash", driver, "--max_steps", "1", flag, "7"], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=60, env=env)
+    name = flag.split("=")[0]
+    assert done.returncode == 2 and done.stdout == "" and not (tmp_path / "runs").exists()
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"error: {name} is set by {driver} for each run") and variable in line.split("use ")[1]
 
 
 def test_drivers_pass_a_flag_only_to_the_runs_it_acts_in(tmp_path):

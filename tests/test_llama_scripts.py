@@ -252,6 +252,19 @@ def test_held_out_loss_is_per_target_token_whatever_the_eval_batch(models, tmp_p
     assert losses[0][0] == pytest.approx(nll / tokens, rel=1e-5)
 
 
+def test_records_whose_target_max_length_cuts_off_are_left_out(models, tmp_path, caplog):
+    """Questions of 96 to 139 tokens (tests/data/gsm8k.jsonl): --max_length 100 keeps one record's target, 90 none
+    (its loss would be 0 / 0: one error line, nothing written)."""
+    common = ["--model_name_or_path", str(models["base"]), "--rank", "4", "--init", "lora", "--data",
+              str(DATA / "gsm8k.jsonl"), "--eval_data", str(DATA / "gsm8k.jsonl"), "--max_steps", "1", *FP32]
+    results = train_gsm8k.main([*common, "--max_length", "100", "--output_dir", str(tmp_path / "kept")])
+    assert results["n_train"] == results["n_held_out"] == 1 and math.isfinite(results["train_loss"])
+    assert "5 of 6 training records have no target token within --max_length: left out" in caplog.text
+    with pytest.raises(ValueError, match="no training record keeps a target token within --max_length 90"):
+        train_gsm8k.main([*common, "--max_length", "90", "--output_dir", str(tmp_path / "none")])
+    assert not (tmp_path / "none").exists()
+
+
 def test_gsm8k_width_search_on_the_held_out_split_then_test_with_the_chosen_width(models, tmp_path):
     common = ["--model_name_or_path", str(models["base"]), "--rank", "4", "--init", "lora", "--data",
               str(DATA / "gsm8k.jsonl"), "--eval_split", "heldout", "--eval_size", "3", "--learning_rate", "0.05",

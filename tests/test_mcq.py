@@ -399,7 +399,7 @@ def test_loftq_refuses_an_lm_head_tied_to_the_embeddings(tokenizer, tmp_path, ca
     argv = train_argv(tmp_path / "tied", tmp_path / "run", "--init", "loftq", "--bits", "4", "--loftq_iter", "1")
     with pytest.raises(SystemExit) as exit_info:
         cli.run_main(lambda: train_mcq.main(argv))
-    assert exit_info.value.code == 2 and "would quantize the embeddings too" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "would quantize the input embeddings too" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 

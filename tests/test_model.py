@@ -57,8 +57,10 @@ def test_mismatched_k_is_an_error(tmp_path):
     config = json.loads(config_path.read_text())
     config["k"] = 3  # the directions on disk still have K = 2
     config_path.write_text(json.dumps(config))
+    base = tiny_llama()
     with pytest.raises(ValueError, match=r"has K \(2, "):
-        load_llmm_model(tiny_llama(), str(adapter_dir))
+        load_llmm_model(base, str(adapter_dir))
+    assert type(base.model.layers[0].self_attn.q_proj) is torch.nn.Linear  # left as it was given
 
 
 def test_loading_may_change_the_noise_not_the_mean_function(tmp_path):

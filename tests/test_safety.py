@@ -410,6 +410,24 @@ def test_a_run_killed_during_export_resumes_without_an_extra_step(llama_dir, tmp
         json.loads((full / "results.json").read_text())["eval_loss"]
 
 
+def test_a_run_resumed_to_more_steps_follows_the_longer_schedule_from_its_first_new_step(llama_dir, tmp_path):  # noqa: F811
+    """Resuming a 2-step run with --max_steps 4: steps 3 and 4 take the learning rates of a 4-step run, not the
+    rate the 2-step schedule ended at (0), and end where the 4-step run does (both schedules warm up for 1 step)."""
+    schedule = ["--lr_scheduler_type", "linear", "--warmup_ratio", "0.25"]
+    longer = train_gsm8k.main(gsm8k_argv(llama_dir, tmp_path / "four", "--max_steps", "4", *schedule))
+    train_gsm8k.main(gsm8k_argv(llama_dir, tmp_path / "two", "--max_steps", "2", *schedule))
+    resumed = train_gsm8k.main(gsm8k_argv(llama_dir, tmp_path / "two", "--max_steps", "4", *schedule,
+                                          "--resume_from_checkpoint"))
+
+    def rates(results):
+        return {log["step"]: log["learning_rate"] for log in results["history"] if "learning_rate" in log}
+
+    assert rates(longer)[3] > 0 and rates(resumed)[3] == pytest.approx(rates(longer)[3])
+    assert rates(resumed)[4] == pytest.approx(rates(longer)[4])
+    a, b = (load_file(tmp_path / run / "adapter" / "adapter_model.safetensors") for run in ("four", "two"))
+    assert all(torch.allclose(a[key], b[key], atol=1e-6) for key in a)  # the steps the rates drive, too
+
+
 def test_a_glue_run_killed_during_export_resumes_without_an_extra_step(model_dir, tmp_path, monkeypatch):  # noqa: F811
     full, killed = tmp_path / "full", tmp_path / "killed"
     train_glue.main(glue_argv(model_dir, full, "--max_steps", "2"))

@@ -85,6 +85,20 @@ def test_a_value_per_method_is_range_checked_when_the_table_is_read(tmp_path):
         tables.read_table(table, schema.FAMILY_BLOCKS["mcq"])
 
 
+def test_a_table_s_slips_are_one_line_each(tmp_path):
+    """A key named twice (YAML keeps the last), 1e-4 (YAML reads text), another case of a field's name."""
+    table = tmp_path / "gsm8k.yaml"
+    table.write_text("keys: [model]\ndefaults:\n  learning_rate: 1.0e-4\n  learning_rate: 2.0e-4\nrows: []\n")
+    with pytest.raises(ValueError, match=r"gsm8k.yaml, line 3: learning_rate named twice in one mapping: keep one"):
+        tables.read_table(table, schema.FAMILY_BLOCKS["causal_lm"])
+    table.write_text("keys: [model]\ndefaults: {learning_rate: 1e-4}\nrows: []\n")
+    with pytest.raises(ValueError, match=r"learning_rate = '1e-4': .*YAML reads 1e-4 as text: write it with a dot"):
+        tables.read_table(table, schema.FAMILY_BLOCKS["causal_lm"])
+    table.write_text("keys: [model]\ndefaults: {k: 3}\nrows: []\n")
+    with pytest.raises(ValueError, match=r"unknown setting 'k': did you mean 'K'\?"):
+        tables.read_table(table, schema.FAMILY_BLOCKS["causal_lm"])
+
+
 def flags_of(entry, capsys) -> set[str]:
     capsys.readouterr()
     with pytest.raises(SystemExit):

@@ -184,6 +184,20 @@ def load_llmm_model(base_model: torch.nn.Module, adapter_dir: str, is_trainable:
     if is_trainable:
         keep_cpu_4bit_trainable(base_model)
     model = get_peft_model(base_model, config)
+    try:
+        _check_saved_adapter(model, saved, adapter_dir, config)
+    except ValueError:
+        model.unload()  # the base model back as it was given
+        raise
+    set_peft_model_state_dict(model, saved)
+    seed_noise(model)
+    if not is_trainable:
+        model.eval()
+    return model
+
+
+def _check_saved_adapter(model: PeftModel, saved: dict, adapter_dir: str, config: LlmmConfig) -> None:
+    """The saved tensors are the wrapped model's adapter, key for key and shape for shape."""
     llmm_layers(model)
     expected = get_peft_model_state_dict(model, save_embedding_layers=False)
     # Adapters saved with PEFT's default also hold the frozen embedding / LM-head base weights: accepted, not needed.
@@ -199,11 +213,6 @@ def load_llmm_model(base_model: torch.nn.Module, adapter_dir: str, is_trainable:
             raise ValueError(f"adapter {adapter_dir!r}: {key} has {what} {tuple(saved[key].shape)}, the model "
                              f"expects {tuple(tensor.shape)} (config K={config.k}, r={config.r}): load it onto the "
                              "backbone it was trained on")
-    set_peft_model_state_dict(model, saved)
-    seed_noise(model)
-    if not is_trainable:
-        model.eval()
-    return model
 
 
 def init_from_adapter(model: torch.nn.Module, init_dir: str, config: LlmmConfig) -> PeftModel:

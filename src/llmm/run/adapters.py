@@ -45,10 +45,21 @@ def check_settings(settings, blocks=schema.BLOCKS) -> None:
         if rule:
             raise ValueError(f"{name} = {value!r} is out of range: it must be {rule}; fix --{name} or the table row "
                              "in configs/")
+    check_report_to(settings.get("report_to"))
     dev, test = settings.get("dev_fraction"), settings.get("test_fraction")  # a Settings gives defaults too
     if dev is not None and test is not None and not dev + test < 1:
         raise ValueError(f"dev_fraction {dev} and test_fraction {test}: pass fractions in (0, 1) that sum to less "
                          "than 1")
+
+
+def check_report_to(report_to) -> None:
+    """--report_to's package is installed (the Trainer would fail at its start, after the run directory exists)."""
+    from transformers.integrations import is_tensorboard_available, is_wandb_available
+
+    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
+    if report_to in available and not available[report_to]():
+        raise ValueError(f"--report_to {report_to} needs the {report_to} package: pip install {report_to}, or pass "
+                         "--report_to none")
 
 
 def check_flags_apply(settings: schema.Settings, given) -> None:

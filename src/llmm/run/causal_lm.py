@@ -439,11 +439,19 @@ class CausalLMRecipe(Recipe):
         return peft_model, tokenizer
 
     def datasets(self, tokenizer):
-        def encoded(records):
-            return records.map(lambda r: self.encode(tokenizer, self.settings, r), remove_columns=records.column_names,
+        def encoded(records, what: str):
+            data = records.map(lambda r: self.encode(tokenizer, self.settings, r), remove_columns=records.column_names,
                                desc="tokenize")
+            kept = data.filter(lambda r: any(label != -100 for label in r["labels"][1:]), desc="targets")
+            if not len(kept):  # the loss would be 0 / 0
+                raise ValueError(f"no {what} record keeps a target token within --max_length "
+                                 f"{self.settings.max_length} (the question fills it): raise --max_length")
+            if len(kept) < len(data):
+                cli.logger.warning("%d of %d %s records have no target token within --max_length: left out",
+                                   len(data) - len(kept), len(data), what)
+            return kept
 
-        return encoded(self.train_set), encoded(self.held_out)
+        return encoded(self.train_set, "training"), encoded(self.held_out, "held-out")
 
     def make_trainer(self, model, tokenizer, arguments, train_set, held_out):
         return CausalLMTrainer(model=model, args=arguments, train_dataset=train_set, eval_dataset=held_out,

@@ -79,6 +79,14 @@ WITH_HUB_DATA = Applies("a dataset, not a .json/.jsonl --data file (a file is on
 EPOCHS = Applies("no max_steps (max_steps, when set, wins)", lambda s: s.max_steps is None)
 
 
+def is_number_text(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
 def number(text: str):
     """A flag's number as the tables write it: an int for digits only (16), else a float (16.0, 1e-4)."""
     return int(text) if text.strip().lstrip("+-").isdigit() else float(text)
@@ -621,7 +629,8 @@ def check_row_keys(names, known, table: str, row) -> None:
     for name in names:
         if name in known:
             continue
-        close = difflib.get_close_matches(name, sorted(known), n=1)
+        close = [k for k in sorted(known) if k.lower() == name.lower()] or difflib.get_close_matches(name, sorted(known),
+                                                                                                      n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(known))}"
         raise ValueError(f"{table}: row {row} has an unknown setting {name!r}: {hint} (or declare it as a field "
                          "in llmm.run.schema)")
@@ -703,4 +712,8 @@ def take_renamed(args, blocks) -> None:
             raise ValueError(f"--{old} and --{new} name one setting (--{old} is its old name): pass only --{new}")
         logging.getLogger("llmm").warning("--%s is now --%s: please use that", old, new)
         kind = kind_of(fields_of(*blocks)[new])
-        setattr(args, new, parse_bool(value) if kind is bool else kind(value))
+        try:
+            setattr(args, new, parse_bool(value) if kind is bool else kind(value))
+        except (ValueError, argparse.ArgumentTypeError):
+            raise ValueError(f"--{old} {value!r} is not {'true or false' if kind is bool else 'a number'}: pass "
+                             f"--{new} with one") from None

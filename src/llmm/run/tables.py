@@ -19,12 +19,24 @@ REPO_ROOT = Path(__file__).resolve().parents[3]
 CONFIGS = REPO_ROOT / "configs"
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key named twice in one mapping is an error (YAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [self.construct_object(key, deep=deep) for key, _ in node.value]
+        twice = sorted({str(key) for key in keys if keys.count(key) > 1})
+        if twice:
+            raise ValueError(f"{node.start_mark.name}, line {node.start_mark.line + 1}: {', '.join(twice)} named twice "
+                             "in one mapping: keep one")
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
     with open(path) as handle:
-        return yaml.safe_load(handle)
+        return yaml.load(handle, Loader=UniqueKeyLoader)
 
 
 def read_table(path: str | Path, blocks=schema.BLOCKS) -> dict:
@@ -40,6 +52,8 @@ def read_table(path: str | Path, blocks=schema.BLOCKS) -> dict:
                                  "Face's name): rename it")
             schema.check_row_keys([name], known, file, where)
             rule = schema.setting_error(name, value, blocks)
+            if rule and isinstance(value, str) and schema.is_number_text(value):
+                rule += f" (YAML reads {value} as text: write it with a dot, e.g. 1.0e-4)"
             if rule:
                 raise ValueError(f"{file}: {where} has {name} = {value!r}: it must be {rule}")
     return table

@@ -430,6 +430,16 @@ class LlmmTrainer(Trainer):
             return None
         return super()._load_from_checkpoint(resume_from_checkpoint, model)
 
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """The Trainer's, then each group's learning rate from this run's schedule at the checkpoint's step: the
+        optimizer state holds the one the checkpoint's own schedule gave, another when a resume runs longer."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        scheduler = getattr(self.lr_scheduler, "scheduler", self.lr_scheduler)  # accelerate's wrapper, if any
+        if checkpoint and isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+            for group, base, rate in zip(self.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+                group["lr"] = base * rate(scheduler.last_epoch)
+            scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]  # what the log reads
+
     def load_final_adapter(self, checkpoint: str) -> None:
         """The checkpoint's adapter into the (not yet sharded) model: adapter_model.safetensors through PEFT, or a
         sharded checkpoint's (SHARDED_STATE_DICT: pytorch_model_fsdp_0/, no adapter file) read in each process
