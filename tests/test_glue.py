@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import DEBERTA_TARGETS, tiny_deberta
@@ -105,6 +106,10 @@ def test_metrics_agree_with_hand_computed_values():
     scores = task_metrics(get_task("stsb"), [1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 5.0])
     assert scores == pytest.approx({"pearson": 6.5 / (5 * 8.75) ** 0.5, "spearmanr": 1.0})
     assert task_metrics(get_task("stsb"), [2.0, 2.0, 2.0], [1.0, 2.0, 3.0])["pearson"] is None  # undefined -> None
+    from llmm.tasks.glue import score
+
+    diverged = score(get_task("mrpc"), np.full((4, 2), np.nan), labels)  # argmax would read NaN rows as class 0
+    assert diverged["accuracy"] is None and diverged["f1"] is None and np.isnan(diverged["nll"])
 
 
 def test_task_registry():

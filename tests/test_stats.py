@@ -134,6 +134,32 @@ def test_lm_table_pairs_gsm8k_accuracy_and_loss_with_loftq(tmp_path):
     assert "alpaca, held-out loss" in text and "| loftq llama-2-7b 64 | 3 | 2.000 | 2.000 ± 1.000 | - |" in text
 
 
+def test_without_a_table_row_runs_of_two_model_paths_are_never_paired(tmp_path):
+    """The model's paths may differ between a method and its baseline (an _init.sh directory, qlora's checkpoint)
+    only when both name one table row; without --model, two paths are two models."""
+    trained = {"task": "gsm8k", "model": None, "rank": 64, "learning_rate": 3e-4}
+    llmm = {**trained, "method": "llmm", "K": 2, "model_name_or_path": "q/llama-7b"}
+    loftq = {**llmm, "method": "loftq", "K": 0, "model_name_or_path": "q/llama-13b"}
+    records = [{"task": "gsm8k", "seed": 0, "cell": cell, "value": 1.0} for cell in (llmm, loftq)]
+    cells = [r["cell"] for r in records]
+    assert stats.find_baseline(llmm, cells, "loftq") is None
+    named = [{**cell, "model": "llama-2-7b"} for cell in cells]
+    assert stats.find_baseline(named[0], named, "loftq") == named[1]
+
+
+def test_a_complete_run_with_an_undefined_metric_is_left_out_by_name_not_skipped(tmp_path):
+    for seed, mcc in enumerate([50.0, 52.0, None]):
+        folder = tmp_path / f"s{seed}"
+        folder.mkdir()
+        entry = {"dev": {"validation": {"matthews_correlation": None if mcc is None else mcc / 100}}}
+        (folder / "results.json").write_text(json.dumps({"task": "cola", "complete": True, "seed": seed,
+                                                         "cell": CELL, "best": entry, "last": entry}))
+    records, skipped = glue_report.gather([str(tmp_path)], "last")
+    assert skipped == [] and len(records) == 3
+    summary = stats.summarize([r["scores"][0] for r in records])
+    assert summary["n"] == 2 and summary["median"] == pytest.approx(51.0) and len(summary["left_out"]) == 1
+
+
 def test_a_run_directory_of_glue_s_old_vocabulary_pools_with_a_new_one(tmp_path, capsys):
     """Runs written before GLUE's settings took Hugging Face's names (batch_size, grad_accum, ...) table with runs
     written after: the same cell under today's names, two seeds of one row."""

@@ -32,8 +32,9 @@ NOT_CELL = schema.not_cell()
 NOISE_FIELDS = ("eval_noise", "noise_per_example", "mc_samples", "noise_width_search", "noise_width_tolerance",
                 "noise_width_grid")
 # Settings a method implies: a method and its baseline may differ in these (and only these) to be paired.
+MODEL_PATH_FIELDS = ("init_source", "init_dir", "model_name_or_path", "test_model_name_or_path")
 METHOD_FIELDS = ("method", "K", "llmmscale", "scaled_gradient", "gaussian_embeddings", "init", "backbone",
-                 "init_source", "init_dir", "model_name_or_path", "test_model_name_or_path", *NOISE_FIELDS)
+                 *MODEL_PATH_FIELDS, *NOISE_FIELDS)
 
 # Settings a row label names first when rows must be told apart (then the rest, alphabetically).
 PREFERRED_LABELS = ("K", "bits", "quant", "eval_noise", "mc_samples", "test_mode", "test_decoding",
@@ -168,9 +169,12 @@ def distinguishing_fields(cells: list[dict], shown: tuple[str, ...]) -> list[str
 
 def find_baseline(cell: dict, cells: list[dict], baseline_method: str) -> dict | None:
     """The cell of ``baseline_method`` equal to ``cell`` in every setting but the ones a method implies (of several,
-    the one with the same noise settings: older baseline runs could be given them)."""
+    the one with the same noise settings: older baseline runs could be given them). The model's paths (an _init.sh
+    directory, or the checkpoint qlora starts from) may differ only where both cells name one table row (``model``):
+    without it, two paths are two models."""
     def rest(c):
-        return cell_key({k: v for k, v in c.items() if k not in METHOD_FIELDS})
+        free = METHOD_FIELDS if c.get("model") is not None else set(METHOD_FIELDS) - set(MODEL_PATH_FIELDS)
+        return cell_key({k: v for k, v in c.items() if k not in free})
 
     matches = [c for c in cells if c.get("method") == baseline_method and rest(c) == rest(cell)]
     if len(matches) > 1:

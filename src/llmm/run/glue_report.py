@@ -4,6 +4,7 @@ cell, LoftQ's published rows beside them, and paired differences against a basel
 from __future__ import annotations
 
 import json
+import math
 
 from llmm import stats
 from llmm.run.tables import CONFIGS, read_yaml, table_rows
@@ -20,13 +21,14 @@ LABEL_FIELDS = ("method", "backbone", "rank")  # always in a row's label; other 
 
 
 def cell_scores(results: dict, which: str) -> list[float] | None:
-    """A run's numbers (x 100): every dev split x every task metric."""
+    """A run's numbers (x 100): every dev split x every task metric; an undefined one (a constant or diverged
+    prediction) is NaN, which the summaries list as left out."""
     task = get_task(results["task"])
     entry = results.get(which)
     if not entry:
         return None
     scores = [entry["dev"].get(split, {}).get(metric) for split in task.dev_splits for metric in task.metrics]
-    return None if any(s is None for s in scores) else [100 * s for s in scores]
+    return [math.nan if s is None else 100 * s for s in scores]
 
 
 def metric_names(task_name: str) -> list[str]:

@@ -330,10 +330,9 @@ def score(task: GlueTask, outputs, labels) -> dict:
     if task.is_regression:
         return task_metrics(task, outputs.reshape(-1), labels)
     probs = softmax(outputs.astype("float64"), axis=-1)
-    scores = task_metrics(task, probs.argmax(axis=-1), labels)
-    if not np.isfinite(probs).all():  # a diverged model
-        return {**scores, "nll": math.nan, "brier": math.nan, "ece": math.nan}
-    return {**scores, **calibration_metrics(probs, labels)}
+    if not np.isfinite(probs).all():  # a diverged model predicts no class (argmax would read NaN as class 0)
+        return {**dict.fromkeys(task.metrics), "nll": math.nan, "brier": math.nan, "ece": math.nan}
+    return {**task_metrics(task, probs.argmax(axis=-1), labels), **calibration_metrics(probs, labels)}
 
 
 def predict(model, dataset, collator, batch_size: int, mode: str = "mean", mc_samples: int = 10) -> np.ndarray:
