@@ -158,6 +158,8 @@ def test_a_complete_run_with_an_undefined_metric_is_left_out_by_name_not_skipped
     assert skipped == [] and len(records) == 3
     summary = stats.summarize([r["scores"][0] for r in records])
     assert summary["n"] == 2 and summary["median"] == pytest.approx(51.0) and len(summary["left_out"]) == 1
+    assert "| 2 | 51.0 | 51.0 ± 1.4; 1 not finite left out: nan |" in glue_table.main([str(tmp_path),
+                                                                                      "--no_reference"])
 
 
 def test_a_run_directory_of_glue_s_old_vocabulary_pools_with_a_new_one(tmp_path, capsys):

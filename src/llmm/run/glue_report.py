@@ -128,6 +128,7 @@ def markdown(entries: list[dict], baseline: str, references: bool = True) -> str
     for entry in sorted(entries, key=lambda e: (order_key(e["label"]), COLUMN_ORDER.index(e["task"]))):
         for metric, summary, difference in zip(metric_names(entry["task"]), entry["summaries"], entry["differences"]):
             spread = f"{summary['mean']:.1f} ± {summary['sd']:.1f}" if summary["n"] > 1 else f"{summary['mean']:.1f}"
+            spread += stats.left_out_note(summary)  # undefined or non-finite values named, not averaged
             lines.append(f"| {entry['label']} | {entry['task']} | {metric} | {summary['n']} | {summary['median']:.1f}"
                          f" | {spread} | {stats.format_difference(difference)} |")
     return "\n".join(lines) + "\n"
