@@ -629,8 +629,8 @@ def check_row_keys(names, known, table: str, row) -> None:
     for name in names:
         if name in known:
             continue
-        close = [k for k in sorted(known) if k.lower() == name.lower()] or difflib.get_close_matches(name, sorted(known),
-                                                                                                      n=1)
+        same_letters = [k for k in sorted(known) if k.lower() == name.lower()]  # k for K
+        close = same_letters or difflib.get_close_matches(name, sorted(known), n=1)
         hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(known))}"
         raise ValueError(f"{table}: row {row} has an unknown setting {name!r}: {hint} (or declare it as a field "
                          "in llmm.run.schema)")
