@@ -386,6 +386,17 @@ def test_train_glue_from_an_init_directory(model_dir, tmp_path):
         assert torch.equal(embedding.get_base_layer().weight, backbone[f"{table}.weight"])
         assert torch.equal(embedding.lora_embedding_A["default"],
                            means[f"base_model.model.{table}.lora_embedding_A"])
+    # The directory's head is the random one of its quantization: each run draws its own from its seed, in float32.
+    heads = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        heads.append(glue_run.load_model(str(init), get_task("cola"), init_dir=True)[1].classifier.weight)
+    assert not torch.equal(heads[0], backbone["classifier.weight"]) and not torch.equal(heads[0], heads[1])
+    bf16 = quantize_model.main(["--model", model_dir, "--save_dir", str(tmp_path / "q16"), "--task_type", "seq_cls",
+                                "--quant", "nf", "--bits", "2", "--rank", "16", "--lora_alpha", "16", "--K", "1",
+                                "--loftq_iter", "1", "--dtype", "bfloat16"])
+    _, model16 = glue_run.load_model(str(bf16), get_task("cola"), init_dir=True)
+    assert {p.dtype for p in model16.parameters()} == {torch.float32}
     for method in ("qlora", "lora"):
         with pytest.raises(ValueError, match=f"LoftQ directory: --method {method} needs the original checkpoint"):
             glue_run.resolve(["--task", "cola", "--quant", "nf", "--rank", "16", "--model", str(init),

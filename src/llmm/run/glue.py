@@ -120,14 +120,32 @@ def check_init_dir(settings: GlueRun, given: set[str] = frozenset()) -> None:
     settings.backbone += " (LoftQ directory)"
 
 
-def load_model(model_name_or_path: str, task: GlueTask):
-    """Tokenizer and AutoModelForSequenceClassification (fresh head) from a hub id or a local directory."""
+def load_model(model_name_or_path: str, task: GlueTask, init_dir: bool = False):
+    """Tokenizer and AutoModelForSequenceClassification in float32 (fresh head) from a hub id or a local directory.
+    An _init.sh directory (``init_dir``) holds the random head of its quantization: it is drawn afresh here."""
     labels = {} if task.is_regression else {"id2label": dict(enumerate(task.label_names)),
                                             "label2id": {n: i for i, n in enumerate(task.label_names)}}
     tokenizer = load_pretrained(AutoTokenizer, model_name_or_path)
     model = load_pretrained(AutoModelForSequenceClassification, model_name_or_path, num_labels=task.num_labels,
-                            ignore_mismatched_sizes=True, **labels)  # a fresh head when the saved one differs
+                            ignore_mismatched_sizes=True, dtype=torch.float32, **labels)  # a fresh head if it differs
+    if init_dir:
+        fresh_head(model)
     return tokenizer, model
+
+
+@torch.no_grad()
+def fresh_head(model) -> None:
+    """The task head beside the encoder (DeBERTa's pooler and classifier, BERT's classifier) drawn afresh from torch's
+    generator (the run's seed), as transformers initialises a head the checkpoint lacks."""
+    for name, child in model.named_children():
+        for module in child.modules() if name != model.base_model_prefix else ():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.normal_(0.0, model.config.initializer_range)
+                if module.bias is not None:
+                    module.bias.zero_()
+            elif isinstance(module, torch.nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
 
 
 def wrap_model(model, settings: GlueRun):
@@ -304,7 +322,7 @@ class GlueRecipe(Recipe):
         return training_arguments(self.settings, self.output_dir)
 
     def load_model(self, arguments):
-        tokenizer, model = load_model(self.settings.model, self.task)
+        tokenizer, model = load_model(self.settings.model, self.task, init_dir=bool(self.settings.get("init_dir")))
         return wrap_model(model.to(arguments.device), self.settings), tokenizer  # LoftQ runs on the training device
 
     def datasets(self, tokenizer):
