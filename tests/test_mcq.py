@@ -514,6 +514,22 @@ def test_table_never_pools_different_settings_and_pairs_only_the_same_backbone(t
         mcq_table.main([str(tmp_path)])
 
 
+def test_table_rows_of_list_settings_and_a_variant_named_as_its_method(tmp_path):
+    """Runs apart only in a list setting get a row each (no crash on a list in the label); --variant llmm is the
+    cell --method llmm gives (one row, two seeds)."""
+    from scripts import mcq_table
+
+    write_mcq_run(tmp_path, "qv", {**RUN_CELL, "target_modules": ["q_proj", "v_proj"]}, 1, {("obqa", "mean", 1): 0.6})
+    write_mcq_run(tmp_path, "q", {**RUN_CELL, "target_modules": ["q_proj"]}, 1, {("obqa", "mean", 1): 0.7})
+    accuracy = {r[0]: r[1:] for r in table_rows(mcq_table.main([str(tmp_path)]), "### Accuracy")}
+    assert len(accuracy) == 2 and sorted(accuracy.values()) == [["60.0 (n=1)"], ["70.0 (n=1)"]]
+    root = tmp_path / "variant"
+    write_mcq_run(root, "method", RUN_CELL, 1, {("obqa", "mean", 1): 0.6})
+    write_mcq_run(root, "variant", {**RUN_CELL, "variant": "llmm"}, 2, {("obqa", "mean", 1): 0.8})
+    accuracy = {r[0]: r[1:] for r in table_rows(mcq_table.main([str(root)]), "### Accuracy")}
+    assert accuracy == {"llmm int8 K2 mean": ["70.0 (70.0 ± 14.1, n=2)"]}
+
+
 def test_table_refuses_results_without_cell_and_seed(tmp_path):
     from scripts import mcq_table
 

@@ -225,7 +225,8 @@ def test_variants_set_the_options_and_the_table_shows_each_as_a_row_paired_with_
 @pytest.mark.parametrize("extra, problem", [
     (["--variant", "nope"], "unknown variant 'nope'"),
     (["--noise_width_search", "tfb", "--validation_size", "0"], "needs a validation split"),
-    (["--variant", "llmm_tfb", "--method", "map"], "which --method map (K = 0) does not have"),
+    (["--variant", "llmm_tfb", "--method", "map"], "--method 'map' contradicts --variant llmm_tfb, which sets method"),
+    (["--eval_modes", "mean", "mean"], "--eval_modes mean mean: name each mode once"),
     (["--entropy_weight", "-1"], "entropy_weight = -1.0 is out of range"),
     (["--noise_width_grid", "1", "0"], "noise_width_grid = [1.0, 0.0] is out of range"),
     (["--validation_size", "11"], "validation_size 11 leaves no training data"),

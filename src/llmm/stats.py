@@ -155,15 +155,18 @@ def group_by_cell(records: list[dict]) -> dict[str, dict]:
 
 def distinguishing_fields(cells: list[dict], shown: tuple[str, ...]) -> list[str]:
     """``shown`` plus the settings a row label needs so that no two of ``cells`` share a label."""
-    fields, labels = list(shown), [tuple(c.get(f) for f in shown) for c in cells]
+    def value(c, f):  # hashable: a list setting (target_modules) as its JSON text
+        return json.dumps(c.get(f), sort_keys=True, default=str)
+
+    fields, labels = list(shown), [tuple(value(c, f) for f in shown) for c in cells]
     others = {key for c in cells for key in c} - set(shown)
     for field in [f for f in PREFERRED_LABELS if f in others] + sorted(others - set(PREFERRED_LABELS)):
         values: dict[tuple, set] = {}
         for label, c in zip(labels, cells):
-            values.setdefault(label, set()).add(json.dumps(c.get(field), sort_keys=True, default=str))
+            values.setdefault(label, set()).add(value(c, field))
         if any(len(v) > 1 for v in values.values()):
             fields.append(field)
-            labels = [label + (c.get(field),) for label, c in zip(labels, cells)]
+            labels = [label + (value(c, field),) for label, c in zip(labels, cells)]
     return fields
 
 

@@ -117,8 +117,17 @@ def resolve_settings(table: dict, args) -> dict:
     """Defaults, the task row, the variant's settings, then the flags that were given."""
     settings = tables.select_row(table, task=args.task)
     variant = args.variant if args.variant is not None else settings.get("variant")
-    settings.update(variant_settings(table, variant))
-    settings.update({k: v for k, v in vars(args).items() if v is not None})
+    own = variant_settings(table, variant)
+    given = {k: v for k, v in vars(args).items() if v is not None}
+    clash = sorted(k for k in own if k in given and given[k] != own[k])
+    if clash:  # the row would be labelled by a variant it is not
+        raise ValueError(f"--{clash[0]} {given[clash[0]]!r} contradicts --variant {variant}, which sets {clash[0]} = "
+                         f"{own[clash[0]]!r}: drop --{clash[0]}, or name another variant")
+    if given.get("eval_modes") is not None and (not given["eval_modes"]
+                                                or len(set(given["eval_modes"])) < len(given["eval_modes"])):
+        raise ValueError(f"--eval_modes {' '.join(given['eval_modes'])}: name each mode once, at least one")
+    settings.update(own)
+    settings.update(given)
     return settings
 
 

@@ -56,15 +56,23 @@ def gather(paths: list[str]) -> tuple[list[dict], list[dict], list[str]]:
         costs = run_costs(results)
         for entry in stats.check_entries(results["evaluations"], str(file)):
             records.append({"path": f"{file} ({entry['eval_set']} {entry['mode']})", "seed": entry.get("seed"),
-                            "cell": entry.get("cell"), "questions": question_key(entry.get("questions")),
+                            "cell": same_as_method(entry.get("cell")), "questions": question_key(entry.get("questions")),
                             "costs": {**costs, "test_s": entry.get("wall_time_s")},
                             "metrics": {name: stats.metric_value(entry.get(name), str(file), name) * scale
                                         for name, (_, scale) in METRICS.items()}})
         history = results.get("width", {}).get("history")
         if history:
-            widths.append({"path": str(file), "seed": results.get("seed"), "cell": results.get("cell"),
+            widths.append({"path": str(file), "seed": results.get("seed"), "cell": same_as_method(results.get("cell")),
                            "final": history[-1]})
     return records, widths, skipped
+
+
+def same_as_method(cell):
+    """A cell whose variant is its method (--variant llmm: the table's variant that only sets the method) is the cell
+    --method llmm gives: the same run, one row (any other setting of a variant is a field of the cell itself)."""
+    if isinstance(cell, dict) and cell.get("variant") is not None and cell.get("variant") == cell.get("method"):
+        return {key: value for key, value in cell.items() if key != "variant"}
+    return cell
 
 
 def question_key(questions) -> str | None:
@@ -181,14 +189,14 @@ def cost_table(records: list[dict], baseline: str) -> list[str]:
     for group in groups.values():
         cell = group["cell"]
         if cell["method"] == baseline and cell["eval_mode"] == "mean" and cell["eval_set"] == cell["task"]:
-            base[cell["task"]] = (median(group, "step_s"), median(group, "test_s"))
+            base[cell["task"], cell["backbone"]] = (median(group, "step_s"), median(group, "test_s"))
     rows = []
     for group in groups.values():
         cell = group["cell"]
         if cell["eval_set"] != cell["task"]:
             continue  # OOD sets: the in-distribution time says the cost
         step, search, test = (median(group, key) for key in ("step_s", "search_s", "test_s"))
-        step_base, test_base = base.get(cell["task"], (None, None))
+        step_base, test_base = base.get((cell["task"], cell["backbone"]), (None, None))
         rows.append((row_label(cell, extra), cell["task"],
                      f"{step:.2f}{ratio(step, step_base)}" if step is not None else "- (not trained here)",
                      f"{search:.0f}" if search is not None else "-",

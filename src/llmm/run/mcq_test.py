@@ -62,7 +62,12 @@ def member_settings(args) -> list[schema.McqRun]:
                  "per_device_eval_batch_size": args.per_device_eval_batch_size}
     search = {name: getattr(args, name) for name in schema.fields_of(schema.WidthSearchSettings)
               if getattr(args, name) is not None}
-    rules = [rule for rule in search.pop("noise_width_search", []) if rule != "none"]
+    rules = search.pop("noise_width_search", [])
+    if "none" in rules:
+        raise ValueError("--noise_width_search none: test_mcq evaluates with the width m the run saved (the paper's "
+                         "m = 1 unless it searched); name tfb or nll to search again, or drop the flag")
+    if args.eval_modes is not None and (not args.eval_modes or len(set(args.eval_modes)) < len(args.eval_modes)):
+        raise ValueError(f"--eval_modes {' '.join(args.eval_modes)}: name each mode once, at least one")
     if rules and len(members) > 1:
         raise ValueError("--noise_width_search applies to one run; several runs are evaluated as a deep ensemble")
     if len(set(rules)) != len(rules):
