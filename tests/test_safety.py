@@ -426,6 +426,9 @@ def test_a_run_resumed_to_more_steps_follows_the_longer_schedule_from_its_first_
     assert rates(resumed)[4] == pytest.approx(rates(longer)[4])
     a, b = (load_file(tmp_path / run / "adapter" / "adapter_model.safetensors") for run in ("four", "two"))
     assert all(torch.allclose(a[key], b[key], atol=1e-6) for key in a)  # the steps the rates drive, too
+    with pytest.raises(ValueError, match="is at step 4, past --max_steps 3: resume with --max_steps 4 or more"):
+        train_gsm8k.main(gsm8k_argv(llama_dir, tmp_path / "two", "--max_steps", "3", *schedule,
+                                    "--resume_from_checkpoint"))
 
 
 def test_a_glue_run_killed_during_export_resumes_without_an_extra_step(model_dir, tmp_path, monkeypatch):  # noqa: F811

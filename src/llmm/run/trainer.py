@@ -199,6 +199,11 @@ def check_checkpoint(checkpoint: str, settings) -> None:
             raise ValueError(f"checkpoint {checkpoint!r} was trained with {name}={value!r} but the settings say "
                              f"{settings[name]!r}: resume with the run's settings (its settings.json)"
                              + ("" if isinstance(value, bool) else f", e.g. --{name} {value}"))
+    step = (trainer_state(checkpoint) or {}).get("global_step", 0)
+    if settings.get("max_steps") is not None and step > settings["max_steps"]:  # its schedule ran longer
+        raise ValueError(f"checkpoint {checkpoint!r} is at step {step}, past --max_steps {settings['max_steps']}: "
+                         f"resume with --max_steps {step} or more, or train a run of {settings['max_steps']} steps "
+                         "from the start")
     if not (Path(checkpoint) / NOISE_STATE.format(0)).is_file():
         raise FileNotFoundError(f"{checkpoint!r} has no {NOISE_STATE.format(0)} (the Llmm noise generator's state), so "
                                 "the run cannot continue exactly: resume from another checkpoint-N of the run")
