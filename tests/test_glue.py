@@ -395,6 +395,10 @@ def test_train_glue_from_an_init_directory(model_dir, tmp_path):
     bf16 = quantize_model.main(["--model", model_dir, "--save_dir", str(tmp_path / "q16"), "--task_type", "seq_cls",
                                 "--quant", "nf", "--bits", "2", "--rank", "16", "--lora_alpha", "16", "--K", "1",
                                 "--loftq_iter", "1", "--dtype", "bfloat16"])
+    with pytest.raises(FileExistsError, match="is an _init.sh directory .*: a training run never replaces one"):
+        train_glue.main(["--task", "cola", "--quant", "nf", "--rank", "16", "--model", model_dir, "--data_dir",
+                         str(DATA / "CoLA"), "--output_dir", str(bf16), "--overwrite", "--max_steps", "1"])
+    assert (bf16 / "quantize_report.json").is_file()
     _, model16 = glue_run.load_model(str(bf16), get_task("cola"), init_dir=True)
     assert {p.dtype for p in model16.parameters()} == {torch.float32}
     for method in ("qlora", "lora"):

@@ -88,6 +88,9 @@ class Recipe:
         """The output directory is none of the inputs, holds none and lies in none, and may become this run's (new,
         empty, resumed or an llmm one replaced with --overwrite)."""
         outdirs.check_outputs_apart({"--output_dir": str(self.output_dir)}, self.inputs())
+        if not resume and (self.output_dir / "quantize_report.json").is_file():  # other runs may train on it
+            raise FileExistsError(f"{str(self.output_dir)!r} is an _init.sh directory (quantize_report.json): a "
+                                  "training run never replaces one: choose another --output_dir")
         outdirs.check_output_dir(self.output_dir, self.settings.get("overwrite", False), resume=resume)
 
     # --- the flow ------------------------------------------------------------------------------------------------
