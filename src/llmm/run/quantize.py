@@ -83,6 +83,7 @@ def resolve(argv: list[str] | None = None) -> schema.QuantizeRun:
         if settings.record().get(name) is None:  # given by the row or a flag
             raise ValueError(f"--{name} is required without --preset (presets: configs/quantize.yaml)")
     adapters.check_settings(settings)  # every value in its field's range (llmm.run.schema)
+    adapters.check_flags_apply(settings, adapters.given_flags(args, ("preset",)))
     settings.quantize_embeddings = embeddings_quantized(settings.quantize_embeddings, settings.task_type)
     if settings.device == "cuda":
         cli.require_cuda_for("--device cuda")

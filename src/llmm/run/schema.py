@@ -395,7 +395,8 @@ class QuantizeSettings:
     model: str = setting(None, "hub id or local directory to quantize")
     task_type: str = setting("causal_lm", "causal_lm | seq_cls", choices=("causal_lm", "seq_cls"))
     device: str = setting("cpu", "where LoftQ runs: cpu | cuda", choices=("cpu", "cuda"))
-    block_size: int = setting(64, "normal-float block size", low=1)
+    block_size: int = setting(64, "normal-float block size", low=1,
+                              applies=Applies("--quant nf (the uniform quantizer is per tensor)", lambda s: s.quant == "nf"))
     num_labels: int = setting(None, "classifier size for --task_type seq_cls", low=1)
     save_dir: str = setting("quantized", "where the directory is written", role=RUN, nonempty=True)
     # quantize_embeddings: GlueSettings' field (one declaration; llmm.run.quantize takes the old "auto" strings)

@@ -529,5 +529,5 @@ class LlmmTrainer(Trainer):
         good = next((path for path in reversed(complete_checkpoints(self.args.output_dir))
                      if checkpoint_is_finite(path)), None)
         kept = f"the last good checkpoint is {str(good)!r}" if good else "no good checkpoint was written yet"
-        raise TrainingDiverged(f"{what}; stopped, {kept}: lower --learning_rate or clip gradients (--max_grad_norm), "
-                               "then start again or --resume_from_checkpoint")
+        raise TrainingDiverged(f"{what}; stopped, {kept}: start a new run with a lower --learning_rate or clipped "
+                               "gradients (--max_grad_norm); a resume keeps this run's settings")
