@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                    MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
 
 from llmm import get_llmm_model, streaming
 from llmm.embedding import LlmmEmbedding, embedding_targets
@@ -95,6 +97,16 @@ def resolve(argv: list[str] | None = None) -> schema.QuantizeRun:
 def output_dir(settings: schema.QuantizeRun) -> Path:
     name = Path(settings.model.rstrip("/")).name
     return Path(settings.save_dir) / f"{name}-{settings.bits}bit-{settings.rank}rank"
+
+
+def check_task_type(model_config, settings) -> None:
+    """transformers has a head of --task_type for this architecture (an encoder is no causal LM)."""
+    heads = {"causal_lm": MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "seq_cls": MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES}
+    if model_config.model_type not in heads[settings.task_type]:
+        other = [task for task, names in heads.items() if model_config.model_type in names]
+        raise ValueError(f"{settings.model!r} is a {model_config.model_type} model, which transformers has no "
+                         f"--task_type {settings.task_type} head for: "
+                         + (f"pass --task_type {other[0]}" if other else "quantize a supported architecture"))
 
 
 def head_linears(model: torch.nn.Module, targets: list[str]) -> list[str]:
@@ -195,6 +207,7 @@ def make_init_dir(settings: schema.QuantizeRun, whole_model: bool = False) -> Pa
     check_new_dir(final_dir, settings.get("overwrite", False))  # a file, locked, or not llmm's to replace
     extra = {"num_labels": settings.num_labels} if settings.num_labels else {}
     model_config = fileio.load_pretrained(AutoConfig, settings.model, **extra)
+    check_task_type(model_config, settings)
     tokenizer = fileio.load_pretrained(AutoTokenizer, settings.model)  # before hours of LoftQ: needed
     targets = tables.default_targets(model_config, settings.target_modules)
     # The model is built on the meta device only to decide the targets and the layout (llmm.streaming).
