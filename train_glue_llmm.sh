@@ -34,7 +34,8 @@ OUT=${OUT:-runs/glue}
 source "$(dirname "$0")/scripts/launch.sh"  # ACCELERATE_CONFIG (DDP only: the encoder fits one device) or LAUNCH
 refuse_loop_flags train_glue_llmm.sh "OUT=, TASKS=, QUANTS=, RANKS=, SEEDS=, METHOD=, BITS= or EMBEDDINGS=" \
   --output_dir --task --quant --rank --seed --method --bits --quantize_embeddings --no-quantize_embeddings -- "$@"
-bits=(); if [[ -n ${BITS:-} && $METHOD != lora ]]; then bits=(--bits "$BITS"); fi  # lora: a 16-bit backbone
+bits=(); bits_name=""  # lora: a 16-bit backbone, BITS neither passed nor in its directory's name
+if [[ -n ${BITS:-} && $METHOD != lora ]]; then bits=(--bits "$BITS"); bits_name=$BITS; fi
 EMBEDDINGS=${EMBEDDINGS:-quantized}  # quantized (the paper's protocol) | fp
 case $EMBEDDINGS in
   quantized) embeddings=(); suffix="" ;;
@@ -46,7 +47,7 @@ for task in $TASKS; do
   for quant in $QUANTS; do
     for rank in $RANKS; do
       for seed in $SEEDS; do
-        run="$OUT/$METHOD-$quant${BITS:-}-r$rank$suffix/$task/seed$seed"
+        run="$OUT/$METHOD-$quant$bits_name-r$rank$suffix/$task/seed$seed"
         if grep -qs '"complete": true' "$run/results.json"; then
           echo "done already: $run"
           continue

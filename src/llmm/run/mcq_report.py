@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 
 from llmm import stats
 from llmm.run import tables
@@ -163,13 +164,14 @@ def ensemble_differences(cell: dict, runs: dict, groups: dict, baseline: str) ->
 
 
 def run_costs(results: dict) -> dict:
-    """Seconds per optimizer step (train_runtime less evaluations, over global_step; None for an evaluation-only run)
-    and the width search's seconds."""
+    """Seconds per optimizer step (train_runtime less evaluations, over the steps it trained: a resumed run's own,
+    after its checkpoint; None for an evaluation-only run) and the width search's seconds."""
     history = results.get("history") or []
     runtime = next((log["train_runtime"] for log in history if "train_runtime" in log), None)
-    steps = results.get("global_step")
-    step_s = (None if runtime is None or not steps else
-              (runtime - sum(log.get("eval_runtime", 0.0) for log in history)) / steps)
+    start = int(re.search(r"checkpoint-(\d+)", str(results.get("resumed_from") or "checkpoint-0")).group(1))
+    steps = (results.get("global_step") or 0) - start
+    evaluations = sum(log.get("eval_runtime", 0.0) for log in history if log.get("step", 0) > start)
+    step_s = None if runtime is None or steps <= 0 else (runtime - evaluations) / steps
     return {"step_s": step_s, "search_s": (results.get("noise_width_search") or {}).get("wall_time_s")}
 
 
