@@ -319,6 +319,8 @@ CASES = [
     ("nlg-records-of-another-task", "train_nlg", [*NLG, "--task", "hh-rlhf", "--data", "{w}/alpaca.jsonl",
                                                                  "--eval_split", "heldout"],
      r"lacks field\(s\) \['chosen'\]", r"records need"),
+    ("gsm8k-llmm-K0", "train_gsm8k", [*GSM8K, "--K", "0"], r"--method llmm with K = 0 is the --method qlora run",
+     r"use --method qlora, or K > 0"),
     ("nlg-method-K", "train_nlg", [*NLG, "--method", "loftq", "--K", "2"], r"--method loftq trains plain LoRA factors",
      r"drop --K or use --method llmm"),
     ("nlg-qlora-init-dir", "train_nlg", [*NLG, "--method", "qlora", "--init", "lora", "--model_name_or_path",

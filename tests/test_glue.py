@@ -514,9 +514,8 @@ def test_settings_for_embeddings():
     with pytest.raises(ValueError, match="--gaussian_embeddings true needs --method llmm"):
         glue_run.resolve(["--task", "cola", "--quant", "nf", "--rank", "32", "--method", "loftq",
                             "--gaussian_embeddings", "true"])
-    with pytest.raises(ValueError, match="--gaussian_embeddings true needs --method llmm"):  # K = 0: no directions
-        glue_run.resolve(["--task", "cola", "--quant", "nf", "--rank", "32", "--K", "0",
-                            "--gaussian_embeddings", "true"])
+    with pytest.raises(ValueError, match="--method llmm with K = 0 is the --method loftq run: use --method loftq"):
+        glue_run.resolve(["--task", "cola", "--quant", "nf", "--rank", "32", "--K", "0"])
 
 
 # --------------------------------------------------------------------------------------- runs that reload exactly

@@ -52,6 +52,18 @@ def check_settings(settings, blocks=schema.BLOCKS) -> None:
                          "than 1")
 
 
+def set_method_k(settings, given_k, plain: str) -> None:
+    """K of --method: 0 for a baseline (a --K > 0 is an error), > 0 for llmm, whose K = 0 run is ``plain``'s (the
+    same run under another name in the tables)."""
+    if settings.method != "llmm":
+        if given_k not in (None, 0):
+            raise ValueError(f"--method {settings.method} trains plain LoRA factors (K = 0); drop --K or use --method "
+                             "llmm")
+        settings.K = 0
+    elif settings.K == 0:
+        raise ValueError(f"--method llmm with K = 0 is the --method {plain} run: use --method {plain}, or K > 0")
+
+
 def check_report_to(report_to) -> None:
     """--report_to's package is installed (the Trainer would fail at its start, after the run directory exists)."""
     from transformers.integrations import is_tensorboard_available, is_wandb_available

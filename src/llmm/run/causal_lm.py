@@ -98,10 +98,8 @@ def parse_settings(table: dict, argv=None, description: str = "", task_columns: 
     if not (settings.get("data") or settings.dataset):
         raise ValueError("no dataset: pass --data (a hub id, dataset directory or .json/.jsonl file)")
     method = settings.method
+    adapters.set_method_k(settings, args.K, "loftq" if settings.init == "loftq" else "qlora")
     if method != "llmm":
-        if args.K not in (None, 0):
-            raise ValueError(f"--method {method} trains plain LoRA factors (K = 0); drop --K or use --method llmm")
-        settings.K = 0
         fixed_init = {"qlora": "lora", "loftq": "loftq"}[method]
         if args.init not in (None, fixed_init):
             raise ValueError(f"--method {method} means --init {fixed_init}; drop --init {args.init}")

@@ -31,7 +31,7 @@ from llmm.run import cli, width_search
 from llmm.run.recipe import Recipe, save_run
 from llmm.run.trainer import LlmmTrainer, add_resume_flag
 from llmm.run.adapters import (INIT_DIR_LOFTQ, adopt_init_dir_settings, check_flags_apply, check_init_targets,
-                               check_settings, given_flags, head_modules, init_dir_settings, llmm_config)
+                               check_settings, given_flags, head_modules, init_dir_settings, llmm_config, set_method_k)
 from llmm.run.cli import logger
 from llmm.run.fileio import check_data_paths, load_pretrained, plot_curves, write_json
 from llmm.run.quantize import embeddings_quantized
@@ -68,10 +68,7 @@ def resolve(argv: list[str] | None) -> tuple[GlueTask, GlueRun]:
     settings.quantize_embeddings = embeddings_quantized(settings.quantize_embeddings, "seq_cls")  # null: on
     check_settings(settings, BLOCKS)  # as given; again below with what --method and the _init.sh directory imply
     method = settings.method
-    if method != "llmm":
-        if args.K not in (None, 0):
-            raise ValueError(f"--method {method} trains no directions (K = 0); use --method llmm for K = {args.K}")
-        settings.K = 0
+    set_method_k(settings, args.K, "loftq")
     settings.init = "loftq" if method in ("llmm", "loftq") else "lora"
     if method == "lora":
         if args.quantize_embeddings:

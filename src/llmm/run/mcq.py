@@ -42,10 +42,7 @@ def check_settings(settings: schema.McqRun, table: dict, args) -> schema.McqRun:
     method = settings.method
     if isinstance(settings.eval_modes, dict):  # the table's modes per method
         settings.eval_modes = settings.eval_modes[method]
-    if method != "llmm":
-        if args.K not in (None, 0):
-            raise ValueError(f"--method {method} trains plain LoRA factors (K = 0); drop --K or use --method llmm")
-        settings.K = 0
+    adapters.set_method_k(settings, args.K, "map")
     if method == "mcdropout":
         if args.lora_dropout is not None:
             raise ValueError("--method mcdropout takes its dropout from mc_dropout; drop --lora_dropout")
