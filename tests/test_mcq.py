@@ -530,6 +530,20 @@ def test_table_rows_of_list_settings_and_a_variant_named_as_its_method(tmp_path)
     assert accuracy == {"llmm int8 K2 mean": ["70.0 (70.0 ± 14.1, n=2)"]}
 
 
+def test_the_cost_ratio_is_to_map_on_the_same_backbone(tmp_path):
+    from scripts import mcq_table
+
+    for name, cell, seconds in (("map-int8", MAP_CELL, 1.0), ("map-nf4", {**MAP_CELL, "backbone": "nf4"}, 4.0),
+                                ("llmm-nf4", {**RUN_CELL, "backbone": "nf4"}, 8.0)):
+        write_mcq_run(tmp_path, name, cell, 1, {("obqa", "mean", 1): 0.6})
+        path = tmp_path / name / "results.json"
+        results = json.loads(path.read_text())
+        results["evaluations"][0]["wall_time_s"] = seconds
+        path.write_text(json.dumps(results))
+    costs = {r[0]: r[1:] for r in table_rows(mcq_table.main([str(tmp_path)]), "### Cost")}
+    assert costs["llmm nf4 K2 mean"][-1] == "8.0 (2.00x)" and costs["map int8 K0 mean"][-1] == "1.0 (1.00x)"
+
+
 def test_seconds_per_step_of_a_resumed_run_count_only_what_it_trained():
     """A run resumed from checkpoint-2 timed steps 3-4 and their evaluations: train_runtime 4 s less 1 s of them."""
     from llmm.run.mcq_report import run_costs
