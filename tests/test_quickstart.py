@@ -51,6 +51,7 @@ def test_quickstart_smoke(tmp_path):
 
     text = glue_table.main([str(run) for run in sorted(out.glob("*-seed*")) if run.is_dir()])
     assert "BBC News Acc/F1 dev, Acc/F1 test" in text and "| bbcnews | f1_macro (test) | 2 |" in text
+    assert glue_table.main([str(out)]) == text  # the quick start's own results.json (its summary) is passed over
     from scripts import eval_glue  # scoring a run's dev files again needs no training file
 
     (out / "data" / "train.csv").unlink()

@@ -178,7 +178,7 @@ def test_glue_nan_loss_stops_and_keeps_the_last_good_checkpoint(model_dir, tmp_p
     out = tmp_path / "run"
     line = diverge(train_glue.main, glue_argv(model_dir, out, "--max_steps", "4", "--learning_rate", "1e30"), capsys)
     assert line.startswith("error: training loss is nan at step 2; stopped, the last good checkpoint is ")
-    assert str(out / "checkpoint-1") in line and "--learning_rate" in line and "--resume_from_checkpoint" in line
+    assert str(out / "checkpoint-1") in line and "--learning_rate" in line and "a resume keeps this run" in line
     assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-1"]
     assert all(t.isfinite().all() for t in load_file(out / "checkpoint-1" / "adapter_model.safetensors").values())
     assert not (out / "adapter").exists() and not json.loads((out / "results.json").read_text())["complete"]

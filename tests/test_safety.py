@@ -363,7 +363,7 @@ def test_under_ddp_every_process_stops_at_the_same_step(llama_dir, tmp_path):  #
                                       "--max_grad_norm", "0", "--gradient_accumulation_steps", "1")],
                          cwd=REPO_ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     # One error line per process; the two processes may write them into one line of the shared stream.
-    lines = re.findall(r"error: .*?--resume_from_checkpoint", run.stdout + run.stderr)
+    lines = re.findall(r"error: .*?a resume keeps this run.s settings", run.stdout + run.stderr)
     assert run.returncode != 0 and len(lines) == 2, (run.stdout + run.stderr)[-3000:]
     steps = {re.search(r"at step (\d+)", line).group(1) for line in lines}
     assert len(steps) == 1 and all("stopped" in line for line in lines)

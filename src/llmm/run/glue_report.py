@@ -46,6 +46,8 @@ def gather(paths: list[str], which: str) -> tuple[list[dict], list[str]]:
         except json.JSONDecodeError as error:
             raise ValueError(f"{str(file)!r} is not valid JSON ({error}): delete it or re-run the training that "
                              "writes it") from None
+        if isinstance(results, dict) and "task" not in results and {"summary", "runs"} <= set(results):
+            continue  # the quick start's summary of its runs, which lie below it and are read themselves
         if not isinstance(results, dict) or results.get("task") not in TASKS:
             task = results.get("task") if isinstance(results, dict) else None
             raise ValueError(f"{str(file)!r} is not a GLUE results.json (task {task!r}): pass GLUE run directories "
