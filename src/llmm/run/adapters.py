@@ -90,6 +90,12 @@ def given_flags(args, keys=()) -> list[str]:
     return [name for name, value in vars(args).items() if value is not None and name not in keys]
 
 
+def check_eval_modes(modes) -> None:
+    """--eval_modes (None: not given) names each mode once, at least one."""
+    if modes is not None and (not modes or len(set(modes)) < len(modes)):
+        raise ValueError(f"--eval_modes {' '.join(modes)}: name each mode once, at least one")
+
+
 def check_sampled_modes(modes, k: int, what: str, fix: str) -> None:
     """Evaluation modes that sample the Llmm noise (mc, sample) need K > 0: with K = 0 they would silently be the
     mean network (train_mcq, test_mcq, eval_glue, test_gsm8k)."""

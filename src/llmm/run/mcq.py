@@ -120,9 +120,7 @@ def resolve_settings(table: dict, args) -> dict:
     if clash:  # the row would be labelled by a variant it is not
         raise ValueError(f"--{clash[0]} {given[clash[0]]!r} contradicts --variant {variant}, which sets {clash[0]} = "
                          f"{own[clash[0]]!r}: drop --{clash[0]}, or name another variant")
-    if given.get("eval_modes") is not None and (not given["eval_modes"]
-                                                or len(set(given["eval_modes"])) < len(given["eval_modes"])):
-        raise ValueError(f"--eval_modes {' '.join(given['eval_modes'])}: name each mode once, at least one")
+    adapters.check_eval_modes(given.get("eval_modes"))
     settings.update(own)
     settings.update(given)
     return settings

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
+from pathlib import Path
 
 from llmm import stats
 from llmm.run import tables
@@ -168,7 +168,8 @@ def run_costs(results: dict) -> dict:
     after its checkpoint; None for an evaluation-only run) and the width search's seconds."""
     history = results.get("history") or []
     runtime = next((log["train_runtime"] for log in history if "train_runtime" in log), None)
-    start = int(re.search(r"checkpoint-(\d+)", str(results.get("resumed_from") or "checkpoint-0")).group(1))
+    resumed = results.get("resumed_from")  # .../checkpoint-N
+    start = int(Path(resumed).name.removeprefix("checkpoint-")) if resumed else 0
     steps = (results.get("global_step") or 0) - start
     evaluations = sum(log.get("eval_runtime", 0.0) for log in history if log.get("step", 0) > start)
     step_s = None if runtime is None or steps <= 0 else (runtime - evaluations) / steps

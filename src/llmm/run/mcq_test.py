@@ -66,8 +66,7 @@ def member_settings(args) -> list[schema.McqRun]:
     if "none" in rules:
         raise ValueError("--noise_width_search none: test_mcq evaluates with the width m the run saved (the paper's "
                          "m = 1 unless it searched); name tfb or nll to search again, or drop the flag")
-    if args.eval_modes is not None and (not args.eval_modes or len(set(args.eval_modes)) < len(args.eval_modes)):
-        raise ValueError(f"--eval_modes {' '.join(args.eval_modes)}: name each mode once, at least one")
+    adapters.check_eval_modes(args.eval_modes)
     if rules and len(members) > 1:
         raise ValueError("--noise_width_search applies to one run; several runs are evaluated as a deep ensemble")
     if len(set(rules)) != len(rules):
