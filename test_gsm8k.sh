@@ -12,7 +12,7 @@
 #   DECODINGS="greedy reference" MODES="mean sample mc" bash test_gsm8k.sh
 #   RUNS="runs/gsm8k/llama-2-7b-r64-llmm" bash test_gsm8k.sh --max_samples 50      # smoke test
 #   MODES="mean mc" MC_SAMPLES=16 SEED=1 bash test_gsm8k.sh   # --mc_samples for mc, --seed where something is drawn
-# An evaluation whose results.json exists is skipped.
+# An evaluation done already with the same settings is skipped (other settings: an error naming the first that differs).
 set -euo pipefail
 # Paths you give (and the defaults below) are relative to where you stand; the code comes from this checkout.
 export PYTHONPATH="$(cd "$(dirname "$0")" && pwd)${PYTHONPATH:+:$PYTHONPATH}"
@@ -29,12 +29,11 @@ for run in $RUNS; do
   for decoding in $DECODINGS; do
     for mode in $MODES; do
       out="${run%/}/test-$decoding-$mode"
-      if [[ -f $out/results.json ]]; then echo "skip $out (done)"; continue; fi
       own=()  # flags that act in some evaluations only (elsewhere they are refused)
       if [[ $mode == mc && -n ${MC_SAMPLES:-} ]]; then own+=(--mc_samples "$MC_SAMPLES"); fi
       if [[ -n ${SEED:-} && ( $mode != mean || $decoding != greedy ) ]]; then own+=(--seed "$SEED"); fi
       $LAUNCH -m scripts.test_gsm8k --adapter "${run%/}/adapter" --decoding "$decoding" --mode "$mode" \
-        --output_dir "$out" --overwrite ${own[@]+"${own[@]}"} "$@"
+        --output_dir "$out" --skip_if_complete --overwrite ${own[@]+"${own[@]}"} "$@"
     done
   done
 done

@@ -20,7 +20,8 @@
 #   LAUNCH="torchrun --nproc_per_node 2" bash train_glue_llmm.sh   # or LAUNCH="accelerate launch"
 #   ACCELERATE_CONFIG=my_ddp.yaml bash train_glue_llmm.sh   # an accelerate config (DDP: FSDP / DeepSpeed are refused)
 #   bash train_glue_llmm.sh --eval_noise mc --mc_samples 10    # Monte-Carlo dev evaluation, calibration metrics
-# A run whose results.json is complete is skipped; an interrupted one resumes from its newest checkpoint.
+# A complete run with the same settings is skipped (other settings: an error naming the first that differs); an
+# interrupted one resumes from its newest checkpoint.
 set -euo pipefail
 # Paths you give (and the defaults below) are relative to where you stand; the code comes from this checkout.
 export PYTHONPATH="$(cd "$(dirname "$0")" && pwd)${PYTHONPATH:+:$PYTHONPATH}"
@@ -48,14 +49,10 @@ for task in $TASKS; do
     for rank in $RANKS; do
       for seed in $SEEDS; do
         run="$OUT/$METHOD-$quant$bits_name-r$rank$suffix/$task/seed$seed"
-        if grep -qs '"complete": true' "$run/results.json"; then
-          echo "done already: $run"
-          continue
-        fi
         start=(--overwrite)  # a run with checkpoints continues from its newest one
         if compgen -G "$run/checkpoint-*" > /dev/null; then start=(--resume_from_checkpoint); fi
         $LAUNCH -m scripts.train_glue --task "$task" --quant "$quant" --rank "$rank" --seed "$seed" \
-          --method "$METHOD" --output_dir "$run" "${start[@]}" ${embeddings[@]+"${embeddings[@]}"} \
+          --method "$METHOD" --output_dir "$run" --skip_if_complete "${start[@]}" ${embeddings[@]+"${embeddings[@]}"} \
           ${bits[@]+"${bits[@]}"} ${MODEL:+--model "$MODEL"} ${DATA_DIR:+--data_dir "$DATA_DIR"} "$@"
       done
     done

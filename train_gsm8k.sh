@@ -14,7 +14,8 @@
 #   SEEDS="0 1 2 3 4" bash train_gsm8k.sh       # default "0 1 2 3" (4 seeds, as LoftQ's medians); SEEDS=table: the row's seed
 #   LAUNCH="accelerate launch" bash train_gsm8k.sh --max_steps 10            # smoke run
 #   ACCELERATE_CONFIG=configs/accelerate/fsdp2.yaml MODELS=llama-2-7b SEEDS=0 bash train_gsm8k.sh   # FSDP2, 2 GPUs
-# A run whose results.json exists is skipped; an interrupted one resumes from its newest checkpoint.
+# A complete run with the same settings is skipped (other settings: an error naming the first that differs); an
+# interrupted one resumes from its newest checkpoint.
 set -euo pipefail
 # Paths you give (and the defaults below) are relative to where you stand; the code comes from this checkout.
 export PYTHONPATH="$(cd "$(dirname "$0")" && pwd)${PYTHONPATH:+:$PYTHONPATH}"
@@ -32,11 +33,10 @@ for model in $MODELS; do
     for seed in $SEEDS; do
       seed_args=(); name="$model-r$RANK-$method"
       if [[ $seed != table ]]; then seed_args=(--seed "$seed"); name="$name-seed$seed"; fi
-      if [[ -f $OUT/$name/results.json ]]; then echo "skip $OUT/$name (done)"; continue; fi
       start=(--overwrite)  # a run with checkpoints continues from its newest one
       if compgen -G "$OUT/$name/checkpoints/checkpoint-*" > /dev/null; then start=(--resume_from_checkpoint); fi
       $LAUNCH -m scripts.train_gsm8k --model "$model" --rank "$RANK" --method "$method" "${seed_args[@]}" \
-        --output_dir "$OUT/$name" "${start[@]}" "$@"
+        --output_dir "$OUT/$name" --skip_if_complete "${start[@]}" "$@"
     done
   done
 done

@@ -17,7 +17,8 @@
 #              nf4 / nf2 (LoftQ in-process, 16-bit storage) | bf16 | fp32
 #   LAUNCH="accelerate launch" bash train_mcq.sh;  bash train_mcq.sh --max_steps 10   (a smoke run)
 #   ACCELERATE_CONFIG=configs/accelerate/fsdp2.yaml bash train_mcq.sh   # sharded over the GPUs
-# A run whose results.json is complete is skipped; an interrupted one resumes from its newest checkpoint.
+# A complete run with the same settings is skipped (other settings: an error naming the first that differs); an
+# interrupted one resumes from its newest checkpoint.
 set -euo pipefail
 export PYTHONPATH="$(cd "$(dirname "$0")" && pwd)${PYTHONPATH:+:$PYTHONPATH}"  # relative paths stay the user's
 
@@ -49,15 +50,11 @@ for task in $TASKS; do
     for method in $METHODS; do
       for seed in $SEEDS; do
         run="$OUT/$task/$method-$backbone/seed$seed"
-        if grep -qs '"complete": true' "$run/results.json"; then
-          echo "done already: $run"
-          continue
-        fi
         start=(--overwrite)  # a run with checkpoints continues from its newest one
         if compgen -G "$run/checkpoints/checkpoint-*" > /dev/null; then start=(--resume_from_checkpoint); fi
         # shellcheck disable=SC2086
         $LAUNCH -m scripts.train_mcq --task "$task" --variant "$method" --seed "$seed" $flags \
-          --output_dir "$run" "${start[@]}" ${MODEL:+--model_name_or_path "$MODEL"} "$@"
+          --output_dir "$run" --skip_if_complete "${start[@]}" ${MODEL:+--model_name_or_path "$MODEL"} "$@"
       done
     done
     members=()

@@ -15,7 +15,8 @@
 #   METHODS="llmm loftq qlora" SEEDS="0 1" bash train_nlg_llama.sh   # baselines; SEEDS default "0 1 2 3", table: the row's
 #   LAUNCH="accelerate launch" bash train_nlg_llama.sh --llmmscale 700    # the reference's later scale
 #   ACCELERATE_CONFIG=configs/accelerate/fsdp2.yaml bash train_nlg_llama.sh   # sharded over the GPUs
-# A run whose results.json exists is skipped; an interrupted one resumes from its newest checkpoint.
+# A complete run with the same settings is skipped (other settings: an error naming the first that differs); an
+# interrupted one resumes from its newest checkpoint.
 set -euo pipefail
 # Paths you give (and the defaults below) are relative to where you stand; the code comes from this checkout.
 export PYTHONPATH="$(cd "$(dirname "$0")" && pwd)${PYTHONPATH:+:$PYTHONPATH}"
@@ -36,11 +37,10 @@ for task in $TASKS; do
       for seed in $SEEDS; do
         seed_args=(); name="$task-$model-r$RANK-$method"
         if [[ $seed != table ]]; then seed_args=(--seed "$seed"); name="$name-seed$seed"; fi
-        if [[ -f $OUT/$name/results.json ]]; then echo "skip $OUT/$name (done)"; continue; fi
         start=(--overwrite)  # a run with checkpoints continues from its newest one
         if compgen -G "$OUT/$name/checkpoints/checkpoint-*" > /dev/null; then start=(--resume_from_checkpoint); fi
         $LAUNCH -m scripts.train_nlg --task "$task" --model "$model" --rank "$RANK" --method "$method" \
-          "${seed_args[@]}" --output_dir "$OUT/$name" "${start[@]}" "$@"
+          "${seed_args[@]}" --output_dir "$OUT/$name" --skip_if_complete "${start[@]}" "$@"
       done
     done
   done

@@ -188,6 +188,13 @@ def test_gsm8k_in_process_loftq_16bit_then_test_all_modes(models, tmp_path):
     predictions, results = check_predictions(tmp_path / "mc", n=2)
     assert all(len(p["votes"]) == len(p["generated"]) == 3 for p in predictions)
     assert results["settings"]["temperature"] == 0.1 and results["settings"]["top_k"] == 40
+    # test_gsm8k.sh's rerun (--skip_if_complete): the same evaluation is skipped, another one is an error
+    mc = ["--adapter", str(run / "adapter"), "--output_dir", str(tmp_path / "mc"), "--mode", "mc", "--max_samples",
+          "2", "--decoding", "reference", "--skip_if_complete", "--overwrite", *GENERATE, *FP32]
+    assert test_gsm8k.main([*mc, "--mc_samples", "3"]) is None
+    with pytest.raises(ValueError, match="is a complete run made with mc_samples=3, this command says 5"):
+        test_gsm8k.main([*mc, "--mc_samples", "5"])
+    assert read(tmp_path / "mc" / "results.json") == results
 
     test_gsm8k.main(["--adapter", str(run / "adapter"), "--output_dir", str(tmp_path / "sample"), "--mode",
                      "sample", "--max_samples", "2", "--K", "2", *GENERATE, *FP32])

@@ -217,6 +217,28 @@ def test_a_resume_keeps_the_settings_of_the_run_the_checkpoint_comes_from(tmp_pa
         training.check_resumable(found, {"seed": 5, "learning_rate": 3e-4}, blocks)
     with pytest.raises(ValueError, match=r"was trained without max_train_samples, this command says 1: drop"):
         training.check_resumable(found, {"seed": 17, "learning_rate": 3e-4, "max_train_samples": 1}, blocks)
+    with pytest.raises(ValueError, match=r"trained with lora_dropout=0.0, this command says 0.1"):  # its default
+        training.check_resumable(found, {"seed": 17, "learning_rate": 3e-4, "lora_dropout": 0.1}, blocks)
+
+
+@pytest.mark.parametrize("family", ["glue", "gsm8k"])
+def test_a_complete_run_is_skipped_only_with_the_same_settings(family, model_dir, llama_dir, tmp_path, capsys):  # noqa: F811
+    """--skip_if_complete (the drivers' rerun): the same command prints 'done already' and writes nothing; another
+    learning rate, or a setting the run left at its default, is one error naming it, and the run stays as it was."""
+    out = tmp_path / "run"
+    main, argv = {"glue": (train_glue.main, lambda *extra: glue_argv(model_dir, out, "--max_steps", "1", *extra)),
+                  "gsm8k": (train_gsm8k.main, lambda *extra: gsm8k_argv(llama_dir, out, "--max_steps", "1", *extra))}[
+        family]
+    assert main(argv("--skip_if_complete")) is not None  # nothing there yet: trained
+    files = {path: path.stat().st_mtime_ns for path in out.rglob("*")}
+    capsys.readouterr()
+    assert main(argv("--skip_if_complete", "--overwrite")) is None
+    assert capsys.readouterr().out.strip() == f"done already: {out}"
+    for extra, says in ((("--learning_rate", "3e-2"), "made with learning_rate=0.001, this command says 0.03"),
+                        (("--lora_dropout", "0.1"), "made with lora_dropout=0.0, this command says 0.1")):
+        with pytest.raises(ValueError, match=f"is a complete run {says}: run these settings in another"):
+            main(argv("--skip_if_complete", "--overwrite", *extra))
+    assert {path: path.stat().st_mtime_ns for path in out.rglob("*")} == files
 
 
 def test_glue_gradient_accumulation_averages_the_loss(model_dir, tmp_path):  # noqa: F811

@@ -13,6 +13,7 @@ from accelerate.utils import gather_object
 from transformers import GenerationConfig, set_seed
 from llmm import outdirs
 from llmm.run import adapters, cli, fileio, schema, tables
+from llmm.run import trainer as training
 from llmm.streams import network_seeds
 from llmm import LlmmConfig, llmm_layers, load_llmm_model, sample_factor, seed_noise
 from llmm import stats
@@ -31,6 +32,7 @@ def parse_settings(argv=None) -> schema.Gsm8kTestRun:
     parser = argparse.ArgumentParser(description="Evaluate an Llmm GSM8K adapter: batched generation, answer "
                                      "extraction, exact-match accuracy.", allow_abbrev=False)
     cli.add_output_flags(parser)
+    training.add_skip_flag(parser)
     tables.add_setting_flags(parser, table, BLOCKS, also=("adapter", "mode", "K", "model_name_or_path", "data",
                                                           "max_samples"), row_choices=("decoding",))
     fields = schema.fields_of(*BLOCKS)
@@ -166,11 +168,18 @@ def predict(model, tokenizer, records: list[dict], settings: schema.Gsm8kTestRun
     return predictions
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> dict | None:
+    """The test's results, or None when --skip_if_complete found them there already."""
     started = time.time()
     settings = parse_settings(argv)
     output_dir = Path(settings.output_dir)
     adapter_config = check_adapter(settings)  # first: it fills in the backbone the adapter names
+    if settings.get("skip_if_complete") and training.is_complete(output_dir):
+        saved = json.loads((output_dir / "results.json").read_text(encoding="utf-8")).get("settings", {})
+        training.check_same_run(output_dir, settings, BLOCKS, saved)
+        if PartialState().is_main_process:
+            print(f"done already: {output_dir}")
+        return None
     adapters.check_sampled_modes([settings.mode], adapter_config.k, "this adapter", "--mode mean")
     outdirs.check_outputs_apart({"--output_dir": output_dir},
                                 {f"--{key}": settings.get(key) for key in ("adapter", "model_name_or_path", "data")})

@@ -21,6 +21,8 @@ import time
 import warnings
 from pathlib import Path
 
+from accelerate import PartialState
+
 from llmm import outdirs, sharding
 from llmm.model import atomic_dir, export_mean_adapter, save_llmm_adapter
 from llmm.run import fileio, schema
@@ -99,7 +101,13 @@ class Recipe:
     data_first = False  # read the data before the checkpoint and output-directory checks (GLUE) or after them
 
     def run(self) -> dict | None:
+        """The results, or None when --skip_if_complete found this run complete already."""
         settings = self.settings
+        if settings.get("skip_if_complete") and training.is_complete(self.output_dir):
+            training.check_same_run(self.output_dir, settings, self.blocks)
+            if PartialState().is_main_process:
+                print(f"done already: {self.output_dir}")
+            return None
         if self.not_sharded and sharding.requested_engine() != "none":
             raise ValueError(f"{self.not_sharded}, so it is not trained under {sharding.requested_engine()}: launch "
                              "with DDP (torchrun, or an accelerate config without FSDP / DeepSpeed)")

@@ -558,8 +558,8 @@ RENAMED = {"batch_size": "per_device_train_batch_size", "grad_accum": "gradient_
            "lr_scheduler": "lr_scheduler_type", "epochs": "num_train_epochs", "eval_batch_size":
            "per_device_eval_batch_size"}
 # Keys of settings.json that are not settings: never in a cell.
-NOT_SETTINGS = ("output_dir", "overwrite", "resume_from_checkpoint", "resumed_from", "source", "versions", "adapter",
-                "optim_used")
+NOT_SETTINGS = ("output_dir", "overwrite", "resume_from_checkpoint", "skip_if_complete", "resumed_from", "source",
+                "versions", "adapter", "optim_used")
 
 
 def fields_of(*blocks) -> dict[str, dataclasses.Field]:

@@ -35,10 +35,18 @@ NOISE_STATE = "llmm_noise_rng_{}.pt"  # one per process, beside the Trainer's rn
 
 
 def add_resume_flag(parser: argparse.ArgumentParser) -> None:
+    """--resume_from_checkpoint and --skip_if_complete: how a training run starts when its directory holds a run."""
     parser.add_argument("--resume_from_checkpoint", nargs="?", const="latest", default=None, metavar="PATH",
                         help="continue an interrupted run: a checkpoint-N directory, or no value / 'latest' for the "
                              "newest complete one in the output directory (the adapter's M and Z, optimizer, "
                              "scheduler and RNG states are restored)")
+    add_skip_flag(parser)
+
+
+def add_skip_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--skip_if_complete", action="store_true", default=None,
+                        help="if --output_dir holds a complete run with these settings, say so and stop (the drivers' "
+                             "rerun); a complete run with other settings is an error")
 
 
 def trainer_state(checkpoint: str | Path) -> dict | None:
@@ -231,11 +239,28 @@ def checkpoint_run(checkpoint: str | Path, output_dir: str | Path) -> Path:
     return Path(output_dir)
 
 
+def first_difference(saved: dict, given: dict, names, blocks) -> tuple[str, object] | None:
+    """(name, the run's value) of the first of ``names`` where the run's settings.json and this command's settings
+    disagree. A setting this command leaves unset is not compared (what the run derives later, e.g. GLUE's target
+    modules); one the run did not record had its field's default."""
+    fields = schema.fields_of(*blocks)
+    for name in sorted(names):
+        if name not in given or (name not in saved and name not in fields):
+            continue
+        value = saved[name] if name in saved else fields[name].default
+        if not _same_setting(value, given[name]):
+            return name, value
+    return None
+
+
+def _shown(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
 def check_resumable(run_dir: str | Path, settings, blocks) -> None:
     """A resumed run keeps the cell (roles cell and init_dir of ``blocks``), seed and inputs of the run's
-    settings.json, except RESUMABLE; a setting the run left unset (null by default) stays unset. A setting this
-    command leaves to its default is not compared (what the run derives later, e.g. GLUE's target modules)."""
-    settings = settings.record() if isinstance(settings, schema.Settings) else settings
+    settings.json, except RESUMABLE (first_difference)."""
+    given = settings.record() if isinstance(settings, schema.Settings) else settings
     path = Path(run_dir) / "settings.json"
     if not path.is_file():
         return
@@ -243,17 +268,41 @@ def check_resumable(run_dir: str | Path, settings, blocks) -> None:
                               "new run in another --output_dir")
     fixed = (schema.role_names(schema.CELL, blocks) | schema.role_names(schema.INIT_DIR, blocks) | {"seed"}
              | set(schema.INPUTS)) - schema.role_names(schema.EVAL, blocks) - RESUMABLE
-    fields = schema.fields_of(*blocks)
-    for name in sorted(fixed):
-        if name not in saved and settings.get(name) is not None and name in fields and fields[name].default is None:
+    difference = first_difference(saved, given, fixed, blocks)
+    if difference:
+        name, value = difference
+        if value is None:
             raise ValueError(f"--resume_from_checkpoint: the run in {str(run_dir)!r} was trained without {name}, this "
-                             f"command says {settings[name]!r}: drop --{name}, or start a new run in another "
-                             "--output_dir")
-        if name in saved and name in settings and not _same_setting(saved[name], settings[name]):
-            shown = " ".join(map(str, saved[name])) if isinstance(saved[name], list) else saved[name]
-            raise ValueError(f"--resume_from_checkpoint: the run in {str(run_dir)!r} was trained with {name}="
-                             f"{saved[name]!r}, this command says {settings[name]!r}: resume with the run's settings "
-                             f"(its settings.json, e.g. --{name} {shown}), or start a new run in another --output_dir")
+                             f"command says {given[name]!r}: drop --{name}, or start a new run in another --output_dir")
+        raise ValueError(f"--resume_from_checkpoint: the run in {str(run_dir)!r} was trained with {name}={value!r}, "
+                         f"this command says {given[name]!r}: resume with the run's settings (its settings.json, e.g. "
+                         f"--{name} {_shown(value)}), or start a new run in another --output_dir")
+
+
+def is_complete(run_dir: str | Path) -> bool:
+    """The run finished: its results.json is readable and not marked incomplete (GLUE writes one every epoch)."""
+    try:
+        results = json.loads((Path(run_dir) / "results.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(results, dict) and results.get("complete", True) is True
+
+
+def check_same_run(run_dir: str | Path, settings, blocks, saved: dict | None = None) -> None:
+    """A complete run is what this command would run: its settings (``saved``, else its settings.json) agree on every
+    setting that changes a number (all but the run plumbing, seed and inputs included); else one error line naming
+    the first that does not."""
+    if saved is None:
+        saved = read_run_settings(Path(run_dir) / "settings.json", blocks, "remove the run to train it again, or "
+                                  "choose another --output_dir")
+    compared = (set(schema.fields_of(*blocks)) - schema.role_names(schema.RUN, blocks)) | {"seed"} | set(
+        schema.input_names(blocks))
+    difference = first_difference(saved, settings.record(), compared, blocks)
+    if difference:
+        name, value = difference
+        raise ValueError(f"{str(run_dir)!r} is a complete run made with {name}={value!r}, this command says "
+                         f"{settings[name]!r}: run these settings in another --output_dir (a driver: another OUT= "
+                         "or RUNS=), or remove that run to run it again")
 
 
 @contextlib.contextmanager
