@@ -153,6 +153,10 @@ GENERATIONS = [
     ("He has 20 - 12 = 8, then 8 - 3", 3.0, 3.0),                            # spaced subtraction: not negative
     ("The final answer is: (2 + 1) - 1 = 2", 2.0, 2.0),                      # after ")": a subtraction
     ("Answers: 3,4 and 5", 5.0, 5.0),                                        # "3,4" is a list, not 34
+    ("The final answer is: .5", 0.5, 0.5),                                   # no leading zero
+    ("He is short by -$5.", -5.0, -5.0),                                     # a sign before the dollar sign
+    ("The final answer is: \u22127", -7.0, -7.0),                            # U+2212 minus sign
+    ("Version 1.2.3 costs 4", 4.0, 4.0),                                     # ".3" after "1.2" is no number
     ("I do not know.", None, 4.0),                                           # no number at all
     ("", None, 1.0),
 ]

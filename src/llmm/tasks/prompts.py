@@ -134,12 +134,13 @@ def load_records(source: str, task: str, config_name: str | None = None) -> dict
 # --- GSM8K answers -------------------------------------------------------------------------------------------------
 
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
-_NUMBER = re.compile(r"(?<![\d.])(-\s*)?(\d+(?:\.\d+)?)")
+_NUMBER = re.compile(r"(?<![\d.])([-\u2212]\s*\$?\s*)?(\d+(?:\.\d+)?|\.\d+)")  # "-$5", U+2212 "−7", ".5"
 _FINAL = re.compile(r"the final answer is", re.IGNORECASE)
 
 
 def _numbers(text: str) -> list[float]:
-    """The numbers in ``text``; a minus sign (even "- 1") is negative unless a digit or ")" precedes it ("5-3")."""
+    """The numbers in ``text``; a minus sign (even "- 1", "-$5" or U+2212) is negative unless a digit or ")" precedes
+    it ("5-3")."""
     text = _THOUSANDS.sub("", text)
     numbers = []
     for match in _NUMBER.finditer(text):
