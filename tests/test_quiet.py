@@ -50,10 +50,15 @@ def test_known_library_warnings_are_filtered_and_others_are_not():
                       "`activation_checkpointing` instead.", FutureWarning)
         warnings.warn("Could not find a config file in runs/x/backbone - will assume that the vocabulary was not "
                       "modified.", UserWarning)
+        warnings.warn("Unable to fetch remote file due to the following error (MaxRetryError('...')) - silently "
+                      "ignoring the lookup for the file config.json in sentence-transformers/all-MiniLM-L6-v2.")
+        warnings.warn("Unable to fetch remote file due to the following error x - silently ignoring the lookup for "
+                      "the file tokenizer_config.json in org/model.")  # another file's lookup: shown
         warnings.warn("Model has `tie_word_embeddings=True` and a tied layer is part of the adapter, but "
                       "`ensure_weight_tying` is not set to True.", UserWarning)
         warnings.warn("`something_else` is deprecated", FutureWarning)
-    assert [str(w.message) for w in caught] == ["`something_else` is deprecated"]
+    assert [str(w.message).split(" - ")[0] for w in caught] == [
+        "Unable to fetch remote file due to the following error x", "`something_else` is deprecated"]
 
 
 def test_the_bitsandbytes_kernels_line_is_dropped_and_other_bitsandbytes_messages_pass():

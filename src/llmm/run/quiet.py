@@ -11,7 +11,9 @@ it logs at import time), ``install_import_filter``:
   checkpoint's unused pretraining head (UNEXPECTED cls / lm_predictions / mask_predictions / lm_head): one line
   instead. A report with anything else (a missing backbone weight, a size mismatch) is printed as it is.
 - PEFT's "Could not find a config file in ... - will assume that the vocabulary was not modified": said offline when
-  an adapter's base is a directory written in the same run; the vocabulary is never modified here.
+  an adapter's base is a directory written in the same run; the vocabulary is never modified here. Its companion
+  "Unable to fetch remote file ... for the file config.json" comes first when the base is a hub id and the hub
+  cannot be reached (quantize_model offline): the same lookup, for the same check.
 - PEFT's "Model has `tie_word_embeddings=True` and a tied layer is part of the adapter": the multiple-choice family
   adapts the LM head of models whose head shares the embedding's weight (SmolLM2); the adapter's delta goes to the
   head's output only, as intended, and is never merged, so ``ensure_weight_tying`` would change the method."""
@@ -73,5 +75,7 @@ def install() -> None:
     warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing\w*` is deprecated",
                             category=FutureWarning)
     warnings.filterwarnings("ignore", message=r"Could not find a config file in .* the vocabulary was not modified")
+    warnings.filterwarnings("ignore", message=r"Unable to fetch remote file due to the following error .* for the file "
+                            r"config\.json in ")
     warnings.filterwarnings("ignore", message=r"Model has `tie_word_embeddings=True` and a tied layer is part of the "
                             r"adapter")
