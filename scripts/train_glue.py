@@ -17,9 +17,10 @@ name overrides it (--help lists them). --method picks what is trained, always th
 The embedding tables of configs/embedding_targets.yaml are quantized too, each with its own low-rank pair
 (--quantize_embeddings, on by default; lora leaves them alone). Dev evaluation every epoch with --eval_noise mean,
 sample or mc. Writes to --output_dir (default runs/glue/<method>-<quant><bits>-r<rank>[-fpemb]/<task>/seed<seed>):
-settings.json, results.json (per-epoch dev metrics, best and last epoch), predictions.json, adapter/ (M and Z),
-mean_adapter/ (plain PEFT LoRA), backbone/ (after in-process quantization), curves.png and checkpoint-N/ for
---resume_from_checkpoint. Re-score a saved run with python -m scripts.eval_glue.
+settings.json, results.json (per-epoch dev metrics, best and last epoch), predictions.json (last epoch),
+predictions_best.json (the best epoch's dev outputs), adapter/ (M and Z), mean_adapter/ (plain PEFT LoRA), backbone/
+(after in-process quantization), curves.png and checkpoint-N/ for --resume_from_checkpoint. Re-score a saved run with
+python -m scripts.eval_glue.
 """
 
 from llmm.run.cli import run_main

@@ -307,6 +307,12 @@ def test_train_glue_end_to_end(runs, model_dir):
         dev = last["dev"][task.dev_splits[0]]
         assert set(task.metrics) <= set(dev)
         assert ({"nll", "brier", "ece"} <= set(dev)) != task.is_regression, name
+        # the table's best-epoch figures recomputed from the outputs the run saved for that epoch
+        best = json.loads((out / "predictions_best.json").read_text())
+        assert (best["epoch"], best["step"]) == (results["best"]["epoch"], results["best"]["step"])
+        for split in task.dev_splits:
+            recomputed = glue_run.score(task, best[split]["outputs"], best[split]["labels"])
+            assert recomputed == best[split]["metrics"] and recomputed.items() <= results["best"]["dev"][split].items()
         mean_config = json.loads((out / "mean_adapter" / "adapter_config.json").read_text())
         assert "k" not in mean_config and mean_config["r"] == 16
         with safe_open(str(out / "mean_adapter" / "adapter_model.safetensors"), "pt") as weights:

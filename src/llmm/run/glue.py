@@ -177,9 +177,15 @@ class GlueTrainer(LlmmTrainer):
     def __init__(self, *args, mc_samples: int | None = None, regression: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.mc_samples, self.regression = mc_samples, regression
+        self.evaluated = {}  # split -> (outputs, labels) of its newest evaluation (ResultsRecorder saves the best's)
         # The classifier's loss is its batch mean whatever num_items_in_batch says, though its forward takes **kwargs:
         # so the Trainer must divide it by the accumulation steps (else loss and gradients grow with them).
         self.model_accepts_loss_kwargs = False
+
+    def evaluation_loop(self, dataloader, *args, metric_key_prefix: str = "eval", **kwargs):
+        output = super().evaluation_loop(dataloader, *args, metric_key_prefix=metric_key_prefix, **kwargs)
+        self.evaluated[metric_key_prefix.removeprefix("eval_")] = (output.predictions, output.label_ids)
+        return output
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         if not self.mc_samples:
@@ -197,12 +203,14 @@ class GlueTrainer(LlmmTrainer):
 
 class ResultsRecorder(TrainerCallback):
     """Training loss and dev metrics per epoch, read from the Trainer's log history (which a resumed run restores
-    from its checkpoint); rewrites results.json (atomically) after every evaluation."""
+    from its checkpoint); rewrites results.json (atomically) after every evaluation, and predictions_best.json (the
+    outputs the best epoch's dev metrics were computed from) after every evaluation that is the best so far."""
 
     SKIP = ("_runtime", "_samples_per_second", "_steps_per_second")
 
     def __init__(self, out_dir: Path, task: GlueTask, header: dict):
         self.out_dir, self.task, self.header, self.epochs = out_dir, task, header, []
+        self.evaluated = {}  # the trainer's (GlueTrainer.evaluated)
 
     def read(self, log_history: list[dict]) -> list[dict]:
         """One entry per logged epoch (or step): {epoch, step, train_loss, dev: {split: {metric: value}}}."""
@@ -226,7 +234,17 @@ class ResultsRecorder(TrainerCallback):
 
     def on_evaluate(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
-            self.write(state.log_history, complete=False)
+            best = self.write(state.log_history, complete=False)["best"]
+            if best is not None and best["step"] == state.global_step:
+                self.write_best_predictions(best)
+
+    def write_best_predictions(self, best: dict) -> None:
+        record = {"epoch": best["epoch"], "step": best["step"]}
+        for split, (outputs, labels) in self.evaluated.items():
+            if split in best["dev"]:
+                record[split] = {"metrics": score(self.task, outputs, labels), "outputs": outputs.tolist(),
+                                 "labels": labels.tolist()}
+        write_json(self.out_dir / "predictions_best.json", record)
 
     def _main_value(self, entry: dict):
         return entry["dev"].get(self.task.dev_splits[0], {}).get(self.task.main_metric)
@@ -334,13 +352,15 @@ class GlueRecipe(Recipe):
             header["mc_samples"] = settings.mc_samples
         header["cell"] = stats.cell_of(settings)  # every setting but the seed: what tables pool seeds by
         self.recorder = ResultsRecorder(self.output_dir, self.task, header)
-        return GlueTrainer(
+        trainer = GlueTrainer(
             model=model, args=arguments, train_dataset=train_set, eval_dataset=held_out, processing_class=tokenizer,
             data_collator=DataCollatorWithPadding(tokenizer),
             # a diverged model scores NaN here; the training step stops the run
             compute_metrics=lambda prediction: score(self.task, prediction.predictions, prediction.label_ids),
             callbacks=[self.recorder], regression=self.task.is_regression,
             mc_samples=settings.mc_samples if settings.eval_noise == "mc" else None)
+        self.recorder.evaluated = trainer.evaluated
+        return trainer
 
     def after_training(self, trainer, model, tokenizer) -> None:
         """The width search on the first dev split: nll(m) of the mc prediction; the chosen m is saved in the adapter

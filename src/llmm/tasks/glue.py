@@ -321,15 +321,16 @@ def task_metrics(task: GlueTask, predictions, labels) -> dict[str, float | None]
 
 def score(task: GlueTask, outputs, labels) -> dict:
     """Task metrics of ``outputs`` (logits or log-probabilities; STS-B scores) and, for classification, NLL / Brier /
-    ECE of their softmax (NaN for a non-finite output)."""
+    ECE of their softmax (NaN for a non-finite output). In float64 whatever the outputs' dtype, so the figures
+    recomputed from a saved file (JSON numbers) are the ones the run recorded."""
     from scipy.special import softmax
 
     from llmm.metrics import calibration_metrics
 
-    outputs, labels = np.asarray(outputs), np.asarray(labels)
+    outputs, labels = np.asarray(outputs, dtype=np.float64), np.asarray(labels)
     if task.is_regression:
-        return task_metrics(task, outputs.reshape(-1), labels)
-    probs = softmax(outputs.astype("float64"), axis=-1)
+        return task_metrics(task, outputs.reshape(-1), labels.astype(np.float64))
+    probs = softmax(outputs, axis=-1)
     if not np.isfinite(probs).all():  # a diverged model predicts no class (argmax would read NaN as class 0)
         return {**dict.fromkeys(task.metrics), "nll": math.nan, "brier": math.nan, "ece": math.nan}
     return {**task_metrics(task, probs.argmax(axis=-1), labels), **calibration_metrics(probs, labels)}
