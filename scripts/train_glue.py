@@ -18,7 +18,7 @@ The embedding tables of configs/embedding_targets.yaml are quantized too, each w
 (--quantize_embeddings, on by default; lora leaves them alone). Dev evaluation every epoch with --eval_noise mean,
 sample or mc. Writes to --output_dir (default runs/glue/<method>-<quant><bits>-r<rank>[-fpemb]/<task>/seed<seed>):
 settings.json, results.json (per-epoch dev metrics, best and last epoch), predictions.json (last epoch),
-predictions_best.json (the best epoch's dev outputs), adapter/ (M and Z), mean_adapter/ (plain PEFT LoRA), backbone/
+predictions-best.json (the best epoch's dev outputs), adapter/ (M and Z), mean_adapter/ (plain PEFT LoRA), backbone/
 (after in-process quantization), curves.png and checkpoint-N/ for --resume_from_checkpoint. Re-score a saved run with
 python -m scripts.eval_glue.
 """

@@ -25,6 +25,7 @@ from llmm.run.schema import GlueRun
 from llmm import LlmmConfig, get_llmm_model, llmm_layers, load_llmm_model, noise_mode
 from llmm.embedding import LlmmEmbedding
 from llmm.tasks.glue import LOCAL_ONLY_TASKS, TASKS, get_task, load_glue, task_metrics, tokenize
+from llmm import outdirs
 from llmm.quant import ALLOWED_METHODS, fake_quantize
 from llmm.run import cli, glue_eval
 from scripts import eval_glue, glue_table, train_glue
@@ -308,7 +309,8 @@ def test_train_glue_end_to_end(runs, model_dir):
         assert set(task.metrics) <= set(dev)
         assert ({"nll", "brier", "ece"} <= set(dev)) != task.is_regression, name
         # the table's best-epoch figures recomputed from the outputs the run saved for that epoch
-        best = json.loads((out / "predictions_best.json").read_text())
+        assert outdirs.foreign_entries(out) == []  # every file is one --overwrite may replace
+        best = json.loads((out / "predictions-best.json").read_text())
         assert (best["epoch"], best["step"]) == (results["best"]["epoch"], results["best"]["step"])
         for split in task.dev_splits:
             recomputed = glue_run.score(task, best[split]["outputs"], best[split]["labels"])

@@ -203,7 +203,7 @@ class GlueTrainer(LlmmTrainer):
 
 class ResultsRecorder(TrainerCallback):
     """Training loss and dev metrics per epoch, read from the Trainer's log history (which a resumed run restores
-    from its checkpoint); rewrites results.json (atomically) after every evaluation, and predictions_best.json (the
+    from its checkpoint); rewrites results.json (atomically) after every evaluation, and predictions-best.json (the
     outputs the best epoch's dev metrics were computed from) after every evaluation that is the best so far."""
 
     SKIP = ("_runtime", "_samples_per_second", "_steps_per_second")
@@ -244,7 +244,7 @@ class ResultsRecorder(TrainerCallback):
             if split in best["dev"]:
                 record[split] = {"metrics": score(self.task, outputs, labels), "outputs": outputs.tolist(),
                                  "labels": labels.tolist()}
-        write_json(self.out_dir / "predictions_best.json", record)
+        write_json(self.out_dir / "predictions-best.json", record)
 
     def _main_value(self, entry: dict):
         return entry["dev"].get(self.task.dev_splits[0], {}).get(self.task.main_metric)
