@@ -35,7 +35,8 @@ def rounded(value):
 
 
 def logged(history: list[dict]) -> list[dict]:
-    return [{key: entry[key] for key in ("step", *LOGGED) if key in entry} for entry in history]
+    """The Trainer's log entries (the multiple-choice width entries, checked as "width", left out)."""
+    return [{key: entry[key] for key in ("step", *LOGGED) if key in entry} for entry in history if "width" not in entry]
 
 
 def table_rows(text: str) -> list[str]:

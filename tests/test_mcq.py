@@ -301,6 +301,7 @@ def test_train_evaluate_ensemble_and_table_end_to_end(tiny_dir, tmp_path, capsys
                                         "--resume_from_checkpoint", str(checkpoint)))  # at max_steps: reload, evaluate
     assert [(e["cell"], e["nll"], e["ece"]) for e in resumed["evaluations"]] == [
         (e["cell"], e["nll"], e["ece"]) for e in llmm["evaluations"]]
+    assert resumed["width"]["history"] == history  # the checkpoint's log history keeps the steps before the resume
     again = test_mcq.main(["--runs", str(out), "--output_dir", str(tmp_path / "llmm-again")])  # mc: same draws
     assert [(e["cell"], e["nll"]) for e in again["evaluations"]] == [(e["cell"], e["nll"]) for e in llmm["evaluations"]]
 

@@ -223,20 +223,23 @@ class LetterTrainer(training.LlmmTrainer):
 
 
 class WidthCallback(TrainerCallback):
-    """Records the learned distribution's width (llmm.width) at the start and at every logging step."""
-
-    def __init__(self):
-        self.history = []
+    """Records the learned distribution's width (llmm.width) at the start and at every logging step, as "width"
+    entries of the Trainer's log history: a checkpoint keeps them, so a resumed run's history is whole."""
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.record_new(state, model)
+        self.record(state, model)  # a resume replaces it with the checkpoint's history just after
 
     def on_log(self, args, state, control, model=None, **kwargs):
-        self.record_new(state, model)
+        self.record(state, model)
 
-    def record_new(self, state, model):
-        if not self.history or self.history[-1]["step"] != state.global_step:
-            self.history.append({"step": state.global_step, **width_summary(distribution_width(model))})
+    @staticmethod
+    def record(state, model) -> None:
+        if not any("width" in entry for entry in state.log_history if entry.get("step") == state.global_step):
+            state.log_history.append({"step": state.global_step, "width": width_summary(distribution_width(model))})
+
+    @staticmethod
+    def history(log_history: list[dict]) -> list[dict]:
+        return [{"step": entry["step"], **entry["width"]} for entry in log_history if "width" in entry]
 
 
 # --- evaluation ----------------------------------------------------------------------------------------------------
@@ -358,17 +361,16 @@ class McqRecipe(causal_lm.CausalLMRecipe):
                 datasets.Dataset.from_list([encode(r) for r in self.eval_sets[self.settings.task][0]]))
 
     def make_trainer(self, model, tokenizer, arguments, train_set, held_out):
-        self.width = WidthCallback()
         return LetterTrainer(model=model, args=arguments, train_dataset=train_set, eval_dataset=held_out,
                              data_collator=functools.partial(C.collate, pad_token_id=tokenizer.pad_token_id),
-                             processing_class=tokenizer, callbacks=[self.width], letter_ids=self.letter_ids)
+                             processing_class=tokenizer, callbacks=[WidthCallback()], letter_ids=self.letter_ids)
 
     def after_training(self, trainer, model, tokenizer) -> None:
         self.width_search = search_noise_width(model, tokenizer, self.letter_ids, self.validation, self.settings)
 
     def finish(self, trainer, outcome, model, tokenizer) -> dict:
         settings = self.settings
-        self.width.record_new(trainer.state, model)
+        WidthCallback.record(trainer.state, model)
         if not trainer.is_world_process_zero():
             return {}
         evaluations = evaluate_sets(model, tokenizer, self.letter_ids, self.eval_sets, settings, self.output_dir,
@@ -383,7 +385,8 @@ class McqRecipe(causal_lm.CausalLMRecipe):
             "n_train": len(trainer.train_dataset),
             "train_loss": outcome.training_loss, "global_step": trainer.state.global_step, "evaluations": evaluations,
             "width": {"definition": "||Z||_F / (sqrt(llmmscale) ||M||_F) per factor and layer (llmm.width)",
-                      "history": self.width.history, "final_per_layer": distribution_width(model)},
+                      "history": WidthCallback.history(trainer.state.log_history),
+                      "final_per_layer": distribution_width(model)},
             "noise_width_search": self.width_search, "noise_width": noise_width_in_use(model),
             "history": trainer.state.log_history, "resumed_from": self.resumed_from,
             "wall_time_s": time.time() - self.started, "complete": True,
