@@ -24,12 +24,15 @@ def tiny_llama(seed: int = 0, vocab_size: int = 128, initializer_range: float = 
     return LlamaForCausalLM(config).eval()
 
 
-def tiny_deberta(seed: int = 0, num_labels: int = 3) -> DebertaV2ForSequenceClassification:
+def tiny_deberta(seed: int = 0, num_labels: int = 3, v3: bool = False) -> DebertaV2ForSequenceClassification:
+    """A 2-layer DeBERTa-v2; ``v3``: DeBERTaV3-base's attention (share_att_key: the query and key layers also project
+    the relative embeddings, log position buckets, layer-normed relative embeddings)."""
     torch.manual_seed(seed)
+    v3_attention = {"share_att_key": True, "position_buckets": 16, "norm_rel_ebd": "layer_norm"} if v3 else {}
     config = DebertaV2Config(
         vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=128, relative_attention=True, pos_att_type=["p2c", "c2p"], num_labels=num_labels,
-        pooler_hidden_size=64,
+        pooler_hidden_size=64, **v3_attention,
     )
     return DebertaV2ForSequenceClassification(config).eval()
 

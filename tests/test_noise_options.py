@@ -116,9 +116,9 @@ def batch():
             "attention_mask": torch.ones(3, 9, dtype=torch.long), "labels": torch.tensor([0, 2, 1])}
 
 
-def deberta(**options):
+def deberta(v3=False, **options):
     config = LlmmConfig(r=4, lora_alpha=4, target_modules=DEBERTA_TARGETS, k=2, **{"scale": 4.0, **options})
-    model = get_llmm_model(tiny_deberta(0, 3), config)
+    model = get_llmm_model(tiny_deberta(0, 3, v3=v3), config)
     randomize(model)
     return model.eval()
 
@@ -142,6 +142,41 @@ def test_batched_networks_equal_sequential_networks(batch, per_example):
     after = noise_source(model).state_dict()
     assert before["entropy"] == after["entropy"] and before["generators"].keys() == after["generators"].keys()
     assert all(torch.equal(before["generators"][k], after["generators"][k]) for k in before["generators"])
+
+
+def test_a_layer_called_twice_in_a_forward_keeps_one_network(batch):
+    """DeBERTa-v3 (share_att_key) runs query_proj and key_proj on the batch and again on the relative embeddings:
+    both calls use the forward's one draw, so an example's Monte-Carlo network is the same alone and in a batch, and
+    training draws once per layer. Per-example noise and batched networks cannot apply there: one error line each."""
+    model = deberta(v3=True)
+    draws = []
+    source, eps = noise_source(model), noise_source(model).eps
+
+    def spy(layer, *args, **kwargs):
+        draws.append((id(layer), eps(layer, *args, **kwargs)))
+        return draws[-1][1]
+
+    source.eps = spy
+    try:
+        in_batch = sampled_outputs(model, {"input_ids": batch["input_ids"]}, 3, seed=0)[:, 0]
+    finally:
+        del source.eps
+    query = [e for layer, e in draws if layer == id(model.get_submodule("base_model.model.deberta.encoder.layer.0."
+                                                                      "attention.self.query_proj"))]
+    assert len(query) == 2 * 3 and all(query[i] is query[i + 1] for i in (0, 2, 4))  # two calls, one draw, per network
+    alone = sampled_outputs(model, {"input_ids": batch["input_ids"][:1]}, 3, seed=0)[:, 0]
+    torch.testing.assert_close(alone, in_batch, rtol=1e-5, atol=1e-6)  # before: 0.38 apart
+    with pytest.raises(ValueError, match="got 1 .*relative embeddings.*use batched=False"):
+        sampled_outputs(model, {"input_ids": batch["input_ids"]}, 3, seed=0, batched=True)
+    with pytest.raises(ValueError, match="query_proj also projects the relative embeddings.*use noise_per_example "
+                       "false"):
+        deberta(v3=True, noise_per_example=True)
+    trained = deberta(v3=True)
+    seed_noise(trained, 0)
+    for layer in llmm_layers(trained):  # per example, but built without the check: the first forward refuses
+        layer.llmm_settings["default"]["per_example"] = True
+    with pytest.raises(ValueError, match="called twice in one forward, on 3 rows and on 1"):
+        trained.train()(**batch)
 
 
 def test_batched_networks_with_gaussian_embeddings():

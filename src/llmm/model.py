@@ -46,6 +46,21 @@ def convert_legacy_directions(state: dict[str, torch.Tensor]) -> dict[str, torch
     return {f"{key}.weight" if key.endswith(DIRECTION_KEYS) else key: value for key, value in state.items()}
 
 
+def _check_per_example(model: torch.nn.Module, config: LlmmConfig) -> None:
+    """Per-example noise needs every Llmm layer called on the batch; DeBERTa-v3 (share_att_key) also projects the
+    relative embeddings, which the batch shares, with its query and key layers (the noise refuses it at the first
+    forward; here before anything is wrapped)."""
+    model_config = getattr(model, "config", None)
+    if not (getattr(config, "noise_per_example", False) and config.k > 0 and config.target_modules is not None
+            and getattr(model_config, "share_att_key", False) and getattr(model_config, "relative_attention", False)):
+        return
+    shared = [name for name, _ in model.named_modules()
+              if name.endswith(("query_proj", "key_proj")) and check_target_module_exists(config, name)]
+    if shared:
+        raise ValueError(f"noise_per_example: {shared[0]} also projects the relative embeddings, which the batch shares "
+                         "(share_att_key), so no one example's network applies there: use noise_per_example false")
+
+
 def _check_targets(model: torch.nn.Module, config: LlmmConfig) -> None:
     if config.target_modules is None:
         return  # PEFT picks the architecture's defaults; llmm_layers() checks the result after wrapping
@@ -135,6 +150,7 @@ def get_llmm_model(model: torch.nn.Module, config: LlmmConfig, adapter_name: str
     if not isinstance(config, LlmmConfig):
         raise TypeError(f"get_llmm_model needs an LlmmConfig, got {type(config).__name__}")
     _check_targets(model, config)
+    _check_per_example(model, config)
     keep_cpu_4bit_trainable(model)
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     if not llmm_layers(peft_model):
@@ -181,6 +197,7 @@ def load_llmm_model(base_model: torch.nn.Module, adapter_dir: str, is_trainable:
         setattr(config, name, value)
     config = dataclasses.replace(config, init_lora_weights=False, loftq_config={}, inference_mode=not is_trainable)
     saved = convert_legacy_directions(_load_adapter_weights(adapter_dir))
+    _check_per_example(base_model, config)
     if is_trainable:
         keep_cpu_4bit_trainable(base_model)
     model = get_peft_model(base_model, config)

@@ -112,20 +112,28 @@ class NoiseSource:
 
     def eps(self, layer: nn.Module, adapter_name: str, k: int, device: torch.device, rows: int,
             per_example: bool = False) -> torch.Tensor:
-        """Standard normal draws for ``layer``'s factors A and B in the current model forward (shapes: see above)."""
+        """Standard normal draws for ``layer``'s factors A and B in the current model forward (shapes: see above).
+        A layer called again within the forward (DeBERTa-v3's query / key projections also project the relative
+        embeddings, with share_att_key) gets the same draws: one network per forward."""
         streams = self.streams
-        key = (self.forward_id, rows if per_example or streams is not None else None, str(device))
+        if streams is not None and rows % len(streams):
+            raise ValueError(f"{len(streams)} Monte-Carlo networks in one forward need every Llmm layer to be called "
+                             f"on the batch repeated once per network (a multiple of {len(streams)} rows), got {rows}"
+                             " (a tensor the batch shares, e.g. DeBERTa-v3's relative embeddings): use batched=False")
+        key = (self.forward_id, str(device))
         cache = layer.__dict__.setdefault("_llmm_eps", {})
         cached = cache.get(adapter_name)
         if cached is not None and cached[0] == key:
+            if per_example and cached[1].shape[1] != rows:
+                raise ValueError(f"per-example noise: an Llmm layer is called twice in one forward, on "
+                                 f"{cached[1].shape[1]} rows and on {rows} (a tensor the batch shares, e.g. DeBERTa-v3's "
+                                 "relative embeddings with share_att_key), so no one example's network applies there: "
+                                 "use noise_per_example false")
             return cached[1]
         if streams is None:
             shape = (2, rows, k) if per_example else (2, k)
             eps = torch.randn(*shape, device=device, dtype=torch.float32, generator=self.generator(device))
         else:
-            if rows % len(streams):
-                raise ValueError(f"{len(streams)} Monte-Carlo networks need a batch of a multiple of {len(streams)} "
-                                 f"rows (the batch repeated once per network), got {rows}")
             eps = torch.cat([torch.randn(2, rows // len(streams) if per_example else 1, k, device=device,
                                          dtype=torch.float32, generator=generator)
                              for generator in streams.for_device(device)], dim=1)
