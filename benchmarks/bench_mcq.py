@@ -13,7 +13,7 @@ questions in mean mode and in mc mode with N = 1, 2, 5, 10, timed as a ratio to 
 
     python -m benchmarks.bench_mcq --options        # the method's options (writes results/mcq_options_cpu.json)
 
-The options: training-step time of Llmm as published, with per-example noise and with the entropy term (lambda 0.01)
+The options: training-step time of Llmm as published, with per-example noise and with the entropy term (lambda 5e-4)
 against PEFT LoRA (MAP), interleaved as above; test time of mc at N = 10 sequential (the model's generator), batched
 (mc_batched: the seed's streams, one forward over the batch repeated 10 times) and batched with per-example noise, as a
 ratio to mean mode; the width search's cost in validation passes of mc (one per multiplier evaluated).
@@ -124,7 +124,7 @@ def test_times(quick: bool, device: str, rounds: int) -> dict:
 
 OPTIONS = {"lora (MAP)": ("lora", {}, 0.0), "llmm": ("llmm", {}, 0.0),
            "llmm per-example noise": ("llmm", {"noise_per_example": True}, 0.0),
-           "llmm entropy term": ("llmm", {}, 0.01)}
+           "llmm entropy term": ("llmm", {}, 5e-4)}
 
 
 def option_steps(quick: bool, device: str, steps: int) -> dict:

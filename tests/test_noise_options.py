@@ -289,8 +289,11 @@ def test_choose_noise_width_on_a_tiny_model(batch):
 
 
 # ---------------------------------------------------------------------------------------------- entropy
-def test_entropy_gradient_matches_finite_differences_and_is_finite_at_zero():
-    model = llama(k=2)
+@pytest.mark.parametrize("scaled", [False, True])
+def test_entropy_gradient_matches_finite_differences_and_is_finite_at_zero(scaled):
+    """The plain rule: the true gradient. The scaled rule (the default): sqrt(s) times it, as the data term's dZ is,
+    so that lambda weighs the same against the loss under both (before, it acted as lambda / sqrt(s) by default)."""
+    model = llama(k=2, scale=400.0, scaled_gradient=scaled)
     model.double()
     value = entropy(model)
     assert torch.isfinite(value) and value.dtype == torch.float64
@@ -304,7 +307,8 @@ def test_entropy_gradient_matches_finite_differences_and_is_finite_at_zero():
             directions[0][index] -= 2 * step
             down = entropy(model).item()
             directions[0][index] += step
-        assert grad[index].item() == pytest.approx((up - down) / (2 * step), rel=1e-5, abs=1e-8)
+        finite_difference = (up - down) / (2 * step) * (20.0 if scaled else 1.0)
+        assert grad[index].item() == pytest.approx(finite_difference, rel=1e-5, abs=1e-8)
     zero = llama(k=2)
     with torch.no_grad():
         for n, p in zero.named_parameters():

@@ -196,7 +196,7 @@ def test_variants_set_the_options_and_the_table_shows_each_as_a_row_paired_with_
     expected = {"map": ("map", False, 0.0, "none"), "mcdropout": ("mcdropout", False, 0.0, "none"),
                 "llmm": ("llmm", False, 0.0, "none"), "llmm_pex": ("llmm", True, 0.0, "none"),
                 "llmm_tfb": ("llmm", False, 0.0, "tfb"), "llmm_nll": ("llmm", False, 0.0, "nll"),
-                "llmm_ent": ("llmm", False, 0.01, "none")}
+                "llmm_ent": ("llmm", False, 5e-4, "none")}
     cells = {}
     for variant, want in expected.items():
         settings = mcq.parse_settings(argv(tiny_dir, tmp_path / variant, "--variant", variant))

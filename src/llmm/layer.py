@@ -302,9 +302,13 @@ def _weight_by_call(linear: nn.Module) -> torch.Tensor:
     return linear(eye).T
 
 
-def factor_entropy(directions: torch.Tensor, scale: float, floor: float) -> torch.Tensor:
+def factor_entropy(directions: torch.Tensor, scale: float, floor: float, scaled_gradient: bool = False) -> torch.Tensor:
     """0.5 logdet(Z Z^T / s + floor I): one factor's Gaussian entropy within the span of its K directions, up to a
-    constant (Z Z^T the K x K Gram matrix); finite at Z = 0."""
+    constant (Z Z^T the K x K Gram matrix); finite at Z = 0. ``scaled_gradient``: its gradient w.r.t. Z is sqrt(s)
+    times the true one, as the data term's is under the paper's rule, so the update is sqrt(s) times the gradient of
+    loss - lambda H and lambda weighs the same under either rule."""
+    if scaled_gradient:
+        directions = _ScaleGradient.apply(directions, math.sqrt(scale))
     flat = directions.reshape(directions.shape[0], -1)
     flat = flat.to(torch.promote_types(flat.dtype, torch.float32))  # float32 at least (bf16 directions)
     gram = flat @ flat.T / scale + floor * torch.eye(flat.shape[0], device=flat.device, dtype=flat.dtype)

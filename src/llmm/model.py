@@ -415,11 +415,12 @@ def noise_width(model: torch.nn.Module, multiplier: float):
 
 def entropy(model: torch.nn.Module, floor: float = 1e-6) -> torch.Tensor:
     """The optional entropy term, sum over layers, adapters and factors of ``factor_entropy``: the training loss is
-    ``loss - lambda * entropy(model)``. A differentiable float32 scalar on the directions' device."""
+    ``loss - lambda * entropy(model)``. A differentiable float32 scalar on the directions' device; under the scaled
+    gradient rule its gradient w.r.t. Z carries the rule's sqrt(s), as the loss's does."""
     if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 < floor < float("inf"):
         raise ValueError(f"the entropy floor must be a finite number > 0, got {floor!r}")
-    terms = [factor_entropy(directions, layer.llmm_settings[name]["scale"], floor)
-             for layer in llmm_layers(model) for name in layer.llmm_settings
+    terms = [factor_entropy(directions, settings["scale"], floor, settings["scaled_gradient"])
+             for layer in llmm_layers(model) for name, settings in layer.llmm_settings.items()
              for directions in LlmmVariant.directions(layer, name) if directions.shape[0] > 0]
     if not terms:
         return torch.zeros(())
