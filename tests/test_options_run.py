@@ -171,6 +171,11 @@ def test_batched_mc_equals_sequential_mc_through_the_recipe(tiny_dir, tmp_path, 
     one = next(e for e in entries if e["mode"] == "mc" and e["eval_set"] == "arc_e")
     assert [one[k] for k in ("accuracy", "ece", "nll", "brier")] == [mc[k] for k in ("accuracy", "ece", "nll",
                                                                                        "brier")]
+    plain = train(tiny_dir, tmp_path / "sequential", *MODES)  # mc_batched false: a speed option, the same networks
+    one = next(e for e in plain["evaluations"] if e["mode"] == "mc" and e["eval_set"] == "arc_e")
+    assert one["mc_batched"] is False
+    assert [one[k] for k in ("accuracy", "ece", "nll", "brier")] == pytest.approx([mc[k] for k in (
+        "accuracy", "ece", "nll", "brier")], rel=1e-6)
 
 
 def _letters(tokenizer):

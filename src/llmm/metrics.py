@@ -22,6 +22,9 @@ def _check(probs, labels) -> tuple[np.ndarray, np.ndarray]:
     if probs.ndim != 2 or labels.shape != probs.shape[:1]:
         raise ValueError(f"need probs of shape (n, classes) and labels of shape (n,), got {probs.shape} and "
                          f"{labels.shape}")
+    if not np.isfinite(probs).all():
+        raise ValueError("probs hold NaN or inf: the model's outputs are not finite (a diverged model, or noise too "
+                         "wide for its precision)")
     if not np.allclose(probs.sum(axis=1), 1.0, atol=1e-3) or (probs < 0).any():
         raise ValueError("probs rows must be probability distributions (non-negative, summing to 1): pass "
                          "softmax(logits), not logits")

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import time
 from pathlib import Path
 
 import datasets
+import numpy as np
 import torch
 from transformers import TrainerCallback
 
@@ -283,10 +285,10 @@ def evaluate_sets(peft_model, tokenizer, letter_ids, eval_sets: dict, settings: 
             torch.manual_seed(settings.seed)  # the same draws for every set and rerun: dropout masks,
             seed_noise(peft_model, settings.seed)  # and the Llmm noise (the model's own generator)
             started = time.time()
-            batched = mode == "mc" and settings.mc_batched  # networks from the seed's streams
+            batched = mode == "mc" and settings.mc_batched  # speed only: network n is stream n of the seed either way
             with training.outside_training_autocast(peft_model):
-                probs, labels = C.predict(head, batches, mode, n_networks, seed=settings.seed if batched else None,
-                                          batched=batched)
+                probs, labels = C.predict(head, batches, mode, n_networks,
+                                          seed=settings.seed if mode == "mc" else None, batched=batched)
             report = C.evaluate(probs, labels)
             reports[f"{name} {mode}" + (f" N={n_networks}" if mode in SAMPLED_MODES else "")] = report
             entries.append({"eval_set": name, "shift": "in-distribution" if index == 0 else "ood", "where": where,
@@ -310,10 +312,11 @@ def validation_nll(model, tokenizer, letter_ids, records: list[dict], settings: 
     batches = C.batches([encode_question(tokenizer, r, settings.max_length) for r in records],
                         settings.per_device_eval_batch_size, tokenizer.pad_token_id, device)
 
-    def nll(m: float) -> float:
-        probs, labels = C.predict(head, batches, "mc", settings.mc_samples, seed=settings.seed,
-                                  batched=settings.mc_batched)
-        return C.evaluate(probs, labels)["nll"]
+    def nll(m: float) -> float:  # as the evaluations compute: without the Trainer's mixed-precision autocast
+        with training.outside_training_autocast(model):
+            probs, labels = C.predict(head, batches, "mc", settings.mc_samples, seed=settings.seed,
+                                      batched=settings.mc_batched)
+        return C.evaluate(probs, labels)["nll"] if np.isfinite(probs).all() else math.inf
 
     return nll
 

@@ -329,9 +329,9 @@ class McqSettings(CausalDataSettings):
                            "settings apply after the task row, before the flags")
     validation_size: int = setting(0, "questions held out of the end of the training data as the validation split "
                                    "(the width search's)", low=0)
-    mc_batched: bool = setting(False, "mc mode: the N networks in one forward over the batch repeated N times, "
-                               "network n from stream n of the seed (false: one network after another from the "
-                               "model's generator)", role=EVAL,
+    mc_batched: bool = setting(False, "mc mode: the N networks in one forward over the batch repeated N times "
+                               "(false: one network after another); network n is stream n of the seed either way",
+                               role=EVAL,
                                applies=Applies("the mc eval mode or a noise width search",
                                                lambda s: "mc" in s.eval_modes or s.noise_width_search != "none"))
 
