@@ -253,6 +253,13 @@ def test_noise_width_one_is_the_paper_zero_the_mean_and_m_is_scale_over_m_square
         seed_noise(narrow_scale, 4)
         assert torch.equal(narrow_scale(**inputs).logits, wide)
     assert all(s["width"] == 1.0 for layer in llmm_layers(model) for s in layer.llmm_settings.values())
+    for per_example in (False, True):  # m = 0 trained: the mean's gradient only, dZ = 0 (before: eps g on one path)
+        model = llama(noise_per_example=per_example).train()
+        with noise_width(model, 0.0):
+            model(batch["input_ids"], labels=batch["input_ids"]).loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        assert all(g.abs().sum() == 0 for n, g in grads.items() if "lora_llmm_" in n), per_example
+        assert any(g.abs().sum() > 0 for n, g in grads.items() if "lora_A" in n), per_example
     with pytest.raises(ValueError, match="width multiplier"):
         with noise_width(model, -1.0):
             pass
@@ -271,6 +278,11 @@ def test_choose_noise_width_rules_on_a_synthetic_curve():
     assert abs(chosen["nll_min"] - 0.7) < 0.05
     assert len(calls) == len(set(calls)) <= 1 + 8 + 2 * 8 + 1
     assert chosen["evaluations"][0] == [0.0, nll(0.0)]
+    # a width too wide for the model's precision (NaN) is never chosen; the mean network's NaN is an error
+    wide = choose_noise_width(lambda m: math.nan if m >= 16 else 1.0 - 0.01 * m, tolerance=0.003)
+    assert wide["tfb"] == 15.5 and 8.0 <= wide["nll_min"] < 16.0 and [16.0, math.inf] in wide["evaluations"]
+    with pytest.raises(ValueError, match=r"mean network \(m = 0\) is nan"):
+        choose_noise_width(lambda m: math.nan)
 
 
 def test_choose_noise_width_on_a_tiny_model(batch):

@@ -51,8 +51,8 @@ class _SampleFactor(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, mean, directions, eps, scale, scaled_gradient):
-        noise_weights = eps / math.sqrt(scale)
-        ctx.save_for_backward(eps if scaled_gradient else noise_weights)
+        noise_weights = eps / math.sqrt(scale)  # scale inf (noise width 0): the mean, whose dZ is 0 under either rule
+        ctx.save_for_backward(eps if scaled_gradient and math.isfinite(scale) else noise_weights)
         if eps.dim() == 1:
             return mean + torch.tensordot(noise_weights.to(directions.dtype), directions, dims=1)
         weights = noise_weights.to(directions.dtype).view(*eps.shape, *[1] * mean.dim())

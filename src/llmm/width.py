@@ -63,7 +63,8 @@ def choose_noise_width(nll, tolerance: float = TFB_TOLERANCE, grid=WIDTH_GRID, r
 
     The grid, then ``refine_steps`` bisection steps past the last qualifying grid value (``tfb``, which assumes the
     change grows with m beyond the first failing one) and golden-section steps around the best one (``nll_min``).
-    Returns {"tfb": m, "nll_min": m, "tolerance": .., "evaluations": [[m, nll], ...] in m order}."""
+    A non-finite nll(m) (m > 0) counts as inf. Returns {"tfb": m, "nll_min": m, "tolerance": .., "evaluations":
+    [[m, nll], ...] in m order}."""
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < math.inf:
         raise ValueError(f"the width tolerance must be a finite number >= 0, got {tolerance!r}")
     grid = sorted(float(m) for m in grid)
@@ -76,8 +77,11 @@ def choose_noise_width(nll, tolerance: float = TFB_TOLERANCE, grid=WIDTH_GRID, r
     def value(m: float) -> float:
         if m not in seen:
             seen[m] = float(nll(m))
-            if not math.isfinite(seen[m]):
-                raise ValueError(f"the validation NLL at width {m} is {seen[m]}: check the model and data")
+            if not math.isfinite(seen[m]) and m == 0.0:
+                raise ValueError(f"the validation NLL of the mean network (m = 0) is {seen[m]}: check the model and "
+                                 "data")
+            if not math.isfinite(seen[m]):  # noise too wide for the model's precision: never chosen
+                seen[m] = math.inf
         return seen[m]
 
     base = value(0.0)
