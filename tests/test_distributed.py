@@ -40,7 +40,8 @@ def test_torchrun_two_processes_write_one_adapter(model_dir, llama_dir, tmp_path
     commands = {
         glue: [*TORCHRUN, "-m", "scripts.train_glue", "--task", "cola", "--quant", "nf", "--rank", "16", "--bits",
                "4", "--model", model_dir, "--data_dir", str(GLUE_DATA), "--max_steps", "2", "--per_device_train_batch_size", "2",
-               "--gradient_accumulation_steps", "1", "--per_device_eval_batch_size", "4", "--output_dir", str(glue)],
+               "--gradient_accumulation_steps", "1", "--per_device_eval_batch_size", "2", "--noise_width_search", "nll",
+               "--mc_samples", "2", "--output_dir", str(glue)],
         gsm8k: [*TORCHRUN, "-m", "scripts.train_gsm8k", "--model", "llama-2-7b", "--rank", "64",
                 "--model_name_or_path", str(llama_dir), "--init", "loftq", "--loftq_iter", "1", "--data",
                 str(REPO_ROOT / "tests" / "data" / "gsm8k.jsonl"), "--eval_split", "heldout", "--eval_size", "2",
@@ -65,7 +66,13 @@ def test_torchrun_two_processes_write_one_adapter(model_dir, llama_dir, tmp_path
         checkpoint = next((out / "checkpoints").glob("checkpoint-*") if out == gsm8k else out.glob("checkpoint-*"))
         assert {"rng_state_0.pth", "rng_state_1.pth", "llmm_noise_rng_0.pt", "llmm_noise_rng_1.pt"} <= {
             p.name for p in checkpoint.iterdir()}  # one per process
-    assert json.loads((glue / "results.json").read_text())["complete"]
+    results = json.loads((glue / "results.json").read_text())
+    assert results["complete"]
+    # the width search ran on the whole dev split in every process (not on each one's shard): nll(0) is the mean
+    # network's dev NLL over the whole split (predictions.json, written by the main process alone)
+    nll_at_zero = dict(map(tuple, results["noise_width_search"]["evaluations"]))[0.0]
+    whole = json.loads((glue / "predictions.json").read_text())["validation"]["metrics"]["nll"]
+    assert abs(nll_at_zero - whole) <= 1e-6 * whole, (nll_at_zero, whole)
     assert json.loads((gsm8k / "results.json").read_text())["global_step"] == 2
     assert sorted(p.name for p in gsm8k.iterdir() if p.is_dir()) == ["adapter", "backbone", "checkpoints",
                                                                     "mean_adapter"]

@@ -25,6 +25,7 @@ import llmm
 from llmm import stats
 from llmm.embedding import embedding_targets
 from llmm.tasks.glue import GlueTask, get_task, load_glue, predict, score, tokenize
+from llmm.tasks.glue import batches as split_batches
 from llmm.predict import mc_predict, mc_regress
 from llmm.quant import fake_quantize
 from llmm.run import cli, width_search
@@ -368,8 +369,9 @@ class GlueRecipe(Recipe):
         settings = self.settings
         if settings.noise_width_search == "none":
             return
-        split = self.task.dev_splits[0]
-        batches = [trainer._prepare_inputs(batch) for batch in trainer.get_eval_dataloader(self.data[split])]
+        split = self.task.dev_splits[0]  # whole on every process (DDP too), so that every process finds the same m
+        batches = list(split_batches(self.data[split], DataCollatorWithPadding(tokenizer),
+                                     settings.per_device_eval_batch_size, next(model.parameters()).device))
 
         def nll(m: float) -> float:
             total, count = 0.0, 0

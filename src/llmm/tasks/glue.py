@@ -336,6 +336,14 @@ def score(task: GlueTask, outputs, labels) -> dict:
     return {**task_metrics(task, probs.argmax(axis=-1), labels), **calibration_metrics(probs, labels)}
 
 
+def batches(dataset, collator, batch_size: int, device):
+    """The tokenized split's batches, in order, collated and on ``device`` (the whole split, on every process)."""
+    for start in range(0, len(dataset), batch_size):
+        rows = dataset[start:start + batch_size]
+        batch = collator([{key: rows[key][i] for key in rows} for i in range(len(rows["input_ids"]))])
+        yield {key: value.to(device) for key, value in batch.items()}
+
+
 def predict(model, dataset, collator, batch_size: int, mode: str = "mean", mc_samples: int = 10) -> np.ndarray:
     """The model's outputs on a tokenized split: (n, classes) logits, or (n,) for regression. ``mode``: "mean"
     (eps = 0), "sample" (one noise draw per batch) or "mc" (log of the average softmax of ``mc_samples`` networks)."""
@@ -352,10 +360,8 @@ def predict(model, dataset, collator, batch_size: int, mode: str = "mean", mc_sa
     model.eval()
     outputs = []
     try:
-        for start in range(0, len(dataset), batch_size):
-            rows = dataset[start:start + batch_size]
-            batch = collator([{key: rows[key][i] for key in rows} for i in range(len(rows["input_ids"]))])
-            inputs = {key: value.to(device) for key, value in batch.items() if key not in LABEL_KEYS}
+        for batch in batches(dataset, collator, batch_size, device):
+            inputs = {key: value for key, value in batch.items() if key not in LABEL_KEYS}
             with torch.no_grad():
                 if mode == "mc":
                     out = (mc_regress(model, inputs, mc_samples) if regression
