@@ -30,7 +30,8 @@ SEEDS=${SEEDS:-"1 2 3"}
 OUT=${OUT:-runs/mcq}
 source "$(dirname "$0")/scripts/launch.sh"  # ACCELERATE_CONFIG (configs/accelerate/fsdp2.yaml: README "Larger models") or LAUNCH
 
-refuse_loop_flags train_mcq.sh "OUT=, SEEDS=, TASKS= or METHODS=" --output_dir --seed --task --method --variant -- "$@"
+refuse_loop_flags train_mcq.sh "OUT=, SEEDS=, TASKS=, METHODS= or BACKBONES=" --output_dir --seed --task --method \
+  --variant --load_in_8bit --load_in_4bit --init --quant --bits --dtype ${MODEL:+--model_name_or_path} -- "$@"
 
 backbone_flags() {  # the backbone's name -> the table's settings that select it
   case "$1" in

@@ -550,7 +550,8 @@ def test_split_fractions_of_a_table_are_checked_together():
 @pytest.mark.parametrize("driver, flag, variable", [
     ("train_gsm8k.sh", "--seed", "SEEDS="), ("train_nlg_llama.sh", "--method=loftq", "METHODS="),
     ("train_glue_llmm.sh", "--seed", "SEEDS="), ("train_glue_llmm.sh", "--bits", "BITS="),
-    ("train_mcq.sh", "--variant", "METHODS="), ("test_gsm8k.sh", "--mode", "MODES=")])
+    ("train_mcq.sh", "--variant", "METHODS="), ("train_mcq.sh", "--dtype", "BACKBONES="),
+    ("test_gsm8k.sh", "--mode", "MODES=")])
 def test_drivers_refuse_a_flag_their_loop_sets_for_each_run(tmp_path, driver, flag, variable):
     """argparse keeps the last of a flag given twice, so the extra argument would win for every run."""
     env = {**os.environ, "LAUNCH": "echo", "OUT": str(tmp_path / "runs"), "RUNS": str(tmp_path / "run")}

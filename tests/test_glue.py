@@ -248,6 +248,10 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path):
             [*base, "--task", "colaa", "--rank", "16"],
         "error: no row for {'task': 'cola', 'quant': 'nf', 'rank': 8} in the table; rows (task, quant, rank): ":
             [*base, "--task", "cola", "--rank", "8"],
+        "error: argument --lora_dropout: invalid float value: 'abc' (train_glue.py --help lists the flags)":
+            [*base, "--task", "cola", "--rank", "16", "--lora_dropout", "abc"],  # argparse's own: no usage block
+        "error: argument --quant: invalid choice: 'foo'": [*base, "--task", "cola", "--rank", "16", "--quant", "foo"],
+        "error: --train_file '": [*base, "--task", "cola", "--rank", "16", "--train_file", str(DATA)],  # a directory
     }
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = {expected: subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -256,7 +260,8 @@ def test_cli_errors_are_one_line_with_exit_code_2(tmp_path):
         _, stderr = proc.communicate(timeout=120)
         assert proc.returncode == 2, stderr
         errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1 and errors[0].startswith(expected) and stderr.rstrip().endswith(errors[0])
+        assert stderr.strip().splitlines() == errors and len(errors) == 1 and errors[0].startswith(expected), stderr
+        assert "is a directory, not a data file: pass the data file itself" in stderr or "train_file" not in expected
 
 
 # ---------------------------------------------------------------------------------------------- end to end, CPU
@@ -590,6 +595,11 @@ def test_eval_glue_modes_and_files(runs, tmp_path):
         eval_glue.main([str(cola), "--mode", "sample", "--file", dev, "--output", str(tmp_path / "s.json")])
     with pytest.raises(FileNotFoundError, match="is not a finished scripts.train_glue run"):
         eval_glue.main([str(tmp_path)])
+    for kept in ("curves.png", "predictions-best.json"):  # a run's plot and figures are never an --output
+        before = (cola / kept).read_bytes()
+        with pytest.raises(ValueError, match="would replace what the command reads"):
+            eval_glue.main([str(cola), "--output", str(cola / kept), "--overwrite"])
+        assert (cola / kept).read_bytes() == before
     for flags, message in ((["--mode", "sample", "--mc_samples", "3"], "--mc_samples only applies to --mode mc"),
                            (["--seed", "1"], "the mean network has none")):  # no silently ignored flag
         with pytest.raises(ValueError, match=message):

@@ -207,3 +207,15 @@ def test_glue_reads_null_as_on_and_refuses_the_old_strings(monkeypatch, tmp_path
     with pytest.raises(ValueError, match=r"glue.yaml: defaults has quantize_embeddings = 'auto': it must be true or "
                        "false"):
         glue.resolve(argv)
+
+
+def test_its_flags_carry_its_own_fields_help(capsys, monkeypatch):
+    """--K, --model and --dtype are named by other families' fields too (test_gsm8k's K, the quick start's model,
+    training's compute dtype): quantize_model's --help shows its own (directions written, the model, storage)."""
+    monkeypatch.setenv("COLUMNS", "2000")
+    with pytest.raises(SystemExit):
+        quantize_model.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    fields = schema.fields_of(schema.QuantizeRun)
+    for name in ("K", "model", "dtype"):
+        assert f"--{name} {name.upper()} {' '.join(fields[name].metadata['help'].split())}" in text, name

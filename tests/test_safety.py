@@ -106,6 +106,18 @@ def test_overwrite_refuses_a_git_repository_and_foreign_directories(tmp_path):
     outdirs.prepare_output_dir(ours, overwrite=True)  # and again: the marker makes it llmm's even before settings.json
 
 
+def test_a_glue_run_s_tensorboard_logs_are_its_own(tmp_path):
+    """--report_to tensorboard: the Trainer logs to <output_dir>/runs/, GLUE's run directory itself; the driver's
+    --overwrite of an interrupted run must be able to replace it."""
+    out = tmp_path / "seed0"
+    (out / "runs" / "Dec06_12-00-00_host").mkdir(parents=True)
+    (out / "runs" / "Dec06_12-00-00_host" / "events.out.tfevents.1.host").write_text("x")
+    (out / RUN_MARKER).touch()
+    assert outdirs.foreign_entries(out) == []
+    outdirs.prepare_output_dir(out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == [RUN_MARKER]
+
+
 def test_overwrite_replaces_a_width_search_s_own_per_rule_plots_and_nothing_foreign(tmp_path):
     out = tmp_path / "search"  # test_mcq --noise_width_search tfb nll: one plot directory per rule, named by variant
     for name in ("results.json", "llmm_tfb/reliability-bbcnews.png", "llmm_nll/reliability-bbcnews.png"):

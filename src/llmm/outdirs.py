@@ -42,7 +42,7 @@ LLMM_FILE_PATTERNS = RUN_FILES + (
     "added_tokens.json", "chat_template.*", "adapter_model.safetensors", "adapter_model.bin", "trainer_state.json",
     "training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth", "llmm_noise_rng_*.pt")
 LLMM_DIR_PATTERNS = ("adapter", "mean_adapter", "backbone", "merged", "checkpoints", "checkpoint-*", "llmm_init",
-                     "eval", "data")
+                     "eval", "data", "runs")  # runs: the Trainer's TensorBoard logs (--report_to tensorboard; GLUE)
 # Written only beside a file that says which command wrote them: save_pretrained's model card, a prepare's splits.
 LLMM_FILES_BESIDE = {"adapter_config.json": ("README.md",), "prepare_report.json": ("*.csv", "*.jsonl")}
 
@@ -321,7 +321,8 @@ def _paths(value) -> list:
 # Files of an input directory the commands read (a run's, a model's, data files): a single output file may never
 # take one of these names there.
 READ_FILES = RUN_FILES + ("config.json", "model*.safetensors", "adapter_model.safetensors", "tokenizer*",
-                          "trainer_state.json", "predictions.json", "*.jsonl", "*.tsv", "*.csv", "*.parquet", "*.txt")
+                          "trainer_state.json", "predictions.json", "predictions-*.json", "*.png", "*.jsonl", "*.tsv",
+                          "*.csv", "*.parquet", "*.txt")
 
 
 def _clobbers_input(file: Path) -> bool:

@@ -84,7 +84,7 @@ def scope_dataset_config(settings, args: argparse.Namespace) -> None:
 def parse_settings(table: dict, argv=None, description: str = "", task_columns: tuple[str, ...] = (),
                    required_keys: tuple[str, ...] = ()) -> schema.CausalLMRun:
     """Table defaults or a named row, then flags; inconsistent choices fail before any loading."""
-    parser = argparse.ArgumentParser(description=description, allow_abbrev=False)
+    parser = cli.ArgumentParser(description=description, allow_abbrev=False)
     cli.add_output_flags(parser)
     training.add_resume_flag(parser)
     tables.add_setting_flags(parser, table, BLOCKS, also=("model_name_or_path", "data", "eval_data", "target_modules",

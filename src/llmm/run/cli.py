@@ -24,6 +24,14 @@ from llmm.run import adapters, fileio, quiet, schema
 logger = logging.getLogger("llmm")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors (a missing flag, a value of the wrong type or choice) are one ``error:`` line, exit 2,
+    like every other bad input: no usage block."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} ({self.prog} --help lists the flags)\n")
+
+
 def add_output_flags(parser, required: bool = True, default: str | None = None) -> None:
     """--output_dir (RunSettings' field) and --overwrite, the same in every entry point that writes a run directory."""
     help_text = schema.RunSettings.__dataclass_fields__["output_dir"].metadata["help"]
@@ -35,7 +43,7 @@ def add_output_flags(parser, required: bool = True, default: str | None = None) 
 def parse_fields(settings_class, argv, description: str, flags, required=(), renamed=None):
     """The settings of a job whose flags are the fields ``flags`` of ``settings_class`` (llmm.run.schema) and
     --overwrite: typed and range-checked by their fields (one error line), a missing ``required`` one too."""
-    parser = argparse.ArgumentParser(description=description.splitlines()[0], allow_abbrev=False)
+    parser = ArgumentParser(description=description.splitlines()[0], allow_abbrev=False)
     schema.add_flags(parser, [settings_class], skip=set(schema.fields_of(settings_class)) - set(flags),
                      renamed=renamed)
     parser.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty output directory")
@@ -57,7 +65,7 @@ def table_main(doc: str, argv, baseline: str, render, flags: dict | None = None)
     --baseline, --output (never a directory, never over a file the table reads, over another file only with
     --overwrite: a table it wrote, marked by TABLE_MARK, is replaced) and the table's own ``flags`` ({name:
     add_argument's keywords}); ``render(args)`` makes the markdown, printed and, with --output, written."""
-    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0].strip(), allow_abbrev=False)
+    parser = ArgumentParser(description=doc.split("\n\n")[0].strip(), allow_abbrev=False)
     parser.add_argument("paths", nargs="+", help="run directories (searched recursively) or results.json files")
     parser.add_argument("--baseline", default=None, help=f"method the others are paired with (same settings, "
                         f"same seeds; default {baseline})")

@@ -160,9 +160,13 @@ def check_text_file(path: str | Path) -> None:
         raise ValueError(f"data file {str(path)!r} is empty: pass a file with at least one record")
 
 
+# Data flags that take one file (a directory there is an error, not a dataset).
+FILE_FLAGS = ("train_file", "validation_file", "train_data", "test_data", "eval_data", "ood", "file")
+
+
 def check_data_paths(**flags) -> None:
-    """Each given data flag (``data_dir="glue_data/CoLA"``, ...; lists allowed) that names a local path must exist;
-    its text files (a directory's too) must be non-empty UTF-8."""
+    """Each given data flag (``data_dir="glue_data/CoLA"``, ...; lists allowed) that names a local path must exist
+    (a FILE_FLAGS one as a file); its text files (a directory's too) must be non-empty UTF-8."""
     for flag, values in flags.items():
         for value in values if isinstance(values, (list, tuple)) else [values]:
             if not value or not looks_local(value) and not Path(value).expanduser().exists():
@@ -170,9 +174,9 @@ def check_data_paths(**flags) -> None:
             path = Path(value).expanduser()
             if not path.exists():
                 raise FileNotFoundError(f"--{flag} {value!r} does not exist: pass an existing file or directory")
-            if path.is_dir() and str(value).endswith(TEXT_SUFFIXES):
-                raise IsADirectoryError(f"--{flag} {value!r} is a directory, not a {path.suffix} file: pass the "
-                                        "data file itself")
+            if path.is_dir() and (flag in FILE_FLAGS or str(value).endswith(TEXT_SUFFIXES)):
+                raise IsADirectoryError(f"--{flag} {value!r} is a directory, not a {path.suffix or 'data'} file: "
+                                        "pass the data file itself")
             files = [path] if path.is_file() else [p for p in sorted(path.iterdir()) if p.is_file()]
             for file in files:
                 if file.suffix in TEXT_SUFFIXES:

@@ -46,7 +46,7 @@ BLOCKS = FAMILY_BLOCKS["glue"]
 
 
 def build_parser(table: dict) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Fine-tune an encoder on one GLUE task with Llmm adapters over a "
+    parser = cli.ArgumentParser(description="Fine-tune an encoder on one GLUE task with Llmm adapters over a "
                                      "LoftQ-quantized backbone, or a baseline.", allow_abbrev=False)
     cli.add_output_flags(parser, required=False)
     add_resume_flag(parser)

@@ -16,7 +16,7 @@ from transformers import DataCollatorWithPadding
 import llmm
 from llmm.tasks.glue import get_task, load_file, load_glue, tokenize
 from llmm.run.glue import load_model, predictions_record
-from llmm.run import schema
+from llmm.run import cli, schema
 from llmm.run.cli import logger
 from llmm.run.fileio import check_data_paths, seed_everything, write_json
 from llmm.run.adapters import check_sampled_modes, check_settings, read_run_settings
@@ -26,7 +26,7 @@ REPLACED = ("mc_samples", "seed", "per_device_eval_batch_size")  # the run's set
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+    parser = cli.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
                                      epilog=f"--{', --'.join(REPLACED)}: default, the run's")
     parser.add_argument("run_dir", help="a scripts.train_glue output directory (settings.json, adapter/)")
     parser.add_argument("--file", nargs="+", default=None, help="labelled .tsv/.csv/.json/.jsonl file(s) to score "

@@ -2,7 +2,6 @@
 mean / sample / mc mode, answer extraction and accuracy."""
 
 from __future__ import annotations
-import argparse
 import contextlib
 import json
 import time
@@ -29,7 +28,7 @@ SAMPLING = ("temperature", "top_k", "top_p")
 
 def parse_settings(argv=None) -> schema.Gsm8kTestRun:
     table = tables.read_table(TABLE, BLOCKS)
-    parser = argparse.ArgumentParser(description="Evaluate an Llmm GSM8K adapter: batched generation, answer "
+    parser = cli.ArgumentParser(description="Evaluate an Llmm GSM8K adapter: batched generation, answer "
                                      "extraction, exact-match accuracy.", allow_abbrev=False)
     cli.add_output_flags(parser)
     training.add_skip_flag(parser)

@@ -9,7 +9,6 @@ options are ``variants`` of configs/mcq.yaml; the width search runs on the valid
 
 from __future__ import annotations
 
-import argparse
 import functools
 import math
 import time
@@ -130,7 +129,7 @@ def resolve_settings(table: dict, args) -> dict:
 
 def parse_settings(argv=None) -> schema.McqRun:
     table = tables.read_table(TABLE, BLOCKS)
-    parser = argparse.ArgumentParser(description="Fine-tune a causal LM on a multiple-choice task (BLoB's calibration "
+    parser = cli.ArgumentParser(description="Fine-tune a causal LM on a multiple-choice task (BLoB's calibration "
                                      "protocol), then measure its calibration.", allow_abbrev=False)
     cli.add_output_flags(parser)
     training.add_resume_flag(parser)

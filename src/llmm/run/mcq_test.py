@@ -18,7 +18,7 @@ from llmm.run.width_search import RULES, apply_noise_width
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Evaluate trained multiple-choice runs again, or as a deep "
+    parser = cli.ArgumentParser(description="Evaluate trained multiple-choice runs again, or as a deep "
                                      "ensemble: accuracy, ECE, NLL, Brier per mode.", allow_abbrev=False)
     parser.add_argument("--runs", nargs="+", required=True, help="run directories of scripts.train_mcq")
     cli.add_output_flags(parser)

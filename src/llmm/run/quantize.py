@@ -55,12 +55,17 @@ def embeddings_quantized(value: bool | None, task_type: str) -> bool:
     return task_type == "seq_cls" if value is None else bool(value)
 
 
+# Every block (quantize_embeddings is GlueSettings'), then quantize_model's own: a later block's field wins.
+QUANTIZE_BLOCKS = (*schema.BLOCKS, schema.AdapterSettings, schema.LoftQSettings, schema.QuantizeSettings)
+
+
 def build_parser(table: dict) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="LoftQ-quantize a model's target linear layers and save a backbone "
+    parser = cli.ArgumentParser(description="LoftQ-quantize a model's target linear layers and save a backbone "
                                      "+ Llmm init adapter directory.")
     parser.add_argument("--reference_scaling", action="store_true", help="old name of --compensate_scaling false")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    tables.add_setting_flags(parser, table, plumbing_blocks=(schema.QuantizeSettings,))  # no run flags it ignores
+    tables.add_setting_flags(parser, table, blocks=QUANTIZE_BLOCKS,  # its own fields' help wins (K, model, dtype)
+                             plumbing_blocks=(schema.QuantizeSettings,))  # no run flags it ignores
     schema.add_flags(parser, (schema.AdapterSettings, schema.QuantizeSettings),
                      skip=set(schema.fields_of(schema.AdapterSettings)) - {"target_modules"})
     return parser

@@ -3,7 +3,6 @@ and paired differences, curves. The command's docstring (scripts/quickstart.py) 
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import statistics
@@ -34,7 +33,7 @@ def parse_args(argv) -> schema.QuickstartRun:
     table = tables.read_yaml(TABLE)
     schema.check_row_keys(table, {*schema.fields_of(schema.QuickstartRun), "comparisons"}, TABLE.name, "(the file)")
     adapters.check_settings(table, [schema.QuickstartRun])
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     cli.add_output_flags(parser, required=False, default=table["output_dir"])
     flags = ("model", "corpus_dir", "methods", "seeds", "max_steps")
     schema.add_flags(parser, [schema.QuickstartRun], skip=set(schema.fields_of(schema.QuickstartRun)) - set(flags))

@@ -355,9 +355,10 @@ class WidthSearchSettings:
 class EvalModeSettings:
     """How a saved adapter's noise is used when it is evaluated again (test_gsm8k, eval_glue)."""
 
-    mode: str = setting("mean", "how the adapter's noise is used: mean (eps = 0) | sample (a drawn network; "
-                        "test_gsm8k: one per generation, eval_glue: one per batch) | mc (mc_samples networks: "
-                        "test_gsm8k takes their majority answer, eval_glue averages their probabilities)",
+    mode: str = setting("mean", "how the adapter's noise is used: mean (eps = 0) | sample (drawn networks; "
+                        "test_gsm8k: a fresh draw at every decoded token, as the reference; eval_glue: one per "
+                        "batch) | mc (mc_samples networks: test_gsm8k takes their majority answer, eval_glue "
+                        "averages their probabilities)",
                         choices=("mean", "sample", "mc"))
 
 
@@ -393,6 +394,8 @@ class QuantizeSettings:
 
     preset: str = setting(None, "a row of configs/quantize.yaml (else its defaults)")
     model: str = setting(None, "hub id or local directory to quantize")
+    dtype: str = setting("bfloat16", "storage dtype of the saved backbone (LoftQ itself computes in float32)",
+                         choices=("float32", "bfloat16", "float16"))
     task_type: str = setting("causal_lm", "causal_lm | seq_cls", choices=("causal_lm", "seq_cls"))
     device: str = setting("cpu", "where LoftQ runs: cpu | cuda", choices=("cpu", "cuda"))
     block_size: int = setting(64, "normal-float block size", low=1,
