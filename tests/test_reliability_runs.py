@@ -137,8 +137,8 @@ def test_a_table_replaces_its_own_output_not_a_users_file(world, tmp_path, capsy
     refused(mcq_table.main, [str(run), "--output", str(published), "--published", str(published), "--overwrite"],
             capsys, tmp_path, "--output", "is --published")
     plot = next(run.glob("*.png"))  # a run's own file: not replaced even with --overwrite
-    refused(mcq_table.main, [str(root), "--output", str(plot), "--overwrite"], capsys, root, "is a file inside",
-            "which the table reads: choose another --output")
+    refused(mcq_table.main, [str(root), "--output", str(plot), "--overwrite"], capsys, root, "lies inside paths",
+            "would replace what the command reads")
 
 
 def test_eval_glue_never_writes_over_the_runs_data_or_backbone(tmp_path, capsys):

@@ -226,9 +226,11 @@ def test_a_complete_run_is_skipped_only_with_the_same_settings(family, model_dir
     """--skip_if_complete (the drivers' rerun): the same command prints 'done already' and writes nothing; another
     learning rate, or a setting the run left at its default, is one error naming it, and the run stays as it was."""
     out = tmp_path / "run"
-    main, argv = {"glue": (train_glue.main, lambda *extra: glue_argv(model_dir, out, "--max_steps", "1", *extra)),
-                  "gsm8k": (train_gsm8k.main, lambda *extra: gsm8k_argv(llama_dir, out, "--max_steps", "1", *extra))}[
-        family]
+    targets = ["--target_modules", "query_proj", "key_proj", "value_proj", "dense"]  # GLUE adds the embedding tables
+    main, argv = {"glue": (train_glue.main, lambda *extra: glue_argv(model_dir, out, "--max_steps", "1", *targets,
+                                                                     *extra)),
+                  "gsm8k": (train_gsm8k.main, lambda *extra: gsm8k_argv(llama_dir, out, "--max_steps", "1",
+                                                                        "--max_train_samples", "3", *extra))}[family]
     assert main(argv("--skip_if_complete")) is not None  # nothing there yet: trained
     files = {path: path.stat().st_mtime_ns for path in out.rglob("*")}
     capsys.readouterr()
@@ -238,7 +240,39 @@ def test_a_complete_run_is_skipped_only_with_the_same_settings(family, model_dir
                         (("--lora_dropout", "0.1"), "made with lora_dropout=0.0, this command says 0.1")):
         with pytest.raises(ValueError, match=f"is a complete run {says}: run these settings in another"):
             main(argv("--skip_if_complete", "--overwrite", *extra))
+    left_out = ("--max_steps", "max_steps=1") if family == "glue" else ("--max_train_samples", "max_train_samples=3")
+    command = argv("--skip_if_complete", "--overwrite")
+    at = command.index(left_out[0])
+    with pytest.raises(ValueError, match=f"made with {left_out[1]}, this command says"):  # a flag the run was given
+        main(command[:at] + command[at + 2:])
     assert {path: path.stat().st_mtime_ns for path in out.rglob("*")} == files
+
+
+def test_a_finished_run_trained_further_is_not_complete_until_it_finishes(llama_dir, tmp_path, monkeypatch):
+    """A complete 1-step run resumed to 3 steps and killed: its results.json (of the 1-step run) is gone, so the
+    drivers' rerun resumes it instead of skipping it as done."""
+    out = tmp_path / "run"
+    train_gsm8k.main(gsm8k_argv(llama_dir, out, "--max_steps", "1"))
+    assert training.is_complete(out)
+    run_until_killed(monkeypatch, train_gsm8k.main, gsm8k_argv(llama_dir, out, "--max_steps", "3",
+                                                                "--resume_from_checkpoint"), step=3)
+    assert not training.is_complete(out) and (out / "checkpoints" / "checkpoint-2").is_dir()
+    results = train_gsm8k.main(gsm8k_argv(llama_dir, out, "--max_steps", "3", "--skip_if_complete",
+                                          "--resume_from_checkpoint"))
+    assert results["global_step"] == 3 and training.is_complete(out)
+
+
+def test_list_settings_of_paths_compare_by_the_files_they_name(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "dev.tsv").write_text("x")
+    monkeypatch.chdir(tmp_path)
+    blocks = schema.FAMILY_BLOCKS["glue"]
+    saved = {"validation_file": ["data/dev.tsv"]}
+    assert training.first_difference(saved, {"validation_file": ["./data/dev.tsv"]}, ["validation_file"], blocks) is None
+    assert training.first_difference(saved, {"validation_file": [str(tmp_path / "data" / "dev.tsv")]},
+                                     ["validation_file"], blocks) is None
+    assert training.first_difference(saved, {"validation_file": ["data/dev.tsv", "data/dev.tsv"]},
+                                     ["validation_file"], blocks) == ("validation_file", ["data/dev.tsv"])
 
 
 def test_glue_gradient_accumulation_averages_the_loss(model_dir, tmp_path):  # noqa: F811

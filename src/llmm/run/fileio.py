@@ -161,7 +161,7 @@ def check_text_file(path: str | Path) -> None:
 
 
 # Data flags that take one file (a directory there is an error, not a dataset).
-FILE_FLAGS = ("train_file", "validation_file", "train_data", "test_data", "eval_data", "ood", "file")
+FILE_FLAGS = ("train_file", "validation_file", "train_data", "test_data", "ood", "file")  # eval_data: its own check
 
 
 def check_data_paths(**flags) -> None:

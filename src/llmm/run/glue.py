@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import check_target_module_exists
 from transformers import (
+    AutoConfig,
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
@@ -146,14 +147,21 @@ def fresh_head(model) -> None:
                 module.bias.zero_()
 
 
+def adapted_modules(model, settings: GlueRun) -> list[str]:
+    """The target modules (given, else configs/targets.yaml's) plus, with quantize_embeddings, the model's embedding
+    tables; the same list when the settings already hold it."""
+    targets = default_targets(model.config, settings.target_modules)
+    if settings.quantize_embeddings:
+        tables = embedding_targets(model, default_embedding_targets(model.config))
+        targets = list(dict.fromkeys([*targets, *sorted({path.split(".")[-1] for path in tables})]))
+    return targets
+
+
 def wrap_model(model, settings: GlueRun):
     """Quantize as --method says and wrap with Llmm adapters; the head modules stay full precision and trainable.
     From an _init.sh directory the backbone already holds Q: the adapters start from its LoftQ means."""
     heads = head_modules(model)
-    targets = default_targets(model.config, settings.target_modules)
-    if settings.quantize_embeddings:
-        tables = embedding_targets(model, default_embedding_targets(model.config))
-        targets += sorted({path.split(".")[-1] for path in tables})
+    targets = adapted_modules(model, settings)
     layer_settings = settings.copy(eval_noise="sample" if settings.eval_noise == "sample" else "mean")
     if settings.get("init_dir"):
         layer_settings.init = "lora"  # the means come from the directory's llmm_init/, not a new LoftQ
@@ -329,6 +337,14 @@ class GlueRecipe(Recipe):
     @property
     def checkpoint_dir(self) -> Path:
         return self.output_dir
+
+    def derive(self) -> None:
+        """The adapted modules as wrap_model sets them, from the model's config on the meta device (no weights), so
+        settings.json, a resume and --skip_if_complete compare the same list."""
+        config = load_pretrained(AutoConfig, self.settings.model, num_labels=self.task.num_labels)
+        with torch.device("meta"):
+            self.settings.target_modules = adapted_modules(AutoModelForSequenceClassification.from_config(config),
+                                                           self.settings)
 
     def load_data(self):
         self.raw = load_glue(self.task, self.settings.get("data_dir"), self.settings.get("train_file"),

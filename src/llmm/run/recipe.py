@@ -46,6 +46,10 @@ class Recipe:
         """Where the Trainer writes checkpoint-N/ (and where --resume_from_checkpoint looks)."""
         return self.output_dir / "checkpoints"
 
+    def derive(self) -> None:
+        """First of all: settings the run derives from its model that settings.json records (GLUE's adapted modules),
+        so that a resume and --skip_if_complete compare them with the saved run's."""
+
     def load_data(self) -> None:
         """Read and check the data (before anything is written)."""
 
@@ -103,17 +107,18 @@ class Recipe:
     def run(self) -> dict | None:
         """The results, or None when --skip_if_complete found this run complete already."""
         settings = self.settings
+        if self.not_sharded and sharding.requested_engine() != "none":
+            raise ValueError(f"{self.not_sharded}, so it is not trained under {sharding.requested_engine()}: launch "
+                             "with DDP (torchrun, or an accelerate config without FSDP / DeepSpeed)")
+        if self.data_first:
+            self.load_data()
+        self.derive()
         if settings.get("skip_if_complete") and training.is_complete(self.output_dir):
             training.check_same_run(self.output_dir, settings, self.blocks)
             if PartialState().is_main_process:
                 print(f"done already: {self.output_dir}")
             return None
-        if self.not_sharded and sharding.requested_engine() != "none":
-            raise ValueError(f"{self.not_sharded}, so it is not trained under {sharding.requested_engine()}: launch "
-                             "with DDP (torchrun, or an accelerate config without FSDP / DeepSpeed)")
         self.sharding = sharding.check_sharded_launch()
-        if self.data_first:
-            self.load_data()
         checkpoint = training.find_checkpoint(settings.get("resume_from_checkpoint"), self.checkpoint_dir)
         self.resumed_from = checkpoint
         if checkpoint:
@@ -128,6 +133,8 @@ class Recipe:
         model, tokenizer = self.load_model(arguments)
         train_set, held_out = self.datasets(tokenizer)
         outdirs.make_output_dir(self.output_dir, settings.get("overwrite", False), resume=checkpoint is not None)
+        if checkpoint and (self.output_dir / "results.json").is_file():  # a finished run trained further is not
+            (self.output_dir / "results.json").unlink()  # complete until this run writes its own results
         trainer = self.make_trainer(model, tokenizer, arguments, train_set, held_out)
         trainer.set_entropy_term(settings.entropy_weight, settings.entropy_warmup_ratio,
                                  settings.entropy_floor)  # lambda = 0 (the paper): off

@@ -222,9 +222,11 @@ RESUMABLE = frozenset({"max_steps", "num_train_epochs", "eval_steps"})
 
 
 def _same_setting(saved, given) -> bool:
-    """Equal values, or two spellings of one local path."""
+    """Equal values, or two spellings of one local path (or list of paths)."""
     if saved == given:
         return True
+    if isinstance(saved, list) and isinstance(given, list):
+        return len(saved) == len(given) and all(map(_same_setting, saved, given))
     if isinstance(saved, str) and isinstance(given, str) and os.path.exists(os.path.expanduser(given)):
         return os.path.realpath(os.path.expanduser(saved)) == os.path.realpath(os.path.expanduser(given))
     return False
@@ -241,16 +243,19 @@ def checkpoint_run(checkpoint: str | Path, output_dir: str | Path) -> Path:
 
 def first_difference(saved: dict, given: dict, names, blocks) -> tuple[str, object] | None:
     """(name, the run's value) of the first of ``names`` where the run's settings.json and this command's settings
-    disagree. A setting this command leaves unset is not compared (what the run derives later, e.g. GLUE's target
-    modules); one the run did not record had its field's default."""
+    disagree; a setting one side did not record had its field's default there."""
     fields = schema.fields_of(*blocks)
-    for name in sorted(names):
-        if name not in given or (name not in saved and name not in fields):
+    for name in sorted(set(names) & (set(saved) | set(given))):
+        if name not in fields and not (name in saved and name in given):
             continue
         value = saved[name] if name in saved else fields[name].default
-        if not _same_setting(value, given[name]):
+        if not _same_setting(value, given[name] if name in given else fields[name].default):
             return name, value
     return None
+
+
+def _given(given: dict, name: str, blocks):
+    return given[name] if name in given else schema.fields_of(*blocks)[name].default
 
 
 def _shown(value) -> str:
@@ -273,10 +278,11 @@ def check_resumable(run_dir: str | Path, settings, blocks) -> None:
         name, value = difference
         if value is None:
             raise ValueError(f"--resume_from_checkpoint: the run in {str(run_dir)!r} was trained without {name}, this "
-                             f"command says {given[name]!r}: drop --{name}, or start a new run in another --output_dir")
+                             f"command says {_given(given, name, blocks)!r}: drop --{name}, or start a new run in "
+                             "another --output_dir")
         raise ValueError(f"--resume_from_checkpoint: the run in {str(run_dir)!r} was trained with {name}={value!r}, "
-                         f"this command says {given[name]!r}: resume with the run's settings (its settings.json, e.g. "
-                         f"--{name} {_shown(value)}), or start a new run in another --output_dir")
+                         f"this command says {_given(given, name, blocks)!r}: resume with the run's settings (its "
+                         f"settings.json, e.g. --{name} {_shown(value)}), or start a new run in another --output_dir")
 
 
 def is_complete(run_dir: str | Path) -> bool:
@@ -297,12 +303,13 @@ def check_same_run(run_dir: str | Path, settings, blocks, saved: dict | None = N
                                   "choose another --output_dir")
     compared = (set(schema.fields_of(*blocks)) - schema.role_names(schema.RUN, blocks)) | {"seed"} | set(
         schema.input_names(blocks))
-    difference = first_difference(saved, settings.record(), compared, blocks)
+    given = settings.record()
+    difference = first_difference(saved, given, compared, blocks)
     if difference:
         name, value = difference
         raise ValueError(f"{str(run_dir)!r} is a complete run made with {name}={value!r}, this command says "
-                         f"{settings[name]!r}: run these settings in another --output_dir (a driver: another OUT= "
-                         "or RUNS=), or remove that run to run it again")
+                         f"{_given(given, name, blocks)!r}: run these settings in another --output_dir (a driver: "
+                         "another OUT= or RUNS=), or remove that run to run it again")
 
 
 @contextlib.contextmanager
