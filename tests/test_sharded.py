@@ -200,8 +200,8 @@ def worker(argv=None) -> None:
 
 
 def guard(model, rank: int, out: Path) -> None:
-    """LlmmTrainer's check before an optimizer step, on FSDP2's sharded gradients: a NaN in process 1's shard only
-    must stop both processes."""
+    """LlmmTrainer's checks before and after an optimizer step, on FSDP2's sharded gradients and parameters: a NaN
+    in process 1's shard only must stop both processes."""
     from types import SimpleNamespace
 
     from llmm.run.trainer import LlmmTrainer
@@ -213,12 +213,18 @@ def guard(model, rank: int, out: Path) -> None:
     trainer = SimpleNamespace(nonfinite_loss=None, accelerator=SimpleNamespace(scaler=None),
                               args=SimpleNamespace(device=torch.device("cpu")), state=SimpleNamespace(global_step=0),
                               stop=lambda what: (_ for _ in ()).throw(TrainingDiverged(what)))
-    try:
-        LlmmTrainer.stop_if_step_not_finite(trainer, model)
-        outcome = "went on"
-    except TrainingDiverged as error:
-        outcome = f"stopped: {error}"
-    (out / f"guard_{rank}.txt").write_text(outcome)
+    for check, name in ((LlmmTrainer.stop_if_step_not_finite, "guard"),
+                        (LlmmTrainer.stop_if_parameters_not_finite, "guard_params")):
+        if name == "guard_params" and rank == 1:  # then a NaN in process 1's shard of a parameter
+            param = next(p for p in model.parameters() if p.requires_grad)
+            with torch.no_grad():
+                (param.to_local() if hasattr(param, "to_local") else param).view(-1)[0] = float("nan")
+        try:
+            check(trainer, model)
+            outcome = "went on"
+        except TrainingDiverged as error:
+            outcome = f"stopped: {error}"
+        (out / f"{name}_{rank}.txt").write_text(outcome)
 
 
 # --- helpers of the tests ------------------------------------------------------------------------------------------
@@ -437,6 +443,15 @@ def test_an_fsdp1_launch_meets_the_same_checks_as_fsdp2(monkeypatch, tmp_path):
         with pytest.raises(ValueError, match="asks for FSDP but accelerate runs"):
             recipe.run()
     assert not (tmp_path / "run").exists()
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    monkeypatch.setenv("FSDP_STATE_DICT_TYPE", "SHARDED_STATE_DICT")  # FSDP1's sharded parts hold no adapter tensor
+    with pytest.raises(ValueError, match="FSDP1 with fsdp_state_dict_type SHARDED_STATE_DICT: .*FULL_STATE_DICT"):
+        Recipe(CausalLMRun.of({"output_dir": str(tmp_path / "run")})).run()
+    monkeypatch.setenv("FSDP_VERSION", "2")  # FSDP2's parts hold it (load_sharded_adapter)
+    with pytest.raises(ValueError, match="asks for FSDP but accelerate runs"):
+        Recipe(CausalLMRun.of({"output_dir": str(tmp_path / "run")})).run()
+    fsdp1 = (REPO_ROOT / "configs" / "accelerate" / "fsdp1.yaml").read_text()
+    assert "fsdp_state_dict_type: FULL_STATE_DICT" in fsdp1 and "  fsdp_version: 1" in fsdp1
 
 
 def test_sharded_checkpoint_layout_passes_the_resume_checks(tmp_path):
@@ -660,11 +675,13 @@ def test_kill_9_and_resume_reproduces_the_uninterrupted_run(tmp_path):
 
 @pytest.mark.slow
 def test_divergence_guard_sees_a_nan_in_another_process_shard(tmp_path):
-    """FSDP2 leaves each process only its shard of every gradient: a NaN in process 1's shard stops both."""
+    """FSDP2 leaves each process only its shard of every gradient and parameter: a NaN in process 1's shard stops
+    both (the check before the optimizer step, and the one after it)."""
     done = run("--guard", "--out", tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     for rank in (0, 1):
         assert (tmp_path / f"guard_{rank}.txt").read_text().startswith("stopped: gradients are not finite")
+        assert (tmp_path / f"guard_params_{rank}.txt").read_text().startswith("stopped: the update of step 1 made")
 
 
 @pytest.mark.slow

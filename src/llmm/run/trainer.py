@@ -573,8 +573,13 @@ class LlmmTrainer(Trainer):
                       "not applied")
 
     def stop_if_parameters_not_finite(self, model) -> None:
-        params = [p for p in model.parameters() if p.requires_grad]
-        if params and not torch.stack([torch.isfinite(p).all() for p in params]).all():
+        """On every process alike: each checks its own shards (FSDP), the flag is reduced over all of them."""
+        params = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters() if p.requires_grad]
+        bad = bool(params) and not torch.stack([torch.isfinite(p).all() for p in params]).all()
+        flag = torch.tensor([float(bad)], device=self.args.device)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag[0]:
             self.stop(f"the update of step {self.state.global_step + 1} made the adapter's parameters non-finite "
                       "(not checkpointed)")
 
