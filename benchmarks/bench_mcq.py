@@ -14,9 +14,9 @@ questions in mean mode and in mc mode with N = 1, 2, 5, 10, timed as a ratio to 
     python -m benchmarks.bench_mcq --options        # the method's options (writes results/mcq_options_cpu.json)
 
 The options: training-step time of Llmm as published, with per-example noise and with the entropy term (lambda 5e-4)
-against PEFT LoRA (MAP), interleaved as above; test time of mc at N = 10 sequential (the model's generator), batched
-(mc_batched: the seed's streams, one forward over the batch repeated 10 times) and batched with per-example noise, as a
-ratio to mean mode; the width search's cost in validation passes of mc (one per multiplier evaluated).
+against PEFT LoRA (MAP), interleaved as above; test time of mc at N = 10 sequential and batched (mc_batched: one
+forward over the batch repeated 10 times; both draw network n from stream n of the seed) and batched with per-example
+noise, as a ratio to mean mode; the width search's cost in validation passes of mc (one per multiplier evaluated).
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ def option_test_times(quick: bool, device: str, rounds: int, n: int = 10) -> dic
     heads = {key: C.LetterHead(model, LETTERS) for key, model in models.items()}
     batches = [question_batch(device, batch=8) for _ in range(8)]
     runs = {"mean": lambda: C.predict(heads[False], batches, "mean"),
-            f"mc N={n} sequential": lambda: C.predict(heads[False], batches, "mc", n),
+            f"mc N={n} sequential": lambda: C.predict(heads[False], batches, "mc", n, seed=0),
             f"mc N={n} batched": lambda: C.predict(heads[False], batches, "mc", n, seed=0, batched=True),
             f"mc N={n} batched, per-example noise": lambda: C.predict(heads[True], batches, "mc", n, seed=0,
                                                                       batched=True)}

@@ -47,6 +47,22 @@ def test_round_trip_restores_means_and_directions_exactly(tmp_path):
     assert all(p.requires_grad for n, p in trainable.named_parameters() if "lora_" in n)
 
 
+def test_a_k0_adapter_saved_without_its_empty_directions_reloads(tmp_path):
+    """A sharded run's gather of the trainable tensors leaves out K = 0's zero-size (frozen) directions: the adapter
+    reloads all the same, to the same outputs."""
+    from safetensors.torch import save_file
+
+    model, adapter_dir = trained_adapter(tmp_path, k=0)
+    weights = adapter_dir / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    kept = {key: tensor for key, tensor in tensors.items() if tensor.numel() > 0}
+    assert len(kept) < len(tensors)
+    save_file(kept, weights)
+    loaded = load_llmm_model(tiny_llama(), str(adapter_dir), k=0)
+    inputs = torch.randint(0, 128, (2, 9))
+    torch.testing.assert_close(loaded(inputs).logits, model.eval()(inputs).logits, rtol=0, atol=0)
+
+
 def test_mismatched_k_is_an_error(tmp_path):
     _, adapter_dir = trained_adapter(tmp_path, k=2)
     with pytest.raises(ValueError, match="K=2 but K=3"):

@@ -280,7 +280,7 @@ def test_choose_noise_width_rules_on_a_synthetic_curve():
     assert chosen["evaluations"][0] == [0.0, nll(0.0)]
     # a width too wide for the model's precision (NaN) is never chosen; the mean network's NaN is an error
     wide = choose_noise_width(lambda m: math.nan if m >= 16 else 1.0 - 0.01 * m, tolerance=0.003)
-    assert wide["tfb"] == 15.5 and 8.0 <= wide["nll_min"] < 16.0 and [16.0, math.inf] in wide["evaluations"]
+    assert wide["tfb"] == 15.5 and 8.0 <= wide["nll_min"] < 16.0 and [16.0, None] in wide["evaluations"]
     with pytest.raises(ValueError, match=r"mean network \(m = 0\) is nan"):
         choose_noise_width(lambda m: math.nan)
 

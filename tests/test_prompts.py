@@ -157,6 +157,7 @@ GENERATIONS = [
     ("He is short by -$5.", -5.0, -5.0),                                     # a sign before the dollar sign
     ("The final answer is: \u22127", -7.0, -7.0),                            # U+2212 minus sign
     ("Version 1.2.3 costs 4", 4.0, 4.0),                                     # ".3" after "1.2" is no number
+    ("He bought 3 apples.2 were rotten", 3.0, 3.0),                          # ".2" after a word: no decimal
     ("I do not know.", None, 4.0),                                           # no number at all
     ("", None, 1.0),
 ]

@@ -214,9 +214,13 @@ def load_llmm_model(base_model: torch.nn.Module, adapter_dir: str, is_trainable:
 
 
 def _check_saved_adapter(model: PeftModel, saved: dict, adapter_dir: str, config: LlmmConfig) -> None:
-    """The saved tensors are the wrapped model's adapter, key for key and shape for shape."""
+    """The saved tensors are the wrapped model's adapter, key for key and shape for shape; an empty one (K = 0's
+    directions, which a sharded gather of frozen tensors leaves out) is added to ``saved`` if missing."""
     llmm_layers(model)
     expected = get_peft_model_state_dict(model, save_embedding_layers=False)
+    for key, tensor in expected.items():
+        if key not in saved and tensor.numel() == 0:
+            saved[key] = torch.empty(tensor.shape, dtype=tensor.dtype)
     # Adapters saved with PEFT's default also hold the frozen embedding / LM-head base weights: accepted, not needed.
     allowed = get_peft_model_state_dict(model, save_embedding_layers=True)
     missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(allowed))

@@ -134,7 +134,7 @@ def load_records(source: str, task: str, config_name: str | None = None) -> dict
 # --- GSM8K answers -------------------------------------------------------------------------------------------------
 
 _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
-_NUMBER = re.compile(r"(?<![\d.])([-\u2212]\s*\$?\s*)?(\d+(?:\.\d+)?|\.\d+)")  # "-$5", U+2212 "−7", ".5"
+_NUMBER = re.compile(r"(?<![\d.])([-\u2212]\s*\$?\s*)?(\d+(?:\.\d+)?|(?<!\w)\.\d+)")  # "-$5", "−7", ".5"
 _FINAL = re.compile(r"the final answer is", re.IGNORECASE)
 
 
