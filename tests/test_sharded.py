@@ -509,6 +509,13 @@ def test_load_sharded_adapter_reads_the_trainable_tensors_of_a_sharded_checkpoin
     again = get_llmm_model(tiny_llama(0), llmm_config())
     load_sharded_adapter(again, tmp_path / "w")
     assert all(torch.equal(dict(again.named_parameters())[name], theirs[name]) for name in loaded)
+    from peft import get_peft_model_state_dict  # what accelerate writes for the Trainer (adapter_only): PEFT's names
+
+    dcp.save({"model": {k: v.detach().clone() for k, v in get_peft_model_state_dict(trained).items()}},
+             checkpoint_id=str(tmp_path / "accelerate"))
+    third = get_llmm_model(tiny_llama(0), llmm_config())
+    assert sorted(load_sharded_adapter(third, tmp_path / "accelerate")) == sorted(loaded)
+    assert all(torch.equal(dict(third.named_parameters())[name], theirs[name]) for name in loaded)
     other_k = get_llmm_model(tiny_llama(0), LlmmConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS, k=3))
     with pytest.raises(ValueError, match="lora_llmm_A.* has shape .*resume with the run's settings"):
         load_sharded_adapter(other_k, tmp_path / "ckpt" / "pytorch_model_fsdp_0")

@@ -107,14 +107,20 @@ def full_state_checkpoint(checkpoint: str | Path) -> bool:
 def load_sharded_adapter(model: torch.nn.Module, part: str | Path) -> list[str]:
     """Copy the model's trainable tensors (M and Z) from a SHARDED_STATE_DICT folder (accelerate: ``{"model": state
     dict}`` in pytorch_model_fsdp_0/) into ``model``, in this process alone, without reading the frozen backbone's
-    shards; keys match with the wrappers' segments dropped. Returns the names loaded."""
+    shards; keys match with the wrappers' segments and the adapter's name dropped. Returns the names loaded."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    adapter = getattr(model, "active_adapter", "default")
+
+    def key(name: str) -> str:  # accelerate's adapter_only save names them as PEFT does, without the adapter's name
+        return unwrapped_name(name).replace(f".{adapter}.", ".")
+
     metadata = dcp.FileSystemReader(str(part)).read_metadata().state_dict_metadata
-    saved = {unwrapped_name(key.removeprefix("model.")): key.removeprefix("model.") for key, value in metadata.items()
-             if key.startswith("model.") and isinstance(value, TensorStorageMetadata)}
-    wanted = {unwrapped_name(name): p for name, p in model.named_parameters() if p.requires_grad}
+    saved = {key(name.removeprefix("model.")): name.removeprefix("model.") for name, value in metadata.items()
+             if name.startswith("model.") and isinstance(value, TensorStorageMetadata)}
+    names = {key(name): name for name, p in model.named_parameters() if p.requires_grad}
+    wanted = {key(name): p for name, p in model.named_parameters() if p.requires_grad}
     missing = sorted(set(wanted) - set(saved))
     if missing or not wanted:
         raise ValueError(f"{str(part)!r} holds no {missing[:3] or 'trainable tensor'} of this model: resume from a "
@@ -129,7 +135,7 @@ def load_sharded_adapter(model: torch.nn.Module, part: str | Path) -> list[str]:
     with torch.no_grad():
         for name, parameter in wanted.items():
             parameter.copy_(state[saved[name]])
-    return sorted(wanted)
+    return sorted(names.values())
 
 
 def _tensors(value):
