@@ -16,7 +16,8 @@
 #   backbones: int8 (BLoB's bitsandbytes 8-bit) | bnb-nf4 (bitsandbytes 4-bit NF4, QLoRA's; runs on CPU too) |
 #              nf4 / nf2 (LoftQ in-process, 16-bit storage) | bf16 | fp32
 #   LAUNCH="accelerate launch" bash train_mcq.sh;  bash train_mcq.sh --max_steps 10   (a smoke run)
-#   ACCELERATE_CONFIG=configs/accelerate/fsdp2.yaml bash train_mcq.sh   # sharded over the GPUs
+#   LAUNCH="torchrun --nproc_per_node 2" bash train_mcq.sh     # DDP (FSDP / DeepSpeed are refused: the
+#                                                              # evaluations run on the main process alone)
 # A complete run with the same settings is skipped (other settings: an error naming the first that differs); an
 # interrupted one resumes from its newest checkpoint.
 set -euo pipefail
@@ -28,7 +29,7 @@ METHODS=${METHODS:-"map mcdropout llmm"}
 BACKBONES=${BACKBONES:-"int8"}
 SEEDS=${SEEDS:-"1 2 3"}
 OUT=${OUT:-runs/mcq}
-source "$(dirname "$0")/scripts/launch.sh"  # ACCELERATE_CONFIG (configs/accelerate/fsdp2.yaml: README "Larger models") or LAUNCH
+source "$(dirname "$0")/scripts/launch.sh"  # LAUNCH, or ACCELERATE_CONFIG (DDP only: FSDP / DeepSpeed are refused)
 
 refuse_loop_flags train_mcq.sh "OUT=, SEEDS=, TASKS=, METHODS= or BACKBONES=" --output_dir --seed --task --method \
   --variant --load_in_8bit --load_in_4bit --init --quant --bits --dtype ${MODEL:+--model_name_or_path} -- "$@"

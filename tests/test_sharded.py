@@ -415,15 +415,20 @@ def test_run_layer_under_a_sharded_launch_refuses_in_process_loftq_and_stores_nf
     assert causal_lm.prepare_for_training(plain, settings).model.norm.weight.dtype == torch.float32
 
 
-def test_glue_recipe_refuses_a_sharded_launch(monkeypatch, tmp_path):
-    """GLUE (encoders that fit one device, quantized in-process) says so in one error before anything is read."""
+@pytest.mark.parametrize("family, says", [("glue", "GLUE encoder fits one device"),
+                                          ("mcq", "evaluations run on the main process alone")])
+def test_glue_and_multiple_choice_recipes_refuse_a_sharded_launch(monkeypatch, tmp_path, family, says):
+    """GLUE (encoders that fit one device, quantized in-process) and the multiple-choice family (its evaluations run
+    on the main process, which a sharded model would leave waiting) say so in one error before anything is read."""
     from llmm.run.glue import GlueRecipe
+    from llmm.run.mcq import McqRecipe
 
-    recipe = GlueRecipe.__new__(GlueRecipe)
+    cls = {"glue": GlueRecipe, "mcq": McqRecipe}[family]
+    recipe = cls.__new__(cls)
     recipe.settings, recipe.output_dir = {"output_dir": str(tmp_path / "run")}, tmp_path / "run"
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    with pytest.raises(ValueError, match="GLUE encoder fits one device .*not trained under DEEPSPEED: launch with DDP"):
+    with pytest.raises(ValueError, match=f"{says}.*not trained under DEEPSPEED: launch with DDP"):
         recipe.run()
     assert not (tmp_path / "run").exists()
 

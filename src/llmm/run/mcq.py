@@ -338,6 +338,7 @@ class McqRecipe(causal_lm.CausalLMRecipe):
     """The causal-LM recipe with the answer-letter loss, the width history and the calibration evaluations."""
 
     blocks = BLOCKS
+    not_sharded = "the multiple-choice evaluations run on the main process alone (a sharded model needs every process)"
 
     def __init__(self, settings: schema.McqRun, table: dict):
         super().__init__(settings, settings.task, encode=None)
