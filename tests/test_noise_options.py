@@ -171,6 +171,8 @@ def test_a_layer_called_twice_in_a_forward_keeps_one_network(batch):
     with pytest.raises(ValueError, match="query_proj also projects the relative embeddings.*use noise_per_example "
                        "false"):
         deberta(v3=True, noise_per_example=True)
+    with pytest.raises(ValueError, match="query_proj also projects the relative embeddings"):  # PEFT's default targets
+        get_llmm_model(tiny_deberta(0, 3, v3=True), LlmmConfig(r=4, lora_alpha=4, k=2, noise_per_example=True))
     trained = deberta(v3=True)
     seed_noise(trained, 0)
     for layer in llmm_layers(trained):  # per example, but built without the check: the first forward refuses

@@ -23,6 +23,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from peft.tuners.lora import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer, check_target_module_exists
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
@@ -51,11 +52,14 @@ def _check_per_example(model: torch.nn.Module, config: LlmmConfig) -> None:
     relative embeddings, which the batch shares, with its query and key layers (the noise refuses it at the first
     forward; here before anything is wrapped)."""
     model_config = getattr(model, "config", None)
-    if not (getattr(config, "noise_per_example", False) and config.k > 0 and config.target_modules is not None
+    if not (getattr(config, "noise_per_example", False) and config.k > 0
             and getattr(model_config, "share_att_key", False) and getattr(model_config, "relative_attention", False)):
         return
-    shared = [name for name, _ in model.named_modules()
-              if name.endswith(("query_proj", "key_proj")) and check_target_module_exists(config, name)]
+    if config.target_modules is None:  # PEFT's default targets for the architecture
+        targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(getattr(model_config, "model_type", None))
+        config = dataclasses.replace(config, target_modules=targets) if targets else config
+    shared = [name for name, _ in model.named_modules() if config.target_modules is not None
+              and name.endswith(("query_proj", "key_proj")) and check_target_module_exists(config, name)]
     if shared:
         raise ValueError(f"noise_per_example: {shared[0]} also projects the relative embeddings, which the batch shares "
                          "(share_att_key), so no one example's network applies there: use noise_per_example false")
