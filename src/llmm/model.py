@@ -61,8 +61,9 @@ def _check_per_example(model: torch.nn.Module, config: LlmmConfig) -> None:
     shared = [name for name, _ in model.named_modules() if config.target_modules is not None
               and name.endswith(("query_proj", "key_proj")) and check_target_module_exists(config, name)]
     if shared:
-        raise ValueError(f"noise_per_example: {shared[0]} also projects the relative embeddings, which the batch shares "
-                         "(share_att_key), so no one example's network applies there: use noise_per_example false")
+        raise ValueError(f"noise_per_example: {shared[0]} also projects the relative embeddings, which the batch "
+                         "shares (share_att_key), so no one example's network applies there: use noise_per_example "
+                         "false")
 
 
 def _check_targets(model: torch.nn.Module, config: LlmmConfig) -> None:

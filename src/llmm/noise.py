@@ -126,9 +126,9 @@ class NoiseSource:
         if cached is not None and cached[0] == key:
             if per_example and cached[1].shape[1] != rows:
                 raise ValueError(f"per-example noise: an Llmm layer is called twice in one forward, on "
-                                 f"{cached[1].shape[1]} rows and on {rows} (a tensor the batch shares, e.g. DeBERTa-v3's "
-                                 "relative embeddings with share_att_key), so no one example's network applies there: "
-                                 "use noise_per_example false")
+                                 f"{cached[1].shape[1]} rows and on {rows} (a tensor the batch shares, e.g. "
+                                 "DeBERTa-v3's relative embeddings with share_att_key), so no one example's network "
+                                 "applies there: use noise_per_example false")
             return cached[1]
         if streams is None:
             shape = (2, rows, k) if per_example else (2, k)

@@ -95,9 +95,10 @@ def check_sharded_launch(state=None) -> str:
         return "none"
     if engine == "FSDP" and os.environ.get("FSDP_VERSION", "1") == "1" and os.environ.get(
             "FSDP_STATE_DICT_TYPE", "FULL_STATE_DICT") != "FULL_STATE_DICT":
-        raise ValueError(f"FSDP1 with fsdp_state_dict_type {os.environ['FSDP_STATE_DICT_TYPE']}: PEFT selects no adapter "
-                         "tensor from its sharded checkpoint parts, so a resume would start from the untrained adapter; "
-                         "set fsdp_state_dict_type: FULL_STATE_DICT (configs/accelerate/fsdp1.yaml), or use FSDP2")
+        raise ValueError(f"FSDP1 with fsdp_state_dict_type {os.environ['FSDP_STATE_DICT_TYPE']}: PEFT selects no "
+                         "adapter tensor from its sharded checkpoint parts, so a resume would start from the untrained "
+                         "adapter; set fsdp_state_dict_type: FULL_STATE_DICT (configs/accelerate/fsdp1.yaml), or use "
+                         "FSDP2")
     if engine == "DEEPSPEED":
         try:
             import deepspeed  # noqa: F401
