@@ -131,6 +131,11 @@ def test_the_width_search_on_a_finished_run_equals_the_search_after_training(tin
         half = len(both["evaluations"]) // 2
         assert metrics({"evaluations": both["evaluations"][index * half:(index + 1) * half]}) == metrics(trained)
     assert (tmp_path / "llmm-both" / "llmm_nll" / "reliability-arc_e.png").is_file()
+    # in bfloat16 too: the search after training computes without the Trainer's bf16 autocast, as every evaluation
+    trained = train(tiny_dir, tmp_path / "bf16", *MODES, "--variant", "llmm_nll", "--dtype", "bfloat16")
+    searched = test_mcq.main(["--runs", str(tmp_path / "bf16"), "--noise_width_search", "nll",
+                              "--output_dir", str(tmp_path / "bf16-again")])
+    assert searched["noise_width_search"]["evaluations"] == trained["noise_width_search"]["evaluations"]
     train(tiny_dir, tmp_path / "pex", *MODES, "--variant", "llmm_pex")  # no table row has pex with a search
     test_mcq.main(["--runs", str(tmp_path / "pex"), "--noise_width_search", "tfb", "nll", "--output_dir",
                    str(tmp_path / "pex-both")])

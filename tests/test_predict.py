@@ -112,6 +112,8 @@ def test_calibration_rejects_logits_and_bad_labels():
         nll(np.array([[2.0, -1.0]]), np.array([0]))
     with pytest.raises(ValueError, match="class ids"):
         brier(np.array([[0.5, 0.5]]), np.array([2]))
+    with pytest.raises(ValueError, match="probs hold NaN or inf: the model's outputs are not finite"):
+        ece(np.array([[np.nan, np.nan]]), np.array([0]))  # a diverged model: named as such, not as logits
 
 
 def test_ece_bins_are_right_closed_at_exact_edges():
