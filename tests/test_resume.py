@@ -272,7 +272,7 @@ def test_list_settings_of_paths_compare_by_the_files_they_name(tmp_path, monkeyp
     assert training.first_difference(saved, {"validation_file": [str(tmp_path / "data" / "dev.tsv")]},
                                      ["validation_file"], blocks) is None
     assert training.first_difference(saved, {"validation_file": ["data/dev.tsv", "data/dev.tsv"]},
-                                     ["validation_file"], blocks) == ("validation_file", ["data/dev.tsv"])
+                                     ["validation_file"], blocks)[:2] == ("validation_file", ["data/dev.tsv"])
 
 
 def test_glue_gradient_accumulation_averages_the_loss(model_dir, tmp_path):  # noqa: F811

@@ -57,9 +57,11 @@ def _check_per_example(model: torch.nn.Module, config: LlmmConfig) -> None:
         return
     if config.target_modules is None:  # PEFT's default targets for the architecture
         targets = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING.get(getattr(model_config, "model_type", None))
-        config = dataclasses.replace(config, target_modules=targets) if targets else config
-    shared = [name for name, _ in model.named_modules() if config.target_modules is not None
-              and name.endswith(("query_proj", "key_proj")) and check_target_module_exists(config, name)]
+        if not targets:
+            return
+        config = dataclasses.replace(config, target_modules=targets)
+    shared = [name for name, _ in model.named_modules()
+              if name.endswith(("query_proj", "key_proj")) and check_target_module_exists(config, name)]
     if shared:
         raise ValueError(f"noise_per_example: {shared[0]} also projects the relative embeddings, which the batch "
                          "shares (share_att_key), so no one example's network applies there: use noise_per_example "

@@ -173,11 +173,7 @@ def main(argv=None) -> dict | None:
     settings = parse_settings(argv)
     output_dir = Path(settings.output_dir)
     adapter_config = check_adapter(settings)  # first: it fills in the backbone the adapter names
-    if settings.get("skip_if_complete") and training.is_complete(output_dir):
-        saved = json.loads((output_dir / "results.json").read_text(encoding="utf-8")).get("settings", {})
-        training.check_same_run(output_dir, settings, BLOCKS, saved)
-        if PartialState().is_main_process:
-            print(f"done already: {output_dir}")
+    if training.done_already(output_dir, settings, BLOCKS, settings_in_results=True):
         return None
     adapters.check_sampled_modes([settings.mode], adapter_config.k, "this adapter", "--mode mean")
     outdirs.check_outputs_apart({"--output_dir": output_dir},

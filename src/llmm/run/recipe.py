@@ -21,8 +21,6 @@ import time
 import warnings
 from pathlib import Path
 
-from accelerate import PartialState
-
 from llmm import outdirs, sharding
 from llmm.model import atomic_dir, export_mean_adapter, save_llmm_adapter
 from llmm.run import fileio, schema
@@ -113,10 +111,7 @@ class Recipe:
         if self.data_first:
             self.load_data()
         self.derive()
-        if settings.get("skip_if_complete") and training.is_complete(self.output_dir):
-            training.check_same_run(self.output_dir, settings, self.blocks)
-            if PartialState().is_main_process:
-                print(f"done already: {self.output_dir}")
+        if training.done_already(self.output_dir, settings, self.blocks):
             return None
         self.sharding = sharding.check_sharded_launch()
         checkpoint = training.find_checkpoint(settings.get("resume_from_checkpoint"), self.checkpoint_dir)

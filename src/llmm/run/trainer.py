@@ -119,8 +119,10 @@ def load_sharded_adapter(model: torch.nn.Module, part: str | Path) -> list[str]:
     metadata = dcp.FileSystemReader(str(part)).read_metadata().state_dict_metadata
     saved = {key(name.removeprefix("model.")): name.removeprefix("model.") for name, value in metadata.items()
              if name.startswith("model.") and isinstance(value, TensorStorageMetadata)}
-    names = {key(name): name for name, p in model.named_parameters() if p.requires_grad}
-    wanted = {key(name): p for name, p in model.named_parameters() if p.requires_grad}
+    names, wanted = {}, {}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            names[key(name)], wanted[key(name)] = name, parameter
     missing = sorted(set(wanted) - set(saved))
     if missing or not wanted:
         raise ValueError(f"{str(part)!r} holds no {missing[:3] or 'trainable tensor'} of this model: resume from a "
@@ -247,21 +249,17 @@ def checkpoint_run(checkpoint: str | Path, output_dir: str | Path) -> Path:
     return Path(output_dir)
 
 
-def first_difference(saved: dict, given: dict, names, blocks) -> tuple[str, object] | None:
-    """(name, the run's value) of the first of ``names`` where the run's settings.json and this command's settings
-    disagree; a setting one side did not record had its field's default there."""
+def first_difference(saved: dict, given: dict, names, blocks) -> tuple[str, object, object] | None:
+    """(name, the run's value, this command's) of the first of ``names`` where the run's settings.json and this
+    command's settings disagree; a setting one side did not record had its field's default there."""
     fields = schema.fields_of(*blocks)
     for name in sorted(set(names) & (set(saved) | set(given))):
         if name not in fields and not (name in saved and name in given):
             continue
-        value = saved[name] if name in saved else fields[name].default
-        if not _same_setting(value, given[name] if name in given else fields[name].default):
-            return name, value
+        value, asked = (side[name] if name in side else fields[name].default for side in (saved, given))
+        if not _same_setting(value, asked):
+            return name, value, asked
     return None
-
-
-def _given(given: dict, name: str, blocks):
-    return given[name] if name in given else schema.fields_of(*blocks)[name].default
 
 
 def _shown(value) -> str:
@@ -281,13 +279,12 @@ def check_resumable(run_dir: str | Path, settings, blocks) -> None:
              | set(schema.INPUTS)) - schema.role_names(schema.EVAL, blocks) - RESUMABLE
     difference = first_difference(saved, given, fixed, blocks)
     if difference:
-        name, value = difference
+        name, value, asked = difference
         if value is None:
             raise ValueError(f"--resume_from_checkpoint: the run in {str(run_dir)!r} was trained without {name}, this "
-                             f"command says {_given(given, name, blocks)!r}: drop --{name}, or start a new run in "
-                             "another --output_dir")
+                             f"command says {asked!r}: drop --{name}, or start a new run in another --output_dir")
         raise ValueError(f"--resume_from_checkpoint: the run in {str(run_dir)!r} was trained with {name}={value!r}, "
-                         f"this command says {_given(given, name, blocks)!r}: resume with the run's settings (its "
+                         f"this command says {asked!r}: resume with the run's settings (its "
                          f"settings.json, e.g. --{name} {_shown(value)}), or start a new run in another --output_dir")
 
 
@@ -309,13 +306,35 @@ def check_same_run(run_dir: str | Path, settings, blocks, saved: dict | None = N
                                   "choose another --output_dir")
     compared = (set(schema.fields_of(*blocks)) - schema.role_names(schema.RUN, blocks)) | {"seed"} | set(
         schema.input_names(blocks))
-    given = settings.record()
-    difference = first_difference(saved, given, compared, blocks)
+    difference = first_difference(saved, settings.record(), compared, blocks)
     if difference:
-        name, value = difference
+        name, value, asked = difference
         raise ValueError(f"{str(run_dir)!r} is a complete run made with {name}={value!r}, this command says "
-                         f"{_given(given, name, blocks)!r}: run these settings in another --output_dir (a driver: "
-                         "another OUT= or RUNS=), or remove that run to run it again")
+                         f"{asked!r}: run these settings in another --output_dir (a driver: another OUT= or RUNS=), "
+                         "or remove that run to run it again")
+
+
+def done_already(run_dir: str | Path, settings, blocks, settings_in_results: bool = False) -> bool:
+    """--skip_if_complete: True (said once, by the main process) when ``run_dir`` holds a complete run of these
+    settings (check_same_run: one of other settings is an error), else False. ``settings_in_results``: the run's
+    settings are its results.json's (test_gsm8k), not a settings.json."""
+    if not settings.get("skip_if_complete") or not is_complete(run_dir):
+        return False
+    saved = None
+    if settings_in_results:
+        saved = json.loads((Path(run_dir) / "results.json").read_text(encoding="utf-8")).get("settings", {})
+    check_same_run(run_dir, settings, blocks, saved)
+    if PartialState().is_main_process:
+        print(f"done already: {run_dir}")
+    return True
+
+
+def on_any_process(device, *flags: bool) -> torch.Tensor:
+    """Each flag true if it is on any process (an all-reduce under DDP / FSDP), so every process acts alike."""
+    reduced = torch.tensor([float(flag) for flag in flags], device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.MAX)
+    return reduced
 
 
 @contextlib.contextmanager
@@ -566,10 +585,7 @@ class LlmmTrainer(Trainer):
         grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
         check_grads = grads and self.accelerator.scaler is None
         grads_bad = check_grads and not torch.stack([torch.isfinite(g).all() for g in grads]).all()
-        flags = torch.tensor([self.nonfinite_loss is not None, bool(grads_bad)], dtype=torch.float32,
-                             device=self.args.device)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        flags = on_any_process(self.args.device, self.nonfinite_loss is not None, bool(grads_bad))
         loss, self.nonfinite_loss = self.nonfinite_loss, None
         if flags[0]:
             self.stop(f"training loss is {loss if loss is not None else 'not finite (on another process)'} at step "
@@ -582,10 +598,7 @@ class LlmmTrainer(Trainer):
         """On every process alike: each checks its own shards (FSDP), the flag is reduced over all of them."""
         params = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters() if p.requires_grad]
         bad = bool(params) and not torch.stack([torch.isfinite(p).all() for p in params]).all()
-        flag = torch.tensor([float(bad)], device=self.args.device)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        if flag[0]:
+        if on_any_process(self.args.device, bad)[0]:
             self.stop(f"the update of step {self.state.global_step + 1} made the adapter's parameters non-finite "
                       "(not checkpointed)")
 
