@@ -160,6 +160,29 @@ def test_a_plain_lora_adapter_beside_an_llmm_one_is_peft_s_own(tmp_path):
     torch.testing.assert_close(model(inputs).logits, model(inputs).logits)  # no noise on the plain adapter
 
 
+def test_layers_of_an_added_llmm_adapter_join_the_model_s_noise_generator():
+    """PEFT's add_adapter adapts new layers without the model's NoiseSource: their forward names seed_noise, which
+    gives them the model's (re-seeded, one forward hook), so every layer of one forward draws from one generator."""
+    from llmm import noise_source, seed_noise
+
+    model = get_llmm_model(tiny_llama(), LlmmConfig(k=2, **{**CONFIG, "target_modules": ["q_proj"]}))
+    source = noise_source(model)
+    model.add_adapter("second", LlmmConfig(k=2, **{**CONFIG, "target_modules": ["q_proj", "v_proj"]}))
+    model.set_adapter("second")
+    randomize(model)
+    model.train()
+    inputs = tiny_llama().dummy_inputs["input_ids"]
+    with pytest.raises(RuntimeError, match="no noise generator.*seed_noise"):
+        model(inputs)
+    hooks = len(model.get_base_model()._forward_pre_hooks)
+    assert seed_noise(model, 3) is source and noise_source(model) is source
+    assert len(model.get_base_model()._forward_pre_hooks) == hooks
+    first = model(inputs).logits
+    seed_noise(model, 3)
+    torch.testing.assert_close(model(inputs).logits, first)  # one seeded generator behind every layer
+    assert not torch.allclose(model(inputs).logits, first)
+
+
 def test_mc_predict_names_a_batch_that_is_not_a_mapping():
     from llmm import mc_predict
 

@@ -131,7 +131,8 @@ def noise_source(model: torch.nn.Module) -> NoiseSource:
 
 
 def seed_noise(model: torch.nn.Module, seed: int | None = None, process_index: int = 0) -> NoiseSource:
-    """Seed the model's Llmm noise generator with (``seed``, ``process_index``), creating it if the model has none.
+    """Seed the model's Llmm noise generator with (``seed``, ``process_index``), creating it if the model has none;
+    layers that have none (adapted by PEFT's ``add_adapter`` since) join the model's.
 
     Seeding torch does not seed it, but ``get_llmm_model`` / ``load_llmm_model`` seed a new model's generator from
     ``torch.initial_seed()`` (also ``seed=None``), so a script that seeds torch first is repeatable as it is."""
@@ -139,10 +140,12 @@ def seed_noise(model: torch.nn.Module, seed: int | None = None, process_index: i
     layers = llmm_layers(model)
     if not layers:
         raise ValueError("seed_noise needs a model with Llmm layers (llmm.get_llmm_model / llmm.load_llmm_model)")
-    current = {id(layer.__dict__.get("llmm_noise")) for layer in layers}
-    if len(current) == 1 and layers[0].__dict__.get("llmm_noise") is not None:
-        source = layers[0].llmm_noise
+    current = {id(s): s for s in (layer.__dict__.get("llmm_noise") for layer in layers) if s is not None}
+    if len(current) == 1:
+        source = next(iter(current.values()))
         source.seed(seed, process_index)
+        for layer in layers:
+            layer.llmm_noise = source
         return source
     source = NoiseSource(seed, process_index)
     for layer in layers:

@@ -85,7 +85,8 @@ class NoiseSource:
         self.seed(seed, process_index)
 
     def seed(self, seed: int, process_index: int = 0) -> None:
-        self.entropy = (checked_integer(seed, "noise seed", 0), checked_integer(process_index, "noise process_index", 0))
+        self.entropy = (checked_integer(seed, "noise seed", 0),
+                        checked_integer(process_index, "noise process_index", 0))
         self.generators: dict[str, torch.Generator] = {}
         self.forward_id += 1  # draws cached before the re-seed are not reused
 

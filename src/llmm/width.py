@@ -63,8 +63,8 @@ def choose_noise_width(nll, tolerance: float = TFB_TOLERANCE, grid=WIDTH_GRID, r
 
     The grid, then ``refine_steps`` bisection steps past the last qualifying grid value (``tfb``, which assumes the
     change grows with m beyond the first failing one) and golden-section steps around the best one (``nll_min``).
-    A non-finite nll(m) (m > 0) counts as inf (recorded as None). Returns {"tfb": m, "nll_min": m, "tolerance": .., "evaluations":
-    [[m, nll], ...] in m order}."""
+    A non-finite nll(m) (m > 0) counts as inf (recorded as None). Returns {"tfb": m, "nll_min": m, "tolerance": ..,
+    "evaluations": [[m, nll], ...] in m order}."""
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < math.inf:
         raise ValueError(f"the width tolerance must be a finite number >= 0, got {tolerance!r}")
     grid = sorted(float(m) for m in grid)
