@@ -96,12 +96,11 @@ def test_labels_show_only_the_settings_that_separate_rows():
                                                  "learning_rate": 1e-4}, {**CELL, "K": 2}]
     assert stats.distinguishing_fields(cells, glue_report.LABEL_FIELDS) == ["method", "backbone", "rank", "K"]
     assert stats.find_baseline(CELL, [LOFTQ, {**LOFTQ, "rank": 16}], "loftq") == LOFTQ
-    # the noise's settings: loftq (K = 0) cannot be given them, so an mc run is paired with loftq's mean; of two
-    # loftq cells (an older one evaluated in mc), the one that matches
+    # the noise's settings: loftq (K = 0) cannot be given them, so an mc run is paired with loftq's mean; an older
+    # loftq cell that recorded them is read without them (llmm.stats.canonical_cell): the same cell
     assert stats.find_baseline({**CELL, "eval_noise": "mc", "mc_samples": 4}, [LOFTQ], "loftq") == LOFTQ
-    older = {**LOFTQ, "eval_noise": "mc"}
-    assert stats.find_baseline({**CELL, "eval_noise": "mc"}, [LOFTQ, older], "loftq") == older
-    assert stats.find_baseline(CELL, [LOFTQ, older], "loftq") == LOFTQ
+    older = stats.canonical_cell({**LOFTQ, "eval_noise": "mc"}, schema.GlueRun)
+    assert older == stats.canonical_cell(LOFTQ, schema.GlueRun)
     # Gaussian embedding pairs exist only for llmm (loftq's are plain): such a run is still paired with loftq
     gaussian = {**CELL, "quantize_embeddings": True, "gaussian_embeddings": True}
     plain = {**LOFTQ, "quantize_embeddings": True, "gaussian_embeddings": False}
@@ -129,7 +128,8 @@ def test_lm_table_pairs_gsm8k_accuracy_and_loss_with_loftq(tmp_path):
     text = lm_table.main([str(tmp_path)])
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in text.splitlines()
             if line.startswith("| ") and "---" not in line and not line.startswith("| Method")}
-    assert rows["llmm llama-2-7b 64 (test_mode=mean)"] == ["3", "31.00", "31.00 ± 1.00", "+1.00 [+1.00, +1.00] (n=3) |"]
+    assert rows["llmm llama-2-7b 64 (test_mode=mean)"] == ["3", "31.00", "31.00 ± 1.00",
+                                                           "+1.00 [+1.00, +1.00] (n=3) |"]
     assert rows["llmm llama-2-7b 64 (test_mode=mc)"][-1] == "- |"  # no loftq run evaluated in mc mode
     assert "alpaca, held-out loss" in text and "| loftq llama-2-7b 64 | 3 | 2.000 | 2.000 ± 1.000 | - |" in text
 
@@ -174,3 +174,43 @@ def test_a_run_directory_of_glue_s_old_vocabulary_pools_with_a_new_one(tmp_path,
     write_run(tmp_path, "new", new, 1, 52.0)
     rows = stat_rows(glue_table.main([str(tmp_path), "--no_reference"]))
     assert list(rows) == [("llmm nf 2-bit r16", "cola")] and rows[("llmm nf 2-bit r16", "cola")][0] == "2"
+
+
+def test_a_cell_holds_every_setting_that_acted():
+    """A run's cell records each setting of its family, given or at its default: a row that left lora_alpha out and
+    one that says 16 are one cell; the tables then leave out what had no effect (its field's ``applies`` false) and
+    read a whole number of a float setting as a float; a test that asks the machine is not re-tested."""
+    given, left_out = (schema.GlueRun.of({k: v for k, v in LOFTQ.items() if k != "lora_alpha" or alpha})
+                       for alpha in (True, False))
+    given.lora_alpha = 16
+    assert stats.cell_of(given) == stats.cell_of(left_out) and stats.cell_of(left_out)["lora_alpha"] == 16
+    assert stats.cell_of(left_out)["noise_width_search"] == "none"
+    acted = stats.canonical_cell(stats.cell_of(left_out), schema.GlueRun)
+    assert not {"llmmscale", "eval_noise", "mc_samples", "noise_width_grid", "entropy_weight"} & set(acted)  # K = 0
+    assert stats.canonical_cell(acted, schema.GlueRun) == acted
+    assert stats.canonical_cell({**LOFTQ, "lora_alpha": 16.0}, schema.GlueRun)["lora_alpha"] == 16.0
+    assert type(stats.canonical_cell({**LOFTQ, "lora_alpha": 16}, schema.GlueRun)["lora_alpha"]) is float
+    lora = stats.canonical_cell({**LOFTQ, "method": "lora", "init": "lora", "loftq_iter": 5}, schema.GlueRun)
+    assert "loftq_iter" not in lora and lora["quant"] == "nf"  # quant and bits name the row: GLUE's nf and
+    steps = stats.canonical_cell({**CELL, "max_steps": 100, "num_train_epochs": 3}, schema.GlueRun)  # uniform rows
+    assert "num_train_epochs" not in steps and steps["max_steps"] == 100
+    paged = stats.canonical_cell({**CELL, "optim": "paged_adamw_8bit"}, schema.GlueRun)
+    assert paged["optim"] == "paged_adamw_8bit"  # without CUDA here, but the run may have had it
+    assert "lora_alpha" not in stats.canonical_cell(CELL, schema.GlueRun)  # an old cell: not filled in
+    # a GSM8K test's own settings (test_*): greedy decoding draws no sample, so its temperature is no part of it
+    tested = stats.canonical_cell({"K": 2, "test_mode": "mean", "test_temperature": 0.7, "test_mc_samples": 8},
+                                  schema.Gsm8kTestRun, prefix="test_")
+    assert tested == {"K": 2, "test_mode": "mean"}
+
+
+def test_runs_equal_in_effect_pool_and_pair(tmp_path):
+    """A K = 0 baseline that recorded the noise's settings pools with one that did not, and an entropy-trained llmm
+    run is paired with it (the entropy's weight had no effect on the baseline)."""
+    write_run(tmp_path, "loftq-0", {**LOFTQ, "llmmscale": 600.0, "entropy_weight": 0.0, "eval_noise": "mc"}, 0, 45.0)
+    write_run(tmp_path, "loftq-1", {**LOFTQ, "llmmscale": 400.0}, 1, 47.0)
+    write_run(tmp_path, "llmm-0", {**CELL, "entropy_weight": 0.0}, 0, 50.0)
+    write_run(tmp_path, "entropy-0", {**CELL, "entropy_weight": 0.01}, 0, 49.0)
+    rows = stat_rows(glue_table.main([str(tmp_path), "--no_reference"]))
+    assert rows[("loftq nf 2-bit r32 (entropy_weight=None)", "cola")][:2] == ["2", "46.0"]
+    assert rows[("llmm nf 2-bit r32 (entropy_weight=0.0)", "cola")][3].startswith("+5.0 (n=1")
+    assert rows[("llmm nf 2-bit r32 (entropy_weight=0.01)", "cola")][3].startswith("+4.0 (n=1")

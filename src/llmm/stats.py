@@ -14,6 +14,7 @@ with 4 seeds it is coarse and somewhat too narrow: a guide, not a test.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -37,8 +38,8 @@ METHOD_FIELDS = ("method", "K", "llmmscale", "scaled_gradient", "gaussian_embedd
                  *MODEL_PATH_FIELDS, *NOISE_FIELDS)
 
 # Settings a row label names first when rows must be told apart (then the rest, alphabetically).
-PREFERRED_LABELS = ("K", "bits", "quant", "eval_noise", "mc_samples", "test_mode", "test_decoding",
-                    "test_mc_samples")
+PREFERRED_LABELS = ("K", "bits", "quant", "eval_noise", "mc_samples", "entropy_weight", "test_mode",
+                    "test_decoding", "test_mc_samples")
 
 
 def result_files(paths: list[str], made_by: str) -> list[Path]:
@@ -54,9 +55,42 @@ def result_files(paths: list[str], made_by: str) -> list[Path]:
 
 
 def cell_of(settings) -> dict:
-    """A run's settings (a Settings object or a settings.json's dict) without what does not change its numbers."""
+    """A run's settings without what does not change its numbers. Of a Settings object: every setting of its family
+    that defines a run (roles cell and init_dir), given or at its default, plus the records the run added; of a
+    settings.json's dict: its keys."""
     values = settings.record() if isinstance(settings, schema.Settings) else settings
+    if isinstance(settings, schema.Settings):
+        values = {**{f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)
+                     if f.metadata["role"] in (schema.CELL, schema.INIT_DIR)}, **values}
     return {key: value for key, value in sorted(values.items()) if key not in NOT_CELL}
+
+
+def canonical_cell(cell: dict, family: type, prefix: str = "") -> dict:
+    """``cell`` (a results.json's) as the run acted: a setting of ``family`` that had no effect on the run (its
+    field's ``applies`` false on the cell, e.g. llmmscale at K = 0, LoftQ's iterations under qlora, epochs when
+    max_steps is set) left out, and a whole number of a float setting as a float (--lora_alpha 16.0 is 16), so that
+    runs equal in effect pool and pair. ``prefix``: only the keys named ``<prefix><setting>`` (an evaluation's
+    ``test_`` settings). Other keys stay as they are; a setting the cell lacks is not filled in (an older run
+    directory did not record it, and its default then may not be today's)."""
+    cell = schema.current_names(cell)
+    fields = {f.name: f for f in dataclasses.fields(family) if f.metadata["role"] in (schema.CELL, schema.INIT_DIR)}
+    own = {key[len(prefix):]: value for key, value in cell.items() if key.startswith(prefix)}
+    for name, value in own.items():
+        if name in fields and schema.kind_of(fields[name]) in (float, schema.number) and type(value) is int:
+            own[name] = float(value)
+    settings = family.of(own)
+
+    def acted(name: str) -> bool:
+        applies = fields[name].metadata["applies"]
+        if applies is None or not applies.retest:
+            return True
+        try:
+            return bool(applies.test(settings))
+        except (TypeError, AttributeError, KeyError):  # an old cell without what the test reads: kept
+            return True
+
+    kept = {f"{prefix}{name}": value for name, value in own.items() if name not in fields or acted(name)}
+    return dict(sorted({**{k: v for k, v in cell.items() if not k.startswith(prefix)}, **kept}.items()))
 
 
 def test_cell(run_dir, test_settings: dict) -> tuple[int | None, dict]:
@@ -170,18 +204,19 @@ def distinguishing_fields(cells: list[dict], shown: tuple[str, ...]) -> list[str
     return fields
 
 
-def find_baseline(cell: dict, cells: list[dict], baseline_method: str) -> dict | None:
-    """The cell of ``baseline_method`` equal to ``cell`` in every setting but the ones a method implies (of several,
-    the one with the same noise settings: older baseline runs could be given them). The model's paths (an _init.sh
-    directory, or the checkpoint qlora starts from) may differ only where both cells name one table row (``model``):
-    without it, two paths are two models."""
-    def rest(c):
-        free = METHOD_FIELDS if c.get("model") is not None else set(METHOD_FIELDS) - set(MODEL_PATH_FIELDS)
-        return cell_key({k: v for k, v in c.items() if k not in free})
+def same_but(a: dict, b: dict, free) -> bool:
+    """Two cells (canonical_cell's) agree in every setting both hold but ``free``: a setting one of them lacks had no
+    effect on that run (the entropy's weight beside a K = 0 baseline) or did not exist when it ran, so it cannot tell
+    the two experiments apart."""
+    return all(a[key] == b[key] for key in set(a) & set(b) - set(free))
 
-    matches = [c for c in cells if c.get("method") == baseline_method and rest(c) == rest(cell)]
-    if len(matches) > 1:
-        matches = [c for c in matches if all(c.get(k) == cell.get(k) for k in NOISE_FIELDS)]
+
+def find_baseline(cell: dict, cells: list[dict], baseline_method: str) -> dict | None:
+    """The cell of ``baseline_method`` equal to ``cell`` in every setting both hold but the ones a method implies
+    (None unless exactly one). The model's paths (an _init.sh directory, or the checkpoint qlora starts from) may
+    differ only where both cells name one table row (``model``): without it, two paths are two models."""
+    free = METHOD_FIELDS if cell.get("model") is not None else set(METHOD_FIELDS) - set(MODEL_PATH_FIELDS)
+    matches = [c for c in cells if c.get("method") == baseline_method and same_but(c, cell, free)]
     return matches[0] if len(matches) == 1 else None
 
 

@@ -7,6 +7,7 @@ import json
 import math
 
 from llmm import stats
+from llmm.run import schema
 from llmm.run.tables import CONFIGS, read_yaml, table_rows
 from llmm.tasks.glue import TASKS, get_task
 
@@ -57,8 +58,13 @@ def gather(paths: list[str], which: str) -> tuple[list[dict], list[str]]:
             skipped.append(str(file))
             continue
         records.append({"path": str(file), "task": results["task"], "seed": results.get("seed"),
-                        "cell": results.get("cell"), "scores": scores})
+                        "cell": acted_cell(results.get("cell")), "scores": scores})
     return records, skipped
+
+
+def acted_cell(cell):
+    """A GLUE run's cell as the run acted (llmm.stats.canonical_cell)."""
+    return stats.canonical_cell(cell, schema.GlueRun) if isinstance(cell, dict) else cell
 
 
 def build(records: list[dict], baseline: str) -> list[dict]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from llmm import stats
+from llmm.run import schema
 
 METHOD_ORDER = ("lora", "qlora", "loftq", "llmm")
 LABEL_FIELDS = ("method", "model", "rank")  # always in a row's label; other settings only where they differ
@@ -29,12 +30,21 @@ def read_records(paths: list[str]) -> list[dict]:
         task = "gsm8k" if "accuracy" in results else results.get("task") or (results.get("cell") or {}).get("task")
         for metric in metrics:
             records.append({"path": str(file), "task": task, "metric": metric, "seed": results.get("seed"),
-                            "cell": results.get("cell"),
+                            "cell": acted_cell(results.get("cell"), tested="accuracy" in results),
                             "value": stats.metric_value(results[metric], str(file), metric) * METRICS[metric][1]})
     if not records:
         raise FileNotFoundError(f"no GSM8K test or causal-LM training results.json below {paths}: run "
                                 "scripts.train_gsm8k / scripts.train_nlg / scripts.test_gsm8k first")
     return records
+
+
+def acted_cell(cell, tested: bool):
+    """A training run's cell, or a GSM8K test's (the trained run's plus its ``test_`` settings), as the runs acted
+    (llmm.stats.canonical_cell)."""
+    if not isinstance(cell, dict):
+        return cell
+    cell = stats.canonical_cell(cell, schema.CausalLMRun)
+    return stats.canonical_cell(cell, schema.Gsm8kTestRun, prefix="test_") if tested else cell
 
 
 def label(cell: dict, fields: list[str]) -> str:

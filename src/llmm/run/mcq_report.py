@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from llmm import stats
-from llmm.run import tables
+from llmm.run import schema, tables
 
 PUBLISHED = tables.CONFIGS / "mcq_published.yaml"
 TASK_ORDER = ("winogrande_s", "arc_c", "arc_e", "winogrande_m", "obqa", "boolq")
@@ -57,21 +57,25 @@ def gather(paths: list[str]) -> tuple[list[dict], list[dict], list[str]]:
         costs = run_costs(results)
         for entry in stats.check_entries(results["evaluations"], str(file)):
             records.append({"path": f"{file} ({entry['eval_set']} {entry['mode']})", "seed": entry.get("seed"),
-                            "cell": same_as_method(entry.get("cell")), "questions": question_key(entry.get("questions")),
+                            "cell": acted_cell(entry.get("cell")), "questions": question_key(entry.get("questions")),
                             "costs": {**costs, "test_s": entry.get("wall_time_s")},
                             "metrics": {name: stats.metric_value(entry.get(name), str(file), name) * scale
                                         for name, (_, scale) in METRICS.items()}})
         history = results.get("width", {}).get("history")
         if history:
-            widths.append({"path": str(file), "seed": results.get("seed"), "cell": same_as_method(results.get("cell")),
+            widths.append({"path": str(file), "seed": results.get("seed"), "cell": acted_cell(results.get("cell")),
                            "final": history[-1]})
     return records, widths, skipped
 
 
-def same_as_method(cell):
-    """A cell whose variant is its method (--variant llmm: the table's variant that only sets the method) is the cell
-    --method llmm gives: the same run, one row (any other setting of a variant is a field of the cell itself)."""
-    if isinstance(cell, dict) and cell.get("variant") is not None and cell.get("variant") == cell.get("method"):
+def acted_cell(cell):
+    """The cell as the run acted (llmm.stats.canonical_cell). A cell whose variant is its method (--variant llmm: the
+    table's variant that only sets the method) is the cell --method llmm gives: the same run, one row (any other
+    setting of a variant is a field of the cell itself)."""
+    if not isinstance(cell, dict):
+        return cell
+    cell = stats.canonical_cell(cell, schema.McqRun)
+    if cell.get("variant") in (None, cell.get("method")):
         return {key: value for key, value in cell.items() if key != "variant"}
     return cell
 
@@ -99,7 +103,7 @@ def ensemble_members(cell: dict, seed, groups: dict, baseline: str) -> dict | No
     members: dict = {}
     for group in groups.values():
         other = group["cell"]
-        if other["method"] != baseline or other["eval_mode"] != "mean" or _rest(other, free) != _rest(cell, free):
+        if other["method"] != baseline or other["eval_mode"] != "mean" or not stats.same_but(other, cell, free):
             continue
         for run_seed, record in group["runs"].items():
             if str(run_seed) in member_seeds(seed):
@@ -112,12 +116,8 @@ def ensemble_members(cell: dict, seed, groups: dict, baseline: str) -> dict | No
 def find_baseline(cell: dict, cells: list[dict], baseline: str) -> dict | None:
     """The ``baseline`` cell (mean mode) equal to ``cell`` in everything but what PAIRING_FREE names."""
     matches = [c for c in cells if c["method"] == baseline and c["eval_mode"] == "mean"
-               and _rest(c, PAIRING_FREE) == _rest(cell, PAIRING_FREE)]
+               and stats.same_but(c, cell, PAIRING_FREE)]
     return matches[0] if len(matches) == 1 else None
-
-
-def _rest(cell: dict, free) -> str:
-    return stats.cell_key({k: v for k, v in cell.items() if k not in free})
 
 
 def _grouped(records: list[dict], shown=SHOWN) -> tuple[dict, list[dict], list[str]]:

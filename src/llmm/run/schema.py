@@ -38,10 +38,13 @@ def setting(default, help: str, *, low=None, high=None, low_open=False, high_ope
 
 @dataclass(frozen=True)
 class Applies:
-    """When a setting has an effect: ``test`` on a run's resolved settings; ``when`` names it in the error line."""
+    """When a setting has an effect: ``test`` on a run's resolved settings; ``when`` names it in the error line.
+    ``retest``: whether a table may test it again on a recorded cell (llmm.stats.canonical_cell); not where the test
+    asks the machine (CUDA, a sharded launch) or the setting names the table row's backbone (quant, bits)."""
 
     when: str
     test: object  # settings -> bool
+    retest: bool = True
 
 
 def _cuda() -> bool:
@@ -61,7 +64,8 @@ WITH_LOFTQ = Applies("LoftQ init (--method llmm or loftq, --init loftq)", lambda
 WITH_TRUNCATED_SVD = Applies("LoftQ init with --loftq_svd truncated",
                              lambda s: s.init == "loftq" and s.loftq_svd == "truncated")
 QUANTIZED_HERE = Applies("a backbone quantized by llmm (LoftQ init, or GLUE's --method qlora)",
-                         lambda s: s.init == "loftq" or (isinstance(s, GlueRun) and s.method == "qlora"))
+                         lambda s: s.init == "loftq" or (isinstance(s, GlueRun) and s.method == "qlora"),
+                         retest=False)
 WITH_ENTROPY = Applies("--entropy_weight > 0", lambda s: s.entropy_weight > 0)
 WITH_CHECKPOINTING = Applies("--gradient_checkpointing true", lambda s: s.gradient_checkpointing)
 WITH_4BIT = Applies("a bitsandbytes NF4 backbone (--load_in_4bit true)", lambda s: s.load_in_4bit)
@@ -69,7 +73,7 @@ WITH_HELDOUT = Applies("--eval_split heldout and no --eval_data",
                        lambda s: s.eval_split == "heldout" and not s.eval_data)
 WITH_SEARCH = Applies("--noise_width_search tfb or nll", lambda s: s.noise_width_search != "none")
 PAGED_ON_CUDA = Applies("CUDA, as a paged optimizer (without CUDA, adamw_torch runs)",
-                        lambda s: not s.optim.startswith("paged_") or _cuda())
+                        lambda s: not s.optim.startswith("paged_") or _cuda(), retest=False)
 SAMPLED_DECODING = Applies("sampled decoding (--decoding reference, or --do_sample true)", lambda s: s.do_sample)
 WITH_DATASET = Applies("no --data (a --data replaces the dataset; train_mcq: not both --train_data and --test_data)",
                        lambda s: not s.data and not (s.get("train_data") and s.get("test_data")))
@@ -265,7 +269,8 @@ class CausalLMSettings(CausalDataSettings):
     prepare_kbit_training: bool = setting(True, "4-bit: PEFT's prepare_model_for_kbit_training, as the reference "
                                           "(not under FSDP / DeepSpeed: it upcasts the backbone's other weights)",
                                           applies=Applies("a bitsandbytes NF4 backbone outside FSDP / DeepSpeed",
-                                                          lambda s: s.load_in_4bit and not _sharded()))
+                                                          lambda s: s.load_in_4bit and not _sharded(),
+                                                          retest=False))
     bnb_4bit_quant_storage: str = setting("auto", "4-bit: the dtype the packed NF4 weights are stored in (auto: uint8, "
                                           "under FSDP / DeepSpeed the compute dtype, as FSDP-QLoRA needs)",
                                           choices=("auto", "uint8", "float32", "bfloat16", "float16"), role=RUN,
@@ -295,8 +300,9 @@ class GlueSettings:
                                         "seq_cls: on, the GLUE protocol; causal LMs: off). _init.sh's too")
     gaussian_embeddings: bool = setting(False, "the embedding pairs Gaussian with K directions (false: plain)")
     mc_samples: int = setting(10, "networks averaged when eval_noise = mc (and in the width search)", low=1,
-                              applies=Applies("--eval_noise mc or a noise width search",
-                                              lambda s: s.eval_noise == "mc" or s.noise_width_search != "none"))
+                              applies=Applies("--eval_noise mc or a noise width search (K > 0)",
+                                              lambda s: s.K > 0 and (s.eval_noise == "mc"
+                                                                     or s.noise_width_search != "none")))
     max_length: int = setting(128, "tokens per example", low=1)
     eval_steps: int = setting(0, "evaluate every n optimizer steps, 0 = every epoch", low=0)
 
@@ -399,7 +405,8 @@ class QuantizeSettings:
     task_type: str = setting("causal_lm", "causal_lm | seq_cls", choices=("causal_lm", "seq_cls"))
     device: str = setting("cpu", "where LoftQ runs: cpu | cuda", choices=("cpu", "cuda"))
     block_size: int = setting(64, "normal-float block size", low=1,
-                              applies=Applies("--quant nf (the uniform quantizer is per tensor)", lambda s: s.quant == "nf"))
+                              applies=Applies("--quant nf (the uniform quantizer is per tensor)",
+                                              lambda s: s.quant == "nf"))
     num_labels: int = setting(None, "classifier size for --task_type seq_cls", low=1)
     save_dir: str = setting("quantized", "where the directory is written", role=RUN, nonempty=True)
     # quantize_embeddings: GlueSettings' field (one declaration; llmm.run.quantize takes the old "auto" strings)
