@@ -10,7 +10,6 @@ the checkpoint's safetensors one tensor at a time (llmm.streaming), so host memo
 the directory is renamed into place on success. Details: README.md; the work is llmm.run.quantize's.
 """
 
-import sys
 from pathlib import Path
 
 from llmm.run import quantize
@@ -22,4 +21,4 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    run_main(lambda: main(sys.argv[1:]))
+    run_main(main)

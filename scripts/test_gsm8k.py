@@ -11,10 +11,8 @@ processes (accelerate launch) split the questions. Settings: configs/gsm8k_test.
 OUTPUT_DIR/predictions.jsonl (question, generated, extracted, gold, correct) and results.json (accuracy).
 """
 
-import sys
-
 from llmm.run.cli import run_main
 from llmm.run.gsm8k_test import main
 
 if __name__ == "__main__":
-    run_main(lambda: main(sys.argv[1:]))
+    run_main(main)

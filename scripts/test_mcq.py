@@ -13,10 +13,8 @@ split and OOD sets (--ood, --test_data and --max_eval_samples override the run's
 probabilities) and reliability-<set>.png.
 """
 
-import sys
-
 from llmm.run.cli import run_main
 from llmm.run.mcq_test import main
 
 if __name__ == "__main__":
-    run_main(lambda: main(sys.argv[1:]))
+    run_main(main)

@@ -13,8 +13,6 @@ quantized Q, when --init loftq ran LoftQ in-process); evaluate with test_gsm8k.
 
 from __future__ import annotations
 
-import sys
-
 from llmm.run import cli, tables
 from llmm.tasks.prompts import encode_joint, gsm8k_pair
 from llmm.run.causal_lm import BLOCKS, parse_settings, train
@@ -32,4 +30,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    cli.run_main(lambda: main(sys.argv[1:]))
+    cli.run_main(main)

@@ -15,10 +15,8 @@ Writes OUTPUT_DIR/{adapter/, mean_adapter/, results.json, settings.json, curves.
 evaluation records its seed and cell (what scripts.mcq_table pools seeds by).
 """
 
-import sys
-
 from llmm.run.cli import run_main
 from llmm.run.mcq import train as main
 
 if __name__ == "__main__":
-    run_main(lambda: main(sys.argv[1:]))
+    run_main(main)

@@ -15,8 +15,6 @@ quantized Q, when --init loftq ran LoftQ in-process).
 
 from __future__ import annotations
 
-import sys
-
 from llmm.run import cli, tables
 from llmm.tasks.prompts import PAIRS, encode_source_target
 from llmm.run.causal_lm import BLOCKS, parse_settings, train
@@ -36,4 +34,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    cli.run_main(lambda: main(sys.argv[1:]))
+    cli.run_main(main)

@@ -2,7 +2,7 @@
 
     with dir_lock("runs/x"):                       # one writer per directory; another process gets DirectoryLocked
         ...
-    remove_run_dir("runs/x")                       # only a directory llmm wrote, holding nothing else; never "."...
+    check_removable("runs/x")                      # --overwrite only of a directory llmm wrote, holding nothing else
     check_outputs_apart({"--output_dir": out}, {"--runs": runs})  # no output is, holds or lies inside an input
     with atomic_dir("runs/x/adapter") as tmp:      # write into tmp; published by rename-or-fail on success
         model.save_pretrained(tmp)

@@ -2,19 +2,21 @@
 their adapters and the ensemble's averaged answer distributions."""
 
 from __future__ import annotations
+
 import argparse
 import os
 import time
 from pathlib import Path
-from llmm import outdirs
-from llmm.run import adapters, cli, fileio, schema, tables
-from llmm import load_llmm_model
-from llmm.tasks import calibration as C
-from llmm.tasks.mcq import encode_question, letter_token_ids
-from llmm.run import causal_lm
+
+from accelerate import PartialState
+
+from llmm import load_llmm_model, outdirs
+from llmm.run import adapters, causal_lm, cli, fileio, schema, tables
 from llmm.run.mcq import (BLOCKS, TABLE, eval_precision, evaluate_sets, evaluation_cell, load_all,
                           load_backbone, question_entries, run_cell, search_noise_width)
 from llmm.run.width_search import RULES, apply_noise_width
+from llmm.tasks import calibration as C
+from llmm.tasks.mcq import encode_question, letter_token_ids
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -128,8 +130,8 @@ def load_member(settings: schema.McqRun):
     """(peft model, tokenizer) of one run: its backbone and adapter (M and Z), in eval mode."""
     model, tokenizer = load_backbone(settings)
     model = load_llmm_model(model, str(Path(settings.run) / "adapter"), k=settings.K)
-    if not (settings.load_in_8bit or settings.load_in_4bit):
-        model = model.to(next(model.parameters()).device)
+    if not (settings.load_in_8bit or settings.load_in_4bit):  # bitsandbytes layers are placed when loaded
+        model = model.to(PartialState().device)
     return model.eval(), tokenizer
 
 
