@@ -179,6 +179,7 @@ def test_gsm8k_in_process_loftq_16bit_then_test_all_modes(models, tmp_path):
     test_gsm8k.main(["--adapter", str(run / "adapter"), "--output_dir", str(tmp_path / "mean"), *GENERATE, *FP32])
     predictions, results = check_predictions(tmp_path / "mean")
     assert results["model"] == str(run / "backbone") and results["mode"] == "mean"
+    assert "test_model_name_or_path" not in results["cell"]  # the run's own backbone: its seeds pool in lm_table
     # Mean mode (merged into the 32-bit backbone) generates what plain PEFT does with the exported mean adapter.
     assert [p["generated"] for p in predictions] == plain_peft_generations(run / "backbone", run / "mean_adapter",
                                                                            load_in_4bit=False)
@@ -201,7 +202,7 @@ def test_gsm8k_in_process_loftq_16bit_then_test_all_modes(models, tmp_path):
     check_predictions(tmp_path / "sample", n=2)
     # The three evaluations of one trained run are three cells (test mode, decoding, ...), never pooled as seeds.
     text = lm_table.main([str(tmp_path / name) for name in ("mean", "mc", "sample")])
-    rows = [line for line in text.splitlines() if line.startswith("| llmm llama-2-7b 64")]
+    rows = [line for line in text.splitlines() if line.startswith("| llmm llama-2-7b r64")]
     assert len(rows) == 3 and all(" | 1 | " in row for row in rows) and "test_mode=mc" in text
 
 

@@ -128,10 +128,10 @@ def test_lm_table_pairs_gsm8k_accuracy_and_loss_with_loftq(tmp_path):
     text = lm_table.main([str(tmp_path)])
     rows = {line.split(" | ")[0].strip("| "): line.split(" | ")[1:] for line in text.splitlines()
             if line.startswith("| ") and "---" not in line and not line.startswith("| Method")}
-    assert rows["llmm llama-2-7b 64 (test_mode=mean)"] == ["3", "31.00", "31.00 ± 1.00",
+    assert rows["llmm llama-2-7b r64 (test_mode=mean)"] == ["3", "31.00", "31.00 ± 1.00",
                                                            "+1.00 [+1.00, +1.00] (n=3) |"]
-    assert rows["llmm llama-2-7b 64 (test_mode=mc)"][-1] == "- |"  # no loftq run evaluated in mc mode
-    assert "alpaca, held-out loss" in text and "| loftq llama-2-7b 64 | 3 | 2.000 | 2.000 ± 1.000 | - |" in text
+    assert rows["llmm llama-2-7b r64 (test_mode=mc)"][-1] == "- |"  # no loftq run evaluated in mc mode
+    assert "alpaca, held-out loss" in text and "| loftq llama-2-7b r64 | 3 | 2.000 | 2.000 ± 1.000 | - |" in text
 
 
 def test_without_a_table_row_runs_of_two_model_paths_are_never_paired(tmp_path):
@@ -176,15 +176,21 @@ def test_a_run_directory_of_glue_s_old_vocabulary_pools_with_a_new_one(tmp_path,
     assert list(rows) == [("llmm nf 2-bit r16", "cola")] and rows[("llmm nf 2-bit r16", "cola")][0] == "2"
 
 
-def test_a_cell_holds_every_setting_that_acted():
-    """A run's cell records each setting of its family, given or at its default: a row that left lora_alpha out and
-    one that says 16 are one cell; the tables then leave out what had no effect (its field's ``applies`` false) and
-    read a whole number of a float setting as a float; a test that asks the machine is not re-tested."""
-    given, left_out = (schema.GlueRun.of({k: v for k, v in LOFTQ.items() if k != "lora_alpha" or alpha})
-                       for alpha in (True, False))
-    given.lora_alpha = 16
+def test_a_cell_holds_every_setting_that_acted(tmp_path, monkeypatch):
+    """A run records every setting its entry point offers, given or at its default: a table row that leaves
+    lora_alpha out and one that says 16 are one cell, and a field it does not offer (GLUE's dtype) is no part of it.
+    The tables then leave out what had no effect (its field's ``applies`` false) and read a whole number of a float
+    setting as a float; a test that asks the machine is not re-tested."""
+    from llmm.run import glue
+
+    text = glue.TABLE.read_text().replace("{task: cola, quant: nf, rank: 16, lora_alpha: 16,",
+                                          "{task: cola, quant: nf, rank: 16,")
+    (tmp_path / "glue.yaml").write_text(text)
+    monkeypatch.setattr(glue, "TABLE", tmp_path / "glue.yaml")
+    row = ["--task", "cola", "--quant", "nf", "--rank", "16", "--method", "loftq"]
+    given, left_out = (glue.resolve(row + extra)[1] for extra in (["--lora_alpha", "16"], []))
     assert stats.cell_of(given) == stats.cell_of(left_out) and stats.cell_of(left_out)["lora_alpha"] == 16
-    assert stats.cell_of(left_out)["noise_width_search"] == "none"
+    assert "dtype" not in stats.cell_of(left_out) and stats.cell_of(left_out)["max_steps"] is None
     acted = stats.canonical_cell(stats.cell_of(left_out), schema.GlueRun)
     assert not {"llmmscale", "eval_noise", "mc_samples", "noise_width_grid", "entropy_weight"} & set(acted)  # K = 0
     assert stats.canonical_cell(acted, schema.GlueRun) == acted
@@ -211,6 +217,27 @@ def test_runs_equal_in_effect_pool_and_pair(tmp_path):
     write_run(tmp_path, "llmm-0", {**CELL, "entropy_weight": 0.0}, 0, 50.0)
     write_run(tmp_path, "entropy-0", {**CELL, "entropy_weight": 0.01}, 0, 49.0)
     rows = stat_rows(glue_table.main([str(tmp_path), "--no_reference"]))
-    assert rows[("loftq nf 2-bit r32 (entropy_weight=None)", "cola")][:2] == ["2", "46.0"]
+    assert rows[("loftq nf 2-bit r32 (entropy_weight=n/a)", "cola")][:2] == ["2", "46.0"]
     assert rows[("llmm nf 2-bit r32 (entropy_weight=0.0)", "cola")][3].startswith("+5.0 (n=1")
     assert rows[("llmm nf 2-bit r32 (entropy_weight=0.01)", "cola")][3].startswith("+4.0 (n=1")
+
+
+def test_a_setting_without_effect_takes_the_settings_that_follow_it_along():
+    acted = stats.canonical_cell({**LOFTQ, "entropy_weight": 0.5, "entropy_floor": 1e-6, "entropy_warmup_ratio": 0.1},
+                                 schema.GlueRun)
+    assert not {"entropy_weight", "entropy_floor", "entropy_warmup_ratio"} & set(acted)  # K = 0: no entropy term
+    causal = {"task": "gsm8k", "method": "llmm", "K": 2, "load_in_4bit": False, "prepare_kbit_training": True,
+              "optim": "paged_adamw_32bit"}
+    acted = stats.canonical_cell(causal, schema.CausalLMRun)
+    assert "prepare_kbit_training" not in acted and acted["optim"] == "paged_adamw_32bit"  # CUDA: not known here
+    assert "prepare_kbit_training" in stats.canonical_cell({**causal, "load_in_4bit": True}, schema.CausalLMRun)
+
+
+def test_labels_tell_an_absent_setting_from_a_null_one_and_the_closest_baseline_is_paired():
+    recorded, older = {**LOFTQ, "data_dir": None}, LOFTQ
+    assert "data_dir" in stats.distinguishing_fields([recorded, older], glue_report.LABEL_FIELDS)
+    assert (stats.label_part(recorded, "data_dir"), stats.label_part(older, "data_dir")) == ("data_dir=None",
+                                                                                             "data_dir=n/a")
+    full = {**LOFTQ, "weight_decay": 0.0}  # an older baseline cell without weight_decay matches too
+    assert stats.find_baseline({**CELL, "weight_decay": 0.0}, [LOFTQ, full], "loftq") == full
+    assert stats.find_baseline(CELL, [LOFTQ, full], "loftq") is None  # both hold as much of it: ambiguous

@@ -55,13 +55,9 @@ def result_files(paths: list[str], made_by: str) -> list[Path]:
 
 
 def cell_of(settings) -> dict:
-    """A run's settings without what does not change its numbers. Of a Settings object: every setting of its family
-    that defines a run (roles cell and init_dir), given or at its default, plus the records the run added; of a
-    settings.json's dict: its keys."""
+    """A run's settings (a Settings object: every setting its entry point offers, tables.offered_defaults; or a
+    settings.json's dict) without what does not change its numbers."""
     values = settings.record() if isinstance(settings, schema.Settings) else settings
-    if isinstance(settings, schema.Settings):
-        values = {**{f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)
-                     if f.metadata["role"] in (schema.CELL, schema.INIT_DIR)}, **values}
     return {key: value for key, value in sorted(values.items()) if key not in NOT_CELL}
 
 
@@ -78,18 +74,22 @@ def canonical_cell(cell: dict, family: type, prefix: str = "") -> dict:
     for name, value in own.items():
         if name in fields and schema.kind_of(fields[name]) in (float, schema.number) and type(value) is int:
             own[name] = float(value)
-    settings = family.of(own)
 
-    def acted(name: str) -> bool:
+    def acted(name: str, settings) -> bool:
         applies = fields[name].metadata["applies"]
-        if applies is None or not applies.retest:
-            return True
         try:
-            return bool(applies.test(settings))
+            return applies is None or bool((applies.cell_test or applies.test)(settings))
         except (TypeError, AttributeError, KeyError):  # an old cell without what the test reads: kept
             return True
 
-    kept = {f"{prefix}{name}": value for name, value in own.items() if name not in fields or acted(name)}
+    dropped: set[str] = set()
+    while True:  # a setting without effect is at its default for the others' tests (entropy_floor at K = 0)
+        settings = family.of({name: value for name, value in own.items() if name not in dropped})
+        newly = {name for name in own if name in fields and name not in dropped and not acted(name, settings)}
+        if not newly:
+            break
+        dropped |= newly
+    kept = {f"{prefix}{name}": value for name, value in own.items() if name not in dropped}
     return dict(sorted({**{k: v for k, v in cell.items() if not k.startswith(prefix)}, **kept}.items()))
 
 
@@ -187,10 +187,16 @@ def group_by_cell(records: list[dict]) -> dict[str, dict]:
     return groups
 
 
+def label_part(cell: dict, name: str) -> str:
+    """A setting as a row label names it: ``name=value``, ``name=n/a`` where the cell does not hold it (no effect on
+    the run, or not recorded by an older version)."""
+    return f"{name}={cell[name]}" if name in cell else f"{name}=n/a"
+
+
 def distinguishing_fields(cells: list[dict], shown: tuple[str, ...]) -> list[str]:
     """``shown`` plus the settings a row label needs so that no two of ``cells`` share a label."""
-    def value(c, f):  # hashable: a list setting (target_modules) as its JSON text
-        return json.dumps(c.get(f), sort_keys=True, default=str)
+    def value(c, f):  # hashable: a list setting (target_modules) as its JSON text; absent apart from null
+        return json.dumps(c[f], sort_keys=True, default=str) if f in c else "n/a"
 
     fields, labels = list(shown), [tuple(value(c, f) for f in shown) for c in cells]
     others = {key for c in cells for key in c} - set(shown)
@@ -213,11 +219,19 @@ def same_but(a: dict, b: dict, free) -> bool:
 
 def find_baseline(cell: dict, cells: list[dict], baseline_method: str) -> dict | None:
     """The cell of ``baseline_method`` equal to ``cell`` in every setting both hold but the ones a method implies
-    (None unless exactly one). The model's paths (an _init.sh directory, or the checkpoint qlora starts from) may
+    (of several, ``closest``). The model's paths (an _init.sh directory, or the checkpoint qlora starts from) may
     differ only where both cells name one table row (``model``): without it, two paths are two models."""
     free = METHOD_FIELDS if cell.get("model") is not None else set(METHOD_FIELDS) - set(MODEL_PATH_FIELDS)
-    matches = [c for c in cells if c.get("method") == baseline_method and same_but(c, cell, free)]
-    return matches[0] if len(matches) == 1 else None
+    return closest(cell, [c for c in cells if c.get("method") == baseline_method and same_but(c, cell, free)])
+
+
+def closest(cell: dict, matches: list[dict]) -> dict | None:
+    """Of the baseline cells that match ``cell``, the one that holds the most of its settings (an older run directory
+    recorded fewer); None where there is none, or two tie."""
+    overlap = sorted(((len(set(c) & set(cell)), index) for index, c in enumerate(matches)), reverse=True)
+    if not overlap or (len(overlap) > 1 and overlap[0][0] == overlap[1][0]):
+        return None
+    return matches[overlap[0][1]]
 
 
 def _left_out_note(left_out: list, what: str) -> str:

@@ -38,7 +38,7 @@ from llmm.run.cli import logger
 from llmm.run.fileio import check_data_paths, load_pretrained, plot_curves, write_json
 from llmm.run.quantize import embeddings_quantized
 from llmm.run.schema import FAMILY_BLOCKS, GlueRun, take_renamed
-from llmm.run.tables import (CONFIGS, add_setting_flags, default_embedding_targets, default_targets, plumbing_defaults,
+from llmm.run.tables import (CONFIGS, add_setting_flags, default_embedding_targets, default_targets, offered_defaults,
                              read_table, resolve_settings)
 
 
@@ -66,7 +66,7 @@ def resolve(argv: list[str] | None) -> tuple[GlueTask, GlueRun]:
     if args.logging_steps is not None:
         raise ValueError("GLUE logs the training loss at every evaluation (each epoch, or every --eval_steps): drop "
                          "--logging_steps and set --eval_steps")
-    settings = GlueRun.of({**plumbing_defaults(BLOCKS), **resolve_settings(table, args)})
+    settings = GlueRun.of({**offered_defaults(BLOCKS, args), **resolve_settings(table, args)})
     settings.quantize_embeddings = embeddings_quantized(settings.quantize_embeddings, "seq_cls")  # null: on
     check_settings(settings, BLOCKS)  # as given; again below with what --method and the _init.sh directory imply
     method = settings.method

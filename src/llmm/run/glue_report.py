@@ -92,7 +92,7 @@ def build(records: list[dict], baseline: str) -> list[dict]:
 
 def label(cell: dict, fields: list[str]) -> str:
     text = f"{cell['method']} {cell['backbone']} r{cell['rank']}"
-    extra = [f"{name}={cell.get(name)}" for name in fields if name not in ("task", *LABEL_FIELDS)]
+    extra = [stats.label_part(cell, name) for name in fields if name not in ("task", *LABEL_FIELDS)]
     return text + (f" ({', '.join(extra)})" if extra else "")
 
 

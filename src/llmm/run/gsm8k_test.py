@@ -37,7 +37,7 @@ def parse_settings(argv=None) -> schema.Gsm8kTestRun:
     fields = schema.fields_of(*BLOCKS)
     parser.set_defaults(**{name: fields[name].default for name in ("decoding", "mode")})  # recorded in the cell
     args = parser.parse_args(argv)
-    settings = schema.Gsm8kTestRun.of(tables.resolve_settings(table, args))
+    settings = schema.Gsm8kTestRun.of({**tables.offered_defaults(BLOCKS, args), **tables.resolve_settings(table, args)})
     scope_dataset_config(settings, args)
     adapters.check_settings(settings)
     fileio.check_data_paths(data=settings.get("data"))
@@ -195,7 +195,10 @@ def main(argv=None) -> dict | None:
         "model": settings.model_name_or_path, "wall_time_s": time.time() - started,
         "settings": settings.record(), "versions": fileio.versions(),
     }
-    results["seed"], results["cell"] = stats.test_cell(Path(settings.adapter).parent, settings)  # for tables
+    tested = settings.copy()
+    if training.same_setting(settings.model_name_or_path, adapter_config.base_model_name_or_path):
+        tested.unset("model_name_or_path")  # the run's own backbone (its cell names it): seeds of a run pool
+    results["seed"], results["cell"] = stats.test_cell(Path(settings.adapter).parent, tested)  # for tables
     outdirs.make_output_dir(output_dir, settings.overwrite)
     if state.is_main_process:
         fileio.write_text(output_dir / "predictions.jsonl", "".join(json.dumps(p) + "\n" for p in predictions))

@@ -48,8 +48,9 @@ def acted_cell(cell, tested: bool):
 
 
 def label(cell: dict, fields: list[str]) -> str:
-    text = " ".join(str(cell.get(name)) for name in LABEL_FIELDS if cell.get(name) is not None)
-    extra = [f"{name}={cell.get(name)}" for name in fields if name not in LABEL_FIELDS]
+    text = " ".join(f"r{value}" if name == "rank" else str(value) for name in LABEL_FIELDS
+                    if (value := cell.get(name)) is not None)
+    extra = [stats.label_part(cell, name) for name in fields if name not in LABEL_FIELDS]
     return text + (f" ({', '.join(extra)})" if extra else "")
 
 

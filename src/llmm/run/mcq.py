@@ -138,7 +138,7 @@ def parse_settings(argv=None) -> schema.McqRun:
                              required=("task",), row_choices=("task",))
     args = parser.parse_args(argv)
     schema.take_renamed(args, BLOCKS)
-    return check_settings(schema.McqRun.of({**tables.plumbing_defaults(BLOCKS), **resolve_settings(table, args)}),
+    return check_settings(schema.McqRun.of({**tables.offered_defaults(BLOCKS, args), **resolve_settings(table, args)}),
                           table, args)
 
 

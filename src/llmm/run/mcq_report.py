@@ -32,7 +32,7 @@ def row_label(cell: dict, extra: list[str]) -> str:
     else:
         text = f"{cell.get('variant') or cell['method']} {cell['backbone']} K{cell['K']} {cell['eval_mode']}"
         text += f" N={cell['eval_samples']}" if cell["eval_mode"] in SAMPLED_MODES else ""
-    named = [f"{name}={cell.get(name)}" for name in extra]
+    named = [stats.label_part(cell, name) for name in extra]
     return text + (f" ({', '.join(named)})" if named else "")
 
 
@@ -115,9 +115,8 @@ def ensemble_members(cell: dict, seed, groups: dict, baseline: str) -> dict | No
 
 def find_baseline(cell: dict, cells: list[dict], baseline: str) -> dict | None:
     """The ``baseline`` cell (mean mode) equal to ``cell`` in everything but what PAIRING_FREE names."""
-    matches = [c for c in cells if c["method"] == baseline and c["eval_mode"] == "mean"
-               and stats.same_but(c, cell, PAIRING_FREE)]
-    return matches[0] if len(matches) == 1 else None
+    return stats.closest(cell, [c for c in cells if c["method"] == baseline and c["eval_mode"] == "mean"
+                                and stats.same_but(c, cell, PAIRING_FREE)])
 
 
 def _grouped(records: list[dict], shown=SHOWN) -> tuple[dict, list[dict], list[str]]:
@@ -281,7 +280,7 @@ def width_table(widths: list[dict]) -> list[str]:
     for group in groups.values():
         cell, finals = group["cell"], list(group["runs"].values())
         label = f"{cell.get('variant') or cell['method']} {cell['backbone']} K{cell['K']}"
-        label += f" ({', '.join(f'{name}={cell.get(name)}' for name in extra)})" if extra else ""
+        label += f" ({', '.join(stats.label_part(cell, name) for name in extra)})" if extra else ""
         texts.setdefault(label, {})[cell["task"]] = " / ".join(
             stats.format_summary(stats.summarize([r["final"][factor]["median"] for r in finals]), 3)
             if all(r["final"].get(factor) for r in finals) else "-" for factor in ("A", "B"))

@@ -90,8 +90,8 @@ def member_settings(args) -> list[schema.McqRun]:
             raise ValueError(f"eval mode 'dropout' needs dropout in the adapters, which the run {run!r} has not "
                              "(lora_dropout 0): evaluate an mcdropout run, or drop the mode")
         searches = [searched_settings(settings, {**search, "noise_width_search": rule}, run) for rule in rules]
-        if args.max_eval_samples is None:
-            settings.unset("max_eval_samples")  # the run's debug cap applies to its own evaluation only
+        if args.max_eval_samples is None and settings.max_eval_samples is not None:
+            settings.max_eval_samples = None  # the run's debug cap applies to its own evaluation only
         settings.cell = run_cell(settings)  # before the backbone path below: the run's cell, as trained
         settings.searches = [{**s, "cell": run_cell(settings.copy(**s))} for s in searches]
         if causal_lm.in_process_loftq(settings):  # the quantized backbone the run wrote beside its adapter

@@ -39,12 +39,12 @@ def setting(default, help: str, *, low=None, high=None, low_open=False, high_ope
 @dataclass(frozen=True)
 class Applies:
     """When a setting has an effect: ``test`` on a run's resolved settings; ``when`` names it in the error line.
-    ``retest``: whether a table may test it again on a recorded cell (llmm.stats.canonical_cell); not where the test
-    asks the machine (CUDA, a sharded launch) or the setting names the table row's backbone (quant, bits)."""
+    ``cell_test``: the test a table applies to a recorded cell (llmm.stats.canonical_cell), where ``test`` also asks
+    the machine (CUDA, a sharded launch) or the setting names the table row's backbone (quant, bits)."""
 
     when: str
     test: object  # settings -> bool
-    retest: bool = True
+    cell_test: object = None  # settings -> bool; None: test
 
 
 def _cuda() -> bool:
@@ -65,7 +65,7 @@ WITH_TRUNCATED_SVD = Applies("LoftQ init with --loftq_svd truncated",
                              lambda s: s.init == "loftq" and s.loftq_svd == "truncated")
 QUANTIZED_HERE = Applies("a backbone quantized by llmm (LoftQ init, or GLUE's --method qlora)",
                          lambda s: s.init == "loftq" or (isinstance(s, GlueRun) and s.method == "qlora"),
-                         retest=False)
+                         cell_test=lambda s: True)
 WITH_ENTROPY = Applies("--entropy_weight > 0", lambda s: s.entropy_weight > 0)
 WITH_CHECKPOINTING = Applies("--gradient_checkpointing true", lambda s: s.gradient_checkpointing)
 WITH_4BIT = Applies("a bitsandbytes NF4 backbone (--load_in_4bit true)", lambda s: s.load_in_4bit)
@@ -73,7 +73,7 @@ WITH_HELDOUT = Applies("--eval_split heldout and no --eval_data",
                        lambda s: s.eval_split == "heldout" and not s.eval_data)
 WITH_SEARCH = Applies("--noise_width_search tfb or nll", lambda s: s.noise_width_search != "none")
 PAGED_ON_CUDA = Applies("CUDA, as a paged optimizer (without CUDA, adamw_torch runs)",
-                        lambda s: not s.optim.startswith("paged_") or _cuda(), retest=False)
+                        lambda s: not s.optim.startswith("paged_") or _cuda(), cell_test=lambda s: True)
 SAMPLED_DECODING = Applies("sampled decoding (--decoding reference, or --do_sample true)", lambda s: s.do_sample)
 WITH_DATASET = Applies("no --data (a --data replaces the dataset; train_mcq: not both --train_data and --test_data)",
                        lambda s: not s.data and not (s.get("train_data") and s.get("test_data")))
@@ -270,7 +270,7 @@ class CausalLMSettings(CausalDataSettings):
                                           "(not under FSDP / DeepSpeed: it upcasts the backbone's other weights)",
                                           applies=Applies("a bitsandbytes NF4 backbone outside FSDP / DeepSpeed",
                                                           lambda s: s.load_in_4bit and not _sharded(),
-                                                          retest=False))
+                                                          cell_test=lambda s: s.load_in_4bit))
     bnb_4bit_quant_storage: str = setting("auto", "4-bit: the dtype the packed NF4 weights are stored in (auto: uint8, "
                                           "under FSDP / DeepSpeed the compute dtype, as FSDP-QLoRA needs)",
                                           choices=("auto", "uint8", "float32", "bfloat16", "float16"), role=RUN,
@@ -458,7 +458,8 @@ FAMILY_BLOCKS = {
 class Settings:
     """A family's resolved settings: every field of its blocks an attribute (its default unless given), plus what
     the entry point adds (input paths, records such as ``backbone``). ``record()`` is what settings.json and the cell
-    hold: the names given, then every name the run set since, in that order.
+    hold: the names given (an entry point gives every setting it offers, llmm.run.tables.offered_defaults), then
+    every name the run set since, in that order.
 
         settings = McqRun.of(resolved)           # resolved: the table row and the flags, a dict
         settings.backbone = "int8"               # a record the run adds

@@ -118,10 +118,16 @@ def add_setting_flags(parser: argparse.ArgumentParser, table: dict, blocks=schem
             action.choices = None
 
 
-def plumbing_defaults(blocks) -> dict:
-    """The defaults of the run-plumbing fields of ``blocks`` (what a table need not name: --report_to)."""
-    return {f.name: f.default for block in blocks for f in dataclasses.fields(block)
-            if f.metadata["role"] == schema.RUN and f.default is not None}
+def offered_defaults(blocks, args: argparse.Namespace) -> dict:
+    """The defaults of every setting the entry point offers (a flag in ``args``: its table's vocabulary, its inputs)
+    and of the run-plumbing fields of ``blocks`` (what a table need not name: --report_to). A run records each, given
+    or not, so its settings.json and cell hold every setting it offers (a row that leaves lora_alpha out trains at,
+    and records, 16); a field the entry point does not offer (GLUE's dtype) is no part of them."""
+    fields = schema.fields_of(*blocks)
+    plumbing = {name: f.default for name, f in fields.items() if f.metadata["role"] == schema.RUN
+                and f.default is not None}
+    return {**plumbing, **{name: fields[name].default for name in vars(args) if name in fields
+                           and fields[name].metadata["role"] != schema.RUN}}
 
 
 def resolve_settings(table: dict, args: argparse.Namespace) -> dict:

@@ -229,12 +229,12 @@ def check_checkpoint(checkpoint: str, settings) -> None:
 RESUMABLE = frozenset({"max_steps", "num_train_epochs", "eval_steps"})
 
 
-def _same_setting(saved, given) -> bool:
+def same_setting(saved, given) -> bool:
     """Equal values, or two spellings of one local path (or list of paths)."""
     if saved == given:
         return True
     if isinstance(saved, list) and isinstance(given, list):
-        return len(saved) == len(given) and all(map(_same_setting, saved, given))
+        return len(saved) == len(given) and all(map(same_setting, saved, given))
     if isinstance(saved, str) and isinstance(given, str) and os.path.exists(os.path.expanduser(given)):
         return os.path.realpath(os.path.expanduser(saved)) == os.path.realpath(os.path.expanduser(given))
     return False
@@ -257,7 +257,7 @@ def first_difference(saved: dict, given: dict, names, blocks) -> tuple[str, obje
         if name not in fields and not (name in saved and name in given):
             continue
         value, asked = (side[name] if name in side else fields[name].default for side in (saved, given))
-        if not _same_setting(value, asked):
+        if not same_setting(value, asked):
             return name, value, asked
     return None
 
