@@ -92,7 +92,8 @@ def parse_settings(table: dict, argv=None, description: str = "", task_columns: 
                              required=required_keys, row_choices=required_keys)
     args = parser.parse_args(argv)
     schema.take_renamed(args, BLOCKS)
-    settings = schema.CausalLMRun.of({**tables.offered_defaults(BLOCKS, args), **table_settings(table, args, task_columns)})
+    settings = schema.CausalLMRun.of({**tables.offered_defaults(BLOCKS, args),
+                                      **table_settings(table, args, task_columns)})
     adapters.check_settings(settings, BLOCKS)
     scope_dataset_config(settings, args)
     if not (settings.get("data") or settings.dataset):
