@@ -186,22 +186,6 @@ def test_mc_with_zero_directions_equals_mean_and_differs_with_noise(tokenizer):
     np.testing.assert_allclose(mc.sum(axis=1), 1.0, atol=1e-6)
 
 
-def test_ensemble_of_one_equals_its_member_and_of_two_their_average(tokenizer):
-    batches, _ = question_batches(tokenizer)
-    letters = letter_token_ids(tokenizer, 5)
-    first = C.LetterHead(llmm_model(tokenizer, k=0), letters)
-    second = C.LetterHead(get_llmm_model(tiny_causal_lm(tokenizer, seed=3), LlmmConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], k=0)).eval(), letters)
-    member, labels = C.predict(first, batches, "mean")
-    alone, alone_labels = C.predict_ensemble([first], batches)
-    np.testing.assert_array_equal(alone, member)
-    np.testing.assert_array_equal(alone_labels, labels)
-    pair, _ = C.predict_ensemble([first, second], batches)
-    np.testing.assert_allclose(pair, (member + C.predict(second, batches, "mean")[0]) / 2, atol=1e-7)
-    with pytest.raises(ValueError, match="at least one member"):
-        C.predict_ensemble([], batches)
-
-
 def test_mc_dropout_samples_only_with_dropout(tokenizer):
     batches, _ = question_batches(tokenizer)
     letters = letter_token_ids(tokenizer, 5)
@@ -320,6 +304,13 @@ def test_train_evaluate_ensemble_and_table_end_to_end(tiny_dir, tmp_path, capsys
     monkeypatch.undo()
     assert pair["evaluations"][0]["wall_time_s"] < 0.5  # the members' prediction time, not their loading
     assert pair["method"] == "ensemble" and pair["evaluations"][0]["eval_samples"] == 2 and pair["seed"] == "1+2"
+    members = [json.loads((tmp_path / f"map-s{seed}" / "results.json").read_text()) for seed in ("1", "2")]
+    for entry in pair["evaluations"]:  # each question's distribution: the average of its members' mean-mode ones
+        alike = [next(e for e in m["evaluations"] if (e["eval_set"], e["mode"]) == (entry["eval_set"], "mean"))
+                 for m in members]
+        for index, question in enumerate(entry["questions"]):
+            averaged = np.mean([e["questions"][index]["probs"] for e in alike], axis=0)
+            np.testing.assert_allclose(question["probs"], averaged, atol=1e-6)
     with pytest.raises(ValueError, match=r"must share every setting but the seed: .* differ in \['K', 'method'"):
         test_mcq.main(["--runs", str(tmp_path / "map-s1"), str(out), "--output_dir", str(tmp_path / "mixed")])
     assert not (tmp_path / "mixed").exists()

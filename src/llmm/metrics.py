@@ -45,16 +45,11 @@ def brier(probs, labels) -> float:
 
 
 def ece(probs, labels, n_bins: int = ECE_BINS) -> float:
-    probs, labels = _check(probs, labels)
-    confidence, correct = probs.max(axis=1), (probs.argmax(axis=1) == labels)
-    # Bin b holds confidences in (b/n_bins, (b+1)/n_bins]; a confidence of exactly 0 cannot occur (max >= 1/C).
-    edges = np.linspace(0.0, 1.0, n_bins + 1)[1:-1]  # exact edges: ceil(c * n) misbins c = b / n by rounding
-    bins = np.digitize(confidence, edges, right=True)
-    total = 0.0
-    for b in np.unique(bins):
-        members = bins == b
-        total += members.mean() * abs(correct[members].mean() - confidence[members].mean())
-    return float(total)
+    """Sum over the reliability bins of (share of the examples) x |accuracy - mean confidence|."""
+    bins = reliability_bins(probs, labels, n_bins)
+    n = sum(bins["count"])
+    return float(sum(count / n * abs(accuracy - confidence) for count, confidence, accuracy
+                     in zip(bins["count"], bins["confidence"], bins["accuracy"]) if count))
 
 
 def calibration_metrics(probs, labels, n_bins: int = ECE_BINS) -> dict[str, float]:
@@ -62,11 +57,12 @@ def calibration_metrics(probs, labels, n_bins: int = ECE_BINS) -> dict[str, floa
 
 
 def reliability_bins(probs, labels, n_bins: int = ECE_BINS) -> dict[str, list]:
-    """The reliability diagram's bins, as ``ece`` forms them: per bin the count, mean confidence and accuracy
-    (None for an empty bin)."""
+    """The reliability diagram's bins (``ece``'s): per bin the count, mean confidence and accuracy (None for an empty
+    bin). Bin b holds confidences in (b/n_bins, (b+1)/n_bins]; a confidence of exactly 0 cannot occur (max >= 1/C)."""
     probs, labels = _check(probs, labels)
     confidence, correct = probs.max(axis=1), (probs.argmax(axis=1) == labels)
-    bins = np.digitize(confidence, np.linspace(0.0, 1.0, n_bins + 1)[1:-1], right=True)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)[1:-1]  # exact edges: ceil(c * n) misbins c = b / n by rounding
+    bins = np.digitize(confidence, edges, right=True)
     count, mean_confidence, accuracy = [], [], []
     for b in range(n_bins):
         members = bins == b

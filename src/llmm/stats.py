@@ -42,8 +42,8 @@ PREFERRED_LABELS = ("K", "bits", "quant", "eval_noise", "mc_samples", "entropy_w
                     "test_decoding", "test_mc_samples")
 
 
-def result_files(paths: list[str], made_by: str) -> list[Path]:
-    """The results.json files the paths name (files, or directories searched recursively)."""
+def read_results(paths: list[str], made_by: str) -> list[tuple[Path, object]]:
+    """(file, its JSON) of every results.json the paths name (files, or directories searched recursively)."""
     files = []
     for path in map(Path, paths):
         if not path.exists():
@@ -51,7 +51,14 @@ def result_files(paths: list[str], made_by: str) -> list[Path]:
         files += [path] if path.is_file() else sorted(path.rglob("results.json"))
     if not files:
         raise FileNotFoundError(f"no results.json below {paths}: train with {made_by} first")
-    return files
+    read = []
+    for file in files:
+        try:
+            read.append((file, json.loads(file.read_text())))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{str(file)!r} is not valid JSON ({error}): delete it or re-run what wrote it "
+                             f"({made_by})") from None
+    return read
 
 
 def cell_of(settings) -> dict:

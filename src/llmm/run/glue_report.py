@@ -3,7 +3,6 @@ cell, LoftQ's published rows beside them, and paired differences against a basel
 
 from __future__ import annotations
 
-import json
 import math
 
 from llmm import stats
@@ -41,12 +40,7 @@ def metric_names(task_name: str) -> list[str]:
 def gather(paths: list[str], which: str) -> tuple[list[dict], list[str]]:
     """One record per complete run and the incomplete runs that were skipped."""
     records, skipped = [], []
-    for file in stats.result_files(paths, "scripts/train_glue.py"):
-        try:
-            results = json.loads(file.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{str(file)!r} is not valid JSON ({error}): delete it or re-run the training that "
-                             "writes it") from None
+    for file, results in stats.read_results(paths, "scripts/train_glue.py"):
         if isinstance(results, dict) and "task" not in results and {"summary", "runs"} <= set(results):
             continue  # the quick start's summary of its runs, which lie below it and are read themselves
         if not isinstance(results, dict) or results.get("task") not in TASKS:

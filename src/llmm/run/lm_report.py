@@ -3,7 +3,6 @@ cell, seeds pooled, paired differences against a baseline method."""
 
 from __future__ import annotations
 
-import json
 
 from llmm import stats
 from llmm.run import schema
@@ -16,13 +15,8 @@ METRICS = {"accuracy": ("GSM8K test accuracy (%)", 100.0), "eval_loss": ("held-o
 
 def read_records(paths: list[str]) -> list[dict]:
     """One record per (results.json, metric): {path, task, metric, seed, cell, value}."""
-    files = stats.result_files(paths, "scripts.train_gsm8k / scripts.train_nlg / scripts.test_gsm8k")
     records = []
-    for file in files:
-        try:
-            results = json.loads(file.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{str(file)!r} is not valid JSON ({error}): delete it or re-run what writes it") from None
+    for file, results in stats.read_results(paths, "scripts.train_gsm8k / scripts.train_nlg / scripts.test_gsm8k"):
         if not isinstance(results, dict):
             continue
         metrics = ["accuracy"] if "accuracy" in results else [m for m in ("eval_loss", "eval_perplexity")

@@ -43,11 +43,7 @@ def column(cell: dict) -> str:
 def gather(paths: list[str]) -> tuple[list[dict], list[dict], list[str]]:
     """(one record per evaluation, one per trained run with a width history, the incomplete files skipped)."""
     records, widths, skipped = [], [], []
-    for file in stats.result_files(paths, "scripts/train_mcq.py"):
-        try:
-            results = json.loads(file.read_text())
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{str(file)!r} is not valid JSON ({error}): delete it or re-run the run") from None
+    for file, results in stats.read_results(paths, "scripts/train_mcq.py"):
         if not isinstance(results, dict) or "evaluations" not in results:
             raise ValueError(f"{str(file)!r} is not a multiple-choice results.json (no 'evaluations'): pass "
                              "directories written by scripts/train_mcq.py or scripts/test_mcq.py")

@@ -6,8 +6,8 @@
 
 Modes, each one distribution p(letter | question) over the question's own choices: ``mean`` (eps = 0), ``sample``
 (one noise draw per batch), ``mc`` (average softmax of N sampled networks, ``llmm.mc_predict``), ``dropout``
-(MC-dropout: N passes with dropout on, noise at its mean) and ``ensemble`` (``predict_ensemble``: the average of
-M adapters' mean-mode distributions)."""
+(MC-dropout: N passes with dropout on, noise at its mean); a deep ensemble (scripts.test_mcq) averages M
+adapters' mean-mode distributions."""
 
 from __future__ import annotations
 
@@ -142,18 +142,6 @@ def predict(head: LetterHead, batches: list[dict], mode: str, mc_samples: int = 
             probs.append(p.float().cpu())
             labels.append(batch["labels"].cpu())
     return torch.cat(probs).numpy().astype(np.float64), torch.cat(labels).numpy()
-
-
-def predict_ensemble(heads, batches: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """The average of the members' mean-mode distributions (``heads`` may load members one at a time)."""
-    total, labels, members = None, None, 0
-    for head in heads:
-        probs, labels = predict(head, batches, "mean")
-        total = probs if total is None else total + probs
-        members += 1
-    if members == 0:
-        raise ValueError("an ensemble needs at least one member (M >= 1)")
-    return total / members, labels
 
 
 def evaluate(probs: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS) -> dict:
