@@ -198,8 +198,8 @@ def test_mcq_train_test_and_table(tmp_path):
 # or without mc_batched (before, the sequential path drew from the model's generator); nothing else changed.
 # Every cell then gained the settings its entry point offers that no row or flag gave (recorded at their defaults,
 # llmm.run.tables.offered_defaults): the new keys added from a recording; every recorded value and number unchanged.
-# The causal-LM table's labels then named the rank as GLUE's do (r8, was 8), and a GSM8K test's cell left out the
-# backbone the adapter names (the trained run's own, which its cell names; test_model_name_or_path).
+# The causal-LM table's labels then named the rank as GLUE's do (r8, was 8), and a GSM8K test's cell names the
+# backbone the adapter names "the adapter's" (test_model_name_or_path; the path differed for each run).
 EXPECTED = {'alpaca_train': {'cell': {'K': 2,
                            'base_model': None,
                            'bits': 4,
@@ -489,6 +489,7 @@ EXPECTED = {'alpaca_train': {'cell': {'K': 2,
                          'test_max_samples': 3,
                          'test_mc_samples': 2,
                          'test_mode': 'mc',
+                         'test_model_name_or_path': "the adapter's",
                          'test_seed': 42,
                          'test_split': 'test',
                          'test_temperature': None,

@@ -29,9 +29,10 @@ BOOTSTRAP_SEED = 0
 LEVEL = 0.95
 
 NOT_CELL = schema.not_cell()
-# Settings of the noise: a K = 0 baseline cannot be given them (a flag without effect is refused).
+# Settings of the noise: a K = 0 baseline cannot be given them (a flag without effect is refused), so a method
+# evaluated with the noise (GLUE's eval_noise mc, a GSM8K test's mode mc) is paired with the baseline's mean.
 NOISE_FIELDS = ("eval_noise", "noise_per_example", "mc_samples", "noise_width_search", "noise_width_tolerance",
-                "noise_width_grid")
+                "noise_width_grid", "test_mode", "test_mc_samples")
 # Settings a method implies: a method and its baseline may differ in these (and only these) to be paired.
 MODEL_PATH_FIELDS = ("init_source", "init_dir", "model_name_or_path", "test_model_name_or_path")
 METHOD_FIELDS = ("method", "K", "llmmscale", "scaled_gradient", "gaussian_embeddings", "init", "backbone",

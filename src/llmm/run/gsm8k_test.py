@@ -23,6 +23,7 @@ from llmm.run.causal_lm import load_backbone, scope_dataset_config
 
 TABLE = tables.CONFIGS / "gsm8k_test.yaml"
 BLOCKS = schema.FAMILY_BLOCKS["gsm8k_test"]
+OWN_BACKBONE = "the adapter's"  # a test cell's model_name_or_path where it is the backbone the adapter names
 SAMPLING = ("temperature", "top_k", "top_p")
 
 
@@ -197,7 +198,7 @@ def main(argv=None) -> dict | None:
     }
     tested = settings.copy()
     if training.same_setting(settings.model_name_or_path, adapter_config.base_model_name_or_path):
-        tested.unset("model_name_or_path")  # the run's own backbone (its cell names it): seeds of a run pool
+        tested.model_name_or_path = OWN_BACKBONE  # one value for every run (its cell names it): seeds pool
     results["seed"], results["cell"] = stats.test_cell(Path(settings.adapter).parent, tested)  # for tables
     outdirs.make_output_dir(output_dir, settings.overwrite)
     if state.is_main_process:

@@ -44,7 +44,7 @@ def acted_cell(cell, tested: bool):
 def label(cell: dict, fields: list[str]) -> str:
     text = " ".join(f"r{value}" if name == "rank" else str(value) for name in LABEL_FIELDS
                     if (value := cell.get(name)) is not None)
-    extra = [stats.label_part(cell, name) for name in fields if name not in LABEL_FIELDS]
+    extra = [stats.label_part(cell, name) for name in fields if name not in LABEL_FIELDS or name not in cell]
     return text + (f" ({', '.join(extra)})" if extra else "")
 
 

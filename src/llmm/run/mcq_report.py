@@ -17,8 +17,7 @@ METRICS = {"accuracy": ("Accuracy (%, higher is better)", 100), "ece": ("ECE (%,
            "nll": ("NLL (lower is better)", 1), "brier": ("Brier (lower is better)", 1)}
 SAMPLED_MODES = ("mc", "dropout")
 # Always in a row's label (or its column); other settings are named only where they tell rows apart.
-SHOWN = ("task", "eval_set", "eval_where", "method", "variant", "member_method", "backbone", "K", "eval_mode",
-         "eval_samples")
+SHOWN = ("task", "eval_set", "method", "variant", "backbone", "K", "eval_mode", "eval_samples")
 WIDTH_SHOWN = ("task", "method", "variant", "backbone", "K")  # the same for the width table's runs
 # What a method and its baseline may differ in to be paired: the method and what it implies, and the mode it is
 # evaluated in (the baseline in its mean mode). Everything else, the backbone included, must be equal.
