@@ -124,15 +124,11 @@ def parse_settings(table: dict, argv=None, description: str = "", task_columns: 
     if init_dir is not None and method == "qlora":
         raise ValueError(f"--method qlora needs the original checkpoint (the row's base_model), not the _init.sh "
                          f"directory {settings.model_name_or_path!r}: its backbone is LoftQ's Q = quant(W - gBA)")
-    if init_dir is not None and args.init == "lora":
-        raise ValueError("an _init.sh directory brings LoftQ means; for --init lora pass the original checkpoint")
     if init_dir is None and settings.init == "loftq" and settings.load_in_4bit:
         raise ValueError("LoftQ init needs the full-precision weights, not a 4-bit backbone: pass an _init.sh "
                          "directory (bash _init.sh PRESET), or --load_in_4bit false, or --init lora")
     if init_dir is not None:
-        check_init_adapter(init_dir, settings)
-        adapters.adopt_init_dir_settings(settings.model_name_or_path, settings,
-                                  {name for name in adapters.INIT_DIR_LOFTQ if getattr(args, name, None) is not None})
+        adopt_init_dir(init_dir, settings, args)
     settings.init_source = str(init_dir) if init_dir else f"{settings.init} (in-process)"
     engine = sharding.requested_engine()
     if engine != "none" and in_process_loftq(settings):
@@ -192,6 +188,16 @@ def load_backbone(settings):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
     return model, tokenizer
+
+
+def adopt_init_dir(init_dir: Path, settings, args) -> None:
+    """Train from an _init.sh directory's LoftQ means (not with --init lora): its adapter must fit the settings, and
+    its LoftQ settings replace the table's (a flag in ``args`` that differs is an error)."""
+    if args.init == "lora":
+        raise ValueError("an _init.sh directory brings LoftQ means; for --init lora pass the original checkpoint")
+    check_init_adapter(init_dir, settings)
+    given = {name for name in adapters.INIT_DIR_LOFTQ if getattr(args, name, None) is not None}
+    adapters.adopt_init_dir_settings(settings.model_name_or_path, settings, given)
 
 
 def check_init_adapter(init_dir: Path, settings) -> LlmmConfig:
@@ -320,24 +326,14 @@ def training_arguments(settings, output_dir: Path, resume: bool = False) -> Trai
     settings.optim_used = optim
     checkpointing = settings.gradient_checkpointing
     return TrainingArguments(
-        output_dir=str(output_dir / "checkpoints"), max_steps=settings.max_steps,
-        per_device_train_batch_size=settings.per_device_train_batch_size,
-        per_device_eval_batch_size=settings.per_device_eval_batch_size,
-        gradient_accumulation_steps=settings.gradient_accumulation_steps,
-        learning_rate=settings.learning_rate, lr_scheduler_type=settings.lr_scheduler_type,
-        warmup_steps=settings.warmup_ratio,  # a float < 1 is a fraction of max_steps
-        weight_decay=settings.weight_decay,
-        adam_epsilon=settings.adam_epsilon, optim=optim, max_grad_norm=settings.max_grad_norm,
-        eval_strategy="steps", eval_steps=settings.eval_steps, eval_on_start=not resume, prediction_loss_only=True,
-        logging_steps=settings.logging_steps, logging_first_step=True,
-        save_strategy="steps", save_steps=settings.save_steps, save_total_limit=settings.save_total_limit,
-        seed=settings.seed, data_seed=settings.data_seed,
+        **training.shared_arguments(settings), output_dir=str(output_dir / "checkpoints"), max_steps=settings.max_steps,
+        optim=optim, eval_strategy="steps", eval_steps=settings.eval_steps, eval_on_start=not resume,
+        prediction_loss_only=True, logging_steps=settings.logging_steps, logging_first_step=True,
+        save_strategy="steps", save_steps=settings.save_steps, data_seed=settings.data_seed,
         bf16=settings.dtype == "bfloat16", fp16=settings.dtype == "float16",
         activation_checkpointing=checkpointing,  # transformers' new name for gradient_checkpointing
         activation_checkpointing_kwargs=checkpointing_kwargs(settings) if checkpointing else None,
-        remove_unused_columns=False, label_names=["labels"], report_to=settings.report_to,
-        use_cpu=not torch.cuda.is_available(),  # also what makes torchrun on CPU use DDP (gloo)
-        ddp_find_unused_parameters=False,  # every trainable tensor is in the graph (K = 0: none are trainable)
+        remove_unused_columns=False, label_names=["labels"],
     )
 
 

@@ -31,7 +31,7 @@ from llmm.predict import mc_predict, mc_regress
 from llmm.quant import fake_quantize
 from llmm.run import cli, width_search
 from llmm.run.recipe import Recipe, save_run
-from llmm.run.trainer import LlmmTrainer, add_resume_flag
+from llmm.run.trainer import LlmmTrainer, add_resume_flag, shared_arguments
 from llmm.run.adapters import (INIT_DIR_LOFTQ, adopt_init_dir_settings, check_flags_apply, check_init_targets,
                                check_settings, given_flags, head_modules, init_dir_settings, llmm_config, set_method_k)
 from llmm.run.cli import logger
@@ -300,21 +300,11 @@ def training_arguments(settings: GlueRun, out: Path) -> TrainingArguments:
     """TrainingArguments from the settings; checkpoints every save_steps optimizer steps (0: every epoch)."""
     every = "steps" if settings.eval_steps else "epoch"
     return TrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=settings.per_device_train_batch_size,
-        gradient_accumulation_steps=settings.gradient_accumulation_steps,
-        per_device_eval_batch_size=settings.per_device_eval_batch_size,
-        learning_rate=settings.learning_rate, weight_decay=settings.weight_decay,
-        adam_epsilon=settings.adam_epsilon,
-        num_train_epochs=settings.num_train_epochs, max_steps=settings.max_steps or -1,
-        lr_scheduler_type=settings.lr_scheduler_type, warmup_steps=settings.warmup_ratio,  # < 1: a ratio
-        max_grad_norm=settings.max_grad_norm, seed=settings.seed,
-        eval_strategy=every, eval_steps=settings.eval_steps or None,
+        **shared_arguments(settings), output_dir=str(out), num_train_epochs=settings.num_train_epochs,
+        max_steps=settings.max_steps or -1, eval_strategy=every, eval_steps=settings.eval_steps or None,
         logging_strategy=every, logging_steps=settings.eval_steps or 500,
         save_strategy="steps" if settings.save_steps else "epoch", save_steps=settings.save_steps or 500,
-        save_total_limit=settings.save_total_limit, report_to=settings.report_to,
-        use_cpu=not torch.cuda.is_available(),  # also what makes torchrun on CPU use DDP (gloo)
         average_tokens_across_devices=False,  # else DDP multiplies the (per-example mean) loss by the world size
-        ddp_find_unused_parameters=False,  # every trainable tensor is in the graph, K = 0 included
     )
 
 

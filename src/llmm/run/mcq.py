@@ -59,11 +59,7 @@ def check_settings(settings: schema.McqRun, table: dict, args) -> schema.McqRun:
         raise ValueError("load_in_8bit and load_in_4bit are both true: choose one backbone precision")
     init_dir = causal_lm.init_adapter_dir(settings.model_name_or_path)
     if init_dir is not None:
-        if args.init == "lora":
-            raise ValueError("an _init.sh directory brings LoftQ means; for --init lora pass the original checkpoint")
-        causal_lm.check_init_adapter(init_dir, settings)
-        adapters.adopt_init_dir_settings(settings.model_name_or_path, settings,
-                                  {name for name in adapters.INIT_DIR_LOFTQ if getattr(args, name, None) is not None})
+        causal_lm.adopt_init_dir(init_dir, settings, args)
         if settings.load_in_8bit:
             raise ValueError("an _init.sh directory holds LoftQ's NF values Q, which 8-bit loading would re-quantize: "
                              "pass --load_in_8bit false (and --load_in_4bit true for bitsandbytes NF4)")

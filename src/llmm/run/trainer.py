@@ -329,6 +329,21 @@ def done_already(run_dir: str | Path, settings, blocks, settings_in_results: boo
     return True
 
 
+def shared_arguments(settings) -> dict:
+    """The TrainingArguments every family takes from its settings as they are (its recipe adds the rest)."""
+    return dict(
+        per_device_train_batch_size=settings.per_device_train_batch_size,
+        per_device_eval_batch_size=settings.per_device_eval_batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        learning_rate=settings.learning_rate, lr_scheduler_type=settings.lr_scheduler_type,
+        warmup_steps=settings.warmup_ratio,  # a float < 1 is a fraction of the steps
+        weight_decay=settings.weight_decay, adam_epsilon=settings.adam_epsilon, max_grad_norm=settings.max_grad_norm,
+        seed=settings.seed, save_total_limit=settings.save_total_limit, report_to=settings.report_to,
+        use_cpu=not torch.cuda.is_available(),  # also what makes torchrun on CPU use DDP (gloo)
+        ddp_find_unused_parameters=False,  # every trainable tensor is in the graph, K = 0 included
+    )
+
+
 def on_any_process(device, *flags: bool) -> torch.Tensor:
     """Each flag true if it is on any process (an all-reduce under DDP / FSDP), so every process acts alike."""
     reduced = torch.tensor([float(flag) for flag in flags], device=device)
