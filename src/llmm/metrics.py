@@ -45,8 +45,11 @@ def brier(probs, labels) -> float:
 
 
 def ece(probs, labels, n_bins: int = ECE_BINS) -> float:
+    return binned_ece(reliability_bins(probs, labels, n_bins))
+
+
+def binned_ece(bins: dict) -> float:
     """Sum over the reliability bins of (share of the examples) x |accuracy - mean confidence|."""
-    bins = reliability_bins(probs, labels, n_bins)
     n = sum(bins["count"])
     return float(sum(count / n * abs(accuracy - confidence) for count, confidence, accuracy
                      in zip(bins["count"], bins["confidence"], bins["accuracy"]) if count))

@@ -144,14 +144,12 @@ def seed_noise(model: torch.nn.Module, seed: int | None = None, process_index: i
     if len(current) == 1:
         source = next(iter(current.values()))
         source.seed(seed, process_index)
-        for layer in layers:
-            layer.llmm_noise = source
-        return source
-    source = NoiseSource(seed, process_index)
+    else:
+        source = NoiseSource(seed, process_index)
+        root = model.get_base_model() if isinstance(model, PeftModel) else model
+        root.register_forward_pre_hook(source.new_forward)  # every model forward (every decoded token) draws anew
     for layer in layers:
         layer.llmm_noise = source
-    root = model.get_base_model() if isinstance(model, PeftModel) else model
-    root.register_forward_pre_hook(source.new_forward)  # every model forward (every decoded token) draws anew
     return source
 
 

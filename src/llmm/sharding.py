@@ -119,10 +119,15 @@ def check_sharded_launch(state=None) -> str:
     return engine
 
 
+def local_shard(tensor: torch.Tensor) -> torch.Tensor:
+    """This process's shard of an FSDP2 (DTensor) tensor, else the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 def sharded_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
     """Bytes this process holds of the frozen and trainable parameters and the optimizer state (local shards)."""
     def local(tensor):
-        tensor = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        tensor = local_shard(tensor)
         return tensor.numel() * tensor.element_size()
 
     sizes = {"frozen": 0, "trainable": 0, "optimizer": 0}

@@ -75,7 +75,10 @@ def canonical_cell(cell: dict, family: type, prefix: str = "") -> dict:
     max_steps is set) left out, and a whole number of a float setting as a float (--lora_alpha 16.0 is 16), so that
     runs equal in effect pool and pair. ``prefix``: only the keys named ``<prefix><setting>`` (an evaluation's
     ``test_`` settings). Other keys stay as they are; a setting the cell lacks is not filled in (an older run
-    directory did not record it, and its default then may not be today's)."""
+    directory did not record it, and its default then may not be today's). A cell that is no dict is returned as
+    it is (group_by_cell names it)."""
+    if not isinstance(cell, dict):
+        return cell
     cell = schema.current_names(cell)
     fields = {f.name: f for f in dataclasses.fields(family) if f.metadata["role"] in (schema.CELL, schema.INIT_DIR)}
     own = {key[len(prefix):]: value for key, value in cell.items() if key.startswith(prefix)}

@@ -77,11 +77,11 @@ def choose_noise_width(nll, tolerance: float = TFB_TOLERANCE, grid=WIDTH_GRID, r
     def value(m: float) -> float:
         if m not in seen:
             seen[m] = float(nll(m))
-            if not math.isfinite(seen[m]) and m == 0.0:
-                raise ValueError(f"the validation NLL of the mean network (m = 0) is {seen[m]}: check the model and "
-                                 "data")
-            if not math.isfinite(seen[m]):  # noise too wide for the model's precision: never chosen
-                seen[m] = math.inf
+            if not math.isfinite(seen[m]):
+                if m == 0.0:
+                    raise ValueError(f"the validation NLL of the mean network (m = 0) is {seen[m]}: check the model "
+                                     "and data")
+                seen[m] = math.inf  # noise too wide for the model's precision: never chosen
         return seen[m]
 
     base = value(0.0)

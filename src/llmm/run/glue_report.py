@@ -58,7 +58,7 @@ def gather(paths: list[str], which: str) -> tuple[list[dict], list[str]]:
 
 def acted_cell(cell):
     """A GLUE run's cell as the run acted (llmm.stats.canonical_cell)."""
-    return stats.canonical_cell(cell, schema.GlueRun) if isinstance(cell, dict) else cell
+    return stats.canonical_cell(cell, schema.GlueRun)
 
 
 def build(records: list[dict], baseline: str) -> list[dict]:

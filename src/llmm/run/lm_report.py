@@ -22,9 +22,10 @@ def read_records(paths: list[str]) -> list[dict]:
         metrics = ["accuracy"] if "accuracy" in results else [m for m in ("eval_loss", "eval_perplexity")
                                                               if m in results]
         task = "gsm8k" if "accuracy" in results else results.get("task") or (results.get("cell") or {}).get("task")
+        cell = acted_cell(results.get("cell"), tested="accuracy" in results)
         for metric in metrics:
             records.append({"path": str(file), "task": task, "metric": metric, "seed": results.get("seed"),
-                            "cell": acted_cell(results.get("cell"), tested="accuracy" in results),
+                            "cell": cell,
                             "value": stats.metric_value(results[metric], str(file), metric) * METRICS[metric][1]})
     if not records:
         raise FileNotFoundError(f"no GSM8K test or causal-LM training results.json below {paths}: run "
@@ -35,8 +36,6 @@ def read_records(paths: list[str]) -> list[dict]:
 def acted_cell(cell, tested: bool):
     """A training run's cell, or a GSM8K test's (the trained run's plus its ``test_`` settings), as the runs acted
     (llmm.stats.canonical_cell)."""
-    if not isinstance(cell, dict):
-        return cell
     cell = stats.canonical_cell(cell, schema.CausalLMRun)
     return stats.canonical_cell(cell, schema.Gsm8kTestRun, prefix="test_") if tested else cell
 

@@ -21,7 +21,7 @@ from transformers import TrainerCallback
 
 from llmm.run import adapters, cli, fileio, schema, tables, width_search
 from llmm.run.width_search import noise_width_in_use
-from llmm import stats
+from llmm import metrics, stats
 from llmm.model import keep_cpu_4bit_trainable, seed_noise
 from llmm.tasks import calibration as C
 from llmm.tasks.mcq import encode_question, letter_token_ids, load_mcq, question_ids
@@ -311,7 +311,7 @@ def validation_nll(model, tokenizer, letter_ids, records: list[dict], settings: 
         with training.outside_training_autocast(model):
             probs, labels = C.predict(head, batches, "mc", settings.mc_samples, seed=settings.seed,
                                       batched=settings.mc_batched)
-        return C.evaluate(probs, labels)["nll"] if np.isfinite(probs).all() else math.inf
+        return metrics.nll(probs, labels) if np.isfinite(probs).all() else math.inf
 
     return nll
 

@@ -67,10 +67,8 @@ def acted_cell(cell):
     """The cell as the run acted (llmm.stats.canonical_cell). A cell whose variant is its method (--variant llmm: the
     table's variant that only sets the method) is the cell --method llmm gives: the same run, one row (any other
     setting of a variant is a field of the cell itself)."""
-    if not isinstance(cell, dict):
-        return cell
     cell = stats.canonical_cell(cell, schema.McqRun)
-    if cell.get("variant") in (None, cell.get("method")):
+    if isinstance(cell, dict) and cell.get("variant") in (None, cell.get("method")):
         return {key: value for key, value in cell.items() if key != "variant"}
     return cell
 

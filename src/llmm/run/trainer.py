@@ -24,6 +24,7 @@ from transformers.trainer_utils import TrainOutput, get_last_checkpoint
 
 from llmm import LlmmConfig, entropy, entropy_weight, noise_source
 from llmm.model import ADAPTER_WEIGHTS, adapter_weights, frozen_embedding_bases, unwrapped_name
+from llmm.sharding import local_shard
 from llmm.run import schema
 from llmm.run.adapters import read_run_settings
 from llmm.run.cli import TrainingDiverged, logger
@@ -344,12 +345,13 @@ def shared_arguments(settings) -> dict:
     )
 
 
-def on_any_process(device, *flags: bool) -> torch.Tensor:
-    """Each flag true if it is on any process (an all-reduce under DDP / FSDP), so every process acts alike."""
-    reduced = torch.tensor([float(flag) for flag in flags], device=device)
+def on_any_process(device, *flags) -> list[bool]:
+    """Each flag (a bool or a tensor, left on its device until here) true if it is on any process (an all-reduce
+    under DDP / FSDP), so every process acts alike; read back once."""
+    reduced = torch.stack([torch.as_tensor(flag, dtype=torch.float32, device=device).reshape(()) for flag in flags])
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(reduced, op=torch.distributed.ReduceOp.MAX)
-    return reduced
+    return [bool(flag) for flag in reduced.tolist()]
 
 
 @contextlib.contextmanager
@@ -597,10 +599,10 @@ class LlmmTrainer(Trainer):
     def stop_if_step_not_finite(self, model) -> None:
         """Raise TrainingDiverged, on every process alike, if this step's loss or gradients are not finite. Under
         fp16 mixed precision the grad scaler already skips steps with inf gradients: only the loss is checked."""
-        grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
+        grads = [local_shard(p.grad) for p in model.parameters() if p.requires_grad and p.grad is not None]
         check_grads = grads and self.accelerator.scaler is None
-        grads_bad = check_grads and not torch.stack([torch.isfinite(g).all() for g in grads]).all()
-        flags = on_any_process(self.args.device, self.nonfinite_loss is not None, bool(grads_bad))
+        grads_bad = ~torch.stack([torch.isfinite(g).all() for g in grads]).all() if check_grads else False
+        flags = on_any_process(self.args.device, self.nonfinite_loss is not None, grads_bad)
         loss, self.nonfinite_loss = self.nonfinite_loss, None
         if flags[0]:
             self.stop(f"training loss is {loss if loss is not None else 'not finite (on another process)'} at step "
@@ -611,8 +613,8 @@ class LlmmTrainer(Trainer):
 
     def stop_if_parameters_not_finite(self, model) -> None:
         """On every process alike: each checks its own shards (FSDP), the flag is reduced over all of them."""
-        params = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters() if p.requires_grad]
-        bad = bool(params) and not torch.stack([torch.isfinite(p).all() for p in params]).all()
+        params = [local_shard(p) for p in model.parameters() if p.requires_grad]
+        bad = ~torch.stack([torch.isfinite(p).all() for p in params]).all() if params else False
         if on_any_process(self.args.device, bad)[0]:
             self.stop(f"the update of step {self.state.global_step + 1} made the adapter's parameters non-finite "
                       "(not checkpointed)")
