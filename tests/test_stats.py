@@ -95,16 +95,16 @@ def test_labels_show_only_the_settings_that_separate_rows():
     cells = [{**CELL, "learning_rate": 5e-5}, {**CELL, "quant": "uniform", "backbone": "uniform 2-bit",
                                                  "learning_rate": 1e-4}, {**CELL, "K": 2}]
     assert stats.distinguishing_fields(cells, glue_report.LABEL_FIELDS) == ["method", "backbone", "rank", "K"]
-    assert stats.find_baseline(CELL, [LOFTQ, {**LOFTQ, "rank": 16}], "loftq") == LOFTQ
+    assert stats.find_baseline(CELL, [LOFTQ, {**LOFTQ, "rank": 16}], "loftq") == (LOFTQ, 1)
     # the noise's settings: loftq (K = 0) cannot be given them, so an mc run is paired with loftq's mean; an older
     # loftq cell that recorded them is read without them (llmm.stats.canonical_cell): the same cell
-    assert stats.find_baseline({**CELL, "eval_noise": "mc", "mc_samples": 4}, [LOFTQ], "loftq") == LOFTQ
+    assert stats.find_baseline({**CELL, "eval_noise": "mc", "mc_samples": 4}, [LOFTQ], "loftq") == (LOFTQ, 1)
     older = stats.canonical_cell({**LOFTQ, "eval_noise": "mc"}, schema.GlueRun)
     assert older == stats.canonical_cell(LOFTQ, schema.GlueRun)
     # Gaussian embedding pairs exist only for llmm (loftq's are plain): such a run is still paired with loftq
     gaussian = {**CELL, "quantize_embeddings": True, "gaussian_embeddings": True}
     plain = {**LOFTQ, "quantize_embeddings": True, "gaussian_embeddings": False}
-    assert stats.find_baseline(gaussian, [plain, {**plain, "quantize_embeddings": False}], "loftq") == plain
+    assert stats.find_baseline(gaussian, [plain, {**plain, "quantize_embeddings": False}], "loftq") == (plain, 1)
 
 
 def write_lm_run(root, name, cell, seed, **values):
@@ -142,9 +142,9 @@ def test_without_a_table_row_runs_of_two_model_paths_are_never_paired(tmp_path):
     loftq = {**llmm, "method": "loftq", "K": 0, "model_name_or_path": "q/llama-13b"}
     records = [{"task": "gsm8k", "seed": 0, "cell": cell, "value": 1.0} for cell in (llmm, loftq)]
     cells = [r["cell"] for r in records]
-    assert stats.find_baseline(llmm, cells, "loftq") is None
+    assert stats.find_baseline(llmm, cells, "loftq") == (None, 0)
     named = [{**cell, "model": "llama-2-7b"} for cell in cells]
-    assert stats.find_baseline(named[0], named, "loftq") == named[1]
+    assert stats.find_baseline(named[0], named, "loftq") == (named[1], 1)
 
 
 def test_a_complete_run_with_an_undefined_metric_is_left_out_by_name_not_skipped(tmp_path):
@@ -239,5 +239,14 @@ def test_labels_tell_an_absent_setting_from_a_null_one_and_the_closest_baseline_
     assert (stats.label_part(recorded, "data_dir"), stats.label_part(older, "data_dir")) == ("data_dir=None",
                                                                                              "data_dir=n/a")
     full = {**LOFTQ, "weight_decay": 0.0}  # an older baseline cell without weight_decay matches too
-    assert stats.find_baseline({**CELL, "weight_decay": 0.0}, [LOFTQ, full], "loftq") == full
-    assert stats.find_baseline(CELL, [LOFTQ, full], "loftq") is None  # both hold as much of it: ambiguous
+    assert stats.find_baseline({**CELL, "weight_decay": 0.0}, [LOFTQ, full], "loftq") == (full, 2)
+    assert stats.find_baseline(CELL, [LOFTQ, full], "loftq") == (None, 2)  # both hold as much of it: ambiguous
+
+
+def test_a_tie_between_baseline_rows_is_named_in_the_table(tmp_path):
+    """Two loftq rows match an llmm row that lacks the setting they differ in: its Δ says so, not a bare '-'."""
+    for name, cell in (("llmm", CELL), ("loftq-a", {**LOFTQ, "weight_decay": 0.0}),
+                       ("loftq-b", {**LOFTQ, "weight_decay": 0.1})):
+        write_run(tmp_path, name, cell, 0, 50.0)
+    rows = stat_rows(glue_table.main([str(tmp_path), "--no_reference"]))
+    assert rows["llmm nf 2-bit r32 (weight_decay=n/a)", "cola"][3] == "- (ambiguous: 2 baseline rows match)"

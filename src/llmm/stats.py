@@ -228,21 +228,40 @@ def same_but(a: dict, b: dict, free) -> bool:
     return all(a[key] == b[key] for key in set(a) & set(b) - set(free))
 
 
-def find_baseline(cell: dict, cells: list[dict], baseline_method: str) -> dict | None:
-    """The cell of ``baseline_method`` equal to ``cell`` in every setting both hold but the ones a method implies
-    (of several, ``closest``). The model's paths (an _init.sh directory, or the checkpoint qlora starts from) may
-    differ only where both cells name one table row (``model``): without it, two paths are two models."""
-    free = METHOD_FIELDS if cell.get("model") is not None else set(METHOD_FIELDS) - set(MODEL_PATH_FIELDS)
-    return closest(cell, [c for c in cells if c.get("method") == baseline_method and same_but(c, cell, free)])
-
-
-def closest(cell: dict, matches: list[dict]) -> dict | None:
-    """Of the baseline cells that match ``cell``, the one that holds the most of its settings (an older run directory
-    recorded fewer); None where there is none, or two tie."""
+def find_baseline(cell: dict, cells: list[dict], baseline_method: str, free=None) -> tuple[dict | None, int]:
+    """(the cell of ``baseline_method`` equal to ``cell`` in every setting both hold but ``free``, how many matched):
+    of several matches, the one that holds the most of the cell's settings (an older run directory recorded fewer);
+    None where none matches or two tie. ``free`` defaults to the settings a method implies; the model's paths (an
+    _init.sh directory, or the checkpoint qlora starts from) may differ only where both cells name one table row
+    (``model``): without it, two paths are two models."""
+    if free is None:
+        free = METHOD_FIELDS if cell.get("model") is not None else set(METHOD_FIELDS) - set(MODEL_PATH_FIELDS)
+    matches = [c for c in cells if c.get("method") == baseline_method and same_but(c, cell, free)]
     overlap = sorted(((len(set(c) & set(cell)), index) for index, c in enumerate(matches)), reverse=True)
     if not overlap or (len(overlap) > 1 and overlap[0][0] == overlap[1][0]):
+        return None, len(matches)
+    return matches[overlap[0][1]], len(matches)
+
+
+def baseline_differences(cell: dict, groups: dict, baseline_method: str, metrics, value, free=None,
+                         candidate=lambda cell: True) -> dict | None:
+    """{metric: the paired difference of ``cell``'s runs minus its baseline's (find_baseline among the ``candidate``
+    cells of ``groups``), each seed's ``value(record, metric)``}; None for the baseline itself or where none matches;
+    {metric: {"tie": n}} where n baseline cells match equally well (format_difference names them)."""
+    if cell.get("method") == baseline_method:
         return None
-    return matches[overlap[0][1]]
+    base, matched = find_baseline(cell, [g["cell"] for g in groups.values() if candidate(g["cell"])],
+                                  baseline_method, free)
+    if base is None:
+        return {metric: {"tie": matched} for metric in metrics} if matched else None
+    runs, base_runs = groups[cell_key(cell)]["runs"], groups[cell_key(base)]["runs"]
+    return {metric: paired_difference({s: value(r, metric) for s, r in runs.items()},
+                                      {s: value(r, metric) for s, r in base_runs.items()}) for metric in metrics}
+
+
+def order_rank(name, order: tuple) -> int:
+    """A sort key: ``name``'s place in ``order``, a name it does not list after all of them."""
+    return order.index(name) if name in order else len(order)
 
 
 def _left_out_note(left_out: list, what: str) -> str:
@@ -270,6 +289,8 @@ def format_difference(difference: dict | None, digits: int = 1) -> str:
     """'+1.2 [-0.3, +2.5] (n=4)': mean paired difference and its 95 % bootstrap interval."""
     if difference is None:
         return "-"
+    if "tie" in difference:
+        return f"- (ambiguous: {difference['tie']} baseline rows match)"
     note = _left_out_note(difference.get("left_out") or [], "seed(s) with a non-finite value")
     if difference["n"] == 0:
         return f"- (no finite pair{note})"

@@ -72,15 +72,12 @@ def build(records: list[dict], baseline: str) -> list[dict]:
         cell, runs = group["cell"], group["runs"]
         seeds = sorted(runs)
         per_metric = list(zip(*(runs[s]["scores"] for s in seeds)))
-        base = None if cell["method"] == baseline else stats.find_baseline(cell, cells, baseline)  # same task
-        base_runs = groups[stats.cell_key(base)]["runs"] if base else None
-        differences = [stats.paired_difference({s: runs[s]["scores"][i] for s in seeds},
-                                               {s: r["scores"][i] for s, r in base_runs.items()})
-                       if base_runs else None for i in range(len(per_metric))]
+        differences = stats.baseline_differences(cell, groups, baseline, range(len(per_metric)),  # same task
+                                                 lambda record, i: record["scores"][i])
         entries.append({"label": label(cell, fields), "task": cell["task"], "method": cell["method"],
                         "backbone": cell["backbone"].split(" (")[0], "rank": cell["rank"],
                         "summaries": [stats.summarize(values) for values in per_metric],
-                        "differences": differences})
+                        "differences": [differences and differences[i] for i in range(len(per_metric))]})
     return entries
 
 
@@ -103,7 +100,7 @@ def reference_rows(tasks: list[str], shown: set[tuple[str, int]]) -> list[tuple[
 
 def order_key(entry_label: str) -> tuple:
     method = entry_label.split(" ")[0]
-    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else 99, entry_label)
+    return (stats.order_rank(method, METHOD_ORDER), entry_label)
 
 
 def markdown(entries: list[dict], baseline: str, references: bool = True) -> str:

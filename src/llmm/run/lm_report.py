@@ -62,18 +62,14 @@ def markdown(records: list[dict], baseline: str) -> str:
         for group in groups.values():
             cell, values = group["cell"], {seed: run["value"] for seed, run in group["runs"].items()}
             summary = stats.summarize(list(values.values()))
-            base = stats.find_baseline(cell, cells, baseline) if cell.get("method") != baseline else None
-            difference = None
-            if base:
-                base_runs = groups[stats.cell_key(base)]["runs"]
-                difference = stats.paired_difference(values, {s: r["value"] for s, r in base_runs.items()})
+            difference = (stats.baseline_differences(cell, groups, baseline, ("value",), lambda r, _: r["value"])
+                          or {}).get("value")
             digits = 3 if metric == "eval_loss" else 2
             spread = (f"{summary['mean']:.{digits}f} ± {summary['sd']:.{digits}f}" if summary["n"] > 1
                       else f"{summary['mean']:.{digits}f}")
             spread += stats.left_out_note(summary)  # non-finite values (a diverged run) named, not averaged
             name = label(cell, fields)
-            order = METHOD_ORDER.index(cell.get("method")) if cell.get("method") in METHOD_ORDER else 99
-            rows.append(((order, name), f"| {name} | {summary['n']} | {summary['median']:.{digits}f} | {spread} | "
+            rows.append(((stats.order_rank(cell.get("method"), METHOD_ORDER), name), f"| {name} | {summary['n']} | {summary['median']:.{digits}f} | {spread} | "
                                         f"{stats.format_difference(difference, digits)} |"))
         sections.append("\n".join(lines + [row for _, row in sorted(rows)]))
     return "\n\n".join(sections) + "\n"

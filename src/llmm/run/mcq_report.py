@@ -106,12 +106,6 @@ def ensemble_members(cell: dict, seed, groups: dict, baseline: str) -> dict | No
     return members if len(members) == len(member_seeds(seed)) else None
 
 
-def find_baseline(cell: dict, cells: list[dict], baseline: str) -> dict | None:
-    """The ``baseline`` cell (mean mode) equal to ``cell`` in everything but what PAIRING_FREE names."""
-    return stats.closest(cell, [c for c in cells if c["method"] == baseline and c["eval_mode"] == "mean"
-                                and stats.same_but(c, cell, PAIRING_FREE)])
-
-
 def _grouped(records: list[dict], shown=SHOWN) -> tuple[dict, list[dict], list[str]]:
     """The records grouped by cell, the cells, and the settings beyond ``shown`` that tell rows apart."""
     groups = stats.group_by_cell(records)
@@ -128,11 +122,8 @@ def build(records: list[dict], baseline: str) -> list[dict]:
         if cell["method"] == "ensemble":
             differences = ensemble_differences(cell, runs, groups, baseline)
         else:
-            base = None if cell["method"] == baseline else find_baseline(cell, cells, baseline)
-            base_runs = groups[stats.cell_key(base)]["runs"] if base else None
-            differences = {m: stats.paired_difference({s: r["metrics"][m] for s, r in runs.items()},
-                                                      {s: r["metrics"][m] for s, r in base_runs.items()})
-                           for m in METRICS} if base_runs else None
+            differences = stats.baseline_differences(cell, groups, baseline, METRICS, lambda r, m: r["metrics"][m],
+                                                     PAIRING_FREE, lambda c: c["eval_mode"] == "mean")
         entries.append({
             "row": row_label(cell, extra), "column": column(cell), "method": cell["method"],
             "summaries": {m: stats.summarize([r["metrics"][m] for r in runs.values()]) for m in METRICS},
@@ -216,7 +207,7 @@ def column_rank(name: str) -> tuple:
 
 def row_rank(row: str) -> tuple:
     method = row.split()[0]
-    return (METHOD_ORDER.index(method) if method in METHOD_ORDER else 99, row)
+    return (stats.order_rank(method, METHOD_ORDER), row)
 
 
 def digits(metric: str) -> int:
