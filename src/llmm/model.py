@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from llmm.config import EVAL_NOISE_MODES, LlmmConfig
 from llmm.embedding import EMBEDDING_MODULES, LlmmEmbedding
 from llmm.layer import CUSTOM_MODULES, LlmmVariant, factor_entropy
-from llmm.noise import NoiseSource
+from llmm.noise import NoiseSource, checked_integer
 from llmm.outdirs import atomic_dir
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -444,7 +444,6 @@ def entropy_weight(step: int, weight: float, warmup_steps: int) -> float:
     as BLoB schedules its KL weight."""
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
         raise ValueError(f"the entropy weight must be a finite number >= 0, got {weight!r}")
-    for name, value in (("step", step), ("warmup_steps", warmup_steps)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"entropy_weight's {name} must be an integer >= 0, got {value!r}")
+    checked_integer(step, "entropy_weight's step", 0)
+    checked_integer(warmup_steps, "entropy_weight's warmup_steps", 0)
     return float(weight) if warmup_steps == 0 else float(weight) * min(1.0, step / warmup_steps)

@@ -17,6 +17,7 @@ import statistics
 import torch
 
 from llmm.model import llmm_layers
+from llmm.noise import checked_integer
 
 FACTORS = ("A", "B")
 
@@ -70,8 +71,7 @@ def choose_noise_width(nll, tolerance: float = TFB_TOLERANCE, grid=WIDTH_GRID, r
     grid = sorted(float(m) for m in grid)
     if not grid or grid[0] <= 0 or not all(math.isfinite(m) for m in grid):
         raise ValueError(f"the width grid must hold finite numbers > 0, got {grid!r}")
-    if isinstance(refine_steps, bool) or not isinstance(refine_steps, int) or refine_steps < 0:
-        raise ValueError(f"refine_steps must be an integer >= 0, got {refine_steps!r}")
+    checked_integer(refine_steps, "refine_steps", 0)
     seen: dict[float, float] = {}
 
     def value(m: float) -> float:

@@ -509,14 +509,6 @@ class Settings:
     def get(self, name: str, default=None):
         return getattr(self, name) if name in self else default
 
-    def unset(self, name: str) -> None:
-        """Back to the field's default and out of the record (as if never given); an extra is removed."""
-        if name in self.__dataclass_fields__:
-            object.__setattr__(self, name, self.__dataclass_fields__[name].default)
-        self._extra.pop(name, None)
-        if name in self._named:
-            self._named.remove(name)
-
     def record(self) -> dict:
         return {name: getattr(self, name) for name in self._named}
 
