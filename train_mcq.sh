@@ -9,7 +9,8 @@
 #             $OUT/<task>/ensemble-<backbone>/ (the deep ensemble of the map runs), then $OUT/table.md.
 #
 # Override with environment variables; extra arguments go to every training run (not --output_dir, --seed, --task
-# or --method, which the loop sets: use OUT, SEEDS, TASKS, METHODS):
+# or --method, which the loop sets: use OUT, SEEDS, TASKS, METHODS). A flag that applies to some methods only is
+# refused by the others (map has no --mc_samples): give it to those methods alone, METHODS="llmm" ... --mc_samples 20.
 #   TASKS="obqa boolq" METHODS="map llmm" SEEDS="1 2 3" BACKBONES="int8 nf4 nf2" bash train_mcq.sh
 #   methods: the variants of configs/mcq.yaml: map mcdropout llmm | llmm_pex (per-example noise) | llmm_tfb / llmm_nll
 #            (the validation-chosen width: add --validation_size N) | llmm_ent (the entropy term)
