@@ -117,12 +117,13 @@ def test_lm_table_pairs_gsm8k_accuracy_and_loss_with_loftq(tmp_path):
     from scripts import lm_table
 
     trained = {"task": "gsm8k", "model": "llama-2-7b", "rank": 64, "learning_rate": 3e-4}
-    llmm = {**trained, "method": "llmm", "K": 2, "model_name_or_path": "q/llama", "test_mode": "mean"}
+    llmm = {**trained, "method": "llmm", "K": 2, "model_name_or_path": "q/llama", "test_mode": "mean",
+            "test_seed": 42, "test_mc_samples": 8}  # greedy decoding of the mean network: neither had an effect
     loftq = {**llmm, "method": "loftq", "K": 0}
     for seed in range(3):
         write_lm_run(tmp_path, f"llmm-{seed}", llmm, seed, accuracy=0.30 + 0.01 * seed)
         write_lm_run(tmp_path, f"loftq-{seed}", loftq, seed, accuracy=0.29 + 0.01 * seed)
-        write_lm_run(tmp_path, f"mc-{seed}", {**llmm, "test_mode": "mc"}, seed, accuracy=0.5)
+        write_lm_run(tmp_path, f"mc-{seed}", {**llmm, "test_mode": "mc", "test_seed": 1}, seed, accuracy=0.5)
         write_lm_run(tmp_path, f"train-{seed}", {**loftq, "task": "alpaca"}, seed, eval_loss=1.0 + seed,
                      eval_perplexity=2.0)
     text = lm_table.main([str(tmp_path)])
@@ -204,9 +205,11 @@ def test_a_cell_holds_every_setting_that_acted(tmp_path, monkeypatch):
     assert paged["optim"] == "paged_adamw_8bit"  # without CUDA here, but the run may have had it
     assert "lora_alpha" not in stats.canonical_cell(CELL, schema.GlueRun)  # an old cell: not filled in
     # a GSM8K test's own settings (test_*): greedy decoding draws no sample, so its temperature is no part of it
-    tested = stats.canonical_cell({"K": 2, "test_mode": "mean", "test_temperature": 0.7, "test_mc_samples": 8},
-                                  schema.Gsm8kTestRun, prefix="test_")
-    assert tested == {"K": 2, "test_mode": "mean"}
+    tested = stats.canonical_cell({"K": 2, "test_mode": "mean", "test_temperature": 0.7, "test_mc_samples": 8,
+                                   "test_seed": 42}, schema.Gsm8kTestRun, prefix="test_")
+    assert tested == {"K": 2, "test_mode": "mean"}  # its seed too (a setting of no table role: the same rule)
+    sampled = {"K": 2, "test_mode": "mc", "test_mc_samples": 8, "test_seed": 1}
+    assert stats.canonical_cell(sampled, schema.Gsm8kTestRun, prefix="test_") == sampled
 
 
 def test_runs_equal_in_effect_pool_and_pair(tmp_path):

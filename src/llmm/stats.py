@@ -80,7 +80,7 @@ def canonical_cell(cell: dict, family: type, prefix: str = "") -> dict:
     if not isinstance(cell, dict):
         return cell
     cell = schema.current_names(cell)
-    fields = {f.name: f for f in dataclasses.fields(family) if f.metadata["role"] in (schema.CELL, schema.INIT_DIR)}
+    fields = {f.name: f for f in dataclasses.fields(family)}  # a test's seed (no role in a training cell) too
     own = {key[len(prefix):]: value for key, value in cell.items() if key.startswith(prefix)}
     for name, value in own.items():
         if name in fields and schema.kind_of(fields[name]) in (float, schema.number) and type(value) is int:
