@@ -12,7 +12,8 @@
 #   DECODINGS="greedy reference" MODES="mean sample mc" bash test_gsm8k.sh
 #   RUNS="runs/gsm8k/llama-2-7b-r64-llmm" bash test_gsm8k.sh --max_samples 50      # smoke test
 #   MODES="mean mc" MC_SAMPLES=16 SEED=1 bash test_gsm8k.sh   # --mc_samples for mc, --seed where something is drawn
-# An evaluation done already with the same settings is skipped (other settings: an error naming the first that differs).
+# An evaluation done already with the same settings is skipped (other settings: an error naming the first that differs);
+# the noisy modes (sample, mc) skip the K = 0 baselines, which a table pairs by their mean mode.
 set -euo pipefail
 # Paths you give (and the defaults below) are relative to where you stand; the code comes from this checkout.
 export PYTHONPATH="$(cd "$(dirname "$0")" && pwd)${PYTHONPATH:+:$PYTHONPATH}"
@@ -25,9 +26,20 @@ refuse_loop_flags test_gsm8k.sh "RUNS=, DECODINGS=, MODES=, MC_SAMPLES= or SEED=
   --adapter --decoding --mode --output_dir --mc_samples --seed -- "$@"
 
 if [[ -z $RUNS ]]; then echo "no runs under runs/gsm8k/: run train_gsm8k.sh first, or set RUNS" >&2; exit 2; fi
+adapter_k() {  # the K an adapter was trained with (its adapter_config.json's k); unreadable: test_gsm8k says why
+  python -c 'import json, sys
+try: print(json.load(open(sys.argv[1])).get("k", 0))
+except (OSError, ValueError, AttributeError): print("unknown")' "$1/adapter_config.json"
+}
+
 for run in $RUNS; do
+  k=$(adapter_k "${run%/}/adapter")
   for decoding in $DECODINGS; do
     for mode in $MODES; do
+      if [[ $mode != mean && $k == 0 ]]; then  # a K = 0 baseline (loftq, qlora) has no noise to draw
+        echo "skip: ${run%/} has K = 0 (no Llmm noise): --mode $mode does not apply; its mean test is its row"
+        continue
+      fi
       out="${run%/}/test-$decoding-$mode"
       own=()  # flags that act in some evaluations only (elsewhere they are refused)
       if [[ $mode == mc && -n ${MC_SAMPLES:-} ]]; then own+=(--mc_samples "$MC_SAMPLES"); fi

@@ -567,12 +567,20 @@ def test_drivers_pass_a_flag_only_to_the_runs_it_acts_in(tmp_path):
     """A flag a run would ignore is refused, so the drivers give such flags only where they act: test_gsm8k.sh's
     MC_SAMPLES to mc mode and SEED where something is drawn, train_glue_llmm.sh's BITS not to the 16-bit lora."""
     env = {**os.environ, "LAUNCH": "echo", "OUT": str(tmp_path / "runs")}  # echo: the driver's command lines
+    for run, k in (("run", 2), ("baseline", 0)):
+        (tmp_path / run / "adapter").mkdir(parents=True)
+        (tmp_path / run / "adapter" / "adapter_config.json").write_text(json.dumps({"k": k}))
     done = subprocess.run(["bash", "test_gsm8k.sh"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
-                          env={**env, "RUNS": str(tmp_path / "run"), "MODES": "mean sample mc", "MC_SAMPLES": "16",
-                               "SEED": "1"})
-    lines = {line.split("--mode ")[1].split()[0]: line for line in done.stdout.splitlines() if "--mode " in line}
+                          env={**env, "RUNS": f"{tmp_path / 'run'} {tmp_path / 'baseline'}", "MODES": "mean sample mc",
+                               "MC_SAMPLES": "16", "SEED": "1"})
+    lines = {line.split("--mode ")[1].split()[0]: line for line in done.stdout.splitlines()
+             if "--mode " in line and "/run/" in line}
     assert "--mc_samples" not in lines["mean"] + lines["sample"] and "--mc_samples 16" in lines["mc"]
     assert "--seed" not in lines["mean"] and "--seed 1" in lines["sample"] and "--seed 1" in lines["mc"]
+    # the K = 0 baseline is tested in mean mode only (its noisy modes would be refused), each skip said
+    baseline = [line for line in done.stdout.splitlines() if "baseline" in line]
+    assert [line.split("--mode ")[1].split()[0] for line in baseline if "scripts.test_gsm8k" in line] == ["mean"]
+    assert sum(line.startswith("skip: ") and "K = 0" in line for line in baseline) == 2
     for method, bits in (("lora", False), ("llmm", True)):
         done = subprocess.run(["bash", "train_glue_llmm.sh"], cwd=REPO_ROOT, capture_output=True, text=True,
                               timeout=60, env={**env, "METHOD": method, "BITS": "4", "TASKS": "cola", "QUANTS": "nf",
