@@ -71,3 +71,30 @@ def test_the_bitsandbytes_kernels_line_is_dropped_and_other_bitsandbytes_message
     finally:
         logger.removeHandler(handler)
     assert [r.getMessage() for r in handler.records] == ["some other bitsandbytes problem"]
+
+
+def test_the_int8_cast_is_said_once_and_the_smoke_runs_checkpoint_order_not_at_all(tmp_path):
+    """A real LLM.int8 layer's bfloat16 forwards log the float16 cast every time: the first line passes."""
+    import bitsandbytes as bnb
+    import torch
+
+    quiet.install()
+    layer = bnb.nn.Linear8bitLt(16, 8, has_fp16_weights=False, threshold=0.0).to("cpu").eval()  # evaluation
+    logger, handler = logging.getLogger("bitsandbytes.autograd._functions"), Collect()
+    logger.addHandler(handler)
+    try:
+        for _ in range(3):
+            layer(torch.randn(2, 16, dtype=torch.bfloat16))
+        logger.warning("MatMul8bitLt: something else")
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in handler.records] == [
+        "MatMul8bitLt: inputs will be cast from torch.bfloat16 to float16 during quantization",
+        "MatMul8bitLt: something else"]
+    logger, handler = logging.getLogger("transformers.trainer_utils"), Collect()
+    logger.addHandler(handler)
+    try:
+        logger.warning("mtime may not be reliable on this filesystem, falling back to numerical ordering")
+    finally:
+        logger.removeHandler(handler)
+    assert handler.records == []

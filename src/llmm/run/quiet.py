@@ -16,7 +16,11 @@ it logs at import time), ``install_import_filter``:
   cannot be reached (quantize_model offline): the same lookup, for the same check.
 - PEFT's "Model has `tie_word_embeddings=True` and a tied layer is part of the adapter": the multiple-choice family
   adapts the LM head of models whose head shares the embedding's weight (SmolLM2); the adapter's delta goes to the
-  head's output only, as intended, and is never merged, so ``ensure_weight_tying`` would change the method."""
+  head's output only, as intended, and is never merged, so ``ensure_weight_tying`` would change the method.
+- bitsandbytes' "MatMul8bitLt: inputs will be cast from torch.bfloat16 to float16", logged at every forward of an
+  LLM.int8 layer (the multiple-choice family's default backbone): shown once, as the fact it is.
+- transformers' "mtime may not be reliable on this filesystem": checkpoints saved within a second (a smoke run)
+  are ordered by their step number instead, which is their order."""
 
 from __future__ import annotations
 
@@ -37,6 +41,20 @@ class _DropMessage(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith(self.start)
+
+
+class _FirstMessage(logging.Filter):
+    """Lets the first record starting with ``start`` through, drops the ones after it."""
+
+    def __init__(self, start: str):
+        super().__init__()
+        self.start, self.seen = start, False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.start):
+            return True
+        first, self.seen = not self.seen, True
+        return first
 
 
 class _FreshHeadReport(logging.Filter):
@@ -72,6 +90,8 @@ def install() -> None:
     """Add every filter (idempotent)."""
     install_import_filter()
     _add("transformers.modeling_utils", _FreshHeadReport())
+    _add("bitsandbytes.autograd._functions", _FirstMessage("MatMul8bitLt: inputs will be cast"))
+    _add("transformers.trainer_utils", _DropMessage("mtime may not be reliable on this filesystem"))
     warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing\w*` is deprecated",
                             category=FutureWarning)
     warnings.filterwarnings("ignore", message=r"Could not find a config file in .* the vocabulary was not modified")
