@@ -26,7 +26,12 @@ logger = logging.getLogger("llmm")
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse whose errors (a missing flag, a value of the wrong type or choice) are one ``error:`` line, exit 2,
-    like every other bad input: no usage block."""
+    like every other bad input: no usage block. --debug (run_main takes it) is listed by --help."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                          help="on an error, show its traceback instead of the one error line")
 
     def error(self, message):
         self.exit(2, f"error: {message} ({self.prog} --help lists the flags)\n")

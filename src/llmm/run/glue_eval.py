@@ -36,6 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     schema.add_flags(parser, BLOCKS, skip=set(schema.fields_of(*BLOCKS)) - {"mode", *REPLACED},
                      renamed={old: "per_device_eval_batch_size" for old in ("batch_size", "eval_batch_size")})
     parser.set_defaults(mode=schema.EvalModeSettings.mode)
+    seed = next(action for action in parser._actions if action.dest == "seed")
+    seed.help += "; here only the noise draws of --mode sample / mc"
     args = parser.parse_args(argv)
     schema.take_renamed(args, BLOCKS)  # --batch_size, its old name
     return args
