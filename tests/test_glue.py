@@ -27,7 +27,7 @@ from llmm.embedding import LlmmEmbedding
 from llmm.tasks.glue import LOCAL_ONLY_TASKS, TASKS, get_task, load_glue, task_metrics, tokenize
 from llmm import outdirs
 from llmm.quant import ALLOWED_METHODS, fake_quantize
-from llmm.run import cli, glue_eval
+from llmm.run import cli, glue_eval, glue_report
 from scripts import eval_glue, glue_table, train_glue
 from llmm.run import glue as glue_run
 from llmm.run.adapters import llmm_config
@@ -354,9 +354,12 @@ def test_glue_table_gathers_runs(runs, tmp_path, capsys):
     assert lines[2] == "| Method | MRPC Acc/F1 | CoLA Mcc | STS-B P/S |"
     rows = {line.split(" | ")[0].lstrip("| "): line for line in lines[4:] if line.startswith("| ")}
     assert list(rows) == ["lora full-precision r16", "qlora uniform 2-bit r16", "loftq nf 2-bit r16",
-                          "llmm nf 4-bit r16", "llmm uniform 2-bit r16",
-                          "loftq nf 2-bit r16, published (LoftQ paper, Table 1 (NF2))",
-                          "loftq uniform 2-bit r16, published (LoftQ paper, Table 2 (uniform))"]
+                          "llmm nf 4-bit r16", "llmm uniform 2-bit r16"]  # a tiny model: not LoftQ's DeBERTa
+    assert "LoftQ's published rows (microsoft/deberta-v3-base) are left out: no run here fine-tunes that model." \
+        in lines
+    assert glue_report.same_model("/data/models/deberta-v3-base", "microsoft/deberta-v3-base")  # a local copy
+    assert glue_report.same_model("quantized/deberta-v3-base-2bit-32rank", "microsoft/deberta-v3-base")  # _init.sh
+    assert not glue_report.same_model("microsoft/deberta-v3-large", "microsoft/deberta-v3-base")
     results = json.loads((runs / "cola-llmm-mc" / "results.json").read_text())
     assert results["seed"] == 0 and results["cell"]["eval_noise"] == "mc" and "seed" not in results["cell"]
     mcc = 100 * results["best"]["dev"]["validation"]["matthews_correlation"]

@@ -49,16 +49,19 @@ def test_summary_and_bootstrap_against_numpy():
 
 def test_glue_table_medians_paired_interval_and_reference_row(tmp_path, capsys):
     llmm_scores, loftq_scores = [50.0, 52.0, 49.0, 58.0], [48.0, 50.0, 47.0, 56.0]  # llmm = loftq + 2 on every seed
+    deberta = {"model": "microsoft/deberta-v3-base"}  # the published rows' model: they are shown beside it
     for seed, (a, b) in enumerate(zip(llmm_scores, loftq_scores)):
-        write_run(tmp_path, f"llmm-{seed}", CELL, seed, a)
-        write_run(tmp_path, f"loftq-{seed}", LOFTQ, seed, b)
-    write_run(tmp_path, "loftq-9", LOFTQ, 9, 10.0)  # a seed llmm lacks: in loftq's statistics, not in the pairing
+        write_run(tmp_path, f"llmm-{seed}", {**CELL, **deberta}, seed, a)
+        write_run(tmp_path, f"loftq-{seed}", {**LOFTQ, **deberta}, seed, b)
+    write_run(tmp_path, "loftq-9", {**LOFTQ, **deberta}, 9, 10.0)  # a seed llmm lacks: not in the pairing
     text = glue_table.main([str(tmp_path)])
     median_rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ")[1].rstrip(" |")
                    for line in text.split("Seed statistics")[0].splitlines() if line.startswith("| ")}
     assert median_rows["llmm nf 2-bit r32"] == "51.0 (n=4)"  # median of 49, 50, 52, 58
     assert median_rows["loftq nf 2-bit r32"] == "48.0 (n=5)"
-    assert median_rows["loftq nf 2-bit r32, published (LoftQ paper, Table 1 (NF2))"] == "47.5"
+    assert median_rows["loftq nf 2-bit r32, published (microsoft/deberta-v3-base, LoftQ paper, Table 1 (NF2))"] \
+        == "47.5"
+    assert "are left out" not in text
     rows = stat_rows(text)
     sd = np.std(llmm_scores, ddof=1)
     assert rows[("llmm nf 2-bit r32", "cola")] == ["4", "51.0", f"52.2 ± {sd:.1f}", "+2.0 [+2.0, +2.0] (n=4)"]

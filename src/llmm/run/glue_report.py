@@ -4,6 +4,7 @@ cell, LoftQ's published rows beside them, and paired differences against a basel
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from llmm import stats
 from llmm.run import schema
@@ -75,7 +76,7 @@ def build(records: list[dict], baseline: str) -> list[dict]:
         differences = stats.baseline_differences(cell, groups, baseline, range(len(per_metric)),  # same task
                                                  lambda record, i: record["scores"][i])
         entries.append({"label": label(cell, fields), "task": cell["task"], "method": cell["method"],
-                        "backbone": cell["backbone"].split(" (")[0], "rank": cell["rank"],
+                        "backbone": cell["backbone"].split(" (")[0], "rank": cell["rank"], "model": cell.get("model"),
                         "summaries": [stats.summarize(values) for values in per_metric],
                         "differences": [differences and differences[i] for i in range(len(per_metric))]})
     return entries
@@ -87,13 +88,22 @@ def label(cell: dict, fields: list[str]) -> str:
     return text + (f" ({', '.join(extra)})" if extra else "")
 
 
-def reference_rows(tasks: list[str], shown: set[tuple[str, int]]) -> list[tuple[str, dict]]:
-    """(label, {task: [numbers]}) of the published rows for the tasks and (backbone, rank) pairs shown."""
+def same_model(model: str | None, published: str) -> bool:
+    """A run fine-tuned the published rows' model: its hub id, or a local copy or _init.sh directory of it (the
+    directory's name starts with the hub name, e.g. deberta-v3-base-2bit-32rank)."""
+    return model is not None and (model == published or Path(model).name.lower().startswith(
+        Path(published).name.lower()))
+
+
+def reference_rows(tasks: list[str], entries: list[dict]) -> list[tuple[str, dict]]:
+    """(label, {task: [numbers]}) of the published rows for the tasks, (backbone, rank) pairs and model shown."""
     rows = []
     for row in table_rows(read_yaml(REFERENCE)):
         numbers = {task: row[task] for task in tasks if task in row}
-        if numbers and (f"{row['quant']} {row['bits']}-bit", row["rank"]) in shown:
-            name = f"{row['method']} {row['quant']} {row['bits']}-bit r{row['rank']}, published ({row['source']})"
+        backbone = f"{row['quant']} {row['bits']}-bit"
+        if numbers and any((e["backbone"], e["rank"]) == (backbone, row["rank"]) and same_model(e["model"], row["model"])
+                           for e in entries):
+            name = f"{row['method']} {backbone} r{row['rank']}, published ({row['model']}, {row['source']})"
             rows.append((name, numbers))
     return rows
 
@@ -117,10 +127,13 @@ def markdown(entries: list[dict], baseline: str, references: bool = True) -> str
             cells.append("-" if entry is None else "/".join(f"{s['median']:.1f}" for s in entry["summaries"])
                          + f" (n={entry['summaries'][0]['n']})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    shown = {(e["backbone"], e["rank"]) for e in entries}
-    for name, numbers in reference_rows(tasks, shown) if references else []:
+    for name, numbers in reference_rows(tasks, entries) if references else []:
         lines.append(f"| {name} | " + " | ".join("/".join(f"{v:.1f}" for v in numbers[t]) if t in numbers else "-"
                                                  for t in tasks) + " |")
+    published = {row["model"] for row in table_rows(read_yaml(REFERENCE))}
+    if references and not any(same_model(e["model"], model) for e in entries for model in published):
+        lines += ["", f"LoftQ's published rows ({', '.join(sorted(published))}) are left out: no run here fine-tunes "
+                      "that model."]
     lines += ["", f"Seed statistics; Δ = paired difference vs {baseline} on the same seeds, mean [95 % bootstrap "
                   "interval]:", "", f"| Method | Task | Metric | n | Median | Mean ± sd | Δ vs {baseline} |",
               "|---|---|---|---|---|---|---|"]
