@@ -256,3 +256,19 @@ def test_a_tie_between_baseline_rows_is_named_in_the_table(tmp_path):
         write_run(tmp_path, name, cell, 0, 50.0)
     rows = stat_rows(glue_table.main([str(tmp_path), "--no_reference"]))
     assert rows["llmm nf 2-bit r32 (weight_decay=n/a)", "cola"][3] == "- (ambiguous: 2 baseline rows match)"
+
+
+def test_an_input_is_one_cell_however_its_path_was_typed(tmp_path, monkeypatch):
+    """A local file given relatively, absolutely or through a link is one input, so its runs pool; a hub id, or a
+    path that does not exist here, is kept as given."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "gsm8k.jsonl").write_text('{"question": "1+1?", "answer": "#### 2"}\n')
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    cells = [stats.cell_of({"method": "llmm", "data": data, "model_name_or_path": "meta-llama/Llama-2-7b-hf"})
+             for data in ("data/gsm8k.jsonl", str(tmp_path / "data" / "gsm8k.jsonl"), "link/gsm8k.jsonl")]
+    assert cells[0] == cells[1] == cells[2]
+    assert cells[0]["data"] == str((tmp_path / "data" / "gsm8k.jsonl").resolve())
+    assert cells[0]["model_name_or_path"] == "meta-llama/Llama-2-7b-hf"
+    assert stats.cell_of({"validation_file": ["data/gsm8k.jsonl", "gone.tsv"]})["validation_file"] == [
+        cells[0]["data"], "gone.tsv"]
