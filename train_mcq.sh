@@ -20,7 +20,8 @@
 #   LAUNCH="torchrun --nproc_per_node 2" bash train_mcq.sh     # DDP (FSDP / DeepSpeed are refused: the
 #                                                              # evaluations run on the main process alone)
 # A complete run with the same settings is skipped (other settings: an error naming the first that differs); an
-# interrupted one resumes from its newest checkpoint.
+# interrupted one resumes from its newest checkpoint. The deep ensemble is evaluated again on every call (one
+# evaluation of each member, no training): a member may have been trained further since.
 set -euo pipefail
 export PYTHONPATH="$(cd "$(dirname "$0")" && pwd)${PYTHONPATH:+:$PYTHONPATH}"  # relative paths stay the user's
 
