@@ -585,6 +585,26 @@ def test_saved_runs_reload_exactly(runs, tmp_path):
     assert json.loads(done.stdout.strip().splitlines()[-1]) == expected
 
 
+def test_a_run_given_relative_paths_is_evaluated_from_any_directory(model_dir, tmp_path, monkeypatch):
+    """settings.json and the adapter record the run's local inputs (model, data files) by their real paths: eval_glue
+    started elsewhere reloads the same predictions, and the same run resumed by its relative flags is the same run."""
+    work = tmp_path / "work"
+    shutil.copytree(model_dir, work / "tiny")
+    shutil.copytree(DATA, work / "data")
+    monkeypatch.chdir(work)
+    flags = [*RUNS["cola-llmm-mc"], *SMOKE, "--model", "tiny", "--train_file", "data/CoLA/train.tsv",
+             "--validation_file", "data/CoLA/dev.tsv", "--output_dir", "run"]
+    train_glue.main(flags)
+    settings = json.loads((work / "run" / "settings.json").read_text())
+    assert settings["model"] == str(work / "tiny") and settings["validation_file"] == [str(work / "data/CoLA/dev.tsv")]
+    assert train_glue.main([*flags, "--skip_if_complete"]) is None  # the typed paths name the recorded run
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    record = eval_glue.main([str(work / "run")])
+    final = json.loads((work / "run" / "predictions.json").read_text())["validation"]
+    assert record["splits"]["validation"]["outputs"] == final["outputs"]
+
+
 def test_eval_glue_modes_and_files(runs, tmp_path):
     run = runs / "stsb-llmm-mc"  # regression, Gaussian embedding pairs
     mc = eval_glue.main([str(run), "--mode", "mc", "--mc_samples", "2", "--output", str(tmp_path / "mc.json")])

@@ -17,13 +17,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import statistics
 from pathlib import Path
 
 import numpy as np
 
-from llmm.run import schema
+from llmm.run import fileio, schema
 
 N_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
@@ -65,20 +64,10 @@ def read_results(paths: list[str], made_by: str) -> list[tuple[Path, object]]:
 
 def cell_of(settings) -> dict:
     """A run's settings (a Settings object: every setting its entry point offers, tables.offered_defaults; or a
-    settings.json's dict) without what does not change its numbers; an input that names a local file or directory
-    as its real path (one input however it was typed: relative, absolute, through a link)."""
+    settings.json's dict) without what does not change its numbers; its local inputs by their real paths (one input
+    however it was typed: relative, absolute, through a link)."""
     values = settings.record() if isinstance(settings, schema.Settings) else settings
-    return {key: real_path(value) if key in schema.INPUTS else value for key, value in sorted(values.items())
-            if key not in NOT_CELL}
-
-
-def real_path(value):
-    """A path (or list of paths) that exists here as its real path; anything else (a hub id) as it is."""
-    if isinstance(value, list):
-        return [real_path(v) for v in value]
-    if isinstance(value, str) and value and os.path.exists(os.path.expanduser(value)):
-        return os.path.realpath(os.path.expanduser(value))
-    return value
+    return {key: value for key, value in sorted(fileio.real_inputs(values).items()) if key not in NOT_CELL}
 
 
 def canonical_cell(cell: dict, family: type, prefix: str = "") -> dict:

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
+from llmm.run.schema import INPUTS
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spm.model", "vocab.txt", "vocab.json")
 TEXT_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".txt")
 DATA_SUFFIXES = (*TEXT_SUFFIXES, ".parquet")
@@ -100,6 +102,21 @@ def plot_curves(path: str | Path, panels: dict[str, dict[str, tuple[list, list]]
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def real_path(value):
+    """A path (or list of paths) that exists here as its real path; anything else (a hub id) as it is."""
+    if isinstance(value, list):
+        return [real_path(v) for v in value]
+    if isinstance(value, str) and value and os.path.exists(os.path.expanduser(value)):
+        return os.path.realpath(os.path.expanduser(value))
+    return value
+
+
+def real_inputs(record: dict) -> dict:
+    """A run's settings with its local inputs (the fields declared with ``path``) as real paths: what settings.json
+    and the cell record, so a later command finds them from any directory and one input is one cell."""
+    return {key: real_path(value) if key in INPUTS else value for key, value in record.items()}
 
 
 def looks_local(name_or_path: str) -> bool:

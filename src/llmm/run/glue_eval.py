@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
         missing = [path for path in settings.validation_file if not Path(path).is_file()]
         if missing:
             raise FileNotFoundError(f"the run's dev file {missing[0]!r} does not exist here: run eval_glue where the "
-                                    "run was trained (its settings.json may hold relative paths), or pass --file")
+                                    "run was trained (an older run's settings.json may hold relative paths), or pass "
+                                    "--file")
         raw = {split: load_file(task, path) for split, path in zip(task.dev_splits, settings.validation_file)}
         files = {}
     else:

@@ -101,8 +101,8 @@ def reference_rows(tasks: list[str], entries: list[dict]) -> list[tuple[str, dic
     for row in table_rows(read_yaml(REFERENCE)):
         numbers = {task: row[task] for task in tasks if task in row}
         backbone = f"{row['quant']} {row['bits']}-bit"
-        if numbers and any((e["backbone"], e["rank"]) == (backbone, row["rank"]) and same_model(e["model"], row["model"])
-                           for e in entries):
+        if numbers and any((e["backbone"], e["rank"]) == (backbone, row["rank"])
+                           and same_model(e["model"], row["model"]) for e in entries):
             name = f"{row['method']} {backbone} r{row['rank']}, published ({row['model']}, {row['source']})"
             rows.append((name, numbers))
     return rows

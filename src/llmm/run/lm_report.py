@@ -69,7 +69,8 @@ def markdown(records: list[dict], baseline: str) -> str:
                       else f"{summary['mean']:.{digits}f}")
             spread += stats.left_out_note(summary)  # non-finite values (a diverged run) named, not averaged
             name = label(cell, fields)
-            rows.append(((stats.order_rank(cell.get("method"), METHOD_ORDER), name), f"| {name} | {summary['n']} | {summary['median']:.{digits}f} | {spread} | "
-                                        f"{stats.format_difference(difference, digits)} |"))
+            rows.append(((stats.order_rank(cell.get("method"), METHOD_ORDER), name),
+                         f"| {name} | {summary['n']} | {summary['median']:.{digits}f} | {spread} | "
+                         f"{stats.format_difference(difference, digits)} |"))
         sections.append("\n".join(lines + [row for _, row in sorted(rows)]))
     return "\n\n".join(sections) + "\n"

@@ -135,7 +135,8 @@ class Recipe:
                                  settings.entropy_floor)  # lambda = 0 (the paper): off
         if trainer.is_world_process_zero():
             fileio.write_json(self.output_dir / "settings.json",
-                              {**settings.record(), "resumed_from": checkpoint, "versions": fileio.versions()})
+                              {**fileio.real_inputs(settings.record()), "resumed_from": checkpoint,
+                               "versions": fileio.versions()})
         outcome = trainer.train(resume_from_checkpoint=checkpoint)
         self.after_training(trainer, model, tokenizer)
         if self.sharding == "FSDP":  # a collective: every process takes part, the main process saves the result
@@ -152,7 +153,7 @@ def save_run(model, tokenizer, output_dir: Path, base: str, quantized_here: bool
     """adapter/ (M and Z), mean_adapter/ (plain PEFT LoRA) and, when this run quantized the backbone, backbone/ (Q,
     which both adapters name, resolved, as base_model_name_or_path), each written atomically. The backbone is
     written last: unloading the adapters is what gives it back. ``state_dict``: a sharded run's gathered tensors."""
-    backbone = (output_dir / "backbone").resolve() if quantized_here else base
+    backbone = (output_dir / "backbone").resolve() if quantized_here else fileio.real_path(base)
     model.peft_config["default"].base_model_name_or_path = str(backbone)
     with warnings.catch_warnings():  # PEFT looks for the base's config.json, which backbone/ gets just after
         warnings.filterwarnings("ignore", message="Could not find a config file in")
