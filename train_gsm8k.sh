@@ -11,6 +11,8 @@
 #
 # Override with environment variables; extra arguments go to every run:
 #   MODELS=llama-2-7b METHODS="llmm loftq qlora" bash train_gsm8k.sh       # with the baselines
+#   MODELS=quantized/my-llama-4bit-64rank bash train_gsm8k.sh     # a directory: your own _init.sh directory or checkpoint
+#             (--model_name_or_path, the table's defaults; runs named after the directory), not a table row
 #   SEEDS="0 1 2 3 4" bash train_gsm8k.sh       # default "0 1 2 3" (4 seeds, as LoftQ's medians); SEEDS=table: the row's seed
 #   LAUNCH="accelerate launch" bash train_gsm8k.sh --max_steps 10            # smoke run
 #   ACCELERATE_CONFIG=configs/accelerate/fsdp2.yaml MODELS=llama-2-7b SEEDS=0 bash train_gsm8k.sh   # FSDP2, 2 GPUs
@@ -25,17 +27,20 @@ RANK=${RANK:-64}
 METHODS=${METHODS:-llmm}
 OUT=${OUT:-runs/gsm8k}
 source "$(dirname "$0")/scripts/launch.sh"  # ACCELERATE_CONFIG (configs/accelerate/fsdp2.yaml: README "Larger models") or LAUNCH
-refuse_loop_flags train_gsm8k.sh "OUT=, MODELS=, RANK=, METHODS= or SEEDS=" --output_dir --model --rank --method --seed -- "$@"
+refuse_loop_flags train_gsm8k.sh "OUT=, MODELS= (a row or a directory), RANK=, METHODS= or SEEDS=" --output_dir --model \
+  --model_name_or_path --rank --method --seed -- "$@"
 SEEDS=${SEEDS:-"0 1 2 3"}
 
 for model in $MODELS; do
+  model_args=(--model "$model"); label=$model  # a row of configs/gsm8k.yaml
+  if [[ -d $model ]]; then model_args=(--model_name_or_path "$model"); label=$(basename "${model%/}"); fi
   for method in $METHODS; do
     for seed in $SEEDS; do
-      seed_args=(); name="$model-r$RANK-$method"
+      seed_args=(); name="$label-r$RANK-$method"
       if [[ $seed != table ]]; then seed_args=(--seed "$seed"); name="$name-seed$seed"; fi
       start=(--overwrite)  # a run with checkpoints continues from its newest one
       if compgen -G "$OUT/$name/checkpoints/checkpoint-*" > /dev/null; then start=(--resume_from_checkpoint); fi
-      $LAUNCH -m scripts.train_gsm8k --model "$model" --rank "$RANK" --method "$method" "${seed_args[@]}" \
+      $LAUNCH -m scripts.train_gsm8k "${model_args[@]}" --rank "$RANK" --method "$method" "${seed_args[@]}" \
         --output_dir "$OUT/$name" --skip_if_complete "${start[@]}" "$@"
     done
   done

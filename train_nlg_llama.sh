@@ -12,6 +12,9 @@
 #
 # Override with environment variables; extra arguments go to every run:
 #   TASKS=alpaca MODELS=llama-2-7b bash train_nlg_llama.sh
+#   TASKS=alpaca MODELS=quantized/my-llama-4bit-16rank bash train_nlg_llama.sh --data my_alpaca.jsonl --eval_size 100
+#             # a directory: your own _init.sh directory or checkpoint (--model_name_or_path, the table's defaults;
+#             # runs named after the directory; the data is yours, as a row's dataset goes with its model)
 #   METHODS="llmm loftq qlora" SEEDS="0 1" bash train_nlg_llama.sh   # baselines; SEEDS default "0 1 2 3", table: the row's
 #   LAUNCH="accelerate launch" bash train_nlg_llama.sh --llmmscale 700    # the reference's later scale
 #   ACCELERATE_CONFIG=configs/accelerate/fsdp2.yaml bash train_nlg_llama.sh   # sharded over the GPUs
@@ -27,19 +30,21 @@ RANK=${RANK:-16}
 METHODS=${METHODS:-llmm}
 OUT=${OUT:-runs/nlg}
 source "$(dirname "$0")/scripts/launch.sh"  # ACCELERATE_CONFIG (configs/accelerate/fsdp2.yaml: README "Larger models") or LAUNCH
-refuse_loop_flags train_nlg_llama.sh "OUT=, TASKS=, MODELS=, RANK=, METHODS= or SEEDS=" \
-  --output_dir --task --model --rank --method --seed -- "$@"
+refuse_loop_flags train_nlg_llama.sh "OUT=, TASKS=, MODELS= (a row or a directory), RANK=, METHODS= or SEEDS=" \
+  --output_dir --task --model --model_name_or_path --rank --method --seed -- "$@"
 SEEDS=${SEEDS:-"0 1 2 3"}
 
 for task in $TASKS; do
   for model in $MODELS; do
+    model_args=(--model "$model"); label=$model  # a row of configs/nlg.yaml
+    if [[ -d $model ]]; then model_args=(--model_name_or_path "$model"); label=$(basename "${model%/}"); fi
     for method in $METHODS; do
       for seed in $SEEDS; do
-        seed_args=(); name="$task-$model-r$RANK-$method"
+        seed_args=(); name="$task-$label-r$RANK-$method"
         if [[ $seed != table ]]; then seed_args=(--seed "$seed"); name="$name-seed$seed"; fi
         start=(--overwrite)  # a run with checkpoints continues from its newest one
         if compgen -G "$OUT/$name/checkpoints/checkpoint-*" > /dev/null; then start=(--resume_from_checkpoint); fi
-        $LAUNCH -m scripts.train_nlg --task "$task" --model "$model" --rank "$RANK" --method "$method" \
+        $LAUNCH -m scripts.train_nlg --task "$task" "${model_args[@]}" --rank "$RANK" --method "$method" \
           "${seed_args[@]}" --output_dir "$OUT/$name" --skip_if_complete "${start[@]}" "$@"
       done
     done

@@ -551,7 +551,8 @@ def test_split_fractions_of_a_table_are_checked_together():
     ("train_gsm8k.sh", "--seed", "SEEDS="), ("train_nlg_llama.sh", "--method=loftq", "METHODS="),
     ("train_glue_llmm.sh", "--seed", "SEEDS="), ("train_glue_llmm.sh", "--bits", "BITS="),
     ("train_mcq.sh", "--variant", "METHODS="), ("train_mcq.sh", "--dtype", "BACKBONES="),
-    ("test_gsm8k.sh", "--mode", "MODES=")])
+    ("test_gsm8k.sh", "--mode", "MODES="), ("train_gsm8k.sh", "--model_name_or_path", "MODELS="),
+    ("train_nlg_llama.sh", "--model_name_or_path=x", "MODELS=")])
 def test_drivers_refuse_a_flag_their_loop_sets_for_each_run(tmp_path, driver, flag, variable):
     """argparse keeps the last of a flag given twice, so the extra argument would win for every run."""
     env = {**os.environ, "LAUNCH": "echo", "OUT": str(tmp_path / "runs"), "RUNS": str(tmp_path / "run")}
@@ -561,6 +562,22 @@ def test_drivers_refuse_a_flag_their_loop_sets_for_each_run(tmp_path, driver, fl
     assert done.returncode == 2 and done.stdout == "" and not (tmp_path / "runs").exists()
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith(f"error: {name} is set by {driver} for each run") and variable in line.split("use ")[1]
+
+
+def test_the_llama_drivers_take_a_directory_of_your_own_in_models(tmp_path):
+    """MODELS holds table rows (--model) or directories (--model_name_or_path, the table's defaults), each run named
+    after its row or directory: your own checkpoint never runs under a row's name."""
+    (tmp_path / "my-llama-4bit-16rank").mkdir()
+    env = {**os.environ, "LAUNCH": "echo", "OUT": str(tmp_path / "runs"), "SEEDS": "0", "TASKS": "alpaca",
+           "MODELS": f"llama-2-7b {tmp_path / 'my-llama-4bit-16rank'}/"}
+    for driver in ("train_gsm8k.sh", "train_nlg_llama.sh"):
+        done = subprocess.run(["bash", driver, "--max_steps", "1"], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=60, env=env)
+        row, own = [line for line in done.stdout.splitlines() if "--output_dir" in line]
+        assert "--model llama-2-7b " in row and "--model_name_or_path" not in row and "llama-2-7b-r" in row
+        assert f"--model_name_or_path {tmp_path / 'my-llama-4bit-16rank'}/ " in own and "--model " not in own
+        name = own.split("--output_dir ")[1].split()[0].split("/")[-1]
+        assert name.removeprefix("alpaca-").startswith("my-llama-4bit-16rank-r")
 
 
 def test_drivers_pass_a_flag_only_to_the_runs_it_acts_in(tmp_path):

@@ -258,6 +258,14 @@ def test_a_tie_between_baseline_rows_is_named_in_the_table(tmp_path):
     assert rows["llmm nf 2-bit r32 (weight_decay=n/a)", "cola"][3] == "- (ambiguous: 2 baseline rows match)"
 
 
+def test_a_run_of_no_table_row_is_labelled_by_its_models_directory():
+    from llmm.run import lm_report
+
+    own = {"method": "llmm", "model": None, "model_name_or_path": "/x/quantized/my-llama-4bit-16rank/", "rank": 16}
+    assert lm_report.label(own, []) == "llmm my-llama-4bit-16rank r16"
+    assert lm_report.label({**own, "model": "llama-2-7b"}, []) == "llmm llama-2-7b r16"  # a row names itself
+
+
 def test_an_input_is_one_cell_however_its_path_was_typed(tmp_path, monkeypatch):
     """A local file given relatively, absolutely or through a link is one input, so its runs pool; a hub id, or a
     path that does not exist here, is kept as given."""

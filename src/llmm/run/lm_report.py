@@ -3,6 +3,7 @@ cell, seeds pooled, paired differences against a baseline method."""
 
 from __future__ import annotations
 
+from pathlib import Path
 
 from llmm import stats
 from llmm.run import schema
@@ -41,8 +42,10 @@ def acted_cell(cell, tested: bool):
 
 
 def label(cell: dict, fields: list[str]) -> str:
+    """"llmm llama-2-7b r64 (settings that tell it apart)"; a run of no table row names its model's directory."""
+    named = {**cell, "model": cell.get("model") or Path(str(cell.get("model_name_or_path") or "")).name or None}
     text = " ".join(f"r{value}" if name == "rank" else str(value) for name in LABEL_FIELDS
-                    if (value := cell.get(name)) is not None)
+                    if (value := named.get(name)) is not None)
     extra = [stats.label_part(cell, name) for name in fields if name not in LABEL_FIELDS or name not in cell]
     return text + (f" ({', '.join(extra)})" if extra else "")
 
