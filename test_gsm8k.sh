@@ -37,7 +37,7 @@ for run in $RUNS; do
   for decoding in $DECODINGS; do
     for mode in $MODES; do
       if [[ $mode != mean && $k == 0 ]]; then  # a K = 0 baseline (loftq, qlora) has no noise to draw
-        echo "skip: ${run%/} has K = 0 (no Llmm noise): --mode $mode does not apply; its mean test is its row"
+        echo "skip: ${run%/} has K = 0 (no Llmm noise): --mode $mode does not apply (its row: --mode mean)"
         continue
       fi
       out="${run%/}/test-$decoding-$mode"

@@ -604,3 +604,14 @@ def test_drivers_pass_a_flag_only_to_the_runs_it_acts_in(tmp_path):
                                                "RANKS": "16", "SEEDS": "0"})
         runs = [line for line in done.stdout.splitlines() if "scripts.train_glue" in line]
         assert len(runs) == 1 and ("--bits 4" in runs[0]) is bits, done.stdout + done.stderr
+
+
+def test_debug_is_never_a_setting():
+    """--debug (run_main's: the traceback instead of the error line) stays out of the settings, the record and the
+    cell, however often it is given."""
+    from llmm import stats
+    from llmm.run import mcq
+
+    settings = mcq.parse_settings(["--task", "obqa", "--output_dir", "x", "--debug", "--debug"])
+    assert "debug" not in settings.record() and "debug" not in stats.cell_of(settings)
+    assert vars(cli.ArgumentParser().parse_args(["--debug"])) == {}

@@ -360,6 +360,7 @@ def test_glue_table_gathers_runs(runs, tmp_path, capsys):
     assert glue_report.same_model("/data/models/deberta-v3-base", "microsoft/deberta-v3-base")  # a local copy
     assert glue_report.same_model("quantized/deberta-v3-base-2bit-32rank", "microsoft/deberta-v3-base")  # _init.sh
     assert not glue_report.same_model("microsoft/deberta-v3-large", "microsoft/deberta-v3-base")
+    assert not glue_report.same_model("runs/deberta-v3-base-mnli", "microsoft/deberta-v3-base")  # another model
     results = json.loads((runs / "cola-llmm-mc" / "results.json").read_text())
     assert results["seed"] == 0 and results["cell"]["eval_noise"] == "mc" and "seed" not in results["cell"]
     mcc = 100 * results["best"]["dev"]["validation"]["matthews_correlation"]

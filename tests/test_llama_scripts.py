@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import bitsandbytes as bnb
 import pytest
@@ -206,12 +207,17 @@ def test_gsm8k_in_process_loftq_16bit_then_test_all_modes(models, tmp_path):
     assert len(rows) == 3 and all(" | 1 | " in row for row in rows) and "test_mode=mc" in text
 
 
-def test_gsm8k_4bit_from_init_dir_then_test_mean_mode(models, tmp_path):
+def test_gsm8k_4bit_from_init_dir_then_test_mean_mode(models, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    train_gsm8k.main(["--model", "llama-2-7b", "--rank", "64", "--model_name_or_path", str(models[64]),
+    monkeypatch.chdir(Path(models[64]).parent)  # the _init.sh directory typed relatively: recorded by its real path
+    train_gsm8k.main(["--model", "llama-2-7b", "--rank", "64", "--model_name_or_path", Path(models[64]).name,
                       "--data", str(DATA / "gsm8k.jsonl"), "--eval_split", "heldout", "--eval_size", "2",
                       "--output_dir", str(run), *NF4, *FAST])
-    _, settings = check_run(run, "gsm8k", k=2)
+    monkeypatch.chdir(tmp_path)
+    results, settings = check_run(run, "gsm8k", k=2)
+    real = Path(models[64]).resolve()
+    assert settings["model_name_or_path"] == str(real) == results["cell"]["model_name_or_path"]
+    assert results["cell"]["init_source"] == str(real / "llmm_init")
     assert settings["load_in_4bit"] is True and settings["method"] == "llmm"
     assert settings["loftq_iter"] == 1  # the _init.sh directory's LoftQ settings, not the table's (5)
     with pytest.raises(ValueError, match=r"quantized with loftq_iter=1 but --loftq_iter 5 was given"):

@@ -62,6 +62,8 @@ def test_glue_table_medians_paired_interval_and_reference_row(tmp_path, capsys):
     assert median_rows["loftq nf 2-bit r32, published (microsoft/deberta-v3-base, LoftQ paper, Table 1 (NF2))"] \
         == "47.5"
     assert "are left out" not in text
+    write_run(tmp_path / "older", "llmm-0", CELL, 0, 50.0)  # a cell from before runs recorded the default model
+    assert "published (microsoft/deberta-v3-base" in glue_table.main([str(tmp_path / "older")])
     rows = stat_rows(text)
     sd = np.std(llmm_scores, ddof=1)
     assert rows[("llmm nf 2-bit r32", "cola")] == ["4", "51.0", f"52.2 ± {sd:.1f}", "+2.0 [+2.0, +2.0] (n=4)"]
@@ -245,7 +247,7 @@ def test_labels_tell_an_absent_setting_from_a_null_one_and_the_closest_baseline_
     assert (stats.label_part(recorded, "data_dir"), stats.label_part(older, "data_dir")) == ("data_dir=None",
                                                                                              "data_dir=n/a")
     full = {**LOFTQ, "weight_decay": 0.0}  # an older baseline cell without weight_decay matches too
-    assert stats.find_baseline({**CELL, "weight_decay": 0.0}, [LOFTQ, full], "loftq") == (full, 2)
+    assert stats.find_baseline({**CELL, "weight_decay": 0.0}, [LOFTQ, full], "loftq") == (full, 1)
     assert stats.find_baseline(CELL, [LOFTQ, full], "loftq") == (None, 2)  # both hold as much of it: ambiguous
 
 
@@ -267,16 +269,26 @@ def test_a_run_of_no_table_row_is_labelled_by_its_models_directory():
 
 
 def test_an_input_is_one_cell_however_its_path_was_typed(tmp_path, monkeypatch):
-    """A local file given relatively, absolutely or through a link is one input, so its runs pool; a hub id, or a
-    path that does not exist here, is kept as given."""
+    """A local file given relatively, absolutely or through a link is one input, so its runs pool (an older cell that
+    recorded it as typed too, read where the table runs); a hub id, a table row's name (even beside a directory of
+    that name) or a path that does not exist here is kept as given."""
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "gsm8k.jsonl").write_text('{"question": "1+1?", "answer": "#### 2"}\n')
     (tmp_path / "link").symlink_to(tmp_path / "data")
+    for row in ("llama-2-7b", "obqa"):
+        (tmp_path / row).mkdir()
     monkeypatch.chdir(tmp_path)
-    cells = [stats.cell_of({"method": "llmm", "data": data, "model_name_or_path": "meta-llama/Llama-2-7b-hf"})
+    real = str((tmp_path / "data" / "gsm8k.jsonl").resolve())
+    causal = (schema.CausalLMRun,)
+    cells = [stats.cell_of({"method": "llmm", "model": "llama-2-7b", "data": data,
+                            "model_name_or_path": "meta-llama/Llama-2-7b-hf"}, causal)
              for data in ("data/gsm8k.jsonl", str(tmp_path / "data" / "gsm8k.jsonl"), "link/gsm8k.jsonl")]
-    assert cells[0] == cells[1] == cells[2]
-    assert cells[0]["data"] == str((tmp_path / "data" / "gsm8k.jsonl").resolve())
-    assert cells[0]["model_name_or_path"] == "meta-llama/Llama-2-7b-hf"
-    assert stats.cell_of({"validation_file": ["data/gsm8k.jsonl", "gone.tsv"]})["validation_file"] == [
-        cells[0]["data"], "gone.tsv"]
+    assert cells[0] == cells[1] == cells[2] and cells[0]["data"] == real
+    assert (cells[0]["model"], cells[0]["model_name_or_path"]) == ("llama-2-7b", "meta-llama/Llama-2-7b-hf")
+    assert stats.cell_of({"validation_file": ["data/gsm8k.jsonl", "gone.tsv"]}, (schema.GlueRun,))[
+        "validation_file"] == [real, "gone.tsv"]
+    assert stats.cell_of(schema.GlueRun.of({"model": "llama-2-7b"}))["model"] == str(tmp_path / "llama-2-7b")
+    ood = stats.fileio.real_inputs({"ood": ["obqa", "data/gsm8k.jsonl"]}, (schema.McqRun,))["ood"]
+    assert ood == ["obqa", real]  # a task row stays a row
+    older = {"method": "llmm", "data": "data/gsm8k.jsonl"}  # recorded as typed by an earlier version
+    assert stats.canonical_cell(older, schema.CausalLMRun)["data"] == real

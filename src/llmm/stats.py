@@ -62,12 +62,14 @@ def read_results(paths: list[str], made_by: str) -> list[tuple[Path, object]]:
     return read
 
 
-def cell_of(settings) -> dict:
+def cell_of(settings, blocks=None) -> dict:
     """A run's settings (a Settings object: every setting its entry point offers, tables.offered_defaults; or a
-    settings.json's dict) without what does not change its numbers; its local inputs by their real paths (one input
-    however it was typed: relative, absolute, through a link)."""
+    settings.json's dict) without what does not change its numbers; its local inputs (of ``blocks``, default a Settings
+    object's family) by their real paths: one input however it was typed (relative, absolute, through a link)."""
     values = settings.record() if isinstance(settings, schema.Settings) else settings
-    return {key: value for key, value in sorted(fileio.real_inputs(values).items()) if key not in NOT_CELL}
+    if blocks or isinstance(settings, schema.Settings):
+        values = fileio.real_inputs(values, blocks or (type(settings),))
+    return {key: value for key, value in sorted(values.items()) if key not in NOT_CELL}
 
 
 def canonical_cell(cell: dict, family: type, prefix: str = "") -> dict:
@@ -83,6 +85,7 @@ def canonical_cell(cell: dict, family: type, prefix: str = "") -> dict:
     cell = schema.current_names(cell)
     fields = {f.name: f for f in dataclasses.fields(family)}  # a test's seed (no role in a training cell) too
     own = {key[len(prefix):]: value for key, value in cell.items() if key.startswith(prefix)}
+    own = fileio.real_inputs(own, (family,))  # an older run recorded inputs as typed: resolved where the table runs
     for name, value in own.items():
         if name in fields and schema.kind_of(fields[name]) in (float, schema.number) and type(value) is int:
             own[name] = float(value)
@@ -230,18 +233,17 @@ def same_but(a: dict, b: dict, free) -> bool:
 
 
 def find_baseline(cell: dict, cells: list[dict], baseline_method: str, free=None) -> tuple[dict | None, int]:
-    """(the cell of ``baseline_method`` equal to ``cell`` in every setting both hold but ``free``, how many matched):
-    of several matches, the one that holds the most of the cell's settings (an older run directory recorded fewer);
-    None where none matches or two tie. ``free`` defaults to the settings a method implies; the model's paths (an
-    _init.sh directory, or the checkpoint qlora starts from) may differ only where both cells name one table row
-    (``model``): without it, two paths are two models."""
+    """(the cell of ``baseline_method`` equal to ``cell`` in every setting both hold but ``free``, how many cells are
+    the closest): of several matches, the one that holds the most of the cell's settings (an older run directory
+    recorded fewer); None where none matches or two tie. ``free`` defaults to the settings a method implies; the
+    model's paths (an _init.sh directory, or the checkpoint qlora starts from) may differ only where both cells name
+    one table row (``model``): without it, two paths are two models."""
     if free is None:
         free = METHOD_FIELDS if cell.get("model") is not None else set(METHOD_FIELDS) - set(MODEL_PATH_FIELDS)
     matches = [c for c in cells if c.get("method") == baseline_method and same_but(c, cell, free)]
     overlap = sorted(((len(set(c) & set(cell)), index) for index, c in enumerate(matches)), reverse=True)
-    if not overlap or (len(overlap) > 1 and overlap[0][0] == overlap[1][0]):
-        return None, len(matches)
-    return matches[overlap[0][1]], len(matches)
+    tied = sum(size == overlap[0][0] for size, _ in overlap) if overlap else 0
+    return (matches[overlap[0][1]] if tied == 1 else None), tied
 
 
 def baseline_differences(cell: dict, groups: dict, baseline_method: str, metrics, value, free=None,

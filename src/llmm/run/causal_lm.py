@@ -129,7 +129,7 @@ def parse_settings(table: dict, argv=None, description: str = "", task_columns: 
                          "directory (bash _init.sh PRESET), or --load_in_4bit false, or --init lora")
     if init_dir is not None:
         adopt_init_dir(init_dir, settings, args)
-    settings.init_source = str(init_dir) if init_dir else f"{settings.init} (in-process)"
+    settings.init_source = fileio.real_path(str(init_dir)) if init_dir else f"{settings.init} (in-process)"
     engine = sharding.requested_engine()
     if engine != "none" and in_process_loftq(settings):
         raise ValueError(f"in-process LoftQ is not supported under {engine} (each process would quantize the whole "

@@ -33,6 +33,11 @@ class ArgumentParser(argparse.ArgumentParser):
         self.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                           help="on an error, show its traceback instead of the one error line")
 
+    def parse_known_args(self, args=None, namespace=None):
+        parsed, rest = super().parse_known_args(args, namespace)
+        vars(parsed).pop("debug", None)  # run_main's, never a setting
+        return parsed, rest
+
     def error(self, message):
         self.exit(2, f"error: {message} ({self.prog} --help lists the flags)\n")
 
@@ -180,8 +185,7 @@ def run_main(main) -> None:
     Locks on output directories are given back at the end."""
     quiet.install()
     debug = "--debug" in sys.argv[1:]
-    if debug:
-        sys.argv.remove("--debug")
+    sys.argv[1:] = [arg for arg in sys.argv[1:] if arg != "--debug"]
     setup_logging()
     try:
         main()

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
-from llmm.run.schema import INPUTS
+from llmm.run import schema
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spm.model", "vocab.txt", "vocab.json")
 TEXT_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".txt")
@@ -104,19 +104,24 @@ def plot_curves(path: str | Path, panels: dict[str, dict[str, tuple[list, list]]
     plt.close(figure)
 
 
-def real_path(value):
-    """A path (or list of paths) that exists here as its real path; anything else (a hub id) as it is."""
+def real_path(value, files_only: bool = False):
+    """A path (or list of paths) that exists here as its real path; anything else (a hub id, a table row; with
+    ``files_only`` a name without a .json/.jsonl suffix) as it is."""
     if isinstance(value, list):
-        return [real_path(v) for v in value]
-    if isinstance(value, str) and value and os.path.exists(os.path.expanduser(value)):
+        return [real_path(v, files_only) for v in value]
+    if (isinstance(value, str) and value and os.path.exists(os.path.expanduser(value))
+            and not (files_only and not value.endswith((".json", ".jsonl")))):
         return os.path.realpath(os.path.expanduser(value))
     return value
 
 
-def real_inputs(record: dict) -> dict:
-    """A run's settings with its local inputs (the fields declared with ``path``) as real paths: what settings.json
-    and the cell record, so a later command finds them from any directory and one input is one cell."""
-    return {key: real_path(value) if key in INPUTS else value for key, value in record.items()}
+def real_inputs(record: dict, blocks) -> dict:
+    """A run's settings with its local inputs (the fields of ``blocks`` declared with ``path``) as real paths: what
+    settings.json and the cell record, so a later command finds them from any directory and one input is one cell.
+    A field that also takes table rows (``path="rows or files"``, --ood) has only its files resolved."""
+    fields = schema.fields_of(*blocks)
+    return {key: real_path(value, fields[key].metadata["path"] == schema.ROWS_OR_FILES)
+            if key in fields and fields[key].metadata["path"] else value for key, value in record.items()}
 
 
 def looks_local(name_or_path: str) -> bool:

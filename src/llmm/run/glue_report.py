@@ -4,6 +4,7 @@ cell, LoftQ's published rows beside them, and paired differences against a basel
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 from llmm import stats
@@ -76,7 +77,8 @@ def build(records: list[dict], baseline: str) -> list[dict]:
         differences = stats.baseline_differences(cell, groups, baseline, range(len(per_metric)),  # same task
                                                  lambda record, i: record["scores"][i])
         entries.append({"label": label(cell, fields), "task": cell["task"], "method": cell["method"],
-                        "backbone": cell["backbone"].split(" (")[0], "rank": cell["rank"], "model": cell.get("model"),
+                        "backbone": cell["backbone"].split(" (")[0], "rank": cell["rank"],
+                        "model": cell.get("model", schema.GlueRun.model),  # older cells: the default, not recorded
                         "summaries": [stats.summarize(values) for values in per_metric],
                         "differences": [differences and differences[i] for i in range(len(per_metric))]})
     return entries
@@ -89,10 +91,11 @@ def label(cell: dict, fields: list[str]) -> str:
 
 
 def same_model(model: str | None, published: str) -> bool:
-    """A run fine-tuned the published rows' model: its hub id, or a local copy or _init.sh directory of it (the
-    directory's name starts with the hub name, e.g. deberta-v3-base-2bit-32rank)."""
-    return model is not None and (model == published or Path(model).name.lower().startswith(
-        Path(published).name.lower()))
+    """A run fine-tuned the published rows' model: its hub id, or a local copy (a directory of its name) or _init.sh
+    directory of it (deberta-v3-base-2bit-32rank)."""
+    name = re.escape(Path(published).name.lower())
+    return model is not None and (model == published or re.fullmatch(rf"{name}(-\d+bit-\d+rank)?",
+                                                                      Path(model).name.lower()) is not None)
 
 
 def reference_rows(tasks: list[str], entries: list[dict]) -> list[tuple[str, dict]]:
@@ -130,8 +133,8 @@ def markdown(entries: list[dict], baseline: str, references: bool = True) -> str
     for name, numbers in reference_rows(tasks, entries) if references else []:
         lines.append(f"| {name} | " + " | ".join("/".join(f"{v:.1f}" for v in numbers[t]) if t in numbers else "-"
                                                  for t in tasks) + " |")
-    published = {row["model"] for row in table_rows(read_yaml(REFERENCE))}
-    if references and not any(same_model(e["model"], model) for e in entries for model in published):
+    published = {row["model"] for row in table_rows(read_yaml(REFERENCE))} if references else set()
+    if published and not any(same_model(e["model"], model) for e in entries for model in published):
         lines += ["", f"LoftQ's published rows ({', '.join(sorted(published))}) are left out: no run here fine-tunes "
                       "that model."]
     lines += ["", f"Seed statistics; Δ = paired difference vs {baseline} on the same seeds, mean [95 % bootstrap "

@@ -77,7 +77,8 @@ class _FreshHeadReport(logging.Filter):
 
 def _add(name: str, flt: logging.Filter) -> None:
     logger = logging.getLogger(name)
-    if not any(type(f) is type(flt) for f in logger.filters):
+    if not any(type(f) is type(flt) and getattr(f, "start", None) == getattr(flt, "start", None)
+               for f in logger.filters):
         logger.addFilter(flt)
 
 

@@ -135,7 +135,7 @@ class Recipe:
                                  settings.entropy_floor)  # lambda = 0 (the paper): off
         if trainer.is_world_process_zero():
             fileio.write_json(self.output_dir / "settings.json",
-                              {**fileio.real_inputs(settings.record()), "resumed_from": checkpoint,
+                              {**fileio.real_inputs(settings.record(), self.blocks), "resumed_from": checkpoint,
                                "versions": fileio.versions()})
         outcome = trainer.train(resume_from_checkpoint=checkpoint)
         self.after_training(trainer, model, tokenizer)

@@ -59,6 +59,8 @@ def _sharded() -> bool:
     return requested_engine() != "none"
 
 
+ROWS_OR_FILES = "rows or files"  # a ``path`` field whose values may also name table rows (--ood): files resolved
+
 WITH_NOISE = Applies("the Llmm noise (--method llmm, K > 0)", lambda s: s.K > 0)
 WITH_LOFTQ = Applies("LoftQ init (--method llmm or loftq, --init loftq)", lambda s: s.init == "loftq")
 WITH_TRUNCATED_SVD = Applies("LoftQ init with --loftq_svd truncated",
@@ -252,7 +254,7 @@ class CausalLMSettings(CausalDataSettings):
                          "else the table's defaults")
     eval_data: str = setting(None, "a .json/.jsonl held-out file (else the row's eval_split)", path="data")
     base_model: str = setting(None, "the row's original checkpoint (--method qlora)")
-    init_dir: str = setting(None, "the row's _init.sh directory (--method llmm / loftq)")
+    init_dir: str = setting(None, "the row's _init.sh directory (--method llmm / loftq)", path="model")
     eval_split: str = setting("test", "held-out data: a split of the dataset, or heldout (eval_size records of "
                               "train)", applies=Applies("no --eval_data (the file is the held-out set)",
                                                         lambda s: not s.eval_data))
@@ -317,7 +319,7 @@ class McqSettings(CausalDataSettings):
     test_split: str = setting("test", "test split")
     train_data: str = setting(None, "a local .json/.jsonl training file", path="data")
     test_data: str = setting(None, "a local .json/.jsonl test file", path="data")
-    ood: list = setting(None, "OOD sets: task rows or .json/.jsonl files", role=EVAL, kind=str, path="data")
+    ood: list = setting(None, "OOD sets: task rows or .json/.jsonl files", role=EVAL, kind=str, path=ROWS_OR_FILES)
     eval_modes: list = setting(None, "evaluation modes", choices=("mean", "mc", "dropout", "sample"), role=EVAL,
                                kind=str)
     mc_samples: int = setting(10, "Monte-Carlo passes (mc, dropout; the width search)", low=1, role=EVAL,
