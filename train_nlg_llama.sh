@@ -36,11 +36,10 @@ SEEDS=${SEEDS:-"0 1 2 3"}
 
 for task in $TASKS; do
   for model in $MODELS; do
-    model_args=(--model "$model"); label=$model  # a row of configs/nlg.yaml
-    if [[ -d $model ]]; then model_args=(--model_name_or_path "$model"); label=$(basename "${model%/}"); fi
+    choose_model "$model"  # a row of configs/nlg.yaml, or a directory of your own
     for method in $METHODS; do
       for seed in $SEEDS; do
-        seed_args=(); name="$task-$label-r$RANK-$method"
+        seed_args=(); name="$task-$model_label-r$RANK-$method"
         if [[ $seed != table ]]; then seed_args=(--seed "$seed"); name="$name-seed$seed"; fi
         start=(--overwrite)  # a run with checkpoints continues from its newest one
         if compgen -G "$OUT/$name/checkpoints/checkpoint-*" > /dev/null; then start=(--resume_from_checkpoint); fi

@@ -27,3 +27,11 @@ refuse_loop_flags() {
     done
   done
 }
+
+# choose_model MODEL: what one MODELS entry of the Llama drivers means. A table row sets model_args=(--model ROW),
+# a directory (your own checkpoint or _init.sh directory) model_args=(--model_name_or_path DIR) with the table's
+# defaults; model_label is what the run directories are named after.
+choose_model() {
+  model_args=(--model "$1"); model_label=$1
+  if [[ -d $1 ]]; then model_args=(--model_name_or_path "$1"); model_label=$(basename "${1%/}"); fi
+}

@@ -55,8 +55,10 @@ def binned_ece(bins: dict) -> float:
                      in zip(bins["count"], bins["confidence"], bins["accuracy"]) if count))
 
 
-def calibration_metrics(probs, labels, n_bins: int = ECE_BINS) -> dict[str, float]:
-    return {"nll": nll(probs, labels), "brier": brier(probs, labels), "ece": ece(probs, labels, n_bins)}
+def calibration_metrics(probs, labels, n_bins: int = ECE_BINS, bins: dict | None = None) -> dict[str, float]:
+    """NLL, Brier and ECE; ``bins``: the reliability bins already formed (reliability_bins), so ECE reuses them."""
+    return {"nll": nll(probs, labels), "brier": brier(probs, labels),
+            "ece": binned_ece(bins) if bins is not None else ece(probs, labels, n_bins)}
 
 
 def reliability_bins(probs, labels, n_bins: int = ECE_BINS) -> dict[str, list]:

@@ -14,7 +14,6 @@ with 4 seeds it is coarse and somewhat too narrow: a guide, not a test.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import statistics
@@ -83,7 +82,7 @@ def canonical_cell(cell: dict, family: type, prefix: str = "") -> dict:
     if not isinstance(cell, dict):
         return cell
     cell = schema.current_names(cell)
-    fields = {f.name: f for f in dataclasses.fields(family)}  # a test's seed (no role in a training cell) too
+    fields = schema.fields_of(family)  # a test's seed (no role in a training cell) too
     own = {key[len(prefix):]: value for key, value in cell.items() if key.startswith(prefix)}
     own = fileio.real_inputs(own, (family,))  # an older run recorded inputs as typed: resolved where the table runs
     for name, value in own.items():
@@ -241,9 +240,9 @@ def find_baseline(cell: dict, cells: list[dict], baseline_method: str, free=None
     if free is None:
         free = METHOD_FIELDS if cell.get("model") is not None else set(METHOD_FIELDS) - set(MODEL_PATH_FIELDS)
     matches = [c for c in cells if c.get("method") == baseline_method and same_but(c, cell, free)]
-    overlap = sorted(((len(set(c) & set(cell)), index) for index, c in enumerate(matches)), reverse=True)
-    tied = sum(size == overlap[0][0] for size, _ in overlap) if overlap else 0
-    return (matches[overlap[0][1]] if tied == 1 else None), tied
+    sizes = [len(set(c) & set(cell)) for c in matches]
+    tied = sizes.count(max(sizes)) if sizes else 0
+    return (matches[sizes.index(max(sizes))] if tied == 1 else None), tied
 
 
 def baseline_differences(cell: dict, groups: dict, baseline_method: str, metrics, value, free=None,

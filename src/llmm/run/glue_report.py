@@ -98,10 +98,10 @@ def same_model(model: str | None, published: str) -> bool:
                                                                       Path(model).name.lower()) is not None)
 
 
-def reference_rows(tasks: list[str], entries: list[dict]) -> list[tuple[str, dict]]:
+def reference_rows(published: list[dict], tasks: list[str], entries: list[dict]) -> list[tuple[str, dict]]:
     """(label, {task: [numbers]}) of the published rows for the tasks, (backbone, rank) pairs and model shown."""
     rows = []
-    for row in table_rows(read_yaml(REFERENCE)):
+    for row in published:
         numbers = {task: row[task] for task in tasks if task in row}
         backbone = f"{row['quant']} {row['bits']}-bit"
         if numbers and any((e["backbone"], e["rank"]) == (backbone, row["rank"])
@@ -130,12 +130,13 @@ def markdown(entries: list[dict], baseline: str, references: bool = True) -> str
             cells.append("-" if entry is None else "/".join(f"{s['median']:.1f}" for s in entry["summaries"])
                          + f" (n={entry['summaries'][0]['n']})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    for name, numbers in reference_rows(tasks, entries) if references else []:
+    published = table_rows(read_yaml(REFERENCE)) if references else []
+    for name, numbers in reference_rows(published, tasks, entries):
         lines.append(f"| {name} | " + " | ".join("/".join(f"{v:.1f}" for v in numbers[t]) if t in numbers else "-"
                                                  for t in tasks) + " |")
-    published = {row["model"] for row in table_rows(read_yaml(REFERENCE))} if references else set()
-    if published and not any(same_model(e["model"], model) for e in entries for model in published):
-        lines += ["", f"LoftQ's published rows ({', '.join(sorted(published))}) are left out: no run here fine-tunes "
+    models = {row["model"] for row in published}
+    if models and not any(same_model(e["model"], model) for e in entries for model in models):
+        lines += ["", f"LoftQ's published rows ({', '.join(sorted(models))}) are left out: no run here fine-tunes "
                       "that model."]
     lines += ["", f"Seed statistics; Δ = paired difference vs {baseline} on the same seeds, mean [95 % bootstrap "
                   "interval]:", "", f"| Method | Task | Metric | n | Median | Mean ± sd | Δ vs {baseline} |",

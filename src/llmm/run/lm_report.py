@@ -63,8 +63,8 @@ def markdown(records: list[dict], baseline: str) -> str:
                  "|---|---|---|---|---|"]
         rows = []
         for group in groups.values():
-            cell, values = group["cell"], {seed: run["value"] for seed, run in group["runs"].items()}
-            summary = stats.summarize(list(values.values()))
+            cell = group["cell"]
+            summary = stats.summarize([run["value"] for run in group["runs"].values()])
             difference = (stats.baseline_differences(cell, groups, baseline, ("value",), lambda r, _: r["value"])
                           or {}).get("value")
             digits = 3 if metric == "eval_loss" else 2

@@ -197,7 +197,7 @@ def cost_table(records: list[dict], baseline: str) -> list[str]:
 
 
 def task_rank(task: str) -> tuple:
-    return (TASK_ORDER.index(task) if task in TASK_ORDER else len(TASK_ORDER), task)
+    return (stats.order_rank(task, TASK_ORDER), task)
 
 
 def column_rank(name: str) -> tuple:

@@ -43,15 +43,13 @@ class _DropMessage(logging.Filter):
         return not str(record.msg).startswith(self.start)
 
 
-class _FirstMessage(logging.Filter):
+class _FirstMessage(_DropMessage):
     """Lets the first record starting with ``start`` through, drops the ones after it."""
 
-    def __init__(self, start: str):
-        super().__init__()
-        self.start, self.seen = start, False
+    seen = False
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith(self.start):
+        if super().filter(record):
             return True
         first, self.seen = not self.seen, True
         return first

@@ -28,7 +28,7 @@ from llmm.sharding import local_shard
 from llmm.run import schema
 from llmm.run.adapters import read_run_settings
 from llmm.run.cli import TrainingDiverged, logger
-from llmm.run.fileio import check_safetensors
+from llmm.run.fileio import check_safetensors, real_path
 from llmm.tasks.calibration import cpu_4bit_as_plain_peft
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -237,7 +237,7 @@ def same_setting(saved, given) -> bool:
     if isinstance(saved, list) and isinstance(given, list):
         return len(saved) == len(given) and all(map(same_setting, saved, given))
     if isinstance(saved, str) and isinstance(given, str) and os.path.exists(os.path.expanduser(given)):
-        return os.path.realpath(os.path.expanduser(saved)) == os.path.realpath(os.path.expanduser(given))
+        return real_path(saved) == real_path(given)
     return False
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from llmm.metrics import ECE_BINS, binned_ece, brier, nll, reliability_bins
+from llmm.metrics import ECE_BINS, calibration_metrics, reliability_bins
 from llmm.model import llmm_layers, noise_mode
 from llmm.noise import check_mc_samples
 from llmm.predict import mc_predict
@@ -147,8 +147,8 @@ def predict(head: LetterHead, batches: list[dict], mode: str, mc_samples: int = 
 def evaluate(probs: np.ndarray, labels: np.ndarray, n_bins: int = ECE_BINS) -> dict:
     """Accuracy, ECE, NLL and Brier of the distributions, with the reliability diagram's bins."""
     bins = reliability_bins(probs, labels, n_bins)
-    return {"accuracy": float((probs.argmax(axis=1) == labels).mean()), "nll": nll(probs, labels),
-            "brier": brier(probs, labels), "ece": binned_ece(bins), "n": int(len(labels)), "reliability": bins}
+    return {"accuracy": float((probs.argmax(axis=1) == labels).mean()),
+            **calibration_metrics(probs, labels, n_bins, bins), "n": int(len(labels)), "reliability": bins}
 
 
 def question_records(probs: np.ndarray, labels: np.ndarray, n_choices, ids) -> list[dict]:
