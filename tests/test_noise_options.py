@@ -173,6 +173,9 @@ def test_a_layer_called_twice_in_a_forward_keeps_one_network(batch):
         deberta(v3=True, noise_per_example=True)
     with pytest.raises(ValueError, match="query_proj also projects the relative embeddings"):  # PEFT's default targets
         get_llmm_model(tiny_deberta(0, 3, v3=True), LlmmConfig(r=4, lora_alpha=4, k=2, noise_per_example=True))
+    with pytest.raises(ValueError, match="query_proj also projects the relative embeddings"):  # PEFT's shorthand
+        get_llmm_model(tiny_deberta(0, 3, v3=True), LlmmConfig(r=4, lora_alpha=4, k=2, noise_per_example=True,
+                                                               target_modules="all-linear"))
     trained = deberta(v3=True)
     seed_noise(trained, 0)
     for layer in llmm_layers(trained):  # per example, but built without the check: the first forward refuses

@@ -60,8 +60,9 @@ def _check_per_example(model: torch.nn.Module, config: LlmmConfig) -> None:
         if not targets:
             return
         config = dataclasses.replace(config, target_modules=targets)
-    shared = [name for name, _ in model.named_modules()
-              if name.endswith(("query_proj", "key_proj")) and check_target_module_exists(config, name)]
+    every_linear = config.target_modules == "all-linear"  # PEFT's shorthand: every Linear but the output layer
+    shared = [name for name, module in model.named_modules() if name.endswith(("query_proj", "key_proj"))
+              and (isinstance(module, torch.nn.Linear) if every_linear else check_target_module_exists(config, name))]
     if shared:
         raise ValueError(f"noise_per_example: {shared[0]} also projects the relative embeddings, which the batch "
                          "shares (share_att_key), so no one example's network applies there: use noise_per_example "
