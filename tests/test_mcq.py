@@ -406,8 +406,6 @@ def write_mcq_run(root, name, run_cell, seed, evaluations, width=None, questions
     """A results.json as train_mcq writes it; ``evaluations``: {(eval set, mode, N): accuracy}, ECE = 1 - accuracy,
     NLL = 2 x ECE, Brier = ECE / 2 (so every metric's paired difference is known); ``questions``: the ids each
     evaluation saves its per-question records under (labels 0)."""
-    from scripts import train_mcq
-
     entries = []
     for (eval_set, mode, n), accuracy in evaluations.items():
         entry = {"eval_set": eval_set, "where": f"{eval_set}.jsonl", "mode": mode, "eval_samples": n, "seed": seed,
@@ -455,7 +453,7 @@ def test_table_seed_statistics_and_paired_differences_against_map(tmp_path):
     assert mc.startswith("+2.0 [") and mc.endswith("(n=3)") and set(paired) == {
         ("llmm int8 K2 mean", "obqa"), ("llmm int8 K2 mean", "obqa->arc_c"), ("llmm int8 K2 mc N=10", "obqa")}
     widths = {r[0]: r[1:] for r in table_rows(text, "### Width")}
-    assert widths["llmm int8 K2"] == [f"0.200 (0.200 ± 0.100, n=3) / 0.200 (0.200 ± 0.100, n=3)"]
+    assert widths["llmm int8 K2"] == ["0.200 (0.200 ± 0.100, n=3) / 0.200 (0.200 ± 0.100, n=3)"]
     published = ["--published", str(REPO_ROOT / "configs" / "mcq_published.yaml")]
     assert mcq_table.main([str(tmp_path), "--baseline", "map", *published]) == text  # the default, given
     with pytest.raises(ValueError, match=r"--baseline 'mapp' is none of the runs' methods \(llmm, map\): pass one"):

@@ -19,7 +19,6 @@ from safetensors.torch import load_file, save_file
 from test_glue import model_dir  # noqa: F401  (the tiny DeBERTa fixture)
 from test_resume import glue_argv, gsm8k_argv, llama_dir  # noqa: F401  (the tiny Llama fixture)
 
-from llmm import outdirs
 from llmm.run import adapters, tables
 from llmm.run.cli import run_main
 from conftest import LLAMA_TARGETS, REPO_ROOT, tiny_llama

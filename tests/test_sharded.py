@@ -32,7 +32,7 @@ from conftest import LLAMA_TARGETS, REPO_ROOT, tiny_llama  # noqa: E402
 
 from llmm.run.schema import CausalLMRun
 from llmm import LlmmConfig, export_mean_adapter, get_llmm_model, load_llmm_model, noise_source  # noqa: E402
-from llmm import save_llmm_adapter, seed_noise  # noqa: E402
+from llmm import save_llmm_adapter  # noqa: E402
 from llmm import sharding  # noqa: E402
 from llmm.model import keep_cpu_4bit_trainable  # noqa: E402
 

@@ -8,7 +8,6 @@ experiment each, naming its ``source``. Precedence: defaults, then the row, then
 from __future__ import annotations
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 import yaml
