@@ -37,12 +37,28 @@ def rss_mib() -> float:
         return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
 
 
+def sharded_state_bytes(model, optimizer=None) -> dict[str, int]:
+    """Bytes this process holds of the frozen and trainable parameters and the optimizer state (local shards)."""
+    from llmm.sharding import local_shard
+
+    def local(tensor):
+        tensor = local_shard(tensor)
+        return tensor.numel() * tensor.element_size()
+
+    sizes = {"frozen": 0, "trainable": 0, "optimizer": 0}
+    for parameter in model.parameters():
+        sizes["trainable" if parameter.requires_grad else "frozen"] += local(parameter)
+    for state in (optimizer.state.values() if optimizer is not None else ()):
+        sizes["optimizer"] += sum(local(value) for value in state.values() if isinstance(value, torch.Tensor))
+    return sizes
+
+
 def worker(mode: str, out: Path) -> None:
     import torch.distributed as dist
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from llmm import LlmmConfig, get_llmm_model, seed_noise
-    from llmm.sharding import shard_fsdp2, sharded_state_bytes
+    from llmm.sharding import shard_fsdp2
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")

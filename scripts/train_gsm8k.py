@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from llmm.run import cli, tables
 from llmm.tasks.prompts import encode_joint, gsm8k_pair
-from llmm.run.causal_lm import BLOCKS, parse_settings, train
+from llmm.run.causal_lm import BLOCKS, CausalLMRecipe, parse_settings
 
 TABLE = tables.CONFIGS / "gsm8k.yaml"
 
@@ -26,7 +26,7 @@ def encode(tokenizer, settings, record: dict) -> dict:
 
 def main(argv=None) -> dict:
     settings = parse_settings(tables.read_table(TABLE, BLOCKS), argv, __doc__.splitlines()[0])
-    return train(settings, "gsm8k", encode)
+    return CausalLMRecipe(settings, "gsm8k", encode).run()
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from llmm.run import cli, tables
 from llmm.tasks.prompts import PAIRS, encode_source_target
-from llmm.run.causal_lm import BLOCKS, parse_settings, train
+from llmm.run.causal_lm import BLOCKS, CausalLMRecipe, parse_settings
 
 TABLE = tables.CONFIGS / "nlg.yaml"
 
@@ -30,7 +30,7 @@ def encode(tokenizer, settings, record: dict) -> dict:
 def main(argv=None) -> dict:
     settings = parse_settings(tables.read_table(TABLE, BLOCKS), argv, __doc__.splitlines()[0],
                               task_columns=("dataset", "eval_split"), required_keys=("task",))
-    return train(settings, settings.task, encode)
+    return CausalLMRecipe(settings, settings.task, encode).run()
 
 
 if __name__ == "__main__":

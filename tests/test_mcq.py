@@ -658,15 +658,15 @@ def test_test_mcq_puts_a_full_precision_backbone_on_the_process_s_device(monkeyp
     process's device (a GPU where there is one), as the Trainer does in train_mcq."""
     from types import SimpleNamespace
 
-    from llmm.run import mcq_test
+    from llmm.run import causal_lm, mcq_test
 
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                          num_attention_heads=2, num_key_value_heads=2))
-    monkeypatch.setattr(mcq_test, "load_backbone", lambda settings: (model, None))
+    monkeypatch.setattr(causal_lm, "load_backbone", lambda settings: (model, None))
     monkeypatch.setattr(mcq_test, "load_llmm_model", lambda backbone, path, k: backbone)
     monkeypatch.setattr(mcq_test, "PartialState", lambda: SimpleNamespace(device=torch.device("meta")))
     settings = SimpleNamespace(load_in_8bit=False, load_in_4bit=False, run="run", K=2)
     assert next(mcq_test.load_member(settings)[0].parameters()).device.type == "meta"
     quantized = SimpleNamespace(load_in_8bit=True, load_in_4bit=False, run="run", K=2)
-    monkeypatch.setattr(mcq_test, "load_backbone", lambda settings: (LlamaForCausalLM(model.config), None))
+    monkeypatch.setattr(causal_lm, "load_backbone", lambda settings: (LlamaForCausalLM(model.config), None))
     assert next(mcq_test.load_member(quantized)[0].parameters()).device.type == "cpu"  # left where it was loaded

@@ -297,10 +297,13 @@ def unwrapped_name(name: str) -> str:
     return ".".join(part for part in name.split(".") if part not in WRAPPER_SEGMENTS)
 
 
-def adapter_state_dict(peft_model: PeftModel, state_dict=None, adapter_name: str = "default",
-                       save_embedding_layers="auto") -> dict[str, torch.Tensor]:
-    """PEFT's ``get_peft_model_state_dict`` for a model whose modules may sit inside wrappers, keyed unwrapped.
-    PEFT 0.21 strips only a leading ``_fsdp_wrapped_module.``, so under nested FSDP1 units it selects nothing."""
+def adapter_state_dict(peft_model: PeftModel, state_dict=None, adapter_name="default") -> dict[str, torch.Tensor]:
+    """PEFT's ``get_peft_model_state_dict`` of one adapter (without frozen embedding bases, _embedding_option) for a
+    model whose modules may sit inside wrappers, keyed unwrapped. PEFT 0.21 strips only a leading
+    ``_fsdp_wrapped_module.``, so under nested FSDP1 units it selects nothing."""
+    if adapter_name not in peft_model.peft_config:
+        raise ValueError(f"the model has no adapter {adapter_name!r} (its adapters: {sorted(peft_model.peft_config)}): "
+                         "pass one of those as adapter_name")
     state = peft_model.state_dict() if state_dict is None else state_dict
     state = {unwrapped_name(key): value for key, value in state.items()}
     seen = {unwrapped_name(name): name.removeprefix("_fsdp_wrapped_module.") for name, _ in peft_model.named_modules()}
@@ -308,7 +311,7 @@ def adapter_state_dict(peft_model: PeftModel, state_dict=None, adapter_name: str
     if wrapped:
         state = {_wrapped_key(key, wrapped): value for key, value in state.items()}
     selected = get_peft_model_state_dict(peft_model, state_dict=state, adapter_name=adapter_name,
-                                         save_embedding_layers=save_embedding_layers)
+                                         **_embedding_option(peft_model))
     return {unwrapped_name(key): value for key, value in selected.items()}
 
 
@@ -349,11 +352,7 @@ def _embedding_option(peft_model: PeftModel) -> dict:
 
 def adapter_weights(peft_model: PeftModel, state_dict=None, adapter_name: str = "default") -> dict[str, torch.Tensor]:
     """The tensors ``save_llmm_adapter`` writes, ready for safetensors."""
-    if adapter_name not in peft_model.peft_config:
-        raise ValueError(f"the model has no adapter {adapter_name!r} (its adapters: {sorted(peft_model.peft_config)}): "
-                         "pass one of those as adapter_name")
-    selected = adapter_state_dict(peft_model, state_dict, adapter_name, **_embedding_option(peft_model))
-    return _saveable(nonempty(selected, state_dict))
+    return _saveable(nonempty(adapter_state_dict(peft_model, state_dict, adapter_name), state_dict))
 
 
 def save_llmm_adapter(peft_model: PeftModel, out_dir: str, overwrite: bool = False, state_dict=None,
@@ -377,16 +376,13 @@ def save_llmm_adapter(peft_model: PeftModel, out_dir: str, overwrite: bool = Fal
 def export_mean_adapter(peft_model: PeftModel, out_dir: str, adapter_name: str = "default", overwrite: bool = False,
                         state_dict=None) -> str:
     """Write the mean adapter (A = M_A, B = M_B) as a plain PEFT LoRA adapter, atomically; returns ``out_dir``."""
-    if adapter_name not in peft_model.peft_config:
-        raise ValueError(f"the model has no adapter {adapter_name!r} (its adapters: {sorted(peft_model.peft_config)}): "
-                         "pass one of those as adapter_name")
+    state = adapter_state_dict(peft_model, state_dict, adapter_name)
+    state = _saveable(nonempty({key: value for key, value in state.items() if not is_direction_key(key)}, state_dict))
     config = peft_model.peft_config[adapter_name]
     lora_fields = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
     plain = {name: getattr(config, name) for name in lora_fields if name != "runtime_config"}
     plain.update(init_lora_weights=True, loftq_config={}, inference_mode=True)
     lora_config = LoraConfig(**plain)
-    state = adapter_state_dict(peft_model, state_dict, adapter_name, **_embedding_option(peft_model))
-    state = _saveable(nonempty({key: value for key, value in state.items() if not is_direction_key(key)}, state_dict))
     with atomic_dir(out_dir, overwrite) as tmp_dir:
         lora_config.save_pretrained(tmp_dir)
         save_file(state, os.path.join(tmp_dir, ADAPTER_WEIGHTS), metadata={"format": "pt"})

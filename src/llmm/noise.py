@@ -60,15 +60,10 @@ def checked_integer(value, what: str, low: int) -> int:
     return int(value)
 
 
-def check_mc_samples(mc_samples) -> int:
-    """The Monte-Carlo network count, checked to be an integer >= 1."""
-    return checked_integer(mc_samples, "mc_samples", 1)
-
-
 def mc_streams(seed: int, mc_samples: int) -> NoiseStreams:
     """The generators of N Monte-Carlo networks: ``numpy.random.SeedSequence(seed).spawn(mc_samples)``."""
     seed = checked_integer(seed, "the Monte-Carlo seed", 0)
-    return NoiseStreams(np.random.SeedSequence(seed).spawn(check_mc_samples(mc_samples)))
+    return NoiseStreams(np.random.SeedSequence(seed).spawn(checked_integer(mc_samples, "mc_samples", 1)))
 
 
 class NoiseSource:

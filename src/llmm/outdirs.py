@@ -215,12 +215,16 @@ def check_removable(path: str | Path, flag: str = "--overwrite") -> None:
                               "directory (or remove it yourself)")
 
 
+def umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def make_temp_dir(out_dir: Path) -> Path:
     """A hidden sibling ``.<name>.<random>`` of ``out_dir`` marked PARTIAL_MARKER, with mkdir's permissions."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes it private
+    os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it private
     (tmp / PARTIAL_MARKER).touch()
     return tmp
 
@@ -309,7 +313,7 @@ def atomic_dir(out_dir: str | Path, overwrite: bool = False):
 
 # --- outputs apart from inputs ---------------------------------------------------------------------------------------
 
-def _resolved(path) -> Path:
+def resolved(path) -> Path:
     return Path(os.path.realpath(os.path.expanduser(str(path))))
 
 
@@ -338,12 +342,12 @@ def check_outputs_apart(outputs: dict, inputs: dict, files: tuple[str, ...] = ()
     (``runs/mcq/table.md``) unless they would replace a file read there."""
     for out_flag, out_value in outputs.items():
         for out_path in _paths(out_value):
-            out = _resolved(out_path)
+            out = resolved(out_path)
             for in_flag, in_value in inputs.items():
                 for in_path in _paths(in_value):
                     if not os.path.lexists(os.path.expanduser(str(in_path))):
                         continue  # a hub id, or nothing yet: not a local input
-                    source = _resolved(in_path)
+                    source = resolved(in_path)
                     if out == source:
                         relation = "is"
                     elif out in source.parents:

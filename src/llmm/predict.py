@@ -24,13 +24,12 @@ from collections.abc import Mapping
 import torch
 
 from llmm.model import llmm_layers, noise_mode, noise_source
-from llmm.noise import check_mc_samples, mc_streams
+from llmm.noise import checked_integer, mc_streams
 
 LABEL_KEYS = ("labels", "label")
 
 
 def _repeat(inputs: dict, n: int) -> dict:
-    """The batch repeated n times along its leading dimension."""
     sizes = {value.shape[0] for value in inputs.values() if torch.is_tensor(value) and value.dim() > 0}
     if len(sizes) != 1:
         raise ValueError(f"batched Monte-Carlo needs every input tensor to lead with the batch size, got sizes {sizes}")
@@ -50,7 +49,7 @@ def sampled_outputs(model: torch.nn.Module, batch: Mapping, mc_samples: int, see
     """(mc_samples, *output shape): the model's logits under mc_samples sampled networks, in eval mode, each
     network's float32 logits passed through ``transform`` if given (to reduce an LM's logits network by network)."""
     transform = transform or (lambda logits: logits)
-    check_mc_samples(mc_samples)
+    checked_integer(mc_samples, "mc_samples", 1)
     if not isinstance(batch, Mapping):
         raise TypeError(f"batch must be a mapping of the model's inputs (e.g. {{'input_ids': ..., 'attention_mask': "
                         f"...}}), got {type(batch).__name__}")

@@ -22,15 +22,6 @@ from torch import nn
 SHARDING_ENV = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DEEPSPEED"}
 
 
-def llmm_units(model: nn.Module) -> set[int]:
-    """ids of the modules FSDP1 wraps apart: every Llmm layer and its base layer."""
-    units = set()
-    for module in model.modules():
-        if hasattr(module, "llmm_settings"):
-            units.update((id(module), id(module.get_base_layer())))
-    return units
-
-
 def decoder_layer_classes(model: nn.Module) -> set[type[nn.Module]]:
     """The classes the model names in ``_no_split_modules`` (its transformer blocks), found among its modules."""
     names = set()
@@ -44,7 +35,8 @@ def fsdp1_wrap_policy(model: nn.Module):
     (``use_orig_params=False`` works, as FSDP-QLoRA needs)."""
     from torch.distributed.fsdp.wrap import _or_policy, lambda_auto_wrap_policy, transformer_auto_wrap_policy
 
-    units = llmm_units(model)
+    units = {id(unit) for module in model.modules() if hasattr(module, "llmm_settings")  # each Llmm layer, its base
+             for unit in (module, module.get_base_layer())}
     if not units:
         raise ValueError("fsdp1_wrap_policy needs a model with Llmm layers (llmm.get_llmm_model / load_llmm_model)")
     return functools.partial(_or_policy, policies=[
@@ -122,17 +114,3 @@ def check_sharded_launch(state=None) -> str:
 def local_shard(tensor: torch.Tensor) -> torch.Tensor:
     """This process's shard of an FSDP2 (DTensor) tensor, else the tensor itself."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
-def sharded_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
-    """Bytes this process holds of the frozen and trainable parameters and the optimizer state (local shards)."""
-    def local(tensor):
-        tensor = local_shard(tensor)
-        return tensor.numel() * tensor.element_size()
-
-    sizes = {"frozen": 0, "trainable": 0, "optimizer": 0}
-    for parameter in model.parameters():
-        sizes["trainable" if parameter.requires_grad else "frozen"] += local(parameter)
-    for state in (optimizer.state.values() if optimizer is not None else ()):
-        sizes["optimizer"] += sum(local(value) for value in state.values() if isinstance(value, torch.Tensor))
-    return sizes

@@ -45,7 +45,14 @@ def check_settings(settings, blocks=schema.BLOCKS) -> None:
         if rule:
             raise ValueError(f"{name} = {value!r} is out of range: it must be {rule}; fix --{name} or the table row "
                              "in configs/")
-    check_report_to(settings.get("report_to"))
+    # --report_to's package must be installed (the Trainer would fail at its start, after the run directory exists)
+    from transformers.integrations import is_tensorboard_available, is_wandb_available
+
+    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
+    report_to = settings.get("report_to")
+    if report_to in available and not available[report_to]():
+        raise ValueError(f"--report_to {report_to} needs the {report_to} package: pip install {report_to}, or pass "
+                         "--report_to none")
     dev, test = settings.get("dev_fraction"), settings.get("test_fraction")  # a Settings gives defaults too
     if dev is not None and test is not None and not dev + test < 1:
         raise ValueError(f"dev_fraction {dev} and test_fraction {test}: pass fractions in (0, 1) that sum to less "
@@ -62,16 +69,6 @@ def set_method_k(settings, given_k, plain: str) -> None:
         settings.K = 0
     elif settings.K == 0:
         raise ValueError(f"--method llmm with K = 0 is the --method {plain} run: use --method {plain}, or K > 0")
-
-
-def check_report_to(report_to) -> None:
-    """--report_to's package is installed (the Trainer would fail at its start, after the run directory exists)."""
-    from transformers.integrations import is_tensorboard_available, is_wandb_available
-
-    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
-    if report_to in available and not available[report_to]():
-        raise ValueError(f"--report_to {report_to} needs the {report_to} package: pip install {report_to}, or pass "
-                         "--report_to none")
 
 
 def check_flags_apply(settings: schema.Settings, given) -> None:

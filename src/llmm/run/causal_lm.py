@@ -318,25 +318,6 @@ def train_eval_records(settings, task: str):
 
 # --- training ------------------------------------------------------------------------------------------------------
 
-def training_arguments(settings, output_dir: Path, resume: bool = False) -> TrainingArguments:
-    optim = settings.optim
-    if optim.startswith("paged_") and not torch.cuda.is_available():
-        cli.logger.warning("%s needs CUDA: using adamw_torch on this machine", optim)
-        optim = "adamw_torch"
-    settings.optim_used = optim
-    checkpointing = settings.gradient_checkpointing
-    return TrainingArguments(
-        **training.shared_arguments(settings), output_dir=str(output_dir / "checkpoints"), max_steps=settings.max_steps,
-        optim=optim, eval_strategy="steps", eval_steps=settings.eval_steps, eval_on_start=not resume,
-        prediction_loss_only=True, logging_steps=settings.logging_steps, logging_first_step=True,
-        save_strategy="steps", save_steps=settings.save_steps, data_seed=settings.data_seed,
-        bf16=settings.dtype == "bfloat16", fp16=settings.dtype == "float16",
-        activation_checkpointing=checkpointing,  # transformers' new name for gradient_checkpointing
-        activation_checkpointing_kwargs=checkpointing_kwargs(settings) if checkpointing else None,
-        remove_unused_columns=False, label_names=["labels"],
-    )
-
-
 def held_out_nll(model, dataset, collator, settings):
     """nll(m) of the width search: the held-out NLL per target token of the Monte-Carlo prediction,
     -log (1/N sum_n p_n(token)), under mc_samples networks from the seed's own streams (llmm.predict)."""
@@ -424,7 +405,23 @@ class CausalLMRecipe(Recipe):
         self.train_set, self.held_out, self.where = train_eval_records(self.settings, self.task)
 
     def training_arguments(self, resume: bool) -> TrainingArguments:
-        return training_arguments(self.settings, self.output_dir, resume)
+        settings = self.settings
+        optim = settings.optim
+        if optim.startswith("paged_") and not torch.cuda.is_available():
+            cli.logger.warning("%s needs CUDA: using adamw_torch on this machine", optim)
+            optim = "adamw_torch"
+        settings.optim_used = optim
+        checkpointing = settings.gradient_checkpointing
+        return TrainingArguments(
+            **training.shared_arguments(settings), output_dir=str(self.checkpoint_dir), max_steps=settings.max_steps,
+            optim=optim, eval_strategy="steps", eval_steps=settings.eval_steps, eval_on_start=not resume,
+            prediction_loss_only=True, logging_steps=settings.logging_steps, logging_first_step=True,
+            save_strategy="steps", save_steps=settings.save_steps, data_seed=settings.data_seed,
+            bf16=settings.dtype == "bfloat16", fp16=settings.dtype == "float16",
+            activation_checkpointing=checkpointing,  # transformers' new name for gradient_checkpointing
+            activation_checkpointing_kwargs=checkpointing_kwargs(settings) if checkpointing else None,
+            remove_unused_columns=False, label_names=["labels"],
+        )
 
     def load_model(self, arguments):
         model, tokenizer = load_backbone(self.settings)
@@ -499,8 +496,3 @@ class CausalLMRecipe(Recipe):
         cli.logger.info("held-out loss %.4f, perplexity %.2f -> %s", results["eval_loss"], results["eval_perplexity"],
                         self.output_dir)
         return results
-
-
-def train(settings, task: str, encode) -> dict:
-    """Fine-tune with the HF Trainer and write the run directory; returns the results (also in results.json)."""
-    return CausalLMRecipe(settings, task, encode).run()

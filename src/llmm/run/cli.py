@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
@@ -91,8 +90,8 @@ def table_main(doc: str, argv, baseline: str, render, flags: dict | None = None)
         read = {name: value for name, value in read.items() if isinstance(value, str)}  # mcq_table's --published
         outdirs.check_outputs_apart({"--output": args.output}, {"paths": args.paths, **read}, files=("--output",))
         if os.path.isfile(args.output) and not _written_by_a_table(args.output):
-            out = Path(os.path.realpath(os.path.expanduser(args.output)))
-            held = [path for path in args.paths if Path(os.path.realpath(os.path.expanduser(path))) in out.parents]
+            out = outdirs.resolved(args.output)
+            held = [path for path in args.paths if outdirs.resolved(path) in out.parents]
             if held:  # a run's own file (a plot, a log): never replaced, --overwrite or not
                 raise ValueError(f"--output {args.output!r} is a file inside {held[0]!r}, which the table reads: "
                                  "choose another --output")

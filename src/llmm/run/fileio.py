@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
+from llmm.outdirs import resolved, umask
 from llmm.run import schema
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "spm.model", "vocab.txt", "vocab.json")
@@ -35,7 +36,7 @@ def write_text(path: str | Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it the permissions open() would
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes it private; give it the permissions open() would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -43,7 +44,6 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def write_json(path: str | Path, payload) -> None:
-    """Write JSON atomically (write_text)."""
     write_text(path, json.dumps(payload, indent=2, default=str))
 
 
@@ -64,12 +64,6 @@ def finite_or_null(value):
     if isinstance(value, (list, tuple)):
         return [finite_or_null(item) for item in value]
     return value
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def versions() -> dict:
@@ -111,7 +105,7 @@ def real_path(value, files_only: bool = False):
         return [real_path(v, files_only) for v in value]
     if (isinstance(value, str) and value and os.path.exists(os.path.expanduser(value))
             and not (files_only and not value.endswith((".json", ".jsonl")))):
-        return os.path.realpath(os.path.expanduser(value))
+        return str(resolved(value))
     return value
 
 

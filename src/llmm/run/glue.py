@@ -5,7 +5,6 @@ results per epoch (best and last), predictions and the saved adapters.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 from pathlib import Path
 
@@ -46,7 +45,9 @@ TABLE = CONFIGS / "glue.yaml"
 BLOCKS = FAMILY_BLOCKS["glue"]
 
 
-def build_parser(table: dict) -> argparse.ArgumentParser:
+def resolve(argv: list[str] | None) -> tuple[GlueTask, GlueRun]:
+    """Task and settings: table defaults < row < flags, then what --method implies; bad values fail here."""
+    table = read_table(TABLE, BLOCKS)
     parser = cli.ArgumentParser(description="Fine-tune an encoder on one GLUE task with Llmm adapters over a "
                                      "LoftQ-quantized backbone, or a baseline.", allow_abbrev=False)
     cli.add_output_flags(parser, required=False)
@@ -54,13 +55,7 @@ def build_parser(table: dict) -> argparse.ArgumentParser:
     add_setting_flags(parser, table, BLOCKS, also=("method", "model", "data_dir", "train_file", "validation_file",
                                                    "eval_noise", "mc_samples", "target_modules", "max_steps"),
                       required=table["keys"])
-    return parser
-
-
-def resolve(argv: list[str] | None) -> tuple[GlueTask, GlueRun]:
-    """Task and settings: table defaults < row < flags, then what --method implies; bad values fail here."""
-    table = read_table(TABLE, BLOCKS)
-    args = build_parser(table).parse_args(argv)
+    args = parser.parse_args(argv)
     take_renamed(args, BLOCKS)
     task = get_task(args.task)
     if args.logging_steps is not None:
@@ -278,11 +273,6 @@ class ResultsRecorder(TrainerCallback):
         plot_curves(self.out_dir / "curves.png", panels, xlabel="epoch")
 
 
-def quantized_here(settings: GlueRun) -> bool:
-    """True when this run quantized the backbone (LoftQ or QLoRA from a plain checkpoint): Q exists only here."""
-    return settings.method != "lora" and not settings.get("init_dir")
-
-
 def predictions_record(task: GlueTask, model, data, splits, collator, batch_size: int, mode: str,
                        mc_samples: int) -> dict:
     """{split: {metrics, outputs, labels}} of the model on ``splits`` of ``data``; outputs are logits (mc: log of
@@ -294,18 +284,6 @@ def predictions_record(task: GlueTask, model, data, splits, collator, batch_size
         record[split] = {"metrics": score(task, outputs, labels), "outputs": outputs.tolist(),
                          "labels": labels.tolist()}
     return record
-
-
-def training_arguments(settings: GlueRun, out: Path) -> TrainingArguments:
-    """TrainingArguments from the settings; checkpoints every save_steps optimizer steps (0: every epoch)."""
-    every = "steps" if settings.eval_steps else "epoch"
-    return TrainingArguments(
-        **shared_arguments(settings), output_dir=str(out), num_train_epochs=settings.num_train_epochs,
-        max_steps=settings.max_steps or -1, eval_strategy=every, eval_steps=settings.eval_steps or None,
-        logging_strategy=every, logging_steps=settings.eval_steps or 500,
-        save_strategy="steps" if settings.save_steps else "epoch", save_steps=settings.save_steps or 500,
-        average_tokens_across_devices=False,  # else DDP multiplies the (per-example mean) loss by the world size
-    )
 
 
 class GlueRecipe(Recipe):
@@ -341,7 +319,15 @@ class GlueRecipe(Recipe):
                              self.settings.get("validation_file"))
 
     def training_arguments(self, resume: bool) -> TrainingArguments:
-        return training_arguments(self.settings, self.output_dir)
+        """TrainingArguments from the settings; checkpoints every save_steps optimizer steps (0: every epoch)."""
+        settings, every = self.settings, "steps" if self.settings.eval_steps else "epoch"
+        return TrainingArguments(
+            **shared_arguments(settings), output_dir=str(self.output_dir), num_train_epochs=settings.num_train_epochs,
+            max_steps=settings.max_steps or -1, eval_strategy=every, eval_steps=settings.eval_steps or None,
+            logging_strategy=every, logging_steps=settings.eval_steps or 500,
+            save_strategy="steps" if settings.save_steps else "epoch", save_steps=settings.save_steps or 500,
+            average_tokens_across_devices=False,  # else DDP multiplies the (per-example mean) loss by the world size
+        )
 
     def load_model(self, arguments):
         tokenizer, model = load_model(self.settings.model, self.task, init_dir=bool(self.settings.get("init_dir")))
@@ -402,7 +388,8 @@ class GlueRecipe(Recipe):
             task, trainer.model, self.data, task.dev_splits, DataCollatorWithPadding(tokenizer),
             settings.per_device_eval_batch_size, "mean", settings.mc_samples))
         self.recorder.plot()
-        save_run(trainer.model, tokenizer, out, settings.model, quantized_here(settings))
+        quantized_here = settings.method != "lora" and not settings.get("init_dir")  # Q exists only in this run
+        save_run(trainer.model, tokenizer, out, settings.model, quantized_here)
         results = self.recorder.write(trainer.state.log_history, complete=True)  # complete once everything is saved
         if (out / "eval").is_dir():  # eval_glue's scores of the adapter this resumed run replaced
             shutil.rmtree(out / "eval")

@@ -54,13 +54,8 @@ def gather(paths: list[str], which: str) -> tuple[list[dict], list[str]]:
             skipped.append(str(file))
             continue
         records.append({"path": str(file), "task": results["task"], "seed": results.get("seed"),
-                        "cell": acted_cell(results.get("cell")), "scores": scores})
+                        "cell": stats.canonical_cell(results.get("cell"), schema.GlueRun), "scores": scores})
     return records, skipped
-
-
-def acted_cell(cell):
-    """A GLUE run's cell as the run acted (llmm.stats.canonical_cell)."""
-    return stats.canonical_cell(cell, schema.GlueRun)
 
 
 def build(records: list[dict], baseline: str) -> list[dict]:

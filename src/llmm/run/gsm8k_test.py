@@ -10,12 +10,10 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
 from transformers import GenerationConfig, set_seed
-from llmm import outdirs
 from llmm.run import adapters, cli, fileio, schema, tables
 from llmm.run import trainer as training
 from llmm.streams import network_seeds
-from llmm import LlmmConfig, llmm_layers, load_llmm_model, sample_factor, seed_noise
-from llmm import stats
+from llmm import LlmmConfig, llmm_layers, load_llmm_model, outdirs, sample_factor, seed_noise, stats
 from llmm.tasks.prompts import (accuracy, encode_prompt, extract_answer, gold_answer, gsm8k_source, is_correct,
                           load_records, majority_vote)
 from llmm.run.causal_lm import load_backbone, scope_dataset_config
@@ -185,8 +183,7 @@ def main(argv=None) -> dict | None:
     state = PartialState()
     with state.split_between_processes(list(range(len(records)))) as mine:
         predictions = predict(model, tokenizer, [records[i] for i in mine], settings)
-    predictions = gather_object(list(zip(mine, predictions)))
-    predictions = [p for _, p in sorted(predictions, key=lambda pair: pair[0])]
+    predictions = [p for _, p in sorted(gather_object(list(zip(mine, predictions))), key=lambda pair: pair[0])]
     results = {
         "accuracy": accuracy([p["extracted"] for p in predictions], [p["gold"] for p in predictions]),
         "n": len(predictions), "n_correct": sum(p["correct"] for p in predictions),

@@ -51,7 +51,6 @@ def label(cell: dict, fields: list[str]) -> str:
 
 
 def markdown(records: list[dict], baseline: str) -> str:
-    """Markdown: one section per (task, metric)."""
     sections = []
     for task, metric in sorted({(r["task"], r["metric"]) for r in records}, key=str):
         chosen = [r for r in records if (r["task"], r["metric"]) == (task, metric)]

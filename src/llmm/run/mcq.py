@@ -19,14 +19,13 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from llmm.run import adapters, cli, fileio, schema, tables, width_search
+from llmm.run import adapters, causal_lm, cli, fileio, schema, tables, width_search
 from llmm.run.width_search import noise_width_in_use
 from llmm import metrics, stats
 from llmm.model import keep_cpu_4bit_trainable, seed_noise
 from llmm.tasks import calibration as C
 from llmm.tasks.mcq import encode_question, letter_token_ids, load_mcq, question_ids
 from llmm.width import distribution_width, width_summary
-from llmm.run import causal_lm
 from llmm.run import trainer as training
 
 TABLE = tables.CONFIGS / "mcq.yaml"
@@ -199,9 +198,6 @@ def load_all(settings: schema.McqRun, table: dict, train: bool = True, with_vali
 
 # --- model ---------------------------------------------------------------------------------------------------------
 
-load_backbone = causal_lm.load_backbone  # with load_in_8bit: bitsandbytes LLM.int8, BLoB's backbone
-
-
 class LetterTrainer(training.LlmmTrainer):
     """The Llmm Trainer with the answer-letter loss (llmm.tasks.calibration.letter_loss)."""
 
@@ -344,7 +340,7 @@ class McqRecipe(causal_lm.CausalLMRecipe):
         self.train_records, self.eval_sets, self.validation = load_all(self.settings, self.table, with_validation=True)
 
     def load_model(self, arguments):
-        model, tokenizer = load_backbone(self.settings)
+        model, tokenizer = causal_lm.load_backbone(self.settings)  # load_in_8bit: LLM.int8, BLoB's backbone
         model.config.use_cache = False
         keep_cpu_4bit_trainable(model)
         peft_model = causal_lm.attach_adapter(model, self.settings)

@@ -81,11 +81,6 @@ def question_key(questions) -> str | None:
     return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
 
 
-def member_seeds(seed) -> list[str]:
-    """The member seeds of an ensemble's seed ("1+2+3" -> ["1", "2", "3"]; mcq_test.ensemble_seed)."""
-    return str(seed).split("+")
-
-
 def ensemble_members(cell: dict, seed, groups: dict, baseline: str) -> dict | None:
     """{member seed: the ``baseline``'s mean-mode evaluation of that seed with the same settings} for a deep
     ensemble; None unless every member is found, each in one cell only."""
@@ -93,17 +88,17 @@ def ensemble_members(cell: dict, seed, groups: dict, baseline: str) -> dict | No
         return None
     joined = "+" in str(cell.get("data_seed"))
     free = {*PAIRING_FREE, "member_method", *(("data_seed",) if joined else ())}
-    members: dict = {}
+    members, wanted = {}, str(seed).split("+")  # an ensemble's seed "1+2+3" (mcq_test.ensemble_seed)
     for group in groups.values():
         other = group["cell"]
         if other["method"] != baseline or other["eval_mode"] != "mean" or not stats.same_but(other, cell, free):
             continue
         for run_seed, record in group["runs"].items():
-            if str(run_seed) in member_seeds(seed):
+            if str(run_seed) in wanted:
                 if str(run_seed) in members:
                     return None  # two baseline cells hold this member: which one it was is not known
                 members[str(run_seed)] = record
-    return members if len(members) == len(member_seeds(seed)) else None
+    return members if len(members) == len(wanted) else None
 
 
 def _grouped(records: list[dict], shown=SHOWN) -> tuple[dict, list[dict], list[str]]:

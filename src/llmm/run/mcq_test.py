@@ -4,7 +4,6 @@ their adapters and the ensemble's averaged answer distributions."""
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from accelerate import PartialState
 from llmm import load_llmm_model, outdirs
 from llmm.run import adapters, causal_lm, cli, fileio, schema, tables
 from llmm.run.mcq import (BLOCKS, TABLE, eval_precision, evaluate_sets, evaluation_cell, load_all,
-                          load_backbone, question_entries, run_cell, search_noise_width)
+                          question_entries, run_cell, search_noise_width)
 from llmm.run.width_search import RULES, apply_noise_width
 from llmm.tasks import calibration as C
 from llmm.tasks.mcq import encode_question, letter_token_ids
@@ -34,7 +33,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     adapters.check_settings({name: getattr(args, name) for name in given}, BLOCKS)  # one error line per bad value
     seen = {}
     for run in args.runs:
-        real = os.path.realpath(os.path.expanduser(run))
+        real = outdirs.resolved(run)
         if real in seen:
             raise ValueError(f"run {run!r} is given twice (also as {seen[real]!r}): an ensemble needs distinct runs, "
                              "each once")
@@ -128,7 +127,7 @@ def searched_settings(settings: schema.McqRun, search: dict, run: str) -> dict:
 
 def load_member(settings: schema.McqRun):
     """(peft model, tokenizer) of one run: its backbone and adapter (M and Z), in eval mode."""
-    model, tokenizer = load_backbone(settings)
+    model, tokenizer = causal_lm.load_backbone(settings)
     model = load_llmm_model(model, str(Path(settings.run) / "adapter"), k=settings.K)
     if not (settings.load_in_8bit or settings.load_in_4bit):  # bitsandbytes layers are placed when loaded
         model = model.to(PartialState().device)

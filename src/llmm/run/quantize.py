@@ -12,7 +12,6 @@ initialise (a new classifier head): then the whole model is loaded (``quantize``
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import time
@@ -24,9 +23,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceC
 from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
                                                     MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
 
-from llmm import get_llmm_model, streaming
+from llmm import get_llmm_model, outdirs, streaming
 from llmm.embedding import LlmmEmbedding, embedding_targets
-from llmm import outdirs
 from llmm.outdirs import atomic_dir, check_new_dir
 from llmm.run import adapters, cli, fileio, schema, tables
 
@@ -59,7 +57,10 @@ def embeddings_quantized(value: bool | None, task_type: str) -> bool:
 QUANTIZE_BLOCKS = (*schema.BLOCKS, schema.AdapterSettings, schema.LoftQSettings, schema.QuantizeSettings)
 
 
-def build_parser(table: dict) -> argparse.ArgumentParser:
+def resolve(argv: list[str] | None = None) -> schema.QuantizeRun:
+    """The settings: configs/quantize.yaml's defaults or --preset row, then the flags given; bad values fail here,
+    before anything is loaded or written."""
+    table = tables.read_yaml(TABLE)
     parser = cli.ArgumentParser(description="LoftQ-quantize a model's target linear layers and save a backbone "
                                      "+ Llmm init adapter directory.")
     parser.add_argument("--reference_scaling", action="store_true", help="old name of --compensate_scaling false")
@@ -68,14 +69,7 @@ def build_parser(table: dict) -> argparse.ArgumentParser:
                              plumbing_blocks=(schema.QuantizeSettings,))  # no run flags it ignores
     schema.add_flags(parser, (schema.AdapterSettings, schema.QuantizeSettings),
                      skip=set(schema.fields_of(schema.AdapterSettings)) - {"target_modules"})
-    return parser
-
-
-def resolve(argv: list[str] | None = None) -> schema.QuantizeRun:
-    """The settings: configs/quantize.yaml's defaults or --preset row, then the flags given; bad values fail here,
-    before anything is loaded or written."""
-    table = tables.read_yaml(TABLE)
-    args = build_parser(table).parse_args(argv)
+    args = parser.parse_args(argv)
     row = tables.select_row(table, preset=args.preset) if args.preset else dict(table["defaults"])
     settings = schema.QuantizeRun.of(row)
     where = f"configs/quantize.yaml, {'row ' + args.preset if args.preset else 'defaults'}"
@@ -188,17 +182,6 @@ def save(model, tokenizer, config, means: dict, settings: schema.QuantizeRun, tm
     tokenizer.save_pretrained(tmp_dir)
 
 
-def write_report(report: dict, settings: schema.QuantizeRun, tmp_dir: Path, started: float) -> tuple[float, float]:
-    """Writes quantize_report.json; returns the mean relative errors of Q and of Q + gBA."""
-    mean_q, mean_loftq = (sum(layer[key] for layer in report.values()) / len(report)
-                          for key in ("rel_error_q", "rel_error_loftq"))
-    fileio.write_json(tmp_dir / "quantize_report.json", {
-        "settings": settings.record(), "versions": fileio.versions(), "wall_time_s": time.time() - started,
-        "mean_rel_error_q": mean_q, "mean_rel_error_loftq": mean_loftq, "layers": report,
-    })
-    return mean_q, mean_loftq
-
-
 def make_init_dir(settings: schema.QuantizeRun, whole_model: bool = False) -> Path:
     """Write the directory of resolved ``settings`` (``resolve``); return its path. Streamed from the checkpoint's
     safetensors where that applies, else (or with ``whole_model``) with the whole model loaded: the same directory
@@ -238,6 +221,10 @@ def make_init_dir(settings: schema.QuantizeRun, whole_model: bool = False) -> Pa
         else:
             config, means, report = quantize(model, settings, targets)
             save(model, tokenizer, config, means, settings, Path(tmp_dir), final_dir)
-        errors = write_report(report, settings, Path(tmp_dir), started)
-    cli.logger.info("wrote %s (mean relative error: Q %.4f, Q + gBA %.4f)", final_dir, *errors)
+        mean_q, mean_loftq = (sum(layer[key] for layer in report.values()) / len(report)
+                              for key in ("rel_error_q", "rel_error_loftq"))
+        fileio.write_json(Path(tmp_dir) / "quantize_report.json", {
+            "settings": settings.record(), "versions": fileio.versions(), "wall_time_s": time.time() - started,
+            "mean_rel_error_q": mean_q, "mean_rel_error_loftq": mean_loftq, "layers": report})
+    cli.logger.info("wrote %s (mean relative error: Q %.4f, Q + gBA %.4f)", final_dir, mean_q, mean_loftq)
     return final_dir

@@ -9,9 +9,8 @@ import statistics
 import time
 from pathlib import Path
 
-from llmm import outdirs
+from llmm import outdirs, stats
 from llmm.run import adapters, cli, fileio, schema, tables
-from llmm import stats
 from llmm.tasks.glue import get_task
 from llmm.run import glue as train_glue
 from llmm.tasks import bbcnews

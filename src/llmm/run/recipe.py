@@ -16,7 +16,6 @@ directory apart from every input) comes before the output directory is created, 
 
 from __future__ import annotations
 
-import os
 import time
 import warnings
 from pathlib import Path
@@ -83,8 +82,7 @@ class Recipe:
         found = {f"--{name}": self.settings[name] for name in schema.input_names(self.blocks)
                  if self.settings.get(name)}
         checkpoint = getattr(self, "resumed_from", None)
-        own = os.path.realpath(os.path.expanduser(str(self.output_dir)))
-        if checkpoint and Path(own) not in Path(os.path.realpath(os.path.expanduser(str(checkpoint)))).parents:
+        if checkpoint and outdirs.resolved(self.output_dir) not in outdirs.resolved(checkpoint).parents:
             found["--resume_from_checkpoint"] = checkpoint
         return found
 

@@ -516,8 +516,7 @@ class Settings:
 
     def copy(self, **changes):
         copied = type(self).of(self.record())
-        for name, value in changes.items():
-            setattr(copied, name, value)
+        copied.update(changes)
         return copied
 
 
@@ -578,9 +577,6 @@ ALL_FIELDS = fields_of(*BLOCKS)
 def input_names(blocks=BLOCKS) -> tuple[str, ...]:
     """The settings of ``blocks`` that name what a run reads (fields declared with ``path``)."""
     return tuple(name for name, f in fields_of(*blocks).items() if f.metadata["path"])
-
-
-INPUTS = input_names()
 
 
 def kind_of(f: dataclasses.Field):

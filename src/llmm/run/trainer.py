@@ -142,7 +142,6 @@ def load_sharded_adapter(model: torch.nn.Module, part: str | Path) -> list[str]:
 
 
 def _tensors(value):
-    """Every tensor in nested dicts, lists and tuples."""
     if isinstance(value, torch.Tensor):
         yield value
     elif isinstance(value, (dict, list, tuple)):
@@ -263,10 +262,6 @@ def first_difference(saved: dict, given: dict, names, blocks) -> tuple[str, obje
     return None
 
 
-def _shown(value) -> str:
-    return " ".join(map(str, value)) if isinstance(value, list) else str(value)
-
-
 def check_resumable(run_dir: str | Path, settings, blocks) -> None:
     """A resumed run keeps the cell (roles cell and init_dir of ``blocks``), seed and inputs of the run's
     settings.json, except RESUMABLE (first_difference)."""
@@ -277,16 +272,17 @@ def check_resumable(run_dir: str | Path, settings, blocks) -> None:
     saved = read_run_settings(path, blocks, "the run's settings are unknown, so it cannot be resumed safely; start a "
                               "new run in another --output_dir")
     fixed = (schema.role_names(schema.CELL, blocks) | schema.role_names(schema.INIT_DIR, blocks) | {"seed"}
-             | set(schema.INPUTS)) - schema.role_names(schema.EVAL, blocks) - RESUMABLE
+             | set(schema.input_names())) - schema.role_names(schema.EVAL, blocks) - RESUMABLE
     difference = first_difference(saved, given, fixed, blocks)
     if difference:
         name, value, asked = difference
+        shown = " ".join(map(str, value)) if isinstance(value, list) else value  # as a flag takes it
         if value is None:
             raise ValueError(f"--resume_from_checkpoint: the run in {str(run_dir)!r} was trained without {name}, this "
                              f"command says {asked!r}: drop --{name}, or start a new run in another --output_dir")
         raise ValueError(f"--resume_from_checkpoint: the run in {str(run_dir)!r} was trained with {name}={value!r}, "
                          f"this command says {asked!r}: resume with the run's settings (its "
-                         f"settings.json, e.g. --{name} {_shown(value)}), or start a new run in another --output_dir")
+                         f"settings.json, e.g. --{name} {shown}), or start a new run in another --output_dir")
 
 
 def is_complete(run_dir: str | Path) -> bool:
@@ -466,7 +462,6 @@ class LlmmTrainer(Trainer):
         self.entropy_settings = (float(weight), float(warmup_ratio), float(floor))
 
     def entropy_lambda(self) -> float:
-        """lambda at the current optimizer step."""
         weight, ratio, _ = self.entropy_settings
         warmup = int(-(-ratio * max(self.state.max_steps, 0) // 1))  # ceil
         return entropy_weight(self.state.global_step, weight, warmup)

@@ -48,7 +48,6 @@ def read_corpus(corpus_dir: Path) -> tuple[list[str], list[tuple[str, int]], int
 
 
 def split(examples: list[tuple[str, int]], dev_fraction: float, test_fraction: float, seed: int):
-    """Stratified, seeded train / dev / test split."""
     labels = [label for _, label in examples]
     try:
         rest, test = train_test_split(examples, test_size=test_fraction, stratify=labels, random_state=seed)
@@ -59,13 +58,6 @@ def split(examples: list[tuple[str, int]], dev_fraction: float, test_fraction: f
         raise ValueError(f"too few documents for a stratified split (per label id: {counts}; {error}): add "
                          "documents to the small classes, or change dev_fraction / test_fraction") from None
     return {"train": train, "dev": dev, "test": test}
-
-
-def write_csv(path: Path, rows: list[tuple[str, int]]) -> None:
-    with open(path, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["sentence", "label"])
-        writer.writerows(rows)
 
 
 def split_corpus(corpus_dir: Path | None = None, seed: int = 0, dev_fraction: float = 0.1,
@@ -80,7 +72,8 @@ def write_split(out_dir: Path, prepared: dict) -> dict:
     """train.csv, dev.csv, test.csv, labels.json and prepare_report.json (returned) of a split_corpus result."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, rows in prepared["splits"].items():
-        write_csv(out_dir / f"{name}.csv", rows)
+        with open(out_dir / f"{name}.csv", "w", newline="", encoding="utf-8") as handle:
+            csv.writer(handle).writerows([("sentence", "label"), *rows])
     fileio.write_json(out_dir / "labels.json", dict(enumerate(prepared["classes"])))
     report = {**{key: value for key, value in prepared.items() if key != "splits"},
               "sizes": {name: len(rows) for name, rows in prepared["splits"].items()}}

@@ -20,7 +20,7 @@ from torch import nn
 
 from llmm.metrics import ECE_BINS, calibration_metrics, reliability_bins
 from llmm.model import llmm_layers, noise_mode
-from llmm.noise import check_mc_samples
+from llmm.noise import checked_integer
 from llmm.predict import mc_predict
 
 MODES = ("mean", "sample", "mc", "dropout")
@@ -122,7 +122,7 @@ def predict(head: LetterHead, batches: list[dict], mode: str, mc_samples: int = 
     layers compute as freshly loaded (cpu_4bit_as_plain_peft), so training, test_mcq and plain PEFT agree."""
     if mode not in MODES:
         raise ValueError(f"unknown evaluation mode {mode!r}; known: {MODES}")
-    check_mc_samples(mc_samples)
+    checked_integer(mc_samples, "mc_samples", 1)
     llmm_layers(head)  # every adapted layer is an Llmm layer (else the noise modes would silently do nothing)
     probs, labels = [], []
     with cpu_4bit_as_plain_peft(head):
