@@ -292,6 +292,10 @@ CASES = [
     ("gsm8k-loftq-svd-oversampling", "train_gsm8k", [*GSM8K, "--init", "loftq", "--loftq_svd_oversampling", "-4"],
      r"loftq_svd_oversampling = -4 is out of range", r"fix --loftq_svd_oversampling"),
     ("gsm8k-K", "train_gsm8k", [*GSM8K, "--K", "-2"], r"K = -2 is out of range", r"fix --K"),
+    ("gsm8k-no-targets", "train_gsm8k", [*GSM8K, "--target_modules"], r"target_modules = \[\] is out of range",
+     r"one or more values"),
+    ("glue-no-grid", "train_glue", [*COLA, "--noise_width_search", "tfb", "--noise_width_grid"],
+     r"noise_width_grid = \[\] is out of range", r"one or more values"),
     ("gsm8k-llmmscale", "train_gsm8k", [*GSM8K, "--llmmscale", "-1"], r"llmmscale = -1(\.0)? is out of range",
      r"fix --llmmscale"),
     ("gsm8k-bits", "train_gsm8k", [*GSM8K, "--init", "loftq", "--bits", "5"], r"bits = 5 is out of range",
@@ -394,7 +398,7 @@ CASES = [
     ("quickstart-seeds-0", "quickstart", ["--model", "{w}/deberta", "--seeds", "0", "--output_dir", "{w}/new"],
      r"seeds = 0 is out of range", r"integer >= 1.*fix --seeds"),
     ("quickstart-no-methods", "quickstart", ["--model", "{w}/deberta", "--methods", "--output_dir", "{w}/new"],
-     r"--methods names no method", r"one or more of llmm"),
+     r"methods = \[\] is out of range", r"one or more values of \('llmm'"),
     ("quickstart-unknown-method", "quickstart", ["--model", "{w}/deberta", "--methods", "dora", "--output_dir",
                                                  "{w}/new"], r"methods = \['dora'\] is out of range", r"one of"),
     ("quickstart-method-twice", "quickstart", ["--model", "{w}/deberta", "--methods", "llmm", "llmm",
@@ -615,3 +619,12 @@ def test_debug_is_never_a_setting():
     settings = mcq.parse_settings(["--task", "obqa", "--output_dir", "x", "--debug", "--debug"])
     assert "debug" not in settings.record() and "debug" not in stats.cell_of(settings)
     assert vars(cli.ArgumentParser().parse_args(["--debug"])) == {}
+
+
+def test_a_list_setting_takes_one_or_more_values_where_none_would_mean_nothing():
+    """--eval_modes with no mode would train and evaluate nothing; --ood with none is the table's own "no OOD set"."""
+    from llmm.run import mcq
+
+    with pytest.raises(ValueError, match=r"--eval_modes : name each mode once, at least one"):
+        mcq.parse_settings(["--task", "obqa", "--output_dir", "x", "--eval_modes"])
+    assert mcq.parse_settings(["--task", "obqa", "--output_dir", "x", "--ood"]).ood == []

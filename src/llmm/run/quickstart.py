@@ -39,8 +39,6 @@ def parse_args(argv) -> schema.QuickstartRun:
     args = parser.parse_args(argv)
     settings = schema.QuickstartRun.of({**table, **{k: v for k, v in vars(args).items() if v is not None}})
     adapters.check_settings(settings)  # --seeds, --max_steps and the table's numbers, before anything is written
-    if not settings.methods:
-        raise ValueError(f"--methods names no method: pass one or more of {', '.join(schema.GLUE_METHODS)}")
     if len(set(settings.methods)) != len(settings.methods):
         raise ValueError(f"--methods {' '.join(settings.methods)} names a method twice: name each once")
     settings.comparisons = [pair for pair in settings.comparisons if set(pair) <= set(settings.methods)]

@@ -27,13 +27,15 @@ CELL, RUN, INIT_DIR, EVAL = "cell", "run", "init_dir", "eval"
 
 
 def setting(default, help: str, *, low=None, high=None, low_open=False, high_open=False, choices=None,
-            role: str = CELL, kind=None, nonempty=False, path=None, applies=None):
+            role: str = CELL, kind=None, nonempty=False, path=None, applies=None, empty=False):
     """A dataclass field with its help, range (low / high, open or closed; text: nonempty) or choices, and role.
+    A list field takes one or more values (``empty``: none too).
     ``path`` ("data" or "model"): the setting names what the run reads (checked; no output may be or lie in one).
     ``applies``: an Applies, when the setting has an effect (default: always)."""
     return field(default=default, metadata={"help": help, "low": low, "high": high, "low_open": low_open,
                                             "high_open": high_open, "choices": choices, "role": role,
-                                            "kind": kind, "nonempty": nonempty, "path": path, "applies": applies})
+                                            "kind": kind, "nonempty": nonempty, "path": path, "applies": applies,
+                                            "empty": empty})
 
 
 @dataclass(frozen=True)
@@ -319,7 +321,8 @@ class McqSettings(CausalDataSettings):
     test_split: str = setting("test", "test split")
     train_data: str = setting(None, "a local .json/.jsonl training file", path="data")
     test_data: str = setting(None, "a local .json/.jsonl test file", path="data")
-    ood: list = setting(None, "OOD sets: task rows or .json/.jsonl files", role=EVAL, kind=str, path=ROWS_OR_FILES)
+    ood: list = setting(None, "OOD sets: task rows or .json/.jsonl files", role=EVAL, kind=str, path=ROWS_OR_FILES,
+                        empty=True)
     eval_modes: list = setting(None, "evaluation modes", choices=("mean", "mc", "dropout", "sample"), role=EVAL,
                                kind=str)
     mc_samples: int = setting(10, "Monte-Carlo passes (mc, dropout; the width search)", low=1, role=EVAL,
@@ -623,6 +626,8 @@ def _field_error(f: dataclasses.Field, value) -> str | None:
         return "true or false"
     if kind is str and f.metadata["choices"] is None and not isinstance(value, (str, list)):
         return "a string"
+    if value == [] and not f.metadata["empty"]:
+        return "one or more values" + (f" of {tuple(f.metadata['choices'])}" if f.metadata["choices"] else "")
     return None if accepts(value) else what
 
 
