@@ -46,6 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def check(args: argparse.Namespace) -> tuple[Path, schema.GlueRun, Path]:
     """The run directory, its settings and the output path; bad input fails here, before anything is loaded."""
     check_settings({name: getattr(args, name) for name in ("mode", *REPLACED)}, BLOCKS)
+    if args.output is not None:
+        llmm.outdirs.check_output_file(args.output)
     run = Path(args.run_dir)
     if not (run / "settings.json").is_file() or not (run / "adapter" / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{str(run)!r} is not a finished scripts.train_glue run (it needs settings.json and "
@@ -61,7 +63,7 @@ def check(args: argparse.Namespace) -> tuple[Path, schema.GlueRun, Path]:
     stems = [Path(path).stem for path in args.file or []]
     if len(set(stems)) != len(stems):
         raise ValueError(f"--file names two files with the same stem ({stems}): the output keys splits by file stem")
-    output = Path(args.output) if args.output else run / "eval" / f"{args.mode}.json"
+    output = Path(args.output) if args.output is not None else run / "eval" / f"{args.mode}.json"
     if output.exists() and not args.overwrite:
         raise FileExistsError(f"{str(output)!r} exists: pass --overwrite to replace it, or another --output")
     read = {f"the run's {name}": settings.get(name) for name in schema.input_names(BLOCKS)}
