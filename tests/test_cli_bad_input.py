@@ -442,6 +442,8 @@ CASES = [
     ("quantize-output-exists", "quantize_model", [*QUANTIZE, "--save_dir", "{w}/quantized", "--rank", "16"],
      r"exists and is not empty", r"pass --overwrite or another --save_dir"),
     # --- glue_table
+    ("table-output-empty", "glue_table", ["{w}/empty", "--output", ""], r"--output is the empty string",
+     r"pass a file name"),
     ("table-no-path", "glue_table", ["{w}/nope"], r"nope' does not exist", r"pass run directories"),
     ("table-no-results", "glue_table", ["{w}/empty"], r"no results.json below", r"train with scripts/train_glue.py"),
     ("table-malformed-results", "glue_table", ["{w}/results_broken"], r"results_broken/results.json.* not valid JSON",

@@ -84,7 +84,7 @@ def table_main(doc: str, argv, baseline: str, render, flags: dict | None = None)
         parser.add_argument(name, **keywords)
     args = parser.parse_args(argv)
     args.given_baseline, args.baseline = args.baseline, args.baseline or baseline
-    if args.output:
+    if args.output is not None:
         outdirs.check_output_file(args.output)
         read = {name: getattr(args, name.lstrip("-")) for name in flags or {}}
         read = {name: value for name, value in read.items() if isinstance(value, str)}  # mcq_table's --published
