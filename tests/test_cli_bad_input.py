@@ -292,6 +292,8 @@ CASES = [
     ("gsm8k-loftq-svd-oversampling", "train_gsm8k", [*GSM8K, "--init", "loftq", "--loftq_svd_oversampling", "-4"],
      r"loftq_svd_oversampling = -4 is out of range", r"fix --loftq_svd_oversampling"),
     ("gsm8k-K", "train_gsm8k", [*GSM8K, "--K", "-2"], r"K = -2 is out of range", r"fix --K"),
+    ("gsm8k-K-beyond-memory", "train_gsm8k", [*GSM8K, "--K", "100000000000"], r"out of memory \(.*allocate",
+     r"lower the batch size, --max_length, --rank or --K"),
     ("gsm8k-no-targets", "train_gsm8k", [*GSM8K, "--target_modules"], r"target_modules = \[\] is out of range",
      r"one or more values"),
     ("glue-no-grid", "train_glue", [*COLA, "--noise_width_search", "tfb", "--noise_width_grid"],

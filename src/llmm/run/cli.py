@@ -144,6 +144,7 @@ OS_FIXES = {
                   "for a training run)",
     errno.EISDIR: "is a directory: pass a file",
     errno.ENOTDIR: "a part of the path is a file, not a directory: fix the path",
+    errno.ENOENT: "no such file or directory, and it cannot be made there: check the path",
 }
 
 
@@ -158,8 +159,16 @@ def disk_full(error: BaseException) -> bool:
         or ("inline_container.cc" in text and "unexpected pos" in text)
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """An allocation that failed: torch's OutOfMemoryError (CUDA), its CPU allocator's error, or Python's."""
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(error)
+
+
 def error_line(error: BaseException) -> str:
     """The one line that run_main prints for ``error``: the problem, the file, the fix."""
+    if out_of_memory(error):
+        return (f"out of memory ({' '.join(str(error).split())[:160]}): lower the batch size, --max_length, --rank "
+                "or --K, or run on a device with more memory")
     if disk_full(error):
         where = f"{error.filename!r}: " if isinstance(error, OSError) and error.filename else ""
         return f"{where}{OS_FIXES[errno.ENOSPC]} ({' '.join(str(error).split())[:200]})"
@@ -188,10 +197,10 @@ def run_main(main) -> None:
     setup_logging()
     try:
         main()
-    except (ValueError, OSError, SafetensorError, TrainingDiverged, RuntimeError) as error:
+    except (ValueError, OSError, SafetensorError, TrainingDiverged, RuntimeError, MemoryError) as error:
         if debug or (isinstance(error, RuntimeError) and not isinstance(error, TrainingDiverged)
-                     and not disk_full(error)):
-            raise  # a RuntimeError other than a full disk is a bug: show the traceback
+                     and not disk_full(error) and not out_of_memory(error)):
+            raise  # a RuntimeError other than a full disk or memory is a bug: show the traceback
         print(f"error: {error_line(error)}", file=sys.stderr)
         raise SystemExit(3 if isinstance(error, TrainingDiverged) else 2) from None
     finally:
