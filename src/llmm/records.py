@@ -1,4 +1,5 @@
-"""Read local JSON / JSON-lines data files into a list of records, with errors that name the file and line."""
+"""Read data: local JSON / JSON-lines files into a list of records, with errors that name the file and line; hub
+datasets and dataset directories through ``datasets``, with one error naming the source and the fix."""
 
 from __future__ import annotations
 
@@ -35,3 +36,17 @@ def read_json_records(path: str | Path) -> list[dict]:
         if not isinstance(record, dict):
             raise ValueError(f"{path}: record {index} is a {type(record).__name__}, expected a JSON object")
     return records
+
+
+def load_dataset(source: str, config_name: str | None = None, fix: str = "pass a hub id this machine can reach, a "
+                 "dataset directory whose data files share their columns, or a .json/.jsonl file"):
+    """``datasets.load_dataset(source, config_name)``; its failure (offline, no data files, files whose columns
+    differ, ...) is one ValueError naming the source and ``fix``, the cause chained."""
+    import datasets
+
+    try:
+        return datasets.load_dataset(source, config_name)
+    except Exception as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        named = f"{source!r}" + (f" ({config_name})" if config_name else "")
+        raise ValueError(f"cannot load {named} as a dataset ({type(error).__name__}: {first_line}); {fix}") from error

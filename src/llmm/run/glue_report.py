@@ -9,7 +9,7 @@ from pathlib import Path
 
 from llmm import stats
 from llmm.run import schema
-from llmm.run.tables import CONFIGS, read_yaml, table_rows
+from llmm.run.tables import CONFIGS, read_keyed, table_rows
 from llmm.tasks.glue import TASKS, get_task
 
 # LoftQ's table order, then the quick start's BBC News (its dev and test splits)
@@ -125,7 +125,7 @@ def markdown(entries: list[dict], baseline: str, references: bool = True) -> str
             cells.append("-" if entry is None else "/".join(f"{s['median']:.1f}" for s in entry["summaries"])
                          + f" (n={entry['summaries'][0]['n']})")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    published = table_rows(read_yaml(REFERENCE)) if references else []
+    published = table_rows(read_keyed(REFERENCE)) if references else []
     for name, numbers in reference_rows(published, tasks, entries):
         lines.append(f"| {name} | " + " | ".join("/".join(f"{v:.1f}" for v in numbers[t]) if t in numbers else "-"
                                                  for t in tasks) + " |")

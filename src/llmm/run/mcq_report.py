@@ -271,7 +271,25 @@ def width_table(widths: list[dict]) -> list[str]:
     return out + [""]
 
 
+def check_published(published: dict) -> None:
+    """The --published file (configs/mcq_published.yaml's form): ``tasks`` and ``references``, each reference a
+    ``label``, its ``source`` and per metric one figure per task; else one error naming the key and the fix."""
+    file = f"the --published file (default configs/{PUBLISHED.name})"
+    tables.check_blocks(published, {"tasks": (list, str), "references": (list, dict)}, file, ("tasks", "references"))
+    for index, reference in enumerate(published["references"]):
+        where = f"{file}: references[{index}]"
+        tables.check_names(reference, ["label", "source", *METRICS], where)
+        if not isinstance(reference.get("label"), str):
+            raise ValueError(f"{where} has label {reference.get('label')!r}: give each reference a label (text)")
+        for metric, figures in ((m, reference[m]) for m in METRICS if m in reference):
+            if not (isinstance(figures, list) and len(figures) == len(published["tasks"])
+                    and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in figures)):
+                raise ValueError(f"{where} has {metric} {figures!r}: it must be a list of {len(published['tasks'])} "
+                                 "numbers, one per task of 'tasks' (or leave the metric out)")
+
+
 def markdown(records: list[dict], widths: list[dict], published: dict, baseline: str) -> str:
+    check_published(published)
     entries = build(records, baseline)
     return "\n".join(metric_tables(entries, published) + paired_table(entries, baseline) + width_table(widths)
                      + cost_table(records, baseline))

@@ -8,6 +8,7 @@ experiment each, naming its ``source``. Precedence: defaults, then the row, then
 from __future__ import annotations
 
 import argparse
+import difflib
 from pathlib import Path
 
 import yaml
@@ -30,18 +31,71 @@ class UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+# A keyed table's top-level blocks: {name: (its type, its items' type)}; variants: configs/mcq.yaml's named options.
+TABLE_BLOCKS = {"keys": (list, str), "columns": (list, str), "defaults": (dict, None), "rows": (list, dict),
+                "variants": (dict, dict)}
+KINDS, ITEMS = {list: "a list", dict: "a mapping"}, {str: "names", dict: "mappings"}
+
+
 def read_yaml(path: str | Path) -> dict:
+    """A YAML file holding one mapping; a directory, malformed YAML or anything but a mapping is one error naming the
+    file and the fix."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"config file {str(path)!r} is a directory, not a file: pass the YAML file")
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
     with open(path) as handle:
-        return yaml.load(handle, Loader=UniqueKeyLoader)
+        try:
+            data = yaml.load(handle, Loader=UniqueKeyLoader)
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ValueError(f"{path}{where}: malformed YAML ({getattr(error, 'problem', None) or error}): fix the "
+                             "syntax (a bracket, brace or quote left open, an indent)") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds {'nothing' if data is None else repr(data)[:60]}: it must hold a YAML "
+                         "mapping (name: value lines)")
+    return data
+
+
+def check_names(mapping: dict, known, where: str) -> None:
+    """An unknown key of ``mapping`` is one error naming ``where``, the key and the closest known one."""
+    for name in mapping:
+        if name not in known:
+            close = difflib.get_close_matches(str(name), sorted(known), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(known))}"
+            raise ValueError(f"{where} has an unknown key {name!r}: {hint}")
+
+
+def check_blocks(data: dict, blocks: dict, file: str, required=()) -> None:
+    """The top-level keys of a YAML file: each one of ``blocks`` ({name: (type, items' type)}) with a value of that
+    type, the ``required`` ones present; else one error naming the file, the key and the fix."""
+    check_names(data, blocks, file)
+    for name in required:
+        if name not in data:
+            raise ValueError(f"{file} has no {name!r}: it must hold {' and '.join(required)}")
+    for name, value in data.items():
+        kind, item = blocks[name]
+        items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        wrong = [value] if not isinstance(value, kind) else [one for one in items if item and not isinstance(one, item)]
+        if wrong:
+            raise ValueError(f"{file}: {name} {'is' if wrong[0] is value else 'holds'} {repr(wrong[0])[:80]}: it "
+                             f"must be {KINDS[kind]}" + (f" of {ITEMS[item]}" if item else ""))
+
+
+def read_keyed(path: str | Path) -> dict:
+    """A keyed table (``keys`` and ``rows``, optional ``columns``, ``defaults``, ``variants``), each block of its
+    type; an unknown block is one error naming the closest."""
+    table = read_yaml(path)
+    check_blocks(table, TABLE_BLOCKS, Path(path).name, required=("keys", "rows"))
+    return table
 
 
 def read_table(path: str | Path, blocks=schema.BLOCKS) -> dict:
     """A settings table whose defaults and rows name only fields of ``blocks`` (or key columns; an unknown or old name
     is one error naming the closest or new one), each value in its field's range."""
-    table, file = read_yaml(path), Path(path).name
+    table, file = read_keyed(path), Path(path).name
     known = {*schema.fields_of(*blocks), *table["keys"], "source"}
     for index, row in enumerate([table.get("defaults", {}), *table["rows"]]):
         where = "defaults" if index == 0 else {k: row.get(k) for k in table["keys"]}
@@ -142,7 +196,11 @@ def model_type_row(file: str, model_config, fix: str) -> list[str]:
     model_type = getattr(model_config, "model_type", None)
     if model_type not in table:
         raise ValueError(f"no row for model_type {model_type!r} in configs/{file} (known: {sorted(table)}): {fix}")
-    return list(table[model_type])
+    row = table[model_type]
+    if not isinstance(row, list) or not all(isinstance(name, str) for name in row):
+        raise ValueError(f"configs/{file}: row {model_type!r} is {row!r}: it must be a list of module names, e.g. "
+                         "[q_proj, v_proj]")
+    return list(row)
 
 
 def default_targets(model_config, explicit: list[str] | None = None) -> list[str]:

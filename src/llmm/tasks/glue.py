@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmm.records import read_json_records
+from llmm.records import load_dataset, read_json_records
 
 logger = logging.getLogger(__name__)
 
@@ -157,17 +157,13 @@ def _glue_dir_files(task: GlueTask, data_dir: str) -> dict[str, Path]:
 
 
 def _load_hub(task: GlueTask):
-    from datasets import DatasetDict, load_dataset
+    from datasets import DatasetDict
 
     if task.name in LOCAL_ONLY_TASKS:
         raise ValueError(f"task {task.name!r} has no hub copy: pass --train_file/--validation_file (for bbcnews, "
                          "files written by python -m scripts.prepare_bbcnews)")
-    try:
-        raw = load_dataset(GLUE_HUB_ID, task.name)
-    except Exception as error:  # offline, unknown revision, ...: say what to do instead, keep the cause chained
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise ValueError(f"cannot load {GLUE_HUB_ID}/{task.name} from the hub ({type(error).__name__}: {first_line}); "
-                         "pass --data_dir or --train_file/--validation_file for local files") from error
+    raw = load_dataset(GLUE_HUB_ID, task.name, fix="pass --data_dir or --train_file/--validation_file for local "
+                       "files")
     return DatasetDict({split: raw[split].select_columns(list(task.columns)) for split in ("train", *task.dev_splits)})
 
 

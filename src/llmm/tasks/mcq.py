@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from llmm.records import read_json_records
+from llmm.records import load_dataset, read_json_records
 
 LETTERS = "ABCDEFGHIJ"
 PROMPT = "Return the label of the correct answer for the question below.\n\nQuestion: {question}\nChoices:\n{choices}\n"
@@ -133,9 +133,7 @@ def load_mcq(source: str, config_name: str | None = None, split: str | None = No
     elif Path(source).is_file():
         raise ValueError(f"data file {source!r}: local files must be .json or .jsonl (or pass a dataset directory)")
     else:
-        import datasets
-
-        splits = datasets.load_dataset(source, config_name)
+        splits = load_dataset(source, config_name)
         if split not in splits:
             raise ValueError(f"{source} ({config_name}) has no {split!r} split (splits: {sorted(splits)})")
         raw, where = list(splits[split]), f"{source} [{config_name}/{split}]"
@@ -155,9 +153,7 @@ def question_ids(source: str, config_name: str | None = None, split: str | None 
     if source.endswith((".json", ".jsonl")):
         raw = read_json_records(source)
     else:
-        import datasets
-
-        raw = list(datasets.load_dataset(source, config_name)[split])
+        raw = list(load_dataset(source, config_name)[split])
     return [str(r["id"]) if isinstance(r, dict) and r.get("id") is not None else str(i + 1) for i, r in enumerate(raw)]
 
 

@@ -15,7 +15,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from llmm.records import read_json_records
+from llmm.records import load_dataset, read_json_records
 
 IGNORE_INDEX = -100
 
@@ -123,9 +123,7 @@ def load_records(source: str, task: str, config_name: str | None = None) -> dict
         return {"train": records}
     if Path(source).is_file():
         raise ValueError(f"data file {source!r}: local files must be .json or .jsonl (or pass a dataset directory)")
-    import datasets
-
-    splits = dict(datasets.load_dataset(source, config_name))
+    splits = dict(load_dataset(source, config_name))
     for name, split in splits.items():
         check_fields(split, task, f"{source} [{name}]")
     return splits
