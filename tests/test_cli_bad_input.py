@@ -298,6 +298,10 @@ CASES = [
      r"cannot load .*CoLA' as a dataset", r"a dataset directory whose data files share their columns"),
     ("gsm8k-data-dir-without-data", "train_gsm8k", [*GSM8K, "--data", "{w}/empty"],
      r"cannot load .*empty' as a dataset", r"or a .json/.jsonl file"),
+    ("gsm8k-init-dir-beside-model-path", "train_gsm8k", [*GSM8K, "--init_dir", "{w}/quantized/llama-4bit-16rank"],
+     r"--init_dir names the checkpoint of a run without --model_name_or_path", r"drop one of them"),
+    ("nlg-base-model-beside-model-path", "train_nlg", [*NLG, "--base_model", "{w}/llama"],
+     r"--base_model names the checkpoint", r"drop one of them"),
     ("gsm8k-no-targets", "train_gsm8k", [*GSM8K, "--target_modules"], r"target_modules = \[\] is out of range",
      r"one or more values"),
     ("glue-no-grid", "train_glue", [*COLA, "--noise_width_search", "tfb", "--noise_width_grid"],
@@ -640,3 +644,15 @@ def test_a_list_setting_takes_one_or_more_values_where_none_would_mean_nothing()
     with pytest.raises(ValueError, match=r"--eval_modes : name each mode once, at least one"):
         mcq.parse_settings(["--task", "obqa", "--output_dir", "x", "--eval_modes"])
     assert mcq.parse_settings(["--task", "obqa", "--output_dir", "x", "--ood"]).ood == []
+
+
+@pytest.mark.parametrize("flag, data", [("--train_split", "--train_data"), ("--test_split", "--test_data")])
+def test_a_split_beside_its_local_file_is_refused(flag, data):
+    """train_mcq reads a local file whole: a split named beside it would be ignored, so it is one error line."""
+    from llmm.run import mcq
+
+    arc = str(REPO_ROOT / "tests" / "data" / "mcq" / "arc.jsonl")
+    argv = ["--task", "arc_e", "--train_data", arc, "--test_data", arc, "--output_dir", "x"]
+    with pytest.raises(ValueError, match=rf"{flag} .*no {data} \(the file is the"):
+        mcq.parse_settings([*argv, flag, "validation"])
+    assert mcq.parse_settings(["--task", "arc_e", "--output_dir", "x", flag, "validation"])[flag[2:]] == "validation"

@@ -110,6 +110,10 @@ def parse_settings(table: dict, argv=None, description: str = "", task_columns: 
     if settings.get("eval_data") and not str(settings.eval_data).endswith((".json", ".jsonl")):
         raise ValueError(f"--eval_data {settings.eval_data!r}: it takes a .json/.jsonl file of held-out records; for "
                          "a split of a dataset directory pass it as --data with --eval_split NAME")
+    for name in ("init_dir", "base_model"):
+        if args.model_name_or_path is not None and getattr(args, name) is not None:
+            raise ValueError(f"--{name} names the checkpoint of a run without --model_name_or_path; this command "
+                             f"gives --model_name_or_path: drop one of them")
     if args.model_name_or_path is None:
         key = "base_model" if method == "qlora" else "init_dir"
         if settings[key] is None:

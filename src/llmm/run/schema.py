@@ -317,8 +317,11 @@ class McqSettings(CausalDataSettings):
 
     method: str = setting("llmm", "llmm | map (LoRA) | mcdropout", choices=("llmm", "map", "mcdropout"))
     task: str = setting(None, "the task row (configs/mcq.yaml)")
-    train_split: str = setting("train", "training split (null: an evaluation-only set)")
-    test_split: str = setting("test", "test split")
+    train_split: str = setting("train", "training split (null: an evaluation-only set)",
+                               applies=Applies("no --train_data (the file is the training set)",
+                                               lambda s: not s.train_data))
+    test_split: str = setting("test", "test split", applies=Applies("no --test_data (the file is the test set)",
+                                                                  lambda s: not s.test_data))
     train_data: str = setting(None, "a local .json/.jsonl training file", path="data")
     test_data: str = setting(None, "a local .json/.jsonl test file", path="data")
     ood: list = setting(None, "OOD sets: task rows or .json/.jsonl files", role=EVAL, kind=str, path=ROWS_OR_FILES,

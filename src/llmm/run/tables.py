@@ -49,10 +49,12 @@ def read_yaml(path: str | Path) -> dict:
         try:
             data = yaml.load(handle, Loader=UniqueKeyLoader)
         except yaml.YAMLError as error:
-            mark = getattr(error, "problem_mark", None)
+            mark, start = getattr(error, "problem_mark", None), getattr(error, "context_mark", None)
             where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ValueError(f"{path}{where}: malformed YAML ({getattr(error, 'problem', None) or error}): fix the "
-                             "syntax (a bracket, brace or quote left open, an indent)") from None
+            problem = getattr(error, "problem", None) or " ".join(str(error).split())
+            context = f", {error.context} at line {start.line + 1}" if start and error.context else ""
+            raise ValueError(f"{path}{where}: malformed YAML ({problem}{context}): fix the syntax (a bracket, brace "
+                             "or quote left open, an indent)") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} holds {'nothing' if data is None else repr(data)[:60]}: it must hold a YAML "
                          "mapping (name: value lines)")
@@ -65,7 +67,7 @@ def check_names(mapping: dict, known, where: str) -> None:
         if name not in known:
             close = difflib.get_close_matches(str(name), sorted(known), n=1)
             hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(known))}"
-            raise ValueError(f"{where} has an unknown key {name!r}: {hint}")
+            raise ValueError(f"{where} has an unknown key {name!r}: fix or remove it ({hint})")
 
 
 def check_blocks(data: dict, blocks: dict, file: str, required=()) -> None:
