@@ -75,6 +75,9 @@ def resolve(argv: list[str] | None = None) -> schema.QuantizeRun:
     where = f"configs/quantize.yaml, {'row ' + args.preset if args.preset else 'defaults'}"
     settings.quantize_embeddings = embeddings_setting(settings.get("quantize_embeddings"), where)
     if vars(args).pop("reference_scaling"):
+        if args.compensate_scaling is not None:
+            raise ValueError("--reference_scaling is the old name of --compensate_scaling false: pass only "
+                             "--compensate_scaling")
         cli.logger.warning("--reference_scaling is now --compensate_scaling false: please write that")
         settings.compensate_scaling = False
     settings.update({k: v for k, v in vars(args).items() if v is not None})
@@ -210,7 +213,7 @@ def make_init_dir(settings: schema.QuantizeRun, whole_model: bool = False) -> Pa
         cli.logger.info("loading the whole model (%s)", why)
         # The checkpoint's own dtype, so LoftQ sees the original weights; the backbone is saved in settings.dtype.
         model = fileio.load_pretrained(LOADERS[settings.task_type], settings.model, dtype="auto", **extra)
-    target_linears(model, targets, settings.rank)  # bad targets or rank fail before anything is written
+    plan(model, settings, targets)  # bad targets, rank or embedding tables fail before anything is written
     with atomic_dir(final_dir, overwrite=settings.get("overwrite", False)) as tmp_dir:
         if model.device.type == "meta":
             config, modules = plan(model, settings, targets)
