@@ -18,6 +18,7 @@ from pathlib import Path
 from llmm import outdirs
 from llmm.run import cli, fileio, schema
 from llmm.tasks.bbcnews import default_corpus_dir, read_corpus, split
+from llmm.tasks.mcq import LETTERS
 
 QUESTION = "Which topic is this news article about? {article}"
 
@@ -35,6 +36,9 @@ def main(argv=None) -> dict:
     outdirs.check_outputs_apart({"--out_dir": settings.out_dir}, {"--corpus_dir": corpus})
     outdirs.check_output_dir(settings.out_dir, overwrite=settings.overwrite)
     classes, examples, dropped = read_corpus(corpus)
+    if len(classes) > len(LETTERS):
+        raise ValueError(f"{str(corpus)!r} has {len(classes)} topics, and a question takes at most {len(LETTERS)} "
+                         "choices (answer letters A-J): pass a corpus of fewer category folders")
     splits = split(examples, settings.dev_fraction, settings.test_fraction, settings.split_seed)  # 70/10/20 by default
     sample = random.Random(settings.split_seed)
     kept = {"train": sample.sample(splits["train"], min(settings.max_train, len(splits["train"]))),
@@ -47,7 +51,7 @@ def main(argv=None) -> dict:
     report = {"classes": classes, "duplicates_dropped": dropped, "sizes": {k: len(v) for k, v in kept.items()},
               "article_words": settings.article_words, "seed": settings.split_seed}
     fileio.write_json(out_dir / "prepare_report.json", report)
-    cli.logger.info("BBC News as five-choice questions: %s", report)
+    cli.logger.info("BBC News as %d-choice questions: %s", len(classes), report)
     return report
 
 
