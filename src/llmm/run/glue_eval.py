@@ -14,7 +14,7 @@ from datasets import DatasetDict
 from transformers import DataCollatorWithPadding
 
 import llmm
-from llmm.tasks.glue import get_task, load_file, load_glue, tokenize
+from llmm.tasks.glue import TASKS, get_task, load_file, load_glue, tokenize
 from llmm.run.glue import load_model, predictions_record
 from llmm.run import cli, schema
 from llmm.run.cli import logger
@@ -53,6 +53,9 @@ def check(args: argparse.Namespace) -> tuple[Path, schema.GlueRun, Path]:
         raise FileNotFoundError(f"{str(run)!r} is not a finished scripts.train_glue run (it needs settings.json and "
                                 "adapter/): pass a run's output directory")
     settings = schema.GlueRun.of(read_run_settings(run / "settings.json", BLOCKS, "re-run the training (train_glue)"))
+    if settings.task not in TASKS:
+        raise ValueError(f"{str(run)!r} is no train_glue run (its task is {settings.task!r}): eval_glue evaluates GLUE "
+                         "runs; test a causal-LM run with test_gsm8k, a multiple-choice run with test_mcq")
     if args.mc_samples is not None and args.mode != "mc":
         raise ValueError(f"--mc_samples only applies to --mode mc (this is --mode {args.mode}): drop it or add "
                          "--mode mc")
