@@ -351,6 +351,10 @@ CASES = [
     ("nlg-4bit-loftq", "train_nlg", [*NLG, "--init", "loftq", "--load_in_4bit", "true"],
      r"LoftQ init needs the full-precision weights", r"--load_in_4bit false"),
     # --- test_gsm8k
+    ("test-adapter-is-a-file", "test_gsm8k", [*TEST, "--adapter", "{w}/gsm8k.jsonl"],
+     r"adapter directory .*gsm8k.jsonl' is a file, not a directory", r"pass the adapter/ folder"),
+    ("glue-data-dir-is-a-file", "train_glue", [*COLA[:-1], "{w}/glue/CoLA/train.tsv"],
+     r"data directory .*train.tsv' is a file, not a directory", r"pass a GLUE task folder"),
     ("test-no-adapter", "test_gsm8k", [*TEST, "--adapter", "{w}/nope"], r"adapter directory .*nope' does not exist",
      r"pass the adapter/ folder"),
     ("test-plain-dir-adapter", "test_gsm8k", [*TEST, "--adapter", "{w}/llama"], r"no adapter_config.json",

@@ -32,6 +32,7 @@ from llmm.embedding import EMBEDDING_MODULES, LlmmEmbedding
 from llmm.layer import CUSTOM_MODULES, LlmmVariant, factor_entropy
 from llmm.noise import NoiseSource, checked_integer
 from llmm.outdirs import atomic_dir
+from llmm.records import not_a_directory
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 DIRECTION_KEYS = LlmmVariant.direction_names
@@ -191,7 +192,7 @@ def load_llmm_model(base_model: torch.nn.Module, adapter_dir: str, is_trainable:
     """Load an Llmm adapter onto ``base_model``, restoring every M and Z exactly. ``k``: the K expected, if given;
     ``overrides``: config fields that do not change shapes."""
     if not os.path.isdir(adapter_dir):
-        raise FileNotFoundError(f"adapter directory {adapter_dir!r} does not exist")
+        raise FileNotFoundError(f"adapter directory {adapter_dir!r} {not_a_directory(adapter_dir)}")
     config = LlmmConfig.from_pretrained(adapter_dir)
     if not isinstance(is_trainable, bool):
         raise TypeError(f"is_trainable must be True or False, got {is_trainable!r}")

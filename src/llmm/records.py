@@ -38,6 +38,11 @@ def read_json_records(path: str | Path) -> list[dict]:
     return records
 
 
+def not_a_directory(path) -> str:
+    """Why ``path``, expected to be a directory, is none: "is a file, not a directory" or "does not exist"."""
+    return "is a file, not a directory" if Path(path).expanduser().exists() else "does not exist"
+
+
 def load_dataset(source: str, config_name: str | None = None, fix: str = "pass a hub id this machine can reach, a "
                  "dataset directory whose data files share their columns, or a .json/.jsonl file"):
     """``datasets.load_dataset(source, config_name)``; its failure (offline, no data files, files whose columns

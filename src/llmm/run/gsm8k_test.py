@@ -12,6 +12,7 @@ from accelerate.utils import gather_object
 from transformers import GenerationConfig, set_seed
 from llmm.run import adapters, cli, fileio, schema, tables
 from llmm.run import trainer as training
+from llmm.records import not_a_directory
 from llmm.streams import network_seeds
 from llmm import LlmmConfig, llmm_layers, load_llmm_model, outdirs, sample_factor, seed_noise, stats
 from llmm.tasks.prompts import (accuracy, encode_prompt, extract_answer, gold_answer, gsm8k_source, is_correct,
@@ -52,8 +53,8 @@ def check_adapter(settings: schema.Gsm8kTestRun) -> LlmmConfig:
     if adapter is None:
         raise ValueError("no adapter: pass --adapter, the adapter/ folder of a train_gsm8k.py run")
     if not Path(adapter).is_dir():
-        raise FileNotFoundError(f"adapter directory {adapter!r} does not exist: pass the adapter/ folder of a "
-                                "train_gsm8k.py run")
+        raise FileNotFoundError(f"adapter directory {adapter!r} {not_a_directory(adapter)}: pass the adapter/ "
+                                "folder of a train_gsm8k.py run")
     config = LlmmConfig.from_pretrained(adapter)
     if settings.get("K") is not None and settings.K != config.k:
         raise ValueError(f"the adapter in {adapter!r} has K={config.k} but --K {settings.K} was given: drop --K "

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from sklearn.model_selection import train_test_split
 
+from llmm.records import not_a_directory
 from llmm.run import fileio
 
 
@@ -25,8 +26,8 @@ def default_corpus_dir() -> Path:
 def corpus_classes(corpus_dir: Path) -> list[str]:
     """The class names: the corpus's sub-folders, sorted (label ids in that order)."""
     if not corpus_dir.is_dir():
-        raise FileNotFoundError(f"corpus directory {str(corpus_dir)!r} does not exist: pass --corpus_dir (one "
-                                "sub-folder of .txt files per class)")
+        raise FileNotFoundError(f"corpus directory {str(corpus_dir)!r} {not_a_directory(corpus_dir)}: pass "
+                                "--corpus_dir (one sub-folder of .txt files per class)")
     classes = sorted(p.name for p in corpus_dir.iterdir() if p.is_dir())
     if len(classes) < 2:
         raise ValueError(f"{str(corpus_dir)!r} needs one sub-folder per class, found {classes}")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llmm.records import load_dataset, read_json_records
+from llmm.records import load_dataset, not_a_directory, read_json_records
 
 logger = logging.getLogger(__name__)
 
@@ -144,7 +144,8 @@ def _glue_dir_files(task: GlueTask, data_dir: str) -> dict[str, Path]:
     """train.tsv and the dev TSVs in ``data_dir`` or in ``data_dir/<GLUE folder>`` (e.g. glue_data/CoLA)."""
     root = Path(data_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"data directory {data_dir!r} does not exist")
+        raise FileNotFoundError(f"data directory {data_dir!r} {not_a_directory(data_dir)}: pass a GLUE task folder "
+                                "(train.tsv, dev.tsv) or its parent")
     folder = root if (root / "train.tsv").is_file() else root / task.glue_dir
     files = {"train": folder / "train.tsv", **{split: folder / name for split, name in task.dev_files.items()}}
     for path in files.values():
