@@ -22,11 +22,12 @@ from __future__ import annotations
 
 from llmm.run import tables
 from llmm.run.cli import complete_runs, run_main, table_main
-from llmm.run.mcq_report import PUBLISHED, gather, markdown
+from llmm.run.mcq_report import PUBLISHED, check_published, gather, markdown
 
 
 def render(args) -> str:
     published = tables.read_yaml(args.published)
+    check_published(published, args.published)
     records, widths, skipped = gather(args.paths)
     return markdown(complete_runs(records, skipped, args.given_baseline), widths, published, args.baseline)
 

@@ -310,6 +310,8 @@ CASES = [
      r"--reference_scaling is the old name of --compensate_scaling false", r"pass only --compensate_scaling"),
     ("quantize-embeddings-of-no-row", "quantize_model", [*QUANTIZE, "--quantize_embeddings", "true"],
      r"no row for model_type 'llama' in configs/embedding_targets.yaml", r""),
+    ("gsm8k-target-of-no-module", "train_gsm8k", [*GSM8K, "--target_modules", "q_proj", "qproj"],
+     r"target module\(s\) \['qproj'\] match no module of the model", r"fix the name\(s\) in target_modules"),
     ("gsm8k-no-targets", "train_gsm8k", [*GSM8K, "--target_modules"], r"target_modules = \[\] is out of range",
      r"one or more values"),
     ("glue-no-grid", "train_glue", [*COLA, "--noise_width_search", "tfb", "--noise_width_grid"],

@@ -73,6 +73,13 @@ def _check_per_example(model: torch.nn.Module, config: LlmmConfig) -> None:
 def _check_targets(model: torch.nn.Module, config: LlmmConfig) -> None:
     if config.target_modules is None:
         return  # PEFT picks the architecture's defaults; llmm_layers() checks the result after wrapping
+    if not isinstance(config.target_modules, str):  # names (a regex string is PEFT's to match)
+        names = [name for name, _ in model.named_modules()]
+        unmatched = [key for key in sorted(config.target_modules)
+                     if not any(name == key or name.endswith(f".{key}") for name in names)]
+        if unmatched:
+            raise ValueError(f"target module(s) {unmatched} match no module of the model: fix the name(s) in "
+                             "target_modules (a module's last name, e.g. q_proj)")
     allowed = (*CUSTOM_MODULES, *EMBEDDING_MODULES)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None

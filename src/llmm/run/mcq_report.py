@@ -271,10 +271,10 @@ def width_table(widths: list[dict]) -> list[str]:
     return out + [""]
 
 
-def check_published(published: dict) -> None:
+def check_published(published: dict, file=PUBLISHED) -> None:
     """The --published file (configs/mcq_published.yaml's form): ``tasks`` and ``references``, each reference a
     ``label``, its ``source`` and per metric one figure per task; else one error naming the key and the fix."""
-    file = f"the --published file (default configs/{PUBLISHED.name})"
+    file = f"--published {str(file)!r}"
     tables.check_blocks(published, {"tasks": (list, str), "references": (list, dict)}, file, ("tasks", "references"))
     for index, reference in enumerate(published["references"]):
         where = f"{file}: references[{index}]"

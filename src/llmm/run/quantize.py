@@ -60,7 +60,7 @@ QUANTIZE_BLOCKS = (*schema.BLOCKS, schema.AdapterSettings, schema.LoftQSettings,
 def resolve(argv: list[str] | None = None) -> schema.QuantizeRun:
     """The settings: configs/quantize.yaml's defaults or --preset row, then the flags given; bad values fail here,
     before anything is loaded or written."""
-    table = tables.read_yaml(TABLE)
+    table = tables.read_keyed(TABLE)
     parser = cli.ArgumentParser(description="LoftQ-quantize a model's target linear layers and save a backbone "
                                      "+ Llmm init adapter directory.")
     parser.add_argument("--reference_scaling", action="store_true", help="old name of --compensate_scaling false")

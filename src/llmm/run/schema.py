@@ -634,14 +634,19 @@ def _field_error(f: dataclasses.Field, value) -> str | None:
     return None if accepts(value) else what
 
 
+def closest_hint(name: str, known) -> str:
+    """'did you mean <the closest known name>?' (the same letters first: k for K), else the known names."""
+    same_letters = [k for k in sorted(known) if k.lower() == str(name).lower()]
+    close = same_letters or difflib.get_close_matches(str(name), sorted(known), n=1)
+    return f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(known))}"
+
+
 def check_row_keys(names, known, table: str, row) -> None:
     """An unknown key of a table row is one error naming the table, the row and the closest known key."""
     for name in names:
         if name in known:
             continue
-        same_letters = [k for k in sorted(known) if k.lower() == name.lower()]  # k for K
-        close = same_letters or difflib.get_close_matches(name, sorted(known), n=1)
-        hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(known))}"
+        hint = closest_hint(name, known)
         raise ValueError(f"{table}: row {row} has an unknown setting {name!r}: {hint} (or declare it as a field "
                          "in llmm.run.schema)")
 

@@ -8,7 +8,6 @@ experiment each, naming its ``source``. Precedence: defaults, then the row, then
 from __future__ import annotations
 
 import argparse
-import difflib
 from pathlib import Path
 
 import yaml
@@ -65,9 +64,8 @@ def check_names(mapping: dict, known, where: str) -> None:
     """An unknown key of ``mapping`` is one error naming ``where``, the key and the closest known one."""
     for name in mapping:
         if name not in known:
-            close = difflib.get_close_matches(str(name), sorted(known), n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(sorted(known))}"
-            raise ValueError(f"{where} has an unknown key {name!r}: fix or remove it ({hint})")
+            raise ValueError(f"{where} has an unknown key {name!r}: fix or remove it "
+                             f"({schema.closest_hint(name, known)})")
 
 
 def check_blocks(data: dict, blocks: dict, file: str, required=()) -> None:
