@@ -25,7 +25,7 @@ source "$(dirname "$0")/scripts/launch.sh"  # LAUNCH (or ACCELERATE_CONFIG)
 refuse_loop_flags test_gsm8k.sh "RUNS=, DECODINGS=, MODES=, MC_SAMPLES= or SEED=" \
   --adapter --decoding --mode --output_dir --mc_samples --seed -- "$@"
 
-if [[ -z $RUNS ]]; then echo "no runs under runs/gsm8k/: run train_gsm8k.sh first, or set RUNS" >&2; exit 2; fi
+if [[ -z $RUNS ]]; then echo "error: no runs under runs/gsm8k/: run train_gsm8k.sh first, or set RUNS" >&2; exit 2; fi
 adapter_k() {  # the K an adapter was trained with (its adapter_config.json's k); unreadable: test_gsm8k says why
   python -c 'import json, sys
 try: print(json.load(open(sys.argv[1])).get("k", 0))

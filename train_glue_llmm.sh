@@ -33,6 +33,7 @@ SEEDS=${SEEDS:-"0 1 2 3"}
 METHOD=${METHOD:-llmm}
 OUT=${OUT:-runs/glue}
 source "$(dirname "$0")/scripts/launch.sh"  # ACCELERATE_CONFIG (DDP only: the encoder fits one device) or LAUNCH
+check_seeds "$SEEDS"
 refuse_loop_flags train_glue_llmm.sh "OUT=, TASKS=, QUANTS=, RANKS=, SEEDS=, METHOD=, BITS= or EMBEDDINGS=" \
   --output_dir --task --quant --rank --seed --method --bits --quantize_embeddings --no-quantize_embeddings -- "$@"
 bits=(); bits_name=""  # lora: a 16-bit backbone, BITS neither passed nor in its directory's name

@@ -30,6 +30,7 @@ source "$(dirname "$0")/scripts/launch.sh"  # ACCELERATE_CONFIG (configs/acceler
 refuse_loop_flags train_gsm8k.sh "OUT=, MODELS= (a row or a directory), RANK=, METHODS= or SEEDS=" --output_dir --model \
   --model_name_or_path --rank --method --seed -- "$@"
 SEEDS=${SEEDS:-"0 1 2 3"}
+check_seeds "$SEEDS" table
 
 for model in $MODELS; do
   choose_model "$model"  # a row of configs/gsm8k.yaml, or a directory of your own

@@ -32,6 +32,7 @@ BACKBONES=${BACKBONES:-"int8"}
 SEEDS=${SEEDS:-"1 2 3"}
 OUT=${OUT:-runs/mcq}
 source "$(dirname "$0")/scripts/launch.sh"  # LAUNCH, or ACCELERATE_CONFIG (DDP only: FSDP / DeepSpeed are refused)
+check_seeds "$SEEDS"
 
 refuse_loop_flags train_mcq.sh "OUT=, SEEDS=, TASKS=, METHODS= or BACKBONES=" --output_dir --seed --task --method \
   --variant --load_in_8bit --load_in_4bit --init --quant --bits --dtype ${MODEL:+--model_name_or_path} -- "$@"

@@ -33,6 +33,7 @@ source "$(dirname "$0")/scripts/launch.sh"  # ACCELERATE_CONFIG (configs/acceler
 refuse_loop_flags train_nlg_llama.sh "OUT=, TASKS=, MODELS= (a row or a directory), RANK=, METHODS= or SEEDS=" \
   --output_dir --task --model --model_name_or_path --rank --method --seed -- "$@"
 SEEDS=${SEEDS:-"0 1 2 3"}
+check_seeds "$SEEDS" table
 
 for task in $TASKS; do
   for model in $MODELS; do

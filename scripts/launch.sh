@@ -35,3 +35,15 @@ choose_model() {
   model_args=(--model "$1"); model_label=$1
   if [[ -d $1 ]]; then model_args=(--model_name_or_path "$1"); model_label=$(basename "${1%/}"); fi
 }
+
+# check_seeds SEEDS [table]: each entry a seed (a non-negative integer; with "table", also the word table: the row's
+# seed), else one error line naming SEEDS= (argparse would blame --seed, which the user did not type).
+check_seeds() {
+  local seed
+  for seed in $1; do
+    if [[ ! $seed =~ ^[0-9]+$ && ! ( $seed == table && ${2:-} == table ) ]]; then
+      echo "error: SEEDS=\"$1\" holds $seed, which is not a seed: give non-negative integers${2:+ (or table)}" >&2
+      exit 2
+    fi
+  done
+}

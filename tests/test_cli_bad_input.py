@@ -604,6 +604,23 @@ def test_drivers_refuse_a_flag_their_loop_sets_for_each_run(tmp_path, driver, fl
     assert line.startswith(f"error: {name} is set by {driver} for each run") and variable in line.split("use ")[1]
 
 
+@pytest.mark.parametrize("driver, seeds", [("train_gsm8k.sh", "0 abc"), ("train_nlg_llama.sh", "-1"),
+                                           ("train_glue_llmm.sh", "table"), ("train_mcq.sh", "1.5")])
+def test_drivers_refuse_seeds_that_are_no_seeds(tmp_path, driver, seeds):
+    """A bad SEEDS= entry is named as such, not as the --seed argparse saw."""
+    env = {**os.environ, "LAUNCH": "echo", "OUT": str(tmp_path / "runs"), "SEEDS": seeds}
+    done = subprocess.run(["bash", driver], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 2 and done.stdout == "" and not (tmp_path / "runs").exists()
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f'error: SEEDS="{seeds}" holds ') and "which is not a seed" in line
+
+
+def test_test_gsm8k_sh_without_runs_is_an_error_line(tmp_path):
+    done = subprocess.run(["bash", str(REPO_ROOT / "test_gsm8k.sh")], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "LAUNCH": "echo", "RUNS": ""})
+    assert done.returncode == 2 and done.stderr.startswith("error: no runs under runs/gsm8k/")
+
+
 def test_the_llama_drivers_take_a_directory_of_your_own_in_models(tmp_path):
     """MODELS holds table rows (--model) or directories (--model_name_or_path, the table's defaults), each run named
     after its row or directory: your own checkpoint never runs under a row's name."""
