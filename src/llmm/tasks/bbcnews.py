@@ -45,6 +45,9 @@ def read_corpus(corpus_dir: Path) -> tuple[list[str], list[tuple[str, int]], int
             total += 1
             labels_of.setdefault(text, set()).add(label)
     examples = [(text, next(iter(labels))) for text, labels in labels_of.items() if len(labels) == 1]
+    if not examples:
+        raise ValueError(f"{str(corpus_dir)!r} holds no usable document ({total} .txt files, all empty or the same "
+                         "text in several classes): put the articles, one UTF-8 .txt file each, in the class folders")
     return classes, examples, total - len(examples)
 
 
