@@ -696,3 +696,13 @@ def test_a_split_beside_its_local_file_is_refused(flag, data):
     with pytest.raises(ValueError, match=rf"{flag} .*no {data} \(the file is the"):
         mcq.parse_settings([*argv, flag, "validation"])
     assert mcq.parse_settings(["--task", "arc_e", "--output_dir", "x", flag, "validation"])[flag[2:]] == "validation"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, where no file can be made")
+def test_a_write_that_cannot_start_names_the_file_asked_for():
+    from llmm.run import fileio
+
+    with pytest.raises(OSError) as raised:
+        fileio.write_text("/proc/llmm-table.md", "text")
+    assert raised.value.filename == "/proc/llmm-table.md"  # not the hidden temporary file beside it
+    assert cli.error_line(raised.value).startswith("'/proc/llmm-table.md': no such file or directory")
