@@ -66,6 +66,7 @@ def world(tmp_path_factory):
         "results_broken/results.json": "{not json",
         "results_other/results.json": json.dumps({"task": "gsm8k", "complete": True}),
         "results_incomplete/results.json": json.dumps({"task": "cola", "complete": False}),
+        "results_text_seed/results.json": json.dumps({"task": "cola", "complete": True, "seed": "zero"}),
         "mcq_finished_run/settings.json": json.dumps({"task": "arc_e", "method": "llmm", "K": 2}),
         "mcq_finished_run/adapter/adapter_config.json": "{}",
         "corpus_one_class/business/001.txt": "a story",
@@ -477,6 +478,8 @@ CASES = [
     # --- glue_table
     ("table-output-empty", "glue_table", ["{w}/empty", "--output", ""], r"--output is the empty string",
      r"pass a file name"),
+    ("table-text-seed", "glue_table", ["{w}/results_text_seed"], r"has seed 'zero', not an integer",
+     r"train the run again \(scripts/train_glue.py\) or leave it out"),
     ("table-no-path", "glue_table", ["{w}/nope"], r"nope' does not exist", r"pass run directories"),
     ("table-no-results", "glue_table", ["{w}/empty"], r"no results.json below", r"train with scripts/train_glue.py"),
     ("table-malformed-results", "glue_table", ["{w}/results_broken"], r"results_broken/results.json.* not valid JSON",

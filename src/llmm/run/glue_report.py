@@ -49,6 +49,10 @@ def gather(paths: list[str], which: str) -> tuple[list[dict], list[str]]:
             task = results.get("task") if isinstance(results, dict) else None
             raise ValueError(f"{str(file)!r} is not a GLUE results.json (task {task!r}): pass GLUE run directories "
                              "(written by scripts/train_glue.py)")
+        seed = results.get("seed")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"{str(file)!r} has seed {seed!r}, not an integer: the file is damaged; train the run "
+                             "again (scripts/train_glue.py) or leave it out")
         scores = cell_scores(results, which) if results.get("complete") else None
         if scores is None:
             skipped.append(str(file))
