@@ -312,6 +312,9 @@ def test_bad_config_values(kwargs, message):
 def test_bad_targets():
     with pytest.raises(ValueError, match="larger than target module"):
         get_llmm_model(tiny_llama(), LlmmConfig(r=100, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match=r"target module\(s\) \['all-linear', 'qproj'\] match no module.*only as a "
+                       "string"):  # PEFT would adapt q_proj and drop the rest silently
+        get_llmm_model(tiny_llama(), LlmmConfig(r=4, target_modules=["q_proj", "qproj", "all-linear"]))
     with pytest.raises(ValueError, match="is a LayerNorm; Llmm adapts only"):
         get_llmm_model(tiny_deberta(), LlmmConfig(r=4, target_modules=["LayerNorm"]))
     with pytest.raises(ValueError, match="adapts only embedding tables, with plain pairs"):  # llmm.embedding

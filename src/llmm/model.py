@@ -78,8 +78,10 @@ def _check_targets(model: torch.nn.Module, config: LlmmConfig) -> None:
         unmatched = [key for key in sorted(config.target_modules)
                      if not any(name == key or name.endswith(f".{key}") for name in names)]
         if unmatched:
+            shorthand = " ('all-linear' is PEFT's shorthand only as a string, not in a list)" \
+                if "all-linear" in unmatched else ""
             raise ValueError(f"target module(s) {unmatched} match no module of the model: fix the name(s) in "
-                             "target_modules (a module's last name, e.g. q_proj)")
+                             f"target_modules (a module's last name, e.g. q_proj){shorthand}")
     allowed = (*CUSTOM_MODULES, *EMBEDDING_MODULES)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
