@@ -298,7 +298,7 @@ CASES = [
      r"loftq_svd_oversampling = -4 is out of range", r"fix --loftq_svd_oversampling"),
     ("gsm8k-K", "train_gsm8k", [*GSM8K, "--K", "-2"], r"K = -2 is out of range", r"fix --K"),
     ("gsm8k-K-beyond-memory", "train_gsm8k", [*GSM8K, "--K", "100000000000"], r"out of memory \(.*allocate",
-     r"lower the batch size, --max_length, --rank or --K"),
+     r"lower the batch size, the sequence length, the rank or K"),
     ("gsm8k-data-dir-of-other-columns", "train_gsm8k", [*GSM8K, "--data", "{w}/glue/CoLA"],
      r"cannot load .*CoLA' as a dataset", r"a dataset directory whose data files share their columns"),
     ("gsm8k-data-dir-without-data", "train_gsm8k", [*GSM8K, "--data", "{w}/empty"],

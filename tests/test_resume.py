@@ -219,6 +219,9 @@ def test_a_resume_keeps_the_settings_of_the_run_the_checkpoint_comes_from(tmp_pa
         training.check_resumable(found, {"seed": 17, "learning_rate": 3e-4, "max_train_samples": 1}, blocks)
     with pytest.raises(ValueError, match=r"trained with lora_dropout=0.0, this command says 0.1"):  # its default
         training.check_resumable(found, {"seed": 17, "learning_rate": 3e-4, "lora_dropout": 0.1}, blocks)
+    (run / "settings.json").write_text(json.dumps({"seed": 17, "model": "llama-2-7b", "base_model": "hub/llama"}))
+    with pytest.raises(ValueError, match=r"e.g. --model llama-2-7b without --model_name_or_path\)"):  # the row's
+        training.check_resumable(found, {"seed": 17, "model_name_or_path": "mine"}, blocks)  # --base_model is refused
 
 
 @pytest.mark.parametrize("family", ["glue", "gsm8k"])

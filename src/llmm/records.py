@@ -40,7 +40,7 @@ def read_json_records(path: str | Path) -> list[dict]:
 
 def not_a_directory(path) -> str:
     """Why ``path``, expected to be a directory, is none: "is a file, not a directory" or "does not exist"."""
-    return "is a file, not a directory" if Path(path).expanduser().exists() else "does not exist"
+    return "is a file, not a directory" if Path(path).exists() else "does not exist"
 
 
 def load_dataset(source: str, config_name: str | None = None, fix: str = "pass a hub id this machine can reach, a "
@@ -51,6 +51,8 @@ def load_dataset(source: str, config_name: str | None = None, fix: str = "pass a
 
     try:
         return datasets.load_dataset(source, config_name)
+    except MemoryError:
+        raise
     except Exception as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         named = f"{source!r}" + (f" ({config_name})" if config_name else "")

@@ -144,7 +144,7 @@ OS_FIXES = {
                   "for a training run)",
     errno.EISDIR: "is a directory: pass a file",
     errno.ENOTDIR: "a part of the path is a file, not a directory: fix the path",
-    errno.ENOENT: "no such file or directory, and it cannot be made there: check the path",
+    errno.ENOENT: "no such file or directory (an output: it cannot be made there): check the path",
 }
 
 
@@ -167,8 +167,8 @@ def out_of_memory(error: BaseException) -> bool:
 def error_line(error: BaseException) -> str:
     """The one line that run_main prints for ``error``: the problem, the file, the fix."""
     if out_of_memory(error):
-        return (f"out of memory ({' '.join(str(error).split())[:160]}): lower the batch size, --max_length, --rank "
-                "or --K, or run on a device with more memory")
+        return (f"out of memory ({' '.join(str(error).split())[:160]}): lower the batch size, the sequence length, "
+                "the rank or K, or run on a device with more memory")
     if disk_full(error):
         where = f"{error.filename!r}: " if isinstance(error, OSError) and error.filename else ""
         return f"{where}{OS_FIXES[errno.ENOSPC]} ({' '.join(str(error).split())[:200]})"

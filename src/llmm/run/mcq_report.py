@@ -289,7 +289,6 @@ def check_published(published: dict, file=PUBLISHED) -> None:
 
 
 def markdown(records: list[dict], widths: list[dict], published: dict, baseline: str) -> str:
-    check_published(published)
     entries = build(records, baseline)
     return "\n".join(metric_tables(entries, published) + paired_table(entries, baseline) + width_table(widths)
                      + cost_table(records, baseline))

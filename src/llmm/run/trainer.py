@@ -277,12 +277,15 @@ def check_resumable(run_dir: str | Path, settings, blocks) -> None:
     if difference:
         name, value, asked = difference
         shown = " ".join(map(str, value)) if isinstance(value, list) else value  # as a flag takes it
+        flag = f"--{name} {shown}"
+        if name in ("init_dir", "base_model") and saved.get("model"):  # the row's: --model brings it back
+            flag = f"--model {saved['model']} without --model_name_or_path"
         if value is None:
             raise ValueError(f"--resume_from_checkpoint: the run in {str(run_dir)!r} was trained without {name}, this "
                              f"command says {asked!r}: drop --{name}, or start a new run in another --output_dir")
         raise ValueError(f"--resume_from_checkpoint: the run in {str(run_dir)!r} was trained with {name}={value!r}, "
                          f"this command says {asked!r}: resume with the run's settings (its "
-                         f"settings.json, e.g. --{name} {shown}), or start a new run in another --output_dir")
+                         f"settings.json, e.g. {flag}), or start a new run in another --output_dir")
 
 
 def is_complete(run_dir: str | Path) -> bool:
