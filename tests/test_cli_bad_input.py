@@ -709,3 +709,19 @@ def test_a_write_that_cannot_start_names_the_file_asked_for():
         fileio.write_text("/proc/llmm-table.md", "text")
     assert raised.value.filename == "/proc/llmm-table.md"  # not the hidden temporary file beside it
     assert cli.error_line(raised.value).startswith("'/proc/llmm-table.md': no such file or directory")
+
+
+@pytest.mark.parametrize("script, argv", [("train_gsm8k", GSM8K), ("train_glue", COLA)])
+def test_a_target_of_no_module_is_refused_before_the_weights_load(world, capsys, monkeypatch, script, argv):
+    """A typo in --target_modules is found on the model's config (meta device), not after minutes of loading."""
+    from llmm.run import causal_lm, glue
+
+    def no_loading(*args, **kwargs):
+        pytest.fail("the weights were loaded before the target modules were checked")
+
+    monkeypatch.setattr(causal_lm, "load_backbone", no_loading)
+    monkeypatch.setattr(glue, "load_model", no_loading)
+    args = [a.replace("{w}", str(world)) for a in argv] + ["--target_modules", "qproj"]
+    code, stderr = run_cli(script, args, capsys)
+    assert code == 2
+    check_one_error_line(stderr, r"target module\(s\) \['qproj'\] match no module", r"fix the name\(s\)")

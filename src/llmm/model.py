@@ -70,18 +70,25 @@ def _check_per_example(model: torch.nn.Module, config: LlmmConfig) -> None:
                          "false")
 
 
+def check_target_names(model: torch.nn.Module, target_modules) -> None:
+    """Every name of a target list matches a module of ``model`` (PEFT adapts those that do and drops the rest
+    silently); a regex string (or None) is PEFT's to match. ``model`` may be on the meta device."""
+    if target_modules is None or isinstance(target_modules, str):
+        return
+    names = [name for name, _ in model.named_modules()]
+    unmatched = [key for key in sorted(target_modules) if not any(name == key or name.endswith(f".{key}")
+                                                                  for name in names)]
+    if unmatched:
+        shorthand = " ('all-linear' is PEFT's shorthand only as a string, not in a list)" \
+            if "all-linear" in unmatched else ""
+        raise ValueError(f"target module(s) {unmatched} match no module of the model: fix the name(s) in "
+                         f"target_modules (a module's last name, e.g. q_proj){shorthand}")
+
+
 def _check_targets(model: torch.nn.Module, config: LlmmConfig) -> None:
     if config.target_modules is None:
         return  # PEFT picks the architecture's defaults; llmm_layers() checks the result after wrapping
-    if not isinstance(config.target_modules, str):  # names (a regex string is PEFT's to match)
-        names = [name for name, _ in model.named_modules()]
-        unmatched = [key for key in sorted(config.target_modules)
-                     if not any(name == key or name.endswith(f".{key}") for name in names)]
-        if unmatched:
-            shorthand = " ('all-linear' is PEFT's shorthand only as a string, not in a list)" \
-                if "all-linear" in unmatched else ""
-            raise ValueError(f"target module(s) {unmatched} match no module of the model: fix the name(s) in "
-                             f"target_modules (a module's last name, e.g. q_proj){shorthand}")
+    check_target_names(model, config.target_modules)
     allowed = (*CUSTOM_MODULES, *EMBEDDING_MODULES)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None

@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 from accelerate import PartialState
 from peft import prepare_model_for_kbit_training
-from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DataCollatorForSeq2Seq,
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DataCollatorForSeq2Seq,
                           TrainingArguments)
 
 from llmm import LlmmConfig, get_llmm_model, load_llmm_model, sharding, stats
-from llmm.model import init_from_adapter, keep_cpu_4bit_trainable
+from llmm.model import check_target_names, init_from_adapter, keep_cpu_4bit_trainable
 from llmm.predict import sampled_outputs
 from llmm.run import adapters, cli, fileio, schema, tables, width_search
 from llmm.run import trainer as training
@@ -404,6 +404,13 @@ class CausalLMRecipe(Recipe):
     def __init__(self, settings, task: str, encode):
         super().__init__(settings)
         self.task, self.encode = task, encode
+
+    def derive(self):
+        """--target_modules checked on the model's config on the meta device, before minutes of loading weights."""
+        if self.settings.get("target_modules"):
+            config = fileio.load_pretrained(AutoConfig, self.settings.model_name_or_path)
+            with torch.device("meta"):
+                check_target_names(AutoModelForCausalLM.from_config(config), self.settings.target_modules)
 
     def load_data(self):
         self.train_set, self.held_out, self.where = train_eval_records(self.settings, self.task)

@@ -23,6 +23,7 @@ from transformers import (
 
 import llmm
 from llmm import stats
+from llmm.model import check_target_names
 from llmm.embedding import embedding_targets
 from llmm.tasks.glue import GlueTask, get_task, load_glue, predict, score, tokenize
 from llmm.tasks.glue import batches as split_batches
@@ -311,8 +312,9 @@ class GlueRecipe(Recipe):
         settings.json, a resume and --skip_if_complete compare the same list."""
         config = load_pretrained(AutoConfig, self.settings.model, num_labels=self.task.num_labels)
         with torch.device("meta"):
-            self.settings.target_modules = adapted_modules(AutoModelForSequenceClassification.from_config(config),
-                                                           self.settings)
+            model = AutoModelForSequenceClassification.from_config(config)
+        check_target_names(model, self.settings.target_modules)  # before the weights load
+        self.settings.target_modules = adapted_modules(model, self.settings)
 
     def load_data(self):
         self.raw = load_glue(self.task, self.settings.get("data_dir"), self.settings.get("train_file"),
