@@ -153,17 +153,16 @@ def plan(model: torch.nn.Module, settings: schema.QuantizeRun, targets: list[str
     return config, modules
 
 
-def quantize(model: torch.nn.Module, settings: schema.QuantizeRun, targets: list[str]) -> tuple:
-    """The whole-model path: replace each target weight by Q in place; return the Llmm config, the means and the
-    per-layer report."""
-    config, modules = plan(model, settings, targets)
+def quantize(settings: schema.QuantizeRun, config, modules: dict) -> tuple[dict, dict]:
+    """The whole-model path over ``plan``'s config and modules: replace each target weight by Q in place; return the
+    means and the per-layer report."""
     means, report = {}, {}
     for name, module in tqdm(modules.items(), desc="LoftQ", unit="layer"):
         weight = module.weight.detach().to(settings.device)
         q, factor_A, factor_B, report[name] = streaming.loftq_matrix(weight, config, getattr(torch, settings.dtype))
         module.weight.data = q.to(module.weight.device)
         means[name] = (factor_A, factor_B)
-    return config, means, report
+    return means, report
 
 
 def save(model, tokenizer, config, means: dict, settings: schema.QuantizeRun, tmp_dir: Path, final_dir: Path) -> None:
@@ -213,16 +212,15 @@ def make_init_dir(settings: schema.QuantizeRun, whole_model: bool = False) -> Pa
         cli.logger.info("loading the whole model (%s)", why)
         # The checkpoint's own dtype, so LoftQ sees the original weights; the backbone is saved in settings.dtype.
         model = fileio.load_pretrained(LOADERS[settings.task_type], settings.model, dtype="auto", **extra)
-    plan(model, settings, targets)  # bad targets, rank or embedding tables fail before anything is written
+    config, modules = plan(model, settings, targets)  # bad targets, rank or tables fail before anything is written
     with atomic_dir(final_dir, overwrite=settings.get("overwrite", False)) as tmp_dir:
         if model.device.type == "meta":
-            config, modules = plan(model, settings, targets)
             report = streaming.quantize_checkpoint(
                 folder, tmp_dir, model, modules, config, getattr(torch, settings.dtype), settings.device,
                 final_dir=final_dir, progress=lambda items: tqdm(items, desc="LoftQ (streamed)", unit="tensor"))
             tokenizer.save_pretrained(tmp_dir)
         else:
-            config, means, report = quantize(model, settings, targets)
+            means, report = quantize(settings, config, modules)
             save(model, tokenizer, config, means, settings, Path(tmp_dir), final_dir)
         mean_q, mean_loftq = (sum(layer[key] for layer in report.values()) / len(report)
                               for key in ("rel_error_q", "rel_error_loftq"))
