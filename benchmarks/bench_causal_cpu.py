@@ -1,6 +1,6 @@
 """The paper's precision on CPU: NF4 backbone + bfloat16 compute vs a float32 backbone, and bitsandbytes' CPU kernels.
 
-    python -m benchmarks.bench_causal_cpu          # writes benchmarks/results/causal_<device>.json
+    python -m benchmarks.bench_causal_cpu          # writes benchmarks/results/causal_cpu.json (--out: elsewhere)
 
 1. Training step time (median of interleaved steps) of an Llmm (K=2, rank 16) adapter on a Llama-architecture
    model (hidden 512, 4 layers, random weights), batch 4 x 128 tokens, AdamW: (a) the float32 backbone, float32
@@ -14,8 +14,8 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
-import json
 import statistics
 import tempfile
 import time
@@ -26,9 +26,9 @@ import torch
 from peft import prepare_model_for_kbit_training
 from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
+from benchmarks.common import add_out, record
 from llmm import LlmmConfig, get_llmm_model
 
-HERE = Path(__file__).resolve().parent
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -96,13 +96,14 @@ def kernel_errors() -> dict:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_out(parser, "causal_cpu.json")
+    args = parser.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
         results = {"device": "cpu", "threads": 1, "steps": step_times(models(Path(tmp))), "kernels": kernel_errors(),
                    "date": time.strftime("%Y-%m-%d")}
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "causal_cpu.json").write_text(json.dumps(results, indent=2))
-    print(json.dumps(results, indent=2))
+    record(results, args.out, "causal_cpu.json")
 
 
 if __name__ == "__main__":

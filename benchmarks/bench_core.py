@@ -12,7 +12,6 @@ child process (CPU: its max RSS; CUDA: torch.cuda.max_memory_allocated).
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import resource
 import statistics
@@ -25,6 +24,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from benchmarks.common import add_out, record
 from llmm import LlmmConfig, get_llmm_model
 from llmm.quant import loftq_init
 
@@ -108,7 +108,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--memory_of", choices=["lora", "llmm"], help=argparse.SUPPRESS)  # child-process mode
-    parser.add_argument("--out", default=str(HERE / "results" / "core.json"))
+    add_out(parser, "core_<device>.json")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(1)
@@ -128,9 +128,7 @@ def main() -> None:
         "peak_memory_mib": memory,
         "loftq": loftq_times(args.quick, device),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    record(result, args.out, f"core_{device}.json")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import add_out, record
 from llmm.run import cli, fileio
 from llmm import LlmmConfig
 from llmm.quant import loftq_init
@@ -139,6 +140,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--exact_from", type=Path, default=None,
                         help="an earlier results JSON of this device: take its exact rows instead of re-running them")
+    add_out(parser, "loftq_<device>.json")
     args = parser.parse_args()
     if args.device == "cuda":
         cli.require_cuda_for("--device cuda")
@@ -187,8 +189,7 @@ def main() -> None:
             "576x576": torch.randn(576, 576) * 0.02, "minilm": minilm_weight(),
             "4096x4096": llama["q_proj"],
         })
-    path = Path(__file__).parent / "results" / f"loftq_{args.device}.json"
-    fileio.write_json(path, results)
+    record(results, args.out, f"loftq_{args.device}.json", show=False)
     key = "cpu_s" if args.device == "cpu" else "wall_s"  # one CPU thread: CPU time; a GPU: wall time
     minutes = estimate[f"truncated_{key}_min"]
     where = "1 CPU thread" if args.device == "cpu" else results["device"]
@@ -204,7 +205,6 @@ def main() -> None:
                   f" (cpu {row['truncated']['cpu_s']:6.1f} s)"
                   + (f"  exact {exact['wall_s']:6.1f} s  ratio {row['ratio']:.5f} (target <= {row['ratio_target']})"
                      if exact else ""))
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -14,21 +14,19 @@ bench_mcq). Each measurement is the median of --repeats interleaved rounds after
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from benchmarks.common import add_out, record
 from llmm import LlmmConfig, get_llmm_model, mc_predict, noise_mode
 from llmm.tasks.calibration import LetterHead
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LETTERS = [5, 6, 7, 8, 9]
-RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def build(quick: bool, per_example: bool = False) -> torch.nn.Module:
@@ -66,6 +64,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--samples", type=int, default=10)
     parser.add_argument("--device", default="cpu")
+    add_out(parser, "mc_<device>[_quick].json")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     device = torch.device(args.device)
@@ -108,10 +107,7 @@ def main(argv=None) -> dict:
         "train_step_seconds": step,
         "per_example_step_ratio": step["per_example"] / step["per_forward"],
     }
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"mc_{device.type}{'_quick' if args.quick else ''}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    record(result, args.out, f"mc_{device.type}{'_quick' * args.quick}.json")
     return result
 
 

@@ -22,7 +22,6 @@ noise, as a ratio to mean mode; the width search's cost in validation passes of 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import resource
 import statistics
@@ -36,6 +35,7 @@ import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from benchmarks.common import add_out, record
 from llmm import LlmmConfig, choose_noise_width, entropy, get_llmm_model
 from llmm.tasks import calibration as C
 
@@ -201,7 +201,7 @@ def main() -> None:
     parser.add_argument("--memory_of", choices=["lora", "llmm"], help=argparse.SUPPRESS)  # child-process mode
     parser.add_argument("--options", action="store_true", help="the method's options (per-example noise, entropy term, "
                         "batched mc, width search)")
-    parser.add_argument("--out", default=None)
+    add_out(parser, "mcq_<device>[_quick].json; --options: mcq_options_<device>[_quick].json")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(1)
@@ -210,12 +210,8 @@ def main() -> None:
                   f"CPU ({platform.processor() or 'x86_64'}), 1 thread", "quick": args.quick,
                   "train_step": option_steps(args.quick, device, args.steps),
                   "test": option_test_times(args.quick, device, args.rounds)}
-        out = Path(args.out or HERE / "results" / f"mcq_options_{device}{'_quick' * args.quick}.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
-        print(json.dumps(result, indent=2))
+        record(result, args.out, f"mcq_options_{device}{'_quick' * args.quick}.json")
         return
-    args.out = args.out or str(HERE / "results" / "mcq.json")
     if args.memory_of:
         print(peak_memory(args.memory_of, args.quick, device))
         return
@@ -232,9 +228,7 @@ def main() -> None:
         "peak_memory_mib": memory, "peak_memory_ratio": memory["llmm"] / memory["lora"],
         "test": test_times(args.quick, device, args.rounds),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    record(result, args.out, f"mcq_{device}{'_quick' * args.quick}.json")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import resource
 import statistics
 import subprocess
@@ -27,6 +26,7 @@ import torch
 from peft import LoftQConfig, LoraConfig, get_peft_model
 from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
+from benchmarks.common import add_out, record
 from llmm import LlmmConfig, get_llmm_model
 
 HERE = Path(__file__).resolve().parent
@@ -143,6 +143,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--memory_of", choices=["lora", "llmm"], help=argparse.SUPPRESS)  # child-process mode
+    add_out(parser, "models_<device>.json")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.set_num_threads(1)
@@ -158,10 +159,7 @@ def main() -> None:
         "minilm_loftq_full_model": loftq_full_model(device),
         "llama_generation": generation(device),
     }
-    out = HERE / "results" / f"models_{device}.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+    record(result, args.out, f"models_{device}.json")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
+from benchmarks.common import RESULTS, add_out, record
+
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 STEPS, WARMUP = 8, 2
 
@@ -86,14 +87,14 @@ def worker(mode: str, out: Path) -> None:
         dist.barrier()
         if step >= WARMUP:
             times.append(time.perf_counter() - start)
-    record = {"rank": rank, "step_s": statistics.median(times), **sharded_state_bytes(model, optimizer),
+    figures = {"rank": rank, "step_s": statistics.median(times), **sharded_state_bytes(model, optimizer),
               "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               "rss_after_build_mib": built, "rss_after_training_mib": rss_mib()}
-    (out / f"{mode}_{rank}.json").write_text(json.dumps(record))
+    (out / f"{mode}_{rank}.json").write_text(json.dumps(figures))
     dist.destroy_process_group()
 
 
-def main() -> None:
+def measure(out: str | None) -> None:
     import tempfile
 
     results = {"model": "Llama hidden 512, 4 layers, intermediate 1376, vocab 4096, float32; Llmm K=2 rank 16 on "
@@ -103,7 +104,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for mode in ("ddp", "fsdp2"):
             subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                            __file__, "--worker", mode, "--out", tmp], check=True, env=env)
+                            "--module", "benchmarks.bench_sharded", "--worker", mode, "--worker_dir", tmp],
+                           check=True, env=env, cwd=RESULTS.parent.parent)
             results["modes"][mode] = [json.loads((Path(tmp) / f"{mode}_{rank}.json").read_text()) for rank in (0, 1)]
     mib = 2 ** 20
     summary = {}
@@ -113,17 +115,21 @@ def main() -> None:
         summary[mode]["step_s"] = statistics.mean(r["step_s"] for r in ranks)
     summary["fsdp2_over_ddp"] = {key: summary["fsdp2"][key] / summary["ddp"][key] for key in summary["ddp"]}
     results["summary_mib_per_process"] = summary
-    path = HERE / "results" / "sharded_cpu.json"
-    path.write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
+    record(results, out, "sharded_cpu.json", show=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", choices=("ddp", "fsdp2"), default=None)
+    parser.add_argument("--worker_dir", help=argparse.SUPPRESS)  # where a worker writes its record
+    add_out(parser, "sharded_cpu.json")
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, Path(args.worker_dir))
+    else:
+        measure(args.out)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--worker", choices=("ddp", "fsdp2"), default=None)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args()
-    if args.worker:
-        worker(args.worker, Path(args.out))
-    else:
-        main()
+    main()

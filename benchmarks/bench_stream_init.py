@@ -4,7 +4,7 @@
     python -m benchmarks.bench_stream_init --sizes 0.1b --loftq_iter 5
 
 Each size is a synthetic Llama-architecture bfloat16 checkpoint (random N(0, 0.02) weights; shards of 1 GB written
-tensor by tensor with llmm.streaming.SafetensorsWriter, so the model is never held) in --work_dir. Each is then
+tensor by tensor with llmm.streaming.SafetensorsWriter, so the model is never held) in a temporary directory. Each is then
 quantized by `python -m scripts.quantize_model` (NF4, rank 64, bf16 storage) in a child process on one thread, and
 its peak resident memory is the child's own VmHWM (see ``child``); the same child importing its library module
 (llmm.run.quantize) and exiting gives the runtime's own share ("baseline"). --whole_model sizes (0.1 B, 0.5 B) run a
@@ -16,7 +16,7 @@ iterations (default 1; memory does not depend on it) and only "llama7b_layer" (o
 shapes) runs 5, the setting of bench_loftq: its per-matrix times compare with results/loftq_cpu.json's. The 70B
 estimate is derived, not measured: the 7B layer's seconds per weight element, times Llama-2-70B's target weight
 elements. The checkpoints and outputs are deleted after each size.
-Writes benchmarks/results/stream_init_cpu.json.
+Writes benchmarks/results/stream_init_cpu.json (--out: elsewhere).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import RESULTS, add_out
 from llmm.run import fileio, tables
 from llmm.streaming import SafetensorsWriter, shard_layout, shard_names
 
@@ -178,7 +179,7 @@ def estimate_70b(layer_7b: dict, baseline_gib: float) -> dict:
     1 thread: this run's 7B-shaped layer, and bench_loftq's 7B shapes (results/loftq_cpu.json, CPU seconds)."""
     elements = LLAMA_2_70B["layers"] * sum(rows * cols for rows, cols in LLAMA_2_70B["shapes"])
     rates = {"this_run_wall": layer_7b["seconds_per_million_elements"] / 1e6}
-    loftq = tables.REPO_ROOT / "benchmarks/results/loftq_cpu.json"
+    loftq = RESULTS / "loftq_cpu.json"
     if loftq.is_file():  # one 7B layer: 4 x q_proj's shape, down_proj, 2 x gate_proj's shape (gate, up)
         weights = json.loads(loftq.read_text())["weights"]
         layer = [("llama_q_proj", 4), ("llama_down_proj", 1), ("llama_gate_proj", 2)]
@@ -213,14 +214,13 @@ def main() -> None:
     parser.add_argument("--whole_model", nargs="*", default=["0.1b", "0.5b"],
                         help="sizes also run with the whole model loaded, for contrast")
     parser.add_argument("--one_matrix_only", action="store_true", help="only the one-matrix reference, for "
-                        "sizes already in --output (needs their largest_matrix_shape)")
-    parser.add_argument("--work_dir", default="/tmp/bench_stream_init")
-    parser.add_argument("--output", default=str(tables.REPO_ROOT / "benchmarks/results/stream_init_cpu.json"))
+                        "sizes already in --out (needs their largest_matrix_shape)")
+    parser.add_argument("--work_dir", default=None, help="where the checkpoints are written, in a temporary directory "
+                        "of their own (default: the system's temporary directory)")
+    add_out(parser, "stream_init_cpu.json; sizes already there are kept")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    work_dir = Path(args.work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    output = Path(args.output)
+    output = Path(args.out) if args.out else RESULTS / "stream_init_cpu.json"
     results = json.loads(output.read_text()) if output.is_file() else {}
     results.update({"device": f"CPU {platform.machine()}, 1 thread (2-core shared VM)",
                     "date": time.strftime("%Y-%m-%d"), "versions": fileio.versions(),
@@ -240,14 +240,14 @@ def main() -> None:
             results["llama_2_70b_estimate"] = estimate_70b(sizes["llama7b_layer"], results["baseline_rss_gib"])
             fileio.write_json(output, results)
         return
-    for name in args.sizes:
-        sizes[name] = run_size(name, work_dir, 5 if name == "llama7b_layer" else args.loftq_iter,
-                               whole_model=name in args.whole_model)
-        print(name, json.dumps(sizes[name]), flush=True)
-        if "llama7b_layer" in sizes:
-            results["llama_2_70b_estimate"] = estimate_70b(sizes["llama7b_layer"], results["baseline_rss_gib"])
-        fileio.write_json(output, results)
-    shutil.rmtree(work_dir, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="bench_stream_init-", dir=args.work_dir) as work_dir:
+        for name in args.sizes:
+            sizes[name] = run_size(name, Path(work_dir), 5 if name == "llama7b_layer" else args.loftq_iter,
+                                   whole_model=name in args.whole_model)
+            print(name, json.dumps(sizes[name]), flush=True)
+            if "llama7b_layer" in sizes:
+                results["llama_2_70b_estimate"] = estimate_70b(sizes["llama7b_layer"], results["baseline_rss_gib"])
+            fileio.write_json(output, results)
 
 
 if __name__ == "__main__":
