@@ -4,7 +4,7 @@ policy picks, as accelerate applies it) equals one process on the global batch.
 
 Two CPU processes over gloo (torch.distributed.run). Both draw the same noise (seed_noise(model, 3) on each), so
 sharding is the only difference: losses agree within float rounding of the gradient reduction (rtol 1e-5 in fp32;
-in bf16 the backbone's activations round differently at batch 2 than at 4: rtol 1e-2).
+1e-4 over a bf16 backbone, measured 7e-6 apart: one step moves the loss by about 1e-2, so the bound can tell).
 """
 
 import json
@@ -37,7 +37,7 @@ def test_sharded_step_equals_one_process(mode, dtype):
     model = build(getattr(torch, dtype))
     expected = [loss.item() for loss in two_steps(model, model, GLOBAL_BATCH)]
     result = sharded_losses(mode, dtype)
-    tolerance = 1e-5 if dtype == "float32" else 1e-2
+    tolerance = 1e-5 if dtype == "float32" else 1e-4
     assert result["losses"] == pytest.approx(expected, rel=tolerance)
     assert result["losses"][1] != pytest.approx(result["losses"][0], rel=1e-4)  # the step changed the adapter
     if mode != "fsdp1":

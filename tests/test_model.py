@@ -1,5 +1,6 @@
 """Save / load round trips, mean-adapter export to plain PEFT, bitsandbytes 4-bit bases, learning, bad input."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -8,7 +9,8 @@ import textwrap
 import pytest
 import torch
 from conftest import LLAMA_TARGETS, tiny_deberta, tiny_llama
-from peft import LoftQConfig
+from peft import (LoftQConfig, LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict,
+                  set_peft_model_state_dict)
 from safetensors.torch import load_file
 from test_layer import randomize
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -99,9 +101,15 @@ def test_loading_may_change_the_noise_not_the_mean_function(tmp_path):
 def test_an_init_adapter_fixes_the_scaling_of_its_means(tmp_path):
     from llmm import init_from_adapter
 
-    get_llmm_model(tiny_llama(), LlmmConfig(k=0, use_rslora=True, **CONFIG)).save_pretrained(tmp_path / "init")
+    init = get_llmm_model(tiny_llama(), LlmmConfig(k=0, use_rslora=True, **CONFIG))
+    randomize(init)  # means unlike a fresh init's (B = 0)
+    init.save_pretrained(tmp_path / "init")
     model = init_from_adapter(tiny_llama(), str(tmp_path / "init"), LlmmConfig(k=2, use_rslora=True, **CONFIG))
-    assert len(llmm_layers(model)) > 0
+    saved, loaded = load_file(tmp_path / "init" / "adapter_model.safetensors"), get_peft_model_state_dict(model)
+    means = [key for key in saved if ".lora_A." in key or ".lora_B." in key]
+    assert len(means) == 2 * len(llmm_layers(model)) > 0
+    assert all(torch.equal(loaded[key], saved[key]) for key in means)  # the model starts from the saved means
+    assert all(value.abs().max() == 0 for key, value in loaded.items() if "lora_llmm_" in key)  # directions: zero
     with pytest.raises(ValueError, match="use_rslora=True but the config has use_rslora=False"):
         init_from_adapter(tiny_llama(), str(tmp_path / "init"), LlmmConfig(k=2, **CONFIG))
 
@@ -141,23 +149,31 @@ def test_a_model_of_ones_own_that_returns_logits_and_has_no_embedding_getters(tm
     x = torch.randn(8, 16)
     probabilities = mc_predict(model, {"x": x}, 3)
     assert probabilities.shape == (8, 5) and not torch.allclose(probabilities[0], probabilities[1])
+    codes = model.base_model.model.fc2.get_base_layer().weight.detach().flatten()[:128].view(2, 64)
+    assert all(len(block.unique()) <= 16 for block in codes)  # the SubLinear's base was quantized to NF4 in-process
     save_llmm_adapter(model, str(tmp_path / "adapter"))
     export_mean_adapter(model, str(tmp_path / "mean"))
-    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
-    assert (tmp_path / "mean" / "adapter_model.safetensors").is_file()
+    with torch.no_grad():
+        expected = model.eval()(x)
+        reloaded = load_llmm_model(copy.deepcopy(model).unload(), str(tmp_path / "adapter")).eval()(x)
+        mean = PeftModel.from_pretrained(copy.deepcopy(model).unload(), str(tmp_path / "mean")).eval()(x)
+    torch.testing.assert_close(reloaded, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(mean, expected, rtol=0, atol=1e-6)
 
 
 def test_a_plain_lora_adapter_beside_an_llmm_one_is_peft_s_own(tmp_path):
-    from peft import LoraConfig
-
     model = get_llmm_model(tiny_llama(), LlmmConfig(k=2, **CONFIG))
     model.add_adapter("plain", LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
     layer = model.base_model.model.model.layers[0].self_attn.q_proj
     assert "plain" not in layer.lora_variant and "default" in layer.lora_variant
+    randomize(model)  # both adapters' means, and the Llmm one's directions
+    reference = get_peft_model(tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    set_peft_model_state_dict(reference, get_peft_model_state_dict(model, adapter_name="plain"))
     model.set_adapter("plain")
+    model.train(), reference.train()
     inputs = tiny_llama().dummy_inputs["input_ids"]
-    model.train()
-    torch.testing.assert_close(model(inputs).logits, model(inputs).logits)  # no noise on the plain adapter
+    with torch.no_grad():
+        torch.testing.assert_close(model(inputs).logits, reference(inputs).logits, rtol=0, atol=1e-6)  # no noise
 
 
 def test_layers_of_an_added_llmm_adapter_join_the_model_s_noise_generator():

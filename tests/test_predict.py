@@ -61,6 +61,21 @@ def test_mc_samples_average_n_sampled_networks(batch):
     assert not torch.allclose(draws[0], draws[1], atol=1e-4), "each network draws its own noise"
 
 
+def test_mc_regress_averages_n_sampled_networks(batch):
+    """A regression head (STS-B): the mean of N sampled networks' raw outputs, each network its own draw."""
+    model = llmm_deberta(num_labels=1)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    seed_noise(model, 3)
+    got = mc_regress(model, batch, 4)
+    seed_noise(model, 3)
+    with torch.no_grad(), noise_mode(model, "sample"):
+        draws = torch.stack([model(**inputs).logits.float() for _ in range(4)])
+    torch.testing.assert_close(got, draws.mean(0), rtol=0, atol=1e-6)
+    assert not torch.allclose(draws[0], draws[1], atol=1e-4), "each network draws its own noise"
+    torch.testing.assert_close(mc_regress(model, batch, 4, seed=5, batched=True), mc_regress(model, batch, 4, seed=5),
+                               rtol=0, atol=1e-5)
+
+
 def test_zero_directions_equal_the_mean_network(batch):
     model = llmm_deberta(random_directions=False)  # Z = 0, means non-trivial
     with torch.no_grad():

@@ -180,7 +180,7 @@ def test_accuracy_from_the_extracted_answers():
     assert correct.count(False) == 4  # wrong sign, phrase-vs-last, and two without a number
     assert prompts.accuracy(predictions, golds) == pytest.approx(sum(correct) / len(GENERATIONS))
     assert prompts.is_correct(72.0, 72) and not prompts.is_correct(None, 1.0) and not prompts.is_correct(1.0, None)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="equally many predictions and golds"):
         prompts.accuracy([1.0], [])
 
 

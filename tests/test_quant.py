@@ -92,6 +92,19 @@ def test_loftq_beats_plain_quantization_and_does_not_degrade(method, bits):
     assert errors[-1] <= errors[0] * 1.001
 
 
+@pytest.mark.parametrize("svd", ["exact", "truncated"])
+def test_loftq_splits_the_singular_values_evenly_over_both_factors(svd):
+    """B = U_r sqrt(S_r), A = sqrt(S_r) V_r^T (SPEC §2): A A^T = B^T B = diag(S_r), S_r the residual's top values."""
+    torch.manual_seed(0)
+    weight = torch.randn(96, 128) @ torch.diag(torch.linspace(2, 0.1, 128))
+    q, lora_A, lora_B = loftq_init(weight, 4, rank=8, num_iter=2, svd=svd)
+    gram_A, gram_B = lora_A @ lora_A.T, lora_B.T @ lora_B
+    singular = torch.linalg.svdvals(weight - q)[:8]
+    torch.testing.assert_close(gram_A, torch.diag(gram_A.diagonal()), rtol=0, atol=1e-4)
+    torch.testing.assert_close(gram_B, gram_A, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gram_A.diagonal(), singular, rtol=2e-2 if svd == "truncated" else 1e-4, atol=0)
+
+
 def test_absmax_dtype_makes_16bit_copy_requantize_losslessly():
     torch.manual_seed(0)
     weight = torch.randn(64, 128) * 0.05

@@ -118,8 +118,10 @@ def test_compensate_scaling_is_the_field_and_reference_scaling_its_old_name(llam
         ("compensated", []), ("field", ["--compensate_scaling", "false"]), ("old", ["--reference_scaling"])]}
     factors = {name: load_file(out / "llmm_init" / "adapter_model.safetensors") for name, out in runs.items()}
     key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
-    assert torch.equal(factors["field"][key], factors["old"][key])
-    assert not torch.equal(factors["field"][key], factors["compensated"][key])
+    for factor in (key, key.replace("lora_B", "lora_A")):
+        assert torch.equal(factors["field"][factor], factors["old"][factor])
+        # compensation divides each factor by sqrt(g), g = alpha / r = 16 / 8: the product by g
+        torch.testing.assert_close(factors["compensated"][factor] * 2 ** 0.5, factors["field"][factor])
     assert "--reference_scaling is now --compensate_scaling false" in caplog.text
     made = {name: json.loads((out / "quantize_report.json").read_text())["settings"]["compensate_scaling"]
             for name, out in runs.items()}

@@ -1,8 +1,6 @@
 """Reliability: what a run computes and records: per-question probabilities, one precision and one 4-bit kernel for
 every evaluation, training streams untouched by evaluation, resume refusing other settings, a backbone path that
-still names the right backbone from another directory.
-
-Cases whose fix belongs to the run layer are ``xfail(strict=True)``, the fix named in the reason."""
+still names the right backbone from another directory."""
 
 import json
 import shutil
@@ -19,8 +17,6 @@ from llmm.run.schema import CausalLMRun
 from llmm import outdirs
 from llmm.tasks import calibration as C
 from scripts import test_mcq, train_mcq
-
-WIRED = "wired with the run layer: "
 
 
 def train(argv):
@@ -110,7 +106,6 @@ def test_one_bf16_adapter_gives_the_same_figures_in_train_mcq_and_test_mcq(tiny_
     assert "eval_precision" in trained and trained["eval_precision"] == tested["eval_precision"]
     assert [(e["mode"], e["nll"], e["accuracy"]) for e in tested["evaluations"]] == [
         (e["mode"], e["nll"], e["accuracy"]) for e in trained["evaluations"]]
-
 
 
 def test_an_nf4_bf16_run_gives_the_same_figures_in_train_mcq_and_test_mcq(tiny_dir, tmp_path):  # noqa: F811

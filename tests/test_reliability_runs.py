@@ -1,8 +1,5 @@
 """Reliability through the entry points, as a user runs them (``main([...])`` under ``run_main``, one ``error:`` line,
-exit 2, nothing written or removed), on a tiny Llama and the tests/data multiple-choice files.
-
-Cases whose fix belongs to the run layer (the training scripts, their settings and evaluation flow) are marked
-``xfail(strict=True)`` with the call that fixes them in the reason: they fail today and must pass once wired."""
+exit 2, nothing written or removed), on a tiny Llama and the tests/data multiple-choice files."""
 
 import importlib
 import json
@@ -19,8 +16,6 @@ from test_safety import ENV, cli, tree
 from llmm.run.cli import disk_full
 from llmm import outdirs
 from scripts import eval_glue, mcq_table, test_gsm8k, test_mcq, train_mcq
-
-WIRED = "wired with the run layer: "
 
 
 @pytest.fixture(scope="module")
