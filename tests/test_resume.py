@@ -97,6 +97,7 @@ def test_glue_resume_mid_epoch_reproduces_the_uninterrupted_run(model_dir, tmp_p
     assert json.loads((resumed / "settings.json").read_text())["resumed_from"] is None  # not rewritten
     (resumed / "eval").mkdir()
     (resumed / "eval" / "mean.json").write_text("{}")  # eval_glue's scores of an earlier adapter: stale after this
+    (resumed / "eval" / "notes.txt").write_text("mine")  # the user's: kept
     train_glue.main(glue_argv(model_dir, resumed, "--max_steps", "5", "--gaussian_embeddings", "true",
                               "--resume_from_checkpoint"))
 
@@ -109,7 +110,7 @@ def test_glue_resume_mid_epoch_reproduces_the_uninterrupted_run(model_dir, tmp_p
     assert same_tensors(full, resumed)  # M and Z (and the classifier head) end up identical
     assert any("lora_embedding_A" in key for key in load_file(full / "adapter" / "adapter_model.safetensors"))
     assert json.loads((resumed / "settings.json").read_text())["resumed_from"] == str(resumed / "checkpoint-3")
-    assert not (resumed / "eval").exists()
+    assert [path.name for path in (resumed / "eval").iterdir()] == ["notes.txt"]
     newest = training.complete_checkpoints(resumed)[-1]
     (newest / "llmm_noise_rng_0.pt").unlink()  # without the noise state the run cannot continue exactly
     with pytest.raises(FileNotFoundError, match="has no llmm_noise_rng_0.pt"):
@@ -127,6 +128,7 @@ def test_gsm8k_resume_at_an_epoch_boundary_with_accumulation(llama_dir, tmp_path
     stale.mkdir()
     (stale / "predictions.jsonl").write_text("")
     (stale / "results.json").write_text('{"accuracy": 0.5}')
+    (stale / "my_analysis.md").write_text("mine")  # the user's, beside them: kept
     (resumed / "notes").mkdir()  # not a test's: kept
     train_gsm8k.main(gsm8k_argv(llama_dir, resumed, "--max_steps", "4", "--resume_from_checkpoint", str(checkpoint)))
 
@@ -135,8 +137,9 @@ def test_gsm8k_resume_at_an_epoch_boundary_with_accumulation(llama_dir, tmp_path
     assert [step for step, _ in losses[0]] == [1, 2, 3, 4]
     assert losses[0] == losses[1]
     assert results[0]["eval_loss"] == results[1]["eval_loss"] and results[1]["resumed_from"] == str(checkpoint)
-    assert not stale.exists() and (resumed / "notes").is_dir()
+    assert [path.name for path in stale.iterdir()] == ["my_analysis.md"] and (resumed / "notes").is_dir()
     assert same_tensors(full, resumed)
+    assert results[1]["train_loss"] == pytest.approx(results[0]["train_loss"], rel=1e-6)  # the whole run's mean
 
 
 def test_latest_checkpoint_skips_incomplete_ones(tmp_path):

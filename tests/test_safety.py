@@ -90,7 +90,7 @@ def test_overwrite_never_removes_protected_directories(stand, path, reason):
 def test_overwrite_refuses_a_git_repository_and_foreign_directories(tmp_path):
     repo, foreign, ours = tmp_path / "repo", tmp_path / "thesis", tmp_path / "run"
     for folder, files in ((repo, (".git/HEAD", "settings.json")), (foreign, ("thesis.tex",)),
-                          (ours, ("settings.json", "checkpoint-1/x"))):
+                          (ours, ("settings.json", "checkpoint-1/trainer_state.json"))):
         for name in files:
             (folder / name).parent.mkdir(parents=True, exist_ok=True)
             (folder / name).write_text("x")
@@ -135,6 +135,26 @@ def test_overwrite_replaces_a_width_search_s_own_per_rule_plots_and_nothing_fore
     (out / "thesis" / "reliability-old.png").unlink()
     outdirs.prepare_output_dir(out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == [RUN_MARKER]
+
+
+def test_a_user_s_file_inside_an_llmm_folder_is_found_and_kept(tmp_path):
+    """--overwrite looks inside the run's own folders (eval/, checkpoints/...): a file the user put there is named, and
+    nothing is replaced; a resume's clean-up (remove_ours) removes llmm's stale scores and keeps the user's file."""
+    out = tmp_path / "run"
+    for name in ("settings.json", "eval/mean.json", "eval/mine.txt", "checkpoints/checkpoint-2/trainer_state.json",
+                 "checkpoints/checkpoint-2/notes.md", "runs/Dec07_host/events.out.tfevents.1.host"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("x")
+    assert outdirs.foreign_entries(out) == ["checkpoints/checkpoint-2/notes.md", "eval/mine.txt"]
+    before = tree(tmp_path)
+    with pytest.raises(FileExistsError, match="'checkpoints/checkpoint-2/notes.md', 'eval/mine.txt'"):
+        outdirs.prepare_output_dir(out, overwrite=True)
+    assert tree(tmp_path) == before
+    assert outdirs.remove_ours(out / "eval") == ["mine.txt"]
+    assert [path.name for path in (out / "eval").iterdir()] == ["mine.txt"]
+    (out / "eval" / "mine.txt").unlink()
+    (out / "eval" / "mc.json").write_text("x")
+    assert outdirs.remove_ours(out / "eval") == [] and not (out / "eval").exists()  # all llmm's: gone with it
 
 
 def test_what_counts_as_llmm_s(tmp_path):

@@ -40,9 +40,13 @@ LLMM_FILE_PATTERNS = RUN_FILES + (
     "table.md", "config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
     "pytorch_model*.bin", "tokenizer*", "special_tokens_map.json", "vocab.*", "merges.txt", "spm.model",
     "added_tokens.json", "chat_template.*", "adapter_model.safetensors", "adapter_model.bin", "trainer_state.json",
-    "training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth", "llmm_noise_rng_*.pt")
+    "training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth", "llmm_noise_rng_*.pt",
+    "mean.json", "sample.json", "mc.json",  # eval_glue's eval/<mode>.json
+    "events.out.tfevents.*",  # --report_to tensorboard
+    "*.distcp", "latest", "zero_to_fp32.py", "*_optim_states.pt", "*_model_states.pt")  # sharded checkpoints' parts
 LLMM_DIR_PATTERNS = ("adapter", "mean_adapter", "backbone", "merged", "checkpoints", "checkpoint-*", "llmm_init",
-                     "eval", "data", "runs")  # runs: the Trainer's TensorBoard logs (--report_to tensorboard; GLUE)
+                     "eval", "data", "runs",  # runs: the Trainer's TensorBoard logs (--report_to tensorboard; GLUE)
+                     "pytorch_model_fsdp_*", "optimizer_*", "global_step*")
 # Written only beside a file that says which command wrote them: save_pretrained's model card, a prepare's splits.
 LLMM_FILES_BESIDE = {"adapter_config.json": ("README.md",), "prepare_report.json": ("*.csv", "*.jsonl")}
 
@@ -172,27 +176,50 @@ def _llmm_name(name: str, patterns) -> bool:
 
 
 def foreign_entries(path: str | Path) -> list[str]:
-    """The sorted names at the top of ``path`` that llmm did not write. A directory is llmm's if it has an llmm name,
-    holds a run file, or holds only llmm files (test_mcq's per-rule plots ``llmm_tfb/reliability-*.png``)."""
+    """The sorted paths in ``path`` that llmm did not write, looking inside every folder. A folder with an llmm name
+    or a run file names what inside it is foreign ("eval/notes.txt"); another folder is llmm's when everything in it
+    is (test_mcq's per-rule plots ``llmm_tfb/reliability-*.png``), else it is named whole ("analysis/")."""
     path = Path(path)
     names = {entry.name for entry in path.iterdir()}
     files = LLMM_FILE_PATTERNS + tuple(p for key, extra in LLMM_FILES_BESIDE.items() if key in names for p in extra)
     foreign = []
     for entry in sorted(path.iterdir()):
         name = entry.name
+        if entry.is_dir() and not entry.is_symlink() and not name.startswith("."):
+            inside = foreign_entries(entry)
+            if inside and (_llmm_name(name, LLMM_DIR_PATTERNS) or any((entry / f).exists() for f in RUN_FILES)):
+                foreign += [f"{name}/{nested}" for nested in inside]
+            elif inside:
+                foreign.append(f"{name}/")
+            continue
         if name.startswith("."):
             bare = name[1:].split(".")[0]  # .<name>.lock, .<name>.<random> (a lock, a temporary write)
-            ours = name.startswith(".llmm-") or bare in names or _llmm_name(bare, files + LLMM_DIR_PATTERNS) \
-                or (entry.is_dir() and (entry / PARTIAL_MARKER).is_file())
-        elif entry.is_dir() and not entry.is_symlink():
-            ours = _llmm_name(name, LLMM_DIR_PATTERNS) or any((entry / f).exists() for f in RUN_FILES) \
-                or all(child.is_file() and not child.is_symlink() and _llmm_name(child.name, LLMM_FILE_PATTERNS)
-                       for child in entry.iterdir())
+            ours = name.startswith(".llmm-") or name == ".metadata" or bare in names or _llmm_name(
+                bare, files + LLMM_DIR_PATTERNS) or (entry.is_dir() and (entry / PARTIAL_MARKER).is_file())
         else:
-            ours = _llmm_name(name, files)
+            ours = _llmm_name(name, files) and not entry.is_symlink()  # llmm writes no links
         if not ours:
             foreign.append(name + ("/" if entry.is_dir() and not entry.is_symlink() else ""))
     return foreign
+
+
+def remove_ours(folder: str | Path) -> list[str]:
+    """Remove what llmm wrote in ``folder`` (and the folder, if nothing else is left); return what was kept."""
+    folder = Path(folder)
+    kept = foreign_entries(folder)
+    for entry in folder.iterdir():
+        folder_entry = entry.is_dir() and not entry.is_symlink()
+        if (entry.name + "/" * folder_entry) in kept:
+            continue
+        if folder_entry and any(path.startswith(f"{entry.name}/") for path in kept):
+            remove_ours(entry)
+        elif folder_entry:
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    if not any(folder.iterdir()):
+        folder.rmdir()
+    return kept
 
 
 def check_removable(path: str | Path, flag: str = "--overwrite") -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from peft import prepare_model_for_kbit_training
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, DataCollatorForSeq2Seq,
                           TrainingArguments)
 
-from llmm import LlmmConfig, get_llmm_model, load_llmm_model, sharding, stats
+from llmm import LlmmConfig, get_llmm_model, load_llmm_model, outdirs, sharding, stats
 from llmm.model import check_target_names, init_from_adapter, keep_cpu_4bit_trainable
 from llmm.predict import sampled_outputs
 from llmm.run import adapters, cli, fileio, schema, tables, width_search
@@ -501,8 +500,9 @@ class CausalLMRecipe(Recipe):
         for folder in sorted(self.output_dir.iterdir()):  # test_gsm8k.sh's <run>/test-*: scores of the replaced adapter
             if (folder / "predictions.jsonl").is_file() and '"accuracy"' in fileio.read_text_or_empty(
                     folder / "results.json"):
-                shutil.rmtree(folder)
-                cli.logger.info("removed %s: it tested the adapter before this resume (run test_gsm8k again)", folder)
+                kept = outdirs.remove_ours(folder)
+                cli.logger.info("removed the test results in %s: they tested the adapter before this resume (test it "
+                                "again)%s", folder, f"; kept {', '.join(kept)}, which llmm did not write" * bool(kept))
         fileio.plot_curves(self.output_dir / "curves.png", curves(results["history"]), xlabel="optimizer step")
         cli.logger.info("held-out loss %.4f, perplexity %.2f -> %s", results["eval_loss"], results["eval_perplexity"],
                         self.output_dir)

@@ -5,7 +5,6 @@ results per epoch (best and last), predictions and the saved adapters.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from transformers import (
 )
 
 import llmm
-from llmm import stats
+from llmm import outdirs, stats
 from llmm.model import check_target_names
 from llmm.embedding import embedding_targets
 from llmm.tasks.glue import GlueTask, get_task, load_glue, predict, score, tokenize
@@ -394,8 +393,9 @@ class GlueRecipe(Recipe):
         save_run(trainer.model, tokenizer, out, settings.model, quantized_here)
         results = self.recorder.write(trainer.state.log_history, complete=True)  # complete once everything is saved
         if (out / "eval").is_dir():  # eval_glue's scores of the adapter this resumed run replaced
-            shutil.rmtree(out / "eval")
-            logger.info("removed %s: it scored the adapter before this resume (run eval_glue again)", out / "eval")
+            kept = outdirs.remove_ours(out / "eval")
+            logger.info("removed eval_glue's scores in %s: they scored the adapter before this resume (run eval_glue "
+                        "again)%s", out / "eval", f"; kept {', '.join(kept)}, which llmm did not write" * bool(kept))
         best = results["best"]
         logger.info("%s %s: best %s %s at epoch %s; outputs in %s", task.name, self.settings.method,
                     task.main_metric, best and best["dev"][task.dev_splits[0]][task.main_metric],

@@ -28,11 +28,12 @@ from llmm.sharding import local_shard
 from llmm.run import schema
 from llmm.run.adapters import read_run_settings
 from llmm.run.cli import TrainingDiverged, logger
-from llmm.run.fileio import check_safetensors, real_path
+from llmm.run.fileio import check_safetensors, real_path, write_json
 from llmm.tasks.calibration import cpu_4bit_as_plain_peft
 
 CHECKPOINT_PREFIX = "checkpoint-"
 NOISE_STATE = "llmm_noise_rng_{}.pt"  # one per process, beside the Trainer's rng_state_<process>.pth
+LOSS_SUM = "llmm_loss_sum.json"  # the run's summed step losses up to the checkpoint: a resumed run's train_loss
 
 
 def add_resume_flag(parser: argparse.ArgumentParser) -> None:
@@ -68,6 +69,16 @@ def complete_checkpoints(folder: str | Path) -> list[Path]:
     found = [path for path in folder.glob(f"{CHECKPOINT_PREFIX}*")
              if path.name[len(CHECKPOINT_PREFIX):].isdigit() and trainer_state(path) is not None]
     return sorted(found, key=lambda path: int(path.name[len(CHECKPOINT_PREFIX):]))
+
+
+def checkpoint_loss_sum(checkpoint: str | Path, state: dict) -> float | None:
+    """The run's summed step losses up to ``checkpoint`` (its LOSS_SUM, at its trainer state's step), or None."""
+    try:
+        saved = json.loads((Path(checkpoint) / LOSS_SUM).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    fits = isinstance(saved, dict) and saved.get("global_step") == state["global_step"]
+    return float(saved["loss_sum"]) if fits and isinstance(saved.get("loss_sum"), (int, float)) else None
 
 
 def checkpoint_world_size(checkpoint: str | Path) -> int | None:
@@ -426,6 +437,20 @@ class PerProcessNoise(TrainerCallback):
         os.replace(temporary, path)
 
 
+class RunLossSum(TrainerCallback):
+    """Saves the run's summed step losses in every checkpoint, so a resumed run's train_loss is the whole run's mean
+    (the Trainer's covers only the steps since the resume)."""
+
+    def __init__(self, trainer: "LlmmTrainer"):
+        self.trainer = trainer
+
+    def on_save(self, args, state, control, **kwargs):
+        total = self.trainer.run_loss_sum()  # on every process: the processes' sums are averaged, as the Trainer's
+        if state.is_world_process_zero:
+            path = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}" / LOSS_SUM
+            write_json(path, {"global_step": state.global_step, "loss_sum": total})
+
+
 class FiniteGuard(TrainerCallback):
     """Stops training before an optimizer step whose loss or gradients are not finite, and after a step that made
     a trainable parameter non-finite (before any checkpoint of it: the Trainer saves after on_step_end)."""
@@ -456,6 +481,8 @@ class LlmmTrainer(Trainer):
         self.noise_callback = PerProcessNoise()
         self.add_callback(self.noise_callback)
         self.add_callback(FiniteGuard(self))
+        self.add_callback(RunLossSum(self))
+        self.loss_sums = (0.0, 0.0)  # (the steps before this session's, this process's since) summed step losses
         self.nonfinite_loss = None  # the first non-finite micro-batch loss of the current optimizer step
         self.entropy_settings = (0.0, 0.0, 1e-6)  # (lambda, warm-up ratio, floor): off
         self.entropy_terms = []  # (lambda, H, task loss) of each micro-batch since the last log (no host sync)
@@ -517,11 +544,21 @@ class LlmmTrainer(Trainer):
                         resume_from_checkpoint, state["global_step"])
             self.load_final_adapter(resume_from_checkpoint)
             self.state = TrainerState.load_from_json(str(Path(resume_from_checkpoint) / "trainer_state.json"))
-            losses = [log["loss"] for log in self.state.log_history if "loss" in log]
-            return TrainOutput(self.state.global_step, sum(losses) / len(losses) if losses else 0.0, {})
+            before = checkpoint_loss_sum(resume_from_checkpoint, state)
+            return TrainOutput(self.state.global_step, None if before is None else before / state["global_step"], {})
         if state and self.is_fsdp_enabled and full_state_checkpoint(resume_from_checkpoint):
             self.load_final_adapter(resume_from_checkpoint)  # before sharding: see _load_from_checkpoint
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        before = checkpoint_loss_sum(resume_from_checkpoint, state) if state else 0.0
+        self.loss_sums = (before or 0.0, 0.0)
+        outcome = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+        if not state:
+            return outcome
+        if before is None:
+            logger.warning("train_loss covers steps %d-%d only: %s has no %s (written by llmm since 2026-12-07)",
+                           state["global_step"] + 1, outcome.global_step, resume_from_checkpoint, LOSS_SUM)
+            return outcome
+        whole_run = self.run_loss_sum() / max(outcome.global_step, 1)
+        return outcome._replace(training_loss=whole_run, metrics={**outcome.metrics, "train_loss": whole_run})
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         """``Trainer._load_from_checkpoint``, except for an FSDP checkpoint saved with FULL_STATE_DICT (the adapter
@@ -592,7 +629,15 @@ class LlmmTrainer(Trainer):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss) and self.nonfinite_loss is None:
             self.nonfinite_loss = loss.item()
+        self.loss_sums = (self.loss_sums[0], self.loss_sums[1] + loss.detach().float())  # no host sync
         return loss
+
+    def run_loss_sum(self) -> float:
+        """The whole run's summed step losses so far (the processes' mean). Every process must call it."""
+        before, session = self.loss_sums
+        if isinstance(session, torch.Tensor):
+            session = self.accelerator.reduce(session, "mean").item()
+        return before + session
 
     def stop_if_step_not_finite(self, model) -> None:
         """Raise TrainingDiverged, on every process alike, if this step's loss or gradients are not finite. Under
