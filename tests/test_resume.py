@@ -251,7 +251,11 @@ def test_a_complete_run_is_skipped_only_with_the_same_settings(family, model_dir
     at = command.index(left_out[0])
     with pytest.raises(ValueError, match=f"made with {left_out[1]}, this command says"):  # a flag the run was given
         main(command[:at] + command[at + 2:])
+    with pytest.raises(ValueError, match="continue it to max_steps=2 with --resume_from_checkpoint"):
+        main(argv("--skip_if_complete", "--max_steps", "2"))
     assert {path: path.stat().st_mtime_ns for path in out.rglob("*")} == files
+    further = main(argv("--skip_if_complete", "--max_steps", "2", "--resume_from_checkpoint"))  # trains on
+    assert further.get("global_step", further.get("epochs", [{}])[-1].get("step")) == 2
 
 
 def test_a_finished_run_trained_further_is_not_complete_until_it_finishes(llama_dir, tmp_path, monkeypatch):

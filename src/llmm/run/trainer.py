@@ -308,33 +308,38 @@ def is_complete(run_dir: str | Path) -> bool:
     return isinstance(results, dict) and results.get("complete", True) is True
 
 
-def check_same_run(run_dir: str | Path, settings, blocks, saved: dict | None = None) -> None:
-    """A complete run is what this command would run: its settings (``saved``, else its settings.json) agree on every
-    setting that changes a number (all but the run plumbing, seed and inputs included); else one error line naming
-    the first that does not."""
+def check_same_run(run_dir: str | Path, settings, blocks, saved: dict | None = None) -> bool:
+    """Whether a complete run is what this command would run: its settings (``saved``, else its settings.json) agree
+    on every setting that changes a number (all but the run plumbing, seed and inputs included). False: they differ
+    only in how long it trains (RESUMABLE) and this command resumes, so the run trains on; any other difference is
+    one error line naming the first."""
     if saved is None:
         saved = read_run_settings(Path(run_dir) / "settings.json", blocks, "remove the run to train it again, or "
                                   "choose another --output_dir")
     compared = (set(schema.fields_of(*blocks)) - schema.role_names(schema.RUN, blocks)) | {"seed"} | set(
         schema.input_names(blocks))
-    difference = first_difference(saved, settings.record(), compared, blocks)
+    resuming = bool(settings.get("resume_from_checkpoint"))
+    difference = first_difference(saved, settings.record(), compared - (RESUMABLE if resuming else set()), blocks)
     if difference:
         name, value, asked = difference
+        further = f", continue it to {name}={asked!r} with --resume_from_checkpoint" * (name in RESUMABLE)
         raise ValueError(f"{str(run_dir)!r} is a complete run made with {name}={value!r}, this command says "
-                         f"{asked!r}: run these settings in another --output_dir (a driver: another OUT= or RUNS=), "
-                         "or remove that run to run it again")
+                         f"{asked!r}: run these settings in another --output_dir (a driver: another OUT= or RUNS=)"
+                         f"{further}, or remove that run to run it again")
+    return first_difference(saved, settings.record(), compared & RESUMABLE, blocks) is None
 
 
 def done_already(run_dir: str | Path, settings, blocks, settings_in_results: bool = False) -> bool:
     """--skip_if_complete: True (said once, by the main process) when ``run_dir`` holds a complete run of these
-    settings (check_same_run: one of other settings is an error), else False. ``settings_in_results``: the run's
+    settings (check_same_run: one of other settings is an error; a resume to more steps trains on), else False. ``settings_in_results``: the run's
     settings are its results.json's (test_gsm8k), not a settings.json."""
     if not settings.get("skip_if_complete") or not is_complete(run_dir):
         return False
     saved = None
     if settings_in_results:
         saved = json.loads((Path(run_dir) / "results.json").read_text(encoding="utf-8")).get("settings", {})
-    check_same_run(run_dir, settings, blocks, saved)
+    if not check_same_run(run_dir, settings, blocks, saved):
+        return False
     if PartialState().is_main_process:
         print(f"done already: {run_dir}")
     return True
