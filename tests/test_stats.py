@@ -100,6 +100,9 @@ def test_labels_show_only_the_settings_that_separate_rows():
     cells = [{**CELL, "learning_rate": 5e-5}, {**CELL, "quant": "uniform", "backbone": "uniform 2-bit",
                                                  "learning_rate": 1e-4}, {**CELL, "K": 2}]
     assert stats.distinguishing_fields(cells, glue_report.LABEL_FIELDS) == ["method", "backbone", "rank", "K"]
+    searched = [{**CELL, "noise_width_search": "none"},  # the grid applies only with a search: absent here
+                {**CELL, "noise_width_search": "nll", "noise_width_grid": [0.25, 1.0]}]
+    assert stats.distinguishing_fields(searched, glue_report.LABEL_FIELDS)[-1] == "noise_width_search"
     assert stats.find_baseline(CELL, [LOFTQ, {**LOFTQ, "rank": 16}], "loftq") == (LOFTQ, 1)
     # the noise's settings: loftq (K = 0) cannot be given them, so an mc run is paired with loftq's mean; an older
     # loftq cell that recorded them is read without them (llmm.stats.canonical_cell): the same cell

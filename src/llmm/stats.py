@@ -208,13 +208,16 @@ def label_part(cell: dict, name: str) -> str:
 
 
 def distinguishing_fields(cells: list[dict], shown: tuple[str, ...]) -> list[str]:
-    """``shown`` plus the settings a row label needs so that no two of ``cells`` share a label."""
+    """``shown`` plus the settings a row label needs so that no two of ``cells`` share a label: the preferred ones
+    first, then those every cell holds (a setting some cells lack, e.g. a grid beside no search, labels them n/a)."""
     def value(c, f):  # hashable: a list setting (target_modules) as its JSON text; absent apart from null
         return json.dumps(c[f], sort_keys=True, default=str) if f in c else "n/a"
 
     fields, labels = list(shown), [tuple(value(c, f) for f in shown) for c in cells]
     others = {key for c in cells for key in c} - set(shown)
-    for field in [f for f in PREFERRED_LABELS if f in others] + sorted(others - set(PREFERRED_LABELS)):
+    lacking = {field: sum(field not in c for c in cells) for field in others}
+    for field in [f for f in PREFERRED_LABELS if f in others] + sorted(others - set(PREFERRED_LABELS),
+                                                                        key=lambda f: (lacking[f], f)):
         values: dict[tuple, set] = {}
         for label, c in zip(labels, cells):
             values.setdefault(label, set()).add(value(c, field))
