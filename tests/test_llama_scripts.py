@@ -575,6 +575,26 @@ def test_bad_test_input_fails_before_loading(models, tmp_path):
         test_gsm8k.main(["--adapter", str(adapter), *base])
 
 
+def test_output_to_a_log_file_is_lines_not_redrawn_bars(models, tmp_path):
+    """Output sent to a file (no terminal): quantize_model logs LoftQ's progress as lines and train_gsm8k prints the
+    Trainer's logs, with no progress bar's carriage returns from llmm, transformers or datasets."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    commands = [["quantize_model", "--model", str(models["base"]), "--save_dir", str(tmp_path / "q"), "--rank", "8",
+                 "--bits", "4", "--loftq_iter", "1", "--lora_alpha", "16", "--dtype", "float32"],
+                ["train_gsm8k", "--model_name_or_path", str(models[16]), "--data", str(DATA / "gsm8k.jsonl"),
+                 "--rank", "16", "--eval_split", "heldout", "--eval_size", "2", "--output_dir", str(tmp_path / "run"),
+                 *FP32, *FAST]]
+    outputs = []
+    for script, *argv in commands:
+        done = subprocess.run([sys.executable, "-m", f"scripts.{script}", *argv], cwd=REPO_ROOT, capture_output=True,
+                              env=env)  # bytes: text mode would turn a bar's carriage returns into newlines
+        output = (done.stdout + done.stderr).decode()
+        assert done.returncode == 0 and "\r" not in output, output[-2000:]
+        outputs.append(output)
+    assert re.search(r"LoftQ( \(streamed\))?: \d+ / \d+ (tensor|layer)s", outputs[0])
+    assert re.search(r"\{'loss': '?[0-9.]+", outputs[1])  # the Trainer's log line for each logging step
+
+
 @pytest.mark.parametrize("script, argv, message", [
     ("test_gsm8k", ["--adapter", "no/such/adapter", "--output_dir", "{tmp}/out"],
      "error: adapter directory 'no/such/adapter' does not exist"),

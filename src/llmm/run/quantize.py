@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
                                                     MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
@@ -26,7 +25,7 @@ from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_
 from llmm import get_llmm_model, outdirs, streaming
 from llmm.embedding import LlmmEmbedding, embedding_targets
 from llmm.outdirs import atomic_dir, check_new_dir
-from llmm.run import adapters, cli, fileio, schema, tables
+from llmm.run import adapters, cli, fileio, quiet, schema, tables
 
 TABLE = tables.CONFIGS / "quantize.yaml"
 LOADERS = {"causal_lm": AutoModelForCausalLM, "seq_cls": AutoModelForSequenceClassification}
@@ -157,7 +156,7 @@ def quantize(settings: schema.QuantizeRun, config, modules: dict) -> tuple[dict,
     """The whole-model path over ``plan``'s config and modules: replace each target weight by Q in place; return the
     means and the per-layer report."""
     means, report = {}, {}
-    for name, module in tqdm(modules.items(), desc="LoftQ", unit="layer"):
+    for name, module in quiet.progress(modules.items(), desc="LoftQ", unit="layer"):
         weight = module.weight.detach().to(settings.device)
         q, factor_A, factor_B, report[name] = streaming.loftq_matrix(weight, config, getattr(torch, settings.dtype))
         module.weight.data = q.to(module.weight.device)
@@ -217,7 +216,7 @@ def make_init_dir(settings: schema.QuantizeRun, whole_model: bool = False) -> Pa
         if model.device.type == "meta":
             report = streaming.quantize_checkpoint(
                 folder, tmp_dir, model, modules, config, getattr(torch, settings.dtype), settings.device,
-                final_dir=final_dir, progress=lambda items: tqdm(items, desc="LoftQ (streamed)", unit="tensor"))
+                final_dir=final_dir, progress=lambda items: quiet.progress(items, desc="LoftQ (streamed)", unit="tensor"))
             tokenizer.save_pretrained(tmp_dir)
         else:
             means, report = quantize(settings, config, modules)

@@ -20,12 +20,18 @@ it logs at import time), ``install_import_filter``:
 - bitsandbytes' "MatMul8bitLt: inputs will be cast from torch.bfloat16 to float16", logged at every forward of an
   LLM.int8 layer (the multiple-choice family's default backbone): shown once, as the fact it is.
 - transformers' "mtime may not be reliable on this filesystem": checkpoints saved within a second (a smoke run)
-  are ordered by their step number instead, which is their order."""
+  are ordered by their step number instead, which is their order.
+
+Outside a terminal (the output sent to a log file), the libraries' redrawn progress bars are off: in a file each is
+thousands of carriage returns. The Trainer then prints its logs as lines (``disable_tqdm``, llmm.run.trainer), and
+llmm's own long loops log one line per tenth of the work (``progress``)."""
 
 from __future__ import annotations
 
 import logging
 import re
+import sys
+import time
 import warnings
 
 FRESH_HEAD = ("classifier", "pooler", "score")
@@ -98,3 +104,29 @@ def install() -> None:
                             r"config\.json in ")
     warnings.filterwarnings("ignore", message=r"Model has `tie_word_embeddings=True` and a tied layer is part of the "
                             r"adapter")
+    if not sys.stderr.isatty():
+        import datasets
+        import huggingface_hub.utils
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+        huggingface_hub.utils.disable_progress_bars()
+
+
+def progress(items, desc: str, unit: str):
+    """tqdm's bar over ``items`` on a terminal; else one log line per tenth of them (a bar in a log file is not read)."""
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        return tqdm(items, desc=desc, unit=unit)
+    return _logged(list(items), desc, unit)
+
+
+def _logged(items: list, desc: str, unit: str):
+    started, every = time.perf_counter(), max(1, len(items) // 10)
+    for done, item in enumerate(items, 1):
+        yield item
+        if done % every == 0 or done == len(items):
+            logging.getLogger("llmm").info("%s: %d / %d %ss, %.0f s", desc, done, len(items), unit,
+                                           time.perf_counter() - started)

@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import random
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -331,8 +332,8 @@ def check_same_run(run_dir: str | Path, settings, blocks, saved: dict | None = N
 
 def done_already(run_dir: str | Path, settings, blocks, settings_in_results: bool = False) -> bool:
     """--skip_if_complete: True (said once, by the main process) when ``run_dir`` holds a complete run of these
-    settings (check_same_run: one of other settings is an error; a resume to more steps trains on), else False. ``settings_in_results``: the run's
-    settings are its results.json's (test_gsm8k), not a settings.json."""
+    settings (check_same_run: one of other settings is an error; a resume to more steps trains on), else False.
+    ``settings_in_results``: the run's settings are its results.json's (test_gsm8k), not a settings.json."""
     if not settings.get("skip_if_complete") or not is_complete(run_dir):
         return False
     saved = None
@@ -357,6 +358,7 @@ def shared_arguments(settings) -> dict:
         seed=settings.seed, save_total_limit=settings.save_total_limit, report_to=settings.report_to,
         use_cpu=not torch.cuda.is_available(),  # also what makes torchrun on CPU use DDP (gloo)
         ddp_find_unused_parameters=False,  # every trainable tensor is in the graph, K = 0 included
+        disable_tqdm=not sys.stderr.isatty(),  # a log file gets the logs as lines, not a redrawn bar (llmm.run.quiet)
     )
 
 
