@@ -117,7 +117,7 @@ def test_glue_resume_mid_epoch_reproduces_the_uninterrupted_run(model_dir, tmp_p
         training.check_checkpoint(str(newest), {"K": 2, "rank": 16})
 
 
-def test_gsm8k_resume_at_an_epoch_boundary_with_accumulation(llama_dir, tmp_path, monkeypatch):
+def test_gsm8k_resume_at_an_epoch_boundary_with_accumulation(llama_dir, tmp_path, monkeypatch, caplog):
     """4 training records, batch 1 x 2 accumulated: 2 steps per epoch. Killed at step 3, resumed from checkpoint-2."""
     full, resumed = tmp_path / "full", tmp_path / "resumed"
     train_gsm8k.main(gsm8k_argv(llama_dir, full, "--max_steps", "4"))
@@ -130,7 +130,10 @@ def test_gsm8k_resume_at_an_epoch_boundary_with_accumulation(llama_dir, tmp_path
     (stale / "results.json").write_text('{"accuracy": 0.5}')
     (stale / "my_analysis.md").write_text("mine")  # the user's, beside them: kept
     (resumed / "notes").mkdir()  # not a test's: kept
-    train_gsm8k.main(gsm8k_argv(llama_dir, resumed, "--max_steps", "4", "--resume_from_checkpoint", str(checkpoint)))
+    with caplog.at_level("INFO", logger="llmm"):
+        train_gsm8k.main(gsm8k_argv(llama_dir, resumed, "--max_steps", "4", "--resume_from_checkpoint",
+                                    str(checkpoint)))
+    assert f"resuming from {checkpoint}" in caplog.text
 
     results = [json.loads((run / "results.json").read_text()) for run in (full, resumed)]
     losses = [[(h["step"], h["loss"]) for h in r["history"] if "loss" in h] for r in results]

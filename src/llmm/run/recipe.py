@@ -116,6 +116,7 @@ class Recipe:
         self.resumed_from = checkpoint
         if checkpoint:
             training.check_checkpoint(checkpoint, settings)
+            training.logger.info("resuming from %s", checkpoint)
             run = training.checkpoint_run(checkpoint, self.output_dir)  # its own run, or the run it came from
             training.check_resumable(run, settings, self.blocks)  # before settings.json is rewritten
         self.check_output(resume=checkpoint is not None)
