@@ -638,6 +638,39 @@ def test_eval_glue_modes_and_files(runs, tmp_path):
     assert not (tmp_path / "x.json").exists()
 
 
+def test_eval_glue_mc_reproduces_the_training_runs_mc_dev_figures(model_dir, tmp_path):
+    """Training's mc dev evaluation and eval_glue --mode mc draw the same N networks (network n: stream n of the
+    run's seed) in the same precision: eval_glue on the saved run gives the recorded dev metrics and the outputs
+    predictions-best.json holds, exactly."""
+    torch.set_num_threads(1)
+    run = tmp_path / "run"
+    results = train_glue.main(["--task", "mrpc", "--quant", "nf", "--rank", "16", "--eval_noise", "mc",
+                               "--mc_samples", "3", "--K", "2", *SMOKE, "--model", model_dir, "--data_dir", str(DATA),
+                               "--output_dir", str(run)])
+    record = eval_glue.main([str(run), "--mode", "mc"])
+    assert (record["seed"], record["mc_samples"], record["noise_width"]) == (0, 3, 1.0)
+    recorded = results["last"]["dev"]["validation"]
+    assert {k: v for k, v in recorded.items() if k != "loss"} == record["splits"]["validation"]["metrics"]
+    best = json.loads((run / "predictions-best.json").read_text())["validation"]
+    assert best["outputs"] == record["splits"]["validation"]["outputs"]
+
+
+def test_the_width_search_nll_at_the_chosen_width_is_eval_glues(model_dir, tmp_path):
+    """The width search evaluates nll(m) as eval_glue --mode mc does (same networks, precision and formula): at the
+    chosen m, which the saved adapter carries and eval_glue records, the two NLLs are equal."""
+    torch.set_num_threads(1)
+    run = tmp_path / "run"
+    results = train_glue.main(["--task", "cola", "--quant", "nf", "--rank", "16", "--bits", "4", "--mc_samples", "2",
+                               "--noise_width_search", "tfb", "--noise_width_grid", "0.5", "4", "32", *SMOKE,
+                               "--model", model_dir, "--data_dir", str(DATA), "--output_dir", str(run)])
+    search = results["noise_width_search"]
+    chosen = search["chosen"]
+    assert results["noise_width"] == chosen > 0
+    record = eval_glue.main([str(run), "--mode", "mc"])
+    assert record["noise_width"] == chosen
+    assert dict(map(tuple, search["evaluations"]))[chosen] == record["splits"]["validation"]["metrics"]["nll"]
+
+
 # ------------------------------------------------------------------------------------------- best epoch by F1
 
 

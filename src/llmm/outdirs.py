@@ -41,6 +41,7 @@ LLMM_FILE_PATTERNS = RUN_FILES + (
     "pytorch_model*.bin", "tokenizer*", "special_tokens_map.json", "vocab.*", "merges.txt", "spm.model",
     "added_tokens.json", "chat_template.*", "adapter_model.safetensors", "adapter_model.bin", "trainer_state.json",
     "training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth", "llmm_noise_rng_*.pt",
+    "llmm_loss_sum.json",  # llmm.run.trainer's, in each checkpoint
     "mean.json", "sample.json", "mc.json",  # eval_glue's eval/<mode>.json
     "events.out.tfevents.*",  # --report_to tensorboard
     "*.distcp", "latest", "zero_to_fp32.py", "*_optim_states.pt", "*_model_states.pt")  # sharded checkpoints' parts

@@ -24,9 +24,7 @@ import llmm
 from llmm import outdirs, stats
 from llmm.model import check_target_names
 from llmm.embedding import embedding_targets
-from llmm.tasks.glue import GlueTask, get_task, load_glue, predict, score, tokenize
-from llmm.tasks.glue import batches as split_batches
-from llmm.predict import mc_predict, mc_regress
+from llmm.tasks.glue import GlueTask, get_task, load_glue, mc_outputs, predict, score, tokenize
 from llmm.quant import fake_quantize
 from llmm.run import cli, width_search
 from llmm.run.recipe import Recipe, save_run
@@ -176,11 +174,13 @@ def wrap_model(model, settings: GlueRun):
 
 
 class GlueTrainer(LlmmTrainer):
-    """The Llmm Trainer; with ``mc_samples`` set, evaluation averages that many sampled networks per batch."""
+    """The Llmm Trainer; with ``mc_samples`` set, evaluation averages that many sampled networks per batch, network n
+    from stream n of ``mc_seed`` (llmm.tasks.glue.mc_outputs, as scripts.eval_glue --mode mc draws them)."""
 
-    def __init__(self, *args, mc_samples: int | None = None, regression: bool = False, **kwargs):
+    def __init__(self, *args, mc_samples: int | None = None, mc_seed: int | None = None, regression: bool = False,
+                 **kwargs):
         super().__init__(*args, **kwargs)
-        self.mc_samples, self.regression = mc_samples, regression
+        self.mc_samples, self.mc_seed, self.regression = mc_samples, mc_seed, regression
         self.evaluated = {}  # split -> (outputs, labels) of its newest evaluation (ResultsRecorder saves the best's)
         # The classifier's loss is its batch mean whatever num_items_in_batch says, though its forward takes **kwargs:
         # so the Trainer must divide it by the accumulation steps (else loss and gradients grow with them).
@@ -196,12 +196,8 @@ class GlueTrainer(LlmmTrainer):
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         inputs = self._prepare_inputs(inputs)
         labels = inputs["labels"]
-        if self.regression:
-            outputs = mc_regress(model, inputs, self.mc_samples)
-            loss = F.mse_loss(outputs.squeeze(-1), labels.float())
-        else:  # log of the averaged distribution: softmax in compute_metrics gives it back exactly
-            outputs = mc_predict(model, inputs, self.mc_samples).clamp_min(1e-12).log()
-            loss = F.nll_loss(outputs, labels)
+        outputs = mc_outputs(model, inputs, self.mc_samples, self.mc_seed, self.regression)
+        loss = F.mse_loss(outputs.squeeze(-1), labels.float()) if self.regression else F.nll_loss(outputs, labels)
         return loss.detach(), None if prediction_loss_only else outputs, labels
 
 
@@ -274,12 +270,12 @@ class ResultsRecorder(TrainerCallback):
 
 
 def predictions_record(task: GlueTask, model, data, splits, collator, batch_size: int, mode: str,
-                       mc_samples: int) -> dict:
+                       mc_samples: int, seed: int | None = None) -> dict:
     """{split: {metrics, outputs, labels}} of the model on ``splits`` of ``data``; outputs are logits (mc: log of
-    the averaged probabilities) or STS-B scores."""
+    the averaged probabilities of the networks of ``seed``'s streams) or STS-B scores."""
     record = {}
     for split in splits:
-        outputs = predict(model, data[split], collator, batch_size, mode, mc_samples)
+        outputs = predict(model, data[split], collator, batch_size, mode, mc_samples, seed)
         labels = np.asarray(data[split]["labels"])
         record[split] = {"metrics": score(task, outputs, labels), "outputs": outputs.tolist(),
                          "labels": labels.tolist()}
@@ -352,27 +348,25 @@ class GlueRecipe(Recipe):
             # a diverged model scores NaN here; the training step stops the run
             compute_metrics=lambda prediction: score(self.task, prediction.predictions, prediction.label_ids),
             callbacks=[self.recorder], regression=self.task.is_regression,
-            mc_samples=settings.mc_samples if settings.eval_noise == "mc" else None)
+            mc_samples=settings.mc_samples if settings.eval_noise == "mc" else None, mc_seed=settings.seed)
         self.recorder.evaluated = trainer.evaluated
         return trainer
 
     def after_training(self, trainer, model, tokenizer) -> None:
-        """The width search on the first dev split: nll(m) of the mc prediction; the chosen m is saved in the adapter
-        (the dev metrics recorded during training were computed before, at m = 1)."""
+        """The width search on the first dev split: nll(m) of the mc prediction, computed as scripts.eval_glue --mode
+        mc computes it (the same networks, precision and batches), so eval_glue at the chosen m gives the recorded
+        nll; the chosen m is saved in the adapter (the dev metrics recorded during training were computed before, at
+        m = 1)."""
         settings = self.settings
         if settings.noise_width_search == "none":
             return
         split = self.task.dev_splits[0]  # whole on every process (DDP too), so that every process finds the same m
-        batches = list(split_batches(self.data[split], DataCollatorWithPadding(tokenizer),
-                                     settings.per_device_eval_batch_size, next(model.parameters()).device))
+        collator = DataCollatorWithPadding(tokenizer)
 
         def nll(m: float) -> float:
-            total, count = 0.0, 0
-            for batch in batches:
-                probs = mc_predict(model, batch, settings.mc_samples, seed=settings.seed)
-                picked = probs.gather(1, batch["labels"].view(-1, 1).to(probs.device)).clamp_min(1e-12)
-                total, count = total - picked.log().sum().item(), count + len(picked)
-            return total / count
+            return predictions_record(self.task, model, self.data, [split], collator,
+                                      settings.per_device_eval_batch_size, "mc", settings.mc_samples,
+                                      settings.seed)[split]["metrics"]["nll"]
 
         record = width_search.search_width(model, nll, settings)
         self.recorder.header.update(noise_width_search={**record, "split": split, "mc_samples": settings.mc_samples,

@@ -20,6 +20,7 @@ from llmm.run import cli, schema
 from llmm.run.cli import logger
 from llmm.run.fileio import check_data_paths, seed_everything, write_json
 from llmm.run.adapters import check_sampled_modes, check_settings, read_run_settings
+from llmm.run.width_search import noise_width_in_use
 
 BLOCKS = (*schema.FAMILY_BLOCKS["glue"], schema.EvalModeSettings)
 REPLACED = ("mc_samples", "seed", "per_device_eval_batch_size")  # the run's settings an evaluation may replace
@@ -37,7 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                      renamed={old: "per_device_eval_batch_size" for old in ("batch_size", "eval_batch_size")})
     parser.set_defaults(mode=schema.EvalModeSettings.mode)
     seed = next(action for action in parser._actions if action.dest == "seed")
-    seed.help += "; here only the noise draws of --mode sample / mc"
+    seed.help += ("; here only the noise draws of --mode sample / mc (mc: network n from stream n of the seed, as "
+                  "the run's mc dev evaluation and width search drew it)")
     args = parser.parse_args(argv)
     schema.take_renamed(args, BLOCKS)  # --batch_size, its old name
     return args
@@ -117,11 +119,12 @@ def main(argv: list[str] | None = None) -> dict:
     data = tokenize(DatasetDict(raw), task, tokenizer, settings.max_length)
     collator = DataCollatorWithPadding(tokenizer)
     batch_size = args.per_device_eval_batch_size or settings.per_device_eval_batch_size
-    splits = predictions_record(task, model, data, raw, collator, batch_size, args.mode, mc_samples)
+    splits = predictions_record(task, model, data, raw, collator, batch_size, args.mode, mc_samples, seed)
     for split, path in files.items():
         splits[split] = {"file": path, **splits[split]}
     record = {"run_dir": str(run), "task": task.name, "mode": args.mode, "seed": seed,
-              **({"mc_samples": mc_samples} if args.mode == "mc" else {}), "batch_size": batch_size,
+              **({"mc_samples": mc_samples} if args.mode == "mc" else {}),
+              **({"noise_width": noise_width_in_use(model)} if args.mode != "mean" else {}), "batch_size": batch_size,
               "base_model": model.peft_config["default"].base_model_name_or_path,
               "wall_time_s": time.time() - started, "splits": splits}
     write_json(output, record)

@@ -6,7 +6,8 @@
     raw = load_glue(task)                                      # the hub: datasets.load_dataset("nyu-mll/glue", "mrpc")
     data = tokenize(raw, task, tokenizer, max_length=128)
     scores = task_metrics(task, predictions, labels)           # e.g. {"accuracy": .., "f1": ..}
-    outputs = predict(model, data["validation"], collator, batch_size=64, mode="mean")   # logits, or MC probs
+    outputs = predict(model, data["validation"], collator, batch_size=64, mode="mean")   # logits
+    outputs = predict(model, data["validation"], collator, 64, "mc", mc_samples=10, seed=0)  # log of MC probs
     scores = score(task, outputs, labels)                      # task metrics + NLL / Brier / ECE
 
 Local files use the hub's column names (CSV/JSON/JSONL) or the GLUE distribution's own TSV layout; labels may be
@@ -341,16 +342,32 @@ def batches(dataset, collator, batch_size: int, device):
         yield {key: value.to(device) for key, value in batch.items()}
 
 
-def predict(model, dataset, collator, batch_size: int, mode: str = "mean", mc_samples: int = 10) -> np.ndarray:
+def mc_outputs(model, inputs, mc_samples: int, seed: int, regression: bool):
+    """One batch's Monte-Carlo outputs as every GLUE evaluation records them (training's dev evaluation, the width
+    search, scripts.eval_glue): the average of ``mc_samples`` networks' STS-B scores, else the log of their averaged
+    distribution (softmax gives it back exactly), in float32; network n draws from stream n of ``seed``
+    (``llmm.noise.mc_streams``), so it is the same network on every batch and in every script."""
+    from llmm.predict import mc_predict, mc_regress
+
+    if regression:
+        return mc_regress(model, inputs, mc_samples, seed=seed)
+    return mc_predict(model, inputs, mc_samples, seed=seed).clamp_min(1e-12).log()
+
+
+def predict(model, dataset, collator, batch_size: int, mode: str = "mean", mc_samples: int = 10,
+            seed: int | None = None) -> np.ndarray:
     """The model's outputs on a tokenized split: (n, classes) logits, or (n,) for regression. ``mode``: "mean"
-    (eps = 0), "sample" (one noise draw per batch) or "mc" (log of the average softmax of ``mc_samples`` networks)."""
+    (eps = 0), "sample" (one noise draw per batch, from the model's generator) or "mc" (``mc_outputs``: the
+    ``mc_samples`` networks of ``seed``'s streams)."""
     import torch
 
     from llmm.model import noise_mode
-    from llmm.predict import LABEL_KEYS, mc_predict, mc_regress
+    from llmm.predict import LABEL_KEYS
 
     if mode not in ("mean", "sample", "mc"):
         raise ValueError(f"mode must be mean, sample or mc, got {mode!r}")
+    if mode == "mc" and seed is None:
+        raise ValueError("mode mc draws network n from stream n of a seed: pass seed=<an integer >= 0>")
     regression = getattr(model.config, "num_labels", None) == 1
     device = next(model.parameters()).device
     was_training = model.training
@@ -361,8 +378,7 @@ def predict(model, dataset, collator, batch_size: int, mode: str = "mean", mc_sa
             inputs = {key: value for key, value in batch.items() if key not in LABEL_KEYS}
             with torch.no_grad():
                 if mode == "mc":
-                    out = (mc_regress(model, inputs, mc_samples) if regression
-                           else mc_predict(model, inputs, mc_samples).clamp_min(1e-12).log())
+                    out = mc_outputs(model, inputs, mc_samples, seed, regression)
                 else:
                     with noise_mode(model, mode):
                         out = model(**inputs).logits.float()
