@@ -1,6 +1,8 @@
 """The options beyond the paper: per-example noise, batched Monte-Carlo networks, the noise-width
 multiplier and its choice on validation data, the entropy term. Each keeps the paper's behaviour at its default."""
 
+import argparse
+import logging
 import math
 
 import pytest
@@ -13,6 +15,7 @@ from llmm import (LlmmConfig, choose_noise_width, entropy, entropy_weight, get_l
 from llmm.layer import rowwise_sample_path
 from llmm.noise import NoiseSource, mc_streams
 from llmm.predict import mc_letter_probs, sampled_outputs
+from llmm.run.width_search import search_width
 
 
 def llama(k=2, **options):
@@ -286,8 +289,56 @@ def test_choose_noise_width_rules_on_a_synthetic_curve():
     # a width too wide for the model's precision (NaN) is never chosen; the mean network's NaN is an error
     wide = choose_noise_width(lambda m: math.nan if m >= 16 else 1.0 - 0.01 * m, tolerance=0.003)
     assert wide["tfb"] == 15.5 and 8.0 <= wide["nll_min"] < 16.0 and [16.0, None] in wide["evaluations"]
+    assert wide["tfb"] == max(m for m, value in wide["evaluations"] if value is not None)
     with pytest.raises(ValueError, match=r"mean network \(m = 0\) is nan"):
         choose_noise_width(lambda m: math.nan)
+
+
+def test_tfb_takes_the_largest_qualifying_width_of_the_whole_grid():
+    """A non-monotone curve (a real MRPC run: nll(0) = 2.224, small widths a little worse, m = 16 ... 32 down to
+    0.723): tfb is the largest m within the tolerance over the whole grid, not the last one before the first
+    failing value (it stopped there and chose 0.3125); the record recomputes both rules."""
+    curve = {0.0: 2.224, 0.25: 2.226, 0.5: 2.240, 1.0: 2.300, 2.0: 2.250, 4.0: 2.2305, 8.0: 1.9, 16.0: 0.95,
+             32.0: 0.723}
+
+    def nll(m):  # between grid values: the straight line through its neighbours
+        points = sorted(curve)
+        right = next(p for p in points if p >= m)
+        left = max(p for p in points if p <= m)
+        return curve[left] if left == right else curve[left] + (m - left) / (right - left) * (curve[right] -
+                                                                                              curve[left])
+
+    chosen = choose_noise_width(nll, tolerance=0.003)
+    assert chosen["tfb"] == 32.0 and chosen["nll_min"] == 32.0
+    assert chosen["nll_0"] == 2.224 and chosen["tfb_threshold"] == pytest.approx(2.224 * 1.003, rel=1e-15)
+    table = dict(map(tuple, chosen["evaluations"]))
+    assert chosen["tfb"] == max(m for m, value in table.items() if value <= chosen["tfb_threshold"])
+    assert chosen["nll_min"] == min(table, key=lambda m: (table[m], m))
+    # A curve that dips back within the tolerance at m = 4 after failing at 0.5 ... 2 and fails above: tfb is
+    # refined between 4 and 8 (2.2305 is within 0.3 % of 2.224; 8 is not), nll_min stays at 0.25 ... 0.5's side.
+    curve.update({8.0: 2.5, 16.0: 2.6, 32.0: 2.7})
+    chosen = choose_noise_width(nll, tolerance=0.003)
+    assert 4.0 <= chosen["tfb"] < 8.0 and nll(chosen["tfb"]) <= 2.224 * 1.003 < nll(chosen["tfb"] + 4 / 2**4)
+    assert chosen["nll_min"] == 0.0
+
+
+def test_the_nll_rule_at_the_grid_edge_says_so(caplog):
+    """The NLL still falling at the grid's widest m: one warning line suggesting a wider grid, and the record says
+    so; a minimum inside the grid warns nothing."""
+    model = llama()
+    settings = argparse.Namespace(noise_width_search="nll", noise_width_tolerance=0.003, noise_width_grid=[0.5, 1, 2])
+    with caplog.at_level(logging.WARNING, logger="llmm"):
+        record = search_width(model, lambda m: 2.0 - 0.1 * m, settings)
+    assert record["chosen"] == record["nll_min"] == record["tfb"] == 2.0 and record["nll_min_at_grid_edge"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "m = 2" in warnings[0] and "--noise_width_grid" in warnings[0], warnings
+    assert record["nll_0"] == 2.0 and record["tfb_threshold"] == 2.0 * 1.003
+    assert model.peft_config["default"].noise_width == 2.0
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="llmm"):
+        record = search_width(llama(), lambda m: 2.0 + (m - 1) ** 2 - 1, settings)
+    assert record["nll_min"] == 1.0 and not record["nll_min_at_grid_edge"]
+    assert not [r for r in caplog.records if r.levelno == logging.WARNING]
 
 
 def test_choose_noise_width_on_a_tiny_model(batch):

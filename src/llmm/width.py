@@ -58,14 +58,17 @@ def choose_noise_width(nll, tolerance: float = TFB_TOLERANCE, grid=WIDTH_GRID, r
     """Choose the noise-width multiplier m from ``nll(m)``, the validation NLL of the Monte-Carlo prediction with
     noise m times as wide. Two rules:
 
-    - ``tfb`` (Training-Free Bayesianization): the largest m whose relative NLL change against the mean network,
-      (nll(m) - nll(0)) / nll(0), is at most ``tolerance`` (a decrease always qualifies);
+    - ``tfb`` (Training-Free Bayesianization): the largest m evaluated whose NLL is within the tolerance of the
+      mean network's, nll(m) <= nll(0) + ``tolerance`` |nll(0)| (a decrease always qualifies), over the whole grid:
+      a failing m does not stop the search (the NLL need not grow with m; a wider noise may lower it again);
     - ``nll_min``: the m that minimises nll(m) (m = 0 included).
 
-    The grid, then ``refine_steps`` bisection steps past the last qualifying grid value (``tfb``, which assumes the
-    change grows with m beyond the first failing one) and golden-section steps around the best one (``nll_min``).
-    A non-finite nll(m) (m > 0) counts as inf (recorded as None). Returns {"tfb": m, "nll_min": m, "tolerance": ..,
-    "evaluations": [[m, nll], ...] in m order}."""
+    The grid, then ``refine_steps`` bisection steps between the largest qualifying grid value and the grid value
+    above it (``tfb``) and golden-section steps around the best one (``nll_min``); every m evaluated is a candidate
+    of both rules, so the record recomputes both: ``tfb`` is the largest m of ``evaluations`` with an nll at most
+    ``tfb_threshold``, ``nll_min`` the smallest m of the least nll. A non-finite nll(m) (m > 0) counts as inf.
+    Returns {"tfb": m, "nll_min": m, "tolerance": .., "nll_0": nll(0), "tfb_threshold": .., "evaluations":
+    [[m, nll], ...] in m order, a non-finite nll as None}."""
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < math.inf:
         raise ValueError(f"the width tolerance must be a finite number >= 0, got {tolerance!r}")
     grid = sorted(float(m) for m in grid)
@@ -85,17 +88,14 @@ def choose_noise_width(nll, tolerance: float = TFB_TOLERANCE, grid=WIDTH_GRID, r
         return seen[m]
 
     base = value(0.0)
+    threshold = base + tolerance * abs(base)  # TFB: relative change (nll(m) - nll(0)) / |nll(0)| <= tolerance
 
     def within(m: float) -> bool:
-        return (value(m) - base) <= tolerance * abs(base)
+        return value(m) <= threshold
 
-    low, high = 0.0, None  # tfb: low qualifies, high does not
-    for m in grid:
-        if within(m):
-            low = m
-        else:
-            high = m
-            break
+    qualifying = [m for m in grid if within(m)]  # every grid value is evaluated: a failing one stops nothing
+    low = qualifying[-1] if qualifying else 0.0  # tfb: low qualifies, high (the grid value above it) does not
+    high = next((m for m in grid if m > low), None)
     if high is not None:
         for _ in range(refine_steps):
             middle = (low + high) / 2
@@ -114,5 +114,6 @@ def choose_noise_width(nll, tolerance: float = TFB_TOLERANCE, grid=WIDTH_GRID, r
             left, a = a, b
             b = left + golden * (right - left)
     nll_min = min(seen, key=lambda m: (seen[m], m))
-    return {"tfb": low, "nll_min": nll_min, "tolerance": float(tolerance),  # a non-finite nll recorded as None
+    tfb = max(m for m in seen if within(m))  # m = 0 always qualifies
+    return {"tfb": tfb, "nll_min": nll_min, "tolerance": float(tolerance), "nll_0": base, "tfb_threshold": threshold,
             "evaluations": [[m, seen[m] if math.isfinite(seen[m]) else None] for m in sorted(seen)]}

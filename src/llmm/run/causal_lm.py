@@ -33,6 +33,7 @@ from llmm.predict import sampled_outputs
 from llmm.run import adapters, cli, fileio, schema, tables, width_search
 from llmm.run import trainer as training
 from llmm.run.recipe import Recipe, save_run
+from llmm.tasks.calibration import cpu_4bit_as_plain_peft
 from llmm.tasks.prompts import load_records
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -323,7 +324,12 @@ def train_eval_records(settings, task: str):
 
 def held_out_nll(model, dataset, collator, settings):
     """nll(m) of the width search: the held-out NLL per target token of the Monte-Carlo prediction,
-    -log (1/N sum_n p_n(token)), under mc_samples networks from the seed's own streams (llmm.predict)."""
+    -log (1/N sum_n p_n(token)), under mc_samples networks from the seed's own streams (llmm.predict). Computed as
+    the Trainer's held-out loss is (LlmmTrainer.evaluate, CausalLMTrainer.prediction_step): the same batches (as one
+    process evaluates them), under its mixed-precision autocast (the forward accelerate wrapped: a bf16 run's
+    eval_loss is a bf16-autocast one), CPU 4-bit layers as freshly loaded, each token's log-softmax in float32,
+    summed over the split's target tokens; so nll(0), the mean network, is the run's eval_loss (to the float32
+    rounding of each batch's mean)."""
     device = next(model.parameters()).device
     loader = torch.utils.data.DataLoader(dataset, batch_size=settings.per_device_eval_batch_size,
                                          collate_fn=collator)
@@ -332,7 +338,7 @@ def held_out_nll(model, dataset, collator, settings):
 
     def nll(m: float) -> float:
         total, count = 0.0, 0
-        with training.outside_training_autocast(model):
+        with training.training_streams_kept(model), cpu_4bit_as_plain_peft(model):
             for batch in batches:
                 labels = batch["labels"]
                 targets = labels[:, 1:].clamp(min=0).unsqueeze(-1)  # -100 -> a placeholder, masked below
@@ -468,7 +474,7 @@ class CausalLMRecipe(Recipe):
         if settings.noise_width_search == "none":
             return
         final_evaluation(trainer)  # the held-out loss of the trained run as evaluated in training (m = 1), first
-        nll = held_out_nll(model, trainer.eval_dataset, trainer.data_collator, settings)
+        nll = held_out_nll(model, trainer.eval_dataset, trainer.data_collator, settings)  # nll(0): that loss
         self.width_search = {**width_search.search_width(model, nll, settings), "split": self.where,
                              "n_held_out": len(trainer.eval_dataset), "mc_samples": settings.mc_samples,
                              "seed": settings.seed}

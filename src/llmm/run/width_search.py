@@ -7,16 +7,19 @@ Monte-Carlo evaluation and saved in the adapter config (``noise_width``), so re-
 ``validation_nll(m)`` is the family's validation NLL of the Monte-Carlo prediction under ``llmm.noise_width(model,
 m)`` (networks from a fixed seed's own streams, never the training generator). Both rules are computed
 (llmm.width.choose_noise_width: TFB's tolerance rule and the NLL minimiser); the setting says which m is used.
+The record holds what recomputes both: nll(0), the tfb threshold nll(0) (1 + tolerance) and every [m, nll].
 """
 
 from __future__ import annotations
 
+import logging
 import time
 
 from llmm.model import llmm_layers, noise_width
 from llmm.width import choose_noise_width
 
 RULES = {"tfb": "tfb", "nll": "nll_min"}  # the setting's value -> choose_noise_width's key
+logger = logging.getLogger("llmm")
 
 
 def apply_noise_width(model, multiplier: float, adapter_name: str = "default") -> None:
@@ -48,6 +51,12 @@ def search_width(model, validation_nll, settings) -> dict:
     found = choose_noise_width(nll, tolerance=settings.noise_width_tolerance, grid=settings.noise_width_grid)
     chosen = found[RULES[rule]]
     apply_noise_width(model, chosen)
+    edge = max(settings.noise_width_grid)
+    if found["nll_min"] == edge:  # the NLL still falls at the grid's widest m: its minimum may lie beyond
+        logger.warning("the nll rule chose the grid's largest width, m = %g (the validation NLL still falls there): "
+                       "its minimum may be wider; try a wider --noise_width_grid (e.g. ... %g %g)", edge, 2 * edge,
+                       4 * edge)
     return {"rule": rule, "chosen": chosen, "tfb": found["tfb"], "nll_min": found["nll_min"],
-            "tolerance": found["tolerance"], "grid": list(settings.noise_width_grid),
+            "tolerance": found["tolerance"], "nll_0": found["nll_0"], "tfb_threshold": found["tfb_threshold"],
+            "grid": list(settings.noise_width_grid), "nll_min_at_grid_edge": found["nll_min"] == edge,
             "evaluations": found["evaluations"], "wall_time_s": time.time() - started}
