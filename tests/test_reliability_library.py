@@ -81,7 +81,7 @@ def test_tables_refuse_to_write_over_a_runs_results(run, capsys):
 # --- --overwrite replaces only what llmm wrote ---------------------------------------------------------------------
 
 def llmm_run(folder):
-    for name in ("settings.json", "results.json", "adapter/adapter_config.json", "checkpoints/checkpoint-2/x",
+    for name in ("settings.json", "results.json", "adapter/adapter_config.json", "checkpoints/checkpoint-2/trainer_state.json",
                  "curves.png", outdirs.RUN_MARKER):
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         (folder / name).write_text("x")

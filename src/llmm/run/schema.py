@@ -355,11 +355,12 @@ class WidthSearchSettings:
     """After training, a multiplier m of the noise chosen on the validation split (llmm.width.choose_noise_width):
     multiple choice, GLUE and the causal-LM families (their held-out split)."""
 
-    noise_width_search: str = setting("none", "none (the paper: m = 1) | tfb (the largest m whose relative validation "
-                                      "NLL change is within the tolerance) | nll (the NLL-minimising m)",
+    noise_width_search: str = setting("none", "none (the paper: m = 1) | tfb (the largest m of the grid and its "
+                                      "refinements whose relative validation NLL change is within the tolerance) | nll "
+                                      "(the NLL-minimising m)",
                                       choices=("none", "tfb", "nll"))
-    noise_width_tolerance: float = setting(0.003, "tfb: relative NLL change allowed (TFB's 0.003; its bisection's "
-                                           "widths are nll's candidates too)", low=0, applies=WITH_SEARCH)
+    noise_width_tolerance: float = setting(0.003, "tfb: relative NLL change allowed (TFB's 0.003; every width either "
+                                           "rule evaluates is a candidate of both)", low=0, applies=WITH_SEARCH)
     noise_width_grid: list = setting((0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0), "multipliers m tried (then "
                                      "refined between neighbours)", low=0, low_open=True, kind=float,
                                      applies=WITH_SEARCH)
