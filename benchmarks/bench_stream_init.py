@@ -221,6 +221,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     output = Path(args.out) if args.out else RESULTS / "stream_init_cpu.json"
+    if args.work_dir:
+        Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     results = json.loads(output.read_text()) if output.is_file() else {}
     results.update({"device": f"CPU {platform.machine()}, 1 thread (2-core shared VM)",
                     "date": time.strftime("%Y-%m-%d"), "versions": fileio.versions(),

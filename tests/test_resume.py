@@ -257,6 +257,10 @@ def test_a_complete_run_is_skipped_only_with_the_same_settings(family, model_dir
     with pytest.raises(ValueError, match="continue it to max_steps=2 with --resume_from_checkpoint"):
         main(argv("--skip_if_complete", "--max_steps", "2"))
     assert {path: path.stat().st_mtime_ns for path in out.rglob("*")} == files
+    if family == "glue":  # only a larger max_steps trains on: other evaluation steps are refused, not relabelled
+        with pytest.raises(ValueError, match="made with eval_steps=1, this command says 2: run these settings in "
+                                             "another --output_dir .*, or remove"):
+            main(argv("--skip_if_complete", "--eval_steps", "2", "--resume_from_checkpoint"))
     further = main(argv("--skip_if_complete", "--max_steps", "2", "--resume_from_checkpoint"))  # trains on
     assert further.get("global_step", further.get("epochs", [{}])[-1].get("step")) == 2
 
@@ -302,3 +306,16 @@ def test_glue_gradient_accumulation_averages_the_loss(model_dir, tmp_path):  # n
         results = train_glue.main(argv)
         losses.append(results["epochs"][0]["train_loss"])
     assert losses[1] == pytest.approx(losses[0], rel=0.01)  # dropout masks differ by micro-batch; not 2x (as it was)
+
+
+def test_a_checkpoint_without_the_run_s_loss_sum_carries_no_wrong_one(llama_dir, tmp_path, caplog):
+    """A checkpoint written before checkpoints kept the run's summed step losses: the resumed run says its train_loss
+    covers its own steps, and its checkpoints keep no sum (a later resume would report a wrong whole-run mean)."""
+    out = tmp_path / "run"
+    train_gsm8k.main(gsm8k_argv(llama_dir, out, "--max_steps", "1"))
+    (out / "checkpoints" / "checkpoint-1" / training.LOSS_SUM).unlink()
+    with caplog.at_level("WARNING", logger="llmm"):
+        train_gsm8k.main(gsm8k_argv(llama_dir, out, "--max_steps", "2", "--resume_from_checkpoint"))
+    assert "train_loss covers steps 2-2 only" in caplog.text
+    assert (out / "checkpoints" / "checkpoint-2").is_dir()
+    assert not (out / "checkpoints" / "checkpoint-2" / training.LOSS_SUM).exists()

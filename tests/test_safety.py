@@ -150,11 +150,35 @@ def test_a_user_s_file_inside_an_llmm_folder_is_found_and_kept(tmp_path):
     with pytest.raises(FileExistsError, match="'checkpoints/checkpoint-2/notes.md', 'eval/mine.txt'"):
         outdirs.prepare_output_dir(out, overwrite=True)
     assert tree(tmp_path) == before
-    assert outdirs.remove_ours(out / "eval") == ["mine.txt"]
+    assert outdirs.remove_ours(out / "eval") == (["mean.json"], ["mine.txt"])
     assert [path.name for path in (out / "eval").iterdir()] == ["mine.txt"]
     (out / "eval" / "mine.txt").unlink()
     (out / "eval" / "mc.json").write_text("x")
-    assert outdirs.remove_ours(out / "eval") == [] and not (out / "eval").exists()  # all llmm's: gone with it
+    assert outdirs.remove_ours(out / "eval") == (["mc.json"], []) and not (out / "eval").exists()  # gone with it
+    other = tmp_path / "other-run" / "test-greedy-mean"  # a link to another run's scores: not followed
+    other.mkdir(parents=True)
+    (other / "predictions.jsonl").write_text("x")
+    (out / "test-greedy-mean").symlink_to(other)
+    assert outdirs.remove_ours(out / "test-greedy-mean") == ([], ["test-greedy-mean"])
+    assert (other / "predictions.jsonl").is_file()
+
+
+def test_what_a_run_s_folders_may_hold_and_what_they_may_not(tmp_path):
+    """What the Trainer and accelerate write into checkpoints (FSDP1's optimizer.bin, DCP parts, an interrupted save's
+    hidden temporary files) is llmm's; a user's folder of llmm-like names with folders inside, or a hidden .metadata
+    folder, is not."""
+    out = tmp_path / "run"
+    for name in ("settings.json", "checkpoints/checkpoint-2/optimizer.bin", "checkpoints/checkpoint-2/optimizer_0/"
+                 ".metadata", "checkpoints/checkpoint-2/optimizer_0/__0_0.distcp",
+                 "checkpoints/checkpoint-2/.llmm_noise_rng_0.pt.tmp", "checkpoints/checkpoint-2/.llmm_loss_sum.json.x1",
+                 "runs/Dec07_host/1733/events.out.tfevents.1.host"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("x")
+    assert outdirs.foreign_entries(out) == []
+    for name in ("notes/2024/table.md", "notes/config.json", ".metadata/x"):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("the user's")
+    assert outdirs.foreign_entries(out) == [".metadata/", "notes/"]
 
 
 def test_what_counts_as_llmm_s(tmp_path):

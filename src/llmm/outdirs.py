@@ -40,14 +40,17 @@ LLMM_FILE_PATTERNS = RUN_FILES + (
     "table.md", "config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
     "pytorch_model*.bin", "tokenizer*", "special_tokens_map.json", "vocab.*", "merges.txt", "spm.model",
     "added_tokens.json", "chat_template.*", "adapter_model.safetensors", "adapter_model.bin", "trainer_state.json",
-    "training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt", "rng_state*.pth", "llmm_noise_rng_*.pt",
-    "llmm_loss_sum.json",  # llmm.run.trainer's, in each checkpoint
+    "training_args.bin", "optimizer.pt", "optimizer*.bin", "scheduler.pt", "scaler.pt", "rng_state*.pth",
+    "llmm_noise_rng_*.pt", "llmm_loss_sum.json",  # llmm.run.trainer's, in each checkpoint
+    "configuration_*.py", "modeling_*.py", "tokenization_*.py", "spiece.model", "sentencepiece.bpe.model",
+    "tekken.json",  # save_pretrained of remote-code models and other tokenizers
     "mean.json", "sample.json", "mc.json",  # eval_glue's eval/<mode>.json
     "events.out.tfevents.*",  # --report_to tensorboard
     "*.distcp", "latest", "zero_to_fp32.py", "*_optim_states.pt", "*_model_states.pt")  # sharded checkpoints' parts
 LLMM_DIR_PATTERNS = ("adapter", "mean_adapter", "backbone", "merged", "checkpoints", "checkpoint-*", "llmm_init",
                      "eval", "data", "runs",  # runs: the Trainer's TensorBoard logs (--report_to tensorboard; GLUE)
                      "pytorch_model_fsdp_*", "optimizer_*", "global_step*")
+DCP_FOLDERS = ("pytorch_model_fsdp_*", "optimizer_*")  # torch.distributed.checkpoint parts: a .metadata file each
 # Written only beside a file that says which command wrote them: save_pretrained's model card, a prepare's splits.
 LLMM_FILES_BESIDE = {"adapter_config.json": ("README.md",), "prepare_report.json": ("*.csv", "*.jsonl")}
 
@@ -176,51 +179,68 @@ def _llmm_name(name: str, patterns) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
 
-def foreign_entries(path: str | Path) -> list[str]:
-    """The sorted paths in ``path`` that llmm did not write, looking inside every folder. A folder with an llmm name
-    or a run file names what inside it is foreign ("eval/notes.txt"); another folder is llmm's when everything in it
-    is (test_mcq's per-rule plots ``llmm_tfb/reliability-*.png``), else it is named whole ("analysis/")."""
+def foreign_entries(path: str | Path, within_ours: bool = False) -> list[str]:
+    """The sorted paths in ``path`` that llmm did not write. A folder with an llmm name or a run file is looked into:
+    it names what inside it is foreign ("eval/notes.txt"). Another folder is llmm's only when it holds llmm files
+    alone (test_mcq's per-rule plots ``llmm_tfb/reliability-*.png``), or, inside an llmm folder (``within_ours``:
+    TensorBoard's runs/<date>/<time>/), when everything below it is; else it is named whole ("analysis/")."""
     path = Path(path)
     names = {entry.name for entry in path.iterdir()}
     files = LLMM_FILE_PATTERNS + tuple(p for key, extra in LLMM_FILES_BESIDE.items() if key in names for p in extra)
     foreign = []
     for entry in sorted(path.iterdir()):
-        name = entry.name
-        if entry.is_dir() and not entry.is_symlink() and not name.startswith("."):
-            inside = foreign_entries(entry)
-            if inside and (_llmm_name(name, LLMM_DIR_PATTERNS) or any((entry / f).exists() for f in RUN_FILES)):
-                foreign += [f"{name}/{nested}" for nested in inside]
-            elif inside:
+        name, folder = entry.name, entry.is_dir() and not entry.is_symlink()
+        if folder and not name.startswith("."):
+            if _llmm_name(name, LLMM_DIR_PATTERNS) or any((entry / f).exists() for f in RUN_FILES):
+                foreign += [f"{name}/{nested}" for nested in foreign_entries(entry, within_ours=True)]
+            elif (foreign_entries(entry, within_ours=True) if within_ours else
+                  not all(child.is_file() and not child.is_symlink() and _llmm_name(child.name, LLMM_FILE_PATTERNS)
+                          for child in entry.iterdir())):
                 foreign.append(f"{name}/")
             continue
-        if name.startswith("."):
-            bare = name[1:].split(".")[0]  # .<name>.lock, .<name>.<random> (a lock, a temporary write)
-            ours = name.startswith(".llmm-") or name == ".metadata" or bare in names or _llmm_name(
-                bare, files + LLMM_DIR_PATTERNS) or (entry.is_dir() and (entry / PARTIAL_MARKER).is_file())
+        if name.startswith("."):  # .<name>.lock, .<name>.<random>: a lock, a temporary write (file or folder)
+            stems = {name[1:].split(".")[0], name[1:].rsplit(".", 1)[0]}
+            ours = name.startswith(".llmm-") or bool(stems & names) or any(
+                _llmm_name(stem, files + LLMM_DIR_PATTERNS) for stem in stems) or (
+                folder and (entry / PARTIAL_MARKER).is_file()) or (
+                name == ".metadata" and entry.is_file() and _llmm_name(path.name, DCP_FOLDERS))
         else:
             ours = _llmm_name(name, files) and not entry.is_symlink()  # llmm writes no links
         if not ours:
-            foreign.append(name + ("/" if entry.is_dir() and not entry.is_symlink() else ""))
+            foreign.append(name + "/" * folder)
     return foreign
 
 
-def remove_ours(folder: str | Path) -> list[str]:
-    """Remove what llmm wrote in ``folder`` (and the folder, if nothing else is left); return what was kept."""
+def remove_ours(folder: str | Path) -> tuple[list[str], list[str]]:
+    """Remove what llmm wrote in ``folder`` (and the folder, if nothing else is left): (removed, kept). A link is
+    kept whole, never followed."""
     folder = Path(folder)
-    kept = foreign_entries(folder)
-    for entry in folder.iterdir():
-        folder_entry = entry.is_dir() and not entry.is_symlink()
-        if (entry.name + "/" * folder_entry) in kept:
+    if folder.is_symlink() or not folder.is_dir():
+        return [], [folder.name]
+    kept, removed = foreign_entries(folder, within_ours=True), []
+    for entry in sorted(folder.iterdir()):
+        is_folder = entry.is_dir() and not entry.is_symlink()
+        if (entry.name + "/" * is_folder) in kept:
             continue
-        if folder_entry and any(path.startswith(f"{entry.name}/") for path in kept):
-            remove_ours(entry)
-        elif folder_entry:
+        if is_folder and any(path.startswith(f"{entry.name}/") for path in kept):
+            removed += [f"{entry.name}/{name}" for name in remove_ours(entry)[0]]
+            continue
+        if is_folder:
             shutil.rmtree(entry)
         else:
             entry.unlink()
+        removed.append(entry.name + "/" * is_folder)
     if not any(folder.iterdir()):
         folder.rmdir()
-    return kept
+    return removed, kept
+
+
+def remove_stale(folder: str | Path, why: str) -> None:
+    """``remove_ours`` of results made stale (``why``), said in one line with what was kept."""
+    removed, kept = remove_ours(folder)
+    if removed:
+        logger.info("removed %s in %s: %s%s", ", ".join(removed), folder, why,
+                    f"; kept {', '.join(kept)}, which llmm did not write" * bool(kept))
 
 
 def check_removable(path: str | Path, flag: str = "--overwrite") -> None:

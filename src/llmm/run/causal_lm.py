@@ -506,9 +506,7 @@ class CausalLMRecipe(Recipe):
         for folder in sorted(self.output_dir.iterdir()):  # test_gsm8k.sh's <run>/test-*: scores of the replaced adapter
             if (folder / "predictions.jsonl").is_file() and '"accuracy"' in fileio.read_text_or_empty(
                     folder / "results.json"):
-                kept = outdirs.remove_ours(folder)
-                cli.logger.info("removed the test results in %s: they tested the adapter before this resume (test it "
-                                "again)%s", folder, f"; kept {', '.join(kept)}, which llmm did not write" * bool(kept))
+                outdirs.remove_stale(folder, "they tested the adapter before this resume (test it again)")
         fileio.plot_curves(self.output_dir / "curves.png", curves(results["history"]), xlabel="optimizer step")
         cli.logger.info("held-out loss %.4f, perplexity %.2f -> %s", results["eval_loss"], results["eval_perplexity"],
                         self.output_dir)

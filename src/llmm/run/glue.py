@@ -386,10 +386,8 @@ class GlueRecipe(Recipe):
         quantized_here = settings.method != "lora" and not settings.get("init_dir")  # Q exists only in this run
         save_run(trainer.model, tokenizer, out, settings.model, quantized_here)
         results = self.recorder.write(trainer.state.log_history, complete=True)  # complete once everything is saved
-        if (out / "eval").is_dir():  # eval_glue's scores of the adapter this resumed run replaced
-            kept = outdirs.remove_ours(out / "eval")
-            logger.info("removed eval_glue's scores in %s: they scored the adapter before this resume (run eval_glue "
-                        "again)%s", out / "eval", f"; kept {', '.join(kept)}, which llmm did not write" * bool(kept))
+        if (out / "eval").exists():
+            outdirs.remove_stale(out / "eval", "eval_glue scored the adapter before this resume (run it again)")
         best = results["best"]
         logger.info("%s %s: best %s %s at epoch %s; outputs in %s", task.name, self.settings.method,
                     task.main_metric, best and best["dev"][task.dev_splits[0]][task.main_metric],

@@ -29,6 +29,7 @@ llmm's own long loops log one line per tenth of the work (``progress``)."""
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import time
@@ -104,14 +105,15 @@ def install() -> None:
                             r"config\.json in ")
     warnings.filterwarnings("ignore", message=r"Model has `tie_word_embeddings=True` and a tied layer is part of the "
                             r"adapter")
-    if not sys.stderr.isatty():
-        import datasets
-        import huggingface_hub.utils
-        import transformers
-
-        transformers.utils.logging.disable_progress_bar()
-        datasets.disable_progress_bars()
-        huggingface_hub.utils.disable_progress_bars()
+    if not sys.stderr.isatty():  # the libraries read these when they load; those loaded already are told
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        if "huggingface_hub" in sys.modules:
+            sys.modules["huggingface_hub"].utils.disable_progress_bars()
+        if "transformers" in sys.modules:
+            sys.modules["transformers"].utils.logging.disable_progress_bar()
+        if "datasets" in sys.modules:
+            sys.modules["datasets"].disable_progress_bars()
 
 
 def progress(items, desc: str, unit: str):

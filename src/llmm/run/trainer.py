@@ -49,7 +49,8 @@ def add_resume_flag(parser: argparse.ArgumentParser) -> None:
 def add_skip_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip_if_complete", action="store_true", default=None,
                         help="if --output_dir holds a complete run with these settings, say so and stop (the drivers' "
-                             "rerun); a complete run with other settings is an error")
+                             "rerun); a complete run with other settings is an error, except a larger --max_steps "
+                             "with --resume_from_checkpoint: it trains on")
 
 
 def trainer_state(checkpoint: str | Path) -> dict | None:
@@ -312,27 +313,28 @@ def is_complete(run_dir: str | Path) -> bool:
 def check_same_run(run_dir: str | Path, settings, blocks, saved: dict | None = None) -> bool:
     """Whether a complete run is what this command would run: its settings (``saved``, else its settings.json) agree
     on every setting that changes a number (all but the run plumbing, seed and inputs included). False: they differ
-    only in how long it trains (RESUMABLE) and this command resumes, so the run trains on; any other difference is
-    one error line naming the first."""
+    only in max_steps and this command resumes, so the run trains on to it (a lower one: check_checkpoint's error);
+    any other difference, epochs included (a complete epoch-based run does not train on), is one error line naming
+    the first."""
     if saved is None:
         saved = read_run_settings(Path(run_dir) / "settings.json", blocks, "remove the run to train it again, or "
                                   "choose another --output_dir")
     compared = (set(schema.fields_of(*blocks)) - schema.role_names(schema.RUN, blocks)) | {"seed"} | set(
         schema.input_names(blocks))
     resuming = bool(settings.get("resume_from_checkpoint"))
-    difference = first_difference(saved, settings.record(), compared - (RESUMABLE if resuming else set()), blocks)
+    difference = first_difference(saved, settings.record(), compared - ({"max_steps"} if resuming else set()), blocks)
     if difference:
         name, value, asked = difference
-        further = f", continue it to {name}={asked!r} with --resume_from_checkpoint" * (name in RESUMABLE)
+        further = f", continue it to {name}={asked!r} with --resume_from_checkpoint" * (name == "max_steps")
         raise ValueError(f"{str(run_dir)!r} is a complete run made with {name}={value!r}, this command says "
                          f"{asked!r}: run these settings in another --output_dir (a driver: another OUT= or RUNS=)"
                          f"{further}, or remove that run to run it again")
-    return first_difference(saved, settings.record(), compared & RESUMABLE, blocks) is None
+    return first_difference(saved, settings.record(), {"max_steps"}, blocks) is None
 
 
 def done_already(run_dir: str | Path, settings, blocks, settings_in_results: bool = False) -> bool:
     """--skip_if_complete: True (said once, by the main process) when ``run_dir`` holds a complete run of these
-    settings (check_same_run: one of other settings is an error; a resume to more steps trains on), else False.
+    settings (check_same_run: one of other settings is an error; a resume to more max_steps trains on), else False.
     ``settings_in_results``: the run's settings are its results.json's (test_gsm8k), not a settings.json."""
     if not settings.get("skip_if_complete") or not is_complete(run_dir):
         return False
@@ -453,7 +455,7 @@ class RunLossSum(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         total = self.trainer.run_loss_sum()  # on every process: the processes' sums are averaged, as the Trainer's
-        if state.is_world_process_zero:
+        if total is not None and state.is_world_process_zero:  # None: resumed from a checkpoint without one
             path = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}" / LOSS_SUM
             write_json(path, {"global_step": state.global_step, "loss_sum": total})
 
@@ -489,7 +491,8 @@ class LlmmTrainer(Trainer):
         self.add_callback(self.noise_callback)
         self.add_callback(FiniteGuard(self))
         self.add_callback(RunLossSum(self))
-        self.loss_sums = (0.0, 0.0)  # (the steps before this session's, this process's since) summed step losses
+        self.loss_sums = (0.0, 0.0)  # (the steps before this session's, this process's since) summed step losses;
+        # the first None: resumed from a checkpoint that did not save it (the run's sum is unknown)
         self.nonfinite_loss = None  # the first non-finite micro-batch loss of the current optimizer step
         self.entropy_settings = (0.0, 0.0, 1e-6)  # (lambda, warm-up ratio, floor): off
         self.entropy_terms = []  # (lambda, H, task loss) of each micro-batch since the last log (no host sync)
@@ -539,7 +542,8 @@ class LlmmTrainer(Trainer):
 
     def train(self, resume_from_checkpoint=None, **kwargs):
         """``Trainer.train``; a checkpoint already at max_steps is loaded, not trained further (the Trainer would take
-        one more step)."""
+        one more step). A resumed run's training_loss is the whole run's mean step loss (the checkpoint's LOSS_SUM plus
+        this session's), as an uninterrupted run's is; the Trainer's covers this session alone."""
         if resume_from_checkpoint is True:
             resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
         self.noise_callback.resume_from = resume_from_checkpoint or None
@@ -552,11 +556,14 @@ class LlmmTrainer(Trainer):
             self.load_final_adapter(resume_from_checkpoint)
             self.state = TrainerState.load_from_json(str(Path(resume_from_checkpoint) / "trainer_state.json"))
             before = checkpoint_loss_sum(resume_from_checkpoint, state)
+            if before is None:
+                logger.warning("train_loss is unknown: %s has no %s (written by llmm since 2026-12-07)",
+                               resume_from_checkpoint, LOSS_SUM)
             return TrainOutput(self.state.global_step, None if before is None else before / state["global_step"], {})
         if state and self.is_fsdp_enabled and full_state_checkpoint(resume_from_checkpoint):
             self.load_final_adapter(resume_from_checkpoint)  # before sharding: see _load_from_checkpoint
         before = checkpoint_loss_sum(resume_from_checkpoint, state) if state else 0.0
-        self.loss_sums = (before or 0.0, 0.0)
+        self.loss_sums = (before, 0.0)
         outcome = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
         if not state:
             return outcome
@@ -639,9 +646,12 @@ class LlmmTrainer(Trainer):
         self.loss_sums = (self.loss_sums[0], self.loss_sums[1] + loss.detach().float())  # no host sync
         return loss
 
-    def run_loss_sum(self) -> float:
-        """The whole run's summed step losses so far (the processes' mean). Every process must call it."""
+    def run_loss_sum(self) -> float | None:
+        """The whole run's summed step losses so far (the processes' mean), None if unknown. Every process must call
+        it."""
         before, session = self.loss_sums
+        if before is None:
+            return None
         if isinstance(session, torch.Tensor):
             session = self.accelerator.reduce(session, "mean").item()
         return before + session
