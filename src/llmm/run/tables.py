@@ -143,7 +143,8 @@ def select_row(table: dict, **selection) -> dict:
         if all(row[k] == v for k, v in selection.items()):
             return row
     existing = sorted({tuple(row[k] for k in keys) for row in table_rows(table)}, key=str)
-    raise ValueError(f"no row for {selection} in the table; rows ({', '.join(keys)}): {existing}")
+    raise ValueError(f"no row for {selection} in the table; rows ({', '.join(keys)}): {existing}. Name one, or add "
+                     "a row for it to the table's YAML file (its settings are the experiment's)")
 
 
 def add_setting_flags(parser: argparse.ArgumentParser, table: dict, blocks=schema.BLOCKS, plumbing_blocks=None,
