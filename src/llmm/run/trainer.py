@@ -572,6 +572,9 @@ class LlmmTrainer(Trainer):
                            state["global_step"] + 1, outcome.global_step, resume_from_checkpoint, LOSS_SUM)
             return outcome
         whole_run = self.run_loss_sum() / max(outcome.global_step, 1)
+        logger.info("train_loss %.4f: the mean of steps 1-%d (the Trainer's %.4f above is of the resumed steps %d-%d)",
+                    whole_run, outcome.global_step, outcome.training_loss, state["global_step"] + 1,
+                    outcome.global_step)
         return outcome._replace(training_loss=whole_run, metrics={**outcome.metrics, "train_loss": whole_run})
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
