@@ -134,6 +134,7 @@ def test_gsm8k_resume_at_an_epoch_boundary_with_accumulation(llama_dir, tmp_path
         train_gsm8k.main(gsm8k_argv(llama_dir, resumed, "--max_steps", "4", "--resume_from_checkpoint",
                                     str(checkpoint)))
     assert f"resuming from {checkpoint}" in caplog.text and "the mean of steps 1-4 (the Trainer's" in caplog.text
+    assert f"training on 4 examples, evaluating on 2; every setting in {resumed / 'settings.json'}" in caplog.text
 
     results = [json.loads((run / "results.json").read_text()) for run in (full, resumed)]
     losses = [[(h["step"], h["loss"]) for h in r["history"] if "loss" in h] for r in results]

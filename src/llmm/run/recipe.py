@@ -136,6 +136,9 @@ class Recipe:
             fileio.write_json(self.output_dir / "settings.json",
                               {**fileio.real_inputs(settings.record(), self.blocks), "resumed_from": checkpoint,
                                "versions": fileio.versions()})
+            held = sum(map(len, held_out.values())) if isinstance(held_out, dict) else len(held_out or ())
+            training.logger.info("training on %d examples, evaluating on %d; every setting in %s", len(train_set),
+                                 held, self.output_dir / "settings.json")
         outcome = trainer.train(resume_from_checkpoint=checkpoint)
         self.after_training(trainer, model, tokenizer)
         if self.sharding == "FSDP":  # a collective: every process takes part, the main process saves the result
