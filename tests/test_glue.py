@@ -459,6 +459,29 @@ def test_embedding_loftq_lowers_the_reconstruction_error(quant):
         assert torch.allclose(layer.weight, layer.get_base_layer().weight + delta * layer.scaling["default"])
 
 
+def test_a_gaussian_table_read_whole_is_the_table_looked_up():
+    """At g = alpha / r = 2, a Gaussian embedding pair's ``weight`` (the table DeBERTa reads whole: rel_embeddings)
+    gives the rows a lookup gives, for the mean network and for one draw of the noise."""
+    from test_layer import randomize
+
+    from llmm import seed_noise
+
+    model = get_llmm_model(tiny_deberta(0, 2), LlmmConfig(r=4, lora_alpha=8, target_modules=TABLES, k=2,
+                                                          gaussian_embeddings=True))
+    randomize(model)
+    word = model.base_model.model.deberta.embeddings.word_embeddings
+    assert isinstance(word, LlmmEmbedding) and word.scaling["default"] == 2
+    ids = torch.randint(5, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    for mode in ("mean", "sample"):
+        with torch.no_grad(), noise_mode(model, mode):
+            seed_noise(model, 3)
+            looked_up = word(ids)
+            seed_noise(model, 3)
+            whole = torch.nn.functional.embedding(ids, word.weight)
+        torch.testing.assert_close(whole, looked_up, rtol=0, atol=1e-6)
+        assert not torch.allclose(looked_up, word.get_base_layer()(ids), atol=1e-3)  # the pair adds to the table
+
+
 def test_embedding_pairs_train_including_the_table_deberta_reads_directly():
     """One AdamW step: every table's pair (word / position: looked up; rel_embeddings: read as .weight) gets a
     gradient and moves; the quantized tables stay frozen. Gaussian pairs also train their directions."""

@@ -635,6 +635,7 @@ def test_gradient_accumulation_averages_the_letter_loss(tiny_dir, tmp_path):
                                                "--per_device_train_batch_size", str(batch),
                                                "--gradient_accumulation_steps", str(accumulation)))
     logs = {name: [h for h in run["history"] if "loss" in h] for name, run in runs.items()}
+    assert len(logs["one"]) == len(logs["two"]) == 2
     for one, two in zip(logs["one"], logs["two"]):
         assert one["loss"] == pytest.approx(two["loss"], rel=1e-5)
         assert one["grad_norm"] == pytest.approx(two["grad_norm"], rel=1e-4)

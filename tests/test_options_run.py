@@ -75,8 +75,6 @@ def test_entropy_weight_zero_is_the_paper_bit_for_bit_and_a_positive_weight_trai
     moved = adapter_weights(tmp_path / "entropy")
     directions = [k for k in moved if "lora_llmm" in k]
     assert directions and any(not torch.equal(moved[k], same[k]) for k in directions)
-    assert all(torch.equal(moved[k], same[k]) for k in moved if "lora_llmm" not in k and "lora_B" not in k
-               and "lora_A" not in k)  # only the adapter trains
     assert lam["cell"]["entropy_weight"] == 1.0 and paper["cell"]["entropy_weight"] == 0.0  # cell-defining
 
 

@@ -144,6 +144,7 @@ def test_an_out_of_range_value_is_one_error_line_and_writes_nothing(family, name
         run_main(lambda: ENTRY[family].main(argv))
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert exit_info.value.code == 2 and len(lines) == 1, lines
+    assert f"{name} =" in lines[0] or f"--{name}" in lines[0], lines  # refused for its range, not a later fault
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 

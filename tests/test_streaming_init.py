@@ -169,8 +169,9 @@ def test_interrupted_stream_leaves_nothing(tmp_path, monkeypatch):
 
     loftq_factors = streaming.loftq_factors
     monkeypatch.setattr(streaming, "loftq_factors", fail_third)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="No space left on device"):
         quantize_model.main(["--model", str(tmp_path / "m"), "--save_dir", str(tmp_path / "q"), *LLAMA])
+    assert len(calls) == 3  # the failure came where it was injected, mid-stream
     assert not (tmp_path / "q").exists() or list((tmp_path / "q").iterdir()) == []
 
 
