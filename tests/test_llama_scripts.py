@@ -167,7 +167,7 @@ def check_predictions(out, n=6):
     return predictions, results
 
 
-def test_gsm8k_in_process_loftq_16bit_then_test_all_modes(models, tmp_path):
+def test_gsm8k_in_process_loftq_16bit_then_test_all_modes(models, tmp_path, monkeypatch):
     run = tmp_path / "run"
     train_gsm8k.main(["--model", "llama-2-7b", "--rank", "64", "--model_name_or_path", str(models["base"]),
                       "--init", "loftq", "--loftq_iter", "1", "--data", str(DATA / "gsm8k.jsonl"),
@@ -194,6 +194,13 @@ def test_gsm8k_in_process_loftq_16bit_then_test_all_modes(models, tmp_path):
     mc = ["--adapter", str(run / "adapter"), "--output_dir", str(tmp_path / "mc"), "--mode", "mc", "--max_samples",
           "2", "--decoding", "reference", "--skip_if_complete", "--overwrite", *GENERATE, *FP32]
     assert test_gsm8k.main([*mc, "--mc_samples", "3"]) is None
+    rel = ["--adapter", str(run / "adapter"), "--output_dir", str(tmp_path / "rel"), "--max_samples", "1",
+           "--skip_if_complete", "--max_new_tokens", "8", *FP32]
+    with monkeypatch.context() as patch:  # a data file typed relative to one directory, then from another: the same
+        patch.chdir(DATA)
+        test_gsm8k.main([*rel, "--data", "gsm8k.jsonl"])
+        patch.chdir(tmp_path)
+        assert test_gsm8k.main([*rel, "--data", str(DATA / "gsm8k.jsonl")]) is None
     with pytest.raises(ValueError, match="is a complete run made with mc_samples=3, this command says 5"):
         test_gsm8k.main([*mc, "--mc_samples", "5"])
     assert read(tmp_path / "mc" / "results.json") == results

@@ -192,7 +192,7 @@ def main(argv=None) -> dict | None:
         "mode": settings.mode, "decoding": settings.decoding, "adapter": settings.adapter,
         "noise_width": float(getattr(adapter_config, "noise_width", 1.0)),  # m of the sample / mc modes' noise
         "model": settings.model_name_or_path, "wall_time_s": time.time() - started,
-        "settings": settings.record(), "versions": fileio.versions(),
+        "settings": fileio.real_inputs(settings.record(), BLOCKS), "versions": fileio.versions(),  # paths resolved
     }
     tested = settings.copy()
     if training.same_setting(settings.model_name_or_path, adapter_config.base_model_name_or_path):
