@@ -671,3 +671,16 @@ def test_test_mcq_puts_a_full_precision_backbone_on_the_process_s_device(monkeyp
     quantized = SimpleNamespace(load_in_8bit=True, load_in_4bit=False, run="run", K=2)
     monkeypatch.setattr(causal_lm, "load_backbone", lambda settings: (LlamaForCausalLM(model.config), None))
     assert next(mcq_test.load_member(quantized)[0].parameters()).device.type == "cpu"  # left where it was loaded
+
+
+def test_an_eval_set_typed_relative_is_recorded_by_its_real_path(tiny_dir, tmp_path, monkeypatch):
+    """--test_data / --ood typed relative to where train_mcq runs: each evaluation's where (and cell) is the file's real
+    path, as test_mcq's ensemble records it, so the two pool in one table row."""
+    from scripts import train_mcq
+
+    argv = [*train_argv(tiny_dir, tmp_path / "run", "--method", "map"), "--train_data", "arc.jsonl", "--test_data",
+            "arc.jsonl", "--ood", "obqa.jsonl"]  # the last of a flag given twice wins
+    monkeypatch.chdir(DATA)
+    results = train_mcq.main(argv)
+    wheres = {e["eval_set"]: (e["where"], e["cell"]["eval_where"]) for e in results["evaluations"]}
+    assert wheres == {"arc_e": (str(DATA / "arc.jsonl"),) * 2, "obqa": (str(DATA / "obqa.jsonl"),) * 2}

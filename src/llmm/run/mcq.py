@@ -151,13 +151,14 @@ def backbone_name(settings: schema.McqRun) -> str:
 # --- data ----------------------------------------------------------------------------------------------------------
 
 def task_records(settings: schema.McqRun, table: dict, task: str, split: str) -> tuple[list[dict], str]:
-    """(records with ids, where from) of one split ("train" / "test") of a task row, or of a local file."""
+    """(records with ids, where from: a local file by its real path, as the cell records it) of one split ("train" /
+    "test") of a task row, or of a local file."""
     if task.endswith((".json", ".jsonl")):
-        return with_ids(load_mcq(task), question_ids(task)), task
+        return with_ids(load_mcq(task), question_ids(task)), fileio.real_path(task)
     row = settings if task == settings.task else tables.select_row(table, task=task)
     local = row.get(f"{split}_data")
     if local:
-        return with_ids(load_mcq(local), question_ids(local)), local
+        return with_ids(load_mcq(local), question_ids(local)), fileio.real_path(local)
     name = row[f"{split}_split"]
     if not name:
         raise ValueError(f"task {task!r} has no {split} split")
