@@ -684,3 +684,24 @@ def test_an_eval_set_typed_relative_is_recorded_by_its_real_path(tiny_dir, tmp_p
     results = train_mcq.main(argv)
     wheres = {e["eval_set"]: (e["where"], e["cell"]["eval_where"]) for e in results["evaluations"]}
     assert wheres == {"arc_e": (str(DATA / "arc.jsonl"),) * 2, "obqa": (str(DATA / "obqa.jsonl"),) * 2}
+
+
+def test_table_pairs_each_row_with_its_own_baseline_in_cost_and_shows_unpaired_rows():
+    """Two map cells (max_steps 2 and 3): each llmm row's cost ratio is to the map row it pairs with, not the last
+    map read; a row no map run matches stays in the paired table with "-"."""
+    from llmm.run import mcq_report
+
+    def record(method, max_steps, seed, step_s, eval_mode="mean"):
+        cell = {"method": method, "task": "arc_e", "eval_set": "arc_e", "backbone": "fp32", "K": 0 if method == "map"
+                else 2, "eval_mode": eval_mode, "eval_samples": 1, "max_steps": max_steps, "learning_rate": 1e-4}
+        return {"path": f"{method}{max_steps}-{seed}", "seed": seed, "cell": cell, "questions": None,
+                "costs": {"step_s": step_s, "test_s": 1.0},
+                "metrics": {"accuracy": 50.0 + seed, "ece": 10.0, "nll": 1.0, "brier": 0.5}}
+
+    records = [record("map", 2, s, 1.0) for s in (1, 2)] + [record("map", 3, s, 2.0) for s in (1, 2)]
+    records += [record("llmm", 2, s, 1.5) for s in (1, 2)] + [record("llmm", 5, s, 3.0) for s in (1, 2)]
+    costs = "\n".join(mcq_report.cost_table(records, "map"))
+    assert "1.50 (1.50x)" in costs and "3.00 |" in costs and "3.00 (" not in costs  # max_steps 5: no map pair
+    paired = "\n".join(mcq_report.paired_table(mcq_report.build(records, "map"), "map"))
+    rows = [line for line in paired.splitlines() if line.startswith("| llmm")]
+    assert len(rows) == 2 and any(line.count("| - ") == 4 for line in rows)  # the unpaired row, shown with "-"

@@ -159,25 +159,24 @@ def ratio(value, reference) -> str:
 
 
 def cost_table(records: list[dict], baseline: str) -> list[str]:
-    """Training-step and test-time cost per row (medians over seeds) and their ratio to ``baseline``'s."""
+    """Training-step and test-time cost per row (medians over seeds) and their ratio to its ``baseline`` row's: the
+    one the paired table pairs it with (mean mode; none where none or several match)."""
     groups, _, extra = _grouped(records)
 
     def median(group, key):
         values = [r["costs"][key] for r in group["runs"].values() if r["costs"].get(key) is not None]
         return stats.summarize(values)["median"] if values else None
 
-    base = {}
-    for group in groups.values():
-        cell = group["cell"]
-        if cell["method"] == baseline and cell["eval_mode"] == "mean" and cell["eval_set"] == cell["task"]:
-            base[cell["task"], cell["backbone"]] = (median(group, "step_s"), median(group, "test_s"))
+    candidates = [g["cell"] for g in groups.values() if g["cell"]["eval_mode"] == "mean"]
     rows = []
     for group in groups.values():
         cell = group["cell"]
         if cell["eval_set"] != cell["task"]:
             continue  # OOD sets: the in-distribution time says the cost
         step, search, test = (median(group, key) for key in ("step_s", "search_s", "test_s"))
-        step_base, test_base = base.get((cell["task"], cell["backbone"]), (None, None))
+        base = stats.find_baseline(cell, candidates, baseline, PAIRING_FREE)[0]
+        step_base, test_base = ((median(groups[stats.cell_key(base)], key) for key in ("step_s", "test_s")) if base
+                                else (None, None))
         rows.append((row_label(cell, extra), cell["task"],
                      f"{step:.2f}{ratio(step, step_base)}" if step is not None else "- (not trained here)",
                      f"{search:.0f}" if search is not None else "-",
@@ -231,18 +230,19 @@ def metric_tables(entries: list[dict], published: dict) -> list[str]:
 
 
 def paired_table(entries: list[dict], baseline: str) -> list[str]:
-    paired = sorted((e for e in entries if e["differences"]), key=lambda e: (row_rank(e["row"]),
-                                                                             column_rank(e["column"])))
-    if not paired:
+    """Every row but the baseline's: its paired differences, "-" where no baseline run matches."""
+    paired = sorted((e for e in entries if e["method"] != baseline), key=lambda e: (row_rank(e["row"]),
+                                                                                   column_rank(e["column"])))
+    if not any(e["differences"] for e in paired):
         return [f"No row has a {baseline} run of the same task, backbone and settings to be paired with.", ""]
     out = [f"### Paired difference vs {baseline} (mean mode, same task, backbone, settings and seeds): "
            "mean [95 % bootstrap interval] (n seeds)", "",
            "| Method | Column | " + " | ".join(f"Δ {name}" for name in ("accuracy", "ECE", "NLL", "Brier")) + " |",
            "|---" * (len(METRICS) + 2) + "|"]
     for entry in paired:
-        texts = [stats.format_difference(entry["differences"][m], digits(m)) for m in METRICS]
+        texts = [stats.format_difference((entry["differences"] or {}).get(m), digits(m)) for m in METRICS]
         out.append(f"| {entry['row']} | {entry['column']} | " + " | ".join(texts) + " |")
-    if any(e["method"] == "ensemble" for e in paired):
+    if any(e["method"] == "ensemble" and e["differences"] for e in paired):
         out += ["", f"Ensemble rows: the ensemble (one evaluation) minus each of its {baseline} members (the runs it "
                 "averages, mean mode, on the same questions), mean over the members and the bootstrap interval over "
                 "them (n = members): the gain over one member; the interval shows member-to-member spread, not the "
