@@ -31,6 +31,7 @@ refuse_loop_flags train_gsm8k.sh "OUT=, MODELS= (a row or a directory), RANK=, M
   --model_name_or_path --rank --method --seed -- "$@"
 SEEDS=${SEEDS:-"0 1 2 3"}
 check_seeds "$SEEDS" table
+check_models "$MODELS"
 
 for model in $MODELS; do
   choose_model "$model"  # a row of configs/gsm8k.yaml, or a directory of your own

@@ -34,6 +34,7 @@ refuse_loop_flags train_nlg_llama.sh "OUT=, TASKS=, MODELS= (a row or a director
   --output_dir --task --model --model_name_or_path --rank --method --seed -- "$@"
 SEEDS=${SEEDS:-"0 1 2 3"}
 check_seeds "$SEEDS" table
+check_models "$MODELS"
 
 for task in $TASKS; do
   for model in $MODELS; do

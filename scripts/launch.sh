@@ -36,6 +36,19 @@ choose_model() {
   if [[ -d $1 ]]; then model_args=(--model_name_or_path "$1"); model_label=$(basename "${1%/}"); fi
 }
 
+# check_models MODELS: each entry a table row (no "/") or an existing directory, else one error line naming MODELS=
+# (the script would look the path up as a row and suggest dropping a --model the user did not type).
+check_models() {
+  local model
+  for model in $1; do
+    if [[ $model == */* && ! -d $model ]]; then
+      echo "error: MODELS=\"$1\" holds $model, which is not a directory (nor a table row): give an existing directory" \
+        "or a row of the table" >&2
+      exit 2
+    fi
+  done
+}
+
 # check_seeds SEEDS [table]: each entry a seed (a non-negative integer; with "table", also the word table: the row's
 # seed), else one error line naming SEEDS= (argparse would blame --seed, which the user did not type).
 check_seeds() {

@@ -621,6 +621,17 @@ def test_drivers_refuse_seeds_that_are_no_seeds(tmp_path, driver, seeds):
     assert line.startswith(f'error: SEEDS="{seeds}" holds ') and "which is not a seed" in line
 
 
+@pytest.mark.parametrize("driver", ["train_gsm8k.sh", "train_nlg_llama.sh"])
+def test_llama_drivers_name_a_models_entry_that_is_no_directory(tmp_path, driver):
+    """A mistyped directory in MODELS is named before any run starts (the script would call it an unknown row)."""
+    env = {**os.environ, "LAUNCH": "echo", "OUT": str(tmp_path / "runs"), "SEEDS": "0",
+           "MODELS": f"llama-2-7b {tmp_path / 'no-such-dir'}"}
+    done = subprocess.run(["bash", driver], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 2 and done.stdout == "" and not (tmp_path / "runs").exists()
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"error: MODELS=") and f"holds {tmp_path / 'no-such-dir'}, which is not a directory" in line
+
+
 def test_test_gsm8k_sh_without_runs_is_an_error_line(tmp_path):
     done = subprocess.run(["bash", str(REPO_ROOT / "test_gsm8k.sh")], cwd=tmp_path, capture_output=True, text=True,
                           timeout=60, env={**os.environ, "LAUNCH": "echo", "RUNS": ""})
