@@ -629,7 +629,7 @@ def test_llama_drivers_name_a_models_entry_that_is_no_directory(tmp_path, driver
     done = subprocess.run(["bash", driver], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 2 and done.stdout == "" and not (tmp_path / "runs").exists()
     (line,) = done.stderr.strip().splitlines()
-    assert line.startswith(f"error: MODELS=") and f"holds {tmp_path / 'no-such-dir'}, which is not a directory" in line
+    assert line.startswith("error: MODELS=") and f"holds {tmp_path / 'no-such-dir'}, which is not a directory" in line
 
 
 def test_test_gsm8k_sh_without_runs_is_an_error_line(tmp_path):
