@@ -74,7 +74,7 @@ def _check_nonempty_name(path) -> Path:
 
 def locked_by_other(path: str | Path) -> bool:
     """Whether another process holds ``path``'s lock (creates nothing)."""
-    lock = _lock_path(Path(path))
+    lock = _lock_path(path)
     if str(lock) in _held or not lock.is_file():
         return False
     try:
@@ -119,13 +119,11 @@ def acquire(path: str | Path) -> None:
 
 def release(path: str | Path) -> None:
     """Give back one level of ``path``'s lock; the last one removes the lock file and unlocks."""
-    key = str(_lock_path(Path(path)))
-    entry = _held.get(key)
-    if entry is None:
-        return
-    entry[1] -= 1
-    if entry[1] == 0:
-        _let_go(key)
+    key = str(_lock_path(path))
+    if key in _held:
+        _held[key][1] -= 1
+        if _held[key][1] == 0:
+            _let_go(key)
 
 
 def _let_go(key: str) -> None:
@@ -212,8 +210,7 @@ def foreign_entries(path: str | Path, within_ours: bool = False) -> list[str]:
 
 
 def remove_ours(folder: str | Path) -> tuple[list[str], list[str]]:
-    """Remove what llmm wrote in ``folder`` (and the folder, if nothing else is left): (removed, kept). A link is
-    kept whole, never followed."""
+    """Remove what llmm wrote in ``folder`` (and it, if then empty): (removed, kept). A link is kept, never followed."""
     folder = Path(folder)
     if folder.is_symlink() or not folder.is_dir():
         return [], [folder.name]
@@ -291,8 +288,7 @@ def clean_orphans(out_dir: Path) -> None:
 
 
 def check_new_dir(out_dir: str | Path, overwrite: bool = False) -> None:
-    """Raise unless ``out_dir`` may be written: not a file, not locked, empty / absent, or removable with
-    ``overwrite``. Creates nothing."""
+    """Raise unless ``out_dir`` may be written: no file, unlocked, empty / absent, or ``overwrite`` and removable."""
     out_dir = _check_nonempty_name(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"output directory {str(out_dir)!r} is a file: choose another directory")
@@ -396,17 +392,12 @@ def check_outputs_apart(outputs: dict, inputs: dict, files: tuple[str, ...] = ()
                     if not os.path.lexists(os.path.expanduser(str(in_path))):
                         continue  # a hub id, or nothing yet: not a local input
                     source = resolved(in_path)
-                    if out == source:
-                        relation = "is"
-                    elif out in source.parents:
-                        relation = "contains"
-                    elif source in out.parents and (out_flag not in files or _clobbers_input(out)):
-                        relation = "lies inside"
-                    else:
-                        continue
-                    raise ValueError(f"{out_flag} {str(out_path)!r} {relation} {in_flag} {str(in_path)!r}: writing "
-                                     f"there would replace what the command reads; choose an {out_flag} outside "
-                                     f"its inputs")
+                    relation = ("is" if out == source else "contains" if out in source.parents else "lies inside"
+                                if source in out.parents and (out_flag not in files or _clobbers_input(out)) else None)
+                    if relation:
+                        raise ValueError(f"{out_flag} {str(out_path)!r} {relation} {in_flag} {str(in_path)!r}: writing "
+                                         f"there would replace what the command reads; choose an {out_flag} outside "
+                                         f"its inputs")
 
 
 def check_output_file(path: str | Path, flag: str = "--output") -> None:
@@ -447,16 +438,15 @@ def prepare_output_dir(path: str | Path, overwrite: bool = False, resume: bool |
     check_output_dir(path, overwrite, resume)
     path = Path(path)
     acquire(path)  # held until the process ends (run_main gives it back)
-    check_output_dir(path, overwrite, resume)  # again, now that no other process can change it
+    check_output_dir(path, overwrite, resume)  # again, now that no other process can change it (check_removable)
     if path.is_dir() and any(path.iterdir()) and overwrite and not resume:
-        check_removable(path)
         shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / RUN_MARKER).touch()
     return path
 
 
-def make_output_dir(path: str | Path, overwrite: bool = False, resume: bool = False) -> Path:
+def make_output_dir(path: str | Path, overwrite: bool = False, resume: bool = False) -> None:
     """``prepare_output_dir`` on the main process only, the others waiting for it (torchrun / accelerate launch)."""
     from accelerate import PartialState
 
@@ -464,4 +454,3 @@ def make_output_dir(path: str | Path, overwrite: bool = False, resume: bool = Fa
     if state.is_main_process:
         prepare_output_dir(path, overwrite, resume)
     state.wait_for_everyone()
-    return Path(path)

@@ -196,9 +196,8 @@ def check_data_paths(**flags) -> None:
             if path.is_dir() and (flag in FILE_FLAGS or str(value).endswith(TEXT_SUFFIXES)):
                 raise IsADirectoryError(f"--{flag} {value!r} is a directory, not a {path.suffix or 'data'} file: "
                                         "pass the data file itself")
-            files = [path] if path.is_file() else [p for p in sorted(path.iterdir()) if p.is_file()]
-            for file in files:
-                if file.suffix in TEXT_SUFFIXES:
+            for file in [path] if path.is_file() else sorted(path.iterdir()):
+                if file.is_file() and file.suffix in TEXT_SUFFIXES:
                     check_text_file(file)
 
 

@@ -117,7 +117,7 @@ def install() -> None:
 
 
 def progress(items, desc: str, unit: str):
-    """tqdm's bar over ``items`` on a terminal; else one log line per tenth of them (a bar in a log file is not read)."""
+    """tqdm's bar over ``items`` on a terminal; else a log line per tenth of them (a bar in a log file is not read)."""
     if sys.stderr.isatty():
         from tqdm import tqdm
 

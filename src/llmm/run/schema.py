@@ -490,14 +490,12 @@ class Settings:
         raise AttributeError(f"no setting {name!r} in {type(self).__name__}")
 
     def __setattr__(self, name, value):
-        if "_named" not in self.__dict__:  # the dataclass's __init__
-            object.__setattr__(self, name, value)
-            return
-        if name in self.__dataclass_fields__:
+        init = "_named" not in self.__dict__  # the dataclass's __init__
+        if init or name in self.__dataclass_fields__:
             object.__setattr__(self, name, value)
         else:
             self._extra[name] = value
-        if name not in self._named:
+        if not init and name not in self._named:
             self._named.append(name)
 
     def __contains__(self, name: str) -> bool:  # a field of the family, or an extra the entry point passed
@@ -588,10 +586,8 @@ def input_names(blocks=BLOCKS) -> tuple[str, ...]:
 
 def kind_of(f: dataclasses.Field):
     """The Python type of one value of the field (list fields: of each element)."""
-    if f.metadata["kind"] is not None:
-        return f.metadata["kind"]
-    return {"int": int, "float": float, "bool": bool, "str": str}.get(f.type if isinstance(f.type, str)
-                                                                      else f.type.__name__, str)
+    return f.metadata["kind"] or {"int": int, "float": float, "bool": bool, "str": str}.get(
+        f.type if isinstance(f.type, str) else f.type.__name__, str)
 
 
 def role_names(role: str, blocks=BLOCKS) -> frozenset[str]:
@@ -644,12 +640,10 @@ def closest_hint(name: str, known) -> str:
 
 def check_row_keys(names, known, table: str, row) -> None:
     """An unknown key of a table row is one error naming the table, the row and the closest known key."""
-    for name in names:
-        if name in known:
-            continue
-        hint = closest_hint(name, known)
-        raise ValueError(f"{table}: row {row} has an unknown setting {name!r}: {hint} (or declare it as a field "
-                         "in llmm.run.schema)")
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(f"{table}: row {row} has an unknown setting {unknown[0]!r}: {closest_hint(unknown[0], known)} "
+                         "(or declare it as a field in llmm.run.schema)")
 
 
 def parse_bool(text: str) -> bool:
@@ -674,8 +668,7 @@ NULL = _Null()
 
 
 def nullable_bool(name: str):
-    """The type of the flag of a bool setting whose default is null: true, false or null (NULL); ``auto``, the old
-    spelling of null, is taken with one line."""
+    """Flag type of a bool setting whose default is null: true, false or null (NULL; ``auto``, its old name, warns)."""
     def parse(text: str):
         if text.lower() in ("null", "none", "auto"):
             if text.lower() == "auto":

@@ -37,8 +37,7 @@ KINDS, ITEMS = {list: "a list", dict: "a mapping"}, {str: "names", dict: "mappin
 
 
 def read_yaml(path: str | Path) -> dict:
-    """A YAML file holding one mapping; a directory, malformed YAML or anything but a mapping is one error naming the
-    file and the fix."""
+    """A YAML file holding one mapping; a directory, bad YAML or no mapping is one error naming the file and the fix."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"config file {str(path)!r} is a directory, not a file: pass the YAML file")
@@ -206,12 +205,9 @@ def model_type_row(file: str, model_config, fix: str) -> list[str]:
 
 def default_targets(model_config, explicit: list[str] | None = None) -> list[str]:
     """Target modules: an explicit list wins, else the row for ``model_type`` in configs/targets.yaml."""
-    if explicit:
-        return list(explicit)
-    return model_type_row("targets.yaml", model_config, "pass --target_modules")
+    return list(explicit) if explicit else model_type_row("targets.yaml", model_config, "pass --target_modules")
 
 
 def default_embedding_targets(model_config) -> list[str]:
-    """The embedding tables the GLUE protocol quantizes and adapts: the row for ``model_type`` in
-    configs/embedding_targets.yaml."""
+    """The embedding tables the GLUE protocol quantizes and adapts: configs/embedding_targets.yaml's model_type row."""
     return model_type_row("embedding_targets.yaml", model_config, "add a row, or turn quantize_embeddings off")

@@ -53,12 +53,17 @@ def add_skip_flag(parser: argparse.ArgumentParser) -> None:
                              "with --resume_from_checkpoint: it trains on")
 
 
-def trainer_state(checkpoint: str | Path) -> dict | None:
-    """The checkpoint's trainer_state.json, or None if it is missing, empty, truncated or not the Trainer's."""
+def read_json_or_none(path: Path):
+    """A JSON file's content, or None when it is missing, unreadable or malformed."""
     try:
-        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+
+
+def trainer_state(checkpoint: str | Path) -> dict | None:
+    """The checkpoint's trainer_state.json, or None if it is missing, empty, truncated or not the Trainer's."""
+    state = read_json_or_none(Path(checkpoint) / "trainer_state.json")
     return state if isinstance(state, dict) and isinstance(state.get("global_step"), int) else None
 
 
@@ -75,22 +80,15 @@ def complete_checkpoints(folder: str | Path) -> list[Path]:
 
 def checkpoint_loss_sum(checkpoint: str | Path, state: dict) -> float | None:
     """The run's summed step losses up to ``checkpoint`` (its LOSS_SUM, at its trainer state's step), or None."""
-    try:
-        saved = json.loads((Path(checkpoint) / LOSS_SUM).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
+    saved = read_json_or_none(Path(checkpoint) / LOSS_SUM)
     fits = isinstance(saved, dict) and saved.get("global_step") == state["global_step"]
     return float(saved["loss_sum"]) if fits and isinstance(saved.get("loss_sum"), (int, float)) else None
 
 
 def checkpoint_world_size(checkpoint: str | Path) -> int | None:
-    """How many processes wrote the checkpoint: the Trainer saves rng_state.pth for one, rng_state_<rank>.pth each
-    for several (None: no RNG state saved)."""
-    checkpoint = Path(checkpoint)
-    ranks = list(checkpoint.glob("rng_state_*.pth"))
-    if ranks:
-        return len(ranks)
-    return 1 if (checkpoint / "rng_state.pth").is_file() else None
+    """How many processes wrote the checkpoint (rng_state.pth: one; rng_state_<rank>.pth: one each; None: neither)."""
+    ranks = len(list(Path(checkpoint).glob("rng_state_*.pth")))
+    return ranks or (1 if (Path(checkpoint) / "rng_state.pth").is_file() else None)
 
 
 def sharded_checkpoint_parts(checkpoint: str | Path) -> list[Path]:
@@ -113,8 +111,7 @@ SHARDED_MODEL_PART = "pytorch_model_fsdp_0"  # accelerate's SHARDED_STATE_DICT m
 
 
 def full_state_checkpoint(checkpoint: str | Path) -> bool:
-    """The checkpoint holds the adapter's file (one process, DDP, or FSDP with FULL_STATE_DICT), not only the
-    shards of SHARDED_STATE_DICT."""
+    """The checkpoint holds the adapter's file (one process, DDP, FSDP FULL_STATE_DICT), not SHARDED_STATE_DICT's."""
     return (Path(checkpoint) / ADAPTER_WEIGHTS).is_file()
 
 
@@ -133,10 +130,8 @@ def load_sharded_adapter(model: torch.nn.Module, part: str | Path) -> list[str]:
     metadata = dcp.FileSystemReader(str(part)).read_metadata().state_dict_metadata
     saved = {key(name.removeprefix("model.")): name.removeprefix("model.") for name, value in metadata.items()
              if name.startswith("model.") and isinstance(value, TensorStorageMetadata)}
-    names, wanted = {}, {}
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad:
-            names[key(name)], wanted[key(name)] = name, parameter
+    trainable = [(name, parameter) for name, parameter in model.named_parameters() if parameter.requires_grad]
+    names, wanted = {key(name): name for name, _ in trainable}, {key(name): p for name, p in trainable}
     missing = sorted(set(wanted) - set(saved))
     if missing or not wanted:
         raise ValueError(f"{str(part)!r} holds no {missing[:3] or 'trainable tensor'} of this model: resume from a "
@@ -289,8 +284,7 @@ def check_resumable(run_dir: str | Path, settings, blocks) -> None:
     difference = first_difference(saved, given, fixed, blocks)
     if difference:
         name, value, asked = difference
-        shown = " ".join(map(str, value)) if isinstance(value, list) else value  # as a flag takes it
-        flag = f"--{name} {shown}"
+        flag = f"--{name} {' '.join(map(str, value)) if isinstance(value, list) else value}"  # as a flag takes it
         if name in ("init_dir", "base_model") and saved.get("model"):  # the row's: --model brings it back
             flag = f"--model {saved['model']} without --model_name_or_path"
         if value is None:
@@ -303,10 +297,7 @@ def check_resumable(run_dir: str | Path, settings, blocks) -> None:
 
 def is_complete(run_dir: str | Path) -> bool:
     """The run finished: its results.json is readable and not marked incomplete (GLUE writes one every epoch)."""
-    try:
-        results = json.loads((Path(run_dir) / "results.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
+    results = read_json_or_none(Path(run_dir) / "results.json")
     return isinstance(results, dict) and results.get("complete", True) is True
 
 
@@ -338,9 +329,7 @@ def done_already(run_dir: str | Path, settings, blocks, settings_in_results: boo
     ``settings_in_results``: the run's settings are its results.json's (test_gsm8k), not a settings.json."""
     if not settings.get("skip_if_complete") or not is_complete(run_dir):
         return False
-    saved = None
-    if settings_in_results:
-        saved = json.loads((Path(run_dir) / "results.json").read_text(encoding="utf-8")).get("settings", {})
+    saved = read_json_or_none(Path(run_dir) / "results.json").get("settings", {}) if settings_in_results else None
     if not check_same_run(run_dir, settings, blocks, saved):
         return False
     if PartialState().is_main_process:
@@ -350,14 +339,12 @@ def done_already(run_dir: str | Path, settings, blocks, settings_in_results: boo
 
 def shared_arguments(settings) -> dict:
     """The TrainingArguments every family takes from its settings as they are (its recipe adds the rest)."""
+    same = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+            "learning_rate", "lr_scheduler_type", "weight_decay", "adam_epsilon", "max_grad_norm", "seed",
+            "save_total_limit", "report_to")
     return dict(
-        per_device_train_batch_size=settings.per_device_train_batch_size,
-        per_device_eval_batch_size=settings.per_device_eval_batch_size,
-        gradient_accumulation_steps=settings.gradient_accumulation_steps,
-        learning_rate=settings.learning_rate, lr_scheduler_type=settings.lr_scheduler_type,
+        **{name: settings[name] for name in same},
         warmup_steps=settings.warmup_ratio,  # a float < 1 is a fraction of the steps
-        weight_decay=settings.weight_decay, adam_epsilon=settings.adam_epsilon, max_grad_norm=settings.max_grad_norm,
-        seed=settings.seed, save_total_limit=settings.save_total_limit, report_to=settings.report_to,
         use_cpu=not torch.cuda.is_available(),  # also what makes torchrun on CPU use DDP (gloo)
         ddp_find_unused_parameters=False,  # every trainable tensor is in the graph, K = 0 included
         disable_tqdm=not sys.stderr.isatty(),  # a log file gets the logs as lines, not a redrawn bar (llmm.run.quiet)
@@ -446,23 +433,10 @@ class PerProcessNoise(TrainerCallback):
         os.replace(temporary, path)
 
 
-class RunLossSum(TrainerCallback):
-    """Saves the run's summed step losses in every checkpoint, so a resumed run's train_loss is the whole run's mean
-    (the Trainer's covers only the steps since the resume)."""
-
-    def __init__(self, trainer: "LlmmTrainer"):
-        self.trainer = trainer
-
-    def on_save(self, args, state, control, **kwargs):
-        total = self.trainer.run_loss_sum()  # on every process: the processes' sums are averaged, as the Trainer's
-        if total is not None and state.is_world_process_zero:  # None: resumed from a checkpoint without one
-            path = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}" / LOSS_SUM
-            write_json(path, {"global_step": state.global_step, "loss_sum": total})
-
-
-class FiniteGuard(TrainerCallback):
+class StepHooks(TrainerCallback):
     """Stops training before an optimizer step whose loss or gradients are not finite, and after a step that made
-    a trainable parameter non-finite (before any checkpoint of it: the Trainer saves after on_step_end)."""
+    a trainable parameter non-finite (before any checkpoint of it: the Trainer saves after on_step_end); saves the
+    run's summed step losses in every checkpoint, so a resumed run's train_loss is the whole run's mean."""
 
     def __init__(self, trainer: "LlmmTrainer"):
         self.trainer = trainer
@@ -472,6 +446,12 @@ class FiniteGuard(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, model=None, **kwargs):
         self.trainer.stop_if_parameters_not_finite(model)
+
+    def on_save(self, args, state, control, **kwargs):
+        total = self.trainer.run_loss_sum()  # on every process: the processes' sums are averaged, as the Trainer's
+        if total is not None and state.is_world_process_zero:  # None: resumed from a checkpoint without one
+            path = Path(args.output_dir) / f"{CHECKPOINT_PREFIX}{state.global_step}" / LOSS_SUM
+            write_json(path, {"global_step": state.global_step, "loss_sum": total})
 
 
 class LlmmTrainer(Trainer):
@@ -489,8 +469,7 @@ class LlmmTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.noise_callback = PerProcessNoise()
         self.add_callback(self.noise_callback)
-        self.add_callback(FiniteGuard(self))
-        self.add_callback(RunLossSum(self))
+        self.add_callback(StepHooks(self))
         self.loss_sums = (0.0, 0.0)  # (the steps before this session's, this process's since) summed step losses;
         # the first None: resumed from a checkpoint that did not save it (the run's sum is unknown)
         self.nonfinite_loss = None  # the first non-finite micro-batch loss of the current optimizer step
@@ -650,8 +629,7 @@ class LlmmTrainer(Trainer):
         return loss
 
     def run_loss_sum(self) -> float | None:
-        """The whole run's summed step losses so far (the processes' mean), None if unknown. Every process must call
-        it."""
+        """The whole run's summed step losses so far (the processes' mean; None: unknown); every process calls it."""
         before, session = self.loss_sums
         if before is None:
             return None
@@ -683,8 +661,7 @@ class LlmmTrainer(Trainer):
                       "(not checkpointed)")
 
     def stop(self, what: str) -> None:
-        """Raise TrainingDiverged naming the last good checkpoint: the newest complete one whose tensors read back
-        finite."""
+        """Raise TrainingDiverged naming the last good checkpoint: the newest complete one that reads back finite."""
         self.callback_handler.on_train_end(self.args, self.state, self.control)  # training ends: close the bars
         good = next((path for path in reversed(complete_checkpoints(self.args.output_dir))
                      if checkpoint_is_finite(path)), None)
