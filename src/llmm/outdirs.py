@@ -240,10 +240,10 @@ def remove_stale(folder: str | Path, why: str) -> None:
                     f"; kept {', '.join(kept)}, which llmm did not write" * bool(kept))
 
 
-def check_removable(path: str | Path, flag: str = "--overwrite") -> None:
+def check_removable(path: str | Path) -> None:
     """Raise unless ``path`` is an llmm directory (not protected, not a link, no foreign entries) to replace."""
     if Path(path).is_symlink():
-        raise FileExistsError(f"refusing to replace {str(path)!r} ({flag}): it is a symbolic link (to "
+        raise FileExistsError(f"refusing to replace {str(path)!r} (--overwrite): it is a symbolic link (to "
                               f"{os.path.realpath(path)!r}); pass the directory it points to, or another output "
                               "directory")
     reason = protected_reason(path)
@@ -256,7 +256,7 @@ def check_removable(path: str | Path, flag: str = "--overwrite") -> None:
                                                                      if len(foreign) > 5 else "")
             reason = f"it holds {shown}, which llmm did not write"
     if reason:
-        raise FileExistsError(f"refusing to replace {str(path)!r} ({flag}): {reason}; choose another output "
+        raise FileExistsError(f"refusing to replace {str(path)!r} (--overwrite): {reason}; choose another output "
                               "directory (or remove it yourself)")
 
 
@@ -400,17 +400,17 @@ def check_outputs_apart(outputs: dict, inputs: dict, files: tuple[str, ...] = ()
                                          f"its inputs")
 
 
-def check_output_file(path: str | Path, flag: str = "--output") -> None:
+def check_output_file(path: str | Path) -> None:
     """Raise unless a single output file may be written at ``path`` (not a directory, its folder not a file)."""
     if str(path).strip() == "":
-        raise ValueError(f"{flag} is the empty string: pass a file name")
+        raise ValueError("--output is the empty string: pass a file name")
     path = Path(os.path.expanduser(str(path)))
     if path.is_dir() or str(path).endswith(os.sep):
-        raise ValueError(f"{flag} {str(path)!r} is a directory, not a file: pass a file name such as "
+        raise ValueError(f"--output {str(path)!r} is a directory, not a file: pass a file name such as "
                          f"{str(path / 'table.md')!r}")
     parent = path.parent
     if parent.exists() and not parent.is_dir():
-        raise ValueError(f"{flag} {str(path)!r}: {str(parent)!r} is a file, not a directory; choose another path")
+        raise ValueError(f"--output {str(path)!r}: {str(parent)!r} is a file, not a directory; choose another path")
 
 
 def check_output_dir(path: str | Path, overwrite: bool = False, resume: bool | None = None) -> None:

@@ -207,7 +207,7 @@ def run_main(main) -> None:
         outdirs.release_all()
 
 
-def require_cuda_for(option: str, device: str | None = None) -> None:
+def require_cuda_for(option: str) -> None:
     """CUDA-only options fail early on a machine without CUDA."""
-    if not torch.cuda.is_available() and (device is None or device.startswith("cuda")):
+    if not torch.cuda.is_available():
         raise ValueError(f"{option} needs CUDA, and torch.cuda.is_available() is False: drop the option")

@@ -397,7 +397,6 @@ class Gsm8kTestSettings:
     dataset: str = setting("openai/gsm8k", "hub dataset of the questions", applies=WITH_DATASET)
     dataset_config: str = setting("main", "the hub dataset's configuration", applies=WITH_HUB_DATA)
     dtype: str = setting("bfloat16", "compute dtype", choices=("float32", "bfloat16", "float16"))
-    load_in_4bit: bool = setting(True, "bitsandbytes NF4 backbone (false: dtype weights)")
     seed: int = setting(42, "seed of the sampled decoding and the noise draws", low=0, role=RUN,
                         applies=Applies("--mode sample / mc or sampled decoding (greedy decoding of the mean network "
                                         "draws nothing)", lambda s: s.mode != "mean" or s.do_sample))

@@ -158,9 +158,8 @@ def add_setting_flags(parser: argparse.ArgumentParser, table: dict, blocks=schem
         if key in fields and key not in have:
             choices = (sorted({row[key] for row in table["rows"]}, key=str) if key in row_choices
                        else fields[key].metadata["choices"])
-            kind = schema.kind_of(fields[key])
-            parser.add_argument(f"--{key}", type=kind, default=None, required=key in required, choices=choices,
-                                help=f"{fields[key].metadata['help']} (selects a row of the table)")
+            parser.add_argument(f"--{key}", type=schema.kind_of(fields[key]), default=None, required=key in required,
+                                choices=choices, help=f"{fields[key].metadata['help']} (selects a row of the table)")
     names = [*table.get("defaults", {}), *(k for row in table["rows"] for k in row)]
     plumbing = schema.role_names(schema.RUN, blocks if plumbing_blocks is None else plumbing_blocks)
     wanted = {name for name in [*names, *plumbing, *also] if name not in table["keys"] and name != "source"}
