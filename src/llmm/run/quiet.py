@@ -42,24 +42,17 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class _DropMessage(logging.Filter):
-    def __init__(self, start: str):
+    """Drops the records starting with ``start``; ``keep_first``: lets the first of them through."""
+
+    def __init__(self, start: str, keep_first: bool = False):
         super().__init__()
-        self.start = start
+        self.start, self.keep_first = start, keep_first
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.start)
-
-
-class _FirstMessage(_DropMessage):
-    """Lets the first record starting with ``start`` through, drops the ones after it."""
-
-    seen = False
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if super().filter(record):
+        if not str(record.msg).startswith(self.start):
             return True
-        first, self.seen = not self.seen, True
-        return first
+        keep, self.keep_first = self.keep_first, False
+        return keep
 
 
 class _FreshHeadReport(logging.Filter):
@@ -96,7 +89,7 @@ def install() -> None:
     """Add every filter (idempotent)."""
     install_import_filter()
     _add("transformers.modeling_utils", _FreshHeadReport())
-    _add("bitsandbytes.autograd._functions", _FirstMessage("MatMul8bitLt: inputs will be cast"))
+    _add("bitsandbytes.autograd._functions", _DropMessage("MatMul8bitLt: inputs will be cast", keep_first=True))
     _add("transformers.trainer_utils", _DropMessage("mtime may not be reliable on this filesystem"))
     warnings.filterwarnings("ignore", message=r"`(is_)?gradient_checkpointing\w*` is deprecated",
                             category=FutureWarning)
