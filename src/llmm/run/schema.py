@@ -32,10 +32,8 @@ def setting(default, help: str, *, low=None, high=None, low_open=False, high_ope
     A list field takes one or more values (``empty``: none too).
     ``path`` ("data" or "model"): the setting names what the run reads (checked; no output may be or lie in one).
     ``applies``: an Applies, when the setting has an effect (default: always)."""
-    return field(default=default, metadata={"help": help, "low": low, "high": high, "low_open": low_open,
-                                            "high_open": high_open, "choices": choices, "role": role,
-                                            "kind": kind, "nonempty": nonempty, "path": path, "applies": applies,
-                                            "empty": empty})
+    metadata = dict(locals())  # the arguments, by name
+    return field(default=metadata.pop("default"), metadata=metadata)
 
 
 @dataclass(frozen=True)
