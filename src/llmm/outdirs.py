@@ -82,8 +82,7 @@ def locked_by_other(path: str | Path) -> bool:
     except OSError:
         return False
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        fcntl.flock(fd, fcntl.LOCK_UN)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # closing the file gives it back
         return False
     except BlockingIOError:
         return True
@@ -288,7 +287,8 @@ def clean_orphans(out_dir: Path) -> None:
 
 
 def check_new_dir(out_dir: str | Path, overwrite: bool = False) -> None:
-    """Raise unless ``out_dir`` may be written: no file, unlocked, empty / absent, or ``overwrite`` and removable."""
+    """Raise unless ``out_dir`` may be written (no file, unlocked, empty / absent, or removable with ``overwrite``).
+    Creates nothing."""
     out_dir = _check_nonempty_name(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"output directory {str(out_dir)!r} is a file: choose another directory")
