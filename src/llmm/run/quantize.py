@@ -216,7 +216,8 @@ def make_init_dir(settings: schema.QuantizeRun, whole_model: bool = False) -> Pa
         if model.device.type == "meta":
             report = streaming.quantize_checkpoint(
                 folder, tmp_dir, model, modules, config, getattr(torch, settings.dtype), settings.device,
-                final_dir=final_dir, progress=lambda items: quiet.progress(items, desc="LoftQ (streamed)", unit="tensor"))
+                final_dir=final_dir,
+                progress=lambda items: quiet.progress(items, desc="LoftQ (streamed)", unit="tensor"))
             tokenizer.save_pretrained(tmp_dir)
         else:
             means, report = quantize(settings, config, modules)
