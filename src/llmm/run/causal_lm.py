@@ -10,8 +10,7 @@ Checkpoints go to OUTPUT_DIR/checkpoints/checkpoint-N (--resume_from_checkpoint;
 backbone + llmm_init/ with the means) or a plain checkpoint with --init lora / loftq (in-process LoftQ needs
 full-precision weights). Sharded runs (README "Larger models") store NF4 in the compute dtype and skip
 prepare_model_for_kbit_training: its float32 upcast of norms and embeddings would mix dtypes in FSDP1's flat
-parameters and double their memory.
-"""
+parameters and double their memory."""
 
 from __future__ import annotations
 
@@ -242,8 +241,7 @@ def prepare_for_training(model, settings):
     prepare_model_for_kbit_training; before in-process LoftQ, moved to the training device for LoftQ's SVDs
     (a 7B model takes hours on CPU, minutes on a GPU)."""
     model.config.use_cache = False
-    sharded = sharding.requested_engine() != "none"
-    if settings.load_in_4bit and settings.prepare_kbit_training and not sharded:
+    if settings.load_in_4bit and settings.prepare_kbit_training and sharding.requested_engine() == "none":
         checkpointing = settings.gradient_checkpointing
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=checkpointing,
@@ -288,8 +286,7 @@ def train_eval_records(settings, task: str):
         raise ValueError(f"{source} has no 'train' split (splits: {sorted(splits)})")
     train, eval_split = splits["train"], settings.eval_split
     if settings.get("eval_data"):
-        held_out = as_dataset(load_records(settings.eval_data, task)["train"])
-        where = settings.eval_data
+        held_out, where = as_dataset(load_records(settings.eval_data, task)["train"]), settings.eval_data
     elif eval_split == "heldout":
         if settings.eval_size >= len(train):
             raise ValueError(f"eval_size {settings.eval_size} leaves no training data ({len(train)} records): "

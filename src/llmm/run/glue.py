@@ -1,7 +1,6 @@
 """GLUE on an encoder as a run recipe (scripts.train_glue, scripts.eval_glue): settings, the encoder quantized as
 --method says and wrapped with Llmm adapters (the head in full precision), the Trainer with Monte-Carlo evaluation,
-results per epoch (best and last), predictions and the saved adapters.
-"""
+results per epoch (best and last), predictions and the saved adapters."""
 
 from __future__ import annotations
 

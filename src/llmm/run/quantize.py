@@ -7,8 +7,7 @@ Targets: the linears of configs/targets.yaml (or --target_modules) outside the t
 quantize_embeddings, the embedding tables of configs/embedding_targets.yaml. LoftQ runs matrix by matrix, streamed
 from the checkpoint's safetensors (llmm.streaming) unless the checkpoint has none or lacks tensors transformers would
 initialise (a new classifier head): then the whole model is loaded (``quantize``, ``save``), and the log says why.
-``make_init_dir(settings, whole_model=True)`` takes the whole-model path on purpose (tests, benchmarks).
-"""
+``make_init_dir(settings, whole_model=True)`` takes the whole-model path on purpose (tests, benchmarks)."""
 
 from __future__ import annotations
 

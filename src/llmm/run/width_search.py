@@ -7,8 +7,7 @@ Monte-Carlo evaluation and saved in the adapter config (``noise_width``), so re-
 ``validation_nll(m)`` is the family's validation NLL of the Monte-Carlo prediction under ``llmm.noise_width(model,
 m)`` (networks from a fixed seed's own streams, never the training generator). Both rules are computed
 (llmm.width.choose_noise_width: TFB's tolerance rule and the NLL minimiser); the setting says which m is used.
-The record holds what recomputes both: nll(0), the tfb threshold nll(0) (1 + tolerance) and every [m, nll].
-"""
+The record holds what recomputes both: nll(0), the tfb threshold nll(0) (1 + tolerance) and every [m, nll]."""
 
 from __future__ import annotations
 
