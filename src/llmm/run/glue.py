@@ -344,10 +344,9 @@ class GlueRecipe(Recipe):
         return trainer
 
     def after_training(self, trainer, model, tokenizer) -> None:
-        """The width search on the first dev split: nll(m) of the mc prediction, computed as scripts.eval_glue --mode
-        mc computes it (the same networks, precision and batches), so eval_glue at the chosen m gives the recorded
-        nll; the chosen m is saved in the adapter (the dev metrics recorded during training were computed before, at
-        m = 1)."""
+        """The width search on the first dev split: nll(m) of the mc prediction as scripts.eval_glue --mode mc computes
+        it (the same networks, precision and batches), so eval_glue at the chosen m gives the recorded nll; the chosen
+        m is saved in the adapter (the dev metrics recorded during training are at m = 1)."""
         settings = self.settings
         if settings.noise_width_search == "none":
             return

@@ -94,11 +94,6 @@ def resolve(argv: list[str] | None = None) -> schema.QuantizeRun:
     return settings
 
 
-def output_dir(settings: schema.QuantizeRun) -> Path:
-    name = Path(settings.model.rstrip("/")).name
-    return Path(settings.save_dir) / f"{name}-{settings.bits}bit-{settings.rank}rank"
-
-
 def check_task_type(model_config, settings) -> None:
     """transformers has a head of --task_type for this architecture (an encoder is no causal LM)."""
     heads = {"causal_lm": MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, "seq_cls": MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES}
@@ -187,7 +182,8 @@ def make_init_dir(settings: schema.QuantizeRun, whole_model: bool = False) -> Pa
     safetensors where that applies, else (or with ``whole_model``) with the whole model loaded: the same directory
     bit for bit. Locked, written under a temporary name and renamed on success (llmm.outdirs)."""
     started = time.time()
-    final_dir = output_dir(settings)
+    name = Path(settings.model.rstrip("/")).name
+    final_dir = Path(settings.save_dir) / f"{name}-{settings.bits}bit-{settings.rank}rank"
     outdirs.check_outputs_apart({"--save_dir": final_dir}, {"--model": settings.model})
     if final_dir.exists() and any(final_dir.iterdir()) and not settings.get("overwrite"):
         raise FileExistsError(f"output directory {str(final_dir)!r} exists and is not empty: pass --overwrite "
