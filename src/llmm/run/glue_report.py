@@ -110,8 +110,7 @@ def reference_rows(published: list[dict], tasks: list[str], entries: list[dict])
 
 
 def order_key(entry_label: str) -> tuple:
-    method = entry_label.split(" ")[0]
-    return (stats.order_rank(method, METHOD_ORDER), entry_label)
+    return stats.order_rank(entry_label.split(" ")[0], METHOD_ORDER), entry_label
 
 
 def markdown(entries: list[dict], baseline: str, references: bool = True) -> str:

@@ -272,9 +272,7 @@ def _as_class_id(value, names: tuple[str, ...]) -> int | None:
     if isinstance(value, str) and value.strip() in names:
         return names.index(value.strip())
     number = _as_number(value)
-    if number is None or not number.is_integer() or not 0 <= number < len(names):
-        return None
-    return int(number)
+    return int(number) if number is not None and number.is_integer() and 0 <= number < len(names) else None
 
 
 def tokenize(raw, task: GlueTask, tokenizer, max_length: int):
