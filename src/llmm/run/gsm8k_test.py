@@ -143,8 +143,7 @@ def predict(model, tokenizer, records: list[dict], settings: schema.Gsm8kTestRun
         set_seed(settings.seed)  # the decoding's sampling (torch's generator)
         if settings.mode == "sample":  # the Llmm noise has its own generator, which set_seed does not touch
             seed_noise(model, settings.seed, PartialState().process_index)
-        texts = generate(model, tokenizer, prompts, settings)
-        samples = [[text] for text in texts]
+        samples = [[text] for text in generate(model, tokenizer, prompts, settings)]
     else:
         samples = [[] for _ in records]
         # Network d of seed s: child d of SeedSequence(s) (llmm.streams), so no two seeds share a network.
