@@ -25,9 +25,11 @@ import time
 from pathlib import Path
 
 import torch
+from peft import get_peft_model_state_dict
 from safetensors import safe_open
 
 from llmm.layer import loftq_factors
+from llmm.model import get_llmm_model, is_direction_key
 
 logger = logging.getLogger("llmm")
 
@@ -286,17 +288,13 @@ def loftq_matrix(weight: torch.Tensor, config, dtype: torch.dtype) -> tuple:
 def _adapter_writer(model: torch.nn.Module, config, adapter_dir: Path, final_dir: str | Path):
     """adapter_config.json and the model card written by PEFT from a meta PEFT model, and a tensor file laid out
     from its state dict."""
-    from peft import get_peft_model_state_dict
-
-    from llmm import get_llmm_model
-
     skeleton = copy.deepcopy(model)  # meta: a copy costs nothing, and PEFT wraps it in place
     peft_model = get_llmm_model(skeleton, dataclasses.replace(config, init_lora_weights=False, loftq_config={}))
     layout = {key: (value.dtype, list(value.shape)) for key, value in get_peft_model_state_dict(peft_model).items()}
     # Record the LoftQ settings that produced the means, and the backbone they belong to.
     peft_model.peft_config["default"] = dataclasses.replace(config, base_model_name_or_path=str(final_dir))
     peft_model.save_pretrained(adapter_dir, state_dict={})
-    zeros = {key for key in layout if key.endswith((".lora_llmm_A.weight", ".lora_llmm_B.weight"))}  # K directions
+    zeros = {key for key in layout if is_direction_key(key)}  # the K directions
     unknown = [key for key in set(layout) - zeros if not key.endswith(_MEAN_SUFFIXES)]
     if unknown:
         raise RuntimeError(f"adapter tensor(s) {unknown[:3]} are neither means nor directions")
@@ -327,9 +325,6 @@ def _save_configs(folder: Path, model: torch.nn.Module, dtype: torch.dtype, out_
     if model.can_generate():  # from_pretrained's: the checkpoint's generation config, else one from its config.json
         from transformers import GenerationConfig
 
-        if (folder / "generation_config.json").is_file():
-            generation = GenerationConfig.from_pretrained(folder)
-        else:
-            generation = GenerationConfig.from_pretrained(folder, config_file_name="config.json",
-                                                          _from_model_config=True)
-        generation.save_pretrained(out_dir)
+        own = (folder / "generation_config.json").is_file()
+        options = {} if own else {"config_file_name": "config.json", "_from_model_config": True}
+        GenerationConfig.from_pretrained(folder, **options).save_pretrained(out_dir)
