@@ -356,8 +356,8 @@ def _saveable(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def nonempty(selected: dict[str, torch.Tensor], state_dict) -> dict[str, torch.Tensor]:
     """``selected``, or a ValueError if it is empty: an adapter file without tensors loads as an untrained one."""
     if not selected:
-        keys = None if state_dict is None else list(state_dict)
-        where = "the model's state dict" if keys is None else f"the {len(keys)} given state-dict keys {keys[:2]}"
+        where = ("the model's state dict" if state_dict is None
+                 else f"the {len(state_dict)} given state-dict keys {list(state_dict)[:2]}")
         raise ValueError(f"the adapter to save would be empty: no tensor of {where} belongs to its layers; "
                          "nothing was written")
     return selected

@@ -24,9 +24,7 @@ SHARDING_ENV = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DEEP
 
 def decoder_layer_classes(model: nn.Module) -> set[type[nn.Module]]:
     """The classes the model names in ``_no_split_modules`` (its transformer blocks), found among its modules."""
-    names = set()
-    for module in model.modules():
-        names.update(getattr(module, "_no_split_modules", None) or ())
+    names = {name for module in model.modules() for name in getattr(module, "_no_split_modules", None) or ()}
     return {type(module) for module in model.modules() if type(module).__name__ in names}
 
 
@@ -73,8 +71,8 @@ def gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def requested_engine() -> str:
     """What the launch asks for ("FSDP", "DEEPSPEED" or "none"), from the variables ``accelerate launch`` sets
     (usable before any process group exists)."""
-    asked = [engine for variable, engine in SHARDING_ENV.items() if os.environ.get(variable, "").lower() == "true"]
-    return asked[0] if asked else "none"
+    return next((engine for variable, engine in SHARDING_ENV.items() if os.environ.get(variable, "").lower() == "true"),
+                "none")
 
 
 def check_sharded_launch(state=None) -> str:

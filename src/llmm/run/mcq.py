@@ -29,7 +29,6 @@ from llmm.width import distribution_width, width_summary
 from llmm.run import trainer as training
 
 TABLE = tables.CONFIGS / "mcq.yaml"
-SAMPLED_MODES = ("mc", "dropout")  # modes that average mc_samples passes
 BLOCKS = schema.FAMILY_BLOCKS["mcq"]
 # Evaluation plumbing, replaced in each evaluation's cell by the set, mode and number of samples it used.
 EVALUATION_ONLY = (*schema.role_names(schema.EVAL, BLOCKS), "run", "cell")
@@ -263,7 +262,7 @@ def evaluate_sets(peft_model, tokenizer, letter_ids, eval_sets: dict, settings: 
         batches = C.batches(encoded, settings.per_device_eval_batch_size, tokenizer.pad_token_id, device)
         reports = {}
         for mode in settings.eval_modes:
-            n_networks = settings.mc_samples if mode in SAMPLED_MODES else 1
+            n_networks = settings.mc_samples if mode in C.SAMPLED_MODES else 1
             torch.manual_seed(settings.seed)  # the same draws for every set and rerun: dropout masks,
             seed_noise(peft_model, settings.seed)  # and the Llmm noise (the model's own generator)
             started = time.time()
@@ -272,7 +271,7 @@ def evaluate_sets(peft_model, tokenizer, letter_ids, eval_sets: dict, settings: 
                 probs, labels = C.predict(head, batches, mode, n_networks,
                                           seed=settings.seed if mode == "mc" else None, batched=batched)
             report = C.evaluate(probs, labels)
-            reports[f"{name} {mode}" + (f" N={n_networks}" if mode in SAMPLED_MODES else "")] = report
+            reports[f"{name} {mode}" + (f" N={n_networks}" if mode in C.SAMPLED_MODES else "")] = report
             entries.append({"eval_set": name, "shift": "in-distribution" if index == 0 else "ood", "where": where,
                             "mode": mode, "eval_samples": n_networks, "method": method, "seed": settings.seed,
                             "noise_width": noise_width_in_use(peft_model), "mc_batched": batched,

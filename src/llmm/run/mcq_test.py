@@ -82,14 +82,14 @@ def member_settings(args) -> list[schema.McqRun]:
         settings.run = run
         adapters.check_sampled_modes(settings.eval_modes, settings.K, f"the run {run!r}", "mean (or dropout for "
                                      "mcdropout)")
-        if args.mc_samples is not None and not {"mc", "dropout"} & set(settings.eval_modes) and not rules:
+        if args.mc_samples is not None and not set(C.SAMPLED_MODES) & set(settings.eval_modes) and not rules:
             raise ValueError(f"--mc_samples only applies to eval modes mc and dropout and to a width search (these "
                              f"are {settings.eval_modes}): drop it or add --eval_modes mc")
         if "dropout" in settings.eval_modes and not settings.lora_dropout > 0:
             raise ValueError(f"eval mode 'dropout' needs dropout in the adapters, which the run {run!r} has not "
                              "(lora_dropout 0): evaluate an mcdropout run, or drop the mode")
         searches = [searched_settings(settings, {**search, "noise_width_search": rule}, run) for rule in rules]
-        if args.max_eval_samples is None and settings.max_eval_samples is not None:
+        if args.max_eval_samples is None:
             settings.max_eval_samples = None  # the run's debug cap applies to its own evaluation only
         settings.cell = run_cell(settings)  # before the backbone path below: the run's cell, as trained
         settings.searches = [{**s, "cell": run_cell(settings.copy(**s))} for s in searches]

@@ -24,6 +24,7 @@ from llmm.noise import checked_integer
 from llmm.predict import mc_predict
 
 MODES = ("mean", "sample", "mc", "dropout")
+SAMPLED_MODES = ("mc", "dropout")  # modes that average mc_samples passes
 
 
 def letter_logits(model, input_ids, attention_mask, n_choices, letter_ids: torch.Tensor) -> torch.Tensor:
