@@ -163,10 +163,8 @@ def truncated_svd(matrix: torch.Tensor, rank: int, oversampling: int, iterations
         start = torch.randn(cols, width, generator=generator, device=matrix.device, dtype=matrix.dtype)
     blocks = [torch.linalg.qr(matrix @ start).Q]
     projections = []  # B_i^T M for every block: the rows of K^T M, each computed once
-    for _ in range(iterations + 1):
+    for _ in range(iterations):
         projections.append(blocks[-1].T @ matrix)
-        if len(blocks) == iterations + 1:
-            break
         block = matrix @ projections[-1].T  # M (B^T M)^T = M M^T B, without a strided pass over M
         earlier = torch.cat(blocks, dim=1)
         for _ in range(2):  # block Gram-Schmidt, twice ("twice is enough")
@@ -176,6 +174,7 @@ def truncated_svd(matrix: torch.Tensor, rank: int, oversampling: int, iterations
         # orthonormal among themselves but not to the earlier blocks; K must be orthonormal for K^T M = C.
         block = torch.linalg.qr(block - earlier @ (earlier.T @ block)).Q
         blocks.append(block)
+    projections.append(blocks[-1].T @ matrix)
     basis = torch.cat(blocks, dim=1)
     # SVD of the k x n projection C = K^T M through C^T = Q_c R_c: C = svd(R_c^T) Q_c^T (a k x k SVD).
     factor, triangle = torch.linalg.qr(torch.cat(projections).T)

@@ -14,6 +14,7 @@ its forward) and its frozen base layer as two units satisfies both, where PEFT's
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 
 import torch
@@ -91,7 +92,7 @@ def check_sharded_launch(state=None) -> str:
                          "FSDP2")
     if engine == "DEEPSPEED":
         try:
-            import deepspeed  # noqa: F401
+            importlib.import_module("deepspeed")
         except ImportError as error:
             raise ValueError("the accelerate config asks for DeepSpeed, which is not installed: pip install "
                              "deepspeed (CUDA machines), or launch with configs/accelerate/fsdp2.yaml") from error

@@ -150,8 +150,7 @@ def backbone_name(settings: schema.McqRun) -> str:
 # --- data ----------------------------------------------------------------------------------------------------------
 
 def task_records(settings: schema.McqRun, table: dict, task: str, split: str) -> tuple[list[dict], str]:
-    """(records with ids, where from: a local file by its real path, as the cell records it) of one split ("train" /
-    "test") of a task row, or of a local file."""
+    """(records with ids, where from) of a task row's split ("train" / "test"), or of a local file (its real path)."""
     if task.endswith((".json", ".jsonl")):
         row, local = {}, task
     else:
@@ -219,10 +218,6 @@ class WidthCallback(TrainerCallback):
     def record(state, model) -> None:
         if not any("width" in entry for entry in state.log_history if entry.get("step") == state.global_step):
             state.log_history.append({"step": state.global_step, "width": width_summary(distribution_width(model))})
-
-    @staticmethod
-    def history(log_history: list[dict]) -> list[dict]:
-        return [{"step": entry["step"], **entry["width"]} for entry in log_history if "width" in entry]
 
 
 # --- evaluation ----------------------------------------------------------------------------------------------------
@@ -303,8 +298,7 @@ def validation_nll(model, tokenizer, letter_ids, records: list[dict], settings: 
 
 
 def search_noise_width(model, tokenizer, letter_ids, validation: list[dict], settings: schema.McqRun) -> dict | None:
-    """The width search of ``settings`` (none: None) on the ``validation`` questions: m is applied to the model,
-    the record returned."""
+    """The width search of ``settings`` (none: None) on the ``validation`` questions: m applied, the record returned."""
     if settings.noise_width_search == "none":
         return None
     nll = validation_nll(model, tokenizer, letter_ids, validation, settings)
@@ -369,7 +363,8 @@ class McqRecipe(causal_lm.CausalLMRecipe):
             "eval_precision": eval_precision(settings), "n_train": len(trainer.train_dataset),
             "train_loss": outcome.training_loss, "global_step": trainer.state.global_step, "evaluations": evaluations,
             "width": {"definition": "||Z||_F / (sqrt(llmmscale) ||M||_F) per factor and layer (llmm.width)",
-                      "history": WidthCallback.history(trainer.state.log_history),
+                      "history": [{"step": entry["step"], **entry["width"]} for entry in trainer.state.log_history
+                                  if "width" in entry],
                       "final_per_layer": distribution_width(model)},
             "noise_width_search": self.width_search, "noise_width": noise_width_in_use(model),
             "history": trainer.state.log_history, "resumed_from": self.resumed_from,

@@ -166,8 +166,7 @@ def evaluate_questions(records: list[dict], n_bins: int = ECE_BINS) -> dict:
     """``evaluate`` recomputed from saved ``question_records`` (the distributions padded with zeros)."""
     if not records:
         raise ValueError("no questions to evaluate")
-    width = max(len(r["probs"]) for r in records)
-    probs = np.zeros((len(records), width))
+    probs = np.zeros((len(records), max(len(r["probs"]) for r in records)))
     for row, record in zip(probs, records):
         row[:len(record["probs"])] = record["probs"]
     return evaluate(probs, np.array([r["label"] for r in records]), n_bins)
@@ -191,9 +190,7 @@ def plot_reliability(path, reports: dict[str, dict]) -> None:
         share = np.asarray(bins["count"]) / max(1, sum(bins["count"]))
         axis.bar(lefts, share, width=width, align="edge", color="red", alpha=0.25, label="share")
         axis.set_title(f"{title}\nacc {report['accuracy']:.3f}  ECE {report['ece']:.3f}", fontsize=9)
-        axis.set_xlabel("confidence")
-        axis.set_xlim(0, 1)
-        axis.set_ylim(0, 1)
+        axis.set(xlabel="confidence", xlim=(0, 1), ylim=(0, 1))
     axes[0][0].set_ylabel("accuracy")
     axes[0][0].legend(fontsize=7, loc="upper left")
     figure.tight_layout()
