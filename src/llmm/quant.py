@@ -18,6 +18,7 @@ from functools import cache
 
 import numpy as np
 import torch
+from bitsandbytes.functional import get_4bit_type
 from scipy.stats import norm
 
 ALLOWED_BITS = (2, 4, 8)
@@ -39,8 +40,6 @@ def check_quant_args(bits: int, method: str, block_size: int = 64) -> None:
 def normal_float_code(bits: int) -> torch.Tensor:
     """The sorted NF code book in [-1, 1] (float32, CPU): bitsandbytes' NF4 table at 4 bits."""
     if bits == 4:
-        from bitsandbytes.functional import get_4bit_type
-
         return get_4bit_type("nf4", device="cpu").float().sort().values
     levels = 2**bits
     positive = norm.ppf(torch.linspace(NF_OFFSET, 0.5, levels // 2 + 1)[:-1].numpy()).tolist()

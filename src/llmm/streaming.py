@@ -25,8 +25,11 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
+from huggingface_hub import snapshot_download
 from peft import get_peft_model_state_dict
 from safetensors import safe_open
+from transformers import GenerationConfig
 
 from llmm.layer import loftq_factors
 from llmm.model import get_llmm_model, is_direction_key
@@ -60,16 +63,13 @@ def checkpoint_index(folder: str | Path) -> dict[str, Path] | None:
 def local_checkpoint(name_or_path: str) -> Path | None:
     """A local folder holding the model's safetensors: ``name_or_path`` itself, or a hub id's snapshot (safetensors
     and JSON only); None when there is none or the hub is unreachable."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path if checkpoint_index(path) is not None else None
-    from huggingface_hub import snapshot_download
-
-    try:
-        folder = Path(snapshot_download(name_or_path, allow_patterns=["*.safetensors", "*.json"]))
-    except (OSError, ValueError) as error:  # offline, unknown repository: the whole-model path reports it
-        logger.info("no safetensors snapshot of %r (%s): loading the whole model", name_or_path, error)
-        return None
+    folder = Path(name_or_path).expanduser()
+    if not folder.is_dir():
+        try:
+            folder = Path(snapshot_download(name_or_path, allow_patterns=["*.safetensors", "*.json"]))
+        except (OSError, ValueError) as error:  # offline, unknown repository: the whole-model path reports it
+            logger.info("no safetensors snapshot of %r (%s): loading the whole model", name_or_path, error)
+            return None
     return folder if checkpoint_index(folder) is not None else None
 
 
@@ -101,8 +101,6 @@ def _torch_dtype(code: str) -> torch.dtype:
 
 def empty_model(loader, model_config, dtype: torch.dtype) -> torch.nn.Module:
     """The model ``loader.from_pretrained`` would build, on the meta device (no memory), in ``dtype``."""
-    from accelerate import init_empty_weights
-
     with init_empty_weights():
         model = loader.from_config(copy.deepcopy(model_config), dtype=dtype)
     model.tie_weights()  # as from_pretrained does: a tied lm_head is the embedding table, not a tensor of its own
@@ -323,8 +321,6 @@ def _save_configs(folder: Path, model: torch.nn.Module, dtype: torch.dtype, out_
     model_config.architectures = [type(model).__name__]
     model_config.save_pretrained(out_dir)
     if model.can_generate():  # from_pretrained's: the checkpoint's generation config, else one from its config.json
-        from transformers import GenerationConfig
-
         own = (folder / "generation_config.json").is_file()
         options = {} if own else {"config_file_name": "config.json", "_from_model_config": True}
         GenerationConfig.from_pretrained(folder, **options).save_pretrained(out_dir)

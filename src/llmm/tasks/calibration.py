@@ -12,10 +12,13 @@ adapters' mean-mode distributions."""
 from __future__ import annotations
 
 import contextlib
+import copy
 from types import SimpleNamespace
 
+import bitsandbytes as bnb
 import numpy as np
 import torch
+from bitsandbytes.functional import has_avx512bf16
 from torch import nn
 
 from llmm.metrics import ECE_BINS, calibration_metrics, reliability_bins
@@ -91,11 +94,6 @@ def cpu_4bit_as_plain_peft(model: nn.Module):
     rounds input and block scales to bfloat16. Training turns that off (llmm.model.keep_cpu_4bit_trainable), so its
     evaluations would differ from a reloaded adapter's. Restoring the saved weight and quant state undoes the packing
     (bitsandbytes' own inverse is lossy), so training continues bit for bit."""
-    import copy
-
-    import bitsandbytes as bnb
-    from bitsandbytes.functional import has_avx512bf16
-
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit) and m.weight.device.type == "cpu"
               and hasattr(m, "support_avx512bf16_for_cpu")]
     saved = [(m, m.support_avx512bf16_for_cpu, m.weight.data, m.weight.quant_state,
