@@ -68,10 +68,7 @@ def reliability_bins(probs, labels, n_bins: int = ECE_BINS) -> dict[str, list]:
     confidence, correct = probs.max(axis=1), (probs.argmax(axis=1) == labels)
     edges = np.linspace(0.0, 1.0, n_bins + 1)[1:-1]  # exact edges: ceil(c * n) misbins c = b / n by rounding
     bins = np.digitize(confidence, edges, right=True)
-    count, mean_confidence, accuracy = [], [], []
-    for b in range(n_bins):
-        members = bins == b
-        count.append(int(members.sum()))
-        mean_confidence.append(float(confidence[members].mean()) if members.any() else None)
-        accuracy.append(float(correct[members].mean()) if members.any() else None)
-    return {"count": count, "confidence": mean_confidence, "accuracy": accuracy}
+    members = [bins == b for b in range(n_bins)]
+    return {"count": [int(m.sum()) for m in members],
+            "confidence": [float(confidence[m].mean()) if m.any() else None for m in members],
+            "accuracy": [float(correct[m].mean()) if m.any() else None for m in members]}

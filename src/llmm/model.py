@@ -356,8 +356,8 @@ def _saveable(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def nonempty(selected: dict[str, torch.Tensor], state_dict) -> dict[str, torch.Tensor]:
     """``selected``, or a ValueError if it is empty: an adapter file without tensors loads as an untrained one."""
     if not selected:
-        keys = None if state_dict is None else list(state_dict)
-        where = "the model's state dict" if keys is None else f"the {len(keys)} given state-dict keys {keys[:2]}"
+        where = ("the model's state dict" if state_dict is None
+                 else f"the {len(state_dict)} given state-dict keys {list(state_dict)[:2]}")
         raise ValueError(f"the adapter to save would be empty: no tensor of {where} belongs to its layers; "
                          "nothing was written")
     return selected
@@ -396,14 +396,21 @@ def export_mean_adapter(peft_model: PeftModel, out_dir: str, adapter_name: str =
     state = adapter_state_dict(peft_model, state_dict, adapter_name)
     state = _saveable(nonempty({key: value for key, value in state.items() if not is_direction_key(key)}, state_dict))
     config = peft_model.peft_config[adapter_name]
-    lora_fields = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
-    plain = {name: getattr(config, name) for name in lora_fields if name != "runtime_config"}
-    plain.update(init_lora_weights=True, loftq_config={}, inference_mode=True)
-    lora_config = LoraConfig(**plain)
+    plain = {f.name: getattr(config, f.name) for f in dataclasses.fields(LoraConfig)
+             if f.init and f.name != "runtime_config"}
+    lora_config = LoraConfig(**{**plain, "init_lora_weights": True, "loftq_config": {}, "inference_mode": True})
     with atomic_dir(out_dir, overwrite) as tmp_dir:
         lora_config.save_pretrained(tmp_dir)
         save_file(state, os.path.join(tmp_dir, ADAPTER_WEIGHTS), metadata={"format": "pt"})
     return out_dir
+
+
+def checked_number(value, what: str, positive: bool = False) -> float:
+    """``value`` as a float, checked to be a finite number >= 0 (> 0 if ``positive``)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value < float("inf") \
+            or not (0 < value if positive else 0 <= value):
+        raise ValueError(f"{what} must be a finite number {'>' if positive else '>='} 0, got {value!r}")
+    return float(value)
 
 
 @contextlib.contextmanager
@@ -433,9 +440,7 @@ def noise_mode(model: torch.nn.Module, mode: str):
 def noise_width(model: torch.nn.Module, multiplier: float):
     """Temporarily draw every Llmm factor's noise ``multiplier`` times as wide: F~ = M + m sum_k eps_k Z[k] / sqrt(s)
     (m = 1 the paper, m = 0 the mean network), wherever the layers sample."""
-    if isinstance(multiplier, bool) or not isinstance(multiplier, (int, float)) or not 0 <= multiplier < float("inf"):
-        raise ValueError(f"the noise width multiplier must be a finite number >= 0, got {multiplier!r}")
-    with _setting(model, "width", float(multiplier)):
+    with _setting(model, "width", checked_number(multiplier, "the noise width multiplier")):
         yield model
 
 
@@ -443,8 +448,7 @@ def entropy(model: torch.nn.Module, floor: float = 1e-6) -> torch.Tensor:
     """The optional entropy term, sum over layers, adapters and factors of ``factor_entropy``: the training loss is
     ``loss - lambda * entropy(model)``. A differentiable float32 scalar on the directions' device; under the scaled
     gradient rule its gradient w.r.t. Z carries the rule's sqrt(s), as the loss's does."""
-    if isinstance(floor, bool) or not isinstance(floor, (int, float)) or not 0 < floor < float("inf"):
-        raise ValueError(f"the entropy floor must be a finite number > 0, got {floor!r}")
+    checked_number(floor, "the entropy floor", positive=True)
     terms = [factor_entropy(directions, settings["scale"], floor, settings["scaled_gradient"])
              for layer in llmm_layers(model) for name, settings in layer.llmm_settings.items()
              for directions in LlmmVariant.directions(layer, name) if directions.shape[0] > 0]
@@ -456,8 +460,7 @@ def entropy(model: torch.nn.Module, floor: float = 1e-6) -> torch.Tensor:
 def entropy_weight(step: int, weight: float, warmup_steps: int) -> float:
     """lambda at optimizer step ``step``: linear warm-up from 0 to ``weight`` over ``warmup_steps`` (0: no warm-up),
     as BLoB schedules its KL weight."""
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
-        raise ValueError(f"the entropy weight must be a finite number >= 0, got {weight!r}")
+    weight = checked_number(weight, "the entropy weight")
     checked_integer(step, "entropy_weight's step", 0)
     checked_integer(warmup_steps, "entropy_weight's warmup_steps", 0)
-    return float(weight) if warmup_steps == 0 else float(weight) * min(1.0, step / warmup_steps)
+    return weight if warmup_steps == 0 else weight * min(1.0, step / warmup_steps)

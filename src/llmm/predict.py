@@ -38,9 +38,8 @@ def _repeat(inputs: dict, n: int) -> dict:
 
 
 def _logits(output) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):  # a model that returns its logits
-        return output.float()
-    return (output.logits if hasattr(output, "logits") else output[0]).float()
+    logits = output if torch.is_tensor(output) else output.logits if hasattr(output, "logits") else output[0]
+    return logits.float()
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ from functools import cache
 
 import numpy as np
 import torch
+from bitsandbytes.functional import get_4bit_type
 from scipy.stats import norm
 
 ALLOWED_BITS = (2, 4, 8)
@@ -39,8 +40,6 @@ def check_quant_args(bits: int, method: str, block_size: int = 64) -> None:
 def normal_float_code(bits: int) -> torch.Tensor:
     """The sorted NF code book in [-1, 1] (float32, CPU): bitsandbytes' NF4 table at 4 bits."""
     if bits == 4:
-        from bitsandbytes.functional import get_4bit_type
-
         return get_4bit_type("nf4", device="cpu").float().sort().values
     levels = 2**bits
     positive = norm.ppf(torch.linspace(NF_OFFSET, 0.5, levels // 2 + 1)[:-1].numpy()).tolist()
@@ -163,10 +162,8 @@ def truncated_svd(matrix: torch.Tensor, rank: int, oversampling: int, iterations
         start = torch.randn(cols, width, generator=generator, device=matrix.device, dtype=matrix.dtype)
     blocks = [torch.linalg.qr(matrix @ start).Q]
     projections = []  # B_i^T M for every block: the rows of K^T M, each computed once
-    for _ in range(iterations + 1):
+    for _ in range(iterations):
         projections.append(blocks[-1].T @ matrix)
-        if len(blocks) == iterations + 1:
-            break
         block = matrix @ projections[-1].T  # M (B^T M)^T = M M^T B, without a strided pass over M
         earlier = torch.cat(blocks, dim=1)
         for _ in range(2):  # block Gram-Schmidt, twice ("twice is enough")
@@ -176,6 +173,7 @@ def truncated_svd(matrix: torch.Tensor, rank: int, oversampling: int, iterations
         # orthonormal among themselves but not to the earlier blocks; K must be orthonormal for K^T M = C.
         block = torch.linalg.qr(block - earlier @ (earlier.T @ block)).Q
         blocks.append(block)
+    projections.append(blocks[-1].T @ matrix)
     basis = torch.cat(blocks, dim=1)
     # SVD of the k x n projection C = K^T M through C^T = Q_c R_c: C = svd(R_c^T) Q_c^T (a k x k SVD).
     factor, triangle = torch.linalg.qr(torch.cat(projections).T)

@@ -14,6 +14,7 @@ its forward) and its frozen base layer as two units satisfies both, where PEFT's
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 
 import torch
@@ -24,9 +25,7 @@ SHARDING_ENV = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DEEP
 
 def decoder_layer_classes(model: nn.Module) -> set[type[nn.Module]]:
     """The classes the model names in ``_no_split_modules`` (its transformer blocks), found among its modules."""
-    names = set()
-    for module in model.modules():
-        names.update(getattr(module, "_no_split_modules", None) or ())
+    names = {name for module in model.modules() for name in getattr(module, "_no_split_modules", None) or ()}
     return {type(module) for module in model.modules() if type(module).__name__ in names}
 
 
@@ -73,8 +72,8 @@ def gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def requested_engine() -> str:
     """What the launch asks for ("FSDP", "DEEPSPEED" or "none"), from the variables ``accelerate launch`` sets
     (usable before any process group exists)."""
-    asked = [engine for variable, engine in SHARDING_ENV.items() if os.environ.get(variable, "").lower() == "true"]
-    return asked[0] if asked else "none"
+    return next((engine for variable, engine in SHARDING_ENV.items() if os.environ.get(variable, "").lower() == "true"),
+                "none")
 
 
 def check_sharded_launch(state=None) -> str:
@@ -93,7 +92,7 @@ def check_sharded_launch(state=None) -> str:
                          "FSDP2")
     if engine == "DEEPSPEED":
         try:
-            import deepspeed  # noqa: F401
+            importlib.import_module("deepspeed")
         except ImportError as error:
             raise ValueError("the accelerate config asks for DeepSpeed, which is not installed: pip install "
                              "deepspeed (CUDA machines), or launch with configs/accelerate/fsdp2.yaml") from error

@@ -108,8 +108,7 @@ def canonical_cell(cell: dict, family: type, prefix: str = "") -> dict:
 
 
 def test_cell(run_dir, test_settings: dict) -> tuple[int | None, dict]:
-    """(training seed, cell) of an evaluation: the trained run's cell plus the evaluation's settings as
-    ``test_<name>``."""
+    """(training seed, cell) of an evaluation: the trained run's cell plus the evaluation's settings as test_<name>."""
     run_dir = Path(run_dir)
     results = run_dir / "results.json"
     trained = json.loads(results.read_text()) if results.is_file() else {}

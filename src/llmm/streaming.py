@@ -25,9 +25,14 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
+from huggingface_hub import snapshot_download
+from peft import get_peft_model_state_dict
 from safetensors import safe_open
+from transformers import GenerationConfig
 
 from llmm.layer import loftq_factors
+from llmm.model import get_llmm_model, is_direction_key
 
 logger = logging.getLogger("llmm")
 
@@ -58,16 +63,13 @@ def checkpoint_index(folder: str | Path) -> dict[str, Path] | None:
 def local_checkpoint(name_or_path: str) -> Path | None:
     """A local folder holding the model's safetensors: ``name_or_path`` itself, or a hub id's snapshot (safetensors
     and JSON only); None when there is none or the hub is unreachable."""
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path if checkpoint_index(path) is not None else None
-    from huggingface_hub import snapshot_download
-
-    try:
-        folder = Path(snapshot_download(name_or_path, allow_patterns=["*.safetensors", "*.json"]))
-    except (OSError, ValueError) as error:  # offline, unknown repository: the whole-model path reports it
-        logger.info("no safetensors snapshot of %r (%s): loading the whole model", name_or_path, error)
-        return None
+    folder = Path(name_or_path).expanduser()
+    if not folder.is_dir():
+        try:
+            folder = Path(snapshot_download(name_or_path, allow_patterns=["*.safetensors", "*.json"]))
+        except (OSError, ValueError) as error:  # offline, unknown repository: the whole-model path reports it
+            logger.info("no safetensors snapshot of %r (%s): loading the whole model", name_or_path, error)
+            return None
     return folder if checkpoint_index(folder) is not None else None
 
 
@@ -99,8 +101,6 @@ def _torch_dtype(code: str) -> torch.dtype:
 
 def empty_model(loader, model_config, dtype: torch.dtype) -> torch.nn.Module:
     """The model ``loader.from_pretrained`` would build, on the meta device (no memory), in ``dtype``."""
-    from accelerate import init_empty_weights
-
     with init_empty_weights():
         model = loader.from_config(copy.deepcopy(model_config), dtype=dtype)
     model.tie_weights()  # as from_pretrained does: a tied lm_head is the embedding table, not a tensor of its own
@@ -286,17 +286,13 @@ def loftq_matrix(weight: torch.Tensor, config, dtype: torch.dtype) -> tuple:
 def _adapter_writer(model: torch.nn.Module, config, adapter_dir: Path, final_dir: str | Path):
     """adapter_config.json and the model card written by PEFT from a meta PEFT model, and a tensor file laid out
     from its state dict."""
-    from peft import get_peft_model_state_dict
-
-    from llmm import get_llmm_model
-
     skeleton = copy.deepcopy(model)  # meta: a copy costs nothing, and PEFT wraps it in place
     peft_model = get_llmm_model(skeleton, dataclasses.replace(config, init_lora_weights=False, loftq_config={}))
     layout = {key: (value.dtype, list(value.shape)) for key, value in get_peft_model_state_dict(peft_model).items()}
     # Record the LoftQ settings that produced the means, and the backbone they belong to.
     peft_model.peft_config["default"] = dataclasses.replace(config, base_model_name_or_path=str(final_dir))
     peft_model.save_pretrained(adapter_dir, state_dict={})
-    zeros = {key for key in layout if key.endswith((".lora_llmm_A.weight", ".lora_llmm_B.weight"))}  # K directions
+    zeros = {key for key in layout if is_direction_key(key)}  # the K directions
     unknown = [key for key in set(layout) - zeros if not key.endswith(_MEAN_SUFFIXES)]
     if unknown:
         raise RuntimeError(f"adapter tensor(s) {unknown[:3]} are neither means nor directions")
@@ -325,11 +321,6 @@ def _save_configs(folder: Path, model: torch.nn.Module, dtype: torch.dtype, out_
     model_config.architectures = [type(model).__name__]
     model_config.save_pretrained(out_dir)
     if model.can_generate():  # from_pretrained's: the checkpoint's generation config, else one from its config.json
-        from transformers import GenerationConfig
-
-        if (folder / "generation_config.json").is_file():
-            generation = GenerationConfig.from_pretrained(folder)
-        else:
-            generation = GenerationConfig.from_pretrained(folder, config_file_name="config.json",
-                                                          _from_model_config=True)
-        generation.save_pretrained(out_dir)
+        own = (folder / "generation_config.json").is_file()
+        options = {} if own else {"config_file_name": "config.json", "_from_model_config": True}
+        GenerationConfig.from_pretrained(folder, **options).save_pretrained(out_dir)

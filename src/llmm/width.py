@@ -16,7 +16,7 @@ import statistics
 
 import torch
 
-from llmm.model import llmm_layers
+from llmm.model import checked_number, llmm_layers
 from llmm.noise import checked_integer
 
 FACTORS = ("A", "B")
@@ -69,8 +69,7 @@ def choose_noise_width(nll, tolerance: float = TFB_TOLERANCE, grid=WIDTH_GRID, r
     ``tfb_threshold``, ``nll_min`` the smallest m of the least nll. A non-finite nll(m) (m > 0) counts as inf.
     Returns {"tfb": m, "nll_min": m, "tolerance": .., "nll_0": nll(0), "tfb_threshold": .., "evaluations":
     [[m, nll], ...] in m order, a non-finite nll as None}."""
-    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < math.inf:
-        raise ValueError(f"the width tolerance must be a finite number >= 0, got {tolerance!r}")
+    checked_number(tolerance, "the width tolerance")
     grid = sorted(float(m) for m in grid)
     if not grid or grid[0] <= 0 or not all(math.isfinite(m) for m in grid):
         raise ValueError(f"the width grid must hold finite numbers > 0, got {grid!r}")

@@ -10,8 +10,7 @@ Checkpoints go to OUTPUT_DIR/checkpoints/checkpoint-N (--resume_from_checkpoint;
 backbone + llmm_init/ with the means) or a plain checkpoint with --init lora / loftq (in-process LoftQ needs
 full-precision weights). Sharded runs (README "Larger models") store NF4 in the compute dtype and skip
 prepare_model_for_kbit_training: its float32 upcast of norms and embeddings would mix dtypes in FSDP1's flat
-parameters and double their memory.
-"""
+parameters and double their memory."""
 
 from __future__ import annotations
 
@@ -36,7 +35,6 @@ from llmm.run.recipe import Recipe, save_run
 from llmm.tasks.calibration import cpu_4bit_as_plain_peft
 from llmm.tasks.prompts import load_records
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 BLOCKS = schema.FAMILY_BLOCKS["causal_lm"]
 
 
@@ -74,8 +72,7 @@ def table_settings(table: dict, args: argparse.Namespace, task_columns: tuple[st
 
 
 def scope_dataset_config(settings, args: argparse.Namespace) -> None:
-    """The table's dataset_config belongs to the table's dataset: another --data gets none unless
-    --dataset_config is given."""
+    """The table's dataset_config belongs to the table's dataset: another --data gets none without --dataset_config."""
     data = settings.get("data")
     if data and data != settings.dataset and getattr(args, "dataset_config", None) is None:
         settings.dataset_config = None
@@ -175,13 +172,12 @@ def quant_storage(settings) -> str:
 def load_backbone(settings):
     """(model, tokenizer): bitsandbytes NF4 or LLM.int8 on this process's device (sharded: the engine places
     them), or ``dtype`` weights on CPU. A missing pad token becomes unk (or eos), so embeddings keep size."""
-    dtype = DTYPES[settings.dtype]
+    dtype = getattr(torch, settings.dtype)
     kwargs = {"dtype": dtype}
     if settings.get("load_in_8bit"):
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     elif settings.load_in_4bit:
-        storage = quant_storage(settings)
-        settings.bnb_4bit_quant_storage_used = storage
+        settings.bnb_4bit_quant_storage_used = storage = quant_storage(settings)
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
             bnb_4bit_use_double_quant=False, bnb_4bit_quant_storage=getattr(torch, storage))
@@ -220,26 +216,20 @@ def check_init_adapter(init_dir: Path, settings) -> LlmmConfig:
     return saved
 
 
-def load_init_adapter(model, init_dir: Path, settings, **overrides):
-    """The LoftQ means of an _init.sh llmm_init/ adapter, trainable, with the settings' K (the init's directions
-    are zero, so any K starts from the same model)."""
-    saved = check_init_adapter(init_dir, settings)
-    if saved.k == settings.K:
-        return load_llmm_model(model, str(init_dir), is_trainable=True, k=settings.K, **overrides)
-    return init_from_adapter(model, str(init_dir), dataclasses.replace(saved, k=settings.K, **overrides))
-
-
 def attach_adapter(model, settings):
-    """An Llmm adapter per the settings: from an _init.sh directory's means, or LoRA / in-process LoftQ init."""
+    """An Llmm adapter per the settings: LoRA / in-process LoftQ init, or the trainable LoftQ means of an _init.sh
+    directory with the settings' K (the init's directions are zero, so any K starts from the same model)."""
     overrides = dict(scale=float(settings.llmmscale), scaled_gradient=settings.scaled_gradient,
                      lora_dropout=settings.lora_dropout, eval_noise=settings.eval_noise,
                      noise_per_example=settings.noise_per_example)
     init_dir = init_adapter_dir(settings.model_name_or_path)
-    if init_dir is not None:
-        peft_model = load_init_adapter(model, init_dir, settings, **overrides)
-    else:
+    if init_dir is None:
         targets = tables.default_targets(model.config, settings.target_modules)
         peft_model = get_llmm_model(model, adapters.llmm_config(settings, targets))
+    elif (saved := check_init_adapter(init_dir, settings)).k == settings.K:
+        peft_model = load_llmm_model(model, str(init_dir), is_trainable=True, k=settings.K, **overrides)
+    else:
+        peft_model = init_from_adapter(model, str(init_dir), dataclasses.replace(saved, k=settings.K, **overrides))
     for parameter in peft_model.parameters():
         if parameter.numel() == 0:  # K = 0: the (0, ...) direction tensors have nothing to train
             parameter.requires_grad_(False)
@@ -251,8 +241,7 @@ def prepare_for_training(model, settings):
     prepare_model_for_kbit_training; before in-process LoftQ, moved to the training device for LoftQ's SVDs
     (a 7B model takes hours on CPU, minutes on a GPU)."""
     model.config.use_cache = False
-    sharded = sharding.requested_engine() != "none"
-    if settings.load_in_4bit and settings.prepare_kbit_training and not sharded:
+    if settings.load_in_4bit and settings.prepare_kbit_training and sharding.requested_engine() == "none":
         checkpointing = settings.gradient_checkpointing
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=checkpointing,
@@ -295,11 +284,9 @@ def train_eval_records(settings, task: str):
               for name, split in load_records(source, task, settings.dataset_config).items()}
     if "train" not in splits:
         raise ValueError(f"{source} has no 'train' split (splits: {sorted(splits)})")
-    train = splits["train"]
-    eval_split = settings.eval_split
+    train, eval_split = splits["train"], settings.eval_split
     if settings.get("eval_data"):
-        held_out = as_dataset(load_records(settings.eval_data, task)["train"])
-        where = settings.eval_data
+        held_out, where = as_dataset(load_records(settings.eval_data, task)["train"]), settings.eval_data
     elif eval_split == "heldout":
         if settings.eval_size >= len(train):
             raise ValueError(f"eval_size {settings.eval_size} leaves no training data ({len(train)} records): "

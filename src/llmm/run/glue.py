@@ -1,7 +1,6 @@
 """GLUE on an encoder as a run recipe (scripts.train_glue, scripts.eval_glue): settings, the encoder quantized as
 --method says and wrapped with Llmm adapters (the head in full precision), the Trainer with Monte-Carlo evaluation,
-results per epoch (best and last), predictions and the saved adapters.
-"""
+results per epoch (best and last), predictions and the saved adapters."""
 
 from __future__ import annotations
 
@@ -11,14 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from peft.tuners.tuners_utils import check_target_module_exists
-from transformers import (
-    AutoConfig,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    DataCollatorWithPadding,
-    TrainerCallback,
-    TrainingArguments,
-)
+from transformers import (AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding,
+                          TrainerCallback, TrainingArguments)
 
 import llmm
 from llmm import outdirs, stats
@@ -31,7 +24,6 @@ from llmm.run.recipe import Recipe, save_run
 from llmm.run.trainer import LlmmTrainer, add_resume_flag, shared_arguments
 from llmm.run.adapters import (INIT_DIR_LOFTQ, adopt_init_dir_settings, check_flags_apply, check_init_targets,
                                check_settings, given_flags, head_modules, init_dir_settings, llmm_config, set_method_k)
-from llmm.run.cli import logger
 from llmm.run.fileio import check_data_paths, load_pretrained, plot_curves, write_json
 from llmm.run.quantize import embeddings_quantized
 from llmm.run.schema import FAMILY_BLOCKS, GlueRun, take_renamed
@@ -69,8 +61,7 @@ def resolve(argv: list[str] | None) -> tuple[GlueTask, GlueRun]:
         if args.quantize_embeddings:
             raise ValueError("--method lora keeps the backbone in full precision: drop --quantize_embeddings")
         settings.quantize_embeddings = False
-    if settings.gaussian_embeddings and (method != "llmm" or settings.K == 0
-                                            or not settings.quantize_embeddings):
+    if settings.gaussian_embeddings and (method != "llmm" or settings.K == 0 or not settings.quantize_embeddings):
         raise ValueError("--gaussian_embeddings true needs --method llmm (K > 0) with --quantize_embeddings")
     settings.backbone = "full-precision" if method == "lora" else f"{settings.quant} {settings.bits}-bit"
     if method != "lora" and not settings.quantize_embeddings:
@@ -353,10 +344,9 @@ class GlueRecipe(Recipe):
         return trainer
 
     def after_training(self, trainer, model, tokenizer) -> None:
-        """The width search on the first dev split: nll(m) of the mc prediction, computed as scripts.eval_glue --mode
-        mc computes it (the same networks, precision and batches), so eval_glue at the chosen m gives the recorded
-        nll; the chosen m is saved in the adapter (the dev metrics recorded during training were computed before, at
-        m = 1)."""
+        """The width search on the first dev split: nll(m) of the mc prediction as scripts.eval_glue --mode mc computes
+        it (the same networks, precision and batches), so eval_glue at the chosen m gives the recorded nll; the chosen
+        m is saved in the adapter (the dev metrics recorded during training are at m = 1)."""
         settings = self.settings
         if settings.noise_width_search == "none":
             return
@@ -371,8 +361,8 @@ class GlueRecipe(Recipe):
         record = width_search.search_width(model, nll, settings)
         self.recorder.header.update(noise_width_search={**record, "split": split, "mc_samples": settings.mc_samples,
                                                         "seed": settings.seed}, noise_width=record["chosen"])
-        logger.info("noise width on %s: tfb m = %.4g, nll m = %.4g; using %s m = %.4g", split, record["tfb"],
-                    record["nll_min"], record["rule"], record["chosen"])
+        cli.logger.info("noise width on %s: tfb m = %.4g, nll m = %.4g; using %s m = %.4g", split, record["tfb"],
+                        record["nll_min"], record["rule"], record["chosen"])
 
     def finish(self, trainer, outcome, model, tokenizer):
         return None
@@ -389,9 +379,8 @@ class GlueRecipe(Recipe):
         if (out / "eval").exists():
             outdirs.remove_stale(out / "eval", "eval_glue scored the adapter before this resume (run it again)")
         best = results["best"]
-        logger.info("%s %s: best %s %s at epoch %s; outputs in %s", task.name, self.settings.method,
-                    task.main_metric, best and best["dev"][task.dev_splits[0]][task.main_metric],
-                    best and best["epoch"], out)
+        cli.logger.info("%s %s: best %s %s at epoch %s; outputs in %s", task.name, settings.method, task.main_metric,
+                        best and best["dev"][task.dev_splits[0]][task.main_metric], best and best["epoch"], out)
         return results
 
 

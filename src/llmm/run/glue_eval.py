@@ -17,7 +17,6 @@ import llmm
 from llmm.tasks.glue import TASKS, get_task, load_file, load_glue, tokenize
 from llmm.run.glue import load_model, predictions_record
 from llmm.run import cli, schema
-from llmm.run.cli import logger
 from llmm.run.fileio import check_data_paths, seed_everything, write_json
 from llmm.run.adapters import check_sampled_modes, check_settings, read_run_settings
 from llmm.run.width_search import noise_width_in_use
@@ -99,7 +98,6 @@ def main(argv: list[str] | None = None) -> dict:
     task = get_task(settings.task)
     if args.file:
         raw = {Path(path).stem: load_file(task, path) for path in args.file}
-        files = dict(zip(raw, args.file))
     elif settings.get("validation_file"):  # the run's dev files only: scoring needs no training file
         missing = [path for path in settings.validation_file if not Path(path).is_file()]
         if missing:
@@ -107,10 +105,9 @@ def main(argv: list[str] | None = None) -> dict:
                                     "run was trained (an older run's settings.json may hold relative paths), or pass "
                                     "--file")
         raw = {split: load_file(task, path) for split, path in zip(task.dev_splits, settings.validation_file)}
-        files = {}
     else:
         loaded = load_glue(task, settings.get("data_dir"))
-        raw, files = {split: loaded[split] for split in task.dev_splits}, {}
+        raw = {split: loaded[split] for split in task.dev_splits}
     seed = settings.seed if args.seed is None else args.seed
     mc_samples = args.mc_samples or settings.mc_samples
     seed_everything(seed)
@@ -120,7 +117,7 @@ def main(argv: list[str] | None = None) -> dict:
     collator = DataCollatorWithPadding(tokenizer)
     batch_size = args.per_device_eval_batch_size or settings.per_device_eval_batch_size
     splits = predictions_record(task, model, data, raw, collator, batch_size, args.mode, mc_samples, seed)
-    for split, path in files.items():
+    for split, path in zip(splits, args.file or []):  # --file: its splits are named by the files' stems
         splits[split] = {"file": path, **splits[split]}
     record = {"run_dir": str(run), "task": task.name, "mode": args.mode, "seed": seed,
               **({"mc_samples": mc_samples} if args.mode == "mc" else {}),
@@ -130,6 +127,6 @@ def main(argv: list[str] | None = None) -> dict:
     write_json(output, record)
     for split, entry in splits.items():
         shown = ", ".join(f"{k} {v:.4f}" for k, v in entry["metrics"].items() if isinstance(v, float))
-        logger.info("%s %s (%s): %s", task.name, split, args.mode, shown)
-    logger.info("wrote %s", output)
+        cli.logger.info("%s %s (%s): %s", task.name, split, args.mode, shown)
+    cli.logger.info("wrote %s", output)
     return record

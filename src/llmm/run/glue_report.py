@@ -71,8 +71,7 @@ def build(records: list[dict], baseline: str) -> list[dict]:
     entries = []
     for group in groups.values():
         cell, runs = group["cell"], group["runs"]
-        seeds = sorted(runs)
-        per_metric = list(zip(*(runs[s]["scores"] for s in seeds)))
+        per_metric = list(zip(*(runs[seed]["scores"] for seed in sorted(runs))))
         differences = stats.baseline_differences(cell, groups, baseline, range(len(per_metric)),  # same task
                                                  lambda record, i: record["scores"][i])
         entries.append({"label": label(cell, fields), "task": cell["task"], "method": cell["method"],
@@ -111,8 +110,7 @@ def reference_rows(published: list[dict], tasks: list[str], entries: list[dict])
 
 
 def order_key(entry_label: str) -> tuple:
-    method = entry_label.split(" ")[0]
-    return (stats.order_rank(method, METHOD_ORDER), entry_label)
+    return stats.order_rank(entry_label.split(" ")[0], METHOD_ORDER), entry_label
 
 
 def markdown(entries: list[dict], baseline: str, references: bool = True) -> str:

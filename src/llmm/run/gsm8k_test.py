@@ -114,10 +114,8 @@ def load_model(settings: schema.Gsm8kTestRun):
     tokenizer.padding_side = "left"
     eval_noise = "sample" if settings.mode == "sample" else "mean"
     model = load_llmm_model(model, settings.adapter, k=settings.get("K"), eval_noise=eval_noise)
-    if settings.mode == "mean" and not settings.load_in_4bit:
-        model = model.merge_and_unload()
     if not settings.load_in_4bit:
-        model = model.to(PartialState().device)
+        model = (model.merge_and_unload() if settings.mode == "mean" else model).to(PartialState().device)
     return model.eval(), tokenizer
 
 
@@ -145,8 +143,7 @@ def predict(model, tokenizer, records: list[dict], settings: schema.Gsm8kTestRun
         set_seed(settings.seed)  # the decoding's sampling (torch's generator)
         if settings.mode == "sample":  # the Llmm noise has its own generator, which set_seed does not touch
             seed_noise(model, settings.seed, PartialState().process_index)
-        texts = generate(model, tokenizer, prompts, settings)
-        samples = [[text] for text in texts]
+        samples = [[text] for text in generate(model, tokenizer, prompts, settings)]
     else:
         samples = [[] for _ in records]
         # Network d of seed s: child d of SeedSequence(s) (llmm.streams), so no two seeds share a network.
@@ -159,11 +156,9 @@ def predict(model, tokenizer, records: list[dict], settings: schema.Gsm8kTestRun
     for record, texts in zip(records, samples):
         answers = [extract_answer(text) for text in texts]
         extracted, gold = majority_vote(answers), gold_answer(record["answer"])
-        prediction = {"question": record["question"], "generated": texts[0] if len(texts) == 1 else texts,
-                      "extracted": extracted, "gold": gold, "correct": is_correct(extracted, gold)}
-        if settings.mode == "mc":
-            prediction["votes"] = answers
-        predictions.append(prediction)
+        predictions.append({"question": record["question"], "generated": texts[0] if len(texts) == 1 else texts,
+                            "extracted": extracted, "gold": gold, "correct": is_correct(extracted, gold),
+                            **({"votes": answers} if settings.mode == "mc" else {})})
     return predictions
 
 

@@ -20,25 +20,20 @@ def read_records(paths: list[str]) -> list[dict]:
     for file, results in stats.read_results(paths, "scripts.train_gsm8k / scripts.train_nlg / scripts.test_gsm8k"):
         if not isinstance(results, dict):
             continue
-        metrics = ["accuracy"] if "accuracy" in results else [m for m in ("eval_loss", "eval_perplexity")
-                                                              if m in results]
-        task = "gsm8k" if "accuracy" in results else results.get("task") or (results.get("cell") or {}).get("task")
-        cell = acted_cell(results.get("cell"), tested="accuracy" in results)
-        for metric in metrics:
-            records.append({"path": str(file), "task": task, "metric": metric, "seed": results.get("seed"),
-                            "cell": cell,
-                            "value": stats.metric_value(results[metric], str(file), metric) * METRICS[metric][1]})
+        tested = "accuracy" in results  # a GSM8K test, else a training run
+        metrics = ["accuracy"] if tested else [m for m in ("eval_loss", "eval_perplexity") if m in results]
+        task = "gsm8k" if tested else results.get("task") or (results.get("cell") or {}).get("task")
+        # as the runs acted (llmm.stats.canonical_cell); a test's cell is the trained run's plus its test_ settings
+        cell = stats.canonical_cell(results.get("cell"), schema.CausalLMRun)
+        if tested:
+            cell = stats.canonical_cell(cell, schema.Gsm8kTestRun, prefix="test_")
+        records += [{"path": str(file), "task": task, "metric": metric, "seed": results.get("seed"), "cell": cell,
+                     "value": stats.metric_value(results[metric], str(file), metric) * METRICS[metric][1]}
+                    for metric in metrics]
     if not records:
         raise FileNotFoundError(f"no GSM8K test or causal-LM training results.json below {paths}: run "
                                 "scripts.train_gsm8k / scripts.train_nlg / scripts.test_gsm8k first")
     return records
-
-
-def acted_cell(cell, tested: bool):
-    """A training run's cell, or a GSM8K test's (the trained run's plus its ``test_`` settings), as the runs acted
-    (llmm.stats.canonical_cell)."""
-    cell = stats.canonical_cell(cell, schema.CausalLMRun)
-    return stats.canonical_cell(cell, schema.Gsm8kTestRun, prefix="test_") if tested else cell
 
 
 def label(cell: dict, fields: list[str]) -> str:

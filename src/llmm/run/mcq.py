@@ -29,7 +29,6 @@ from llmm.width import distribution_width, width_summary
 from llmm.run import trainer as training
 
 TABLE = tables.CONFIGS / "mcq.yaml"
-SAMPLED_MODES = ("mc", "dropout")  # modes that average mc_samples passes
 BLOCKS = schema.FAMILY_BLOCKS["mcq"]
 # Evaluation plumbing, replaced in each evaluation's cell by the set, mode and number of samples it used.
 EVALUATION_ONLY = (*schema.role_names(schema.EVAL, BLOCKS), "run", "cell")
@@ -151,41 +150,31 @@ def backbone_name(settings: schema.McqRun) -> str:
 # --- data ----------------------------------------------------------------------------------------------------------
 
 def task_records(settings: schema.McqRun, table: dict, task: str, split: str) -> tuple[list[dict], str]:
-    """(records with ids, where from: a local file by its real path, as the cell records it) of one split ("train" /
-    "test") of a task row, or of a local file."""
+    """(records with ids, where from) of a task row's split ("train" / "test"), or of a local file (its real path)."""
     if task.endswith((".json", ".jsonl")):
-        return with_ids(load_mcq(task), question_ids(task)), fileio.real_path(task)
-    row = settings if task == settings.task else tables.select_row(table, task=task)
-    local = row.get(f"{split}_data")
+        row, local = {}, task
+    else:
+        row = settings if task == settings.task else tables.select_row(table, task=task)
+        local = row.get(f"{split}_data")
     if local:
-        return with_ids(load_mcq(local), question_ids(local)), fileio.real_path(local)
-    name = row[f"{split}_split"]
-    if not name:
+        source, where = (local,), fileio.real_path(local)
+    elif row[f"{split}_split"]:
+        source = (row["dataset"], row.get("dataset_config"), row[f"{split}_split"])
+        where = f"{row['dataset']} [{source[2]}]"
+    else:
         raise ValueError(f"task {task!r} has no {split} split")
-    records = load_mcq(row["dataset"], row.get("dataset_config"), name)
-    ids = question_ids(row["dataset"], row.get("dataset_config"), name)
-    return with_ids(records, ids), f"{row['dataset']} [{name}]"
-
-
-def with_ids(records: list[dict], ids: list[str]) -> list[dict]:
-    return [{**record, "id": ident} for record, ident in zip(records, ids)]
-
-
-def split_validation(records: list[dict], size: int) -> tuple[list[dict], list[dict]]:
-    """(training records, validation records: the last ``size``)."""
-    if not size:
-        return records, []
-    if size >= len(records):
-        raise ValueError(f"validation_size {size} leaves no training data ({len(records)} records): lower "
-                         "--validation_size")
-    return records[:-size], records[-size:]
+    return [{**record, "id": ident} for record, ident in zip(load_mcq(*source), question_ids(*source))], where
 
 
 def load_all(settings: schema.McqRun, table: dict, train: bool = True, with_validation: bool = False) -> tuple:
     """Training records (none with ``train=False``), {eval set: (records, where)} with the task's test split
-    first, and with ``with_validation`` the validation records."""
+    first, and with ``with_validation`` the validation records (the last ``validation_size`` training records)."""
     train = task_records(settings, table, settings.task, "train")[0] if train else []
-    train, validation = split_validation(train, settings.validation_size or 0) if train else (train, [])
+    size = (settings.validation_size or 0) if train else 0
+    if size and size >= len(train):
+        raise ValueError(f"validation_size {size} leaves no training data ({len(train)} records): lower "
+                         "--validation_size")
+    train, validation = (train[:-size], train[-size:]) if size else (train, [])
     sets = {settings.task: task_records(settings, table, settings.task, "test")}
     for name in settings.ood:
         sets[Path(name).stem if name.endswith((".json", ".jsonl")) else name] = task_records(settings, table, name,
@@ -220,20 +209,15 @@ class WidthCallback(TrainerCallback):
     """Records the learned distribution's width (llmm.width) at the start and at every logging step, as "width"
     entries of the Trainer's log history: a checkpoint keeps them, so a resumed run's history is whole."""
 
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.record(state, model)  # a resume replaces it with the checkpoint's history just after
-
     def on_log(self, args, state, control, model=None, **kwargs):
         self.record(state, model)
+
+    on_train_begin = on_log  # a resume replaces its entry with the checkpoint's history just after
 
     @staticmethod
     def record(state, model) -> None:
         if not any("width" in entry for entry in state.log_history if entry.get("step") == state.global_step):
             state.log_history.append({"step": state.global_step, "width": width_summary(distribution_width(model))})
-
-    @staticmethod
-    def history(log_history: list[dict]) -> list[dict]:
-        return [{"step": entry["step"], **entry["width"]} for entry in log_history if "width" in entry]
 
 
 # --- evaluation ----------------------------------------------------------------------------------------------------
@@ -273,7 +257,7 @@ def evaluate_sets(peft_model, tokenizer, letter_ids, eval_sets: dict, settings: 
         batches = C.batches(encoded, settings.per_device_eval_batch_size, tokenizer.pad_token_id, device)
         reports = {}
         for mode in settings.eval_modes:
-            n_networks = settings.mc_samples if mode in SAMPLED_MODES else 1
+            n_networks = settings.mc_samples if mode in C.SAMPLED_MODES else 1
             torch.manual_seed(settings.seed)  # the same draws for every set and rerun: dropout masks,
             seed_noise(peft_model, settings.seed)  # and the Llmm noise (the model's own generator)
             started = time.time()
@@ -282,7 +266,7 @@ def evaluate_sets(peft_model, tokenizer, letter_ids, eval_sets: dict, settings: 
                 probs, labels = C.predict(head, batches, mode, n_networks,
                                           seed=settings.seed if mode == "mc" else None, batched=batched)
             report = C.evaluate(probs, labels)
-            reports[f"{name} {mode}" + (f" N={n_networks}" if mode in SAMPLED_MODES else "")] = report
+            reports[f"{name} {mode}" + (f" N={n_networks}" if mode in C.SAMPLED_MODES else "")] = report
             entries.append({"eval_set": name, "shift": "in-distribution" if index == 0 else "ood", "where": where,
                             "mode": mode, "eval_samples": n_networks, "method": method, "seed": settings.seed,
                             "noise_width": noise_width_in_use(peft_model), "mc_batched": batched,
@@ -314,8 +298,7 @@ def validation_nll(model, tokenizer, letter_ids, records: list[dict], settings: 
 
 
 def search_noise_width(model, tokenizer, letter_ids, validation: list[dict], settings: schema.McqRun) -> dict | None:
-    """The width search of ``settings`` (none: None) on the ``validation`` questions: m is applied to the model,
-    the record returned."""
+    """The width search of ``settings`` (none: None) on the ``validation`` questions: m applied, the record returned."""
     if settings.noise_width_search == "none":
         return None
     nll = validation_nll(model, tokenizer, letter_ids, validation, settings)
@@ -369,19 +352,19 @@ class McqRecipe(causal_lm.CausalLMRecipe):
         WidthCallback.record(trainer.state, model)
         if not trainer.is_world_process_zero():
             return {}
+        cell = run_cell(settings)
         evaluations = evaluate_sets(model, tokenizer, self.letter_ids, self.eval_sets, settings, self.output_dir,
-                                    settings.method, run_cell(settings))
+                                    settings.method, cell)
         return {
-            "task": settings.task, "method": settings.method, "seed": settings.seed,
-            "cell": run_cell(settings), "K": settings.K,
+            "task": settings.task, "method": settings.method, "seed": settings.seed, "cell": cell, "K": settings.K,
             "llmmscale": settings.llmmscale, "rank": settings.rank, "backbone": settings.backbone,
             "bits": settings.bits if settings.init == "loftq" else None, "init": settings.init,
-            "model": settings.model_name_or_path, "eval_modes": settings.eval_modes,
-            "mc_samples": settings.mc_samples, "eval_precision": eval_precision(settings),
-            "n_train": len(trainer.train_dataset),
+            "model": settings.model_name_or_path, "eval_modes": settings.eval_modes, "mc_samples": settings.mc_samples,
+            "eval_precision": eval_precision(settings), "n_train": len(trainer.train_dataset),
             "train_loss": outcome.training_loss, "global_step": trainer.state.global_step, "evaluations": evaluations,
             "width": {"definition": "||Z||_F / (sqrt(llmmscale) ||M||_F) per factor and layer (llmm.width)",
-                      "history": WidthCallback.history(trainer.state.log_history),
+                      "history": [{"step": entry["step"], **entry["width"]} for entry in trainer.state.log_history
+                                  if "width" in entry],
                       "final_per_layer": distribution_width(model)},
             "noise_width_search": self.width_search, "noise_width": noise_width_in_use(model),
             "history": trainer.state.log_history, "resumed_from": self.resumed_from,

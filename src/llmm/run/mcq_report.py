@@ -9,13 +9,13 @@ from pathlib import Path
 
 from llmm import stats
 from llmm.run import schema, tables
+from llmm.tasks.calibration import SAMPLED_MODES
 
 PUBLISHED = tables.CONFIGS / "mcq_published.yaml"
 TASK_ORDER = ("winogrande_s", "arc_c", "arc_e", "winogrande_m", "obqa", "boolq")
 METHOD_ORDER = ("map", "mcdropout", "ensemble", "llmm", "llmm_pex", "llmm_tfb", "llmm_nll", "llmm_ent")
 METRICS = {"accuracy": ("Accuracy (%, higher is better)", 100), "ece": ("ECE (%, 15 bins, lower is better)", 100),
            "nll": ("NLL (lower is better)", 1), "brier": ("Brier (lower is better)", 1)}
-SAMPLED_MODES = ("mc", "dropout")
 # Always in a row's label (or its column); other settings are named only where they tell rows apart.
 SHOWN = ("task", "eval_set", "method", "variant", "backbone", "K", "eval_mode", "eval_samples")
 WIDTH_SHOWN = ("task", "method", "variant", "backbone", "K")  # the same for the width table's runs

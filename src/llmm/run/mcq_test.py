@@ -17,14 +17,16 @@ from llmm.run.width_search import RULES, apply_noise_width
 from llmm.tasks import calibration as C
 from llmm.tasks.mcq import encode_question, letter_token_ids
 
+# The run's settings that an evaluation may replace (and the width search's).
+OVERRIDES = ("eval_modes", "mc_samples", "ood", "test_data", "max_eval_samples", "per_device_eval_batch_size")
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = cli.ArgumentParser(description="Evaluate trained multiple-choice runs again, or as a deep "
                                      "ensemble: accuracy, ECE, NLL, Brier per mode.", allow_abbrev=False)
     parser.add_argument("--runs", nargs="+", required=True, help="run directories of scripts.train_mcq")
     cli.add_output_flags(parser)
-    given = ("eval_modes", "mc_samples", "ood", "test_data", "max_eval_samples", "per_device_eval_batch_size",
-             *schema.fields_of(schema.WidthSearchSettings))  # the run's settings that an evaluation may replace
+    given = (*OVERRIDES, *schema.fields_of(schema.WidthSearchSettings))
     schema.add_flags(parser, BLOCKS, skip=set(schema.fields_of(*BLOCKS)) - set(given))
     rules = next(a for a in parser._actions if a.dest == "noise_width_search")
     rules.nargs, rules.help = "+", rules.help + "; several rules: one search, the run evaluated with each rule's m"
@@ -58,9 +60,7 @@ def run_settings(run: str) -> schema.McqRun:
 
 def member_settings(args) -> list[schema.McqRun]:
     members = [run_settings(run) for run in args.runs]
-    overrides = {"eval_modes": args.eval_modes, "mc_samples": args.mc_samples, "ood": args.ood,
-                 "test_data": args.test_data, "max_eval_samples": args.max_eval_samples,
-                 "per_device_eval_batch_size": args.per_device_eval_batch_size}
+    overrides = {name: getattr(args, name) for name in OVERRIDES}
     search = {name: getattr(args, name) for name in schema.fields_of(schema.WidthSearchSettings)
               if getattr(args, name) is not None}
     rules = search.pop("noise_width_search", [])
@@ -82,14 +82,14 @@ def member_settings(args) -> list[schema.McqRun]:
         settings.run = run
         adapters.check_sampled_modes(settings.eval_modes, settings.K, f"the run {run!r}", "mean (or dropout for "
                                      "mcdropout)")
-        if args.mc_samples is not None and not {"mc", "dropout"} & set(settings.eval_modes) and not rules:
+        if args.mc_samples is not None and not set(C.SAMPLED_MODES) & set(settings.eval_modes) and not rules:
             raise ValueError(f"--mc_samples only applies to eval modes mc and dropout and to a width search (these "
                              f"are {settings.eval_modes}): drop it or add --eval_modes mc")
         if "dropout" in settings.eval_modes and not settings.lora_dropout > 0:
             raise ValueError(f"eval mode 'dropout' needs dropout in the adapters, which the run {run!r} has not "
                              "(lora_dropout 0): evaluate an mcdropout run, or drop the mode")
         searches = [searched_settings(settings, {**search, "noise_width_search": rule}, run) for rule in rules]
-        if args.max_eval_samples is None and settings.max_eval_samples is not None:
+        if args.max_eval_samples is None:
             settings.max_eval_samples = None  # the run's debug cap applies to its own evaluation only
         settings.cell = run_cell(settings)  # before the backbone path below: the run's cell, as trained
         settings.searches = [{**s, "cell": run_cell(settings.copy(**s))} for s in searches]
@@ -185,10 +185,9 @@ def main(argv=None) -> dict:
         fileio.check_safetensors(Path(settings.run) / "adapter")
     output_dir = Path(args.output_dir)
     outdirs.check_output_dir(output_dir, args.overwrite)
-    table = tables.read_yaml(TABLE)
     first = members[0]
     searches = first.searches  # one run: the width rules asked for (member_settings checks)
-    _, eval_sets, validation = load_all(first, table, train=bool(searches), with_validation=True)
+    _, eval_sets, validation = load_all(first, tables.read_yaml(TABLE), train=bool(searches), with_validation=True)
     outdirs.prepare_output_dir(output_dir, args.overwrite)
     width_search = None
     if len(members) == 1:
@@ -211,10 +210,9 @@ def main(argv=None) -> dict:
         evaluations = ensemble(members, eval_sets, output_dir)
         method, seed = "ensemble", ensemble_seed(members)
     results = {"task": first.task, "method": method, "seed": seed, "member_seeds": [m["seed"] for m in members],
-               "K": first.K, "backbone": first.backbone,
-               "llmmscale": first.llmmscale, "rank": first.rank, "model": first.model_name_or_path,
-               "runs": args.runs, "members": len(members), "eval_precision": eval_precision(first),
-               "evaluations": evaluations, "noise_width_search": width_search,
+               "K": first.K, "backbone": first.backbone, "llmmscale": first.llmmscale, "rank": first.rank,
+               "model": first.model_name_or_path, "runs": args.runs, "members": len(members),
+               "eval_precision": eval_precision(first), "evaluations": evaluations, "noise_width_search": width_search,
                "wall_time_s": time.time() - started, "versions": fileio.versions(), "complete": True}
     fileio.write_json(output_dir / "results.json", results)
     cli.logger.info("results -> %s", output_dir / "results.json")

@@ -7,8 +7,7 @@ Targets: the linears of configs/targets.yaml (or --target_modules) outside the t
 quantize_embeddings, the embedding tables of configs/embedding_targets.yaml. LoftQ runs matrix by matrix, streamed
 from the checkpoint's safetensors (llmm.streaming) unless the checkpoint has none or lacks tensors transformers would
 initialise (a new classifier head): then the whole model is loaded (``quantize``, ``save``), and the log says why.
-``make_init_dir(settings, whole_model=True)`` takes the whole-model path on purpose (tests, benchmarks).
-"""
+``make_init_dir(settings, whole_model=True)`` takes the whole-model path on purpose (tests, benchmarks)."""
 
 from __future__ import annotations
 
@@ -93,11 +92,6 @@ def resolve(argv: list[str] | None = None) -> schema.QuantizeRun:
     if settings.num_labels is not None and settings.task_type != "seq_cls":
         raise ValueError("--num_labels sizes the classifier of --task_type seq_cls; a causal LM has none: drop it")
     return settings
-
-
-def output_dir(settings: schema.QuantizeRun) -> Path:
-    name = Path(settings.model.rstrip("/")).name
-    return Path(settings.save_dir) / f"{name}-{settings.bits}bit-{settings.rank}rank"
 
 
 def check_task_type(model_config, settings) -> None:
@@ -188,7 +182,8 @@ def make_init_dir(settings: schema.QuantizeRun, whole_model: bool = False) -> Pa
     safetensors where that applies, else (or with ``whole_model``) with the whole model loaded: the same directory
     bit for bit. Locked, written under a temporary name and renamed on success (llmm.outdirs)."""
     started = time.time()
-    final_dir = output_dir(settings)
+    name = Path(settings.model.rstrip("/")).name
+    final_dir = Path(settings.save_dir) / f"{name}-{settings.bits}bit-{settings.rank}rank"
     outdirs.check_outputs_apart({"--save_dir": final_dir}, {"--model": settings.model})
     if final_dir.exists() and any(final_dir.iterdir()) and not settings.get("overwrite"):
         raise FileExistsError(f"output directory {str(final_dir)!r} exists and is not empty: pass --overwrite "
@@ -216,7 +211,8 @@ def make_init_dir(settings: schema.QuantizeRun, whole_model: bool = False) -> Pa
         if model.device.type == "meta":
             report = streaming.quantize_checkpoint(
                 folder, tmp_dir, model, modules, config, getattr(torch, settings.dtype), settings.device,
-                final_dir=final_dir, progress=lambda items: quiet.progress(items, desc="LoftQ (streamed)", unit="tensor"))
+                final_dir=final_dir,
+                progress=lambda items: quiet.progress(items, desc="LoftQ (streamed)", unit="tensor"))
             tokenizer.save_pretrained(tmp_dir)
         else:
             means, report = quantize(settings, config, modules)

@@ -12,10 +12,13 @@ adapters' mean-mode distributions."""
 from __future__ import annotations
 
 import contextlib
+import copy
 from types import SimpleNamespace
 
+import bitsandbytes as bnb
 import numpy as np
 import torch
+from bitsandbytes.functional import has_avx512bf16
 from torch import nn
 
 from llmm.metrics import ECE_BINS, calibration_metrics, reliability_bins
@@ -24,6 +27,7 @@ from llmm.noise import checked_integer
 from llmm.predict import mc_predict
 
 MODES = ("mean", "sample", "mc", "dropout")
+SAMPLED_MODES = ("mc", "dropout")  # modes that average mc_samples passes
 
 
 def letter_logits(model, input_ids, attention_mask, n_choices, letter_ids: torch.Tensor) -> torch.Tensor:
@@ -90,11 +94,6 @@ def cpu_4bit_as_plain_peft(model: nn.Module):
     rounds input and block scales to bfloat16. Training turns that off (llmm.model.keep_cpu_4bit_trainable), so its
     evaluations would differ from a reloaded adapter's. Restoring the saved weight and quant state undoes the packing
     (bitsandbytes' own inverse is lossy), so training continues bit for bit."""
-    import copy
-
-    import bitsandbytes as bnb
-    from bitsandbytes.functional import has_avx512bf16
-
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit) and m.weight.device.type == "cpu"
               and hasattr(m, "support_avx512bf16_for_cpu")]
     saved = [(m, m.support_avx512bf16_for_cpu, m.weight.data, m.weight.quant_state,
@@ -165,8 +164,7 @@ def evaluate_questions(records: list[dict], n_bins: int = ECE_BINS) -> dict:
     """``evaluate`` recomputed from saved ``question_records`` (the distributions padded with zeros)."""
     if not records:
         raise ValueError("no questions to evaluate")
-    width = max(len(r["probs"]) for r in records)
-    probs = np.zeros((len(records), width))
+    probs = np.zeros((len(records), max(len(r["probs"]) for r in records)))
     for row, record in zip(probs, records):
         row[:len(record["probs"])] = record["probs"]
     return evaluate(probs, np.array([r["label"] for r in records]), n_bins)
@@ -190,9 +188,7 @@ def plot_reliability(path, reports: dict[str, dict]) -> None:
         share = np.asarray(bins["count"]) / max(1, sum(bins["count"]))
         axis.bar(lefts, share, width=width, align="edge", color="red", alpha=0.25, label="share")
         axis.set_title(f"{title}\nacc {report['accuracy']:.3f}  ECE {report['ece']:.3f}", fontsize=9)
-        axis.set_xlabel("confidence")
-        axis.set_xlim(0, 1)
-        axis.set_ylim(0, 1)
+        axis.set(xlabel="confidence", xlim=(0, 1), ylim=(0, 1))
     axes[0][0].set_ylabel("accuracy")
     axes[0][0].legend(fontsize=7, loc="upper left")
     figure.tight_layout()

@@ -191,8 +191,7 @@ def load_file(task: GlueTask, path: str | Path):
 def _read_tsv(task: GlueTask, path: Path) -> dict[str, list]:
     """A GLUE TSV as distributed (no quoting); a TSV whose header has the hub's column names works too."""
     with open(path, encoding="utf-8-sig") as handle:  # MRPC's files start with a byte-order mark
-        lines = [line.rstrip("\n").rstrip("\r") for line in handle]
-    lines = [line for line in lines if line.strip()]
+        lines = [line.rstrip("\n").rstrip("\r") for line in handle if line.strip()]
     first = lines[0].split("\t") if lines else []
     if all(c in first for c in task.columns):  # header with the hub's names
         header, index = True, {c: first.index(c) for c in task.columns}
@@ -273,9 +272,7 @@ def _as_class_id(value, names: tuple[str, ...]) -> int | None:
     if isinstance(value, str) and value.strip() in names:
         return names.index(value.strip())
     number = _as_number(value)
-    if number is None or not number.is_integer() or not 0 <= number < len(names):
-        return None
-    return int(number)
+    return int(number) if number is not None and number.is_integer() and 0 <= number < len(names) else None
 
 
 def tokenize(raw, task: GlueTask, tokenizer, max_length: int):
@@ -334,14 +331,6 @@ def score(task: GlueTask, outputs, labels) -> dict:
     return {**task_metrics(task, probs.argmax(axis=-1), labels), **calibration_metrics(probs, labels)}
 
 
-def batches(dataset, collator, batch_size: int, device):
-    """The tokenized split's batches, in order, collated and on ``device`` (the whole split, on every process)."""
-    for start in range(0, len(dataset), batch_size):
-        rows = dataset[start:start + batch_size]
-        batch = collator([{key: rows[key][i] for key in rows} for i in range(len(rows["input_ids"]))])
-        yield {key: value.to(device) for key, value in batch.items()}
-
-
 def mc_outputs(model, inputs, mc_samples: int, seed: int, regression: bool):
     """One batch's Monte-Carlo outputs as every GLUE evaluation records them (training's dev evaluation, the width
     search, scripts.eval_glue): the average of ``mc_samples`` networks' STS-B scores, else the log of their averaged
@@ -374,8 +363,10 @@ def predict(model, dataset, collator, batch_size: int, mode: str = "mean", mc_sa
     model.eval()
     outputs = []
     try:
-        for batch in batches(dataset, collator, batch_size, device):
-            inputs = {key: value for key, value in batch.items() if key not in LABEL_KEYS}
+        for start in range(0, len(dataset), batch_size):  # the whole split, in order, on every process
+            rows = dataset[start:start + batch_size]
+            batch = collator([{key: rows[key][i] for key in rows} for i in range(len(rows["input_ids"]))])
+            inputs = {key: value.to(device) for key, value in batch.items() if key not in LABEL_KEYS}
             with torch.no_grad():
                 if mode == "mc":
                     out = mc_outputs(model, inputs, mc_samples, seed, regression)

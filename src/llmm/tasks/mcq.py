@@ -150,10 +150,8 @@ def record_where(where: str, index: int, record) -> str:
 
 def question_ids(source: str, config_name: str | None = None, split: str | None = None) -> list[str]:
     """The id of every question ``load_mcq`` returns: the record's ``id``, else its position from 1."""
-    if source.endswith((".json", ".jsonl")):
-        raw = read_json_records(source)
-    else:
-        raw = list(load_dataset(source, config_name)[split])
+    local = source.endswith((".json", ".jsonl"))
+    raw = read_json_records(source) if local else list(load_dataset(source, config_name)[split])
     return [str(r["id"]) if isinstance(r, dict) and r.get("id") is not None else str(i + 1) for i, r in enumerate(raw)]
 
 
