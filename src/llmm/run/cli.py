@@ -53,8 +53,7 @@ def parse_fields(settings_class, argv, description: str, flags, required=(), ren
     """The settings of a job whose flags are the fields ``flags`` of ``settings_class`` (llmm.run.schema) and
     --overwrite: typed and range-checked by their fields (one error line), a missing ``required`` one too."""
     parser = ArgumentParser(description=description.splitlines()[0], allow_abbrev=False)
-    schema.add_flags(parser, [settings_class], skip=set(schema.fields_of(settings_class)) - set(flags),
-                     renamed=renamed)
+    schema.add_flags(parser, [settings_class], only=flags, renamed=renamed)
     parser.add_argument("--overwrite", action="store_true", help="replace the files of a non-empty output directory")
     args = parser.parse_args(argv)
     schema.take_renamed(args, [settings_class])

@@ -33,7 +33,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "instead of the run's dev splits")
     parser.add_argument("--output", default=None, help="JSON file (default: RUN_DIR/eval/<mode>.json)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output file")
-    schema.add_flags(parser, BLOCKS, skip=set(schema.fields_of(*BLOCKS)) - {"mode", *REPLACED},
+    schema.add_flags(parser, BLOCKS, only={"mode", *REPLACED},
                      renamed={old: "per_device_eval_batch_size" for old in ("batch_size", "eval_batch_size")})
     parser.set_defaults(mode=schema.EvalModeSettings.mode)
     seed = next(action for action in parser._actions if action.dest == "seed")

@@ -27,7 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--runs", nargs="+", required=True, help="run directories of scripts.train_mcq")
     cli.add_output_flags(parser)
     given = (*OVERRIDES, *schema.fields_of(schema.WidthSearchSettings))
-    schema.add_flags(parser, BLOCKS, skip=set(schema.fields_of(*BLOCKS)) - set(given))
+    schema.add_flags(parser, BLOCKS, only=given)
     rules = next(a for a in parser._actions if a.dest == "noise_width_search")
     rules.nargs, rules.help = "+", rules.help + "; several rules: one search, the run evaluated with each rule's m"
     args = parser.parse_args(argv)

@@ -66,7 +66,7 @@ def resolve(argv: list[str] | None = None) -> schema.QuantizeRun:
     tables.add_setting_flags(parser, table, blocks=QUANTIZE_BLOCKS,  # its own fields' help wins (K, model, dtype)
                              plumbing_blocks=(schema.QuantizeSettings,))  # no run flags it ignores
     schema.add_flags(parser, (schema.AdapterSettings, schema.QuantizeSettings),
-                     skip=set(schema.fields_of(schema.AdapterSettings)) - {"target_modules"})
+                     only={"target_modules", *schema.fields_of(schema.QuantizeSettings)})
     args = parser.parse_args(argv)
     row = tables.select_row(table, preset=args.preset) if args.preset else dict(table["defaults"])
     settings = schema.QuantizeRun.of(row)

@@ -35,7 +35,7 @@ def parse_args(argv) -> schema.QuickstartRun:
     parser = cli.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     cli.add_output_flags(parser, required=False, default=table["output_dir"])
     flags = ("model", "corpus_dir", "methods", "seeds", "max_steps")
-    schema.add_flags(parser, [schema.QuickstartRun], skip=set(schema.fields_of(schema.QuickstartRun)) - set(flags))
+    schema.add_flags(parser, [schema.QuickstartRun], only=flags)
     args = parser.parse_args(argv)
     settings = schema.QuickstartRun.of({**table, **{k: v for k, v in vars(args).items() if v is not None}})
     adapters.check_settings(settings)  # --seeds, --max_steps and the table's numbers, before anything is written

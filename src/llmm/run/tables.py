@@ -163,7 +163,7 @@ def add_setting_flags(parser: argparse.ArgumentParser, table: dict, blocks=schem
     names = [*table.get("defaults", {}), *(k for row in table["rows"] for k in row)]
     plumbing = schema.role_names(schema.RUN, blocks if plumbing_blocks is None else plumbing_blocks)
     wanted = {name for name in [*names, *plumbing, *also] if name not in table["keys"] and name != "source"}
-    schema.add_flags(parser, blocks, skip=set(fields) - wanted)
+    schema.add_flags(parser, blocks, only=wanted)
     for action in parser._actions:  # a field's hand-written flag (not a key): its choices checked with the others
         if action.dest in fields and action.choices is not None and action.dest not in table["keys"]:
             action.help = f"{action.help or ''} (one of {', '.join(map(str, action.choices))})"
