@@ -335,10 +335,12 @@ def test_the_nll_rule_at_the_grid_edge_says_so(caplog):
     assert record["nll_0"] == 2.0 and record["tfb_threshold"] == 2.0 * 1.003
     assert model.peft_config["default"].noise_width == 2.0
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="llmm"):
-        record = search_width(llama(), lambda m: 2.0 + (m - 1) ** 2 - 1, settings)
+    with caplog.at_level(logging.INFO, logger="llmm"):
+        record = search_width(llama(), lambda m: 2.0 + (m - 1) ** 2 - 1, settings, "on 3 validation questions")
     assert record["nll_min"] == 1.0 and not record["nll_min_at_grid_edge"]
     assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert [r.getMessage() for r in caplog.records] == [  # the one line each family's log shows
+        "noise width on 3 validation questions: tfb m = 2, nll m = 1; using nll m = 1"]
 
 
 def test_choose_noise_width_on_a_tiny_model(batch):

@@ -462,12 +462,9 @@ class CausalLMRecipe(Recipe):
             return
         final_evaluation(trainer)  # the held-out loss of the trained run as evaluated in training (m = 1), first
         nll = held_out_nll(model, trainer.eval_dataset, trainer.data_collator, settings)  # nll(0): that loss
-        self.width_search = {**width_search.search_width(model, nll, settings), "split": self.where,
-                             "n_held_out": len(trainer.eval_dataset), "mc_samples": settings.mc_samples,
-                             "seed": settings.seed}
-        cli.logger.info("noise width on %d held-out records: tfb m = %.4g, nll m = %.4g; using %s m = %.4g",
-                        len(trainer.eval_dataset), self.width_search["tfb"], self.width_search["nll_min"],
-                        self.width_search["rule"], self.width_search["chosen"])
+        found = width_search.search_width(model, nll, settings, f"on {len(trainer.eval_dataset)} held-out records")
+        self.width_search = {**found, "split": self.where, "n_held_out": len(trainer.eval_dataset),
+                             "mc_samples": settings.mc_samples, "seed": settings.seed}
 
     def finish(self, trainer, outcome, model, tokenizer) -> dict:
         settings, history = self.settings, trainer.state.log_history

@@ -358,11 +358,9 @@ class GlueRecipe(Recipe):
                                       settings.per_device_eval_batch_size, "mc", settings.mc_samples,
                                       settings.seed)[split]["metrics"]["nll"]
 
-        record = width_search.search_width(model, nll, settings)
+        record = width_search.search_width(model, nll, settings, f"on {split}")
         self.recorder.header.update(noise_width_search={**record, "split": split, "mc_samples": settings.mc_samples,
                                                         "seed": settings.seed}, noise_width=record["chosen"])
-        cli.logger.info("noise width on %s: tfb m = %.4g, nll m = %.4g; using %s m = %.4g", split, record["tfb"],
-                        record["nll_min"], record["rule"], record["chosen"])
 
     def finish(self, trainer, outcome, model, tokenizer):
         return None

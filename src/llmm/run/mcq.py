@@ -302,12 +302,9 @@ def search_noise_width(model, tokenizer, letter_ids, validation: list[dict], set
     if settings.noise_width_search == "none":
         return None
     nll = validation_nll(model, tokenizer, letter_ids, validation, settings)
-    record = {**width_search.search_width(model, nll, settings), "n_validation": len(validation),
-              "mc_samples": settings.mc_samples, "seed": settings.seed,
-              "mc_batched": settings.mc_batched}
-    cli.logger.info("noise width on %d validation questions: tfb m = %.4g, nll m = %.4g; using %s m = %.4g",
-                    len(validation), record["tfb"], record["nll_min"], record["rule"], record["chosen"])
-    return record
+    found = width_search.search_width(model, nll, settings, f"on {len(validation)} validation questions")
+    return {**found, "n_validation": len(validation), "mc_samples": settings.mc_samples, "seed": settings.seed,
+            "mc_batched": settings.mc_batched}
 
 
 class McqRecipe(causal_lm.CausalLMRecipe):

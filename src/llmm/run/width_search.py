@@ -2,7 +2,8 @@
 of the noise (F~ = M + m sum_k eps_k Z[k] / sqrt(s)) is chosen on validation data, then used by every later
 Monte-Carlo evaluation and saved in the adapter config (``noise_width``), so re-evaluations reuse it.
 
-    record = search_width(model, validation_nll, settings)   # settings: noise_width_search, _tolerance, _grid
+    record = search_width(model, validation_nll, settings, "on 64 validation questions")  # logged
+    # settings: noise_width_search, noise_width_tolerance, noise_width_grid
 
 ``validation_nll(m)`` is the family's validation NLL of the Monte-Carlo prediction under ``llmm.noise_width(model,
 m)`` (networks from a fixed seed's own streams, never the training generator). Both rules are computed
@@ -35,9 +36,9 @@ def noise_width_in_use(model) -> float:
     return float(getattr(model.peft_config["default"], "noise_width", 1.0)) if hasattr(model, "peft_config") else 1.0
 
 
-def search_width(model, validation_nll, settings) -> dict:
-    """Run both rules on ``validation_nll``, apply the m that ``settings.noise_width_search`` (tfb or nll) names, and
-    return the record for results.json."""
+def search_width(model, validation_nll, settings, where: str = "") -> dict:
+    """Run both rules on ``validation_nll``, apply the m that ``settings.noise_width_search`` (tfb or nll) names, log
+    both (``where``: the validation data, as the log names it), and return the record for results.json."""
     rule, started = settings.noise_width_search, time.time()
 
     def nll(m: float) -> float:
@@ -47,6 +48,8 @@ def search_width(model, validation_nll, settings) -> dict:
     found = choose_noise_width(nll, tolerance=settings.noise_width_tolerance, grid=settings.noise_width_grid)
     chosen = found[RULES[rule]]
     apply_noise_width(model, chosen)
+    logger.info("noise width %s: tfb m = %.4g, nll m = %.4g; using %s m = %.4g", where, found["tfb"],
+                found["nll_min"], rule, chosen)
     edge = max(settings.noise_width_grid)
     if found["nll_min"] == edge:  # the NLL still falls at the grid's widest m: its minimum may lie beyond
         logger.warning("the nll rule chose the grid's largest width, m = %g (the validation NLL still falls there): "
