@@ -680,8 +680,9 @@ def nullable_bool(name: str):
 
 
 def add_flags(parser, blocks, only=None, renamed=None) -> None:
-    """One ``--name`` flag per field of ``blocks`` (``only``: those named) the parser lacks (default None: the table decides), typed by the
-    field, its help naming its range or choices; plus the old names (``renamed``, default RENAMED), for take_renamed."""
+    """One ``--name`` flag per field of ``blocks`` (``only``: those named) the parser lacks (default None: the table
+    decides), typed by the field, its help naming its range or choices; plus the old names (``renamed``, default
+    RENAMED), for take_renamed."""
     have = {a.dest for a in parser._actions}
     for name, f in fields_of(*blocks).items():
         if name in have or (only is not None and name not in only):
