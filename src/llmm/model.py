@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 from llmm.config import EVAL_NOISE_MODES, LlmmConfig
 from llmm.embedding import EMBEDDING_MODULES, LlmmEmbedding
 from llmm.layer import CUSTOM_MODULES, LlmmVariant, factor_entropy
-from llmm.noise import NoiseSource, checked_integer
+from llmm.noise import NoiseSource, checked_integer, checked_number
 from llmm.outdirs import atomic_dir
 from llmm.records import not_a_directory
 
@@ -403,14 +403,6 @@ def export_mean_adapter(peft_model: PeftModel, out_dir: str, adapter_name: str =
         lora_config.save_pretrained(tmp_dir)
         save_file(state, os.path.join(tmp_dir, ADAPTER_WEIGHTS), metadata={"format": "pt"})
     return out_dir
-
-
-def checked_number(value, what: str, positive: bool = False) -> float:
-    """``value`` as a float, checked to be a finite number >= 0 (> 0 if ``positive``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value < float("inf") \
-            or not (0 < value if positive else 0 <= value):
-        raise ValueError(f"{what} must be a finite number {'>' if positive else '>='} 0, got {value!r}")
-    return float(value)
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ independent across seeds, and drawing them never advances the training generator
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 import zlib
 
@@ -58,6 +59,14 @@ def checked_integer(value, what: str, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
         raise ValueError(f"{what} must be an integer >= {low}, got {value!r}")
     return int(value)
+
+
+def checked_number(value, what: str, positive: bool = False) -> float:
+    """``value`` as a float, checked to be a finite number >= 0 (> 0 if ``positive``)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not number or value < 0 or (positive and value == 0):
+        raise ValueError(f"{what} must be a finite number {'>' if positive else '>='} 0, got {value!r}")
+    return float(value)
 
 
 def mc_streams(seed: int, mc_samples: int) -> NoiseStreams:

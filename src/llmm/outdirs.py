@@ -392,12 +392,17 @@ def check_outputs_apart(outputs: dict, inputs: dict, files: tuple[str, ...] = ()
                     if not os.path.lexists(os.path.expanduser(str(in_path))):
                         continue  # a hub id, or nothing yet: not a local input
                     source = resolved(in_path)
-                    relation = ("is" if out == source else "contains" if out in source.parents else "lies inside"
-                                if source in out.parents and (out_flag not in files or _clobbers_input(out)) else None)
-                    if relation:
-                        raise ValueError(f"{out_flag} {str(out_path)!r} {relation} {in_flag} {str(in_path)!r}: writing "
-                                         f"there would replace what the command reads; choose an {out_flag} outside "
-                                         f"its inputs")
+                    if out == source:
+                        relation = "is"
+                    elif out in source.parents:
+                        relation = "contains"
+                    elif source in out.parents and (out_flag not in files or _clobbers_input(out)):
+                        relation = "lies inside"
+                    else:
+                        continue
+                    raise ValueError(f"{out_flag} {str(out_path)!r} {relation} {in_flag} {str(in_path)!r}: writing "
+                                     f"there would replace what the command reads; choose an {out_flag} outside "
+                                     f"its inputs")
 
 
 def check_output_file(path: str | Path) -> None:

@@ -16,8 +16,8 @@ import statistics
 
 import torch
 
-from llmm.model import checked_number, llmm_layers
-from llmm.noise import checked_integer
+from llmm.model import llmm_layers
+from llmm.noise import checked_integer, checked_number
 
 FACTORS = ("A", "B")
 
