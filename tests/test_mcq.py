@@ -328,6 +328,7 @@ def test_train_evaluate_ensemble_and_table_end_to_end(tiny_dir, tmp_path, capsys
     assert map_accuracy.split(" | ")[1].endswith(", n=2)")  # seeds 1 and 2 (own data orders) pooled in one cell
     assert "| llmm fp32 K2 mc N=2 | arc_e | " in text.split("Paired difference vs map")[1]  # seed 1 vs map seed 1
     assert "| ensemble fp32 K0 M=2 | arc_e | " in text.split("Paired difference vs map")[1]  # vs its 2 members
+    assert "\n| llmm fp32 K2 | " in text.split("### Width of the learned distribution")[1]  # a run: no mode
     assert (tmp_path / "table.md").read_text() == text + "\n" + cli.TABLE_MARK  # marked: a re-run replaces it
     with pytest.raises(ValueError, match="two runs of one cell with seed 1: they cannot be pooled"):
         mcq_table.main([str(tmp_path)])  # map-s1 and its re-evaluation

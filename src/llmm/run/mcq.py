@@ -240,9 +240,20 @@ def eval_precision(settings: schema.McqRun) -> str:
             "CPU 4-bit as in a freshly loaded model")
 
 
-def question_entries(probs, labels, records: list[dict]) -> list[dict]:
-    return C.question_records(probs, labels, [len(r["choices"]) for r in records],
-                              [r.get("id", str(i + 1)) for i, r in enumerate(records)])
+def evaluation_entry(eval_sets: dict, name: str, mode: str, n_networks: int, probs, labels, cell: dict,
+                     **run) -> dict:
+    """One (set, mode) entry of results.json, logged: the metrics of ``probs``, ``run``'s facts, the evaluation's
+    cell and every question's probabilities."""
+    report, (records, where) = C.evaluate(probs, labels), eval_sets[name]
+    entry = {"eval_set": name, "shift": "in-distribution" if name == next(iter(eval_sets)) else "ood",
+             "where": where, "mode": mode, "eval_samples": n_networks, **run, **report}
+    entry["cell"] = evaluation_cell(cell, entry)
+    entry["questions"] = C.question_records(probs, labels, [len(r["choices"]) for r in records],
+                                            [r.get("id", str(i + 1)) for i, r in enumerate(records)])
+    count = f"M={n_networks}" if mode == "ensemble" else f"N={n_networks}"
+    cli.logger.info("%s %s (%s): accuracy %.4f, ECE %.4f, NLL %.4f, Brier %.4f", name, mode, count,
+                    report["accuracy"], report["ece"], report["nll"], report["brier"])
+    return entry
 
 
 def evaluate_sets(peft_model, tokenizer, letter_ids, eval_sets: dict, settings: schema.McqRun,
@@ -252,7 +263,7 @@ def evaluate_sets(peft_model, tokenizer, letter_ids, eval_sets: dict, settings: 
     device = next(peft_model.parameters()).device
     head = C.LetterHead(peft_model, letter_ids).to(device)
     entries = []
-    for index, (name, (records, where)) in enumerate(eval_sets.items()):
+    for name, (records, _) in eval_sets.items():
         encoded = [encode_question(tokenizer, r, settings.max_length) for r in records]
         batches = C.batches(encoded, settings.per_device_eval_batch_size, tokenizer.pad_token_id, device)
         reports = {}
@@ -265,17 +276,11 @@ def evaluate_sets(peft_model, tokenizer, letter_ids, eval_sets: dict, settings: 
             with training.outside_training_autocast(peft_model):
                 probs, labels = C.predict(head, batches, mode, n_networks,
                                           seed=settings.seed if mode == "mc" else None, batched=batched)
-            report = C.evaluate(probs, labels)
-            reports[f"{name} {mode}" + (f" N={n_networks}" if mode in C.SAMPLED_MODES else "")] = report
-            entries.append({"eval_set": name, "shift": "in-distribution" if index == 0 else "ood", "where": where,
-                            "mode": mode, "eval_samples": n_networks, "method": method, "seed": settings.seed,
-                            "noise_width": noise_width_in_use(peft_model), "mc_batched": batched,
-                            "K": settings.K, "backbone": settings.backbone, "wall_time_s": time.time() - started,
-                            **report})
-            entries[-1]["cell"] = evaluation_cell(cell, entries[-1])
-            entries[-1]["questions"] = question_entries(probs, labels, records)
-            cli.logger.info("%s %s (N=%d): accuracy %.4f, ECE %.4f, NLL %.4f, Brier %.4f", name, mode, n_networks,
-                          report["accuracy"], report["ece"], report["nll"], report["brier"])
+            entries.append(evaluation_entry(
+                eval_sets, name, mode, n_networks, probs, labels, cell, method=method, seed=settings.seed,
+                noise_width=noise_width_in_use(peft_model), mc_batched=batched, K=settings.K,
+                backbone=settings.backbone, wall_time_s=time.time() - started))
+            reports[f"{name} {mode}" + (f" N={n_networks}" if mode in C.SAMPLED_MODES else "")] = entries[-1]
         if output_dir is not None:
             C.plot_reliability(output_dir / f"reliability-{name}.png", reports)
     return entries

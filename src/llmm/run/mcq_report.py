@@ -29,8 +29,9 @@ def row_label(cell: dict, extra: list[str]) -> str:
     if cell["method"] == "ensemble":
         text = f"ensemble {cell['backbone']} K{cell['K']} M={cell['eval_samples']}"
     else:
-        text = f"{cell.get('variant') or cell['method']} {cell['backbone']} K{cell['K']} {cell['eval_mode']}"
-        text += f" N={cell['eval_samples']}" if cell["eval_mode"] in SAMPLED_MODES else ""
+        text = f"{cell.get('variant') or cell['method']} {cell['backbone']} K{cell['K']}"
+        mode = cell.get("eval_mode")  # None: a trained run's cell (the width table)
+        text += (f" {mode}" if mode else "") + (f" N={cell['eval_samples']}" if mode in SAMPLED_MODES else "")
     named = [stats.label_part(cell, name) for name in extra]
     return text + (f" ({', '.join(named)})" if named else "")
 
@@ -258,9 +259,7 @@ def width_table(widths: list[dict]) -> list[str]:
     texts: dict[str, dict[str, str]] = {}
     for group in groups.values():
         cell, finals = group["cell"], list(group["runs"].values())
-        label = f"{cell.get('variant') or cell['method']} {cell['backbone']} K{cell['K']}"
-        label += f" ({', '.join(stats.label_part(cell, name) for name in extra)})" if extra else ""
-        texts.setdefault(label, {})[cell["task"]] = " / ".join(
+        texts.setdefault(row_label(cell, extra), {})[cell["task"]] = " / ".join(
             stats.format_summary(stats.summarize([r["final"][factor]["median"] for r in finals]), 3)
             if all(r["final"].get(factor) for r in finals) else "-" for factor in ("A", "B"))
     out = ["### Width of the learned distribution at the end of training "

@@ -11,8 +11,8 @@ from accelerate import PartialState
 
 from llmm import load_llmm_model, outdirs
 from llmm.run import adapters, causal_lm, cli, fileio, schema, tables
-from llmm.run.mcq import (BLOCKS, TABLE, eval_precision, evaluate_sets, evaluation_cell, load_all,
-                          question_entries, run_cell, search_noise_width)
+from llmm.run.mcq import (BLOCKS, TABLE, eval_precision, evaluate_sets, evaluation_entry, load_all, run_cell,
+                          search_noise_width)
 from llmm.run.width_search import RULES, apply_noise_width
 from llmm.tasks import calibration as C
 from llmm.tasks.mcq import encode_question, letter_token_ids
@@ -160,17 +160,11 @@ def ensemble(members: list[dict], eval_sets: dict, output_dir: Path) -> list[dic
     data_seeds = sorted({settings.cell.get("data_seed") for settings in members}, key=str)
     cell = {**first.cell, "method": "ensemble", "member_method": first.method,
             "data_seed": data_seeds[0] if len(data_seeds) == 1 else "+".join(map(str, data_seeds))}
-    for index, (name, (records, where)) in enumerate(eval_sets.items()):
-        probs = sums[name] / len(members)
-        report = C.evaluate(probs, labels[name])
-        entries.append({"eval_set": name, "shift": "in-distribution" if index == 0 else "ood", "where": where,
-                        "mode": "ensemble", "eval_samples": len(members), "method": "ensemble", "seed": seeds,
-                        "K": first.K, "backbone": first.backbone, "wall_time_s": seconds[name], **report})
-        entries[-1]["cell"] = evaluation_cell(cell, entries[-1])
-        entries[-1]["questions"] = question_entries(probs, labels[name], records)
-        cli.logger.info("%s ensemble (M=%d): accuracy %.4f, ECE %.4f, NLL %.4f, Brier %.4f", name, len(members),
-                      report["accuracy"], report["ece"], report["nll"], report["brier"])
-        C.plot_reliability(output_dir / f"reliability-{name}.png", {f"{name} ensemble M={len(members)}": report})
+    for name in eval_sets:
+        entries.append(evaluation_entry(eval_sets, name, "ensemble", len(members), sums[name] / len(members),
+                                        labels[name], cell, method="ensemble", seed=seeds, K=first.K,
+                                        backbone=first.backbone, wall_time_s=seconds[name]))
+        C.plot_reliability(output_dir / f"reliability-{name}.png", {f"{name} ensemble M={len(members)}": entries[-1]})
     return entries
 
 
