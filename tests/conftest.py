@@ -1,10 +1,13 @@
 """Shared fixtures: tiny models built in memory from a config, no network."""
 
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the hub; set before transformers loads
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# The shell drivers run `python`: this interpreter's, also when pytest is run from a shell without the venv activated.
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
 
 import pytest
 import torch

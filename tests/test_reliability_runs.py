@@ -200,7 +200,7 @@ def test_train_mcq_sh_refuses_one_output_dir_for_every_run(tmp_path):
     launch = tmp_path / "launch"
     launch.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'launched'}\n")
     launch.chmod(0o755)
-    env = {**ENV, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}", "TASKS": "arc_e", "METHODS": "map llmm", "SEEDS": "1", "LAUNCH": str(launch),
+    env = {**ENV, "TASKS": "arc_e", "METHODS": "map llmm", "SEEDS": "1", "LAUNCH": str(launch),
            "OUT": str(tmp_path / "runs")}
     done = subprocess.run(["bash", str(REPO_ROOT / "train_mcq.sh"), "--output_dir", str(tmp_path / "x")], env=env,
                           capture_output=True, text=True, cwd=tmp_path)
