@@ -16,11 +16,13 @@ def llmm_config(settings: schema.Settings, target_modules: list[str], **extra):
 
     from llmm import LlmmConfig
 
-    loftq = dict(init_lora_weights="loftq",
-                 loftq_config=LoftQConfig(loftq_bits=settings.bits, loftq_iter=settings.loftq_iter),
-                 loftq_method=settings.quant, loftq_compensate_scaling=settings.compensate_scaling,
-                 **{name: settings[name] for name in ("loftq_svd", "loftq_svd_oversampling", "loftq_svd_iters")
-                    if name in settings}) if settings.init == "loftq" else {}  # loftq_svd*: LlmmConfig's names
+    loftq = {}
+    if settings.init == "loftq":
+        loftq = dict(init_lora_weights="loftq",
+                     loftq_config=LoftQConfig(loftq_bits=settings.bits, loftq_iter=settings.loftq_iter),
+                     loftq_method=settings.quant, loftq_compensate_scaling=settings.compensate_scaling,
+                     **{name: settings[name] for name in ("loftq_svd", "loftq_svd_oversampling", "loftq_svd_iters")
+                        if name in settings})  # the tables use LlmmConfig's names for these
     return LlmmConfig(
         r=settings.rank, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
         target_modules=target_modules, k=settings.K, scale=settings.llmmscale,

@@ -36,7 +36,7 @@ def noise_width_in_use(model) -> float:
     return float(getattr(model.peft_config["default"], "noise_width", 1.0)) if hasattr(model, "peft_config") else 1.0
 
 
-def search_width(model, validation_nll, settings, where: str = "") -> dict:
+def search_width(model, validation_nll, settings, where: str = "on the validation data") -> dict:
     """Run both rules on ``validation_nll``, apply the m that ``settings.noise_width_search`` (tfb or nll) names, log
     both (``where``: the validation data, as the log names it), and return the record for results.json."""
     rule, started = settings.noise_width_search, time.time()
