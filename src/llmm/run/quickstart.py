@@ -3,6 +3,7 @@ and paired differences, curves. The command's docstring (scripts/quickstart.py) 
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import statistics
@@ -11,12 +12,15 @@ from pathlib import Path
 
 from llmm import outdirs, stats
 from llmm.run import adapters, cli, fileio, schema, tables
+from llmm.run.trainer import read_json_or_none
 from llmm.tasks.glue import get_task
 from llmm.run import glue as train_glue
 from llmm.tasks import bbcnews
 
 TABLE = tables.CONFIGS / "quickstart.yaml"
 COLUMNS = {"accuracy": "accuracy", "f1_macro": "macro-F1", "nll": "NLL", "ece": "ECE"}
+# What --skip_if_complete lets differ from the quick start in --output_dir: which runs there are, and the table.
+ADDABLE = ("methods", "seeds", "comparisons", "output_dir", "overwrite", "skip_if_complete")
 
 
 def default_model() -> str:
@@ -36,13 +40,34 @@ def parse_args(argv) -> schema.QuickstartRun:
     cli.add_output_flags(parser, required=False, default=table["output_dir"])
     flags = ("model", "corpus_dir", "methods", "seeds", "max_steps")
     schema.add_flags(parser, [schema.QuickstartRun], only=flags)
+    parser.add_argument("--skip_if_complete", action="store_true", default=None,
+                        help="keep the complete runs of the quick start in --output_dir (its split and settings must "
+                             "be these) and run only the methods and seeds it lacks; the table covers them all")
     args = parser.parse_args(argv)
+    if args.overwrite and args.skip_if_complete:
+        raise ValueError("--overwrite replaces --output_dir, --skip_if_complete keeps its complete runs: pass one")
     settings = schema.QuickstartRun.of({**table, **{k: v for k, v in vars(args).items() if v is not None}})
     adapters.check_settings(settings)  # --seeds, --max_steps and the table's numbers, before anything is written
     if len(set(settings.methods)) != len(settings.methods):
         raise ValueError(f"--methods {' '.join(settings.methods)} names a method twice: name each once")
     settings.comparisons = [pair for pair in settings.comparisons if set(pair) <= set(settings.methods)]
     return settings
+
+
+def check_same_quickstart(out: Path, settings, prepared: dict) -> None:
+    """--skip_if_complete: raise unless ``out`` holds a quick start of ``settings`` (ADDABLE aside) on this split."""
+    saved = read_json_or_none(out / "settings.json") or (read_json_or_none(out / "results.json") or {}).get("settings")
+    if not isinstance(saved, dict) or not (out / "data").is_dir():
+        raise FileExistsError(f"--output_dir {str(out)!r} holds no quick start (settings.json and data/) to add runs "
+                              "to: pass --overwrite to replace it, or another --output_dir")
+    now = settings.record()
+    for name in sorted({*saved, *now} - set(ADDABLE)):
+        if saved.get(name) != now.get(name):
+            raise ValueError(f"--output_dir {str(out)!r} holds a quick start with {name} {saved.get(name)!r}, not "
+                             f"{now.get(name)!r}: pass the same, --overwrite to replace it, or another --output_dir")
+    if not bbcnews.holds_split(out / "data", prepared):
+        raise ValueError(f"{str(out / 'data')!r} holds another split of the corpus (has the corpus changed?): pass "
+                         "--overwrite to replace the quick start, or another --output_dir")
 
 
 def last_test_scores(results: dict) -> dict:
@@ -102,9 +127,17 @@ def main(argv=None) -> dict:
         raise ValueError(f"the corpus has classes {classes}, the bbcnews task expects {expected}: pass the BBC News "
                          "corpus as --corpus_dir (one sub-folder per class)")
     prepared = bbcnews.split_corpus(corpus, settings.split_seed, settings.dev_fraction, settings.test_fraction)
-    out = outdirs.prepare_output_dir(settings.output_dir, overwrite=settings.get("overwrite", False))
+    out, keep = Path(settings.output_dir), False
+    if settings.get("skip_if_complete") and out.is_dir() and any(out.iterdir()):
+        check_same_quickstart(out, settings, prepared)
+        keep = True
+    outdirs.prepare_output_dir(out, overwrite=settings.get("overwrite", False), resume=keep)
     data = out / "data"
-    bbcnews.write_split(data, prepared)
+    if keep:
+        check_same_quickstart(out, settings, prepared)  # again, now that no other process can change it
+    else:
+        bbcnews.write_split(data, prepared)
+    fileio.write_json(out / "settings.json", settings.record())
     runs: dict[str, dict[int, dict]] = {method: {} for method in settings.methods}
     for seed in range(settings.seeds):
         for method in settings.methods:
@@ -117,7 +150,10 @@ def main(argv=None) -> dict:
                         "--output_dir", str(out / f"{method}-seed{seed}")]
             if settings.max_steps is not None:  # a shorter run still evaluates (and logs) once, at its last step
                 argv_run += ["--max_steps", str(settings.max_steps), "--eval_steps", str(settings.max_steps)]
-            runs[method][seed] = train_glue.train(argv_run)
+            if keep:  # a complete run is kept; an interrupted one (llmm's, inside this quick start) trained afresh
+                argv_run += ["--skip_if_complete", "--overwrite"]
+            runs[method][seed] = (train_glue.train(argv_run)
+                                  or json.loads((out / f"{method}-seed{seed}" / "results.json").read_text()))
     summary, table = summarize(runs, settings.comparisons)
     wall = time.time() - started
     header = (f"BBC News test split, {settings.quant} {settings.bits}-bit (lora: 16-bit), rank "

@@ -116,7 +116,6 @@ class Recipe:
         self.resumed_from = checkpoint
         if checkpoint:
             training.check_checkpoint(checkpoint, settings)
-            training.logger.info("resuming from %s", checkpoint)
             run = training.checkpoint_run(checkpoint, self.output_dir)  # its own run, or the run it came from
             training.check_resumable(run, settings, self.blocks)  # before settings.json is rewritten
         self.check_output(resume=checkpoint is not None)
@@ -139,6 +138,9 @@ class Recipe:
             held = sum(map(len, held_out.values())) if isinstance(held_out, dict) else len(held_out or ())
             training.logger.info("training on %d examples, evaluating on %d; every setting in %s", len(train_set),
                                  held, self.output_dir / "settings.json")
+            if checkpoint:  # said after the model's load, whose fresh task head the checkpoint replaces
+                training.logger.info("resuming from %s: its adapter (a task head too), optimizer, scheduler and random "
+                                     "states replace the fresh ones", checkpoint)
         outcome = trainer.train(resume_from_checkpoint=checkpoint)
         self.after_training(trainer, model, tokenizer)
         if self.sharding == "FSDP":  # a collective: every process takes part, the main process saves the result

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import io
 from pathlib import Path
 
 from sklearn.model_selection import train_test_split
@@ -72,12 +73,28 @@ def split_corpus(corpus_dir: Path | None = None, seed: int = 0, dev_fraction: fl
             "documents": len(examples) + dropped, "duplicates_dropped": dropped, "seed": seed}
 
 
+def split_files(prepared: dict) -> dict[str, str]:
+    """{"train.csv": text, "dev.csv": ..., "test.csv": ...} of a split_corpus result."""
+    files = {}
+    for name, rows in prepared["splits"].items():
+        text = io.StringIO()
+        csv.writer(text).writerows([("sentence", "label"), *rows])
+        files[f"{name}.csv"] = text.getvalue()
+    return files
+
+
+def holds_split(out_dir: Path, prepared: dict) -> bool:
+    """Whether ``out_dir`` holds exactly the CSV files write_split would write for ``prepared``."""
+    return all((out_dir / name).is_file() and (out_dir / name).read_bytes() == text.encode("utf-8")
+               for name, text in split_files(prepared).items())
+
+
 def write_split(out_dir: Path, prepared: dict) -> dict:
     """train.csv, dev.csv, test.csv, labels.json and prepare_report.json (returned) of a split_corpus result."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    for name, rows in prepared["splits"].items():
-        with open(out_dir / f"{name}.csv", "w", newline="", encoding="utf-8") as handle:
-            csv.writer(handle).writerows([("sentence", "label"), *rows])
+    for name, text in split_files(prepared).items():
+        with open(out_dir / name, "w", newline="", encoding="utf-8") as handle:
+            handle.write(text)
     fileio.write_json(out_dir / "labels.json", dict(enumerate(prepared["classes"])))
     report = {**{key: value for key, value in prepared.items() if key != "splits"},
               "sizes": {name: len(rows) for name, rows in prepared["splits"].items()}}
