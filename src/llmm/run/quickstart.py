@@ -12,7 +12,7 @@ from pathlib import Path
 
 from llmm import outdirs, stats
 from llmm.run import adapters, cli, fileio, schema, tables
-from llmm.run.trainer import read_json_or_none
+from llmm.run.trainer import first_difference, read_json_or_none
 from llmm.tasks.glue import get_task
 from llmm.run import glue as train_glue
 from llmm.tasks import bbcnews
@@ -61,10 +61,11 @@ def check_same_quickstart(out: Path, settings, prepared: dict) -> None:
         raise FileExistsError(f"--output_dir {str(out)!r} holds no quick start (settings.json and data/) to add runs "
                               "to: pass --overwrite to replace it, or another --output_dir")
     now = settings.record()
-    for name in sorted({*saved, *now} - set(ADDABLE)):
-        if saved.get(name) != now.get(name):
-            raise ValueError(f"--output_dir {str(out)!r} holds a quick start with {name} {saved.get(name)!r}, not "
-                             f"{now.get(name)!r}: pass the same, --overwrite to replace it, or another --output_dir")
+    difference = first_difference(saved, now, {*saved, *now} - set(ADDABLE), [schema.QuickstartRun])
+    if difference:
+        name, value, asked = difference
+        raise ValueError(f"--output_dir {str(out)!r} holds a quick start with {name} {value!r}, not {asked!r}: pass "
+                         "the same, --overwrite to replace it, or another --output_dir")
     if not bbcnews.holds_split(out / "data", prepared):
         raise ValueError(f"{str(out / 'data')!r} holds another split of the corpus (has the corpus changed?): pass "
                          "--overwrite to replace the quick start, or another --output_dir")
