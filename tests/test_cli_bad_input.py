@@ -347,6 +347,8 @@ CASES = [
      r"lacks field\(s\) \['chosen'\]", r"records need"),
     ("gsm8k-llmm-K0", "train_gsm8k", [*GSM8K, "--K", "0"], r"--method llmm with K = 0 is the --method qlora run",
      r"use --method qlora, or K > 0"),
+    ("gsm8k-qlora-unquantized", "train_gsm8k", [*GSM8K, "--method", "qlora"],  # GSM8K: --load_in_4bit false
+     r"--method qlora is LoRA on the NF4-quantized checkpoint.*float32, unquantized", r"drop --load_in_4bit false"),
     ("nlg-method-K", "train_nlg", [*NLG, "--method", "loftq", "--K", "2"], r"--method loftq trains plain LoRA factors",
      r"drop --K or use --method llmm"),
     ("nlg-qlora-init-dir", "train_nlg", [*NLG, "--method", "qlora", "--init", "lora", "--model_name_or_path",
@@ -429,6 +431,8 @@ CASES = [
                                                  "{w}/new"], r"methods = \['dora'\] is out of range", r"one of"),
     ("quickstart-method-twice", "quickstart", ["--model", "{w}/deberta", "--methods", "llmm", "llmm",
                                                "--output_dir", "{w}/new"], r"names a method twice", r"name each once"),
+    ("quickstart-used-output", "quickstart", ["--model", "{w}/deberta", "--output_dir", "{w}/used"],
+     r"output directory .*used' exists and is not empty", r"--overwrite \(replace it\) / --skip_if_complete"),
     ("quickstart-corpus-is-output", "quickstart", ["--model", "{w}/deberta", "--corpus_dir", "{w}/bbc_out",
                                                    "--output_dir", "{w}/bbc_out", "--overwrite"],
      r"--output_dir .*bbc_out' is --corpus_dir", r"outside its inputs"),

@@ -69,19 +69,29 @@ def test_quickstart_smoke(tmp_path):
         eval_glue.main([str(out / "llmm-seed0"), "--output", str(tmp_path / "again.json")])
 
 
-def test_skip_if_complete_adds_seeds_and_keeps_complete_runs(tmp_path):
-    """A second seed added to a finished quick start trains that seed only; the table is a fresh two-seed run's."""
+def test_skip_if_complete_adds_seeds_and_methods_keeping_complete_runs(tmp_path, monkeypatch):
+    """A seed and a method added to a finished quick start train only the missing runs; the table is then a fresh
+    run's of all of them. The first run names its inputs relatively, the second from elsewhere, absolutely."""
     corpus, model = tiny_corpus_and_model(tmp_path)
-    flags = ["--model", str(model), "--corpus_dir", str(corpus), "--methods", "llmm", "--max_steps", "2"]
     out = tmp_path / "quickstart"
-    quickstart.main([*flags, "--seeds", "1", "--output_dir", str(out)])
+    monkeypatch.chdir(tmp_path)
+    quickstart.main(["--model", model.name, "--corpus_dir", corpus.name, "--max_steps", "2", "--methods", "llmm",
+                     "--seeds", "1", "--output_dir", out.name])
+    assert json.loads((out / "settings.json").read_text())["corpus_dir"] == str(corpus.resolve())
     kept = out / "llmm-seed0" / "results.json"
     before = (kept.read_bytes(), kept.stat().st_mtime_ns, (out / "data" / "train.csv").stat().st_mtime_ns)
-    added = quickstart.main([*flags, "--seeds", "2", "--output_dir", str(out), "--skip_if_complete"])
+    monkeypatch.chdir(corpus)
+    flags = ["--model", str(model), "--corpus_dir", str(corpus), "--max_steps", "2"]
+    with pytest.raises(FileExistsError, match="pass --overwrite .replace it. / --skip_if_complete .add the runs"):
+        quickstart.main([*flags, "--methods", "loftq", "--seeds", "2", "--output_dir", str(out)])
+    added = quickstart.main([*flags, "--methods", "loftq", "--seeds", "2", "--output_dir", str(out),
+                             "--skip_if_complete"])
     assert (kept.read_bytes(), kept.stat().st_mtime_ns, (out / "data" / "train.csv").stat().st_mtime_ns) == before
-    assert (out / "llmm-seed1" / "results.json").is_file()
-    fresh = quickstart.main([*flags, "--seeds", "2", "--output_dir", str(tmp_path / "fresh")])
-    assert added["runs"] == fresh["runs"] and added["summary"] == fresh["summary"]
+    runs = sorted(path.name for path in out.glob("*-seed*") if path.is_dir())
+    assert runs == ["llmm-seed0", "llmm-seed1", "loftq-seed0", "loftq-seed1"]
+    fresh = quickstart.main([*flags, "--methods", "llmm", "loftq", "--seeds", "2", "--output_dir",
+                             str(tmp_path / "fresh")])
+    assert added["runs"] == fresh["runs"] and added["summary"] == fresh["summary"]  # paired llmm - loftq included
     assert json.loads((out / "results.json").read_text())["table"] == fresh["table"]
 
     results = (out / "results.json").read_bytes()

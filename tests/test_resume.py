@@ -104,7 +104,7 @@ def test_glue_resume_mid_epoch_reproduces_the_uninterrupted_run(model_dir, tmp_p
                                   "--resume_from_checkpoint"))
     said = [record.getMessage() for record in caplog.records]
     loaded = next(i for i, line in enumerate(said) if line.startswith("training on "))  # after the model's load
-    assert said[loaded + 1].startswith(f"resuming from {resumed / 'checkpoint-3'}: its adapter (a task head too)")
+    assert said[loaded + 1].startswith(f"resuming from {resumed / 'checkpoint-3'}: its trained weights")
 
     results = [json.loads((run / "results.json").read_text()) for run in (full, resumed)]
     assert all(r["complete"] for r in results)

@@ -140,6 +140,9 @@ def parse_settings(table: dict, argv=None, description: str = "", task_columns: 
         raise ValueError(f"eval_size must be >= 1 for eval_split heldout, got {settings.eval_size}")
     check_width_search(settings)
     adapters.check_flags_apply(settings, adapters.given_flags(args, table["keys"]))
+    if method == "qlora" and not settings.load_in_4bit:
+        raise ValueError(f"--method qlora is LoRA on the NF4-quantized checkpoint, and --load_in_4bit false would "
+                         f"train it in {settings.dtype}, unquantized: drop --load_in_4bit false")
     return settings
 
 

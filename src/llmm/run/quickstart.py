@@ -42,7 +42,7 @@ def parse_args(argv) -> schema.QuickstartRun:
     schema.add_flags(parser, [schema.QuickstartRun], only=flags)
     parser.add_argument("--skip_if_complete", action="store_true", default=None,
                         help="keep the complete runs of the quick start in --output_dir (its split and settings must "
-                             "be these) and run only the methods and seeds it lacks; the table covers them all")
+                             "be these) and run only the methods and seeds it lacks; the table covers its runs and these")
     args = parser.parse_args(argv)
     if args.overwrite and args.skip_if_complete:
         raise ValueError("--overwrite replaces --output_dir, --skip_if_complete keeps its complete runs: pass one")
@@ -50,16 +50,17 @@ def parse_args(argv) -> schema.QuickstartRun:
     adapters.check_settings(settings)  # --seeds, --max_steps and the table's numbers, before anything is written
     if len(set(settings.methods)) != len(settings.methods):
         raise ValueError(f"--methods {' '.join(settings.methods)} names a method twice: name each once")
-    settings.comparisons = [pair for pair in settings.comparisons if set(pair) <= set(settings.methods)]
     return settings
 
 
-def check_same_quickstart(out: Path, settings, prepared: dict) -> None:
-    """--skip_if_complete: raise unless ``out`` holds a quick start of ``settings`` (ADDABLE aside) on this split."""
+def check_same_quickstart(out: Path, settings, prepared: dict) -> dict:
+    """--skip_if_complete: the settings of the quick start in ``out``; raise unless they are ``settings`` (ADDABLE
+    aside) and its data/ is this split."""
     saved = read_json_or_none(out / "settings.json") or (read_json_or_none(out / "results.json") or {}).get("settings")
     if not isinstance(saved, dict) or not (out / "data").is_dir():
         raise FileExistsError(f"--output_dir {str(out)!r} holds no quick start (settings.json and data/) to add runs "
                               "to: pass --overwrite to replace it, or another --output_dir")
+    saved["model"] = saved.get("model") or default_model()  # recorded as null before the default was resolved
     now = settings.record()
     difference = first_difference(saved, now, {*saved, *now} - set(ADDABLE), [schema.QuickstartRun])
     if difference:
@@ -69,6 +70,7 @@ def check_same_quickstart(out: Path, settings, prepared: dict) -> None:
     if not bbcnews.holds_split(out / "data", prepared):
         raise ValueError(f"{str(out / 'data')!r} holds another split of the corpus (has the corpus changed?): pass "
                          "--overwrite to replace the quick start, or another --output_dir")
+    return saved
 
 
 def last_test_scores(results: dict) -> dict:
@@ -117,28 +119,37 @@ def plot(runs: dict[str, dict[int, dict]], path: Path) -> None:
 def main(argv=None) -> dict:
     started = time.time()
     settings = parse_args(argv)
-    model = settings.get("model") or default_model()
+    model = settings.model = settings.get("model") or default_model()
     fileio.check_model_path(model)  # before anything is written
     fileio.check_data_paths(corpus_dir=settings.get("corpus_dir"))
     outdirs.check_outputs_apart({"--output_dir": settings.output_dir},
                                 {"--model": model, "--corpus_dir": settings.get("corpus_dir")})
+    out = Path(settings.output_dir)
+    keep = bool(settings.get("skip_if_complete")) and out.is_dir() and any(out.iterdir())  # add runs to it
+    if not keep and out.is_dir() and any(out.iterdir()) and not settings.get("overwrite"):
+        raise FileExistsError(f"output directory {str(out)!r} exists and is not empty: choose another, or pass "
+                              "--overwrite (replace it) / --skip_if_complete (add the runs it lacks)")
     corpus = Path(settings.corpus_dir) if settings.get("corpus_dir") else bbcnews.default_corpus_dir()
     classes, expected = bbcnews.corpus_classes(corpus), list(get_task("bbcnews").label_names)
     if classes != expected:
         raise ValueError(f"the corpus has classes {classes}, the bbcnews task expects {expected}: pass the BBC News "
                          "corpus as --corpus_dir (one sub-folder per class)")
     prepared = bbcnews.split_corpus(corpus, settings.split_seed, settings.dev_fraction, settings.test_fraction)
-    out, keep = Path(settings.output_dir), False
-    if settings.get("skip_if_complete") and out.is_dir() and any(out.iterdir()):
-        check_same_quickstart(out, settings, prepared)
-        keep = True
+    if keep:
+        saved = check_same_quickstart(out, settings, prepared)
+        settings.methods = [*saved["methods"], *(m for m in settings.methods if m not in saved["methods"])]
+        settings.seeds = max(saved["seeds"], settings.seeds)  # the table covers the kept runs and the added ones
+        cli.logger.info("keeping the complete runs in %s; the table covers %s on seeds 0-%d", out,
+                        ", ".join(settings.methods), settings.seeds - 1)
+    settings.comparisons = [pair for pair in settings.comparisons if set(pair) <= set(settings.methods)]
     outdirs.prepare_output_dir(out, overwrite=settings.get("overwrite", False), resume=keep)
     data = out / "data"
     if keep:
         check_same_quickstart(out, settings, prepared)  # again, now that no other process can change it
     else:
         bbcnews.write_split(data, prepared)
-    fileio.write_json(out / "settings.json", settings.record())
+    record = fileio.real_inputs(settings.record(), [schema.QuickstartRun])  # local inputs as real paths
+    fileio.write_json(out / "settings.json", record)
     runs: dict[str, dict[int, dict]] = {method: {} for method in settings.methods}
     for seed in range(settings.seeds):
         for method in settings.methods:
@@ -159,10 +170,10 @@ def main(argv=None) -> dict:
     wall = time.time() - started
     header = (f"BBC News test split, {settings.quant} {settings.bits}-bit (lora: 16-bit), rank "
               f"{settings.rank}, {settings.seeds} seeds; {platform.machine()}, {os.cpu_count()} CPU cores, "
-              f"{wall / 60:.1f} min")
+              f"{wall / 60:.1f} min{' (this call; the complete runs were kept)' * keep}")
     fileio.write_text(out / "table.md", f"{header}\n\n{table}\n")
     plot(runs, out / "curves.png")
-    results = {"settings": settings.record(), "versions": fileio.versions(), "wall_time_s": wall, "summary": summary,
+    results = {"settings": record, "versions": fileio.versions(), "wall_time_s": wall, "summary": summary,
                "runs": {m: {s: last_test_scores(r) for s, r in by_seed.items()} for m, by_seed in runs.items()},
                "table": table}
     fileio.write_json(out / "results.json", fileio.finite_or_null(results))  # one seed: sd null, not NaN

@@ -139,8 +139,8 @@ class Recipe:
             training.logger.info("training on %d examples, evaluating on %d; every setting in %s", len(train_set),
                                  held, self.output_dir / "settings.json")
             if checkpoint:  # said after the model's load, whose fresh task head the checkpoint replaces
-                training.logger.info("resuming from %s: its adapter (a task head too), optimizer, scheduler and random "
-                                     "states replace the fresh ones", checkpoint)
+                training.logger.info("resuming from %s: its trained weights, optimizer, scheduler and random states "
+                                     "replace the freshly initialised ones", checkpoint)
         outcome = trainer.train(resume_from_checkpoint=checkpoint)
         self.after_training(trainer, model, tokenizer)
         if self.sharding == "FSDP":  # a collective: every process takes part, the main process saves the result
