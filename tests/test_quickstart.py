@@ -91,6 +91,7 @@ def test_skip_if_complete_adds_seeds_and_methods_keeping_complete_runs(tmp_path,
                              str(tmp_path / "fresh")])
     assert added["runs"] == fresh["runs"] and added["summary"] == fresh["summary"]  # paired llmm - loftq included
     assert json.loads((out / "results.json").read_text())["table"] == fresh["table"]
+    assert "min (this call; 1 of 4 runs kept from before)" in (out / "table.md").read_text().splitlines()[0]
     assert sorted(path.name for path in out.glob("*-seed*") if path.is_dir()) == [
         "llmm-seed0", "llmm-seed1", "loftq-seed0", "loftq-seed1"]
 

@@ -173,8 +173,8 @@ def main(argv=None) -> dict:
     kept = {key for key, argv_run in argvs.items()
             if keep and train_glue.GlueRecipe(*train_glue.resolve(argv_run)).done_already()}
     if keep:
-        cli.logger.info("keeping %d complete runs in %s, training %d; the table covers %s on seeds 0-%d", len(kept),
-                        out, len(argvs) - len(kept), ", ".join(settings.methods), settings.seeds - 1)
+        cli.logger.info("%s: keeping %d of %d runs (complete), training %d; the table covers %s on seeds 0-%d", out,
+                        len(kept), len(argvs), len(argvs) - len(kept), ", ".join(settings.methods), settings.seeds - 1)
     outdirs.prepare_output_dir(out, overwrite=settings.get("overwrite", False), resume=keep)
     if not keep:
         bbcnews.write_split(data, prepared)
@@ -189,9 +189,10 @@ def main(argv=None) -> dict:
             runs[method][seed] = train_glue.train(argv_run)
     summary, table = summarize(runs, settings.comparisons)
     wall = time.time() - started
-    header = (f"BBC News test split, {settings.quant} {settings.bits}-bit (lora: 16-bit), rank "
-              f"{settings.rank}, {settings.seeds} seeds; {platform.machine()}, {os.cpu_count()} CPU cores, "
-              f"{wall / 60:.1f} min" + (f" (this call; {len(kept)} complete runs kept)" if kept else ""))
+    header = (f"BBC News test split, {settings.quant} {settings.bits}-bit (lora: 16-bit), rank {settings.rank}, "
+              f"{settings.seeds} seeds; {platform.machine()}, {os.cpu_count()} CPU cores, {wall / 60:.1f} min")
+    if kept:
+        header += f" (this call; {len(kept)} of {len(argvs)} runs kept from before)"
     fileio.write_text(out / "table.md", f"{header}\n\n{table}\n")
     plot(runs, out / "curves.png")
     results = {"settings": record, "versions": fileio.versions(), "wall_time_s": wall, "summary": summary,
