@@ -94,6 +94,14 @@ def test_skip_if_complete_adds_seeds_and_methods_keeping_complete_runs(tmp_path,
     assert "min (this call; 1 of 4 runs kept from before)" in (out / "table.md").read_text().splitlines()[0]
     assert sorted(path.name for path in out.glob("*-seed*") if path.is_dir()) == [
         "llmm-seed0", "llmm-seed1", "loftq-seed0", "loftq-seed1"]
+    unfinished = out / "llmm-seed2"  # an interrupted run's directory, where the user put notes: not replaceable
+    unfinished.mkdir()
+    (unfinished / "results.json").write_text('{"complete": false}')
+    (unfinished / "notes.txt").write_text("mine")
+    settings = (out / "settings.json").read_bytes()
+    with pytest.raises(FileExistsError, match="refusing to replace .*llmm-seed2' .--overwrite.: it holds 'notes.txt'"):
+        quickstart.main([*flags, "--seeds", "3", "--output_dir", str(out), "--skip_if_complete"])
+    assert (out / "settings.json").read_bytes() == settings and not (out / "loftq-seed2").exists()
 
 
 def test_skip_if_complete_finishes_an_interrupted_quick_start_of_before(tmp_path, monkeypatch):
@@ -111,7 +119,7 @@ def test_skip_if_complete_finishes_an_interrupted_quick_start_of_before(tmp_path
     interrupted = out / "loftq-seed1" / "results.json"
     interrupted.write_text(json.dumps({**json.loads(interrupted.read_text()), "complete": False}))
     kept = {path: path.stat().st_mtime_ns for path in out.glob("*-seed*/adapter/adapter_model.safetensors")}
-    again = quickstart.main([*flags, "--seeds", "1", "--skip_if_complete"])  # configs' 4 methods, 1 seed: not added
+    again = quickstart.main([*flags, "--skip_if_complete"])  # the configs' 4 methods and 4 seeds: not added
     assert again["runs"] == first["runs"] and again["settings"]["seeds"] == 2
     assert sorted(path.name for path in out.glob("*-seed*") if path.is_dir()) == [
         "llmm-seed0", "llmm-seed1", "loftq-seed0", "loftq-seed1"]
@@ -128,7 +136,8 @@ def test_skip_if_complete_refuses_another_quick_start_before_writing(tmp_path):
     written = {name: (out / name).read_bytes() for name in ("settings.json", "results.json")}
     with pytest.raises(ValueError, match="llmm-seed0' is a complete run made with train_file="):
         quickstart.main([*flags, "--seeds", "2", "--output_dir", str(out), "--skip_if_complete"])
-    with pytest.raises(ValueError, match="holds a quick start with max_steps 2, not 3: pass the same, --overwrite"):
+    with pytest.raises(ValueError, match="holds a quick start with max_steps 2, not 3: pass --max_steps 2, or pass "
+                                         "--overwrite to replace it"):
         quickstart.main([*flags[:-3], "3", "--seeds", "3", "--output_dir", str(out), "--skip_if_complete"])
     with pytest.raises(ValueError, match="--overwrite replaces --output_dir, --skip_if_complete keeps"):
         quickstart.main([*flags, "--output_dir", str(out), "--skip_if_complete", "--overwrite"])

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from llmm import outdirs, stats
 from llmm.run import adapters, cli, fileio, schema, tables
-from llmm.run.trainer import first_difference, read_json_or_none
+from llmm.run.trainer import first_difference, is_complete, read_json_or_none
 from llmm.tasks.glue import get_task
 from llmm.run import glue as train_glue
 from llmm.tasks import bbcnews
@@ -21,6 +21,7 @@ TABLE = tables.CONFIGS / "quickstart.yaml"
 COLUMNS = {"accuracy": "accuracy", "f1_macro": "macro-F1", "nll": "NLL", "ece": "ECE"}
 # What --skip_if_complete lets differ from the quick start in --output_dir: which runs there are, and the table.
 ADDABLE = ("methods", "seeds", "comparisons", "output_dir", "overwrite", "skip_if_complete")
+FLAGS = ("model", "corpus_dir", "methods", "seeds", "max_steps")  # QuickstartRun's fields that are flags
 
 
 def default_model() -> str:
@@ -33,14 +34,14 @@ def default_model() -> str:
 
 
 def parse_args(argv) -> tuple[schema.QuickstartRun, set[str]]:
-    """The settings (configs/quickstart.yaml, then the flags) and the names of the flags given."""
+    """The settings (configs/quickstart.yaml, then the flags) and the names of those the flags set (--output_dir and
+    --overwrite always)."""
     table = tables.read_yaml(TABLE)
     schema.check_row_keys(table, {*schema.fields_of(schema.QuickstartRun), "comparisons"}, TABLE.name, "(the file)")
     adapters.check_settings(table, [schema.QuickstartRun])
     parser = cli.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     cli.add_output_flags(parser, required=False, default=table["output_dir"])
-    flags = ("model", "corpus_dir", "methods", "seeds", "max_steps")
-    schema.add_flags(parser, [schema.QuickstartRun], only=flags)
+    schema.add_flags(parser, [schema.QuickstartRun], only=FLAGS)
     parser.add_argument("--skip_if_complete", action="store_true", default=None,
                         help="keep the complete runs of the quick start in --output_dir (its split and settings must "
                              "be these) and run only the methods and seeds it lacks; the table covers them all")
@@ -69,8 +70,10 @@ def check_same_quickstart(out: Path, settings, prepared: dict) -> dict:
     difference = first_difference(saved, now, {*saved, *now} - set(ADDABLE), [schema.QuickstartRun])
     if difference:
         name, value, asked = difference
-        raise ValueError(f"--output_dir {str(out)!r} holds a quick start with {name} {value!r}, not {asked!r}: pass "
-                         "the same, --overwrite to replace it, or another --output_dir")
+        same = (f"drop --{name}" if value is None else f"pass --{name} {value}") if name in FLAGS else (
+            f"set {name}: {value} in {TABLE.name}")
+        raise ValueError(f"--output_dir {str(out)!r} holds a quick start with {name} {value!r}, not {asked!r}: "
+                         f"{same}, or pass --overwrite to replace it, or choose another --output_dir")
     if not bbcnews.holds_split(out / "data", prepared):
         raise ValueError(f"{str(out / 'data')!r} holds another split of the corpus (has the corpus changed?): pass "
                          "--overwrite to replace the quick start, or another --output_dir")
@@ -169,9 +172,13 @@ def main(argv=None) -> dict:
     data = out / "data"
     argvs = {(method, seed): run_arguments(settings, method, seed, data, out / f"{method}-seed{seed}", keep)
              for seed in range(settings.seeds) for method in settings.methods}
-    # each complete run is checked against its arguments before anything is written (another setting: an error)
-    kept = {key for key, argv_run in argvs.items()
-            if keep and train_glue.GlueRecipe(*train_glue.resolve(argv_run)).done_already()}
+    kept = set()  # before anything is written: a complete run must be this quick start's, any other replaceable
+    for (method, seed), argv_run in argvs.items() if keep else ():
+        run_dir = out / f"{method}-seed{seed}"
+        if is_complete(run_dir) and train_glue.GlueRecipe(*train_glue.resolve(argv_run)).done_already():
+            kept.add((method, seed))
+        else:
+            outdirs.check_output_dir(run_dir, overwrite=True)
     if keep:
         cli.logger.info("%s: keeping %d of %d runs (complete), training %d; the table covers %s on seeds 0-%d", out,
                         len(kept), len(argvs), len(argvs) - len(kept), ", ".join(settings.methods), settings.seeds - 1)
