@@ -170,16 +170,16 @@ def main(argv=None) -> dict:
         add_runs(check_same_quickstart(out, settings, prepared), settings, given)
     settings.comparisons = [pair for pair in settings.comparisons if set(pair) <= set(settings.methods)]
     data = out / "data"
-    argvs = {(method, seed): run_arguments(settings, method, seed, data, out / f"{method}-seed{seed}", keep)
-             for seed in range(settings.seeds) for method in settings.methods}
-    kept = set()  # before anything is written: a complete run must be this quick start's, any other replaceable
-    for (method, seed), argv_run in argvs.items() if keep else ():
-        run_dir = out / f"{method}-seed{seed}"
-        if is_complete(run_dir) and train_glue.GlueRecipe(*train_glue.resolve(argv_run)).done_already():
-            kept.add((method, seed))
-        else:
-            outdirs.check_output_dir(run_dir, overwrite=True)
-    if keep:
+    run_dirs = {(method, seed): out / f"{method}-seed{seed}" for seed in range(settings.seeds)
+                for method in settings.methods}
+    argvs = {key: run_arguments(settings, *key, data, run_dir, keep) for key, run_dir in run_dirs.items()}
+    kept = set()
+    if keep:  # before anything is written: a complete run must be this quick start's, any other replaceable
+        for key, run_dir in run_dirs.items():
+            if is_complete(run_dir) and train_glue.GlueRecipe(*train_glue.resolve(argvs[key])).done_already():
+                kept.add(key)
+            else:
+                outdirs.check_output_dir(run_dir, overwrite=True)
         cli.logger.info("%s: keeping %d of %d runs (complete), training %d; the table covers %s on seeds 0-%d", out,
                         len(kept), len(argvs), len(argvs) - len(kept), ", ".join(settings.methods), settings.seeds - 1)
     outdirs.prepare_output_dir(out, overwrite=settings.get("overwrite", False), resume=keep)
@@ -188,12 +188,12 @@ def main(argv=None) -> dict:
     record = fileio.real_inputs(settings.record(), [schema.QuickstartRun])  # local inputs as real paths
     fileio.write_json(out / "settings.json", record)
     runs: dict[str, dict[int, dict]] = {method: {} for method in settings.methods}
-    for (method, seed), argv_run in argvs.items():
+    for (method, seed), run_dir in run_dirs.items():
         if (method, seed) in kept:
-            runs[method][seed] = json.loads((out / f"{method}-seed{seed}" / "results.json").read_text())
+            runs[method][seed] = json.loads((run_dir / "results.json").read_text())
         else:
             cli.logger.info("quick start: %s, seed %d", method, seed)
-            runs[method][seed] = train_glue.train(argv_run)
+            runs[method][seed] = train_glue.train(argvs[method, seed])
     summary, table = summarize(runs, settings.comparisons)
     wall = time.time() - started
     header = (f"BBC News test split, {settings.quant} {settings.bits}-bit (lora: 16-bit), rank {settings.rank}, "
