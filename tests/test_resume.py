@@ -16,7 +16,7 @@ from test_glue import DATA as GLUE_DATA
 from test_glue import model_dir  # noqa: F401  (the tiny DeBERTa fixture)
 from test_llama_scripts import save_tiny_llama
 
-from llmm.run import cli, schema
+from llmm.run import checkpoints, cli, schema
 from llmm.run import trainer as training
 from conftest import REPO_ROOT
 from scripts import train_glue, train_gsm8k
@@ -116,10 +116,10 @@ def test_glue_resume_mid_epoch_reproduces_the_uninterrupted_run(model_dir, tmp_p
     assert any("lora_embedding_A" in key for key in load_file(full / "adapter" / "adapter_model.safetensors"))
     assert json.loads((resumed / "settings.json").read_text())["resumed_from"] == str(resumed / "checkpoint-3")
     assert [path.name for path in (resumed / "eval").iterdir()] == ["notes.txt"]
-    newest = training.complete_checkpoints(resumed)[-1]
+    newest = checkpoints.complete_checkpoints(resumed)[-1]
     (newest / "llmm_noise_rng_0.pt").unlink()  # without the noise state the run cannot continue exactly
     with pytest.raises(FileNotFoundError, match="has no llmm_noise_rng_0.pt"):
-        training.check_checkpoint(str(newest), {"K": 2, "rank": 16})
+        checkpoints.check_checkpoint(str(newest), {"K": 2, "rank": 16})
 
 
 def test_gsm8k_resume_at_an_epoch_boundary_with_accumulation(llama_dir, tmp_path, monkeypatch, caplog):
@@ -161,15 +161,15 @@ def test_latest_checkpoint_skips_incomplete_ones(tmp_path):
     (tmp_path / "checkpoint-20" / "trainer_state.json").unlink()  # cut short by a crash
     for step in (11, 12, 13):
         with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
-            training.find_checkpoint(str(tmp_path / f"checkpoint-{step}"), tmp_path)
+            checkpoints.find_checkpoint(str(tmp_path / f"checkpoint-{step}"), tmp_path)
     (tmp_path / "checkpoint-best").mkdir()
-    assert [p.name for p in training.complete_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
-    assert training.find_checkpoint("latest", tmp_path) == str(tmp_path / "checkpoint-3")  # by step number, complete
-    assert training.find_checkpoint(None, tmp_path) is None
+    assert [p.name for p in checkpoints.complete_checkpoints(tmp_path)] == ["checkpoint-2", "checkpoint-3"]
+    assert checkpoints.find_checkpoint("latest", tmp_path) == str(tmp_path / "checkpoint-3")  # by step number, complete
+    assert checkpoints.find_checkpoint(None, tmp_path) is None
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
-        training.find_checkpoint(str(tmp_path / "checkpoint-10"), tmp_path)
+        checkpoints.find_checkpoint(str(tmp_path / "checkpoint-10"), tmp_path)
     with pytest.raises(FileNotFoundError, match="no complete checkpoint-N in"):
-        training.find_checkpoint("latest", tmp_path / "nowhere")
+        checkpoints.find_checkpoint("latest", tmp_path / "nowhere")
 
 
 # --- divergence ----------------------------------------------------------------------------------------------------
@@ -211,7 +211,7 @@ def test_gsm8k_nan_loss_stops_with_one_line(llama_dir, tmp_path, capsys):
 def test_a_run_whose_settings_json_cannot_be_read_is_not_resumed(tmp_path, content, problem):
     (tmp_path / "settings.json").write_text(content)
     with pytest.raises(ValueError, match=f"{problem}.*cannot be resumed safely; start a new run in another"):
-        training.check_resumable(tmp_path, {"rank": 16}, schema.FAMILY_BLOCKS["glue"])
+        checkpoints.check_resumable(tmp_path, {"rank": 16}, schema.FAMILY_BLOCKS["glue"])
 
 
 def test_a_resume_keeps_the_settings_of_the_run_the_checkpoint_comes_from(tmp_path):
@@ -220,20 +220,20 @@ def test_a_resume_keeps_the_settings_of_the_run_the_checkpoint_comes_from(tmp_pa
     run = tmp_path / "run"
     (run / "checkpoints" / "checkpoint-1").mkdir(parents=True)
     (run / "settings.json").write_text(json.dumps({"seed": 17, "learning_rate": 3e-4}))
-    found = training.checkpoint_run(run / "checkpoints" / "checkpoint-1", tmp_path / "new")
+    found = checkpoints.checkpoint_run(run / "checkpoints" / "checkpoint-1", tmp_path / "new")
     assert found == run.resolve()
-    assert training.checkpoint_run(tmp_path / "elsewhere" / "checkpoint-1", tmp_path / "new") == tmp_path / "new"
+    assert checkpoints.checkpoint_run(tmp_path / "elsewhere" / "checkpoint-1", tmp_path / "new") == tmp_path / "new"
     blocks = schema.FAMILY_BLOCKS["causal_lm"]
-    training.check_resumable(found, {"seed": 17, "learning_rate": 3e-4, "max_steps": 9}, blocks)  # longer: fine
+    checkpoints.check_resumable(found, {"seed": 17, "learning_rate": 3e-4, "max_steps": 9}, blocks)  # longer: fine
     with pytest.raises(ValueError, match=r"trained with seed=17, this command says 5"):
-        training.check_resumable(found, {"seed": 5, "learning_rate": 3e-4}, blocks)
+        checkpoints.check_resumable(found, {"seed": 5, "learning_rate": 3e-4}, blocks)
     with pytest.raises(ValueError, match=r"was trained without max_train_samples, this command says 1: drop"):
-        training.check_resumable(found, {"seed": 17, "learning_rate": 3e-4, "max_train_samples": 1}, blocks)
+        checkpoints.check_resumable(found, {"seed": 17, "learning_rate": 3e-4, "max_train_samples": 1}, blocks)
     with pytest.raises(ValueError, match=r"trained with lora_dropout=0.0, this command says 0.1"):  # its default
-        training.check_resumable(found, {"seed": 17, "learning_rate": 3e-4, "lora_dropout": 0.1}, blocks)
+        checkpoints.check_resumable(found, {"seed": 17, "learning_rate": 3e-4, "lora_dropout": 0.1}, blocks)
     (run / "settings.json").write_text(json.dumps({"seed": 17, "model": "llama-2-7b", "base_model": "hub/llama"}))
     with pytest.raises(ValueError, match=r"e.g. --model llama-2-7b without --model_name_or_path\)"):  # the row's
-        training.check_resumable(found, {"seed": 17, "model_name_or_path": "mine"}, blocks)  # --base_model is refused
+        checkpoints.check_resumable(found, {"seed": 17, "model_name_or_path": "mine"}, blocks)  # --base_model is refused
 
 
 @pytest.mark.parametrize("family", ["glue", "gsm8k"])
@@ -276,13 +276,13 @@ def test_a_finished_run_trained_further_is_not_complete_until_it_finishes(llama_
     drivers' rerun resumes it instead of skipping it as done."""
     out = tmp_path / "run"
     train_gsm8k.main(gsm8k_argv(llama_dir, out, "--max_steps", "1"))
-    assert training.is_complete(out)
+    assert checkpoints.is_complete(out)
     run_until_killed(monkeypatch, train_gsm8k.main, gsm8k_argv(llama_dir, out, "--max_steps", "3",
                                                                 "--resume_from_checkpoint"), step=3)
-    assert not training.is_complete(out) and (out / "checkpoints" / "checkpoint-2").is_dir()
+    assert not checkpoints.is_complete(out) and (out / "checkpoints" / "checkpoint-2").is_dir()
     results = train_gsm8k.main(gsm8k_argv(llama_dir, out, "--max_steps", "3", "--skip_if_complete",
                                           "--resume_from_checkpoint"))
-    assert results["global_step"] == 3 and training.is_complete(out)
+    assert results["global_step"] == 3 and checkpoints.is_complete(out)
 
 
 def test_list_settings_of_paths_compare_by_the_files_they_name(tmp_path, monkeypatch):
@@ -291,10 +291,10 @@ def test_list_settings_of_paths_compare_by_the_files_they_name(tmp_path, monkeyp
     monkeypatch.chdir(tmp_path)
     blocks = schema.FAMILY_BLOCKS["glue"]
     saved = {"validation_file": ["data/dev.tsv"]}
-    assert training.first_difference(saved, {"validation_file": ["./data/dev.tsv"]}, ["validation_file"], blocks) is None
-    assert training.first_difference(saved, {"validation_file": [str(tmp_path / "data" / "dev.tsv")]},
+    assert checkpoints.first_difference(saved, {"validation_file": ["./data/dev.tsv"]}, ["validation_file"], blocks) is None
+    assert checkpoints.first_difference(saved, {"validation_file": [str(tmp_path / "data" / "dev.tsv")]},
                                      ["validation_file"], blocks) is None
-    assert training.first_difference(saved, {"validation_file": ["data/dev.tsv", "data/dev.tsv"]},
+    assert checkpoints.first_difference(saved, {"validation_file": ["data/dev.tsv", "data/dev.tsv"]},
                                      ["validation_file"], blocks)[:2] == ("validation_file", ["data/dev.tsv"])
 
 
@@ -319,9 +319,9 @@ def test_a_checkpoint_without_the_run_s_loss_sum_carries_no_wrong_one(llama_dir,
     covers its own steps, and its checkpoints keep no sum (a later resume would report a wrong whole-run mean)."""
     out = tmp_path / "run"
     train_gsm8k.main(gsm8k_argv(llama_dir, out, "--max_steps", "1"))
-    (out / "checkpoints" / "checkpoint-1" / training.LOSS_SUM).unlink()
+    (out / "checkpoints" / "checkpoint-1" / checkpoints.LOSS_SUM).unlink()
     with caplog.at_level("WARNING", logger="llmm"):
         train_gsm8k.main(gsm8k_argv(llama_dir, out, "--max_steps", "2", "--resume_from_checkpoint"))
     assert "train_loss covers steps 2-2 only" in caplog.text
     assert (out / "checkpoints" / "checkpoint-2").is_dir()
-    assert not (out / "checkpoints" / "checkpoint-2" / training.LOSS_SUM).exists()
+    assert not (out / "checkpoints" / "checkpoint-2" / checkpoints.LOSS_SUM).exists()

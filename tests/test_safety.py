@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from test_glue import model_dir  # noqa: F401  (the tiny DeBERTa fixture)
 from test_resume import glue_argv, gsm8k_argv, llama_dir  # noqa: F401  (the tiny Llama fixture)
 
-from llmm.run import adapters, tables
+from llmm.run import adapters, checkpoints, tables
 from llmm.run.cli import run_main
 from conftest import LLAMA_TARGETS, REPO_ROOT, tiny_llama
 from llmm import LlmmConfig, get_llmm_model, noise_source, outdirs, save_llmm_adapter
@@ -392,7 +392,7 @@ def test_an_update_that_overflows_the_parameters_is_never_checkpointed(llama_dir
     assert code == 3 and line.startswith("error: the update of step 2 made the adapter's parameters non-finite "
                                          "(not checkpointed); stopped, the last good checkpoint is ")
     assert [p.name for p in (out / "checkpoints").glob("checkpoint-*")] == ["checkpoint-1"]
-    assert training.checkpoint_is_finite(out / "checkpoints" / "checkpoint-1") and not (out / "adapter").exists()
+    assert checkpoints.checkpoint_is_finite(out / "checkpoints" / "checkpoint-1") and not (out / "adapter").exists()
 
 
 def test_huge_learning_rate_without_clipping_leaves_only_finite_checkpoints(llama_dir, tmp_path, capsys):  # noqa: F811
@@ -403,10 +403,10 @@ def test_huge_learning_rate_without_clipping_leaves_only_finite_checkpoints(llam
     found = re.search(r"^error: (?:gradients are not finite|training loss is \S+) .*at step (\d+)", line)
     assert code == 3 and found, line
     step = int(found.group(1))
-    checkpoints = sorted((out / "checkpoints").glob("checkpoint-*"))
-    assert [c.name for c in checkpoints] == [f"checkpoint-{step - 1}"]  # save_total_limit 1; none of the step
-    assert f"the last good checkpoint is '{checkpoints[0]}'" in line
-    assert training.checkpoint_is_finite(checkpoints[0])
+    kept = sorted((out / "checkpoints").glob("checkpoint-*"))
+    assert [c.name for c in kept] == [f"checkpoint-{step - 1}"]  # save_total_limit 1; none of the step
+    assert f"the last good checkpoint is '{kept[0]}'" in line
+    assert checkpoints.checkpoint_is_finite(kept[0])
 
 
 def test_under_ddp_every_process_stops_at_the_same_step(llama_dir, tmp_path):  # noqa: F811
@@ -422,7 +422,7 @@ def test_under_ddp_every_process_stops_at_the_same_step(llama_dir, tmp_path):  #
     assert run.returncode != 0 and len(lines) == 2, (run.stdout + run.stderr)[-3000:]
     steps = {re.search(r"at step (\d+)", line).group(1) for line in lines}
     assert len(steps) == 1 and all("stopped" in line for line in lines)
-    assert all(training.checkpoint_is_finite(c) for c in (out / "checkpoints").glob("checkpoint-*"))
+    assert all(checkpoints.checkpoint_is_finite(c) for c in (out / "checkpoints").glob("checkpoint-*"))
     assert not (out / "adapter").exists()
 
 
@@ -432,10 +432,10 @@ def test_only_a_finite_checkpoint_is_named_good(tmp_path):
         folder.mkdir()
         save_file({"w": torch.full((2,), value)}, folder / "adapter_model.safetensors")
         (folder / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-    assert training.checkpoint_is_finite(tmp_path / "checkpoint-1")
-    assert not training.checkpoint_is_finite(tmp_path / "checkpoint-2")
+    assert checkpoints.checkpoint_is_finite(tmp_path / "checkpoint-1")
+    assert not checkpoints.checkpoint_is_finite(tmp_path / "checkpoint-2")
     torch.save({"state": {0: {"exp_avg": torch.tensor([float("inf")])}}}, tmp_path / "checkpoint-1" / "optimizer.pt")
-    assert not training.checkpoint_is_finite(tmp_path / "checkpoint-1")
+    assert not checkpoints.checkpoint_is_finite(tmp_path / "checkpoint-1")
 
 
 # --- resume -------------------------------------------------------------------------------------------------------
@@ -505,7 +505,7 @@ def test_resuming_with_another_number_of_processes_is_refused(llama_dir, tmp_pat
     (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 1, "max_steps": 4}))
     for rank in (0, 1):
         torch.save({}, checkpoint / f"rng_state_{rank}.pth")
-    assert training.checkpoint_world_size(checkpoint) == 2
+    assert checkpoints.checkpoint_world_size(checkpoint) == 2
     code, line = cli(train_gsm8k.main, gsm8k_argv(llama_dir, tmp_path / "run", "--max_steps", "4",
                                                   "--resume_from_checkpoint"), capsys)
     assert code == 2 and "was written by 2 process(es), this run has 1: resume with 2" in line
@@ -521,15 +521,15 @@ def test_a_broken_checkpoint_is_refused(tmp_path, fault, message):
     model.save_pretrained(checkpoint)
     (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 1, "max_steps": 4}))
     torch.save({}, checkpoint / "rng_state.pth")
-    torch.save(noise_source(model).state_dict(), checkpoint / training.NOISE_STATE.format(0))
-    training.check_checkpoint(str(checkpoint), {"K": 2, "rank": 4})  # intact: accepted
+    torch.save(noise_source(model).state_dict(), checkpoint / checkpoints.NOISE_STATE.format(0))
+    checkpoints.check_checkpoint(str(checkpoint), {"K": 2, "rank": 4})  # intact: accepted
     weights = checkpoint / "adapter_model.safetensors"
     if fault == "nan":
         save_file({key: torch.full_like(t, float("nan")) for key, t in load_file(weights).items()}, weights)
     else:
         weights.write_bytes(weights.read_bytes()[:-8])
     with pytest.raises(ValueError, match=message):
-        training.check_checkpoint(str(checkpoint), {"K": 2, "rank": 4})
+        checkpoints.check_checkpoint(str(checkpoint), {"K": 2, "rank": 4})
 
 
 # --- run_main: environment faults become one line -----------------------------------------------------------------

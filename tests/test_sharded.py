@@ -465,7 +465,7 @@ def test_sharded_checkpoint_layout_passes_the_resume_checks(tmp_path):
     is found."""
     import torch.distributed.checkpoint as dcp
 
-    from llmm.run.trainer import checkpoint_is_finite, sharded_checkpoint_parts
+    from llmm.run.checkpoints import checkpoint_is_finite, sharded_checkpoint_parts
 
     for name, bad in (("good", False), ("bad", True)):
         folder = tmp_path / name
@@ -491,7 +491,7 @@ def save_sharded_part(model, part: Path, extra: dict | None = None) -> None:
 def test_load_sharded_adapter_reads_the_trainable_tensors_of_a_sharded_checkpoint(tmp_path):
     """load_sharded_adapter copies every trainable tensor (M and Z) from pytorch_model_fsdp_0/ into a fresh model,
     leaves the frozen ones, matches keys with wrapper segments dropped, and refuses a checkpoint of another K."""
-    from llmm.run.trainer import load_sharded_adapter
+    from llmm.run.checkpoints import load_sharded_adapter
 
     trained = get_llmm_model(tiny_llama(0), llmm_config())
     with torch.no_grad():
@@ -534,7 +534,7 @@ def test_resume_of_a_sharded_checkpoint_at_max_steps_only_evaluates_and_exports(
 
     from test_llama_scripts import save_tiny_llama
 
-    from llmm.run.trainer import SHARDED_MODEL_PART
+    from llmm.run.checkpoints import SHARDED_MODEL_PART
     from scripts import train_gsm8k
 
     model, out = save_tiny_llama(tmp_path / "llama"), tmp_path / "run"
@@ -651,7 +651,7 @@ def test_fsdp1_full_state_dict_checkpoint_of_the_trainer_holds_the_adapter(tmp_p
     """LlmmTrainer's checkpoint save under FSDP1 with FULL_STATE_DICT (the gathered state dict handed to ``_save``):
     PEFT's save_pretrained alone writes an empty adapter there; the checkpoint's adapter holds every tensor of the
     single-process run's, equal, and loads back (as resuming does) to the model's eval logits."""
-    from llmm.run.trainer import full_state_checkpoint
+    from llmm.run.checkpoints import full_state_checkpoint
 
     single, sharded = tmp_path / "single", tmp_path / "sharded"
     done = run("--shard", "none", "--steps", 1, "--trainer_save", "--out", single, processes=1)

@@ -41,7 +41,7 @@ LLMM_FILE_PATTERNS = RUN_FILES + (
     "pytorch_model*.bin", "tokenizer*", "special_tokens_map.json", "vocab.*", "merges.txt", "spm.model",
     "added_tokens.json", "chat_template.*", "adapter_model.safetensors", "adapter_model.bin", "trainer_state.json",
     "training_args.bin", "optimizer.pt", "optimizer*.bin", "scheduler.pt", "scaler.pt", "rng_state*.pth",
-    "llmm_noise_rng_*.pt", "llmm_loss_sum.json",  # llmm.run.trainer's, in each checkpoint
+    "llmm_noise_rng_*.pt", "llmm_loss_sum.json",  # llmm.run.checkpoints', in each checkpoint
     "configuration_*.py", "modeling_*.py", "tokenization_*.py", "spiece.model", "sentencepiece.bpe.model",
     "tekken.json",  # save_pretrained of remote-code models and other tokenizers
     "mean.json", "sample.json", "mc.json",  # eval_glue's eval/<mode>.json

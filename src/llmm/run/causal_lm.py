@@ -29,7 +29,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsA
 from llmm import LlmmConfig, get_llmm_model, load_llmm_model, outdirs, sharding, stats
 from llmm.model import check_target_names, init_from_adapter, keep_cpu_4bit_trainable
 from llmm.predict import sampled_outputs
-from llmm.run import adapters, cli, fileio, schema, tables, width_search
+from llmm.run import adapters, checkpoints, cli, fileio, schema, tables, width_search
 from llmm.run import trainer as training
 from llmm.run.recipe import Recipe, save_run
 from llmm.tasks.calibration import cpu_4bit_as_plain_peft
@@ -83,7 +83,7 @@ def parse_settings(table: dict, argv=None, description: str = "", task_columns: 
     """Table defaults or a named row, then flags; inconsistent choices fail before any loading."""
     parser = cli.ArgumentParser(description=description, allow_abbrev=False)
     cli.add_output_flags(parser)
-    training.add_resume_flag(parser)
+    checkpoints.add_resume_flag(parser)
     tables.add_setting_flags(parser, table, BLOCKS, also=("model_name_or_path", "data", "eval_data", "target_modules",
                                                           "max_train_samples", "max_eval_samples"),
                              required=required_keys, row_choices=required_keys)

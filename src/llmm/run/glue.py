@@ -21,7 +21,8 @@ from llmm.tasks.glue import GlueTask, get_task, load_glue, mc_outputs, predict, 
 from llmm.quant import fake_quantize
 from llmm.run import cli, width_search
 from llmm.run.recipe import Recipe, save_run
-from llmm.run.trainer import LlmmTrainer, add_resume_flag, shared_arguments
+from llmm.run.checkpoints import add_resume_flag
+from llmm.run.trainer import LlmmTrainer, shared_arguments
 from llmm.run.adapters import (INIT_DIR_LOFTQ, adopt_init_dir_settings, check_flags_apply, check_init_targets,
                                check_settings, given_flags, head_modules, init_dir_settings, llmm_config, set_method_k)
 from llmm.run.fileio import check_data_paths, load_pretrained, plot_curves, write_json

@@ -10,8 +10,7 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
 from transformers import GenerationConfig, set_seed
-from llmm.run import adapters, cli, fileio, schema, tables
-from llmm.run import trainer as training
+from llmm.run import adapters, checkpoints, cli, fileio, schema, tables
 from llmm.records import not_a_directory
 from llmm.streams import network_seeds
 from llmm import LlmmConfig, llmm_layers, load_llmm_model, outdirs, sample_factor, seed_noise, stats
@@ -31,7 +30,7 @@ def parse_settings(argv=None) -> schema.Gsm8kTestRun:
     parser = cli.ArgumentParser(description="Evaluate an Llmm GSM8K adapter: batched generation, answer "
                                      "extraction, exact-match accuracy.", allow_abbrev=False)
     cli.add_output_flags(parser)
-    training.add_skip_flag(parser)
+    checkpoints.add_skip_flag(parser)
     tables.add_setting_flags(parser, table, BLOCKS, also=("adapter", "mode", "K", "model_name_or_path", "data",
                                                           "max_samples"), row_choices=("decoding",))
     fields = schema.fields_of(*BLOCKS)
@@ -168,7 +167,7 @@ def main(argv=None) -> dict | None:
     settings = parse_settings(argv)
     output_dir = Path(settings.output_dir)
     adapter_config = check_adapter(settings)  # first: it fills in the backbone the adapter names
-    if training.done_already(output_dir, settings, BLOCKS, settings_in_results=True):
+    if checkpoints.done_already(output_dir, settings, BLOCKS, settings_in_results=True):
         return None
     adapters.check_sampled_modes([settings.mode], adapter_config.k, "this adapter", "--mode mean")
     outdirs.check_outputs_apart({"--output_dir": output_dir},
@@ -190,7 +189,7 @@ def main(argv=None) -> dict | None:
         "settings": fileio.real_inputs(settings.record(), BLOCKS), "versions": fileio.versions(),  # paths resolved
     }
     tested = settings.copy()
-    if training.same_setting(settings.model_name_or_path, adapter_config.base_model_name_or_path):
+    if checkpoints.same_setting(settings.model_name_or_path, adapter_config.base_model_name_or_path):
         tested.model_name_or_path = OWN_BACKBONE  # one value for every run (its cell names it): seeds pool
     results["seed"], results["cell"] = stats.test_cell(Path(settings.adapter).parent, tested)  # for tables
     outdirs.make_output_dir(output_dir, settings.overwrite)

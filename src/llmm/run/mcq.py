@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from transformers import TrainerCallback
 
-from llmm.run import adapters, causal_lm, cli, fileio, schema, tables, width_search
+from llmm.run import adapters, causal_lm, checkpoints, cli, fileio, schema, tables, width_search
 from llmm.run.width_search import noise_width_in_use
 from llmm import metrics, stats
 from llmm.model import keep_cpu_4bit_trainable, seed_noise
@@ -126,7 +126,7 @@ def parse_settings(argv=None) -> schema.McqRun:
     parser = cli.ArgumentParser(description="Fine-tune a causal LM on a multiple-choice task (BLoB's calibration "
                                      "protocol), then measure its calibration.", allow_abbrev=False)
     cli.add_output_flags(parser)
-    training.add_resume_flag(parser)
+    checkpoints.add_resume_flag(parser)
     tables.add_setting_flags(parser, table, BLOCKS, also=("method", "init", "target_modules", "eval_modes", "ood",
                                                           "max_train_samples", "max_eval_samples", "data_seed"),
                              required=("task",), row_choices=("task",))

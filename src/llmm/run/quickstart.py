@@ -12,7 +12,7 @@ from pathlib import Path
 
 from llmm import outdirs, stats
 from llmm.run import adapters, cli, fileio, schema, tables
-from llmm.run.trainer import first_difference, is_complete, read_json_or_none
+from llmm.run.checkpoints import first_difference, is_complete, read_json_or_none
 from llmm.tasks.glue import get_task
 from llmm.run import glue as train_glue
 from llmm.tasks import bbcnews

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from llmm import outdirs, sharding
 from llmm.model import atomic_dir, export_mean_adapter, save_llmm_adapter
-from llmm.run import fileio, schema
+from llmm.run import checkpoints, fileio, schema
 from llmm.run import trainer as training
 
 
@@ -106,7 +106,7 @@ class Recipe:
         if self.data_first:
             self.load_data()
         self.derive()
-        return training.done_already(self.output_dir, self.settings, self.blocks)
+        return checkpoints.done_already(self.output_dir, self.settings, self.blocks)
 
     def run(self) -> dict | None:
         """The results, or None when --skip_if_complete found this run complete already."""
@@ -117,12 +117,12 @@ class Recipe:
         if self.done_already():
             return None
         self.sharding = sharding.check_sharded_launch()
-        checkpoint = training.find_checkpoint(settings.get("resume_from_checkpoint"), self.checkpoint_dir)
+        checkpoint = checkpoints.find_checkpoint(settings.get("resume_from_checkpoint"), self.checkpoint_dir)
         self.resumed_from = checkpoint
         if checkpoint:
-            training.check_checkpoint(checkpoint, settings)
-            run = training.checkpoint_run(checkpoint, self.output_dir)  # its own run, or the run it came from
-            training.check_resumable(run, settings, self.blocks)  # before settings.json is rewritten
+            checkpoints.check_checkpoint(checkpoint, settings)
+            run = checkpoints.checkpoint_run(checkpoint, self.output_dir)  # its own run, or the run it came from
+            checkpoints.check_resumable(run, settings, self.blocks)  # before settings.json is rewritten
         self.check_output(resume=checkpoint is not None)
         if not self.data_first:
             self.load_data()
