@@ -23,7 +23,7 @@ from pathlib import Path
 from llmm import outdirs, sharding
 from llmm.model import atomic_dir, export_mean_adapter, save_llmm_adapter
 from llmm.run import checkpoints, fileio, schema
-from llmm.run import trainer as training
+from llmm.run.cli import logger
 
 
 class Recipe:
@@ -141,11 +141,11 @@ class Recipe:
                               {**fileio.real_inputs(settings.record(), self.blocks), "resumed_from": checkpoint,
                                "versions": fileio.versions()})
             held = sum(map(len, held_out.values())) if isinstance(held_out, dict) else len(held_out or ())
-            training.logger.info("training on %d examples, evaluating on %d; every setting in %s", len(train_set),
-                                 held, self.output_dir / "settings.json")
+            logger.info("training on %d examples, evaluating on %d; every setting in %s", len(train_set), held,
+                        self.output_dir / "settings.json")
             if checkpoint:  # said after the model's load, whose fresh task head the checkpoint replaces
-                training.logger.info("resuming from %s: its trained weights, optimizer, scheduler and random states "
-                                     "replace the freshly initialised ones", checkpoint)
+                logger.info("resuming from %s: its trained weights, optimizer, scheduler and random states replace "
+                            "the freshly initialised ones", checkpoint)
         outcome = trainer.train(resume_from_checkpoint=checkpoint)
         self.after_training(trainer, model, tokenizer)
         if self.sharding == "FSDP":  # a collective: every process takes part, the main process saves the result
