@@ -536,14 +536,16 @@ def test_the_cost_ratio_is_to_map_on_the_same_backbone(tmp_path):
 
 
 def test_seconds_per_step_of_a_resumed_run_count_only_what_it_trained():
-    """A run resumed from checkpoint-2 timed steps 3-4 and their evaluations: train_runtime 4 s less 1 s of them."""
+    """A run resumed from checkpoint-2 timed steps 3-4 and their evaluations: train_runtime 4 s less 1 s of them. A
+    fresh run's train_runtime also holds its evaluation at step 0 (eval_on_start)."""
     from llmm.run.mcq_report import run_costs
 
-    history = [{"step": 1, "eval_runtime": 1.0}, {"step": 2, "eval_runtime": 1.0}, {"step": 3, "eval_runtime": 0.5},
+    history = [{"step": 0, "eval_runtime": 2.0}, {"step": 2, "eval_runtime": 1.0}, {"step": 3, "eval_runtime": 0.5},
                {"step": 4, "eval_runtime": 0.5}, {"step": 4, "train_runtime": 4.0}]
     resumed = run_costs({"history": history, "global_step": 4, "resumed_from": "run/checkpoints/checkpoint-2"})
     assert resumed["step_s"] == pytest.approx((4.0 - 1.0) / 2)
-    assert run_costs({"history": history, "global_step": 4})["step_s"] == pytest.approx((4.0 - 3.0) / 4)
+    history[-1]["train_runtime"] = 8.0
+    assert run_costs({"history": history, "global_step": 4})["step_s"] == pytest.approx((8.0 - 4.0) / 4)
 
 
 def test_table_refuses_results_without_cell_and_seed(tmp_path):

@@ -144,13 +144,15 @@ def ensemble_differences(cell: dict, runs: dict, groups: dict, baseline: str) ->
 
 def run_costs(results: dict) -> dict:
     """Seconds per optimizer step (train_runtime less evaluations, over the steps it trained: a resumed run's own,
-    after its checkpoint; None for an evaluation-only run) and the width search's seconds."""
+    after its checkpoint; None for an evaluation-only run) and the width search's seconds. A fresh run's evaluation
+    at step 0 (eval_on_start) is inside its train_runtime; a resumed run's history holds the checkpoint's, timed
+    before it."""
     history = results.get("history") or []
     runtime = next((log["train_runtime"] for log in history if "train_runtime" in log), None)
     resumed = results.get("resumed_from")  # .../checkpoint-N
     start = int(Path(resumed).name.removeprefix("checkpoint-")) if resumed else 0
     steps = (results.get("global_step") or 0) - start
-    evaluations = sum(log.get("eval_runtime", 0.0) for log in history if log.get("step", 0) > start)
+    evaluations = sum(log.get("eval_runtime", 0.0) for log in history if not resumed or log.get("step", 0) > start)
     step_s = None if runtime is None or steps <= 0 else (runtime - evaluations) / steps
     return {"step_s": step_s, "search_s": (results.get("noise_width_search") or {}).get("wall_time_s")}
 
