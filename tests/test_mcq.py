@@ -4,6 +4,7 @@ and an end-to-end train + evaluate + ensemble + table run."""
 
 import json
 import math
+import shutil
 import time
 
 import numpy as np
@@ -318,6 +319,14 @@ def test_train_evaluate_ensemble_and_table_end_to_end(tiny_dir, tmp_path, capsys
         test_mcq.main(["--runs", str(tmp_path / "map-s1"), str(tmp_path / "map-s2"), "--output_dir",
                        str(tmp_path / "mixed"), "--mc_samples", "3"])  # it would be ignored
     assert one["evaluations"][0]["cell"] == first["cell"] and first["cell"]["eval_mode"] == "mean"  # same cell
+    for name, config, says in (("k3", lambda c: c.replace('"k": 2', '"k": 3'), "has K=3, its run's settings.json says "
+                                "K=2: they are not one run's"), ("cut", lambda c: c[:20], "is not valid JSON")):
+        shutil.copytree(out, tmp_path / name, ignore=shutil.ignore_patterns(".llmm-run*", "checkpoints"))
+        adapter_config = tmp_path / name / "adapter" / "adapter_config.json"
+        adapter_config.write_text(config(adapter_config.read_text()))
+        with pytest.raises(ValueError, match=says):  # before the output directory is made
+            test_mcq.main(["--runs", str(tmp_path / name), "--output_dir", str(tmp_path / f"{name}-out")])
+        assert not (tmp_path / f"{name}-out").exists()
 
     capsys.readouterr()
     runs = [str(tmp_path / name) for name in ("llmm", "map-s1", "map-s2", "ensemble")]

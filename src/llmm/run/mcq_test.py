@@ -9,7 +9,7 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-from llmm import load_llmm_model, outdirs
+from llmm import LlmmConfig, load_llmm_model, outdirs
 from llmm.run import adapters, causal_lm, cli, fileio, schema, tables
 from llmm.run.mcq import (BLOCKS, TABLE, eval_precision, evaluate_sets, evaluation_entry, load_all, run_cell,
                           search_noise_width)
@@ -175,8 +175,14 @@ def main(argv=None) -> dict:
     read = {f"the runs' {name}": [m.get(name) for m in members] for name in schema.input_names(BLOCKS)}
     outdirs.check_outputs_apart({"--output_dir": args.output_dir},
                                 {"--runs": args.runs, "--test_data": args.test_data, "--ood": args.ood, **read})
-    for settings in members:
-        fileio.check_safetensors(Path(settings.run) / "adapter")
+    for settings in members:  # each adapter readable and its run's, before anything is written
+        adapter = Path(settings.run) / "adapter"
+        fileio.check_safetensors(adapter)
+        saved_k = LlmmConfig.from_pretrained(str(adapter)).k
+        if saved_k != settings.K:
+            raise ValueError(f"the adapter in {str(adapter)!r} has K={saved_k}, its run's settings.json says "
+                             f"K={settings.K}: they are not one run's; evaluate a run as train_mcq wrote it, or train "
+                             "it again")
     output_dir = Path(args.output_dir)
     outdirs.check_output_dir(output_dir, args.overwrite)
     first = members[0]
