@@ -390,6 +390,23 @@ def test_bbcnews_articles_become_five_choice_questions(tmp_path):
         assert len(words) == 5 and words[0] == record["choices"][record["answer"]]
 
 
+def test_a_variant_naming_its_method_is_that_method_run_for_skip_and_resume(tiny_dir, tmp_path, capsys):
+    """--variant llmm is the run --method llmm makes (one cell): --skip_if_complete finds either complete under the
+    other; a variant with settings of its own (llmm_pex) is another run, refused by name."""
+    from scripts import train_mcq
+
+    out = tmp_path / "llmm"
+    assert train_mcq.main(train_argv(tiny_dir, out, "--method", "llmm", "--save_steps", "1")) is not None
+    capsys.readouterr()
+    assert train_mcq.main(train_argv(tiny_dir, out, "--variant", "llmm", "--skip_if_complete")) is None
+    assert capsys.readouterr().out.strip() == f"done already: {out}"
+    with pytest.raises(ValueError, match="is a complete run made with noise_per_example=False, this command says True"):
+        train_mcq.main(train_argv(tiny_dir, out, "--variant", "llmm_pex", "--skip_if_complete"))
+    resumed = train_mcq.main(train_argv(tiny_dir, out, "--variant", "llmm", "--max_steps", "3", "--skip_if_complete",
+                                        "--resume_from_checkpoint"))  # the same run, trained on
+    assert resumed["global_step"] == 3
+
+
 def test_loftq_refuses_an_lm_head_tied_to_the_embeddings(tokenizer, tmp_path, capsys):
     from scripts import train_mcq
 

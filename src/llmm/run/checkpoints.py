@@ -248,8 +248,10 @@ def checkpoint_run(checkpoint: str | Path, output_dir: str | Path) -> Path:
 
 def first_difference(saved: dict, given: dict, names, blocks) -> tuple[str, object, object] | None:
     """(name, the run's value, this command's) of the first of ``names`` where the run's settings.json and this
-    command's settings disagree; a setting one side did not record had its field's default there."""
+    command's settings disagree; a setting one side did not record had its field's default there. A variant that only
+    names the method is the method's run on either side (schema.without_method_variant)."""
     fields = schema.fields_of(*blocks)
+    saved, given = schema.without_method_variant(saved), schema.without_method_variant(given)
     for name in sorted(set(names) & (set(saved) | set(given))):
         if name not in fields and not (name in saved and name in given):
             continue

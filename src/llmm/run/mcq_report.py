@@ -65,13 +65,10 @@ def gather(paths: list[str]) -> tuple[list[dict], list[dict], list[str]]:
 
 
 def acted_cell(cell):
-    """The cell as the run acted (llmm.stats.canonical_cell). A cell whose variant is its method (--variant llmm: the
-    table's variant that only sets the method) is the cell --method llmm gives: the same run, one row (any other
-    setting of a variant is a field of the cell itself)."""
+    """The cell as the run acted (llmm.stats.canonical_cell), a variant that only names its method left out
+    (schema.without_method_variant: one row for --variant llmm and --method llmm)."""
     cell = stats.canonical_cell(cell, schema.McqRun)
-    if isinstance(cell, dict) and cell.get("variant") in (None, cell.get("method")):
-        return {key: value for key, value in cell.items() if key != "variant"}
-    return cell
+    return schema.without_method_variant(cell) if isinstance(cell, dict) else cell
 
 
 def question_key(questions) -> str | None:

@@ -602,6 +602,15 @@ def current_names(cell: dict) -> dict:
     return {RENAMED.get(key, key): value for key, value in cell.items()}
 
 
+def without_method_variant(settings: dict) -> dict:
+    """``settings`` without a variant that only names the run's method: --variant llmm (configs/mcq.yaml's variant
+    that sets method llmm) is the run --method llmm makes, one run and one cell (any other setting of a variant is a
+    field of its own)."""
+    if settings.get("variant") in (None, settings.get("method")):
+        return {key: value for key, value in settings.items() if key != "variant"}
+    return settings
+
+
 def setting_error(name: str, value, blocks=BLOCKS) -> str | None:
     """What ``value`` must be if it is outside the range of setting ``name``, else None (also for None or a name that
     is no field). In a family's blocks the later block's field wins, as in fields_of (train_mcq's eval_noise has no
