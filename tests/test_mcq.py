@@ -100,15 +100,19 @@ def test_prompt_lists_lettered_choices_and_ends_in_the_cue():
     ({"text": "t"}, "not a multiple-choice record"),
 ])
 def test_bad_records_are_one_clear_error(record, problem):
-    with pytest.raises(ValueError, match=problem):
+    with pytest.raises(ValueError, match=problem) as error:
         normalise(record)
+    assert str(error.value).endswith(("fix the record or remove it", "or {question, choices, answer}"))  # the fix
 
 
-def test_bad_files_name_the_file_and_record():
+def test_bad_files_name_the_file_and_record(tmp_path):
     with pytest.raises(ValueError, match=r"bad_answer_key.jsonl, record 1: answer key 'E' is not among"):
         load_mcq(str(DATA / "bad_answer_key.jsonl"))
     with pytest.raises(ValueError, match=r"no_choices.jsonl, record 1: the question has no choices"):
         load_mcq(str(DATA / "no_choices.jsonl"))
+    (tmp_path / "blank.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match=r"blank.jsonl holds no records: pass a file \(or split\) with at least one"):
+        load_mcq(str(tmp_path / "blank.jsonl"))
 
 
 def test_letters_are_single_tokens_after_the_cue_and_long_prompts_keep_their_end(tokenizer):

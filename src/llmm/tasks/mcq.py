@@ -32,24 +32,27 @@ def format_prompt(record: dict) -> str:
 
 # --- normalising the source formats ---------------------------------------------------------------------------------
 
+FIX = ": fix the record or remove it"  # the end of a bad record's error line
+
+
 def _labelled(record: dict, question: str, where: str) -> dict:
     """ARC / OBQA: choices {text, label} and an answerKey that must be one of the labels."""
     choices = record.get("choices")
     if not isinstance(choices, dict) or not choices.get("text"):
-        raise ValueError(f"{where}: the question has no choices ('choices' needs a non-empty 'text' list)")
+        raise ValueError(f"{where}: the question has no choices ('choices' needs a non-empty 'text' list){FIX}")
     texts, labels = list(choices["text"]), [str(label) for label in choices.get("label") or []]
     if len(labels) != len(texts):
-        raise ValueError(f"{where}: {len(texts)} choice texts but {len(labels)} labels")
+        raise ValueError(f"{where}: {len(texts)} choice texts but {len(labels)} labels{FIX}")
     key = str(record["answerKey"]).strip()
     if key not in labels:
-        raise ValueError(f"{where}: answer key {key!r} is not among the choice labels {labels}")
+        raise ValueError(f"{where}: answer key {key!r} is not among the choice labels {labels}{FIX}")
     return {"question": question, "choices": texts, "answer": labels.index(key)}
 
 
 def _winogrande(record: dict, where: str) -> dict:
     answer = str(record["answer"]).strip()
     if answer not in ("1", "2"):
-        raise ValueError(f"{where}: Winogrande answer {record['answer']!r} is not among the options ('1' or '2')")
+        raise ValueError(f"{where}: Winogrande answer {record['answer']!r} is not among the options ('1' or '2'){FIX}")
     return {"question": record["sentence"], "choices": [record["option1"], record["option2"]],
             "answer": int(answer) - 1}
 
@@ -59,20 +62,20 @@ def _boolq(record: dict, where: str) -> dict:
     if isinstance(answer, bool) or answer in (0, 1):
         question = f"{record['passage']}\n{record['question']}"
         return {"question": question, "choices": list(BOOLQ_CHOICES), "answer": int(answer)}
-    raise ValueError(f"{where}: BoolQ answer {answer!r} is not a yes/no value (true/false or 0/1)")
+    raise ValueError(f"{where}: BoolQ answer {answer!r} is not a yes/no value (true/false or 0/1){FIX}")
 
 
 def _indexed(record: dict, where: str) -> dict:
     """MMLU and the normalised form: choices a list, answer an index into it (an int, or a letter)."""
     choices = record.get("choices")
     if not isinstance(choices, list) or not choices:
-        raise ValueError(f"{where}: the question has no choices (an empty or missing 'choices' list)")
+        raise ValueError(f"{where}: the question has no choices (an empty or missing 'choices' list){FIX}")
     answer = record["answer"]
     if isinstance(answer, str) and len(answer.strip()) == 1 and answer.strip() in LETTERS:
         answer = LETTERS.index(answer.strip())
     if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
         raise ValueError(f"{where}: answer {record['answer']!r} is not among the {len(choices)} choices (an index "
-                         f"0..{len(choices) - 1})")
+                         f"0..{len(choices) - 1}){FIX}")
     return {"question": record["question"], "choices": list(choices), "answer": answer}
 
 
@@ -114,15 +117,15 @@ def normalise(record: dict, where: str = "record") -> dict:
     elif {"question", "choices", "answer"} <= set(record):
         normalised = _indexed(record, where)
     elif "question" in record or "question_stem" in record:
-        raise ValueError(f"{where}: the question has no choices (fields: {sorted(record)})")
+        raise ValueError(f"{where}: the question has no choices (fields: {sorted(record)}){FIX}")
     else:
         raise ValueError(f"{where}: not a multiple-choice record (fields {sorted(record)}); expected Winogrande, "
                          "ARC, OpenBookQA, BoolQ or MMLU fields, or {question, choices, answer}")
     _check_texts(record, normalised, where)
     if len(normalised["choices"]) > len(LETTERS):
-        raise ValueError(f"{where}: {len(normalised['choices'])} choices, at most {len(LETTERS)} are supported")
+        raise ValueError(f"{where}: {len(normalised['choices'])} choices, at most {len(LETTERS)} are supported{FIX}")
     if len(normalised["choices"]) < 2:
-        raise ValueError(f"{where}: a question needs at least two choices, got {normalised['choices']}")
+        raise ValueError(f"{where}: a question needs at least two choices, got {normalised['choices']}{FIX}")
     return normalised
 
 
@@ -138,7 +141,7 @@ def load_mcq(source: str, config_name: str | None = None, split: str | None = No
             raise ValueError(f"{source} ({config_name}) has no {split!r} split (splits: {sorted(splits)})")
         raw, where = list(splits[split]), f"{source} [{config_name}/{split}]"
     if not raw:
-        raise ValueError(f"{where} holds no records")
+        raise ValueError(f"{where} holds no records: pass a file (or split) with at least one question")
     return [normalise(record, record_where(where, index, record)) for index, record in enumerate(raw)]
 
 
