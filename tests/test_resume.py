@@ -170,6 +170,8 @@ def test_latest_checkpoint_skips_incomplete_ones(tmp_path):
         checkpoints.find_checkpoint(str(tmp_path / "checkpoint-10"), tmp_path)
     with pytest.raises(FileNotFoundError, match="no complete checkpoint-N in"):
         checkpoints.find_checkpoint("latest", tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="checkpoint-7' does not exist: pass a checkpoint-N directory"):
+        checkpoints.find_checkpoint(str(tmp_path / "checkpoint-7"), tmp_path)
 
 
 # --- divergence ----------------------------------------------------------------------------------------------------

@@ -261,6 +261,14 @@ def test_a_second_process_gets_one_line_while_the_first_holds_the_run(llama_dir,
     finally:
         let_go(fd, out)
     assert not out.exists()
+    out.mkdir()
+    (out / outdirs.RUN_MARKER).touch()  # the first run's directory, in progress: in use, not 'not empty'
+    fd = hold_lock_elsewhere(out)
+    try:
+        code, line = cli(train_gsm8k.main, gsm8k_argv(llama_dir, out, "--max_steps", "1"), capsys)
+        assert code == 2 and line.endswith("wait for it to finish, or choose another directory"), line
+    finally:
+        let_go(fd, out)
 
 
 def test_the_lock_is_held_for_the_life_of_the_process_and_released_by_its_death(tmp_path):

@@ -90,6 +90,13 @@ def locked_by_other(path: str | Path) -> bool:
         os.close(fd)
 
 
+def in_use(path: str | Path, resume: bool = False) -> DirectoryLocked:
+    """The error for a directory whose lock another process holds: wait (a resume of that run), or go elsewhere."""
+    elsewhere = "" if resume else ", or choose another directory"
+    return DirectoryLocked(f"{str(path)!r} is in use by another process (it holds {str(_lock_path(Path(path)))!r}): "
+                           f"wait for it to finish{elsewhere}")
+
+
 def acquire(path: str | Path) -> None:
     """Take ``path``'s exclusive lock for this process (re-entrant); DirectoryLocked if another process holds it."""
     lock = _lock_path(_check_nonempty_name(path))
@@ -104,8 +111,7 @@ def acquire(path: str | Path) -> None:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise DirectoryLocked(f"{str(path)!r} is in use by another process (it holds {str(lock)!r}): wait for "
-                                  "it to finish, or choose another directory") from None
+            raise in_use(path) from None
         try:  # the holder before us may have unlinked the file after we opened it: lock the file that is there
             same = os.path.samestat(os.fstat(fd), os.stat(lock))
         except FileNotFoundError:
@@ -425,11 +431,11 @@ def check_output_dir(path: str | Path, overwrite: bool = False, resume: bool | N
     if not str(path).strip():
         raise ValueError("--output_dir is the empty string: pass a directory name")
     path = Path(path)
+    if resume and path.exists() and not path.is_dir():
+        raise FileExistsError(f"output directory {str(path)!r} is a file: choose another --output_dir")
+    if locked_by_other(path):  # a run in progress: that first, not what the directory holds so far
+        raise in_use(path, resume)
     if resume:
-        if path.exists() and not path.is_dir():
-            raise FileExistsError(f"output directory {str(path)!r} is a file: choose another --output_dir")
-        if locked_by_other(path):
-            raise DirectoryLocked(f"{str(path)!r} is in use by another process: wait for it to finish")
         return
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         resumable = " / --resume_from_checkpoint (continue)" if resume is not None else ""

@@ -172,8 +172,10 @@ def find_checkpoint(value: str | None, folder: str | Path) -> str | None:
                                     "--resume_from_checkpoint to start afresh, or pass a checkpoint directory")
         return str(done[-1])
     if trainer_state(value) is None:
-        raise FileNotFoundError(f"{value!r} is not a complete checkpoint (no readable trainer_state.json): pass a "
-                                "checkpoint-N directory of the run, or 'latest' (the newest complete one)")
+        what = "is not a complete checkpoint (no readable trainer_state.json)" if Path(value).exists() else (
+            "does not exist")
+        raise FileNotFoundError(f"{value!r} {what}: pass a checkpoint-N directory of the run, or 'latest' (the newest "
+                                "complete one)")
     return value
 
 
