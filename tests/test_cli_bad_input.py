@@ -412,6 +412,8 @@ CASES = [
      r"target module\(s\) \['lm_head'\] lie only in the task head \(lm_head\)", r"drop them from --target_modules"),
     ("quantize-llmmscale-inf", "quantize_model", [*QUANTIZE, "--llmmscale", "inf"], r"llmmscale = inf is out of range",
      r"fix --llmmscale"),
+    ("quantize-rank-over-width", "quantize_model", [*QUANTIZE, "--rank", "130"],
+     r"rank 130 exceeds min\(shape\) = 128 of 'model.layers.0.self_attn.q_proj'", r"pass --rank 128 or less"),
     ("quantize-save-dir-is-a-file", "quantize_model", [*QUANTIZE, "--save_dir", "{w}/used/keep.txt"],
      r"keep.txt' \(above output directory .*\) is a file", r"choose another directory"),
     ("quantize-no-tokenizer", "quantize_model", [*QUANTIZE, "--model", "{w}/llama_no_tokenizer"],

@@ -194,6 +194,7 @@ def test_gsm8k_in_process_loftq_16bit_then_test_all_modes(models, tmp_path, monk
     mc = ["--adapter", str(run / "adapter"), "--output_dir", str(tmp_path / "mc"), "--mode", "mc", "--max_samples",
           "2", "--decoding", "reference", "--skip_if_complete", "--overwrite", *GENERATE, *FP32]
     assert test_gsm8k.main([*mc, "--mc_samples", "3"]) is None
+    assert test_gsm8k.main([*mc, "--mc_samples", "3", "--K", "2"]) is None  # --K: a check of the adapter, no setting
     rel = ["--adapter", str(run / "adapter"), "--output_dir", str(tmp_path / "rel"), "--max_samples", "1",
            "--skip_if_complete", "--max_new_tokens", "8", *FP32]
     with monkeypatch.context() as patch:  # a data file typed relative to one directory, then from another: the same

@@ -128,9 +128,13 @@ def target_linears(model: torch.nn.Module, targets: list[str], rank: int) -> dic
         raise ValueError(f"target module(s) {unmatched} match no module of this model: check --target_modules")
     for name, module in found.items():
         if type(module) is not torch.nn.Linear:
-            raise ValueError(f"target {name!r} is a {type(module).__name__}, not a torch.nn.Linear")
-        if rank > min(module.weight.shape):
-            raise ValueError(f"rank {rank} exceeds min(shape) = {min(module.weight.shape)} of {name!r}")
+            raise ValueError(f"target {name!r} is a {type(module).__name__}, not a torch.nn.Linear: drop it from "
+                             "--target_modules")
+    widths = {name: min(module.weight.shape) for name, module in found.items()}
+    narrowest = min(widths, key=widths.get, default=None)
+    if narrowest is not None and rank > widths[narrowest]:
+        raise ValueError(f"rank {rank} exceeds min(shape) = {widths[narrowest]} of {narrowest!r}: pass --rank "
+                         f"{widths[narrowest]} or less, or drop that module from --target_modules")
     return found
 
 

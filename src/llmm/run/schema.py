@@ -380,7 +380,7 @@ class Gsm8kTestSettings:
     """GSM8K generation and scoring (test_gsm8k)."""
 
     adapter: str = setting(None, "the adapter/ directory of a train_gsm8k run", role=RUN, nonempty=True, path="model")
-    K: int = setting(None, "the K the adapter must have (checked; default: the adapter's)", low=0)
+    K: int = setting(None, "the K the adapter must have (checked; default: the adapter's)", low=0, role=RUN)
     decoding: str = setting("greedy", "a row of configs/gsm8k_test.yaml: greedy | reference (sampling)")
     batch_size: int = setting(16, "questions per generation batch", low=1)
     max_samples: int = setting(None, "first N questions (debug)", low=1)
@@ -592,8 +592,9 @@ def role_names(role: str, blocks=BLOCKS) -> frozenset[str]:
 
 
 def not_cell() -> frozenset[str]:
-    """Keys never part of a cell: the run-plumbing fields (and their old names) and settings.json's other keys."""
-    plumbing = role_names(RUN)
+    """Keys never part of a cell: the run-plumbing fields (and their old names) and settings.json's other keys. A name
+    that is plumbing in one family and defines the cell in another (test_gsm8k's --K, a check) stays in cells."""
+    plumbing = role_names(RUN) - role_names(CELL) - role_names(INIT_DIR) - role_names(EVAL)
     return plumbing | {old for old, new in RENAMED.items() if new in plumbing} | frozenset(NOT_SETTINGS)
 
 
