@@ -143,6 +143,20 @@ def test_lm_table_pairs_gsm8k_accuracy_and_loss_with_loftq(tmp_path):
     assert "alpaca, held-out loss" in text and "| loftq llama-2-7b r64 | 3 | 2.000 | 2.000 ± 1.000 | - |" in text
 
 
+def test_runs_linked_into_a_table_folder_are_read_each_once(tmp_path):
+    """A table reads runs linked into its folder through their links, each real folder once: a link back up (a loop)
+    adds nothing."""
+    from scripts import lm_table
+
+    cell = {"task": "alpaca", "model": "llama-2-7b", "rank": 64, "method": "loftq", "K": 0}
+    for seed in range(2):
+        write_lm_run(tmp_path / "runs", f"loftq-{seed}", cell, seed, eval_loss=1.0 + seed, eval_perplexity=2.0)
+        (tmp_path / "table" / f"loftq-{seed}").parent.mkdir(exist_ok=True)
+        (tmp_path / "table" / f"loftq-{seed}").symlink_to(tmp_path / "runs" / f"loftq-{seed}", target_is_directory=True)
+    (tmp_path / "table" / "up").symlink_to(tmp_path, target_is_directory=True)
+    assert "| loftq llama-2-7b r64 | 2 | 1.500 | 1.500 ± 0.707 | - |" in lm_table.main([str(tmp_path / "table")])
+
+
 def test_without_a_table_row_runs_of_two_model_paths_are_never_paired(tmp_path):
     """The model's paths may differ between a method and its baseline (an _init.sh directory, qlora's checkpoint)
     only when both name one table row; without --model, two paths are two models."""

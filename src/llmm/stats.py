@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 from pathlib import Path
 
@@ -42,13 +43,27 @@ PREFERRED_LABELS = ("K", "bits", "quant", "eval_noise", "mc_samples", "entropy_w
                     "test_decoding", "test_mc_samples")
 
 
+def results_below(folder: Path) -> list[Path]:
+    """Every results.json below ``folder``, through linked folders too (a run linked into a table's folder counts),
+    each real folder once (a link back up is no loop)."""
+    found, seen = [], set()
+    for root, folders, files in os.walk(folder, followlinks=True):
+        if os.path.realpath(root) in seen:
+            folders[:] = []
+            continue
+        seen.add(os.path.realpath(root))
+        if "results.json" in files:
+            found.append(Path(root) / "results.json")
+    return sorted(found)
+
+
 def read_results(paths: list[str], made_by: str) -> list[tuple[Path, object]]:
     """(file, its JSON) of every results.json the paths name (files, or directories searched recursively)."""
     files = []
     for path in map(Path, paths):
         if not path.exists():
             raise FileNotFoundError(f"{str(path)!r} does not exist: pass run directories or results.json files")
-        files += [path] if path.is_file() else sorted(path.rglob("results.json"))
+        files += [path] if path.is_file() else results_below(path)
     if not files:
         raise FileNotFoundError(f"no results.json below {paths}: train with {made_by} first")
     read = []
