@@ -68,6 +68,7 @@ def main(mode: str, dtype: str) -> None:
     if rank == 0:
         result = {"losses": [loss.item() / world for loss in losses], "types": sorted(set(sharded))}
         print("RESULT " + json.dumps(result))
+    dist.barrier()  # both processes past every collective before gloo's teardown (else one may abort at exit)
     dist.destroy_process_group()
 
 
