@@ -48,10 +48,11 @@ def results_below(folder: Path) -> list[Path]:
     each real folder once (a link back up is no loop)."""
     found, seen = [], set()
     for root, folders, files in os.walk(folder, followlinks=True):
-        if os.path.realpath(root) in seen:
+        real = os.path.realpath(root)
+        if real in seen:
             folders[:] = []
             continue
-        seen.add(os.path.realpath(root))
+        seen.add(real)
         if "results.json" in files:
             found.append(Path(root) / "results.json")
     return sorted(found)
